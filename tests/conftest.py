@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models built in code, no downloads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class CharTokenizer:
+    """A byte-level tokenizer for tests: ids 0-3 are pad/bos/eos/unk, bytes follow."""
+
+    vocab_size = 260
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + b for b in text.encode()]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 4 for i in ids if 4 <= i < 260).decode(errors="replace")
+
+
+@pytest.fixture
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer()
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+}
+
+
+@pytest.fixture
+def tiny_llama_config() -> dict:
+    return dict(TINY_LLAMA)

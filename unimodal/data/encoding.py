@@ -1,0 +1,134 @@
+"""Documents to token streams.
+
+Text goes through the text tokenizer; media parts become a span wrapped in begin/end tokens:
+pre-encoded float arrays ``[n, d]`` become ``n`` continuous slots (the model embeds them through
+an input adapter), integer arrays become discrete codes spliced in as ids. Raw pixels and
+waveforms need a modality codec, which the modality modules register in ``codecs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from unimodal.data.schema import Document, DocumentError, Part
+from unimodal.data.tokenizer import TextTokenizer
+from unimodal.modalities.registry import MODALITY_IDS, VocabLayout
+
+# A codec turns a decoded media part into a pre-encoded array (float features or int codes).
+Codec = Callable[[Part], np.ndarray]
+
+
+@dataclass
+class EncodedDocument:
+    """Flat per-position arrays of one document, ready for the packer.
+
+    ``target`` marks positions whose content is predicted (from the position before);
+    ``block`` groups positions that attend to each other bidirectionally (-1: causal only);
+    ``continuous`` marks slots whose embedding comes from ``features`` (in order).
+    """
+
+    ids: np.ndarray
+    modality: np.ndarray
+    target: np.ndarray
+    block: np.ndarray
+    continuous: np.ndarray
+    features: np.ndarray
+    key: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class DocumentEncoder:
+    tokenizer: TextTokenizer
+    layout: VocabLayout
+    feature_dim: int = 0
+    add_bos: bool = True
+    add_eos: bool = True
+    # modalities whose continuous spans are bidirectional blocks (Transfusion); others causal
+    bidirectional: tuple[str, ...] = ()
+    codecs: dict[str, Codec] = field(default_factory=dict)
+
+    def encode(self, doc: Document) -> EncodedDocument:
+        spans: list[tuple[np.ndarray, int, bool, bool, np.ndarray | None]] = []
+
+        def text_span(ids: list[int], loss: bool) -> None:
+            spans.append((np.asarray(ids, dtype=np.int64), 0, loss, False, None))
+
+        if self.add_bos and self.tokenizer.bos_id is not None:
+            text_span([self.tokenizer.bos_id], False)
+        for part in doc.parts:
+            if part.type == "text":
+                text_span(self.tokenizer.encode(part.text or ""), part.loss)
+            else:
+                self._media_spans(part, doc, spans)
+        if self.add_eos:
+            last_loss = doc.parts[-1].loss if doc.parts else True
+            text_span([self.tokenizer.eos_id], last_loss)
+        return self._concat(spans, doc.key)
+
+    def _media_spans(self, part: Part, doc: Document, spans: list) -> None:
+        array = part.data
+        if not isinstance(array, np.ndarray) or array.dtype == np.uint8:
+            codec = self.codecs.get(part.type)
+            if codec is None:
+                raise DocumentError(
+                    f"{doc.where()}: {part.type} part {part.media} holds raw media but no {part.type} "
+                    "codec is configured; pre-encode it (unimodal data encode) or configure a codec"
+                )
+            array = codec(part)
+        begin, end = (("<|boi|>", "<|eoi|>") if part.type == "image" else ("<|boa|>", "<|eoa|>"))
+        modality = MODALITY_IDS[part.type]
+        marker = lambda name: (np.asarray([self.layout.special_id(name)]), modality, part.loss, False, None)  # noqa: E731
+        spans.append(marker(begin))
+        if np.issubdtype(array.dtype, np.floating):
+            features = np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1])
+            if features.shape[1] != self.feature_dim:
+                raise DocumentError(
+                    f"{doc.where()}: {part.type} part {part.media} has feature width {features.shape[1]}, "
+                    f"the model expects {self.feature_dim}"
+                )
+            ids = np.full(len(features), self.layout.special_id("<|media|>"), dtype=np.int64)
+            spans.append((ids, modality, part.loss, True, features))
+        elif np.issubdtype(array.dtype, np.integer):
+            offset = self.layout.range_offset(part.type)
+            size = self.layout.code_ranges[part.type]
+            codes = array.reshape(-1).astype(np.int64)
+            if codes.min(initial=0) < 0 or codes.max(initial=0) >= size:
+                raise DocumentError(f"{doc.where()}: {part.type} codes outside [0, {size})")
+            spans.append((codes + offset, modality, part.loss, False, None))
+        else:
+            raise DocumentError(f"{doc.where()}: {part.type} array of dtype {array.dtype} is not supported")
+        spans.append(marker(end))
+
+    def _concat(self, spans: list, key: str) -> EncodedDocument:
+        ids, modality, target, block, continuous, features = [], [], [], [], [], []
+        next_block = 0
+        for span_ids, mod, loss, is_cont, feats in spans:
+            n = len(span_ids)
+            ids.append(span_ids)
+            modality.append(np.full(n, mod, dtype=np.int8))
+            target.append(np.full(n, loss, dtype=bool))
+            continuous.append(np.full(n, is_cont, dtype=bool))
+            in_block = is_cont and _modality_name(mod) in self.bidirectional
+            block.append(np.full(n, next_block if in_block else -1, dtype=np.int32))
+            next_block += int(in_block)
+            if feats is not None:
+                features.append(feats)
+        return EncodedDocument(
+            ids=np.concatenate(ids),
+            modality=np.concatenate(modality),
+            target=np.concatenate(target),
+            block=np.concatenate(block),
+            continuous=np.concatenate(continuous),
+            features=np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32),
+            key=key,
+        )
+
+
+def _modality_name(modality_id: int) -> str:
+    return next(name for name, i in MODALITY_IDS.items() if i == modality_id)

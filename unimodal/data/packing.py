@@ -1,0 +1,161 @@
+"""The one packer: encoded documents into fixed-length sequences.
+
+Every sequence carries per-position document ids (0 = padding), positions that restart at each
+document, bidirectional block ids, and labels already shifted so that ``labels[t]`` is the id
+predicted from position ``t``. The attention mask is derived from these ids by the model
+(``unimodal.models.attention``), so attention never crosses documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+
+from unimodal.data.encoding import EncodedDocument
+
+IGNORE_INDEX = -100
+
+
+class DocumentTooLong(ValueError):
+    pass
+
+
+@dataclass
+class PackedBatch:
+    """A batch of packed sequences; ``features`` holds the continuous slots in row-major order."""
+
+    input_ids: torch.Tensor  # [B, L] long
+    modality_ids: torch.Tensor  # [B, L] long
+    position_ids: torch.Tensor  # [B, L] long
+    doc_ids: torch.Tensor  # [B, L] long, 0 = padding
+    block_ids: torch.Tensor  # [B, L] long, -1 = causal
+    labels: torch.Tensor  # [B, L] long, IGNORE_INDEX where no discrete target
+    target_mask: torch.Tensor  # [B, L] bool, content at t is predicted (any modality)
+    continuous_mask: torch.Tensor  # [B, L] bool
+    features: torch.Tensor  # [N, D] float, N = continuous_mask.sum()
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def num_label_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Packer:
+    seq_len: int
+    pad_id: int
+    feature_dim: int = 0
+    # "split": cut long documents at span boundaries; "error": refuse them
+    overlong: Literal["split", "error"] = "split"
+    # how many partly filled sequences stay open for first-fit placement
+    open_sequences: int = 4
+
+    def pack(self, docs: Iterable[EncodedDocument]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield packed sequences (dicts of numpy arrays) in a deterministic order."""
+        bins: list[list[EncodedDocument]] = []
+        fill: list[int] = []
+        for doc in docs:
+            for piece in self._fit(doc):
+                slot = next((i for i, used in enumerate(fill) if used + len(piece) <= self.seq_len), None)
+                if slot is None:
+                    if len(bins) == self.open_sequences:
+                        yield self._emit(bins.pop(0))
+                        fill.pop(0)
+                    bins.append([])
+                    fill.append(0)
+                    slot = len(bins) - 1
+                bins[slot].append(piece)
+                fill[slot] += len(piece)
+        for docs_in_bin in bins:
+            yield self._emit(docs_in_bin)
+
+    def _fit(self, doc: EncodedDocument) -> list[EncodedDocument]:
+        if len(doc) <= self.seq_len:
+            return [doc]
+        if self.overlong == "error":
+            raise DocumentTooLong(
+                f"document {doc.key!r} has {len(doc)} tokens, more than seq_len={self.seq_len} "
+                "(set overlong: split to cut it at span boundaries)"
+            )
+        pieces, start = [], 0
+        media = doc.modality != 0
+        while start < len(doc):
+            stop = min(start + self.seq_len, len(doc))
+            if stop < len(doc):
+                # never cut through a media span: move the cut back to where the span starts
+                while stop > start and media[stop - 1] and media[stop]:
+                    stop -= 1
+                if stop == start:
+                    raise DocumentTooLong(
+                        f"document {doc.key!r}: a media span longer than seq_len={self.seq_len} cannot be split"
+                    )
+            pieces.append(_slice(doc, start, stop))
+            start = stop
+        return pieces
+
+    def _emit(self, docs: list[EncodedDocument]) -> dict[str, np.ndarray]:
+        n = self.seq_len
+        out = {
+            "input_ids": np.full(n, self.pad_id, np.int64),
+            "modality_ids": np.zeros(n, np.int64),
+            "position_ids": np.zeros(n, np.int64),
+            "doc_ids": np.zeros(n, np.int64),
+            "block_ids": np.full(n, -1, np.int64),
+            "labels": np.full(n, IGNORE_INDEX, np.int64),
+            "target_mask": np.zeros(n, bool),
+            "continuous_mask": np.zeros(n, bool),
+        }
+        features, cursor, blocks = [], 0, 0
+        for number, doc in enumerate(docs, start=1):
+            end = cursor + len(doc)
+            window = slice(cursor, end)
+            out["input_ids"][window] = doc.ids
+            out["modality_ids"][window] = doc.modality
+            out["position_ids"][window] = np.arange(len(doc))
+            out["doc_ids"][window] = number
+            out["block_ids"][window] = np.where(doc.block >= 0, doc.block + blocks, -1)
+            blocks += int(doc.block.max(initial=-1)) + 1
+            out["target_mask"][window] = doc.target
+            out["continuous_mask"][window] = doc.continuous
+            # labels[t] = ids[t+1] where t+1 is a discrete target of the same document
+            discrete_target = doc.target[1:] & ~doc.continuous[1:]
+            out["labels"][cursor : end - 1] = np.where(discrete_target, doc.ids[1:], IGNORE_INDEX)
+            features.append(doc.features)
+            cursor = end
+        out["features"] = (
+            np.concatenate(features).astype(np.float32) if features else np.zeros((0, self.feature_dim), np.float32)
+        )
+        return out
+
+
+def _slice(doc: EncodedDocument, start: int, stop: int) -> EncodedDocument:
+    first_feature = int(doc.continuous[:start].sum())
+    n_features = int(doc.continuous[start:stop].sum())
+    block = doc.block[start:stop]
+    if (block >= 0).any():
+        block = np.where(block >= 0, block - block[block >= 0].min(), -1)
+    return EncodedDocument(
+        ids=doc.ids[start:stop],
+        modality=doc.modality[start:stop],
+        target=doc.target[start:stop],
+        block=block,
+        continuous=doc.continuous[start:stop],
+        features=doc.features[first_feature : first_feature + n_features],
+        key=f"{doc.key}#{start}",
+    )
+
+
+def collate(sequences: list[dict[str, np.ndarray]]) -> PackedBatch:
+    stacked = {
+        name: torch.from_numpy(np.stack([s[name] for s in sequences]))
+        for name in sequences[0]
+        if name != "features"
+    }
+    features = torch.from_numpy(np.concatenate([s["features"] for s in sequences]))
+    return PackedBatch(features=features, **stacked)

@@ -1,0 +1,124 @@
+"""The unimodal document format (version 1).
+
+A *document* is the unit of training data: an ordered list of parts (text, image, audio), each
+with an optional chat role and a loss flag, plus free metadata. On disk one document is one
+WebDataset sample: ``KEY.json`` holds the parts, and each media part points at a member of the
+same sample by index (``KEY.0.png``, ``KEY.1.flac``, or pre-encoded ``KEY.2.npy``).
+
+``docs/data-format.md`` is the user-facing description; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SCHEMA = "unimodal.document/1"
+MODALITIES = ("text", "image", "audio")
+ROLES = ("system", "user", "assistant")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
+ARRAY_EXTENSIONS = ("npy",)
+
+Modality = Literal["text", "image", "audio"]
+
+
+class DocumentError(ValueError):
+    """A document that cannot be read; the message says which document and what is wrong."""
+
+
+@dataclass
+class Part:
+    """One part of a document.
+
+    ``text`` is set for text parts. Media parts carry ``media``, the member index inside the
+    sample, and after decoding ``data``: an ``np.ndarray`` (HxWxC uint8 image, pre-encoded
+    features or codes) or a ``(waveform, sample_rate)`` pair for audio.
+    """
+
+    type: Modality
+    text: str | None = None
+    media: int | None = None
+    role: str | None = None
+    loss: bool = True
+    data: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "loss": self.loss}
+        if self.role is not None:
+            out["role"] = self.role
+        if self.type == "text":
+            out["text"] = self.text
+        else:
+            out["media"] = self.media
+        return out
+
+
+@dataclass
+class Document:
+    parts: list[Part]
+    meta: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+    source: str = ""  # shard URL or file the document came from, for error messages
+
+    def where(self) -> str:
+        return f"sample {self.key!r} in {self.source}" if self.source else f"sample {self.key!r}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "parts": [p.to_json() for p in self.parts], "meta": self.meta}
+
+
+def check_key(key: str) -> str:
+    """WebDataset splits member names at the first dot, so a dotted key would corrupt the sample."""
+    if not key or "." in key or "/" in key:
+        raise DocumentError(
+            f"invalid sample key {key!r}: keys must be non-empty and contain no '.' or '/' "
+            "(WebDataset splits member names at the first dot)"
+        )
+    return key
+
+
+def parse_part(raw: Any, where: str, index: int) -> Part:
+    if not isinstance(raw, dict):
+        raise DocumentError(f"{where}: part {index} is {type(raw).__name__}, expected an object")
+    kind = raw.get("type")
+    if kind not in MODALITIES:
+        raise DocumentError(f"{where}: part {index} has type {kind!r}, expected one of {MODALITIES}")
+    role = raw.get("role")
+    if role is not None and role not in ROLES:
+        raise DocumentError(f"{where}: part {index} has role {role!r}, expected one of {ROLES}")
+    loss = raw.get("loss", True)
+    if not isinstance(loss, bool):
+        raise DocumentError(f"{where}: part {index} has loss={loss!r}, expected true or false")
+    if kind == "text":
+        text = raw.get("text")
+        if not isinstance(text, str):
+            raise DocumentError(f"{where}: text part {index} has no string 'text'")
+        return Part("text", text=text, role=role, loss=loss)
+    media = raw.get("media")
+    if not isinstance(media, int) or media < 0:
+        raise DocumentError(f"{where}: {kind} part {index} needs a non-negative integer 'media'")
+    return Part(kind, media=media, role=role, loss=loss)
+
+
+def parse_document(payload: bytes | str | dict[str, Any], key: str = "", source: str = "") -> Document:
+    """Parse a sample's JSON member into a Document (media not yet attached)."""
+    where = f"sample {key!r} in {source}" if source else f"sample {key!r}"
+    if isinstance(payload, (bytes, str)):
+        try:
+            payload = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DocumentError(f"{where}: malformed JSON ({err})") from None
+    if not isinstance(payload, dict):
+        raise DocumentError(f"{where}: expected a JSON object, got {type(payload).__name__}")
+    schema = payload.get("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise DocumentError(f"{where}: schema {schema!r} is not supported (this version reads {SCHEMA!r})")
+    parts = payload.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
+    meta = payload.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DocumentError(f"{where}: 'meta' must be an object")
+    return Document([parse_part(p, where, i) for i, p in enumerate(parts)], meta, key, source)

@@ -1,0 +1,40 @@
+"""Training a SentencePiece text tokenizer on the text parts of a source JSONL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _texts(src_jsonl: Path) -> Iterator[str]:
+    with src_jsonl.open() as f:
+        for line in f:
+            if line.strip():
+                for part in json.loads(line).get("parts", []):
+                    if part.get("type") == "text" and part.get("text"):
+                        yield part["text"]
+
+
+def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: int = 1024) -> Path:
+    """Write ``out_model`` (a ``.model`` file) with pad=0, bos=1, eos=2, unk=3."""
+    import sentencepiece as spm
+
+    src, out = Path(src_jsonl), Path(out_model)
+    if out.suffix != ".model":
+        raise ValueError(f"--out must end in .model, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_texts(src),
+        model_prefix=str(out.with_suffix("")),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        minloglevel=2,
+    )
+    return out

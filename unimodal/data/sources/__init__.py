@@ -1,0 +1,1 @@
+"""Converters from raw material on this machine to the unimodal source JSONL."""

@@ -1,0 +1,55 @@
+"""Loading the Hugging Face decoder-only backbone from a local directory or a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from unimodal.models.attention import resolve_backend
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BackboneConfig:
+    """Either ``path`` (a local HF model directory) or ``config`` (a dict with ``model_type``) is set.
+
+    ``attention`` is ``auto`` | ``sdpa`` | ``xformers`` | ``eager``; ``dtype`` is the weight dtype
+    at load time (training precision is the trainer's ``precision``).
+    """
+
+    path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    attention: str = "auto"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+
+def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
+    """Build or load the causal LM, with its vocabulary sized to ``vocab_size`` rows."""
+    if (spec.path is None) == (not spec.config):
+        raise ValueError("backbone: set exactly one of 'path' (local model directory) or 'config' (with model_type)")
+    attn = resolve_backend(spec.attention)
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"backbone.dtype {spec.dtype!r} is not one of {list(DTYPES)}")
+    dtype = DTYPES[spec.dtype]
+    if spec.path is not None:
+        path = Path(spec.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"backbone.path {path} is not a model directory (no config.json); models load from local paths only")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn, dtype=dtype)
+        if model.get_input_embeddings().num_embeddings != vocab_size:
+            model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    else:
+        raw = dict(spec.config)
+        if "model_type" not in raw:
+            raise ValueError("backbone.config needs a 'model_type' (e.g. llama, qwen2, mistral)")
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw, vocab_size=vocab_size)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -1,0 +1,123 @@
+"""The LightningModule that trains a UnifiedModel: loss weighting, normalisation, optimiser, logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from unimodal.data.packing import PackedBatch
+from unimodal.modalities.registry import VocabLayout
+from unimodal.models.backbone import BackboneConfig, load_backbone
+from unimodal.models.unified import LinearAdapter, LossTerm, UnifiedModel
+from unimodal.training.optim import OptimizerConfig, build_optimizer
+from unimodal.training.policy import apply_trainable_policy
+
+log = logging.getLogger("unimodal.train")
+
+
+class UnimodalModule(L.LightningModule):
+    """Trains a UnifiedModel on packed batches.
+
+    Cross-entropy terms (``ce/<modality>``) are summed and divided by the number of label tokens
+    in the whole optimizer step (all accumulation micro-batches on all ranks), so accumulation and
+    data parallelism give the same gradient as one big batch. Other heads' terms are per-item
+    means. ``loss_weights`` maps a term name to its weight (default 1).
+
+    The model is built in ``configure_model`` so DeepSpeed ZeRO-3 can shard it at construction.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        vocab: dict[str, Any] | None = None,
+        feature_dim: int = 0,
+        loss_weights: dict[str, float] | None = None,
+        optimizer: OptimizerConfig | None = None,
+        trainable: list[str] | None = None,
+        frozen: list[str] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab is None:
+            raise ValueError("model.vocab is not set: it is linked from the data module's tokenizer (data.tokenizer)")
+        self.layout = VocabLayout.from_dict(vocab)
+        self.backbone_config = backbone
+        self.feature_dim = feature_dim
+        self.loss_weights = dict(loss_weights or {})
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.trainable = trainable
+        self.frozen = list(frozen or [])
+        self.model: UnifiedModel | None = None
+        self._last_batch: tuple[float, int] | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        backbone = load_backbone(self.backbone_config, self.layout.size)
+        adapters = {"image": LinearAdapter(self.feature_dim, backbone.config.hidden_size)} if self.feature_dim else {}
+        self.model = UnifiedModel(backbone, self.layout, adapters=adapters)
+        n_train, n_total = apply_trainable_policy(self.model, self.trainable, self.frozen)
+        log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)
+
+    def _step_scale(self, batch: PackedBatch) -> torch.Tensor:
+        """Factor turning a micro-batch CE sum into its share of the step's per-token mean."""
+        accumulate = self.trainer.accumulate_grad_batches
+        tokens = batch.window_label_tokens.to(self.device, torch.float32)
+        if tokens <= 0:  # no window information: this micro-batch stands for its window
+            tokens = torch.tensor(float(batch.num_label_tokens * accumulate), device=self.device)
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(tokens)
+        scale = accumulate * world / tokens.clamp(min=1.0)
+        if type(self.trainer.strategy).__name__.endswith("DeepSpeedStrategy"):
+            scale = scale * accumulate  # DeepSpeed's engine divides by the accumulation steps again
+        return scale
+
+    def combine(self, losses: dict[str, LossTerm], ce_scale: torch.Tensor | None) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for name, term in losses.items():
+            weight = self.loss_weights.get(name, 1.0)
+            if name.startswith("ce/"):
+                value = term.total * ce_scale if ce_scale is not None else term.total / term.count.clamp(min=1)
+            else:
+                value = term.total / term.count.clamp(min=1)
+            total = total + weight * value
+        return total
+
+    def _log_terms(self, stage: str, losses: dict[str, LossTerm], batch_size: int, sync: bool) -> None:
+        for name, term in losses.items():
+            if term.count > 0:
+                self.log(f"{stage}/{name}", term.total.detach() / term.count, batch_size=batch_size, sync_dist=sync)
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        losses = self.model(batch)
+        loss = self.combine(losses, self._step_scale(batch))
+        size = batch.input_ids.shape[0]
+        self._log_terms("train", losses, size, sync=False)
+        mean = self.combine(losses, None).detach()
+        self.log("train/loss", mean, prog_bar=True, batch_size=size)
+        return loss
+
+    def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
+        # throughput over the whole previous step: data wait, forward, backward and optimizer
+        now = time.perf_counter()
+        if self._last_batch is not None:
+            started, tokens = self._last_batch
+            self.log("train/tokens_per_s", tokens / max(now - started, 1e-9), prog_bar=True, batch_size=1)
+        self._last_batch = (now, int((batch.doc_ids > 0).sum()))
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
+        losses = self.model(batch)
+        size = batch.input_ids.shape[0]
+        self._log_terms("val", losses, size, sync=True)
+        self.log("val/loss", self.combine(losses, None), prog_bar=True, batch_size=size, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        return build_optimizer(self.model, self.optimizer_config, int(total))

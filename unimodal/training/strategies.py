@@ -1,0 +1,181 @@
+"""Training strategies: Lightning's DDP and DeepSpeed ZeRO, with DeepSpeed usable on CPU too.
+
+A recipe picks a strategy with ``trainer.strategy``, either by name::
+
+    trainer:
+      strategy: deepspeed_stage_3          # auto | ddp | deepspeed | deepspeed_stage_1 | ...
+
+or as a class with its options::
+
+    trainer:
+      strategy:
+        class_path: unimodal.training.strategies.DeepSpeedStrategy
+        init_args: {stage: 3, offload_optimizer: true}
+
+Why :class:`DeepSpeedStrategy` exists: Lightning's own ``DeepSpeedStrategy`` refuses every
+accelerator but CUDA, although DeepSpeed itself trains ZeRO-1/2/3 on CPU with the gloo backend.
+Running the real ZeRO code path (sharded construction in ``configure_model``, partitioned
+optimizer states, sharded checkpoints, resuming) on a CPU-only machine is what lets the tests
+cover it. On CUDA the subclass is exactly Lightning's strategy; with the CPU accelerator it
+changes three things and nothing else:
+
+1. ``setup_environment`` skips the "only supported on CUDA GPUs" check;
+2. ``setup_distributed`` skips the check that device indices equal local ranks (CPU devices
+   have no index);
+3. ``root_device`` is ``cpu:<local_rank>``: DeepSpeed reads the index as its device rank;
+
+and the process group backend defaults to gloo. Importing this module also re-registers
+Lightning's DeepSpeed strategy names (``deepspeed``, ``deepspeed_stage_1``, ...,
+``deepspeed_stage_3_offload``) to this class, so plain names work on CPU as well.
+
+DeepSpeed JIT-compiles small C++ ops with ninja on first use (on CPU: its shared-memory
+communication op); :func:`ensure_ninja_on_path` puts the ``ninja`` of the running environment on
+``PATH`` so that works without an activated virtual environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+from lightning.pytorch.strategies import Strategy, StrategyRegistry
+from lightning.pytorch.strategies.ddp import DDPStrategy
+
+log = logging.getLogger("unimodal.train")
+
+# names a recipe may give as ``trainer.strategy``; the DeepSpeed ones map to DeepSpeedStrategy
+DEEPSPEED_PRESETS: dict[str, dict[str, Any]] = {
+    "deepspeed": {},
+    "deepspeed_stage_1": {"stage": 1},
+    "deepspeed_stage_2": {"stage": 2},
+    "deepspeed_stage_2_offload": {"stage": 2, "offload_optimizer": True},
+    "deepspeed_stage_3": {"stage": 3},
+    "deepspeed_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+    "deepspeed_stage_3_offload_nvme": {
+        "stage": 3,
+        "offload_optimizer": True,
+        "offload_parameters": True,
+        "remote_device": "nvme",
+        "offload_params_device": "nvme",
+        "offload_optimizer_device": "nvme",
+    },
+}
+LIGHTNING_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "single_device", "fsdp")
+
+
+def ensure_ninja_on_path() -> str | None:
+    """Make ``ninja`` findable by the subprocesses that JIT-build DeepSpeed/torch ops.
+
+    Looks on ``PATH`` first, then beside the running interpreter (a virtual environment's
+    ``bin``), then in the ``ninja`` Python package. Returns the directory put first on ``PATH``
+    (None when ninja was already found or is not installed).
+    """
+    if shutil.which("ninja"):
+        return None
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        candidates.append(Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for folder in candidates:
+        if (folder / "ninja").is_file() or (folder / "ninja.exe").is_file():
+            os.environ["PATH"] = os.pathsep.join([str(folder), os.environ.get("PATH", "")])
+            return str(folder)
+    log.warning("ninja not found: DeepSpeed cannot JIT-build its ops (pip install ninja)")
+    return None
+
+
+class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` that also runs with the CPU accelerator (gloo).
+
+    Same constructor arguments as :class:`lightning.pytorch.strategies.DeepSpeedStrategy`
+    (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...). On CUDA nothing
+    differs; see the module docstring for what changes on CPU and why.
+    """
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    @property
+    def root_device(self) -> torch.device:
+        device = super().root_device
+        if self._on_cpu() and device.index is None:
+            # DeepSpeed takes the device index as its rank's device (``device_rank``)
+            return torch.device("cpu", self.local_rank)
+        return device
+
+    def setup_environment(self) -> None:
+        ensure_ninja_on_path()
+        if self._on_cpu():
+            DDPStrategy.setup_environment(self)  # skips Lightning's CUDA-only check
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            super().setup_distributed()
+            return
+        # as Lightning's, without the device-index check (CPU devices carry no index)
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _get_process_group_backend(self) -> str:
+        if self._process_group_backend is None and self._on_cpu():
+            return "gloo"
+        return super()._get_process_group_backend()
+
+
+# the name recipes and the issues use: ``class_path: unimodal.training.strategies.DeepSpeed``
+DeepSpeed = DeepSpeedStrategy
+
+
+def register_strategies() -> None:
+    """Point Lightning's DeepSpeed strategy names at :class:`DeepSpeedStrategy` (idempotent)."""
+    for name, params in DEEPSPEED_PRESETS.items():
+        StrategyRegistry.register(
+            name,
+            DeepSpeedStrategy,
+            description=f"DeepSpeed ({name}), CUDA or CPU (unimodal)",
+            override=True,
+            **params,
+        )
+
+
+def strategy_names() -> list[str]:
+    return sorted(set(LIGHTNING_NAMES) | set(DEEPSPEED_PRESETS))
+
+
+def build_strategy(name: str, **options: Any) -> Strategy | str:
+    """The ``trainer.strategy`` value for a strategy name and extra options.
+
+    ``auto`` and the DDP names go to Lightning unchanged (DDP on CPU uses gloo); DeepSpeed names
+    give a :class:`DeepSpeedStrategy` with the preset's options updated by ``options``, e.g.
+    ``build_strategy("deepspeed_stage_3", offload_optimizer=True)``.
+    """
+    key = name.lower()
+    if key == "auto":
+        if options:
+            raise ValueError(f"strategy 'auto' takes no options, got {sorted(options)}")
+        return key
+    if key in DEEPSPEED_PRESETS:
+        return DeepSpeedStrategy(**{**DEEPSPEED_PRESETS[key], **options})
+    if key in StrategyRegistry:
+        if not options:
+            return key
+        entry = StrategyRegistry[key]
+        return entry["strategy"](**{**entry["init_params"], **options})
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(strategy_names())}")
+
+
+register_strategies()
