@@ -89,7 +89,7 @@ def test_no_cross_document_leakage(char_tokenizer, tiny_llama_config, bidirectio
     rng = np.random.default_rng(0)
     layout = VocabLayout(char_tokenizer.vocab_size)
     backbone = load_backbone(BackboneConfig(config=tiny_llama_config, attention="sdpa"), layout.size)
-    model = UnifiedModel(backbone, layout, adapters={"image": LinearAdapter(FEATURES, 64)}).eval()
+    model = UnifiedModel(backbone, layout, continuous={"image": LinearAdapter(64, FEATURES)}).eval()
     enc = encoder(char_tokenizer, bidirectional)
     texts = [["one", "two", "three"], ["four", "five", "six"], ["seven", "eight", "nine"]]
     docs = [make_doc(f"d{i}", rng, t) for i, t in enumerate(texts)]
@@ -116,7 +116,7 @@ def test_an_image_never_sees_a_later_image(char_tokenizer, tiny_llama_config):
     rng = np.random.default_rng(0)
     layout = VocabLayout(char_tokenizer.vocab_size)
     backbone = load_backbone(BackboneConfig(config=tiny_llama_config, attention="sdpa"), layout.size)
-    model = UnifiedModel(backbone, layout, adapters={"image": LinearAdapter(FEATURES, 64)}).eval()
+    model = UnifiedModel(backbone, layout, continuous={"image": LinearAdapter(64, FEATURES)}).eval()
     enc = encoder(char_tokenizer, ("image",))
     doc = make_doc("d", rng, ["ab", "cd", "ef"])
     packer = Packer(seq_len=64, pad_id=0, feature_dim=FEATURES)

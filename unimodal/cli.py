@@ -54,8 +54,8 @@ def _data_inspect(args: argparse.Namespace, rest: list[str]) -> None:
 def _data_text_corpus(args: argparse.Namespace, rest: list[str]) -> None:
     from unimodal.data.sources.stdlib_text import write_corpus
 
-    count = write_corpus(args.out)
-    print(f"wrote {count} documents to {args.out}")
+    train, val = write_corpus(args.out)
+    print(f"wrote {train} training and {val} validation documents to {args.out}/{{train,val}}.jsonl")
 
 
 def _data_tokenizer(args: argparse.Namespace, rest: list[str]) -> None:
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("-n", type=int, default=3, help="documents to show")
     inspect.set_defaults(run=_data_inspect)
     corpus = data_verbs.add_parser("text-corpus", help="write a small English corpus (stdlib docstrings) as source JSONL")
-    corpus.add_argument("--out", required=True)
+    corpus.add_argument("--out", required=True, help="directory for train.jsonl and val.jsonl")
     corpus.set_defaults(run=_data_text_corpus)
     tok = data_verbs.add_parser("tokenizer", help="train a SentencePiece tokenizer on a source JSONL's text")
     tok.add_argument("src")

@@ -9,7 +9,7 @@ predicted from position ``t``. The attention mask is derived from these ids by t
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -37,6 +37,8 @@ class PackedBatch:
     target_mask: torch.Tensor  # [B, L] bool, content at t is predicted (any modality)
     continuous_mask: torch.Tensor  # [B, L] bool
     features: torch.Tensor  # [N, D] float, N = continuous_mask.sum()
+    # label tokens of the gradient-accumulation window this batch belongs to (set by the data module)
+    window_label_tokens: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

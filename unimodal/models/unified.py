@@ -1,16 +1,18 @@
 """The UnifiedModel: embed every modality, run the HF decoder once, score with every head.
 
 Plug points for the modality issues:
-- ``adapters``: modality name -> module mapping continuous features ``[N, D]`` to ``[N, H]``,
-  used at the packed batch's continuous slots of that modality;
-- ``heads``: name -> :class:`Head`, each turning the final hidden states into loss terms.
+- ``continuous``: modality name -> :class:`ContinuousModality`, which embeds that modality's
+  continuous slots (``embed``) and adds its own loss terms from the final hidden states
+  (``loss``, e.g. a diffusion head); state such as sampled noise flows from one to the other;
+- discrete media codes live in the vocabulary (``VocabLayout.code_ranges``) and are scored by
+  the LM head like text.
 The text LM head is the backbone's own output embedding over the whole (extended) vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +31,30 @@ class LossTerm:
     count: torch.Tensor
 
 
-class Head(Protocol):
-    def __call__(self, hidden: torch.Tensor, batch: PackedBatch) -> dict[str, LossTerm]: ...
+class ContinuousModality(nn.Module):
+    """A modality carried as continuous features: its input adapter and, optionally, its loss.
+
+    ``embed`` maps the slot features ``[N, D]`` of this modality to ``[N, H]`` and may return
+    state (noise, timesteps) that ``loss`` needs. Both run on every step even with ``N == 0``,
+    so DeepSpeed ZeRO-3 ranks whose batch lacks the modality still gather the same parameters.
+    """
+
+    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def loss(self, hidden: torch.Tensor, batch: PackedBatch, state: Any, model: UnifiedModel) -> dict[str, LossTerm]:
+        return {}
 
 
-class LinearAdapter(nn.Module):
-    """Continuous features to the backbone width; the simplest input adapter."""
+class LinearAdapter(ContinuousModality):
+    """Features to the backbone width, no generative loss: understanding-only inputs."""
 
-    def __init__(self, feature_dim: int, hidden_size: int):
+    def __init__(self, hidden_size: int, feature_dim: int):
         super().__init__()
         self.proj = nn.Linear(feature_dim, hidden_size)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features)
+    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, None]:
+        return self.proj(features), None
 
 
 class UnifiedModel(nn.Module):
@@ -49,40 +62,41 @@ class UnifiedModel(nn.Module):
         self,
         backbone: nn.Module,
         layout: VocabLayout,
-        adapters: dict[str, nn.Module] | None = None,
-        heads: dict[str, nn.Module] | None = None,
+        continuous: dict[str, ContinuousModality] | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.layout = layout
-        self.adapters = nn.ModuleDict(adapters or {})
-        self.heads = nn.ModuleDict(heads or {})
+        self.continuous = nn.ModuleDict(continuous or {})
 
     @property
     def hidden_size(self) -> int:
         return self.backbone.config.hidden_size
 
-    def embed(self, batch: PackedBatch) -> torch.Tensor:
+    def embed(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Token embeddings with continuous slots replaced by their modality's embedding."""
         embeds = self.backbone.get_input_embeddings()(batch.input_ids)
-        if batch.features.numel() == 0 and not self.adapters:
-            return embeds
-        slots = batch.continuous_mask
-        slot_modality = batch.modality_ids[slots]
-        features = batch.features.to(embeds.dtype)
-        adapted = torch.zeros(features.shape[0], embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
-        for name, adapter in self.adapters.items():
+        slot_modality = batch.modality_ids[batch.continuous_mask]
+        unclaimed = torch.ones_like(slot_modality, dtype=torch.bool)
+        adapted = torch.zeros(len(slot_modality), embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
+        states = {}
+        for name, modality in self.continuous.items():
             rows = slot_modality == MODALITY_IDS[name]
-            # every adapter runs every step, so ZeRO-3 ranks without this modality do not hang
-            adapted = adapted + adapter(features).to(embeds.dtype) * rows[:, None]
-        if features.shape[0] and not self.adapters:
-            raise ValueError("the batch holds continuous features but the model has no input adapter")
-        return embeds.masked_scatter(slots[..., None], adapted)
+            unclaimed &= ~rows
+            out, states[name] = modality.embed(batch.features[rows], batch, rows, self)
+            adapted = adapted.index_put((rows.nonzero()[:, 0],), out.to(embeds.dtype))
+        if unclaimed.any():
+            raise ValueError(
+                "the batch holds continuous features for a modality the model has no continuous adapter for "
+                f"(model: {sorted(self.continuous) or 'none'})"
+            )
+        return embeds.masked_scatter(batch.continuous_mask[..., None], adapted), states
 
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+    def hidden_states(self, batch: PackedBatch, embeds: torch.Tensor | None = None) -> torch.Tensor:
         decoder = self.backbone.get_decoder()
         mask = build_attention_mask(batch.doc_ids, batch.block_ids)
         out = decoder(
-            inputs_embeds=self.embed(batch),
+            inputs_embeds=self.embed(batch)[0] if embeds is None else embeds,
             attention_mask=mask,
             position_ids=batch.position_ids,
             use_cache=False,
@@ -97,10 +111,11 @@ class UnifiedModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> dict[str, LossTerm]:
         """Summed losses per term: ``ce/<modality>`` for every vocabulary target, plus each head's."""
-        hidden = self.hidden_states(batch)
+        embeds, states = self.embed(batch)
+        hidden = self.hidden_states(batch, embeds)
         losses = self.cross_entropy(hidden, batch)
-        for head in self.heads.values():
-            losses.update(head(hidden, batch))
+        for name, modality in self.continuous.items():
+            losses.update(modality.loss(hidden, batch, states[name], self))
         return losses
 
     def cross_entropy(self, hidden: torch.Tensor, batch: PackedBatch) -> dict[str, LossTerm]:

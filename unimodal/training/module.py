@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from unimodal.data.packing import PackedBatch
 from unimodal.modalities.registry import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
-from unimodal.models.unified import LinearAdapter, LossTerm, UnifiedModel
+from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
 
@@ -26,7 +27,9 @@ class UnimodalModule(L.LightningModule):
     Cross-entropy terms (``ce/<modality>``) are summed and divided by the number of label tokens
     in the whole optimizer step (all accumulation micro-batches on all ranks), so accumulation and
     data parallelism give the same gradient as one big batch. Other heads' terms are per-item
-    means. ``loss_weights`` maps a term name to its weight (default 1).
+    means. ``loss_weights`` maps a term name to its weight (default 1). ``continuous`` maps a
+    modality to a factory (``class_path`` + ``init_args`` in YAML) called with the backbone's
+    hidden size.
 
     The model is built in ``configure_model`` so DeepSpeed ZeRO-3 can shard it at construction.
     """
@@ -35,7 +38,7 @@ class UnimodalModule(L.LightningModule):
         self,
         backbone: BackboneConfig,
         vocab: dict[str, Any] | None = None,
-        feature_dim: int = 0,
+        continuous: dict[str, Callable[[int], ContinuousModality]] | None = None,
         loss_weights: dict[str, float] | None = None,
         optimizer: OptimizerConfig | None = None,
         trainable: list[str] | None = None,
@@ -47,7 +50,7 @@ class UnimodalModule(L.LightningModule):
             raise ValueError("model.vocab is not set: it is linked from the data module's tokenizer (data.tokenizer)")
         self.layout = VocabLayout.from_dict(vocab)
         self.backbone_config = backbone
-        self.feature_dim = feature_dim
+        self.continuous = dict(continuous or {})
         self.loss_weights = dict(loss_weights or {})
         self.optimizer_config = optimizer or OptimizerConfig()
         self.trainable = trainable
@@ -59,8 +62,9 @@ class UnimodalModule(L.LightningModule):
         if self.model is not None:
             return
         backbone = load_backbone(self.backbone_config, self.layout.size)
-        adapters = {"image": LinearAdapter(self.feature_dim, backbone.config.hidden_size)} if self.feature_dim else {}
-        self.model = UnifiedModel(backbone, self.layout, adapters=adapters)
+        hidden = backbone.config.hidden_size
+        continuous = {name: build(hidden) for name, build in self.continuous.items()}
+        self.model = UnifiedModel(backbone, self.layout, continuous=continuous)
         n_train, n_total = apply_trainable_policy(self.model, self.trainable, self.frozen)
         log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)
 

@@ -28,9 +28,11 @@ and the process group backend defaults to gloo. Importing this module also re-re
 Lightning's DeepSpeed strategy names (``deepspeed``, ``deepspeed_stage_1``, ...,
 ``deepspeed_stage_3_offload``) to this class, so plain names work on CPU as well.
 
-DeepSpeed JIT-compiles small C++ ops with ninja on first use (on CPU: its shared-memory
-communication op); :func:`ensure_ninja_on_path` puts the ``ninja`` of the running environment on
-``PATH`` so that works without an activated virtual environment.
+DeepSpeed JIT-compiles C++ ops with ninja on first use; :func:`ensure_ninja_on_path` puts the
+``ninja`` of the running environment on ``PATH`` so that works without an activated virtual
+environment. On CPU the one op DeepSpeed builds at start-up (a shared-memory all-reduce used only
+by tensor-parallel inference) takes minutes to compile on a small machine and is skipped unless
+``UNIMODAL_DEEPSPEED_SHM_OP=1``; compiled ops are cached under ``~/.cache/torch_extensions``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ DEEPSPEED_PRESETS: dict[str, dict[str, Any]] = {
         "offload_optimizer_device": "nvme",
     },
 }
+# set to 1 to let DeepSpeed JIT-build its CPU shared-memory communication op anyway
+SHM_OP_ENV = "UNIMODAL_DEEPSPEED_SHM_OP"
 LIGHTNING_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "single_device", "fsdp")
 
 
@@ -93,6 +97,19 @@ def ensure_ninja_on_path() -> str | None:
             return str(folder)
     log.warning("ninja not found: DeepSpeed cannot JIT-build its ops (pip install ninja)")
     return None
+
+
+def _skip_shm_comm_op() -> None:
+    """Tell DeepSpeed its shared-memory all-reduce op is unavailable, so it is not compiled.
+
+    On CPU DeepSpeed JIT-builds that op (minutes on a small machine) when its communication
+    backend starts, but only tensor-parallel inference (``inference_all_reduce``) uses it, and
+    that falls back to the process group's all-reduce without it. DeepSpeed keeps the probed
+    op table as one module-level dict meant to be edited.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
@@ -125,10 +142,21 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         if not self._on_cpu():
             super().setup_distributed()
             return
+        if os.environ.get(SHM_OP_ENV, "0") != "1":
+            _skip_shm_comm_op()
         # as Lightning's, without the device-index check (CPU devices carry no index)
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    def _auto_select_batch_size(self) -> int:
+        # Lightning reads ``loader.batch_sampler.batch_size``, which is None for loaders that pass
+        # ready batches on (``batch_size=None``, e.g. an IterableDataset of packed batches); the
+        # value only feeds DeepSpeed's throughput logging
+        try:
+            return super()._auto_select_batch_size()
+        except AttributeError:
+            return 1
 
     def _get_process_group_backend(self) -> str:
         if self._process_group_backend is None and self._on_cpu():

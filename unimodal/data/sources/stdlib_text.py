@@ -43,15 +43,17 @@ def _docstrings(min_chars: int) -> Iterator[tuple[str, str]]:
                 yield qualname, doc
 
 
-def write_corpus(out_jsonl: str | Path, min_chars: int = 200) -> int:
-    """Write one text document per docstring; returns the number of documents."""
-    out = Path(out_jsonl)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with out.open("w") as f:
-        for qualname, doc in _docstrings(min_chars):
+def write_corpus(out_dir: str | Path, min_chars: int = 200, val_every: int = 10) -> tuple[int, int]:
+    """Write ``train.jsonl`` and ``val.jsonl`` (every ``val_every``-th docstring), one document
+    per docstring; returns the two document counts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = [0, 0]
+    with (out / "train.jsonl").open("w") as train, (out / "val.jsonl").open("w") as val:
+        for index, (qualname, doc) in enumerate(_docstrings(min_chars)):
             key = qualname.replace(".", "_")
             record = {"key": key, "parts": [{"type": "text", "text": doc}], "meta": {"source": qualname}}
-            f.write(json.dumps(record) + "\n")
-            count += 1
-    return count
+            held_out = index % val_every == val_every - 1
+            (val if held_out else train).write(json.dumps(record) + "\n")
+            counts[held_out] += 1
+    return counts[0], counts[1]

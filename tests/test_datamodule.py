@@ -1,0 +1,193 @@
+"""The data module: shapes, determinism, rank splitting, mixture weights, windows, bad samples."""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unimodal.data.datamodule import ShardSet, UnimodalDataModule
+from unimodal.data.packing import PackedBatch
+from unimodal.data.schema import Document, Part
+from unimodal.data.shards import write_documents
+
+FEATURES = 8
+WORDS = "the cat sat on a mat and dog ran far away from home while birds sang songs in trees".split()
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> str:
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(0)
+    sentences = [" ".join(rng.choice(WORDS, 8)) for _ in range(200)]
+    prefix = tmp_path_factory.mktemp("spm") / "tiny"
+    ids = {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(prefix), vocab_size=64, model_type="bpe", minloglevel=2, **ids
+    )
+    return f"{prefix}.model"
+
+
+def make_set(directory: Path, name: str, shards: int = 4, docs_per_shard: int = 10, seed: int = 0) -> str:
+    """Text + continuous image features; ``meta["set"]`` tells documents' origin."""
+    rng = np.random.default_rng(seed)
+    docs = [
+        Document(
+            [
+                Part("text", text=" ".join(rng.choice(WORDS, int(rng.integers(2, 8)))), role="user", loss=False),
+                Part("image", media=0, data=rng.normal(size=(int(rng.integers(2, 6)), FEATURES)).astype(np.float32)),
+                Part("text", text=" ".join(rng.choice(WORDS, int(rng.integers(2, 8)))), role="assistant"),
+            ],
+            meta={"set": name},
+            key=f"{name}{i:04d}",
+        )
+        for i in range(shards * docs_per_shard)
+    ]
+    write_documents(docs, directory / name, max_docs_per_shard=docs_per_shard)
+    return str(directory / name)
+
+
+def module(datasets, tokenizer: str, **kwargs) -> UnimodalDataModule:
+    kwargs = {"seq_len": 64, "batch_size": 2, "steps_per_epoch": 3, "feature_dim": FEATURES, "shuffle_buffer": 8} | kwargs
+    dm = UnimodalDataModule(datasets, tokenizer, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def assert_same(a: PackedBatch, b: PackedBatch) -> None:
+    for name in vars(a):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_batches_have_the_right_shapes(tmp_path, spm_model):
+    dm = module([make_set(tmp_path, "a")], spm_model)
+    assert dm.layout.text_size == 64 and dm.tokenizer.eos_id == 2
+    batches = list(dm.make_train_dataloader())
+    assert len(batches) == 3 == len(dm.make_train_dataloader())
+    for batch in batches:
+        assert isinstance(batch, PackedBatch)
+        assert batch.input_ids.shape == (2, 64) and batch.input_ids.dtype == torch.long
+        assert batch.features.shape == (int(batch.continuous_mask.sum()), FEATURES)
+        assert batch.features.shape[0] > 0 and batch.num_label_tokens > 0
+        assert int(batch.input_ids.max()) < dm.layout.size
+
+
+def test_same_seed_same_batches_and_epochs_differ(tmp_path, spm_model):
+    path = make_set(tmp_path, "a")
+    first = list(module([path], spm_model).make_train_dataloader())
+    again_loader = module([path], spm_model).make_train_dataloader()
+    again = list(again_loader)
+    for a, b in zip(first, again):
+        assert_same(a, b)
+    next_epoch = list(again_loader)
+    assert not torch.equal(first[0].input_ids, next_epoch[0].input_ids)
+    other_seed = next(iter(module([path], spm_model, seed=1).make_train_dataloader()))
+    assert not torch.equal(first[0].input_ids, other_seed.input_ids)
+
+
+def test_ranks_get_different_shards_and_the_same_number_of_batches(tmp_path, spm_model):
+    dm = module([make_set(tmp_path, "a")], spm_model, steps_per_epoch=4)
+    keys = [{d.key for _, d in zip(range(60), dm.train_stream(rank, 2).documents())} for rank in (0, 1)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    batches = [list(dm.make_train_dataloader(rank, 2)) for rank in (0, 1)]
+    assert len(batches[0]) == len(batches[1]) == 4
+    assert not torch.equal(batches[0][0].input_ids, batches[1][0].input_ids)
+
+
+def test_mixture_weights(tmp_path, spm_model):
+    sets = [ShardSet(make_set(tmp_path, "a"), 0.9), {"path": make_set(tmp_path, "b", seed=1), "weight": 0.1}]
+    docs = module(sets, spm_model).train_stream().documents()
+    origins = [doc.meta["set"] for _, doc in zip(range(1000), docs)]
+    assert 0.86 < origins.count("a") / len(origins) < 0.94
+
+
+def test_window_label_tokens_with_workers(tmp_path, spm_model):
+    dm = module([make_set(tmp_path, "a")], spm_model, steps_per_epoch=2, accumulate_grad_batches=3, num_workers=2)
+    batches = list(dm.make_train_dataloader())
+    assert len(batches) == 6
+    for start in (0, 3):
+        window = batches[start : start + 3]
+        total = sum(b.num_label_tokens for b in window)
+        assert all(b.window_label_tokens.dtype == torch.long and int(b.window_label_tokens) == total for b in window)
+    again = module([tmp_path / "a"], spm_model, steps_per_epoch=2, accumulate_grad_batches=3, num_workers=2)
+    for a, b in zip(batches, again.make_train_dataloader()):
+        assert_same(a, b)
+
+
+def truncate_first_member(path: Path) -> None:
+    """Cut the tar inside its first member's data, so the shard yields no sample and one error."""
+    with tarfile.open(path) as tar:
+        first = tar.getmembers()[0]
+    path.write_bytes(path.read_bytes()[: first.offset_data + first.size // 2])
+
+
+def test_truncated_shard_is_skipped_and_counted(tmp_path, spm_model, caplog):
+    path = make_set(tmp_path, "a")
+    truncate_first_member(Path(path) / "shard-000002.tar")
+    dm = module([path], spm_model, steps_per_epoch=10, max_bad_fraction=0.5)
+    stream = dm.train_stream()
+    with caplog.at_level(logging.WARNING, logger="unimodal.data"):
+        assert len(list(stream)) == 10
+    assert stream.policy.kinds["ShardError"] >= 1 and stream.policy.kinds["ShardError"] == stream.policy.skipped
+    assert "shard-000002.tar: unreadable tar" in caplog.text
+
+    strict = module([path], spm_model, steps_per_epoch=1000)
+    with pytest.raises(RuntimeError, match=r"(?s)too many bad samples: .*max_bad_fraction=0\.01.*ShardError"):
+        list(strict.make_train_dataloader())
+
+
+def test_validation_is_deterministic_and_equal_per_rank(tmp_path, spm_model):
+    train, val = make_set(tmp_path, "a"), make_set(tmp_path, "v", seed=3)
+    dm = module([train], spm_model, val_datasets=[val], val_batches=3)
+    first, again = list(dm.val_dataloader()), list(dm.val_dataloader())
+    assert len(first) == 3
+    for a, b in zip(first, again):
+        assert_same(a, b)
+        assert int(a.window_label_tokens) == a.num_label_tokens
+    ranks = [list(dm.make_val_dataloader(rank, 2)) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    assert_same(ranks[0][0], first[0]) and not torch.equal(ranks[1][0].input_ids, first[0].input_ids)
+    assert module([train], spm_model).val_dataloader() == []
+
+
+def test_trainer_steps_and_epochs(tmp_path, spm_model):
+    """Under Lightning: optimizer steps = steps_per_epoch per epoch, and each epoch reads new data."""
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self, vocab: int):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(vocab, 4)
+            self.seen: list[tuple[int, torch.Tensor]] = []
+
+        def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+            self.seen.append((self.current_epoch, batch.input_ids))
+            return self.embedding(batch.input_ids).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = module([make_set(tmp_path, "a")], spm_model, steps_per_epoch=2, accumulate_grad_batches=2)
+    probe = Probe(dm.layout.size)
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=2, accelerator="cpu", **quiet)
+    trainer.fit(probe, datamodule=dm)
+    assert trainer.global_step == 4 and len(probe.seen) == 8
+    assert not torch.equal(probe.seen[0][1], probe.seen[4][1]) and probe.seen[4][0] == 1
+
+
+def test_config_parses_with_jsonargparse(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(UnimodalDataModule, "data")
+    config = parser.parse_args(
+        ["--data.datasets=[{path: a, weight: 0.9}, b]", "--data.tokenizer=t.model", "--data.bidirectional=[image]"]
+    )
+    dm = parser.instantiate_classes(config).data
+    assert [(d.path, d.weight) for d in dm.datasets] == [("a", 0.9), ("b", 1.0)] and dm.bidirectional == ("image",)

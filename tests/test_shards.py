@@ -1,0 +1,221 @@
+"""Shards: packing a source JSONL, reading it back, bad input, bad samples, inspecting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from unimodal.data.schema import Document, DocumentError, Part
+from unimodal.data.shards import (
+    BadSamplePolicy,
+    MediaBytes,
+    ShardError,
+    inspect_path,
+    iter_samples,
+    pack_jsonl,
+    read_documents,
+    write_documents,
+)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A source JSONL with text, a png, a flac, float features and integer codes."""
+    rng = np.random.default_rng(0)
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).save(media / "a.png")
+    soundfile.write(media / "b.flac", rng.uniform(-0.5, 0.5, 1600).astype(np.float32), 16000)
+    np.save(media / "feat.npy", rng.normal(size=(4, 8)).astype(np.float32))
+    np.save(tmp_path / "codes.npy", np.arange(5, dtype=np.int64))
+    lines = [
+        {
+            "key": "doc-a",
+            "parts": [
+                {"type": "text", "text": "Describe this.", "role": "user", "loss": False},
+                {"type": "image", "path": "media/a.png", "role": "user", "loss": False},
+                {"type": "text", "text": "A noisy picture " * 10, "role": "assistant"},
+            ],
+            "meta": {"origin": "test"},
+        },
+        {
+            "parts": [
+                {"type": "text", "text": "listen"},
+                {"type": "audio", "path": "media/b.flac"},
+                {"type": "image", "path": "media/feat.npy"},
+                {"type": "image", "path": str(tmp_path / "codes.npy")},
+            ]
+        },
+    ]
+    src = tmp_path / "src.jsonl"
+    src.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
+    return src
+
+
+def test_pack_and_read_back(source: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    stats = pack_jsonl(source, out, max_docs_per_shard=1, progress=False)
+
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk == stats
+    assert stats["schema"] == "unimodal.document/1" and stats["documents"] == 2
+    assert stats["shards"] == [{"name": "shard-000000.tar", "documents": 1}, {"name": "shard-000001.tar", "documents": 1}]
+    mods = stats["modalities"]
+    assert mods["text"] == {"parts": 3, "characters": len("Describe this.") + 160 + len("listen")}
+    assert mods["image"]["parts"] == 3 and mods["audio"]["parts"] == 1
+    assert mods["audio"]["bytes"] == (source.parent / "media/b.flac").stat().st_size
+
+    raw = list(read_documents(out, decode=False))
+    assert [d.key for d in raw] == ["doc-a", "00000003"]  # keys default to the line number
+    assert raw[0].meta == {"origin": "test"}
+    assert [(p.type, p.role, p.loss, p.media) for p in raw[0].parts] == [
+        ("text", "user", False, None),
+        ("image", "user", False, 0),
+        ("text", "assistant", True, None),
+    ]
+    assert raw[0].parts[1].data == MediaBytes("png", (source.parent / "media/a.png").read_bytes())
+    assert [p.media for p in raw[1].parts] == [None, 0, 1, 2]
+
+    docs = list(read_documents(str(out / "shard-{000000..000001}.tar")))
+    image = docs[0].parts[1].data
+    assert image.dtype == np.uint8 and image.shape == (6, 8, 3)
+    assert np.array_equal(image, np.asarray(Image.open(source.parent / "media/a.png")))
+    waveform, rate = docs[1].parts[1].data
+    expected, _ = soundfile.read(source.parent / "media/b.flac", dtype="float32")
+    assert rate == 16000 and waveform.dtype == np.float32 and np.array_equal(waveform, expected)
+    assert np.array_equal(docs[1].parts[2].data, np.load(source.parent / "media/feat.npy"))
+    assert np.array_equal(docs[1].parts[3].data, np.arange(5))
+    assert docs[0].parts[2].text == "A noisy picture " * 10
+
+
+def test_rewriting_read_documents_gives_identical_shards(source: Path, tmp_path: Path):
+    pack_jsonl(source, tmp_path / "a", progress=False)
+    write_documents(read_documents(tmp_path / "a", decode=False), tmp_path / "b")
+    assert (tmp_path / "a/shard-000000.tar").read_bytes() == (tmp_path / "b/shard-000000.tar").read_bytes()
+
+
+def test_inspect(source: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    pack_jsonl(source, out, max_docs_per_shard=1, progress=False)
+    text = inspect_path(out, n=5)
+    expected = ["documents: 2", "shards: 2", "doc-a", "00000003", "uint8 6x8x3", "0.10 s at 16000 Hz"]
+    expected += ["float32 4x8", "int64 5", "Describe this.", "user loss=false", '"origin": "test"']
+    for line in expected:
+        assert line in text, line
+    assert "A noisy picture A noisy" in text and "A noisy picture " * 10 not in text  # truncated text
+
+    single = inspect_path(out / "shard-000001.tar")
+    assert "documents: 1" in single and "counted from the shards" in single and "00000003" in single
+
+
+def _write_source(tmp_path: Path, lines: list[str]) -> Path:
+    src = tmp_path / "src.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    return src
+
+
+GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"parts": [', r"src\.jsonl:2: malformed JSON"),
+        (json.dumps({"parts": [{"type": "image", "path": "nope.png"}]}), r"src\.jsonl:2: image file 'nope.png' not found"),
+        (json.dumps({"key": "a.b", "parts": [{"type": "text", "text": "x"}]}), r"src\.jsonl:2: invalid sample key 'a\.b'.*dot"),
+        (json.dumps({"parts": [{"type": "video", "path": "v.mp4"}]}), r"src\.jsonl:2: part 0 has type 'video'"),
+        (json.dumps({"parts": [{"type": "audio", "path": "x.txt"}]}), r"src\.jsonl:2: audio file 'x.txt' has extension"),
+        (json.dumps({"key": "00000001", "parts": [{"type": "text", "text": "x"}]}), r"duplicate key '00000001'"),
+    ],
+)
+def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):
+    src = _write_source(tmp_path, [GOOD, bad_line, GOOD])
+    with pytest.raises(DocumentError, match=message):
+        pack_jsonl(src, tmp_path / "out", max_docs_per_shard=1, progress=False)
+    assert not list((tmp_path / "out").glob("*.tar"))  # partial shards are removed
+    stats = pack_jsonl(src, tmp_path / "out", skip_bad=True, progress=False)
+    assert stats["documents"] == 2 and stats["source"]["skipped"] == 1
+    assert "src.jsonl:2" in stats["source"]["skipped_examples"][0]
+
+
+def test_skip_bad_prints_summary(tmp_path: Path, capsys):
+    src = _write_source(tmp_path, [GOOD, "not json", GOOD, "{]"])
+    stats = pack_jsonl(src, tmp_path / "out", skip_bad=True, progress=False)
+    err = capsys.readouterr().err
+    assert "skipped 2 of 4 documents" in err and "src.jsonl:2: malformed JSON" in err and "src.jsonl:4:" in err
+    assert json.loads((tmp_path / "out/stats.json").read_text())["source"]["skipped"] == 2
+    assert [d.key for d in read_documents(tmp_path / "out")] == ["00000001", "00000003"]
+    assert stats["documents"] == 2
+
+
+def test_write_refuses_dotted_keys_and_existing_shards(tmp_path: Path):
+    with pytest.raises(DocumentError, match="no '.'"):
+        write_documents([Document([Part("text", text="x")], key="a.b")], tmp_path / "out")
+    write_documents([Document([Part("text", text="x")], key="a")], tmp_path / "out")
+    with pytest.raises(FileExistsError, match="already holds shards"):
+        write_documents([Document([Part("text", text="x")], key="b")], tmp_path / "out")
+
+
+def test_unreadable_media_and_missing_member(tmp_path: Path):
+    docs = [
+        Document([Part("image", media=0, data=MediaBytes("png", b"not a png"))], key="broken"),
+        Document([Part("audio", media=0, data=MediaBytes("flac", b"not a flac"))], key="noise"),
+        Document([Part("image", media=0, data=np.zeros((2, 3), np.float32))], key="good"),
+    ]
+    write_documents(docs, tmp_path / "out")
+    with pytest.raises(DocumentError, match=r"sample 'broken' in .*shard-000000\.tar.*unreadable image"):
+        next(read_documents(tmp_path / "out"))
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    assert [d.key for d in read_documents(tmp_path / "out", policy=policy)] == ["good"]
+    assert policy.skipped == 2 and policy.seen == 2  # good documents are counted by the consumer
+
+    sample = {"__key__": "k", "__url__": "s.tar", "json": json.dumps({"parts": [{"type": "image", "media": 3}]})}
+    from unimodal.data.shards import sample_to_document
+
+    with pytest.raises(DocumentError, match="sample 'k' in s.tar: image part refers to media 3 but the sample has no member"):
+        sample_to_document(sample)
+
+
+def truncate_tar(path: Path) -> None:
+    """Cut a tar file in the middle of a member's data (a cut at a header boundary reads as a short tar)."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    middle = members[len(members) // 2]
+    path.write_bytes(path.read_bytes()[: middle.offset_data + middle.size // 2])
+
+
+def test_truncated_tar_is_counted_not_fatal(tmp_path: Path, caplog):
+    docs = [Document([Part("image", media=0, data=np.ones((64, 8), np.float32))], key=f"d{i}") for i in range(6)]
+    write_documents(docs, tmp_path / "out")
+    shard = tmp_path / "out/shard-000000.tar"
+    truncate_tar(shard)
+    with pytest.raises(ShardError, match="unreadable tar"):
+        list(iter_samples([str(shard)]))
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="unimodal.data"):
+        keys = [d.key for d in read_documents([str(shard)], policy=policy)]
+    assert keys == ["d0", "d1"]  # the samples before the cut survive
+    assert policy.skipped == 1 and policy.kinds["ShardError"] == 1
+    assert "unreadable tar" in caplog.text and "shard-000000.tar" in caplog.text
+
+
+def test_bad_sample_policy_aborts_above_fraction(caplog):
+    policy = BadSamplePolicy(max_bad_fraction=0.1, min_samples=10)
+    with caplog.at_level(logging.WARNING, logger="unimodal.data"):
+        policy.skip(DocumentError("broken"), "k1", "s.tar")  # 1 of 1, but fewer than min_samples seen
+    assert caplog.records[-1].getMessage() == "skipping sample 'k1' in s.tar: broken"
+    for _ in range(9):
+        policy.ok()  # 1 of 10: exactly the limit
+    with pytest.raises(RuntimeError, match=r"(?s)too many bad samples: 2 of 11 skipped.*2 DocumentError.*k1 in s\.tar"):
+        policy.skip(DocumentError("again"), "k2", "s.tar")
+
+    with pytest.raises(RuntimeError, match="1 of 1"):
+        BadSamplePolicy(max_bad_fraction=0).skip("bad", "k", "s.tar")

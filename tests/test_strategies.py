@@ -1,0 +1,275 @@
+"""Strategies on CPU: DeepSpeed ZeRO-2/3 and DDP through Lightning, with gloo.
+
+What is checked:
+- the loss normalisation (CE over the label tokens of the whole optimizer step) gives, with
+  accumulation, data parallelism, DDP and DeepSpeed ZeRO-2/3, the same SGD update as one plain
+  step on the combined batch (a wrong scale moves the weights by a different amount);
+- ZeRO-3 in two processes trains, saves a sharded checkpoint, resumes from it to the very same
+  weights as an uninterrupted run, and ``zero_to_fp32`` turns the shards into those weights;
+- strategy names, ``class_path`` configs and the converter's errors.
+
+Two-process runs start ``tests/distributed/train.py`` under torchrun (one launch per strategy,
+several tasks per launch: starting Python with Lightning costs ~10 s a process on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "distributed"))
+
+from tiny import (  # noqa: E402
+    LossRecorder,
+    WindowedData,
+    make_module,
+    make_sgd_module,
+    packed_sequences,
+    reference_sgd_update,
+    trainer_kwargs,
+)
+
+from unimodal.training.checkpoint import NotADeepSpeedCheckpoint, zero_to_fp32  # noqa: E402
+from unimodal.training.optim import OptimizerConfig  # noqa: E402
+from unimodal.training.strategies import DeepSpeed, DeepSpeedStrategy, build_strategy, strategy_names  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = ROOT / "tests" / "distributed" / "train.py"
+
+
+@pytest.fixture
+def isolated_process_state():
+    """Lightning's DeepSpeed strategy exports RANK/WORLD_SIZE/MASTER_* and leaves a process group:
+    undo both so later tests in this pytest process start clean."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+        else:
+            torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+class Snapshot(L.Callback):
+    def on_train_start(self, trainer, module):
+        self.initial = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+    def on_train_end(self, trainer, module):
+        self.final = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[n].float() - b[n].float()).abs().max().item() for n in a)
+
+
+def torchrun(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT), "--out", str(tmp_path), *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+
+
+def check_sgd_result(out: Path) -> None:
+    saved = torch.load(out / "sgd.pt", weights_only=False)
+    expected = reference_sgd_update(saved["initial"], packed_sequences(0, saved["sequences"]), lr=1.0)
+    moved = max_diff(saved["final"], saved["initial"])
+    assert moved > 1e-2, "the step did not move the weights"
+    assert max_diff(saved["final"], expected) < 1e-5 * max(1.0, moved) + 1e-6
+
+
+def check_resume_result(out: Path) -> dict:
+    saved = torch.load(out / "resume.pt", weights_only=False)
+    losses = saved["straight_losses"]
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0], losses
+    assert saved["global_step"] == 5
+    # the resumed run starts from the checkpoint (not from a fresh init) and, with its optimizer
+    # state restored, ends exactly where the uninterrupted run ends
+    assert saved["resumed_losses"] == pytest.approx(losses[3:], rel=1e-5)
+    assert max_diff(saved["resumed"], saved["straight"]) < 1e-6
+    return saved
+
+
+# --- one process, in this pytest process ------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_2"])
+@pytest.mark.parametrize(("accumulate", "batch_size"), [(2, 1), (1, 2)])
+def test_one_step_equals_plain_step_on_the_combined_batch(strategy, accumulate, batch_size, tmp_path, isolated_process_state):
+    """accumulate=2 x batch 1 and accumulate=1 x batch 2 both give the plain SGD step on the two
+    sequences (which hold different numbers of label tokens). Under DeepSpeed this checks the
+    extra factor in ``UnimodalModule._step_scale`` (its engine divides by the accumulation steps
+    on top of Lightning)."""
+    sequences = packed_sequences(0, 2)
+    assert sequences[0]["labels"].tolist() != sequences[1]["labels"].tolist()
+    L.seed_everything(0)
+    snap = Snapshot()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, strategy=build_strategy(strategy), max_steps=1, accumulate_grad_batches=accumulate, callbacks=[snap]))
+    trainer.fit(make_sgd_module(lr=1.0), datamodule=WindowedData(sequences, batch_size, accumulate))
+    if strategy != "auto":
+        assert isinstance(trainer.strategy, DeepSpeedStrategy)
+    expected = reference_sgd_update(snap.initial, sequences, lr=1.0)
+    assert max_diff(snap.final, snap.initial) > 1e-2
+    assert max_diff(snap.final, expected) < 1e-5
+
+
+def test_zero2_single_process_trains_saves_and_converts(tmp_path, isolated_process_state):
+    sequences = packed_sequences(2, 2)
+    L.seed_everything(0)
+    snap, losses = Snapshot(), LossRecorder()
+    trainer = L.Trainer(
+        **trainer_kwargs(tmp_path, strategy=DeepSpeed(stage=2), max_steps=6, callbacks=[snap, losses])
+    )
+    module = make_module(optimizer=OptimizerConfig(lr=1e-2, warmup_steps=0))
+    trainer.fit(module, datamodule=WindowedData(sequences, 1, 1))
+    assert trainer.global_step == 6
+    assert trainer.strategy.root_device == torch.device("cpu", 0)
+    assert trainer.strategy.config["zero_optimization"]["stage"] == 2
+    assert len(losses.losses) == 6 and all(torch.isfinite(torch.tensor(losses.losses)))
+    # two batches alternate: compare each with its own first value
+    assert losses.losses[-2] < losses.losses[0] and losses.losses[-1] < losses.losses[1], losses.losses
+
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "latest").is_file()
+    out = zero_to_fp32(tmp_path / "ckpt", tmp_path / "fp32" / "model.ckpt")
+    converted = torch.load(out, weights_only=False)
+    assert converted["global_step"] == 6
+    assert "hyper_parameters" in converted and "frozen_param_fragments" not in converted
+    state = {k.removeprefix("model."): v for k, v in converted["state_dict"].items()}
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert max_diff(state, snap.final) == 0.0
+
+
+# --- two processes (torchrun, gloo) -----------------------------------------------------------
+
+
+def test_ddp_two_processes(tmp_path):
+    """DDP: 2 ranks x accumulate 2 = the plain step on all 4 sequences; then a short run that
+    checkpoints and resumes."""
+    torchrun(tmp_path, "--strategy", "ddp", "--task", "sgd", "resume", "--accumulate", "2")
+    check_sgd_result(tmp_path)
+    check_resume_result(tmp_path)
+    assert (tmp_path / "ckpt-5").is_file()  # DDP writes one ordinary file
+
+
+def test_zero2_two_processes(tmp_path):
+    torchrun(tmp_path, "--strategy", "deepspeed_stage_2", "--task", "sgd", "--accumulate", "2")
+    check_sgd_result(tmp_path)
+
+
+def test_zero3_two_processes_resume_and_convert(tmp_path):
+    """ZeRO-3 (parameters sharded at construction in configure_model), one layer's MLP frozen:
+    the SGD step, checkpoint + resume, and the fp32 conversion of the sharded checkpoint."""
+    torchrun(
+        tmp_path,
+        "--strategy", "deepspeed_stage_3",
+        "--task", "sgd", "resume",
+        "--accumulate", "2",
+        "--frozen", "backbone.model.layers.0.mlp",
+    )  # fmt: skip
+    check_sgd_result(tmp_path)
+    saved = check_resume_result(tmp_path)
+    shards = sorted(p.name for p in (tmp_path / "ckpt-5" / "checkpoint").iterdir())
+    assert shards == [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    out = zero_to_fp32(tmp_path / "ckpt-5", tmp_path / "model.ckpt")
+    converted = torch.load(out, weights_only=False)
+    state = {k.removeprefix("model."): v for k, v in converted["state_dict"].items()}
+    assert converted["global_step"] == 5
+    assert "backbone.model.layers.0.mlp.up_proj.weight" in state  # frozen weights are kept
+    assert max_diff(state, saved["resumed"]) == 0.0
+
+
+# --- names, configs, errors --------------------------------------------------------------------
+
+
+def test_strategy_names_select_the_cpu_capable_deepspeed(isolated_process_state):
+    assert {"auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2_offload", "deepspeed_stage_3_offload"} <= set(strategy_names())
+    assert build_strategy("auto") == "auto" and build_strategy("ddp") == "ddp"
+    strategy = build_strategy("deepspeed_stage_3_offload", pin_memory=False)
+    assert isinstance(strategy, DeepSpeedStrategy)
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="deepspeed_stage_2"):
+        build_strategy("deepspeed_stage_4")
+    # a plain name in a recipe goes through Lightning's registry, which now points at our class
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy="deepspeed_stage_1", logger=False)
+    assert type(trainer.strategy) is DeepSpeedStrategy
+    assert trainer.strategy.config["zero_optimization"]["stage"] == 1
+    assert type(trainer.strategy).__name__.endswith("DeepSpeedStrategy")  # what _step_scale tests
+
+
+def test_class_path_config_instantiates_the_strategy():
+    """The YAML form a recipe uses: ``trainer.strategy: {class_path: ..., init_args: ...}``."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(L.Trainer, "trainer")
+    config = parser.parse_object(
+        {
+            "trainer": {
+                "accelerator": "cpu",
+                "logger": False,
+                "strategy": {
+                    "class_path": "unimodal.training.strategies.DeepSpeed",
+                    "init_args": {"stage": 3, "offload_optimizer": True},
+                },
+            }
+        }
+    )
+    strategy = parser.instantiate_classes(config).trainer.strategy
+    assert isinstance(strategy, DeepSpeedStrategy)
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == 3 and "offload_optimizer" in zero and "offload_param" not in zero
+
+
+def test_zero_to_fp32_refuses_what_is_not_a_deepspeed_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        zero_to_fp32(tmp_path / "missing", tmp_path / "out.ckpt")
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(NotADeepSpeedCheckpoint, match="need no conversion"):
+        zero_to_fp32(plain, tmp_path / "out.ckpt")
+    with pytest.raises(NotADeepSpeedCheckpoint, match="no 'latest' file"):
+        zero_to_fp32(tmp_path, tmp_path / "out.ckpt")
+    inner = tmp_path / "ckpt" / "checkpoint"
+    inner.mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest").write_text("checkpoint")
+    (inner / "zero_pp_rank_0_mp_rank_00_model_states.pt").touch()
+    (inner / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    with pytest.raises(NotADeepSpeedCheckpoint, match="pass its parent directory"):
+        zero_to_fp32(inner, tmp_path / "out.ckpt")
+    assert issubclass(NotADeepSpeedCheckpoint, ValueError)  # the CLI prints ValueErrors as one line
+
+
+@pytest.mark.slow
+def test_deepspeed_cpu_op_builds_without_the_venv_on_path(tmp_path):
+    """DeepSpeed JIT-builds its CPU shared-memory op with ninja (minutes when not cached in
+    ~/.cache/torch_extensions); the strategy module finds the environment's ninja itself."""
+    code = (
+        "from unimodal.training.strategies import ensure_ninja_on_path\n"
+        "ensure_ninja_on_path()\n"
+        "from deepspeed.comm.torch import build_shm_op\n"
+        "assert build_shm_op() is not None\n"
+    )
+    env = dict(os.environ, PATH="/usr/bin:/bin")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]

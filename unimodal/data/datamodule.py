@@ -1,0 +1,384 @@
+"""The Lightning data module: weighted mixtures of shard sets -> documents -> packed batches.
+
+Why it is built this way:
+
+- the training stream is infinite (shards drawn with replacement) and cut to exactly
+  ``steps_per_epoch * accumulate_grad_batches`` batches per rank, so that every rank runs the
+  same number of steps (DDP and ZeRO ranks that disagree hang);
+- shards are split by rank and worker, so ranks and workers read different data;
+- every random choice comes from a generator seeded with (seed, epoch, rank, worker), so the same
+  seed gives the same batches;
+- ``PackedBatch.window_label_tokens`` is filled in the main process, where the batch order is the
+  order the optimizer sees (the DataLoader interleaves its workers), so a loss summed over a
+  gradient-accumulation window can be divided by the window's label tokens;
+- broken samples are skipped and counted by a :class:`BadSamplePolicy`, which aborts when too many are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Literal, TypeVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from unimodal.data.encoding import Codec, DocumentEncoder
+from unimodal.data.packing import DocumentTooLong, PackedBatch, Packer, collate
+from unimodal.data.schema import Document, DocumentError
+from unimodal.data.shards import BadSamplePolicy, expand_shards, iter_samples, read_documents, sample_to_document
+from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
+from unimodal.modalities.registry import VocabLayout
+
+logger = logging.getLogger("unimodal.data")
+
+T = TypeVar("T")
+
+
+@dataclass
+class ShardSet:
+    """One source of training data: a shard directory, a brace pattern or one shard, and its weight."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class StreamConfig:
+    """What a stream needs to turn documents into batches; copied into every DataLoader worker."""
+
+    tokenizer: TextTokenizer
+    layout: VocabLayout
+    seq_len: int
+    batch_size: int
+    feature_dim: int = 0
+    bidirectional: tuple[str, ...] = ()
+    overlong: Literal["split", "error"] = "split"
+    codecs: dict[str, Codec] = field(default_factory=dict)
+    max_bad_fraction: float = 0.01
+
+    def batches(self, docs: Iterable[Document], policy: BadSamplePolicy) -> Iterator[PackedBatch]:
+        """Encode, pack and collate; the last batch may be short when ``docs`` ends."""
+        encoder = DocumentEncoder(
+            self.tokenizer, self.layout, self.feature_dim, bidirectional=self.bidirectional, codecs=self.codecs
+        )
+        packer = Packer(self.seq_len, self.tokenizer.pad_id, self.feature_dim, self.overlong)
+
+        def encoded() -> Iterator:
+            for doc in docs:
+                try:
+                    encoded_doc = encoder.encode(doc)
+                    # checked here: DocumentTooLong raised inside pack() would end its generator
+                    packer._fit(encoded_doc)
+                except (DocumentError, DocumentTooLong) as err:
+                    policy.skip(err, doc.key, doc.source)
+                    continue
+                policy.ok()
+                yield encoded_doc
+
+        sequences = packer.pack(encoded())
+        while chunk := list(islice(sequences, self.batch_size)):
+            yield collate(chunk)
+
+
+def _shuffled(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
+    """A shuffle buffer: shards are read in order, so neighbouring samples would stay together."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _round_robin(streams: list[Iterator[T]]) -> Iterator[T]:
+    active = list(streams)
+    while active:
+        for stream in list(active):
+            try:
+                yield next(stream)
+            except StopIteration:
+                active.remove(stream)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class TrainStream(IterableDataset):
+    """The infinite training mixture, cut to ``batches`` per rank per epoch (split across workers)."""
+
+    def __init__(
+        self,
+        shard_sets: list[list[str]],
+        weights: list[float],
+        config: StreamConfig,
+        batches: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 256,
+    ):
+        self.shard_sets = shard_sets
+        self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.config = config
+        self.batches = batches
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0  # set by the train DataLoader before each epoch
+        self.policy = BadSamplePolicy(config.max_bad_fraction)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def _rng(self, worker: int, *tags: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, self.rank, worker, *tags])
+
+    def set_documents(self, index: int, worker: int = 0, num_workers: int = 1) -> Iterator[Document]:
+        """Documents of one shard set for one (rank, worker) slot, from its shards drawn with replacement."""
+        urls = self.shard_sets[index]
+        slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
+        mine = urls[slot::slots] if len(urls) >= slots else urls
+        rng = self._rng(worker, 1, index)
+
+        def samples() -> Iterator[dict]:
+            empty_in_a_row = 0
+            while True:
+                url = mine[int(rng.integers(len(mine)))]
+                count = 0
+                for count, sample in enumerate(iter_samples([url], self.policy), start=1):
+                    yield sample
+                empty_in_a_row = 0 if count else empty_in_a_row + 1
+                if empty_in_a_row > 10 * len(mine):
+                    raise RuntimeError(f"shard set {index} ({mine[0]} ...) yields no samples")
+
+        for sample in _shuffled(samples(), self.shuffle_buffer, self._rng(worker, 2, index)):
+            try:
+                yield sample_to_document(sample)
+            except DocumentError as err:
+                self.policy.skip(err, sample.get("__key__", ""), sample.get("__url__", ""))
+
+    def documents(self, worker: int = 0, num_workers: int = 1) -> Iterator[Document]:
+        """The weighted mixture: each document comes from a set drawn by weight."""
+        streams = [self.set_documents(i, worker, num_workers) for i in range(len(self.shard_sets))]
+        rng = self._rng(worker, 0)
+        while True:
+            yield next(streams[int(rng.choice(len(streams), p=self.probabilities))])
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        worker, num_workers = _worker()
+        self.policy = BadSamplePolicy(self.config.max_bad_fraction)
+        share = self.batches // num_workers + int(worker < self.batches % num_workers)
+        yield from islice(self.config.batches(self.documents(worker, num_workers), self.policy), share)
+
+
+class ValStream(IterableDataset):
+    """One deterministic pass over the validation sets (interleaved), the same number of batches per rank.
+
+    Every rank reads the first ``batches * world_size`` batches and keeps every ``world_size``-th.
+    """
+
+    def __init__(self, shard_sets: list[list[str]], config: StreamConfig, batches: int, rank: int = 0, world_size: int = 1):
+        self.shard_sets = shard_sets
+        self.config = config
+        self.batches = batches
+        self.rank, self.world_size = rank, world_size
+        self.policy = BadSamplePolicy(config.max_bad_fraction)
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        self.policy = BadSamplePolicy(self.config.max_bad_fraction)
+        docs = _round_robin([read_documents(urls, policy=self.policy) for urls in self.shard_sets])
+        batches = list(islice(self.config.batches(docs, self.policy), self.batches * self.world_size))
+        per_rank = len(batches) // self.world_size
+        if per_rank < self.batches:
+            logger.warning("validation data fills %d batches per rank, fewer than val_batches=%d", per_rank, self.batches)
+        for batch in batches[self.rank :: self.world_size][:per_rank]:
+            batch.window_label_tokens = torch.tensor(batch.num_label_tokens)
+            yield batch
+
+
+class WindowedLoader(DataLoader):
+    """The train DataLoader: sets the stream's epoch, and labels each batch with the label-token
+    count of its gradient-accumulation window (``window`` consecutive batches in loader order)."""
+
+    def __init__(self, dataset: TrainStream, window: int, epoch: Callable[[], int], **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.window = window
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        self.dataset.epoch = self.epoch()
+        batches = super().__iter__()
+        while window := list(islice(batches, self.window)):
+            total = torch.tensor(sum(batch.num_label_tokens for batch in window))
+            for batch in window:
+                batch.window_label_tokens = total
+                yield batch
+
+
+def _shard_set(raw: ShardSet | dict | str) -> ShardSet:
+    if isinstance(raw, ShardSet):
+        return raw
+    return ShardSet(**raw) if isinstance(raw, dict) else ShardSet(str(raw))
+
+
+class UnimodalDataModule(L.LightningDataModule):
+    """Packed batches from weighted WebDataset shard sets (see ``docs/data-format.md``).
+
+    ``datasets`` and ``val_datasets`` take ``ShardSet``s (dicts and plain paths work too).
+    ``steps_per_epoch`` counts optimizer steps: each rank yields ``steps_per_epoch *
+    accumulate_grad_batches`` batches per epoch. Raw pixels and waveforms need a codec per modality in
+    ``self.codecs`` (set before training); pre-encoded ``.npy`` media need none.
+    """
+
+    def __init__(
+        self,
+        datasets: list[ShardSet | str],
+        tokenizer: str,
+        seq_len: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        steps_per_epoch: int = 1000,
+        accumulate_grad_batches: int = 1,
+        overlong: Literal["split", "error"] = "split",
+        feature_dim: int = 0,
+        bidirectional: list[str] | None = None,
+        code_ranges: dict[str, int] | None = None,
+        max_bad_fraction: float = 0.01,
+        shuffle_buffer: int = 256,
+        val_datasets: list[ShardSet | str] | None = None,
+        val_batches: int = 10,
+    ):
+        super().__init__()
+        self.datasets = [_shard_set(d) for d in datasets]
+        self.val_datasets = [_shard_set(d) for d in val_datasets or []]
+        if not self.datasets:
+            raise ValueError("datasets: give at least one shard set")
+        weights = [d.weight for d in self.datasets]
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"datasets: weights must be >= 0 with a positive sum, got {weights}")
+        if overlong not in ("split", "error"):
+            raise ValueError(f"overlong must be 'split' or 'error', got {overlong!r}")
+        sizes = {
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "steps_per_epoch": steps_per_epoch,
+            "accumulate_grad_batches": accumulate_grad_batches,
+        }
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.tokenizer_path = tokenizer
+        self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
+        self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
+        self.overlong = overlong
+        self.feature_dim = feature_dim
+        self.bidirectional = tuple(bidirectional or ())
+        self.code_ranges = dict(code_ranges or {})
+        self.max_bad_fraction = max_bad_fraction
+        self.shuffle_buffer = shuffle_buffer
+        self.val_batches = val_batches
+        self.codecs: dict[str, Codec] = {}
+        self._tokenizer: TextTokenizer | None = None
+        self._epochs_without_trainer = 0
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def layout(self) -> VocabLayout:
+        return VocabLayout(text_size=self.tokenizer.vocab_size, code_ranges=dict(self.code_ranges))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Fail early on missing shards or tokenizer, not in a DataLoader worker."""
+        for shard_set in self.datasets + self.val_datasets:
+            expand_shards(shard_set.path)
+        _ = self.tokenizer
+
+    def stream_config(self) -> StreamConfig:
+        return StreamConfig(
+            tokenizer=self.tokenizer,
+            layout=self.layout,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            feature_dim=self.feature_dim,
+            bidirectional=self.bidirectional,
+            overlong=self.overlong,
+            codecs=dict(self.codecs),
+            max_bad_fraction=self.max_bad_fraction,
+        )
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _epoch(self) -> int:
+        """The trainer's epoch (so a resumed run does not replay epoch 0), else a local count."""
+        if self.trainer is not None:
+            return self.trainer.current_epoch
+        self._epochs_without_trainer += 1
+        return self._epochs_without_trainer - 1
+
+    def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
+        shard_sets = [expand_shards(d.path) for d in self.datasets]
+        slots = world_size * max(1, self.num_workers)
+        for spec, urls in zip(self.datasets, shard_sets):
+            if len(urls) < slots:
+                logger.warning(
+                    "shard set %s has %d shards for %d rank x worker slots: slots share its shards "
+                    "(in different orders); write more shards to give each slot its own",
+                    spec.path,
+                    len(urls),
+                    slots,
+                )
+        return TrainStream(
+            shard_sets,
+            [d.weight for d in self.datasets],
+            self.stream_config(),
+            self.steps_per_epoch * self.accumulate_grad_batches,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+
+    def make_train_dataloader(self, rank: int = 0, world_size: int = 1) -> WindowedLoader:
+        """The train loader of one rank; ``train_dataloader`` calls it with the trainer's rank."""
+        return WindowedLoader(
+            self.train_stream(rank, world_size),
+            window=self.accumulate_grad_batches,
+            epoch=self._epoch,
+            num_workers=self.num_workers,
+        )
+
+    def make_val_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        shard_sets = [expand_shards(d.path) for d in self.val_datasets]
+        return DataLoader(ValStream(shard_sets, self.stream_config(), self.val_batches, rank, world_size), batch_size=None)
+
+    def train_dataloader(self) -> WindowedLoader:
+        return self.make_train_dataloader(*self._rank_and_world_size())
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_datasets:
+            return []
+        return self.make_val_dataloader(*self._rank_and_world_size())

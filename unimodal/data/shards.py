@@ -1,0 +1,541 @@
+"""WebDataset shards of documents: writing, packing a source JSONL, reading back, inspecting.
+
+One document is one sample: ``KEY.json`` (``Document.to_json()``) plus one member per media index,
+``KEY.{i}.{ext}``, holding the encoded file (png/jpg/flac/wav...) or a pre-encoded ``.npy`` array.
+Reading is tolerant by choice: a :class:`BadSamplePolicy` skips and counts broken samples (and
+broken tar files) so that one bad file does not stop a long run, but aborts when too many are bad,
+since that means the data, not a file, is wrong. ``docs/data-format.md`` is the user-facing
+description.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+from webdataset.shardlists import expand_urls
+
+from unimodal.data.schema import (
+    ARRAY_EXTENSIONS,
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    MODALITIES,
+    SCHEMA,
+    Document,
+    DocumentError,
+    Part,
+    check_key,
+    parse_document,
+    parse_part,
+)
+
+logger = logging.getLogger("unimodal.data")
+
+STATS_FILE = "stats.json"
+MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS + ARRAY_EXTENSIONS, "audio": AUDIO_EXTENSIONS + ARRAY_EXTENSIONS}
+
+
+class ShardError(DocumentError):
+    """A shard (tar file) that cannot be read to its end."""
+
+
+@dataclass
+class MediaBytes:
+    """An encoded media member as stored in a shard (``ext`` without the dot, lower case)."""
+
+    ext: str
+    data: bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# bad samples
+
+
+@dataclass
+class SkippedSample:
+    key: str
+    shard: str
+    reason: str
+
+
+@dataclass
+class BadSamplePolicy:
+    """Skip broken samples, but stop when more than ``max_bad_fraction`` of them are broken.
+
+    ``min_samples`` keeps a few bad samples at the start of a stream from aborting a run; a
+    fraction of 0 aborts on the first bad sample. Counts are per process (each DataLoader worker
+    keeps its own).
+    """
+
+    max_bad_fraction: float = 0.01
+    min_samples: int = 100
+    seen: int = 0
+    skipped: int = 0
+    kinds: Counter = field(default_factory=Counter)
+    examples: list[SkippedSample] = field(default_factory=list)
+    max_examples: int = 20
+
+    def ok(self) -> None:
+        self.seen += 1
+        self._check()
+
+    def skip(self, error: BaseException | str, key: str = "", shard: str = "") -> None:
+        reason = str(error)
+        self.seen += 1
+        self.skipped += 1
+        self.kinds[type(error).__name__ if isinstance(error, BaseException) else "skipped"] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(SkippedSample(key, shard, reason))
+        where = f"sample {key!r} in {shard}" if key else shard
+        logger.warning("skipping %s: %s", where, reason)
+        self._check()
+
+    def _check(self) -> None:
+        if not self.skipped:
+            return
+        too_many = self.skipped / self.seen > self.max_bad_fraction
+        if too_many and (self.max_bad_fraction == 0 or self.seen >= self.min_samples):
+            raise RuntimeError(self.summary())
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common())
+        first = "\n".join(f"  {s.key or '-'} in {s.shard}: {s.reason}" for s in self.examples[:5])
+        return (
+            f"too many bad samples: {self.skipped} of {self.seen} skipped "
+            f"({self.skipped / max(self.seen, 1):.1%}, max_bad_fraction={self.max_bad_fraction}); "
+            f"kinds: {kinds}; first ones:\n{first}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class _Stats:
+    """What ``stats.json`` records; the same counter serves ``inspect_path`` on unpacked shards."""
+
+    documents: int = 0
+    modalities: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {
+            "text": {"parts": 0, "characters": 0},
+            "image": {"parts": 0, "bytes": 0},
+            "audio": {"parts": 0, "bytes": 0},
+        }
+    )
+    shards: dict[str, int] = field(default_factory=dict)
+
+    def add(self, doc: Document, shard: str, member_sizes: dict[int, int]) -> None:
+        self.documents += 1
+        self.shards[shard] = self.shards.get(shard, 0) + 1
+        for part in doc.parts:
+            counts = self.modalities[part.type]
+            counts["parts"] += 1
+            if part.type == "text":
+                counts["characters"] += len(part.text or "")
+            else:
+                counts["bytes"] += member_sizes.get(part.media, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "documents": self.documents,
+            "modalities": self.modalities,
+            "shards": [{"name": name, "documents": n} for name, n in self.shards.items()],
+        }
+
+
+def _media_member(part: Part, where: str) -> MediaBytes:
+    if isinstance(part.data, MediaBytes):
+        return part.data
+    if isinstance(part.data, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, part.data, allow_pickle=False)
+        return MediaBytes("npy", buffer.getvalue())
+    raise DocumentError(
+        f"{where}: {part.type} part {part.media} holds {type(part.data).__name__}; "
+        "expected MediaBytes (an encoded file) or a numpy array"
+    )
+
+
+def _sample(doc: Document) -> tuple[dict[str, Any], dict[int, int]]:
+    """The tar members of one document, and the byte size of each media index."""
+    check_key(doc.key)
+    where = doc.where()
+    members: dict[int, MediaBytes] = {}
+    for part in doc.parts:
+        if part.type == "text":
+            continue
+        if part.media is None:
+            raise DocumentError(f"{where}: {part.type} part has no media index")
+        media = _media_member(part, where)
+        if media.ext not in MEDIA_EXTENSIONS[part.type]:
+            raise DocumentError(
+                f"{where}: {part.type} part {part.media} has extension {media.ext!r}, "
+                f"expected one of {', '.join(MEDIA_EXTENSIONS[part.type])}"
+            )
+        if members.setdefault(part.media, media) != media:
+            raise DocumentError(f"{where}: media index {part.media} is used by two different files")
+    sample: dict[str, Any] = {"__key__": doc.key, "json": json.dumps(doc.to_json(), ensure_ascii=False).encode()}
+    for index, media in members.items():
+        sample[f"{index}.{media.ext}"] = media.data
+    return sample, {index: len(media.data) for index, media in members.items()}
+
+
+def _write_shards(
+    docs: Iterable[Document],
+    out_dir: str | Path,
+    max_docs_per_shard: int,
+    max_bytes_per_shard: int,
+    prefix: str,
+    reject: Callable[[DocumentError], None] | None = None,
+) -> dict[str, Any]:
+    """Write the shards; a bad document raises, or goes to ``reject`` and is left out.
+
+    On an error the shards written so far are removed, so that a fixed source can be packed again
+    into the same directory.
+    """
+    out = Path(out_dir)
+    if "%" in prefix or "/" in prefix:
+        raise ValueError(f"shard prefix {prefix!r} must not contain '%' or '/'")
+    out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out.glob(f"{prefix}-*.tar"))
+    if stale:
+        raise FileExistsError(f"{out} already holds shards ({stale[0].name}, ...); write to an empty directory")
+    stats, keys = _Stats(), set()
+    writer: wds.ShardWriter | None = None
+    try:
+        for doc in docs:
+            try:
+                sample, sizes = _sample(doc)
+                if doc.key in keys:
+                    raise DocumentError(f"{doc.where()}: duplicate key {doc.key!r}")
+            except DocumentError as err:
+                if reject is None:
+                    raise
+                reject(err)
+                continue
+            keys.add(doc.key)
+            if writer is None:  # opened lazily so that no input writes no empty shard
+                writer = wds.ShardWriter(
+                    str(out / f"{prefix}-%06d.tar"),
+                    maxcount=max_docs_per_shard,
+                    maxsize=max_bytes_per_shard,
+                    verbose=0,
+                    encoder=False,
+                    mtime=0,  # byte-identical shards for identical input
+                )
+            writer.write(sample)
+            stats.add(doc, Path(writer.fname).name, sizes)
+    except BaseException:
+        written = set(stats.shards)
+        if writer is not None:
+            written.add(Path(writer.fname).name)
+            writer.close()
+        for name in written:
+            (out / name).unlink(missing_ok=True)
+        raise
+    if writer is not None:
+        writer.close()
+    return stats.to_dict()
+
+
+def _save_stats(out_dir: str | Path, stats: dict[str, Any]) -> None:
+    (Path(out_dir) / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_documents(
+    docs: Iterable[Document],
+    out_dir: str | Path,
+    max_docs_per_shard: int = 1000,
+    max_bytes_per_shard: int = 256 * 2**20,
+    prefix: str = "shard",
+) -> dict[str, Any]:
+    """Write documents to ``out_dir/{prefix}-000000.tar ...`` plus ``stats.json``; return the stats.
+
+    Media parts carry ``MediaBytes`` (an encoded file) or a numpy array (stored as ``.npy``). A
+    shard is closed once it holds ``max_docs_per_shard`` documents or ``max_bytes_per_shard`` bytes.
+    """
+    stats = _write_shards(docs, out_dir, max_docs_per_shard, max_bytes_per_shard, prefix)
+    _save_stats(out_dir, stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# packing a source JSONL
+
+
+def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
+    where = f"{src.name}:{line}"
+    try:
+        raw = json.loads(raw_line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DocumentError(f"{where}: malformed JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise DocumentError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    key = raw.get("key", f"{line:08d}")
+    try:
+        check_key(key if isinstance(key, str) else "")
+    except DocumentError as err:
+        raise DocumentError(f"{where}: {err}") from None
+    raw_parts, meta = raw.get("parts"), raw.get("meta", {})
+    if not isinstance(raw_parts, list) or not raw_parts:
+        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
+    if not isinstance(meta, dict):
+        raise DocumentError(f"{where}: 'meta' must be an object")
+    parts, next_media = [], 0
+    for index, raw_part in enumerate(raw_parts):
+        media: MediaBytes | None = None
+        if isinstance(raw_part, dict) and raw_part.get("type") in MODALITIES[1:]:
+            media = _source_media(raw_part, src, where, index)
+            raw_part = {k: v for k, v in raw_part.items() if k != "path"} | {"media": next_media}
+            next_media += 1
+        part = parse_part(raw_part, where, index)
+        part.data = media
+        parts.append(part)
+    return Document(parts, meta, key, source=where)
+
+
+def _source_media(raw_part: dict[str, Any], src: Path, where: str, index: int) -> MediaBytes:
+    kind, path = raw_part["type"], raw_part.get("path")
+    if not isinstance(path, str) or not path:
+        raise DocumentError(f"{where}: {kind} part {index} needs a string 'path'")
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in MEDIA_EXTENSIONS[kind]:
+        raise DocumentError(
+            f"{where}: {kind} file {path!r} has extension {ext!r}, expected one of {', '.join(MEDIA_EXTENSIONS[kind])}"
+        )
+    file = src.parent / path  # an absolute path stays as it is
+    if not file.is_file():
+        raise DocumentError(f"{where}: {kind} file {path!r} not found (looked at {file})")
+    return MediaBytes(ext, file.read_bytes())
+
+
+def pack_jsonl(
+    src_jsonl: str | Path,
+    out_dir: str | Path,
+    *,
+    max_docs_per_shard: int = 1000,
+    max_bytes_per_shard: int = 256 * 2**20,
+    skip_bad: bool = False,
+    prefix: str = "shard",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pack a source JSONL (one document per line, media by path) into shards; return the stats.
+
+    Any bad line stops packing with ``FILE:LINE: reason`` unless ``skip_bad``, which skips it,
+    counts it in ``stats.json`` and prints a summary.
+    """
+    src = Path(src_jsonl)
+    skipped: list[str] = []
+    total = 0
+
+    def reject(err: DocumentError) -> None:
+        if not skip_bad:
+            raise err
+        skipped.append(str(err))
+
+    def documents() -> Iterator[Document]:
+        nonlocal total
+        with open(src, "rb") as lines, tqdm(
+            total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}", disable=not progress
+        ) as bar:
+            for line, raw_line in enumerate(lines, start=1):
+                bar.update(len(raw_line))
+                if not raw_line.strip():
+                    continue
+                total += 1
+                try:
+                    doc = _source_document(raw_line, src, line)
+                except DocumentError as err:
+                    reject(err)
+                    continue
+                yield doc
+
+    stats = _write_shards(documents(), out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
+    stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
+    _save_stats(out_dir, stats)
+    if skipped:
+        shown = "\n".join(f"  {reason}" for reason in skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        print(f"skipped {len(skipped)} of {total} documents:\n{shown}{more}", file=sys.stderr)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def expand_shards(spec: str | Path) -> list[str]:
+    """Shard URLs of a directory (its ``*.tar``), a brace pattern (``a-{000..009}.tar``) or one file."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"{spec}: directory holds no .tar shards")
+        return urls
+    urls = expand_urls(spec)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    return urls
+
+
+def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> Iterator[dict[str, Any]]:
+    """Raw WebDataset samples (``__key__``, ``__url__``, ``json``, ``0.png`` ...) of the shards.
+
+    A tar that breaks mid-way (truncated, corrupt) ends its shard: the samples read so far are
+    kept and the shard is counted once as a bad sample, or raises ``ShardError`` without a policy.
+    """
+    for url in urls:
+        try:
+            yield from wds.tarfile_samples([{"url": url}])
+        except Exception as err:  # noqa: BLE001 - any failure to read the tar is the shard's fault
+            error = ShardError(f"{url}: unreadable tar ({type(err).__name__}: {err.args[0] if err.args else ''})")
+            if policy is None:
+                raise error from err
+            policy.skip(error, shard=url)
+
+
+def decode_media(media: MediaBytes, kind: str, where: str = "") -> Any:
+    """Decode one member: images to HxWx3 uint8, audio to ``(float32 waveform, rate)``, npy to arrays."""
+    try:
+        if media.ext == "npy":
+            return np.load(io.BytesIO(media.data), allow_pickle=False)
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(io.BytesIO(media.data)) as image:
+                return np.array(image.convert("RGB"), dtype=np.uint8)
+        import soundfile
+
+        waveform, rate = soundfile.read(io.BytesIO(media.data), dtype="float32")
+        return waveform, rate
+    except Exception as err:  # noqa: BLE001 - PIL, soundfile and numpy raise many kinds
+        raise DocumentError(f"{where}: unreadable {kind} member .{media.ext} ({type(err).__name__}: {err})") from None
+
+
+def sample_to_document(sample: dict[str, Any], decode: bool = True) -> Document:
+    """Turn a raw sample into a Document, media decoded (``decode``) or left as ``MediaBytes``."""
+    key, url = sample.get("__key__", ""), sample.get("__url__", "")
+    where = f"sample {key!r} in {url}"
+    if "json" not in sample:
+        members = ", ".join(k for k in sample if not k.startswith("__"))
+        raise DocumentError(f"{where}: no json member (has: {members or 'nothing'})")
+    doc = parse_document(sample["json"], key, url)
+    for part in doc.parts:
+        if part.type == "text":
+            continue
+        names = [name for name in sample if name.split(".", 1)[0] == str(part.media)]
+        if len(names) != 1:
+            problem = "no member" if not names else f"several members ({', '.join(names)})"
+            raise DocumentError(f"{where}: {part.type} part refers to media {part.media} but the sample has {problem}")
+        ext = names[0].split(".", 1)[1]
+        if ext not in MEDIA_EXTENSIONS[part.type]:
+            raise DocumentError(f"{where}: member {names[0]} is not a valid {part.type} file type")
+        media = MediaBytes(ext, sample[names[0]])
+        part.data = decode_media(media, part.type, f"{where}, media {part.media}") if decode else media
+    return doc
+
+
+def read_documents(
+    urls: str | Path | Iterable[str], decode: bool = True, policy: BadSamplePolicy | None = None
+) -> Iterator[Document]:
+    """Documents of a shard spec (see ``expand_shards``) or a list of shard URLs, in order.
+
+    Without a policy the first bad sample or shard raises ``DocumentError``; with one it is skipped
+    and counted.
+    """
+    if isinstance(urls, (str, Path)):
+        urls = expand_shards(urls)
+    for sample in iter_samples(urls, policy):
+        try:
+            doc = sample_to_document(sample, decode)
+        except DocumentError as err:
+            if policy is None:
+                raise
+            policy.skip(err, sample.get("__key__", ""), sample.get("__url__", ""))
+            continue
+        yield doc
+
+
+# ----------------------------------------------------------------------------------------------
+# inspecting
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _describe_part(index: int, part: Part) -> str:
+    head = f"    {index} {part.type}" + (f" {part.role}" if part.role else "") + f" loss={str(part.loss).lower()}"
+    if part.type == "text":
+        text = part.text or ""
+        return f"{head} {json.dumps(text[:80] + ('...' if len(text) > 80 else ''), ensure_ascii=False)}"
+    media: MediaBytes = part.data
+    try:
+        value = decode_media(media, part.type)
+    except DocumentError as err:
+        return f"{head} media={part.media} .{media.ext} {_size(len(media.data))} UNREADABLE {err}"
+    if isinstance(value, tuple):
+        waveform, rate = value
+        channels = 1 if waveform.ndim == 1 else waveform.shape[1]
+        shape = f"{len(waveform) / rate:.2f} s at {rate} Hz, {channels} ch"
+    else:
+        shape = f"{value.dtype} {'x'.join(map(str, value.shape))}"
+    return f"{head} media={part.media} .{media.ext} {shape} ({_size(len(media.data))})"
+
+
+def inspect_path(path: str | Path, n: int = 3) -> str:
+    """A readable summary of a shard or a shard directory, and its first ``n`` documents."""
+    path = Path(path)
+    urls = expand_shards(path)
+    stats_file = path / STATS_FILE if path.is_dir() else None
+    stats = json.loads(stats_file.read_text()) if stats_file and stats_file.is_file() else None
+    lines = [f"path: {path}", f"shards: {len(urls)} ({_size(sum(os.path.getsize(u) for u in urls))})"]
+    first: list[Document] = []
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    if stats is None:  # count by reading every sample's json (media stay undecoded)
+        counted = _Stats()
+        for doc in read_documents(urls, decode=False, policy=policy):
+            counted.add(doc, Path(doc.source).name, {p.media: len(p.data.data) for p in doc.parts if p.type != "text"})
+            if len(first) < n:
+                first.append(doc)
+        stats = counted.to_dict()
+        lines.append("stats.json: none (counted from the shards)")
+    else:
+        for doc in read_documents(urls, decode=False, policy=policy):
+            first.append(doc)
+            if len(first) == n:
+                break
+        lines.append(f"stats.json: {stats_file}")
+    lines.append(f"schema: {stats.get('schema')}")
+    lines.append(f"documents: {stats['documents']}")
+    mods = stats["modalities"]
+    lines.append(
+        f"modalities: text {mods['text']['parts']} parts, {mods['text']['characters']} characters; "
+        + "; ".join(f"{kind} {mods[kind]['parts']} parts, {_size(mods[kind]['bytes'])}" for kind in ("image", "audio"))
+    )
+    if policy.skipped:
+        lines.append(f"bad samples: {policy.skipped} (first: {policy.examples[0].reason})")
+    lines.append(f"first {len(first)} documents:")
+    for doc in first:
+        lines.append(f"  {doc.key} in {Path(doc.source).name}" + (f" meta={json.dumps(doc.meta)}" if doc.meta else ""))
+        lines.extend(_describe_part(i, part) for i, part in enumerate(doc.parts))
+    return "\n".join(lines)
