@@ -4,11 +4,10 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
-TEXT_DATA := data/generated/text
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup test test-all demo text-data bench clean
+.PHONY: setup test test-all demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,28 +17,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-$(TEXT_DATA)/.built: $(VENV)/.installed
-	$(BIN)/unimodal data text-corpus --out $(TEXT_DATA)
-	$(BIN)/unimodal data tokenizer $(TEXT_DATA)/train.jsonl --out $(TEXT_DATA)/tokenizer.model --vocab-size 1024
-	$(BIN)/unimodal data pack $(TEXT_DATA)/train.jsonl --out $(TEXT_DATA)/train --max-docs-per-shard 64
-	$(BIN)/unimodal data pack $(TEXT_DATA)/val.jsonl --out $(TEXT_DATA)/val --max-docs-per-shard 64
-	touch $@
-
-text-data: $(TEXT_DATA)/.built
-
 test: setup
 	$(BIN)/pytest -q -m "not slow and not gpu"
 
 test-all: setup
 	$(BIN)/pytest -q
 
-demo: text-data
+demo: setup
 	$(BIN)/unimodal train recipes/text/tiny.yaml
 	@echo
 	@echo "Logs: runs/text-tiny/logs (CSV) and runs/text-tiny/tb (tensorboard --logdir runs/text-tiny/tb)"
 	@echo "Checkpoints: runs/text-tiny/checkpoints"
 
-bench: text-data
+bench: setup
 	$(BIN)/python benchmarks/train_step.py
 
 clean:

@@ -10,31 +10,23 @@ from pathlib import Path
 import pytest
 
 from unimodal.cli import main as unimodal_main
-from unimodal.data.sentencepiece_trainer import train_tokenizer
-from unimodal.data.shards import pack_jsonl
-from unimodal.data.sources.stdlib_text import write_corpus
+from unimodal.data import builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("text")
-    write_corpus(out)
-    train_tokenizer(out / "train.jsonl", out / "tokenizer.model", vocab_size=1024)
-    pack_jsonl(out / "train.jsonl", out / "train", max_docs_per_shard=64)
-    pack_jsonl(out / "val.jsonl", out / "val", max_docs_per_shard=64)
-    return out
+@pytest.fixture(scope="module", autouse=True)
+def data_home(tmp_path_factory):
+    """Built-in data goes to a fresh directory: the test builds it like a first run would."""
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        yield home
 
 
-def overrides(data: Path, run: Path) -> list[str]:
-    return [
-        f"--data.init_args.datasets=[{{path: {data / 'train'}}}]",
-        f"--data.init_args.val_datasets=[{{path: {data / 'val'}}}]",
-        f"--data.init_args.tokenizer={data / 'tokenizer.model'}",
-        f"--trainer.default_root_dir={run}",
-    ]
+def overrides(run: Path) -> list[str]:
+    return [f"--trainer.default_root_dir={run}"]
 
 
 def read_metric(run: Path, name: str) -> list[float]:
@@ -43,9 +35,9 @@ def read_metric(run: Path, name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
-def test_tiny_text_recipe_learns_and_checkpoints(text_data, tmp_path):
+def test_tiny_text_recipe_learns_and_checkpoints(tmp_path):
     run = tmp_path / "run"
-    code = unimodal_main(["train", str(RECIPE), "--trainer.max_steps=50", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", *overrides(text_data, run)])
+    code = unimodal_main(["train", str(RECIPE), "--trainer.max_steps=50", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", *overrides(run)])
     assert code == 0
     losses = read_metric(run, "train/loss")
     assert len(losses) == 50
@@ -57,9 +49,9 @@ def test_tiny_text_recipe_learns_and_checkpoints(text_data, tmp_path):
     assert list(run.glob("tb/version_*/events.out.tfevents.*"))
 
 
-def test_print_config_shows_the_resolved_recipe(text_data, tmp_path):
+def test_print_config_shows_the_resolved_recipe(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "unimodal.cli", "train", str(RECIPE), *overrides(text_data, tmp_path), "--print_config"],
+        [sys.executable, "-m", "unimodal.cli", "train", str(RECIPE), *overrides(tmp_path), "--print_config"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -79,3 +71,17 @@ def test_a_wrong_config_key_is_one_clear_error(tmp_path):
 
 def test_verbs_not_built_yet_say_so():
     assert unimodal_main(["chat", "somewhere"]) == 2
+
+
+def test_builtin_data_is_built_once_and_resolved(data_home):
+    path = Path(builtin.resolve("builtin:text/tokenizer.model"))
+    assert path.is_file() and path.is_relative_to(data_home)
+    with pytest.raises(ValueError, match="unknown built-in dataset 'nope'"):
+        builtin.resolve("builtin:nope/train")
+
+
+def test_tiny_applies_the_recipe_overrides(tmp_path):
+    from unimodal.training.cli import load_recipe
+
+    assert load_recipe(RECIPE, tiny=True)["trainer"]["max_steps"] == 20
+    assert "tiny" not in load_recipe(RECIPE, tiny=False)

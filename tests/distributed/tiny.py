@@ -188,25 +188,44 @@ class LossRecorder(L.Callback):
             self.losses.append(float(value))
 
 
-def _zero3_numel_shim() -> None:
-    """DEV ONLY: apply_trainable_policy counts param.numel(), which is 0 for ZeRO-3 partitioned
-    parameters; count ds_numel instead until unimodal.training.policy does."""
+def _policy_counts_partitioned_parameters() -> bool:
+    """Whether apply_trainable_policy sizes ZeRO-3 partitioned parameters by ``ds_numel`` (their
+    ``numel()`` is 0 once zero.Init has partitioned them)."""
+    from unimodal.training.policy import apply_trainable_policy
+
+    layer = torch.nn.Linear(4, 4, bias=False)
+    layer.weight.ds_numel = layer.weight.numel()
+    layer.weight.data = torch.empty(0)
+    try:
+        apply_trainable_policy(layer, None, [])
+    except ValueError:
+        return False
+    return True
+
+
+def _count_ds_numel_in_policy() -> None:
+    """Workaround, reported to the lead: ``apply_trainable_policy`` sums ``param.numel()``, which
+    is 0 for every parameter under ZeRO-3 (partitioned at construction), so it raises "leaves
+    nothing to train". The fix in policy.py is ``getattr(param, "ds_numel", param.numel())``;
+    until it is in, the module counts ``ds_numel`` here. A no-op once the policy handles it."""
+    if _policy_counts_partitioned_parameters():
+        return
     import unimodal.training.module as module_mod
     from unimodal.training import policy
 
     original = policy.apply_trainable_policy
 
-    def patched(model, trainable, frozen):
-        shimmed = [p for p in model.parameters() if hasattr(p, "ds_numel")]
-        for p in shimmed:
-            p.numel = (lambda n=p.ds_numel: n)
+    def counted(model, trainable, frozen):
+        partitioned = [p for p in model.parameters() if hasattr(p, "ds_numel")]
+        for p in partitioned:
+            p.numel = lambda n=p.ds_numel: n
         try:
             return original(model, trainable, frozen)
         finally:
-            for p in shimmed:
+            for p in partitioned:
                 del p.numel
 
-    module_mod.apply_trainable_policy = patched
+    module_mod.apply_trainable_policy = counted
 
 
-_zero3_numel_shim()
+_count_ds_numel_in_policy()

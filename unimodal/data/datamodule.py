@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from unimodal.data import builtin
 from unimodal.data.encoding import Codec, DocumentEncoder
 from unimodal.data.packing import DocumentTooLong, PackedBatch, Packer, collate
 from unimodal.data.schema import Document, DocumentError
 from unimodal.data.shards import BadSamplePolicy, expand_shards, iter_samples, read_documents, sample_to_document
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
+from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.registry import VocabLayout
 
 logger = logging.getLogger("unimodal.data")
@@ -240,8 +242,8 @@ class UnimodalDataModule(L.LightningDataModule):
 
     ``datasets`` and ``val_datasets`` take ``ShardSet``s (dicts and plain paths work too).
     ``steps_per_epoch`` counts optimizer steps: each rank yields ``steps_per_epoch *
-    accumulate_grad_batches`` batches per epoch. Raw pixels and waveforms need a codec per modality in
-    ``self.codecs`` (set before training); pre-encoded ``.npy`` media need none.
+    accumulate_grad_batches`` batches per epoch. Raw pixels and waveforms need a codec per modality
+    (``codecs``, a :class:`MediaCodec` per modality name); pre-encoded ``.npy`` media need none.
     """
 
     def __init__(
@@ -262,10 +264,13 @@ class UnimodalDataModule(L.LightningDataModule):
         shuffle_buffer: int = 256,
         val_datasets: list[ShardSet | str] | None = None,
         val_batches: int = 10,
+        codecs: dict[str, MediaCodec] | None = None,
     ):
         super().__init__()
         self.datasets = [_shard_set(d) for d in datasets]
         self.val_datasets = [_shard_set(d) for d in val_datasets or []]
+        for shard_set in self.datasets + self.val_datasets:
+            shard_set.path = builtin.resolve(shard_set.path)
         if not self.datasets:
             raise ValueError("datasets: give at least one shard set")
         weights = [d.weight for d in self.datasets]
@@ -282,7 +287,7 @@ class UnimodalDataModule(L.LightningDataModule):
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.tokenizer_path = tokenizer
+        self.tokenizer_path = builtin.resolve(tokenizer)
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
         self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
         self.overlong = overlong
@@ -292,7 +297,7 @@ class UnimodalDataModule(L.LightningDataModule):
         self.max_bad_fraction = max_bad_fraction
         self.shuffle_buffer = shuffle_buffer
         self.val_batches = val_batches
-        self.codecs: dict[str, Codec] = {}
+        self.codecs: dict[str, Codec] = dict(codecs or {})
         self._tokenizer: TextTokenizer | None = None
         self._epochs_without_trainer = 0
 

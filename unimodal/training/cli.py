@@ -4,12 +4,20 @@ The vocabulary layout is linked from the data module to the model, so a recipe s
 tokenizer once. Every run writes under ``trainer.default_root_dir``: CSV logs in ``logs/``,
 TensorBoard in ``tb/``, checkpoints in ``checkpoints/`` (``last.ckpt`` always), unless the
 recipe configures its own loggers or ModelCheckpoint.
+
+A recipe may carry a top-level ``tiny:`` mapping of dotted keys to values. ``--tiny`` applies
+it (a tiny random backbone, built-in data, a few steps) so every recipe runs on a CPU through
+the same code path; without ``--tiny`` the mapping is ignored.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -25,6 +33,7 @@ class UnimodalCLI(LightningCLI):
         parser.add_argument(
             "--checkpoint_every_n_steps", type=int, default=100, help="step interval of the default checkpoint callback"
         )
+        parser.link_arguments("trainer.accumulate_grad_batches", "data.init_args.accumulate_grad_batches")
         parser.link_arguments(
             "data", "model.init_args.vocab", compute_fn=lambda data: data.layout.to_dict(), apply_on="instantiate"
         )
@@ -44,13 +53,45 @@ class UnimodalCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+TINY_KEY = "tiny"
+
+
+def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    node = config
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[leaf] = value
+
+
+def load_recipe(path: Path, tiny: bool) -> dict[str, Any]:
+    """The recipe as a dict, with its ``tiny`` overrides applied or dropped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"recipe {path}: expected a mapping at the top level")
+    overrides = config.pop(TINY_KEY, None) or {}
+    if tiny:
+        if not overrides:
+            raise ValueError(f"recipe {path} has no '{TINY_KEY}:' section, so it cannot run with --tiny")
+        for dotted, value in overrides.items():
+            set_dotted(config, dotted, value)
+    return config
+
+
 def run_training(args: list[str]) -> None:
-    """Parse ``RECIPE.yaml [overrides]`` and fit."""
+    """Parse ``RECIPE.yaml [--tiny] [overrides]`` and fit."""
+    tiny = "--tiny" in args
+    args = [a for a in args if a != "--tiny"]
     if args and not args[0].startswith("-"):
-        recipe = Path(args[0])
-        if not recipe.is_file():
-            raise FileNotFoundError(f"recipe {recipe} not found")
-        args = ["--config", str(recipe), *args[1:]]
+        config = load_recipe(Path(args[0]), tiny)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="recipe-", delete=False) as resolved:
+            yaml.safe_dump(config, resolved, sort_keys=False)
+        args = ["--config", resolved.name, *args[1:]]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cli = UnimodalCLI(
         LightningModule,

@@ -149,6 +149,27 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
+    @property
+    def offloads_optimizer(self) -> bool:
+        """Whether ZeRO keeps optimizer states on the CPU (or NVMe) and steps them there."""
+        zero = (self.config or {}).get("zero_optimization") or {}
+        return (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if optimizer is not None and self.offloads_optimizer and "zero_force_ds_cpu_optimizer" not in self.config:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            if not isinstance(optimizer, DeepSpeedCPUAdam):
+                # DeepSpeed refuses a client optimizer with ZeRO-Offload unless told otherwise; the
+                # step then runs this optimizer on the offloaded fp32 partitions (correct, slower
+                # than DeepSpeedCPUAdam, which needs a C++ build)
+                log.warning(
+                    "ZeRO-Offload with %s: stepping it on the CPU; DeepSpeedCPUAdam is faster",
+                    type(optimizer).__name__,
+                )
+                self.config["zero_force_ds_cpu_optimizer"] = False
+        return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
     def _auto_select_batch_size(self) -> int:
         # Lightning reads ``loader.batch_sampler.batch_size``, which is None for loaders that pass
         # ready batches on (``batch_size=None``, e.g. an IterableDataset of packed batches); the

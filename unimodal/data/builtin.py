@@ -1,0 +1,57 @@
+"""Built-in datasets, built offline on first use and addressed as ``builtin:NAME/REST``.
+
+A recipe (or its ``--tiny`` variant) can name ``builtin:text/train`` or
+``builtin:text/tokenizer.model`` and the data is built once under ``$UNIMODAL_DATA_HOME``
+(default ``data/generated``). Other modules register further worlds in ``BUILDERS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger("unimodal.data")
+PREFIX = "builtin:"
+
+
+def build_text(root: Path) -> None:
+    """The standard-library docstring corpus: train/val shards and a 1024-piece tokenizer."""
+    from unimodal.data.sentencepiece_trainer import train_tokenizer
+    from unimodal.data.shards import pack_jsonl
+    from unimodal.data.sources.stdlib_text import write_corpus
+
+    write_corpus(root)
+    train_tokenizer(root / "train.jsonl", root / "tokenizer.model", vocab_size=1024)
+    for split in ("train", "val"):
+        pack_jsonl(root / f"{split}.jsonl", root / split, max_docs_per_shard=64, progress=False)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {"text": build_text}
+
+
+def data_home() -> Path:
+    return Path(os.environ.get("UNIMODAL_DATA_HOME", "data/generated"))
+
+
+def resolve(path: str) -> str:
+    """Return a real path for ``path``, building the built-in dataset it names if needed."""
+    if not path.startswith(PREFIX):
+        return path
+    name, _, rest = path[len(PREFIX) :].partition("/")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown built-in dataset {name!r} in {path!r}; known: {', '.join(sorted(BUILDERS))}")
+    root = data_home() / name
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # ranks and workers starting together build it once
+        if not (root / ".built").exists():
+            log.info("building the built-in dataset %r under %s (once)", name, root)
+            shutil.rmtree(root, ignore_errors=True)  # a build cut short leaves no .built: start over
+            root.mkdir()
+            BUILDERS[name](root)
+            (root / ".built").touch()
+    return str(root / rest)
