@@ -23,24 +23,12 @@ import torch.nn.functional as F
 
 from unimodal.data.packing import IGNORE_INDEX, PackedBatch
 from unimodal.models.attention import build_attention_mask
-from unimodal.training.cli import UnimodalCLI
+from unimodal.training.cli import UnimodalCLI, make_cli
 from unimodal.training.optim import build_optimizer
 
 
 def instantiate(recipe: str, root: str) -> UnimodalCLI:
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    return UnimodalCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=None,
-        args=["--config", recipe, f"--trainer.default_root_dir={root}", "--trainer.enable_checkpointing=false",
-              "--trainer.callbacks=[]", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"],
-        run=False,
-        auto_configure_optimizers=False,
-    )
+    return make_cli([recipe, f"--trainer.default_root_dir={root}"], save_config_callback=None)
 
 
 def take_batches(cli: UnimodalCLI, count: int) -> list[PackedBatch]:

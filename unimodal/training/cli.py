@@ -13,7 +13,6 @@ the same code path; without ``--tiny`` the mapping is ignored.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,25 +82,32 @@ def load_recipe(path: Path, tiny: bool) -> dict[str, Any]:
     return config
 
 
-def run_training(args: list[str]) -> None:
-    """Parse ``RECIPE.yaml [--tiny] [overrides]`` and fit."""
+def make_cli(args: list[str], **kwargs: Any) -> UnimodalCLI:
+    """Parse ``RECIPE.yaml [--tiny] [overrides]`` into a LightningCLI with model, data and trainer."""
     tiny = "--tiny" in args
     args = [a for a in args if a != "--tiny"]
     if args and not args[0].startswith("-"):
-        config = load_recipe(Path(args[0]), tiny)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="recipe-", delete=False) as resolved:
-            yaml.safe_dump(config, resolved, sort_keys=False)
-        args = ["--config", resolved.name, *args[1:]]
+        # jsonargparse takes the resolved recipe as YAML text in place of a path
+        args = ["--config", yaml.safe_dump(load_recipe(Path(args[0]), tiny), sort_keys=False), *args[1:]]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cli = UnimodalCLI(
+    options: dict[str, Any] = {
+        "save_config_callback": SaveConfigCallback,
+        "save_config_kwargs": {"overwrite": True},
+        **kwargs,
+    }
+    return UnimodalCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_callback=SaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
         args=args,
         run=False,
         auto_configure_optimizers=False,
+        **options,
     )
+
+
+def run_training(args: list[str]) -> None:
+    """``unimodal train``: build from the recipe and fit."""
+    cli = make_cli(args)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
