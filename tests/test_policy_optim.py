@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from unimodal.training.optim import warmup_cosine
@@ -39,3 +40,10 @@ def test_warmup_then_cosine_to_the_floor():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0) and values[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_zero3_partitioned_parameters_are_counted_by_their_full_size():
+    layer = nn.Linear(4, 4, bias=False)
+    layer.weight.ds_numel = 16  # what DeepSpeed sets when zero.Init partitions the parameter
+    layer.weight.data = torch.empty(0)
+    assert apply_trainable_policy(layer, None, frozen=[]) == (16, 16)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 
 from tiny import (  # noqa: E402
     LossRecorder,
+    Snapshot,
     WindowedData,
     make_module,
     make_sgd_module,
@@ -60,14 +61,6 @@ def isolated_process_state():
             torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
-
-
-class Snapshot(L.Callback):
-    def on_train_start(self, trainer, module):
-        self.initial = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-
-    def on_train_end(self, trainer, module):
-        self.final = {n: p.detach().clone() for n, p in module.model.named_parameters()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -107,8 +100,19 @@ def check_resume_result(out: Path) -> dict:
 # --- one process, in this pytest process ------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_2"])
-@pytest.mark.parametrize(("accumulate", "batch_size"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    ("strategy", "accumulate", "batch_size"),
+    [
+        ("auto", 2, 1),
+        ("auto", 1, 2),
+        ("deepspeed_stage_2", 2, 1),
+        ("deepspeed_stage_2", 1, 2),
+        ("deepspeed_stage_1", 2, 1),
+        ("deepspeed_stage_2_offload", 2, 1),
+        ("deepspeed_stage_3", 2, 1),
+        ("deepspeed_stage_3_offload", 2, 1),
+    ],
+)
 def test_one_step_equals_plain_step_on_the_combined_batch(strategy, accumulate, batch_size, tmp_path, isolated_process_state):
     """accumulate=2 x batch 1 and accumulate=1 x batch 2 both give the plain SGD step on the two
     sequences (which hold different numbers of label tokens). Under DeepSpeed this checks the

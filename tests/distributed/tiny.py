@@ -176,6 +176,34 @@ def trainer_kwargs(root: Path, **overrides) -> dict:
     return kwargs
 
 
+def full_weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """Every parameter of ``module.model`` in full, on every rank (a collective under ZeRO-3)."""
+    out = {}
+    for name, param in module.model.named_parameters():
+        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                out[name] = param.detach().clone().cpu()
+        else:
+            out[name] = param.detach().clone().cpu()
+    return out
+
+
+class Snapshot(L.Callback):
+    """Full weights when training starts and when it ends."""
+
+    def __init__(self):
+        self.initial: dict | None = None
+        self.final: dict | None = None
+
+    def on_train_start(self, trainer, module):
+        self.initial = full_weights(module)
+
+    def on_train_end(self, trainer, module):
+        self.final = full_weights(module)
+
+
 class LossRecorder(L.Callback):
     """Keeps the logged ``train/loss`` of every micro-batch (rank-local)."""
 
@@ -186,46 +214,3 @@ class LossRecorder(L.Callback):
         value = trainer.callback_metrics.get("train/loss")
         if value is not None:
             self.losses.append(float(value))
-
-
-def _policy_counts_partitioned_parameters() -> bool:
-    """Whether apply_trainable_policy sizes ZeRO-3 partitioned parameters by ``ds_numel`` (their
-    ``numel()`` is 0 once zero.Init has partitioned them)."""
-    from unimodal.training.policy import apply_trainable_policy
-
-    layer = torch.nn.Linear(4, 4, bias=False)
-    layer.weight.ds_numel = layer.weight.numel()
-    layer.weight.data = torch.empty(0)
-    try:
-        apply_trainable_policy(layer, None, [])
-    except ValueError:
-        return False
-    return True
-
-
-def _count_ds_numel_in_policy() -> None:
-    """Workaround, reported to the lead: ``apply_trainable_policy`` sums ``param.numel()``, which
-    is 0 for every parameter under ZeRO-3 (partitioned at construction), so it raises "leaves
-    nothing to train". The fix in policy.py is ``getattr(param, "ds_numel", param.numel())``;
-    until it is in, the module counts ``ds_numel`` here. A no-op once the policy handles it."""
-    if _policy_counts_partitioned_parameters():
-        return
-    import unimodal.training.module as module_mod
-    from unimodal.training import policy
-
-    original = policy.apply_trainable_policy
-
-    def counted(model, trainable, frozen):
-        partitioned = [p for p in model.parameters() if hasattr(p, "ds_numel")]
-        for p in partitioned:
-            p.numel = lambda n=p.ds_numel: n
-        try:
-            return original(model, trainable, frozen)
-        finally:
-            for p in partitioned:
-                del p.numel
-
-    module_mod.apply_trainable_policy = counted
-
-
-_count_ds_numel_in_policy()

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from tiny import (  # noqa: E402
     LossRecorder,
+    Snapshot,
     WindowedData,
     make_module,
     make_sgd_module,
@@ -42,32 +43,6 @@ from unimodal.training.strategies import build_strategy  # noqa: E402
 # batch index on from the checkpoint), so the resumed and the uninterrupted runs only see the same
 # batches when every epoch is one optimizer step
 STEPS_PER_EPOCH = 1
-
-
-def full_weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
-    """Every parameter of ``module.model`` in full, on every rank (a collective under ZeRO-3)."""
-    out = {}
-    for name, param in module.model.named_parameters():
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param]):
-                out[name] = param.detach().clone().cpu()
-        else:
-            out[name] = param.detach().clone().cpu()
-    return out
-
-
-class Snapshot(L.Callback):
-    def __init__(self):
-        self.initial: dict | None = None
-        self.final: dict | None = None
-
-    def on_train_start(self, trainer, module):
-        self.initial = full_weights(module)
-
-    def on_train_end(self, trainer, module):
-        self.final = full_weights(module)
 
 
 def make_trainer(args, root: Path, max_steps: int, accumulate: int, callbacks: list) -> L.Trainer:

@@ -8,6 +8,10 @@ recipe configures its own loggers or ModelCheckpoint.
 A recipe may carry a top-level ``tiny:`` mapping of dotted keys to values. ``--tiny`` applies
 it (a tiny random backbone, built-in data, a few steps) so every recipe runs on a CPU through
 the same code path; without ``--tiny`` the mapping is ignored.
+
+``--resume auto`` continues from the newest checkpoint of the run directory (or starts fresh);
+checkpoints are written atomically, carry the RNG states and the resolved config, and SIGTERM
+saves one before the run stops (``unimodal.training.resume``).
 """
 
 from __future__ import annotations
@@ -18,16 +22,25 @@ from typing import Any
 
 import yaml
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+import unimodal.training.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategy names)
+from unimodal.training.resume import AtomicCheckpointIO, Preempted, RunState, SaveOnSigterm, find_latest_checkpoint
 
 
 class UnimodalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from ('last' or a path)"
+        )
+        parser.add_argument(
+            "--resume", type=str | None, default=None,
+            help="'auto': continue from the newest checkpoint in the run's checkpoint directory, or start fresh",
         )
         parser.add_argument(
             "--checkpoint_every_n_steps", type=int, default=100, help="step interval of the default checkpoint callback"
@@ -48,7 +61,16 @@ class UnimodalCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every, save_last=True))
         if kwargs.get("logger", config.get("logger")) and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        self.checkpoint_dir = next(
+            (Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), root / "checkpoints"
+        )
+        run_config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        run_config.pop("config", None)
+        callbacks += [RunState(run_config), SaveOnSigterm(self.checkpoint_dir)]
         kwargs["callbacks"] = callbacks
+        plugins = list(config.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -107,7 +129,30 @@ def make_cli(args: list[str], **kwargs: Any) -> UnimodalCLI:
     )
 
 
-def run_training(args: list[str]) -> None:
-    """``unimodal train``: build from the recipe and fit."""
+def resume_path(cli: UnimodalCLI) -> str | None:
+    """The checkpoint ``fit`` starts from: ``--ckpt_path``, or what ``--resume`` selects."""
+    ckpt_path, resume = cli.config.get("ckpt_path"), cli.config.get("resume")
+    if resume is None:
+        return ckpt_path
+    if ckpt_path is not None:
+        raise ValueError("give --ckpt_path or --resume, not both")
+    if resume != "auto":
+        raise ValueError(f"--resume takes 'auto' (use --ckpt_path=PATH for a given checkpoint), got {resume!r}")
+    found = find_latest_checkpoint(cli.checkpoint_dir)
+    return str(found) if found is not None else None
+
+
+def run_training(args: list[str]) -> Trainer:
+    """``unimodal train``: build from the recipe and fit; returns the trainer.
+
+    Raises :class:`Preempted` when SIGTERM stopped the run (after it saved a checkpoint).
+    """
     cli = make_cli(args)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    ckpt_path = resume_path(cli)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        saved = next((c.saved for c in cli.trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
+        where = f"saved {saved}" if saved else "no checkpoint saved"
+        raise Preempted(f"stopped by SIGTERM at step {cli.trainer.global_step} ({where}); continue with --resume auto") from None
+    return cli.trainer

@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import DeepSpeedStrategy
 import torch
 import torch.distributed as dist
 
 from unimodal.data.packing import PackedBatch
 from unimodal.modalities.registry import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
+from unimodal.models.routing import add_modality_experts
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
+from unimodal.training.lora import LoraSettings, apply_lora
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
 
@@ -29,7 +33,12 @@ class UnimodalModule(L.LightningModule):
     data parallelism give the same gradient as one big batch. Other heads' terms are per-item
     means. ``loss_weights`` maps a term name to its weight (default 1). ``continuous`` maps a
     modality to a factory (``class_path`` + ``init_args`` in YAML) called with the backbone's
-    hidden size.
+    hidden size. ``routing`` lists modalities that get their own experts in every decoder layer
+    (LlamaFusion; ``unimodal.models.routing``), copied from the text weights at build time.
+    ``lora`` adds LoRA after the trainable policy (``unimodal.training.lora``; with LoRA an unset
+    ``trainable`` means only the LoRA weights train). ``init_from`` names an export directory of
+    a previous stage: its backbone, adapter (merged) and shared framework modules initialise
+    this model (``unimodal.training.export.init_from_export``).
 
     The model is built in ``configure_model`` so DeepSpeed ZeRO-3 can shard it at construction.
     """
@@ -43,6 +52,9 @@ class UnimodalModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         trainable: list[str] | None = None,
         frozen: list[str] | None = None,
+        routing: list[str] | None = None,
+        lora: LoraSettings | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -55,17 +67,38 @@ class UnimodalModule(L.LightningModule):
         self.optimizer_config = optimizer or OptimizerConfig()
         self.trainable = trainable
         self.frozen = list(frozen or [])
+        self.routing = list(routing or [])
+        self.lora = lora
+        self.init_from = init_from
         self.model: UnifiedModel | None = None
         self._last_batch: tuple[float, int] | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        backbone = load_backbone(self.backbone_config, self.layout.size)
+        spec = self.backbone_config
+        if self.init_from:
+            from unimodal.training.export import check_extends, read_export_config
+
+            check_extends(VocabLayout.from_dict(read_export_config(self.init_from)["layout"]), self.layout, self.init_from)
+            spec = replace(spec, path=self.init_from, config={})
+        backbone = load_backbone(spec, self.layout.size)
         hidden = backbone.config.hidden_size
         continuous = {name: build(hidden) for name, build in self.continuous.items()}
-        self.model = UnifiedModel(backbone, self.layout, continuous=continuous)
-        n_train, n_total = apply_trainable_policy(self.model, self.trainable, self.frozen)
+        router = add_modality_experts(backbone, self.routing) if self.routing else None
+        self.model = UnifiedModel(backbone, self.layout, continuous=continuous, routing=router)
+        if self.init_from:
+            from unimodal.training.export import init_from_export
+
+            init_from_export(self.model, self.init_from)
+        if self.lora is not None and self.trainable is None:
+            self.model.requires_grad_(False)
+        else:
+            apply_trainable_policy(self.model, self.trainable, self.frozen)
+        if self.lora is not None:
+            apply_lora(self.model, self.lora, list(range(self.layout.text_size, self.layout.used_size)))
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in self.model.parameters())
         log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)
 
     def _step_scale(self, batch: PackedBatch) -> torch.Tensor:
@@ -79,7 +112,7 @@ class UnimodalModule(L.LightningModule):
             world = dist.get_world_size()
             dist.all_reduce(tokens)
         scale = accumulate * world / tokens.clamp(min=1.0)
-        if type(self.trainer.strategy).__name__.endswith("DeepSpeedStrategy"):
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             scale = scale * accumulate  # DeepSpeed's engine divides by the accumulation steps again
         return scale
 

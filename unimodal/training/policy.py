@@ -45,8 +45,9 @@ def apply_trainable_policy(model: nn.Module, trainable: list[str] | None, frozen
     for name, param in model.named_parameters():
         train = (trainable is None or matches(name, trainable)) and not matches(name, frozen)
         param.requires_grad_(train)
-        n_total += param.numel()
-        n_train += param.numel() * train
+        size = getattr(param, "ds_numel", param.numel())  # ZeRO-3 shards leave numel() == 0
+        n_total += size
+        n_train += size * train
     if n_train == 0:
         raise PatternMatchError("the trainable-parameter policy leaves nothing to train")
     return n_train, n_total

@@ -16,15 +16,18 @@ Why :class:`DeepSpeedStrategy` exists: Lightning's own ``DeepSpeedStrategy`` ref
 accelerator but CUDA, although DeepSpeed itself trains ZeRO-1/2/3 on CPU with the gloo backend.
 Running the real ZeRO code path (sharded construction in ``configure_model``, partitioned
 optimizer states, sharded checkpoints, resuming) on a CPU-only machine is what lets the tests
-cover it. On CUDA the subclass is exactly Lightning's strategy; with the CPU accelerator it
-changes three things and nothing else:
+cover it. With the CPU accelerator the subclass changes three things:
 
 1. ``setup_environment`` skips the "only supported on CUDA GPUs" check;
 2. ``setup_distributed`` skips the check that device indices equal local ranks (CPU devices
    have no index);
 3. ``root_device`` is ``cpu:<local_rank>``: DeepSpeed reads the index as its device rank;
 
-and the process group backend defaults to gloo. Importing this module also re-registers
+and the process group backend defaults to gloo. On CUDA it is Lightning's strategy, with one
+addition on every device: under ZeRO-Offload with an optimizer other than DeepSpeedCPUAdam
+(the module's AdamW) it sets ``zero_force_ds_cpu_optimizer: false`` unless the config says
+otherwise, where DeepSpeed would refuse to start; and it accepts loaders without a batch sampler
+(``batch_size=None``) where Lightning's batch-size probe would fail. Importing this module also re-registers
 Lightning's DeepSpeed strategy names (``deepspeed``, ``deepspeed_stage_1``, ...,
 ``deepspeed_stage_3_offload``) to this class, so plain names work on CPU as well.
 
@@ -116,8 +119,8 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` that also runs with the CPU accelerator (gloo).
 
     Same constructor arguments as :class:`lightning.pytorch.strategies.DeepSpeedStrategy`
-    (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...). On CUDA nothing
-    differs; see the module docstring for what changes on CPU and why.
+    (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...); see the module
+    docstring for what differs and why.
     """
 
     def _on_cpu(self) -> bool:
