@@ -21,6 +21,7 @@ from torch import nn
 from unimodal.data.packing import IGNORE_INDEX, PackedBatch
 from unimodal.models.attention import build_attention_mask
 from unimodal.modalities.registry import MODALITY_IDS, VocabLayout
+from unimodal.models.routing import ModalityRouter
 
 
 @dataclass
@@ -38,6 +39,14 @@ class ContinuousModality(nn.Module):
     state (noise, timesteps) that ``loss`` needs. Both run on every step even with ``N == 0``,
     so DeepSpeed ZeRO-3 ranks whose batch lacks the modality still gather the same parameters.
     """
+
+    def attach(self, model: UnifiedModel) -> None:
+        """Called once by the UnifiedModel that owns this modality (e.g. to find the backbone's
+        embedding rows it mixes); keep no module reference to ``model`` (it would be a cycle)."""
+
+    def prepare(self, batch: PackedBatch) -> PackedBatch:
+        """A chance to rewrite the batch before anything runs (e.g. conditioning dropout in training)."""
+        return batch
 
     def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
@@ -63,11 +72,16 @@ class UnifiedModel(nn.Module):
         backbone: nn.Module,
         layout: VocabLayout,
         continuous: dict[str, ContinuousModality] | None = None,
+        routing: ModalityRouter | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.layout = layout
         self.continuous = nn.ModuleDict(continuous or {})
+        # set when the backbone's layers carry modality experts (unimodal.models.routing)
+        self.routing = routing
+        for modality in self.continuous.values():
+            modality.attach(self)
 
     @property
     def hidden_size(self) -> int:
@@ -95,6 +109,8 @@ class UnifiedModel(nn.Module):
     def hidden_states(self, batch: PackedBatch, embeds: torch.Tensor | None = None) -> torch.Tensor:
         decoder = self.backbone.get_decoder()
         mask = build_attention_mask(batch.doc_ids, batch.block_ids)
+        if self.routing is not None:
+            self.routing.set(batch.modality_ids)
         out = decoder(
             inputs_embeds=self.embed(batch)[0] if embeds is None else embeds,
             attention_mask=mask,
@@ -111,6 +127,8 @@ class UnifiedModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> dict[str, LossTerm]:
         """Summed losses per term: ``ce/<modality>`` for every vocabulary target, plus each head's."""
+        for modality in self.continuous.values():
+            batch = modality.prepare(batch)
         embeds, states = self.embed(batch)
         hidden = self.hidden_states(batch, embeds)
         losses = self.cross_entropy(hidden, batch)
