@@ -2,8 +2,9 @@
 
 Text goes through the text tokenizer; media parts become a span wrapped in begin/end tokens:
 pre-encoded float arrays ``[n, d]`` become ``n`` continuous slots (the model embeds them through
-an input adapter), integer arrays become discrete codes spliced in as ids. Raw pixels and
-waveforms need a modality codec, which the modality modules register in ``codecs``.
+an input adapter), integer arrays become discrete codes spliced in as ids (never tokenised as
+strings; RVQ codes ``[layers, frames]`` are flattened layer-major, see ``docs/audio-tokens.md``).
+Raw pixels and waveforms need a modality codec, which the modality modules register in ``codecs``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Callable
 
 import numpy as np
 
+from unimodal.data.chat import ChatTemplate, EosToken, render
 from unimodal.data.schema import Document, DocumentError, Part
 from unimodal.data.tokenizer import TextTokenizer
-from unimodal.modalities.registry import MODALITY_IDS, VocabLayout
+from unimodal.modalities.registry import MODALITY_IDS, SPAN_MARKERS, VocabLayout
 
 # A codec turns a decoded media part into a pre-encoded array (float features or int codes).
 Codec = Callable[[Part], np.ndarray]
@@ -52,6 +54,10 @@ class DocumentEncoder:
     # modalities whose continuous spans are bidirectional blocks (Transfusion); others causal
     bidirectional: tuple[str, ...] = ()
     codecs: dict[str, Codec] = field(default_factory=dict)
+    # modality -> RVQ layers kept for input parts (loss false), e.g. {"audio": 1}: MIO's content layer
+    input_layers: dict[str, int] = field(default_factory=dict)
+    # renders documents whose parts carry roles (unimodal.data.chat); None: parts as they are
+    chat_template: ChatTemplate | None = None
 
     def encode(self, doc: Document) -> EncodedDocument:
         spans: list[tuple[np.ndarray, int, bool, bool, np.ndarray | None]] = []
@@ -61,13 +67,16 @@ class DocumentEncoder:
 
         if self.add_bos and self.tokenizer.bos_id is not None:
             text_span([self.tokenizer.bos_id], False)
-        for part in doc.parts:
-            if part.type == "text":
+        parts = render(doc, self.chat_template) if self.chat_template is not None else doc.parts
+        for part in parts:
+            if isinstance(part, EosToken):
+                text_span([self.tokenizer.eos_id], part.loss)
+            elif part.type == "text":
                 text_span(self.tokenizer.encode(part.text or ""), part.loss)
             else:
                 self._media_spans(part, doc, spans)
         if self.add_eos:
-            last_loss = doc.parts[-1].loss if doc.parts else True
+            last_loss = parts[-1].loss if parts else True
             text_span([self.tokenizer.eos_id], last_loss)
         return self._concat(spans, doc.key)
 
@@ -81,7 +90,7 @@ class DocumentEncoder:
                     "codec is configured; pre-encode it (unimodal data encode) or configure a codec"
                 )
             array = codec(part)
-        begin, end = (("<|boi|>", "<|eoi|>") if part.type == "image" else ("<|boa|>", "<|eoa|>"))
+        begin, end = SPAN_MARKERS[part.type]
         modality = MODALITY_IDS[part.type]
         marker = lambda name: (np.asarray([self.layout.special_id(name)]), modality, part.loss, False, None)  # noqa: E731
         spans.append(marker(begin))
@@ -95,15 +104,28 @@ class DocumentEncoder:
             ids = np.full(len(features), self.layout.special_id("<|media|>"), dtype=np.int64)
             spans.append((ids, modality, part.loss, True, features))
         elif np.issubdtype(array.dtype, np.integer):
-            offset = self.layout.range_offset(part.type)
-            size = self.layout.code_ranges[part.type]
-            codes = array.reshape(-1).astype(np.int64)
-            if codes.min(initial=0) < 0 or codes.max(initial=0) >= size:
-                raise DocumentError(f"{doc.where()}: {part.type} codes outside [0, {size})")
-            spans.append((codes + offset, modality, part.loss, False, None))
+            spans.append((self._code_ids(array, part, doc), modality, part.loss, False, None))
         else:
             raise DocumentError(f"{doc.where()}: {part.type} array of dtype {array.dtype} is not supported")
         spans.append(marker(end))
+
+    def _code_ids(self, array: np.ndarray, part: Part, doc: Document) -> np.ndarray:
+        """Integer codes to vocabulary ids: a one-layer range takes any shape (flattened in order),
+        an RVQ range takes ``[layers, frames]`` flattened layer-major, all of layer 0 first."""
+        name = part.type
+        if name not in self.layout.code_ranges:
+            raise DocumentError(f"{doc.where()}: {name} part {part.media} holds integer codes but the vocabulary has no {name} code range")
+        layers, codebook = self.layout.layers(name), self.layout.codebook_size(name)
+        codes = array.astype(np.int64)
+        if layers == 1:
+            codes = codes.reshape(1, -1)
+        elif codes.ndim != 2 or not 1 <= len(codes) <= layers:
+            raise DocumentError(f"{doc.where()}: {name} codes of shape {array.shape}; expected [layers <= {layers}, frames]")
+        if not part.loss and name in self.input_layers:
+            codes = codes[: self.input_layers[name]]
+        if codes.min(initial=0) < 0 or codes.max(initial=0) >= codebook:
+            raise DocumentError(f"{doc.where()}: {name} codes outside [0, {codebook})")
+        return self.layout.code_ids(name, codes, np.arange(len(codes))[:, None]).reshape(-1)
 
     def _concat(self, spans: list, key: str) -> EncodedDocument:
         ids, modality, target, block, continuous, features = [], [], [], [], [], []

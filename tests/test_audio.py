@@ -1,0 +1,102 @@
+"""RVQ audio codecs: one interface over EnCodec, Mimi and DAC; waveform -> codes -> ids -> codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unimodal.data.encoding import DocumentEncoder
+from unimodal.data.schema import Document, Part
+from unimodal.inference.constraints import extract_spans
+from unimodal.modalities.audio import AudioTooLong, HFAudioCodec, load_audio_codec, resample, to_mono
+from unimodal.modalities.registry import VocabLayout
+
+RATE = 16000
+CODECS = {
+    "encodec": {"model_type": "encodec", "sampling_rate": RATE, "audio_channels": 1, "hidden_size": 16, "num_filters": 4,
+                "num_residual_layers": 1, "upsampling_ratios": [8, 5, 4, 2], "codebook_size": 64, "codebook_dim": 16,
+                "target_bandwidths": [0.3, 0.6, 1.2], "num_lstm_layers": 1},
+    "mimi": {"model_type": "mimi", "sampling_rate": RATE, "hidden_size": 16, "num_filters": 4, "upsampling_ratios": [5, 4, 4],
+             "codebook_size": 32, "codebook_dim": 16, "num_quantizers": 4, "vector_quantization_hidden_dimension": 16,
+             "upsample_groups": 16, "num_hidden_layers": 1, "intermediate_size": 32, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "sliding_window": 32, "max_position_embeddings": 1000},
+    "dac": {"model_type": "dac", "encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 5], "decoder_hidden_size": 16,
+            "n_codebooks": 3, "codebook_size": 32, "codebook_dim": 4, "hidden_size": 16, "sampling_rate": RATE},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def speech(seconds: float = 0.5, rate: int = RATE) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(0)
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t) + 0.05 * rng.normal(size=len(t))).astype(np.float32)
+
+
+def test_resampling_keeps_the_band_and_removes_aliases():
+    t = np.arange(44100) / 44100
+    tone = resample(np.sin(2 * np.pi * 440 * t).astype(np.float32), 44100, RATE)
+    assert len(tone) == RATE
+    want = np.sin(2 * np.pi * 440 * np.arange(RATE) / RATE)
+    assert np.abs(tone - want)[200:-200].max() < 1e-3
+    above_nyquist = np.sin(2 * np.pi * 7000 * np.arange(RATE) / RATE).astype(np.float32)
+    assert np.abs(resample(above_nyquist, RATE, 8000))[100:-100].max() < 1e-2
+
+
+def test_stereo_is_averaged():
+    stereo = np.stack([np.ones(4), np.zeros(4)], axis=1)
+    assert to_mono(stereo).tolist() == [0.5] * 4
+    with pytest.raises(ValueError, match="expected"):
+        to_mono(np.zeros((2, 2, 2)))
+
+
+@pytest.mark.parametrize("kind", list(CODECS))
+def test_waveform_codes_ids_codes_round_trip(kind, char_tokenizer):
+    codec = HFAudioCodec.from_config(CODECS[kind])
+    codes = codec.encode_waveform(speech(), RATE)
+    assert codes.shape == (codec.layers, round(0.5 * codec.frame_rate))
+    assert all(len(np.unique(layer)) > 2 for layer in codes)  # codebooks filled: not all-zero codes
+    layout = VocabLayout(char_tokenizer.vocab_size, code_ranges={"audio": codec.codebook_size * codec.layers}, code_layers={"audio": codec.layers})
+    doc = Document([Part("text", text="say it"), Part("audio", media=0, data=(speech(), RATE))], key="k")
+    ids = DocumentEncoder(char_tokenizer, layout, codecs={"audio": codec}).encode(doc).ids
+    (span,) = extract_spans(ids, layout, {"audio": {"layers": codec.layers}})
+    np.testing.assert_array_equal(span.codes, codes)
+    waveform, rate = codec.decode(codes)
+    assert rate == RATE and abs(len(waveform) - 0.5 * RATE) < 0.02 * RATE
+
+
+def test_rates_channels_and_layers_are_normalised():
+    codec = HFAudioCodec.from_config(CODECS["encodec"], layers=2)
+    mono = codec.encode_waveform(speech(), RATE)
+    assert mono.shape[0] == 2
+    stereo = np.stack([speech(), speech()], axis=1)
+    np.testing.assert_array_equal(codec.encode_waveform(stereo, RATE), mono)
+    slower = codec.encode_waveform(speech(rate=8000), 8000)
+    assert slower.shape == mono.shape
+    with pytest.raises(ValueError, match="has 4 RVQ layers; asked for 5"):
+        HFAudioCodec.from_config(CODECS["encodec"], layers=5)
+
+
+def test_too_long_audio_is_a_clear_error():
+    codec = HFAudioCodec.from_config(CODECS["dac"], max_seconds=0.25)
+    with pytest.raises(AudioTooLong, match=r"0.5 s is longer than the dac codec's max_seconds=0.25"):
+        codec.encode_waveform(speech(), RATE)
+
+
+def test_local_directory_and_fingerprint(tmp_path):
+    codec = HFAudioCodec.from_config(CODECS["mimi"], layers=3)
+    codec.model.save_pretrained(tmp_path / "mimi")
+    loaded = load_audio_codec(tmp_path / "mimi", layers=3)
+    assert loaded.fingerprint() == codec.fingerprint()
+    np.testing.assert_array_equal(loaded.encode_waveform(speech(), RATE), codec.encode_waveform(speech(), RATE))
+    other = HFAudioCodec.from_config(CODECS["mimi"], layers=3, seed=1)
+    assert other.fingerprint()["checksum"] != codec.fingerprint()["checksum"]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_audio_codec(tmp_path / "nothing")

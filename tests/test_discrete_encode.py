@@ -1,0 +1,167 @@
+"""`unimodal data encode`, tokenizer fingerprints in shards and layouts, and Chameleon's VQ-VAE codes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unimodal.cli import main as unimodal_main
+from unimodal.data.datamodule import UnimodalDataModule
+from unimodal.data.encode import encode_shards, read_code_sources
+from unimodal.data.schema import Document, Part
+from unimodal.data.shards import MediaBytes, read_documents, write_documents
+from unimodal.modalities.audio import HFAudioCodec
+from unimodal.modalities.seed_tokenizer import tiny_tokenizer
+
+ENCODEC = {"model_type": "encodec", "sampling_rate": 16000, "audio_channels": 1, "hidden_size": 16, "num_filters": 4,
+           "num_residual_layers": 1, "upsampling_ratios": [8, 5, 4, 2], "codebook_size": 64, "codebook_dim": 16,
+           "target_bandwidths": [0.3, 0.6, 1.2], "num_lstm_layers": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def png(seed: int) -> MediaBytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, format="png")
+    return MediaBytes("png", buffer.getvalue())
+
+
+def flac(seconds: float, rate: int = 16000) -> MediaBytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    wave = 0.3 * np.sin(2 * np.pi * 220 * np.arange(int(seconds * rate)) / rate)
+    soundfile.write(buffer, np.stack([wave, wave], axis=1), rate, format="FLAC")  # stereo on purpose
+    return MediaBytes("flac", buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    docs = []
+    for i in range(12):
+        parts = [Part("text", text=f"picture {i}"), Part("image", media=0, data=png(i))]
+        if i % 3 == 0:
+            parts.append(Part("audio", media=1, data=flac(0.3)))
+        docs.append(Document(parts, key=f"doc{i:03d}"))
+    write_documents(docs, root / "raw", max_docs_per_shard=5)
+    return root / "raw"
+
+
+@pytest.fixture(scope="module")
+def codecs():
+    return {"image": tiny_tokenizer(seed=0).eval(), "audio": HFAudioCodec.from_config(ENCODEC, layers=2)}
+
+
+@pytest.fixture(scope="module")
+def encoded(raw_shards, codecs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc") / "codes"
+    encode_shards(raw_shards, out, codecs, progress=False, batch_size=4)
+    return out
+
+
+def test_encoded_shards_hold_codes_and_name_their_tokenizers(encoded, codecs):
+    docs = list(read_documents(encoded))
+    assert len(docs) == 12
+    image = docs[0].parts[1].data
+    assert image.dtype == np.int32 and image.shape == (8,)
+    audio = docs[0].parts[2].data
+    assert audio.shape == (2, 15)  # 0.3 s at 50 frames/s, 2 layers
+    sources = read_code_sources(encoded)
+    assert sources == {"image": codecs["image"].fingerprint(), "audio": codecs["audio"].fingerprint()}
+    assert sources["image"]["name"] == "seed" and sources["audio"]["layers"] == 2
+    assert json.loads((encoded / "stats.json").read_text())["documents"] == 12
+
+
+def test_pairs_can_be_flipped_and_codes_are_not_encoded_twice(raw_shards, encoded, codecs, tmp_path):
+    encode_shards(raw_shards, tmp_path / "flipped", {"image": codecs["image"]}, flip_pairs=1.0, progress=False)
+    orders = [[p.type for p in d.parts] for d in read_documents(tmp_path / "flipped")]
+    assert orders[1] == ["image", "text"] and orders[0] == ["text", "image", "audio"]  # only 1-image-1-text documents
+    with pytest.raises(ValueError, match="already holds audio, image codes"):
+        encode_shards(encoded, tmp_path / "again", codecs, progress=False)
+
+
+def module(*paths, **kwargs) -> UnimodalDataModule:
+    args = {"seq_len": 64, "batch_size": 2, "steps_per_epoch": 2, "shuffle_buffer": 1,
+            "code_ranges": {"image": 64, "audio": 128}, "code_layers": {"audio": 2}} | kwargs
+    return UnimodalDataModule([{"path": str(p)} for p in paths], "builtin:codes/tokenizer.model", **args)
+
+
+@pytest.fixture(scope="module")
+def data_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        yield home
+
+
+def test_the_layout_records_the_tokenizers_and_batches_use_their_ranges(data_home, encoded, codecs):
+    dm = module(encoded)
+    assert dm.layout.code_sources["image"] == codecs["image"].fingerprint()
+    batch = next(iter(dm.make_train_dataloader()))
+    image = (batch.input_ids >= dm.layout.range_offset("image")) & (batch.input_ids < dm.layout.range_offset("audio"))
+    assert image.sum() > 0 and int(batch.input_ids.max()) < dm.layout.used_size
+
+
+def test_codes_of_another_tokenizer_are_refused(data_home, raw_shards, encoded, codecs, tmp_path):
+    other = tmp_path / "other"
+    encode_shards(raw_shards, other, {"image": tiny_tokenizer(seed=1).eval()}, progress=False)
+    with pytest.raises(ValueError, match="codes from different tokenizers is refused"):
+        _ = module(encoded, other).layout
+    with pytest.raises(ValueError, match="the configured image codec is"):
+        _ = module(encoded, codecs={"image": tiny_tokenizer(seed=1)}).layout
+    with pytest.raises(ValueError, match=r"code_ranges.image=32"):
+        _ = module(encoded, code_ranges={"image": 32, "audio": 128}).layout
+
+
+def test_resuming_with_data_of_another_layout_is_refused(data_home, encoded, raw_shards, tmp_path):
+    other = tmp_path / "other"
+    encode_shards(raw_shards, other, {"image": tiny_tokenizer(seed=1).eval()}, progress=False)
+    saved = module(other, code_ranges={"image": 64}, code_layers={}).layout.to_dict()
+    dm = module(encoded)
+    with pytest.raises(ValueError, match="vocabulary layout mismatch with the data in code_ranges, code_layers, code_sources"):
+        dm.load_state_dict({"epoch": 0, "batches": 3, "vocab_layout": saved})
+    dm.load_state_dict({"epoch": 0, "batches": 3, "vocab_layout": dm.layout.to_dict()})
+
+
+def test_cli_encodes_with_a_builtin_tokenizer(data_home, raw_shards, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert unimodal_main(["data", "encode", str(raw_shards), "--out", str(out), "--image-tokenizer", "builtin:seed_tokenizer/tiny"]) == 0
+    assert "wrote 12 documents" in capsys.readouterr().out
+    assert read_code_sources(out)["image"]["tokens_per_item"] == 8
+    assert unimodal_main(["data", "encode", str(out), "--out", str(tmp_path / "x"), "--image-tokenizer", "builtin:seed_tokenizer/tiny"]) == 2
+    assert "already holds image codes" in capsys.readouterr().err
+
+
+def test_chameleon_vqvae_codes(tmp_path):
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAE, ChameleonVQVAEConfig
+
+    from unimodal.modalities.image_discrete import ChameleonImageTokenizer
+
+    vq = {"embed_dim": 8, "num_embeddings": 32, "latent_channels": 8, "resolution": 16, "base_channels": 32,
+          "channel_multiplier": [1, 1, 2], "num_res_blocks": 1}
+    torch.manual_seed(0)
+    ChameleonVQVAE(ChameleonVQVAEConfig(**vq)).save_pretrained(tmp_path / "vq")
+    tokenizer = ChameleonImageTokenizer.from_pretrained(tmp_path / "vq")
+    codes = tokenizer(Part("image", media=0, data=np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)))
+    assert codes.shape == (4, 4) and codes.dtype == np.int64 and codes.max() < 32
+    assert tokenizer.fingerprint()["tokens_per_item"] == 16
+    full = ChameleonConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                           intermediate_size=64, vq_config=vq, vocabulary_map={"<image>": 3})
+    ChameleonForConditionalGeneration(full).save_pretrained(tmp_path / "full")
+    from_full = ChameleonImageTokenizer.from_pretrained(tmp_path / "full")
+    assert from_full.grid == 4 and from_full.codebook_size == 32
+    with pytest.raises(NotImplementedError, match="no pixel decoder"):
+        tokenizer.decode(codes)

@@ -1,0 +1,116 @@
+"""The SEED tokenizer: causal queries, VQ with straight-through, strict files, and its two training stages."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unimodal.cli import main as unimodal_main
+from unimodal.data.schema import Part
+from unimodal.modalities.seed_tokenizer import WEIGHTS_FILE, SeedTokenizer, VectorQuantizer, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        yield home
+
+
+def image(seed: int, size: int = 20) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+
+
+def test_vq_is_nearest_with_straight_through_gradient():
+    vq = VectorQuantizer(16, 4, beta=0.25)
+    z = torch.randn(3, 5, 4, requires_grad=True)
+    codes, quantized, loss = vq(z)
+    book = torch.nn.functional.normalize(vq.codebook.weight, dim=-1)
+    cosine = torch.nn.functional.normalize(z, dim=-1) @ book.t()
+    assert torch.equal(codes, cosine.argmax(-1))
+    assert torch.allclose(quantized, book[codes], atol=1e-6)
+    (quantized.sum() + loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # gradient reaches the encoder side
+    assert vq.codebook.weight.grad.abs().sum() > 0  # and the codebook, through the VQ loss
+
+
+def test_queries_are_causal_among_themselves():
+    tokenizer = tiny_tokenizer().eval()
+    features = torch.randn(2, 17, tokenizer.config.vision_dim)
+    before = tokenizer.qformer(features)
+    with torch.no_grad():
+        tokenizer.qformer.queries[5] += 1.0
+    after = tokenizer.qformer(features)
+    assert torch.allclose(before[:, :5], after[:, :5], atol=1e-6)
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+def test_codec_round_trip_and_strict_files(tmp_path):
+    tokenizer = tiny_tokenizer().eval()
+    codes = tokenizer(Part("image", media=0, data=image(0)))
+    assert codes.shape == (8,) and codes.dtype == np.int64 and codes.max() < 64
+    assert tokenizer.decode(codes).shape == (16, 16, 3)
+    np.testing.assert_array_equal(tokenizer.encode_batch([Part("image", data=image(s)) for s in (0, 1)])[0], codes)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = SeedTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.fingerprint() == tokenizer.fingerprint()
+    np.testing.assert_array_equal(loaded(Part("image", media=0, data=image(0))), codes)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "tok" / WEIGHTS_FILE))
+    weights.pop("decoder.to_embedding.weight")
+    save_file(weights, str(tmp_path / "tok" / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="missing .*decoder.to_embedding.weight"):
+        SeedTokenizer.from_pretrained(tmp_path / "tok")
+
+
+def metric(run: Path, name: str) -> list[float]:
+    (metrics,) = run.glob("logs/version_*/metrics.csv")
+    with metrics.open() as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def train(recipe: str, run: Path, *extra: str) -> None:
+    args = ["train", str(ROOT / "recipes" / "seed" / recipe), "--tiny", f"--trainer.default_root_dir={run}",
+            "--trainer.enable_progress_bar=false", "--trainer.max_steps=16", *extra]
+    assert unimodal_main(args) == 0
+
+
+def falls(values: list[float]) -> bool:
+    return np.mean(values[-4:]) < 0.8 * np.mean(values[:4])
+
+
+def test_stage1_then_stage2_train_and_export(data_home, tmp_path):
+    train("tokenizer_stage1.yaml", tmp_path / "s1")
+    assert falls(metric(tmp_path / "s1", "train/loss"))
+    exported = tmp_path / "s1" / "tokenizer"
+    assert json.loads((exported / "seed_tokenizer.json").read_text())["config"]["num_queries"] == 8
+    train("tokenizer_stage2.yaml", tmp_path / "s2", f"--model.init_args.init_from={exported}")
+    assert falls(metric(tmp_path / "s2", "train/loss"))
+    stage1, stage2 = SeedTokenizer.from_pretrained(exported), SeedTokenizer.from_pretrained(tmp_path / "s2" / "tokenizer")
+    for name, value in stage1.qformer.state_dict().items():  # the Q-Former stayed frozen in stage 2
+        assert torch.equal(value, stage2.qformer.state_dict()[name]), name
+    assert not torch.equal(stage1.quantizer.codebook.weight, stage2.quantizer.codebook.weight)
+
+
+def test_stage2_alone_starts_from_the_builtin_tokenizer(data_home, tmp_path):
+    train("tokenizer_stage2.yaml", tmp_path / "s2")
+    losses = metric(tmp_path / "s2", "train/loss")
+    assert falls(losses) and len(losses) == 16
+    assert metric(tmp_path / "s2", "train/distillation")

@@ -1,0 +1,180 @@
+"""``unimodal data encode``: turn the images and audio of existing shards into integer codes, once.
+
+Tokenizing media on the fly costs a forward pass of a vision or audio tokenizer per sample on
+every epoch; pre-encoded shards store ``.npy`` codes instead, and the data pipeline splices them
+into the sequence as ids. ``stats.json`` of the new shards records, under ``codes``, each
+modality's tokenizer fingerprint (name, sizes, weight checksum). The data module reads it back
+(:func:`code_sources`): shard sets whose codes come from different tokenizers, codes that do not
+fit the vocabulary's code ranges, or a configured codec that is not the one that wrote them, are
+refused, and the fingerprint becomes part of the vocabulary layout saved with checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from unimodal.data.schema import Document, DocumentError, Part
+from unimodal.data.shards import STATS_FILE, decode_media, expand_shards, read_documents, write_documents
+from unimodal.modalities.base import MediaCodec
+
+CODES_KEY = "codes"
+
+
+def stats_file(spec: str | Path) -> Path:
+    """``stats.json`` of a shard directory, brace pattern or shard file (it sits beside the shards)."""
+    return Path(expand_shards(spec)[0]).parent / STATS_FILE
+
+
+def read_code_sources(spec: str | Path) -> dict[str, dict[str, Any]]:
+    """modality -> fingerprint of the tokenizer that wrote the shards' codes (empty for raw media)."""
+    path = stats_file(spec)
+    return json.loads(path.read_text()).get(CODES_KEY, {}) if path.is_file() else {}
+
+
+def record_code_sources(out_dir: str | Path, sources: dict[str, dict[str, Any]], **extra: Any) -> None:
+    """Add the tokenizer fingerprints (and ``extra`` keys) to a shard directory's ``stats.json``."""
+    path = Path(out_dir) / STATS_FILE
+    stats = json.loads(path.read_text())
+    stats[CODES_KEY] = sources
+    stats.update(extra)
+    path.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+
+
+def _describe(fingerprint: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in fingerprint.items())
+
+
+def code_sources(
+    paths: list[str], code_ranges: dict[str, int], code_layers: dict[str, int], codecs: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The fingerprint of each code range's tokenizer, checked across shard sets, ranges and codecs.
+
+    A range filled on the fly by a configured codec takes that codec's fingerprint.
+    """
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path in paths:
+        for modality, fingerprint in read_code_sources(path).items():
+            if modality in found and found[modality][1] != fingerprint:
+                other, theirs = found[modality]
+                raise ValueError(
+                    f"{path} holds {modality} codes of tokenizer [{_describe(fingerprint)}] but {other} holds codes of "
+                    f"[{_describe(theirs)}]; training on codes from different tokenizers is refused: re-encode one set"
+                )
+            found[modality] = (path, fingerprint)
+    sources = {}
+    for modality, (path, fingerprint) in found.items():
+        layers = int(fingerprint.get("layers", 1))
+        size = int(fingerprint["codebook_size"]) * layers
+        if code_ranges.get(modality) != size or code_layers.get(modality, 1) != layers:
+            raise ValueError(
+                f"{path} holds {modality} codes of {layers} layer(s) x {fingerprint['codebook_size']} "
+                f"([{_describe(fingerprint)}]) but the data config gives code_ranges.{modality}={code_ranges.get(modality)}, "
+                f"code_layers.{modality}={code_layers.get(modality, 1)}"
+            )
+        codec = codecs.get(modality)
+        if codec is not None and codec.fingerprint() != fingerprint:
+            raise ValueError(
+                f"{path} holds {modality} codes of tokenizer [{_describe(fingerprint)}] but the configured {modality} "
+                f"codec is [{_describe(codec.fingerprint())}]; codes from a different tokenizer are refused"
+            )
+        sources[modality] = fingerprint
+    for modality, codec in codecs.items():
+        if modality in code_ranges and modality not in sources:
+            sources[modality] = codec.fingerprint()
+    return sources
+
+
+def load_codec(modality: str, path: str | Path, device: str = "cpu", **options: Any) -> MediaCodec:
+    """The tokenizer in a local directory: a SEED tokenizer or Chameleon VQ-VAE for images, an RVQ
+    codec for audio (``options``: ``layers``, ``max_seconds``)."""
+    path = Path(path)
+    if modality == "image":
+        from unimodal.modalities.seed_tokenizer import CONFIG_FILE, SeedTokenizer
+
+        if (path / CONFIG_FILE).is_file():
+            return SeedTokenizer.from_pretrained(path, device=device)
+        from unimodal.modalities.image_discrete import ChameleonImageTokenizer
+
+        tokenizer = ChameleonImageTokenizer.from_pretrained(path)
+        tokenizer.model.to(device)
+        return tokenizer
+    if modality == "audio":
+        from unimodal.modalities.audio import load_audio_codec
+
+        codec = load_audio_codec(path, **options)
+        codec.model.to(device)
+        return codec
+    raise ValueError(f"no tokenizer for modality {modality!r}")
+
+
+def encode_many(codec: MediaCodec, parts: list[Part]) -> list[np.ndarray]:
+    """``codec.encode_batch`` where the codec has one (image tokenizers), else one part at a time."""
+    if not parts:
+        return []
+    batch = getattr(codec, "encode_batch", None)
+    return list(batch(parts)) if batch is not None else [codec.encode(part) for part in parts]
+
+
+def encode_shards(
+    src: str | Path,
+    out_dir: str | Path,
+    codecs: dict[str, MediaCodec],
+    *,
+    max_docs_per_shard: int = 1000,
+    flip_pairs: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``out_dir`` shards where every raw media part of a modality in ``codecs`` holds its
+    integer codes (``.npy``); other parts are copied as they are. Returns the new stats.
+    Media of ``batch_size`` documents go through a codec together where it has ``encode_batch``.
+
+    ``flip_pairs``: the probability of swapping the two parts of a one-image-one-text document
+    (SEED-LLaMA trains on image->text and text->image pairs half the time each).
+    """
+    if not codecs:
+        raise ValueError("nothing to encode: give an image tokenizer, an audio codec or both")
+    sources = read_code_sources(src)
+    again = sorted(set(sources) & set(codecs))
+    if again:
+        raise ValueError(f"{src} already holds {', '.join(again)} codes ([{_describe(sources[again[0]])}]); encode the raw shards")
+    fingerprints = {modality: codec.fingerprint() for modality, codec in codecs.items()}
+    rng = np.random.default_rng(seed)
+
+    def encoded(batch: list[Document]) -> list[Document]:
+        """Encode the raw media of a batch of documents, one codec call per modality."""
+        for modality, codec in codecs.items():
+            parts = [(doc, part) for doc in batch for part in doc.parts if part.type == modality]
+            decoded = []
+            for doc, part in parts:
+                where = f"{doc.where()}, {part.type} part {part.media}"
+                if part.data.ext == "npy":
+                    raise DocumentError(f"{where}: already pre-encoded (.npy); encode shards that hold raw media")
+                decoded.append(Part(part.type, media=part.media, data=decode_media(part.data, part.type, where)))
+            try:
+                codes = encode_many(codec, decoded)
+            except ValueError as err:
+                raise DocumentError(f"{batch[0].where()} (or one of the {len(batch)} documents after it): {err}") from None
+            for (_, part), array in zip(parts, codes):
+                part.data = np.asarray(array).astype(np.int32)
+        for doc in batch:
+            if sorted(p.type for p in doc.parts) == ["image", "text"] and rng.random() < flip_pairs:
+                doc.parts.reverse()
+        return batch
+
+    def documents() -> Iterator[Document]:
+        docs = iter(tqdm(read_documents(src, decode=False), desc=f"encoding {src}", unit="doc", disable=not progress))
+        while batch := list(islice(docs, batch_size)):
+            yield from encoded(batch)
+
+    stats = write_documents(documents(), out_dir, max_docs_per_shard=max_docs_per_shard)
+    record_code_sources(out_dir, {**sources, **fingerprints}, encoded_from=str(src))
+    return stats | {CODES_KEY: {**sources, **fingerprints}}

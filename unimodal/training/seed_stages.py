@@ -1,0 +1,306 @@
+"""Training the SEED image tokenizer in its two stages (arXiv 2307.08041).
+
+- :class:`SeedTokenizerStage1`: the causal Q-Former learns to read the frozen vision features with
+  a contrastive loss between its *last* causal query embedding and a text embedding of the
+  caption (InfoNCE both ways, label smoothing 0.1). Builds the whole tokenizer; only the Q-Former
+  and the text side train.
+- :class:`SeedTokenizerStage2`: starts from stage 1's exported tokenizer, freezes the Q-Former and
+  trains the codebook, the decoder and (if configured) the small pixel decoder:
+  ``5 * vq + 2 * reconstruction (1 - cosine, causal embeddings) + 0.5 * distillation (MSE to the
+  target image embedding) + pixels (MSE)``.
+
+Both write the tokenizer to ``{default_root_dir}/tokenizer`` at the end of fit (``export_dir``
+overrides), the input of stage 2 and of ``unimodal data encode --image-tokenizer``. Data are
+image-caption documents of ordinary shards (:class:`ImageTextPairs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from unimodal.data import builtin
+from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, _shard_set, _worker
+from unimodal.data.schema import Document
+from unimodal.data.shards import expand_shards
+from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
+from unimodal.modalities.image_discrete import center_crop
+from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.seed_tokenizer import EncoderSpec, SeedConfig, SeedTokenizer, load_encoder
+from unimodal.training.optim import OptimizerConfig, build_optimizer
+
+log = logging.getLogger("unimodal.train")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _pair(doc: Document, size: int) -> tuple[np.ndarray, str] | None:
+    """The first raw image of a document, centre-cropped to ``size``, and the document's text."""
+    image = next((p.data for p in doc.parts if p.type == "image" and isinstance(p.data, np.ndarray) and p.data.dtype == np.uint8), None)
+    if image is None:
+        return None
+    return center_crop(image, size), " ".join(p.text or "" for p in doc.parts if p.type == "text").strip()
+
+
+class PairStream(IterableDataset):
+    """Batches ``{"images": uint8 [B, S, S, 3], "text_ids": [B, L], "text_mask": [B, L]}`` from the mixture."""
+
+    def __init__(self, stream: TrainStream, tokenizer: TextTokenizer, image_size: int, max_text_tokens: int, batch_size: int):
+        self.stream, self.tokenizer = stream, tokenizer
+        self.image_size, self.max_text_tokens, self.batch_size = image_size, max_text_tokens, batch_size
+
+    def __len__(self) -> int:
+        return self.stream.batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = _worker()
+        docs = self.stream.documents(worker, workers)
+        share = self.stream.batches // workers + int(worker < self.stream.batches % workers)
+        for _ in range(share):
+            pairs: list[tuple[np.ndarray, str]] = []
+            while len(pairs) < self.batch_size:
+                pair = _pair(next(docs), self.image_size)
+                if pair is not None:
+                    pairs.append(pair)
+            yield self._collate(pairs)
+
+    def _collate(self, pairs: list[tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+        ids = torch.full((len(pairs), self.max_text_tokens), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (_, text) in enumerate(pairs):
+            tokens = self.tokenizer.encode(text)[: self.max_text_tokens] or [self.tokenizer.eos_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = True
+        images = torch.from_numpy(np.stack([image for image, _ in pairs]))
+        return {"images": images, "text_ids": ids, "text_mask": mask}
+
+
+class EpochLoader(DataLoader):
+    """Sets the stream's epoch before each pass, so every epoch draws new samples (and workers,
+    which get a copy of the dataset per pass, see it)."""
+
+    def __init__(self, pairs: PairStream, epoch: Callable[[], int], **kwargs: Any):
+        super().__init__(pairs, batch_size=None, **kwargs)
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.dataset.stream.epoch = self.epoch()
+        return super().__iter__()
+
+
+class ImageTextPairs(L.LightningDataModule):
+    """Image-caption pairs from weighted shard sets: each document's first raw image and its text.
+
+    ``layout`` is the caption tokenizer's (text only); ``unimodal train`` links it to the model's
+    ``vocab``, which sizes stage 1's text encoder.
+    """
+
+    def __init__(
+        self,
+        datasets: list[ShardSet | str],
+        tokenizer: str,
+        image_size: int = 224,
+        max_text_tokens: int = 32,
+        batch_size: int = 64,
+        steps_per_epoch: int = 1000,
+        accumulate_grad_batches: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+    ):
+        super().__init__()
+        self.datasets = [_shard_set(d) for d in datasets]
+        if not self.datasets:
+            raise ValueError("datasets: give at least one shard set")
+        for shard_set in self.datasets:
+            shard_set.path = builtin.resolve(shard_set.path)
+        self.tokenizer_path = builtin.resolve(tokenizer)
+        self.image_size, self.max_text_tokens, self.batch_size = image_size, max_text_tokens, batch_size
+        self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
+        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
+        self._tokenizer: TextTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def layout(self) -> VocabLayout:
+        return VocabLayout(text_size=self.tokenizer.vocab_size)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        config = StreamConfig(self.tokenizer, self.layout, seq_len=1, batch_size=self.batch_size)
+        stream = TrainStream(
+            [expand_shards(d.path) for d in self.datasets], [d.weight for d in self.datasets], config,
+            self.steps_per_epoch * self.accumulate_grad_batches, seed=self.seed, rank=rank, world_size=world,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        pairs = PairStream(stream, self.tokenizer, self.image_size, self.max_text_tokens, self.batch_size)
+        epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
+        return EpochLoader(pairs, epoch, num_workers=self.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+
+class SeedTokenizerModule(L.LightningModule):
+    """What both stages share: the caption layout, the optimiser, the export at the end of fit."""
+
+    tokenizer: SeedTokenizer
+
+    def __init__(self, vocab: dict[str, Any] | None, optimizer: OptimizerConfig | None, export_dir: str | None):
+        super().__init__()
+        if vocab is None:
+            raise ValueError("model.vocab is not set: it is linked from the data module's caption tokenizer (data.tokenizer)")
+        self.layout = VocabLayout.from_dict(vocab)
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.export_dir = export_dir
+
+    def configure_optimizers(self) -> dict:
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        return build_optimizer(self, self.optimizer_config, int(total))
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            out = Path(self.export_dir or Path(self.trainer.default_root_dir) / "tokenizer")
+            self.tokenizer.save_pretrained(out)
+            log.info("SEED tokenizer written to %s", out)
+
+
+class SeedTokenizerStage1(SeedTokenizerModule):
+    """Contrastive alignment of the last causal query with the caption (SEED stage 1).
+
+    ``vision``: the frozen encoder the Q-Former reads; ``target``: the encoder whose image
+    embedding stage 2 distils into (unCLIP's CLIP vision tower with projection; the vision
+    encoder's pooled output when unset); ``text_encoder``: any HF text model (its ``config``
+    gets the caption tokenizer's vocabulary size), mean-pooled.
+    """
+
+    def __init__(
+        self,
+        vision: EncoderSpec,
+        text_encoder: EncoderSpec,
+        tokenizer: SeedConfig | None = None,
+        target: EncoderSpec | None = None,
+        contrastive_dim: int = 256,
+        label_smoothing: float = 0.1,
+        vocab: dict[str, Any] | None = None,
+        optimizer: OptimizerConfig | None = None,
+        export_dir: str | None = None,
+    ):
+        super().__init__(vocab, optimizer, export_dir)
+        self.save_hyperparameters()
+        self.vision_spec, self.target_spec, self.text_spec = vision, target, text_encoder
+        self.seed_config = tokenizer or SeedConfig()
+        self.contrastive_dim, self.label_smoothing = contrastive_dim, label_smoothing
+
+    def configure_model(self) -> None:
+        if hasattr(self, "text_encoder"):
+            return
+        target = load_encoder(self.target_spec) if self.target_spec is not None else None
+        projection = self.target_spec.projection if self.target_spec is not None else True
+        self.tokenizer = SeedTokenizer(self.seed_config, load_encoder(self.vision_spec), target, projection)
+        for module in (self.tokenizer.to_code, self.tokenizer.quantizer, self.tokenizer.decoder, self.tokenizer.pixel_decoder):
+            if module is not None:
+                module.requires_grad_(False)  # stage 2 trains these
+        spec = self.text_spec
+        if spec.config:
+            spec = EncoderSpec(config={**spec.config, "vocab_size": self.layout.text_size})
+        self.text_encoder = load_encoder(spec)
+        if self.text_encoder.get_input_embeddings().num_embeddings < self.layout.text_size:
+            raise ValueError(f"text encoder has {self.text_encoder.get_input_embeddings().num_embeddings} token rows; the caption tokenizer has {self.layout.text_size}")
+        self.image_proj = nn.Linear(self.seed_config.width, self.contrastive_dim)
+        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, self.contrastive_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        causal = self.tokenizer.causal_embeddings(self.tokenizer.pixels(batch["images"]))
+        image = F.normalize(self.image_proj(causal[:, -1]), dim=-1)
+        hidden = self.text_encoder(input_ids=batch["text_ids"], attention_mask=batch["text_mask"].long()).last_hidden_state
+        mask = batch["text_mask"][..., None].to(hidden.dtype)
+        text = F.normalize(self.text_proj((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.t()
+        labels = torch.arange(len(logits), device=logits.device)
+        loss = 0.5 * (
+            F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            + F.cross_entropy(logits.t(), labels, label_smoothing=self.label_smoothing)
+        )
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        size = len(labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/contrastive_accuracy", accuracy, batch_size=size)
+        return loss
+
+
+STAGE2_WEIGHTS = {"vq": 5.0, "reconstruction": 2.0, "distillation": 0.5, "pixels": 1.0}
+
+
+class SeedTokenizerStage2(SeedTokenizerModule):
+    """Codebook, reconstruction and distillation with the Q-Former frozen (SEED stage 2).
+
+    ``init_from``: the tokenizer directory stage 1 exported (or a ``builtin:`` one). ``loss_weights`` default to the
+    paper's (vq 5, reconstruction 2, distillation 0.5) plus the small pixel decoder's MSE (1).
+    """
+
+    def __init__(
+        self,
+        init_from: str,
+        loss_weights: dict[str, float] | None = None,
+        vocab: dict[str, Any] | None = None,
+        optimizer: OptimizerConfig | None = None,
+        export_dir: str | None = None,
+    ):
+        super().__init__(vocab, optimizer, export_dir)
+        self.save_hyperparameters()
+        unknown = set(loss_weights or {}) - set(STAGE2_WEIGHTS)
+        if unknown:
+            raise ValueError(f"loss_weights: unknown terms {sorted(unknown)}; known: {list(STAGE2_WEIGHTS)}")
+        self.init_from = init_from
+        self.loss_weights = {**STAGE2_WEIGHTS, **(loss_weights or {})}
+
+    def configure_model(self) -> None:
+        if hasattr(self, "tokenizer"):
+            return
+        self.tokenizer = SeedTokenizer.from_pretrained(builtin.resolve(self.init_from))
+        self.tokenizer.qformer.requires_grad_(False)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tokenizer = self.tokenizer
+        pixels = tokenizer.pixels(batch["images"])
+        with torch.no_grad():
+            causal = tokenizer.causal_embeddings(pixels)
+            target = tokenizer.target_embedding(pixels)
+        codes, quantized, vq = tokenizer.quantize(causal)
+        reconstructed, embedding = tokenizer.decoder(quantized)
+        terms = {
+            "vq": vq,
+            "reconstruction": (1 - F.cosine_similarity(reconstructed, causal, dim=-1)).mean(),
+            "distillation": F.mse_loss(embedding, target),
+        }
+        if tokenizer.pixel_decoder is not None:
+            size = tokenizer.config.pixel_decoder_size
+            want = F.interpolate(batch["images"].permute(0, 3, 1, 2).float() / 255.0, size=(size, size), mode="area")
+            terms["pixels"] = F.mse_loss(tokenizer.pixel_decoder(target), want)
+        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
+        size = len(pixels)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/codes_used", float(codes.unique().numel()), batch_size=size)
+        return loss
