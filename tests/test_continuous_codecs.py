@@ -1,0 +1,131 @@
+"""Continuous image codecs: patch layout, the resize/crop transform, VAE and Chameleon VQ features,
+and corrupt input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from unimodal.data.datamodule import StreamConfig
+from unimodal.data.schema import Document, DocumentError, Part
+from unimodal.data.shards import BadSamplePolicy, MediaBytes
+from unimodal.modalities.image_continuous import (
+    ChameleonVQCodec,
+    ImageTransform,
+    PixelPatchCodec,
+    VAECodec,
+    patchify,
+    unpatchify,
+)
+from unimodal.modalities.registry import VocabLayout
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_patchify_layout_and_round_trip():
+    grid = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    tokens = patchify(grid, 2)
+    assert tokens.shape == (2, 4, 12)
+    # token 1 is the top-right 2x2 patch; values ordered (row, column, channel)
+    assert tokens[0, 1, :3].tolist() == grid[0, :, 0, 2].tolist()
+    torch.testing.assert_close(unpatchify(tokens, 2, 3), grid)
+    with pytest.raises(ValueError, match="does not split"):
+        patchify(torch.zeros(1, 3, 5, 4), 2)
+
+
+def test_transform_resizes_the_short_side_and_centre_crops():
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, 10:30] = 255  # a white band in the middle third of a wide image
+    pixels = ImageTransform(8)(image)
+    assert pixels.shape == (3, 8, 8) and pixels.min() >= -1 and pixels.max() <= 1
+    # 20x40 -> 8x16, crop columns 4..12: the band (columns 4..12 after resizing) fills the crop
+    assert pixels.mean() > 0.9
+
+
+def test_pixel_codec_round_trip():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    codec = PixelPatchCodec(size=16, patch=4)
+    features = codec.encode(Part("image", media=0, data=image))
+    assert features.shape == (16, 48) and features.dtype == np.float32
+    assert codec.slots == 16 and codec.feature_dim == 48
+    np.testing.assert_array_equal(codec.decode(features), image)
+    # encoded PNG bytes give the same features as the decoded array
+    from_bytes = codec.encode(Part("image", media=0, data=MediaBytes("png", png_bytes(image))))
+    np.testing.assert_allclose(from_bytes, features)
+
+
+def test_corrupt_image_is_a_clear_error_and_a_counted_skip(char_tokenizer):
+    codec = PixelPatchCodec(size=16, patch=4)
+    with pytest.raises(DocumentError, match="not a readable image"):
+        codec.encode(Part("image", media=3, data=MediaBytes("png", b"\x89PNG not really")))
+    with pytest.raises(DocumentError, match="uint8 array"):
+        codec.encode(Part("image", media=0, data=np.zeros((4, 4, 3), np.float64).astype(np.int16)))
+    good = Document([Part("text", text="ok"), Part("image", media=0, data=np.zeros((16, 16, 3), np.uint8))], key="good")
+    bad = Document([Part("text", text="no"), Part("image", media=0, data=MediaBytes("png", b"garbage"))], key="bad")
+    config = StreamConfig(char_tokenizer, VocabLayout(char_tokenizer.vocab_size), seq_len=64, batch_size=2,
+                          feature_dim=48, codecs={"image": codec})
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    batches = list(config.batches([good, bad], policy))
+    assert policy.skipped == 1 and policy.examples[0].key == "bad"
+    assert batches[0].features.shape == (16, 48)
+
+
+def tiny_vae_dir(tmp_path, scaling: float = 0.5, shift: float = 0.25):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=scaling, shift_factor=shift,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae", vae
+
+
+def test_vae_codec_scales_latents_and_decodes(tmp_path):
+    path, vae = tiny_vae_dir(tmp_path)
+    codec = VAECodec(str(path), size=16, patch=2)
+    image = np.random.default_rng(0).integers(0, 256, size=(24, 16, 3), dtype=np.uint8)
+    features = codec.encode(Part("image", media=0, data=image))
+    assert features.shape == (16, 16) and codec.feature_dim == 16  # 8x8x4 latents in 2x2 patches
+    with torch.no_grad():
+        latent = vae.encode(ImageTransform(16)(image)[None]).latent_dist.mean
+    expected = patchify((latent - 0.25) * 0.5, 2)[0].numpy()
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+    assert codec.decode(features).shape == (16, 16, 3)
+    assert codec.fingerprint()["scale"] == 0.5
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        VAECodec(str(tmp_path / "missing"))
+
+
+def test_chameleon_vq_codec_skips_the_quantiser(tmp_path):
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
+
+    torch.manual_seed(0)
+    config = ChameleonVQVAEConfig(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=16,
+                                  base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1)
+    ChameleonVQVAE(config).save_pretrained(tmp_path / "vq")
+    codec = ChameleonVQCodec(str(tmp_path / "vq"), size=16)
+    image = np.random.default_rng(1).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    features = codec.encode(Part("image", media=0, data=image))
+    assert features.shape == (64, 8) and codec.feature_dim == 8
+    # unquantised: the features are not codebook rows
+    codebook = codec.vq.quantize.embedding.weight.detach().numpy()
+    nearest = ((features[:, None] - codebook[None]) ** 2).sum(-1).min(1)
+    assert nearest.min() > 1e-6
+    with pytest.raises(NotImplementedError, match="only the Chameleon VQ-VAE encoder"):
+        codec.decode(features)
+    with pytest.raises(ValueError, match="not a Chameleon VQ-VAE"):
+        tiny_dir, _ = tiny_vae_dir(tmp_path)
+        ChameleonVQCodec(str(tiny_dir))

@@ -1,0 +1,127 @@
+"""The Orthus and LlamaFusion recipes run with --tiny and learn; `unimodal convert orthus` builds a
+starting point the base recipe trains from."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from unimodal.cli import main as unimodal_main
+from unimodal.training.cli import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ["orthus/base", "orthus/interleaved", "llamafusion/pretrain", "llamafusion/interleaved"]
+# the second stages run the same code as the first ones on CPU (their --tiny drops init_from)
+SLOW = {"orthus/interleaved", "llamafusion/interleaved"}
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        yield home
+
+
+def metric(run: Path, name: str) -> list[float]:
+    (metrics,) = run.glob("logs/version_*/metrics.csv")
+    with metrics.open() as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def test_recipes_say_how_they_run():
+    for name in RECIPES:
+        path = ROOT / "recipes" / f"{name}.yaml"
+        assert path.read_text().startswith(f"# Command: unimodal train recipes/{name}.yaml")
+        full, tiny = load_recipe(path, tiny=False), load_recipe(path, tiny=True)
+        assert full["trainer"]["precision"] == "bf16-mixed" and "deepspeed" in full["trainer"]["strategy"]
+        assert tiny["data"]["init_args"]["datasets"] == [{"path": "builtin:shapes/train"}]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in RECIPES])
+def test_tiny_recipe_learns(name, tmp_path):
+    steps = 10
+    code = unimodal_main(["train", str(ROOT / "recipes" / f"{name}.yaml"), "--tiny", f"--trainer.max_steps={steps}",
+                          "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    assert code == 0
+    diffusion = metric(tmp_path, "train/diffusion/image")
+    assert len(diffusion) == steps
+    assert np.mean(diffusion[-4:]) < 0.85 * diffusion[0], diffusion
+    loss = metric(tmp_path, "train/loss")
+    assert np.mean(loss[-4:]) < loss[0], loss
+
+
+def tiny_chameleon(path: Path) -> dict[int, int]:
+    """A random Chameleon checkpoint whose 16 image tokens are vocabulary rows 100..115."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    names = {f"IMGIMG{''.join(chr(ord('A') + int(c)) for c in str(k))}Z": 100 + k for k in range(16)}
+    config = ChameleonConfig(
+        vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, vocabulary_map={"<image>": 99, **names},
+        vq_config={"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "resolution": 16, "base_channels": 32,
+                   "channel_multiplier": [1, 1], "num_res_blocks": 1},
+    )
+    torch.manual_seed(0)
+    model = ChameleonForConditionalGeneration(config)
+    model.save_pretrained(path)
+    return {k: 100 + k for k in range(16)}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, dict[int, int]]:
+    root = tmp_path_factory.mktemp("orthus")
+    mapping = tiny_chameleon(root / "chameleon")
+    out = root / "orthus-init"
+    assert unimodal_main(["convert", "orthus", "--from", str(root / "chameleon"), "--out", str(out),
+                          "--head-width", "32", "--head-depth", "2"]) == 0
+    assert unimodal_main(["convert", "orthus", "--from", str(root / "chameleon"), "--out", str(out)]) == 2  # not empty
+    return out, mapping
+
+
+def test_convert_orthus_builds_the_base_starting_point(converted):
+    from transformers import ChameleonVQVAE
+
+    from unimodal.models.backbone import BackboneConfig, load_backbone
+    from unimodal.models.continuous import DiffusionImage
+
+    out, mapping = converted
+    args = json.loads((out / "orthus.json").read_text())
+    assert args == {"hidden_size": 64, "feature_dim": 8, "slots_per_item": 64, "codebook_size": 16,
+                    "head_width": 32, "head_depth": 2}
+    args.pop("hidden_size")
+    modality = DiffusionImage(64, init_from=str(out / "orthus_modules.safetensors"), **args)
+    vq = ChameleonVQVAE.from_pretrained(out / "vqvae")
+    torch.testing.assert_close(modality.soft_vq.codebook, vq.quantize.embedding.weight)
+    assert modality.token_ids.tolist() == [mapping[k] for k in range(16)]
+    assert modality.head(torch.randn(2, 8), torch.tensor([1.0, 500.0]), torch.randn(2, 64)).abs().max() == 0
+    backbone = load_backbone(BackboneConfig(path=str(out / "backbone"), attention="sdpa"), 320)
+    assert type(backbone).__name__ == "ChameleonForConditionalGeneration"
+
+
+@pytest.mark.slow
+def test_the_base_recipe_trains_from_a_conversion(converted, tmp_path):
+    """Chameleon backbone, VQ-encoder features through the codec, converted soft-VQ and head."""
+    out, _ = converted
+    args = json.loads((out / "orthus.json").read_text())
+    args.pop("hidden_size")
+    config = load_recipe(ROOT / "recipes" / "orthus" / "base.yaml", tiny=True)
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    model["backbone"] = {"path": str(out / "backbone"), "attention": "sdpa"}
+    model["continuous"]["image"]["init_args"].update(init_from=str(out / "orthus_modules.safetensors"), latent_scale=0.1, **args)
+    data.update(feature_dim=8, code_ranges={}, codecs={"image": {
+        "class_path": "unimodal.modalities.image_continuous.ChameleonVQCodec",
+        "init_args": {"path": str(out / "vqvae"), "size": 16}}})
+    config["data"]["init_args"]["seq_len"] = 256
+    recipe = tmp_path / "base-from-conversion.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    assert unimodal_main(["train", str(recipe), "--trainer.max_steps=3", f"--trainer.default_root_dir={run}", *QUIET]) == 0
+    assert len(metric(run, "train/diffusion/image")) == 3

@@ -1,0 +1,264 @@
+"""Continuous image codecs: pixel patches, a diffusers VAE, Chameleon VQ-encoder features.
+
+Every codec turns one image into float *patch tokens* ``[n, d]`` in raster order, which the
+document encoder places as ``n`` continuous slots:
+
+- ``PixelPatchCodec``: the pixels themselves in [-1, 1], cut into ``patch x patch`` squares
+  (small synthetic data such as the digits world; no model needed);
+- ``VAECodec``: a diffusers ``AutoencoderKL`` read from a local directory; latents are shifted
+  and scaled (``(z - shift) * scale``, from the VAE config unless given) and cut into patches
+  (Transfusion / LlamaFusion);
+- ``ChameleonVQCodec``: the encoder and ``quant_conv`` of a Chameleon VQ-VAE, *without* the
+  quantiser: one 256-d feature per latent cell (Orthus).
+
+The transform every codec applies first (``ImageTransform``): convert to RGB, resize so the
+shorter side is ``size`` (bicubic, antialiased), centre-crop to ``size x size``, scale to [-1, 1].
+A file or array that is not an image raises :class:`DocumentError`, which the data pipeline
+counts as a skipped sample.
+
+A patch token holds ``patch * patch * channels`` values ordered (row in patch, column in patch,
+channel); ``patchify`` and ``unpatchify`` are the one definition of that layout, shared with the
+model's patchify adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unimodal.data.schema import DocumentError, Part
+from unimodal.modalities.base import MediaCodec
+
+
+def patchify(grid: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), p*p*C]`` patch tokens in raster order."""
+    b, c, h, w = grid.shape
+    if h % patch or w % patch:
+        raise ValueError(f"a {h}x{w} grid does not split into {patch}x{patch} patches")
+    x = grid.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for square grids: ``[B, n, p*p*C]`` -> ``[B, C, H, W]``."""
+    b, n, d = tokens.shape
+    side = int(round(n**0.5))
+    if side * side != n or d != patch * patch * channels:
+        raise ValueError(f"{n} patch tokens of width {d} are not a square grid of {patch}x{patch}x{channels} patches")
+    x = tokens.reshape(b, side, side, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, side * patch, side * patch)
+
+
+def load_image(data: Any, where: str = "image") -> Any:
+    """A PIL RGB image from an HxW[xC] uint8 array, a PIL image, encoded bytes or a file path."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
+            raise DocumentError(f"{where}: expected an HxW or HxWx{{1,3,4}} uint8 array, got {data.dtype} {data.shape}")
+        return Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data).convert("RGB")
+    raw = getattr(data, "data", data)  # MediaBytes carry the encoded file in .data
+    try:
+        if isinstance(raw, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(raw))
+        elif isinstance(raw, (str, Path)):
+            image = Image.open(raw)
+        else:
+            raise DocumentError(f"{where}: cannot read an image from {type(data).__name__}")
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DocumentError(f"{where}: not a readable image ({type(err).__name__}: {err})") from None
+    return image.convert("RGB")
+
+
+@dataclass
+class ImageTransform:
+    """Resize the shorter side to ``size`` (bicubic), centre-crop ``size x size``, map to [-1, 1]."""
+
+    size: int
+
+    def __call__(self, data: Any, where: str = "image") -> torch.Tensor:
+        from PIL import Image
+
+        image = load_image(data, where)
+        w, h = image.size
+        scale = self.size / min(w, h)
+        resized = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+        if resized != (w, h):
+            image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=None)
+        left, top = (resized[0] - self.size) // 2, (resized[1] - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+        return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` in [-1, 1] -> ``HxWx3`` uint8."""
+    x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 0).cpu().numpy()
+
+
+def _where(part: Part) -> str:
+    return f"image part {part.media}" if part.media is not None else "image"
+
+
+class PixelPatchCodec(MediaCodec):
+    """Raw pixels as patch tokens: ``(size/patch)^2`` slots of ``patch*patch*3`` values in [-1, 1]."""
+
+    modality = "image"
+
+    def __init__(self, size: int = 16, patch: int = 4):
+        if size % patch:
+            raise ValueError(f"image size {size} is not a multiple of patch {patch}")
+        self.transform = ImageTransform(size)
+        self.patch = patch
+        self.channels = 3
+
+    @property
+    def slots(self) -> int:
+        return (self.transform.size // self.patch) ** 2
+
+    @property
+    def feature_dim(self) -> int:
+        return self.patch * self.patch * self.channels
+
+    def encode(self, part: Part) -> np.ndarray:
+        pixels = self.transform(part.data, _where(part))
+        return patchify(pixels[None], self.patch)[0].numpy()
+
+    def decode(self, array: np.ndarray) -> np.ndarray:
+        tokens = torch.as_tensor(np.asarray(array, dtype=np.float32))[None]
+        return to_uint8(unpatchify(tokens, self.patch, self.channels)[0])
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"name": type(self).__name__, "size": self.transform.size, "patch": self.patch}
+
+
+def _directory_hash(path: Path) -> str:
+    """Identifies a model directory by its config files (weights are too large to hash per worker)."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in path.glob("*.json")):
+        digest.update(name.encode() + (path / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class VAECodec(MediaCodec):
+    """A diffusers ``AutoencoderKL`` from a local directory; latents ``(z - shift) * scale`` as patches.
+
+    The posterior mean is used (not a sample) so that encoding is deterministic; ``scale`` and
+    ``shift`` default to the VAE config's ``scaling_factor`` and ``shift_factor``.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        path: str,
+        size: int = 256,
+        patch: int = 2,
+        scale: float | None = None,
+        shift: float | None = None,
+        device: str = "cpu",
+    ):
+        from diffusers import AutoencoderKL
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"VAE directory {self.path} has no config.json (VAEs load from local directories only)")
+        self.vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True).to(device).eval().requires_grad_(False)
+        self.transform = ImageTransform(size)
+        self.patch = patch
+        self.channels = int(self.vae.config.latent_channels)
+        self.scale = float(self.vae.config.scaling_factor if scale is None else scale)
+        self.shift = float((self.vae.config.shift_factor or 0.0) if shift is None else shift)
+        self.device = torch.device(device)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.patch * self.patch * self.channels
+
+    @torch.no_grad()
+    def encode(self, part: Part) -> np.ndarray:
+        pixels = self.transform(part.data, _where(part))[None].to(self.device)
+        latent = self.vae.encode(pixels).latent_dist.mean
+        return patchify((latent - self.shift) * self.scale, self.patch)[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, array: np.ndarray) -> np.ndarray:
+        tokens = torch.as_tensor(np.asarray(array, dtype=np.float32), device=self.device)[None]
+        latent = unpatchify(tokens, self.patch, self.channels) / self.scale + self.shift
+        return to_uint8(self.vae.decode(latent).sample[0])
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "name": type(self).__name__,
+            "config": _directory_hash(self.path),
+            "size": self.transform.size,
+            "patch": self.patch,
+            "scale": self.scale,
+            "shift": self.shift,
+        }
+
+
+def load_chameleon_vqvae(path: str | Path) -> Any:
+    """The ``ChameleonVQVAE`` saved in a local directory (``unimodal convert orthus`` writes one)."""
+    from transformers import ChameleonVQVAE
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json (the Chameleon VQ-VAE loads from a local directory only)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "chameleon_vqgan":
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not a Chameleon VQ-VAE ('chameleon_vqgan'); "
+            "`unimodal convert orthus` extracts it from a Chameleon checkpoint"
+        )
+    return ChameleonVQVAE.from_pretrained(path, local_files_only=True)
+
+
+class ChameleonVQCodec(MediaCodec):
+    """Chameleon VQ-VAE encoder + ``quant_conv`` features, the quantiser skipped (Orthus).
+
+    A 512x512 image gives 32x32 = 1024 features of 256 values. ``transformers`` ships only the
+    encoder half of this VQ-VAE, so ``decode`` cannot render pixels; it is refused with a message.
+    """
+
+    modality = "image"
+
+    def __init__(self, path: str, size: int = 512, device: str = "cpu"):
+        self.path = Path(path)
+        self.vq = load_chameleon_vqvae(self.path).to(device).eval().requires_grad_(False)
+        self.transform = ImageTransform(size)
+        self.device = torch.device(device)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.vq.config.embed_dim)
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> ``[B, h*w, embed_dim]`` unquantised features."""
+        grid = self.vq.quant_conv(self.vq.encoder(pixels.to(self.device)))
+        return grid.flatten(2).transpose(1, 2)
+
+    def encode(self, part: Part) -> np.ndarray:
+        pixels = self.transform(part.data, _where(part))[None]
+        return self.features(pixels)[0].float().cpu().numpy()
+
+    def decode(self, array: np.ndarray) -> Any:
+        raise NotImplementedError(
+            "ChameleonVQCodec cannot decode: transformers ships only the Chameleon VQ-VAE encoder; "
+            "render generated features with the Chameleon VQGAN decoder"
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"name": type(self).__name__, "config": _directory_hash(self.path), "size": self.transform.size}

@@ -1,0 +1,175 @@
+"""Noise schedules, training objectives and samplers for the continuous-image heads.
+
+One :class:`DiffusionSchedule` serves training and sampling, so the two can never disagree about
+betas, the prediction type or the timestep range. The betas and the samplers are diffusers
+schedulers: ``DDPMScheduler`` defines the training schedule for epsilon / v prediction
+(scaled-linear, linear or cosine betas, optional zero-terminal-SNR rescale), and sampling makes a
+fresh ``DDIMScheduler`` or ``EulerDiscreteScheduler`` from that same config (schedulers keep
+per-run state, so each sampling run gets its own). ``prediction="flow"`` uses rectified flow
+(``x_t = (1 - s) x0 + s noise``, target ``noise - x0``, timestep ``1000 s``) sampled by
+``FlowMatchEulerDiscreteScheduler``.
+
+Loss math runs in fp32 whatever the autocast dtype: noise, noised inputs, targets and the MSE.
+Classifier-free guidance is one batched call on a conditional/unconditional pair:
+``out = uncond + scale * (cond - uncond)`` on the model output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PREDICTIONS = ("epsilon", "v_prediction", "flow")
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+SAMPLERS = ("ddim", "euler", "flow")
+
+
+@dataclass
+class ScheduleConfig:
+    """Training schedule and default sampler. Defaults are Orthus's (DDPM scaled-linear betas
+    0.00085..0.012, 1000 steps, v-prediction, zero terminal SNR, trailing spacing; DDIM 100 steps).
+    ``squaredcos_cap_v2`` is the cosine schedule (Transfusion, MAR)."""
+
+    prediction: str = "v_prediction"
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    train_steps: int = 1000
+    zero_terminal_snr: bool = True
+    timestep_spacing: str = "trailing"
+    sampler: str = "ddim"
+    sample_steps: int = 100
+
+    def check(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"schedule.prediction {self.prediction!r} is not one of {PREDICTIONS}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"schedule.beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"schedule.sampler {self.sampler!r} is not one of {SAMPLERS}")
+        if (self.prediction == "flow") != (self.sampler == "flow"):
+            raise ValueError("prediction 'flow' goes with sampler 'flow', and sampler 'flow' only with prediction 'flow'")
+        if self.zero_terminal_snr and self.prediction == "epsilon":
+            raise ValueError(
+                "zero_terminal_snr with epsilon prediction cannot recover x0 at the last timestep; "
+                "use prediction v_prediction or set zero_terminal_snr: false"
+            )
+        if self.train_steps < 1 or self.sample_steps < 1:
+            raise ValueError("schedule.train_steps and schedule.sample_steps must be >= 1")
+
+
+class DiffusionSchedule:
+    """The training objective and the samplers of one schedule."""
+
+    def __init__(self, config: ScheduleConfig | None = None):
+        self.config = config or ScheduleConfig()
+        self.config.check()
+        self.flow = self.config.prediction == "flow"
+        self.steps = self.config.train_steps
+        if self.flow:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.steps)
+        else:
+            from diffusers import DDPMScheduler
+
+            self.scheduler = DDPMScheduler(
+                num_train_timesteps=self.steps,
+                beta_start=self.config.beta_start,
+                beta_end=self.config.beta_end,
+                beta_schedule=self.config.beta_schedule,
+                prediction_type=self.config.prediction,
+                rescale_betas_zero_snr=self.config.zero_terminal_snr,
+                timestep_spacing=self.config.timestep_spacing,
+                clip_sample=False,
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def sample_timesteps(self, n: int, device: torch.device, max_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Uniform timesteps, per row at most ``max_t`` (noise limiting), as float32 ``[n]``.
+
+        DDPM timesteps are integers in ``[0, max_t]``; flow timesteps are ``1000 * sigma`` with
+        sigma in ``(0, max_t / 1000]``.
+        """
+        limit = torch.full((n,), float(self.steps - 1 if not self.flow else self.steps), device=device)
+        if max_t is not None:
+            limit = torch.minimum(limit, max_t.to(device, torch.float32))
+        u = torch.rand(n, device=device)
+        if self.flow:
+            return (1.0 - u) * limit  # (0, limit]: sigma 0 would train nothing
+        return torch.floor(u * (limit + 1)).clamp(max=limit)
+
+    def _alphas(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) broadcast to ``like``; flow: (1 - s, s)."""
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        if self.flow:
+            sigma = (t.float() / self.steps).view(shape)
+            return 1.0 - sigma, sigma
+        alpha_bar = self.scheduler.alphas_cumprod.to(like.device)[t.long()].view(shape)
+        return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = self._alphas(t, x0)
+        return a * x0.float() + s * noise.float()
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return noise.float() - x0.float()
+        if self.config.prediction == "epsilon":
+            return noise.float()
+        a, s = self._alphas(t, x0)
+        return a * noise.float() - s * x0.float()
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-row MSE (mean over the feature dimensions), in fp32."""
+        per_value = F.mse_loss(prediction.float(), self.target(x0, noise, t), reduction="none")
+        return per_value.flatten(1).mean(1)
+
+    # ------------------------------------------------------------------ sampling
+
+    def sampler(self, steps: int | None = None):
+        """A fresh sampling scheduler built from the training config, timesteps set."""
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+        kind = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "flow": FlowMatchEulerDiscreteScheduler}
+        scheduler = kind[self.config.sampler].from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps or self.config.sample_steps)
+        return scheduler
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        shape: tuple[int, ...],
+        *,
+        cfg_scale: float = 1.0,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Run the sampler from pure noise of ``shape`` (``[B, ...]``) to x0.
+
+        ``denoise(x_t, t)`` returns the model output for inputs ``[R, ...]`` and timesteps ``[R]``.
+        With ``cfg_scale != 1`` it is called with ``R = 2B`` rows (the same ``x_t`` twice: the
+        conditional half first) and the output is guided; otherwise ``R = B``.
+        """
+        scheduler = self.sampler(steps)
+        x = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+        # Euler keeps x in sigma units (scaled in and out); DDIM and flow use x_t as it is
+        x = x.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        scale_in = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+        guided = cfg_scale != 1.0
+        for t in scheduler.timesteps:
+            x_in = scale_in(x, t)
+            if guided:
+                x_in = torch.cat([x_in, x_in])
+            out = denoise(x_in, torch.full((x_in.shape[0],), float(t), device=x.device)).float()
+            if guided:
+                cond, uncond = out.chunk(2)
+                out = uncond + cfg_scale * (cond - uncond)
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+        return x

@@ -1,0 +1,69 @@
+"""``unimodal convert orthus``: the Orthus-base initialisation from a Chameleon checkpoint.
+
+Writes into ``OUT``:
+
+- ``backbone/``: the Chameleon model and its tokenizer files (``backbone.path`` and
+  ``data.tokenizer`` of ``recipes/orthus/base.yaml``);
+- ``vqvae/``: Chameleon's VQ-VAE alone, for :class:`ChameleonVQCodec` (encoder features without
+  quantisation);
+- ``orthus_modules.safetensors``: the state dict of a :class:`DiffusionImage` whose soft-VQ
+  codebook is Chameleon's VQ codebook, whose ``token_ids`` are the vocabulary rows of Chameleon's
+  image tokens (code ``k`` -> its BPE id), and whose diffusion head is freshly initialised
+  (adaLN-zero: it predicts 0 until trained); read by the modality's ``init_from``;
+- ``orthus.json``: the ``DiffusionImage`` arguments this file was built with.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+MODULES_FILE = "orthus_modules.safetensors"
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "added_tokens.json")
+
+
+def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: int = 1536, head_depth: int = 3) -> Path:
+    from safetensors.torch import save_file
+    from transformers import ChameleonForConditionalGeneration
+
+    from unimodal.models.continuous import DiffusionImage
+
+    src, out = Path(chameleon_dir), Path(out_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a model directory (no config.json); Chameleon loads from a local directory")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") != "chameleon":
+        raise ValueError(f"{src}: model_type {config.get('model_type')!r}, expected 'chameleon'")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; convert into a new directory")
+    model = ChameleonForConditionalGeneration.from_pretrained(src, local_files_only=True, dtype="auto")
+    vq = model.model.vqmodel
+    mapping = model.model.vocabulary_mapping.img2bpe
+    codebook = vq.quantize.embedding.weight.detach().float()
+    if sorted(mapping) != list(range(len(codebook))):
+        raise ValueError(f"{src}: the vocabulary map names {len(mapping)} image tokens for a {len(codebook)}-entry VQ codebook")
+    latent_side = vq.config.resolution // 2 ** (len(vq.config.channel_multiplier) - 1)
+    args = {
+        "feature_dim": int(vq.config.embed_dim),
+        "slots_per_item": latent_side * latent_side,
+        "codebook_size": len(codebook),
+        "head_width": head_width,
+        "head_depth": head_depth,
+    }
+    modality = DiffusionImage(model.config.hidden_size, **args)
+    with torch.no_grad():
+        modality.soft_vq.codebook.copy_(codebook)
+        modality.token_ids.copy_(torch.tensor([mapping[k] for k in range(len(codebook))]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "backbone")
+    for pattern in TOKENIZER_FILES:
+        for file in src.glob(pattern):
+            shutil.copy2(file, out / "backbone" / file.name)
+    vq.save_pretrained(out / "vqvae")
+    save_file({k: v.contiguous() for k, v in modality.state_dict().items()}, str(out / MODULES_FILE))
+    (out / "orthus.json").write_text(json.dumps({"hidden_size": model.config.hidden_size, **args}, indent=2) + "\n")
+    return out
