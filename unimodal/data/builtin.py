@@ -31,7 +31,50 @@ def build_text(root: Path) -> None:
         pack_jsonl(root / f"{split}.jsonl", root / split, max_docs_per_shard=64, progress=False)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"text": build_text}
+def build_shapes(root: Path) -> None:
+    """Captioned 16x16 shape images (raw PNGs) for the continuous-image ``--tiny`` recipes."""
+    from unimodal.data.sources.shapes import build_shapes as build
+
+    build(root)
+
+
+def build_codes(root: Path) -> None:
+    """Text, image-code and speech-code documents for the discrete (MIO/SEED) ``--tiny`` recipes."""
+    from unimodal.data.sources.codes import build_codes as build
+
+    build(root)
+
+
+def build_seed_tokenizer(root: Path) -> None:
+    """``builtin:seed_tokenizer/tiny``: a random tiny SEED tokenizer (16x16 images, 8 codes of 64)."""
+    from unimodal.modalities.seed_tokenizer import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(root / "tiny")
+
+
+def build_chat(root: Path) -> None:
+    """Chats about the standard library (OpenAI-style messages), split into train and val."""
+    from unimodal.data.chat import build_chat as build
+
+    build(root)
+
+
+def build_digits(root: Path) -> None:
+    """The digits world (docs/digits-world.md): ``builtin:digits/{pretrain,chat}/{train,test}``,
+    ``builtin:digits/tokenizer.model``, ``builtin:digits/audio_codec``."""
+    from unimodal.data.digits import build_world
+
+    build_world(root)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "digits": build_digits,
+    "chat": build_chat,
+    "text": build_text,
+    "shapes": build_shapes,
+    "codes": build_codes,
+    "seed_tokenizer": build_seed_tokenizer,
+}
 
 
 def data_home() -> Path:

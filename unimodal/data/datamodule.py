@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 import numpy as np
@@ -28,6 +28,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unimodal.data import builtin
+from unimodal.data.encode import code_sources
+from unimodal.data.chat import get_template
 from unimodal.data.encoding import Codec, DocumentEncoder
 from unimodal.data.packing import DocumentTooLong, PackedBatch, Packer, collate
 from unimodal.data.schema import Document, DocumentError
@@ -62,11 +64,14 @@ class StreamConfig:
     overlong: Literal["split", "error"] = "split"
     codecs: dict[str, Codec] = field(default_factory=dict)
     max_bad_fraction: float = 0.01
+    input_layers: dict[str, int] = field(default_factory=dict)
+    chat_template: str | None = None
 
     def batches(self, docs: Iterable[Document], policy: BadSamplePolicy) -> Iterator[PackedBatch]:
         """Encode, pack and collate; the last batch may be short when ``docs`` ends."""
         encoder = DocumentEncoder(
-            self.tokenizer, self.layout, self.feature_dim, bidirectional=self.bidirectional, codecs=self.codecs
+            self.tokenizer, self.layout, self.feature_dim, bidirectional=self.bidirectional, codecs=self.codecs,
+            input_layers=self.input_layers, chat_template=get_template(self.chat_template),
         )
         packer = Packer(self.seq_len, self.tokenizer.pad_id, self.feature_dim, self.overlong)
 
@@ -214,21 +219,34 @@ class ValStream(IterableDataset):
 
 class WindowedLoader(DataLoader):
     """The train DataLoader: sets the stream's epoch, and labels each batch with the label-token
-    count of its gradient-accumulation window (``window`` consecutive batches in loader order)."""
+    count of its gradient-accumulation window (``window`` consecutive batches in loader order).
 
-    def __init__(self, dataset: TrainStream, window: int, epoch: Callable[[], int], **kwargs):
+    ``done(epoch)`` says how many batches of the epoch a resumed run already trained on: they are
+    produced and dropped, so the run continues with the batches an uninterrupted run would see.
+    """
+
+    def __init__(
+        self, dataset: TrainStream, window: int, epoch: Callable[[], int], done: Callable[[int], int] | None = None, **kwargs
+    ):
         super().__init__(dataset, batch_size=None, **kwargs)
         self.window = window
         self.epoch = epoch
+        self.done = done
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        self.dataset.epoch = self.epoch()
+        epoch = self.epoch()
+        self.dataset.epoch = epoch
         batches = super().__iter__()
-        while window := list(islice(batches, self.window)):
+        skip = self.done(epoch) if self.done is not None else 0
+        for _ in islice(batches, skip):
+            pass
+        size = self.window - skip % self.window
+        while window := list(islice(batches, size)):
             total = torch.tensor(sum(batch.num_label_tokens for batch in window))
             for batch in window:
                 batch.window_label_tokens = total
                 yield batch
+            size = self.window
 
 
 def _shard_set(raw: ShardSet | dict | str) -> ShardSet:
@@ -244,6 +262,12 @@ class UnimodalDataModule(L.LightningDataModule):
     ``steps_per_epoch`` counts optimizer steps: each rank yields ``steps_per_epoch *
     accumulate_grad_batches`` batches per epoch. Raw pixels and waveforms need a codec per modality
     (``codecs``, a :class:`MediaCodec` per modality name); pre-encoded ``.npy`` media need none.
+    ``code_layers`` gives the RVQ layers of a code range and ``input_layers`` the layers kept for
+    input (loss false) parts, e.g. ``{audio: 1}`` (``docs/audio-tokens.md``). Shards written by
+    ``unimodal data encode`` name their tokenizer; codes of another tokenizer than the codec's or
+    than another set's are refused, and the tokenizer enters the vocabulary layout.
+    ``chat_template`` (``chatml`` | ``vicuna``) renders documents whose parts carry roles as
+    chats, supervising only assistant turns (``unimodal.data.chat``, ``docs/chat-data.md``).
     """
 
     def __init__(
@@ -265,6 +289,9 @@ class UnimodalDataModule(L.LightningDataModule):
         val_datasets: list[ShardSet | str] | None = None,
         val_batches: int = 10,
         codecs: dict[str, MediaCodec] | None = None,
+        code_layers: dict[str, int] | None = None,
+        input_layers: dict[str, int] | None = None,
+        chat_template: str | None = None,
     ):
         super().__init__()
         self.datasets = [_shard_set(d) for d in datasets]
@@ -298,8 +325,14 @@ class UnimodalDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.val_batches = val_batches
         self.codecs: dict[str, Codec] = dict(codecs or {})
+        self.code_layers = dict(code_layers or {})
+        self.input_layers = dict(input_layers or {})
+        get_template(chat_template)  # an unknown name fails here, not in a DataLoader worker
+        self.chat_template = chat_template
         self._tokenizer: TextTokenizer | None = None
+        self._layout: VocabLayout | None = None
         self._epochs_without_trainer = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of a resumed run
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -309,7 +342,15 @@ class UnimodalDataModule(L.LightningDataModule):
 
     @property
     def layout(self) -> VocabLayout:
-        return VocabLayout(text_size=self.tokenizer.vocab_size, code_ranges=dict(self.code_ranges))
+        if self._layout is None:
+            paths = [d.path for d in self.datasets + self.val_datasets]
+            self._layout = VocabLayout(
+                text_size=self.tokenizer.vocab_size,
+                code_ranges=dict(self.code_ranges),
+                code_layers=dict(self.code_layers),
+                code_sources=code_sources(paths, self.code_ranges, self.code_layers, self.codecs),
+            )
+        return self._layout
 
     def setup(self, stage: str | None = None) -> None:
         """Fail early on missing shards or tokenizer, not in a DataLoader worker."""
@@ -328,6 +369,8 @@ class UnimodalDataModule(L.LightningDataModule):
             overlong=self.overlong,
             codecs=dict(self.codecs),
             max_bad_fraction=self.max_bad_fraction,
+            input_layers=dict(self.input_layers),
+            chat_template=self.chat_template,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
@@ -343,6 +386,24 @@ class UnimodalDataModule(L.LightningDataModule):
             return self.trainer.current_epoch
         self._epochs_without_trainer += 1
         return self._epochs_without_trainer - 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (saved in checkpoints): epoch and batches trained on, and
+        the vocabulary layout, which a resumed run's data must match (same tokenizers, same ranges)."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed, "vocab_layout": self.layout.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "vocab_layout" in state:
+            VocabLayout.from_dict(state["vocab_layout"]).check_compatible(self.layout, "the data")
+        self._resume_at = (state["epoch"], state["batches"]) if state else None
+
+    def _batches_done(self, epoch: int) -> int:
+        """Batches of ``epoch`` a resumed run has already trained on (once, then 0)."""
+        resume, self._resume_at = self._resume_at, None
+        return resume[1] if resume is not None and resume[0] == epoch else 0
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
         shard_sets = [expand_shards(d.path) for d in self.datasets]
@@ -373,6 +434,7 @@ class UnimodalDataModule(L.LightningDataModule):
             self.train_stream(rank, world_size),
             window=self.accumulate_grad_batches,
             epoch=self._epoch,
+            done=self._batches_done,
             num_workers=self.num_workers,
         )
 

@@ -10,6 +10,7 @@ description.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -290,10 +291,14 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     except DocumentError as err:
         raise DocumentError(f"{where}: {err}") from None
     raw_parts, meta = raw.get("parts"), raw.get("meta", {})
-    if not isinstance(raw_parts, list) or not raw_parts:
-        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
     if not isinstance(meta, dict):
         raise DocumentError(f"{where}: 'meta' must be an object")
+    if "messages" in raw and raw_parts is None:  # an OpenAI-style chat record
+        from unimodal.data.chat import messages_to_parts
+
+        return Document(messages_to_parts(raw["messages"], src, where), meta, key, source=where)
+    if not isinstance(raw_parts, list) or not raw_parts:
+        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
     parts, next_media = [], 0
     for index, raw_part in enumerate(raw_parts):
         media: MediaBytes | None = None
@@ -322,6 +327,11 @@ def _source_media(raw_part: dict[str, Any], src: Path, where: str, index: int) -
     return MediaBytes(ext, file.read_bytes())
 
 
+def held_out(key: str, fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a stable hash of its key."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < fraction * 2**32
+
+
 def pack_jsonl(
     src_jsonl: str | Path,
     out_dir: str | Path,
@@ -331,13 +341,41 @@ def pack_jsonl(
     skip_bad: bool = False,
     prefix: str = "shard",
     progress: bool = True,
+    val_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Pack a source JSONL (one document per line, media by path) into shards; return the stats.
 
-    Any bad line stops packing with ``FILE:LINE: reason`` unless ``skip_bad``, which skips it,
-    counts it in ``stats.json`` and prints a summary.
+    A line is a document (``parts``) or an OpenAI-style chat record (``messages``, see
+    ``unimodal.data.chat``). Any bad line stops packing with ``FILE:LINE: reason`` unless
+    ``skip_bad``, which skips it, counts it in ``stats.json`` and prints a summary.
+    ``val_fraction`` > 0 writes ``out_dir/train`` and ``out_dir/val``, each document going to
+    ``val`` by a stable hash of its key; the stats of both are returned under those names.
     """
-    src = Path(src_jsonl)
+    if val_fraction:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        options = dict(max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_bytes_per_shard,
+                       skip_bad=skip_bad, prefix=prefix, progress=progress)
+        return {
+            split: _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
+                               select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
+            for split in ("train", "val")
+        }
+    return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
+                       max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
+
+
+def _pack_jsonl(
+    src: Path,
+    out_dir: Path,
+    *,
+    max_docs_per_shard: int,
+    max_bytes_per_shard: int,
+    skip_bad: bool,
+    prefix: str,
+    progress: bool,
+    select: Callable[[str], bool] | None = None,
+) -> dict[str, Any]:
     skipped: list[str] = []
     total = 0
 
@@ -361,7 +399,8 @@ def pack_jsonl(
                 except DocumentError as err:
                     reject(err)
                     continue
-                yield doc
+                if select is None or select(doc.key):
+                    yield doc
 
     stats = _write_shards(documents(), out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
     stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}

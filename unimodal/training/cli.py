@@ -17,6 +17,7 @@ saves one before the run stops (``unimodal.training.resume``).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import unimodal.training.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategy names)
 from unimodal.training.resume import AtomicCheckpointIO, Preempted, RunState, SaveOnSigterm, find_latest_checkpoint
@@ -143,14 +145,23 @@ def resume_path(cli: UnimodalCLI) -> str | None:
 
 
 def run_training(args: list[str]) -> Trainer:
-    """``unimodal train``: build from the recipe and fit; returns the trainer.
+    """``unimodal train``: build from the recipe and fit; returns the trainer."""
+    return fit_cli(make_cli(args))
+
+
+def fit_cli(cli: UnimodalCLI) -> Trainer:
+    """Fit a parsed CLI, resuming as ``--ckpt_path``/``--resume`` say; returns the trainer.
 
     Raises :class:`Preempted` when SIGTERM stopped the run (after it saved a checkpoint).
     """
-    cli = make_cli(args)
     ckpt_path = resume_path(cli)
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if is_overridden("load_state_dict", cli.datamodule, LightningDataModule):
+                # Lightning only asks the loader whether it can resume mid-epoch; this data module
+                # restores the stream position itself (UnimodalDataModule.state_dict)
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         saved = next((c.saved for c in cli.trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
         where = f"saved {saved}" if saved else "no checkpoint saved"

@@ -1,0 +1,120 @@
+"""Export: an HF backbone, framework modules, tokenizer, peft adapter; ``unimodal.load`` restores all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from unimodal.cli import main as unimodal_main
+from unimodal.data.chat import get_template
+from unimodal.data.encoding import DocumentEncoder
+from unimodal.data.packing import Packer, collate
+from unimodal.data.schema import Document, Part
+from unimodal.training.cli import load_recipe, run_training
+from unimodal.training.export import ExportError, _module_from_checkpoint, export, load_exported
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "lora" / "chat_sft.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """Two steps of the LoRA chat recipe (--tiny), with new-token rows and a LoRA'd input adapter."""
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        config = load_recipe(RECIPE, tiny=True)
+        model = config["model"]["init_args"]
+        model["continuous"] = {"image": {"class_path": "unimodal.models.unified.LinearAdapter", "init_args": {"feature_dim": 6}}}
+        model["lora"].update(target_modules=["q_proj", "v_proj", "continuous.image.proj"], train_new_tokens=True)
+        config["data"]["init_args"].update(feature_dim=6, code_ranges={"image": 32}, seq_len=128, val_datasets=None)
+        recipe = tmp_path_factory.mktemp("recipe") / "chat.yaml"
+        recipe.write_text(yaml.safe_dump(config))
+        out = tmp_path_factory.mktemp("run")
+        run_training([str(recipe), f"--trainer.default_root_dir={out}", "--trainer.max_steps=2",
+                      "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"])
+        yield out
+
+
+def probe(exported) -> object:
+    """A packed chat batch in the exported model's own tokenizer and template."""
+    doc = Document([Part("text", text="What does json do?", role="user"), Part("text", text="It encodes.", role="assistant")])
+    encoder = DocumentEncoder(exported.tokenizer, exported.layout, 6, chat_template=get_template(exported.config["data"]["chat_template"]))
+    return collate([next(Packer(64, exported.tokenizer.pad_id, 6).pack([encoder.encode(doc)]))])
+
+
+def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path):
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    adapter_dir = export(checkpoint, tmp_path / "adapter")
+    merged_dir = export(run, tmp_path / "merged", merge_lora=True)  # a run directory: its newest checkpoint
+
+    config = json.loads((adapter_dir / "unimodal.json").read_text())
+    assert config["adapter"] == "adapter" and config["data"]["chat_template"] == "chatml"
+    assert config["layout"]["code_ranges"] == {"image": 32} and config["source"]["global_step"] == 2
+    assert (adapter_dir / "tokenizer.model").is_file() and (adapter_dir / "modules.safetensors").is_file()
+    assert not (merged_dir / "adapter").exists()
+
+    # the backbone is a plain HF model; the adapter is a plain peft adapter
+    base, info = AutoModelForCausalLM.from_pretrained(adapter_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with_adapter = peft.PeftModel.from_pretrained(base, str(adapter_dir / "adapter")).eval()
+    merged_hf = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = torch.tensor([[1, 40, 41, 1030, 1031, 1040]])  # text ids and new rows (specials, image codes)
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged_hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    # load_exported (under unimodal.load) restores the whole model: the same losses as the trained module
+    checkpoint_data = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    trained = _module_from_checkpoint(checkpoint_data, checkpoint_data["hyper_parameters"]).model
+    loaded = load_exported(adapter_dir)
+    batch = probe(loaded)
+    with torch.no_grad():
+        expected = trained(batch)["ce/text"].total
+        for directory in (adapter_dir, merged_dir):
+            torch.testing.assert_close(load_exported(directory).model(batch)["ce/text"].total, expected, rtol=1e-4, atol=1e-4)
+    assert not loaded.model.training and loaded.codecs == {}
+    # the framework module's LoRA was merged into its weights
+    assert torch.equal(loaded.model.continuous["image"].proj.weight, load_exported(merged_dir).model.continuous["image"].proj.weight)
+    assert not torch.equal(loaded.model.continuous["image"].proj.weight, torch.zeros(1))
+
+
+def test_export_command_and_its_errors(run, tmp_path):
+    assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x"), "--merge-lora"]) == 0
+    assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x")]) == 2  # not empty
+    assert unimodal_main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "y")]) == 2
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, bare)
+    with pytest.raises(ExportError, match="written by `unimodal train`"):
+        export(bare, tmp_path / "z")
+
+
+@pytest.mark.slow
+def test_export_reads_deepspeed_checkpoint_directories(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from unimodal.training.checkpoint import zero_to_fp32
+
+    monkeypatch.setenv("UNIMODAL_DATA_HOME", str(tmp_path / "data"))
+    run = tmp_path / "zero2"
+    result = subprocess.run(
+        [sys.executable, "-m", "unimodal.cli", "train", str(ROOT / "recipes" / "text" / "tiny.yaml"), "--tiny",
+         "--trainer.strategy=deepspeed_stage_2", "--trainer.max_steps=2", f"--trainer.default_root_dir={run}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert (checkpoint / "latest").is_file()
+    out = export(checkpoint, tmp_path / "export")
+    merged = torch.load(zero_to_fp32(checkpoint, tmp_path / "fp32.ckpt"), weights_only=False)["state_dict"]
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights and all(torch.equal(v, merged[f"model.backbone.{k}"]) for k, v in weights.items())
+    AutoModelForCausalLM.from_pretrained(out)

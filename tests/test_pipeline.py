@@ -1,0 +1,114 @@
+"""Pipelines: stages in order from the previous stage's export, skip when done, resume when cut."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unimodal.cli import main as unimodal_main
+from unimodal.pipeline import PipelineError, format_table, load_pipeline, run_pipeline
+from unimodal.training.module import UnimodalModule
+from unimodal.training.resume import Preempted
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = ROOT / "recipes" / "pipelines"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        yield home
+
+
+def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "runs"
+
+    def preempt_lora_stage(self):  # SIGTERM during the chat stage's second step
+        if self.lora is not None and self.trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(UnimodalModule, "on_after_backward", preempt_lora_stage)
+        with pytest.raises(Preempted):
+            run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root)
+    assert json.loads((root / "pretrain" / "stage.json").read_text())["status"] == "done"
+    assert json.loads((root / "chat_sft" / "stage.json").read_text())["status"] == "interrupted"
+
+    results = run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root)
+    assert [(r.name, r.status, r.steps) for r in results] == [("pretrain", "skipped", 4), ("chat_sft", "done", 4)]
+    chat = results[1]
+    assert chat.train_loss is not None and chat.val_loss is not None and chat.wall_s > 0
+    # the chat stage started from the pretrained export, with its tokenizer, and resumed its run
+    resolved = yaml.safe_load((root / "chat_sft" / "recipe.yaml").read_text())
+    assert resolved["model"]["init_args"]["init_from"] == str(root / "pretrain" / "export")
+    assert resolved["data"]["init_args"]["tokenizer"] == str(root / "pretrain" / "export" / "tokenizer.model")
+    assert len(list((root / "chat_sft").glob("logs/version_*"))) == 2
+    export = json.loads((root / "chat_sft" / "export" / "unimodal.json").read_text())
+    assert export["adapter"] == "adapter" and export["source"]["global_step"] == 4
+
+    # finished stages are skipped; the command prints the table
+    capsys.readouterr()
+    assert unimodal_main(["pipeline", str(PIPELINES / "text.yaml"), "--tiny", "--root", str(root)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["stage", "status", "steps", "train", "loss", "val", "loss", "wall", "output"]
+    assert [line.split()[:3] for line in table[2:]] == [["pretrain", "skipped", "4"], ["chat_sft", "skipped", "4"]]
+
+    # a finished stage whose configuration changed is not silently reused
+    changed = tmp_path / "changed.yaml"
+    raw = yaml.safe_load((PIPELINES / "text.yaml").read_text())
+    raw["tiny"]["chat_sft.trainer.max_steps"] = 5
+    changed.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PipelineError, match="stage 'chat_sft' finished with a different configuration"):
+        run_pipeline(changed, tiny=True, root=root)
+
+
+def write(tmp_path: Path, stages: list[dict], **extra) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages, **extra}))
+    return path
+
+
+def test_pipeline_files_are_checked_before_anything_runs(tmp_path):
+    tiny = "recipes/text/tiny.yaml"
+    with pytest.raises(FileNotFoundError, match="recipes not found: b: recipes/nope.yaml"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": "recipes/nope.yaml"}]))
+    with pytest.raises(PipelineError, match="initialises from 'z', which is not an earlier stage"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "init": "z"}]))
+    with pytest.raises(PipelineError, match="two stages are named 'a'"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "a", "recipe": tiny}]))
+    with pytest.raises(PipelineError, match=r"refers to \{stages.b\}"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "overrides": {"x.y": "{stages.b}/f"}}, {"name": "b", "recipe": tiny}]))
+    with pytest.raises(PipelineError, match="tiny key 'c.trainer.max_steps'"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"c.trainer.max_steps": 1}), tiny=True)
+    pipeline = load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "init": None}]))
+    assert [s.init for s in pipeline.stages] == [None, None] and pipeline.root == Path("runs/pipelines/p")
+
+
+def test_table_lists_every_stage():
+    from unimodal.pipeline import StageResult
+
+    table = format_table([StageResult("a", "done", 3, 1.23456, None, 2.5, "runs/a/export")])
+    assert table.splitlines()[2].split() == ["a", "done", "3", "1.2346", "-", "2.5", "s", "runs/a/export"]
+
+
+FAMILIES = ["orthus", "llamafusion", "mio", "seed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_pipeline_runs_tiny(family, tmp_path):
+    path = PIPELINES / f"{family}.yaml"
+    try:
+        pipeline = load_pipeline(path, tiny=True)
+    except FileNotFoundError as err:
+        pytest.skip(f"{family}: a stage recipe is not written yet ({err})")
+    results = run_pipeline(path, tiny=True, root=tmp_path / "runs")
+    assert [r.name for r in results] == [s.name for s in pipeline.stages]
+    assert all(r.status == "done" and Path(r.output).is_dir() for r in results)

@@ -1,0 +1,160 @@
+"""Exact resume on CPU, SIGTERM checkpoints, atomic checkpoint writes, ``--resume auto``."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from unimodal.training.cli import load_recipe, run_training
+from unimodal.training.module import UnimodalModule
+from unimodal.training.resume import AtomicCheckpointIO, Preempted, find_latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    """The tiny text recipe with dropout, so a resume that lost the RNG state would differ."""
+    config = load_recipe(RECIPE, tiny=True)
+    config["model"]["init_args"]["backbone"]["config"].update(attention_dropout=0.2, hidden_size=64, intermediate_size=128)
+    config["data"]["init_args"].update(seq_len=64, batch_size=2, steps_per_epoch=4, val_datasets=None)
+    path = tmp_path_factory.mktemp("recipe") / "tiny-dropout.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(recipe: Path, run: Path, *extra: str) -> None:
+    run_training([
+        str(recipe), f"--trainer.default_root_dir={run}", f"--trainer.max_steps={STEPS}",
+        "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.limit_val_batches=0", *extra,
+    ])
+
+
+def losses(run: Path) -> dict[int, float]:
+    """train/loss by step over every version of the run's CSV log (a resumed run adds a version)."""
+    out = {}
+    for metrics in sorted(run.glob("logs/version_*/metrics.csv")):
+        with metrics.open() as f:
+            out.update({int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")})
+    return out
+
+
+def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    train(recipe, reference)
+    expected = losses(reference)
+    assert sorted(expected) == list(range(STEPS))
+
+    # steps_per_epoch=4: the run is stopped in its second epoch, one batch into it
+    run = tmp_path / "interrupted"
+
+    def preempt_during_step_5(self):
+        if self.trainer.global_step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(UnimodalModule, "on_after_backward", preempt_during_step_5)
+        with pytest.raises(Preempted, match="step 5"):
+            train(recipe, run)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 5
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+    train(recipe, run, "--resume=auto")
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(STEPS))
+    assert resumed == expected  # bit-identical on CPU: weights, optimiser, schedule, RNG and data position restored
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_and_rejects_both_options(recipe, tmp_path):
+    run = tmp_path / "fresh"
+    train(recipe, run, "--resume=auto", "--trainer.max_steps=1")
+    assert find_latest_checkpoint(run / "checkpoints").name == "last.ckpt"
+    with pytest.raises(ValueError, match="not both"):
+        train(recipe, run, "--resume=auto", "--ckpt_path=last")
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_latest_checkpoint_is_the_newest_and_ignores_partial_writes(tmp_path):
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+    old, new = tmp_path / "epoch=0-step=5.ckpt", tmp_path / "last.ckpt"
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    os.utime(old, (1, 1))
+    (tmp_path / ".tmp-1-last.ckpt").write_bytes(b"partial")
+    assert find_latest_checkpoint(tmp_path) == new
+
+
+class FakeBatches(torch.utils.data.IterableDataset):
+    """Batches 0..9 with label counts 1..10: enough to see which ones a loader yields."""
+
+    epoch = 0
+
+    def __iter__(self):
+        for i in range(10):
+            yield SimpleNamespace(index=i, num_label_tokens=i + 1, window_label_tokens=None)
+
+
+def test_a_resumed_loader_drops_the_trained_batches_and_keeps_window_boundaries():
+    from unimodal.data.datamodule import WindowedLoader
+
+    loader = WindowedLoader(FakeBatches(), window=2, epoch=lambda: 3, done=lambda epoch: 5 if epoch == 3 else 0,
+                            collate_fn=lambda b: b)
+    batches = list(loader)
+    assert [b.index for b in batches] == [5, 6, 7, 8, 9]
+    # batch 5 ends the window it started in (4, 5); the windows after it are whole again
+    assert [int(b.window_label_tokens) for b in batches] == [6, 7 + 8, 7 + 8, 9 + 10, 9 + 10]
+
+
+def test_sigterm_waits_for_the_optimizer_step_of_an_accumulation_window(tmp_path):
+    from unimodal.training.resume import SaveOnSigterm
+
+    saved = []
+    progress = SimpleNamespace(current=SimpleNamespace(processed=0), is_last_batch=False)
+    trainer = SimpleNamespace(
+        received_sigterm=True, world_size=1, accumulate_grad_batches=4, global_step=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        save_checkpoint=saved.append,
+    )
+    trainer._signal_connector = trainer  # the flag Lightning reads lives on its signal connector
+    callback = SaveOnSigterm(tmp_path)
+    for processed in (5, 6, 7):  # SIGTERM during the window of batches 5-8
+        progress.current.processed = processed
+        callback.on_train_batch_end(trainer, None, None, None, processed - 1)
+        assert not saved and trainer.received_sigterm is False  # Lightning keeps going
+    progress.current.processed = 8
+    callback.on_train_batch_end(trainer, None, None, None, 7)
+    assert saved == [tmp_path / "last.ckpt"] and trainer.received_sigterm is True  # saved, then Lightning stops

@@ -1,0 +1,331 @@
+"""``unimodal pipeline``: stages of training run in order, each from the previous stage's model.
+
+A pipeline file::
+
+    # Command: unimodal pipeline recipes/pipelines/text.yaml
+    root: runs/pipelines/text            # every stage runs in ROOT/STAGE
+    stages:
+      - name: pretrain
+        recipe: recipes/text/tiny.yaml
+        overrides: {trainer.max_steps: 200}      # dotted keys, as in a recipe's tiny: section
+      - name: chat_sft
+        recipe: recipes/lora/chat_sft.yaml
+        init: previous                   # default after the first stage; null or a stage name
+        export: {merge_lora: true}
+    tiny:                                # --tiny: each recipe's own tiny: section, then these
+      root: runs/pipelines/text-tiny
+      pretrain.trainer.max_steps: 10
+
+``init: STAGE`` sets ``model.init_args.init_from`` to that stage's output and, when the output
+is a unified-model export, ``data.init_args.tokenizer`` to its tokenizer, so model, vocabulary
+and data agree. A stage's output is ``ROOT/STAGE/export`` (``unimodal export`` of its last
+checkpoint), or the directory named by ``output:`` (relative to ``ROOT/STAGE``) for a stage
+that writes its own (e.g. a media tokenizer). Override values may name earlier stages'
+outputs: ``"{stages.NAME}"`` and ``"{stages.NAME.tokenizer}"``.
+
+Re-running skips finished stages (``ROOT/STAGE/stage.json``) and resumes an interrupted one
+from its newest checkpoint (``--resume auto``). A stage on one device trains in this process;
+a stage on several devices runs as its own ``unimodal train`` process, which Lightning's
+launcher re-runs for the other ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("unimodal.pipeline")
+
+STAGE_FILE = "stage.json"
+RESOLVED_RECIPE = "recipe.yaml"
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# data settings that define how media become tokens: a stage initialised from a model inherits
+# those its recipe does not set (a generic recipe such as recipes/lora/chat_sft.yaml sets none)
+INHERITED_DATA_KEYS = ("code_ranges", "code_layers", "codecs", "feature_dim", "bidirectional", "input_layers")
+REFERENCE = re.compile(r"\{stages\.([A-Za-z0-9_-]+)(\.tokenizer)?\}")
+
+
+class PipelineError(ValueError):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str
+    recipe: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # the stage whose output initialises this one
+    merge_lora: bool = False
+    output: str | None = None  # a directory the stage writes itself, instead of an export
+
+
+@dataclass
+class Pipeline:
+    path: Path
+    root: Path
+    stages: list[Stage]
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.root / stage.name
+
+    def output_dir(self, stage: Stage) -> Path:
+        return self.stage_dir(stage) / (stage.output or "export")
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # done | skipped | interrupted
+    steps: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    wall_s: float = 0.0
+    output: str = ""
+
+
+def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None = None) -> Pipeline:
+    """Read and check a pipeline file: stage names, recipes, init and output references."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pipeline {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise PipelineError(f"{path}: expected a mapping with a non-empty 'stages' list")
+    tiny_overrides = raw.get("tiny") or {}
+    if tiny and not tiny_overrides:
+        raise PipelineError(f"pipeline {path} has no 'tiny:' section, so it cannot run with --tiny")
+    stages: list[Stage] = []
+    for index, entry in enumerate(raw["stages"]):
+        if not isinstance(entry, dict) or not NAME.match(str(entry.get("name", ""))):
+            raise PipelineError(f"{path}: stage {index} needs a 'name' of letters, digits, '_' or '-'")
+        name = entry["name"]
+        unknown = set(entry) - {"name", "recipe", "overrides", "init", "export", "output"}
+        if unknown:
+            raise PipelineError(f"{path}: stage {name!r} has unknown keys {sorted(unknown)}")
+        if any(s.name == name for s in stages):
+            raise PipelineError(f"{path}: two stages are named {name!r}")
+        init = entry.get("init", "previous" if stages else None)
+        if init == "previous":
+            init = stages[-1].name if stages else None
+        if init is not None and not any(s.name == init for s in stages):
+            raise PipelineError(f"{path}: stage {name!r} initialises from {init!r}, which is not an earlier stage")
+        stages.append(Stage(
+            name=name,
+            recipe=_find_recipe(str(entry.get("recipe", "")), path),
+            overrides=dict(entry.get("overrides") or {}),
+            init=init,
+            merge_lora=bool((entry.get("export") or {}).get("merge_lora", False)),
+            output=entry.get("output"),
+        ))
+    pipeline_root = raw.get("root", f"runs/pipelines/{path.stem}")
+    if tiny:
+        for dotted, value in tiny_overrides.items():
+            if dotted == "root":
+                pipeline_root = value
+                continue
+            stage_name, _, key = dotted.partition(".")
+            stage = next((s for s in stages if s.name == stage_name), None)
+            if stage is None or not key:
+                raise PipelineError(f"{path}: tiny key {dotted!r} is not 'root' or 'STAGE.dotted.key' of a stage")
+            stage.overrides[key] = value
+    missing = [f"{s.name}: {s.recipe}" for s in stages if not s.recipe.is_file()]
+    if missing:
+        raise FileNotFoundError(f"pipeline {path}: recipes not found: {'; '.join(missing)}")
+    for stage in stages:
+        earlier = {s.name for s in stages[: stages.index(stage)]}
+        for value in _strings(stage.overrides):
+            for ref in REFERENCE.findall(value):
+                if ref[0] not in earlier:
+                    raise PipelineError(f"{path}: stage {stage.name!r} refers to {{stages.{ref[0]}}}, not an earlier stage")
+    return Pipeline(path, Path(root) if root is not None else Path(pipeline_root), stages)
+
+
+def _find_recipe(recipe: str, pipeline: Path) -> Path:
+    """A recipe path as written (from the working directory), else from a folder above the
+    pipeline file: ``recipes/text/tiny.yaml`` works from the repository root and from elsewhere."""
+    path = Path(recipe)
+    if path.is_absolute() or path.is_file():
+        return path
+    for folder in pipeline.resolve().parents:
+        if (folder / path).is_file():
+            return folder / path
+    return path
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _substitute(value: Any, pipeline: Pipeline) -> Any:
+    """Replace ``{stages.NAME}`` / ``{stages.NAME.tokenizer}`` with earlier stages' outputs."""
+    from unimodal.training.export import tokenizer_path
+
+    def one(match: re.Match) -> str:
+        stage = next(s for s in pipeline.stages if s.name == match.group(1))
+        out = pipeline.output_dir(stage)
+        return str(tokenizer_path(out) if match.group(2) else out)
+
+    if isinstance(value, str):
+        return REFERENCE.sub(one, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, pipeline) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, pipeline) for v in value]
+    return value
+
+
+def resolve_stage(pipeline: Pipeline, stage: Stage, tiny: bool) -> dict[str, Any]:
+    """The stage's recipe with tiny, init and override values applied: what it trains with."""
+    from unimodal.training.cli import load_recipe, set_dotted
+    from unimodal.training.export import CONFIG_FILE, read_export_config, tokenizer_path
+
+    config = load_recipe(stage.recipe, tiny)
+    if stage.init is not None:
+        source = pipeline.output_dir(next(s for s in pipeline.stages if s.name == stage.init))
+        set_dotted(config, "model.init_args.init_from", str(source))
+        if (source / CONFIG_FILE).is_file():  # a unified model: its tokenizer, and media settings the recipe leaves out
+            set_dotted(config, "data.init_args.tokenizer", str(tokenizer_path(source)))
+            data_args = (config.get("data") or {}).get("init_args") or {}
+            for key, value in read_export_config(source)["data"].items():
+                if key in INHERITED_DATA_KEYS and key not in data_args:
+                    set_dotted(config, f"data.init_args.{key}", value)
+    for dotted, value in stage.overrides.items():
+        set_dotted(config, dotted, _substitute(value, pipeline))
+    set_dotted(config, "trainer.default_root_dir", str(pipeline.stage_dir(stage)))
+    return config
+
+
+def _fingerprint(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _last_metric(run_dir: Path, name: str) -> float | None:
+    value = None
+    for metrics in sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1])):
+        with metrics.open() as f:
+            for row in csv.DictReader(f):
+                if row.get(name):
+                    value = float(row[name])
+    return value
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _train(config_file: Path) -> int | None:
+    """Fit one stage: here on one device (returns its step), else as a ``unimodal train``
+    process of its own (returns None)."""
+    from unimodal.training.cli import fit_cli, make_cli
+
+    args = [str(config_file), "--resume=auto"]
+    cli = make_cli(args)
+    if cli.trainer.world_size == 1:
+        return fit_cli(cli).global_step
+    del cli
+    result = subprocess.run([sys.executable, "-m", "unimodal.cli", "train", *args], check=False)
+    if result.returncode == 143:
+        from unimodal.training.resume import Preempted
+
+        raise Preempted(f"stage process {config_file} stopped by SIGTERM")
+    if result.returncode != 0:
+        raise RuntimeError(f"training {config_file} failed with exit code {result.returncode}")
+    return None
+
+
+def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool) -> StageResult:
+    from unimodal.training.export import export
+    from unimodal.training.resume import Preempted, find_latest_checkpoint
+
+    stage_dir = pipeline.stage_dir(stage)
+    marker = stage_dir / STAGE_FILE
+    config = resolve_stage(pipeline, stage, tiny)
+    fingerprint = _fingerprint(config)
+    previous = json.loads(marker.read_text()) if marker.is_file() else {}
+    if previous.get("status") == "done":
+        if previous.get("fingerprint") != fingerprint:
+            raise PipelineError(
+                f"stage {stage.name!r} finished with a different configuration ({marker}); "
+                f"remove {stage_dir} to run it again with the new one"
+            )
+        return StageResult(**{**previous["result"], "status": "skipped"})
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    config_file = stage_dir / RESOLVED_RECIPE
+    config_file.write_text(f"# stage {stage.name} of {pipeline.path}\n" + yaml.safe_dump(config, sort_keys=False))
+    started, spent = time.perf_counter(), float(previous.get("wall_s", 0.0))
+    log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
+    try:
+        steps = _train(config_file)
+    except Preempted:
+        marker.write_text(json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
+        raise
+    output = pipeline.output_dir(stage)
+    checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
+    if _global_rank() != 0:  # rank 0 exports; the others wait for its marker
+        while not marker.is_file() or json.loads(marker.read_text()).get("status") != "done":
+            time.sleep(5)
+        return StageResult(**{**json.loads(marker.read_text())["result"], "status": "done"})
+    if stage.output is None:
+        if checkpoint is None:
+            raise PipelineError(f"stage {stage.name!r} left no checkpoint in {stage_dir / 'checkpoints'}")
+        export(checkpoint, output, merge_lora=stage.merge_lora, replace=True)
+    elif not output.is_dir():
+        raise PipelineError(f"stage {stage.name!r} should have written its output to {output}, which does not exist")
+    result = StageResult(
+        name=stage.name,
+        status="done",
+        steps=steps if steps is not None else _checkpoint_step(checkpoint),
+        train_loss=_last_metric(stage_dir, "train/loss"),
+        val_loss=_last_metric(stage_dir, "val/loss"),
+        wall_s=spent + time.perf_counter() - started,
+        output=str(output),
+    )
+    marker.write_text(json.dumps({"status": "done", "fingerprint": fingerprint, "result": asdict(result)}, indent=2) + "\n")
+    return result
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int | None:
+    if checkpoint is None or checkpoint.is_dir():
+        return None
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+
+
+def run_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None = None) -> list[StageResult]:
+    """Run every stage in order (skipping finished ones); returns one result per stage."""
+    pipeline = load_pipeline(path, tiny, root)
+    return [_run_stage(pipeline, stage, tiny) for stage in pipeline.stages]
+
+
+def format_table(results: list[StageResult]) -> str:
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = [("stage", "status", "steps", "train loss", "val loss", "wall", "output")]
+    rows += [
+        (r.name, r.status, number(r.steps, "d"), number(r.train_loss, ".4f"), number(r.val_loss, ".4f"),
+         f"{r.wall_s:.1f} s", r.output)
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])

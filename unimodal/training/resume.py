@@ -1,0 +1,155 @@
+"""Resuming runs exactly, saving on pre-emption, and writing checkpoints atomically.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint file to a temporary name in the same
+  directory and renames it, so a crash (or a kill) during a save leaves the previous file whole.
+- :class:`RunState` stores what Lightning's checkpoint lacks for an exact resume: the RNG states
+  of every rank (dropout, noise), restored just before the first resumed step so that nothing
+  run in between (sanity checks, data loader start-up) shifts them; and the run's resolved
+  config, which ``unimodal export`` reads. The data position is the data module's
+  ``state_dict`` (see ``UnimodalDataModule``); model, optimiser, scheduler and step are Lightning's.
+- :class:`SaveOnSigterm` turns a SIGTERM (pre-emption) into a checkpoint at the next optimizer
+  step boundary, after which Lightning stops the run.
+- :func:`find_latest_checkpoint` is what ``--resume auto`` resumes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from unimodal.cli import CLIError
+
+log = logging.getLogger("unimodal.train")
+
+RNG_KEY = "unimodal_rng"
+TEMP_PREFIX = ".tmp-"
+
+
+class Preempted(CLIError):
+    """The run stopped on SIGTERM after saving a checkpoint; ``--resume auto`` continues it."""
+
+    exit_code = 143  # 128 + SIGTERM, as if the signal had ended the process
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, written to ``.tmp-NAME`` and renamed into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
+        try:
+            super().save_checkpoint(checkpoint, temp, storage_options)
+            with open(temp, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+
+def _checkpoint_time(path: Path) -> float:
+    # a DeepSpeed checkpoint is a directory whose 'latest' file is written last
+    return (path / "latest").stat().st_mtime if path.is_dir() else path.stat().st_mtime
+
+
+def find_latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint (``*.ckpt`` file or DeepSpeed directory) in ``directory``, or None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [
+        p for p in directory.glob("*.ckpt")
+        if not p.name.startswith(TEMP_PREFIX) and (p.is_file() or (p / "latest").is_file())
+    ]
+    return max(found, key=_checkpoint_time, default=None)
+
+
+def _rng_state() -> dict[str, Any]:
+    # plain types and tensors only: Lightning loads checkpoints with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunState(Callback):
+    """Saves every rank's RNG states and the run config in checkpoints; restores the RNG on resume."""
+
+    def __init__(self, run_config: dict[str, Any] | None = None):
+        self.run_config = run_config
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        from unimodal.training.export import RUN_CONFIG_KEY
+
+        states = [_rng_state()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, _rng_state())
+        checkpoint[RNG_KEY] = states
+        if self.run_config is not None:
+            checkpoint[RUN_CONFIG_KEY] = self.run_config
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RNG_KEY)
+        if not states:
+            return
+        rank = trainer.global_rank
+        if len(states) != trainer.world_size:
+            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: random streams differ from an uninterrupted run", len(states), trainer.world_size)
+        self._pending = states[rank] if rank < len(states) else states[0]
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            _set_rng_state(self._pending)
+            self._pending = None
+
+
+class SaveOnSigterm(Callback):
+    """On SIGTERM, save ``last.ckpt`` at the next optimizer-step boundary; Lightning then stops.
+
+    With gradient accumulation the stop waits for the window's optimizer step, so the checkpoint
+    never holds half a window. Ranks agree on stopping (any rank signalled stops all).
+    """
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+        self._held = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stop = trainer.received_sigterm or self._held
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop or self.saved is not None:
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        at_step = progress.current.processed % trainer.accumulate_grad_batches == 0 or progress.is_last_batch
+        # Lightning raises SIGTERMException after this batch while its flag is set: hold it until
+        # the optimizer step (the flag is Lightning's; there is no public setter)
+        trainer._signal_connector.received_sigterm = at_step
+        self._held = not at_step
+        if at_step:
+            self.saved = self.dirpath / "last.ckpt"
+            trainer.save_checkpoint(self.saved)
+            log.warning("SIGTERM: saved %s at step %d; continue with --resume auto", self.saved, trainer.global_step)
