@@ -1,0 +1,77 @@
+"""Synthesise the spoken digit words committed under data/digits/speech/ (run once; needs espeak-ng).
+
+    apt-get install -y espeak-ng
+    .venv/bin/python data/digits/make_speech.py
+
+Every voice (an espeak-ng language + voice variant) says "zero" ... "nine" at three speed and pitch
+settings (below). The waveform is resampled to 16 kHz mono, trimmed to the spoken word
+(plus a short margin), peak-normalised and written as 16-bit FLAC. ``manifest.json`` lists
+every file with its digit, voice, speed, pitch and split: the voices in TEST_VOICES are the
+held-out split, never seen in training. The world (unimodal/data/digits.py) reads the manifest
+and the files; it does not need espeak-ng.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from unimodal.modalities.audio import resample
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TRAIN_VOICES = (
+    "en-us+m1", "en-us+f3", "en-gb+m7", "en-gb+f2", "en-gb-scotland+m3", "en-us-nyc+f4",
+    "en-gb-x-rp+m2", "en-029+f1", "en-gb-x-gbclan+m5",
+)  # fmt: skip
+TEST_VOICES = ("en-us+m4", "en-gb+f5", "en-gb-x-rp+m6")
+# (words per minute, pitch 0-99): espeak-ng -s and -p; three settings per voice keep the files small
+SETTINGS = ((140, 35), (175, 65), (210, 50))
+RATE = 16000
+MARGIN_S = 0.03
+SILENCE = 0.02  # fraction of the peak below which a sample counts as silence
+
+
+def synthesise(voice: str, speed: int, pitch: int, word: str) -> np.ndarray:
+    raw = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with wave.open(io.BytesIO(raw)) as w:
+        source_rate = w.getframerate()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+    audio = resample(pcm, source_rate, RATE)
+    loud = np.nonzero(np.abs(audio) > SILENCE * np.abs(audio).max())[0]
+    margin = int(MARGIN_S * RATE)
+    audio = audio[max(loud[0] - margin, 0) : loud[-1] + margin]
+    return (0.9 * audio / np.abs(audio).max()).astype(np.float32)
+
+
+def main(out: Path = Path(__file__).parent) -> None:
+    speech = out / "speech"
+    speech.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for split, voices in (("train", TRAIN_VOICES), ("test", TEST_VOICES)):
+        for voice in voices:
+            for speed, pitch in SETTINGS:
+                for digit, word in enumerate(WORDS):
+                    name = f"{voice.replace('+', '_')}-s{speed}-p{pitch}-{digit}.flac"
+                    audio = synthesise(voice, speed, pitch, word)
+                    soundfile.write(speech / name, audio, RATE, subtype="PCM_16", compression_level=1.0)
+                    entries.append(
+                        {"file": f"speech/{name}", "digit": digit, "voice": voice, "speed": speed, "pitch": pitch, "split": split}
+                    )
+    rows = ",\n".join(json.dumps(entry) for entry in entries)  # one file per line: readable diffs
+    (out / "manifest.json").write_text(f'{{"rate": {RATE}, "files": [\n{rows}\n]}}\n')
+    size = sum((out / e["file"]).stat().st_size for e in entries)
+    print(f"wrote {len(entries)} files ({size / 2**20:.2f} MiB) and manifest.json under {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The digits scoreboard: scoring proven with fake models (an oracle, wrong ones) and the CLI path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from unimodal.data.digits import WORDS, digit_images, parse_digits, utterances
+from unimodal.eval import digits as suite
+from unimodal.eval.digits import Item, assistant_responder, items, judge_reply, run_suite
+
+KEYS = ("caption_acc", "transcribe_acc", "draw_acc", "speak_acc", "interleaved_acc", "judge_image_acc", "judge_audio_acc")
+
+
+class Oracle:
+    """Answers from the ground truth: the test media's labels, real train images and voices."""
+
+    def __init__(self, shift: int = 0, story_order: int = 1):
+        self.shift, self.story_order = shift, story_order
+        self.images = {im.rgb().tobytes(): im.digit for im in digit_images("test")}
+        self.clips = {u.load()[0].tobytes(): u.digit for u in utterances("test")}
+        self.drawn = {d: next(im.pixels for im in digit_images("train") if im.digit == d) for d in range(10)}
+        self.spoken = {d: next(u.load() for u in utterances("train") if u.digit == d) for d in range(10)}
+
+    def answer(self, messages: list[dict]) -> list[dict]:
+        content = messages[-1]["content"]
+        text = " ".join(p["text"] for p in content if p["type"] == "text")
+        for part in content:
+            if part["type"] == "image":
+                return [{"type": "text", "text": f"It is {WORDS[(self.images[part['image'].tobytes()] + self.shift) % 10]}."}]
+            if part["type"] == "audio":
+                return [{"type": "text", "text": WORDS[(self.clips[part["audio"][0].tobytes()] + self.shift) % 10]}]
+        asked = [(d + self.shift) % 10 for d in parse_digits(text)]
+        if text.startswith(("Count", "Draw the numbers")):
+            first, last = asked
+            out = []
+            for d in list(range(first, last + 1))[:: self.story_order]:
+                out += [{"type": "text", "text": f"{WORDS[d]}:"}, {"type": "image", "image": self.drawn[d]}]
+            return out
+        if text.startswith(("Say", "Speak", "How do you pronounce")):
+            return [{"type": "audio", "audio": self.spoken[asked[0]]}]
+        return [{"type": "image", "image": self.drawn[asked[0]]}]
+
+    def __call__(self, batch: list[list[dict]]) -> list[list[dict]]:
+        return [self.answer(messages) for messages in batch]
+
+
+def test_oracle_scores_full_marks():
+    report = run_suite(Oracle(), batch_size=64)
+    for key in KEYS:
+        assert report[key] is not None
+    assert report["caption_acc"] == report["transcribe_acc"] == 1.0
+    assert report["draw_acc"] == report["speak_acc"] == report["interleaved_acc"] == 1.0
+    assert report["judge_image_acc"] >= 0.97 and report["judge_audio_acc"] >= 0.95
+    assert report["counts"] == {"caption": 360, "transcribe": 90, "draw": 50, "speak": 50, "story": 24}
+    assert report["image_codec_roundtrip_acc"] is None and all(not f for f in report["failures"].values())
+
+
+def test_wrong_answers_score_zero_and_are_shown():
+    report = run_suite(Oracle(shift=1), limit=12)
+    for key in ("caption_acc", "transcribe_acc", "draw_acc", "speak_acc", "interleaved_acc"):
+        assert report[key] == 0.0
+    assert report["counts"]["caption"] == 12
+    first = report["failures"]["caption"][0]
+    assert first["read"] == [(first["expected"] + 1) % 10]
+
+
+def test_stories_must_be_in_order():
+    assert run_suite(Oracle(story_order=-1), limit=6)["interleaved_acc"] == 0.0
+
+
+def test_reply_judging_rules():
+    caption = Item("caption", [], 7)
+    assert judge_reply(caption, [{"type": "text", "text": "It is seven (7)."}])[0]
+    assert not judge_reply(caption, [{"type": "text", "text": "seven or eight"}])[0]
+    assert not judge_reply(caption, [{"type": "text", "text": "I do not know."}])[0]
+    assert not judge_reply(caption, [])[0]
+    seven = next(im.pixels for im in digit_images("train") if im.digit == 7)
+    draw = Item("draw", [], 7)
+    assert judge_reply(draw, [{"type": "text", "text": "Here:"}, {"type": "image", "image": seven}])[0]
+    assert not judge_reply(draw, [{"type": "text", "text": "seven"}])[0]
+    assert not judge_reply(draw, [{"type": "image", "image": None}])[0]  # the codec decoded nothing
+    story = Item("story", [], (6, 7))
+    assert not judge_reply(story, [{"type": "image", "image": seven}])[0]  # a picture is missing
+
+
+def test_questions_cycle_phrasings_and_limit():
+    questions = items(limit=10)
+    assert all(len(q) == 10 for q in questions.values())
+    draw_prompts = {q.messages[0]["content"][0]["text"] for q in questions["draw"]}
+    assert len(draw_prompts) == 10 and any(p[-2].isdigit() for p in draw_prompts)
+    assert {len({str(q.messages) for q in questions["caption"][:3]})} == {3}
+    # a sample of the whole test set, not its start (which holds only zeros and fives)
+    assert len({q.target for q in questions["caption"]}) >= 6 and len({q.target for q in questions["transcribe"]}) >= 5
+    assert [q.target for q in items(limit=10)["caption"]] == [q.target for q in questions["caption"]]  # fixed
+
+
+def test_bad_responders_are_caught():
+    with pytest.raises(RuntimeError, match="answered 0 of"):
+        run_suite(lambda batch: [], limit=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        run_suite(Oracle(), batch_size=0)
+
+
+@dataclass
+class FakePart:
+    type: str
+    text: str = ""
+    image: Any = None
+    audio: Any = None
+    sample_rate: int | None = None
+
+
+@dataclass
+class FakeReply:
+    parts: list[FakePart]
+
+
+@dataclass
+class FakeAssistant:
+    """Stands in for ``unimodal.load(DIR)``: an Assistant whose ``generate`` answers like the oracle."""
+
+    oracle: Oracle = field(default_factory=Oracle)
+    codecs: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)
+
+    def generate(self, batch, **settings):
+        self.calls.append(settings)
+        replies = []
+        for parts in self.oracle(batch):
+            converted = []
+            for p in parts:
+                if p["type"] == "audio":
+                    converted.append(FakePart("audio", audio=p["audio"][0], sample_rate=p["audio"][1]))
+                else:
+                    converted.append(FakePart(p["type"], text=p.get("text", ""), image=p.get("image")))
+            replies.append(FakeReply(converted))
+        return replies
+
+
+def test_assistant_responder_converts_replies():
+    assistant = FakeAssistant()
+    report = run_suite(assistant_responder(assistant, temperature=0.0), limit=5)
+    assert all(report[key] == 1.0 for key in KEYS[:5])
+    assert assistant.calls and all(call == {"temperature": 0.0} for call in assistant.calls)
+
+
+def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
+    import unimodal
+    from unimodal.cli import main
+
+    class PassThrough:  # an audio "codec" that keeps the waveform: round trip = judge accuracy
+        def encode(self, part):
+            return part.data[0]
+
+        def decode(self, array):
+            return array, 16000
+
+    codec = PassThrough()
+    loaded = []
+    fake = FakeAssistant(codecs={"audio": codec})
+    monkeypatch.setattr(unimodal, "load", lambda path, device: loaded.append((path, device)) or fake, raising=False)
+    out = tmp_path / "report.json"
+    argv = ["eval", str(tmp_path), "--suite", "digits", "--limit", "3", "--out", str(out), "--device", "cpu", "--seed", "1"]
+    assert main(argv) == 0
+    assert fake.calls and all(call == {"seed": 1} for call in fake.calls)
+    assert loaded == [(str(tmp_path), "cpu")]
+    report = json.loads(out.read_text())
+    assert all(key in report for key in KEYS)
+    assert report["audio_codec_roundtrip_acc"] == report["judge_audio_acc"] and report["image_codec_roundtrip_acc"] is None
+    printed = capsys.readouterr().out
+    assert "caption_acc" in printed and str(out) in printed
+
+
+def test_eval_cli_errors_in_one_line(tmp_path, capsys):
+    from unimodal.cli import main
+
+    assert main(["eval", str(tmp_path / "missing"), "--suite", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unimodal eval: error:") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), "--suite", "nope"])
+
+
+def test_codec_roundtrip_uses_the_codec():
+    class Blank:
+        def encode(self, part):
+            return np.zeros((1, 1), np.int64)
+
+        def decode(self, array):
+            return np.zeros((16, 16), np.uint8)
+
+    assert suite.codec_roundtrip("image", Blank()) <= 0.2  # every image decoded blank: one label at most
+
+
+def test_the_suite_drives_a_real_assistant():
+    """The adapter against the real chat engine (a random tiny model with fake codecs): every
+    question gets an answer, and the scores are well-formed fractions."""
+    from inference_helpers import media_assistant
+
+    report = run_suite(assistant_responder(media_assistant(), max_new_tokens=12, seed=0), limit=2, batch_size=4)
+    assert report["counts"] == {task: 2 for task in report["counts"]}
+    assert all(0.0 <= report[key] <= 1.0 for key in KEYS)

@@ -1,0 +1,176 @@
+"""The digits world: splits, templates, and a small build read back through the data tools."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unimodal.data import digits
+from unimodal.data.digits import (
+    CHAT,
+    PRETRAIN,
+    WORDS,
+    build_world,
+    chat_prompt,
+    chat_segments,
+    digit_images,
+    parse_digits,
+    pretrain_segments,
+    render,
+    story_targets,
+    upsample,
+    utterances,
+)
+from unimodal.modalities.digit_audio import DigitAudioConfig
+
+SMALL = {"image": 0.03, "speech": 0.3, "story": 12, "arithmetic": 6}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    build_world(root, copies={"train": SMALL, "test": SMALL}, audio_codec=DigitAudioConfig(layers=2, codebook_size=64))
+    return root
+
+
+def test_image_split_holds_out_every_fifth_index():
+    train, test = digit_images("train"), digit_images("test")
+    assert (len(train), len(test)) == (1437, 360)
+    assert all(im.index % 5 == 0 for im in test) and not any(im.index % 5 == 0 for im in train)
+    assert {im.digit for im in test} == set(range(10))
+    assert train[0].pixels.shape == (16, 16) and train[0].pixels.dtype == np.uint8
+    assert train[0].rgb().shape == (16, 16, 3)
+
+
+def test_upsample_maps_grey_levels_to_bytes():
+    pixels = np.zeros((8, 8))
+    pixels[2:6, 2:6] = 16
+    image = upsample(pixels)
+    assert image.shape == (16, 16) and image.dtype == np.uint8
+    assert image.max() == 255 and image[0, 0] == 0 and image[7, 7] == 255
+
+
+def test_speech_split_holds_out_whole_voices():
+    train, test = utterances("train"), utterances("test")
+    assert (len(train), len(test)) == (270, 90)
+    assert not {u.voice for u in train} & {u.voice for u in test}
+    waveform, rate = test[0].load()
+    assert rate == 16000 and waveform.dtype == np.float32 and 0.1 < len(waveform) / rate < 1.0
+    waveform[:] = 0  # a copy: the cached file stays intact
+    assert np.abs(test[0].load()[0]).max() > 0
+
+
+def test_missing_speech_dir_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNIMODAL_DIGITS_SPEECH", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="UNIMODAL_DIGITS_SPEECH"):
+        utterances("train")
+    with pytest.raises(ValueError, match="split"):
+        digit_images("val")
+
+
+def test_render_places_media_and_checks_their_count():
+    assert render("{image} It is {word}.", ["I"], word="two") == [("image", "I"), ("text", "It is two.")]
+    with pytest.raises(ValueError, match="more media"):
+        render("{image} and {image}", ["I"])
+    with pytest.raises(ValueError, match="fewer media"):
+        render("{image}", ["I", "J"])
+
+
+@pytest.mark.parametrize("task", ["caption", "draw", "transcribe", "speak"])
+def test_every_phrasing_states_only_the_target(task):
+    kind = "image" if task in ("caption", "draw") else "audio"
+    for variant in range(len(CHAT[task])):
+        for numeral in (False, True):
+            user, assistant = chat_segments(task, 7, ["M"], variant, numeral)
+            media_side = user if task in ("caption", "transcribe") else assistant
+            assert [s for s in media_side if s[0] == kind] == [(kind, "M")]
+            said = parse_digits(" ".join(v for k, v in user + assistant if k == "text"))
+            assert said and set(said) == {7}
+    for variant in range(len(PRETRAIN[task])):
+        segments = pretrain_segments(task, 3, ["M"], variant)
+        assert (kind, "M") in segments and set(parse_digits(" ".join(v for k, v in segments if k == "text"))) == {3}
+
+
+def test_story_pictures_follow_their_numbers():
+    user, assistant = chat_segments("story", (3, 5), ["a", "b", "c"], 0)
+    assert [s for s in assistant if s[0] == "image"] == [("image", "a"), ("image", "b"), ("image", "c")]
+    assert [s[1] for s in assistant if s[0] == "text"] == ["Three:", "Four:", "Five:"]
+    for variant in range(len(CHAT["story"])):
+        for numeral in (False, True):
+            user, _ = chat_segments("story", (3, 5), ["a", "b", "c"], variant, numeral)
+            assert parse_digits(user[0][1]) == [3, 5]
+    assert len(story_targets()) == 24 and all(2 <= last - first + 1 <= 4 for first, last in story_targets())
+
+
+def test_chat_prompt_is_engine_messages():
+    image = digit_images("test")[0]
+    [message] = chat_prompt("caption", image.digit, [image.rgb()], 0)
+    assert message["role"] == "user"
+    assert [p["type"] for p in message["content"]] == ["image", "text"]
+    assert message["content"][0]["image"].shape == (16, 16, 3)
+
+
+def test_parse_digits_reads_words_and_numerals_only_as_words():
+    assert parse_digits("It is Seven, not 8.") == [7, 8]
+    assert parse_digits("someone wrote none of 12") == []
+    assert parse_digits("") == []
+    assert WORDS[parse_digits("I hear nine.")[0]] == "nine"
+
+
+def test_built_world_reads_back(world):
+    from unimodal.data.shards import read_documents
+
+    summary = json.loads((world / "world.json").read_text())
+    for form in ("pretrain", "chat"):
+        for split in ("train", "test"):
+            docs = list(read_documents(world / form / split))
+            assert len(docs) == summary[f"{form}/{split}"] > 0
+            assert {d.meta["task"] for d in docs} == set(digits.TASKS)
+    chat = list(read_documents(world / "chat" / "train"))
+    for doc in chat:
+        roles = [p.role for p in doc.parts]
+        assert roles[0] == "user" and roles[-1] == "assistant" and sorted(set(roles)) == ["assistant", "user"]
+        assert all(p.loss == (p.role == "assistant") for p in doc.parts)
+    caption = next(d for d in chat if d.meta["task"] == "caption")
+    assert caption.parts[0].data.shape == (16, 16, 3) or caption.parts[1].data.shape == (16, 16, 3)
+    assert not any(p.role for d in read_documents(world / "pretrain" / "train") for p in d.parts)
+
+
+def test_built_world_keeps_test_media_out_of_training(world):
+    test_voices = {u.voice for u in utterances("test")}
+    for form in ("pretrain", "chat"):
+        for line in (world / f"{form}-train.jsonl").read_text().splitlines():
+            for part in json.loads(line)["parts"]:
+                if part["type"] == "image":
+                    assert int(Path(part["path"]).stem) % 5 != 0
+                elif part["type"] == "audio":
+                    assert not any(part["path"].split("/")[-1].startswith(v.replace("+", "_") + "-") for v in test_voices)
+
+
+def test_built_world_tokenizer_and_codec(world):
+    from unimodal.data.tokenizer import load_tokenizer
+    from unimodal.modalities.digit_audio import DigitAudioCodec
+
+    tokenizer = load_tokenizer(world / "tokenizer.model")
+    assert tokenizer.vocab_size == 512
+    assert len(tokenizer.encode("It is seven.")) <= 5
+    assert tokenizer.decode(tokenizer.encode("Count from 3 to 5 with pictures.")) == "Count from 3 to 5 with pictures."
+    assert len(tokenizer.encode("<|im_start|>assistant")) <= 8  # chat markers were in its training text
+    codec = DigitAudioCodec(path=str(world / "audio_codec"))
+    assert codec.fingerprint() == json.loads((world / "world.json").read_text())["audio_codec"]
+    assert codec.encode_waveform(*utterances("test")[0].load()).shape[0] == 2
+
+
+def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
+    from unimodal.cli import main
+    from unimodal.data import builtin
+
+    assert builtin.BUILDERS["digits"] is builtin.build_digits
+    built = []
+    monkeypatch.setattr(digits, "build_world", lambda out, seed: built.append((out, seed)) or {"chat/train": 3})
+    assert main(["data", "digits", "--out", str(tmp_path / "w"), "--seed", "4"]) == 0
+    assert built == [(str(tmp_path / "w"), 4)]
+    assert "chat/train 3" in capsys.readouterr().out

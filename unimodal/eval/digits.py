@@ -1,0 +1,228 @@
+"""The digits scoreboard: ``unimodal eval DIR --suite digits`` (``docs/digits-world.md``).
+
+The suite asks the digits world's chat questions (the phrasings the chat data uses, see
+:func:`unimodal.data.digits.chat_prompt`) on the held-out split and scores the replies:
+
+- ``caption_acc``: test images; right when the reply names exactly the shown digit (as a word or
+  a numeral, possibly several times, no other digit);
+- ``transcribe_acc``: test voices' utterances, scored the same way;
+- ``draw_acc`` / ``speak_acc``: "draw 7" / "say 7" prompts; right when the image judge / audio
+  judge recognises the requested digit in the reply's first image / audio part;
+- ``interleaved_acc``: "count from 3 to 5 with pictures"; right when the reply holds exactly
+  one image per number and the judge reads them as 3, 4, 5 in order;
+- ``judge_image_acc`` / ``judge_audio_acc``: the judges' accuracy on the real held-out data;
+- ``{image,audio}_codec_roundtrip_acc``: judge accuracy on held-out media after the model's codec
+  encodes and decodes them (what generation can at best reach); null without a codec.
+
+The model is reached through one narrow function, a :data:`Responder`: a batch of conversations
+(OpenAI-style messages, media as arrays) in, one reply per conversation out, each an ordered list
+of parts ``{"type": "text", "text": str}``, ``{"type": "image", "image": PIL | HxW[xC] array}``,
+``{"type": "audio", "audio": (waveform, sample_rate)}``. :func:`assistant_responder` builds it
+from ``unimodal.load(DIR)``; tests use fake models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unimodal.data.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
+from unimodal.data.schema import Part
+from unimodal.eval.judges import audio_judge, image_judge
+
+log = logging.getLogger("unimodal.eval")
+
+Message = dict[str, Any]
+ReplyParts = list[dict[str, Any]]
+Responder = Callable[[list[list[Message]]], list[ReplyParts]]
+
+TASKS = ("caption", "transcribe", "draw", "speak", "story")
+METRICS = {
+    "caption": "caption_acc", "transcribe": "transcribe_acc", "draw": "draw_acc", "speak": "speak_acc",
+    "story": "interleaved_acc",
+}  # fmt: skip
+GOALS = {
+    "caption_acc": 0.97, "transcribe_acc": 0.95, "draw_acc": 0.95, "speak_acc": 0.85, "interleaved_acc": 0.85,
+    "judge_image_acc": 0.97, "judge_audio_acc": 0.95,
+}  # fmt: skip
+
+
+@dataclass
+class Item:
+    """One question: its task, the conversation to send, and the expected digit (or story range)."""
+
+    task: str
+    messages: list[Message]
+    target: Any
+
+
+def items(limit: int | None = None, repeats: int = 5) -> dict[str, list[Item]]:
+    """The held-out questions of every task (at most ``limit`` each, a fixed sample); prompts cycle
+    through the chat phrasings, and draw/speak ask for each digit ``repeats`` times."""
+    out: dict[str, list[Item]] = {task: [] for task in TASKS}
+    for i, image in enumerate(digit_images("test")):
+        out["caption"].append(Item("caption", chat_prompt("caption", image.digit, [image.rgb()], i), image.digit))
+    for i, clip in enumerate(utterances("test")):
+        out["transcribe"].append(Item("transcribe", chat_prompt("transcribe", clip.digit, [clip.load()], i), clip.digit))
+    for task in ("draw", "speak"):
+        for r in range(repeats):
+            for digit in range(10):
+                out[task].append(Item(task, chat_prompt(task, digit, [], r, numeral=bool((r + digit) % 2)), digit))
+    for i, target in enumerate(story_targets()):
+        out["story"].append(Item("story", chat_prompt("story", target, [], i, numeral=bool(i % 2)), target))
+    return {task: _spread(questions, limit) for task, questions in out.items()}
+
+
+def _spread(questions: list[Item], limit: int | None) -> list[Item]:
+    """At most ``limit`` questions, a fixed random sample in their order: the test sets are ordered
+    by digit or by voice, so the first few (or evenly spaced ones) would cover a few digits only."""
+    if limit is None or limit >= len(questions):
+        return questions
+    keep = np.sort(np.random.default_rng(0).permutation(len(questions))[: max(limit, 0)])
+    return [questions[i] for i in keep]
+
+
+def _of_type(reply: ReplyParts, kind: str) -> list[Any]:
+    return [part.get(kind) for part in reply if part.get("type") == kind]
+
+
+def judge_reply(item: Item, reply: ReplyParts) -> tuple[bool, Any]:
+    """Whether a reply is right, and what was read from it (digits said, or digits judged)."""
+    if item.task in ("caption", "transcribe"):
+        said = parse_digits(" ".join(_of_type(reply, "text")))
+        return bool(said) and all(d == item.target for d in said), said
+    if item.task == "draw":
+        images = [im for im in _of_type(reply, "image") if im is not None]
+        seen = image_judge().predict(images[:1])
+        return seen == [item.target], seen
+    if item.task == "speak":
+        clips = [clip for clip in _of_type(reply, "audio") if clip is not None]
+        heard = audio_judge().predict(clips[:1])
+        return heard == [item.target], heard
+    first, last = item.target
+    seen = image_judge().predict([im for im in _of_type(reply, "image") if im is not None])
+    return seen == list(range(first, last + 1)), seen
+
+
+def _prompt_text(item: Item) -> str:
+    return " ".join(p.get("text", f"<{p['type']}>") for p in item.messages[-1]["content"])
+
+
+def codec_roundtrip(modality: str, codec: Any) -> float:
+    """Judge accuracy on held-out media after ``codec.encode`` then ``codec.decode``."""
+    if modality == "image":
+        test = digit_images("test")
+        decoded = [codec.decode(codec.encode(Part("image", data=im.rgb()))) for im in test]
+        return float(np.mean(np.asarray(image_judge().predict(decoded)) == [im.digit for im in test]))
+    test = utterances("test")
+    decoded = [codec.decode(codec.encode(Part("audio", data=u.load()))) for u in test]
+    return float(np.mean(np.asarray(audio_judge().predict(decoded)) == [u.digit for u in test]))
+
+
+def run_suite(
+    respond: Responder,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    codecs: dict[str, Any] | None = None,
+    failures_kept: int = 5,
+) -> dict[str, Any]:
+    """Score ``respond`` on every task; return the report (metrics, counts, goals, first failures)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    report: dict[str, Any] = {"suite": "digits"}
+    counts, failures = {}, {}
+    for task, questions in items(limit).items():
+        right, failed = 0, []
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start : start + batch_size]
+            replies = respond([q.messages for q in batch])
+            if len(replies) != len(batch):
+                raise RuntimeError(f"the responder answered {len(replies)} of {len(batch)} conversations")
+            for item, reply in zip(batch, replies):
+                ok, read = judge_reply(item, reply)
+                right += ok
+                if not ok and len(failed) < failures_kept:
+                    text = " ".join(_of_type(reply, "text"))
+                    failed.append({"prompt": _prompt_text(item), "expected": item.target, "read": read, "reply_text": text})
+        report[METRICS[task]] = right / len(questions) if questions else None
+        counts[task], failures[task] = len(questions), failed
+        log.info("digits %s: %d/%d", task, right, len(questions))
+    report["judge_image_acc"] = image_judge().heldout_accuracy()
+    report["judge_audio_acc"] = audio_judge().heldout_accuracy()
+    for modality in ("image", "audio"):
+        codec = (codecs or {}).get(modality)
+        report[f"{modality}_codec_roundtrip_acc"] = None if codec is None else codec_roundtrip(modality, codec)
+    report.update(counts=counts, goals=GOALS, failures=failures)
+    return report
+
+
+def _reply_parts(reply: Any) -> ReplyParts:
+    """An Assistant ``Reply`` as suite parts (media the model's codecs could not decode become None)."""
+    parts: ReplyParts = []
+    for part in reply.parts:
+        if part.type == "text":
+            parts.append({"type": "text", "text": part.text})
+        elif part.type == "image":
+            parts.append({"type": "image", "image": part.image})
+        else:
+            parts.append({"type": "audio", "audio": None if part.audio is None else (part.audio, part.sample_rate)})
+    return parts
+
+
+def assistant_responder(assistant: Any, **settings: Any) -> Responder:
+    """A Responder over ``unimodal.load(DIR)`` (batched ``generate``); ``settings`` go to generation."""
+
+    def respond(batch: list[list[Message]]) -> list[ReplyParts]:
+        return [_reply_parts(reply) for reply in assistant.generate(batch, **settings)]
+
+    return respond
+
+
+def evaluate(
+    model_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load an export directory, run the suite, write the JSON report (default ``DIR/eval-digits.json``)."""
+    import unimodal
+
+    assistant = unimodal.load(model_dir, device=device)
+    respond = assistant_responder(assistant, **(settings or {}))
+    report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs)
+    report["model"] = str(model_dir)
+    path = Path(out) if out is not None else Path(model_dir) / "eval-digits.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    report["report_path"] = str(path)
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The scoreboard as lines: metric, value, goal."""
+    lines = []
+    for metric, goal in GOALS.items():
+        value = report.get(metric)
+        shown = "n/a" if value is None else f"{value:.3f}"
+        mark = "" if value is None else (" ok" if value >= goal else " below goal")
+        lines.append(f"{metric:<18} {shown}  (goal >= {goal}){mark}")
+    for modality in ("image", "audio"):
+        value = report.get(f"{modality}_codec_roundtrip_acc")
+        lines.append(f"{modality}_codec_roundtrip_acc {'n/a' if value is None else f'{value:.3f}'}")
+    return "\n".join(lines)
