@@ -14,17 +14,14 @@ import sys
 from collections.abc import Callable
 
 PLANNED = {
-    "pipeline": "multi-stage pipelines",
-    "chat": "the terminal chat",
-    "serve": "the OpenAI-compatible server",
-    "eval": "evaluation suites",
-    "export": "exporting checkpoints to HF-style directories",
     "bench": "benchmarks (run the scripts in benchmarks/ meanwhile)",
 }
 
 
 class CLIError(Exception):
-    """An error the user can fix; printed as one line, no traceback."""
+    """An error the user can fix; printed as one line, no traceback, exit status ``exit_code``."""
+
+    exit_code = 2
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> None:
@@ -42,7 +39,23 @@ def _data_pack(args: argparse.Namespace, rest: list[str]) -> None:
         max_docs_per_shard=args.max_docs_per_shard,
         max_bytes_per_shard=args.max_mb_per_shard * 2**20,
         skip_bad=args.skip_bad,
+        val_fraction=args.val_fraction,
     )
+
+
+def _data_encode(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.data import builtin
+    from unimodal.data.encode import encode_shards, load_codec
+
+    codecs = {}
+    if args.image_tokenizer:
+        codecs["image"] = load_codec("image", builtin.resolve(args.image_tokenizer), args.device)
+    if args.audio_codec:
+        codecs["audio"] = load_codec("audio", builtin.resolve(args.audio_codec), args.device, layers=args.audio_layers, max_seconds=args.max_seconds)
+    stats = encode_shards(
+        builtin.resolve(args.src), args.out, codecs, max_docs_per_shard=args.max_docs_per_shard, flip_pairs=args.flip_pairs
+    )
+    print(f"wrote {stats['documents']} documents to {args.out} (codes: {', '.join(sorted(stats['codes']))})")
 
 
 def _data_inspect(args: argparse.Namespace, rest: list[str]) -> None:
@@ -58,6 +71,22 @@ def _data_text_corpus(args: argparse.Namespace, rest: list[str]) -> None:
     print(f"wrote {train} training and {val} validation documents to {args.out}/{{train,val}}.jsonl")
 
 
+def _data_digits(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.data.digits import build_world
+
+    summary = build_world(args.out, seed=args.seed)
+    counts = ", ".join(f"{name} {n}" for name, n in summary.items() if "/" in name)
+    print(f"wrote the digits world to {args.out} (documents: {counts}; see {args.out}/world.json)")
+
+
+def _eval(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.eval.digits import evaluate, summary
+
+    report = evaluate(args.model, args.out, limit=args.limit, batch_size=args.batch_size, device=args.device, settings=_sampling(args))
+    print(summary(report))
+    print(f"wrote {report['report_path']}")
+
+
 def _data_tokenizer(args: argparse.Namespace, rest: list[str]) -> None:
     from unimodal.data.sentencepiece_trainer import train_tokenizer
 
@@ -70,6 +99,61 @@ def _convert_zero(args: argparse.Namespace, rest: list[str]) -> None:
 
     zero_to_fp32(args.checkpoint_dir, args.out)
     print(f"wrote {args.out}")
+
+
+def _convert_orthus(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.training.convert_orthus import convert_orthus
+
+    out = convert_orthus(args.src, args.out, head_width=args.head_width, head_depth=args.head_depth)
+    print(f"wrote the Orthus-base initialisation to {out} (backbone/, vqvae/, orthus_modules.safetensors)")
+
+
+def _pipeline(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.pipeline import format_table, run_pipeline
+
+    print(format_table(run_pipeline(args.pipeline, tiny=args.tiny, root=args.root)))
+
+
+def _export(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.training.export import export
+
+    print(f"wrote {export(args.checkpoint, args.out, merge_lora=args.merge_lora)}")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """Generation settings given on the command line (unset ones keep the model's defaults)."""
+    names = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, help="text sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--max-new-tokens", type=int, help="reply length limit in tokens")
+    parser.add_argument("--seed", type=int, help="fixed seed for reproducible replies")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+
+
+def _chat(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.inference.chat import load
+    from unimodal.inference.terminal import Terminal
+
+    Terminal(load(args.model, device=args.device), args.out, settings=_sampling(args), system=args.system).run()
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> None:
+    from unimodal.inference.chat import load
+    from unimodal.inference.server import ServerLimits, serve
+
+    limits = ServerLimits(
+        max_request_bytes=int(args.max_request_mb * 2**20), max_seconds=args.max_seconds, max_new_tokens=args.max_tokens
+    )
+    assistant = load(args.model, device=args.device)
+    if _sampling(args):
+        assistant.settings = assistant.settings.replace(**_sampling(args))
+    serve(assistant, args.host, args.port, api_key=args.api_key or os.environ.get("UNIMODAL_API_KEY"), limits=limits,
+          model_name=args.model_name)
 
 
 def _planned(verb: str) -> Callable[[argparse.Namespace, list[str]], None]:
@@ -99,7 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--max-docs-per-shard", type=int, default=1000)
     pack.add_argument("--max-mb-per-shard", type=int, default=256)
     pack.add_argument("--skip-bad", action="store_true", help="skip and count bad documents instead of stopping")
+    pack.add_argument("--val-fraction", type=float, default=0.0, help="> 0: write OUT/train and OUT/val, documents split by key")
     pack.set_defaults(run=_data_pack)
+    encode = data_verbs.add_parser("encode", help="pre-encode the images/audio of shards into codes once (docs/vocabulary.md)")
+    encode.add_argument("src", help="shard directory, brace pattern or shard (builtin: paths work)")
+    encode.add_argument("--out", required=True, help="directory for the encoded shards (new or empty)")
+    encode.add_argument("--image-tokenizer", metavar="DIR", help="a SEED tokenizer or Chameleon (VQ-VAE) directory")
+    encode.add_argument("--audio-codec", metavar="DIR", help="an EnCodec/Mimi/DAC or SpeechTokenizer directory")
+    encode.add_argument("--audio-layers", type=int, help="RVQ layers to keep (default: all of the codec's)")
+    encode.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is an error")
+    encode.add_argument("--flip-pairs", type=float, default=0.0, help="probability of swapping image-text pairs (SEED-LLaMA: 0.5)")
+    encode.add_argument("--max-docs-per-shard", type=int, default=1000)
+    encode.add_argument("--device", default="cpu")
+    encode.set_defaults(run=_data_encode)
     inspect = data_verbs.add_parser("inspect", help="summarise a shard or a shard directory")
     inspect.add_argument("path")
     inspect.add_argument("-n", type=int, default=3, help="documents to show")
@@ -107,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     corpus = data_verbs.add_parser("text-corpus", help="write a small English corpus (stdlib docstrings) as source JSONL")
     corpus.add_argument("--out", required=True, help="directory for train.jsonl and val.jsonl")
     corpus.set_defaults(run=_data_text_corpus)
+    digits = data_verbs.add_parser("digits", help="build the digits world: images, speech, text, tokenizers (docs/digits-world.md)")
+    digits.add_argument("--out", required=True, help="directory for the world (new or empty)")
+    digits.add_argument("--seed", type=int, default=0)
+    digits.set_defaults(run=_data_digits)
     tok = data_verbs.add_parser("tokenizer", help="train a SentencePiece tokenizer on a source JSONL's text")
     tok.add_argument("src")
     tok.add_argument("--out", required=True, help="path ending in .model")
@@ -119,6 +219,52 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("checkpoint_dir")
     zero.add_argument("out")
     zero.set_defaults(run=_convert_zero)
+    orthus = convert_verbs.add_parser("orthus", help="Chameleon checkpoint -> Orthus-base initialisation (docs/orthus.md)")
+    orthus.add_argument("--from", dest="src", required=True, metavar="CHAMELEON_DIR")
+    orthus.add_argument("--out", required=True, metavar="DIR")
+    orthus.add_argument("--head-width", type=int, default=1536)
+    orthus.add_argument("--head-depth", type=int, default=3)
+    orthus.set_defaults(run=_convert_orthus)
+
+    pipeline = verbs.add_parser("pipeline", help="run the stages of a pipeline file in order (docs/pipelines.md)")
+    pipeline.add_argument("pipeline", help="pipeline YAML (recipes/pipelines/*.yaml)")
+    pipeline.add_argument("--tiny", action="store_true", help="run every stage's CPU-sized variant")
+    pipeline.add_argument("--root", help="directory for the stages' runs (default: the file's root:)")
+    pipeline.set_defaults(run=_pipeline)
+
+    export = verbs.add_parser("export", help="checkpoint -> HF-style directory (docs/checkpoints.md)")
+    export.add_argument("checkpoint", help="a .ckpt file, a DeepSpeed checkpoint directory or a run directory")
+    export.add_argument("--out", required=True, help="the export directory (new or empty)")
+    export.add_argument("--merge-lora", action="store_true", help="merge LoRA into the backbone instead of writing an adapter")
+    export.set_defaults(run=_export)
+
+    chat = verbs.add_parser("chat", help="chat with an exported model in the terminal (docs/chat.md)")
+    chat.add_argument("model", help="an export directory (unimodal export)")
+    chat.add_argument("--out", default="chat-outputs", help="directory for generated images and audio")
+    chat.add_argument("--system", help="a system prompt")
+    _add_sampling(chat)
+    chat.set_defaults(run=_chat)
+
+    serve = verbs.add_parser("serve", help="serve an exported model over an OpenAI-compatible HTTP API (docs/serving.md)")
+    serve.add_argument("model", help="an export directory (unimodal export)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $UNIMODAL_API_KEY, else none)")
+    serve.add_argument("--model-name", help="the model id clients send (default: the directory name)")
+    serve.add_argument("--max-request-mb", type=float, default=20.0, help="larger request bodies get 413")
+    serve.add_argument("--max-seconds", type=float, default=300.0, help="longer generations get 408")
+    serve.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask for")
+    _add_sampling(serve)
+    serve.set_defaults(run=_serve)
+
+    evaluate = verbs.add_parser("eval", help="score an exported model on an evaluation suite (docs/digits-world.md)")
+    evaluate.add_argument("model", help="an export directory (unimodal export)")
+    evaluate.add_argument("--suite", required=True, choices=["digits"])
+    evaluate.add_argument("--out", help="the JSON report (default: MODEL/eval-digits.json)")
+    evaluate.add_argument("--limit", type=int, help="at most this many questions per task (a quick look)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="conversations generated together")
+    _add_sampling(evaluate)
+    evaluate.set_defaults(run=_eval)
 
     for verb, what in PLANNED.items():
         planned = verbs.add_parser(verb, help=f"{what} (not implemented yet)", add_help=False)
@@ -141,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("UNIMODAL_DEBUG"):
             raise
         print(f"unimodal {args.verb}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     return 0
 
 

@@ -1,0 +1,206 @@
+"""The Python chat API: messages in every documented form, ordered reply parts, history trimming."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile
+from conftest import CharTokenizer
+from inference_helpers import bias_tokens, media_assistant, tiny_model
+from PIL import Image
+
+from unimodal.inference.chat import Assistant, ChatError
+from unimodal.inference.terminal import Terminal
+
+GREEDY = {"temperature": 0.0}
+
+
+def text_assistant(**kw) -> Assistant:
+    return Assistant(tiny_model(), CharTokenizer(), chat_template="chatml", **kw)
+
+
+def test_chat_renders_the_template_and_streams_text():
+    assistant = text_assistant()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    prompt, dropped = assistant.prompt(messages)
+    rendered = CharTokenizer().decode(prompt.ids.tolist())
+    assert rendered == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert dropped == 0
+    chunks: list[str] = []
+    reply = assistant.chat(messages, on_text=chunks.append, max_new_tokens=8, **GREEDY)
+    assert [p.type for p in reply.parts] == ["text"] and "".join(chunks) == reply.text
+    assert reply.prompt_tokens == len(prompt) and 0 < reply.completion_tokens <= 8
+    again = assistant.chat(messages, max_new_tokens=8, **GREEDY)
+    assert again.text == reply.text
+    batch = assistant.generate([messages, [{"role": "user", "content": "another question"}]], max_new_tokens=8, **GREEDY)
+    assert batch[0].text == reply.text
+    assert batch[1].text == assistant.chat([{"role": "user", "content": "another question"}], max_new_tokens=8, **GREEDY).text
+
+
+def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path):
+    assistant = media_assistant()
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    png = tmp_path / "x.png"
+    Image.fromarray(pixels).save(png)
+    url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    wave = np.random.default_rng(1).uniform(-1, 1, 800).astype(np.float32)
+    wav = tmp_path / "x.wav"
+    soundfile.write(wav, wave, 8000, subtype="FLOAT")
+    audio_b64 = base64.b64encode(wav.read_bytes()).decode()
+    forms = [
+        ({"type": "image", "image": str(png)}, {"type": "audio", "audio": str(wav)}),
+        ({"type": "image", "image": Image.fromarray(pixels)}, {"type": "audio", "audio": (wave, 8000)}),
+        ({"type": "image", "image": pixels}, {"type": "audio", "audio": wave}),  # a bare waveform is at the codec's rate
+        ({"type": "image_url", "image_url": {"url": url}}, {"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}}),
+        ({"type": "image", "path": str(png)}, {"type": "audio", "path": str(wav)}),
+    ]
+    prompts = []
+    for image, audio in forms:
+        messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image, audio]}]
+        prompts.append(assistant.prompt(messages)[0])
+    for other in prompts[1:]:
+        np.testing.assert_array_equal(other.ids, prompts[0].ids)
+        np.testing.assert_allclose(other.features, prompts[0].features, atol=1e-6)
+    assert prompts[0].continuous.sum() == 3 and len(prompts[0].features) == 3
+    for bad, match in [
+        ({"type": "image", "image": str(tmp_path / "missing.png")}, "does not exist"),
+        ({"type": "video", "video": "x.mp4"}, "has type 'video'"),
+        ({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, "remote"),
+        ({"type": "image", "image": 42}, "must be a path"),
+    ]:
+        with pytest.raises(ChatError, match=match):
+            assistant.chat([{"role": "user", "content": [bad]}])
+    with pytest.raises(ChatError, match="role 'robot'"):
+        assistant.chat([{"role": "robot", "content": "hi"}])
+    with pytest.raises(ChatError, match="no image codec"):
+        text_assistant().chat([{"role": "user", "content": [{"type": "image", "image": pixels}]}])
+
+
+def test_reply_parts_are_decoded_saved_and_fit_back_into_the_history(tmp_path):
+    assistant = media_assistant()
+    layout = assistant.model.layout
+    bias_tokens(assistant.model, {layout.special_id("<|boi|>"): 50.0, CharTokenizer.eos_id: 40.0})
+    messages = [{"role": "user", "content": "draw two things"}]
+    reply = assistant.chat(messages, max_media=2, seed=0, **GREEDY)
+    assert [p.type for p in reply.parts] == ["image", "image"] and reply.finish_reason == "stop"
+    assert reply.images[0].size == (8, 8) and reply.parts[0].data.shape == (3, 4)
+    saved = reply.parts[0].save(tmp_path / "out.png")
+    assert np.asarray(Image.open(saved)).shape == (8, 8, 3)
+    history = messages + [reply.to_message(), {"role": "user", "content": "and now a sound"}]
+    prompt, dropped = assistant.prompt(history, assistant.settings.replace(max_new_tokens=16))
+    assert dropped == 0
+    np.testing.assert_allclose(prompt.features, np.concatenate([p.data for p in reply.parts]), atol=1e-6)
+    sound = assistant.chat(history, start_with="audio", max_media=1, max_new_tokens=16, seed=0, **GREEDY)
+    assert sound.parts[0].type == "audio" and sound.parts[0].data.shape == (4,)
+    wave, rate = sound.audios[0]
+    assert rate == 8000 and wave.dtype == np.float32 and len(wave) == 4 * 80
+    written = sound.parts[0].save(tmp_path / "out.wav")
+    assert soundfile.info(str(written)).samplerate == 8000
+
+
+def test_history_is_trimmed_to_the_context_with_the_system_prompt_kept():
+    assistant = text_assistant(context_length=160)
+    turns = [{"role": "system", "content": "sys"}]
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    turns.append({"role": "user", "content": "last"})
+    prompt, dropped = assistant.prompt(turns, assistant.settings.replace(max_new_tokens=16))
+    assert dropped > 0 and dropped % 2 == 0 and len(prompt) <= 160 - 16
+    rendered = CharTokenizer().decode(prompt.ids.tolist())
+    assert rendered.startswith("<|im_start|>system\nsys") and "<|im_start|>user\nlast" in rendered
+    assert "question 0" not in rendered and rendered.split("<|im_end|>\n")[1].startswith("<|im_start|>user")
+    reply = assistant.chat(turns, max_new_tokens=16, **GREEDY)
+    assert reply.trimmed == dropped
+    with pytest.raises(ChatError, match="the context holds 160"):
+        assistant.chat([{"role": "user", "content": "x" * 200}], max_new_tokens=16)
+
+
+def test_settings_are_checked_with_clear_messages():
+    assistant = text_assistant()
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="unknown generation setting 'temprature'"):
+        assistant.chat(hi, temprature=0.5)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        assistant.chat(hi, top_p=1.5)
+    with pytest.raises(ValueError, match="num_beams applies to text only"):
+        assistant.chat(hi, image={"num_beams": 2})
+    reply = assistant.chat(hi, num_beams=2, max_new_tokens=6)
+    assert reply.parts and reply.completion_tokens <= 6
+
+
+def test_terminal_attaches_media_writes_replies_and_saves(tmp_path):
+    assistant = media_assistant(context_length=200)
+    bias_tokens(assistant.model, {assistant.model.layout.special_id("<|boi|>"): 50.0, CharTokenizer.eos_id: 40.0})
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    script = "\n".join([
+        f"/image {picture}", "what is in it?", "/image nope.png", "/bogus", "/save", "again " * 10, "again " * 10, "/reset", "/quit",
+    ]) + "\n"
+    out = io.StringIO()
+    terminal = Terminal(assistant, tmp_path / "outs", settings={"max_media": 1, "max_new_tokens": 8, "seed": 0, "temperature": 0},
+                        system="sys", stdin=io.StringIO(script), stdout=out)
+    terminal.run()
+    text = out.getvalue()
+    assert f"attached image {picture}" in text and "no such file: 'nope.png'" in text and "unknown command /bogus" in text
+    written = sorted((tmp_path / "outs").glob("reply*.png"))
+    assert written and f"[image saved to {written[0]}]" in text
+    assert "oldest messages no longer fit in the context of 200 tokens and were dropped" in text
+    assert "the conversation is reset" in text and terminal.history == [{"role": "system", "content": "sys"}]
+    record = json.loads(next((tmp_path / "outs").glob("conversation-*.json")).read_text())
+    user, reply = record["messages"][1:3]
+    assert user["content"][1] == {"type": "image", "path": str(picture.resolve())}
+    assert reply["content"][0] == {"type": "image", "path": str(written[0])}
+
+
+def test_unimodal_load_is_the_assistant_loader():
+    import unimodal
+    from unimodal.inference import chat
+
+    assert unimodal.load is chat.load
+
+
+@pytest.mark.slow
+def test_an_exported_model_chats_from_python_and_the_terminal(tmp_path):
+    """The commands of docs/chat.md: the tiny text pipeline, then unimodal.load and unimodal chat."""
+    import subprocess
+    import sys
+
+    import unimodal
+
+    root = tmp_path / "runs"
+    subprocess.run([sys.executable, "-m", "unimodal.cli", "pipeline", "recipes/pipelines/text.yaml", "--tiny", "--root", str(root)], check=True)
+    export = root / "chat_sft" / "export"
+    assistant = unimodal.load(export)
+    assert assistant.chat_template == "chatml" and assistant.context_length == 256
+    reply = assistant.chat([{"role": "user", "content": "What does len do?"}], max_new_tokens=8, seed=0)
+    assert reply.completion_tokens <= 8
+    done = subprocess.run([sys.executable, "-m", "unimodal.cli", "chat", str(export), "--max-new-tokens", "8", "--out", str(tmp_path)],
+                          input="hello\n/quit\n", capture_output=True, text=True, check=True)
+    assert "assistant> " in done.stdout
+
+
+
+def test_span_shapes_come_from_the_codecs():
+    from unimodal.inference.chat import default_spans
+    from unimodal.inference.constraints import SpanSpec
+
+    class Seed:
+        def fingerprint(self):
+            return {"name": "seed", "tokens_per_item": 32, "layers": 1}
+
+    class Speech:
+        max_seconds = 2.0
+
+        def fingerprint(self):
+            return {"name": "speech", "frame_rate": 50.0, "layers": 4}
+
+    model = tiny_model(code_ranges={"image": 64, "audio": 64})
+    model.layout.code_layers["audio"] = 4
+    spans = default_spans(model, {"image": Seed(), "audio": Speech()})
+    assert spans == {"image": SpanSpec(length=32), "audio": SpanSpec(layers=4, min_length=1, max_length=100)}
+    orthus = tiny_model(code_ranges={"image": 16}, continuous={"image": {}})  # soft-VQ rows, not a discrete modality
+    assert default_spans(orthus, {}) == {}

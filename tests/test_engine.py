@@ -1,0 +1,256 @@
+"""The generation engine against transformers' generate() and against uncached recomputation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import CharTokenizer
+from inference_helpers import FEATURE_DIM, bias_tokens, family_model, tiny_model
+
+from unimodal.data.encoding import DocumentEncoder
+from unimodal.data.schema import Document, Part
+from unimodal.inference.engine import Engine, GenerationTimeout, open_span
+from unimodal.data.packing import PackedBatch
+from unimodal.inference.sampling import GenerationSettings, SamplingSettings
+from unimodal.models.attention import build_attention_mask
+
+TOK = CharTokenizer()
+GREEDY = {"temperature": 0.0}
+# transformers may pick the framework's special tokens and the vocabulary padding rows; the engine
+# never does in text mode, so the comparison suppresses them on the transformers side
+NOT_TEXT = list(range(TOK.vocab_size, 320))
+
+
+def encoder(model, bidirectional=()) -> DocumentEncoder:
+    return DocumentEncoder(TOK, model.layout, feature_dim=FEATURE_DIM, add_eos=False, bidirectional=bidirectional)
+
+
+def prompt(model, *parts, bidirectional=(), begin: str | None = None):
+    doc = encoder(model, bidirectional).encode(Document([p if isinstance(p, Part) else Part("text", text=p) for p in parts]))
+    return doc if begin is None else open_span(doc, model.layout, begin)
+
+
+def text_ids(generation) -> list[int]:
+    return [i for s in generation.segments if s.type == "text" for i in s.ids]
+
+
+def test_greedy_batch_matches_transformers_generate():
+    model = tiny_model()
+    prompts = [prompt(model, "hello world"), prompt(model, "hi")]  # the second row is left-padded
+    out = Engine(model, TOK).generate(prompts, GenerationSettings(text=GREEDY, max_new_tokens=10))
+    for doc, gen in zip(prompts, out):
+        ref = model.backbone.generate(torch.tensor(doc.ids)[None], max_new_tokens=10, do_sample=False, suppress_tokens=NOT_TEXT)
+        assert text_ids(gen) == ref[0, len(doc) :].tolist()
+        assert gen.finish_reason == "length" and gen.completion_tokens == 10 and gen.prompt_tokens == len(doc)
+
+
+def test_beam_search_matches_transformers_generate():
+    model = tiny_model(seed=1)
+    prompts = [prompt(model, "beam"), prompt(model, "a longer prompt")]
+    settings = GenerationSettings(text={"num_beams": 3, "repetition_penalty": 1.3}, max_new_tokens=8)
+    out = Engine(model, TOK).generate(prompts, settings)
+    for doc, gen in zip(prompts, out):
+        ref = model.backbone.generate(
+            torch.tensor(doc.ids)[None], max_new_tokens=8, num_beams=3, do_sample=False, repetition_penalty=1.3, suppress_tokens=NOT_TEXT
+        )
+        expected = ref[0, len(doc) :].tolist()
+        assert text_ids(gen) == [t for t in expected if t != TOK.eos_id]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_model()
+    engine = Engine(model, TOK)
+    prompts = [prompt(model, "seed"), prompt(model, "another")]
+    run = lambda **kw: [text_ids(g) for g in engine.generate(prompts, GenerationSettings(max_new_tokens=8, **kw))]  # noqa: E731
+    assert run(seed=3) == run(seed=3)
+    assert run(seed=3) != run(seed=4)
+    assert run(seed=5, text={"top_k": 1}) == run(text=GREEDY)
+    assert engine.generate(prompts, GenerationSettings(max_new_tokens=2, seed=11))[0].seed == 11
+
+
+def test_stop_strings_streaming_and_limits():
+    model = tiny_model()
+    engine = Engine(model, TOK)
+    doc = prompt(model, "stream me")
+    full = engine.generate([doc], GenerationSettings(text=GREEDY, max_new_tokens=12))[0].segments[0].text
+    stop = full[4:6]
+    chunks: list[str] = []
+    gen = engine.generate([doc], GenerationSettings(text=GREEDY, max_new_tokens=12, stop=(stop,)), on_text=lambda row, t: chunks.append(t))[0]
+    assert gen.finish_reason == "stop" and gen.segments[0].text == full[: full.index(stop)]
+    assert "".join(chunks) == gen.segments[0].text
+    capped = engine.generate([doc], GenerationSettings(text={"temperature": 0, "max_tokens": 3}, max_new_tokens=12))[0]
+    assert capped.finish_reason == "length" and capped.completion_tokens == 3
+    with pytest.raises(GenerationTimeout):
+        engine.generate([doc], GenerationSettings(max_new_tokens=50, timeout_s=1e-9))
+    with pytest.raises(ValueError, match="fills the context"):
+        Engine(model, TOK, max_length=5).generate([doc])
+
+
+def test_discrete_spans_follow_the_grammar_and_the_media_limit():
+    model = tiny_model(code_ranges={"image": 16, "audio": 16})
+    model.layout.code_layers["audio"] = 2
+    layout = model.layout
+    # script: text mode always wants an image, then end-of-sequence once images are used up
+    bias_tokens(model, {layout.special_id("<|boi|>"): 50.0, TOK.eos_id: 40.0})
+    spans = {"image": {"length": 4}, "audio": {"layers": 2, "min_length": 1, "max_length": 3}}
+    engine = Engine(model, TOK, spans=spans)
+    doc = prompt(model, "say it, then draw", begin="<|boa|>")
+    gen = engine.generate([doc], GenerationSettings(text=GREEDY, image={"top_p": 0.9}, max_media=3, seed=0, max_new_tokens=64))[0]
+    assert [s.type for s in gen.segments] == ["audio", "image", "image"]
+    audio = gen.segments[0].data
+    assert audio.shape[0] == 2 and 1 <= audio.shape[1] <= 3 and audio.max() < 8
+    assert all(s.data.shape == (4,) and 0 <= s.data.min() and s.data.max() < 16 for s in gen.segments[1:])
+    assert gen.finish_reason == "stop"
+    # a reply too short for a whole image writes none
+    short = engine.generate([prompt(model, "draw")], GenerationSettings(text=GREEDY, max_new_tokens=5))[0]
+    assert short.segments == [] and short.finish_reason == "stop"
+
+
+def test_guidance_at_scale_zero_follows_the_unconditional_prompt():
+    """With cfg_scale 0 the guided output is the unconditional row's own: a plain generation from
+    the unconditional prompt must give the same media (discrete, causal and bidirectional)."""
+    for kind in ("discrete", "causal", "bidirectional"):
+        if kind == "discrete":
+            model, spans = tiny_model(code_ranges={"image": 16}), {"image": {"length": 4}}
+        else:
+            model, spans = tiny_model(continuous={"image": {"attention": kind, "noise": 0.0}}), {}
+        bidirectional = ("image",) if kind == "bidirectional" else ()
+        engine = Engine(model, TOK, spans=spans)
+        uncond = prompt(model, "an image.", bidirectional=bidirectional)
+        cond = prompt(model, "a very specific image of a cat", begin="<|boi|>", bidirectional=bidirectional)
+        base = GenerationSettings(text=GREEDY, max_new_tokens=8, seed=1, max_media=1)
+        plain = engine.generate([open_span(uncond, model.layout, "<|boi|>")], base.replace(image=SamplingSettings(temperature=0)))[0]
+        guided = engine.generate([cond], base.replace(image=SamplingSettings(temperature=0, cfg_scale=0.0)), unconditional=uncond)[0]
+        unguided = engine.generate([cond], base.replace(image=SamplingSettings(temperature=0)))[0]
+        assert guided.segments[0].type == "image", kind
+        np.testing.assert_allclose(guided.segments[0].data, plain.segments[0].data, atol=1e-4, err_msg=kind)
+        assert not np.allclose(guided.segments[0].data, unguided.segments[0].data), kind
+    with pytest.raises(ValueError, match="unconditional prompt"):
+        engine.generate([cond], base.replace(image={"cfg_scale": 3.0}))
+
+
+def _reference_hidden(model, ids: list[int], slots: dict[int, torch.Tensor], blocks: list[int]) -> torch.Tensor:
+    """Final hidden states of one whole sequence, recomputed without a cache; ``slots`` maps a
+    position to its input embedding."""
+    with torch.no_grad():
+        embeds = model.backbone.get_input_embeddings()(torch.tensor(ids))
+        for position, embedding in slots.items():
+            embeds[position] = embedding
+        mask = build_attention_mask(torch.ones(1, len(ids), dtype=torch.long), torch.tensor([blocks]))
+        out = model.backbone.get_decoder()(inputs_embeds=embeds[None], attention_mask=mask, position_ids=torch.arange(len(ids))[None])
+        return out.last_hidden_state[0]
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_continuous_images_match_uncached_recomputation(kind):
+    model = tiny_model(continuous={"image": {"attention": kind, "noise": 0.0, "slots": 3}})
+    layout, fake = model.layout, model.continuous["image"]
+    boi, eoi, media = (layout.special_id(t) for t in ("<|boi|>", "<|eoi|>", "<|media|>"))
+    bias_tokens(model, {boi: 50.0})
+    bidirectional = ("image",) if kind == "bidirectional" else ()
+    picture = Part("image", data=np.random.default_rng(0).normal(size=(3, FEATURE_DIM)).astype(np.float32))
+    docs = [prompt(model, "look", picture, "now draw", bidirectional=bidirectional), prompt(model, "draw", bidirectional=bidirectional)]
+    settings = GenerationSettings(text=GREEDY, max_media=1, max_new_tokens=12, seed=7)
+    out = Engine(model, TOK).generate(docs, settings)
+    for row, (doc, gen) in enumerate(zip(docs, out)):
+        assert [s.type for s in gen.segments] == ["image", "text"] and gen.finish_reason == "length"
+        ids, blocks = list(doc.ids), list(doc.block)
+        embed = lambda f: fake.embed_clean(f).detach()  # noqa: E731
+        slots = {int(p): embed(torch.from_numpy(f)) for p, f in zip(np.flatnonzero(doc.continuous), doc.features)}
+        ids.append(boi)
+        blocks.append(-1)
+        image = torch.from_numpy(gen.segments[0].data)
+        start = len(ids)
+        if kind == "bidirectional":  # replay the denoiser, alone, against an uncached backbone
+            prefix, prefix_blocks = list(ids), list(blocks)
+
+            def run_backbone(x):
+                trial = {**slots, **{start + k: x[0, k] for k in range(3)}}
+                return _reference_hidden(model, prefix + [media] * 3, trial, prefix_blocks + [9] * 3)[None, start:]
+
+            alone = Engine(model, TOK).generate([doc], settings)[0].segments[0].data
+            expected = fake.denoise_block(run_backbone, 1, cfg_scale=1.0, steps=None, generator=torch.Generator().manual_seed(7))
+            torch.testing.assert_close(torch.from_numpy(alone), expected[0], atol=1e-4, rtol=1e-4)
+        for k in range(3):
+            if kind == "causal":
+                hidden = _reference_hidden(model, ids, slots, blocks)[-1]
+                torch.testing.assert_close(image[k], fake.head(hidden).detach(), atol=1e-4, rtol=1e-4)
+            slots[len(ids)] = embed(image[k])
+            ids.append(media)
+            blocks.append(9 if kind == "bidirectional" else -1)
+        ids.append(eoi)
+        blocks.append(-1)
+        for token in gen.segments[1].ids:  # the text after the image follows from the right cache
+            logits = model.logits(_reference_hidden(model, ids, slots, blocks)[-1])
+            assert token == int(logits[: TOK.vocab_size].argmax())
+            ids.append(token)
+            blocks.append(-1)
+
+
+@pytest.mark.parametrize("family", ["orthus", "llamafusion"])
+def test_real_image_modalities_generate_with_guidance(family):
+    """Issue 3's modalities through the engine: batched prompts, guidance pairs, a few sampler
+    steps; the reply holds whole images and the run is reproducible."""
+    model = family_model(family)
+    bias_tokens(model, {model.layout.special_id("<|boi|>"): 50.0})  # the second prompt opens its image from text
+    bidirectional = ("image",) if family == "llamafusion" else ()
+    engine = Engine(model, TOK)
+    docs = [prompt(model, "a red square", begin="<|boi|>", bidirectional=bidirectional), prompt(model, "a cat", bidirectional=bidirectional)]
+    uncond = prompt(model, "", bidirectional=bidirectional)
+    settings = GenerationSettings(text=GREEDY, image={"cfg_scale": 3.0, "steps": 2}, max_media=1, max_new_tokens=10, seed=0)
+    first = engine.generate(docs, settings, unconditional=uncond)
+    again = engine.generate(docs, settings, unconditional=uncond)
+    for a, b in zip(first, again):
+        assert a.segments[0].type == "image" and a.segments[0].data.shape == (4, FEATURE_DIM)
+        assert np.isfinite(a.segments[0].data).all()
+        np.testing.assert_array_equal(a.segments[0].data, b.segments[0].data)
+    assert not np.allclose(first[0].segments[0].data, first[1].segments[0].data)
+
+
+@pytest.mark.parametrize("family", ["orthus", "llamafusion"])
+def test_text_after_an_image_matches_the_training_forward(family):
+    """The cache after a generated image (committed slots, routed experts) gives the same next
+    tokens as one uncached forward of the whole sequence through ``UnifiedModel.hidden_states``."""
+    model = family_model(family)
+    layout = model.layout
+    bidirectional = ("image",) if family == "llamafusion" else ()
+    doc = prompt(model, "draw", begin="<|boi|>", bidirectional=bidirectional)
+    gen = Engine(model, TOK).generate([doc], GenerationSettings(text=GREEDY, image={"steps": 2}, max_media=1, max_new_tokens=12, seed=0))[0]
+    assert [s.type for s in gen.segments][:1] == ["image"]
+    features = gen.segments[0].data
+    after = [i for s in gen.segments[1:] for i in s.ids] + ([TOK.eos_id] if gen.finish_reason == "stop" else [])
+    slots = len(features)
+    ids = list(doc.ids) + [layout.special_id("<|media|>")] * slots + [layout.special_id("<|eoi|>")] + after
+    n = len(ids)
+    image_at = np.arange(len(doc), len(doc) + slots)
+    modality = np.zeros(n, np.int64)
+    modality[len(doc) - 1 : len(doc) + slots + 1] = 1  # <|boi|>, slots, <|eoi|> are image positions
+    block = np.full(n, -1, np.int64)
+    if bidirectional:
+        block[image_at] = 0
+    continuous = np.zeros(n, bool)
+    continuous[image_at] = True
+    as_batch = lambda a: torch.from_numpy(np.asarray(a))[None]  # noqa: E731
+    batch = PackedBatch(
+        input_ids=as_batch(np.asarray(ids, np.int64)), modality_ids=as_batch(modality), position_ids=torch.arange(n)[None],
+        doc_ids=torch.ones(1, n, dtype=torch.long), block_ids=as_batch(block), labels=torch.full((1, n), -100),
+        target_mask=torch.zeros(1, n, dtype=torch.bool), continuous_mask=as_batch(continuous), features=torch.from_numpy(features),
+    )
+    with torch.no_grad():
+        logits = model.logits(model.hidden_states(batch)[0])
+    eoi_at = len(doc) + slots  # predicts the first token after the image
+    for k, token in enumerate(after):
+        allowed = logits[eoi_at + k].clone()
+        allowed[layout.text_size :] = float("-inf")  # specials and codes are forbidden in text mode
+        assert token == int(allowed.argmax()), (family, k)
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_a_bf16_backbone_drives_fp32_image_heads(kind):
+    model = tiny_model(continuous={"image": {"attention": kind}})
+    model.backbone.to(torch.bfloat16)
+    bidirectional = ("image",) if kind == "bidirectional" else ()
+    docs = [prompt(model, "draw", begin="<|boi|>", bidirectional=bidirectional)]
+    gen = Engine(model, TOK).generate(docs, GenerationSettings(image={"cfg_scale": 2.0}, max_new_tokens=6, seed=0), unconditional=prompt(model, ""))[0]
+    assert gen.segments[0].type == "image" and gen.segments[0].data.dtype == np.float32

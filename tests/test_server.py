@@ -1,0 +1,166 @@
+"""The OpenAI-compatible server, started on loopback and spoken to over real HTTP (urllib)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile
+import uvicorn
+from inference_helpers import media_assistant
+from PIL import Image
+
+from unimodal.inference.server import ServerLimits, create_app
+
+KEY = "test-key"
+LIMITS = ServerLimits(max_request_bytes=100_000, max_seconds=60, max_new_tokens=32, max_n=2)
+
+
+@contextlib.contextmanager
+def running(app):
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def assistant():
+    return media_assistant()
+
+
+@pytest.fixture(scope="module")
+def url(assistant):
+    with running(create_app(assistant, api_key=KEY, limits=LIMITS, model_name="tiny")) as base:
+        yield base
+
+
+def call(url: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def chat(url: str, messages, **extra) -> tuple[int, dict]:
+    return call(url, "/v1/chat/completions", {"model": "tiny", "messages": messages, **extra})
+
+
+def png_url(seed: int = 0) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def wav_b64() -> str:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.random.default_rng(0).uniform(-1, 1, 800).astype(np.float32), 8000, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_health_models_and_the_bearer_token(url):
+    assert call(url, "/health", key=None) == (200, {"status": "ok", "model": "tiny"})
+    status, body = call(url, "/v1/models", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert call(url, "/v1/models", key="wrong")[0] == 401
+    status, body = call(url, "/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == ["tiny"]
+
+
+def test_text_completion_and_its_stream_agree(url):
+    messages = [{"role": "user", "content": "hello"}]
+    status, body = chat(url, messages, temperature=0, max_tokens=10, n=2)
+    assert status == 200 and body["object"] == "chat.completion" and len(body["choices"]) == 2
+    text = body["choices"][0]["message"]["content"]
+    assert isinstance(text, str) and body["choices"][1]["message"]["content"] == text
+    assert body["usage"]["completion_tokens"] <= 20 and body["choices"][0]["finish_reason"] in ("stop", "length")
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", method="POST",
+        data=json.dumps({"messages": messages, "temperature": 0, "max_tokens": 10, "stream": True}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-1]) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_media_in_and_out_as_base64(url):
+    content = [
+        {"type": "text", "text": "look and listen"},
+        {"type": "image_url", "image_url": {"url": png_url()}},
+        {"type": "input_audio", "input_audio": {"data": wav_b64(), "format": "wav"}},
+    ]
+    status, body = chat(url, [{"role": "user", "content": content}], start_with="image", max_media=1, seed=0, max_tokens=12)
+    assert status == 200, body
+    parts = body["choices"][0]["message"]["content"]
+    assert parts[0]["type"] == "image_url"
+    header, data = parts[0]["image_url"]["url"].split(",", 1)
+    assert header == "data:image/png;base64" and Image.open(io.BytesIO(base64.b64decode(data))).size == (8, 8)
+    # the reply goes back into the history as it came
+    history = [{"role": "user", "content": content}, body["choices"][0]["message"], {"role": "user", "content": "now speak"}]
+    status, body = chat(url, history, start_with="audio", max_media=1, seed=0, max_tokens=12)
+    assert status == 200, body
+    audio = body["choices"][0]["message"]["content"][0]
+    assert audio["type"] == "input_audio" and audio["input_audio"]["format"] == "wav"
+    wave, rate = soundfile.read(io.BytesIO(base64.b64decode(audio["input_audio"]["data"])))
+    assert rate == 8000 and len(wave) == 4 * 80
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "needle"),
+    [
+        ({"max_tokens": 1000}, 400, "more than this server allows (32)"),
+        ({"n": 5}, 400, "n must be an integer in [1, 2]"),
+        ({"model": "gpt-4"}, 404, "does not exist here"),
+        ({"temperature": "hot"}, 400, "temperature must be a number"),
+        ({"top_p": 3.0}, 400, "top_p must be in (0, 1]"),
+        ({"tools": [{"type": "function"}]}, 400, "tool calling is not supported"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "data: URL"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "path": "/etc/passwd"}]}]}, 400, "not supported"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role 'robot'"),
+        ({"messages": []}, 400, "non-empty list"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(url, extra, status, needle):
+    got, body = call(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
+    assert got == status and needle in body["error"]["message"], body
+
+
+def test_size_and_duration_limits(url, assistant):
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
+    status, body = call(url, "/v1/chat/completions", raw=big)
+    assert status == 413 and "100000 bytes" in body["error"]["message"]
+    status, body = call(url, "/v1/chat/completions", raw=b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    with running(create_app(assistant, limits=ServerLimits(max_seconds=1e-4), model_name="tiny")) as slow:
+        status, body = chat(slow, [{"role": "user", "content": "hi"}], max_tokens=30)
+    assert status == 408 and "limit of 0.0001 s" in body["error"]["message"]

@@ -1,0 +1,448 @@
+"""The Python chat API: ``unimodal.load(DIR).chat(messages)``.
+
+Messages are OpenAI-style: ``{"role": "system" | "user" | "assistant", "content": ...}`` where
+content is a string or a list of parts:
+
+- ``{"type": "text", "text": "..."}``
+- ``{"type": "image", "image": PATH | PIL.Image | HxWx3 uint8 array}`` (a float ``[n, D]`` or
+  integer array is taken as already-encoded features or codes); also the wire forms
+  ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..." | PATH}}`` and
+  ``{"type": "image", "path": PATH}``;
+- ``{"type": "audio", "audio": PATH | (waveform, sample_rate) | 1-D float waveform at the codec's
+  rate}`` (an integer array is taken as codes); also ``{"type": "input_audio", "input_audio":
+  {"data": BASE64, "format": "wav"}}`` and ``{"type": "audio", "path": PATH}``.
+
+The conversation is rendered with the model's chat template (``chatml`` | ``vicuna``), encoded
+by the same :class:`DocumentEncoder` as training data, and answered by the
+:class:`~unimodal.inference.engine.Engine`. Replies come back as ordered parts; generated media
+is decoded by the model's codecs (pictures as ``PIL.Image``, audio as float waveforms) and keeps
+the codes or features the model wrote, so a reply can be appended to the history as it is.
+When the history does not fit the context, the oldest turns are dropped (system messages stay)
+and ``Reply.trimmed`` says how many.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unimodal.data.chat import get_template, messages_to_parts
+from unimodal.data.encoding import DocumentEncoder, EncodedDocument
+from unimodal.data.schema import ROLES, Document, DocumentError, Part
+from unimodal.data.shards import MediaBytes, decode_media
+from unimodal.inference.constraints import SpanSpec
+from unimodal.inference.engine import Engine, Generation, Segment, open_span
+from unimodal.inference.sampling import GenerationSettings
+from unimodal.modalities.registry import SPAN_MARKERS
+
+log = logging.getLogger("unimodal.chat")
+
+Message = dict[str, Any]
+
+
+class ChatError(ValueError):
+    """A conversation the assistant cannot take: the message says what to change."""
+
+
+@dataclass
+class ReplyPart:
+    """One ordered piece of a reply.
+
+    ``text`` for text; ``image`` (``PIL.Image``) or ``audio`` (float32 waveform) with
+    ``sample_rate`` for media the model's codec could decode; ``data`` is what the model wrote
+    (codes or continuous features), kept so that the reply can go back into the history.
+    """
+
+    type: str
+    text: str = ""
+    image: Any = None
+    audio: np.ndarray | None = None
+    sample_rate: int | None = None
+    data: np.ndarray | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the image (PNG, or any format PIL infers from the suffix) or the audio (WAV)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.type == "image" and self.image is not None:
+            self.image.save(path)
+        elif self.type == "audio" and self.audio is not None:
+            import soundfile
+
+            soundfile.write(str(path), self.audio, self.sample_rate, format=path.suffix.lstrip(".").upper() or "WAV")
+        else:
+            raise ValueError(f"this {self.type} part has nothing to save (no codec decoded it)")
+        return path
+
+    def to_content(self) -> dict[str, Any]:
+        """The part as message content (media as the codes/features the model wrote)."""
+        if self.type == "text":
+            return {"type": "text", "text": self.text}
+        return {"type": self.type, self.type: self.data}
+
+
+@dataclass
+class Reply:
+    parts: list[ReplyPart]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    trimmed: int = 0  # messages dropped from the start of the history to fit the context
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if p.type == "text")
+
+    @property
+    def images(self) -> list[Any]:
+        return [p.image for p in self.parts if p.type == "image"]
+
+    @property
+    def audios(self) -> list[tuple[np.ndarray, int]]:
+        return [(p.audio, p.sample_rate) for p in self.parts if p.type == "audio"]
+
+    def to_message(self) -> Message:
+        return {"role": "assistant", "content": [p.to_content() for p in self.parts]}
+
+
+@dataclass
+class _Turn:
+    role: str
+    parts: list[Part]
+
+
+@dataclass
+class Assistant:
+    """A model ready to chat: the engine plus everything that turns messages into prompts and
+    generated codes into media.
+
+    ``chat_template``: ``chatml`` | ``vicuna`` | None (messages concatenated without markers).
+    ``spans``: the shape of each discrete modality's spans (default: from the codecs).
+    ``unconditional``: the user message of the guidance rows; None is an empty prompt (the image
+    span alone, what training's conditioning dropout shows the model). ``context_length``:
+    prompt plus reply, by default the training sequence length, else the backbone's.
+    """
+
+    model: Any
+    tokenizer: Any
+    codecs: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+    spans: dict[str, SpanSpec | dict[str, Any]] | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    context_length: int | None = None
+    feature_dim: int = 0
+    bidirectional: tuple[str, ...] = ()
+    input_layers: dict[str, int] = field(default_factory=dict)
+    unconditional: str | None = None
+    name: str = "unimodal"
+
+    def __post_init__(self) -> None:
+        self.template = get_template(self.chat_template)
+        layout = self.model.layout
+        if self.spans is None:
+            self.spans = default_spans(self.model, self.codecs)
+        if not self.feature_dim:
+            self.feature_dim = next((int(getattr(m, "feature_dim", 0)) for m in self.model.continuous.values()), 0)
+        if not self.bidirectional:
+            self.bidirectional = tuple(n for n, m in self.model.continuous.items() if getattr(m, "attention", "") == "bidirectional")
+        if self.context_length is None:
+            self.context_length = int(getattr(self.model.backbone.config, "max_position_embeddings", 2048))
+        stop_ids = [self.tokenizer.eos_id]
+        self.engine = Engine(self.model, self.tokenizer, spans=self.spans, stop_ids=stop_ids, max_length=self.context_length)
+        self.encoder = DocumentEncoder(
+            self.tokenizer, layout, feature_dim=self.feature_dim, add_eos=False, bidirectional=tuple(self.bidirectional),
+            codecs=dict(self.codecs), input_layers=dict(self.input_layers), chat_template=self.template,
+        )
+        self.stop = (self.template.stop,) if self.template is not None and self.template.stop else ()
+
+    @classmethod
+    def from_exported(cls, exported: Any, **overrides: Any) -> Assistant:
+        """From :func:`unimodal.training.export.load_exported`'s result; ``overrides`` replace fields."""
+        data = exported.config.get("data", {})
+        fields = {
+            "model": exported.model,
+            "tokenizer": exported.tokenizer,
+            "codecs": dict(exported.codecs),
+            "chat_template": data.get("chat_template"),
+            "settings": GenerationSettings.from_dict(exported.config.get("generation")),
+            "context_length": data.get("seq_len"),
+            "feature_dim": int(data.get("feature_dim") or 0),
+            "bidirectional": tuple(data.get("bidirectional") or ()),
+            "input_layers": dict(data.get("input_layers") or {}),
+            "name": Path(exported.path).name if exported.path else "unimodal",
+        }
+        settings = overrides.pop("settings", None)
+        if isinstance(settings, dict):
+            overrides["settings"] = fields["settings"].replace(**settings)
+        elif settings is not None:
+            overrides["settings"] = settings
+        return cls(**{**fields, **overrides})
+
+    # ------------------------------------------------------------------------------------------
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        on_text: Callable[[str], None] | None = None,
+        start_with: str | None = None,
+        **settings: Any,
+    ) -> Reply:
+        """Reply to one conversation. ``on_text`` receives text as it is generated;
+        ``start_with`` (``"image"`` | ``"audio"``) makes the reply open with that medium;
+        ``settings`` are :meth:`GenerationSettings.replace` keywords (``temperature=0``,
+        ``max_new_tokens=64``, ``image={"cfg_scale": 3}``, ``seed=0``, ...)."""
+        stream = None if on_text is None else (lambda row, text: on_text(text))
+        return self.generate([messages], on_text=stream, start_with=start_with, **settings)[0]
+
+    def generate(
+        self,
+        batch: Sequence[Sequence[Message]],
+        *,
+        on_text: Callable[[int, str], None] | None = None,
+        start_with: str | None = None,
+        **settings: Any,
+    ) -> list[Reply]:
+        """Reply to several conversations at once (one batched generation)."""
+        resolved = self.settings.replace(**settings)
+        resolved = resolved.replace(stop=tuple(resolved.stop) + tuple(s for s in self.stop if s not in resolved.stop))
+        if not batch:
+            return []
+        prompts, trimmed = [], []
+        for messages in batch:
+            prompt, dropped = self.prompt(messages, resolved)
+            if start_with is not None:
+                if start_with not in SPAN_MARKERS:
+                    raise ChatError(f"start_with={start_with!r}; expected one of {list(SPAN_MARKERS)}")
+                prompt = open_span(prompt, self.model.layout, SPAN_MARKERS[start_with][0])
+            prompts.append(prompt)
+            trimmed.append(dropped)
+        unconditional = self.unconditional_prompt()
+        generations = self.engine.generate(prompts, resolved, unconditional=unconditional, on_text=on_text)
+        return [self._reply(g, t) for g, t in zip(generations, trimmed)]
+
+    # ------------------------------------------------------------------------------------------
+    # prompts
+
+    def prompt(self, messages: Sequence[Message], settings: GenerationSettings | None = None) -> tuple[EncodedDocument, int]:
+        """The encoded prompt of a conversation, and how many leading messages were dropped to fit."""
+        settings = settings or self.settings
+        turns = [self._turn(m, i) for i, m in enumerate(parse_messages(messages))]
+        reserve = min(settings.max_new_tokens, self.context_length // 2)
+        room = self.context_length - reserve
+        dropped = 0
+        while True:
+            prompt = self._encode(turns)
+            if len(prompt) <= room:
+                break
+            keep = [i for i, t in enumerate(turns) if t.role == "system"]
+            others = [i for i in range(len(turns)) if i not in keep]
+            if len(others) <= 1:
+                raise ChatError(
+                    f"the last message makes a prompt of {len(prompt)} tokens; the context holds {self.context_length} "
+                    f"with {reserve} kept for the reply: shorten the message, attach less media or lower max_new_tokens"
+                )
+            first = others[0]
+            # drop the oldest turn, and an assistant turn left leading the history
+            cut = [first] + ([others[1]] if len(others) > 2 and turns[others[1]].role == "assistant" else [])
+            turns = [t for i, t in enumerate(turns) if i not in cut]
+            dropped += len(cut)
+        if dropped:
+            log.info("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
+        return prompt, dropped
+
+    def unconditional_prompt(self) -> EncodedDocument:
+        if self.unconditional is None:
+            return EncodedDocument(
+                ids=np.zeros(0, np.int64), modality=np.zeros(0, np.int8), target=np.zeros(0, bool),
+                block=np.zeros(0, np.int32), continuous=np.zeros(0, bool), features=np.zeros((0, self.feature_dim), np.float32),
+            )
+        return self._encode([self._turn({"role": "user", "content": self.unconditional}, 0)])
+
+    def _encode(self, turns: list[_Turn]) -> EncodedDocument:
+        parts = [Part(p.type, text=p.text, data=p.data, media=p.media, role=t.role if self.template else None, loss=t.role == "assistant")
+                 for t in turns for p in t.parts]
+        try:
+            doc = self.encoder.encode(Document(parts, key="chat"))
+        except DocumentError as err:
+            raise ChatError(str(err).replace("sample 'chat': ", "")) from None
+        if self.template is None:
+            return doc
+        opening = self.tokenizer.encode(self.template.begin["assistant"])
+        return _append_text(doc, opening)
+
+    def _turn(self, message: Message, index: int) -> _Turn:
+        """One message with its media decoded and encoded once (trimming re-encodes text only)."""
+        parts = []
+        for number, part in enumerate(message["content"]):
+            if part.type != "text":
+                part = Part(part.type, data=self._encode_media(part, f"message {index}, part {number}"), media=number,
+                            loss=message["role"] == "assistant")
+            parts.append(part)
+        return _Turn(message["role"], parts)
+
+    def _encode_media(self, part: Part, where: str) -> np.ndarray:
+        data, codec = part.data, self.codecs.get(part.type)
+        waveform = part.type == "audio" and isinstance(data, np.ndarray) and data.ndim == 1 and np.issubdtype(data.dtype, np.floating)
+        if isinstance(data, np.ndarray) and data.dtype != np.uint8 and not waveform:
+            return data  # already features or codes
+        if codec is None:
+            raise ChatError(f"{where}: this model has no {part.type} codec, so it cannot read {part.type} input")
+        if waveform:
+            if getattr(codec, "sample_rate", None) is None:
+                raise ChatError(f"{where}: give audio as a path or a (waveform, sample_rate) pair")
+            data = (data, int(codec.sample_rate))
+        try:
+            return codec(Part(part.type, data=data, media=part.media, loss=part.loss))
+        except (ValueError, RuntimeError) as err:
+            raise ChatError(f"{where}: the {part.type} codec cannot read it ({err})") from None
+
+    # ------------------------------------------------------------------------------------------
+    # replies
+
+    def _reply(self, generation: Generation, trimmed: int) -> Reply:
+        parts = [self._part(s) for s in generation.segments]
+        return Reply(parts, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens, generation.seed, trimmed)
+
+    def _part(self, segment: Segment) -> ReplyPart:
+        if segment.type == "text":
+            return ReplyPart("text", text=segment.text)
+        part = ReplyPart(segment.type, data=segment.data)
+        codec = self.codecs.get(segment.type)
+        if codec is None:
+            return part
+        decoded = codec.decode(segment.data)
+        if segment.type == "image":
+            part.image = _as_pil(decoded)
+        else:
+            wave, rate = decoded if isinstance(decoded, tuple) else (decoded, getattr(codec, "sample_rate", None))
+            if rate is None:
+                raise ChatError(f"the audio codec {type(codec).__name__} returns no sample rate")
+            part.audio, part.sample_rate = np.asarray(wave, dtype=np.float32).reshape(-1), int(rate)
+        return part
+
+
+def default_spans(model: Any, codecs: dict[str, Any]) -> dict[str, SpanSpec]:
+    """Span shapes of the discrete modalities, from their codecs' fingerprints (or the layout's
+    record of them): a fixed ``tokens_per_item`` (SEED: 32 codes per image), otherwise a free
+    length of up to ``max_seconds * frame_rate`` frames over every RVQ layer of the range."""
+    layout, out = model.layout, {}
+    for name in layout.code_ranges:
+        if name in model.continuous:  # a continuous modality's own code rows (Orthus' soft VQ)
+            continue
+        codec = codecs.get(name)
+        info = dict(layout.code_sources.get(name) or {})
+        if codec is not None:
+            info.update(codec.fingerprint())
+        layers = layout.layers(name)
+        if info.get("tokens_per_item"):
+            out[name] = SpanSpec(layers=layers, length=int(info["tokens_per_item"]))
+        else:
+            seconds = getattr(codec, "max_seconds", None)
+            frames = int(seconds * info["frame_rate"]) if seconds and info.get("frame_rate") else 4096
+            out[name] = SpanSpec(layers=layers, min_length=1, max_length=max(1, frames))
+    return out
+
+
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
+    """Validate messages; each content becomes a list of Parts (media not yet encoded)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    out = []
+    for index, message in enumerate(messages):
+        where = f"message {index}"
+        if not isinstance(message, dict):
+            raise ChatError(f"{where} is {type(message).__name__}, expected a dict with 'role' and 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ChatError(f"{where} has role {role!r}; expected one of {ROLES}")
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ChatError(f"{where} has no content (a string or a list of parts)")
+        out.append({"role": role, "content": [_content(item, f"{where}, part {n}") for n, item in enumerate(items)]})
+    return out
+
+
+def _content(item: Any, where: str) -> Part:
+    if not isinstance(item, dict):
+        raise ChatError(f"{where} is {type(item).__name__}, expected a dict with a 'type'")
+    kind = item.get("type")
+    if kind in ("image", "audio") and kind in item:
+        return Part(kind, data=_media_object(kind, item[kind], where))
+    if kind in ("text", "image_url", "input_audio", "image", "audio"):
+        try:  # the wire forms, parsed as the data tools parse chat records
+            part = messages_to_parts([{"role": "user", "content": [item]}], Path.cwd(), where)[0]
+        except DocumentError as err:
+            raise ChatError(str(err)) from None
+        if isinstance(part.data, MediaBytes):
+            part.data = _decode(part.data, part.type, where)
+        return Part(part.type, text=part.text, data=part.data)
+    raise ChatError(f"{where} has type {kind!r}; expected text, image, audio, image_url or input_audio")
+
+
+def _media_object(kind: str, value: Any, where: str) -> Any:
+    """An in-memory image or audio value (or a path to one) as the codec input."""
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        if not path.is_file():
+            raise ChatError(f"{where}: {kind} file {path} does not exist")
+        return _decode(MediaBytes(path.suffix.lstrip(".").lower(), path.read_bytes()), kind, where)
+    if kind == "image" and hasattr(value, "convert") and hasattr(value, "size"):  # PIL.Image
+        return np.asarray(value.convert("RGB"), dtype=np.uint8)
+    if kind == "audio" and isinstance(value, tuple) and len(value) == 2:
+        return np.asarray(value[0], dtype=np.float32), int(value[1])
+    if isinstance(value, np.ndarray):
+        return value
+    raise ChatError(f"{where}: a {kind} must be a path, {'a PIL image or an HxWx3 uint8 array' if kind == 'image' else 'a (waveform, sample_rate) pair'}; got {type(value).__name__}")
+
+
+def _decode(media: MediaBytes, kind: str, where: str) -> Any:
+    try:
+        return decode_media(media, kind, where)
+    except DocumentError as err:
+        raise ChatError(str(err)) from None
+
+
+def _as_pil(decoded: Any) -> Any:
+    from PIL import Image
+
+    if isinstance(decoded, Image.Image):
+        return decoded
+    array = np.asarray(decoded)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def _append_text(doc: EncodedDocument, ids: list[int]) -> EncodedDocument:
+    n = len(ids)
+    return EncodedDocument(
+        ids=np.concatenate([doc.ids, np.asarray(ids, dtype=doc.ids.dtype)]),
+        modality=np.concatenate([doc.modality, np.zeros(n, doc.modality.dtype)]),
+        target=np.concatenate([doc.target, np.zeros(n, bool)]),
+        block=np.concatenate([doc.block, np.full(n, -1, doc.block.dtype)]),
+        continuous=np.concatenate([doc.continuous, np.zeros(n, bool)]),
+        features=doc.features,
+        key=doc.key,
+    )
+
+
+def load(path: str | Path, device: str = "auto", **overrides: Any) -> Assistant:
+    """An :class:`Assistant` for an export directory (``unimodal export``); ``device`` is
+    ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; ``overrides`` set Assistant fields."""
+    import torch
+
+    from unimodal.training.export import load_exported
+
+    exported = load_exported(path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    exported.model.to(device)
+    return Assistant.from_exported(exported, **overrides)

@@ -1,0 +1,319 @@
+"""An OpenAI-compatible HTTP server over an :class:`~unimodal.inference.chat.Assistant`.
+
+Endpoints: ``POST /v1/chat/completions`` (non-streaming, and ``"stream": true`` server-sent
+events for text), ``GET /v1/models``, ``GET /health``. Input content parts are the OpenAI ones:
+``text``, ``image_url`` (``data:`` URLs only: a server reads no files and fetches nothing) and
+``input_audio`` (base64 + format). A reply whose content is text only is a string, as in
+OpenAI's API; a reply with media is a list of parts in the order the model wrote them, media
+in the same shapes as the inputs (``image_url`` with a PNG data URL, ``input_audio`` with base64
+WAV), so a client can put the message back into the history as it came.
+
+Limits answer with OpenAI-style errors (``{"error": {"message", "type", "code"}}``): a body over
+``max_request_bytes`` is 413, a generation over ``max_seconds`` is 408, ``max_tokens`` or ``n``
+above the server's caps is 400, a missing or wrong bearer token (when ``api_key`` is set) is 401,
+a request that waits longer than ``max_seconds`` behind others is 429. One generation runs at a
+time (the model is shared); extension fields ``top_k``, ``repetition_penalty``, ``num_beams``,
+``max_media``, ``start_with`` and per-modality ``image`` / ``audio`` settings pass through to
+:meth:`GenerationSettings.replace`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from unimodal.inference.chat import Assistant, ChatError, Reply, ReplyPart
+from unimodal.inference.engine import GenerationTimeout
+
+log = logging.getLogger("unimodal.serve")
+
+# sampling fields this server reads besides messages, max_tokens, stop, n and stream; other
+# fields of OpenAI's schema are accepted and ignored
+FIELD_TYPES = {
+    "temperature": (int, float), "top_p": (int, float), "repetition_penalty": (int, float), "top_k": int,
+    "num_beams": int, "seed": int, "max_media": int, "image": dict, "audio": dict,
+}
+SAMPLING_FIELDS = tuple(FIELD_TYPES)
+UNSUPPORTED = {"tools": "tool calling", "functions": "function calling", "logprobs": "log-probabilities"}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_request_bytes: int = 20 * 2**20
+    max_seconds: float = 300.0
+    max_new_tokens: int = 4096
+    max_n: int = 8
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str = "invalid_request"):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+    def payload(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "code": self.code}}
+
+
+def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerLimits | None = None, model_name: str | None = None) -> FastAPI:
+    """The FastAPI application (run it with uvicorn, or :func:`serve`)."""
+    limits = limits or ServerLimits()
+    name = model_name or assistant.name
+    created = int(time.time())
+    lock = threading.Lock()
+    app = FastAPI(title="unimodal", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.payload(), status_code=err.status)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+                return JSONResponse(err.payload(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "unimodal"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read_body(request, limits.max_request_bytes)
+        call = parse_request(body, name, limits)
+        if call.stream:
+            return StreamingResponse(_stream(assistant, call, lock, limits, name), media_type="text/event-stream")
+        replies = await asyncio.to_thread(_generate, assistant, call, lock, limits)
+        return completion(replies, name)
+
+    return app
+
+
+@dataclass
+class Call:
+    """A parsed chat completion request."""
+
+    messages: list[dict[str, Any]]
+    settings: dict[str, Any]
+    n: int
+    stream: bool
+    start_with: str | None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes (--max-request-mb)", "request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
+    """Validate a ``/v1/chat/completions`` body; every problem is a 400 with a clear message."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise APIError(400, f"the body is not valid JSON ({err})") from None
+    if not isinstance(payload, dict):
+        raise APIError(400, "the body must be a JSON object")
+    model = payload.get("model")
+    if model is not None and model != name:
+        raise APIError(404, f"model {model!r} does not exist here; this server serves {name!r}", "model_not_found")
+    for key, what in UNSUPPORTED.items():
+        if payload.get(key):
+            raise APIError(400, f"{key}: {what} is not supported by this server")
+    if payload.get("response_format") not in (None, {"type": "text"}):
+        raise APIError(400, "response_format: only text responses are supported")
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list")
+    for i, message in enumerate(messages):
+        _check_message(message, i)
+    settings = {key: payload[key] for key in SAMPLING_FIELDS if payload.get(key) is not None}
+    for key, value in settings.items():
+        expected = FIELD_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            kind = {dict: "an object", int: "an integer"}.get(expected, "a number")
+            raise APIError(400, f"{key} must be {kind}")
+    if isinstance(payload.get("audio"), dict) and "voice" in payload["audio"]:
+        raise APIError(400, "audio.voice is OpenAI's audio output option; pass audio sampling settings without 'voice'")
+    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise APIError(400, "max_tokens must be a positive integer")
+        if max_tokens > limits.max_new_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({limits.max_new_tokens})")
+        settings["max_new_tokens"] = max_tokens
+    stop = payload.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings")
+        settings["stop"] = tuple(stop)
+    n = payload.get("n", 1)
+    if not isinstance(n, int) or not 1 <= n <= limits.max_n:
+        raise APIError(400, f"n must be an integer in [1, {limits.max_n}]")
+    stream = bool(payload.get("stream", False))
+    if stream and n != 1:
+        raise APIError(400, "stream=true needs n=1")
+    start_with = payload.get("start_with")
+    if start_with not in (None, "image", "audio"):
+        raise APIError(400, "start_with must be 'image' or 'audio'")
+    return Call(messages, settings, n, stream, start_with)
+
+
+def _check_message(message: Any, index: int) -> None:
+    """Only wire forms a remote client may send: no file paths, no URLs to fetch."""
+    if not isinstance(message, dict):
+        raise APIError(400, f"messages[{index}] must be an object")
+    content = message.get("content")
+    if isinstance(content, str) or content is None:
+        return
+    if not isinstance(content, list):
+        raise APIError(400, f"messages[{index}].content must be a string or a list of parts")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        where = f"messages[{index}].content[{j}]"
+        if kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url.startswith("data:"):
+                raise APIError(400, f"{where}: image_url must be a data: URL (data:image/png;base64,...); this server fetches nothing")
+        elif kind not in ("text", "input_audio"):
+            raise APIError(400, f"{where}: part type {kind!r} is not supported (text, image_url, input_audio)")
+
+
+def _generate(assistant: Assistant, call: Call, lock: threading.Lock, limits: ServerLimits, on_text=None) -> list[Reply]:
+    if not lock.acquire(timeout=limits.max_seconds):
+        raise APIError(429, f"the server is busy: the request waited {limits.max_seconds:g} s for the model; retry later", "busy")
+    try:
+        default_length = min(assistant.settings.max_new_tokens, limits.max_new_tokens)
+        settings = {"max_new_tokens": default_length, **call.settings, "timeout_s": limits.max_seconds}
+        return assistant.generate([call.messages] * call.n, on_text=on_text, start_with=call.start_with, **settings)
+    except GenerationTimeout:
+        raise APIError(
+            408, f"the generation ran longer than this server's limit of {limits.max_seconds:g} s (--max-seconds); ask for fewer tokens (max_tokens)",
+            "timeout",
+        ) from None
+    except (ChatError, ValueError) as err:
+        raise APIError(400, str(err)) from None
+    finally:
+        lock.release()
+
+
+def completion(replies: list[Reply], name: str) -> dict[str, Any]:
+    prompt = replies[0].prompt_tokens
+    generated = sum(r.completion_tokens for r in replies)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": content(r.parts)}, "finish_reason": r.finish_reason}
+            for i, r in enumerate(replies)
+        ],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated},
+        "unimodal": {"seeds": [r.seed for r in replies], "trimmed_messages": replies[0].trimmed},
+    }
+
+
+def content(parts: list[ReplyPart]) -> str | list[dict[str, Any]]:
+    """A string for text-only replies, else the ordered parts with media as base64."""
+    if all(p.type == "text" for p in parts):
+        return "".join(p.text for p in parts)
+    return [wire_part(p) for p in parts]
+
+
+def wire_part(part: ReplyPart) -> dict[str, Any]:
+    if part.type == "text":
+        return {"type": "text", "text": part.text}
+    buffer = io.BytesIO()
+    if part.type == "image":
+        if part.image is None:
+            raise APIError(500, "the model wrote an image but has no image codec to decode it", "no_codec")
+        part.image.save(buffer, format="PNG")
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
+    if part.audio is None:
+        raise APIError(500, "the model wrote audio but has no audio codec to decode it", "no_codec")
+    import soundfile
+
+    soundfile.write(buffer, part.audio, part.sample_rate, format="WAV")
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode(), "format": "wav"}}
+
+
+async def _stream(assistant: Assistant, call: Call, lock: threading.Lock, limits: ServerLimits, name: str) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, text deltas as they are generated, then a last chunk with
+    any media parts (``delta.content`` as a list), the finish reason and usage."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def work() -> None:
+        try:
+            replies = _generate(assistant, call, lock, limits, on_text=lambda row, text: loop.call_soon_threadsafe(queue.put_nowait, text))
+            loop.call_soon_threadsafe(queue.put_nowait, replies[0])
+        except Exception as err:  # noqa: BLE001 - every failure becomes an error event
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+
+    threading.Thread(target=work, daemon=True).start()
+    yield chunk({"role": "assistant", "content": ""})
+    while True:
+        item = await queue.get()
+        if isinstance(item, str):
+            yield chunk({"content": item})
+            continue
+        if isinstance(item, Reply):
+            media = [wire_part(p) for p in item.parts if p.type != "text"]
+            usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
+                     "total_tokens": item.prompt_tokens + item.completion_tokens}
+            yield chunk({"content": media} if media else {}, item.finish_reason, usage=usage)
+        else:
+            err = item if isinstance(item, APIError) else APIError(500, f"generation failed: {item}", "server_error")
+            if not isinstance(item, APIError):
+                log.error("generation failed", exc_info=item)
+            yield f"data: {json.dumps(err.payload())}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+
+
+def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: ServerLimits | None = None, model_name: str | None = None) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name)
+    log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models, GET /health)", model_name or assistant.name, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,144 @@
+"""``unimodal chat DIR``: a line-based terminal chat.
+
+Text is streamed as it is generated. ``/image PATH`` and ``/audio PATH`` attach media to the next
+message; generated images and audio are written under the output directory and their paths
+printed. ``/reset`` starts over, ``/save [PATH]`` writes the conversation as a chat record
+(``{"messages": [...]}`` with media as file paths: ``unimodal data pack`` reads it back), ``/quit``
+leaves. When the conversation outgrows the context, the oldest turns are dropped and a line says
+so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from unimodal.inference.chat import Assistant, ChatError
+
+HELP = """commands:
+  /image PATH    attach an image to your next message
+  /audio PATH    attach an audio file to your next message
+  /reset         forget the conversation
+  /save [PATH]   write the conversation as a chat record (JSON)
+  /help          this list
+  /quit          leave (or Ctrl-D)"""
+
+SUFFIX = {"image": "png", "audio": "wav"}
+
+
+class Terminal:
+    def __init__(self, assistant: Assistant, out_dir: str | Path, settings: dict[str, Any] | None = None,
+                 system: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None):
+        import sys
+
+        self.assistant, self.out_dir = assistant, Path(out_dir)
+        self.settings = dict(settings or {})
+        self.system = system
+        self.stdin, self.stdout = stdin or sys.stdin, stdout or sys.stdout
+        self.history: list[dict[str, Any]] = []
+        self.attached: list[dict[str, Any]] = []
+        self.replies = 0
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        self.stdout.write(text + end)
+        self.stdout.flush()
+
+    def run(self) -> None:
+        self.say(f"chatting with {self.assistant.name} (context {self.assistant.context_length} tokens); /help lists commands")
+        self.reset(quiet=True)
+        while True:
+            self.say("you> ", end="")
+            line = self.stdin.readline()
+            if not line:
+                self.say()
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.turn(line)
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False when the chat should end."""
+        verb, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if verb in ("/quit", "/exit"):
+            return False
+        if verb in ("/image", "/audio"):
+            kind = verb[1:]
+            path = Path(arg).expanduser()
+            if not arg or not path.is_file():
+                self.say(f"no such file: {arg!r} (usage: {verb} PATH)")
+            else:
+                self.attached.append({"type": kind, kind: str(path.resolve()), "path": str(path.resolve())})
+                self.say(f"attached {kind} {path} to your next message")
+        elif verb == "/reset":
+            self.reset()
+        elif verb == "/save":
+            self.say(f"saved the conversation to {self.save(arg or None)}")
+        elif verb == "/help":
+            self.say(HELP)
+        else:
+            self.say(f"unknown command {verb}\n{HELP}")
+        return True
+
+    def reset(self, quiet: bool = False) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+        self.attached = []
+        if not quiet:
+            self.say("the conversation is reset")
+
+    def turn(self, text: str) -> None:
+        message = {"role": "user", "content": [{"type": "text", "text": text}] + self.attached}
+        self.say("assistant> ", end="")
+        try:
+            reply = self.assistant.chat(self.history + [message], on_text=lambda t: self.say(t, end=""), **self.settings)
+        except ChatError as err:
+            self.say(f"\n(error: {err})")
+            return
+        self.attached = []
+        self.replies += 1
+        content = []
+        for k, part in enumerate(reply.parts):
+            if part.type == "text":
+                content.append(part.to_content())
+                continue
+            item = {"type": part.type, part.type: part.data}
+            if part.image is not None or part.audio is not None:
+                path = part.save(self.out_dir / f"reply{self.replies:03d}-{k}.{SUFFIX[part.type]}")
+                item["path"] = str(path)
+                self.say(f"\n[{part.type} saved to {path}]", end="")
+            content.append(item)
+        self.say()
+        if reply.finish_reason == "length":
+            self.say(f"(the reply stopped at the length limit of {reply.completion_tokens} tokens)")
+        if reply.trimmed:
+            self.history = self.history[:1] + self.history[1 + reply.trimmed :] if self.system else self.history[reply.trimmed :]
+            self.say(f"(the {reply.trimmed} oldest messages no longer fit in the context of "
+                     f"{self.assistant.context_length} tokens and were dropped)")
+        self.history += [message, {"role": "assistant", "content": content}]
+
+    def save(self, path: str | None) -> Path:
+        out = Path(path) if path else self.out_dir / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        messages = [{"role": m["role"], "content": _as_record(m["content"])} for m in self.history]
+        out.write_text(json.dumps({"messages": messages}, indent=2) + "\n")
+        return out
+
+
+def _as_record(content: Any) -> Any:
+    """Message content as a chat record: media as file paths (media without a file is left out)."""
+    if isinstance(content, str):
+        return content
+    out = []
+    for item in content:
+        if item["type"] == "text":
+            out.append({"type": "text", "text": item["text"]})
+        elif "path" in item:
+            out.append({"type": item["type"], "path": item["path"]})
+    return out
