@@ -208,11 +208,13 @@ class DigitAudioCodec(RVQCodec):
         previous = np.zeros_like(angles)
         for _ in range(c.griffin_lim_iters):
             rebuilt = stft(istft(magnitude * angles, c.n_fft, c.hop, length), c.n_fft, c.hop)
+            # very short spans (a frame or two) pad up to half a window, giving extra frames
+            rebuilt = np.pad(rebuilt[: len(frames)], ((0, max(0, len(frames) - len(rebuilt))), (0, 0)))
             accelerated = rebuilt - (0.99 / 1.99) * previous
             previous = rebuilt
             angles = accelerated / np.maximum(np.abs(accelerated), 1e-16)
         signal = istft(magnitude * angles, c.n_fft, c.hop, length)
-        peak = np.abs(signal).max()
+        peak = np.abs(signal).max(initial=0.0)
         return (0.9 * signal / peak if peak > 0 else signal).astype(np.float32)
 
     # -- files ---------------------------------------------------------------------------------
