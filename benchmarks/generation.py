@@ -234,12 +234,11 @@ def deviation(model: UnifiedModel, reference: Reference, steps: int, args: argpa
 
         def sample(n: int) -> torch.Tensor:
             return image.sample_next(rows, cfg_scale=args.cfg_scale, steps=n, generator=torch.Generator(rows.device).manual_seed(1))
-    else:
-        generator_seed = 1
+    else:  # a whole image, denoised from the same noise
         prompt = np.random.default_rng(1).integers(3, args.vocab, args.image_prompt_tokens).tolist()
 
         def sample(n: int) -> torch.Tensor:
-            return reference.image_for(prompt, n, torch.Generator(model.backbone.device).manual_seed(generator_seed))
+            return reference.image_for(prompt, n, torch.Generator(model.backbone.device).manual_seed(1))
     full, short = sample(100), sample(steps)
     return f"{float((short - full).norm() / full.norm()):.4f}"
 

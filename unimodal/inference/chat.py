@@ -129,9 +129,9 @@ class Assistant:
     prompt plus reply, by default the training sequence length, else the backbone's.
     """
 
-    model: Any
-    tokenizer: Any
-    codecs: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    codecs: dict[str, Any] = field(default_factory=dict, repr=False)
     chat_template: str | None = None
     spans: dict[str, SpanSpec | dict[str, Any]] | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)

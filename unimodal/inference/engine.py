@@ -352,6 +352,8 @@ class Engine:
         generator, seed = make_generator(settings.seed, self.device)
         deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else None
         if settings.text.num_beams > 1:
+            if any(len(p) and int(p.ids[-1]) in self.modes for p in prompts):
+                raise ValueError("beam search writes text only; a reply that starts with media needs num_beams=1")
             return self._beam_search(prompts, budgets, settings, seed, deadline)
         guided = {m.name for m in self.modes.values() if settings.for_modality(m.name).cfg_scale != 1}
         if guided and unconditional is None:
