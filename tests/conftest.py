@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,3 +43,12 @@ TINY_LLAMA = {
 @pytest.fixture
 def tiny_llama_config() -> dict:
     return dict(TINY_LLAMA)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread than on a contended 2-core pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

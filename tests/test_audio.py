@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from unimodal.data.encoding import DocumentEncoder
 from unimodal.data.schema import Document, Part
@@ -26,12 +25,7 @@ CODECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def speech(seconds: float = 0.5, rate: int = RATE) -> np.ndarray:

@@ -14,12 +14,7 @@ SPANS = {"image": {"length": 5}, "audio": {"layers": 3, "min_length": 1, "max_le
 BOI, BOA = LAYOUT.special_id("<|boi|>"), LAYOUT.special_id("<|boa|>")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ ENCODEC = {"model_type": "encodec", "sampling_rate": 16000, "audio_channels": 1,
            "target_bandwidths": [0.3, 0.6, 1.2], "num_lstm_layers": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def png(seed: int) -> MediaBytes:
