@@ -669,10 +669,7 @@ class _Run:
 
     def _draw_features(self, rows: list[_Row], feed: dict[int, Any]) -> None:
         """Causal continuous spans: the head samples each row's next feature from its last hidden state."""
-        by_mode: dict[str, list[_Row]] = {}
-        for row in rows:
-            by_mode.setdefault(row.mode.name, []).append(row)
-        for name, members in by_mode.items():
+        for name, members in _by_mode(rows).items():
             modality, settings = self.model.continuous[name], self.settings.for_modality(name)
             guided = name in self.guided
             index = [r.index for r in members]
@@ -691,10 +688,7 @@ class _Run:
 
     def _denoise_blocks(self, rows: list[_Row]) -> None:
         """Bidirectional continuous spans: denoise whole items, then commit one clean pass."""
-        by_mode: dict[str, list[_Row]] = {}
-        for row in rows:
-            by_mode.setdefault(row.mode.name, []).append(row)
-        for name, members in by_mode.items():
+        for name, members in _by_mode(rows).items():
             modality, settings = self.model.continuous[name], self.settings.for_modality(name)
             guided = name in self.guided
             cond = [r.index for r in members]
@@ -851,3 +845,11 @@ def open_span(doc: EncodedDocument, layout: Any, begin: str) -> EncodedDocument:
         features=doc.features,
         key=doc.key,
     )
+
+
+def _by_mode(rows: list[_Row]) -> dict[str, list[_Row]]:
+    """Rows grouped by their current media mode, so each modality runs once per step."""
+    groups: dict[str, list[_Row]] = {}
+    for row in rows:
+        groups.setdefault(row.mode.name, []).append(row)
+    return groups
