@@ -52,3 +52,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_home(tmp_path_factory):
+    """Built-in data goes to one fresh directory per test session: each world is built once,
+    the way a first run builds it, and never touches the user's data/generated."""
+    home = tmp_path_factory.mktemp("data-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIMODAL_DATA_HOME", str(home))
+        yield home

@@ -22,14 +22,6 @@ SLOW = {"orthus/interleaved", "llamafusion/interleaved"}
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("data-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNIMODAL_DATA_HOME", str(home))
-        yield home
-
-
 def metric(run: Path, name: str) -> list[float]:
     (metrics,) = run.glob("logs/version_*/metrics.csv")
     with metrics.open() as f:

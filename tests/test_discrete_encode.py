@@ -94,14 +94,6 @@ def module(*paths, **kwargs) -> UnimodalDataModule:
     return UnimodalDataModule([{"path": str(p)} for p in paths], "builtin:codes/tokenizer.model", **args)
 
 
-@pytest.fixture(scope="module")
-def data_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("data-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNIMODAL_DATA_HOME", str(home))
-        yield home
-
-
 def test_the_layout_records_the_tokenizers_and_batches_use_their_ranges(data_home, encoded, codecs):
     dm = module(encoded)
     assert dm.layout.code_sources["image"] == codecs["image"].fingerprint()

@@ -21,14 +21,6 @@ RECIPES = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("data-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNIMODAL_DATA_HOME", str(home))
-        yield home
-
-
 def ce_terms(run: Path) -> dict[str, list[float]]:
     (metrics,) = run.glob("logs/version_*/metrics.csv")
     with metrics.open() as f:

@@ -19,14 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "recipes" / "pipelines"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("data-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNIMODAL_DATA_HOME", str(home))
-        yield home
-
-
 def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, monkeypatch, capsys):
     root = tmp_path / "runs"
 

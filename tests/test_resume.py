@@ -21,14 +21,6 @@ RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("data-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNIMODAL_DATA_HOME", str(home))
-        yield home
-
-
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     """The tiny text recipe with dropout, so a resume that lost the RNG state would differ."""

@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("data-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNIMODAL_DATA_HOME", str(home))
-        yield home
-
-
 def image(seed: int, size: int = 20) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
 

@@ -16,15 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    """Built-in data goes to a fresh directory: the test builds it like a first run would."""
-    home = tmp_path_factory.mktemp("data-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNIMODAL_DATA_HOME", str(home))
-        yield home
-
-
 def overrides(run: Path) -> list[str]:
     return [f"--trainer.default_root_dir={run}"]
 
