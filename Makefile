@@ -23,11 +23,15 @@ test: setup
 test-all: setup
 	$(BIN)/pytest -q
 
+# the main job (docs/first-hour.md): build the digits world, pretrain then chat-SFT with LoRA,
+# export, and score the held-out split; finished stages are skipped when run again
 demo: setup
-	$(BIN)/unimodal train recipes/text/tiny.yaml
+	$(BIN)/unimodal pipeline recipes/pipelines/digits.yaml --root runs/demo
+	ln -sfn chat_sft/export runs/demo/model
+	$(BIN)/unimodal eval runs/demo/model --suite digits --out runs/demo/scoreboard.json
 	@echo
-	@echo "Logs: runs/text-tiny/logs (CSV) and runs/text-tiny/tb (tensorboard --logdir runs/text-tiny/tb)"
-	@echo "Checkpoints: runs/text-tiny/checkpoints"
+	@echo "Scoreboard: runs/demo/scoreboard.json. Logs: runs/demo/*/logs (CSV), runs/demo/*/tb (TensorBoard)."
+	@echo "Chat with the model: $(BIN)/unimodal chat runs/demo/model"
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py

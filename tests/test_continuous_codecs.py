@@ -64,6 +64,15 @@ def test_pixel_codec_round_trip():
     np.testing.assert_allclose(from_bytes, features)
 
 
+def test_grey_pixel_codec_keeps_one_channel():
+    grey = np.random.default_rng(1).integers(0, 256, size=(16, 16), dtype=np.uint8)
+    codec = PixelPatchCodec(size=16, patch=8, grey=True)
+    features = codec.encode(Part("image", media=0, data=np.stack([grey] * 3, axis=-1)))
+    assert features.shape == (4, 64) and codec.slots == 4 and codec.feature_dim == 64
+    np.testing.assert_array_equal(codec.decode(features), np.stack([grey] * 3, axis=-1))
+    assert codec.fingerprint() != PixelPatchCodec(size=16, patch=8).fingerprint()
+
+
 def test_corrupt_image_is_a_clear_error_and_a_counted_skip(char_tokenizer):
     codec = PixelPatchCodec(size=16, patch=4)
     with pytest.raises(DocumentError, match="not a readable image"):

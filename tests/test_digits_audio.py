@@ -25,7 +25,7 @@ def test_filterbank_covers_the_spectrum():
 def test_codes_shape_range_and_rate(small_codec):
     waveform, rate = utterances("test")[0].load()
     codes = small_codec.encode(Part("audio", data=(waveform, rate)))
-    assert codes.dtype == np.int64 and codes.shape == (2, len(waveform) // 256 + 1)
+    assert codes.dtype == np.int64 and codes.shape == (2, len(waveform) // 512 + 1)
     assert codes.min() >= 0 and codes.max() < 32
     assert len(set(codes[0].tolist())) > 3  # the codebooks were filled, not left at one code
     resampled = small_codec.encode_waveform(np.interp(np.arange(0, len(waveform), 2), np.arange(len(waveform)), waveform), 8000)
@@ -37,7 +37,7 @@ def test_codes_shape_range_and_rate(small_codec):
 def test_decode_gives_a_waveform_and_takes_fewer_layers(small_codec):
     codes = small_codec.encode_waveform(*utterances("test")[1].load())
     waveform, rate = small_codec.decode(codes)
-    assert rate == 16000 and waveform.dtype == np.float32 and len(waveform) == (codes.shape[1] - 1) * 256
+    assert rate == 16000 and waveform.dtype == np.float32 and len(waveform) == (codes.shape[1] - 1) * 512
     assert 0 < np.abs(waveform).max() <= 1
     assert len(small_codec.decode(codes[:1])[0]) == len(waveform)
     with pytest.raises(ValueError, match="codes outside"):
@@ -50,7 +50,7 @@ def test_save_load_and_tamper(small_codec, tmp_path):
     small_codec.save(tmp_path / "codec")
     loaded = DigitAudioCodec(path=str(tmp_path / "codec"))
     assert loaded.fingerprint() == small_codec.fingerprint()
-    assert loaded.fingerprint()["frame_rate"] == 62.5 and loaded.layers == 2
+    assert loaded.fingerprint()["frame_rate"] == 31.25 and loaded.layers == 2
     clip = utterances("test")[2].load()
     np.testing.assert_array_equal(loaded.encode_waveform(*clip), small_codec.encode_waveform(*clip))
     books = np.load(tmp_path / "codec" / CODEBOOKS_FILE)
@@ -89,7 +89,7 @@ def test_codes_become_layer_major_vocabulary_ids(small_codec, char_tokenizer):
 
 @pytest.mark.slow
 def test_round_trip_keeps_the_words():
-    """The world's codec (3 layers of 256): the audio judge still hears the right digit after a round trip."""
+    """The world's codec (2 layers of 256): the audio judge still hears the right digit after a round trip."""
     from unimodal.eval.judges import audio_judge
 
     codec = DigitAudioCodec().fit([u.load() for u in utterances("train")])

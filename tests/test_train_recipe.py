@@ -76,3 +76,22 @@ def test_tiny_applies_the_recipe_overrides(tmp_path):
 
     assert load_recipe(RECIPE, tiny=True)["trainer"]["max_steps"] == 20
     assert "tiny" not in load_recipe(RECIPE, tiny=False)
+
+
+def test_builtin_data_from_an_older_build_is_rebuilt(tmp_path, monkeypatch):
+    """A data home whose stamp names another build version is rebuilt, not silently read."""
+    calls = []
+
+    def build(root: Path) -> None:
+        calls.append(root)
+        (root / "data.txt").write_text(f"build {len(calls)}")
+
+    monkeypatch.setenv("UNIMODAL_DATA_HOME", str(tmp_path))
+    monkeypatch.setitem(builtin.BUILDERS, "toy", build)
+    monkeypatch.setitem(builtin.BUILD_VERSIONS, "toy", 2)
+    path = Path(builtin.resolve("builtin:toy/data.txt"))
+    builtin.resolve("builtin:toy/data.txt")
+    assert path.read_text() == "build 1" and len(calls) == 1
+    (tmp_path / "toy" / ".built").write_text("")  # what an older release left
+    builtin.resolve("builtin:toy/data.txt")
+    assert path.read_text() == "build 2"

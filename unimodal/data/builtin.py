@@ -75,6 +75,9 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "codes": build_codes,
     "seed_tokenizer": build_seed_tokenizer,
 }
+# Bumped when a builder's output changes, so a data home built by an older release is rebuilt
+# rather than silently read (digits 2: the speech codec went to 31.25 frames/s and 2 layers).
+BUILD_VERSIONS: dict[str, int] = {"digits": 2}
 
 
 def data_home() -> Path:
@@ -90,11 +93,14 @@ def resolve(path: str) -> str:
         raise ValueError(f"unknown built-in dataset {name!r} in {path!r}; known: {', '.join(sorted(BUILDERS))}")
     root = data_home() / name
     root.parent.mkdir(parents=True, exist_ok=True)
+    version = str(BUILD_VERSIONS.get(name, 1))
     with FileLock(str(root) + ".lock"):  # ranks and workers starting together build it once
-        if not (root / ".built").exists():
-            log.info("building the built-in dataset %r under %s (once)", name, root)
+        stamp = root / ".built"
+        built = stamp.read_text().strip() or "1" if stamp.exists() else None  # older stamps are empty
+        if built != version:
+            log.info("building the built-in dataset %r (version %s) under %s (once)", name, version, root)
             shutil.rmtree(root, ignore_errors=True)  # a build cut short leaves no .built: start over
             root.mkdir()
             BUILDERS[name](root)
-            (root / ".built").touch()
+            stamp.write_text(version + "\n")
     return str(root / rest)

@@ -1,7 +1,7 @@
 """A small speech tokenizer with RVQ layers, trained by the framework on the digits world's audio.
 
 Why this shape: the spoken digits are short (about half a second) synthetic words, so a
-learned neural codec would be overkill. A log-mel frame (64 bands, 16 ms hop) is quantised by
+learned neural codec would be overkill. A log-mel frame (64 bands, 32 ms hop: 31.25 frames/s, about 14 frames a word) is quantised by
 residual k-means: layer 0 picks the nearest of ``codebook_size`` centroids, each further layer
 quantises what the layers before it left over. The codes ``[layers, frames]`` (layer 0 is the
 coarse "content" layer, as in MIO's SpeechTokenizer) go into the vocabulary layer-major; decoding
@@ -120,9 +120,9 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> 
 class DigitAudioConfig:
     sample_rate: int = 16000
     n_fft: int = 1024
-    hop: int = 256
+    hop: int = 512
     n_mels: int = 64
-    layers: int = 3
+    layers: int = 2
     codebook_size: int = 256
     kmeans_iters: int = 20
     griffin_lim_iters: int = 48

@@ -112,16 +112,21 @@ def _where(part: Part) -> str:
 
 
 class PixelPatchCodec(MediaCodec):
-    """Raw pixels as patch tokens: ``(size/patch)^2`` slots of ``patch*patch*3`` values in [-1, 1]."""
+    """Raw pixels as patch tokens: ``(size/patch)^2`` slots of ``patch*patch*C`` values in [-1, 1].
+
+    ``grey=True`` keeps one channel (the mean of R, G, B; decoded back to three equal channels):
+    a third of the width for grey material such as handwritten digits.
+    """
 
     modality = "image"
 
-    def __init__(self, size: int = 16, patch: int = 4):
+    def __init__(self, size: int = 16, patch: int = 4, grey: bool = False):
         if size % patch:
             raise ValueError(f"image size {size} is not a multiple of patch {patch}")
         self.transform = ImageTransform(size)
         self.patch = patch
-        self.channels = 3
+        self.grey = grey
+        self.channels = 1 if grey else 3
 
     @property
     def slots(self) -> int:
@@ -133,14 +138,16 @@ class PixelPatchCodec(MediaCodec):
 
     def encode(self, part: Part) -> np.ndarray:
         pixels = self.transform(part.data, _where(part))
+        if self.grey:
+            pixels = pixels.mean(0, keepdim=True)
         return patchify(pixels[None], self.patch)[0].numpy()
 
     def decode(self, array: np.ndarray) -> np.ndarray:
         tokens = torch.as_tensor(np.asarray(array, dtype=np.float32))[None]
-        return to_uint8(unpatchify(tokens, self.patch, self.channels)[0])
+        return to_uint8(unpatchify(tokens, self.patch, self.channels)[0].expand(3, -1, -1))
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, "size": self.transform.size, "patch": self.patch}
+        return {"name": type(self).__name__, "size": self.transform.size, "patch": self.patch, "grey": self.grey}
 
 
 def _directory_hash(path: Path) -> str:

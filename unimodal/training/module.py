@@ -86,7 +86,9 @@ class UnimodalModule(L.LightningModule):
         hidden = backbone.config.hidden_size
         continuous = {name: build(hidden) for name, build in self.continuous.items()}
         router = add_modality_experts(backbone, self.routing) if self.routing else None
-        self.model = UnifiedModel(backbone, self.layout, continuous=continuous, routing=router)
+        # train mode throughout: from_pretrained returns a backbone in eval mode, and Lightning keeps
+        # each module's mode as it finds it (no dropout would run in the pretrained part)
+        self.model = UnifiedModel(backbone, self.layout, continuous=continuous, routing=router).train()
         if self.init_from:
             from unimodal.training.export import init_from_export
 
