@@ -119,16 +119,20 @@ def make_cli(args: list[str], **kwargs: Any) -> UnimodalCLI:
         "save_config_kwargs": {"overwrite": True},
         **kwargs,
     }
-    return UnimodalCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=False,
-        auto_configure_optimizers=False,
-        **options,
-    )
+    with warnings.catch_warnings():
+        # `unimodal pipeline` and `unimodal train` hand their own parsed arguments over on purpose;
+        # Lightning would warn (and print the whole recipe) because sys.argv holds others
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return UnimodalCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=False,
+            auto_configure_optimizers=False,
+            **options,
+        )
 
 
 def resume_path(cli: UnimodalCLI) -> str | None:

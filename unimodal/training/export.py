@@ -366,6 +366,7 @@ def _export_unified(module: Any, hparams: dict, run_config: dict, out: Path, mer
     spec.update({"init_from": None, "lora": None, "trainable": None, "frozen": None})
     spec = {k: v for k, v in spec.items() if k in hparams or v is not None}
     spec["backbone"] = {**spec["backbone"], "path": ".", "config": {}}
+    generation = spec.pop("generation", None)  # the Assistant's defaults, not a build argument
     config = {
         "format": FORMAT,
         "model": spec,
@@ -374,6 +375,7 @@ def _export_unified(module: Any, hparams: dict, run_config: dict, out: Path, mer
         "data": {k: _plain(data_args[k]) for k in DATA_KEYS if k in data_args},
         "adapter": adapter,
         "lora": lora if adapter else None,
+        "generation": generation,
         "source": source,
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")

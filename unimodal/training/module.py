@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from unimodal.data.packing import PackedBatch
+from unimodal.inference.sampling import GenerationSettings
 from unimodal.modalities.registry import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.routing import add_modality_experts
@@ -38,7 +39,9 @@ class UnimodalModule(L.LightningModule):
     ``lora`` adds LoRA after the trainable policy (``unimodal.training.lora``; with LoRA an unset
     ``trainable`` means only the LoRA weights train). ``init_from`` names an export directory of
     a previous stage: its backbone, adapter (merged) and shared framework modules initialise
-    this model (``unimodal.training.export.init_from_export``).
+    this model (``unimodal.training.export.init_from_export``). ``generation`` holds the sampling
+    defaults an export of this model carries (the keys of ``GenerationSettings.replace``, e.g.
+    ``{image: {cfg_scale: 2}}``): ``unimodal.load`` starts from them, call arguments override.
 
     The model is built in ``configure_model`` so DeepSpeed ZeRO-3 can shard it at construction.
     """
@@ -55,9 +58,11 @@ class UnimodalModule(L.LightningModule):
         routing: list[str] | None = None,
         lora: LoraSettings | None = None,
         init_from: str | None = None,
+        generation: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        GenerationSettings.from_dict(generation)  # a wrong key fails now, not after training
         if vocab is None:
             raise ValueError("model.vocab is not set: it is linked from the data module's tokenizer (data.tokenizer)")
         self.layout = VocabLayout.from_dict(vocab)
