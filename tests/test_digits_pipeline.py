@@ -34,7 +34,7 @@ def test_stages_export_one_merged_any_to_any_model_that_chats(demo):
     assert str(demo / "pretrain" / "export") in resolved
     config = json.loads((demo / "chat_sft" / "export" / "unimodal.json").read_text())
     assert config["adapter"] is None  # LoRA merged: one self-contained directory
-    assert config["layout"]["code_ranges"] == {"image": 64, "audio": 512}
+    assert config["layout"]["code_ranges"] == {"image": 256, "audio": 512}
     assert config["layout"]["code_layers"] == {"audio": 2}
 
     # the recipe's sampling defaults travel with the export

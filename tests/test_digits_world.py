@@ -10,6 +10,7 @@ import pytest
 
 from unimodal.data import digits
 from unimodal.data.digits import (
+    _documents,
     CHAT,
     PRETRAIN,
     WORDS,
@@ -20,6 +21,7 @@ from unimodal.data.digits import (
     parse_digits,
     pretrain_segments,
     render,
+    shifted,
     story_targets,
     upsample,
     utterances,
@@ -51,6 +53,28 @@ def test_upsample_maps_grey_levels_to_bytes():
     image = upsample(pixels)
     assert image.shape == (16, 16) and image.dtype == np.uint8
     assert image.max() == 255 and image[0, 0] == 0 and image[7, 7] == 255
+
+
+def test_shifted_pictures_move_by_one_pixel_and_only_caption_train_copies_use_them():
+    image = digit_images("train")[0]  # index 1, copy 1: SHIFTS[2] moves it one row down
+    moved = shifted(image, 1)
+    np.testing.assert_array_equal(moved[1:], image.pixels[:-1])
+    assert (moved[0] == 0).all() and moved.dtype == np.uint8
+    moved = shifted(image, 8)  # SHIFTS[1]: one column left
+    np.testing.assert_array_equal(moved[:, :-1], image.pixels[:, 1:])
+    assert (moved[:, -1] == 0).all()
+    rng = np.random.default_rng(0)
+    copies = {"image": 3, "speech": 0, "story": 0, "arithmetic": 0}
+    train = list(_documents("train", "pretrain", rng, copies))
+    paths = {doc["meta"]["task"]: [] for doc in train}
+    for doc in train:
+        paths[doc["meta"]["task"]] += [p["path"] for p in doc["parts"] if p["type"] == "image"]
+    # copies 2 and 3 of every caption are moved, each in its own direction; pictures to draw are not
+    assert sum("-shifted1.png" in p for p in paths["caption"]) == sum("-shifted2.png" in p for p in paths["caption"]) == 1437
+    assert len(paths["caption"]) == len(paths["draw"]) == 3 * 1437
+    assert not any("-shifted" in p for p in paths["draw"])
+    test = list(_documents("test", "pretrain", rng, copies))
+    assert not any("-shifted" in p.get("path", "") for doc in test for p in doc["parts"])
 
 
 def test_speech_split_holds_out_whole_voices():

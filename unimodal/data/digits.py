@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -115,6 +116,22 @@ class DigitImage:
     def rgb(self) -> np.ndarray:
         """HxWx3 uint8, what the data module decodes a PNG to."""
         return np.repeat(self.pixels[:, :, None], 3, axis=2)
+
+
+# caption copy k >= 1 of a train image shows it moved by one pixel in direction
+# SHIFTS[(index + k) % 8]: augmentation for reading, the classic fix for a small digits set
+SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def shifted(image: DigitImage, copy: int) -> np.ndarray:
+    """The pixels of caption copy ``copy`` (rows, columns moved by one; black fills the edge)."""
+    dy, dx = SHIFTS[(image.index + copy) % len(SHIFTS)]
+    padded = np.pad(image.pixels, 1)
+    return padded[1 - dy : 1 - dy + IMAGE_SIZE, 1 - dx : 1 - dx + IMAGE_SIZE]
+
+
+def shifted_name(image: DigitImage, copy: int) -> str:
+    return f"media/images/{image.index:04d}-shifted{copy}.png"
 
 
 def _check_split(split: str) -> None:
@@ -299,7 +316,12 @@ def _documents(split: str, form: str, rng: np.random.Generator, copies: dict[str
 
     jobs: list[tuple[str, Any, list[str], str]] = []
     for task in ("caption", "draw"):
-        jobs += [(task, im.digit, [image_path(im)], f"image{im.index}") for im in _copies(images, copies["image"], rng)]
+        for k, im in enumerate(_copies(images, copies["image"], rng)):
+            copy = k // len(images)
+            if task == "caption" and split == "train" and copy >= 1:
+                jobs.append((task, im.digit, [shifted_name(im, copy)], f"image{im.index}-shifted{copy}"))
+            else:
+                jobs.append((task, im.digit, [image_path(im)], f"image{im.index}"))
     for task in ("transcribe", "speak"):
         jobs += [(task, u.digit, [audio_path(u)], u.path.stem) for u in _copies(utterances(split), copies["speech"], rng)]
     for _ in range(int(copies["story"])):
@@ -324,7 +346,7 @@ def _documents(split: str, form: str, rng: np.random.Generator, copies: dict[str
 # documents per split and form: each image (caption, draw) and each utterance (transcribe, speak)
 # ``image`` / ``speech`` times per task (a fraction: a random part of them), stories and sums by count
 COPIES = {
-    "train": {"image": 1, "speech": 4, "story": 1000, "arithmetic": 200},
+    "train": {"image": 3, "speech": 2, "story": 1000, "arithmetic": 200},
     "test": {"image": 1, "speech": 1, "story": 100, "arithmetic": 20},
 }
 
@@ -367,6 +389,9 @@ def build_world(
     (root / "media" / "speech").mkdir(parents=True, exist_ok=True)
     for image in _all_images():
         (root / "media" / "images" / f"{image.index:04d}.png").write_bytes(_png(image.pixels))
+    for copy in range(1, math.ceil(copies["train"]["image"])):
+        for image in digit_images("train"):
+            (root / shifted_name(image, copy)).write_bytes(_png(shifted(image, copy)))
     for split in SPLITS:
         for u in utterances(split):
             shutil.copyfile(u.path, root / "media" / "speech" / u.path.name)

@@ -161,6 +161,10 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
     ckpt_path = resume_path(cli)
     try:
         with warnings.catch_warnings():
+            # the stream splits its shards by rank and worker itself (UnimodalDataModule), so a
+            # length on an IterableDataset is right; and a Lightning-internal torch deprecation
+            warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             if is_overridden("load_state_dict", cli.datamodule, LightningDataModule):
                 # Lightning only asks the loader whether it can resume mid-epoch; this data module
                 # restores the stream position itself (UnimodalDataModule.state_dict)

@@ -1,0 +1,46 @@
+"""Every shipped recipe says how it runs, parses, and builds its model (its --tiny variant: the
+full ones name local pretrained models that tests do not have)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unimodal.pipeline import load_pipeline, resolve_stage
+from unimodal.training.cli import make_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))
+PIPELINES = [r for r in ALL if r.startswith("recipes/pipelines/")]
+TRAINING = [r for r in ALL if r not in PIPELINES]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_every_recipe_starts_with_the_command_that_runs_it():
+    assert len(TRAINING) >= 16 and len(PIPELINES) >= 6  # the glob found the recipes
+    for recipe in ALL:
+        verb = "pipeline" if recipe in PIPELINES else "train"
+        first = (ROOT / recipe).read_text().splitlines()[0]
+        assert first == f"# Command: unimodal {verb} {recipe}" or first.startswith(f"# Command: unimodal {verb} {recipe} "), recipe
+
+
+@pytest.mark.parametrize("recipe", TRAINING)
+def test_training_recipe_parses_and_builds(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name built-in data and each other relative to the repository
+    cli = make_cli([recipe, "--tiny", f"--trainer.default_root_dir={tmp_path}"])
+    model = cli.model
+    if hasattr(model, "configure_model"):
+        model.configure_model()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0, recipe
+
+
+@pytest.mark.parametrize("recipe", PIPELINES)
+def test_pipeline_parses_and_every_stage_resolves(recipe, tmp_path):
+    pipeline = load_pipeline(ROOT / recipe, tiny=True, root=tmp_path)
+    assert pipeline.stages
+    for stage in pipeline.stages:
+        config = resolve_stage(pipeline, stage, tiny=True)
+        assert config["trainer"]["default_root_dir"] == str(pipeline.stage_dir(stage))
+        assert Path(stage.recipe).is_file()
