@@ -167,11 +167,11 @@ def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
     out = tmp_path / "report.json"
     argv = ["eval", str(tmp_path), "--suite", "digits", "--limit", "3", "--out", str(out), "--device", "cpu", "--seed", "1"]
     assert main(argv) == 0
-    # text is greedy unless the command line says otherwise
+    # text is greedy and sampling seeded unless the command line says otherwise
     assert fake.calls and all(call == {"temperature": 0.0, "seed": 1} for call in fake.calls)
     assert loaded == [(str(tmp_path), "cpu")]
-    assert main([*argv, "--temperature", "0.7"]) == 0
-    assert fake.calls[-1] == {"temperature": 0.7, "seed": 1}
+    assert main([*argv[:-2], "--temperature", "0.7"]) == 0
+    assert fake.calls[-1] == {"temperature": 0.7, "seed": 0}
     report = json.loads(out.read_text())
     assert all(key in report for key in KEYS)
     assert report["audio_codec_roundtrip_acc"] == report["judge_audio_acc"] and report["image_codec_roundtrip_acc"] is None

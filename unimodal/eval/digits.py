@@ -197,12 +197,13 @@ def evaluate(
     """Load an export directory, run the suite, write the JSON report (default ``DIR/eval-digits.json``).
 
     Text is decoded greedily unless ``settings`` say otherwise: the answers are scored as
-    classifications. Pictures and speech are sampled with the model's own defaults.
+    classifications. Pictures and speech are sampled with the model's own defaults, seeded (seed
+    0 unless ``settings`` give one) so that a scoreboard can be reproduced.
     """
     import unimodal
 
     assistant = unimodal.load(model_dir, device=device)
-    respond = assistant_responder(assistant, **{"temperature": 0.0, **(settings or {})})
+    respond = assistant_responder(assistant, **{"temperature": 0.0, "seed": 0, **(settings or {})})
     report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs)
     report["model"] = str(model_dir)
     path = Path(out) if out is not None else Path(model_dir) / "eval-digits.json"
