@@ -98,7 +98,7 @@ def resolve(path: str) -> str:
     version = str(BUILD_VERSIONS.get(name, 1))
     with FileLock(str(root) + ".lock"):  # ranks and workers starting together build it once
         stamp = root / ".built"
-        built = stamp.read_text().strip() or "1" if stamp.exists() else None  # older stamps are empty
+        built = (stamp.read_text().strip() or "1") if stamp.exists() else None  # older stamps are empty
         if built != version:
             log.info("building the built-in dataset %r (version %s) under %s (once)", name, version, root)
             shutil.rmtree(root, ignore_errors=True)  # a build cut short leaves no .built: start over

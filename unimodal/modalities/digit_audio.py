@@ -1,13 +1,14 @@
 """A small speech tokenizer with RVQ layers, trained by the framework on the digits world's audio.
 
 Why this shape: the spoken digits are short (about half a second) synthetic words, so a
-learned neural codec would be overkill. A log-mel frame (64 bands, 32 ms hop: 31.25 frames/s, about 14 frames a word) is quantised by
-residual k-means: layer 0 picks the nearest of ``codebook_size`` centroids, each further layer
-quantises what the layers before it left over. The codes ``[layers, frames]`` (layer 0 is the
-coarse "content" layer, as in MIO's SpeechTokenizer) go into the vocabulary layer-major; decoding
-sums the layers' centroids back into a log-mel frame, maps it to a linear spectrum with the
-pseudo-inverse of the mel filterbank and recovers a phase by Griffin-Lim. The round trip keeps
-the words recognisable, which is what the digits suite needs; it is not a hi-fi codec.
+learned neural codec would be overkill. A log-mel frame (64 bands, 32 ms hop: 31.25 frames/s,
+about 14 frames a word) is quantised by residual k-means: layer 0 picks the nearest of
+``codebook_size`` centroids, each further layer quantises what the layers before it left over.
+The codes ``[layers, frames]`` (layer 0 is the coarse "content" layer, as in MIO's
+SpeechTokenizer) go into the vocabulary layer-major; decoding sums the layers' centroids back
+into a log-mel frame, maps it to a linear spectrum with the pseudo-inverse of the mel filterbank
+and recovers a phase by Griffin-Lim. The round trip keeps the words recognisable, which is what
+the digits suite needs; it is not a hi-fi codec.
 
 It is an :class:`~unimodal.modalities.audio.RVQCodec` (mono, resampling, ``max_seconds``, the
 fingerprint and the code checks come from there). ``fit`` trains the codebooks; ``save`` and
