@@ -60,8 +60,9 @@ def test_a_wrong_config_key_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_verbs_not_built_yet_say_so():
+def test_a_missing_model_directory_is_one_clear_error(capsys):
     assert unimodal_main(["chat", "somewhere"]) == 2
+    assert "somewhere" in capsys.readouterr().err
 
 
 def test_builtin_data_is_built_once_and_resolved(data_home):

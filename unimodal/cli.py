@@ -11,12 +11,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
-
-PLANNED = {
-    "bench": "benchmarks (run the scripts in benchmarks/ meanwhile)",
-}
-
 
 class CLIError(Exception):
     """An error the user can fix; printed as one line, no traceback, exit status ``exit_code``."""
@@ -156,13 +150,6 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> None:
           model_name=args.model_name)
 
 
-def _planned(verb: str) -> Callable[[argparse.Namespace, list[str]], None]:
-    def run(args: argparse.Namespace, rest: list[str]) -> None:
-        raise CLIError(f"'unimodal {verb}' ({PLANNED[verb]}) is not implemented in this version yet")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -265,10 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16, help="conversations generated together")
     _add_sampling(evaluate)
     evaluate.set_defaults(run=_eval)
-
-    for verb, what in PLANNED.items():
-        planned = verbs.add_parser(verb, help=f"{what} (not implemented yet)", add_help=False)
-        planned.set_defaults(run=_planned(verb), passthrough=True)
     return parser
 
 
