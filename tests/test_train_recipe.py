@@ -60,6 +60,13 @@ def test_a_wrong_config_key_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_model_that_fails_to_build_is_one_line_naming_the_reason(tmp_path, capsys):
+    args = ["train", str(RECIPE), "--model.init_args.generation={imag: {}}", f"--trainer.default_root_dir={tmp_path}"]
+    assert unimodal_main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "unknown generation setting 'imag'" in errors[0] and "Namespace(" not in errors[0]
+
+
 def test_a_missing_model_directory_is_one_clear_error(capsys):
     assert unimodal_main(["chat", "somewhere"]) == 2
     assert "somewhere" in capsys.readouterr().err

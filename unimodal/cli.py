@@ -269,9 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, ValueError) as err:
         if os.environ.get("UNIMODAL_DEBUG"):
             raise
-        print(f"unimodal {args.verb}: error: {err}", file=sys.stderr)
+        print(f"unimodal {args.verb}: error: {_reason(err)}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     return 0
+
+
+def _reason(err: Exception) -> str:
+    """The error as the user needs it: when a recipe's class fails to build, jsonargparse reports
+    every alternative of the Union it tried plus the whole config; the first real reason is kept."""
+    text = str(err)
+    if not text.startswith("Does not validate against any of the Union subtypes"):
+        return text
+    reasons = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ") and "NoneType" not in line]
+    return reasons[0] if reasons else text
 
 
 if __name__ == "__main__":

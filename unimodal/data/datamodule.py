@@ -119,7 +119,8 @@ def _round_robin(streams: list[Iterator[T]]) -> Iterator[T]:
                 active.remove(stream)
 
 
-def _worker() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
+    """This DataLoader worker's index and the worker count ((0, 1) in the main process)."""
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
@@ -186,7 +187,7 @@ class TrainStream(IterableDataset):
             yield next(streams[int(rng.choice(len(streams), p=self.probabilities))])
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         self.policy = BadSamplePolicy(self.config.max_bad_fraction)
         share = self.batches // num_workers + int(worker < self.batches % num_workers)
         yield from islice(self.config.batches(self.documents(worker, num_workers), self.policy), share)
@@ -249,10 +250,17 @@ class WindowedLoader(DataLoader):
             size = self.window
 
 
-def _shard_set(raw: ShardSet | dict | str) -> ShardSet:
-    if isinstance(raw, ShardSet):
-        return raw
-    return ShardSet(**raw) if isinstance(raw, dict) else ShardSet(str(raw))
+def shard_sets(raw: list[ShardSet | dict | str] | None) -> list[ShardSet]:
+    """Recipe entries (``ShardSet``s, dicts or plain paths) as shard sets, ``builtin:`` paths built."""
+    sets = []
+    for entry in raw or []:
+        if isinstance(entry, dict):
+            entry = ShardSet(**entry)
+        elif not isinstance(entry, ShardSet):
+            entry = ShardSet(str(entry))
+        entry.path = builtin.resolve(entry.path)
+        sets.append(entry)
+    return sets
 
 
 class UnimodalDataModule(L.LightningDataModule):
@@ -294,10 +302,8 @@ class UnimodalDataModule(L.LightningDataModule):
         chat_template: str | None = None,
     ):
         super().__init__()
-        self.datasets = [_shard_set(d) for d in datasets]
-        self.val_datasets = [_shard_set(d) for d in val_datasets or []]
-        for shard_set in self.datasets + self.val_datasets:
-            shard_set.path = builtin.resolve(shard_set.path)
+        self.datasets = shard_sets(datasets)
+        self.val_datasets = shard_sets(val_datasets)
         if not self.datasets:
             raise ValueError("datasets: give at least one shard set")
         weights = [d.weight for d in self.datasets]

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from unimodal.data import builtin
-from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, _shard_set, _worker
+from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, shard_sets, worker_slot
 from unimodal.data.schema import Document
 from unimodal.data.shards import expand_shards
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
@@ -65,7 +65,7 @@ class PairStream(IterableDataset):
         return self.stream.batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker, workers = _worker()
+        worker, workers = worker_slot()
         docs = self.stream.documents(worker, workers)
         share = self.stream.batches // workers + int(worker < self.stream.batches % workers)
         for _ in range(share):
@@ -121,11 +121,9 @@ class ImageTextPairs(L.LightningDataModule):
         shuffle_buffer: int = 256,
     ):
         super().__init__()
-        self.datasets = [_shard_set(d) for d in datasets]
+        self.datasets = shard_sets(datasets)
         if not self.datasets:
             raise ValueError("datasets: give at least one shard set")
-        for shard_set in self.datasets:
-            shard_set.path = builtin.resolve(shard_set.path)
         self.tokenizer_path = builtin.resolve(tokenizer)
         self.image_size, self.max_text_tokens, self.batch_size = image_size, max_text_tokens, batch_size
         self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
