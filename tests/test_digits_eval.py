@@ -69,6 +69,21 @@ def test_wrong_answers_score_zero_and_are_shown():
     assert first["read"] == [(first["expected"] + 1) % 10]
 
 
+def test_tasks_of_media_the_model_lacks_are_skipped_not_failed():
+    class NoSpeech(Oracle):
+        def answer(self, messages: list[dict]) -> list[dict]:
+            assert not any(p["type"] == "audio" for p in messages[-1]["content"]), "a speech question reached an image-only model"
+            text = " ".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
+            assert not text.startswith(("Say", "Speak", "How do you pronounce")), text
+            return super().answer(messages)
+
+    report = run_suite(NoSpeech(), limit=6, modalities={"image"})
+    assert report["transcribe_acc"] is None and report["speak_acc"] is None
+    assert report["skipped"] == {"transcribe": "the model has no audio codec", "speak": "the model has no audio codec"}
+    assert report["caption_acc"] == report["draw_acc"] == report["interleaved_acc"] == 1.0
+    assert "transcribe" not in report["counts"]
+
+
 def test_stories_must_be_in_order():
     assert run_suite(Oracle(story_order=-1), limit=6)["interleaved_acc"] == 0.0
 

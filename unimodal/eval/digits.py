@@ -47,6 +47,8 @@ METRICS = {
     "caption": "caption_acc", "transcribe": "transcribe_acc", "draw": "draw_acc", "speak": "speak_acc",
     "story": "interleaved_acc",
 }  # fmt: skip
+# the media modality each task reads or writes: a model without that modality's codec skips it
+TASK_MODALITY = {"caption": "image", "transcribe": "audio", "draw": "image", "speak": "audio", "story": "image"}
 GOALS = {
     "caption_acc": 0.97, "transcribe_acc": 0.95, "draw_acc": 0.95, "speak_acc": 0.85, "interleaved_acc": 0.85,
     "judge_image_acc": 0.97, "judge_audio_acc": 0.95,
@@ -131,14 +133,24 @@ def run_suite(
     limit: int | None = None,
     batch_size: int = 16,
     codecs: dict[str, Any] | None = None,
+    modalities: set[str] | None = None,
     failures_kept: int = 5,
 ) -> dict[str, Any]:
-    """Score ``respond`` on every task; return the report (metrics, counts, goals, first failures)."""
+    """Score ``respond`` on every task; return the report (metrics, counts, goals, first failures).
+
+    ``modalities``: the media the model reads and writes (None: all). Tasks of other media score
+    null and are listed under ``skipped``, so a text-and-image model is not marked wrong on speech.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     report: dict[str, Any] = {"suite": "digits"}
-    counts, failures = {}, {}
+    counts, failures, skipped = {}, {}, {}
     for task, questions in items(limit).items():
+        if modalities is not None and TASK_MODALITY[task] not in modalities:
+            report[METRICS[task]] = None
+            skipped[task] = f"the model has no {TASK_MODALITY[task]} codec"
+            log.info("digits %s: skipped (%s)", task, skipped[task])
+            continue
         right, failed = 0, []
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]
@@ -159,7 +171,7 @@ def run_suite(
     for modality in ("image", "audio"):
         codec = (codecs or {}).get(modality)
         report[f"{modality}_codec_roundtrip_acc"] = None if codec is None else codec_roundtrip(modality, codec)
-    report.update(counts=counts, goals=GOALS, failures=failures)
+    report.update(counts=counts, skipped=skipped, goals=GOALS, failures=failures)
     return report
 
 
@@ -204,7 +216,7 @@ def evaluate(
 
     assistant = unimodal.load(model_dir, device=device)
     respond = assistant_responder(assistant, **{"temperature": 0.0, "seed": 0, **(settings or {})})
-    report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs)
+    report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs, modalities=set(assistant.codecs))
     report["model"] = str(model_dir)
     path = Path(out) if out is not None else Path(model_dir) / "eval-digits.json"
     path.parent.mkdir(parents=True, exist_ok=True)
