@@ -153,6 +153,10 @@ def test_built_world_reads_back(world):
             docs = list(read_documents(world / form / split))
             assert len(docs) == summary[f"{form}/{split}"] > 0
             assert {d.meta["task"] for d in docs} == set(digits.TASKS)
+            no_speech = list(read_documents(world / digits.IMAGE_TEXT / form / split))
+            assert len(no_speech) == summary[f"{digits.IMAGE_TEXT}/{form}/{split}"]
+            assert {d.meta["task"] for d in no_speech} == set(digits.TASKS) - set(digits.SPEECH_TASKS)
+            assert [d.key for d in no_speech] == [d.key for d in docs if d.meta["task"] not in digits.SPEECH_TASKS]
     chat = list(read_documents(world / "chat" / "train"))
     for doc in chat:
         roles = [p.role for p in doc.parts]
@@ -186,6 +190,28 @@ def test_built_world_tokenizer_and_codec(world):
     codec = DigitAudioCodec(path=str(world / "audio_codec"))
     assert codec.fingerprint() == json.loads((world / "world.json").read_text())["audio_codec"]
     assert codec.encode_waveform(*utterances("test")[0].load()).shape[0] == 2
+
+
+def test_built_world_image_codec_round_trips_digits(world, tmp_path):
+    from unimodal.data.schema import Part
+    from unimodal.eval.digits import codec_roundtrip
+    from unimodal.modalities.image_discrete import PatchVQCodec
+
+    codec = PatchVQCodec(path=str(world / "image_codec"))
+    assert codec.fingerprint() == json.loads((world / "world.json").read_text())["image_codec"]
+    codes = codec.encode(Part("image", data=digit_images("test")[0].rgb()))
+    assert codes.shape == (4,) and codes.dtype == np.int64 and codes.max() < 256
+    assert codec.decode(codes).shape == (16, 16, 3)
+    assert codec_roundtrip("image", codec) >= 0.95  # 0.978 with the world's seed
+    with pytest.raises(ValueError, match="4 codes in \\[0, 256\\)"):
+        codec.decode(np.array([1, 2, 300, 4]))
+    broken = tmp_path / "codec"
+    codec.save(broken)
+    np.save(broken / "codebook.npy", np.zeros((256, 64), dtype=np.float32))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        PatchVQCodec(path=str(broken))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PatchVQCodec().encode(Part("image", data=digit_images("test")[0].rgb()))
 
 
 def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):

@@ -61,7 +61,8 @@ def build_chat(root: Path) -> None:
 
 def build_digits(root: Path) -> None:
     """The digits world (docs/digits-world.md): ``builtin:digits/{pretrain,chat}/{train,test}``,
-    ``builtin:digits/tokenizer.model``, ``builtin:digits/audio_codec``."""
+    ``builtin:digits/image-text/...`` (no speech), ``builtin:digits/tokenizer.model``,
+    ``builtin:digits/audio_codec``, ``builtin:digits/image_codec``."""
     from unimodal.data.digits import build_world
 
     build_world(root)
@@ -78,8 +79,8 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 # Bumped when a builder's output changes, so a data home built by an older release is rebuilt
 # rather than silently read (digits 2: the speech codec went to 31.25 frames/s and 2 layers,
 # the train split has each image three times per task, caption copies 2 and 3 moved by a
-# pixel, and each utterance twice).
-BUILD_VERSIONS: dict[str, int] = {"digits": 2}
+# pixel, and each utterance twice; digits 3: the image-text subsets and the image codec).
+BUILD_VERSIONS: dict[str, int] = {"digits": 3}
 
 
 def data_home() -> Path:

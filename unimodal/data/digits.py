@@ -43,6 +43,8 @@ TEST_EVERY = 5
 SPLITS = ("train", "test")
 FORMS = ("pretrain", "chat")
 TASKS = ("caption", "draw", "transcribe", "speak", "story", "arithmetic")
+SPEECH_TASKS = ("transcribe", "speak")
+IMAGE_TEXT = "image-text"  # the subset of the world without speech
 STORY_LENGTHS = (2, 3, 4)
 
 # One template is a string whose {image} / {audio} fields are media and whose other fields are
@@ -377,12 +379,15 @@ def build_world(
 ) -> dict[str, Any]:
     """Build the world under ``root`` and return its summary (also written to ``root/world.json``).
 
-    Layout: ``{pretrain,chat}/{train,test}/`` shards (+ their source ``*.jsonl``), ``media/``,
-    ``tokenizer.model``, ``audio_codec/`` (a :class:`DigitAudioCodec` of config ``audio_codec``).
+    Layout: ``{pretrain,chat}/{train,test}/`` shards (+ their source ``*.jsonl``), the same without
+    the speech tasks in ``image-text/{pretrain,chat}/{train,test}/``, ``media/``,
+    ``tokenizer.model``, ``audio_codec/`` (a :class:`DigitAudioCodec` of config ``audio_codec``),
+    ``image_codec/`` (a :class:`PatchVQCodec`: 4 codes of 256 per image).
     """
     from unimodal.data.sentencepiece_trainer import train_tokenizer
     from unimodal.data.shards import pack_jsonl
     from unimodal.modalities.digit_audio import DigitAudioCodec
+    from unimodal.modalities.image_discrete import PatchVQCodec
 
     root = Path(root)
     (root / "media" / "images").mkdir(parents=True, exist_ok=True)
@@ -406,6 +411,13 @@ def build_world(
                     f.write(json.dumps(record) + "\n")
             stats = pack_jsonl(src, root / form / split, max_docs_per_shard=512, progress=False)
             summary[f"{form}/{split}"] = stats["documents"]
+            # the same documents less the speech tasks, for families without speech (Orthus,
+            # LlamaFusion, SEED-LLaMA; docs/families-on-digits.md)
+            no_speech = root / f"{IMAGE_TEXT}-{form}-{split}.jsonl"
+            with src.open() as records, no_speech.open("w") as f:
+                f.writelines(line for line in records if json.loads(line)["meta"]["task"] not in SPEECH_TASKS)
+            stats = pack_jsonl(no_speech, root / IMAGE_TEXT / form / split, max_docs_per_shard=512, progress=False)
+            summary[f"{IMAGE_TEXT}/{form}/{split}"] = stats["documents"]
 
     text = root / "tokenizer-text.jsonl"  # the train split's text only; the test split stays unseen
     _tokenizer_text(root / "pretrain-train.jsonl", root / "chat-train.jsonl", text)
@@ -415,6 +427,9 @@ def build_world(
     codec = DigitAudioCodec(config=audio_codec).fit([u.load() for u in utterances("train")], seed=seed)
     codec.save(root / "audio_codec")
     summary["audio_codec"] = codec.fingerprint()
+    image_codec = PatchVQCodec(size=IMAGE_SIZE).fit([im.rgb() for im in digit_images("train")], seed=seed)
+    image_codec.save(root / "image_codec")
+    summary["image_codec"] = image_codec.fingerprint()
     summary["speech"] = {s: sorted({u.voice for u in utterances(s)}) for s in SPLITS}
     (root / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

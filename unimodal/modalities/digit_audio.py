@@ -28,6 +28,7 @@ import torch
 
 from unimodal.modalities.audio import RVQCodec
 from unimodal.modalities.image_discrete import weights_checksum
+from unimodal.modalities.kmeans import kmeans, nearest
 
 CONFIG_FILE = "codec.json"
 CODEBOOKS_FILE = "codebooks.npy"
@@ -90,33 +91,6 @@ def log_mel(waveform: np.ndarray, sample_rate: int, n_fft: int, hop: int, n_mels
     return np.log(np.maximum(mel, LOG_FLOOR)).astype(np.float32)
 
 
-def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centroid of every row of ``x``."""
-    d = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
-    best = d.min(1)
-    return best.indices, best.values.clamp_min(0)
-
-
-def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded at the worst-fit point."""
-    first = torch.randint(len(x), (1,), generator=generator)
-    centroids = [x[first[0]]]
-    dist = ((x - centroids[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        pick = torch.multinomial(dist + 1e-12, 1, generator=generator)[0]
-        centroids.append(x[pick])
-        dist = torch.minimum(dist, ((x - x[pick]) ** 2).sum(1))
-    c = torch.stack(centroids)
-    for _ in range(iters):
-        assign, dist = _nearest(x, c)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        empty = (counts == 0).nonzero().flatten()
-        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-        c[empty] = x[dist.argsort(descending=True)[: len(empty)]]
-    return c
-
-
 @dataclass
 class DigitAudioConfig:
     sample_rate: int = 16000
@@ -164,8 +138,8 @@ class DigitAudioCodec(RVQCodec):
         generator = torch.Generator().manual_seed(seed)
         residual, books = frames, []
         for _ in range(self.layers):
-            book = _kmeans(residual, self.codebook_size, self.config.kmeans_iters, generator)
-            residual = residual - book[_nearest(residual, book)[0]]
+            book = kmeans(residual, self.codebook_size, self.config.kmeans_iters, generator)
+            residual = residual - book[nearest(residual, book)[0]]
             books.append(book)
         self.codebooks = torch.stack(books)
         self.__dict__.pop("checksum", None)  # RVQCodec caches it
@@ -183,7 +157,7 @@ class DigitAudioCodec(RVQCodec):
         residual = torch.as_tensor(log_mel(x[0, 0].numpy(), c.sample_rate, c.n_fft, c.hop, c.n_mels))
         codes = []
         for book in self._books():
-            index = _nearest(residual, book)[0]
+            index = nearest(residual, book)[0]
             residual = residual - book[index]
             codes.append(index)
         return torch.stack(codes)

@@ -1,9 +1,12 @@
-"""Discrete image tokenizers other than SEED: Chameleon's VQ-VAE through transformers.
+"""Discrete image tokenizers other than SEED.
 
-A 512x512 image becomes 32x32 = 1024 codes of an 8192-entry codebook (raster order). The model
-directory is either a full Chameleon checkpoint (only ``model.vqmodel.*`` is read) or a
-``ChameleonVQVAE`` saved alone. transformers ships the VQ-VAE encoder only, so codes cannot be
-turned back into pixels here; SEED (``unimodal.modalities.seed_tokenizer``) can.
+- :class:`ChameleonImageTokenizer`: Chameleon's VQ-VAE through transformers. A 512x512 image
+  becomes 32x32 = 1024 codes of an 8192-entry codebook (raster order). The model directory is
+  either a full Chameleon checkpoint (only ``model.vqmodel.*`` is read) or a ``ChameleonVQVAE``
+  saved alone. transformers ships the VQ-VAE encoder only, so codes cannot be turned back into
+  pixels here; SEED (``unimodal.modalities.seed_tokenizer``) can.
+- :class:`PatchVQCodec`: grey pixel patches quantised by k-means, the digits world's image
+  tokenizer (fitted when the world is built).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import torch
 
 from unimodal.data.schema import Part
 from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.image_continuous import PixelPatchCodec
+from unimodal.modalities.kmeans import kmeans, nearest
+
+PATCH_VQ_CONFIG = "codec.json"
+PATCH_VQ_CODEBOOK = "codebook.npy"
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -113,6 +121,90 @@ class ChameleonImageTokenizer(MediaCodec):
             "resolution": self.resolution,
             "checksum": self.checksum,
         }
+
+
+class PatchVQCodec(MediaCodec):
+    """Grey ``patch x patch`` pixel patches, each replaced by the nearest of ``codebook_size`` k-means
+    centroids: a 16x16 digit is 4 codes with the defaults (raster order), decoded by pasting the
+    centroids back.
+
+    Why this shape: discrete-token families (MIO, SEED-LLaMA) need image codes, and small grey
+    digits need no learned VQ-VAE; on the digits world's held-out images the image judge reads
+    97.8% of the round trips right (docs/digits-world.md). ``fit`` trains the codebook;
+    ``save`` and ``PatchVQCodec(path=DIR)`` (the form a recipe's ``codecs:`` entry uses) keep it in
+    a directory: ``codec.json`` + ``codebook.npy``.
+    """
+
+    modality = "image"
+
+    def __init__(self, path: str | None = None, size: int = 16, patch: int = 8, codebook_size: int = 256, kmeans_iters: int = 20):
+        self.codebook: torch.Tensor | None = None  # [codebook_size, patch * patch]
+        if path is not None:
+            from unimodal.data.builtin import resolve
+
+            size, patch, codebook_size = self._read(Path(resolve(path)))
+        self.pixels = PixelPatchCodec(size, patch, grey=True)
+        self.codebook_size, self.kmeans_iters = codebook_size, kmeans_iters
+
+    def fit(self, images: list[np.ndarray], seed: int = 0) -> PatchVQCodec:
+        """Train the codebook on the patches of ``images`` (HxWx3 uint8)."""
+        patches = torch.as_tensor(np.concatenate([self.pixels.encode(Part("image", data=im)) for im in images]))
+        if len(patches) < self.codebook_size:
+            raise ValueError(f"fit needs at least codebook_size={self.codebook_size} patches, got {len(patches)}")
+        self.codebook = kmeans(patches, self.codebook_size, self.kmeans_iters, torch.Generator().manual_seed(seed))
+        self.__dict__.pop("checksum", None)
+        return self
+
+    def _book(self) -> torch.Tensor:
+        if self.codebook is None:
+            raise RuntimeError("the PatchVQCodec is not fitted: call fit() or load a fitted one (path=...)")
+        return self.codebook
+
+    def encode(self, part: Part) -> np.ndarray:
+        patches = torch.as_tensor(self.pixels.encode(part))
+        return nearest(patches, self._book())[0].numpy().astype(np.int64)
+
+    def decode(self, array: np.ndarray) -> np.ndarray:
+        codes = np.asarray(array, dtype=np.int64).reshape(-1)
+        if len(codes) != self.pixels.slots or codes.min(initial=0) < 0 or codes.max(initial=0) >= self.codebook_size:
+            raise ValueError(f"a PatchVQCodec image is {self.pixels.slots} codes in [0, {self.codebook_size}), got {codes.tolist()}")
+        return self.pixels.decode(self._book()[torch.as_tensor(codes)].numpy())
+
+    @cached_property
+    def checksum(self) -> str:
+        return weights_checksum({"codebook": self._book()})
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "name": "patch-vq",
+            "codebook_size": self.codebook_size,
+            "layers": 1,
+            "tokens_per_item": self.pixels.slots,
+            "size": self.pixels.transform.size,
+            "patch": self.pixels.patch,
+            "checksum": self.checksum,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / PATCH_VQ_CODEBOOK, self._book().numpy(), allow_pickle=False)
+        (out / PATCH_VQ_CONFIG).write_text(json.dumps({"fingerprint": self.fingerprint()}, indent=2) + "\n")
+        return out
+
+    def _read(self, directory: Path) -> tuple[int, int, int]:
+        """Load the codebook; return the saved (size, patch, codebook_size)."""
+        if not (directory / PATCH_VQ_CONFIG).is_file() or not (directory / PATCH_VQ_CODEBOOK).is_file():
+            raise FileNotFoundError(f"{directory}: not a PatchVQCodec directory (needs {PATCH_VQ_CONFIG} and {PATCH_VQ_CODEBOOK})")
+        saved = json.loads((directory / PATCH_VQ_CONFIG).read_text())["fingerprint"]
+        book = torch.as_tensor(np.load(directory / PATCH_VQ_CODEBOOK, allow_pickle=False))
+        expected = (saved["codebook_size"], saved["patch"] ** 2)
+        if tuple(book.shape) != expected:
+            raise ValueError(f"{directory}: the codebook has shape {tuple(book.shape)}, {PATCH_VQ_CONFIG} says {expected}")
+        if weights_checksum({"codebook": book}) != saved["checksum"]:
+            raise ValueError(f"{directory}: {PATCH_VQ_CODEBOOK} does not match the checksum in {PATCH_VQ_CONFIG}")
+        self.codebook = book
+        return saved["size"], saved["patch"], saved["codebook_size"]
 
 
 def _prefixed_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:

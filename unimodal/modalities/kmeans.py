@@ -1,0 +1,37 @@
+"""k-means for the small codecs the framework trains itself (digits speech, digits images).
+
+Why hand-written: scikit-learn's KMeans would do, but it is not a dependency of the package
+(only of its tests), and codecs need torch tensors and a seeded ``torch.Generator`` so that a
+world built twice is byte-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of and squared distance to the nearest centroid of every row of ``x``."""
+    d = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
+    best = d.min(1)
+    return best.indices, best.values.clamp_min(0)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded at the worst-fit point."""
+    first = torch.randint(len(x), (1,), generator=generator)
+    centroids = [x[first[0]]]
+    dist = ((x - centroids[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        pick = torch.multinomial(dist + 1e-12, 1, generator=generator)[0]
+        centroids.append(x[pick])
+        dist = torch.minimum(dist, ((x - x[pick]) ** 2).sum(1))
+    c = torch.stack(centroids)
+    for _ in range(iters):
+        assign, dist = nearest(x, c)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        empty = (counts == 0).nonzero().flatten()
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+        c[empty] = x[dist.argsort(descending=True)[: len(empty)]]
+    return c
