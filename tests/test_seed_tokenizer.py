@@ -12,7 +12,7 @@ import torch
 
 from unimodal.cli import main as unimodal_main
 from unimodal.data.schema import Part
-from unimodal.modalities.seed_tokenizer import WEIGHTS_FILE, SeedTokenizer, VectorQuantizer, tiny_tokenizer
+from unimodal.modalities.seed_tokenizer import WEIGHTS_FILE, SeedImageCodec, SeedTokenizer, VectorQuantizer, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +60,10 @@ def test_codec_round_trip_and_strict_files(tmp_path):
     np.testing.assert_array_equal(loaded(Part("image", media=0, data=image(0))), codes)
     from safetensors.torch import load_file, save_file
 
+    codec = SeedImageCodec(str(tmp_path / "tok"))  # the form a recipe's codecs: entry names
+    assert codec.fingerprint() == tokenizer.fingerprint()
+    np.testing.assert_array_equal(codec(Part("image", media=0, data=image(0))), codes)
+    np.testing.assert_array_equal(codec.decode(codes), tokenizer.decode(codes))
     weights = load_file(str(tmp_path / "tok" / WEIGHTS_FILE))
     weights.pop("decoder.to_embedding.weight")
     save_file(weights, str(tmp_path / "tok" / WEIGHTS_FILE))

@@ -366,6 +366,37 @@ class SeedTokenizer(MediaCodec, nn.Module):
         return tokenizer.to(device).eval()
 
 
+class SeedImageCodec(MediaCodec):
+    """A saved SEED tokenizer as a recipe's image codec, named by its directory:
+    ``{class_path: unimodal.modalities.seed_tokenizer.SeedImageCodec, init_args: {path: DIR}}``.
+
+    Why: a :class:`SeedTokenizer` is built from modules, but a recipe (and an export's
+    ``unimodal.json``, which ``unimodal.load`` rebuilds codecs from) can only name a directory.
+    With it the LLM stages encode raw images on the fly, and the exported model reads and draws
+    pictures, instead of training on shards pre-encoded with ``unimodal data encode``.
+    """
+
+    modality = "image"
+
+    def __init__(self, path: str, device: str = "cpu"):
+        from unimodal.data.builtin import resolve
+
+        self.path = path
+        self.tokenizer = SeedTokenizer.from_pretrained(resolve(path), device=device)
+
+    def encode(self, part: Part) -> np.ndarray:
+        return self.tokenizer.encode(part)
+
+    def encode_batch(self, parts: list[Part]) -> np.ndarray:
+        return self.tokenizer.encode_batch(parts)
+
+    def decode(self, array: np.ndarray) -> np.ndarray:
+        return self.tokenizer.decode(array)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.tokenizer.fingerprint()
+
+
 TINY_VISION = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "image_size": 16, "patch_size": 4}
 TINY_CONFIG = {"num_queries": 8, "width": 32, "depth": 2, "heads": 2, "codebook_size": 64, "code_dim": 8, "decoder_depth": 1, "image_size": 16, "pixel_decoder_size": 16}
 
