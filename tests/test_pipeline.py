@@ -79,6 +79,8 @@ def test_pipeline_files_are_checked_before_anything_runs(tmp_path):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "overrides": {"x.y": "{stages.b}/f"}}, {"name": "b", "recipe": tiny}]))
     with pytest.raises(PipelineError, match="tiny key 'c.trainer.max_steps'"):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"c.trainer.max_steps": 1}), tiny=True)
+    with pytest.raises(PipelineError, match="sets tiny_only: .* run it with --tiny"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"root": "r"}, tiny_only=True))
     pipeline = load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "init": None}]))
     assert [s.init for s in pipeline.stages] == [None, None] and pipeline.root == Path("runs/pipelines/p")
 

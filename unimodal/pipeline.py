@@ -15,6 +15,7 @@ A pipeline file::
     tiny:                                # --tiny: each recipe's own tiny: section, then these
       root: runs/pipelines/text-tiny
       pretrain.trainer.max_steps: 10
+    tiny_only: false                     # true: the stages' overrides assume --tiny, which is required
 
 ``init: STAGE`` sets ``model.init_args.init_from`` to that stage's output and, when the output
 is a unified-model export, ``data.init_args.tokenizer`` to its tokenizer, so model, vocabulary
@@ -106,6 +107,8 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
     tiny_overrides = raw.get("tiny") or {}
     if tiny and not tiny_overrides:
         raise PipelineError(f"pipeline {path} has no 'tiny:' section, so it cannot run with --tiny")
+    if raw.get("tiny_only") and not tiny:
+        raise PipelineError(f"pipeline {path} sets tiny_only: its stages are CPU-sized variants; run it with --tiny")
     stages: list[Stage] = []
     for index, entry in enumerate(raw["stages"]):
         if not isinstance(entry, dict) or not NAME.match(str(entry.get("name", ""))):
