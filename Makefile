@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo families bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ demo: setup
 	@echo
 	@echo "Scoreboard: runs/demo/scoreboard.json. Logs: runs/demo/*/logs (CSV), runs/demo/*/tb (TensorBoard)."
 	@echo "Chat with the model: $(BIN)/unimodal chat runs/demo/model"
+
+# each family's --tiny recipes trained on the digits world and scored (docs/families-on-digits.md)
+families: setup
+	$(BIN)/python docs/tools/families_on_digits.py --root runs/families
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py

@@ -313,9 +313,16 @@ def _checkpoint_step(checkpoint: Path | None) -> int | None:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
 
 
-def run_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None = None) -> list[StageResult]:
-    """Run every stage in order (skipping finished ones); returns one result per stage."""
+def run_pipeline(
+    path: str | Path, tiny: bool = False, root: str | Path | None = None, every_stage: dict[str, Any] | None = None
+) -> list[StageResult]:
+    """Run every stage in order (skipping finished ones); returns one result per stage.
+
+    ``every_stage``: dotted overrides applied to every stage last, e.g. ``{"trainer.max_steps": 2}``
+    for a smoke run of a whole pipeline."""
     pipeline = load_pipeline(path, tiny, root)
+    for stage in pipeline.stages:
+        stage.overrides.update(every_stage or {})
     return [_run_stage(pipeline, stage, tiny) for stage in pipeline.stages]
 
 

@@ -165,6 +165,8 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
             # length on an IterableDataset is right; and a Lightning-internal torch deprecation
             warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            if getattr(cli.model, "frozen_modules_in_eval", False):
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             if is_overridden("load_state_dict", cli.datamodule, LightningDataModule):
                 # Lightning only asks the loader whether it can resume mid-epoch; this data module
                 # restores the stream position itself (UnimodalDataModule.state_dict)

@@ -164,6 +164,8 @@ class SeedTokenizerModule(L.LightningModule):
     """What both stages share: the caption layout, the optimiser, the export at the end of fit."""
 
     tokenizer: SeedTokenizer
+    # the frozen vision and target encoders stay in eval mode on purpose (SeedTokenizer.train)
+    frozen_modules_in_eval = True
 
     def __init__(self, vocab: dict[str, Any] | None, optimizer: OptimizerConfig | None, export_dir: str | None):
         super().__init__()

@@ -1,0 +1,80 @@
+"""The table of docs/families-on-digits.md: each family's --tiny recipes trained on the digits
+world and scored by the digits suite.
+
+    make families        # or: .venv/bin/python docs/tools/families_on_digits.py [--families mio seed] [--steps 20 --limit 5]
+
+For every family it runs ``recipes/pipelines/digits-FAMILY.yaml --tiny`` under ``ROOT/FAMILY``
+(finished stages are skipped when run again, as with any pipeline), scores the last stage's
+export with the suite of ``unimodal eval --suite digits`` (``ROOT/FAMILY/scoreboard.json``),
+writes ``ROOT/scoreboard.json`` and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from unimodal.eval.digits import evaluate
+from unimodal.pipeline import load_pipeline, run_pipeline
+
+FAMILIES = ("orthus", "llamafusion", "mio", "seed")
+PIPELINES = Path(__file__).resolve().parents[2] / "recipes" / "pipelines"
+COLUMNS = {
+    "caption_acc": "caption", "transcribe_acc": "transcribe", "draw_acc": "draw", "speak_acc": "speak",
+    "interleaved_acc": "interleaved", "image_codec_roundtrip_acc": "image codec round trip",
+}  # fmt: skip
+
+
+def score_family(family: str, root: Path, limit: int | None = None, steps: int | None = None) -> dict[str, Any]:
+    """Train (or finish) the family's digits pipeline, then score its final model; ``steps``
+    replaces every stage's step count (a smoke run)."""
+    path = PIPELINES / f"digits-{family}.yaml"
+    started = time.perf_counter()
+    results = run_pipeline(path, tiny=True, root=root / family, every_stage=None if steps is None else {"trainer.max_steps": steps})
+    trained_s = time.perf_counter() - started
+    final = load_pipeline(path, tiny=True, root=root / family)
+    model = final.output_dir(final.stages[-1])
+    report = evaluate(model, root / family / "scoreboard.json", limit=limit)
+    return {
+        "family": family,
+        "pipeline": str(path.relative_to(PIPELINES.parents[1])),
+        "stages": [{"name": r.name, "status": r.status, "steps": r.steps, "wall_s": round(r.wall_s, 1)} for r in results],
+        "steps": sum(r.steps or 0 for r in results),
+        "train_wall_s": round(trained_s, 1),
+        **{key: report.get(key) for key in COLUMNS},
+        "skipped": report.get("skipped", {}),
+        "model": str(model),
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["family", "steps", *COLUMNS.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["family"], str(row["steps"])]
+        cells += ["n/a" if row[key] is None else f"{row[key]:.3f}" for key in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--root", type=Path, default=Path("runs/families"), help="the pipelines' runs and the scoreboards")
+    parser.add_argument("--limit", type=int, help="at most this many questions per task (a quick look)")
+    parser.add_argument("--steps", type=int, help="train every stage this many steps instead (a smoke run)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = args.root.resolve()  # exports name codec directories (SEED's tokenizer) by absolute path
+    rows = [score_family(family, root, args.limit, args.steps) for family in args.families]
+    (root / "scoreboard.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(markdown(rows))
+    print(f"wrote {root / 'scoreboard.json'}")
+
+
+if __name__ == "__main__":
+    main()

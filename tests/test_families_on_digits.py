@@ -1,0 +1,67 @@
+"""Each family's --tiny recipes train on the digits world and the digits suite scores them
+(recipes/pipelines/digits-*.yaml, docs/tools/families_on_digits.py), shortened to 2 steps a stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from unimodal.pipeline import PipelineError, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("caption_acc", "draw_acc", "interleaved_acc")
+SPEECH = ("transcribe_acc", "speak_acc")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("families_on_digits", ROOT / "docs" / "tools" / "families_on_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scoreboard(tmp_path_factory) -> tuple[list[dict], str]:
+    tool = _tool()
+    root = tmp_path_factory.mktemp("families")
+    tool.main(["--root", str(root), "--steps", "2", "--limit", "1"])
+    return json.loads((root / "scoreboard.json").read_text()), tool.markdown
+
+
+def test_every_family_trains_on_the_digits_world_and_is_scored(scoreboard):
+    rows, markdown = scoreboard
+    assert [row["family"] for row in rows] == ["orthus", "llamafusion", "mio", "seed"]
+    for row in rows:
+        assert all(stage["status"] == "done" and stage["steps"] == 2 for stage in row["stages"]), row
+        assert all(0.0 <= row[key] <= 1.0 for key in TASKS), row
+        assert Path(row["model"], "unimodal.json").is_file()
+        report = json.loads((Path(row["model"]).parents[1] / "scoreboard.json").read_text())
+        assert report["counts"]["caption"] == 1
+    speaking = {row["family"] for row in rows if row["transcribe_acc"] is not None}
+    assert speaking == {"mio"}  # the only family with speech; the others skip it, not fail it
+    for row in rows:
+        if row["family"] != "mio":
+            assert all(row[key] is None for key in SPEECH)
+            assert set(row["skipped"]) == {"transcribe", "speak"}
+    # the codecs the families draw with: pixel patches (lossless), the world's patch VQ, SEED's tokenizer
+    codec = {row["family"]: row["image_codec_roundtrip_acc"] for row in rows}
+    assert codec["orthus"] == codec["llamafusion"] > 0.98 and 0.97 < codec["mio"] < codec["orthus"]
+    assert 0.0 <= codec["seed"] <= 1.0
+    assert len(markdown(rows).splitlines()) == 2 + len(rows)
+
+
+def test_the_seed_llm_stages_read_pictures_with_the_tokenizer_the_pipeline_trained(scoreboard):
+    rows, _ = scoreboard
+    seed = next(row for row in rows if row["family"] == "seed")
+    config = json.loads(Path(seed["model"], "unimodal.json").read_text())
+    codec = config["data"]["codecs"]["image"]
+    assert codec["class_path"] == "unimodal.modalities.seed_tokenizer.SeedImageCodec"
+    assert codec["init_args"]["path"] == str(Path(seed["model"]).parents[1] / "tokenizer_stage2" / "tokenizer")
+
+
+def test_digits_family_pipelines_need_tiny():
+    with pytest.raises(PipelineError, match="tiny_only"):
+        load_pipeline(ROOT / "recipes" / "pipelines" / "digits-mio.yaml")
