@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from unimodal.cli import main as unimodal_main
-from unimodal.pipeline import PipelineError, format_table, load_pipeline, run_pipeline
+from unimodal.pipeline import PipelineError, format_table, load_pipeline, resolve_stage, run_pipeline
 from unimodal.training.module import UnimodalModule
 from unimodal.training.resume import Preempted
 
@@ -83,6 +83,15 @@ def test_pipeline_files_are_checked_before_anything_runs(tmp_path):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"root": "r"}, tiny_only=True))
     pipeline = load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "init": None}]))
     assert [s.init for s in pipeline.stages] == [None, None] and pipeline.root == Path("runs/pipelines/p")
+
+
+def test_references_to_earlier_stages_become_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = str(ROOT / "recipes" / "text" / "tiny.yaml")
+    stages = [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "overrides": {"data.init_args.codecs": {"image": {"init_args": {"path": "{stages.a}"}}}}}]
+    pipeline = load_pipeline(write(tmp_path, stages), root="runs")
+    config = resolve_stage(pipeline, pipeline.stages[1], tiny=False)
+    assert config["data"]["init_args"]["codecs"]["image"]["init_args"]["path"] == str(tmp_path / "runs" / "a" / "export")
 
 
 def test_table_lists_every_stage():

@@ -22,7 +22,8 @@ is a unified-model export, ``data.init_args.tokenizer`` to its tokenizer, so mod
 and data agree. A stage's output is ``ROOT/STAGE/export`` (``unimodal export`` of its last
 checkpoint), or the directory named by ``output:`` (relative to ``ROOT/STAGE``) for a stage
 that writes its own (e.g. a media tokenizer). Override values may name earlier stages'
-outputs: ``"{stages.NAME}"`` and ``"{stages.NAME.tokenizer}"``.
+outputs: ``"{stages.NAME}"`` and ``"{stages.NAME.tokenizer}"``, as absolute paths, so that an
+export naming one (a codec's directory) loads from any working directory.
 
 Re-running skips finished stages (``ROOT/STAGE/stage.json``) and resumes an interrupted one
 from its newest checkpoint (``--resume auto``). A stage on one device trains in this process;
@@ -183,7 +184,7 @@ def _substitute(value: Any, pipeline: Pipeline) -> Any:
 
     def one(match: re.Match) -> str:
         stage = next(s for s in pipeline.stages if s.name == match.group(1))
-        out = pipeline.output_dir(stage)
+        out = pipeline.output_dir(stage).absolute()  # an export may keep it (a codec's directory)
         return str(tokenizer_path(out) if match.group(2) else out)
 
     if isinstance(value, str):
