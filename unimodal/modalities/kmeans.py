@@ -1,8 +1,10 @@
 """k-means for the small codecs the framework trains itself (digits speech, digits images).
 
-Why hand-written: scikit-learn's KMeans would do, but it is not a dependency of the package
-(only of its tests), and codecs need torch tensors and a seeded ``torch.Generator`` so that a
-world built twice is byte-identical.
+Why hand-written: scikit-learn (already a dependency, for the digits and the judges) has KMeans,
+but its multi-threaded Lloyd steps may give other centroids for the same seed on a machine with
+another core count (scikit-learn issues 9784 and 27518). The codebooks are part of a versioned
+built-in world, which every machine should build alike, so these few lines of Lloyd's algorithm
+stay here: sequential centroid updates, seeded by a ``torch.Generator``.
 """
 
 from __future__ import annotations
