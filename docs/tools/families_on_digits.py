@@ -69,11 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="train every stage this many steps instead (a smoke run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = args.root
-    rows = [score_family(family, root, args.limit, args.steps) for family in args.families]
-    (root / "scoreboard.json").write_text(json.dumps(rows, indent=2) + "\n")
+    rows = [score_family(family, args.root, args.limit, args.steps) for family in args.families]
+    (args.root / "scoreboard.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(markdown(rows))
-    print(f"wrote {root / 'scoreboard.json'}")
+    print(f"wrote {args.root / 'scoreboard.json'}")
 
 
 if __name__ == "__main__":
