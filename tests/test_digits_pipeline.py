@@ -41,7 +41,14 @@ def test_stages_export_one_merged_any_to_any_model_that_chats(demo):
     assert config["generation"] == {"text": {"temperature": 0.0}, "image": {"cfg_scale": 2.0}, "audio": {"top_p": 0.7}}
     assert "generation" not in config["model"]
 
+    # the speech codec travels inside the export (no builtin: path that would build the world
+    # anew under another working directory); pixel patches need no files
+    assert config["data"]["codecs"]["audio"]["init_args"]["path"] == "codecs/audio"
+    assert (demo / "chat_sft" / "export" / "codecs" / "audio" / "codebooks.npy").is_file()
+    assert "builtin:" not in json.dumps(config["data"]["codecs"])
+
     assistant = unimodal.load(demo / "chat_sft" / "export", device="cpu")
+    assert assistant.codecs["audio"].fingerprint() == json.loads((demo / "chat_sft" / "export" / "codecs" / "audio" / "codec.json").read_text())["fingerprint"]
     settings = assistant.settings
     assert (settings.text.temperature, settings.image.cfg_scale, settings.audio.top_p) == (0.0, 2.0, 0.7)
     reply = assistant.chat([{"role": "user", "content": "Say the number 7."}], max_new_tokens=12, seed=0)

@@ -118,3 +118,29 @@ def test_export_reads_deepspeed_checkpoint_directories(tmp_path, monkeypatch):
     weights = load_file(str(out / "model.safetensors"))
     assert weights and all(torch.equal(v, merged[f"model.backbone.{k}"]) for k, v in weights.items())
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_codec_directories_travel_inside_the_export_unless_large(tmp_path, monkeypatch):
+    from unimodal.training import export as export_module
+
+    small = tmp_path / "codec"
+    small.mkdir()
+    (small / "codec.json").write_text("{}")
+    specs = {
+        "audio": {"class_path": "x.Audio", "init_args": {"path": str(small), "max_seconds": 2.0}},
+        "image": {"class_path": "x.Pixels", "init_args": {"size": 16}},
+    }
+    out = tmp_path / "export"
+    out.mkdir()
+    written = export_module._export_codecs(specs, out)
+    assert written["audio"]["init_args"] == {"path": "codecs/audio", "max_seconds": 2.0}
+    assert (out / "codecs" / "audio" / "codec.json").is_file() and written["image"] == specs["image"]
+    assert specs["audio"]["init_args"]["path"] == str(small)  # the run's config is not changed
+
+    monkeypatch.setattr(export_module, "COPY_CODEC_MB", 0)
+    relative = tmp_path / "run"
+    relative.mkdir()
+    monkeypatch.chdir(tmp_path)
+    big = export_module._export_codecs({"audio": {"class_path": "x.Audio", "init_args": {"path": "codec"}}}, relative)
+    assert big["audio"]["init_args"]["path"] == str(small)  # too large to copy: named absolutely
+    assert not (relative / "codecs").exists()

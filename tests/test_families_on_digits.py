@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from unimodal.pipeline import PipelineError, load_pipeline
 
@@ -56,10 +57,14 @@ def test_every_family_trains_on_the_digits_world_and_is_scored(scoreboard):
 def test_the_seed_llm_stages_read_pictures_with_the_tokenizer_the_pipeline_trained(scoreboard):
     rows, _ = scoreboard
     seed = next(row for row in rows if row["family"] == "seed")
-    config = json.loads(Path(seed["model"], "unimodal.json").read_text())
-    codec = config["data"]["codecs"]["image"]
-    assert codec["class_path"] == "unimodal.modalities.seed_tokenizer.SeedImageCodec"
-    assert codec["init_args"]["path"] == str(Path(seed["model"]).parents[1] / "tokenizer_stage2" / "tokenizer")
+    run = Path(seed["model"]).parents[1]
+    trained = yaml.safe_load((run / "pretrain_lora" / "recipe.yaml").read_text())["data"]["init_args"]["codecs"]["image"]
+    assert trained["class_path"] == "unimodal.modalities.seed_tokenizer.SeedImageCodec"
+    assert trained["init_args"]["path"] == str(run / "tokenizer_stage2" / "tokenizer")  # absolute
+    # the export carries a copy of that tokenizer, so it loads from anywhere
+    codec = json.loads(Path(seed["model"], "unimodal.json").read_text())["data"]["codecs"]["image"]
+    assert codec["init_args"]["path"] == "codecs/image"
+    assert (Path(seed["model"]) / "codecs" / "image" / "seed_tokenizer.json").is_file()
 
 
 def test_digits_family_pipelines_need_tiny():

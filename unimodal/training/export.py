@@ -10,6 +10,7 @@ An export directory::
     adapter/                         only for LoRA runs exported without --merge-lora: a peft
                                      adapter (PeftModel.from_pretrained(backbone, DIR/adapter))
                                      and trainables.safetensors beside it
+    codecs/MODALITY/                 a copy of each small codec directory the run named by path
     unimodal.json                    the unimodal config: the model's init arguments (modalities,
                                      heads, vocabulary layout), the data-side settings a model
                                      needs at inference (tokenizer, chat template, codecs)
@@ -42,6 +43,10 @@ CONFIG_FILE = "unimodal.json"
 MODULES_FILE = "modules.safetensors"
 ADAPTER_DIR = "adapter"
 SP_TOKENIZER = "tokenizer.model"
+CODECS_DIR = "codecs"
+# a codec directory up to this size travels inside the export; a larger one (a VAE, a full
+# Chameleon checkpoint) is named by its absolute path
+COPY_CODEC_MB = 64
 # the checkpoint key under which ``unimodal train`` stores the run's resolved config
 RUN_CONFIG_KEY = "unimodal_run_config"
 # data-module settings a model needs outside training (the rest describes training data)
@@ -76,6 +81,10 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     config = json.loads(file.read_text())
     if config.get("format") != FORMAT:
         raise ExportError(f"{file}: format {config.get('format')!r} is not {FORMAT!r}")
+    for spec in (config.get("data", {}).get("codecs") or {}).values():  # codecs the export carries
+        args = spec.get("init_args") if isinstance(spec, dict) else None
+        if args and str(args.get("path", "")).startswith(f"{CODECS_DIR}/"):
+            args["path"] = str((path / args["path"]).resolve())
     return config
 
 
@@ -232,6 +241,27 @@ def _copy_tokenizer(source: str, out: Path) -> str:
     raise FileNotFoundError(f"the run's tokenizer {source} no longer exists; export needs it")
 
 
+def _export_codecs(codecs: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The codec specs for ``unimodal.json``. A codec named by a directory (``init_args.path``, a
+    ``builtin:`` one included) is copied into ``out/codecs/MODALITY`` when it is small, so that the
+    export loads from anywhere (from another working directory a ``builtin:`` path would build the
+    world anew there); a larger one is named by its absolute path."""
+    from unimodal.data import builtin
+
+    specs = json.loads(json.dumps(codecs))
+    for name, spec in specs.items():
+        args = spec.get("init_args") if isinstance(spec, dict) else None
+        if not args or not isinstance(args.get("path"), str):
+            continue
+        source = Path(builtin.resolve(args["path"])).resolve()
+        if source.is_dir() and sum(f.stat().st_size for f in source.rglob("*") if f.is_file()) <= COPY_CODEC_MB * 2**20:
+            shutil.copytree(source, out / CODECS_DIR / name)
+            args["path"] = f"{CODECS_DIR}/{name}"
+        else:
+            args["path"] = str(source)
+    return specs
+
+
 def _vanilla_keys(backbone: nn.Module) -> set[str]:
     """Parameter names of the plain HF model of this config: what ``model.safetensors`` holds."""
     from transformers import AutoModelForCausalLM
@@ -372,10 +402,12 @@ def _export_unified(module: Any, hparams: dict, run_config: dict, out: Path, mer
         "model": spec,
         "layout": module.layout.to_dict(),
         "tokenizer": _copy_tokenizer(data_args["tokenizer"], out),
-        "data": {k: _plain(data_args[k]) for k in DATA_KEYS if k in data_args},
+        "data": {k: _plain(data_args[k]) for k in DATA_KEYS if k in data_args and k != "codecs"},
         "adapter": adapter,
         "lora": lora if adapter else None,
         "generation": generation,
         "source": source,
     }
+    if data_args.get("codecs"):
+        config["data"]["codecs"] = _export_codecs(_plain(data_args["codecs"]), out)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
