@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from unimodal.eval.digits import evaluate
-from unimodal.pipeline import load_pipeline, run_pipeline
+from unimodal.pipeline import run_pipeline
 
 FAMILIES = ("orthus", "llamafusion", "mio", "seed")
 PIPELINES = Path(__file__).resolve().parents[2] / "recipes" / "pipelines"
@@ -36,8 +36,7 @@ def score_family(family: str, root: Path, limit: int | None = None, steps: int |
     started = time.perf_counter()
     results = run_pipeline(path, tiny=True, root=root / family, every_stage=None if steps is None else {"trainer.max_steps": steps})
     trained_s = time.perf_counter() - started
-    final = load_pipeline(path, tiny=True, root=root / family)
-    model = final.output_dir(final.stages[-1])
+    model = Path(results[-1].output)
     report = evaluate(model, root / family / "scoreboard.json", limit=limit)
     return {
         "family": family,

@@ -23,10 +23,12 @@ on framework modules is always merged (no HF tool would read such an adapter).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,11 +83,18 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     config = json.loads(file.read_text())
     if config.get("format") != FORMAT:
         raise ExportError(f"{file}: format {config.get('format')!r} is not {FORMAT!r}")
-    for spec in (config.get("data", {}).get("codecs") or {}).values():  # codecs the export carries
-        args = spec.get("init_args") if isinstance(spec, dict) else None
-        if args and str(args.get("path", "")).startswith(f"{CODECS_DIR}/"):
+    for name, args in _codec_dirs(config.get("data", {}).get("codecs")):  # codecs the export carries
+        if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str((path / args["path"]).resolve())
     return config
+
+
+def _codec_dirs(codecs: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(modality, init_args)`` of every codec spec that names a directory (``init_args.path``)."""
+    for name, spec in (codecs or {}).items():
+        args = spec.get("init_args") if isinstance(spec, dict) else None
+        if args and isinstance(args.get("path"), str):
+            yield name, args
 
 
 def tokenizer_path(path: str | Path) -> Path:
@@ -248,11 +257,8 @@ def _export_codecs(codecs: dict[str, Any], out: Path) -> dict[str, Any]:
     world anew there); a larger one is named by its absolute path."""
     from unimodal.data import builtin
 
-    specs = json.loads(json.dumps(codecs))
-    for name, spec in specs.items():
-        args = spec.get("init_args") if isinstance(spec, dict) else None
-        if not args or not isinstance(args.get("path"), str):
-            continue
+    specs = copy.deepcopy(codecs)
+    for name, args in _codec_dirs(specs):
         source = Path(builtin.resolve(args["path"])).resolve()
         if source.is_dir() and sum(f.stat().st_size for f in source.rglob("*") if f.is_file()) <= COPY_CODEC_MB * 2**20:
             shutil.copytree(source, out / CODECS_DIR / name)
