@@ -67,6 +67,14 @@ def test_a_model_that_fails_to_build_is_one_line_naming_the_reason(tmp_path, cap
     assert len(errors) == 1 and "unknown generation setting 'imag'" in errors[0] and "Namespace(" not in errors[0]
 
 
+def test_a_codec_that_fails_to_build_inside_the_data_module_is_one_line(tmp_path, capsys):
+    codecs = "{image: {class_path: unimodal.modalities.image_discrete.PatchVQCodec, init_args: {path: /nonexistent}}}"
+    args = ["train", str(RECIPE), f"--data.init_args.codecs={codecs}", f"--trainer.default_root_dir={tmp_path}"]
+    assert unimodal_main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unimodal ")]
+    assert errors == ["unimodal train: error: /nonexistent: not a PatchVQCodec directory (needs codec.json and codebook.npy)"]
+
+
 def test_a_missing_model_directory_is_one_clear_error(capsys):
     assert unimodal_main(["chat", "somewhere"]) == 2
     assert "somewhere" in capsys.readouterr().err

@@ -274,13 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _reason(err: Exception) -> str:
+UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
+def _reason(err: BaseException) -> str:
     """The error as the user needs it: when a recipe's class fails to build, jsonargparse reports
-    every alternative of the Union it tried plus the whole config; the first real reason is kept."""
+    every alternative of the Union it tried plus the whole config; the first real reason is kept,
+    followed down the chain of causes when the Union is nested (a codec inside a data module)."""
     text = str(err)
-    if not text.startswith("Does not validate against any of the Union subtypes"):
+    if not text.startswith(UNION_ERROR):
         return text
     reasons = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ") and "NoneType" not in line]
+    if reasons and reasons[0].startswith(UNION_ERROR) and err.__cause__ is not None:
+        return _reason(err.__cause__)
     return reasons[0] if reasons else text
 
 
