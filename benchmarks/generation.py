@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from unimodal.data.encoding import EncodedDocument
+from unimodal.data.processor import EncodedDocument
 from unimodal.inference.engine import Engine
-from unimodal.inference.sampling import GenerationSettings
-from unimodal.modalities.registry import VocabLayout
+from unimodal.models.generation import GenerationSettings
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.unified import UnifiedModel
 

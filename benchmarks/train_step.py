@@ -21,9 +21,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from unimodal.data.packing import IGNORE_INDEX, PackedBatch
+from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.models.attention import build_attention_mask
-from unimodal.training.cli import UnimodalCLI, make_cli
+from unimodal.training.recipes import UnimodalCLI, make_cli
 from unimodal.training.optim import build_optimizer
 
 

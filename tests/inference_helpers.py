@@ -10,9 +10,9 @@ import torch
 from conftest import TINY_LLAMA, CharTokenizer
 from torch import nn
 
-from unimodal.data.schema import Part
+from unimodal.schema import Part
 from unimodal.modalities.base import MediaCodec
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.unified import ContinuousModality, UnifiedModel
 

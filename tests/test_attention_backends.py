@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimodal.data.packing import PackedBatch
+from unimodal.batch import PackedBatch
 from unimodal.models import attention
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.unified import UnifiedModel
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.vocab import VocabLayout
 
 
 def test_auto_picks_sdpa_without_cuda(monkeypatch):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unimodal.data.encoding import DocumentEncoder
-from unimodal.data.schema import Document, Part
+from unimodal.data.processor import DocumentEncoder
+from unimodal.schema import Document, Part
 from unimodal.inference.constraints import extract_spans
 from unimodal.modalities.audio import AudioTooLong, HFAudioCodec, load_audio_codec, resample, to_mono
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.vocab import VocabLayout
 
 RATE = 16000
 CODECS = {

@@ -11,12 +11,14 @@ import pytest
 import soundfile
 from PIL import Image
 
-from unimodal.data.chat import get_template, messages_to_parts, render
+from unimodal.data.messages import messages_to_parts
+from unimodal.data.templates import get_template, render
 from unimodal.data.datamodule import UnimodalDataModule
-from unimodal.data.encoding import DocumentEncoder
-from unimodal.data.schema import Document, DocumentError, Part
-from unimodal.data.shards import pack_jsonl, read_documents
-from unimodal.modalities.registry import VocabLayout
+from unimodal.data.processor import DocumentEncoder
+from unimodal.schema import Document, DocumentError, Part
+from unimodal.data.jsonl import pack_jsonl
+from unimodal.data.shards import read_documents
+from unimodal.modalities.vocab import VocabLayout
 
 
 def chat() -> Document:

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from unimodal.inference.constraints import MalformedSpan, MediaSpanConstraint, extract_spans
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.vocab import VocabLayout
 
 LAYOUT = VocabLayout(text_size=40, code_ranges={"image": 16, "audio": 24}, code_layers={"audio": 3})
 SPANS = {"image": {"length": 5}, "audio": {"layers": 3, "min_length": 1, "max_length": 4}}

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from unimodal.data.datamodule import StreamConfig
-from unimodal.data.schema import Document, DocumentError, Part
-from unimodal.data.shards import BadSamplePolicy, MediaBytes
+from unimodal.schema import Document, DocumentError, Part
+from unimodal.data.media import MediaBytes
+from unimodal.data.shards import BadSamplePolicy
 from unimodal.modalities.image_continuous import (
     ChameleonVQCodec,
     ImageTransform,
@@ -20,7 +21,7 @@ from unimodal.modalities.image_continuous import (
     patchify,
     unpatchify,
 )
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.vocab import VocabLayout
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from unimodal.data.encoding import DocumentEncoder
+from unimodal.data.processor import DocumentEncoder
 from unimodal.data.packing import Packer, collate
-from unimodal.data.schema import Document, Part
+from unimodal.schema import Document, Part
 from unimodal.modalities.image_continuous import PixelPatchCodec
-from unimodal.modalities.registry import MODALITY_IDS, VocabLayout
+from unimodal.modalities.vocab import VocabLayout
+from unimodal.schema import MODALITY_IDS
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.continuous import DiffusionImage, TransfusionImage, image_spans
 from unimodal.models.unified import UnifiedModel

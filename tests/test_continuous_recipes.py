@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from unimodal.cli import main as unimodal_main
-from unimodal.training.cli import load_recipe
+from unimodal.training.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["orthus/base", "orthus/interleaved", "llamafusion/pretrain", "llamafusion/interleaved"]

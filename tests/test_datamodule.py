@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from unimodal.data.datamodule import ShardSet, UnimodalDataModule
-from unimodal.data.packing import PackedBatch
-from unimodal.data.schema import Document, Part
+from unimodal.batch import PackedBatch
+from unimodal.schema import Document, Part
 from unimodal.data.shards import write_documents
 
 FEATURES = 8

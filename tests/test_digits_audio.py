@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unimodal.data.digits import utterances
-from unimodal.data.schema import Document, Part
+from unimodal.worlds.digits import utterances
+from unimodal.schema import Document, Part
 from unimodal.modalities.digit_audio import CODEBOOKS_FILE, CONFIG_FILE, DigitAudioCodec, DigitAudioConfig, mel_filterbank
 
 
@@ -72,8 +72,8 @@ def test_unfitted_and_too_little_data():
 
 
 def test_codes_become_layer_major_vocabulary_ids(small_codec, char_tokenizer):
-    from unimodal.data.encoding import DocumentEncoder
-    from unimodal.modalities.registry import VocabLayout
+    from unimodal.data.processor import DocumentEncoder
+    from unimodal.modalities.vocab import VocabLayout
 
     layout = VocabLayout(text_size=260, code_ranges={"audio": 64}, code_layers={"audio": 2})
     encoder = DocumentEncoder(char_tokenizer, layout, codecs={"audio": small_codec})
@@ -90,7 +90,7 @@ def test_codes_become_layer_major_vocabulary_ids(small_codec, char_tokenizer):
 @pytest.mark.slow
 def test_round_trip_keeps_the_words():
     """The world's codec (2 layers of 256): the audio judge still hears the right digit after a round trip."""
-    from unimodal.eval.judges import audio_judge
+    from unimodal.worlds.judges import audio_judge
 
     codec = DigitAudioCodec().fit([u.load() for u in utterances("train")])
     test = utterances("test")
@@ -100,7 +100,7 @@ def test_round_trip_keeps_the_words():
 
 def test_small_codec_round_trip_keeps_most_words(small_codec):
     """Even 2 layers of 32 codes fitted on 20 clips keep most words recognisable to the judge."""
-    from unimodal.eval.judges import audio_judge
+    from unimodal.worlds.judges import audio_judge
 
     test = utterances("test")[::4]
     decoded = [small_codec.decode(small_codec.encode_waveform(*u.load())) for u in test]

@@ -12,7 +12,7 @@ import pytest
 
 import unimodal
 from unimodal.cli import main as unimodal_main
-from unimodal.pipeline import run_pipeline
+from unimodal.training.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORED = ["caption_acc", "transcribe_acc", "draw_acc", "speak_acc", "interleaved_acc", "judge_image_acc", "judge_audio_acc"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unimodal.data import digits
-from unimodal.data.digits import (
+from unimodal.worlds import digits
+from unimodal.worlds.digits import (
     _documents,
     CHAT,
     PRETRAIN,
@@ -193,8 +193,8 @@ def test_built_world_tokenizer_and_codec(world):
 
 
 def test_built_world_image_codec_round_trips_digits(world, tmp_path):
-    from unimodal.data.schema import Part
-    from unimodal.eval.digits import codec_roundtrip
+    from unimodal.schema import Part
+    from unimodal.worlds.digits_suite import codec_roundtrip
     from unimodal.modalities.image_discrete import PatchVQCodec
 
     codec = PatchVQCodec(path=str(world / "image_codec"))
@@ -216,7 +216,7 @@ def test_built_world_image_codec_round_trips_digits(world, tmp_path):
 
 def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
     from unimodal.cli import main
-    from unimodal.data import builtin
+    from unimodal.worlds import builtin
 
     assert builtin.BUILDERS["digits"] is builtin.build_digits
     built = []

@@ -11,9 +11,10 @@ import torch
 
 from unimodal.cli import main as unimodal_main
 from unimodal.data.datamodule import UnimodalDataModule
-from unimodal.data.encode import encode_shards, read_code_sources
-from unimodal.data.schema import Document, Part
-from unimodal.data.shards import MediaBytes, read_documents, write_documents
+from unimodal.data.pre_encode import encode_shards, read_code_sources
+from unimodal.schema import Document, Part
+from unimodal.data.media import MediaBytes
+from unimodal.data.shards import read_documents, write_documents
 from unimodal.modalities.audio import HFAudioCodec
 from unimodal.modalities.seed_tokenizer import tiny_tokenizer
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unimodal.cli import main as unimodal_main
-from unimodal.training.cli import load_recipe
+from unimodal.training.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unimodal.data.encoding import DocumentEncoder
-from unimodal.data.schema import Document, DocumentError, Part
-from unimodal.modalities.registry import VocabLayout
+from unimodal.data.processor import DocumentEncoder
+from unimodal.schema import Document, DocumentError, Part
+from unimodal.modalities.vocab import VocabLayout
 
 MIO_LIKE = {"text_size": 260, "code_ranges": {"image": 16, "audio": 12}, "code_layers": {"audio": 3}}
 

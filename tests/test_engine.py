@@ -8,11 +8,11 @@ import torch
 from conftest import CharTokenizer
 from inference_helpers import FEATURE_DIM, bias_tokens, family_model, tiny_model
 
-from unimodal.data.encoding import DocumentEncoder
-from unimodal.data.schema import Document, Part
+from unimodal.data.processor import DocumentEncoder
+from unimodal.schema import Document, Part
 from unimodal.inference.engine import Engine, GenerationTimeout, open_span
-from unimodal.data.packing import PackedBatch
-from unimodal.inference.sampling import GenerationSettings, SamplingSettings
+from unimodal.batch import PackedBatch
+from unimodal.models.generation import GenerationSettings, SamplingSettings
 from unimodal.models.attention import build_attention_mask
 
 TOK = CharTokenizer()

@@ -12,12 +12,12 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from unimodal.cli import main as unimodal_main
-from unimodal.data.chat import get_template
-from unimodal.data.encoding import DocumentEncoder
+from unimodal.data.templates import get_template
+from unimodal.data.processor import DocumentEncoder
 from unimodal.data.packing import Packer, collate
-from unimodal.data.schema import Document, Part
-from unimodal.training.cli import load_recipe, run_training
-from unimodal.training.export import ExportError, _module_from_checkpoint, export, load_exported
+from unimodal.schema import Document, Part
+from unimodal.training.recipes import load_recipe, run_training
+from unimodal.checkpoints.export import ExportError, _module_from_checkpoint, export, load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "lora" / "chat_sft.yaml"
@@ -101,7 +101,7 @@ def test_export_reads_deepspeed_checkpoint_directories(tmp_path, monkeypatch):
 
     from safetensors.torch import load_file
 
-    from unimodal.training.checkpoint import zero_to_fp32
+    from unimodal.checkpoints.zero import zero_to_fp32
 
     monkeypatch.setenv("UNIMODAL_DATA_HOME", str(tmp_path / "data"))
     run = tmp_path / "zero2"

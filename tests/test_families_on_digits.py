@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unimodal.pipeline import PipelineError, load_pipeline
+from unimodal.training.pipeline import PipelineError, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("caption_acc", "draw_acc", "interleaved_acc")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimodal.data.digits import digit_images, utterances
-from unimodal.eval.judges import audio_features, audio_judge, image_array, image_judge
+from unimodal.worlds.digits import digit_images, utterances
+from unimodal.worlds.judges import audio_features, audio_judge, image_array, image_judge
 
 
 def test_image_judge_heldout_accuracy():

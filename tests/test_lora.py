@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_LLAMA
-from unimodal.data.encoding import DocumentEncoder
+from unimodal.data.processor import DocumentEncoder
 from unimodal.data.packing import Packer, collate
-from unimodal.data.schema import Document, Part
-from unimodal.modalities.registry import VocabLayout
+from unimodal.schema import Document, Part
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.unified import LinearAdapter, UnifiedModel
-from unimodal.training.lora import (
+from unimodal.models.lora import (
     TRAINABLES_FILE,
     LoraSettings,
     LoraTargetError,

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from unimodal.data.encoding import DocumentEncoder
-from unimodal.data.packing import IGNORE_INDEX, DocumentTooLong, Packer, collate
-from unimodal.data.schema import Document, Part
-from unimodal.modalities.registry import VocabLayout
+from unimodal.data.processor import DocumentEncoder
+from unimodal.batch import IGNORE_INDEX
+from unimodal.data.packing import DocumentTooLong, Packer, collate
+from unimodal.schema import Document, Part
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.attention import build_attention_mask
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.unified import LinearAdapter, UnifiedModel

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from unimodal.cli import main as unimodal_main
-from unimodal.pipeline import PipelineError, format_table, load_pipeline, resolve_stage, run_pipeline
+from unimodal.training.pipeline import PipelineError, format_table, load_pipeline, resolve_stage, run_pipeline
 from unimodal.training.module import UnimodalModule
 from unimodal.training.resume import Preempted
 
@@ -95,7 +95,7 @@ def test_references_to_earlier_stages_become_absolute_paths(tmp_path, monkeypatc
 
 
 def test_table_lists_every_stage():
-    from unimodal.pipeline import StageResult
+    from unimodal.training.pipeline import StageResult
 
     table = format_table([StageResult("a", "done", 3, 1.23456, None, 2.5, "runs/a/export")])
     assert table.splitlines()[2].split() == ["a", "done", "3", "1.2346", "-", "2.5", "s", "runs/a/export"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from unimodal.pipeline import load_pipeline, resolve_stage
-from unimodal.training.cli import make_cli
+from unimodal.training.pipeline import load_pipeline, resolve_stage
+from unimodal.training.recipes import make_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from unimodal.training.cli import load_recipe, run_training
+from unimodal.training.recipes import load_recipe, run_training
 from unimodal.training.module import UnimodalModule
 from unimodal.training.resume import AtomicCheckpointIO, Preempted, find_latest_checkpoint
 

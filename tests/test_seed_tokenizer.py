@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unimodal.cli import main as unimodal_main
-from unimodal.data.schema import Part
+from unimodal.schema import Part
 from unimodal.modalities.seed_tokenizer import WEIGHTS_FILE, SeedImageCodec, SeedTokenizer, VectorQuantizer, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,17 +12,11 @@ import pytest
 import soundfile
 from PIL import Image
 
-from unimodal.data.schema import Document, DocumentError, Part
-from unimodal.data.shards import (
-    BadSamplePolicy,
-    MediaBytes,
-    ShardError,
-    inspect_path,
-    iter_samples,
-    pack_jsonl,
-    read_documents,
-    write_documents,
-)
+from unimodal.schema import Document, DocumentError, Part
+from unimodal.data.inspect import inspect_path
+from unimodal.data.jsonl import pack_jsonl
+from unimodal.data.media import MediaBytes
+from unimodal.data.shards import BadSamplePolicy, ShardError, iter_samples, read_documents, write_documents
 
 
 @pytest.fixture

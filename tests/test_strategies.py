@@ -37,7 +37,7 @@ from tiny import (  # noqa: E402
     trainer_kwargs,
 )
 
-from unimodal.training.checkpoint import NotADeepSpeedCheckpoint, zero_to_fp32  # noqa: E402
+from unimodal.checkpoints.zero import NotADeepSpeedCheckpoint, zero_to_fp32  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
 from unimodal.training.strategies import DeepSpeed, DeepSpeedStrategy, build_strategy, strategy_names  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from unimodal.cli import main as unimodal_main
-from unimodal.data import builtin
+from unimodal.worlds import builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
@@ -88,7 +88,7 @@ def test_builtin_data_is_built_once_and_resolved(data_home):
 
 
 def test_tiny_applies_the_recipe_overrides(tmp_path):
-    from unimodal.training.cli import load_recipe
+    from unimodal.training.recipes import load_recipe
 
     assert load_recipe(RECIPE, tiny=True)["trainer"]["max_steps"] == 20
     assert "tiny" not in load_recipe(RECIPE, tiny=False)

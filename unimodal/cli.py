@@ -12,20 +12,16 @@ import logging
 import os
 import sys
 
-class CLIError(Exception):
-    """An error the user can fix; printed as one line, no traceback, exit status ``exit_code``."""
-
-    exit_code = 2
-
+from unimodal.errors import UserError
 
 def _train(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.training.cli import run_training
+    from unimodal.training.recipes import run_training
 
     run_training(([args.recipe] if args.recipe else []) + rest)
 
 
 def _data_pack(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.data.shards import pack_jsonl
+    from unimodal.data.jsonl import pack_jsonl
 
     pack_jsonl(
         args.src,
@@ -38,8 +34,8 @@ def _data_pack(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _data_encode(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.data import builtin
-    from unimodal.data.encode import encode_shards, load_codec
+    from unimodal.worlds import builtin
+    from unimodal.data.pre_encode import encode_shards, load_codec
 
     codecs = {}
     if args.image_tokenizer:
@@ -53,20 +49,20 @@ def _data_encode(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _data_inspect(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.data.shards import inspect_path
+    from unimodal.data.inspect import inspect_path
 
     print(inspect_path(args.path, n=args.n))
 
 
 def _data_text_corpus(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.data.sources.stdlib_text import write_corpus
+    from unimodal.worlds.stdlib_text import write_corpus
 
     train, val = write_corpus(args.out)
     print(f"wrote {train} training and {val} validation documents to {args.out}/{{train,val}}.jsonl")
 
 
 def _data_digits(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.data.digits import build_world
+    from unimodal.worlds.digits import build_world
 
     summary = build_world(args.out, seed=args.seed)
     counts = ", ".join(f"{name} {n}" for name, n in summary.items() if "/" in name)
@@ -74,7 +70,7 @@ def _data_digits(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _eval(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.eval.digits import evaluate, summary
+    from unimodal.worlds.digits_suite import evaluate, summary
 
     report = evaluate(args.model, args.out, limit=args.limit, batch_size=args.batch_size, device=args.device, settings=_sampling(args))
     print(summary(report))
@@ -89,27 +85,27 @@ def _data_tokenizer(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _convert_zero(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.training.checkpoint import zero_to_fp32
+    from unimodal.checkpoints.zero import zero_to_fp32
 
     zero_to_fp32(args.checkpoint_dir, args.out)
     print(f"wrote {args.out}")
 
 
 def _convert_orthus(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.training.convert_orthus import convert_orthus
+    from unimodal.checkpoints.convert_orthus import convert_orthus
 
     out = convert_orthus(args.src, args.out, head_width=args.head_width, head_depth=args.head_depth)
     print(f"wrote the Orthus-base initialisation to {out} (backbone/, vqvae/, orthus_modules.safetensors)")
 
 
 def _pipeline(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.pipeline import format_table, run_pipeline
+    from unimodal.training.pipeline import format_table, run_pipeline
 
     print(format_table(run_pipeline(args.pipeline, tiny=args.tiny, root=args.root)))
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.training.export import export
+    from unimodal.checkpoints.export import export
 
     print(f"wrote {export(args.checkpoint, args.out, merge_lora=args.merge_lora)}")
 
@@ -266,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
         args.run(args, rest)
-    except (CLIError, FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError, ValueError) as err:
         if os.environ.get("UNIMODAL_DEBUG"):
             raise
         print(f"unimodal {args.verb}: error: {_reason(err)}", file=sys.stderr)

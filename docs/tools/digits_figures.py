@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unimodal.data.digits import digit_images
+from unimodal.worlds.digits import digit_images
 
 SCALE = 4  # pixels per image pixel in the pictures
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unimodal.eval.digits import evaluate
-from unimodal.pipeline import run_pipeline
+from unimodal.worlds.digits_suite import evaluate
+from unimodal.training.pipeline import run_pipeline
 
 FAMILIES = ("orthus", "llamafusion", "mio", "seed")
 PIPELINES = Path(__file__).resolve().parents[2] / "recipes" / "pipelines"

@@ -27,11 +27,11 @@ from conftest import CharTokenizer  # noqa: E402
 from tiny import BACKBONE, ListDataset, LossRecorder, Snapshot, trainer_kwargs  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from unimodal.data.encoding import DocumentEncoder  # noqa: E402
+from unimodal.data.processor import DocumentEncoder  # noqa: E402
 from unimodal.data.packing import Packer, collate  # noqa: E402
-from unimodal.data.schema import Document, Part  # noqa: E402
+from unimodal.schema import Document, Part  # noqa: E402
 from unimodal.modalities.image_continuous import PixelPatchCodec  # noqa: E402
-from unimodal.modalities.registry import VocabLayout  # noqa: E402
+from unimodal.modalities.vocab import VocabLayout  # noqa: E402
 from unimodal.models.continuous import DiffusionImage, TransfusionImage  # noqa: E402
 from unimodal.training.module import UnimodalModule  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402

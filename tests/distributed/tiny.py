@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unimodal.data.encoding import EncodedDocument
-from unimodal.data.packing import PackedBatch, Packer, collate
-from unimodal.modalities.registry import VocabLayout
+from unimodal.data.processor import EncodedDocument
+from unimodal.batch import PackedBatch
+from unimodal.data.packing import Packer, collate
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig
 from unimodal.training.module import UnimodalModule
 

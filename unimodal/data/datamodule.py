@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unimodal.data import builtin
-from unimodal.data.encode import code_sources
-from unimodal.data.chat import get_template
-from unimodal.data.encoding import Codec, DocumentEncoder
-from unimodal.data.packing import DocumentTooLong, PackedBatch, Packer, collate
-from unimodal.data.schema import Document, DocumentError
+from unimodal.data.pre_encode import code_sources
+from unimodal.data.templates import get_template
+from unimodal.data.processor import Codec, DocumentEncoder
+from unimodal.batch import PackedBatch
+from unimodal.data.packing import DocumentTooLong, Packer, collate
+from unimodal.schema import Document, DocumentError, local_path
 from unimodal.data.shards import BadSamplePolicy, expand_shards, iter_samples, read_documents, sample_to_document
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
 from unimodal.modalities.base import MediaCodec
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.vocab import VocabLayout
 
 logger = logging.getLogger("unimodal.data")
 
@@ -251,14 +251,14 @@ class WindowedLoader(DataLoader):
 
 
 def shard_sets(raw: list[ShardSet | dict | str] | None) -> list[ShardSet]:
-    """Recipe entries (``ShardSet``s, dicts or plain paths) as shard sets, ``builtin:`` paths built."""
+    """Recipe entries (``ShardSet``s, dicts or plain paths) as shard sets."""
     sets = []
     for entry in raw or []:
         if isinstance(entry, dict):
             entry = ShardSet(**entry)
         elif not isinstance(entry, ShardSet):
             entry = ShardSet(str(entry))
-        entry.path = builtin.resolve(entry.path)
+        entry.path = local_path(entry.path)
         sets.append(entry)
     return sets
 
@@ -275,7 +275,7 @@ class UnimodalDataModule(L.LightningDataModule):
     ``unimodal data encode`` name their tokenizer; codes of another tokenizer than the codec's or
     than another set's are refused, and the tokenizer enters the vocabulary layout.
     ``chat_template`` (``chatml`` | ``vicuna``) renders documents whose parts carry roles as
-    chats, supervising only assistant turns (``unimodal.data.chat``, ``docs/chat-data.md``).
+    chats, supervising only assistant turns (``unimodal.data.templates``, ``docs/chat-data.md``).
     """
 
     def __init__(
@@ -320,7 +320,7 @@ class UnimodalDataModule(L.LightningDataModule):
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.tokenizer_path = builtin.resolve(tokenizer)
+        self.tokenizer_path = local_path(tokenizer)
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
         self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
         self.overlong = overlong

@@ -15,37 +15,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from unimodal.data.encoding import EncodedDocument
+from unimodal.batch import IGNORE_INDEX, PackedBatch
+from unimodal.data.processor import EncodedDocument
 
-IGNORE_INDEX = -100
 
 
 class DocumentTooLong(ValueError):
     pass
-
-
-@dataclass
-class PackedBatch:
-    """A batch of packed sequences; ``features`` holds the continuous slots in row-major order."""
-
-    input_ids: torch.Tensor  # [B, L] long
-    modality_ids: torch.Tensor  # [B, L] long
-    position_ids: torch.Tensor  # [B, L] long
-    doc_ids: torch.Tensor  # [B, L] long, 0 = padding
-    block_ids: torch.Tensor  # [B, L] long, -1 = causal
-    labels: torch.Tensor  # [B, L] long, IGNORE_INDEX where no discrete target
-    target_mask: torch.Tensor  # [B, L] bool, content at t is predicted (any modality)
-    continuous_mask: torch.Tensor  # [B, L] bool
-    features: torch.Tensor  # [N, D] float, N = continuous_mask.sum()
-    # label tokens of the gradient-accumulation window this batch belongs to (set by the data module)
-    window_label_tokens: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
-
-    def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    @property
-    def num_label_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
 
 
 @dataclass

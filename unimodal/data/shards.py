@@ -1,4 +1,4 @@
-"""WebDataset shards of documents: writing, packing a source JSONL, reading back, inspecting.
+"""WebDataset shards of documents: the format, writing, reading back, the bad-sample policy.
 
 One document is one sample: ``KEY.json`` (``Document.to_json()``) plus one member per media index,
 ``KEY.{i}.{ext}``, holding the encoded file (png/jpg/flac/wav...) or a pre-encoded ``.npy`` array.
@@ -27,7 +27,7 @@ import webdataset as wds
 from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 
-from unimodal.data.schema import (
+from unimodal.schema import (
     ARRAY_EXTENSIONS,
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -41,22 +41,15 @@ from unimodal.data.schema import (
     parse_part,
 )
 
+from unimodal.data.media import MediaBytes, decode_media
+
 logger = logging.getLogger("unimodal.data")
 
 STATS_FILE = "stats.json"
-MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS + ARRAY_EXTENSIONS, "audio": AUDIO_EXTENSIONS + ARRAY_EXTENSIONS}
 
 
 class ShardError(DocumentError):
     """A shard (tar file) that cannot be read to its end."""
-
-
-@dataclass
-class MediaBytes:
-    """An encoded media member as stored in a shard (``ext`` without the dot, lower case)."""
-
-    ext: str
-    data: bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,143 +266,9 @@ def write_documents(
     return stats
 
 
-# ----------------------------------------------------------------------------------------------
-# packing a source JSONL
-
-
-def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
-    where = f"{src.name}:{line}"
-    try:
-        raw = json.loads(raw_line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DocumentError(f"{where}: malformed JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise DocumentError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    key = raw.get("key", f"{line:08d}")
-    try:
-        check_key(key if isinstance(key, str) else "")
-    except DocumentError as err:
-        raise DocumentError(f"{where}: {err}") from None
-    raw_parts, meta = raw.get("parts"), raw.get("meta", {})
-    if not isinstance(meta, dict):
-        raise DocumentError(f"{where}: 'meta' must be an object")
-    if "messages" in raw and raw_parts is None:  # an OpenAI-style chat record
-        from unimodal.data.chat import messages_to_parts
-
-        return Document(messages_to_parts(raw["messages"], src, where), meta, key, source=where)
-    if not isinstance(raw_parts, list) or not raw_parts:
-        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
-    parts, next_media = [], 0
-    for index, raw_part in enumerate(raw_parts):
-        media: MediaBytes | None = None
-        if isinstance(raw_part, dict) and raw_part.get("type") in MODALITIES[1:]:
-            media = _source_media(raw_part, src, where, index)
-            raw_part = {k: v for k, v in raw_part.items() if k != "path"} | {"media": next_media}
-            next_media += 1
-        part = parse_part(raw_part, where, index)
-        part.data = media
-        parts.append(part)
-    return Document(parts, meta, key, source=where)
-
-
-def _source_media(raw_part: dict[str, Any], src: Path, where: str, index: int) -> MediaBytes:
-    kind, path = raw_part["type"], raw_part.get("path")
-    if not isinstance(path, str) or not path:
-        raise DocumentError(f"{where}: {kind} part {index} needs a string 'path'")
-    ext = Path(path).suffix.lower().lstrip(".")
-    if ext not in MEDIA_EXTENSIONS[kind]:
-        raise DocumentError(
-            f"{where}: {kind} file {path!r} has extension {ext!r}, expected one of {', '.join(MEDIA_EXTENSIONS[kind])}"
-        )
-    file = src.parent / path  # an absolute path stays as it is
-    if not file.is_file():
-        raise DocumentError(f"{where}: {kind} file {path!r} not found (looked at {file})")
-    return MediaBytes(ext, file.read_bytes())
-
-
 def held_out(key: str, fraction: float) -> bool:
     """Whether a document belongs to the validation split: a stable hash of its key."""
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < fraction * 2**32
-
-
-def pack_jsonl(
-    src_jsonl: str | Path,
-    out_dir: str | Path,
-    *,
-    max_docs_per_shard: int = 1000,
-    max_bytes_per_shard: int = 256 * 2**20,
-    skip_bad: bool = False,
-    prefix: str = "shard",
-    progress: bool = True,
-    val_fraction: float = 0.0,
-) -> dict[str, Any]:
-    """Pack a source JSONL (one document per line, media by path) into shards; return the stats.
-
-    A line is a document (``parts``) or an OpenAI-style chat record (``messages``, see
-    ``unimodal.data.chat``). Any bad line stops packing with ``FILE:LINE: reason`` unless
-    ``skip_bad``, which skips it, counts it in ``stats.json`` and prints a summary.
-    ``val_fraction`` > 0 writes ``out_dir/train`` and ``out_dir/val``, each document going to
-    ``val`` by a stable hash of its key; the stats of both are returned under those names.
-    """
-    if val_fraction:
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        options = dict(max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_bytes_per_shard,
-                       skip_bad=skip_bad, prefix=prefix, progress=progress)
-        return {
-            split: _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
-                               select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
-            for split in ("train", "val")
-        }
-    return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
-                       max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
-
-
-def _pack_jsonl(
-    src: Path,
-    out_dir: Path,
-    *,
-    max_docs_per_shard: int,
-    max_bytes_per_shard: int,
-    skip_bad: bool,
-    prefix: str,
-    progress: bool,
-    select: Callable[[str], bool] | None = None,
-) -> dict[str, Any]:
-    skipped: list[str] = []
-    total = 0
-
-    def reject(err: DocumentError) -> None:
-        if not skip_bad:
-            raise err
-        skipped.append(str(err))
-
-    def documents() -> Iterator[Document]:
-        nonlocal total
-        with open(src, "rb") as lines, tqdm(
-            total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}", disable=not progress
-        ) as bar:
-            for line, raw_line in enumerate(lines, start=1):
-                bar.update(len(raw_line))
-                if not raw_line.strip():
-                    continue
-                total += 1
-                try:
-                    doc = _source_document(raw_line, src, line)
-                except DocumentError as err:
-                    reject(err)
-                    continue
-                if select is None or select(doc.key):
-                    yield doc
-
-    stats = _write_shards(documents(), out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
-    stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
-    _save_stats(out_dir, stats)
-    if skipped:
-        shown = "\n".join(f"  {reason}" for reason in skipped[:20])
-        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        print(f"skipped {len(skipped)} of {total} documents:\n{shown}{more}", file=sys.stderr)
-    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,24 +305,6 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
             if policy is None:
                 raise error from err
             policy.skip(error, shard=url)
-
-
-def decode_media(media: MediaBytes, kind: str, where: str = "") -> Any:
-    """Decode one member: images to HxWx3 uint8, audio to ``(float32 waveform, rate)``, npy to arrays."""
-    try:
-        if media.ext == "npy":
-            return np.load(io.BytesIO(media.data), allow_pickle=False)
-        if kind == "image":
-            from PIL import Image
-
-            with Image.open(io.BytesIO(media.data)) as image:
-                return np.array(image.convert("RGB"), dtype=np.uint8)
-        import soundfile
-
-        waveform, rate = soundfile.read(io.BytesIO(media.data), dtype="float32")
-        return waveform, rate
-    except Exception as err:  # noqa: BLE001 - PIL, soundfile and numpy raise many kinds
-        raise DocumentError(f"{where}: unreadable {kind} member .{media.ext} ({type(err).__name__}: {err})") from None
 
 
 def sample_to_document(sample: dict[str, Any], decode: bool = True) -> Document:
@@ -508,73 +349,3 @@ def read_documents(
             policy.skip(err, sample.get("__key__", ""), sample.get("__url__", ""))
             continue
         yield doc
-
-
-# ----------------------------------------------------------------------------------------------
-# inspecting
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _describe_part(index: int, part: Part) -> str:
-    head = f"    {index} {part.type}" + (f" {part.role}" if part.role else "") + f" loss={str(part.loss).lower()}"
-    if part.type == "text":
-        text = part.text or ""
-        return f"{head} {json.dumps(text[:80] + ('...' if len(text) > 80 else ''), ensure_ascii=False)}"
-    media: MediaBytes = part.data
-    try:
-        value = decode_media(media, part.type)
-    except DocumentError as err:
-        return f"{head} media={part.media} .{media.ext} {_size(len(media.data))} UNREADABLE {err}"
-    if isinstance(value, tuple):
-        waveform, rate = value
-        channels = 1 if waveform.ndim == 1 else waveform.shape[1]
-        shape = f"{len(waveform) / rate:.2f} s at {rate} Hz, {channels} ch"
-    else:
-        shape = f"{value.dtype} {'x'.join(map(str, value.shape))}"
-    return f"{head} media={part.media} .{media.ext} {shape} ({_size(len(media.data))})"
-
-
-def inspect_path(path: str | Path, n: int = 3) -> str:
-    """A readable summary of a shard or a shard directory, and its first ``n`` documents."""
-    path = Path(path)
-    urls = expand_shards(path)
-    stats_file = path / STATS_FILE if path.is_dir() else None
-    stats = json.loads(stats_file.read_text()) if stats_file and stats_file.is_file() else None
-    lines = [f"path: {path}", f"shards: {len(urls)} ({_size(sum(os.path.getsize(u) for u in urls))})"]
-    first: list[Document] = []
-    policy = BadSamplePolicy(max_bad_fraction=1.0)
-    if stats is None:  # count by reading every sample's json (media stay undecoded)
-        counted = _Stats()
-        for doc in read_documents(urls, decode=False, policy=policy):
-            counted.add(doc, Path(doc.source).name, {p.media: len(p.data.data) for p in doc.parts if p.type != "text"})
-            if len(first) < n:
-                first.append(doc)
-        stats = counted.to_dict()
-        lines.append("stats.json: none (counted from the shards)")
-    else:
-        for doc in read_documents(urls, decode=False, policy=policy):
-            first.append(doc)
-            if len(first) == n:
-                break
-        lines.append(f"stats.json: {stats_file}")
-    lines.append(f"schema: {stats.get('schema')}")
-    lines.append(f"documents: {stats['documents']}")
-    mods = stats["modalities"]
-    lines.append(
-        f"modalities: text {mods['text']['parts']} parts, {mods['text']['characters']} characters; "
-        + "; ".join(f"{kind} {mods[kind]['parts']} parts, {_size(mods[kind]['bytes'])}" for kind in ("image", "audio"))
-    )
-    if policy.skipped:
-        lines.append(f"bad samples: {policy.skipped} (first: {policy.examples[0].reason})")
-    lines.append(f"first {len(first)} documents:")
-    for doc in first:
-        lines.append(f"  {doc.key} in {Path(doc.source).name}" + (f" meta={json.dumps(doc.meta)}" if doc.meta else ""))
-        lines.extend(_describe_part(i, part) for i, part in enumerate(doc.parts))
-    return "\n".join(lines)

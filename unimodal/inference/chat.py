@@ -31,14 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from unimodal.data.chat import get_template, messages_to_parts
-from unimodal.data.encoding import DocumentEncoder, EncodedDocument
-from unimodal.data.schema import ROLES, Document, DocumentError, Part
-from unimodal.data.shards import MediaBytes, decode_media
+from unimodal.data.messages import messages_to_parts
+from unimodal.data.templates import get_template
+from unimodal.data.processor import DocumentEncoder, EncodedDocument
+from unimodal.schema import ROLES, Document, DocumentError, Part
+from unimodal.data.media import MediaBytes, decode_media
 from unimodal.inference.constraints import SpanSpec
 from unimodal.inference.engine import Engine, Generation, Segment, open_span
-from unimodal.inference.sampling import GenerationSettings
-from unimodal.modalities.registry import SPAN_MARKERS
+from unimodal.models.generation import GenerationSettings
+from unimodal.modalities.vocab import SPAN_MARKERS
 
 log = logging.getLogger("unimodal.chat")
 
@@ -163,7 +164,7 @@ class Assistant:
 
     @classmethod
     def from_exported(cls, exported: Any, **overrides: Any) -> Assistant:
-        """From :func:`unimodal.training.export.load_exported`'s result; ``overrides`` replace fields."""
+        """From :func:`unimodal.checkpoints.export.load_exported`'s result; ``overrides`` replace fields."""
         data = exported.config.get("data", {})
         fields = {
             "model": exported.model,
@@ -295,7 +296,7 @@ class Assistant:
         if codec is None:
             raise ChatError(f"{where}: this model has no {part.type} codec, so it cannot read {part.type} input")
         if waveform:
-            if getattr(codec, "sample_rate", None) is None:
+            if codec.sample_rate is None:
                 raise ChatError(f"{where}: give audio as a path or a (waveform, sample_rate) pair")
             data = (data, int(codec.sample_rate))
         try:
@@ -321,7 +322,7 @@ class Assistant:
         if segment.type == "image":
             part.image = _as_pil(decoded)
         else:
-            wave, rate = decoded if isinstance(decoded, tuple) else (decoded, getattr(codec, "sample_rate", None))
+            wave, rate = decoded if isinstance(decoded, tuple) else (decoded, codec.sample_rate)
             if rate is None:
                 raise ChatError(f"the audio codec {type(codec).__name__} returns no sample rate")
             part.audio, part.sample_rate = np.asarray(wave, dtype=np.float32).reshape(-1), int(rate)
@@ -344,7 +345,7 @@ def default_spans(model: Any, codecs: dict[str, Any]) -> dict[str, SpanSpec]:
         if info.get("tokens_per_item"):
             out[name] = SpanSpec(layers=layers, length=int(info["tokens_per_item"]))
         else:
-            seconds = getattr(codec, "max_seconds", None)
+            seconds = codec.max_seconds if codec is not None else None
             frames = int(seconds * info["frame_rate"]) if seconds and info.get("frame_rate") else 4096
             out[name] = SpanSpec(layers=layers, min_length=1, max_length=max(1, frames))
     return out
@@ -439,7 +440,7 @@ def load(path: str | Path, device: str = "auto", **overrides: Any) -> Assistant:
     ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; ``overrides`` set Assistant fields."""
     import torch
 
-    from unimodal.training.export import load_exported
+    from unimodal.checkpoints.export import load_exported
 
     exported = load_exported(path)
     if device == "auto":

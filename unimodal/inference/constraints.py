@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from unimodal.modalities.registry import SPAN_MARKERS, VocabLayout
+from unimodal.modalities.vocab import SPAN_MARKERS, VocabLayout
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,16 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from unimodal.data.encoding import EncodedDocument
-from unimodal.data.packing import IGNORE_INDEX, PackedBatch
+from unimodal.data.processor import EncodedDocument
+from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
-from unimodal.inference.sampling import MODALITIES, GenerationSettings, apply_repetition_penalty, choose, make_generator
+from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
+from unimodal.models.generation import GenerationSettings
+from unimodal.schema import MODALITIES
 from unimodal.models.attention import build_attention_mask
 from unimodal.models.unified import UnifiedModel
-from unimodal.modalities.registry import MODALITY_IDS, SPAN_MARKERS
+from unimodal.modalities.vocab import SPAN_MARKERS
+from unimodal.schema import MODALITY_IDS
 
 TextCallback = Callable[[int, str], None]
 

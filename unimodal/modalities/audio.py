@@ -19,9 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unimodal.data.schema import Part
-from unimodal.modalities.base import MediaCodec
-from unimodal.modalities.image_discrete import weights_checksum
+from unimodal.schema import Part
+from unimodal.modalities.base import MediaCodec, weights_checksum
 
 HF_CODECS = ("encodec", "mimi", "dac")
 

@@ -3,23 +3,33 @@
 The data pipeline calls ``encode`` on decoded parts (uint8 pixels, waveforms) to get the array
 the model consumes: float features ``[n, d]`` for continuous modalities, integer codes for
 discrete ones. ``fingerprint`` identifies the codec so that data encoded by one codec is never
-trained with another.
+trained with another. What a codec can do beyond that is declared here, with defaults, rather
+than probed by callers: ``sample_rate`` (audio codecs: the rate ``decode`` returns),
+``max_seconds`` (the longest clip ``encode`` takes) and ``encode_batch``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
+import torch
 
-from unimodal.data.schema import Part
+from unimodal.schema import Part
 
 
 class MediaCodec:
     modality: str = ""
+    sample_rate: int | None = None
+    max_seconds: float | None = None
 
     def encode(self, part: Part) -> np.ndarray:
         raise NotImplementedError
+
+    def encode_batch(self, parts: list[Part]) -> list[np.ndarray]:
+        """One array per part; codecs that batch on an accelerator (image tokenizers) override it."""
+        return [self.encode(part) for part in parts]
 
     def decode(self, array: np.ndarray) -> Any:
         raise NotImplementedError
@@ -29,3 +39,12 @@ class MediaCodec:
 
     def __call__(self, part: Part) -> np.ndarray:
         return self.encode(part)
+
+
+def weights_checksum(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) over tensors in name order: same name, other weights, other codes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()[:16]

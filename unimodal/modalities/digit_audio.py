@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from unimodal.modalities.audio import RVQCodec
-from unimodal.modalities.image_discrete import weights_checksum
+from unimodal.modalities.base import weights_checksum
 from unimodal.modalities.kmeans import kmeans, nearest
+from unimodal.schema import local_path
 
 CONFIG_FILE = "codec.json"
 CODEBOOKS_FILE = "codebooks.npy"
@@ -106,8 +107,8 @@ class DigitAudioConfig:
 class DigitAudioCodec(RVQCodec):
     """Log-mel frames -> residual k-means codes ``[layers, frames]`` -> Griffin-Lim waveform.
 
-    ``DigitAudioCodec(path=DIR)`` loads a fitted codec (``builtin:digits/audio_codec`` builds the
-    digits world first; the saved config then replaces ``config``); ``DigitAudioCodec(config=...)``
+    ``DigitAudioCodec(path=DIR)`` loads a fitted codec (the saved config then replaces
+    ``config``); ``DigitAudioCodec(config=...)``
     makes an unfitted one for :meth:`fit`.
     """
 
@@ -115,9 +116,7 @@ class DigitAudioCodec(RVQCodec):
         self.config = config or DigitAudioConfig()
         self.codebooks: torch.Tensor | None = None  # [layers, codebook_size, n_mels]
         if path is not None:
-            from unimodal.data.builtin import resolve
-
-            self._read(Path(resolve(path)))
+            self._read(Path(local_path(path)))
         c = self.config
         super().__init__("digit-audio", c.sample_rate, c.sample_rate / c.hop, c.codebook_size, c.layers, max_seconds)
         # mel power -> linear power, for decoding

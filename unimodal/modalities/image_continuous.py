@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.data.schema import DocumentError, Part
+from unimodal.schema import DocumentError, Part
 from unimodal.modalities.base import MediaCodec
 
 
@@ -99,6 +99,25 @@ class ImageTransform:
         image = image.crop((left, top, left + self.size, top + self.size))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
         return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """An HxWx3 uint8 image with its shortest side resized to ``size``, centre-cropped to ``size x size``."""
+    from PIL import Image
+
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"expected an HxWx3 uint8 image, got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    resized = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def to_pixels(image: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """An HxWx3 uint8 image -> ``[3, size, size]`` float: :func:`center_crop`, then normalised."""
+    pixels = torch.from_numpy(center_crop(image, size).astype(np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -19,43 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.data.schema import Part
-from unimodal.modalities.base import MediaCodec
-from unimodal.modalities.image_continuous import PixelPatchCodec
+from unimodal.schema import Part, local_path
+from unimodal.modalities.base import MediaCodec, weights_checksum
+from unimodal.modalities.image_continuous import PixelPatchCodec, to_pixels
 from unimodal.modalities.kmeans import kmeans, nearest
 
 PATCH_VQ_CONFIG = "codec.json"
 PATCH_VQ_CODEBOOK = "codebook.npy"
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """An HxWx3 uint8 image with its shortest side resized to ``size``, centre-cropped to ``size x size``."""
-    from PIL import Image
-
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        raise ValueError(f"expected an HxWx3 uint8 image, got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    resized = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-def to_pixels(image: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """An HxWx3 uint8 image -> ``[3, size, size]`` float: :func:`center_crop`, then normalised."""
-    pixels = torch.from_numpy(center_crop(image, size).astype(np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
-def weights_checksum(state: dict[str, torch.Tensor]) -> str:
-    """sha256 (16 hex digits) over tensors in name order: same name, other weights, other codes."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class ChameleonImageTokenizer(MediaCodec):
@@ -140,9 +110,7 @@ class PatchVQCodec(MediaCodec):
     def __init__(self, path: str | None = None, size: int = 16, patch: int = 8, codebook_size: int = 256, kmeans_iters: int = 20):
         self.codebook: torch.Tensor | None = None  # [codebook_size, patch * patch]
         if path is not None:
-            from unimodal.data.builtin import resolve
-
-            size, patch, codebook_size = self._read(Path(resolve(path)))
+            size, patch, codebook_size = self._read(Path(local_path(path)))
         self.pixels = PixelPatchCodec(size, patch, grey=True)
         self.codebook_size, self.kmeans_iters = codebook_size, kmeans_iters
 

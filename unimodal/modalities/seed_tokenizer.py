@@ -8,7 +8,7 @@
 
 The pixel decoder is a diffusers unCLIP pipeline read from a local directory at full scale
 (SEED's choice), or a small convolutional decoder trained in tokenizer stage 2 for small data.
-Training is in ``unimodal.training.seed_stages``; ``docs/seed-tokenizer.md`` maps the paper's
+Training is in ``unimodal.training.seed_tokenizer_stages``; ``docs/seed-tokenizer.md`` maps the paper's
 settings to config keys. Departures from the paper: the Q-Former is a plain pre-norm transformer
 trained from scratch (the paper starts from BLIP-2's BERT-base one) and the codebook looks up
 l2-normalised vectors (cosine nearest neighbour), which keeps small codebooks from collapsing.
@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.data.schema import Part
+from unimodal.schema import Part, local_path
 from unimodal.modalities.base import MediaCodec
-from unimodal.modalities.image_discrete import center_crop, weights_checksum
+from unimodal.modalities.base import weights_checksum
+from unimodal.modalities.image_continuous import center_crop
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -379,10 +380,8 @@ class SeedImageCodec(MediaCodec):
     modality = "image"
 
     def __init__(self, path: str, device: str = "cpu"):
-        from unimodal.data.builtin import resolve
-
         self.path = path
-        self.tokenizer = SeedTokenizer.from_pretrained(resolve(path), device=device)
+        self.tokenizer = SeedTokenizer.from_pretrained(local_path(path), device=device)
 
     def encode(self, part: Part) -> np.ndarray:
         return self.tokenizer.encode(part)

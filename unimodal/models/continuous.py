@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration
 
-from unimodal.data.packing import PackedBatch
-from unimodal.modalities.registry import MODALITY_IDS
+from unimodal.batch import PackedBatch
+from unimodal.schema import MODALITY_IDS
 from unimodal.models.adapters import SoftVQ, build_patch_adapters
 from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig
 from unimodal.models.heads import DiffusionHead

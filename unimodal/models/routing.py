@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from unimodal.modalities.registry import MODALITY_IDS
+from unimodal.schema import MODALITY_IDS
 
 ROUTED = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
           "post_attention_layernorm", "mlp")

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.data.packing import IGNORE_INDEX, PackedBatch
+from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.models.attention import build_attention_mask
-from unimodal.modalities.registry import MODALITY_IDS, VocabLayout
+from unimodal.modalities.vocab import VocabLayout
+from unimodal.schema import MODALITY_IDS
 from unimodal.models.routing import ModalityRouter
 
 

@@ -13,13 +13,13 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 import torch
 import torch.distributed as dist
 
-from unimodal.data.packing import PackedBatch
-from unimodal.inference.sampling import GenerationSettings
-from unimodal.modalities.registry import VocabLayout
+from unimodal.batch import PackedBatch
+from unimodal.models.generation import GenerationSettings
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.routing import add_modality_experts
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
-from unimodal.training.lora import LoraSettings, apply_lora
+from unimodal.models.lora import LoraSettings, apply_lora
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
 
@@ -36,10 +36,10 @@ class UnimodalModule(L.LightningModule):
     modality to a factory (``class_path`` + ``init_args`` in YAML) called with the backbone's
     hidden size. ``routing`` lists modalities that get their own experts in every decoder layer
     (LlamaFusion; ``unimodal.models.routing``), copied from the text weights at build time.
-    ``lora`` adds LoRA after the trainable policy (``unimodal.training.lora``; with LoRA an unset
+    ``lora`` adds LoRA after the trainable policy (``unimodal.models.lora``; with LoRA an unset
     ``trainable`` means only the LoRA weights train). ``init_from`` names an export directory of
     a previous stage: its backbone, adapter (merged) and shared framework modules initialise
-    this model (``unimodal.training.export.init_from_export``). ``generation`` holds the sampling
+    this model (``unimodal.checkpoints.export.init_from_export``). ``generation`` holds the sampling
     defaults an export of this model carries (the keys of ``GenerationSettings.replace``, e.g.
     ``{image: {cfg_scale: 2}}``): ``unimodal.load`` starts from them, call arguments override.
 
@@ -83,7 +83,7 @@ class UnimodalModule(L.LightningModule):
             return
         spec = self.backbone_config
         if self.init_from:
-            from unimodal.training.export import check_extends, read_export_config
+            from unimodal.checkpoints.export import check_extends, read_export_config
 
             check_extends(VocabLayout.from_dict(read_export_config(self.init_from)["layout"]), self.layout, self.init_from)
             spec = replace(spec, path=self.init_from, config={})
@@ -95,7 +95,7 @@ class UnimodalModule(L.LightningModule):
         # each module's mode as it finds it (no dropout would run in the pretrained part)
         self.model = UnifiedModel(backbone, self.layout, continuous=continuous, routing=router).train()
         if self.init_from:
-            from unimodal.training.export import init_from_export
+            from unimodal.checkpoints.export import init_from_export
 
             init_from_export(self.model, self.init_from)
         if self.lora is not None and self.trainable is None:

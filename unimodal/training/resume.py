@@ -1,7 +1,5 @@
-"""Resuming runs exactly, saving on pre-emption, and writing checkpoints atomically.
+"""Resuming runs exactly and saving on pre-emption (checkpoint files: ``unimodal.checkpoints.files``).
 
-- :class:`AtomicCheckpointIO` writes every checkpoint file to a temporary name in the same
-  directory and renames it, so a crash (or a kill) during a save leaves the previous file whole.
 - :class:`RunState` stores what Lightning's checkpoint lacks for an exact resume: the RNG states
   of every rank (dropout, noise), restored just before the first resumed step so that nothing
   run in between (sanity checks, data loader start-up) shifts them; and the run's resolved
@@ -9,7 +7,6 @@
   ``state_dict`` (see ``UnimodalDataModule``); model, optimiser, scheduler and step are Lightning's.
 - :class:`SaveOnSigterm` turns a SIGTERM (pre-emption) into a checkpoint at the next optimizer
   step boundary, after which Lightning stops the run.
-- :func:`find_latest_checkpoint` is what ``--resume auto`` resumes from.
 """
 
 from __future__ import annotations
@@ -23,54 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from unimodal.cli import CLIError
+from unimodal.checkpoints.files import RUN_CONFIG_KEY
+from unimodal.errors import UserError
 
 log = logging.getLogger("unimodal.train")
 
 RNG_KEY = "unimodal_rng"
-TEMP_PREFIX = ".tmp-"
 
 
-class Preempted(CLIError):
+class Preempted(UserError):
     """The run stopped on SIGTERM after saving a checkpoint; ``--resume auto`` continues it."""
 
     exit_code = 143  # 128 + SIGTERM, as if the signal had ended the process
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, written to ``.tmp-NAME`` and renamed into place."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
-        try:
-            super().save_checkpoint(checkpoint, temp, storage_options)
-            with open(temp, "rb") as written:
-                os.fsync(written.fileno())
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-
-
-def _checkpoint_time(path: Path) -> float:
-    # a DeepSpeed checkpoint is a directory whose 'latest' file is written last
-    return (path / "latest").stat().st_mtime if path.is_dir() else path.stat().st_mtime
-
-
-def find_latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest checkpoint (``*.ckpt`` file or DeepSpeed directory) in ``directory``, or None."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    found = [
-        p for p in directory.glob("*.ckpt")
-        if not p.name.startswith(TEMP_PREFIX) and (p.is_file() or (p / "latest").is_file())
-    ]
-    return max(found, key=_checkpoint_time, default=None)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -100,8 +63,6 @@ class RunState(Callback):
         self._pending: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        from unimodal.training.export import RUN_CONFIG_KEY
-
         states = [_rng_state()]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.vocab import VocabLayout
 
 log = logging.getLogger("unimodal.export")
 
@@ -236,7 +236,7 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
 
 
 def _copy_tokenizer(source: str, out: Path) -> str:
-    from unimodal.data import builtin
+    from unimodal.worlds import builtin
 
     src = Path(builtin.resolve(source))
     if src.is_file():
@@ -255,7 +255,7 @@ def _export_codecs(codecs: dict[str, Any], out: Path) -> dict[str, Any]:
     ``builtin:`` one included) is copied into ``out/codecs/MODALITY`` when it is small, so that the
     export loads from anywhere (from another working directory a ``builtin:`` path would build the
     world anew there); a larger one is named by its absolute path."""
-    from unimodal.data import builtin
+    from unimodal.worlds import builtin
 
     specs = copy.deepcopy(codecs)
     for name, args in _codec_dirs(specs):
@@ -307,7 +307,7 @@ def _plain(value: Any) -> Any:
 def _read_checkpoint(ckpt: Path, scratch: Path) -> Path:
     """A single-file Lightning checkpoint for ``ckpt`` (DeepSpeed directories are merged first)."""
     if ckpt.is_dir() and (ckpt / "latest").is_file():
-        from unimodal.training.checkpoint import zero_to_fp32
+        from unimodal.checkpoints.zero import zero_to_fp32
 
         return zero_to_fp32(ckpt, scratch / "merged.ckpt")
     if ckpt.is_dir():
@@ -375,7 +375,7 @@ def _module_from_checkpoint(checkpoint: dict[str, Any], hparams: dict[str, Any])
 def _export_unified(module: Any, hparams: dict, run_config: dict, out: Path, merge_lora: bool, source: dict) -> None:
     from safetensors.torch import save_file
 
-    from unimodal.training.lora import has_backbone_adapter, merge_injected, save_adapter
+    from unimodal.models.lora import has_backbone_adapter, merge_injected, save_adapter
 
     model = module.model
     merge_injected(model)

@@ -22,8 +22,8 @@ PREFIX = "builtin:"
 def build_text(root: Path) -> None:
     """The standard-library docstring corpus: train/val shards and a 1024-piece tokenizer."""
     from unimodal.data.sentencepiece_trainer import train_tokenizer
-    from unimodal.data.shards import pack_jsonl
-    from unimodal.data.sources.stdlib_text import write_corpus
+    from unimodal.data.jsonl import pack_jsonl
+    from unimodal.worlds.stdlib_text import write_corpus
 
     write_corpus(root)
     train_tokenizer(root / "train.jsonl", root / "tokenizer.model", vocab_size=1024)
@@ -33,14 +33,14 @@ def build_text(root: Path) -> None:
 
 def build_shapes(root: Path) -> None:
     """Captioned 16x16 shape images (raw PNGs) for the continuous-image ``--tiny`` recipes."""
-    from unimodal.data.sources.shapes import build_shapes as build
+    from unimodal.worlds.shapes import build_shapes as build
 
     build(root)
 
 
 def build_codes(root: Path) -> None:
     """Text, image-code and speech-code documents for the discrete (MIO/SEED) ``--tiny`` recipes."""
-    from unimodal.data.sources.codes import build_codes as build
+    from unimodal.worlds.codes import build_codes as build
 
     build(root)
 
@@ -54,7 +54,7 @@ def build_seed_tokenizer(root: Path) -> None:
 
 def build_chat(root: Path) -> None:
     """Chats about the standard library (OpenAI-style messages), split into train and val."""
-    from unimodal.data.chat import build_chat as build
+    from unimodal.worlds.chat import build_chat as build
 
     build(root)
 
@@ -63,7 +63,7 @@ def build_digits(root: Path) -> None:
     """The digits world (docs/digits-world.md): ``builtin:digits/{pretrain,chat}/{train,test}``,
     ``builtin:digits/image-text/...`` (no speech), ``builtin:digits/tokenizer.model``,
     ``builtin:digits/audio_codec``, ``builtin:digits/image_codec``."""
-    from unimodal.data.digits import build_world
+    from unimodal.worlds.digits import build_world
 
     build_world(root)
 

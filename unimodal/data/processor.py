@@ -14,10 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from unimodal.data.chat import ChatTemplate, EosToken, render
-from unimodal.data.schema import Document, DocumentError, Part
+from unimodal.data.templates import ChatTemplate, EosToken, render
+from unimodal.schema import Document, DocumentError, Part
 from unimodal.data.tokenizer import TextTokenizer
-from unimodal.modalities.registry import MODALITY_IDS, SPAN_MARKERS, VocabLayout
+from unimodal.modalities.vocab import SPAN_MARKERS, VocabLayout
+from unimodal.schema import MODALITY_IDS
 
 # A codec turns a decoded media part into a pre-encoded array (float features or int codes).
 Codec = Callable[[Part], np.ndarray]
@@ -56,7 +57,7 @@ class DocumentEncoder:
     codecs: dict[str, Codec] = field(default_factory=dict)
     # modality -> RVQ layers kept for input parts (loss false), e.g. {"audio": 1}: MIO's content layer
     input_layers: dict[str, int] = field(default_factory=dict)
-    # renders documents whose parts carry roles (unimodal.data.chat); None: parts as they are
+    # renders documents whose parts carry roles (unimodal.data.templates); None: parts as they are
     chat_template: ChatTemplate | None = None
 
     def encode(self, doc: Document) -> EncodedDocument:

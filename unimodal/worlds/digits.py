@@ -356,9 +356,9 @@ COPIES = {
 def _tokenizer_text(pretrain: Path, chat: Path, out: Path) -> None:
     """The text a tokenizer for this world must read well: pretraining text, and the chats rendered
     with every chat template, so that markers such as ``<|im_start|>`` become a few pieces, not bytes."""
-    from unimodal.data.chat import TEMPLATES
-    from unimodal.data.chat import render as render_chat
-    from unimodal.data.schema import Document, Part
+    from unimodal.data.templates import TEMPLATES
+    from unimodal.data.templates import render as render_chat
+    from unimodal.schema import Document, Part
 
     with out.open("w") as f:
         f.write(pretrain.read_text())
@@ -385,7 +385,7 @@ def build_world(
     ``image_codec/`` (a :class:`PatchVQCodec`: 4 codes of 256 per image).
     """
     from unimodal.data.sentencepiece_trainer import train_tokenizer
-    from unimodal.data.shards import pack_jsonl
+    from unimodal.data.jsonl import pack_jsonl
     from unimodal.modalities.digit_audio import DigitAudioCodec
     from unimodal.modalities.image_discrete import PatchVQCodec
 

@@ -62,7 +62,7 @@ def write_split(root: Path, split: str, count: int, seed: int) -> Path:
 def build_shapes(root: Path) -> None:
     """``builtin:shapes/{train,val,tokenizer.model}``: 512 + 64 documents, a 300-piece tokenizer."""
     from unimodal.data.sentencepiece_trainer import train_tokenizer
-    from unimodal.data.shards import pack_jsonl
+    from unimodal.data.jsonl import pack_jsonl
 
     for split, count, seed in (("train", 512, 0), ("val", 64, 1)):
         src = write_split(root, split, count, seed)

@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from unimodal.data import builtin
 from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, shard_sets, worker_slot
-from unimodal.data.schema import Document
+from unimodal.schema import Document, local_path
 from unimodal.data.shards import expand_shards
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
-from unimodal.modalities.image_discrete import center_crop
-from unimodal.modalities.registry import VocabLayout
+from unimodal.modalities.image_continuous import center_crop
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.modalities.seed_tokenizer import EncoderSpec, SeedConfig, SeedTokenizer, load_encoder
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 
@@ -127,7 +126,7 @@ class ImageTextPairs(L.LightningDataModule):
         self.datasets = shard_sets(datasets)
         if not self.datasets:
             raise ValueError("datasets: give at least one shard set")
-        self.tokenizer_path = builtin.resolve(tokenizer)
+        self.tokenizer_path = local_path(tokenizer)
         self.image_size, self.max_text_tokens, self.batch_size = image_size, max_text_tokens, batch_size
         self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
@@ -280,7 +279,7 @@ class SeedTokenizerStage2(SeedTokenizerModule):
     def configure_model(self) -> None:
         if hasattr(self, "tokenizer"):
             return
-        self.tokenizer = SeedTokenizer.from_pretrained(builtin.resolve(self.init_from))
+        self.tokenizer = SeedTokenizer.from_pretrained(local_path(self.init_from))
         self.tokenizer.qformer.requires_grad_(False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

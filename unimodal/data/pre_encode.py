@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from unimodal.data.schema import Document, DocumentError, Part
-from unimodal.data.shards import STATS_FILE, decode_media, expand_shards, read_documents, write_documents
+from unimodal.schema import Document, DocumentError, Part
+from unimodal.data.media import decode_media
+from unimodal.data.shards import STATS_FILE, expand_shards, read_documents, write_documents
 from unimodal.modalities.base import MediaCodec
 
 CODES_KEY = "codes"
@@ -114,14 +115,6 @@ def load_codec(modality: str, path: str | Path, device: str = "cpu", **options: 
     raise ValueError(f"no tokenizer for modality {modality!r}")
 
 
-def encode_many(codec: MediaCodec, parts: list[Part]) -> list[np.ndarray]:
-    """``codec.encode_batch`` where the codec has one (image tokenizers), else one part at a time."""
-    if not parts:
-        return []
-    batch = getattr(codec, "encode_batch", None)
-    return list(batch(parts)) if batch is not None else [codec.encode(part) for part in parts]
-
-
 def encode_shards(
     src: str | Path,
     out_dir: str | Path,
@@ -160,7 +153,7 @@ def encode_shards(
                     raise DocumentError(f"{where}: already pre-encoded (.npy); encode shards that hold raw media")
                 decoded.append(Part(part.type, media=part.media, data=decode_media(part.data, part.type, where)))
             try:
-                codes = encode_many(codec, decoded)
+                codes = codec.encode_batch(decoded) if decoded else []
             except ValueError as err:
                 raise DocumentError(f"{batch[0].where()} (or one of the {len(batch)} documents after it): {err}") from None
             for (_, part), array in zip(parts, codes):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unimodal.data.encode import record_code_sources
-from unimodal.data.schema import Document, Part
+from unimodal.data.pre_encode import record_code_sources
+from unimodal.schema import Document, Part
 from unimodal.data.shards import write_documents
 
 COLOURS = ("red", "green", "blue", "yellow")

@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-log = logging.getLogger("unimodal.pipeline")
+log = logging.getLogger("unimodal.training.pipeline")
 
 STAGE_FILE = "stage.json"
 RESOLVED_RECIPE = "recipe.yaml"
@@ -180,7 +180,7 @@ def _strings(value: Any) -> list[str]:
 
 def _substitute(value: Any, pipeline: Pipeline) -> Any:
     """Replace ``{stages.NAME}`` / ``{stages.NAME.tokenizer}`` with earlier stages' outputs."""
-    from unimodal.training.export import tokenizer_path
+    from unimodal.checkpoints.export import tokenizer_path
 
     def one(match: re.Match) -> str:
         stage = next(s for s in pipeline.stages if s.name == match.group(1))
@@ -198,8 +198,8 @@ def _substitute(value: Any, pipeline: Pipeline) -> Any:
 
 def resolve_stage(pipeline: Pipeline, stage: Stage, tiny: bool) -> dict[str, Any]:
     """The stage's recipe with tiny, init and override values applied: what it trains with."""
-    from unimodal.training.cli import load_recipe, set_dotted
-    from unimodal.training.export import CONFIG_FILE, read_export_config, tokenizer_path
+    from unimodal.training.recipes import load_recipe, set_dotted
+    from unimodal.checkpoints.export import CONFIG_FILE, read_export_config, tokenizer_path
 
     config = load_recipe(stage.recipe, tiny)
     if stage.init is not None:
@@ -238,14 +238,14 @@ def _global_rank() -> int:
 def _train(config_file: Path) -> int | None:
     """Fit one stage: here on one device (returns its step), else as a ``unimodal train``
     process of its own (returns None)."""
-    from unimodal.training.cli import fit_cli, make_cli
+    from unimodal.training.recipes import fit_cli, make_cli
 
     args = [str(config_file), "--resume=auto"]
     cli = make_cli(args)
     if cli.trainer.world_size == 1:
         return fit_cli(cli).global_step
     del cli
-    result = subprocess.run([sys.executable, "-m", "unimodal.cli", "train", *args], check=False)
+    result = subprocess.run([sys.executable, "-m", "unimodal", "train", *args], check=False)
     if result.returncode == 143:
         from unimodal.training.resume import Preempted
 
@@ -256,7 +256,7 @@ def _train(config_file: Path) -> int | None:
 
 
 def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool) -> StageResult:
-    from unimodal.training.export import export
+    from unimodal.checkpoints.export import export
     from unimodal.training.resume import Preempted, find_latest_checkpoint
 
     stage_dir = pipeline.stage_dir(stage)

@@ -1,7 +1,7 @@
 """The digits scoreboard: ``unimodal eval DIR --suite digits`` (``docs/digits-world.md``).
 
 The suite asks the digits world's chat questions (the phrasings the chat data uses, see
-:func:`unimodal.data.digits.chat_prompt`) on the held-out split and scores the replies:
+:func:`unimodal.worlds.digits.chat_prompt`) on the held-out split and scores the replies:
 
 - ``caption_acc``: test images; right when the reply names exactly the shown digit (as a word or
   a numeral, possibly several times, no other digit);
@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from unimodal.data.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
-from unimodal.data.schema import Part
-from unimodal.eval.judges import audio_judge, image_judge
+from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
+from unimodal.schema import Part
+from unimodal.worlds.judges import audio_judge, image_judge
 
 log = logging.getLogger("unimodal.eval")
 
@@ -212,9 +212,9 @@ def evaluate(
     classifications. Pictures and speech are sampled with the model's own defaults, seeded (seed
     0 unless ``settings`` give one) so that a scoreboard can be reproduced.
     """
-    import unimodal
+    from unimodal.inference.chat import load
 
-    assistant = unimodal.load(model_dir, device=device)
+    assistant = load(model_dir, device=device)
     respond = assistant_responder(assistant, **{"temperature": 0.0, "seed": 0, **(settings or {})})
     report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs, modalities=set(assistant.codecs))
     report["model"] = str(model_dir)

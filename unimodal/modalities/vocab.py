@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SPECIAL_TOKENS = ("<|boi|>", "<|eoi|>", "<|boa|>", "<|eoa|>", "<|media|>")
-MODALITY_IDS = {"text": 0, "image": 1, "audio": 2}
 # the special tokens that open and close a media span of each modality
 SPAN_MARKERS = {"image": ("<|boi|>", "<|eoi|>"), "audio": ("<|boa|>", "<|eoa|>")}
 

@@ -14,14 +14,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from unimodal.errors import UserError
+
 SCHEMA = "unimodal.document/1"
 MODALITIES = ("text", "image", "audio")
+# the modality id of each position in a packed sequence
+MODALITY_IDS = {name: index for index, name in enumerate(MODALITIES)}
 ROLES = ("system", "user", "assistant")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
 ARRAY_EXTENSIONS = ("npy",)
 
-Modality = Literal["text", "image", "audio"]
+Modality = Literal[MODALITIES]
 
 
 class DocumentError(ValueError):
@@ -122,3 +126,17 @@ def parse_document(payload: bytes | str | dict[str, Any], key: str = "", source:
     if not isinstance(meta, dict):
         raise DocumentError(f"{where}: 'meta' must be an object")
     return Document([parse_part(p, where, i) for i, p in enumerate(parts)], meta, key, source)
+
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def local_path(path: str) -> str:
+    """``path`` as given, refusing a ``builtin:`` name: those are resolved once, where recipes and
+    command lines are read (``unimodal.worlds.resolve``), never by the code that opens files."""
+    if str(path).startswith(BUILTIN_PREFIX):
+        raise UserError(
+            f"{path}: built-in names are resolved by the unimodal command line and recipes; "
+            "in Python, pass unimodal.worlds.resolve(path)"
+        )
+    return str(path)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from unimodal.data.digits import IMAGE_SIZE, digit_images, utterances
+from unimodal.worlds.digits import IMAGE_SIZE, digit_images, utterances
 from unimodal.modalities.audio import resample, to_mono
 from unimodal.modalities.digit_audio import log_mel
 

@@ -1,0 +1,51 @@
+"""Checkpoint files: atomic writes, finding the newest checkpoint of a run.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint file to a temporary name in the same
+  directory and renames it, so a crash (or a kill) during a save leaves the previous file whole.
+- :func:`find_latest_checkpoint` is what ``--resume auto`` and ``unimodal export RUN_DIR`` read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins import TorchCheckpointIO
+
+TEMP_PREFIX = ".tmp-"
+# the checkpoint key under which ``unimodal train`` stores the run's resolved config
+RUN_CONFIG_KEY = "unimodal_run_config"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, written to ``.tmp-NAME`` and renamed into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
+        try:
+            super().save_checkpoint(checkpoint, temp, storage_options)
+            with open(temp, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+
+def _checkpoint_time(path: Path) -> float:
+    # a DeepSpeed checkpoint is a directory whose 'latest' file is written last
+    return (path / "latest").stat().st_mtime if path.is_dir() else path.stat().st_mtime
+
+
+def find_latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint (``*.ckpt`` file or DeepSpeed directory) in ``directory``, or None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [
+        p for p in directory.glob("*.ckpt")
+        if not p.name.startswith(TEMP_PREFIX) and (p.is_file() or (p / "latest").is_file())
+    ]
+    return max(found, key=_checkpoint_time, default=None)

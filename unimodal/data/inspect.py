@@ -1,0 +1,107 @@
+"""``unimodal data inspect``: a readable summary of a shard or a shard directory."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+from webdataset.shardlists import expand_urls
+
+from unimodal.schema import (
+    ARRAY_EXTENSIONS,
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    MODALITIES,
+    SCHEMA,
+    Document,
+    DocumentError,
+    Part,
+    check_key,
+    parse_document,
+    parse_part,
+)
+
+
+from unimodal.data.media import MediaBytes, decode_media
+from unimodal.data.shards import expand_shards, read_documents
+
+# ----------------------------------------------------------------------------------------------
+# inspecting
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _describe_part(index: int, part: Part) -> str:
+    head = f"    {index} {part.type}" + (f" {part.role}" if part.role else "") + f" loss={str(part.loss).lower()}"
+    if part.type == "text":
+        text = part.text or ""
+        return f"{head} {json.dumps(text[:80] + ('...' if len(text) > 80 else ''), ensure_ascii=False)}"
+    media: MediaBytes = part.data
+    try:
+        value = decode_media(media, part.type)
+    except DocumentError as err:
+        return f"{head} media={part.media} .{media.ext} {_size(len(media.data))} UNREADABLE {err}"
+    if isinstance(value, tuple):
+        waveform, rate = value
+        channels = 1 if waveform.ndim == 1 else waveform.shape[1]
+        shape = f"{len(waveform) / rate:.2f} s at {rate} Hz, {channels} ch"
+    else:
+        shape = f"{value.dtype} {'x'.join(map(str, value.shape))}"
+    return f"{head} media={part.media} .{media.ext} {shape} ({_size(len(media.data))})"
+
+
+def inspect_path(path: str | Path, n: int = 3) -> str:
+    """A readable summary of a shard or a shard directory, and its first ``n`` documents."""
+    path = Path(path)
+    urls = expand_shards(path)
+    stats_file = path / STATS_FILE if path.is_dir() else None
+    stats = json.loads(stats_file.read_text()) if stats_file and stats_file.is_file() else None
+    lines = [f"path: {path}", f"shards: {len(urls)} ({_size(sum(os.path.getsize(u) for u in urls))})"]
+    first: list[Document] = []
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    if stats is None:  # count by reading every sample's json (media stay undecoded)
+        counted = _Stats()
+        for doc in read_documents(urls, decode=False, policy=policy):
+            counted.add(doc, Path(doc.source).name, {p.media: len(p.data.data) for p in doc.parts if p.type != "text"})
+            if len(first) < n:
+                first.append(doc)
+        stats = counted.to_dict()
+        lines.append("stats.json: none (counted from the shards)")
+    else:
+        for doc in read_documents(urls, decode=False, policy=policy):
+            first.append(doc)
+            if len(first) == n:
+                break
+        lines.append(f"stats.json: {stats_file}")
+    lines.append(f"schema: {stats.get('schema')}")
+    lines.append(f"documents: {stats['documents']}")
+    mods = stats["modalities"]
+    lines.append(
+        f"modalities: text {mods['text']['parts']} parts, {mods['text']['characters']} characters; "
+        + "; ".join(f"{kind} {mods[kind]['parts']} parts, {_size(mods[kind]['bytes'])}" for kind in ("image", "audio"))
+    )
+    if policy.skipped:
+        lines.append(f"bad samples: {policy.skipped} (first: {policy.examples[0].reason})")
+    lines.append(f"first {len(first)} documents:")
+    for doc in first:
+        lines.append(f"  {doc.key} in {Path(doc.source).name}" + (f" meta={json.dumps(doc.meta)}" if doc.meta else ""))
+        lines.extend(_describe_part(i, part) for i, part in enumerate(doc.parts))
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Packing a source JSONL (documents with media by path, or OpenAI-style chat records) into shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+from webdataset.shardlists import expand_urls
+
+from unimodal.schema import (
+    ARRAY_EXTENSIONS,
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    MODALITIES,
+    SCHEMA,
+    Document,
+    DocumentError,
+    Part,
+    check_key,
+    parse_document,
+    parse_part,
+)
+
+
+from unimodal.data.media import MediaBytes, source_media
+from unimodal.data.messages import messages_to_parts
+from unimodal.data.shards import _save_stats, _write_shards, held_out
+
+# ----------------------------------------------------------------------------------------------
+# packing a source JSONL
+
+
+def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
+    where = f"{src.name}:{line}"
+    try:
+        raw = json.loads(raw_line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DocumentError(f"{where}: malformed JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise DocumentError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    key = raw.get("key", f"{line:08d}")
+    try:
+        check_key(key if isinstance(key, str) else "")
+    except DocumentError as err:
+        raise DocumentError(f"{where}: {err}") from None
+    raw_parts, meta = raw.get("parts"), raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DocumentError(f"{where}: 'meta' must be an object")
+    if "messages" in raw and raw_parts is None:  # an OpenAI-style chat record
+        return Document(messages_to_parts(raw["messages"], src, where), meta, key, source=where)
+    if not isinstance(raw_parts, list) or not raw_parts:
+        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
+    parts, next_media = [], 0
+    for index, raw_part in enumerate(raw_parts):
+        media: MediaBytes | None = None
+        if isinstance(raw_part, dict) and raw_part.get("type") in MODALITIES[1:]:
+            media = source_media(raw_part, src, where, index)
+            raw_part = {k: v for k, v in raw_part.items() if k != "path"} | {"media": next_media}
+            next_media += 1
+        part = parse_part(raw_part, where, index)
+        part.data = media
+        parts.append(part)
+    return Document(parts, meta, key, source=where)
+
+
+def pack_jsonl(
+    src_jsonl: str | Path,
+    out_dir: str | Path,
+    *,
+    max_docs_per_shard: int = 1000,
+    max_bytes_per_shard: int = 256 * 2**20,
+    skip_bad: bool = False,
+    prefix: str = "shard",
+    progress: bool = True,
+    val_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """Pack a source JSONL (one document per line, media by path) into shards; return the stats.
+
+    A line is a document (``parts``) or an OpenAI-style chat record (``messages``, see
+    ``unimodal.data.templates``). Any bad line stops packing with ``FILE:LINE: reason`` unless
+    ``skip_bad``, which skips it, counts it in ``stats.json`` and prints a summary.
+    ``val_fraction`` > 0 writes ``out_dir/train`` and ``out_dir/val``, each document going to
+    ``val`` by a stable hash of its key; the stats of both are returned under those names.
+    """
+    if val_fraction:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        options = dict(max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_bytes_per_shard,
+                       skip_bad=skip_bad, prefix=prefix, progress=progress)
+        return {
+            split: _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
+                               select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
+            for split in ("train", "val")
+        }
+    return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
+                       max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
+
+
+def _pack_jsonl(
+    src: Path,
+    out_dir: Path,
+    *,
+    max_docs_per_shard: int,
+    max_bytes_per_shard: int,
+    skip_bad: bool,
+    prefix: str,
+    progress: bool,
+    select: Callable[[str], bool] | None = None,
+) -> dict[str, Any]:
+    skipped: list[str] = []
+    total = 0
+
+    def reject(err: DocumentError) -> None:
+        if not skip_bad:
+            raise err
+        skipped.append(str(err))
+
+    def documents() -> Iterator[Document]:
+        nonlocal total
+        with open(src, "rb") as lines, tqdm(
+            total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}", disable=not progress
+        ) as bar:
+            for line, raw_line in enumerate(lines, start=1):
+                bar.update(len(raw_line))
+                if not raw_line.strip():
+                    continue
+                total += 1
+                try:
+                    doc = _source_document(raw_line, src, line)
+                except DocumentError as err:
+                    reject(err)
+                    continue
+                if select is None or select(doc.key):
+                    yield doc
+
+    stats = _write_shards(documents(), out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
+    stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
+    _save_stats(out_dir, stats)
+    if skipped:
+        shown = "\n".join(f"  {reason}" for reason in skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        print(f"skipped {len(skipped)} of {total} documents:\n{shown}{more}", file=sys.stderr)
+    return stats

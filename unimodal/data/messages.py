@@ -1,0 +1,103 @@
+"""OpenAI-style chat records (``messages`` with text, image and audio content parts) as document parts."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+from unimodal.data.media import MediaBytes, source_media
+from unimodal.schema import ROLES, DocumentError, Part
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI-style chat records
+
+MIME_EXTENSIONS = {
+    "image/png": "png", "image/jpeg": "jpg", "image/jpg": "jpg", "image/webp": "webp", "image/bmp": "bmp",
+    "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/flac": "flac", "audio/ogg": "ogg",
+    "audio/mpeg": "mp3", "audio/mp3": "mp3",
+}
+
+
+def _decode_base64(data: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise DocumentError(f"{where}: invalid base64 media ({err})") from None
+
+
+def _media(kind: str, ref: str, src: Path, where: str) -> Any:
+    """MediaBytes for a local path, a ``file://`` URL or a ``data:`` URL (no downloads)."""
+    if ref.startswith("data:"):
+        header, _, payload = ref.partition(",")
+        mime = header[len("data:") :].split(";")[0].lower()
+        if mime not in MIME_EXTENSIONS or not mime.startswith(kind):
+            known = ", ".join(m for m in MIME_EXTENSIONS if m.startswith(kind))
+            raise DocumentError(f"{where}: {kind} data URL of type {mime!r} is not supported ({known})")
+        return MediaBytes(MIME_EXTENSIONS[mime], _decode_base64(payload, where))
+    if "://" in ref and not ref.startswith("file://"):
+        raise DocumentError(f"{where}: {kind} {ref!r} is remote; give a local path or a data: URL (nothing is downloaded)")
+    return source_media({"type": kind, "path": ref.removeprefix("file://")}, src, where, 0)
+
+
+def _content_part(item: Any, src: Path, where: str) -> Part:
+    if not isinstance(item, dict):
+        raise DocumentError(f"{where}: a content item is {type(item).__name__}, expected an object")
+    kind = item.get("type")
+    if kind == "text":
+        if not isinstance(item.get("text"), str):
+            raise DocumentError(f"{where}: text content has no string 'text'")
+        return Part("text", text=item["text"])
+    if kind == "image_url":
+        url = item.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise DocumentError(f"{where}: image_url content has no 'url'")
+        return Part("image", data=_media("image", url, src, where))
+    if kind == "input_audio":
+        audio = item.get("input_audio") or {}
+        fmt = str(audio.get("format", "")).lower()
+        if not isinstance(audio.get("data"), str) or f"audio/{fmt}" not in MIME_EXTENSIONS:
+            raise DocumentError(f"{where}: input_audio needs base64 'data' and a 'format' (wav, flac, mp3, ogg)")
+        return Part("audio", data=MediaBytes(MIME_EXTENSIONS[f"audio/{fmt}"], _decode_base64(audio["data"], where)))
+    if kind in ("image", "audio"):
+        if not isinstance(item.get("path"), str):
+            raise DocumentError(f"{where}: {kind} content needs a string 'path'")
+        return Part(kind, data=_media(kind, item["path"], src, where))
+    raise DocumentError(f"{where}: content type {kind!r} is not supported (text, image_url, input_audio, image, audio)")
+
+
+def messages_to_parts(messages: Any, src: Path, where: str) -> list[Part]:
+    """Document parts of an OpenAI-style ``messages`` list; media numbered in order.
+
+    A message may carry ``"weight": 0`` (OpenAI's fine-tuning format) or ``"loss": false`` to
+    leave an assistant turn unsupervised; other roles are never supervised.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise DocumentError(f"{where}: 'messages' must be a non-empty list")
+    parts: list[Part] = []
+    for number, message in enumerate(messages):
+        here = f"{where}: message {number}"
+        if not isinstance(message, dict):
+            raise DocumentError(f"{here} is {type(message).__name__}, expected an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DocumentError(f"{here} has role {role!r}, expected one of {ROLES}")
+        weight = message.get("weight", 1)
+        loss = message.get("loss", weight != 0)
+        if not isinstance(loss, bool) or weight not in (0, 1):
+            raise DocumentError(f"{here}: 'loss' must be true/false and 'weight' 0 or 1")
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(items, list) or not items:
+            raise DocumentError(f"{here} has no content (a string or a list of content parts)")
+        for item in items:
+            part = _content_part(item, src, here)
+            part.role, part.loss = role, loss and role == "assistant"
+            if part.type != "text":
+                part.media = sum(p.type != "text" for p in parts)
+            parts.append(part)
+    return parts
+
+

@@ -1,1 +1,0 @@
-"""Converters from raw material on this machine to the unimodal source JSONL."""

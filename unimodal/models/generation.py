@@ -1,0 +1,146 @@
+"""Sampling settings per modality: the defaults a model carries in its export, and what callers override.
+
+Each modality samples with its own settings because the papers decode them differently (MIO:
+text by beam search, images with top-p 0.7, speech with top-p 0.7 and a repetition penalty of
+1.15; Orthus: images by a diffusion head with guidance). :class:`GenerationSettings` groups the
+three modalities with the reply-wide limits, and ``replace`` takes the flat keyword arguments of
+``Assistant.chat``. They live with the model because a recipe's ``generation:`` is checked when
+the model is built, long before anything generates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from unimodal.schema import MODALITIES
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one modality is sampled.
+
+    ``temperature`` 0 is greedy. ``num_beams`` > 1 (text only) is deterministic beam search.
+    ``max_tokens`` caps the positions this modality may take in one reply (text: tokens;
+    media: whole spans, markers included; None: no cap beyond the reply's). ``cfg_scale`` 1 turns
+    classifier-free guidance off; ``steps`` is the diffusion sampler's step count for continuous
+    modalities (None: the modality's own default).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    max_tokens: int | None = None
+    cfg_scale: float = 1.0
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 keeps every token)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 is none)"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.cfg_scale >= 0, "cfg_scale must be >= 0 (1 is no guidance)"),
+            (self.steps is None or self.steps >= 1, "steps must be >= 1"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"sampling settings: {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything one ``generate`` call needs besides the prompts.
+
+    ``max_new_tokens`` bounds a reply in positions (text tokens, media codes or slots and span
+    markers alike); ``max_media`` bounds the images and audio clips in one reply; ``stop`` lists
+    strings that end a reply (the end-of-sequence token always does); ``seed`` makes sampling
+    reproducible for the same prompts and settings; ``timeout_s`` stops a generation that runs
+    longer (:class:`~unimodal.inference.engine.GenerationTimeout`).
+    """
+
+    text: SamplingSettings = field(default_factory=SamplingSettings)
+    image: SamplingSettings = field(default_factory=SamplingSettings)
+    audio: SamplingSettings = field(default_factory=SamplingSettings)
+    max_new_tokens: int = 512
+    max_media: int = 4
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in MODALITIES:  # plain dicts are accepted for convenience
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, SamplingSettings(**value))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise ValueError("generation settings: max_new_tokens must be >= 1")
+        if self.max_media < 0:
+            raise ValueError("generation settings: max_media must be >= 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError("generation settings: timeout_s must be > 0")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("generation settings: stop must be a list of non-empty strings")
+        for name in ("image", "audio"):
+            if self.for_modality(name).num_beams != 1:
+                raise ValueError(f"generation settings: num_beams applies to text only, not {name}")
+
+    def for_modality(self, name: str) -> SamplingSettings:
+        if name not in MODALITIES:
+            raise KeyError(f"no sampling settings for modality {name!r}; known: {MODALITIES}")
+        return getattr(self, name)
+
+    def replace(self, **changes: Any) -> GenerationSettings:
+        """A copy with ``changes`` applied.
+
+        Keys: the fields of this class; ``text``/``image``/``audio`` as a dict of
+        :class:`SamplingSettings` fields (merged) or a ``SamplingSettings``; and any
+        ``SamplingSettings`` field given flat, which applies to text.
+        """
+        own = {f.name for f in dataclasses.fields(self)} - set(MODALITIES)
+        updates: dict[str, Any] = {}
+        text_flat = {}
+        for key, value in changes.items():
+            if key in MODALITIES:
+                current = updates.get(key, self.for_modality(key))
+                if isinstance(value, SamplingSettings):
+                    updates[key] = value
+                elif isinstance(value, dict):
+                    unknown = sorted(set(value) - set(SAMPLING_KEYS))
+                    if unknown:
+                        raise ValueError(f"unknown {key} sampling setting(s) {unknown}; known: {list(SAMPLING_KEYS)}")
+                    updates[key] = dataclasses.replace(current, **value)
+                else:
+                    raise ValueError(f"setting {key!r} must be a dict of sampling settings, got {type(value).__name__}")
+            elif key in own:
+                updates[key] = value
+            elif key in SAMPLING_KEYS:
+                text_flat[key] = value
+            else:
+                known = sorted(own | set(MODALITIES) | set(SAMPLING_KEYS))
+                raise ValueError(f"unknown generation setting {key!r}; known: {known}")
+        if text_flat:
+            updates["text"] = dataclasses.replace(updates.get("text", self.text), **text_flat)
+        return dataclasses.replace(self, **updates)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> GenerationSettings:
+        return cls().replace(**(raw or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["stop"] = list(self.stop)
+        return out
