@@ -17,7 +17,8 @@ from unimodal.data.processor import DocumentEncoder
 from unimodal.data.packing import Packer, collate
 from unimodal.schema import Document, Part
 from unimodal.training.recipes import load_recipe, run_training
-from unimodal.checkpoints.export import ExportError, _module_from_checkpoint, export, load_exported
+from unimodal.checkpoints.load import ExportError, load_exported
+from unimodal.training.exporting import _module_from_checkpoint, export
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "lora" / "chat_sft.yaml"

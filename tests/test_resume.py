@@ -14,7 +14,8 @@ import yaml
 
 from unimodal.training.recipes import load_recipe, run_training
 from unimodal.training.module import UnimodalModule
-from unimodal.training.resume import AtomicCheckpointIO, Preempted, find_latest_checkpoint
+from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
+from unimodal.training.resume import Preempted
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"

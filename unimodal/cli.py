@@ -16,8 +16,9 @@ from unimodal.errors import UserError
 
 def _train(args: argparse.Namespace, rest: list[str]) -> None:
     from unimodal.training.recipes import run_training
+    from unimodal.worlds import resolve
 
-    run_training(([args.recipe] if args.recipe else []) + rest)
+    run_training(([args.recipe] if args.recipe else []) + rest, resolve_path=resolve)
 
 
 def _data_pack(args: argparse.Namespace, rest: list[str]) -> None:
@@ -100,14 +101,17 @@ def _convert_orthus(args: argparse.Namespace, rest: list[str]) -> None:
 
 def _pipeline(args: argparse.Namespace, rest: list[str]) -> None:
     from unimodal.training.pipeline import format_table, run_pipeline
+    from unimodal.worlds import resolve
 
-    print(format_table(run_pipeline(args.pipeline, tiny=args.tiny, root=args.root)))
+    print(format_table(run_pipeline(args.pipeline, tiny=args.tiny, root=args.root, resolve_path=resolve)))
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.checkpoints.export import export
+    from unimodal.training.exporting import export
 
-    print(f"wrote {export(args.checkpoint, args.out, merge_lora=args.merge_lora)}")
+    from unimodal.worlds import resolve
+
+    print(f"wrote {export(args.checkpoint, args.out, merge_lora=args.merge_lora, resolve_path=resolve)}")
 
 
 def _sampling(args: argparse.Namespace) -> dict:

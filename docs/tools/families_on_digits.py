@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unimodal.worlds.digits_suite import evaluate
 from unimodal.training.pipeline import run_pipeline
+from unimodal.worlds import resolve
+from unimodal.worlds.digits_suite import evaluate
 
 FAMILIES = ("orthus", "llamafusion", "mio", "seed")
 PIPELINES = Path(__file__).resolve().parents[2] / "recipes" / "pipelines"
@@ -34,7 +35,8 @@ def score_family(family: str, root: Path, limit: int | None = None, steps: int |
     replaces every stage's step count (a smoke run)."""
     path = PIPELINES / f"digits-{family}.yaml"
     started = time.perf_counter()
-    results = run_pipeline(path, tiny=True, root=root / family, every_stage=None if steps is None else {"trainer.max_steps": steps})
+    results = run_pipeline(path, tiny=True, root=root / family, every_stage=None if steps is None else {"trainer.max_steps": steps},
+                           resolve_path=resolve)
     trained_s = time.perf_counter() - started
     model = Path(results[-1].output)
     report = evaluate(model, root / family / "scoreboard.json", limit=limit)

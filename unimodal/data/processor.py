@@ -20,6 +20,10 @@ from unimodal.data.tokenizer import TextTokenizer
 from unimodal.modalities.vocab import SPAN_MARKERS, VocabLayout
 from unimodal.schema import MODALITY_IDS
 
+# the media settings of a data module that a model trained on it needs wherever its data is
+# encoded again: a later stage (``unimodal pipeline`` carries them over), an export, chat
+MEDIA_SETTINGS = ("code_ranges", "code_layers", "codecs", "feature_dim", "bidirectional", "input_layers")
+
 # A codec turns a decoded media part into a pre-encoded array (float features or int codes).
 Codec = Callable[[Part], np.ndarray]
 

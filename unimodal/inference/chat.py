@@ -164,7 +164,7 @@ class Assistant:
 
     @classmethod
     def from_exported(cls, exported: Any, **overrides: Any) -> Assistant:
-        """From :func:`unimodal.checkpoints.export.load_exported`'s result; ``overrides`` replace fields."""
+        """From :func:`unimodal.checkpoints.load.load_exported`'s result; ``overrides`` replace fields."""
         data = exported.config.get("data", {})
         fields = {
             "model": exported.model,
@@ -440,7 +440,7 @@ def load(path: str | Path, device: str = "auto", **overrides: Any) -> Assistant:
     ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; ``overrides`` set Assistant fields."""
     import torch
 
-    from unimodal.checkpoints.export import load_exported
+    from unimodal.checkpoints.load import load_exported
 
     exported = load_exported(path)
     if device == "auto":

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedModel
 
 from unimodal.models.attention import resolve_backend
 
@@ -29,8 +29,15 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
 
 
+def register_backbones() -> None:
+    """Teach ``AutoModelForCausalLM`` the backbones transformers files elsewhere: Orthus runs on
+    Chameleon, which it lists under image-text-to-text only. Idempotent; called by every loader."""
+    AutoModelForCausalLM.register(ChameleonConfig, ChameleonForConditionalGeneration, exist_ok=True)
+
+
 def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
     """Build or load the causal LM, with its vocabulary sized to ``vocab_size`` rows."""
+    register_backbones()
     if (spec.path is None) == (not spec.config):
         raise ValueError("backbone: set exactly one of 'path' (local model directory) or 'config' (with model_type)")
     attn = resolve_backend(spec.attention)

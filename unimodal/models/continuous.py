@@ -25,25 +25,21 @@ images the head and adapters run on a dummy input whose output enters the loss t
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration
 
 from unimodal.batch import PackedBatch
 from unimodal.schema import MODALITY_IDS
 from unimodal.models.adapters import SoftVQ, build_patch_adapters
 from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig
 from unimodal.models.heads import DiffusionHead
+from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 
-# Orthus runs on Chameleon, which transformers files under image-text-to-text only; the backbone
-# loader asks AutoModelForCausalLM, so Chameleon is registered there.
-AutoModelForCausalLM.register(ChameleonConfig, ChameleonForConditionalGeneration, exist_ok=True)
 
 IMAGE = MODALITY_IDS["image"]
 TERM = "diffusion/image"
@@ -90,14 +86,7 @@ def load_added_modules(module: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} does not exist")
     state = load_file(str(path))
-    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if partitioned:  # built under ZeRO-3 zero.Init: gather, let rank 0 write, re-partition
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
-    else:
-        context = nullcontext()
-    with context:
+    with gathered(module.parameters(), modifier_rank=0):
         missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"init_from {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")

@@ -25,6 +25,7 @@ import copy
 import torch
 from torch import nn
 
+from unimodal.models.sharding import gathered
 from unimodal.schema import MODALITY_IDS
 
 ROUTED = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -106,12 +107,7 @@ def route(module: nn.Module, router: ModalityRouter) -> None:
 def _clone(module: nn.Module) -> nn.Module:
     """A copy with the same weights. Under ZeRO-3 ``zero.Init`` the weights are partitioned: they
     are gathered for the copy, whose plain parameters DeepSpeed partitions when its engine starts."""
-    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        return copy.deepcopy(module)
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned):
+    with gathered(module.parameters()):
         return copy.deepcopy(module)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -16,8 +15,9 @@ import torch.distributed as dist
 from unimodal.batch import PackedBatch
 from unimodal.models.generation import GenerationSettings
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.backbone import BackboneConfig, load_backbone
-from unimodal.models.routing import add_modality_experts
+from unimodal.checkpoints.load import check_extends, init_from_export, read_export_config
+from unimodal.models.backbone import BackboneConfig
+from unimodal.models.build import build_model
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 from unimodal.models.lora import LoraSettings, apply_lora
 from unimodal.training.optim import OptimizerConfig, build_optimizer
@@ -39,7 +39,7 @@ class UnimodalModule(L.LightningModule):
     ``lora`` adds LoRA after the trainable policy (``unimodal.models.lora``; with LoRA an unset
     ``trainable`` means only the LoRA weights train). ``init_from`` names an export directory of
     a previous stage: its backbone, adapter (merged) and shared framework modules initialise
-    this model (``unimodal.checkpoints.export.init_from_export``). ``generation`` holds the sampling
+    this model (``unimodal.checkpoints.load.init_from_export``). ``generation`` holds the sampling
     defaults an export of this model carries (the keys of ``GenerationSettings.replace``, e.g.
     ``{image: {cfg_scale: 2}}``): ``unimodal.load`` starts from them, call arguments override.
 
@@ -81,22 +81,10 @@ class UnimodalModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        spec = self.backbone_config
         if self.init_from:
-            from unimodal.checkpoints.export import check_extends, read_export_config
-
             check_extends(VocabLayout.from_dict(read_export_config(self.init_from)["layout"]), self.layout, self.init_from)
-            spec = replace(spec, path=self.init_from, config={})
-        backbone = load_backbone(spec, self.layout.size)
-        hidden = backbone.config.hidden_size
-        continuous = {name: build(hidden) for name, build in self.continuous.items()}
-        router = add_modality_experts(backbone, self.routing) if self.routing else None
-        # train mode throughout: from_pretrained returns a backbone in eval mode, and Lightning keeps
-        # each module's mode as it finds it (no dropout would run in the pretrained part)
-        self.model = UnifiedModel(backbone, self.layout, continuous=continuous, routing=router).train()
+        self.model = build_model(self.backbone_config, self.layout, self.continuous, self.routing, backbone_path=self.init_from)
         if self.init_from:
-            from unimodal.checkpoints.export import init_from_export
-
             init_from_export(self.model, self.init_from)
         if self.lora is not None and self.trainable is None:
             self.model.requires_grad_(False)

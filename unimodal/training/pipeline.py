@@ -42,11 +42,19 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from unimodal.checkpoints.files import find_latest_checkpoint
+from unimodal.checkpoints.load import CONFIG_FILE, read_export_config, tokenizer_path
+from unimodal.data.processor import MEDIA_SETTINGS
+from unimodal.training.exporting import export
+from unimodal.training.recipes import fit_cli, load_recipe, make_cli, resolve_builtin, set_dotted
+from unimodal.training.resume import Preempted
 
 log = logging.getLogger("unimodal.training.pipeline")
 
@@ -55,7 +63,6 @@ RESOLVED_RECIPE = "recipe.yaml"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # data settings that define how media become tokens: a stage initialised from a model inherits
 # those its recipe does not set (a generic recipe such as recipes/lora/chat_sft.yaml sets none)
-INHERITED_DATA_KEYS = ("code_ranges", "code_layers", "codecs", "feature_dim", "bidirectional", "input_layers")
 REFERENCE = re.compile(r"\{stages\.([A-Za-z0-9_-]+)(\.tokenizer)?\}")
 
 
@@ -180,8 +187,6 @@ def _strings(value: Any) -> list[str]:
 
 def _substitute(value: Any, pipeline: Pipeline) -> Any:
     """Replace ``{stages.NAME}`` / ``{stages.NAME.tokenizer}`` with earlier stages' outputs."""
-    from unimodal.checkpoints.export import tokenizer_path
-
     def one(match: re.Match) -> str:
         stage = next(s for s in pipeline.stages if s.name == match.group(1))
         out = pipeline.output_dir(stage).absolute()  # an export may keep it (a codec's directory)
@@ -196,11 +201,11 @@ def _substitute(value: Any, pipeline: Pipeline) -> Any:
     return value
 
 
-def resolve_stage(pipeline: Pipeline, stage: Stage, tiny: bool) -> dict[str, Any]:
-    """The stage's recipe with tiny, init and override values applied: what it trains with."""
-    from unimodal.training.recipes import load_recipe, set_dotted
-    from unimodal.checkpoints.export import CONFIG_FILE, read_export_config, tokenizer_path
-
+def resolve_stage(
+    pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Callable[[str], str] | None = None
+) -> dict[str, Any]:
+    """The stage's recipe with tiny, init and override values applied, ``builtin:`` names
+    resolved by ``resolve_path``: what it trains with."""
     config = load_recipe(stage.recipe, tiny)
     if stage.init is not None:
         source = pipeline.output_dir(next(s for s in pipeline.stages if s.name == stage.init))
@@ -209,12 +214,12 @@ def resolve_stage(pipeline: Pipeline, stage: Stage, tiny: bool) -> dict[str, Any
             set_dotted(config, "data.init_args.tokenizer", str(tokenizer_path(source)))
             data_args = (config.get("data") or {}).get("init_args") or {}
             for key, value in read_export_config(source)["data"].items():
-                if key in INHERITED_DATA_KEYS and key not in data_args:
+                if key in MEDIA_SETTINGS and key not in data_args:
                     set_dotted(config, f"data.init_args.{key}", value)
     for dotted, value in stage.overrides.items():
         set_dotted(config, dotted, _substitute(value, pipeline))
     set_dotted(config, "trainer.default_root_dir", str(pipeline.stage_dir(stage)))
-    return config
+    return resolve_builtin(config, resolve_path)
 
 
 def _fingerprint(config: dict[str, Any]) -> str:
@@ -238,8 +243,6 @@ def _global_rank() -> int:
 def _train(config_file: Path) -> int | None:
     """Fit one stage: here on one device (returns its step), else as a ``unimodal train``
     process of its own (returns None)."""
-    from unimodal.training.recipes import fit_cli, make_cli
-
     args = [str(config_file), "--resume=auto"]
     cli = make_cli(args)
     if cli.trainer.world_size == 1:
@@ -247,21 +250,16 @@ def _train(config_file: Path) -> int | None:
     del cli
     result = subprocess.run([sys.executable, "-m", "unimodal", "train", *args], check=False)
     if result.returncode == 143:
-        from unimodal.training.resume import Preempted
-
         raise Preempted(f"stage process {config_file} stopped by SIGTERM")
     if result.returncode != 0:
         raise RuntimeError(f"training {config_file} failed with exit code {result.returncode}")
     return None
 
 
-def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool) -> StageResult:
-    from unimodal.checkpoints.export import export
-    from unimodal.training.resume import Preempted, find_latest_checkpoint
-
+def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Callable[[str], str] | None) -> StageResult:
     stage_dir = pipeline.stage_dir(stage)
     marker = stage_dir / STAGE_FILE
-    config = resolve_stage(pipeline, stage, tiny)
+    config = resolve_stage(pipeline, stage, tiny, resolve_path)
     fingerprint = _fingerprint(config)
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
     if previous.get("status") == "done":
@@ -315,16 +313,21 @@ def _checkpoint_step(checkpoint: Path | None) -> int | None:
 
 
 def run_pipeline(
-    path: str | Path, tiny: bool = False, root: str | Path | None = None, every_stage: dict[str, Any] | None = None
+    path: str | Path,
+    tiny: bool = False,
+    root: str | Path | None = None,
+    every_stage: dict[str, Any] | None = None,
+    resolve_path: Callable[[str], str] | None = None,
 ) -> list[StageResult]:
     """Run every stage in order (skipping finished ones); returns one result per stage.
 
     ``every_stage``: dotted overrides applied to every stage last, e.g. ``{"trainer.max_steps": 2}``
-    for a smoke run of a whole pipeline."""
+    for a smoke run of a whole pipeline. ``resolve_path``: how ``builtin:`` names become paths
+    (``unimodal.worlds.resolve``; the command line passes it)."""
     pipeline = load_pipeline(path, tiny, root)
     for stage in pipeline.stages:
         stage.overrides.update(every_stage or {})
-    return [_run_stage(pipeline, stage, tiny) for stage in pipeline.stages]
+    return [_run_stage(pipeline, stage, tiny, resolve_path) for stage in pipeline.stages]
 
 
 def format_table(results: list[StageResult]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -31,8 +32,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-import unimodal.training.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategy names)
-from unimodal.training.resume import AtomicCheckpointIO, Preempted, RunState, SaveOnSigterm, find_latest_checkpoint
+from unimodal.checkpoints.load import RENAMED_CLASSES
+from unimodal.errors import UserError
+from unimodal.schema import BUILTIN_PREFIX
+from unimodal.training.strategies import register_strategies
+from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
+from unimodal.training.resume import Preempted, RunState, SaveOnSigterm
 
 
 class UnimodalCLI(LightningCLI):
@@ -77,6 +82,41 @@ class UnimodalCLI(LightningCLI):
 
 
 TINY_KEY = "tiny"
+# class paths that moved when the package was restructured: old -> new (recipes name the new ones)
+MOVED_CLASSES = {
+    **RENAMED_CLASSES,
+    "unimodal.training.seed_stages.ImageTextPairs": "unimodal.data.pairs.ImageTextPairs",
+    "unimodal.training.seed_stages.SeedTokenizerStage1": "unimodal.training.seed_tokenizer_stages.SeedTokenizerStage1",
+    "unimodal.training.seed_stages.SeedTokenizerStage2": "unimodal.training.seed_tokenizer_stages.SeedTokenizerStage2",
+}
+
+
+def resolve_builtin(value: Any, resolve_path: Callable[[str], str] | None) -> Any:
+    """``value`` with every ``builtin:NAME/...`` string replaced by ``resolve_path`` of it: the
+    one place built-in names become paths. Without a resolver they are left for ``local_path``
+    to refuse in one line."""
+    if resolve_path is None:
+        return value
+    if isinstance(value, str):
+        return resolve_path(value) if value.startswith(BUILTIN_PREFIX) else value
+    if isinstance(value, dict):
+        return {k: resolve_builtin(v, resolve_path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_builtin(v, resolve_path) for v in value]
+    return value
+
+
+def check_class_paths(value: Any, where: str) -> None:
+    """Refuse a class path that moved, naming its new spelling."""
+    if isinstance(value, dict):
+        path = value.get("class_path")
+        if isinstance(path, str) and path in MOVED_CLASSES:
+            raise UserError(f"{where}: class_path {path} is now {MOVED_CLASSES[path]}")
+        for child in value.values():
+            check_class_paths(child, where)
+    elif isinstance(value, list):
+        for child in value:
+            check_class_paths(child, where)
 
 
 def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
@@ -90,8 +130,8 @@ def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_recipe(path: Path, tiny: bool) -> dict[str, Any]:
-    """The recipe as a dict, with its ``tiny`` overrides applied or dropped."""
+def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """The recipe as a dict, with its ``tiny`` overrides applied or dropped, built-in names resolved."""
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found")
     config = yaml.safe_load(path.read_text()) or {}
@@ -103,17 +143,29 @@ def load_recipe(path: Path, tiny: bool) -> dict[str, Any]:
             raise ValueError(f"recipe {path} has no '{TINY_KEY}:' section, so it cannot run with --tiny")
         for dotted, value in overrides.items():
             set_dotted(config, dotted, value)
-    return config
+    check_class_paths(config, str(path))
+    return resolve_builtin(config, resolve_path)
 
 
-def make_cli(args: list[str], **kwargs: Any) -> UnimodalCLI:
-    """Parse ``RECIPE.yaml [--tiny] [overrides]`` into a LightningCLI with model, data and trainer."""
+def _resolve_arg(arg: str, resolve_path: Callable[[str], str] | None) -> str:
+    name, eq, value = arg.partition("=")
+    if eq and value.startswith(BUILTIN_PREFIX):
+        return f"{name}={resolve_builtin(value, resolve_path)}"
+    return resolve_builtin(arg, resolve_path)
+
+
+def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, **kwargs: Any) -> UnimodalCLI:
+    """Parse ``RECIPE.yaml [--tiny] [overrides]`` into a LightningCLI with model, data and trainer.
+
+    ``resolve_path`` turns ``builtin:`` names of the recipe and the overrides into paths
+    (``unimodal.worlds.resolve``, which the command line passes)."""
     tiny = "--tiny" in args
-    args = [a for a in args if a != "--tiny"]
+    args = [_resolve_arg(a, resolve_path) for a in args if a != "--tiny"]
     if args and not args[0].startswith("-"):
         # jsonargparse takes the resolved recipe as YAML text in place of a path
-        args = ["--config", yaml.safe_dump(load_recipe(Path(args[0]), tiny), sort_keys=False), *args[1:]]
+        args = ["--config", yaml.safe_dump(load_recipe(Path(args[0]), tiny, resolve_path), sort_keys=False), *args[1:]]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    register_strategies()  # plain names (deepspeed_stage_2, ...) get the CPU-capable strategy
     options: dict[str, Any] = {
         "save_config_callback": SaveConfigCallback,
         "save_config_kwargs": {"overwrite": True},
@@ -148,9 +200,9 @@ def resume_path(cli: UnimodalCLI) -> str | None:
     return str(found) if found is not None else None
 
 
-def run_training(args: list[str]) -> Trainer:
+def run_training(args: list[str], resolve_path: Callable[[str], str] | None = None) -> Trainer:
     """``unimodal train``: build from the recipe and fit; returns the trainer."""
-    return fit_cli(make_cli(args))
+    return fit_cli(make_cli(args, resolve_path))
 
 
 def fit_cli(cli: UnimodalCLI) -> Trainer:

@@ -27,7 +27,8 @@ and the process group backend defaults to gloo. On CUDA it is Lightning's strate
 addition on every device: under ZeRO-Offload with an optimizer other than DeepSpeedCPUAdam
 (the module's AdamW) it sets ``zero_force_ds_cpu_optimizer: false`` unless the config says
 otherwise, where DeepSpeed would refuse to start; and it accepts loaders without a batch sampler
-(``batch_size=None``) where Lightning's batch-size probe would fail. Importing this module also re-registers
+(``batch_size=None``) where Lightning's batch-size probe would fail.
+:func:`register_strategies` (called by ``unimodal train`` and :func:`build_strategy`) re-registers
 Lightning's DeepSpeed strategy names (``deepspeed``, ``deepspeed_stage_1``, ...,
 ``deepspeed_stage_3_offload``) to this class, so plain names work on CPU as well.
 
@@ -215,6 +216,7 @@ def build_strategy(name: str, **options: Any) -> Strategy | str:
     give a :class:`DeepSpeedStrategy` with the preset's options updated by ``options``, e.g.
     ``build_strategy("deepspeed_stage_3", offload_optimizer=True)``.
     """
+    register_strategies()
     key = name.lower()
     if key == "auto":
         if options:
@@ -229,5 +231,3 @@ def build_strategy(name: str, **options: Any) -> Strategy | str:
         return entry["strategy"](**{**entry["init_params"], **options})
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(strategy_names())}")
 
-
-register_strategies()

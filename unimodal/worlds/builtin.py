@@ -15,8 +15,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from unimodal.schema import BUILTIN_PREFIX
+
 log = logging.getLogger("unimodal.data")
-PREFIX = "builtin:"
+PREFIX = BUILTIN_PREFIX
 
 
 def build_text(root: Path) -> None:

@@ -1,0 +1,249 @@
+"""Reading an export directory back: the model (no LightningModule needed), tokenizer, codecs.
+
+An export directory (written by ``unimodal.checkpoints.export``)::
+
+    config.json, model.safetensors   the backbone as transformers saves it: AutoModelForCausalLM
+                                     .from_pretrained(DIR) loads it as it is
+    modules.safetensors              every other weight of the unified model (input adapters,
+                                     heads, experts), under the unified model's names
+    tokenizer.model | tokenizer*     the text tokenizer (SentencePiece file or HF tokenizer files)
+    adapter/                         only for LoRA runs exported without --merge-lora: a peft
+                                     adapter (PeftModel.from_pretrained(backbone, DIR/adapter))
+                                     and trainables.safetensors beside it
+    codecs/MODALITY/                 a copy of each small codec directory the run named by path
+    unimodal.json                    the model spec (backbone, continuous modalities, routing),
+                                     the vocabulary layout and the processor settings a model
+                                     needs at inference (tokenizer, chat template, codecs)
+
+Why: the backbone stays usable by any HF tool, while the framework's own modules and the
+vocabulary layout travel with it. ``models.build_model`` rebuilds the model from the spec, so
+loading needs no training code. Exports of format 1 (before the package was restructured) are
+upgraded on read: their model spec was the training module's arguments, and one continuous
+class was renamed; anything else old is refused in one line that says how to re-export.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
+from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.vocab import VocabLayout
+from unimodal.models.backbone import BackboneConfig
+from unimodal.models.build import build_model
+from unimodal.models.sharding import gathered
+from unimodal.models.unified import ContinuousModality, UnifiedModel
+
+log = logging.getLogger("unimodal.export")
+
+FORMAT = "unimodal.export/2"
+OLD_FORMATS = ("unimodal.export/1",)
+CONFIG_FILE = "unimodal.json"
+MODULES_FILE = "modules.safetensors"
+ADAPTER_DIR = "adapter"
+SP_TOKENIZER = "tokenizer.model"
+CODECS_DIR = "codecs"
+# what ``build_model`` takes from an export's ``model`` spec
+MODEL_KEYS = ("backbone", "continuous", "routing")
+# in format 1 the model spec was the arguments of the training module of this name
+OLD_MODEL_CLASS = "UnimodalModule"
+# class paths renamed since format 1: old -> new
+RENAMED_CLASSES = {
+    "unimodal.models.continuous.DiffusionImage": "unimodal.models.continuous.TokenDiffusionImage",
+}
+
+
+class ExportError(ValueError):
+    pass
+
+
+
+@dataclass
+class Exported:
+    """What :func:`load_exported` restores: everything needed to run the model."""
+
+    model: UnifiedModel  # eval mode, on CPU
+    tokenizer: TextTokenizer
+    layout: VocabLayout
+    config: dict[str, Any]  # the directory's unimodal.json
+    codecs: dict[str, MediaCodec] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def renamed_class(path: str) -> str | None:
+    """The current name of a class path that was renamed, or None."""
+    return RENAMED_CLASSES.get(path)
+
+
+def _rename_classes(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("class_path") in RENAMED_CLASSES:
+            node["class_path"] = RENAMED_CLASSES[node["class_path"]]
+        for value in node.values():
+            _rename_classes(value)
+    elif isinstance(node, list):
+        for value in node:
+            _rename_classes(value)
+
+
+def upgrade_export_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The current form of an export's ``unimodal.json``; older formats are upgraded or refused."""
+    fmt = config.get("format")
+    if fmt == FORMAT:
+        return config
+    if fmt not in OLD_FORMATS:
+        raise ExportError(f"{file}: format {fmt!r} is not {FORMAT!r}; re-export the checkpoint with `unimodal export CKPT --out DIR`")
+    config = copy.deepcopy(config)
+    spec = config.get("model") or {}
+    if str(spec.get("_class_path")).rpartition(".")[2] != OLD_MODEL_CLASS:
+        raise ExportError(
+            f"{file}: a format-1 export of {spec.get('_class_path')!r} cannot be read; "
+            "re-export its checkpoint with `unimodal export CKPT --out DIR`"
+        )
+    config["model"] = {key: spec[key] for key in MODEL_KEYS if spec.get(key) is not None}
+    _rename_classes(config)
+    config["format"] = FORMAT
+    return config
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a unimodal export directory (no {CONFIG_FILE}); write one with `unimodal export`")
+    config = upgrade_export_config(json.loads(file.read_text()), file)
+    for name, args in codec_dirs(config.get("data", {}).get("codecs")):  # codecs the export carries
+        if args["path"] == f"{CODECS_DIR}/{name}":
+            args["path"] = str((path / args["path"]).resolve())
+    return config
+
+
+def codec_dirs(codecs: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(modality, init_args)`` of every codec spec that names a directory (``init_args.path``)."""
+    for name, spec in (codecs or {}).items():
+        args = spec.get("init_args") if isinstance(spec, dict) else None
+        if args and isinstance(args.get("path"), str):
+            yield name, args
+
+
+
+def tokenizer_path(path: str | Path) -> Path:
+    """The path ``load_tokenizer`` takes for an export's tokenizer."""
+    path = Path(path)
+    return path / read_export_config(path)["tokenizer"]
+
+
+
+def check_extends(old: VocabLayout, new: VocabLayout, what: str) -> None:
+    """A stage may keep the vocabulary or append code ranges; anything else moves existing ids."""
+    same_prefix = (
+        old.text_size == new.text_size
+        and old.specials == new.specials
+        and list(old.code_ranges.items()) == list(new.code_ranges.items())[: len(old.code_ranges)]
+    )
+    if not same_prefix:
+        raise ExportError(
+            f"vocabulary layout of {what} ({old.to_dict()}) is not a prefix of this model's ({new.to_dict()}): "
+            "use the same tokenizer and code ranges (new code ranges may only be appended)"
+        )
+
+
+
+def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load an export's ``modules.safetensors`` into ``model`` (a UnifiedModel without LoRA).
+
+    Returns (loaded names, names this model lacks). ``strict``: a name this model lacks is an
+    error (a silently dropped module is the mismatch SEED's loader hid with ``strict=False``).
+    """
+    from safetensors.torch import load_file
+
+    file = Path(path) / MODULES_FILE
+    if not file.is_file():
+        return [], []
+    state = load_file(str(file))
+    with gathered([p for n, p in model.named_parameters() if n in state], modifier_rank=0):
+        own = model.state_dict()
+        unexpected = [name for name in state if name not in own]
+        if unexpected and strict:
+            raise ExportError(f"{file} holds weights this model has no place for: {', '.join(unexpected[:5])}")
+        for name, tensor in state.items():
+            if name in own and own[name].shape != tensor.shape:
+                raise ExportError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
+        usable = {name: tensor for name, tensor in state.items() if name in own}
+        model.load_state_dict(usable, strict=False)
+    return sorted(usable), unexpected
+
+
+
+def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Module:
+    """The export's backbone adapter applied (and merged when ``merge``), or the backbone unchanged."""
+    adapter = Path(path) / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        return backbone
+    import peft
+
+    wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
+    return wrapped.merge_and_unload() if merge else wrapped
+
+
+
+def init_from_export(model: nn.Module, path: str | Path) -> None:
+    """Initialise a new stage's UnifiedModel from an export whose backbone it already loaded.
+
+    Merges the export's adapter, if any, and loads the framework modules the two stages share;
+    modules new in this stage keep their initialisation, modules this stage drops are reported.
+    """
+    model.backbone = apply_adapter(model.backbone, path, merge=True)
+    loaded, dropped = load_modules(model, path, strict=False)
+    fresh = sorted({n.split(".")[1] for n, _ in model.named_parameters() if not n.startswith("backbone.")} - {n.split(".")[1] for n in loaded})
+    log.info("initialised from %s: %d module tensors loaded%s%s", path, len(loaded),
+             f"; new in this stage: {', '.join(fresh)}" if fresh else "",
+             f"; not used by this stage: {', '.join(dropped[:5])}" if dropped else "")
+
+
+
+def _instantiate(spec: dict[str, Any], cls: type) -> Any:
+    """Build from ``{class_path, init_args}`` as LightningCLI would (jsonargparse)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--value", type=cls)
+    return parser.instantiate_classes(parser.parse_object({"value": spec})).value
+
+
+
+def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
+    """Restore an export directory: the unified model (eval, CPU), tokenizer, layout, codecs.
+
+    ``build_model`` builds the model from the spec in ``unimodal.json`` (the backbone read from
+    ``path``); the framework modules are then loaded strictly. A LoRA adapter is merged unless
+    ``merge_lora`` is false (then the backbone is a ``peft.PeftModel``).
+    """
+    path = Path(path).resolve()
+    config = read_export_config(path)
+    spec = config["model"]
+    layout = VocabLayout.from_dict(config["layout"])
+    backbone = BackboneConfig(**{**spec["backbone"], "path": str(path), "config": {}})
+    continuous = {
+        name: _instantiate(factory, Callable[[int], ContinuousModality]) for name, factory in (spec.get("continuous") or {}).items()
+    }
+    model = build_model(backbone, layout, continuous, spec.get("routing"))
+    loaded, _ = load_modules(model, path, strict=True)
+    expected = {n for n in model.state_dict() if not n.startswith("backbone.")}
+    missing = sorted(expected - set(loaded))
+    if missing:
+        raise ExportError(f"{path / MODULES_FILE} lacks weights of this model: {', '.join(missing[:5])}")
+    model.backbone = apply_adapter(model.backbone, path, merge=merge_lora)
+    model.requires_grad_(False)
+    model.eval()
+    codecs = {name: _instantiate(codec, MediaCodec) for name, codec in (config["data"].get("codecs") or {}).items()}
+    return Exported(model, load_tokenizer(path / config["tokenizer"]), layout, config, codecs, path)

@@ -1,0 +1,83 @@
+"""``unimodal export``: a training checkpoint -> an export directory (``unimodal.checkpoints``).
+
+The trained LightningModule is rebuilt as LightningCLI built it, from the hyperparameters the
+checkpoint carries, and loaded strictly. A unified model is written by
+``checkpoints.export.write_export``; a module with a format of its own (a SEED tokenizer stage)
+writes itself with ``export_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import instantiate_module
+
+from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
+from unimodal.checkpoints.files import RUN_CONFIG_KEY
+from unimodal.checkpoints.load import ExportError
+from unimodal.training.recipes import resolve_builtin
+
+log = logging.getLogger("unimodal.export")
+
+
+def _module_from_checkpoint(checkpoint: dict[str, Any], hparams: dict[str, Any]) -> LightningModule:
+    """The trained LightningModule, built as LightningCLI built it, with the checkpoint's weights."""
+    spec = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    source = spec.get("init_from")
+    if source and not Path(source).is_dir():  # it defines the architecture the weights fit
+        raise ExportError(f"the checkpoint's model was initialised from {source}, which no longer exists; export needs it")
+    module = instantiate_module(LightningModule, spec)
+    if hasattr(module, "configure_model"):
+        module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    module.eval()
+    return module
+
+
+def export(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    merge_lora: bool = False,
+    replace: bool = False,
+    resolve_path: Callable[[str], str] | None = None,
+) -> Path:
+    """Write the export directory of a checkpoint: a ``.ckpt`` file, a DeepSpeed checkpoint
+    directory, or a run directory (its newest checkpoint). Returns ``out_dir``.
+
+    ``replace`` allows replacing an existing directory; ``resolve_path`` turns the ``builtin:``
+    names a checkpoint written before they were resolved at the command line may hold.
+    """
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="unimodal-export-") as scratch:
+        file = checkpoint_file(Path(ckpt), Path(scratch))
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        run_config = checkpoint.get(RUN_CONFIG_KEY)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        if run_config is None or "_class_path" not in hparams:
+            raise ExportError(f"{file} has no run config: export reads checkpoints written by `unimodal train`")
+        hparams, run_config = resolve_builtin(hparams, resolve_path), resolve_builtin(run_config, resolve_path)
+        module = _module_from_checkpoint(checkpoint, hparams)
+        step = int(checkpoint.get("global_step", 0))
+        del checkpoint
+        with staged_directory(out, replace) as staging:
+            if hasattr(module, "export_pretrained"):  # a module with its own format (e.g. a media tokenizer)
+                module.export_pretrained(staging)
+            else:
+                write_export(
+                    module.model,
+                    staging,
+                    spec=hparams,
+                    data=(run_config.get("data") or {}).get("init_args") or {},
+                    merge_lora=merge_lora,
+                    lora=hparams.get("lora"),
+                    generation=hparams.get("generation"),
+                    source={"checkpoint": str(ckpt), "global_step": step},
+                )
+    log.info("exported %s to %s", ckpt, out)
+    return out
