@@ -119,7 +119,7 @@ def bench_text(args: argparse.Namespace) -> None:
 
 
 def image_model(family: str, args: argparse.Namespace) -> UnifiedModel:
-    from unimodal.models.continuous import DiffusionImage, TransfusionImage
+    from unimodal.models.continuous import TokenDiffusionImage, TransfusionImage
 
     torch.manual_seed(0)
     codes = {"image": args.codebook} if family == "orthus" else {}
@@ -127,7 +127,7 @@ def image_model(family: str, args: argparse.Namespace) -> UnifiedModel:
     backbone = load_backbone(BackboneConfig(config=backbone_config(args.image_hidden, args.image_layers), attention="sdpa"), layout.size)
     hidden = backbone.config.hidden_size
     if family == "orthus":
-        image = DiffusionImage(hidden, feature_dim=args.feature_dim, slots_per_item=args.slots, codebook_size=args.codebook,
+        image = TokenDiffusionImage(hidden, feature_dim=args.feature_dim, slots_per_item=args.slots, codebook_size=args.codebook,
                                head_width=args.head_width, head_depth=3)
     else:
         image = TransfusionImage(hidden, feature_dim=args.feature_dim, slots_per_item=args.slots, patchify="linear")

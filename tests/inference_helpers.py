@@ -121,10 +121,10 @@ def bias_tokens(model: UnifiedModel, biases: dict[int, float]) -> None:
 
 
 def family_model(family: str, seed: int = 0) -> UnifiedModel:
-    """A tiny model with the real image modality of a family: ``orthus`` (DiffusionImage, causal,
+    """A tiny model with the real image modality of a family: ``orthus`` (TokenDiffusionImage, causal,
     soft-VQ over an image code range) or ``llamafusion`` (TransfusionImage, bidirectional, with
     image experts in every layer)."""
-    from unimodal.models.continuous import DiffusionImage, TransfusionImage
+    from unimodal.models.continuous import TokenDiffusionImage, TransfusionImage
     from unimodal.models.diffusion import ScheduleConfig
     from unimodal.models.routing import add_modality_experts
 
@@ -136,7 +136,7 @@ def family_model(family: str, seed: int = 0) -> UnifiedModel:
     hidden = backbone.config.hidden_size
     routing = None
     if family == "orthus":
-        image = DiffusionImage(hidden, feature_dim=FEATURE_DIM, slots_per_item=4, codebook_size=16, head_width=32, head_depth=1, schedule=schedule)
+        image = TokenDiffusionImage(hidden, feature_dim=FEATURE_DIM, slots_per_item=4, codebook_size=16, head_width=32, head_depth=1, schedule=schedule)
     elif family == "llamafusion":
         image = TransfusionImage(hidden, feature_dim=FEATURE_DIM, slots_per_item=4, patchify="linear", schedule=schedule)
         routing = add_modality_experts(backbone, ["image"])

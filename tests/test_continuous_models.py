@@ -1,4 +1,4 @@
-"""DiffusionImage (Orthus) and TransfusionImage (Transfusion/LlamaFusion) inside the UnifiedModel:
+"""TokenDiffusionImage (Orthus) and TransfusionImage (Transfusion/LlamaFusion) inside the UnifiedModel:
 what the losses condition on, noise limiting, conditioning dropout, per-image attention modes,
 ZeRO-3 safety on batches without images, and the generation-engine interface."""
 
@@ -17,7 +17,7 @@ from unimodal.modalities.image_continuous import PixelPatchCodec
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.schema import MODALITY_IDS
 from unimodal.models.backbone import BackboneConfig, load_backbone
-from unimodal.models.continuous import DiffusionImage, TransfusionImage, image_spans
+from unimodal.models.continuous import TokenDiffusionImage, TransfusionImage, image_spans
 from unimodal.models.unified import UnifiedModel
 
 CODEC = PixelPatchCodec(size=8, patch=4)  # 4 slots of 48 values per image
@@ -45,7 +45,7 @@ def build(kind: str, tokenizer, tiny_llama_config, **kwargs) -> tuple[UnifiedMod
     layout = VocabLayout(tokenizer.vocab_size, code_ranges={"image": 16} if kind == "orthus" else {})
     backbone = load_backbone(BackboneConfig(config=tiny_llama_config, attention="sdpa"), layout.size)
     if kind == "orthus":
-        modality = DiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
+        modality = TokenDiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
                                   head_depth=2, batch_mul=3, latent_scale=1.0, **kwargs)
     else:
         modality = TransfusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, patchify="unet", patch=4,
@@ -213,18 +213,18 @@ def test_added_modules_load_strictly(tmp_path, char_tokenizer, tiny_llama_config
     model, _ = build("orthus", char_tokenizer, tiny_llama_config)
     state = {k: v.contiguous() for k, v in model.continuous["image"].state_dict().items()}
     save_file(state, str(tmp_path / "ok.safetensors"))
-    loaded = DiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
+    loaded = TokenDiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
                             head_depth=2, init_from=str(tmp_path / "ok.safetensors"))
     torch.testing.assert_close(loaded.soft_vq.codebook, state["soft_vq.codebook"])
     with pytest.raises(ValueError, match="missing keys"):
-        DiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
+        TokenDiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
                        head_depth=3, init_from=str(tmp_path / "ok.safetensors"))
 
 
 def test_soft_vq_rows_must_exist(char_tokenizer, tiny_llama_config):
     layout = VocabLayout(char_tokenizer.vocab_size)  # no image code range
     backbone = load_backbone(BackboneConfig(config=tiny_llama_config, attention="sdpa"), layout.size)
-    modality = DiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32)
+    modality = TokenDiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32)
     UnifiedModel(backbone, layout, {"image": modality})
     with pytest.raises(ValueError, match="code_ranges: {image: 16}"):
         modality.embed_clean(torch.zeros(1, DIM))

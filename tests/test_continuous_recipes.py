@@ -82,14 +82,14 @@ def test_convert_orthus_builds_the_base_starting_point(converted):
     from transformers import ChameleonVQVAE
 
     from unimodal.models.backbone import BackboneConfig, load_backbone
-    from unimodal.models.continuous import DiffusionImage
+    from unimodal.models.continuous import TokenDiffusionImage
 
     out, mapping = converted
     args = json.loads((out / "orthus.json").read_text())
     assert args == {"hidden_size": 64, "feature_dim": 8, "slots_per_item": 64, "codebook_size": 16,
                     "head_width": 32, "head_depth": 2}
     args.pop("hidden_size")
-    modality = DiffusionImage(64, init_from=str(out / "orthus_modules.safetensors"), **args)
+    modality = TokenDiffusionImage(64, init_from=str(out / "orthus_modules.safetensors"), **args)
     vq = ChameleonVQVAE.from_pretrained(out / "vqvae")
     torch.testing.assert_close(modality.soft_vq.codebook, vq.quantize.embedding.weight)
     assert modality.token_ids.tolist() == [mapping[k] for k in range(16)]

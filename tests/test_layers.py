@@ -97,7 +97,8 @@ def graph() -> dict[str, set[str]]:
             parts = target.split(".")
             for i in range(1, len(parts)):
                 parent = ".".join(parts[:i])
-                if parent != module and parent != "unimodal" and parent in MODULES:
+                inside = module == parent or module.startswith(parent + ".")
+                if not inside and parent != "unimodal" and parent in MODULES:
                     edges[module].add(parent)
     return edges
 

@@ -32,7 +32,7 @@ from unimodal.data.packing import Packer, collate  # noqa: E402
 from unimodal.schema import Document, Part  # noqa: E402
 from unimodal.modalities.image_continuous import PixelPatchCodec  # noqa: E402
 from unimodal.modalities.vocab import VocabLayout  # noqa: E402
-from unimodal.models.continuous import DiffusionImage, TransfusionImage  # noqa: E402
+from unimodal.models.continuous import TokenDiffusionImage, TransfusionImage  # noqa: E402
 from unimodal.training.module import UnimodalModule  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
 from unimodal.training.strategies import build_strategy  # noqa: E402
@@ -68,7 +68,7 @@ def module(orthus: bool) -> UnimodalModule:
     hidden = BACKBONE.config["hidden_size"]
     if orthus:
         def build(h):
-            return DiffusionImage(h, feature_dim=48, slots_per_item=4, codebook_size=16, head_width=16, head_depth=1,
+            return TokenDiffusionImage(h, feature_dim=48, slots_per_item=4, codebook_size=16, head_width=16, head_depth=1,
                                   batch_mul=2, latent_scale=1.0)
         trainable, routing = ["continuous.*"], None
     else:

@@ -6,11 +6,11 @@ Writes into ``OUT``:
   ``data.tokenizer`` of ``recipes/orthus/base.yaml``);
 - ``vqvae/``: Chameleon's VQ-VAE alone, for :class:`ChameleonVQCodec` (encoder features without
   quantisation);
-- ``orthus_modules.safetensors``: the state dict of a :class:`DiffusionImage` whose soft-VQ
+- ``orthus_modules.safetensors``: the state dict of a :class:`TokenDiffusionImage` whose soft-VQ
   codebook is Chameleon's VQ codebook, whose ``token_ids`` are the vocabulary rows of Chameleon's
   image tokens (code ``k`` -> its BPE id), and whose diffusion head is freshly initialised
   (adaLN-zero: it predicts 0 until trained); read by the modality's ``init_from``;
-- ``orthus.json``: the ``DiffusionImage`` arguments this file was built with.
+- ``orthus.json``: the ``TokenDiffusionImage`` arguments this file was built with.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
     from safetensors.torch import save_file
     from transformers import ChameleonForConditionalGeneration
 
-    from unimodal.models.continuous import DiffusionImage
+    from unimodal.models.continuous import TokenDiffusionImage
 
     src, out = Path(chameleon_dir), Path(out_dir)
     if not (src / "config.json").is_file():
@@ -53,7 +53,7 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
         "head_width": head_width,
         "head_depth": head_depth,
     }
-    modality = DiffusionImage(model.config.hidden_size, **args)
+    modality = TokenDiffusionImage(model.config.hidden_size, **args)
     with torch.no_grad():
         modality.soft_vq.codebook.copy_(codebook)
         modality.token_ids.copy_(torch.tensor([mapping[k] for k in range(len(codebook))]))

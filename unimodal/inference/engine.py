@@ -30,60 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from unimodal.data.processor import EncodedDocument
-from unimodal.batch import IGNORE_INDEX, PackedBatch
+from unimodal.inference.beam import beam_search
+from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
-from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
+from unimodal.inference.modes import MediaMode, media_modes
+from unimodal.inference.outputs import Generation, Segment, check_deadline
+from unimodal.inference.sampling import choose, make_generator, apply_repetition_penalty
 from unimodal.models.generation import GenerationSettings
-from unimodal.schema import MODALITIES
-from unimodal.models.attention import build_attention_mask
 from unimodal.models.unified import UnifiedModel
-from unimodal.modalities.vocab import SPAN_MARKERS
-from unimodal.schema import MODALITY_IDS
+from unimodal.schema import MODALITIES, MODALITY_IDS
 
 TextCallback = Callable[[int, str], None]
-
-
-class GenerationTimeout(RuntimeError):
-    """A generation ran past ``GenerationSettings.timeout_s``."""
-
-
-@dataclass(frozen=True)
-class MediaMode:
-    """A media modality the model can write, and how."""
-
-    name: str
-    kind: str  # "discrete" | "causal" | "bidirectional"
-    begin: int
-    end: int
-    # fewest positions a whole span takes after its begin token, end token included
-    min_positions: int
-
-
-@dataclass
-class Segment:
-    """One ordered piece of a reply: text, or one media item as the model wrote it.
-
-    ``data``: discrete codes (``[n]`` for a one-layer range, ``[layers, frames]`` for RVQ) or
-    continuous features ``[slots, D]`` (float32, CPU). ``ids``: a text segment's token ids (up to
-    where a stop string cut it).
-    """
-
-    type: str  # "text" | "image" | "audio"
-    text: str = ""
-    data: np.ndarray | None = None
-    ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Generation:
-    segments: list[Segment]
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    seed: int
 
 
 @dataclass
@@ -106,195 +65,6 @@ class _Row:
     new: int = 0
     done: bool = False
     finish: str = "length"
-
-
-class _Cache:
-    """The batched KV cache with, per row, which cached positions are real and the next position id."""
-
-    def __init__(self, model: UnifiedModel, docs: Sequence[EncodedDocument], pad_id: int):
-        self.model = model
-        self.decoder = model.backbone.get_decoder()
-        self.embed_tokens = model.backbone.get_input_embeddings()
-        self.device = self.embed_tokens.weight.device
-        self.dtype = self.embed_tokens.weight.dtype
-        self.pad_id = pad_id
-        self.cache = DynamicCache()
-        self._ones: torch.Tensor | None = None
-        self.lengths = [len(d) for d in docs]
-        embeds, real, blocks, modality = self._prompt_embeddings(docs)
-        positions = (real.cumsum(1) - 1).clamp(min=0)
-        mask = build_attention_mask(real.long(), blocks)
-        out = self._run(embeds, mask, positions, modality)
-        self.valid = real
-        self.next_pos = real.sum(1)
-        self.last = out[:, -1]
-        # every cached position of every row is real: one-position steps need no explicit mask
-        self.dense = bool(real.all())
-
-    @property
-    def rows(self) -> int:
-        return self.valid.shape[0]
-
-    def _prompt_embeddings(self, docs: Sequence[EncodedDocument]) -> tuple[torch.Tensor, ...]:
-        """Left-padded prompt embeddings (continuous slots take their modality's clean embedding),
-        which positions are real, bidirectional block ids and modality ids."""
-        rows, width = len(docs), max(self.lengths)
-        arrays = {
-            "input_ids": np.full((rows, width), self.pad_id, np.int64),
-            "modality_ids": np.zeros((rows, width), np.int64),
-            "block_ids": np.full((rows, width), -1, np.int64),
-            "continuous_mask": np.zeros((rows, width), bool),
-            "doc_ids": np.zeros((rows, width), np.int64),
-        }
-        for row, doc in enumerate(docs):
-            cols = slice(width - len(doc), width)
-            arrays["input_ids"][row, cols] = doc.ids
-            arrays["modality_ids"][row, cols] = doc.modality
-            arrays["block_ids"][row, cols] = doc.block
-            arrays["continuous_mask"][row, cols] = doc.continuous
-            arrays["doc_ids"][row, cols] = 1
-        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
-        features = [d.features for d in docs if len(d.features)]
-        batch = PackedBatch(
-            features=torch.from_numpy(np.concatenate(features)).to(self.device) if features else torch.zeros(0, 0, device=self.device),
-            position_ids=(tensors["doc_ids"].cumsum(1) - 1).clamp(min=0),
-            labels=torch.full_like(tensors["input_ids"], IGNORE_INDEX),
-            target_mask=torch.zeros_like(tensors["continuous_mask"]),
-            **tensors,
-        )
-        embeds = self.embed_tokens(batch.input_ids)
-        if batch.continuous_mask.any():
-            slot_modality = batch.modality_ids[batch.continuous_mask]
-            adapted = torch.zeros(len(slot_modality), embeds.shape[-1], dtype=embeds.dtype, device=self.device)
-            for name, modality_id in MODALITY_IDS.items():
-                rows_of = slot_modality == modality_id
-                if not rows_of.any():
-                    continue
-                if name not in self.model.continuous:
-                    raise ValueError(f"the prompt holds continuous {name} features but the model has no continuous {name} adapter")
-                adapted[rows_of] = embed_features(self.model, name, batch.features[rows_of], batch, rows_of).to(embeds.dtype)
-            embeds = embeds.masked_scatter(batch.continuous_mask[..., None], adapted)
-        return embeds, batch.doc_ids > 0, batch.block_ids, batch.modality_ids
-
-    def _run(self, embeds: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
-        if self.model.routing is not None:  # modality experts (LlamaFusion) route each position
-            self.model.routing.set(modality)
-        out = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
-        )
-        return out.last_hidden_state
-
-    def step(
-        self,
-        embeds: torch.Tensor,
-        real: torch.Tensor | None,
-        modality: torch.Tensor | None,
-        bidirectional: bool = False,
-        commit: bool = True,
-    ) -> torch.Tensor:
-        """Run ``embeds [R, q, H]`` (of modality ids ``modality [R, q]``, needed with modality
-        experts) on top of the cache; ``real [R, q]`` marks positions that count (None: all).
-
-        A real query sees the row's real cached positions and the chunk's real positions before it
-        (all of them when ``bidirectional``); a hole sees only itself. Without ``commit`` the cache
-        is cropped back afterwards, so the call leaves no trace.
-        """
-        rows, q = embeds.shape[:2]
-        everything = real is None
-        if everything:
-            real = self._all_real(rows, q)
-        if everything and self.dense and q == 1:
-            mask = None  # the backbone's own causal mask over a cache without holes
-        else:
-            eye = torch.eye(q, dtype=torch.bool, device=self.device)
-            inner = real[:, None, :] & real[:, :, None]
-            if not bidirectional:
-                inner = inner & torch.tril(torch.ones(q, q, dtype=torch.bool, device=self.device))
-            prefix = self.valid[:, None, :] & real[:, :, None]
-            mask = torch.cat([prefix.expand(rows, q, self.valid.shape[1]), inner | eye], dim=-1)[:, None]
-        positions = self.next_pos[:, None] + (torch.arange(q, device=self.device) if everything else (real.cumsum(1) - 1).clamp(min=0))
-        hidden = self._run(embeds.to(self.dtype), mask, positions, modality)
-        if not commit:
-            self.cache.crop(-q)
-            return hidden
-        self.valid = torch.cat([self.valid, real], dim=1)
-        if everything:
-            self.next_pos = self.next_pos + q
-            self.last = hidden[:, -1].to(self.last.dtype)
-            return hidden
-        self.dense = False
-        self.next_pos = self.next_pos + real.sum(1)
-        last_real = (real.cumsum(1) == real.sum(1, keepdim=True)) & real
-        picked = (hidden * last_real[..., None]).sum(1)
-        self.last = torch.where(real.any(1)[:, None], picked.to(self.last.dtype), self.last)
-        return hidden
-
-    def _all_real(self, rows: int, q: int) -> torch.Tensor:
-        if self._ones is None or self._ones.shape != (rows, q):
-            self._ones = torch.ones(rows, q, dtype=torch.bool, device=self.device)
-        return self._ones
-
-    def step_rows(self, rows: list[int], embeds: torch.Tensor, modality: str, bidirectional: bool, commit: bool) -> torch.Tensor:
-        """``step`` where only ``rows`` take part, with ``embeds [len(rows), q, H]`` of one modality;
-        their hidden states."""
-        q = embeds.shape[1]
-        full = torch.zeros(self.rows, q, embeds.shape[-1], dtype=self.dtype, device=self.device)
-        real = torch.zeros(self.rows, q, dtype=torch.bool, device=self.device)
-        index = torch.tensor(rows, device=self.device)
-        full[index] = embeds.to(self.dtype)
-        real[index] = True
-        ids = torch.where(real, MODALITY_IDS[modality], MODALITY_IDS["text"])
-        return self.step(full, real, ids, bidirectional, commit)[index]
-
-    def forget_since(self, row: int, column: int, position: int) -> None:
-        """Make row ``row``'s cached positions from ``column`` on invisible; restart its positions at ``position``."""
-        self.valid[row, column:] = False
-        self.next_pos[row] = position
-        self.dense = False
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (beam search)."""
-        self.cache.reorder_cache(index)
-        self.valid = self.valid[index]
-        self.next_pos = self.next_pos[index]
-        self.last = self.last[index]
-
-
-def embed_features(model: UnifiedModel, name: str, features: torch.Tensor, batch: PackedBatch | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Clean (noise-free) input embeddings of continuous features: the modality's ``embed_clean``,
-    or, for understanding-only adapters without one, its training ``embed``."""
-    modality = model.continuous[name]
-    features = features.to(_dtype(modality))
-    embed_clean = getattr(modality, "embed_clean", None)
-    if embed_clean is not None:
-        return embed_clean(features)
-    if batch is None:
-        raise ValueError(f"the continuous {name} modality has no embed_clean, so the engine cannot feed it generated features")
-    return modality.embed(features, batch, rows, model)[0]
-
-
-def _dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype a modality's own weights compute in (a bf16 backbone may feed an fp32 head)."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
-def media_modes(model: UnifiedModel, spans: dict[str, SpanSpec]) -> dict[int, MediaMode]:
-    """The modalities ``model`` can write, keyed by their begin-token id."""
-    layout, modes = model.layout, {}
-    for name, (begin, end) in SPAN_MARKERS.items():
-        if begin not in layout.specials or end not in layout.specials:
-            continue
-        ids = layout.special_id(begin), layout.special_id(end)
-        if name in spans and name in layout.code_ranges:
-            spec = spans[name]
-            modes[ids[0]] = MediaMode(name, "discrete", *ids, spec.layers * (spec.length or spec.min_length) + 1)
-        elif name in model.continuous:
-            modality = model.continuous[name]
-            kind = getattr(modality, "attention", None)
-            writes = {"causal": "sample_next", "bidirectional": "denoise_block"}.get(kind)
-            if writes and callable(getattr(modality, writes, None)):
-                modes[ids[0]] = MediaMode(name, kind, *ids, int(modality.slots_per_item) + 1)
-    return modes
 
 
 class Engine:
@@ -357,14 +127,14 @@ class Engine:
         if settings.text.num_beams > 1:
             if any(len(p) and int(p.ids[-1]) in self.modes for p in prompts):
                 raise ValueError("beam search writes text only; a reply that starts with media needs num_beams=1")
-            return self._beam_search(prompts, budgets, settings, seed, deadline)
+            return beam_search(self, prompts, budgets, settings, seed, deadline)
         guided = {m.name for m in self.modes.values() if settings.for_modality(m.name).cfg_scale != 1}
         if guided and unconditional is None:
             raise ValueError(f"classifier-free guidance for {sorted(guided)} needs an unconditional prompt")
         if guided and len(unconditional) and int(unconditional.ids[-1]) in self.modes:
             raise ValueError("the unconditional prompt must end before any begin token; the engine adds it when a span opens")
         docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
-        run = _Run(self, _Cache(self.model, docs, self.pad_id), prompts, budgets, settings, generator, guided, deadline, on_text)
+        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, budgets, settings, generator, guided, deadline, on_text)
         run.loop()
         return [
             Generation(row.segments, row.finish, len(p), row.new, seed) for row, p in zip(run.rows, prompts)
@@ -400,108 +170,6 @@ class Engine:
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
 
-    def _beam_search(
-        self,
-        prompts: Sequence[EncodedDocument],
-        budgets: list[int],
-        settings: GenerationSettings,
-        seed: int,
-        deadline: float | None,
-    ) -> list[Generation]:
-        """Text-only beam search (media begin tokens are forbidden), scored like transformers'
-        ``generate(num_beams=K)``: summed log-probabilities over length ** 1, stopping once K
-        hypotheses are finished and no running beam can beat the worst of them."""
-        k, batch = settings.text.num_beams, len(prompts)
-        cache = _Cache(self.model, prompts, self.pad_id)
-        cache.reorder(torch.arange(batch, device=self.device).repeat_interleave(k))
-        ids, valid = _padded_ids(prompts, self.pad_id, self.device)
-        ids, valid = ids.repeat_interleave(k, 0), valid.repeat_interleave(k, 0)
-        ban = self.text_ban.clone()
-        ban[list(self.modes)] = True
-        beam_scores = torch.zeros(batch, k, device=self.device)
-        beam_scores[:, 1:] = -1e9
-        tokens: list[list[int]] = [[] for _ in range(batch * k)]
-        finished: list[list[tuple[float, list[int], bool]]] = [[] for _ in range(batch)]
-        done = [False] * batch
-        step = 0
-        while not all(done):
-            _check_deadline(deadline)
-            # the order of transformers' beam search: log-softmax, repetition penalty, other processors
-            logprobs = self.model.logits(cache.last).log_softmax(-1)
-            logprobs = apply_repetition_penalty(logprobs, ids, valid, settings.text.repetition_penalty)
-            logprobs = self.constrain(logprobs, ids, valid, []).masked_fill(ban, float("-inf"))
-            total = (logprobs + beam_scores.view(-1, 1)).view(batch, -1)
-            top_scores, top_index = total.topk(2 * k, dim=1)
-            vocab = logprobs.shape[-1]
-            sources, next_tokens, next_scores = [], [], []
-            for b in range(batch):
-                chosen: list[tuple[int, int, float]] = []
-                last_step = step + 1 >= budgets[b]
-                for rank, (score, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
-                    if done[b]:
-                        break
-                    source, token = b * k + index // vocab, index % vocab
-                    ends = token in self.stop_ids
-                    if ends or last_step:
-                        if rank < k:
-                            _add_hypothesis(finished[b], k, score / (step + 1), tokens[source] + ([] if ends else [token]), ends)
-                        continue
-                    chosen.append((source, token, score))
-                    if len(chosen) == k:
-                        break
-                while len(chosen) < k:  # a finished item keeps feeding placeholders
-                    chosen.append((b * k, self.pad_id, -1e9))
-                for source, token, score in chosen:
-                    sources.append(source)
-                    next_tokens.append(token)
-                    next_scores.append(score)
-                if not done[b]:
-                    best_running = max(s for _, _, s in chosen)
-                    full = len(finished[b]) == k
-                    done[b] = last_step or (full and best_running / (step + 1) <= min(h[0] for h in finished[b]))
-            step += 1
-            if all(done):
-                break
-            index = torch.tensor(sources, device=self.device)
-            cache.reorder(index)
-            ids, valid = ids[index], valid[index]
-            tokens = [tokens[s] + [t] for s, t in zip(sources, next_tokens)]
-            beam_scores = torch.tensor(next_scores, device=self.device).view(batch, k)
-            new = torch.tensor(next_tokens, device=self.device)[:, None]
-            live = torch.tensor([not done[i // k] for i in range(batch * k)], device=self.device)[:, None]
-            ids, valid = torch.cat([ids, new], 1), torch.cat([valid, live], 1)
-            cache.step(cache.embed_tokens(new), None if all(not d for d in done) else live, torch.zeros_like(new))
-        out = []
-        for b, prompt in enumerate(prompts):
-            _, best, ended = max(finished[b], key=lambda h: h[0])
-            text, stopped = self.text_segment(best, settings.stop)
-            segments = [Segment("text", text, ids=best)] if text else []
-            out.append(Generation(segments, "stop" if ended or stopped else "length", len(prompt), len(best) + int(ended), seed))
-        return out
-
-
-def _add_hypothesis(pool: list[tuple[float, list[int], bool]], k: int, score: float, tokens: list[int], ended: bool) -> None:
-    if len(pool) < k:
-        pool.append((score, tokens, ended))
-    elif score > min(h[0] for h in pool):
-        pool.remove(min(pool, key=lambda h: h[0]))
-        pool.append((score, tokens, ended))
-
-
-def _padded_ids(prompts: Sequence[EncodedDocument], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.from_numpy(np.asarray(prompt.ids, dtype=np.int64))
-        valid[row, width - len(prompt) :] = True
-    return ids.to(device), valid.to(device)
-
-
-def _check_deadline(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise GenerationTimeout("generation ran past its time limit")
-
 
 class _Run:
     """One sampling generation: the per-row state machine driving the shared cache."""
@@ -509,7 +177,7 @@ class _Run:
     def __init__(
         self,
         engine: Engine,
-        cache: _Cache,
+        cache: KVCache,
         prompts: Sequence[EncodedDocument],
         budgets: list[int],
         settings: GenerationSettings,
@@ -525,7 +193,7 @@ class _Run:
         self.rows = [_Row(i, budget) for i, budget in enumerate(budgets)]
         # the token history is kept only when the span grammar or a repetition penalty reads it
         self.track_ids = engine.constraint is not None or any(settings.for_modality(m).repetition_penalty != 1 for m in MODALITIES)
-        self.ids, self.valid = _padded_ids(prompts, engine.pad_id, engine.device) if self.track_ids else (None, None)
+        self.ids, self.valid = padded_ids(prompts, engine.pad_id, engine.device) if self.track_ids else (None, None)
         # where each guidance row's current span starts (cache column) and its prompt's length
         self.partner_start: dict[int, int] = {}
         # modality id of the position each row feeds next (routes it to its modality's experts)
@@ -559,7 +227,7 @@ class _Run:
             active = [r for r in self.rows if not r.done]
             if not active:
                 return
-            _check_deadline(self.deadline)
+            check_deadline(self.deadline)
             pending = [r for r in active if r.block_pending]
             if pending:
                 self._denoise_blocks(pending)
@@ -676,7 +344,7 @@ class _Run:
             modality, settings = self.model.continuous[name], self.settings.for_modality(name)
             guided = name in self.guided
             index = [r.index for r in members]
-            hidden = self.cache.last[index + ([self.batch + i for i in index] if guided else [])].to(_dtype(modality))
+            hidden = self.cache.last[index + ([self.batch + i for i in index] if guided else [])].to(compute_dtype(modality))
             features = modality.sample_next(
                 hidden, cfg_scale=settings.cfg_scale if guided else 1.0, steps=settings.steps, generator=self.generator
             )
@@ -701,7 +369,7 @@ class _Run:
                 if embeds.shape[0] not in (len(cond), len(both)):
                     raise ValueError(f"run_backbone got {embeds.shape[0]} rows; expected {len(cond)} (or {len(both)} with guidance)")
                 chosen = cond if embeds.shape[0] == len(cond) else both
-                return self.cache.step_rows(chosen, embeds, name, bidirectional=True, commit=False).to(_dtype(modality))
+                return self.cache.step_rows(chosen, embeds, name, bidirectional=True, commit=False).to(compute_dtype(modality))
 
             features = modality.denoise_block(
                 run_backbone,
@@ -831,23 +499,6 @@ class _Run:
         if row.mode is not None:  # an unfinished span is dropped
             row.mode, row.span, row.block_pending, row.forced = None, [], False, None
         self._flush_text(row)
-
-
-def open_span(doc: EncodedDocument, layout: Any, begin: str) -> EncodedDocument:
-    """``doc`` followed by the begin token ``begin`` (``"<|boi|>"``): a prompt whose reply starts
-    inside that media span, e.g. text-to-image."""
-    modality = next((name for name, (b, _) in SPAN_MARKERS.items() if b == begin), None)
-    if modality is None:
-        raise ValueError(f"{begin!r} is not a begin token; known: {[b for b, _ in SPAN_MARKERS.values()]}")
-    return EncodedDocument(
-        ids=np.append(doc.ids, layout.special_id(begin)),
-        modality=np.append(doc.modality, MODALITY_IDS[modality]).astype(doc.modality.dtype),
-        target=np.append(doc.target, False),
-        block=np.append(doc.block, -1).astype(doc.block.dtype),
-        continuous=np.append(doc.continuous, False),
-        features=doc.features,
-        key=doc.key,
-    )
 
 
 def _by_mode(rows: list[_Row]) -> dict[str, list[_Row]]:

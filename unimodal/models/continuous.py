@@ -1,6 +1,6 @@
 """Image modalities that read *and generate* continuous features.
 
-- :class:`DiffusionImage` (Orthus, MAR-style heads): soft-VQ input, causal attention inside the
+- :class:`TokenDiffusionImage` (Orthus, MAR-style heads): soft-VQ input, causal attention inside the
   image, and a per-token diffusion head that predicts slot ``s`` from the final hidden state at
   ``s - 1``. Generation is token by token (``sample_next``).
 - :class:`TransfusionImage` (Transfusion, LlamaFusion): noised patch latents are the input,
@@ -92,7 +92,7 @@ def load_added_modules(module: nn.Module, path: str | Path) -> None:
         raise ValueError(f"init_from {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
-class ImageDiffusion(ContinuousModality):
+class ContinuousImage(ContinuousModality):
     """What both image diffusion modalities share: the schedule, image spans, conditioning dropout.
 
     Attributes for the generation engine: ``attention`` ("causal" or "bidirectional"),
@@ -155,7 +155,7 @@ class ImageDiffusion(ContinuousModality):
         return PackedBatch(**{**vars(batch), "doc_ids": doc_ids})
 
 
-class DiffusionImage(ImageDiffusion):
+class TokenDiffusionImage(ContinuousImage):
     """Orthus: soft-VQ input, causal attention inside images, a per-token diffusion head.
 
     Training: for every image slot ``s`` whose content is a target, the head is conditioned on
@@ -218,7 +218,7 @@ class DiffusionImage(ImageDiffusion):
         size, vocab = len(self.token_ids), self.owner.layout.size
         if (self.token_ids < 0).any():  # neither loaded (init_from, a checkpoint) nor set by attach
             raise ValueError(
-                f"DiffusionImage mixes {size} image-token embedding rows but none are set: give the vocabulary an "
+                f"TokenDiffusionImage mixes {size} image-token embedding rows but none are set: give the vocabulary an "
                 f"image code range of that size (data code_ranges: {{image: {size}}}) or start from `unimodal convert orthus`"
             )
         if int(self.token_ids.max()) >= vocab:
@@ -280,7 +280,7 @@ def _transfusion_schedule() -> ScheduleConfig:
     )
 
 
-class TransfusionImage(ImageDiffusion):
+class TransfusionImage(ContinuousImage):
     """Transfusion / LlamaFusion: noised patch latents in, the noise predicted at the same positions.
 
     Training: each target image gets one timestep (at most ``noise_limit`` when a caption follows
