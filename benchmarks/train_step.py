@@ -25,10 +25,11 @@ from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.models.attention import build_attention_mask
 from unimodal.training.recipes import UnimodalCLI, make_cli
 from unimodal.training.optim import build_optimizer
+from unimodal.worlds import resolve
 
 
 def instantiate(recipe: str, root: str) -> UnimodalCLI:
-    return make_cli([recipe, f"--trainer.default_root_dir={root}"], save_config_callback=None)
+    return make_cli([recipe, f"--trainer.default_root_dir={root}"], resolve_path=resolve, save_config_callback=None)
 
 
 def take_batches(cli: UnimodalCLI, count: int) -> list[PackedBatch]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unimodal.worlds.digits import WORDS, digit_images, parse_digits, utterances
-from unimodal.eval import digits as suite
+from unimodal.worlds import digits_suite as suite
 from unimodal.worlds.digits_suite import Item, assistant_responder, items, judge_reply, run_suite
 
 KEYS = ("caption_acc", "transcribe_acc", "draw_acc", "speak_acc", "interleaved_acc", "judge_image_acc", "judge_audio_acc")

@@ -13,6 +13,7 @@ import pytest
 import unimodal
 from unimodal.cli import main as unimodal_main
 from unimodal.training.pipeline import run_pipeline
+from unimodal.worlds import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORED = ["caption_acc", "transcribe_acc", "draw_acc", "speak_acc", "interleaved_acc", "judge_image_acc", "judge_audio_acc"]
@@ -22,7 +23,7 @@ SCORED = ["caption_acc", "transcribe_acc", "draw_acc", "speak_acc", "interleaved
 def demo(tmp_path_factory) -> Path:
     """Run the tiny pipeline once; its root."""
     root = tmp_path_factory.mktemp("digits") / "demo"
-    results = run_pipeline(ROOT / "recipes" / "pipelines" / "digits.yaml", tiny=True, root=root)
+    results = run_pipeline(ROOT / "recipes" / "pipelines" / "digits.yaml", tiny=True, root=root, resolve_path=resolve)
     assert [(r.name, r.status, r.steps) for r in results] == [("pretrain", "done", 3), ("chat_sft", "done", 3)]
     assert all(math.isfinite(r.train_loss) and math.isfinite(r.val_loss) for r in results)
     return root

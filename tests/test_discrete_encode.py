@@ -17,6 +17,7 @@ from unimodal.data.media import MediaBytes
 from unimodal.data.shards import read_documents, write_documents
 from unimodal.modalities.audio import HFAudioCodec
 from unimodal.modalities.seed_tokenizer import tiny_tokenizer
+from unimodal.worlds import resolve
 
 ENCODEC = {"model_type": "encodec", "sampling_rate": 16000, "audio_channels": 1, "hidden_size": 16, "num_filters": 4,
            "num_residual_layers": 1, "upsampling_ratios": [8, 5, 4, 2], "codebook_size": 64, "codebook_dim": 16,
@@ -92,7 +93,7 @@ def test_pairs_can_be_flipped_and_codes_are_not_encoded_twice(raw_shards, encode
 def module(*paths, **kwargs) -> UnimodalDataModule:
     args = {"seq_len": 64, "batch_size": 2, "steps_per_epoch": 2, "shuffle_buffer": 1,
             "code_ranges": {"image": 64, "audio": 128}, "code_layers": {"audio": 2}} | kwargs
-    return UnimodalDataModule([{"path": str(p)} for p in paths], "builtin:codes/tokenizer.model", **args)
+    return UnimodalDataModule([{"path": str(p)} for p in paths], resolve("builtin:codes/tokenizer.model"), **args)
 
 
 def test_the_layout_records_the_tokenizers_and_batches_use_their_ranges(data_home, encoded, codecs):

@@ -10,7 +10,9 @@ from inference_helpers import FEATURE_DIM, bias_tokens, family_model, tiny_model
 
 from unimodal.data.processor import DocumentEncoder
 from unimodal.schema import Document, Part
-from unimodal.inference.engine import Engine, GenerationTimeout, open_span
+from unimodal.inference.engine import Engine
+from unimodal.inference.modes import open_span
+from unimodal.inference.outputs import GenerationTimeout
 from unimodal.batch import PackedBatch
 from unimodal.models.generation import GenerationSettings, SamplingSettings
 from unimodal.models.attention import build_attention_mask

@@ -19,6 +19,7 @@ from unimodal.schema import Document, Part
 from unimodal.training.recipes import load_recipe, run_training
 from unimodal.checkpoints.load import ExportError, load_exported
 from unimodal.training.exporting import _module_from_checkpoint, export
+from unimodal.worlds import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "lora" / "chat_sft.yaml"
@@ -39,7 +40,7 @@ def run(tmp_path_factory) -> Path:
         recipe.write_text(yaml.safe_dump(config))
         out = tmp_path_factory.mktemp("run")
         run_training([str(recipe), f"--trainer.default_root_dir={out}", "--trainer.max_steps=2",
-                      "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"])
+                      "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"], resolve_path=resolve)
         yield out
 
 
@@ -122,7 +123,7 @@ def test_export_reads_deepspeed_checkpoint_directories(tmp_path, monkeypatch):
 
 
 def test_codec_directories_travel_inside_the_export_unless_large(tmp_path, monkeypatch):
-    from unimodal.training import export as export_module
+    from unimodal.checkpoints import export as export_module
 
     small = tmp_path / "codec"
     small.mkdir()
@@ -145,3 +146,29 @@ def test_codec_directories_travel_inside_the_export_unless_large(tmp_path, monke
     big = export_module._export_codecs({"audio": {"class_path": "x.Audio", "init_args": {"path": "codec"}}}, relative)
     assert big["audio"]["init_args"]["path"] == str(small)  # too large to copy: named absolutely
     assert not (relative / "codecs").exists()
+
+
+OLD_EXPORT = ROOT / "tests" / "fixtures" / "demo-export-a96b9df"
+
+
+def test_an_export_written_before_the_restructuring_loads_and_draws():
+    """The a96b9df demo export (format 1: training-module spec, old class names) loads without
+    training code and answers as a model: a draw request gets a picture."""
+    from unimodal.checkpoints.load import FORMAT, read_export_config
+    from unimodal.inference.chat import load
+
+    config = read_export_config(OLD_EXPORT)
+    assert config["format"] == FORMAT and "_class_path" not in config["model"]
+    assert config["model"]["continuous"]["image"]["class_path"] == "unimodal.models.continuous.TokenDiffusionImage"
+    reply = load(OLD_EXPORT, device="cpu").chat([{"role": "user", "content": "Draw the digit seven."}], seed=0)
+    assert [part.type for part in reply.parts] == ["image"]
+
+
+def test_an_old_export_of_another_module_is_refused_in_one_line(tmp_path):
+    from unimodal.checkpoints.load import read_export_config
+
+    config = json.loads((OLD_EXPORT / "unimodal.json").read_text())
+    config["model"]["_class_path"] = "unimodal.training.seed_stages.SeedTokenizerStage2"
+    (tmp_path / "unimodal.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"re-export its checkpoint with `unimodal export CKPT --out DIR`"):
+        read_export_config(tmp_path)

@@ -14,6 +14,7 @@ from unimodal.cli import main as unimodal_main
 from unimodal.training.pipeline import PipelineError, format_table, load_pipeline, resolve_stage, run_pipeline
 from unimodal.training.module import UnimodalModule
 from unimodal.training.resume import Preempted
+from unimodal.worlds import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "recipes" / "pipelines"
@@ -29,11 +30,11 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     with monkeypatch.context() as patch:
         patch.setattr(UnimodalModule, "on_after_backward", preempt_lora_stage)
         with pytest.raises(Preempted):
-            run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root)
+            run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root, resolve_path=resolve)
     assert json.loads((root / "pretrain" / "stage.json").read_text())["status"] == "done"
     assert json.loads((root / "chat_sft" / "stage.json").read_text())["status"] == "interrupted"
 
-    results = run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root)
+    results = run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root, resolve_path=resolve)
     assert [(r.name, r.status, r.steps) for r in results] == [("pretrain", "skipped", 4), ("chat_sft", "done", 4)]
     chat = results[1]
     assert chat.train_loss is not None and chat.val_loss is not None and chat.wall_s > 0
@@ -58,7 +59,7 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     raw["tiny"]["chat_sft.trainer.max_steps"] = 5
     changed.write_text(yaml.safe_dump(raw))
     with pytest.raises(PipelineError, match="stage 'chat_sft' finished with a different configuration"):
-        run_pipeline(changed, tiny=True, root=root)
+        run_pipeline(changed, tiny=True, root=root, resolve_path=resolve)
 
 
 def write(tmp_path: Path, stages: list[dict], **extra) -> Path:
@@ -112,6 +113,6 @@ def test_family_pipeline_runs_tiny(family, tmp_path):
         pipeline = load_pipeline(path, tiny=True)
     except FileNotFoundError as err:
         pytest.skip(f"{family}: a stage recipe is not written yet ({err})")
-    results = run_pipeline(path, tiny=True, root=tmp_path / "runs")
+    results = run_pipeline(path, tiny=True, root=tmp_path / "runs", resolve_path=resolve)
     assert [r.name for r in results] == [s.name for s in pipeline.stages]
     assert all(r.status == "done" and Path(r.output).is_dir() for r in results)

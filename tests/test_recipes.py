@@ -9,6 +9,7 @@ import pytest
 
 from unimodal.training.pipeline import load_pipeline, resolve_stage
 from unimodal.training.recipes import make_cli
+from unimodal.worlds import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -29,7 +30,7 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
 @pytest.mark.parametrize("recipe", TRAINING)
 def test_training_recipe_parses_and_builds(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name built-in data and each other relative to the repository
-    cli = make_cli([recipe, "--tiny", f"--trainer.default_root_dir={tmp_path}"])
+    cli = make_cli([recipe, "--tiny", f"--trainer.default_root_dir={tmp_path}"], resolve_path=resolve)
     model = cli.model
     if hasattr(model, "configure_model"):
         model.configure_model()
@@ -41,6 +42,24 @@ def test_pipeline_parses_and_every_stage_resolves(recipe, tmp_path):
     pipeline = load_pipeline(ROOT / recipe, tiny=True, root=tmp_path)
     assert pipeline.stages
     for stage in pipeline.stages:
-        config = resolve_stage(pipeline, stage, tiny=True)
+        config = resolve_stage(pipeline, stage, tiny=True, resolve_path=resolve)
         assert config["trainer"]["default_root_dir"] == str(pipeline.stage_dir(stage))
         assert Path(stage.recipe).is_file()
+
+
+def test_a_moved_class_path_is_refused_naming_the_new_one(tmp_path):
+    from unimodal.errors import UserError
+    from unimodal.training.recipes import load_recipe
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text((ROOT / "recipes" / "orthus" / "base.yaml").read_text().replace("TokenDiffusionImage", "DiffusionImage"))
+    with pytest.raises(UserError, match=r"class_path unimodal.models.continuous.DiffusionImage is now unimodal.models.continuous.TokenDiffusionImage"):
+        load_recipe(recipe, tiny=True)
+
+
+def test_builtin_names_are_refused_below_the_command_line():
+    from unimodal.data.datamodule import UnimodalDataModule
+    from unimodal.errors import UserError
+
+    with pytest.raises(UserError, match="built-in names are resolved by the unimodal command line"):
+        UnimodalDataModule(["builtin:text/train"], "builtin:text/tokenizer.model")

@@ -16,6 +16,7 @@ from unimodal.training.recipes import load_recipe, run_training
 from unimodal.training.module import UnimodalModule
 from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
 from unimodal.training.resume import Preempted
+from unimodal.worlds import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
@@ -38,7 +39,7 @@ def train(recipe: Path, run: Path, *extra: str) -> None:
         str(recipe), f"--trainer.default_root_dir={run}", f"--trainer.max_steps={STEPS}",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0", *extra,
-    ])
+    ], resolve_path=resolve)
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -12,8 +12,7 @@ import copy
 import json
 import logging
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import logging
 import os
-import sys
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import webdataset as wds
-from tqdm import tqdm
-from webdataset.shardlists import expand_urls
 
 from unimodal.schema import (
-    ARRAY_EXTENSIONS,
-    AUDIO_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    MODALITIES,
-    SCHEMA,
     Document,
     DocumentError,
     Part,
-    check_key,
-    parse_document,
-    parse_part,
 )
 
 
 from unimodal.data.media import MediaBytes, decode_media
-from unimodal.data.shards import expand_shards, read_documents
+from unimodal.data.shards import STATS_FILE, BadSamplePolicy, ShardStats, expand_shards, read_documents
 
 # ----------------------------------------------------------------------------------------------
 # inspecting
@@ -78,7 +58,7 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
     first: list[Document] = []
     policy = BadSamplePolicy(max_bad_fraction=1.0)
     if stats is None:  # count by reading every sample's json (media stay undecoded)
-        counted = _Stats()
+        counted = ShardStats()
         for doc in read_documents(urls, decode=False, policy=policy):
             counted.add(doc, Path(doc.source).name, {p.media: len(p.data.data) for p in doc.parts if p.type != "text"})
             if len(first) < n:

@@ -2,41 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import logging
-import os
 import sys
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import webdataset as wds
 from tqdm import tqdm
-from webdataset.shardlists import expand_urls
 
 from unimodal.schema import (
-    ARRAY_EXTENSIONS,
-    AUDIO_EXTENSIONS,
-    IMAGE_EXTENSIONS,
     MODALITIES,
-    SCHEMA,
     Document,
     DocumentError,
-    Part,
     check_key,
-    parse_document,
     parse_part,
 )
 
 
 from unimodal.data.media import MediaBytes, source_media
 from unimodal.data.messages import messages_to_parts
-from unimodal.data.shards import _save_stats, _write_shards, held_out
+from unimodal.data.shards import save_stats, write_shards, held_out
 
 # ----------------------------------------------------------------------------------------------
 # packing a source JSONL
@@ -145,9 +130,9 @@ def _pack_jsonl(
                 if select is None or select(doc.key):
                     yield doc
 
-    stats = _write_shards(documents(), out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
+    stats = write_shards(documents(), out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
     stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
-    _save_stats(out_dir, stats)
+    save_stats(out_dir, stats)
     if skipped:
         shown = "\n".join(f"  {reason}" for reason in skipped[:20])
         more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""

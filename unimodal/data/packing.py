@@ -9,7 +9,7 @@ predicted from position ``t``. The attention mask is derived from these ids by t
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np

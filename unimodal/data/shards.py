@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,24 +23,18 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 
 from unimodal.schema import (
-    ARRAY_EXTENSIONS,
-    AUDIO_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    MODALITIES,
     SCHEMA,
     Document,
     DocumentError,
     Part,
     check_key,
     parse_document,
-    parse_part,
 )
 
-from unimodal.data.media import MediaBytes, decode_media
+from unimodal.data.media import MEDIA_EXTENSIONS, MediaBytes, decode_media
 
 logger = logging.getLogger("unimodal.data")
 
@@ -117,7 +110,7 @@ class BadSamplePolicy:
 
 
 @dataclass
-class _Stats:
+class ShardStats:
     """What ``stats.json`` records; the same counter serves ``inspect_path`` on unpacked shards."""
 
     documents: int = 0
@@ -187,7 +180,7 @@ def _sample(doc: Document) -> tuple[dict[str, Any], dict[int, int]]:
     return sample, {index: len(media.data) for index, media in members.items()}
 
 
-def _write_shards(
+def write_shards(
     docs: Iterable[Document],
     out_dir: str | Path,
     max_docs_per_shard: int,
@@ -207,7 +200,7 @@ def _write_shards(
     stale = sorted(out.glob(f"{prefix}-*.tar"))
     if stale:
         raise FileExistsError(f"{out} already holds shards ({stale[0].name}, ...); write to an empty directory")
-    stats, keys = _Stats(), set()
+    stats, keys = ShardStats(), set()
     writer: wds.ShardWriter | None = None
     try:
         for doc in docs:
@@ -245,7 +238,7 @@ def _write_shards(
     return stats.to_dict()
 
 
-def _save_stats(out_dir: str | Path, stats: dict[str, Any]) -> None:
+def save_stats(out_dir: str | Path, stats: dict[str, Any]) -> None:
     (Path(out_dir) / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -261,8 +254,8 @@ def write_documents(
     Media parts carry ``MediaBytes`` (an encoded file) or a numpy array (stored as ``.npy``). A
     shard is closed once it holds ``max_docs_per_shard`` documents or ``max_bytes_per_shard`` bytes.
     """
-    stats = _write_shards(docs, out_dir, max_docs_per_shard, max_bytes_per_shard, prefix)
-    _save_stats(out_dir, stats)
+    stats = write_shards(docs, out_dir, max_docs_per_shard, max_bytes_per_shard, prefix)
+    save_stats(out_dir, stats)
     return stats
 
 

@@ -16,12 +16,7 @@ part's loss flag says so (true by default), and so is the marker that ends it (`
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
 from unimodal.schema import ROLES, Document, DocumentError, Part
 

@@ -1,0 +1,126 @@
+"""Image-caption pairs from weighted shard sets: the data of the SEED tokenizer stages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, shard_sets, worker_slot
+from unimodal.data.shards import expand_shards
+from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
+from unimodal.modalities.image_continuous import center_crop
+from unimodal.modalities.vocab import VocabLayout
+from unimodal.schema import Document, local_path
+
+
+
+def _pair(doc: Document, size: int) -> tuple[np.ndarray, str] | None:
+    """The first raw image of a document, centre-cropped to ``size``, and the document's text."""
+    image = next((p.data for p in doc.parts if p.type == "image" and isinstance(p.data, np.ndarray) and p.data.dtype == np.uint8), None)
+    if image is None:
+        return None
+    return center_crop(image, size), " ".join(p.text or "" for p in doc.parts if p.type == "text").strip()
+
+
+class PairStream(IterableDataset):
+    """Batches ``{"images": uint8 [B, S, S, 3], "text_ids": [B, L], "text_mask": [B, L]}`` from the mixture."""
+
+    def __init__(self, stream: TrainStream, tokenizer: TextTokenizer, image_size: int, max_text_tokens: int, batch_size: int):
+        self.stream, self.tokenizer = stream, tokenizer
+        self.image_size, self.max_text_tokens, self.batch_size = image_size, max_text_tokens, batch_size
+
+    def __len__(self) -> int:
+        return self.stream.batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = worker_slot()
+        docs = self.stream.documents(worker, workers)
+        share = self.stream.batches // workers + int(worker < self.stream.batches % workers)
+        for _ in range(share):
+            pairs: list[tuple[np.ndarray, str]] = []
+            while len(pairs) < self.batch_size:
+                pair = _pair(next(docs), self.image_size)
+                if pair is not None:
+                    pairs.append(pair)
+            yield self._collate(pairs)
+
+    def _collate(self, pairs: list[tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+        ids = torch.full((len(pairs), self.max_text_tokens), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (_, text) in enumerate(pairs):
+            tokens = self.tokenizer.encode(text)[: self.max_text_tokens] or [self.tokenizer.eos_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = True
+        images = torch.from_numpy(np.stack([image for image, _ in pairs]))
+        return {"images": images, "text_ids": ids, "text_mask": mask}
+
+
+class EpochLoader(DataLoader):
+    """Sets the stream's epoch before each pass, so every epoch draws new samples (and workers,
+    which get a copy of the dataset per pass, see it)."""
+
+    def __init__(self, pairs: PairStream, epoch: Callable[[], int], **kwargs: Any):
+        super().__init__(pairs, batch_size=None, **kwargs)
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.dataset.stream.epoch = self.epoch()
+        return super().__iter__()
+
+
+class ImageTextPairs(L.LightningDataModule):
+    """Image-caption pairs from weighted shard sets: each document's first raw image and its text.
+
+    ``layout`` is the caption tokenizer's (text only); ``unimodal train`` links it to the model's
+    ``vocab``, which sizes stage 1's text encoder.
+    """
+
+    def __init__(
+        self,
+        datasets: list[ShardSet | str],
+        tokenizer: str,
+        image_size: int = 224,
+        max_text_tokens: int = 32,
+        batch_size: int = 64,
+        steps_per_epoch: int = 1000,
+        accumulate_grad_batches: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+    ):
+        super().__init__()
+        self.datasets = shard_sets(datasets)
+        if not self.datasets:
+            raise ValueError("datasets: give at least one shard set")
+        self.tokenizer_path = local_path(tokenizer)
+        self.image_size, self.max_text_tokens, self.batch_size = image_size, max_text_tokens, batch_size
+        self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
+        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
+        self._tokenizer: TextTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def layout(self) -> VocabLayout:
+        return VocabLayout(text_size=self.tokenizer.vocab_size)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        config = StreamConfig(self.tokenizer, self.layout, seq_len=1, batch_size=self.batch_size)
+        stream = TrainStream(
+            [expand_shards(d.path) for d in self.datasets], [d.weight for d in self.datasets], config,
+            self.steps_per_epoch * self.accumulate_grad_batches, seed=self.seed, rank=rank, world_size=world,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        pairs = PairStream(stream, self.tokenizer, self.image_size, self.max_text_tokens, self.batch_size)
+        epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
+        return EpochLoader(pairs, epoch, num_workers=self.num_workers)
