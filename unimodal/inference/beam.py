@@ -1,5 +1,5 @@
-"""Text-only beam search, kept apart from the sampling state machine it shares nothing with but the
-engine's grammar, cache and outputs.
+"""Text-only beam search (``num_beams > 1``): a decoding loop of its own over the engine's cache and
+span grammar, separate from the sampling state machine, which it shares nothing else with.
 """
 
 from __future__ import annotations
@@ -119,5 +119,3 @@ def _add_hypothesis(pool: list[tuple[float, list[int], bool]], k: int, score: fl
     elif score > min(h[0] for h in pool):
         pool.remove(min(pool, key=lambda h: h[0]))
         pool.append((score, tokens, ended))
-
-

@@ -192,6 +192,7 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def padded_ids(prompts: Sequence[EncodedDocument], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt token ids ``[B, width]`` and which of them are real."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -199,4 +200,3 @@ def padded_ids(prompts: Sequence[EncodedDocument], pad_id: int, device: torch.de
         ids[row, width - len(prompt) :] = torch.from_numpy(np.asarray(prompt.ids, dtype=np.int64))
         valid[row, width - len(prompt) :] = True
     return ids.to(device), valid.to(device)
-

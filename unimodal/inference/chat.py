@@ -37,7 +37,9 @@ from unimodal.data.processor import DocumentEncoder, EncodedDocument
 from unimodal.schema import ROLES, Document, DocumentError, Part
 from unimodal.data.media import MediaBytes, decode_media
 from unimodal.inference.constraints import SpanSpec
-from unimodal.inference.engine import Engine, Generation, Segment, open_span
+from unimodal.inference.engine import Engine
+from unimodal.inference.modes import open_span
+from unimodal.inference.outputs import Generation, Segment
 from unimodal.models.generation import GenerationSettings
 from unimodal.modalities.vocab import SPAN_MARKERS
 

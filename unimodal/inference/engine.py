@@ -13,12 +13,13 @@ Every row of a batch is in one mode at a time:
   image (``denoise_block``), calling back into the backbone for the image's slots on top of the
   cached prefix; the cache is cropped back after each call and one clean pass is committed.
 
-The cache holds every row at the same length; which cached positions are real is tracked per row
-(``valid``), so left padding, finished rows and rows that sit out another row's step are never
-attended. Classifier-free guidance runs a second row per prompt (the unconditional prompt, in the
-same batched cache) that follows its partner through each guided span and forgets the span
-afterwards. ``Generation`` holds raw outputs (text, codes, features); turning media arrays into
-pictures and waveforms is the codecs' job (``unimodal.inference.chat``).
+All rows share one batched KV cache (``unimodal.inference.cache``) in which left padding, finished
+rows and rows that sit out another row's step are holes no query attends. Classifier-free guidance
+runs a second row per prompt (the unconditional prompt, in the same batched cache) that follows its
+partner through each guided span and forgets the span afterwards. Beam search (``num_beams > 1``)
+decodes text with a loop of its own (``unimodal.inference.beam``). ``Generation`` holds raw outputs
+(text, codes, features); turning media arrays into pictures and waveforms is the codecs' job
+(``unimodal.inference.chat``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from unimodal.inference.cache import KVCache, compute_dtype, embed_features, pad
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
 from unimodal.inference.modes import MediaMode, media_modes
 from unimodal.inference.outputs import Generation, Segment, check_deadline
-from unimodal.inference.sampling import choose, make_generator, apply_repetition_penalty
+from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITIES, MODALITY_IDS

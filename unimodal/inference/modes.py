@@ -28,6 +28,7 @@ class MediaMode:
     # fewest positions a whole span takes after its begin token, end token included
     min_positions: int
 
+
 def media_modes(model: UnifiedModel, spans: dict[str, SpanSpec]) -> dict[int, MediaMode]:
     """The modalities ``model`` can write, keyed by their begin-token id."""
     layout, modes = model.layout, {}
@@ -62,4 +63,3 @@ def open_span(doc: EncodedDocument, layout: Any, begin: str) -> EncodedDocument:
         features=doc.features,
         key=doc.key,
     )
-

@@ -39,6 +39,6 @@ class Generation:
 
 
 def check_deadline(deadline: float | None) -> None:
+    """Raise :class:`GenerationTimeout` once ``deadline`` (``time.monotonic()``) has passed."""
     if deadline is not None and time.monotonic() > deadline:
         raise GenerationTimeout("generation ran past its time limit")
-

@@ -36,7 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from unimodal.inference.chat import Assistant, ChatError, Reply, ReplyPart
-from unimodal.inference.engine import GenerationTimeout
+from unimodal.inference.outputs import GenerationTimeout
 
 log = logging.getLogger("unimodal.serve")
 

@@ -68,7 +68,7 @@ class GenerationSettings:
     markers alike); ``max_media`` bounds the images and audio clips in one reply; ``stop`` lists
     strings that end a reply (the end-of-sequence token always does); ``seed`` makes sampling
     reproducible for the same prompts and settings; ``timeout_s`` stops a generation that runs
-    longer (:class:`~unimodal.inference.engine.GenerationTimeout`).
+    longer (:class:`~unimodal.inference.outputs.GenerationTimeout`).
     """
 
     text: SamplingSettings = field(default_factory=SamplingSettings)
