@@ -165,8 +165,8 @@ def test_assistant_responder_converts_replies():
 
 
 def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
-    import unimodal
     from unimodal.cli import main
+    from unimodal.inference import chat
 
     class PassThrough:  # an audio "codec" that keeps the waveform: round trip = judge accuracy
         def encode(self, part):
@@ -178,7 +178,7 @@ def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
     codec = PassThrough()
     loaded = []
     fake = FakeAssistant(codecs={"audio": codec})
-    monkeypatch.setattr(unimodal, "load", lambda path, device: loaded.append((path, device)) or fake, raising=False)
+    monkeypatch.setattr(chat, "load", lambda path, device: loaded.append((path, device)) or fake)
     out = tmp_path / "report.json"
     argv = ["eval", str(tmp_path), "--suite", "digits", "--limit", "3", "--out", str(out), "--device", "cpu", "--seed", "1"]
     assert main(argv) == 0
