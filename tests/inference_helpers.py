@@ -152,8 +152,11 @@ def family_model(family: str, seed: int = 0) -> UnifiedModel:
 def media_assistant(**kw):
     """A chatml Assistant over continuous images (fake causal head, fake codec) and discrete
     one-layer audio codes of 4 per clip (fake codec)."""
+    from unimodal.data.processor import Processor
+    from unimodal.data.templates import get_template
     from unimodal.inference.chat import Assistant
 
     model = tiny_model(code_ranges={"audio": 16}, continuous={"image": {"attention": "causal", "slots": 3}})
     codecs = {"image": FakeImageCodec(slots=3), "audio": FakeAudioCodec(codes=16)}
-    return Assistant(model, CharTokenizer(), codecs=codecs, chat_template="chatml", spans={"audio": {"length": 4}}, **kw)
+    processor = Processor(CharTokenizer(), model.layout, codecs=codecs, chat_template=get_template("chatml"))
+    return Assistant(model, processor, spans={"audio": {"length": 4}}, **kw)

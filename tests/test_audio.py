@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unimodal.data.processor import DocumentEncoder
+from unimodal.data.processor import Processor
 from unimodal.schema import Document, Part
 from unimodal.inference.constraints import extract_spans
 from unimodal.modalities.audio import AudioTooLong, HFAudioCodec, load_audio_codec, resample, to_mono
@@ -59,7 +59,7 @@ def test_waveform_codes_ids_codes_round_trip(kind, char_tokenizer):
     assert all(len(np.unique(layer)) > 2 for layer in codes)  # codebooks filled: not all-zero codes
     layout = VocabLayout(char_tokenizer.vocab_size, code_ranges={"audio": codec.codebook_size * codec.layers}, code_layers={"audio": codec.layers})
     doc = Document([Part("text", text="say it"), Part("audio", media=0, data=(speech(), RATE))], key="k")
-    ids = DocumentEncoder(char_tokenizer, layout, codecs={"audio": codec}).encode(doc).ids
+    ids = Processor(char_tokenizer, layout, codecs={"audio": codec}).encode(doc).ids
     (span,) = extract_spans(ids, layout, {"audio": {"layers": codec.layers}})
     np.testing.assert_array_equal(span.codes, codes)
     waveform, rate = codec.decode(codes)

@@ -13,6 +13,8 @@ from conftest import CharTokenizer
 from inference_helpers import bias_tokens, media_assistant, tiny_model
 from PIL import Image
 
+from unimodal.data.processor import Processor
+from unimodal.data.templates import get_template
 from unimodal.inference.chat import Assistant, ChatError
 from unimodal.inference.terminal import Terminal
 
@@ -20,7 +22,8 @@ GREEDY = {"temperature": 0.0}
 
 
 def text_assistant(**kw) -> Assistant:
-    return Assistant(tiny_model(), CharTokenizer(), chat_template="chatml", **kw)
+    model = tiny_model()
+    return Assistant(model, Processor(CharTokenizer(), model.layout, chat_template=get_template("chatml")), **kw)
 
 
 def test_chat_renders_the_template_and_streams_text():
@@ -175,18 +178,20 @@ def test_an_exported_model_chats_from_python_and_the_terminal(tmp_path):
     subprocess.run([sys.executable, "-m", "unimodal.cli", "pipeline", "recipes/pipelines/text.yaml", "--tiny", "--root", str(root)], check=True)
     export = root / "chat_sft" / "export"
     assistant = unimodal.load(export)
-    assert assistant.chat_template == "chatml" and assistant.context_length == 256
+    assert assistant.template.name == "chatml" and assistant.context_length == 256
     reply = assistant.chat([{"role": "user", "content": "What does len do?"}], max_new_tokens=8, seed=0)
     assert reply.completion_tokens <= 8
-    done = subprocess.run([sys.executable, "-m", "unimodal.cli", "chat", str(export), "--max-new-tokens", "8", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "unimodal.cli", "chat", str(export), "--max_new_tokens", "8", "--out", str(tmp_path)],
                           input="hello\n/quit\n", capture_output=True, text=True, check=True)
     assert "assistant> " in done.stdout
 
 
 
 def test_span_shapes_come_from_the_codecs():
-    from unimodal.inference.chat import default_spans
-    from unimodal.inference.constraints import SpanSpec
+    from unimodal.inference.constraints import SpanSpec, spans_from_layout
+
+    def default_spans(model, codecs):  # what an Assistant takes when it is given no spans
+        return spans_from_layout(model.layout, codecs, max_seconds=None, skip=tuple(model.continuous))
 
     class Seed:
         def fingerprint(self):

@@ -14,7 +14,7 @@ from PIL import Image
 from unimodal.data.messages import messages_to_parts
 from unimodal.data.templates import get_template, render
 from unimodal.data.datamodule import UnimodalDataModule
-from unimodal.data.processor import DocumentEncoder
+from unimodal.data.processor import Processor
 from unimodal.schema import Document, DocumentError, Part
 from unimodal.data.jsonl import pack_jsonl
 from unimodal.data.shards import read_documents
@@ -33,7 +33,7 @@ def chat() -> Document:
 
 def supervised_text(tokenizer, template: str) -> tuple[str, str]:
     """(the whole rendered text, the supervised characters), eos shown as '<eos>'."""
-    encoded = DocumentEncoder(tokenizer, VocabLayout(tokenizer.vocab_size), chat_template=get_template(template)).encode(chat())
+    encoded = Processor(tokenizer, VocabLayout(tokenizer.vocab_size), chat_template=get_template(template)).encode(chat())
 
     def text(ids) -> str:
         return "".join("<eos>" if i == tokenizer.eos_id else tokenizer.decode([i]) for i in ids if i != tokenizer.bos_id)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from unimodal.data.datamodule import StreamConfig
+from unimodal.data.processor import Processor
 from unimodal.schema import Document, DocumentError, Part
 from unimodal.data.media import MediaBytes
 from unimodal.data.shards import BadSamplePolicy
@@ -82,8 +83,8 @@ def test_corrupt_image_is_a_clear_error_and_a_counted_skip(char_tokenizer):
         codec.encode(Part("image", media=0, data=np.zeros((4, 4, 3), np.float64).astype(np.int16)))
     good = Document([Part("text", text="ok"), Part("image", media=0, data=np.zeros((16, 16, 3), np.uint8))], key="good")
     bad = Document([Part("text", text="no"), Part("image", media=0, data=MediaBytes("png", b"garbage"))], key="bad")
-    config = StreamConfig(char_tokenizer, VocabLayout(char_tokenizer.vocab_size), seq_len=64, batch_size=2,
-                          feature_dim=48, codecs={"image": codec})
+    processor = Processor(char_tokenizer, VocabLayout(char_tokenizer.vocab_size), feature_dim=48, codecs={"image": codec})
+    config = StreamConfig(processor, seq_len=64, batch_size=2)
     policy = BadSamplePolicy(max_bad_fraction=1.0)
     batches = list(config.batches([good, bad], policy))
     assert policy.skipped == 1 and policy.examples[0].key == "bad"

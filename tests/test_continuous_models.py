@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimodal.data.processor import DocumentEncoder
+from unimodal.data.processor import Processor
 from unimodal.data.packing import Packer, collate
 from unimodal.schema import Document, Part
 from unimodal.modalities.image_continuous import PixelPatchCodec
@@ -51,7 +51,7 @@ def build(kind: str, tokenizer, tiny_llama_config, **kwargs) -> tuple[UnifiedMod
         modality = TransfusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, patchify="unet", patch=4,
                                     unet_channels=[8, 8, 8], norm_groups=4, **kwargs)
     model = UnifiedModel(backbone, layout, {"image": modality})
-    encoder = DocumentEncoder(tokenizer, layout, DIM, bidirectional=() if kind == "orthus" else ("image",),
+    encoder = Processor(tokenizer, layout, DIM, bidirectional=() if kind == "orthus" else ("image",),
                               codecs={"image": CODEC})
     packer = Packer(seq_len=160, pad_id=0, feature_dim=DIM, open_sequences=1)
     batch = collate(list(packer.pack([encoder.encode(d) for d in documents()])))
@@ -96,7 +96,7 @@ def test_a_batch_without_images_still_runs_every_module(kind, char_tokenizer, ti
     """ZeRO-3: the head and adapters must take part in every step on every rank."""
     model, _ = build(kind, char_tokenizer, tiny_llama_config)
     layout = model.layout
-    encoder = DocumentEncoder(char_tokenizer, layout, DIM)
+    encoder = Processor(char_tokenizer, layout, DIM)
     batch = collate(list(Packer(32, 0, DIM).pack([encoder.encode(Document([Part("text", text="just text")], key="x"))])))
     losses = model(batch)
     term = losses["diffusion/image"]

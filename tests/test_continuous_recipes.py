@@ -72,9 +72,9 @@ def converted(tmp_path_factory) -> tuple[Path, dict[int, int]]:
     root = tmp_path_factory.mktemp("orthus")
     mapping = tiny_chameleon(root / "chameleon")
     out = root / "orthus-init"
-    assert unimodal_main(["convert", "orthus", "--from", str(root / "chameleon"), "--out", str(out),
-                          "--head-width", "32", "--head-depth", "2"]) == 0
-    assert unimodal_main(["convert", "orthus", "--from", str(root / "chameleon"), "--out", str(out)]) == 2  # not empty
+    assert unimodal_main(["convert", "orthus", "--src", str(root / "chameleon"), "--out", str(out),
+                          "--head_width", "32", "--head_depth", "2"]) == 0
+    assert unimodal_main(["convert", "orthus", "--src", str(root / "chameleon"), "--out", str(out)]) == 2  # not empty
     return out, mapping
 
 

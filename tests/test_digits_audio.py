@@ -7,7 +7,8 @@ import pytest
 
 from unimodal.worlds.digits import utterances
 from unimodal.schema import Document, Part
-from unimodal.modalities.digit_audio import CODEBOOKS_FILE, CONFIG_FILE, DigitAudioCodec, DigitAudioConfig, mel_filterbank
+from unimodal.modalities.base import CODEC_FILE
+from unimodal.modalities.digit_audio import CODEBOOKS_FILE, DigitAudioCodec, DigitAudioConfig, mel_filterbank
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_save_load_and_tamper(small_codec, tmp_path):
     np.save(tmp_path / "codec" / CODEBOOKS_FILE, books + 1)
     with pytest.raises(ValueError, match="checksum"):
         DigitAudioCodec(path=str(tmp_path / "codec"))
-    with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
+    with pytest.raises(FileNotFoundError, match=CODEC_FILE):
         DigitAudioCodec(path=str(tmp_path / "nothing"))
 
 
@@ -72,11 +73,11 @@ def test_unfitted_and_too_little_data():
 
 
 def test_codes_become_layer_major_vocabulary_ids(small_codec, char_tokenizer):
-    from unimodal.data.processor import DocumentEncoder
+    from unimodal.data.processor import Processor
     from unimodal.modalities.vocab import VocabLayout
 
     layout = VocabLayout(text_size=260, code_ranges={"audio": 64}, code_layers={"audio": 2})
-    encoder = DocumentEncoder(char_tokenizer, layout, codecs={"audio": small_codec})
+    encoder = Processor(char_tokenizer, layout, codecs={"audio": small_codec})
     clip = utterances("train")[0].load()
     doc = Document([Part("audio", media=0, data=clip), Part("text", text="zero")], key="k")
     ids = encoder.encode(doc).ids

@@ -166,7 +166,7 @@ def test_assistant_responder_converts_replies():
 
 def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
     from unimodal.cli import main
-    from unimodal.inference import chat
+    from unimodal.worlds import digits_suite
 
     class PassThrough:  # an audio "codec" that keeps the waveform: round trip = judge accuracy
         def encode(self, part):
@@ -178,13 +178,13 @@ def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
     codec = PassThrough()
     loaded = []
     fake = FakeAssistant(codecs={"audio": codec})
-    monkeypatch.setattr(chat, "load", lambda path, device: loaded.append((path, device)) or fake)
+    monkeypatch.setattr(digits_suite, "load", lambda path, device: loaded.append((path, device)) or fake)
     out = tmp_path / "report.json"
     argv = ["eval", str(tmp_path), "--suite", "digits", "--limit", "3", "--out", str(out), "--device", "cpu", "--seed", "1"]
     assert main(argv) == 0
     # text is greedy and sampling seeded unless the command line says otherwise
     assert fake.calls and all(call == {"temperature": 0.0, "seed": 1} for call in fake.calls)
-    assert loaded == [(str(tmp_path), "cpu")]
+    assert loaded == [(tmp_path, "cpu")]
     assert main([*argv[:-2], "--temperature", "0.7"]) == 0
     assert fake.calls[-1] == {"temperature": 0.7, "seed": 0}
     report = json.loads(out.read_text())
@@ -200,8 +200,9 @@ def test_eval_cli_errors_in_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), "--suite", "digits"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("unimodal eval: error:") and err.count("\n") == 1
-    with pytest.raises(SystemExit):
-        main(["eval", str(tmp_path), "--suite", "nope"])
+    assert main(["eval", str(tmp_path), "--suite", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unimodal eval: error: --suite:") and err.count("\n") == 1
 
 
 def test_codec_roundtrip_uses_the_codec():

@@ -34,9 +34,10 @@ def test_stages_export_one_merged_any_to_any_model_that_chats(demo):
     resolved = (demo / "chat_sft" / "recipe.yaml").read_text()
     assert str(demo / "pretrain" / "export") in resolved
     config = json.loads((demo / "chat_sft" / "export" / "unimodal.json").read_text())
+    processor = json.loads((demo / "chat_sft" / "export" / "processor.json").read_text())
     assert config["adapter"] is None  # LoRA merged: one self-contained directory
-    assert config["layout"]["code_ranges"] == {"image": 256, "audio": 512}
-    assert config["layout"]["code_layers"] == {"audio": 2}
+    assert processor["layout"]["code_ranges"] == {"image": 256, "audio": 512}
+    assert processor["layout"]["code_layers"] == {"audio": 2}
 
     # the recipe's sampling defaults travel with the export
     assert config["generation"] == {"text": {"temperature": 0.0}, "image": {"cfg_scale": 2.0}, "audio": {"top_p": 0.7}}
@@ -44,9 +45,9 @@ def test_stages_export_one_merged_any_to_any_model_that_chats(demo):
 
     # the speech codec travels inside the export (no builtin: path that would build the world
     # anew under another working directory); pixel patches need no files
-    assert config["data"]["codecs"]["audio"]["init_args"]["path"] == "codecs/audio"
+    assert processor["codecs"]["audio"]["init_args"]["path"] == "codecs/audio"
     assert (demo / "chat_sft" / "export" / "codecs" / "audio" / "codebooks.npy").is_file()
-    assert "builtin:" not in json.dumps(config["data"]["codecs"])
+    assert "builtin:" not in json.dumps(processor["codecs"])
 
     assistant = unimodal.load(demo / "chat_sft" / "export", device="cpu")
     assert assistant.codecs["audio"].fingerprint() == json.loads((demo / "chat_sft" / "export" / "codecs" / "audio" / "codec.json").read_text())["fingerprint"]
@@ -58,7 +59,7 @@ def test_stages_export_one_merged_any_to_any_model_that_chats(demo):
 
 def test_scoreboard_is_written_with_every_key(demo):
     board = demo / "scoreboard.json"
-    args = ["eval", str(demo / "chat_sft" / "export"), "--suite", "digits", "--out", str(board), "--limit", "1", "--max-new-tokens", "24"]
+    args = ["eval", str(demo / "chat_sft" / "export"), "--suite", "digits", "--out", str(board), "--limit", "1", "--max_new_tokens", "24"]
     assert unimodal_main(args) == 0
     report = json.loads(board.read_text())
     for key in SCORED:

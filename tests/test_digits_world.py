@@ -218,9 +218,9 @@ def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
     from unimodal.cli import main
     from unimodal.worlds import builtin
 
-    assert builtin.BUILDERS["digits"] is builtin.build_digits
+    assert builtin.BUILDERS["digits"] is digits.build_world
     built = []
     monkeypatch.setattr(digits, "build_world", lambda out, seed: built.append((out, seed)) or {"chat/train": 3})
     assert main(["data", "digits", "--out", str(tmp_path / "w"), "--seed", "4"]) == 0
-    assert built == [(str(tmp_path / "w"), 4)]
+    assert built == [(tmp_path / "w", 4)]
     assert "chat/train 3" in capsys.readouterr().out

@@ -127,10 +127,10 @@ def test_resuming_with_data_of_another_layout_is_refused(data_home, encoded, raw
 
 def test_cli_encodes_with_a_builtin_tokenizer(data_home, raw_shards, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert unimodal_main(["data", "encode", str(raw_shards), "--out", str(out), "--image-tokenizer", "builtin:seed_tokenizer/tiny"]) == 0
+    assert unimodal_main(["data", "encode", str(raw_shards), "--out", str(out), "--image_tokenizer", "builtin:seed_tokenizer/tiny"]) == 0
     assert "wrote 12 documents" in capsys.readouterr().out
     assert read_code_sources(out)["image"]["tokens_per_item"] == 8
-    assert unimodal_main(["data", "encode", str(out), "--out", str(tmp_path / "x"), "--image-tokenizer", "builtin:seed_tokenizer/tiny"]) == 2
+    assert unimodal_main(["data", "encode", str(out), "--out", str(tmp_path / "x"), "--image_tokenizer", "builtin:seed_tokenizer/tiny"]) == 2
     assert "already holds image codes" in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unimodal.data.processor import DocumentEncoder
+from unimodal.data.processor import Processor
 from unimodal.schema import Document, DocumentError, Part
 from unimodal.modalities.vocab import VocabLayout
 
@@ -73,7 +73,7 @@ def _doc(*parts: Part) -> Document:
 
 def test_rvq_codes_are_spliced_layer_major(char_tokenizer):
     layout = VocabLayout(**MIO_LIKE)
-    encoder = DocumentEncoder(char_tokenizer, layout, add_bos=False, add_eos=False)
+    encoder = Processor(char_tokenizer, layout, add_bos=False, add_eos=False)
     codes = np.array([[0, 1], [2, 3], [1, 0]], dtype=np.int32)  # [layers, frames]
     out = encoder.encode(_doc(Part("audio", media=0, data=codes)))
     offset = layout.range_offset("audio")
@@ -84,7 +84,7 @@ def test_rvq_codes_are_spliced_layer_major(char_tokenizer):
 
 def test_input_parts_keep_the_content_layer_only(char_tokenizer):
     layout = VocabLayout(**MIO_LIKE)
-    encoder = DocumentEncoder(char_tokenizer, layout, add_bos=False, add_eos=False, input_layers={"audio": 1})
+    encoder = Processor(char_tokenizer, layout, add_bos=False, add_eos=False, input_layers={"audio": 1})
     codes = np.array([[0, 1], [2, 3], [1, 0]], dtype=np.int32)
     heard = encoder.encode(_doc(Part("audio", media=0, data=codes, loss=False)))
     spoken = encoder.encode(_doc(Part("audio", media=0, data=codes, loss=True)))
@@ -94,13 +94,13 @@ def test_input_parts_keep_the_content_layer_only(char_tokenizer):
 
 def test_bad_codes_are_document_errors(char_tokenizer):
     layout = VocabLayout(**MIO_LIKE)
-    encoder = DocumentEncoder(char_tokenizer, layout)
+    encoder = Processor(char_tokenizer, layout)
     with pytest.raises(DocumentError, match=r"expected \[layers <= 3, frames\]"):
         encoder.encode(_doc(Part("audio", media=0, data=np.zeros((4, 2), np.int32))))
     with pytest.raises(DocumentError, match=r"outside \[0, 4\)"):
         encoder.encode(_doc(Part("audio", media=0, data=np.full((1, 2), 4, np.int32))))
     with pytest.raises(DocumentError, match="no image code range"):
-        DocumentEncoder(char_tokenizer, VocabLayout(260)).encode(_doc(Part("image", media=0, data=np.zeros(3, np.int32))))
+        Processor(char_tokenizer, VocabLayout(260)).encode(_doc(Part("image", media=0, data=np.zeros(3, np.int32))))
     image = encoder.encode(_doc(Part("image", media=0, data=np.arange(6, dtype=np.int64).reshape(2, 3))))
     assert image.ids[2:8].tolist() == list(range(265, 271))  # any shape, raster order
 

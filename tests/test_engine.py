@@ -8,7 +8,7 @@ import torch
 from conftest import CharTokenizer
 from inference_helpers import FEATURE_DIM, bias_tokens, family_model, tiny_model
 
-from unimodal.data.processor import DocumentEncoder
+from unimodal.data.processor import Processor
 from unimodal.schema import Document, Part
 from unimodal.inference.engine import Engine
 from unimodal.inference.modes import open_span
@@ -24,8 +24,8 @@ GREEDY = {"temperature": 0.0}
 NOT_TEXT = list(range(TOK.vocab_size, 320))
 
 
-def encoder(model, bidirectional=()) -> DocumentEncoder:
-    return DocumentEncoder(TOK, model.layout, feature_dim=FEATURE_DIM, add_eos=False, bidirectional=bidirectional)
+def encoder(model, bidirectional=()) -> Processor:
+    return Processor(TOK, model.layout, feature_dim=FEATURE_DIM, add_eos=False, bidirectional=bidirectional)
 
 
 def prompt(model, *parts, bidirectional=(), begin: str | None = None):

@@ -12,8 +12,6 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from unimodal.cli import main as unimodal_main
-from unimodal.data.templates import get_template
-from unimodal.data.processor import DocumentEncoder
 from unimodal.data.packing import Packer, collate
 from unimodal.schema import Document, Part
 from unimodal.training.recipes import load_recipe, run_training
@@ -47,8 +45,9 @@ def run(tmp_path_factory) -> Path:
 def probe(exported) -> object:
     """A packed chat batch in the exported model's own tokenizer and template."""
     doc = Document([Part("text", text="What does json do?", role="user"), Part("text", text="It encodes.", role="assistant")])
-    encoder = DocumentEncoder(exported.tokenizer, exported.layout, 6, chat_template=get_template(exported.config["data"]["chat_template"]))
-    return collate([next(Packer(64, exported.tokenizer.pad_id, 6).pack([encoder.encode(doc)]))])
+    processor = exported.processor
+    assert processor.chat_template is not None and processor.feature_dim == 6
+    return collate([next(Packer(64, processor.tokenizer.pad_id, 6).pack([processor.encode(doc)]))])
 
 
 def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path):
@@ -57,8 +56,9 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
     merged_dir = export(run, tmp_path / "merged", merge_lora=True)  # a run directory: its newest checkpoint
 
     config = json.loads((adapter_dir / "unimodal.json").read_text())
-    assert config["adapter"] == "adapter" and config["data"]["chat_template"] == "chatml"
-    assert config["layout"]["code_ranges"] == {"image": 32} and config["source"]["global_step"] == 2
+    processor = json.loads((adapter_dir / "processor.json").read_text())
+    assert config["adapter"] == "adapter" and processor["chat_template"] == "chatml"
+    assert processor["layout"]["code_ranges"] == {"image": 32} and config["source"]["global_step"] == 2
     assert (adapter_dir / "tokenizer.model").is_file() and (adapter_dir / "modules.safetensors").is_file()
     assert not (merged_dir / "adapter").exists()
 
@@ -80,14 +80,14 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
         expected = trained(batch)["ce/text"].total
         for directory in (adapter_dir, merged_dir):
             torch.testing.assert_close(load_exported(directory).model(batch)["ce/text"].total, expected, rtol=1e-4, atol=1e-4)
-    assert not loaded.model.training and loaded.codecs == {}
+    assert not loaded.model.training and loaded.processor.codecs == {}
     # the framework module's LoRA was merged into its weights
     assert torch.equal(loaded.model.continuous["image"].proj.weight, load_exported(merged_dir).model.continuous["image"].proj.weight)
     assert not torch.equal(loaded.model.continuous["image"].proj.weight, torch.zeros(1))
 
 
 def test_export_command_and_its_errors(run, tmp_path):
-    assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x"), "--merge-lora"]) == 0
+    assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x"), "--merge_lora"]) == 0
     assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x")]) == 2  # not empty
     assert unimodal_main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "y")]) == 2
     bare = tmp_path / "bare.ckpt"

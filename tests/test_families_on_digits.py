@@ -59,10 +59,10 @@ def test_the_seed_llm_stages_read_pictures_with_the_tokenizer_the_pipeline_train
     seed = next(row for row in rows if row["family"] == "seed")
     run = Path(seed["model"]).parents[1]
     trained = yaml.safe_load((run / "pretrain_lora" / "recipe.yaml").read_text())["data"]["init_args"]["codecs"]["image"]
-    assert trained["class_path"] == "unimodal.modalities.seed_tokenizer.SeedImageCodec"
+    assert trained["class_path"] == "unimodal.modalities.SeedImageCodec"
     assert trained["init_args"]["path"] == str(run / "tokenizer_stage2" / "tokenizer")  # absolute
     # the export carries a copy of that tokenizer, so it loads from anywhere
-    codec = json.loads(Path(seed["model"], "unimodal.json").read_text())["data"]["codecs"]["image"]
+    codec = json.loads(Path(seed["model"], "processor.json").read_text())["codecs"]["image"]
     assert codec["init_args"]["path"] == "codecs/image"
     assert (Path(seed["model"]) / "codecs" / "image" / "seed_tokenizer.json").is_file()
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_LLAMA
-from unimodal.data.processor import DocumentEncoder
+from unimodal.data.processor import Processor
 from unimodal.data.packing import Packer, collate
 from unimodal.schema import Document, Part
 from unimodal.modalities.vocab import VocabLayout
@@ -44,7 +44,7 @@ def batch(tokenizer, layout: VocabLayout):
     image = Part("image", media=0, data=rng.normal(size=(3, FEATURES)).astype(np.float32))
     codes = Part("image", media=1, data=np.array([1, 5, 7]))
     doc = Document([Part("text", text="a cat"), image, Part("text", text="then codes"), codes], key="d")
-    encoded = DocumentEncoder(tokenizer, layout, FEATURES).encode(doc)
+    encoded = Processor(tokenizer, layout, FEATURES).encode(doc)
     return collate([next(Packer(64, 0, FEATURES).pack([encoded]))])
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimodal.data.processor import DocumentEncoder
+from unimodal.data.processor import Processor
 from unimodal.batch import IGNORE_INDEX
 from unimodal.data.packing import DocumentTooLong, Packer, collate
 from unimodal.schema import Document, Part
@@ -28,8 +28,8 @@ def make_doc(key: str, rng: np.random.Generator, texts: list[str], image_tokens:
     return Document(parts, key=key)
 
 
-def encoder(tokenizer, bidirectional: tuple[str, ...] = ()) -> DocumentEncoder:
-    return DocumentEncoder(tokenizer, VocabLayout(tokenizer.vocab_size), FEATURES, bidirectional=bidirectional)
+def encoder(tokenizer, bidirectional: tuple[str, ...] = ()) -> Processor:
+    return Processor(tokenizer, VocabLayout(tokenizer.vocab_size), FEATURES, bidirectional=bidirectional)
 
 
 def test_positions_restart_and_labels_shift(char_tokenizer):

@@ -52,7 +52,7 @@ def test_a_moved_class_path_is_refused_naming_the_new_one(tmp_path):
     from unimodal.training.recipes import load_recipe
 
     recipe = tmp_path / "old.yaml"
-    recipe.write_text((ROOT / "recipes" / "orthus" / "base.yaml").read_text().replace("TokenDiffusionImage", "DiffusionImage"))
+    recipe.write_text((ROOT / "recipes" / "orthus" / "base.yaml").read_text().replace("unimodal.models.TokenDiffusionImage", "unimodal.models.continuous.DiffusionImage"))
     with pytest.raises(UserError, match=r"class_path unimodal.models.continuous.DiffusionImage is now unimodal.models.continuous.TokenDiffusionImage"):
         load_recipe(recipe, tiny=True)
 

@@ -46,7 +46,7 @@ def test_print_config_shows_the_resolved_recipe(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "class_path: unimodal.training.module.UnimodalModule" in result.stdout
+    assert "class_path: unimodal.training.UnimodalModule" in result.stdout
     assert "seq_len: 256" in result.stdout
 
 

@@ -1,258 +1,360 @@
-"""The ``unimodal`` command.
+"""The ``unimodal`` command: a table of verbs, each a typed function whose signature is its schema.
 
-``train`` hands its arguments to LightningCLI (jsonargparse): ``unimodal train RECIPE.yaml
---trainer.max_steps=10`` and ``--print_config`` work as in any LightningCLI program. The other
-verbs are small argparse front ends over library functions.
+jsonargparse turns each function into a subcommand: its parameters are the options
+(``--max_docs_per_shard``), its docstring's first paragraph the verb's help and its ``Args:``
+the options' help. LightningCLI, which ``train`` hands its arguments to, is jsonargparse too, so
+every verb reads ``--config FILE`` and ``--print_config`` the same way. A verb returns the text
+it wants printed, or None.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import re
 import sys
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any, Literal
 
+from jsonargparse import ArgumentParser, auto_cli
+
+from unimodal.data.inspect import inspect_path
 from unimodal.errors import UserError
 
-def _train(args: argparse.Namespace, rest: list[str]) -> None:
+
+def train(recipe: str, *lightning_args: str) -> None:
+    """Train one stage from a recipe; what follows it (--tiny, --trainer.max_steps=10, ...) goes to LightningCLI.
+
+    Args:
+        recipe: the recipe YAML (recipes/*.yaml). Everything after it goes to LightningCLI as it
+            is; `unimodal train RECIPE.yaml --help` lists those options.
+        lightning_args: LightningCLI's arguments.
+    """
     from unimodal.training.recipes import run_training
     from unimodal.worlds import resolve
 
-    run_training(([args.recipe] if args.recipe else []) + rest, resolve_path=resolve)
+    run_training([recipe, *lightning_args], resolve_path=resolve)
 
 
-def _data_pack(args: argparse.Namespace, rest: list[str]) -> None:
+def pack(
+    src: Path,
+    *,
+    out: Path,
+    max_docs_per_shard: int = 1000,
+    max_mb_per_shard: int = 256,
+    skip_bad: bool = False,
+    val_fraction: float = 0.0,
+) -> None:
+    """Pack a source JSONL (media parts name local files) into shards.
+
+    Args:
+        src: the source JSONL: one document or chat record per line (docs/data-format.md).
+        out: the shard directory.
+        max_docs_per_shard: the most documents in one shard.
+        max_mb_per_shard: the largest shard size, in MiB.
+        skip_bad: skip and count bad documents instead of stopping at the first.
+        val_fraction: > 0: write OUT/train and OUT/val, documents split by key.
+    """
     from unimodal.data.jsonl import pack_jsonl
 
-    pack_jsonl(
-        args.src,
-        args.out,
-        max_docs_per_shard=args.max_docs_per_shard,
-        max_bytes_per_shard=args.max_mb_per_shard * 2**20,
-        skip_bad=args.skip_bad,
-        val_fraction=args.val_fraction,
-    )
+    pack_jsonl(src, out, max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_mb_per_shard * 2**20,
+               skip_bad=skip_bad, val_fraction=val_fraction)
 
 
-def _data_encode(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.worlds import builtin
-    from unimodal.data.pre_encode import encode_shards, load_codec
+def encode(
+    src: str,
+    *,
+    out: Path,
+    image_tokenizer: str | None = None,
+    audio_codec: str | None = None,
+    audio_layers: int | None = None,
+    max_seconds: float = 30.0,
+    flip_pairs: float = 0.0,
+    max_docs_per_shard: int = 1000,
+    device: str = "cpu",
+) -> str:
+    """Pre-encode the images and audio of shards into codes once (docs/vocabulary.md).
+
+    Args:
+        src: a shard directory, brace pattern or shard; or a builtin: name.
+        out: the directory for the encoded shards (new or empty).
+        image_tokenizer: a SEED tokenizer or Chameleon (VQ-VAE) directory, or a builtin: name.
+        audio_codec: an EnCodec/Mimi/DAC or SpeechTokenizer directory, or a builtin: name.
+        audio_layers: RVQ layers to keep (default: all of the codec's).
+        max_seconds: longer audio is an error.
+        flip_pairs: probability of swapping the parts of image-text pairs (SEED-LLaMA: 0.5).
+        max_docs_per_shard: documents per output shard.
+        device: where the codecs run: cpu or cuda[:N].
+    """
+    from unimodal.data.pre_encode import encode_shards
+    from unimodal.modalities.loading import load_codec
+    from unimodal.worlds import resolve
 
     codecs = {}
-    if args.image_tokenizer:
-        codecs["image"] = load_codec("image", builtin.resolve(args.image_tokenizer), args.device)
-    if args.audio_codec:
-        codecs["audio"] = load_codec("audio", builtin.resolve(args.audio_codec), args.device, layers=args.audio_layers, max_seconds=args.max_seconds)
-    stats = encode_shards(
-        builtin.resolve(args.src), args.out, codecs, max_docs_per_shard=args.max_docs_per_shard, flip_pairs=args.flip_pairs
-    )
-    print(f"wrote {stats['documents']} documents to {args.out} (codes: {', '.join(sorted(stats['codes']))})")
+    if image_tokenizer:
+        codecs["image"] = load_codec("image", resolve(image_tokenizer), device)
+    if audio_codec:
+        codecs["audio"] = load_codec("audio", resolve(audio_codec), device, layers=audio_layers, max_seconds=max_seconds)
+    stats = encode_shards(resolve(src), out, codecs, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs)
+    return f"wrote {stats['documents']} documents to {out} (codes: {', '.join(sorted(stats['codes']))})"
 
 
-def _data_inspect(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.data.inspect import inspect_path
+def text_corpus(*, out: Path) -> str:
+    """Write a small English corpus (stdlib docstrings) as source JSONL.
 
-    print(inspect_path(args.path, n=args.n))
-
-
-def _data_text_corpus(args: argparse.Namespace, rest: list[str]) -> None:
+    Args:
+        out: the directory for train.jsonl and val.jsonl.
+    """
     from unimodal.worlds.stdlib_text import write_corpus
 
-    train, val = write_corpus(args.out)
-    print(f"wrote {train} training and {val} validation documents to {args.out}/{{train,val}}.jsonl")
+    train_docs, val_docs = write_corpus(out)
+    return f"wrote {train_docs} training and {val_docs} validation documents to {out}/{{train,val}}.jsonl"
 
 
-def _data_digits(args: argparse.Namespace, rest: list[str]) -> None:
+def digits(*, out: Path, seed: int = 0) -> str:
+    """Build the digits world: images, speech, text, tokenizers (docs/digits-world.md).
+
+    Args:
+        out: the directory for the world (new or empty).
+        seed: the seed every random choice of the world derives from.
+    """
     from unimodal.worlds.digits import build_world
 
-    summary = build_world(args.out, seed=args.seed)
-    counts = ", ".join(f"{name} {n}" for name, n in summary.items() if "/" in name)
-    print(f"wrote the digits world to {args.out} (documents: {counts}; see {args.out}/world.json)")
+    counts = ", ".join(f"{name} {n}" for name, n in build_world(out, seed=seed).items() if "/" in name)
+    return f"wrote the digits world to {out} (documents: {counts}; see {out}/world.json)"
 
 
-def _eval(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.worlds.digits_suite import evaluate, summary
+def tokenizer(src: Path, *, out: Path, vocab_size: int = 1024) -> str:
+    """Train a SentencePiece tokenizer on a source JSONL's text.
 
-    report = evaluate(args.model, args.out, limit=args.limit, batch_size=args.batch_size, device=args.device, settings=_sampling(args))
-    print(summary(report))
-    print(f"wrote {report['report_path']}")
-
-
-def _data_tokenizer(args: argparse.Namespace, rest: list[str]) -> None:
+    Args:
+        src: the source JSONL.
+        out: the tokenizer file, ending in .model.
+        vocab_size: pieces in the vocabulary.
+    """
     from unimodal.data.sentencepiece_trainer import train_tokenizer
 
-    out = train_tokenizer(args.src, args.out, vocab_size=args.vocab_size)
-    print(f"wrote {out}")
+    return f"wrote {train_tokenizer(src, out, vocab_size=vocab_size)}"
 
 
-def _convert_zero(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.checkpoints.zero import zero_to_fp32
+def zero_to_fp32(checkpoint_dir: Path, out: Path) -> str:
+    """DeepSpeed ZeRO checkpoint directory -> one fp32 state dict.
 
-    zero_to_fp32(args.checkpoint_dir, args.out)
-    print(f"wrote {args.out}")
+    Args:
+        checkpoint_dir: the directory DeepSpeed saved (latest, checkpoint/...).
+        out: the Lightning checkpoint file to write.
+    """
+    from unimodal.checkpoints.zero import zero_to_fp32 as convert
+
+    return f"wrote {convert(checkpoint_dir, out)}"
 
 
-def _convert_orthus(args: argparse.Namespace, rest: list[str]) -> None:
+def orthus(*, src: Path, out: Path, head_width: int = 1536, head_depth: int = 3) -> str:
+    """Chameleon checkpoint -> Orthus-base initialisation (docs/orthus.md).
+
+    Args:
+        src: the Chameleon model directory.
+        out: the directory for the initialisation (new or empty).
+        head_width: width of the diffusion head.
+        head_depth: blocks of the diffusion head.
+    """
     from unimodal.checkpoints.convert_orthus import convert_orthus
 
-    out = convert_orthus(args.src, args.out, head_width=args.head_width, head_depth=args.head_depth)
-    print(f"wrote the Orthus-base initialisation to {out} (backbone/, vqvae/, orthus_modules.safetensors)")
+    out = convert_orthus(src, out, head_width=head_width, head_depth=head_depth)
+    return f"wrote the Orthus-base initialisation to {out} (backbone/, vqvae/, orthus_modules.safetensors)"
 
 
-def _pipeline(args: argparse.Namespace, rest: list[str]) -> None:
+def pipeline(path: Path, *, tiny: bool = False, root: Path | None = None) -> str:
+    """Run the stages of a pipeline file in order (docs/pipelines.md).
+
+    Args:
+        path: the pipeline YAML (recipes/pipelines/*.yaml).
+        tiny: run every stage's CPU-sized variant.
+        root: the directory for the stages' runs (default: the file's root:).
+    """
     from unimodal.training.pipeline import format_table, run_pipeline
     from unimodal.worlds import resolve
 
-    print(format_table(run_pipeline(args.pipeline, tiny=args.tiny, root=args.root, resolve_path=resolve)))
+    return format_table(run_pipeline(path, tiny=tiny, root=root, resolve_path=resolve))
 
 
-def _export(args: argparse.Namespace, rest: list[str]) -> None:
-    from unimodal.training.exporting import export
+def export(checkpoint: Path, *, out: Path, merge_lora: bool = False) -> str:
+    """Checkpoint -> HF-style export directory (docs/checkpoints.md).
 
+    Args:
+        checkpoint: a .ckpt file, a DeepSpeed checkpoint directory or a run directory.
+        out: the export directory (new or empty).
+        merge_lora: merge LoRA into the backbone instead of writing an adapter.
+    """
+    from unimodal.training.exporting import export as write_export
     from unimodal.worlds import resolve
 
-    print(f"wrote {export(args.checkpoint, args.out, merge_lora=args.merge_lora, resolve_path=resolve)}")
+    return f"wrote {write_export(checkpoint, out, merge_lora=merge_lora, resolve_path=resolve)}"
 
 
-def _sampling(args: argparse.Namespace) -> dict:
-    """Generation settings given on the command line (unset ones keep the model's defaults)."""
-    names = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+def chat(
+    model: Path,
+    *,
+    out: Path = Path("chat-outputs"),
+    system: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+) -> None:
+    """Chat with an exported model in the terminal (docs/chat.md).
 
-
-def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, help="text sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--max-new-tokens", type=int, help="reply length limit in tokens")
-    parser.add_argument("--seed", type=int, help="fixed seed for reproducible replies")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
-
-
-def _chat(args: argparse.Namespace, rest: list[str]) -> None:
+    Args:
+        model: an export directory (unimodal export).
+        out: the directory for generated images and audio.
+        system: a system prompt.
+        temperature: text sampling temperature (0: greedy; default: the model's).
+        top_p: nucleus sampling mass (default: the model's).
+        top_k: sample among this many tokens (default: the model's).
+        max_new_tokens: reply length limit in tokens (default: the model's).
+        seed: a fixed seed for reproducible replies.
+        device: auto (CUDA when present), cpu or cuda[:N].
+    """
     from unimodal.inference.chat import load
     from unimodal.inference.terminal import Terminal
 
-    Terminal(load(args.model, device=args.device), args.out, settings=_sampling(args), system=args.system).run()
+    settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    Terminal(load(model, device=device), out, settings=settings, system=system).run()
 
 
-def _serve(args: argparse.Namespace, rest: list[str]) -> None:
+def serve(
+    model: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    max_request_mb: float = 20.0,
+    max_seconds: float = 300.0,
+    max_tokens: int = 4096,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+) -> None:
+    """Serve an exported model over an OpenAI-compatible HTTP API (docs/serving.md).
+
+    Args:
+        model: an export directory (unimodal export).
+        host: the address to listen on.
+        port: the port to listen on.
+        api_key: require 'Authorization: Bearer KEY' (default: $UNIMODAL_API_KEY, else none).
+        model_name: the model id clients send (default: the directory name).
+        max_request_mb: larger request bodies get 413.
+        max_seconds: longer generations get 408.
+        max_tokens: the largest max_tokens a request may ask for.
+        temperature: default text sampling temperature (0: greedy; default: the model's).
+        top_p: default nucleus sampling mass (default: the model's).
+        top_k: default number of tokens sampled among (default: the model's).
+        max_new_tokens: default reply length in tokens (default: the model's).
+        seed: a fixed seed for reproducible replies.
+        device: auto (CUDA when present), cpu or cuda[:N].
+    """
     from unimodal.inference.chat import load
-    from unimodal.inference.server import ServerLimits, serve
+    from unimodal.inference.server import ServerLimits
+    from unimodal.inference.server import serve as run_server
 
-    limits = ServerLimits(
-        max_request_bytes=int(args.max_request_mb * 2**20), max_seconds=args.max_seconds, max_new_tokens=args.max_tokens
-    )
-    assistant = load(args.model, device=args.device)
-    if _sampling(args):
-        assistant.settings = assistant.settings.replace(**_sampling(args))
-    serve(assistant, args.host, args.port, api_key=args.api_key or os.environ.get("UNIMODAL_API_KEY"), limits=limits,
-          model_name=args.model_name)
+    limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens)
+    assistant = load(model, device=device)
+    settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    if settings:
+        assistant.settings = assistant.settings.replace(**settings)
+    run_server(assistant, host, port, api_key=api_key or os.environ.get("UNIMODAL_API_KEY"), limits=limits,
+               model_name=model_name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+def evaluate(
+    model: Path,
+    *,
+    suite: Literal["digits"],
+    out: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+) -> str:
+    """Score an exported model on an evaluation suite (docs/digits-world.md).
 
-    train = verbs.add_parser(
-        "train",
-        help="train one stage from a recipe (LightningCLI: --trainer.max_steps=10, --print_config, ...)",
-        add_help=False,
-    )
-    train.add_argument("recipe", nargs="?", help="recipe YAML (--help lists every option)")
-    train.set_defaults(run=_train, passthrough=True)
+    Args:
+        model: an export directory (unimodal export).
+        suite: the suite to run.
+        out: the JSON report (default: MODEL/eval-digits.json).
+        limit: at most this many questions per task (a quick look).
+        batch_size: conversations generated together.
+        temperature: text sampling temperature (default: 0, greedy: answers are classifications).
+        top_p: nucleus sampling mass (default: the model's).
+        top_k: sample among this many tokens (default: the model's).
+        max_new_tokens: reply length limit in tokens (default: the model's).
+        seed: the seed of sampled pictures and speech (default: 0).
+        device: auto (CUDA when present), cpu or cuda[:N].
+    """
+    from unimodal.worlds.digits_suite import evaluate as run_suite
+    from unimodal.worlds.digits_suite import summary
 
-    data = verbs.add_parser("data", help="build, pack and inspect WebDataset shards")
-    data_verbs = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
-    pack = data_verbs.add_parser("pack", help="pack a source JSONL (media parts name local files) into shards")
-    pack.add_argument("src")
-    pack.add_argument("--out", required=True)
-    pack.add_argument("--max-docs-per-shard", type=int, default=1000)
-    pack.add_argument("--max-mb-per-shard", type=int, default=256)
-    pack.add_argument("--skip-bad", action="store_true", help="skip and count bad documents instead of stopping")
-    pack.add_argument("--val-fraction", type=float, default=0.0, help="> 0: write OUT/train and OUT/val, documents split by key")
-    pack.set_defaults(run=_data_pack)
-    encode = data_verbs.add_parser("encode", help="pre-encode the images/audio of shards into codes once (docs/vocabulary.md)")
-    encode.add_argument("src", help="shard directory, brace pattern or shard (builtin: paths work)")
-    encode.add_argument("--out", required=True, help="directory for the encoded shards (new or empty)")
-    encode.add_argument("--image-tokenizer", metavar="DIR", help="a SEED tokenizer or Chameleon (VQ-VAE) directory")
-    encode.add_argument("--audio-codec", metavar="DIR", help="an EnCodec/Mimi/DAC or SpeechTokenizer directory")
-    encode.add_argument("--audio-layers", type=int, help="RVQ layers to keep (default: all of the codec's)")
-    encode.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is an error")
-    encode.add_argument("--flip-pairs", type=float, default=0.0, help="probability of swapping image-text pairs (SEED-LLaMA: 0.5)")
-    encode.add_argument("--max-docs-per-shard", type=int, default=1000)
-    encode.add_argument("--device", default="cpu")
-    encode.set_defaults(run=_data_encode)
-    inspect = data_verbs.add_parser("inspect", help="summarise a shard or a shard directory")
-    inspect.add_argument("path")
-    inspect.add_argument("-n", type=int, default=3, help="documents to show")
-    inspect.set_defaults(run=_data_inspect)
-    corpus = data_verbs.add_parser("text-corpus", help="write a small English corpus (stdlib docstrings) as source JSONL")
-    corpus.add_argument("--out", required=True, help="directory for train.jsonl and val.jsonl")
-    corpus.set_defaults(run=_data_text_corpus)
-    digits = data_verbs.add_parser("digits", help="build the digits world: images, speech, text, tokenizers (docs/digits-world.md)")
-    digits.add_argument("--out", required=True, help="directory for the world (new or empty)")
-    digits.add_argument("--seed", type=int, default=0)
-    digits.set_defaults(run=_data_digits)
-    tok = data_verbs.add_parser("tokenizer", help="train a SentencePiece tokenizer on a source JSONL's text")
-    tok.add_argument("src")
-    tok.add_argument("--out", required=True, help="path ending in .model")
-    tok.add_argument("--vocab-size", type=int, default=1024)
-    tok.set_defaults(run=_data_tokenizer)
+    settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    report = run_suite(model, out, limit=limit, batch_size=batch_size, device=device, settings=settings)
+    return f"{summary(report)}\nwrote {report['report_path']}"
 
-    convert = verbs.add_parser("convert", help="convert checkpoints")
-    convert_verbs = convert.add_subparsers(dest="convert_verb", metavar="KIND", required=True)
-    zero = convert_verbs.add_parser("zero-to-fp32", help="DeepSpeed ZeRO checkpoint directory -> one fp32 state dict")
-    zero.add_argument("checkpoint_dir")
-    zero.add_argument("out")
-    zero.set_defaults(run=_convert_zero)
-    orthus = convert_verbs.add_parser("orthus", help="Chameleon checkpoint -> Orthus-base initialisation (docs/orthus.md)")
-    orthus.add_argument("--from", dest="src", required=True, metavar="CHAMELEON_DIR")
-    orthus.add_argument("--out", required=True, metavar="DIR")
-    orthus.add_argument("--head-width", type=int, default=1536)
-    orthus.add_argument("--head-depth", type=int, default=3)
-    orthus.set_defaults(run=_convert_orthus)
 
-    pipeline = verbs.add_parser("pipeline", help="run the stages of a pipeline file in order (docs/pipelines.md)")
-    pipeline.add_argument("pipeline", help="pipeline YAML (recipes/pipelines/*.yaml)")
-    pipeline.add_argument("--tiny", action="store_true", help="run every stage's CPU-sized variant")
-    pipeline.add_argument("--root", help="directory for the stages' runs (default: the file's root:)")
-    pipeline.set_defaults(run=_pipeline)
+def _given(**settings: Any) -> dict[str, Any]:
+    """The sampling settings given on the command line: unset ones keep the model's defaults."""
+    return {name: value for name, value in settings.items() if value is not None}
 
-    export = verbs.add_parser("export", help="checkpoint -> HF-style directory (docs/checkpoints.md)")
-    export.add_argument("checkpoint", help="a .ckpt file, a DeepSpeed checkpoint directory or a run directory")
-    export.add_argument("--out", required=True, help="the export directory (new or empty)")
-    export.add_argument("--merge-lora", action="store_true", help="merge LoRA into the backbone instead of writing an adapter")
-    export.set_defaults(run=_export)
 
-    chat = verbs.add_parser("chat", help="chat with an exported model in the terminal (docs/chat.md)")
-    chat.add_argument("model", help="an export directory (unimodal export)")
-    chat.add_argument("--out", default="chat-outputs", help="directory for generated images and audio")
-    chat.add_argument("--system", help="a system prompt")
-    _add_sampling(chat)
-    chat.set_defaults(run=_chat)
+# verb -> function (its signature the verb's options); a dict nests verbs, "_help" their group's help
+VERBS: dict[str, Any] = {
+    "train": train,
+    "data": {
+        "_help": "build, pack and inspect WebDataset shards",
+        "pack": pack,
+        "encode": encode,
+        "inspect": inspect_path,
+        "text-corpus": text_corpus,
+        "digits": digits,
+        "tokenizer": tokenizer,
+    },
+    "convert": {"_help": "convert checkpoints", "zero-to-fp32": zero_to_fp32, "orthus": orthus},
+    "pipeline": pipeline,
+    "export": export,
+    "chat": chat,
+    "serve": serve,
+    "eval": evaluate,
+}
 
-    serve = verbs.add_parser("serve", help="serve an exported model over an OpenAI-compatible HTTP API (docs/serving.md)")
-    serve.add_argument("model", help="an export directory (unimodal export)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $UNIMODAL_API_KEY, else none)")
-    serve.add_argument("--model-name", help="the model id clients send (default: the directory name)")
-    serve.add_argument("--max-request-mb", type=float, default=20.0, help="larger request bodies get 413")
-    serve.add_argument("--max-seconds", type=float, default=300.0, help="longer generations get 408")
-    serve.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask for")
-    _add_sampling(serve)
-    serve.set_defaults(run=_serve)
+# the flags of a96b9df's argparse command that are spelled differently now
+RENAMED = {
+    "-n": "--n",
+    "--from": "--src",
+    **{f"--{old}": f"--{old.replace('-', '_')}" for old in (
+        "max-docs-per-shard", "max-mb-per-shard", "skip-bad", "val-fraction", "image-tokenizer", "audio-codec",
+        "audio-layers", "max-seconds", "flip-pairs", "vocab-size", "head-width", "head-depth", "merge-lora",
+        "api-key", "model-name", "max-request-mb", "max-tokens", "batch-size", "top-p", "top-k", "max-new-tokens",
+    )},
+}
 
-    evaluate = verbs.add_parser("eval", help="score an exported model on an evaluation suite (docs/digits-world.md)")
-    evaluate.add_argument("model", help="an export directory (unimodal export)")
-    evaluate.add_argument("--suite", required=True, choices=["digits"])
-    evaluate.add_argument("--out", help="the JSON report (default: MODEL/eval-digits.json)")
-    evaluate.add_argument("--limit", type=int, help="at most this many questions per task (a quick look)")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="conversations generated together")
-    _add_sampling(evaluate)
-    evaluate.set_defaults(run=_eval)
-    return parser
+
+class Parser(ArgumentParser):
+    """jsonargparse's parser, with boolean options as flags: ``--tiny`` alone means true
+    (``--tiny false`` still works), as the verbs' switches always read."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("type") is bool and args[0].startswith("--"):
+            kwargs.update(nargs="?", const=True)
+        return super().add_argument(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,18 +362,54 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    command = _command(argv)
     try:
-        args.run(args, rest)
+        if argv[:1] == ["train"] and argv[1:2] not in ([], ["-h"], ["--help"]):
+            train(*argv[1:])  # LightningCLI parses these, as in any LightningCLI program
+            return 0
+        renamed = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in RENAMED), None)
+        if renamed:
+            raise ArgumentError(None, f"{renamed} is now {RENAMED[renamed]}")
+        printed = auto_cli(VERBS, args=argv, prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.",
+                           parser_class=Parser, exit_on_error=False)
+    except ArgumentError as err:
+        print(f"{command}: error: {_parse_error(err.message)}", file=sys.stderr)
+        return 2
     except (UserError, FileNotFoundError, ValueError) as err:
         if os.environ.get("UNIMODAL_DEBUG"):
             raise
-        print(f"unimodal {args.verb}: error: {_reason(err)}", file=sys.stderr)
+        print(f"{command}: error: {_reason(err)}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    if printed is not None:
+        print(printed)
     return 0
+
+
+def _command(argv: list[str]) -> str:
+    """``unimodal`` and the verb ``argv`` names (``unimodal data pack``), for error lines."""
+    words = ["unimodal"]
+    table: Any = VERBS
+    for word in argv:
+        if not isinstance(table, dict) or word not in table:
+            break
+        words.append(word)
+        table = table[word]
+    return " ".join(words)
+
+
+def _parse_error(message: str) -> str:
+    """jsonargparse's parse error as one line: the option and why its value was refused (of a
+    Union's alternatives, the first that is not None)."""
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if match is None:
+        return " ".join(message.split())
+    key, body = match.groups()
+    lines = [line.strip().removeprefix("- ") for line in body.splitlines() if line.strip()]
+    reason = lines[0] if lines else "invalid value"
+    if reason.startswith(UNION_ERROR):
+        expected = next((line for line in lines if line.startswith("Expected") and "NoneType" not in line), reason)
+        reason = " ".join([expected + ".", *(line for line in lines if line.startswith("Given value:"))])
+    return f"--{key.rsplit('.', 1)[-1]}: {reason}"
 
 
 UNION_ERROR = "Does not validate against any of the Union subtypes"

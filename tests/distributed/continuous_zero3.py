@@ -27,7 +27,7 @@ from conftest import CharTokenizer  # noqa: E402
 from tiny import BACKBONE, ListDataset, LossRecorder, Snapshot, trainer_kwargs  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from unimodal.data.processor import DocumentEncoder  # noqa: E402
+from unimodal.data.processor import Processor  # noqa: E402
 from unimodal.data.packing import Packer, collate  # noqa: E402
 from unimodal.schema import Document, Part  # noqa: E402
 from unimodal.modalities.image_continuous import PixelPatchCodec  # noqa: E402
@@ -43,7 +43,7 @@ TOKENIZER = CharTokenizer()
 
 def batches(rank: int, orthus: bool) -> list:
     layout = VocabLayout(TOKENIZER.vocab_size, code_ranges={"image": 16} if orthus else {})
-    encoder = DocumentEncoder(TOKENIZER, layout, 48, bidirectional=() if orthus else ("image",),
+    encoder = Processor(TOKENIZER, layout, 48, bidirectional=() if orthus else ("image",),
                               codecs={"image": PixelPatchCodec(size=8, patch=4)})
     rng = np.random.default_rng(rank)
     out = []

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from unimodal.models.continuous import TokenDiffusionImage
 
 MODULES_FILE = "orthus_modules.safetensors"
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "added_tokens.json")
@@ -28,8 +29,6 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "a
 def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: int = 1536, head_depth: int = 3) -> Path:
     from safetensors.torch import save_file
     from transformers import ChameleonForConditionalGeneration
-
-    from unimodal.models.continuous import TokenDiffusionImage
 
     src, out = Path(chameleon_dir), Path(out_dir)
     if not (src / "config.json").is_file():

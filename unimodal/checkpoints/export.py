@@ -32,7 +32,7 @@ from unimodal.checkpoints.load import (
     codec_dirs,
 )
 from unimodal.checkpoints.zero import zero_to_fp32
-from unimodal.data.processor import MEDIA_SETTINGS
+from unimodal.data.processor import PROCESSOR_FILE, processor_config
 from unimodal.models.backbone import register_backbones
 from unimodal.models.lora import has_backbone_adapter, merge_injected, save_adapter
 from unimodal.models.unified import UnifiedModel
@@ -43,8 +43,6 @@ log = logging.getLogger("unimodal.export")
 # a codec directory up to this size travels inside the export; a larger one (a VAE, a full
 # Chameleon checkpoint) is named by its absolute path
 COPY_CODEC_MB = 64
-# processor settings a model needs outside training (the rest of a data module describes training data)
-DATA_KEYS = ("chat_template", *MEDIA_SETTINGS, "seq_len")
 
 
 def _safetensors_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,7 +169,7 @@ def write_export(
     source: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model`` to the (empty) directory ``out``. ``spec``: the model's build arguments
-    (``MODEL_KEYS``); ``data``: the run's processor settings, with its ``tokenizer``."""
+    (``MODEL_KEYS``); ``data``: the run's data-module arguments, which name its ``tokenizer``."""
     from safetensors.torch import save_file
 
     merge_injected(model)
@@ -194,17 +192,15 @@ def write_export(
         raise ExportError("the run's data module names no tokenizer (data.init_args.tokenizer); export needs one")
     model_spec = {key: _plain(spec[key]) for key in MODEL_KEYS if spec.get(key) is not None}
     model_spec["backbone"] = {**model_spec["backbone"], "path": ".", "config": {}}
+    codecs = _export_codecs(_plain(data["codecs"]), out) if data.get("codecs") else {}
+    processor = processor_config(_copy_tokenizer(data["tokenizer"], out), model.layout, _plain(data), codecs)
+    (out / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     config = {
         "format": FORMAT,
         "model": model_spec,
-        "layout": model.layout.to_dict(),
-        "tokenizer": _copy_tokenizer(data["tokenizer"], out),
-        "data": {k: _plain(data[k]) for k in DATA_KEYS if k in data and k != "codecs"},
         "adapter": adapter,
         "lora": _plain(lora) if adapter else None,
         "generation": _plain(generation),
         "source": source or {},
     }
-    if data.get("codecs"):
-        config["data"]["codecs"] = _export_codecs(_plain(data["codecs"]), out)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")

@@ -7,19 +7,21 @@ An export directory (written by ``unimodal.checkpoints.export``)::
     modules.safetensors              every other weight of the unified model (input adapters,
                                      heads, experts), under the unified model's names
     tokenizer.model | tokenizer*     the text tokenizer (SentencePiece file or HF tokenizer files)
-    adapter/                         only for LoRA runs exported without --merge-lora: a peft
+    adapter/                         only for LoRA runs exported without --merge_lora: a peft
                                      adapter (PeftModel.from_pretrained(backbone, DIR/adapter))
                                      and trainables.safetensors beside it
     codecs/MODALITY/                 a copy of each small codec directory the run named by path
+    processor.json                   the Processor (``unimodal.data.processor``): tokenizer file,
+                                     vocabulary layout, chat template, media settings, codec specs
     unimodal.json                    the model spec (backbone, continuous modalities, routing),
-                                     the vocabulary layout and the processor settings a model
-                                     needs at inference (tokenizer, chat template, codecs)
+                                     the adapter, generation defaults and where it came from
 
 Why: the backbone stays usable by any HF tool, while the framework's own modules and the
 vocabulary layout travel with it. ``models.build_model`` rebuilds the model from the spec, so
 loading needs no training code. Exports of format 1 (before the package was restructured) are
-upgraded on read: their model spec was the training module's arguments, and one continuous
-class was renamed; anything else old is refused in one line that says how to re-export.
+upgraded on read: their model spec was the training module's arguments, their processor settings
+lived in ``unimodal.json``, and one continuous class was renamed; anything else old is refused in
+one line that says how to re-export.
 """
 
 from __future__ import annotations
@@ -28,19 +30,19 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
-from unimodal.modalities.base import MediaCodec
+from unimodal.data.processor import PROCESSOR_FILE, Processor
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig
 from unimodal.models.build import build_model
 from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, UnifiedModel
+from unimodal.specs import instantiate
 
 log = logging.getLogger("unimodal.export")
 
@@ -71,10 +73,8 @@ class Exported:
     """What :func:`load_exported` restores: everything needed to run the model."""
 
     model: UnifiedModel  # eval mode, on CPU
-    tokenizer: TextTokenizer
-    layout: VocabLayout
-    config: dict[str, Any]  # the directory's unimodal.json
-    codecs: dict[str, MediaCodec] = field(default_factory=dict)
+    processor: Processor
+    config: dict[str, Any]  # the directory's unimodal.json, with its processor.json as "processor"
     path: Path | None = None
 
 
@@ -109,6 +109,12 @@ def upgrade_export_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
             "re-export its checkpoint with `unimodal export CKPT --out DIR`"
         )
     config["model"] = {key: spec[key] for key in MODEL_KEYS if spec.get(key) is not None}
+    data = config.pop("data", None) or {}
+    config["processor"] = {
+        "tokenizer": config.pop("tokenizer"),
+        "layout": config.pop("layout"),
+        **{key: data.get(key) for key in ("chat_template", "feature_dim", "bidirectional", "input_layers", "seq_len", "codecs")},
+    }
     _rename_classes(config)
     config["format"] = FORMAT
     return config
@@ -120,7 +126,12 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a unimodal export directory (no {CONFIG_FILE}); write one with `unimodal export`")
     config = upgrade_export_config(json.loads(file.read_text()), file)
-    for name, args in codec_dirs(config.get("data", {}).get("codecs")):  # codecs the export carries
+    if "processor" not in config:
+        processor_file = path / PROCESSOR_FILE
+        if not processor_file.is_file():
+            raise ExportError(f"{path} has no {PROCESSOR_FILE}; re-export its checkpoint with `unimodal export CKPT --out DIR`")
+        config["processor"] = json.loads(processor_file.read_text())
+    for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str((path / args["path"]).resolve())
     return config
@@ -138,7 +149,7 @@ def codec_dirs(codecs: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, A
 def tokenizer_path(path: str | Path) -> Path:
     """The path ``load_tokenizer`` takes for an export's tokenizer."""
     path = Path(path)
-    return path / read_export_config(path)["tokenizer"]
+    return path / read_export_config(path)["processor"]["tokenizer"]
 
 
 
@@ -210,18 +221,9 @@ def init_from_export(model: nn.Module, path: str | Path) -> None:
 
 
 
-def _instantiate(spec: dict[str, Any], cls: type) -> Any:
-    """Build from ``{class_path, init_args}`` as LightningCLI would (jsonargparse)."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--value", type=cls)
-    return parser.instantiate_classes(parser.parse_object({"value": spec})).value
-
-
 
 def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
-    """Restore an export directory: the unified model (eval, CPU), tokenizer, layout, codecs.
+    """Restore an export directory: the unified model (eval, CPU) and its Processor.
 
     ``build_model`` builds the model from the spec in ``unimodal.json`` (the backbone read from
     ``path``); the framework modules are then loaded strictly. A LoRA adapter is merged unless
@@ -230,10 +232,11 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
     path = Path(path).resolve()
     config = read_export_config(path)
     spec = config["model"]
-    layout = VocabLayout.from_dict(config["layout"])
+    processor = Processor.from_json(config["processor"], path)
+    layout = processor.layout
     backbone = BackboneConfig(**{**spec["backbone"], "path": str(path), "config": {}})
     continuous = {
-        name: _instantiate(factory, Callable[[int], ContinuousModality]) for name, factory in (spec.get("continuous") or {}).items()
+        name: instantiate(factory, Callable[[int], ContinuousModality]) for name, factory in (spec.get("continuous") or {}).items()
     }
     model = build_model(backbone, layout, continuous, spec.get("routing"))
     loaded, _ = load_modules(model, path, strict=True)
@@ -244,5 +247,4 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
     model.backbone = apply_adapter(model.backbone, path, merge=merge_lora)
     model.requires_grad_(False)
     model.eval()
-    codecs = {name: _instantiate(codec, MediaCodec) for name, codec in (config["data"].get("codecs") or {}).items()}
-    return Exported(model, load_tokenizer(path / config["tokenizer"]), layout, config, codecs, path)
+    return Exported(model, processor, config, path)

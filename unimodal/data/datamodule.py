@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Literal, TypeVar
 
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unimodal.data.pre_encode import code_sources
 from unimodal.data.templates import get_template
-from unimodal.data.processor import Codec, DocumentEncoder
+from unimodal.data.processor import Codec, Processor
 from unimodal.batch import PackedBatch
 from unimodal.data.packing import DocumentTooLong, Packer, collate
 from unimodal.schema import Document, DocumentError, local_path
@@ -55,25 +55,16 @@ class ShardSet:
 class StreamConfig:
     """What a stream needs to turn documents into batches; copied into every DataLoader worker."""
 
-    tokenizer: TextTokenizer
-    layout: VocabLayout
+    processor: Processor
     seq_len: int
     batch_size: int
-    feature_dim: int = 0
-    bidirectional: tuple[str, ...] = ()
     overlong: Literal["split", "error"] = "split"
-    codecs: dict[str, Codec] = field(default_factory=dict)
     max_bad_fraction: float = 0.01
-    input_layers: dict[str, int] = field(default_factory=dict)
-    chat_template: str | None = None
 
     def batches(self, docs: Iterable[Document], policy: BadSamplePolicy) -> Iterator[PackedBatch]:
         """Encode, pack and collate; the last batch may be short when ``docs`` ends."""
-        encoder = DocumentEncoder(
-            self.tokenizer, self.layout, self.feature_dim, bidirectional=self.bidirectional, codecs=self.codecs,
-            input_layers=self.input_layers, chat_template=get_template(self.chat_template),
-        )
-        packer = Packer(self.seq_len, self.tokenizer.pad_id, self.feature_dim, self.overlong)
+        encoder = self.processor
+        packer = Packer(self.seq_len, encoder.tokenizer.pad_id, encoder.feature_dim, self.overlong)
 
         def encoded() -> Iterator:
             for doc in docs:
@@ -364,19 +355,27 @@ class UnimodalDataModule(L.LightningDataModule):
             expand_shards(shard_set.path)
         _ = self.tokenizer
 
+    @property
+    def processor(self) -> Processor:
+        """What this data is encoded with; an export of a model trained on it saves it."""
+        return Processor(
+            self.tokenizer,
+            self.layout,
+            self.feature_dim,
+            bidirectional=self.bidirectional,
+            codecs=dict(self.codecs),
+            input_layers=dict(self.input_layers),
+            chat_template=get_template(self.chat_template),
+            seq_len=self.seq_len,
+        )
+
     def stream_config(self) -> StreamConfig:
         return StreamConfig(
-            tokenizer=self.tokenizer,
-            layout=self.layout,
+            processor=self.processor,
             seq_len=self.seq_len,
             batch_size=self.batch_size,
-            feature_dim=self.feature_dim,
-            bidirectional=self.bidirectional,
             overlong=self.overlong,
-            codecs=dict(self.codecs),
             max_bad_fraction=self.max_bad_fraction,
-            input_layers=dict(self.input_layers),
-            chat_template=self.chat_template,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:

@@ -49,7 +49,12 @@ def _describe_part(index: int, part: Part) -> str:
 
 
 def inspect_path(path: str | Path, n: int = 3) -> str:
-    """A readable summary of a shard or a shard directory, and its first ``n`` documents."""
+    """Summarise a shard or a shard directory and show its first documents.
+
+    Args:
+        path: a shard directory, brace pattern or shard.
+        n: documents to show.
+    """
     path = Path(path)
     urls = expand_shards(path)
     stats_file = path / STATS_FILE if path.is_dir() else None

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, shard_sets, worker_slot
+from unimodal.data.processor import Processor
 from unimodal.data.shards import expand_shards
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
 from unimodal.modalities.image_continuous import center_crop
@@ -115,7 +116,7 @@ class ImageTextPairs(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        config = StreamConfig(self.tokenizer, self.layout, seq_len=1, batch_size=self.batch_size)
+        config = StreamConfig(Processor(self.tokenizer, self.layout), seq_len=1, batch_size=self.batch_size)
         stream = TrainStream(
             [expand_shards(d.path) for d in self.datasets], [d.weight for d in self.datasets], config,
             self.steps_per_epoch * self.accumulate_grad_batches, seed=self.seed, rank=rank, world_size=world,

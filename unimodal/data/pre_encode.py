@@ -92,29 +92,6 @@ def code_sources(
     return sources
 
 
-def load_codec(modality: str, path: str | Path, device: str = "cpu", **options: Any) -> MediaCodec:
-    """The tokenizer in a local directory: a SEED tokenizer or Chameleon VQ-VAE for images, an RVQ
-    codec for audio (``options``: ``layers``, ``max_seconds``)."""
-    path = Path(path)
-    if modality == "image":
-        from unimodal.modalities.seed_tokenizer import CONFIG_FILE, SeedTokenizer
-
-        if (path / CONFIG_FILE).is_file():
-            return SeedTokenizer.from_pretrained(path, device=device)
-        from unimodal.modalities.image_discrete import ChameleonImageTokenizer
-
-        tokenizer = ChameleonImageTokenizer.from_pretrained(path)
-        tokenizer.model.to(device)
-        return tokenizer
-    if modality == "audio":
-        from unimodal.modalities.audio import load_audio_codec
-
-        codec = load_audio_codec(path, **options)
-        codec.model.to(device)
-        return codec
-    raise ValueError(f"no tokenizer for modality {modality!r}")
-
-
 def encode_shards(
     src: str | Path,
     out_dir: str | Path,

@@ -1,28 +1,33 @@
-"""Documents to token streams.
+"""The Processor: documents to token streams, and the settings that make it, saved with every model.
 
 Text goes through the text tokenizer; media parts become a span wrapped in begin/end tokens:
 pre-encoded float arrays ``[n, d]`` become ``n`` continuous slots (the model embeds them through
 an input adapter), integer arrays become discrete codes spliced in as ids (never tokenised as
 strings; RVQ codes ``[layers, frames]`` are flattened layer-major, see ``docs/audio-tokens.md``).
-Raw pixels and waveforms need a modality codec, which the modality modules register in ``codecs``.
+Raw pixels and waveforms need a modality codec (``codecs``).
+
+A :class:`Processor` is built by the data module from a recipe, written into every export as
+``processor.json`` (settings, the vocabulary layout, codec specs) beside the tokenizer file and
+codec directories (never a pickle), and read back by ``unimodal.load``; a later pipeline stage
+inherits its media settings from it (:func:`media_settings`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from unimodal.data.templates import ChatTemplate, EosToken, render
-from unimodal.schema import Document, DocumentError, Part
-from unimodal.data.tokenizer import TextTokenizer
+from unimodal.data.templates import ChatTemplate, EosToken, get_template, render
+from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
+from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS, VocabLayout
-from unimodal.schema import MODALITY_IDS
+from unimodal.schema import MODALITY_IDS, Document, DocumentError, Part
+from unimodal.specs import instantiate
 
-# the media settings of a data module that a model trained on it needs wherever its data is
-# encoded again: a later stage (``unimodal pipeline`` carries them over), an export, chat
-MEDIA_SETTINGS = ("code_ranges", "code_layers", "codecs", "feature_dim", "bidirectional", "input_layers")
+PROCESSOR_FILE = "processor.json"
 
 # A codec turns a decoded media part into a pre-encoded array (float features or int codes).
 Codec = Callable[[Part], np.ndarray]
@@ -50,7 +55,10 @@ class EncodedDocument:
 
 
 @dataclass
-class DocumentEncoder:
+class Processor:
+    """Tokenizer, vocabulary layout, codecs, chat template and media settings: what turns a
+    Document into ids and features (:meth:`encode`) and generated codes back into media (``codecs``)."""
+
     tokenizer: TextTokenizer
     layout: VocabLayout
     feature_dim: int = 0
@@ -63,6 +71,23 @@ class DocumentEncoder:
     input_layers: dict[str, int] = field(default_factory=dict)
     # renders documents whose parts carry roles (unimodal.data.templates); None: parts as they are
     chat_template: ChatTemplate | None = None
+    # the sequence length the model was trained with: the default context of a chat
+    seq_len: int | None = None
+
+    @classmethod
+    def from_json(cls, config: dict[str, Any], directory: Path) -> Processor:
+        """Read ``processor.json`` (``config``) of ``directory``: paths in it are relative to it."""
+        codecs = {name: instantiate(spec, MediaCodec) for name, spec in (config.get("codecs") or {}).items()}
+        return cls(
+            tokenizer=load_tokenizer(directory / config["tokenizer"]),
+            layout=VocabLayout.from_dict(config["layout"]),
+            feature_dim=int(config.get("feature_dim") or 0),
+            bidirectional=tuple(config.get("bidirectional") or ()),
+            codecs=codecs,
+            input_layers=dict(config.get("input_layers") or {}),
+            chat_template=get_template(config.get("chat_template")),
+            seq_len=config.get("seq_len"),
+        )
 
     def encode(self, doc: Document) -> EncodedDocument:
         spans: list[tuple[np.ndarray, int, bool, bool, np.ndarray | None]] = []
@@ -159,3 +184,38 @@ class DocumentEncoder:
 
 def _modality_name(modality_id: int) -> str:
     return next(name for name, i in MODALITY_IDS.items() if i == modality_id)
+
+
+def media_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The media arguments of a data module (code ranges and layers, codecs, feature size,
+    bidirectional and input layers) that a saved processor's ``config`` fixes: what a stage that
+    starts from the model must encode its data with."""
+    layout = config["layout"]
+    values = {
+        "code_ranges": layout.get("code_ranges") or None,
+        "code_layers": layout.get("code_layers") or None,
+        "codecs": config.get("codecs") or None,
+        "feature_dim": config.get("feature_dim") or None,
+        "bidirectional": config.get("bidirectional") or None,
+        "input_layers": config.get("input_layers") or None,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def processor_config(
+    tokenizer_file: str, layout: VocabLayout, settings: dict[str, Any], codec_specs: dict[str, Any]
+) -> dict[str, Any]:
+    """``processor.json`` for a model trained with a data module's ``settings`` (its arguments):
+    what :meth:`Processor.from_json` reads. The writer names the tokenizer file and codec specs,
+    which it copies (``unimodal.checkpoints.export``)."""
+    return {
+        "tokenizer": tokenizer_file,
+        "layout": layout.to_dict(),
+        "chat_template": settings.get("chat_template"),
+        "feature_dim": int(settings.get("feature_dim") or 0),
+        "bidirectional": list(settings.get("bidirectional") or ()),
+        "input_layers": dict(settings.get("input_layers") or {}),
+        "seq_len": settings.get("seq_len"),
+        "codecs": codec_specs,
+    }
+

@@ -13,7 +13,7 @@ content is a string or a list of parts:
   {"data": BASE64, "format": "wav"}}`` and ``{"type": "audio", "path": PATH}``.
 
 The conversation is rendered with the model's chat template (``chatml`` | ``vicuna``), encoded
-by the same :class:`DocumentEncoder` as training data, and answered by the
+by the same :class:`Processor` as training data, and answered by the
 :class:`~unimodal.inference.engine.Engine`. Replies come back as ordered parts; generated media
 is decoded by the model's codecs (pictures as ``PIL.Image``, audio as float waveforms) and keeps
 the codes or features the model wrote, so a reply can be appended to the history as it is.
@@ -25,23 +25,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unimodal.data.messages import messages_to_parts
-from unimodal.data.templates import get_template
-from unimodal.data.processor import DocumentEncoder, EncodedDocument
-from unimodal.schema import ROLES, Document, DocumentError, Part
+from unimodal.checkpoints.load import Exported, load_exported
 from unimodal.data.media import MediaBytes, decode_media
-from unimodal.inference.constraints import SpanSpec
+from unimodal.data.messages import messages_to_parts
+from unimodal.data.processor import EncodedDocument, Processor
+from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
 from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import Generation, Segment
 from unimodal.models.generation import GenerationSettings
+from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS
+from unimodal.schema import ROLES, Document, DocumentError, Part
 
 log = logging.getLogger("unimodal.chat")
 
@@ -125,59 +126,52 @@ class Assistant:
     """A model ready to chat: the engine plus everything that turns messages into prompts and
     generated codes into media.
 
-    ``chat_template``: ``chatml`` | ``vicuna`` | None (messages concatenated without markers).
-    ``spans``: the shape of each discrete modality's spans (default: from the codecs).
+    ``processor``: the model's (its chat template renders the messages: ``chatml`` | ``vicuna`` |
+    None, messages concatenated without markers; its codecs read and write media). ``spans``: the shape of each discrete modality's spans (default: from the codecs).
     ``unconditional``: the user message of the guidance rows; None is an empty prompt (the image
     span alone, what training's conditioning dropout shows the model). ``context_length``:
     prompt plus reply, by default the training sequence length, else the backbone's.
     """
 
     model: Any = field(repr=False)
-    tokenizer: Any = field(repr=False)
-    codecs: dict[str, Any] = field(default_factory=dict, repr=False)
-    chat_template: str | None = None
+    processor: Processor = field(repr=False)
     spans: dict[str, SpanSpec | dict[str, Any]] | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     context_length: int | None = None
-    feature_dim: int = 0
-    bidirectional: tuple[str, ...] = ()
-    input_layers: dict[str, int] = field(default_factory=dict)
     unconditional: str | None = None
     name: str = "unimodal"
 
     def __post_init__(self) -> None:
-        self.template = get_template(self.chat_template)
-        layout = self.model.layout
-        if self.spans is None:
-            self.spans = default_spans(self.model, self.codecs)
-        if not self.feature_dim:
-            self.feature_dim = next((int(getattr(m, "feature_dim", 0)) for m in self.model.continuous.values()), 0)
-        if not self.bidirectional:
-            self.bidirectional = tuple(n for n, m in self.model.continuous.items() if getattr(m, "attention", "") == "bidirectional")
-        if self.context_length is None:
-            self.context_length = int(getattr(self.model.backbone.config, "max_position_embeddings", 2048))
-        stop_ids = [self.tokenizer.eos_id]
-        self.engine = Engine(self.model, self.tokenizer, spans=self.spans, stop_ids=stop_ids, max_length=self.context_length)
-        self.encoder = DocumentEncoder(
-            self.tokenizer, layout, feature_dim=self.feature_dim, add_eos=False, bidirectional=tuple(self.bidirectional),
-            codecs=dict(self.codecs), input_layers=dict(self.input_layers), chat_template=self.template,
+        processor = self.processor
+        # prompts end open (no end token); features and attention follow the model's own modules
+        self.processor = replace(
+            processor,
+            add_eos=False,
+            feature_dim=processor.feature_dim or next((int(getattr(m, "feature_dim", 0)) for m in self.model.continuous.values()), 0),
+            bidirectional=processor.bidirectional
+            or tuple(n for n, m in self.model.continuous.items() if getattr(m, "attention", "") == "bidirectional"),
         )
+        self.template = processor.chat_template
+        if self.spans is None:
+            # a continuous modality's own code rows (Orthus' soft VQ) are never generated as codes
+            self.spans = spans_from_layout(self.model.layout, processor.codecs, max_seconds=None, skip=tuple(self.model.continuous))
+        if self.context_length is None:
+            self.context_length = processor.seq_len or int(getattr(self.model.backbone.config, "max_position_embeddings", 2048))
+        tokenizer = processor.tokenizer
+        self.engine = Engine(self.model, tokenizer, spans=self.spans, stop_ids=[tokenizer.eos_id], max_length=self.context_length)
         self.stop = (self.template.stop,) if self.template is not None and self.template.stop else ()
 
+    @property
+    def codecs(self) -> dict[str, MediaCodec]:
+        return self.processor.codecs
+
     @classmethod
-    def from_exported(cls, exported: Any, **overrides: Any) -> Assistant:
+    def from_exported(cls, exported: Exported, **overrides: Any) -> Assistant:
         """From :func:`unimodal.checkpoints.load.load_exported`'s result; ``overrides`` replace fields."""
-        data = exported.config.get("data", {})
         fields = {
             "model": exported.model,
-            "tokenizer": exported.tokenizer,
-            "codecs": dict(exported.codecs),
-            "chat_template": data.get("chat_template"),
+            "processor": exported.processor,
             "settings": GenerationSettings.from_dict(exported.config.get("generation")),
-            "context_length": data.get("seq_len"),
-            "feature_dim": int(data.get("feature_dim") or 0),
-            "bidirectional": tuple(data.get("bidirectional") or ()),
-            "input_layers": dict(data.get("input_layers") or {}),
             "name": Path(exported.path).name if exported.path else "unimodal",
         }
         settings = overrides.pop("settings", None)
@@ -264,7 +258,7 @@ class Assistant:
         if self.unconditional is None:
             return EncodedDocument(
                 ids=np.zeros(0, np.int64), modality=np.zeros(0, np.int8), target=np.zeros(0, bool),
-                block=np.zeros(0, np.int32), continuous=np.zeros(0, bool), features=np.zeros((0, self.feature_dim), np.float32),
+                block=np.zeros(0, np.int32), continuous=np.zeros(0, bool), features=np.zeros((0, self.processor.feature_dim), np.float32),
             )
         return self._encode([self._turn({"role": "user", "content": self.unconditional}, 0)])
 
@@ -272,12 +266,12 @@ class Assistant:
         parts = [Part(p.type, text=p.text, data=p.data, media=p.media, role=t.role if self.template else None, loss=t.role == "assistant")
                  for t in turns for p in t.parts]
         try:
-            doc = self.encoder.encode(Document(parts, key="chat"))
+            doc = self.processor.encode(Document(parts, key="chat"))
         except DocumentError as err:
             raise ChatError(str(err).replace("sample 'chat': ", "")) from None
         if self.template is None:
             return doc
-        opening = self.tokenizer.encode(self.template.begin["assistant"])
+        opening = self.processor.tokenizer.encode(self.template.begin["assistant"])
         return _append_text(doc, opening)
 
     def _turn(self, message: Message, index: int) -> _Turn:
@@ -291,7 +285,7 @@ class Assistant:
         return _Turn(message["role"], parts)
 
     def _encode_media(self, part: Part, where: str) -> np.ndarray:
-        data, codec = part.data, self.codecs.get(part.type)
+        data, codec = part.data, self.processor.codecs.get(part.type)
         waveform = part.type == "audio" and isinstance(data, np.ndarray) and data.ndim == 1 and np.issubdtype(data.dtype, np.floating)
         if isinstance(data, np.ndarray) and data.dtype != np.uint8 and not waveform:
             return data  # already features or codes
@@ -317,7 +311,7 @@ class Assistant:
         if segment.type == "text":
             return ReplyPart("text", text=segment.text)
         part = ReplyPart(segment.type, data=segment.data)
-        codec = self.codecs.get(segment.type)
+        codec = self.processor.codecs.get(segment.type)
         if codec is None:
             return part
         decoded = codec.decode(segment.data)
@@ -329,28 +323,6 @@ class Assistant:
                 raise ChatError(f"the audio codec {type(codec).__name__} returns no sample rate")
             part.audio, part.sample_rate = np.asarray(wave, dtype=np.float32).reshape(-1), int(rate)
         return part
-
-
-def default_spans(model: Any, codecs: dict[str, Any]) -> dict[str, SpanSpec]:
-    """Span shapes of the discrete modalities, from their codecs' fingerprints (or the layout's
-    record of them): a fixed ``tokens_per_item`` (SEED: 32 codes per image), otherwise a free
-    length of up to ``max_seconds * frame_rate`` frames over every RVQ layer of the range."""
-    layout, out = model.layout, {}
-    for name in layout.code_ranges:
-        if name in model.continuous:  # a continuous modality's own code rows (Orthus' soft VQ)
-            continue
-        codec = codecs.get(name)
-        info = dict(layout.code_sources.get(name) or {})
-        if codec is not None:
-            info.update(codec.fingerprint())
-        layers = layout.layers(name)
-        if info.get("tokens_per_item"):
-            out[name] = SpanSpec(layers=layers, length=int(info["tokens_per_item"]))
-        else:
-            seconds = codec.max_seconds if codec is not None else None
-            frames = int(seconds * info["frame_rate"]) if seconds and info.get("frame_rate") else 4096
-            out[name] = SpanSpec(layers=layers, min_length=1, max_length=max(1, frames))
-    return out
 
 
 def parse_messages(messages: Any) -> list[dict[str, Any]]:
@@ -441,8 +413,6 @@ def load(path: str | Path, device: str = "auto", **overrides: Any) -> Assistant:
     """An :class:`Assistant` for an export directory (``unimodal export``); ``device`` is
     ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; ``overrides`` set Assistant fields."""
     import torch
-
-    from unimodal.checkpoints.load import load_exported
 
     exported = load_exported(path)
     if device == "auto":

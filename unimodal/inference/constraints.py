@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS, VocabLayout
 
 
@@ -56,17 +57,29 @@ class MalformedSpan(ValueError):
     pass
 
 
-def spans_from_layout(layout: VocabLayout, max_seconds: float = 30.0) -> dict[str, SpanSpec]:
-    """Span specs from the tokenizers recorded in the layout: a tokenizer with a fixed
-    ``tokens_per_item`` (SEED: 32, Chameleon: 1024) gives exact-length spans; an RVQ codec gives
-    all its layers at a free length of at most ``max_seconds`` of frames."""
+def spans_from_layout(
+    layout: VocabLayout,
+    codecs: dict[str, MediaCodec] | None = None,
+    max_seconds: float | None = 30.0,
+    skip: tuple[str, ...] = (),
+) -> dict[str, SpanSpec]:
+    """Span specs of the code ranges (but ``skip``), from the tokenizers recorded in the layout
+    and the ``codecs`` at hand: a fixed ``tokens_per_item`` (SEED: 32, Chameleon: 1024) gives
+    exact-length spans; an RVQ codec gives all its layers at a free length of at most its
+    ``max_seconds`` (else ``max_seconds``) of frames; with neither, up to 4096 codes."""
+    codecs = codecs or {}
     specs = {}
     for name in layout.code_ranges:
-        source = layout.code_sources.get(name, {})
-        if "tokens_per_item" in source:
-            specs[name] = SpanSpec(layers=layout.layers(name), length=int(source["tokens_per_item"]))
-        elif "frame_rate" in source:
-            specs[name] = SpanSpec(layers=layout.layers(name), max_length=max(1, int(max_seconds * float(source["frame_rate"]))))
+        if name in skip:
+            continue
+        codec = codecs.get(name)
+        info = {**layout.code_sources.get(name, {}), **(codec.fingerprint() if codec is not None else {})}
+        if info.get("tokens_per_item"):
+            specs[name] = SpanSpec(layers=layout.layers(name), length=int(info["tokens_per_item"]))
+            continue
+        seconds = codec.max_seconds if codec is not None else max_seconds
+        frames = int(seconds * float(info["frame_rate"])) if seconds and info.get("frame_rate") else 4096
+        specs[name] = SpanSpec(layers=layout.layers(name), min_length=1, max_length=max(1, frames))
     return specs
 
 

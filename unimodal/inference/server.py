@@ -124,7 +124,7 @@ class Call:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes (--max-request-mb)", "request_too_large")
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes (--max_request_mb)", "request_too_large")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
@@ -219,7 +219,7 @@ def _generate(assistant: Assistant, call: Call, lock: threading.Lock, limits: Se
         return assistant.generate([call.messages] * call.n, on_text=on_text, start_with=call.start_with, **settings)
     except GenerationTimeout:
         raise APIError(
-            408, f"the generation ran longer than this server's limit of {limits.max_seconds:g} s (--max-seconds); ask for fewer tokens (max_tokens)",
+            408, f"the generation ran longer than this server's limit of {limits.max_seconds:g} s (--max_seconds); ask for fewer tokens (max_tokens)",
             "timeout",
         ) from None
     except (ChatError, ValueError) as err:

@@ -11,6 +11,8 @@ than probed by callers: ``sample_rate`` (audio codecs: the rate ``decode`` retur
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,3 +50,26 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+CODEC_FILE = "codec.json"
+
+
+def save_codec_files(directory: str | Path, config: dict[str, Any], arrays: dict[str, torch.Tensor]) -> Path:
+    """A fitted codec as plain files: ``codec.json`` and one ``.npy`` per array (never a pickle)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(out / name, array.detach().cpu().numpy(), allow_pickle=False)
+    (out / CODEC_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def read_codec_files(directory: Path, kind: str, arrays: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What :func:`save_codec_files` wrote; a directory of another kind is one clear error."""
+    needed = (CODEC_FILE, *arrays)
+    if not all((directory / name).is_file() for name in needed):
+        raise FileNotFoundError(f"{directory}: not a {kind} directory (needs {' and '.join(needed)})")
+    config = json.loads((directory / CODEC_FILE).read_text())
+    return config, {name: torch.as_tensor(np.load(directory / name, allow_pickle=False)) for name in arrays}
+

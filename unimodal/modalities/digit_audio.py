@@ -18,7 +18,6 @@ directory: ``codec.json`` + ``codebooks.npy``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,11 +26,10 @@ import numpy as np
 import torch
 
 from unimodal.modalities.audio import RVQCodec
-from unimodal.modalities.base import weights_checksum
+from unimodal.modalities.base import CODEC_FILE, read_codec_files, save_codec_files, weights_checksum
 from unimodal.modalities.kmeans import kmeans, nearest
 from unimodal.schema import local_path
 
-CONFIG_FILE = "codec.json"
 CODEBOOKS_FILE = "codebooks.npy"
 LOG_FLOOR = 1e-6
 
@@ -194,22 +192,16 @@ class DigitAudioCodec(RVQCodec):
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / CODEBOOKS_FILE, self._books().numpy(), allow_pickle=False)
         saved = {"config": asdict(self.config), "fingerprint": self.fingerprint()}
-        (out / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
-        return out
+        return save_codec_files(directory, saved, {CODEBOOKS_FILE: self._books()})
 
     def _read(self, directory: Path) -> None:
-        if not (directory / CONFIG_FILE).is_file() or not (directory / CODEBOOKS_FILE).is_file():
-            raise FileNotFoundError(f"{directory}: not a DigitAudioCodec directory (needs {CONFIG_FILE} and {CODEBOOKS_FILE})")
-        saved = json.loads((directory / CONFIG_FILE).read_text())
+        saved, arrays = read_codec_files(directory, "DigitAudioCodec", (CODEBOOKS_FILE,))
         self.config = DigitAudioConfig(**saved["config"])
-        books = torch.as_tensor(np.load(directory / CODEBOOKS_FILE, allow_pickle=False))
+        books = arrays[CODEBOOKS_FILE]
         expected = (self.config.layers, self.config.codebook_size, self.config.n_mels)
         if tuple(books.shape) != expected:
-            raise ValueError(f"{directory}: codebooks have shape {tuple(books.shape)}, {CONFIG_FILE} says {expected}")
+            raise ValueError(f"{directory}: codebooks have shape {tuple(books.shape)}, {CODEC_FILE} says {expected}")
         self.codebooks = books
         if weights_checksum(self._state_dict()) != saved["fingerprint"]["checksum"]:
-            raise ValueError(f"{directory}: {CODEBOOKS_FILE} does not match the checksum in {CONFIG_FILE}")
+            raise ValueError(f"{directory}: {CODEBOOKS_FILE} does not match the checksum in {CODEC_FILE}")

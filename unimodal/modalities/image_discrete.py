@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from unimodal.schema import Part, local_path
-from unimodal.modalities.base import MediaCodec, weights_checksum
+from unimodal.modalities.base import CODEC_FILE, MediaCodec, read_codec_files, save_codec_files, weights_checksum
 from unimodal.modalities.image_continuous import PixelPatchCodec, to_pixels
 from unimodal.modalities.kmeans import kmeans, nearest
 
-PATCH_VQ_CONFIG = "codec.json"
 PATCH_VQ_CODEBOOK = "codebook.npy"
 
 
@@ -154,23 +153,17 @@ class PatchVQCodec(MediaCodec):
         }
 
     def save(self, directory: str | Path) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / PATCH_VQ_CODEBOOK, self._book().numpy(), allow_pickle=False)
-        (out / PATCH_VQ_CONFIG).write_text(json.dumps({"fingerprint": self.fingerprint()}, indent=2) + "\n")
-        return out
+        return save_codec_files(directory, {"fingerprint": self.fingerprint()}, {PATCH_VQ_CODEBOOK: self._book()})
 
     def _read(self, directory: Path) -> tuple[int, int, int]:
         """Load the codebook; return the saved (size, patch, codebook_size)."""
-        if not (directory / PATCH_VQ_CONFIG).is_file() or not (directory / PATCH_VQ_CODEBOOK).is_file():
-            raise FileNotFoundError(f"{directory}: not a PatchVQCodec directory (needs {PATCH_VQ_CONFIG} and {PATCH_VQ_CODEBOOK})")
-        saved = json.loads((directory / PATCH_VQ_CONFIG).read_text())["fingerprint"]
-        book = torch.as_tensor(np.load(directory / PATCH_VQ_CODEBOOK, allow_pickle=False))
+        config, arrays = read_codec_files(directory, "PatchVQCodec", (PATCH_VQ_CODEBOOK,))
+        saved, book = config["fingerprint"], arrays[PATCH_VQ_CODEBOOK]
         expected = (saved["codebook_size"], saved["patch"] ** 2)
         if tuple(book.shape) != expected:
-            raise ValueError(f"{directory}: the codebook has shape {tuple(book.shape)}, {PATCH_VQ_CONFIG} says {expected}")
+            raise ValueError(f"{directory}: the codebook has shape {tuple(book.shape)}, {CODEC_FILE} says {expected}")
         if weights_checksum({"codebook": book}) != saved["checksum"]:
-            raise ValueError(f"{directory}: {PATCH_VQ_CODEBOOK} does not match the checksum in {PATCH_VQ_CONFIG}")
+            raise ValueError(f"{directory}: {PATCH_VQ_CODEBOOK} does not match the checksum in {CODEC_FILE}")
         self.codebook = book
         return saved["size"], saved["patch"], saved["codebook_size"]
 

@@ -82,7 +82,7 @@ class UnimodalModule(L.LightningModule):
         if self.model is not None:
             return
         if self.init_from:
-            check_extends(VocabLayout.from_dict(read_export_config(self.init_from)["layout"]), self.layout, self.init_from)
+            check_extends(VocabLayout.from_dict(read_export_config(self.init_from)["processor"]["layout"]), self.layout, self.init_from)
         self.model = build_model(self.backbone_config, self.layout, self.continuous, self.routing, backbone_path=self.init_from)
         if self.init_from:
             init_from_export(self.model, self.init_from)

@@ -51,7 +51,7 @@ import yaml
 
 from unimodal.checkpoints.files import find_latest_checkpoint
 from unimodal.checkpoints.load import CONFIG_FILE, read_export_config, tokenizer_path
-from unimodal.data.processor import MEDIA_SETTINGS
+from unimodal.data.processor import media_settings
 from unimodal.training.exporting import export
 from unimodal.training.recipes import fit_cli, load_recipe, make_cli, resolve_builtin, set_dotted
 from unimodal.training.resume import Preempted
@@ -213,8 +213,8 @@ def resolve_stage(
         if (source / CONFIG_FILE).is_file():  # a unified model: its tokenizer, and media settings the recipe leaves out
             set_dotted(config, "data.init_args.tokenizer", str(tokenizer_path(source)))
             data_args = (config.get("data") or {}).get("init_args") or {}
-            for key, value in read_export_config(source)["data"].items():
-                if key in MEDIA_SETTINGS and key not in data_args:
+            for key, value in media_settings(read_export_config(source)["processor"]).items():
+                if key not in data_args:
                     set_dotted(config, f"data.init_args.{key}", value)
     for dotted, value in stage.overrides.items():
         set_dotted(config, dotted, _substitute(value, pipeline))

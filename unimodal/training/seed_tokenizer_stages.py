@@ -13,7 +13,7 @@
   world decoded every picture alike (judged round trip 0.10, against 0.88).
 
 Both write the tokenizer to ``{default_root_dir}/tokenizer`` at the end of fit (``export_dir``
-overrides), the input of stage 2 and of ``unimodal data encode --image-tokenizer``. Data are
+overrides), the input of stage 2 and of ``unimodal data encode --image_tokenizer``. Data are
 image-caption documents of ordinary shards (``unimodal.data.pairs.ImageTextPairs``).
 """
 

@@ -3,5 +3,7 @@ evaluation suites. ``resolve`` turns a ``builtin:NAME/...`` name into a path; th
 and recipe readers call it once, nothing below this package does."""
 
 from unimodal.worlds.builtin import resolve
+from unimodal.worlds.digits import build_world
+from unimodal.worlds.digits_suite import evaluate
 
-__all__ = ["resolve"]
+__all__ = ["build_world", "evaluate", "resolve"]

@@ -15,7 +15,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from unimodal.data.jsonl import pack_jsonl
+from unimodal.data.sentencepiece_trainer import train_tokenizer
+from unimodal.modalities.seed_tokenizer import tiny_tokenizer
 from unimodal.schema import BUILTIN_PREFIX
+from unimodal.worlds.chat import build_chat
+from unimodal.worlds.codes import build_codes
+from unimodal.worlds.digits import build_world
+from unimodal.worlds.shapes import build_shapes
+from unimodal.worlds.stdlib_text import write_corpus
 
 log = logging.getLogger("unimodal.data")
 PREFIX = BUILTIN_PREFIX
@@ -23,55 +31,19 @@ PREFIX = BUILTIN_PREFIX
 
 def build_text(root: Path) -> None:
     """The standard-library docstring corpus: train/val shards and a 1024-piece tokenizer."""
-    from unimodal.data.sentencepiece_trainer import train_tokenizer
-    from unimodal.data.jsonl import pack_jsonl
-    from unimodal.worlds.stdlib_text import write_corpus
-
     write_corpus(root)
     train_tokenizer(root / "train.jsonl", root / "tokenizer.model", vocab_size=1024)
     for split in ("train", "val"):
         pack_jsonl(root / f"{split}.jsonl", root / split, max_docs_per_shard=64, progress=False)
 
 
-def build_shapes(root: Path) -> None:
-    """Captioned 16x16 shape images (raw PNGs) for the continuous-image ``--tiny`` recipes."""
-    from unimodal.worlds.shapes import build_shapes as build
-
-    build(root)
-
-
-def build_codes(root: Path) -> None:
-    """Text, image-code and speech-code documents for the discrete (MIO/SEED) ``--tiny`` recipes."""
-    from unimodal.worlds.codes import build_codes as build
-
-    build(root)
-
-
 def build_seed_tokenizer(root: Path) -> None:
     """``builtin:seed_tokenizer/tiny``: a random tiny SEED tokenizer (16x16 images, 8 codes of 64)."""
-    from unimodal.modalities.seed_tokenizer import tiny_tokenizer
-
     tiny_tokenizer().save_pretrained(root / "tiny")
 
 
-def build_chat(root: Path) -> None:
-    """Chats about the standard library (OpenAI-style messages), split into train and val."""
-    from unimodal.worlds.chat import build_chat as build
-
-    build(root)
-
-
-def build_digits(root: Path) -> None:
-    """The digits world (docs/digits-world.md): ``builtin:digits/{pretrain,chat}/{train,test}``,
-    ``builtin:digits/image-text/...`` (no speech), ``builtin:digits/tokenizer.model``,
-    ``builtin:digits/audio_codec``, ``builtin:digits/image_codec``."""
-    from unimodal.worlds.digits import build_world
-
-    build_world(root)
-
-
-BUILDERS: dict[str, Callable[[Path], None]] = {
-    "digits": build_digits,
+BUILDERS: dict[str, Callable[[Path], object]] = {
+    "digits": build_world,
     "chat": build_chat,
     "text": build_text,
     "shapes": build_shapes,

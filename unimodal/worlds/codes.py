@@ -18,6 +18,7 @@ import numpy as np
 from unimodal.data.pre_encode import record_code_sources
 from unimodal.schema import Document, Part
 from unimodal.data.shards import write_documents
+from unimodal.data.sentencepiece_trainer import train_tokenizer
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -129,8 +130,6 @@ SETS: dict[str, tuple[Callable[[World], list], int, tuple[str, ...]]] = {
 
 def build_codes(root: Path) -> None:
     """``builtin:codes/{image_text,text,interleaved,speech,sft,sft_image,val}`` and ``tokenizer.model``."""
-    from unimodal.data.sentencepiece_trainer import train_tokenizer
-
     texts = []
     for index, (name, (make, count, modalities)) in enumerate(SETS.items()):
         world = World(seed=index)

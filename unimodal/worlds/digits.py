@@ -30,12 +30,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from unimodal.modalities.digit_audio import DigitAudioConfig
+from unimodal.data.jsonl import pack_jsonl
+from unimodal.data.sentencepiece_trainer import train_tokenizer
+from unimodal.data.templates import TEMPLATES
+from unimodal.data.templates import render as render_chat
+from unimodal.modalities.digit_audio import DigitAudioCodec, DigitAudioConfig
+from unimodal.modalities.image_discrete import PatchVQCodec
+from unimodal.schema import Document, Modality, Part
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 IMAGE_SIZE = 16
@@ -90,7 +95,8 @@ CHAT: dict[str, tuple[tuple[str, str], ...]] = {
 }
 STORY_PICTURE = "{Word}: {image}"
 
-Segment = tuple[str, Any]  # ("text", str) | ("image", media) | ("audio", media)
+# one piece of a filled template: ("text", str), ("image", picture) or ("audio", waveform)
+Piece = tuple[Modality, Any]
 _MEDIA_FIELD = re.compile(r"\{(image|audio)\}")
 
 
@@ -207,10 +213,10 @@ def utterances(split: str) -> list[Utterance]:
 # templates
 
 
-def render(template: str, media: Sequence[Any] = (), **fields: Any) -> list[Segment]:
+def render(template: str, media: Sequence[Any] = (), **fields: Any) -> list[Piece]:
     """Split ``template`` at its media fields, taking ``media`` in order; format the text between."""
     pieces = _MEDIA_FIELD.split(template)
-    segments: list[Segment] = []
+    segments: list[Piece] = []
     items = iter(media)
     for i, piece in enumerate(pieces):
         if i % 2:
@@ -229,7 +235,7 @@ def _ref(digit: int, numeral: bool) -> str:
     return str(digit) if numeral else WORDS[digit]
 
 
-def _fill(task: str, template: str, target: Any, media: Sequence[Any], numeral: bool) -> list[Segment]:
+def _fill(task: str, template: str, target: Any, media: Sequence[Any], numeral: bool) -> list[Piece]:
     """Render one template of ``task`` for ``target``: a digit, a story's (first, last), or an
     arithmetic (word, other) pair. ``ref`` is the digit as a numeral or a word, ``word`` always a word."""
     if task == "story":
@@ -244,14 +250,14 @@ def _fill(task: str, template: str, target: Any, media: Sequence[Any], numeral: 
     return render(template, media, word=WORDS[target], ref=_ref(target, numeral))
 
 
-def pretrain_segments(task: str, target: Any, media: Sequence[Any], variant: int, numeral: bool = False) -> list[Segment]:
+def pretrain_segments(task: str, target: Any, media: Sequence[Any], variant: int, numeral: bool = False) -> list[Piece]:
     templates = PRETRAIN[task]
     return _fill(task, templates[variant % len(templates)], target, media, numeral)
 
 
 def chat_segments(
     task: str, target: Any, media: Sequence[Any], variant: int, numeral: bool = False
-) -> tuple[list[Segment], list[Segment]]:
+) -> tuple[list[Piece], list[Piece]]:
     """(user, assistant) segments; input media (caption, transcribe) go to the user, the rest to the assistant."""
     user, assistant = CHAT[task][variant % len(CHAT[task])]
     inputs = task in ("caption", "transcribe")
@@ -292,7 +298,7 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _source_parts(segments: list[Segment], role: str | None, loss: bool) -> list[dict[str, Any]]:
+def _source_parts(segments: list[Piece], role: str | None, loss: bool) -> list[dict[str, Any]]:
     parts = []
     for kind, value in segments:
         part: dict[str, Any] = {"type": kind, "loss": loss, **({"text": value} if kind == "text" else {"path": value})}
@@ -356,9 +362,6 @@ COPIES = {
 def _tokenizer_text(pretrain: Path, chat: Path, out: Path) -> None:
     """The text a tokenizer for this world must read well: pretraining text, and the chats rendered
     with every chat template, so that markers such as ``<|im_start|>`` become a few pieces, not bytes."""
-    from unimodal.data.templates import TEMPLATES
-    from unimodal.data.templates import render as render_chat
-    from unimodal.schema import Document, Part
 
     with out.open("w") as f:
         f.write(pretrain.read_text())
@@ -384,10 +387,6 @@ def build_world(
     ``tokenizer.model``, ``audio_codec/`` (a :class:`DigitAudioCodec` of config ``audio_codec``),
     ``image_codec/`` (a :class:`PatchVQCodec`: 4 codes of 256 per image).
     """
-    from unimodal.data.sentencepiece_trainer import train_tokenizer
-    from unimodal.data.jsonl import pack_jsonl
-    from unimodal.modalities.digit_audio import DigitAudioCodec
-    from unimodal.modalities.image_discrete import PatchVQCodec
 
     root = Path(root)
     (root / "media" / "images").mkdir(parents=True, exist_ok=True)

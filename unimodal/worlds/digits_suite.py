@@ -35,6 +35,7 @@ import numpy as np
 from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
 from unimodal.schema import Part
 from unimodal.worlds.judges import audio_judge, image_judge
+from unimodal.inference.chat import load
 
 log = logging.getLogger("unimodal.eval")
 
@@ -212,8 +213,6 @@ def evaluate(
     classifications. Pictures and speech are sampled with the model's own defaults, seeded (seed
     0 unless ``settings`` give one) so that a scoreboard can be reproduced.
     """
-    from unimodal.inference.chat import load
-
     assistant = load(model_dir, device=device)
     respond = assistant_responder(assistant, **{"temperature": 0.0, "seed": 0, **(settings or {})})
     report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs, modalities=set(assistant.codecs))

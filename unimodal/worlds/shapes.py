@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from unimodal.data.sentencepiece_trainer import train_tokenizer
+from unimodal.data.jsonl import pack_jsonl
 
 SIZE = 16
 SHAPES = ("square", "circle", "triangle")
@@ -61,9 +63,6 @@ def write_split(root: Path, split: str, count: int, seed: int) -> Path:
 
 def build_shapes(root: Path) -> None:
     """``builtin:shapes/{train,val,tokenizer.model}``: 512 + 64 documents, a 300-piece tokenizer."""
-    from unimodal.data.sentencepiece_trainer import train_tokenizer
-    from unimodal.data.jsonl import pack_jsonl
-
     for split, count, seed in (("train", 512, 0), ("val", 64, 1)):
         src = write_split(root, split, count, seed)
         pack_jsonl(src, root / split, max_docs_per_shard=128, progress=False)

@@ -1,0 +1,97 @@
+"""The ``unimodal`` command: verbs from typed functions, one-line errors, old flags named."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+from unimodal.cli import RENAMED, VERBS, main
+
+
+def _verbs(table: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    """Every (verb words, function) of the table, nested verbs flattened."""
+    found = []
+    for name, entry in table.items():
+        if name != "_help":
+            found += _verbs(entry, (*prefix, name)) if isinstance(entry, dict) else [((*prefix, name), entry)]
+    return found
+
+
+VERB_FUNCTIONS = _verbs(VERBS)
+
+
+def _help(words: tuple[str, ...], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([*words, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("words", "function"), VERB_FUNCTIONS, ids=[" ".join(words) for words, _ in VERB_FUNCTIONS])
+def test_every_verb_has_help_from_its_docstring(words, function, capsys):
+    first_line = inspect.getdoc(function).splitlines()[0]
+    assert "".join(first_line.split()) in "".join(_help(words, capsys).split())  # help wraps lines anywhere
+
+
+def test_the_nested_verbs_keep_their_names():
+    assert set(VERBS["data"]) - {"_help"} == {"pack", "encode", "inspect", "text-corpus", "digits", "tokenizer"}
+    assert set(VERBS["convert"]) - {"_help"} == {"zero-to-fp32", "orthus"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["data", "pack", "x.jsonl", "--out", "o", "--max-docs-per-shard", "3"],
+         "unimodal data pack: error: --max-docs-per-shard is now --max_docs_per_shard"),
+        (["data", "encode", "s", "--out", "o", "--image-tokenizer=builtin:seed_tokenizer/tiny"],
+         "unimodal data encode: error: --image-tokenizer is now --image_tokenizer"),
+        (["data", "inspect", "shards", "-n", "2"], "unimodal data inspect: error: -n is now --n"),
+        (["convert", "orthus", "--from", "c", "--out", "o"], "unimodal convert orthus: error: --from is now --src"),
+        (["serve", "m", "--max-request-mb", "4"], "unimodal serve: error: --max-request-mb is now --max_request_mb"),
+        (["eval", "m", "--suite", "digits", "--top-p", "0.9"], "unimodal eval: error: --top-p is now --top_p"),
+    ],
+)
+def test_an_old_flag_fails_in_one_line_naming_the_new_one(argv, message, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_every_old_flag_names_an_option_of_some_verb(capsys):
+    helps = [_help(words, capsys) for words, _ in VERB_FUNCTIONS]
+    assert [new for new in set(RENAMED.values()) if not any(f"{new} " in text for text in helps)] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["data", "pack", "x.jsonl", "--out", "o", "--shards", "3"], "--shards"),
+        (["data", "pack", "x.jsonl", "--out", "o", "--max_docs_per_shard", "many"], "--max_docs_per_shard"),
+        (["eval", "m", "--suite", "digits", "--temperature", "hot"], "--temperature"),
+    ],
+)
+def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"unimodal {argv[0]}") and named in err and "usage:" not in err
+
+
+def test_train_help_shows_the_recipe_argument(capsys):
+    out = _help(("train",), capsys)
+    assert "recipe" in out.split("positional arguments:")[1] and "unimodaltrainRECIPE.yaml--help" in "".join(out.split())
+
+
+def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
+    src = tmp_path / "src.jsonl"
+    good = [json.dumps({"parts": [{"type": "text", "text": word}]}) for word in ("one", "two", "three")]
+    src.write_text("\n".join([good[0], '{"parts": [', *good[1:]]) + "\n")
+    out = tmp_path / "shards"
+    assert main(["data", "pack", str(src), "--out", str(out), "--max_docs_per_shard", "1", "--max_mb_per_shard", "1", "--skip_bad"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents"] == 3 and len(stats["shards"]) == 3 and stats["source"]["skipped"] == 1
+    assert main(["data", "inspect", str(out), "--n", "1"]) == 0
+    assert "documents: 3" in capsys.readouterr().out
+    assert main(["data", "pack", str(src), "--out", str(tmp_path / "strict"), "--skip_bad", "false"]) == 2
+    assert "src.jsonl:2: malformed JSON" in capsys.readouterr().err
