@@ -85,9 +85,9 @@ TINY_KEY = "tiny"
 # class paths that moved when the package was restructured: old -> new (recipes name the new ones)
 MOVED_CLASSES = {
     **RENAMED_CLASSES,
-    "unimodal.training.seed_stages.ImageTextPairs": "unimodal.data.ImageTextPairs",
-    "unimodal.training.seed_stages.SeedTokenizerStage1": "unimodal.training.SeedTokenizerStage1",
-    "unimodal.training.seed_stages.SeedTokenizerStage2": "unimodal.training.SeedTokenizerStage2",
+    "unimodal.training.seed_stages.ImageTextPairs": "unimodal.data.pairs.ImageTextPairs",
+    "unimodal.training.seed_stages.SeedTokenizerStage1": "unimodal.training.seed_tokenizer_stages.SeedTokenizerStage1",
+    "unimodal.training.seed_stages.SeedTokenizerStage2": "unimodal.training.seed_tokenizer_stages.SeedTokenizerStage2",
 }
 
 
