@@ -4,6 +4,8 @@ means the same in a recipe and in an export."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 
@@ -14,3 +16,18 @@ def instantiate(spec: dict[str, Any], kind: Any) -> Any:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--value", type=kind)
     return parser.instantiate_classes(parser.parse_object({"value": spec})).value
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A package's ``__getattr__`` that imports an exported name's module on first use, so that
+    ``unimodal.data.UnimodalDataModule`` works in a recipe while ``import unimodal.data.shards``
+    (or ``unimodal --help``) does not load Lightning. ``exports``: name -> ``module.Name``."""
+
+    def __getattr__(name: str) -> Any:
+        path = exports.get(name)
+        if path is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, _, attribute = path.rpartition(".")
+        return getattr(importlib.import_module(module), attribute)
+
+    return __getattr__

@@ -1,21 +1,17 @@
 """Shards, chat data, the Processor, packing and the data modules."""
 
-from unimodal.data.datamodule import ShardSet, UnimodalDataModule
-from unimodal.data.jsonl import pack_jsonl
-from unimodal.data.packing import Packer
-from unimodal.data.pairs import ImageTextPairs
-from unimodal.data.pre_encode import encode_shards
-from unimodal.data.processor import Processor
-from unimodal.data.shards import read_documents, write_documents
+from unimodal.specs import lazy_exports
 
-__all__ = [
-    "ImageTextPairs",
-    "Packer",
-    "Processor",
-    "ShardSet",
-    "UnimodalDataModule",
-    "encode_shards",
-    "pack_jsonl",
-    "read_documents",
-    "write_documents",
-]
+_EXPORTS = {
+    "ImageTextPairs": "unimodal.data.pairs.ImageTextPairs",
+    "Packer": "unimodal.data.packing.Packer",
+    "Processor": "unimodal.data.processor.Processor",
+    "ShardSet": "unimodal.data.datamodule.ShardSet",
+    "UnimodalDataModule": "unimodal.data.datamodule.UnimodalDataModule",
+    "encode_shards": "unimodal.data.pre_encode.encode_shards",
+    "pack_jsonl": "unimodal.data.jsonl.pack_jsonl",
+    "read_documents": "unimodal.data.shards.read_documents",
+    "write_documents": "unimodal.data.shards.write_documents",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,6 +1,12 @@
 """Generation: the engine, the chat API (``load`` -> ``Assistant``), terminal and server."""
 
-from unimodal.inference.chat import Assistant, Reply, load
-from unimodal.inference.engine import Engine
+from unimodal.specs import lazy_exports
 
-__all__ = ["Assistant", "Engine", "Reply", "load"]
+_EXPORTS = {
+    "Assistant": "unimodal.inference.chat.Assistant",
+    "Engine": "unimodal.inference.engine.Engine",
+    "Reply": "unimodal.inference.chat.Reply",
+    "load": "unimodal.inference.chat.load",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

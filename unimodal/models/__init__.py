@@ -1,20 +1,17 @@
 """The unified model: backbone, continuous modalities, routing, LoRA, and ``build_model``."""
 
-from unimodal.models.backbone import BackboneConfig
-from unimodal.models.build import build_model
-from unimodal.models.continuous import TokenDiffusionImage, TransfusionImage
-from unimodal.models.generation import GenerationSettings, SamplingSettings
-from unimodal.models.lora import LoraSettings
-from unimodal.models.unified import LinearAdapter, UnifiedModel
+from unimodal.specs import lazy_exports
 
-__all__ = [
-    "BackboneConfig",
-    "GenerationSettings",
-    "LinearAdapter",
-    "LoraSettings",
-    "SamplingSettings",
-    "TokenDiffusionImage",
-    "TransfusionImage",
-    "UnifiedModel",
-    "build_model",
-]
+_EXPORTS = {
+    "BackboneConfig": "unimodal.models.backbone.BackboneConfig",
+    "GenerationSettings": "unimodal.models.generation.GenerationSettings",
+    "LinearAdapter": "unimodal.models.unified.LinearAdapter",
+    "LoraSettings": "unimodal.models.lora.LoraSettings",
+    "SamplingSettings": "unimodal.models.generation.SamplingSettings",
+    "TokenDiffusionImage": "unimodal.models.continuous.TokenDiffusionImage",
+    "TransfusionImage": "unimodal.models.continuous.TransfusionImage",
+    "UnifiedModel": "unimodal.models.unified.UnifiedModel",
+    "build_model": "unimodal.models.build.build_model",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

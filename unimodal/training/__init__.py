@@ -1,18 +1,15 @@
 """Training: the LightningModule, recipes, pipelines, strategies and exporting checkpoints."""
 
-from unimodal.training.exporting import export
-from unimodal.training.module import UnimodalModule
-from unimodal.training.pipeline import run_pipeline
-from unimodal.training.recipes import run_training
-from unimodal.training.seed_tokenizer_stages import SeedTokenizerStage1, SeedTokenizerStage2
-from unimodal.training.strategies import DeepSpeed
+from unimodal.specs import lazy_exports
 
-__all__ = [
-    "DeepSpeed",
-    "SeedTokenizerStage1",
-    "SeedTokenizerStage2",
-    "UnimodalModule",
-    "export",
-    "run_pipeline",
-    "run_training",
-]
+_EXPORTS = {
+    "DeepSpeed": "unimodal.training.strategies.DeepSpeed",
+    "SeedTokenizerStage1": "unimodal.training.seed_tokenizer_stages.SeedTokenizerStage1",
+    "SeedTokenizerStage2": "unimodal.training.seed_tokenizer_stages.SeedTokenizerStage2",
+    "UnimodalModule": "unimodal.training.module.UnimodalModule",
+    "export": "unimodal.training.exporting.export",
+    "run_pipeline": "unimodal.training.pipeline.run_pipeline",
+    "run_training": "unimodal.training.recipes.run_training",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,8 +2,12 @@
 evaluation suites. ``resolve`` turns a ``builtin:NAME/...`` name into a path; the command line
 and recipe readers call it once, nothing below this package does."""
 
-from unimodal.worlds.builtin import resolve
-from unimodal.worlds.digits import build_world
-from unimodal.worlds.digits_suite import evaluate
+from unimodal.specs import lazy_exports
 
-__all__ = ["build_world", "evaluate", "resolve"]
+_EXPORTS = {
+    "build_world": "unimodal.worlds.digits.build_world",
+    "evaluate": "unimodal.worlds.digits_suite.evaluate",
+    "resolve": "unimodal.worlds.builtin.resolve",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
