@@ -172,3 +172,28 @@ def test_an_old_export_of_another_module_is_refused_in_one_line(tmp_path):
     (tmp_path / "unimodal.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"re-export its checkpoint with `unimodal export CKPT --out DIR`"):
         read_export_config(tmp_path)
+
+
+def test_the_export_carries_the_processor_training_encoded_with(run, tmp_path):
+    """processor.json restores the data module's Processor: the same ids, targets and features
+    for a document with a role-tagged chat and an image, and no pickle anywhere in the export."""
+    import numpy as np
+
+    from unimodal.checkpoints.load import read_export_config
+    from unimodal.data.datamodule import UnimodalDataModule
+
+    out = export(run / "checkpoints" / "last.ckpt", tmp_path / "export")
+    data = read_export_config(out)["processor"]
+    assert data["feature_dim"] == 6 and data["seq_len"] == 128 and data["layout"]["code_ranges"] == {"image": 32}
+    config = yaml.safe_load(next(run.glob("logs/version_*/config.yaml")).read_text())["data"]["init_args"]
+    trained = UnimodalDataModule(**config).processor
+    loaded = load_exported(out).processor
+    doc = Document([
+        Part("text", text="What is this?", role="user"),
+        Part("image", media=0, data=np.ones((3, 6), np.float32), role="user"),
+        Part("text", text="A square.", role="assistant"),
+    ])
+    a, b = trained.encode(doc), loaded.encode(doc)
+    for field in ("ids", "modality", "target", "block", "continuous", "features"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert not [f for f in out.rglob("*") if f.suffix in (".pkl", ".pickle", ".bin", ".pt")]

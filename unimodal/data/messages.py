@@ -68,6 +68,21 @@ def _content_part(item: Any, src: Path, where: str) -> Part:
     raise DocumentError(f"{where}: content type {kind!r} is not supported (text, image_url, input_audio, image, audio)")
 
 
+def message_content(message: Any, where: str) -> tuple[str, list[Any]]:
+    """The role and content items of one OpenAI-style message; a string content is one text item.
+    Shared by data packing and the chat API, so both accept and refuse the same messages."""
+    if not isinstance(message, dict):
+        raise DocumentError(f"{where} is {type(message).__name__}, expected an object with 'role' and 'content'")
+    role = message.get("role")
+    if role not in ROLES:
+        raise DocumentError(f"{where} has role {role!r}, expected one of {ROLES}")
+    content = message.get("content")
+    items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(items, (list, tuple)) or not items:
+        raise DocumentError(f"{where} has no content (a string or a list of content parts)")
+    return role, list(items)
+
+
 def messages_to_parts(messages: Any, src: Path, where: str) -> list[Part]:
     """Document parts of an OpenAI-style ``messages`` list; media numbered in order.
 
@@ -79,19 +94,11 @@ def messages_to_parts(messages: Any, src: Path, where: str) -> list[Part]:
     parts: list[Part] = []
     for number, message in enumerate(messages):
         here = f"{where}: message {number}"
-        if not isinstance(message, dict):
-            raise DocumentError(f"{here} is {type(message).__name__}, expected an object")
-        role = message.get("role")
-        if role not in ROLES:
-            raise DocumentError(f"{here} has role {role!r}, expected one of {ROLES}")
+        role, items = message_content(message, here)
         weight = message.get("weight", 1)
         loss = message.get("loss", weight != 0)
         if not isinstance(loss, bool) or weight not in (0, 1):
             raise DocumentError(f"{here}: 'loss' must be true/false and 'weight' 0 or 1")
-        content = message.get("content")
-        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(items, list) or not items:
-            raise DocumentError(f"{here} has no content (a string or a list of content parts)")
         for item in items:
             part = _content_part(item, src, here)
             part.role, part.loss = role, loss and role == "assistant"

@@ -33,7 +33,7 @@ import numpy as np
 
 from unimodal.checkpoints.load import Exported, load_exported
 from unimodal.data.media import MediaBytes, decode_media
-from unimodal.data.messages import messages_to_parts
+from unimodal.data.messages import message_content, messages_to_parts
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
@@ -42,7 +42,7 @@ from unimodal.inference.outputs import Generation, Segment
 from unimodal.models.generation import GenerationSettings
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS
-from unimodal.schema import ROLES, Document, DocumentError, Part
+from unimodal.schema import Document, DocumentError, Part
 
 log = logging.getLogger("unimodal.chat")
 
@@ -332,15 +332,10 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
     out = []
     for index, message in enumerate(messages):
         where = f"message {index}"
-        if not isinstance(message, dict):
-            raise ChatError(f"{where} is {type(message).__name__}, expected a dict with 'role' and 'content'")
-        role = message.get("role")
-        if role not in ROLES:
-            raise ChatError(f"{where} has role {role!r}; expected one of {ROLES}")
-        content = message.get("content")
-        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(items, (list, tuple)) or not items:
-            raise ChatError(f"{where} has no content (a string or a list of parts)")
+        try:
+            role, items = message_content(message, where)
+        except DocumentError as err:
+            raise ChatError(str(err)) from None
         out.append({"role": role, "content": [_content(item, f"{where}, part {n}") for n, item in enumerate(items)]})
     return out
 
