@@ -16,6 +16,7 @@ from unimodal.data.packing import Packer, collate
 from unimodal.schema import Document, Part
 from unimodal.training.recipes import load_recipe, run_training
 from unimodal.checkpoints.load import ExportError, load_exported
+from unimodal.errors import UserError
 from unimodal.training.exporting import _module_from_checkpoint, export
 from unimodal.worlds import resolve
 
@@ -94,6 +95,12 @@ def test_export_command_and_its_errors(run, tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {}}, bare)
     with pytest.raises(ExportError, match="written by `unimodal train`"):
         export(bare, tmp_path / "z")
+    # a checkpoint written before a class moved names it; export says the new spelling
+    old = tmp_path / "old.ckpt"
+    spec = {"image": {"class_path": "unimodal.models.continuous.DiffusionImage", "init_args": {}}}
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "x.Module", "continuous": spec}, "unimodal_run_config": {}}, old)
+    with pytest.raises(UserError, match="DiffusionImage is now unimodal.models.continuous.TokenDiffusionImage"):
+        export(old, tmp_path / "w")
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from unimodal.inference.engine import Engine
 from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import Generation, Segment
 from unimodal.models.generation import GenerationSettings
+from unimodal.models.unified import UnifiedModel
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS
 from unimodal.schema import Document, DocumentError, Part
@@ -133,7 +134,7 @@ class Assistant:
     prompt plus reply, by default the training sequence length, else the backbone's.
     """
 
-    model: Any = field(repr=False)
+    model: UnifiedModel = field(repr=False)
     processor: Processor = field(repr=False)
     spans: dict[str, SpanSpec | dict[str, Any]] | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)

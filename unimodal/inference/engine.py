@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from unimodal.data.processor import EncodedDocument
+from unimodal.data.tokenizer import TextTokenizer
 from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
@@ -80,7 +81,7 @@ class Engine:
     def __init__(
         self,
         model: UnifiedModel,
-        tokenizer: Any,
+        tokenizer: TextTokenizer,
         spans: dict[str, SpanSpec | dict[str, Any]] | None = None,
         stop_ids: Sequence[int] = (),
         max_length: int | None = None,

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import instantiate_module
 from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
 from unimodal.checkpoints.files import RUN_CONFIG_KEY
 from unimodal.checkpoints.load import ExportError
-from unimodal.training.recipes import resolve_builtin
+from unimodal.training.recipes import check_class_paths, resolve_builtin
 
 log = logging.getLogger("unimodal.export")
 
@@ -61,6 +61,7 @@ def export(
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if run_config is None or "_class_path" not in hparams:
             raise ExportError(f"{file} has no run config: export reads checkpoints written by `unimodal train`")
+        check_class_paths(hparams, str(file))
         hparams, run_config = resolve_builtin(hparams, resolve_path), resolve_builtin(run_config, resolve_path)
         module = _module_from_checkpoint(checkpoint, hparams)
         step = int(checkpoint.get("global_step", 0))
