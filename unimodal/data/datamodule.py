@@ -116,6 +116,11 @@ def worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+def worker_share(batches: int, worker: int, workers: int) -> int:
+    """How many of a rank's ``batches`` this worker yields: an even split, the first ones one more."""
+    return batches // workers + int(worker < batches % workers)
+
+
 class TrainStream(IterableDataset):
     """The infinite training mixture, cut to ``batches`` per rank per epoch (split across workers)."""
 
@@ -180,7 +185,7 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[PackedBatch]:
         worker, num_workers = worker_slot()
         self.policy = BadSamplePolicy(self.config.max_bad_fraction)
-        share = self.batches // num_workers + int(worker < self.batches % num_workers)
+        share = worker_share(self.batches, worker, num_workers)
         yield from islice(self.config.batches(self.documents(worker, num_workers), self.policy), share)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, shard_sets, worker_slot
+from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, shard_sets, worker_share, worker_slot
 from unimodal.data.processor import Processor
 from unimodal.data.shards import expand_shards
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
@@ -41,8 +41,7 @@ class PairStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = worker_slot()
         docs = self.stream.documents(worker, workers)
-        share = self.stream.batches // workers + int(worker < self.stream.batches % workers)
-        for _ in range(share):
+        for _ in range(worker_share(self.stream.batches, worker, workers)):
             pairs: list[tuple[np.ndarray, str]] = []
             while len(pairs) < self.batch_size:
                 pair = _pair(next(docs), self.image_size)
