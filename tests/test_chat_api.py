@@ -159,6 +159,18 @@ def test_terminal_attaches_media_writes_replies_and_saves(tmp_path):
     assert reply["content"][0] == {"type": "image", "path": str(written[0])}
 
 
+def test_a_failed_attachment_fails_one_turn_only(tmp_path):
+    assistant = media_assistant(context_length=200)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really a wave file")
+    script = f"/audio {broken}\nwhat is this?\nhello\n/quit\n"
+    out = io.StringIO()
+    Terminal(assistant, tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+             stdin=io.StringIO(script), stdout=out).run()
+    text = out.getvalue()
+    assert text.count("(error:") == 1 and "1 attachment(s) dropped" in text
+
+
 def test_unimodal_load_is_the_assistant_loader():
     import unimodal
     from unimodal.inference import chat

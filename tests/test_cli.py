@@ -91,6 +91,9 @@ def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
     assert main(["data", "pack", str(src), "--out", str(out), "--max_docs_per_shard", "1", "--max_mb_per_shard", "1", "--skip_bad"]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["documents"] == 3 and len(stats["shards"]) == 3 and stats["source"]["skipped"] == 1
+    assert f"wrote 3 documents in 3 shards to {out}, 1 of 4 lines skipped" in capsys.readouterr().out
+    assert main(["data", "pack", str(src), "--out", str(tmp_path / "split"), "--skip_bad", "--val_fraction", "0.5"]) == 0
+    assert "wrote train: " in capsys.readouterr().out
     assert main(["data", "inspect", str(out), "--n", "1"]) == 0
     assert "documents: 3" in capsys.readouterr().out
     assert main(["data", "pack", str(src), "--out", str(tmp_path / "strict"), "--skip_bad", "false"]) == 2

@@ -167,8 +167,18 @@ def test_an_export_written_before_the_restructuring_loads_and_draws():
     config = read_export_config(OLD_EXPORT)
     assert config["format"] == FORMAT and "_class_path" not in config["model"]
     assert config["model"]["continuous"]["image"]["class_path"] == "unimodal.models.continuous.TokenDiffusionImage"
-    reply = load(OLD_EXPORT, device="cpu").chat([{"role": "user", "content": "Draw the digit seven."}], seed=0)
+    assistant = load(OLD_EXPORT, device="cpu")
+    reply = assistant.chat([{"role": "user", "content": "Draw the digit seven."}], seed=0)
     assert [part.type for part in reply.parts] == ["image"]
+
+
+def test_the_served_id_is_the_directory_as_typed(tmp_path):
+    from unimodal.inference.chat import load
+
+    link = tmp_path / "model"
+    link.symlink_to(OLD_EXPORT.resolve())
+    assert load(link, device="cpu").name == "model"  # not the directory the link points to
+    assert load(f"{link}/", device="cpu", name="mine").name == "mine"
 
 
 def test_an_old_export_of_another_module_is_refused_in_one_line(tmp_path):

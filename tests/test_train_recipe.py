@@ -111,3 +111,15 @@ def test_builtin_data_from_an_older_build_is_rebuilt(tmp_path, monkeypatch):
     (tmp_path / "toy" / ".built").write_text("")  # what an older release left
     builtin.resolve("builtin:toy/data.txt")
     assert path.read_text() == "build 2"
+
+
+def test_the_progress_bar_of_a_step_based_run_counts_to_its_last_step():
+    from types import SimpleNamespace
+
+    from unimodal.training.progress import StepProgressBar
+
+    bar = StepProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=50)
+    assert bar._get_train_description(0).strip() == "Epoch 0 (to step 50)"
+    bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"

@@ -45,7 +45,7 @@ def pack(
     max_mb_per_shard: int = 256,
     skip_bad: bool = False,
     val_fraction: float = 0.0,
-) -> None:
+) -> str:
     """Pack a source JSONL (media parts name local files) into shards.
 
     Args:
@@ -58,8 +58,15 @@ def pack(
     """
     from unimodal.data.jsonl import pack_jsonl
 
-    pack_jsonl(src, out, max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_mb_per_shard * 2**20,
-               skip_bad=skip_bad, val_fraction=val_fraction)
+    stats = pack_jsonl(src, out, max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_mb_per_shard * 2**20,
+                       skip_bad=skip_bad, val_fraction=val_fraction)
+    splits = stats if val_fraction else {"": stats}
+    written = "; ".join(
+        f"{split + ': ' if split else ''}{s['documents']} documents in {len(s['shards'])} shards" for split, s in splits.items()
+    )
+    source = next(iter(splits.values()))["source"]
+    skipped = f", {source['skipped']} of {source['documents']} lines skipped" if source["skipped"] else ""
+    return f"wrote {written} to {out}{skipped}"
 
 
 def encode(
@@ -249,7 +256,7 @@ def serve(
         host: the address to listen on.
         port: the port to listen on.
         api_key: require 'Authorization: Bearer KEY' (default: $UNIMODAL_API_KEY, else none).
-        model_name: the model id clients send (default: the directory name).
+        model_name: the model id clients send (default: the last component of MODEL as given).
         max_request_mb: larger request bodies get 413.
         max_seconds: longer generations get 408.
         max_tokens: the largest max_tokens a request may ask for.

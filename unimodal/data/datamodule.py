@@ -41,6 +41,7 @@ from unimodal.modalities.vocab import VocabLayout
 logger = logging.getLogger("unimodal.data")
 
 T = TypeVar("T")
+_SHORT_VALIDATION_WARNED: set[tuple[int, int]] = set()
 
 
 @dataclass
@@ -207,7 +208,8 @@ class ValStream(IterableDataset):
         docs = _round_robin([read_documents(urls, policy=self.policy) for urls in self.shard_sets])
         batches = list(islice(self.config.batches(docs, self.policy), self.batches * self.world_size))
         per_rank = len(batches) // self.world_size
-        if per_rank < self.batches:
+        if per_rank < self.batches and (per_rank, self.batches) not in _SHORT_VALIDATION_WARNED:
+            _SHORT_VALIDATION_WARNED.add((per_rank, self.batches))  # the same data every validation: say it once
             logger.warning("validation data fills %d batches per rank, fewer than val_batches=%d", per_rank, self.batches)
         for batch in batches[self.rank :: self.world_size][:per_rank]:
             batch.window_label_tokens = torch.tensor(batch.num_label_tokens)

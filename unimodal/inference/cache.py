@@ -8,6 +8,7 @@ attended.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,9 @@ class KVCache:
     def __init__(self, model: UnifiedModel, docs: Sequence[EncodedDocument], pad_id: int):
         self.model = model
         self.decoder = model.backbone.get_decoder()
+        # transformers renamed the decoder's cache argument (5.24: ``cache``; earlier releases,
+        # e.g. 5.17 on the GPU machines, only ``past_key_values``, which newer ones warn about)
+        self.cache_argument = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self.embed_tokens = model.backbone.get_input_embeddings()
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype
@@ -93,7 +97,7 @@ class KVCache:
         if self.model.routing is not None:  # modality experts (LlamaFusion) route each position
             self.model.routing.set(modality)
         out = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_argument: self.cache}
         )
         return out.last_hidden_state
 

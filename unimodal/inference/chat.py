@@ -414,4 +414,7 @@ def load(path: str | Path, device: str = "auto", **overrides: Any) -> Assistant:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     exported.model.to(device)
-    return Assistant.from_exported(exported, **overrides)
+    # the served model id: the directory as the user named it (runs/demo/model, not the export
+    # its symlink points to)
+    typed = Path(path).name or Path(path).resolve().name
+    return Assistant.from_exported(exported, **{"name": typed, **overrides})

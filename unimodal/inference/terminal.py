@@ -99,7 +99,10 @@ class Terminal:
         try:
             reply = self.assistant.chat(self.history + [message], on_text=lambda t: self.say(t, end=""), **self.settings)
         except ChatError as err:
-            self.say(f"\n(error: {err})")
+            # the message is not sent, so its attachments go too: a bad file must not fail every later turn
+            dropped = f"; {len(self.attached)} attachment(s) dropped" if self.attached else ""
+            self.attached = []
+            self.say(f"\n(error: {err}{dropped})")
             return
         self.attached = []
         self.replies += 1

@@ -26,10 +26,11 @@ import yaml
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from unimodal.checkpoints.load import RENAMED_CLASSES
@@ -37,6 +38,7 @@ from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.strategies import register_strategies
 from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
+from unimodal.training.progress import StepProgressBar
 from unimodal.training.resume import Preempted, RunState, SaveOnSigterm
 
 
@@ -66,6 +68,9 @@ class UnimodalCLI(LightningCLI):
         if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             every = self._get(self.config_init, "checkpoint_every_n_steps")
             callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every, save_last=True))
+        bar_wanted = config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+        if bar_wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepProgressBar())
         if kwargs.get("logger", config.get("logger")) and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         self.checkpoint_dir = next(
