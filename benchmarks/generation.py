@@ -30,9 +30,9 @@ from transformers import DynamicCache
 
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.engine import Engine
-from unimodal.models.generation import GenerationSettings
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
+from unimodal.models.generation import GenerationSettings
 from unimodal.models.unified import UnifiedModel
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.models.attention import build_attention_mask
-from unimodal.training.recipes import UnimodalCLI, make_cli
 from unimodal.training.optim import build_optimizer
+from unimodal.training.recipes import UnimodalCLI, make_cli
 from unimodal.worlds import resolve
 
 

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from unimodal.models.continuous import TokenDiffusionImage
 
 MODULES_FILE = "orthus_modules.safetensors"

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unimodal.data.pre_encode import code_sources
-from unimodal.data.templates import get_template
-from unimodal.data.processor import Codec, Processor
 from unimodal.batch import PackedBatch
 from unimodal.data.packing import DocumentTooLong, Packer, collate
-from unimodal.schema import Document, DocumentError, local_path
+from unimodal.data.pre_encode import code_sources
+from unimodal.data.processor import Codec, Processor
 from unimodal.data.shards import BadSamplePolicy, expand_shards, iter_samples, read_documents, sample_to_document
+from unimodal.data.templates import get_template
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import VocabLayout
+from unimodal.schema import Document, DocumentError, local_path
 
 logger = logging.getLogger("unimodal.data")
 

@@ -6,19 +6,13 @@ import json
 import os
 from pathlib import Path
 
-
+from unimodal.data.media import MediaBytes, decode_media
+from unimodal.data.shards import STATS_FILE, BadSamplePolicy, ShardStats, expand_shards, read_documents
 from unimodal.schema import (
     Document,
     DocumentError,
     Part,
 )
-
-
-from unimodal.data.media import MediaBytes, decode_media
-from unimodal.data.shards import STATS_FILE, BadSamplePolicy, ShardStats, expand_shards, read_documents
-
-# ----------------------------------------------------------------------------------------------
-# inspecting
 
 
 def _size(n: float) -> str:

@@ -10,6 +10,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from unimodal.data.media import MediaBytes, source_media
+from unimodal.data.messages import messages_to_parts
+from unimodal.data.shards import held_out, save_stats, write_shards
 from unimodal.schema import (
     MODALITIES,
     Document,
@@ -17,14 +20,6 @@ from unimodal.schema import (
     check_key,
     parse_part,
 )
-
-
-from unimodal.data.media import MediaBytes, source_media
-from unimodal.data.messages import messages_to_parts
-from unimodal.data.shards import save_stats, write_shards, held_out
-
-# ----------------------------------------------------------------------------------------------
-# packing a source JSONL
 
 
 def _source_document(raw_line: bytes, src: Path, line: int) -> Document:

@@ -19,7 +19,6 @@ from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.data.processor import EncodedDocument
 
 
-
 class DocumentTooLong(ValueError):
     pass
 

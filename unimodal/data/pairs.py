@@ -19,7 +19,6 @@ from unimodal.modalities.vocab import VocabLayout
 from unimodal.schema import Document, local_path
 
 
-
 def _pair(doc: Document, size: int) -> tuple[np.ndarray, str] | None:
     """The first raw image of a document, centre-cropped to ``size``, and the document's text."""
     image = next((p.data for p in doc.parts if p.type == "image" and isinstance(p.data, np.ndarray) and p.data.dtype == np.uint8), None)

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from unimodal.schema import Document, DocumentError, Part
 from unimodal.data.media import decode_media
 from unimodal.data.shards import STATS_FILE, expand_shards, read_documents, write_documents
 from unimodal.modalities.base import MediaCodec
+from unimodal.schema import Document, DocumentError, Part
 
 CODES_KEY = "codes"
 

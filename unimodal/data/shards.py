@@ -25,6 +25,7 @@ import numpy as np
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
+from unimodal.data.media import MEDIA_EXTENSIONS, MediaBytes, decode_media
 from unimodal.schema import (
     SCHEMA,
     Document,
@@ -33,8 +34,6 @@ from unimodal.schema import (
     check_key,
     parse_document,
 )
-
-from unimodal.data.media import MEDIA_EXTENSIONS, MediaBytes, decode_media
 
 logger = logging.getLogger("unimodal.data")
 

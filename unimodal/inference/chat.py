@@ -39,10 +39,10 @@ from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
 from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import Generation, Segment
-from unimodal.models.generation import GenerationSettings
-from unimodal.models.unified import UnifiedModel
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS
+from unimodal.models.generation import GenerationSettings
+from unimodal.models.unified import UnifiedModel
 from unimodal.schema import Document, DocumentError, Part
 
 log = logging.getLogger("unimodal.chat")

@@ -12,8 +12,8 @@ import numpy as np
 
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.constraints import SpanSpec
-from unimodal.models.unified import UnifiedModel
 from unimodal.modalities.vocab import SPAN_MARKERS
+from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITY_IDS
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unimodal.schema import Part
 from unimodal.modalities.base import MediaCodec, weights_checksum
+from unimodal.schema import Part
 
 HF_CODECS = ("encodec", "mimi", "dac")
 

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.schema import DocumentError, Part
 from unimodal.modalities.base import MediaCodec
+from unimodal.schema import DocumentError, Part
 
 
 def patchify(grid: torch.Tensor, patch: int) -> torch.Tensor:

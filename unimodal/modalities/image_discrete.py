@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.schema import Part, local_path
 from unimodal.modalities.base import CODEC_FILE, MediaCodec, read_codec_files, save_codec_files, weights_checksum
 from unimodal.modalities.image_continuous import PixelPatchCodec, to_pixels
 from unimodal.modalities.kmeans import kmeans, nearest
+from unimodal.schema import Part, local_path
 
 PATCH_VQ_CODEBOOK = "codebook.npy"
 

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.schema import Part, local_path
-from unimodal.modalities.base import MediaCodec
-from unimodal.modalities.base import weights_checksum
+from unimodal.modalities.base import MediaCodec, weights_checksum
 from unimodal.modalities.image_continuous import center_crop
+from unimodal.schema import Part, local_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -33,13 +33,12 @@ import torch
 from torch import nn
 
 from unimodal.batch import PackedBatch
-from unimodal.schema import MODALITY_IDS
 from unimodal.models.adapters import SoftVQ, build_patch_adapters
 from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig
 from unimodal.models.heads import DiffusionHead
 from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
-
+from unimodal.schema import MODALITY_IDS
 
 IMAGE = MODALITY_IDS["image"]
 TERM = "diffusion/image"

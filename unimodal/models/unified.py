@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
-from unimodal.models.attention import build_attention_mask
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.schema import MODALITY_IDS
+from unimodal.models.attention import build_attention_mask
 from unimodal.models.routing import ModalityRouter
+from unimodal.schema import MODALITY_IDS
 
 
 @dataclass

@@ -8,18 +8,18 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.strategies import DeepSpeedStrategy
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from unimodal.batch import PackedBatch
-from unimodal.models.generation import GenerationSettings
-from unimodal.modalities.vocab import VocabLayout
 from unimodal.checkpoints.load import check_extends, init_from_export, read_export_config
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig
 from unimodal.models.build import build_model
-from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
+from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
+from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
 

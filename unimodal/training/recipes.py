@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
-
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
@@ -33,13 +32,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
 from unimodal.checkpoints.load import RENAMED_CLASSES
 from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
-from unimodal.training.strategies import register_strategies
-from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
 from unimodal.training.progress import StepProgressBar
 from unimodal.training.resume import Preempted, RunState, SaveOnSigterm
+from unimodal.training.strategies import register_strategies
 
 
 class UnimodalCLI(LightningCLI):

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.modalities.vocab import VocabLayout
 from unimodal.modalities.seed_tokenizer import EncoderSpec, SeedConfig, SeedTokenizer, load_encoder
+from unimodal.modalities.vocab import VocabLayout
 from unimodal.schema import local_path
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 

@@ -8,8 +8,6 @@ from pathlib import Path
 from unimodal.data.jsonl import pack_jsonl
 from unimodal.worlds.stdlib_text import _docstrings
 
-
-
 SYSTEM = "You answer questions about the Python standard library in plain English."
 
 

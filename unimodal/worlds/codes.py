@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from unimodal.data.pre_encode import record_code_sources
-from unimodal.schema import Document, Part
-from unimodal.data.shards import write_documents
 from unimodal.data.sentencepiece_trainer import train_tokenizer
+from unimodal.data.shards import write_documents
+from unimodal.schema import Document, Part
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")

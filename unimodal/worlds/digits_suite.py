@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
-from unimodal.schema import Part
-from unimodal.worlds.judges import audio_judge, image_judge
 from unimodal.inference.chat import load
+from unimodal.schema import Part
+from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
+from unimodal.worlds.judges import audio_judge, image_judge
 
 log = logging.getLogger("unimodal.eval")
 

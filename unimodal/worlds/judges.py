@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from unimodal.worlds.digits import IMAGE_SIZE, digit_images, utterances
 from unimodal.modalities.audio import resample, to_mono
 from unimodal.modalities.digit_audio import log_mel
+from unimodal.worlds.digits import IMAGE_SIZE, digit_images, utterances
 
 RATE = 16000
 MFCC_BANDS, MFCC_KEEP, MFCC_FRAMES = 40, 20, 16

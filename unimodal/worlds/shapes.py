@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from unimodal.data.sentencepiece_trainer import train_tokenizer
+
 from unimodal.data.jsonl import pack_jsonl
+from unimodal.data.sentencepiece_trainer import train_tokenizer
 
 SIZE = 16
 SHAPES = ("square", "circle", "triangle")
