@@ -87,7 +87,17 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
     assert not torch.equal(loaded.model.continuous["image"].proj.weight, torch.zeros(1))
 
 
-def test_export_command_and_its_errors(run, tmp_path):
+class Payload:
+    """Unpickling this writes a file: what a hostile checkpoint could do instead."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_export_command_and_its_errors(run, tmp_path, capsys):
     assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x"), "--merge_lora"]) == 0
     assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x")]) == 2  # not empty
     assert unimodal_main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "y")]) == 2
@@ -95,6 +105,11 @@ def test_export_command_and_its_errors(run, tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {}}, bare)
     with pytest.raises(ExportError, match="written by `unimodal train`"):
         export(bare, tmp_path / "z")
+    # a checkpoint carrying a pickle payload is refused before anything in it runs
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "payload": Payload(str(marker))}, tmp_path / "evil.ckpt")
+    assert unimodal_main(["export", str(tmp_path / "evil.ckpt"), "--out", str(tmp_path / "v")]) == 2
+    assert not marker.exists() and not (tmp_path / "v").exists()
     # a checkpoint written before a class moved names it; export says the new spelling
     old = tmp_path / "old.ckpt"
     spec = {"image": {"class_path": "unimodal.models.continuous.DiffusionImage", "init_args": {}}}

@@ -3,15 +3,21 @@
 - :class:`AtomicCheckpointIO` writes every checkpoint file to a temporary name in the same
   directory and renames it, so a crash (or a kill) during a save leaves the previous file whole.
 - :func:`find_latest_checkpoint` is what ``--resume auto`` and ``unimodal export RUN_DIR`` read.
+- :func:`read_checkpoint` reads one with ``torch.load(weights_only=True)``: tensors and plain
+  values only, so a checkpoint someone hands you cannot run code while it is read.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+
+from unimodal.errors import UserError
 
 TEMP_PREFIX = ".tmp-"
 # the checkpoint key under which ``unimodal train`` stores the run's resolved config
@@ -49,3 +55,17 @@ def find_latest_checkpoint(directory: str | Path) -> Path | None:
         if not p.name.startswith(TEMP_PREFIX) and (p.is_file() or (p / "latest").is_file())
     ]
     return max(found, key=_checkpoint_time, default=None)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A single-file checkpoint's contents. ``unimodal train`` writes tensors and plain values
+    only (the RNG states included), so anything else is refused rather than unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
+            f"unimodal reads checkpoints written by `unimodal train` only ({reason})"
+        ) from None
+

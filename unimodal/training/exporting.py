@@ -14,12 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_module
 
 from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
-from unimodal.checkpoints.files import RUN_CONFIG_KEY
+from unimodal.checkpoints.files import RUN_CONFIG_KEY, read_checkpoint
 from unimodal.checkpoints.load import ExportError
 from unimodal.training.recipes import check_class_paths, resolve_builtin
 
@@ -56,7 +55,7 @@ def export(
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="unimodal-export-") as scratch:
         file = checkpoint_file(Path(ckpt), Path(scratch))
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = read_checkpoint(file)
         run_config = checkpoint.get(RUN_CONFIG_KEY)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if run_config is None or "_class_path" not in hparams:

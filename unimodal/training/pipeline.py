@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from unimodal.checkpoints.files import find_latest_checkpoint
+from unimodal.checkpoints.files import find_latest_checkpoint, read_checkpoint
 from unimodal.checkpoints.load import CONFIG_FILE, read_export_config, tokenizer_path
 from unimodal.data.processor import media_settings
 from unimodal.training.exporting import export
@@ -307,9 +307,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
 def _checkpoint_step(checkpoint: Path | None) -> int | None:
     if checkpoint is None or checkpoint.is_dir():
         return None
-    import torch
-
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    return int(read_checkpoint(checkpoint).get("global_step", 0))
 
 
 def run_pipeline(
