@@ -123,3 +123,30 @@ def test_the_progress_bar_of_a_step_based_run_counts_to_its_last_step():
     assert bar._get_train_description(0).strip() == "Epoch 0 (to step 50)"
     bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
     assert bar._get_train_description(1).strip() == "Epoch 1/2"
+
+
+def test_a_diverging_run_stops_with_status_3_and_keeps_its_checkpoints_finite(tmp_path, capsys):
+    import torch
+
+    from unimodal.training.exporting import export
+
+    run = tmp_path / "run"
+    code = unimodal_main([
+        "train", str(RECIPE), "--model.init_args.optimizer.lr=1e6", "--trainer.max_steps=30", "--checkpoint_every_n_steps=1",
+        "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", *overrides(run),
+    ])
+    assert code == 3
+    assert "training stopped before that step changed any weight" in capsys.readouterr().err
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert checkpoints  # the steps before the loss went bad were saved, and are whole
+    for checkpoint in checkpoints:
+        state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+    # a checkpoint with non-finite weights (from elsewhere) is not exported
+    spoiled = torch.load(checkpoints[-1], weights_only=True)
+    name = next(iter(spoiled["state_dict"]))
+    spoiled["state_dict"][name] = torch.full_like(spoiled["state_dict"][name], float("nan"))
+    torch.save(spoiled, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match="non-finite"):
+        export(tmp_path / "nan.ckpt", tmp_path / "export")

@@ -61,6 +61,9 @@ def export(
         if run_config is None or "_class_path" not in hparams:
             raise ExportError(f"{file} has no run config: export reads checkpoints written by `unimodal train`")
         check_class_paths(hparams, str(file))
+        spoiled = next((name for name, t in checkpoint["state_dict"].items() if t.is_floating_point() and not t.isfinite().all()), None)
+        if spoiled is not None:
+            raise ExportError(f"{file}: {spoiled} holds non-finite values (the run diverged); export an earlier checkpoint")
         hparams, run_config = resolve_builtin(hparams, resolve_path), resolve_builtin(run_config, resolve_path)
         module = _module_from_checkpoint(checkpoint, hparams)
         step = int(checkpoint.get("global_step", 0))

@@ -36,6 +36,7 @@ from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoin
 from unimodal.checkpoints.load import RENAMED_CLASSES
 from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
+from unimodal.training.divergence import StopOnDivergence
 from unimodal.training.progress import StepProgressBar
 from unimodal.training.resume import Preempted, RunState, SaveOnSigterm
 from unimodal.training.strategies import register_strategies
@@ -77,7 +78,7 @@ class UnimodalCLI(LightningCLI):
         )
         run_config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         run_config.pop("config", None)
-        callbacks += [RunState(run_config), SaveOnSigterm(self.checkpoint_dir)]
+        callbacks += [RunState(run_config), SaveOnSigterm(self.checkpoint_dir), StopOnDivergence()]
         kwargs["callbacks"] = callbacks
         plugins = list(config.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
