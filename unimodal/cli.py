@@ -413,7 +413,10 @@ def _parse_error(message: str) -> str:
     key, body = match.groups()
     lines = [line.strip().removeprefix("- ") for line in body.splitlines() if line.strip()]
     reason = lines[0] if lines else "invalid value"
-    if reason.startswith(UNION_ERROR):
+    problem = next((i for i, line in enumerate(lines) if line.startswith("Problem with given class_path")), None)
+    if reason.startswith(UNION_ERROR) and problem is not None:  # a class that does not import: say why
+        reason = " ".join(lines[problem : problem + 2])
+    elif reason.startswith(UNION_ERROR):
         expected = next((line for line in lines if line.startswith("Expected") and "NoneType" not in line), reason)
         reason = " ".join([expected + ".", *(line for line in lines if line.startswith("Given value:"))])
     return f"--{key.rsplit('.', 1)[-1]}: {reason}"

@@ -4,6 +4,7 @@ means the same in a recipe and in an export."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,8 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
     def __getattr__(name: str) -> Any:
         path = exports.get(name)
         if path is None:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+            near = difflib.get_close_matches(name, exports, n=1)
+            raise AttributeError(f"module {package!r} has no attribute {name!r}" + (f" (did you mean {near[0]}?)" if near else ""))
         module, _, attribute = path.rpartition(".")
         return getattr(importlib.import_module(module), attribute)
 

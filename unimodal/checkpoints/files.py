@@ -68,4 +68,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
             f"unimodal reads checkpoints written by `unimodal train` only ({reason})"
         ) from None
+    except (RuntimeError, OSError) as err:  # torch's zip reader: a file cut short, or not a checkpoint at all
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise UserError(f"{path} cannot be read as a checkpoint: it is truncated or not a checkpoint ({str(err).split('.')[0]})") from None
 

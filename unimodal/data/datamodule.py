@@ -31,7 +31,7 @@ from unimodal.batch import PackedBatch
 from unimodal.data.packing import DocumentTooLong, Packer, collate
 from unimodal.data.pre_encode import code_sources
 from unimodal.data.processor import Codec, Processor
-from unimodal.data.shards import BadSamplePolicy, expand_shards, iter_samples, read_documents, sample_to_document
+from unimodal.data.shards import BadSamplePolicy, ShardError, expand_shards, iter_samples, read_documents, sample_to_document
 from unimodal.data.templates import get_template
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
 from unimodal.modalities.base import MediaCodec
@@ -168,7 +168,10 @@ class TrainStream(IterableDataset):
                     yield sample
                 empty_in_a_row = 0 if count else empty_in_a_row + 1
                 if empty_in_a_row > 10 * len(mine):
-                    raise RuntimeError(f"shard set {index} ({mine[0]} ...) yields no samples")
+                    raise ShardError(
+                        f"shard set {index} ({mine[0]} ...) yields no samples: {self.policy.skipped} bad of "
+                        f"{self.policy.seen} read; see `unimodal data inspect {mine[0]}`"
+                    )
 
         for sample in _shuffled(samples(), self.shuffle_buffer, self._rng(worker, 2, index)):
             try:

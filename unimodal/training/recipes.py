@@ -16,8 +16,11 @@ saves one before the run stops (``unimodal.training.resume``).
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import warnings
+from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,12 @@ from unimodal.training.strategies import register_strategies
 
 
 class UnimodalCLI(LightningCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ArgumentError(None, _with_near_matches(err.message, parser)) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from ('last' or a path)"
@@ -84,6 +93,19 @@ class UnimodalCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def _with_near_matches(message: str, parser: LightningArgumentParser) -> str:
+    """An unrecognised option's error, followed by the parser's closest option names."""
+    unknown = [word.split("=")[0] for word in message.partition("unrecognized arguments:")[2].split() if word.startswith("--")]
+    group = re.match(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
+    if group:
+        unknown.append(f"--{group[1]}.{group[2]}")
+    if not unknown:
+        return message
+    known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    near = [match for key in unknown for match in difflib.get_close_matches(key, known, n=3, cutoff=0.75)]
+    return f"{message} (did you mean {', '.join(near)}?)" if near else message
 
 
 TINY_KEY = "tiny"
@@ -174,6 +196,8 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
     options: dict[str, Any] = {
         "save_config_callback": SaveConfigCallback,
         "save_config_kwargs": {"overwrite": True},
+        # a wrong key is an ArgumentError the command line prints as one line, not usage and exit
+        "parser_kwargs": {"exit_on_error": False},
         **kwargs,
     }
     with warnings.catch_warnings():
@@ -229,6 +253,11 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
                 # restores the stream position itself (UnimodalDataModule.state_dict)
                 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        mismatch = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise UserError(f"checkpoint {ckpt_path} does not fit this recipe's model: {mismatch}") from None
     except SIGTERMException:
         saved = next((c.saved for c in cli.trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
         where = f"saved {saved}" if saved else "no checkpoint saved"

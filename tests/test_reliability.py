@@ -1,0 +1,65 @@
+"""Expected failures end in one line on stderr and an exit status, never a traceback (issue 14)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0"]
+
+
+def unimodal(*args: str) -> tuple[int, list[str]]:
+    """Run the command as a user does; its exit status and its error lines (no traceback allowed)."""
+    done = subprocess.run([sys.executable, "-m", "unimodal", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, [line for line in done.stderr.splitlines() if ": error: " in line]
+
+
+def test_a_wrong_recipe_key_names_the_key_and_its_near_matches(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(RECIPE.read_text().replace("max_steps:", "max_stepz:"))
+    code, (line,) = unimodal("train", str(recipe), "--tiny")
+    assert code == 2 and "'max_stepz'" in line and "did you mean --trainer.max_steps" in line
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", "--trainer.max_stepz=3")
+    assert code == 2 and "did you mean --trainer.max_steps" in line
+
+
+def test_a_class_path_typo_says_what_does_not_import(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(RECIPE.read_text().replace("unimodal.data.UnimodalDataModule", "unimodal.data.UnimodalDataModul"))
+    code, (line,) = unimodal("train", str(recipe), "--tiny")
+    assert code == 2 and "has no attribute 'UnimodalDataModul' (did you mean UnimodalDataModule?)" in line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    code, _ = unimodal("train", str(RECIPE), "--tiny", "--trainer.max_steps=2", f"--trainer.default_root_dir={run}", *QUIET)
+    assert code == 0
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_a_truncated_checkpoint_is_one_line(checkpoint, tmp_path):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(checkpoint.read_bytes()[:50_000])
+    code, (line,) = unimodal("export", str(cut), "--out", str(tmp_path / "export"))
+    assert code == 2 and "truncated or not a checkpoint" in line and not (tmp_path / "export").exists()
+
+
+def test_a_checkpoint_of_another_model_is_one_line(checkpoint, tmp_path):
+    other = ["--model.init_args.backbone.config.num_hidden_layers=3", f"--ckpt_path={checkpoint}"]
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}", *other, *QUIET)
+    assert code == 2 and "does not fit this recipe's model" in line
+
+
+def test_data_that_yields_nothing_is_one_line(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"")
+    data = [f"--data.init_args.datasets=[{tmp_path / 'shards'}]", "--data.init_args.val_datasets=null"]
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path / 'run'}", *data, *QUIET)
+    assert code == 2 and "yields no samples" in line and "unimodal data inspect" in line
