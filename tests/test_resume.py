@@ -152,3 +152,34 @@ def test_sigterm_waits_for_the_optimizer_step_of_an_accumulation_window(tmp_path
     progress.current.processed = 8
     callback.on_train_batch_end(trainer, None, None, None, 7)
     assert saved == [tmp_path / "last.ckpt"] and trainer.received_sigterm is True  # saved, then Lightning stops
+
+
+def test_runs_keep_their_last_k_step_checkpoints_and_clear_dead_writers_files(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from unimodal.checkpoints.files import prune_checkpoints
+
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for step in range(5):
+        (directory / f"step={step}.ckpt").write_bytes(b"x")
+        os.utime(directory / f"step={step}.ckpt", (step, step))
+    (directory / "last.ckpt").write_bytes(b"x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (directory / f".tmp-{dead}-last.ckpt").write_bytes(b"half")
+    (directory / f".tmp-{os.getpid()}-last.ckpt").write_bytes(b"being written")
+    prune_checkpoints(directory, 3)
+    left = sorted(p.name for p in directory.iterdir())
+    assert left == [f".tmp-{os.getpid()}-last.ckpt", "last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+
+
+def test_a_run_keeps_keep_last_k_checkpoints(tmp_path):
+    recipe = ROOT / "recipes" / "text" / "tiny.yaml"
+    run_training([
+        str(recipe), "--tiny", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=5", "--checkpoint_every_n_steps=1",
+        "--keep_last_k=2", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+    ], resolve_path=resolve)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert names == ["epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]

@@ -3,6 +3,8 @@
 - :class:`AtomicCheckpointIO` writes every checkpoint file to a temporary name in the same
   directory and renames it, so a crash (or a kill) during a save leaves the previous file whole.
 - :func:`find_latest_checkpoint` is what ``--resume auto`` and ``unimodal export RUN_DIR`` read.
+- :func:`prune_checkpoints` keeps the newest ``keep_last_k`` step checkpoints (``last.ckpt``
+  always) and removes the temporary files of writers that died mid-save.
 - :func:`read_checkpoint` reads one with ``torch.load(weights_only=True)``: tensors and plain
   values only, so a checkpoint someone hands you cannot run code while it is read.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,12 @@ RUN_CONFIG_KEY = "unimodal_run_config"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, written to ``.tmp-NAME`` and renamed into place."""
+    """Lightning's torch checkpoint IO, written to ``.tmp-NAME`` and renamed into place; with
+    ``keep_last_k``, each save then prunes its directory (:func:`prune_checkpoints`)."""
+
+    def __init__(self, keep_last_k: int | None = None):
+        super().__init__()
+        self.keep_last_k = keep_last_k
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
@@ -38,6 +46,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temp, path)
         finally:
             temp.unlink(missing_ok=True)
+        if self.keep_last_k is not None:
+            prune_checkpoints(path.parent, self.keep_last_k)
 
 
 def _checkpoint_time(path: Path) -> float:
@@ -55,6 +65,40 @@ def find_latest_checkpoint(directory: str | Path) -> Path | None:
         if not p.name.startswith(TEMP_PREFIX) and (p.is_file() or (p / "latest").is_file())
     ]
     return max(found, key=_checkpoint_time, default=None)
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that writes ``.tmp-PID-NAME`` still runs (on this machine)."""
+    pid = temp.name[len(TEMP_PREFIX):].partition("-")[0]
+    if not pid.isdigit():
+        return True  # not ours: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune_checkpoints(directory: str | Path, keep_last_k: int) -> list[Path]:
+    """Remove all but the ``keep_last_k`` newest step checkpoints (never ``last.ckpt``) and the
+    ``.tmp-`` files whose writer is gone; returns what was removed. A resumed run's checkpoint
+    callback knows nothing of the files before it, so this looks at the directory itself."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [temp for temp in directory.glob(f"{TEMP_PREFIX}*") if temp.is_file() and not _writer_alive(temp)]
+    steps = [p for p in directory.glob("*.ckpt") if p.name != "last.ckpt" and not p.name.startswith(TEMP_PREFIX)]
+    steps = sorted((p for p in steps if p.is_file() or (p / "latest").is_file()), key=_checkpoint_time, reverse=True)
+    if keep_last_k >= 0:
+        removed += steps[keep_last_k:]
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

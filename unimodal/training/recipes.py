@@ -63,6 +63,10 @@ class UnimodalCLI(LightningCLI):
         parser.add_argument(
             "--checkpoint_every_n_steps", type=int, default=100, help="step interval of the default checkpoint callback"
         )
+        parser.add_argument(
+            "--keep_last_k", type=int, default=3,
+            help="step checkpoints kept besides last.ckpt (older ones, and temporary files of dead writers, are removed); -1 keeps all",
+        )
         parser.link_arguments("trainer.accumulate_grad_batches", "data.init_args.accumulate_grad_batches")
         parser.link_arguments(
             "data", "model.init_args.vocab", compute_fn=lambda data: data.layout.to_dict(), apply_on="instantiate"
@@ -76,7 +80,8 @@ class UnimodalCLI(LightningCLI):
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             every = self._get(self.config_init, "checkpoint_every_n_steps")
-            callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every, save_last=True))
+            # every step checkpoint is kept by Lightning; the checkpoint IO prunes to keep_last_k
+            callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=-1))
         bar_wanted = config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
         if bar_wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
@@ -91,7 +96,7 @@ class UnimodalCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         plugins = list(config.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO(self._get(self.config_init, "keep_last_k"))]
         return super().instantiate_trainer(**kwargs)
 
 
