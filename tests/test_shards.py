@@ -213,3 +213,32 @@ def test_bad_sample_policy_aborts_above_fraction(caplog):
 
     with pytest.raises(RuntimeError, match="1 of 1"):
         BadSamplePolicy(max_bad_fraction=0).skip("bad", "k", "s.tar")
+
+
+def _cut_on_a_header_boundary(shard: Path, keep_members: int) -> None:
+    """Truncate a tar right before the header of member ``keep_members``: it still reads cleanly."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[keep_members].offset
+    shard.write_bytes(shard.read_bytes()[:offset])
+
+
+def test_a_shard_cut_on_a_header_boundary_is_counted(tmp_path):
+    docs = [Document([Part("text", text=f"document {i}")], key=f"doc{i:03d}") for i in range(20)]
+    write_documents(docs, tmp_path / "indexed")
+    (shard,) = sorted((tmp_path / "indexed").glob("*.tar"))
+    _cut_on_a_header_boundary(shard, 12)  # one member (KEY.json) per document
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    read = list(read_documents([str(shard)], policy=policy))
+    assert len(read) == 12 and policy.skipped == 8 and "cut short: 12 of the 20" in policy.examples[0].reason
+
+    # without an index, the missing end-of-archive marker gives it away
+    write_documents(docs, tmp_path / "bare")
+    (bare,) = sorted((tmp_path / "bare").glob("*.tar"))
+    (tmp_path / "bare" / "stats.json").unlink()
+    _cut_on_a_header_boundary(bare, 12)
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    assert len(list(read_documents([str(bare)], policy=policy))) == 12 and policy.skipped == 1
+    with pytest.raises(ShardError, match="end-of-archive"):
+        list(read_documents([str(bare)]))

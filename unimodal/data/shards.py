@@ -10,6 +10,7 @@ description.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -76,10 +77,11 @@ class BadSamplePolicy:
         self.seen += 1
         self._check()
 
-    def skip(self, error: BaseException | str, key: str = "", shard: str = "") -> None:
+    def skip(self, error: BaseException | str, key: str = "", shard: str = "", count: int = 1) -> None:
+        """Count ``count`` broken samples (a shard cut short loses several at once)."""
         reason = str(error)
-        self.seen += 1
-        self.skipped += 1
+        self.seen += count
+        self.skipped += count
         self.kinds[type(error).__name__ if isinstance(error, BaseException) else "skipped"] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(SkippedSample(key, shard, reason))
@@ -288,15 +290,63 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
 
     A tar that breaks mid-way (truncated, corrupt) ends its shard: the samples read so far are
     kept and the shard is counted once as a bad sample, or raises ``ShardError`` without a policy.
+    A tar cut between two members reads without error, so each shard is also checked against the
+    index ``data pack`` writes (``stats.json``: documents per shard), and the documents it lacks
+    are counted as bad; a shard without an index must end with tar's end-of-archive marker.
     """
     for url in urls:
+        read = 0
         try:
-            yield from wds.tarfile_samples([{"url": url}])
+            for read, sample in enumerate(wds.tarfile_samples([{"url": url}]), start=1):
+                yield sample
         except Exception as err:  # noqa: BLE001 - any failure to read the tar is the shard's fault
             error = ShardError(f"{url}: unreadable tar ({type(err).__name__}: {err.args[0] if err.args else ''})")
             if policy is None:
                 raise error from err
             policy.skip(error, shard=url)
+            continue
+        expected = _indexed_documents(url)
+        if expected is not None and read < expected:
+            error, lost = ShardError(f"{url}: cut short: {read} of the {expected} documents its index lists"), expected - read
+        elif expected is None and not _ends_with_end_marker(url):
+            error, lost = ShardError(f"{url}: no tar end-of-archive marker: the file was cut short"), 1
+        else:
+            continue
+        if policy is None:
+            raise error
+        policy.skip(error, shard=url, count=lost)
+
+
+def _indexed_documents(url: str) -> int | None:
+    """The documents ``stats.json`` beside a local shard says it holds, if there is one."""
+    path = Path(url)
+    stats = path.parent / STATS_FILE
+    if not stats.is_file():
+        return None
+    return _shard_index(str(stats), stats.stat().st_mtime_ns).get(path.name)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_index(stats: str, mtime_ns: int) -> dict[str, int]:
+    """Documents per shard name from a ``stats.json`` (read once per version of the file)."""
+    try:
+        shards = json.loads(Path(stats).read_text()).get("shards") or []
+    except (OSError, ValueError):
+        return {}
+    return {s["name"]: int(s["documents"]) for s in shards if isinstance(s, dict) and "name" in s and "documents" in s}
+
+
+def _ends_with_end_marker(url: str) -> bool:
+    """Whether a local tar ends with two zero blocks, as every complete tar file does."""
+    path = Path(url)
+    if not path.is_file():
+        return True  # not a local file: nothing to check here
+    size = path.stat().st_size
+    if size % 512 or size < 1024:
+        return False
+    with path.open("rb") as tar:
+        tar.seek(size - 1024)
+        return not any(tar.read(1024))
 
 
 def sample_to_document(sample: dict[str, Any], decode: bool = True) -> Document:
