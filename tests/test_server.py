@@ -148,6 +148,12 @@ def test_media_in_and_out_as_base64(url):
         ({"messages": [{"role": "user", "content": [{"type": "image", "path": "/etc/passwd"}]}]}, 400, "not supported"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role 'robot'"),
         ({"messages": []}, 400, "non-empty list"),
+        ({"image": {"steps": "x"}}, 400, "image: sampling settings: steps must be an integer or null, got 'x'"),
+        ({"image": {"temperature": None}}, 400, "temperature must be a number, got None"),
+        ({"temperature": float("nan")}, 400, "NaN is not a JSON number"),
+        ({"image": {"cfg_scale": 1000}}, 400, "image.cfg_scale=1000 is more than this server allows (4,"),
+        ({"num_beams": 100}, 400, "text.num_beams=100 is more than this server allows (4,"),
+        ({"max_media": 1000}, 400, "max_media=1000 is more than this server allows"),
     ],
 )
 def test_bad_requests_get_clear_4xx(url, extra, status, needle):

@@ -368,6 +368,7 @@ class _Run:
             both = cond + ([self.batch + i for i in cond] if guided else [])
 
             def run_backbone(embeds: torch.Tensor) -> torch.Tensor:
+                check_deadline(self.deadline)  # a denoising step is a whole backbone pass: the clock is read at each
                 if embeds.shape[0] not in (len(cond), len(both)):
                     raise ValueError(f"run_backbone got {embeds.shape[0]} rows; expected {len(cond)} (or {len(both)} with guidance)")
                 chosen = cond if embeds.shape[0] == len(cond) else both

@@ -10,7 +10,8 @@ WAV), so a client can put the message back into the history as it came.
 
 Limits answer with OpenAI-style errors (``{"error": {"message", "type", "code"}}``): a body over
 ``max_request_bytes`` is 413, a generation over ``max_seconds`` is 408, ``max_tokens`` or ``n``
-above the server's caps is 400, a missing or wrong bearer token (when ``api_key`` is set) is 401,
+above the server's caps is 400, and so is a diffusion ``steps``, ``cfg_scale``, ``num_beams`` or
+``max_media`` above 4x the model's own setting (:func:`sampling_caps`), a missing or wrong bearer token (when ``api_key`` is set) is 401,
 a request that waits longer than ``max_seconds`` behind others is 429. One generation runs at a
 time (the model is shared); extension fields ``top_k``, ``repetition_penalty``, ``num_beams``,
 ``max_media``, ``start_with`` and per-modality ``image`` / ``audio`` settings pass through to
@@ -75,6 +76,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerL
     limits = limits or ServerLimits()
     name = model_name or assistant.name
     created = int(time.time())
+    caps = sampling_caps(assistant)
     lock = threading.Lock()
     app = FastAPI(title="unimodal", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -103,6 +105,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerL
     async def chat_completions(request: Request):
         body = await _read_body(request, limits.max_request_bytes)
         call = parse_request(body, name, limits)
+        check_caps(call.settings, caps)
         if call.stream:
             return StreamingResponse(_stream(assistant, call, lock, limits, name), media_type="text/event-stream")
         replies = await asyncio.to_thread(_generate, assistant, call, lock, limits)
@@ -138,7 +141,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
     """Validate a ``/v1/chat/completions`` body; every problem is a 400 with a clear message."""
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise APIError(400, f"the body is not valid JSON ({err})") from None
     if not isinstance(payload, dict):
@@ -187,6 +190,42 @@ def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
     if start_with not in (None, "image", "audio"):
         raise APIError(400, "start_with must be 'image' or 'audio'")
     return Call(messages, settings, n, stream, start_with)
+
+
+def _refuse_constant(name: str) -> None:
+    """NaN and Infinity are not JSON, though Python's parser takes them; a request gets a 400."""
+    raise APIError(400, f"the body is not valid JSON: {name} is not a JSON number")
+
+
+def sampling_caps(assistant: Assistant, factor: float = 4.0) -> dict[str, float]:
+    """The largest per-request settings this server takes: ``factor`` times the model's own
+    defaults (diffusion steps, guidance, beams, media per reply), so that one request cannot hold
+    the model for ever. Keys are dotted as in a request (``image.steps``)."""
+    settings = assistant.settings
+    caps = {"max_media": factor * max(settings.max_media, 1)}
+    for name in ("text", "image", "audio"):
+        own = settings.for_modality(name)
+        module = assistant.model.continuous[name] if name in assistant.model.continuous else None
+        schedule = getattr(getattr(module, "schedule", None), "config", None)
+        steps = own.steps or getattr(schedule, "sample_steps", None)
+        if steps:
+            caps[f"{name}.steps"] = factor * steps
+        caps[f"{name}.cfg_scale"] = factor * max(own.cfg_scale, 1.0)
+        caps[f"{name}.num_beams"] = factor * own.num_beams
+    return caps
+
+
+def check_caps(settings: dict[str, Any], caps: dict[str, float]) -> None:
+    """A 400 naming the cap for any request setting above it (text settings may come flat)."""
+    flat = {f"text.{k}": v for k, v in settings.items() if f"text.{k}" in caps}
+    flat.update({k: v for k, v in settings.items() if k in caps})
+    for name in ("text", "image", "audio"):
+        nested = settings.get(name)
+        if isinstance(nested, dict):
+            flat.update({f"{name}.{k}": v for k, v in nested.items() if f"{name}.{k}" in caps})
+    for key, value in flat.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > caps[key]:
+            raise APIError(400, f"{key}={value:g} is more than this server allows ({caps[key]:g}, 4x the model's own setting)")
 
 
 def _check_message(message: Any, index: int) -> None:

@@ -11,10 +11,38 @@ the model is built, long before anything generates.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from unimodal.schema import MODALITIES
+
+
+# the type each setting must have: settings come from requests as JSON, where a wrong type would
+# otherwise fail deep inside a sampler
+NUMBER, INTEGER = "a number", "an integer"
+FIELD_KINDS = {
+    "temperature": NUMBER, "top_p": NUMBER, "top_k": INTEGER, "repetition_penalty": NUMBER, "num_beams": INTEGER,
+    "max_tokens": INTEGER, "cfg_scale": NUMBER, "steps": INTEGER,
+    "max_new_tokens": INTEGER, "max_media": INTEGER, "seed": INTEGER, "timeout_s": NUMBER,
+}
+OPTIONAL = {"max_tokens", "steps", "seed", "timeout_s"}
+
+
+def check_types(settings: object, what: str) -> None:
+    """Refuse a setting of the wrong type, or a number that is not finite, in one line."""
+    for name, kind in FIELD_KINDS.items():
+        if not hasattr(settings, name):
+            continue
+        value = getattr(settings, name)
+        if value is None and name in OPTIONAL:
+            continue
+        allowed = (int, float) if kind == NUMBER else (int,)
+        if isinstance(value, bool) or not isinstance(value, allowed) or (kind == NUMBER and not math.isfinite(value)):
+            raise ValueError(f"{what}: {name} must be {kind}{' or null' if name in OPTIONAL else ''}, got {value!r}")
+    stop = getattr(settings, "stop", ())
+    if not isinstance(stop, tuple):
+        raise ValueError(f"{what}: stop must be a list of non-empty strings, got {stop!r}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +66,7 @@ class SamplingSettings:
     steps: int | None = None
 
     def __post_init__(self) -> None:
+        check_types(self, "sampling settings")
         checks = (
             (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -85,7 +114,11 @@ class GenerationSettings:
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, SamplingSettings(**value))
-        object.__setattr__(self, "stop", tuple(self.stop))
+            elif not isinstance(value, SamplingSettings):
+                raise ValueError(f"generation settings: {name} must be an object of sampling settings, got {type(value).__name__}")
+        if isinstance(self.stop, (str, list, tuple)):  # one string is one stop string
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        check_types(self, "generation settings")
         if self.max_new_tokens < 1:
             raise ValueError("generation settings: max_new_tokens must be >= 1")
         if self.max_media < 0:
@@ -122,7 +155,10 @@ class GenerationSettings:
                     unknown = sorted(set(value) - set(SAMPLING_KEYS))
                     if unknown:
                         raise ValueError(f"unknown {key} sampling setting(s) {unknown}; known: {list(SAMPLING_KEYS)}")
-                    updates[key] = dataclasses.replace(current, **value)
+                    try:
+                        updates[key] = dataclasses.replace(current, **value)
+                    except ValueError as err:
+                        raise ValueError(f"{key}: {err}") from None
                 else:
                     raise ValueError(f"setting {key!r} must be a dict of sampling settings, got {type(value).__name__}")
             elif key in own:
