@@ -63,3 +63,51 @@ def test_data_that_yields_nothing_is_one_line(tmp_path):
     data = [f"--data.init_args.datasets=[{tmp_path / 'shards'}]", "--data.init_args.val_datasets=null"]
     code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path / 'run'}", *data, *QUIET)
     assert code == 2 and "yields no samples" in line and "unimodal data inspect" in line
+
+
+def test_hostile_media_is_refused_from_its_header(tmp_path):
+    """A 140 KB PNG declaring 12000x12000 pixels and a 33 KB FLAC declaring 700 s are refused
+    before they are decoded."""
+    import io
+
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    from unimodal.data.media import MediaBytes, decode_media
+    from unimodal.schema import DocumentError
+
+    png = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(png, format="PNG")
+    with pytest.raises(DocumentError, match="12000x12000 image is over the 16777216 pixels allowed"):
+        decode_media(MediaBytes("png", png.getvalue()), "image", "request")
+    flac = io.BytesIO()
+    soundfile.write(flac, np.zeros(16000 * 700, np.float32), 16000, format="FLAC")
+    with pytest.raises(DocumentError, match="700 s of audio is over the 600 s allowed"):
+        decode_media(MediaBytes("flac", flac.getvalue()), "audio", "request")
+
+
+def peak_rss_mb(code: str) -> float:
+    script = f"import resource\nimport numpy as np\nfrom unimodal.modalities.audio import resample\n{code}\n" \
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def test_resampling_memory_does_not_follow_the_ratio_of_the_rates():
+    """One second at 4001 Hz (rates that share no factor) to 16 kHz: at most 200 MB more than
+    the same process without it."""
+    baseline = peak_rss_mb("x = np.zeros(4001, np.float32)")
+    used = peak_rss_mb("x = resample(np.random.default_rng(0).standard_normal(4001).astype(np.float32), 4001, 16000)")
+    assert used - baseline < 200, (baseline, used)
+
+
+def test_both_resampling_paths_agree():
+    import numpy as np
+
+    from unimodal.modalities import audio
+
+    x = np.random.default_rng(0).standard_normal(22050).astype(np.float32)
+    phases = audio.resample(x, 22050, 16000)
+    direct = audio._resample_direct(x, 22050, 16000, 0.5 * 16000 / 22050 * 0.97, 23)
+    np.testing.assert_allclose(direct, phases, atol=1e-5)

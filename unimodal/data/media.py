@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,16 @@ import numpy as np
 
 from unimodal.schema import ARRAY_EXTENSIONS, AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DocumentError
 
+# what one image or clip may declare before it is decoded: 4096 x 4096 RGB is 48 MB; an hour of
+# 48 kHz float audio 690 MB, so clips stop at ten minutes
+MAX_PIXELS = 4096 * 4096
+MAX_AUDIO_SECONDS = 600.0
+
 MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS + ARRAY_EXTENSIONS, "audio": AUDIO_EXTENSIONS + ARRAY_EXTENSIONS}
+
+
+class MediaTooLarge(ValueError):
+    pass
 
 
 @dataclass
@@ -22,20 +32,36 @@ class MediaBytes:
     data: bytes
 
 
-def decode_media(media: MediaBytes, kind: str, where: str = "") -> Any:
-    """Decode one member: images to HxWx3 uint8, audio to ``(float32 waveform, rate)``, npy to arrays."""
+def decode_media(
+    media: MediaBytes, kind: str, where: str = "", max_pixels: int = MAX_PIXELS, max_seconds: float = MAX_AUDIO_SECONDS
+) -> Any:
+    """Decode one member: images to HxWx3 uint8, audio to ``(float32 waveform, rate)``, npy to arrays.
+
+    The sizes a file declares in its header are checked before it is decoded: a few kilobytes of
+    PNG or FLAC can declare gigabytes of pixels or samples.
+    """
     try:
         if media.ext == "npy":
             return np.load(io.BytesIO(media.data), allow_pickle=False)
         if kind == "image":
             from PIL import Image
 
-            with Image.open(io.BytesIO(media.data)) as image:
+            with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked just below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(media.data))
+            with image:
+                if image.width * image.height > max_pixels:
+                    raise MediaTooLarge(f"a {image.width}x{image.height} image is over the {max_pixels} pixels allowed; make it smaller")
                 return np.array(image.convert("RGB"), dtype=np.uint8)
         import soundfile
 
+        info = soundfile.info(io.BytesIO(media.data))
+        if info.frames > max_seconds * info.samplerate:
+            raise MediaTooLarge(f"{info.frames / info.samplerate:.0f} s of audio is over the {max_seconds:g} s allowed; cut it shorter")
         waveform, rate = soundfile.read(io.BytesIO(media.data), dtype="float32")
         return waveform, rate
+    except MediaTooLarge as err:
+        raise DocumentError(f"{where}: {err}") from None
     except Exception as err:  # noqa: BLE001 - PIL, soundfile and numpy raise many kinds
         raise DocumentError(f"{where}: unreadable {kind} member .{media.ext} ({type(err).__name__}: {err})") from None
 

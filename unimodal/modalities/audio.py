@@ -39,6 +39,10 @@ def to_mono(waveform: np.ndarray) -> np.ndarray:
     return waveform
 
 
+# the most filter values a resampling holds at once (float64: 32 MB)
+KERNEL_LIMIT = 4 * 2**20
+
+
 def resample(waveform: np.ndarray, orig_rate: int, new_rate: int, zero_crossings: int = 16) -> np.ndarray:
     """Band-limited resampling of a mono waveform (Hann-windowed sinc, polyphase).
 
@@ -52,6 +56,8 @@ def resample(waveform: np.ndarray, orig_rate: int, new_rate: int, zero_crossings
     down, up = orig_rate // g, new_rate // g
     cutoff = 0.5 * min(1.0, up / down) * 0.97  # cycles per input sample, a little below Nyquist
     width = math.ceil(zero_crossings / (2 * cutoff))
+    if up * (2 * width + down) > KERNEL_LIMIT:  # rates that share no factor: the phases would not fit
+        return _resample_direct(np.asarray(waveform, dtype=np.float32), orig_rate, new_rate, cutoff, width)
     taps = torch.arange(-width, width + down, dtype=torch.float64)
     t = taps[None, :] - torch.arange(up, dtype=torch.float64)[:, None] * down / up  # [up, taps]
     window = torch.where(t.abs() <= width, 0.5 + 0.5 * torch.cos(math.pi * t / width), torch.zeros_like(t))
@@ -61,6 +67,25 @@ def resample(waveform: np.ndarray, orig_rate: int, new_rate: int, zero_crossings
     x = F.pad(x, (width, width + down))
     out = F.conv1d(x, kernel, stride=down)  # [1, up, frames]
     return out[0].t().reshape(-1)[:n_out].numpy()
+
+
+def _resample_direct(x: np.ndarray, orig_rate: int, new_rate: int, cutoff: float, width: int) -> np.ndarray:
+    """The same windowed sinc evaluated at each output time, a bounded chunk of outputs at a
+    time: memory follows the taps, not the ratio of the rates."""
+    n_out = math.ceil(len(x) * new_rate / orig_rate)
+    offsets = np.arange(-width, width + 1)
+    padded = np.pad(x.astype(np.float64), (width + 1, width + 1))
+    out = np.empty(n_out, dtype=np.float32)
+    chunk = max(1, KERNEL_LIMIT // len(offsets))
+    for start in range(0, n_out, chunk):
+        times = np.arange(start, min(n_out, start + chunk)) * (orig_rate / new_rate)  # in input samples
+        index = np.floor(times).astype(np.int64)[:, None] + offsets[None, :]
+        t = times[:, None] - index
+        window = np.where(np.abs(t) <= width, 0.5 + 0.5 * np.cos(np.pi * t / width), 0.0)
+        weights = 2 * cutoff * np.sinc(2 * cutoff * t) * window
+        inside = (index >= 0) & (index < len(x))
+        out[start : start + len(times)] = (padded[np.clip(index, -width - 1, len(x) + width) + width + 1] * weights * inside).sum(1)
+    return out
 
 
 class RVQCodec(MediaCodec):
