@@ -65,3 +65,29 @@ def test_scoreboard_is_written_with_every_key(demo):
     for key in SCORED:
         assert 0.0 <= report[key] <= 1.0, key
     assert report["image_codec_roundtrip_acc"] is not None and report["audio_codec_roundtrip_acc"] is not None
+
+
+
+@pytest.fixture(scope="module")
+def full_size_pretrain(tmp_path_factory) -> Path:
+    """The demo pipeline's first stage at its full size, for two steps: an export of the
+    architecture the chat recipe expects."""
+    root = tmp_path_factory.mktemp("digits-full") / "demo"
+    pipeline = tmp_path_factory.mktemp("pipeline") / "pretrain-only.yaml"
+    pipeline.write_text(f"stages:\n  - name: pretrain\n    recipe: {ROOT / 'recipes' / 'digits' / 'pretrain.yaml'}\n")
+    run_pipeline(pipeline, root=root, every_stage={"trainer.max_steps": 2, "trainer.val_check_interval": 2}, resolve_path=resolve)
+    return root
+
+
+def test_the_chat_sft_header_command_fine_tunes_an_export(full_size_pretrain, tmp_path):
+    """recipes/digits/chat_sft.yaml's own command, pointed at a pretrained export: the export's
+    Processor supplies what the recipe leaves out (code ranges and layers, codecs, feature
+    width), which failed before with 'vocabulary layout ... is not a prefix'. Only the paths, the
+    step count and the run directory differ from the header."""
+    header = (ROOT / "recipes" / "digits" / "chat_sft.yaml").read_text().splitlines()[0]
+    command = header.removeprefix("# Command: unimodal ").replace("runs/pipelines/digits", str(full_size_pretrain)).split()
+    assert command[:2] == ["train", "recipes/digits/chat_sft.yaml"]
+    command[1] = str(ROOT / command[1])
+    extra = ["--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    assert unimodal_main([*command, *extra]) == 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

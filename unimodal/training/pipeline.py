@@ -50,10 +50,9 @@ from typing import Any
 import yaml
 
 from unimodal.checkpoints.files import find_latest_checkpoint, read_checkpoint
-from unimodal.checkpoints.load import CONFIG_FILE, read_export_config, tokenizer_path
-from unimodal.data.processor import media_settings
+from unimodal.checkpoints.load import tokenizer_path
 from unimodal.training.exporting import export
-from unimodal.training.recipes import fit_cli, load_recipe, make_cli, resolve_builtin, set_dotted
+from unimodal.training.recipes import fit_cli, inherit_from_export, load_recipe, make_cli, resolve_builtin, set_dotted
 from unimodal.training.resume import Preempted
 
 log = logging.getLogger("unimodal.training.pipeline")
@@ -210,12 +209,7 @@ def resolve_stage(
     if stage.init is not None:
         source = pipeline.output_dir(next(s for s in pipeline.stages if s.name == stage.init))
         set_dotted(config, "model.init_args.init_from", str(source))
-        if (source / CONFIG_FILE).is_file():  # a unified model: its tokenizer, and media settings the recipe leaves out
-            set_dotted(config, "data.init_args.tokenizer", str(tokenizer_path(source)))
-            data_args = (config.get("data") or {}).get("init_args") or {}
-            for key, value in media_settings(read_export_config(source)["processor"]).items():
-                if key not in data_args:
-                    set_dotted(config, f"data.init_args.{key}", value)
+        inherit_from_export(config, source, tokenizer=True)
     for dotted, value in stage.overrides.items():
         set_dotted(config, dotted, _substitute(value, pipeline))
     set_dotted(config, "trainer.default_root_dir", str(pipeline.stage_dir(stage)))

@@ -36,7 +36,8 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
-from unimodal.checkpoints.load import RENAMED_CLASSES
+from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config, tokenizer_path
+from unimodal.data.processor import media_settings
 from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
@@ -179,6 +180,32 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
     return resolve_builtin(config, resolve_path)
 
 
+def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: bool = False) -> None:
+    """Fine-tuning a model starts from its Processor: the data settings a recipe leaves out (code
+    ranges and layers, codecs, feature width, bidirectional and input layers; the tokenizer too,
+    or always with ``tokenizer``) are taken from the export ``source``'s ``processor.json``, so
+    model, vocabulary and data agree. A directory that is not a unified-model export is left alone."""
+    source = Path(source)
+    if not (source / CONFIG_FILE).is_file():
+        return
+    data_args = (config.get("data") or {}).get("init_args") or {}
+    if tokenizer or not data_args.get("tokenizer"):
+        set_dotted(config, "data.init_args.tokenizer", str(tokenizer_path(source)))
+    for key, value in media_settings(read_export_config(source)["processor"]).items():
+        if key not in data_args:
+            set_dotted(config, f"data.init_args.{key}", value)
+
+
+def _override(args: list[str], dotted: str) -> str | None:
+    """The value a command line gives ``--DOTTED`` (``--a.b=v`` or ``--a.b v``), if any."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{dotted}="):
+            return arg.partition("=")[2]
+        if arg == f"--{dotted}" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
 def _resolve_arg(arg: str, resolve_path: Callable[[str], str] | None) -> str:
     name, eq, value = arg.partition("=")
     if eq and value.startswith(BUILTIN_PREFIX):
@@ -194,8 +221,12 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
     tiny = "--tiny" in args
     args = [_resolve_arg(a, resolve_path) for a in args if a != "--tiny"]
     if args and not args[0].startswith("-"):
+        config = load_recipe(Path(args[0]), tiny, resolve_path)
+        init_from = _override(args[1:], "model.init_args.init_from") or ((config.get("model") or {}).get("init_args") or {}).get("init_from")
+        if init_from:
+            inherit_from_export(config, init_from)
         # jsonargparse takes the resolved recipe as YAML text in place of a path
-        args = ["--config", yaml.safe_dump(load_recipe(Path(args[0]), tiny, resolve_path), sort_keys=False), *args[1:]]
+        args = ["--config", yaml.safe_dump(config, sort_keys=False), *args[1:]]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_strategies()  # plain names (deepspeed_stage_2, ...) get the CPU-capable strategy
     options: dict[str, Any] = {
