@@ -91,3 +91,11 @@ def test_the_chat_sft_header_command_fine_tunes_an_export(full_size_pretrain, tm
     extra = ["--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
     assert unimodal_main([*command, *extra]) == 0
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_an_export_is_fine_tuned_with_init_from_alone(full_size_pretrain, tmp_path):
+    """The command of docs/lora.md: the recipe names another run's tokenizer; the export's wins."""
+    export = full_size_pretrain / "pretrain" / "export"
+    command = ["train", str(ROOT / "recipes" / "digits" / "chat_sft.yaml"), f"--model.init_args.init_from={export}"]
+    extra = ["--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    assert unimodal_main([*command, *extra]) == 0

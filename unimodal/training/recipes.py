@@ -182,9 +182,10 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
 
 def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: bool = False) -> None:
     """Fine-tuning a model starts from its Processor: the data settings a recipe leaves out (code
-    ranges and layers, codecs, feature width, bidirectional and input layers; the tokenizer too,
-    or always with ``tokenizer``) are taken from the export ``source``'s ``processor.json``, so
-    model, vocabulary and data agree. A directory that is not a unified-model export is left alone."""
+    ranges and layers, codecs, feature width, bidirectional and input layers) are taken from the
+    export ``source``'s ``processor.json``, and its tokenizer (when the recipe names none, or
+    always with ``tokenizer``: another tokenizer could not match the model's vocabulary), so model,
+    vocabulary and data agree. A directory that is not a unified-model export is left alone."""
     source = Path(source)
     if not (source / CONFIG_FILE).is_file():
         return
@@ -224,7 +225,7 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         config = load_recipe(Path(args[0]), tiny, resolve_path)
         init_from = _override(args[1:], "model.init_args.init_from") or ((config.get("model") or {}).get("init_args") or {}).get("init_from")
         if init_from:
-            inherit_from_export(config, init_from)
+            inherit_from_export(config, init_from, tokenizer=True)  # a command-line tokenizer still wins
         # jsonargparse takes the resolved recipe as YAML text in place of a path
         args = ["--config", yaml.safe_dump(config, sort_keys=False), *args[1:]]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
