@@ -106,9 +106,8 @@ def parse_part(raw: Any, where: str, index: int) -> Part:
     return Part(kind, media=media, role=role, loss=loss)
 
 
-def parse_document(payload: bytes | str | dict[str, Any], key: str = "", source: str = "") -> Document:
-    """Parse a sample's JSON member into a Document (media not yet attached)."""
-    where = f"sample {key!r} in {source}" if source else f"sample {key!r}"
+def json_object(payload: bytes | str | dict[str, Any], where: str) -> dict[str, Any]:
+    """A JSON object from text (or as it is), or a DocumentError saying where it went wrong."""
     if isinstance(payload, (bytes, str)):
         try:
             payload = json.loads(payload)
@@ -116,6 +115,13 @@ def parse_document(payload: bytes | str | dict[str, Any], key: str = "", source:
             raise DocumentError(f"{where}: malformed JSON ({err})") from None
     if not isinstance(payload, dict):
         raise DocumentError(f"{where}: expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def parse_document(payload: bytes | str | dict[str, Any], key: str = "", source: str = "") -> Document:
+    """Parse a sample's JSON member into a Document (media not yet attached)."""
+    where = f"sample {key!r} in {source}" if source else f"sample {key!r}"
+    payload = json_object(payload, where)
     schema = payload.get("schema", SCHEMA)
     if schema != SCHEMA:
         raise DocumentError(f"{where}: schema {schema!r} is not supported (this version reads {SCHEMA!r})")

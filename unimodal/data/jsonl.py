@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,18 +17,14 @@ from unimodal.schema import (
     Document,
     DocumentError,
     check_key,
+    json_object,
     parse_part,
 )
 
 
 def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     where = f"{src.name}:{line}"
-    try:
-        raw = json.loads(raw_line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DocumentError(f"{where}: malformed JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise DocumentError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    raw = json_object(raw_line, where)
     key = raw.get("key", f"{line:08d}")
     try:
         check_key(key if isinstance(key, str) else "")
