@@ -122,6 +122,22 @@ def test_history_is_trimmed_to_the_context_with_the_system_prompt_kept():
         assistant.chat([{"role": "user", "content": "x" * 200}], max_new_tokens=16)
 
 
+def test_trimming_a_long_history_encodes_it_a_logarithmic_number_of_times(monkeypatch):
+    """2,000 short messages (the 38 s request of issue 14): the kept tail is found by bisection,
+    and the result is the one dropping the oldest turns one at a time would give."""
+    assistant = text_assistant(context_length=160)
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(1999)]
+    settings = assistant.settings.replace(max_new_tokens=16)
+    encodings = []
+    encode = assistant._encode
+    monkeypatch.setattr(assistant, "_encode", lambda kept: encodings.append(len(kept)) or encode(kept))
+    prompt, dropped = assistant.prompt(turns, settings)
+    assert len(encodings) <= 2 + 11  # the whole history, the shortest, then log2(1000) halvings
+    assert len(prompt) <= 160 - 16 and dropped % 2 == 0
+    monkeypatch.undo()
+    assert assistant.prompt(turns[dropped - 2 :], settings)[1] == 2  # the two turns before the kept ones do not fit
+
+
 def test_settings_are_checked_with_clear_messages():
     assistant = text_assistant()
     hi = [{"role": "user", "content": "hi"}]

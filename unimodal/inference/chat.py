@@ -234,23 +234,36 @@ class Assistant:
         turns = [self._turn(m, i) for i, m in enumerate(parse_messages(messages))]
         reserve = min(settings.max_new_tokens, self.context_length // 2)
         room = self.context_length - reserve
-        dropped = 0
-        while True:
-            prompt = self._encode(turns)
-            if len(prompt) <= room:
-                break
-            keep = [i for i, t in enumerate(turns) if t.role == "system"]
-            others = [i for i in range(len(turns)) if i not in keep]
-            if len(others) <= 1:
+        # the oldest turns go first (an assistant turn left leading the history with them); system
+        # turns stay. Each state is how many of the other turns are dropped; fewer turns never make
+        # a longer prompt, so the first state that fits is found by bisection: O(log n) encodings
+        system = [i for i, turn in enumerate(turns) if turn.role == "system"]
+        others = [i for i, turn in enumerate(turns) if turn.role != "system"]
+        states, start = [0], 0
+        while len(others) - start > 1:
+            start += 2 if len(others) - start > 2 and turns[others[start + 1]].role == "assistant" else 1
+            states.append(start)
+
+        def encode(state: int) -> EncodedDocument:
+            return self._encode([turns[i] for i in sorted(system + others[states[state]:])])
+
+        prompt = encode(0)
+        low, high = 0, len(states) - 1
+        if len(prompt) > room:
+            last = encode(high)
+            if len(last) > room:
                 raise ChatError(
-                    f"the last message makes a prompt of {len(prompt)} tokens; the context holds {self.context_length} "
+                    f"the last message makes a prompt of {len(last)} tokens; the context holds {self.context_length} "
                     f"with {reserve} kept for the reply: shorten the message, attach less media or lower max_new_tokens"
                 )
-            first = others[0]
-            # drop the oldest turn, and an assistant turn left leading the history
-            cut = [first] + ([others[1]] if len(others) > 2 and turns[others[1]].role == "assistant" else [])
-            turns = [t for i, t in enumerate(turns) if i not in cut]
-            dropped += len(cut)
+            while high - low > 1:  # encode(low) is too long, encode(high) fits
+                middle = (low + high) // 2
+                if len(encode(middle)) > room:
+                    low = middle
+                else:
+                    high = middle
+            low, prompt = high, encode(high)
+        dropped = states[low]
         if dropped:
             log.info("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
         return prompt, dropped
