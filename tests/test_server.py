@@ -18,7 +18,7 @@ import uvicorn
 from inference_helpers import media_assistant
 from PIL import Image
 
-from unimodal.inference.server import ServerLimits, create_app
+from unimodal.inference.server import APIError, ServerLimits, create_app
 
 KEY = "test-key"
 LIMITS = ServerLimits(max_request_bytes=100_000, max_seconds=60, max_new_tokens=32, max_n=2)
@@ -170,3 +170,24 @@ def test_size_and_duration_limits(url, assistant):
     with running(create_app(assistant, limits=ServerLimits(max_seconds=1e-4), model_name="tiny")) as slow:
         status, body = chat(slow, [{"role": "user", "content": "hi"}], max_tokens=30)
     assert status == 408 and "limit of 0.0001 s" in body["error"]["message"]
+
+
+def test_shutdown_cancels_the_running_generation(assistant):
+    """SIGTERM's path: uvicorn runs the lifespan's shutdown, which sets the slot's event; a
+    generation sees it at its next step and the request gets a 503, so the model is freed."""
+    from unimodal.inference.outputs import GenerationTimeout
+    from unimodal.inference.server import Call, ModelSlot, _generate
+
+    app = create_app(assistant, limits=LIMITS, model_name="tiny")
+    with running(app):
+        assert not app.state.slot.stopping.is_set()
+    assert app.state.slot.stopping.is_set()
+
+    slot = ModelSlot()
+    slot.stopping.set()
+    call = Call([{"role": "user", "content": "hi"}], {}, 1, False, None)
+    with pytest.raises(APIError, match="shutting down") as stopped:
+        _generate(assistant, call, slot, LIMITS)
+    assert stopped.value.status == 503 and not slot.lock.locked()
+    with pytest.raises(GenerationTimeout, match="cancelled"):
+        assistant.generate([[{"role": "user", "content": "hi"}]], cancel=slot.stopping)

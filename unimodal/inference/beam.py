@@ -12,7 +12,7 @@ import torch
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.cache import KVCache, padded_ids
 from unimodal.inference.modes import MediaMode
-from unimodal.inference.outputs import Generation, Segment, check_deadline
+from unimodal.inference.outputs import Deadline, Generation, Segment, check_deadline
 from unimodal.inference.sampling import apply_repetition_penalty
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.unified import UnifiedModel
@@ -39,7 +39,7 @@ def beam_search(
     budgets: list[int],
     settings: GenerationSettings,
     seed: int,
-    deadline: float | None,
+    deadline: Deadline,
 ) -> list[Generation]:
     """Text-only beam search (media begin tokens are forbidden), scored like transformers'
     ``generate(num_beams=K)``: summed log-probabilities over length ** 1, stopping once K

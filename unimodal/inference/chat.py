@@ -24,6 +24,7 @@ and ``Reply.trimmed`` says how many.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -205,9 +206,10 @@ class Assistant:
         *,
         on_text: Callable[[int, str], None] | None = None,
         start_with: str | None = None,
+        cancel: threading.Event | None = None,
         **settings: Any,
     ) -> list[Reply]:
-        """Reply to several conversations at once (one batched generation)."""
+        """Reply to several conversations at once (one batched generation); ``cancel`` stops it."""
         resolved = self.settings.replace(**settings)
         resolved = resolved.replace(stop=tuple(resolved.stop) + tuple(s for s in self.stop if s not in resolved.stop))
         if not batch:
@@ -222,7 +224,7 @@ class Assistant:
             prompts.append(prompt)
             trimmed.append(dropped)
         unconditional = self.unconditional_prompt()
-        generations = self.engine.generate(prompts, resolved, unconditional=unconditional, on_text=on_text)
+        generations = self.engine.generate(prompts, resolved, unconditional=unconditional, on_text=on_text, cancel=cancel)
         return [self._reply(g, t) for g, t in zip(generations, trimmed)]
 
     # ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ decodes text with a loop of its own (``unimodal.inference.beam``). ``Generation`
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
 from unimodal.inference.modes import MediaMode, media_modes
-from unimodal.inference.outputs import Generation, Segment, check_deadline
+from unimodal.inference.outputs import Deadline, Generation, Segment, check_deadline
 from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.unified import UnifiedModel
@@ -114,18 +115,21 @@ class Engine:
         settings: GenerationSettings | None = None,
         unconditional: EncodedDocument | None = None,
         on_text: TextCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Generation]:
         """Replies to ``prompts`` (each ending where the reply starts).
 
         ``unconditional`` is the prompt of the guidance rows (needed when a writable modality has
-        ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded.
+        ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded. Setting
+        ``cancel`` stops the generation at its next step (:class:`GenerationTimeout`).
         """
         settings = settings or GenerationSettings()
         if not prompts:
             return []
         budgets = [self._budget(len(p), settings) for p in prompts]
         generator, seed = make_generator(settings.seed, self.device)
-        deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else None
+        deadline = Deadline(time.monotonic() + settings.timeout_s if settings.timeout_s else None, cancel)
+        check_deadline(deadline)
         if settings.text.num_beams > 1:
             if any(len(p) and int(p.ids[-1]) in self.modes for p in prompts):
                 raise ValueError("beam search writes text only; a reply that starts with media needs num_beams=1")
@@ -185,7 +189,7 @@ class _Run:
         settings: GenerationSettings,
         generator: torch.Generator,
         guided: set[str],
-        deadline: float | None,
+        deadline: Deadline,
         on_text: TextCallback | None,
     ):
         self.engine, self.cache, self.settings = engine, cache, settings

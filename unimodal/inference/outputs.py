@@ -4,6 +4,7 @@ time limit; shared by sampling and beam search.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +39,18 @@ class Generation:
     seed: int
 
 
-def check_deadline(deadline: float | None) -> None:
-    """Raise :class:`GenerationTimeout` once ``deadline`` (``time.monotonic()``) has passed."""
-    if deadline is not None and time.monotonic() > deadline:
+@dataclass(frozen=True)
+class Deadline:
+    """When a generation must stop: a ``time.monotonic()`` instant, and an event a server sets
+    when it shuts down (so SIGTERM frees the model within a step)."""
+
+    at: float | None = None
+    cancel: threading.Event | None = None
+
+
+def check_deadline(deadline: Deadline) -> None:
+    """Raise :class:`GenerationTimeout` once ``deadline`` has passed or been cancelled."""
+    if deadline.cancel is not None and deadline.cancel.is_set():
+        raise GenerationTimeout("generation cancelled: the server is stopping")
+    if deadline.at is not None and time.monotonic() > deadline.at:
         raise GenerationTimeout("generation ran past its time limit")

@@ -21,6 +21,7 @@ time (the model is shared); extension fields ``top_k``, ``repetition_penalty``, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import io
 import json
@@ -30,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -71,14 +72,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
 
 
+@dataclass
+class ModelSlot:
+    """The one model, shared by requests: a lock (one generation at a time), and an event set
+    when the server shuts down, which stops the running generation at its next step."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
 def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerLimits | None = None, model_name: str | None = None) -> FastAPI:
     """The FastAPI application (run it with uvicorn, or :func:`serve`)."""
     limits = limits or ServerLimits()
     name = model_name or assistant.name
     created = int(time.time())
     caps = sampling_caps(assistant)
-    lock = threading.Lock()
-    app = FastAPI(title="unimodal", docs_url=None, redoc_url=None, openapi_url=None)
+    slot = ModelSlot()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        slot.stopping.set()  # SIGTERM: the running generation ends at its next step
+
+    app = FastAPI(title="unimodal", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.slot = slot
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -107,8 +124,8 @@ def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerL
         call = parse_request(body, name, limits)
         check_caps(call.settings, caps)
         if call.stream:
-            return StreamingResponse(_stream(assistant, call, lock, limits, name), media_type="text/event-stream")
-        replies = await asyncio.to_thread(_generate, assistant, call, lock, limits)
+            return StreamingResponse(_stream(assistant, call, slot, limits, name), media_type="text/event-stream")
+        replies = await asyncio.to_thread(_generate, assistant, call, slot, limits)
         return completion(replies, name)
 
     return app
@@ -249,14 +266,16 @@ def _check_message(message: Any, index: int) -> None:
             raise APIError(400, f"{where}: part type {kind!r} is not supported (text, image_url, input_audio)")
 
 
-def _generate(assistant: Assistant, call: Call, lock: threading.Lock, limits: ServerLimits, on_text=None) -> list[Reply]:
-    if not lock.acquire(timeout=limits.max_seconds):
+def _generate(assistant: Assistant, call: Call, slot: ModelSlot, limits: ServerLimits, on_text=None) -> list[Reply]:
+    if not slot.lock.acquire(timeout=limits.max_seconds):
         raise APIError(429, f"the server is busy: the request waited {limits.max_seconds:g} s for the model; retry later", "busy")
     try:
         default_length = min(assistant.settings.max_new_tokens, limits.max_new_tokens)
         settings = {"max_new_tokens": default_length, **call.settings, "timeout_s": limits.max_seconds}
-        return assistant.generate([call.messages] * call.n, on_text=on_text, start_with=call.start_with, **settings)
+        return assistant.generate([call.messages] * call.n, on_text=on_text, start_with=call.start_with, cancel=slot.stopping, **settings)
     except GenerationTimeout:
+        if slot.stopping.is_set():
+            raise APIError(503, "the server is shutting down; send the request again when it is back", "shutting_down") from None
         raise APIError(
             408, f"the generation ran longer than this server's limit of {limits.max_seconds:g} s (--max_seconds); ask for fewer tokens (max_tokens)",
             "timeout",
@@ -264,7 +283,7 @@ def _generate(assistant: Assistant, call: Call, lock: threading.Lock, limits: Se
     except (ChatError, ValueError) as err:
         raise APIError(400, str(err)) from None
     finally:
-        lock.release()
+        slot.lock.release()
 
 
 def completion(replies: list[Reply], name: str) -> dict[str, Any]:
@@ -308,7 +327,7 @@ def wire_part(part: ReplyPart) -> dict[str, Any]:
     return {"type": "input_audio", "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode(), "format": "wav"}}
 
 
-async def _stream(assistant: Assistant, call: Call, lock: threading.Lock, limits: ServerLimits, name: str) -> AsyncIterator[str]:
+async def _stream(assistant: Assistant, call: Call, slot: ModelSlot, limits: ServerLimits, name: str) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, text deltas as they are generated, then a last chunk with
     any media parts (``delta.content`` as a list), the finish reason and usage."""
     loop = asyncio.get_running_loop()
@@ -322,7 +341,7 @@ async def _stream(assistant: Assistant, call: Call, lock: threading.Lock, limits
 
     def work() -> None:
         try:
-            replies = _generate(assistant, call, lock, limits, on_text=lambda row, text: loop.call_soon_threadsafe(queue.put_nowait, text))
+            replies = _generate(assistant, call, slot, limits, on_text=lambda row, text: loop.call_soon_threadsafe(queue.put_nowait, text))
             loop.call_soon_threadsafe(queue.put_nowait, replies[0])
         except Exception as err:  # noqa: BLE001 - every failure becomes an error event
             loop.call_soon_threadsafe(queue.put_nowait, err)
@@ -355,4 +374,6 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
 
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name)
     log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models, GET /health)", model_name or assistant.name, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # on SIGTERM uvicorn stops accepting, the lifespan cancels the running generation, and
+    # connections still open after a few seconds are closed
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
