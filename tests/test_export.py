@@ -137,8 +137,10 @@ def test_export_reads_deepspeed_checkpoint_directories(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert (checkpoint / "latest").is_file()
-    out = export(checkpoint, tmp_path / "export")
-    merged = torch.load(zero_to_fp32(checkpoint, tmp_path / "fp32.ckpt"), weights_only=False)["state_dict"]
+    with pytest.raises(UserError, match="--trust_checkpoint"):
+        export(checkpoint, tmp_path / "refused")
+    out = export(checkpoint, tmp_path / "export", trust_checkpoint=True)
+    merged = torch.load(zero_to_fp32(checkpoint, tmp_path / "fp32.ckpt", trust=True), weights_only=False)["state_dict"]
     weights = load_file(str(out / "model.safetensors"))
     assert weights and all(torch.equal(v, merged[f"model.backbone.{k}"]) for k, v in weights.items())
     AutoModelForCausalLM.from_pretrained(out)
@@ -229,3 +231,21 @@ def test_the_export_carries_the_processor_training_encoded_with(run, tmp_path):
     for field in ("ids", "modality", "target", "block", "continuous", "features"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert not [f for f in out.rglob("*") if f.suffix in (".pkl", ".pickle", ".bin", ".pt")]
+
+
+@pytest.mark.parametrize(
+    ("codec", "needle"),
+    [
+        ({"class_path": "subprocess.Popen", "init_args": {"args": ["touch", "x"]}}, "unimodal's own classes only"),
+        ({"class_path": "unimodal.modalities.DigitAudioCodec", "init_args": {"path": "pipe:curl http://x"}}, "local files only"),
+        ({"class_path": "unimodal.modalities.DigitAudioCodec", "init_args": {"path": "https://example.com/c"}}, "local files only"),
+    ],
+)
+def test_an_export_names_unimodal_classes_and_local_paths_only(tmp_path, codec, needle):
+    from unimodal.checkpoints.load import read_export_config
+
+    config = json.loads((OLD_EXPORT / "unimodal.json").read_text())
+    config["data"]["codecs"]["audio"] = codec
+    (tmp_path / "unimodal.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=needle):
+        read_export_config(tmp_path)

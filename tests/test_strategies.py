@@ -37,6 +37,7 @@ from tiny import (  # noqa: E402
     trainer_kwargs,
 )
 
+from unimodal.errors import UserError  # noqa: E402
 from unimodal.checkpoints.zero import NotADeepSpeedCheckpoint, zero_to_fp32  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
 from unimodal.training.strategies import DeepSpeed, DeepSpeedStrategy, build_strategy, strategy_names  # noqa: E402
@@ -149,7 +150,9 @@ def test_zero2_single_process_trains_saves_and_converts(tmp_path, isolated_proce
 
     trainer.save_checkpoint(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "latest").is_file()
-    out = zero_to_fp32(tmp_path / "ckpt", tmp_path / "fp32" / "model.ckpt")
+    with pytest.raises(UserError, match="--trust_checkpoint"):  # DeepSpeed's files are read with pickle
+        zero_to_fp32(tmp_path / "ckpt", tmp_path / "fp32" / "model.ckpt")
+    out = zero_to_fp32(tmp_path / "ckpt", tmp_path / "fp32" / "model.ckpt", trust=True)
     converted = torch.load(out, weights_only=False)
     assert converted["global_step"] == 6
     assert "hyper_parameters" in converted and "frozen_param_fragments" not in converted
@@ -194,7 +197,7 @@ def test_zero3_two_processes_resume_and_convert(tmp_path):
         "zero_pp_rank_1_mp_rank_00_model_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
-    out = zero_to_fp32(tmp_path / "ckpt-5", tmp_path / "model.ckpt")
+    out = zero_to_fp32(tmp_path / "ckpt-5", tmp_path / "model.ckpt", trust=True)
     converted = torch.load(out, weights_only=False)
     state = {k.removeprefix("model."): v for k, v in converted["state_dict"].items()}
     assert converted["global_step"] == 5

@@ -145,16 +145,18 @@ def tokenizer(src: Path, *, out: Path, vocab_size: int = 1024) -> str:
     return f"wrote {train_tokenizer(src, out, vocab_size=vocab_size)}"
 
 
-def zero_to_fp32(checkpoint_dir: Path, out: Path) -> str:
+def zero_to_fp32(checkpoint_dir: Path, out: Path, trust_checkpoint: bool = False) -> str:
     """DeepSpeed ZeRO checkpoint directory -> one fp32 state dict.
 
     Args:
         checkpoint_dir: the directory DeepSpeed saved (latest, checkpoint/...).
         out: the Lightning checkpoint file to write.
+        trust_checkpoint: DeepSpeed reads its shard files with pickle, which can run code: say
+            that you trust where this directory came from.
     """
     from unimodal.checkpoints.zero import zero_to_fp32 as convert
 
-    return f"wrote {convert(checkpoint_dir, out)}"
+    return f"wrote {convert(checkpoint_dir, out, trust=trust_checkpoint)}"
 
 
 def orthus(*, src: Path, out: Path, head_width: int = 1536, head_depth: int = 3) -> str:
@@ -186,18 +188,21 @@ def pipeline(path: Path, *, tiny: bool = False, root: Path | None = None) -> str
     return format_table(run_pipeline(path, tiny=tiny, root=root, resolve_path=resolve))
 
 
-def export(checkpoint: Path, *, out: Path, merge_lora: bool = False) -> str:
+def export(checkpoint: Path, *, out: Path, merge_lora: bool = False, trust_checkpoint: bool = False) -> str:
     """Checkpoint -> HF-style export directory (docs/checkpoints.md).
 
     Args:
         checkpoint: a .ckpt file, a DeepSpeed checkpoint directory or a run directory.
         out: the export directory (new or empty).
         merge_lora: merge LoRA into the backbone instead of writing an adapter.
+        trust_checkpoint: needed for a DeepSpeed checkpoint directory, whose shard files DeepSpeed
+            reads with pickle (a .ckpt file is read as tensors and plain values only).
     """
     from unimodal.training.exporting import export as write_export
     from unimodal.worlds import resolve
 
-    return f"wrote {write_export(checkpoint, out, merge_lora=merge_lora, resolve_path=resolve)}"
+    written = write_export(checkpoint, out, merge_lora=merge_lora, resolve_path=resolve, trust_checkpoint=trust_checkpoint)
+    return f"wrote {written}"
 
 
 def chat(

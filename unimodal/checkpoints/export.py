@@ -128,15 +128,16 @@ def _plain(value: Any) -> Any:
 
 
 
-def checkpoint_file(ckpt: Path, scratch: Path) -> Path:
-    """A single-file Lightning checkpoint for ``ckpt`` (DeepSpeed directories are merged first)."""
+def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
+    """A single-file Lightning checkpoint for ``ckpt`` (DeepSpeed directories are merged first,
+    which ``trust`` must allow: ``checkpoints.zero``)."""
     if ckpt.is_dir() and (ckpt / "latest").is_file():
-        return zero_to_fp32(ckpt, scratch / "merged.ckpt")
+        return zero_to_fp32(ckpt, scratch / "merged.ckpt", trust=trust)
     if ckpt.is_dir():
         found = find_latest_checkpoint(ckpt / "checkpoints") or find_latest_checkpoint(ckpt)
         if found is None:
             raise FileNotFoundError(f"{ckpt} holds no checkpoint (a .ckpt file, a DeepSpeed checkpoint directory or a run directory)")
-        return checkpoint_file(found, scratch)
+        return checkpoint_file(found, scratch, trust)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     return ckpt

@@ -131,10 +131,27 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         if not processor_file.is_file():
             raise ExportError(f"{path} has no {PROCESSOR_FILE}; re-export its checkpoint with `unimodal export CKPT --out DIR`")
         config["processor"] = json.loads(processor_file.read_text())
+    _check_untrusted(config, file)
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str((path / args["path"]).resolve())
     return config
+
+
+def _check_untrusted(node: Any, file: Path) -> None:
+    """An export is data someone hands you: the classes it names are unimodal's own, and the
+    paths it names are local files (no ``pipe:`` command, nothing remote)."""
+    if isinstance(node, dict):
+        path = node.get("class_path")
+        if path is not None and not (isinstance(path, str) and path.startswith("unimodal.")):
+            raise ExportError(f"{file} names the class {path!r}; an export may name unimodal's own classes only")
+        for key, value in node.items():
+            if key == "path" and isinstance(value, str) and (value.startswith("pipe:") or "://" in value):
+                raise ExportError(f"{file} names the path {value!r}; an export may name local files only")
+            _check_untrusted(value, file)
+    elif isinstance(node, list):
+        for value in node:
+            _check_untrusted(value, file)
 
 
 def codec_dirs(codecs: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:

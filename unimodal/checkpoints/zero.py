@@ -7,6 +7,8 @@ import io
 import logging
 from pathlib import Path
 
+from unimodal.errors import UserError
+
 log = logging.getLogger("unimodal.train")
 
 
@@ -29,7 +31,7 @@ def _describe_deepspeed_dir(path: Path) -> str | None:
     return None
 
 
-def zero_to_fp32(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None) -> Path:
+def zero_to_fp32(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None, trust: bool = False) -> Path:
     """Convert a Lightning DeepSpeed (ZeRO-1/2/3) checkpoint directory to one fp32 file.
 
     ``checkpoint_dir`` is the directory ``trainer.save_checkpoint`` (or ``ModelCheckpoint``)
@@ -43,6 +45,10 @@ def zero_to_fp32(checkpoint_dir: str | Path, out_path: str | Path, tag: str | No
     ``UnimodalModule.load_from_checkpoint(out)`` reads it. Optimizer states are not kept, nor
     are DeepSpeed's bookkeeping entries (Lightning's converter keeps those, including a second
     copy of the frozen parameters).
+
+    DeepSpeed reads its shard files with ``torch.load(weights_only=False)``, which runs whatever a
+    pickle asks: ``trust`` says the directory comes from a source you trust (a run of your own);
+    without it the conversion is refused in one line.
 
     Raises ``FileNotFoundError`` when the path does not exist and ``NotADeepSpeedCheckpoint``
     (a ``ValueError``) when it is not a DeepSpeed checkpoint directory.
@@ -68,6 +74,11 @@ def zero_to_fp32(checkpoint_dir: str | Path, out_path: str | Path, tag: str | No
         )
     if tag is not None and not (path / tag).is_dir():
         raise NotADeepSpeedCheckpoint(f"{path} has no checkpoint tag folder {tag!r}")
+    if not trust:
+        raise UserError(
+            f"{path} is a DeepSpeed checkpoint, whose files DeepSpeed reads with pickle (which can run code); "
+            "pass --trust_checkpoint if it comes from a run of your own or a source you trust"
+        )
 
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -45,16 +45,18 @@ def export(
     merge_lora: bool = False,
     replace: bool = False,
     resolve_path: Callable[[str], str] | None = None,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Write the export directory of a checkpoint: a ``.ckpt`` file, a DeepSpeed checkpoint
     directory, or a run directory (its newest checkpoint). Returns ``out_dir``.
 
     ``replace`` allows replacing an existing directory; ``resolve_path`` turns the ``builtin:``
-    names a checkpoint written before they were resolved at the command line may hold.
+    names a checkpoint written before they were resolved at the command line may hold;
+    ``trust_checkpoint`` allows a DeepSpeed directory (read with pickle by DeepSpeed).
     """
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="unimodal-export-") as scratch:
-        file = checkpoint_file(Path(ckpt), Path(scratch))
+        file = checkpoint_file(Path(ckpt), Path(scratch), trust_checkpoint)
         checkpoint = read_checkpoint(file)
         run_config = checkpoint.get(RUN_CONFIG_KEY)
         hparams = dict(checkpoint.get("hyper_parameters") or {})

@@ -282,7 +282,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     if stage.output is None:
         if checkpoint is None:
             raise PipelineError(f"stage {stage.name!r} left no checkpoint in {stage_dir / 'checkpoints'}")
-        export(checkpoint, output, merge_lora=stage.merge_lora, replace=True)
+        export(checkpoint, output, merge_lora=stage.merge_lora, replace=True, trust_checkpoint=True)  # this run wrote it
     elif not output.is_dir():
         raise PipelineError(f"stage {stage.name!r} should have written its output to {output}, which does not exist")
     result = StageResult(
