@@ -249,3 +249,12 @@ def test_an_export_names_unimodal_classes_and_local_paths_only(tmp_path, codec, 
     (tmp_path / "unimodal.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=needle):
         read_export_config(tmp_path)
+
+
+def test_the_audio_limit_of_an_export_can_be_raised_at_load(tmp_path):
+    from unimodal.inference.chat import ChatError, load
+
+    assert load(OLD_EXPORT, device="cpu").codecs["audio"].max_seconds == 2.0  # what the export fixes
+    assert load(OLD_EXPORT, device="cpu", max_audio_seconds=8).codecs["audio"].max_seconds == 8.0
+    with pytest.raises(ChatError, match=r"max_audio_seconds must be in \(0, 600\]"):
+        load(OLD_EXPORT, device="cpu", max_audio_seconds=10_000)

@@ -4,7 +4,6 @@ random input and fail only in the ways they promise (issue 14)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -216,6 +216,7 @@ def chat(
     max_new_tokens: int | None = None,
     seed: int | None = None,
     device: str = "auto",
+    max_audio_seconds: float | None = None,
 ) -> None:
     """Chat with an exported model in the terminal (docs/chat.md).
 
@@ -229,12 +230,14 @@ def chat(
         max_new_tokens: reply length limit in tokens (default: the model's).
         seed: a fixed seed for reproducible replies.
         device: auto (CUDA when present), cpu or cuda[:N].
+        max_audio_seconds: the longest clip the audio codec reads and writes (default: the
+            export's; at most 600).
     """
     from unimodal.inference.chat import load
     from unimodal.inference.terminal import Terminal
 
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
-    Terminal(load(model, device=device), out, settings=settings, system=system).run()
+    Terminal(load(model, device=device, max_audio_seconds=max_audio_seconds), out, settings=settings, system=system).run()
 
 
 def serve(
@@ -253,6 +256,7 @@ def serve(
     max_new_tokens: int | None = None,
     seed: int | None = None,
     device: str = "auto",
+    max_audio_seconds: float | None = None,
 ) -> None:
     """Serve an exported model over an OpenAI-compatible HTTP API (docs/serving.md).
 
@@ -271,13 +275,15 @@ def serve(
         max_new_tokens: default reply length in tokens (default: the model's).
         seed: a fixed seed for reproducible replies.
         device: auto (CUDA when present), cpu or cuda[:N].
+        max_audio_seconds: the longest clip the audio codec reads and writes (default: the
+            export's; at most 600, the server's decoding limit).
     """
     from unimodal.inference.chat import load
     from unimodal.inference.server import ServerLimits
     from unimodal.inference.server import serve as run_server
 
     limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens)
-    assistant = load(model, device=device)
+    assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     if settings:
         assistant.settings = assistant.settings.replace(**settings)

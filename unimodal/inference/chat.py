@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from unimodal.checkpoints.load import Exported, load_exported
-from unimodal.data.media import MediaBytes, decode_media
+from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media
 from unimodal.data.messages import message_content, messages_to_parts
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
@@ -420,12 +420,20 @@ def _append_text(doc: EncodedDocument, ids: list[int]) -> EncodedDocument:
     )
 
 
-def load(path: str | Path, device: str = "auto", **overrides: Any) -> Assistant:
+def load(path: str | Path, device: str = "auto", max_audio_seconds: float | None = None, **overrides: Any) -> Assistant:
     """An :class:`Assistant` for an export directory (``unimodal export``); ``device`` is
-    ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; ``overrides`` set Assistant fields."""
+    ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; ``max_audio_seconds`` replaces the
+    longest clip the export's audio codec takes (and writes); ``overrides`` set Assistant fields."""
     import torch
 
     exported = load_exported(path)
+    if max_audio_seconds is not None:
+        codec = exported.processor.codecs.get("audio")
+        if codec is None:
+            raise ChatError(f"{path} has no audio codec, so max_audio_seconds does not apply")
+        if not 0 < max_audio_seconds <= MAX_AUDIO_SECONDS:
+            raise ChatError(f"max_audio_seconds must be in (0, {MAX_AUDIO_SECONDS:g}], got {max_audio_seconds:g}")
+        codec.max_seconds = float(max_audio_seconds)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     exported.model.to(device)
