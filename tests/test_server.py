@@ -191,3 +191,29 @@ def test_shutdown_cancels_the_running_generation(assistant):
     assert stopped.value.status == 503 and not slot.lock.locked()
     with pytest.raises(GenerationTimeout, match="cancelled"):
         assistant.generate([[{"role": "user", "content": "hi"}]], cancel=slot.stopping)
+
+
+def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):
+    """The official client: ``modalities`` and ``audio={"voice", "format"}`` as OpenAI's audio
+    examples send them; the spoken reply is ``message.audio`` (the voice is accepted and
+    ignored), usage is counted, and a stream delivers the clip as ``delta.audio``."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    ask = dict(
+        model="tiny", messages=[{"role": "user", "content": "say something"}], modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "wav"}, max_tokens=12, extra_body={"start_with": "audio", "max_media": 1, "seed": 0},
+    )
+    reply = client.chat.completions.create(**ask)
+    message = reply.choices[0].message
+    assert message.audio is not None and message.audio.id.startswith("audio_") and isinstance(message.audio.transcript, str)
+    wave, rate = soundfile.read(io.BytesIO(base64.b64decode(message.audio.data)))
+    assert rate == 8000 and len(wave) == 4 * 80
+    assert reply.usage.completion_tokens > 0 and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    raw = client.chat.completions.create(**{**ask, "audio": {"voice": "alloy", "format": "pcm16"}}).choices[0].message.audio
+    assert len(base64.b64decode(raw.data)) == 2 * 4 * 80  # 16-bit samples
+
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    audio = [getattr(c.choices[0].delta, "audio", None) for c in chunks if c.choices]
+    assert any(a for a in audio) and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="audio.format must be one of"):
+        client.chat.completions.create(**{**ask, "audio": {"voice": "alloy", "format": "opus"}})

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -126,7 +127,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerL
         if call.stream:
             return StreamingResponse(_stream(assistant, call, slot, limits, name), media_type="text/event-stream")
         replies = await asyncio.to_thread(_generate, assistant, call, slot, limits)
-        return completion(replies, name)
+        return completion(replies, name, call.audio_format)
 
     return app
 
@@ -140,6 +141,9 @@ class Call:
     n: int
     stream: bool
     start_with: str | None
+    # set when the client asks for audio output (OpenAI's ``modalities`` / ``audio``): the first
+    # clip of a reply then comes as ``message.audio`` in this format
+    audio_format: str | None = None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -182,8 +186,7 @@ def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
         if isinstance(value, bool) or not isinstance(value, expected):
             kind = {dict: "an object", int: "an integer"}.get(expected, "a number")
             raise APIError(400, f"{key} must be {kind}")
-    if isinstance(payload.get("audio"), dict) and "voice" in payload["audio"]:
-        raise APIError(400, "audio.voice is OpenAI's audio output option; pass audio sampling settings without 'voice'")
+    audio_format = _audio_output(payload, settings)
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -206,7 +209,36 @@ def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
     start_with = payload.get("start_with")
     if start_with not in (None, "image", "audio"):
         raise APIError(400, "start_with must be 'image' or 'audio'")
-    return Call(messages, settings, n, stream, start_with)
+    return Call(messages, settings, n, stream, start_with, audio_format)
+
+
+AUDIO_FORMATS = ("wav", "flac", "pcm16")
+MODALITY_NAMES = ("text", "image", "audio")
+
+
+def _audio_output(payload: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """OpenAI's audio output options: ``modalities`` and ``audio.format`` / ``audio.voice`` (which
+    ``settings["audio"]`` must not keep: the rest of ``audio`` is sampling settings). The voice is
+    accepted and ignored: a model speaks with the voice it was trained on."""
+    modalities = payload.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or not all(m in MODALITY_NAMES for m in modalities)):
+        raise APIError(400, f"modalities must be a list of {', '.join(MODALITY_NAMES)}")
+    audio = settings.get("audio")
+    options = {}
+    if isinstance(audio, dict):
+        options = {key: audio[key] for key in ("voice", "format") if key in audio}
+        sampling = {key: value for key, value in audio.items() if key not in options}
+        if sampling:
+            settings["audio"] = sampling
+        else:
+            settings.pop("audio")
+    if "voice" in options and not isinstance(options["voice"], str):
+        raise APIError(400, "audio.voice must be a string")
+    fmt = options.get("format", "wav")
+    if fmt not in AUDIO_FORMATS:
+        raise APIError(400, f"audio.format must be one of {', '.join(AUDIO_FORMATS)}")
+    wanted = (modalities is not None and "audio" in modalities) or bool(options)
+    return fmt if wanted else None
 
 
 def _refuse_constant(name: str) -> None:
@@ -286,7 +318,7 @@ def _generate(assistant: Assistant, call: Call, slot: ModelSlot, limits: ServerL
         slot.lock.release()
 
 
-def completion(replies: list[Reply], name: str) -> dict[str, Any]:
+def completion(replies: list[Reply], name: str, audio_format: str | None = None) -> dict[str, Any]:
     prompt = replies[0].prompt_tokens
     generated = sum(r.completion_tokens for r in replies)
     return {
@@ -295,12 +327,42 @@ def completion(replies: list[Reply], name: str) -> dict[str, Any]:
         "created": int(time.time()),
         "model": name,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": content(r.parts)}, "finish_reason": r.finish_reason}
+            {"index": i, "message": {"role": "assistant", **message_fields(r.parts, audio_format)}, "finish_reason": r.finish_reason}
             for i, r in enumerate(replies)
         ],
         "usage": {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated},
         "unimodal": {"seeds": [r.seed for r in replies], "trimmed_messages": replies[0].trimmed},
     }
+
+
+def message_fields(parts: list[ReplyPart], audio_format: str | None) -> dict[str, Any]:
+    """``content`` (and ``audio``): with audio output asked for, the reply's first clip is
+    ``audio`` as OpenAI returns it (``id``, base64 ``data``, ``expires_at``, and the reply's text
+    as ``transcript``), and ``content`` keeps the other parts in order (None when that is only the
+    transcript's text); otherwise every part stays in ``content``."""
+    first = next((i for i, p in enumerate(parts) if p.type == "audio"), None) if audio_format else None
+    if first is None:
+        return {"content": content(parts)}
+    rest = parts[:first] + parts[first + 1 :]
+    audio = {
+        "id": f"audio_{uuid.uuid4().hex}",
+        "data": base64.b64encode(encode_audio(parts[first], audio_format)).decode(),
+        "expires_at": int(time.time()) + 3600,
+        "transcript": "".join(p.text for p in parts if p.type == "text"),
+    }
+    return {"content": content(rest) if any(p.type != "text" for p in rest) else None, "audio": audio}
+
+
+def encode_audio(part: ReplyPart, fmt: str) -> bytes:
+    if part.audio is None:
+        raise APIError(500, "the model wrote audio but has no audio codec to decode it", "no_codec")
+    if fmt == "pcm16":  # OpenAI's raw form: 16-bit little-endian samples at the codec's rate
+        return (np.clip(part.audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, part.audio, part.sample_rate, format=fmt.upper())
+    return buffer.getvalue()
 
 
 def content(parts: list[ReplyPart]) -> str | list[dict[str, Any]]:
@@ -319,12 +381,7 @@ def wire_part(part: ReplyPart) -> dict[str, Any]:
             raise APIError(500, "the model wrote an image but has no image codec to decode it", "no_codec")
         part.image.save(buffer, format="PNG")
         return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
-    if part.audio is None:
-        raise APIError(500, "the model wrote audio but has no audio codec to decode it", "no_codec")
-    import soundfile
-
-    soundfile.write(buffer, part.audio, part.sample_rate, format="WAV")
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode(), "format": "wav"}}
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_audio(part, "wav")).decode(), "format": "wav"}}
 
 
 async def _stream(assistant: Assistant, call: Call, slot: ModelSlot, limits: ServerLimits, name: str) -> AsyncIterator[str]:
@@ -354,10 +411,14 @@ async def _stream(assistant: Assistant, call: Call, slot: ModelSlot, limits: Ser
             yield chunk({"content": item})
             continue
         if isinstance(item, Reply):
-            media = [wire_part(p) for p in item.parts if p.type != "text"]
+            fields = message_fields(item.parts, call.audio_format)
+            delta = {"audio": fields["audio"]} if "audio" in fields else {}
+            media = [part for part in (fields["content"] if isinstance(fields["content"], list) else []) if part["type"] != "text"]
+            if media:
+                delta["content"] = media
             usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
                      "total_tokens": item.prompt_tokens + item.completion_tokens}
-            yield chunk({"content": media} if media else {}, item.finish_reason, usage=usage)
+            yield chunk(delta, item.finish_reason, usage=usage)
         else:
             err = item if isinstance(item, APIError) else APIError(500, f"generation failed: {item}", "server_error")
             if not isinstance(item, APIError):
