@@ -56,7 +56,6 @@ def _safetensors_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-
 def _copy_tokenizer(source: str, out: Path) -> str:
     src = Path(local_path(source))
     if src.is_file():
@@ -68,7 +67,6 @@ def _copy_tokenizer(source: str, out: Path) -> str:
         AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(out))
         return "."
     raise FileNotFoundError(f"the run's tokenizer {source} no longer exists; export needs it")
-
 
 
 def _export_codecs(codecs: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -87,7 +85,6 @@ def _export_codecs(codecs: dict[str, Any], out: Path) -> dict[str, Any]:
     return specs
 
 
-
 def _vanilla_keys(backbone: nn.Module) -> set[str]:
     """Parameter names of the plain HF model of this config: what ``model.safetensors`` holds."""
     from transformers import AutoModelForCausalLM
@@ -96,7 +93,6 @@ def _vanilla_keys(backbone: nn.Module) -> set[str]:
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(backbone.config)
     return set(plain.state_dict())
-
 
 
 def _plain_state(state: dict[str, torch.Tensor], vanilla: set[str]) -> dict[str, torch.Tensor]:
@@ -113,7 +109,6 @@ def _plain_state(state: dict[str, torch.Tensor], vanilla: set[str]) -> dict[str,
     return plain
 
 
-
 def _plain(value: Any) -> Any:
     """JSON-ready values: LightningCLI keeps ``class_path`` specs as jsonargparse Namespaces."""
     from jsonargparse import Namespace
@@ -125,7 +120,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
 
 
 def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
@@ -141,7 +135,6 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     return ckpt
-
 
 
 @contextlib.contextmanager

@@ -67,7 +67,6 @@ class ExportError(ValueError):
     pass
 
 
-
 @dataclass
 class Exported:
     """What :func:`load_exported` restores: everything needed to run the model."""
@@ -76,11 +75,6 @@ class Exported:
     processor: Processor
     config: dict[str, Any]  # the directory's unimodal.json, with its processor.json as "processor"
     path: Path | None = None
-
-
-def renamed_class(path: str) -> str | None:
-    """The current name of a class path that was renamed, or None."""
-    return RENAMED_CLASSES.get(path)
 
 
 def _rename_classes(node: Any) -> None:
@@ -162,12 +156,10 @@ def codec_dirs(codecs: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, A
             yield name, args
 
 
-
 def tokenizer_path(path: str | Path) -> Path:
     """The path ``load_tokenizer`` takes for an export's tokenizer."""
     path = Path(path)
     return path / read_export_config(path)["processor"]["tokenizer"]
-
 
 
 def check_extends(old: VocabLayout, new: VocabLayout, what: str) -> None:
@@ -182,7 +174,6 @@ def check_extends(old: VocabLayout, new: VocabLayout, what: str) -> None:
             f"vocabulary layout of {what} ({old.to_dict()}) is not a prefix of this model's ({new.to_dict()}): "
             "use the same tokenizer and code ranges (new code ranges may only be appended)"
         )
-
 
 
 def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tuple[list[str], list[str]]:
@@ -210,7 +201,6 @@ def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tup
     return sorted(usable), unexpected
 
 
-
 def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Module:
     """The export's backbone adapter applied (and merged when ``merge``), or the backbone unchanged."""
     adapter = Path(path) / ADAPTER_DIR
@@ -220,7 +210,6 @@ def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Modu
 
     wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
     return wrapped.merge_and_unload() if merge else wrapped
-
 
 
 def init_from_export(model: nn.Module, path: str | Path) -> None:
@@ -235,8 +224,6 @@ def init_from_export(model: nn.Module, path: str | Path) -> None:
     log.info("initialised from %s: %d module tensors loaded%s%s", path, len(loaded),
              f"; new in this stage: {', '.join(fresh)}" if fresh else "",
              f"; not used by this stage: {', '.join(dropped[:5])}" if dropped else "")
-
-
 
 
 def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
