@@ -64,13 +64,13 @@ class StreamConfig:
 
     def batches(self, docs: Iterable[Document], policy: BadSamplePolicy) -> Iterator[PackedBatch]:
         """Encode, pack and collate; the last batch may be short when ``docs`` ends."""
-        encoder = self.processor
-        packer = Packer(self.seq_len, encoder.tokenizer.pad_id, encoder.feature_dim, self.overlong)
+        processor = self.processor
+        packer = Packer(self.seq_len, processor.tokenizer.pad_id, processor.feature_dim, self.overlong)
 
         def encoded() -> Iterator:
             for doc in docs:
                 try:
-                    encoded_doc = encoder.encode(doc)
+                    encoded_doc = processor.encode(doc)
                     # checked here: DocumentTooLong raised inside pack() would end its generator
                     packer._fit(encoded_doc)
                 except (DocumentError, DocumentTooLong) as err:
