@@ -129,7 +129,8 @@ class Assistant:
     generated codes into media.
 
     ``processor``: the model's (its chat template renders the messages: ``chatml`` | ``vicuna`` |
-    None, messages concatenated without markers; its codecs read and write media). ``spans``: the shape of each discrete modality's spans (default: from the codecs).
+    None, messages concatenated without markers; its codecs read and write media). ``spans``:
+    the shape of each discrete modality's spans (default: from the codecs).
     ``unconditional``: the user message of the guidance rows; None is an empty prompt (the image
     span alone, what training's conditioning dropout shows the model). ``context_length``:
     prompt plus reply, by default the training sequence length, else the backbone's.
