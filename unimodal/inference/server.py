@@ -11,11 +11,13 @@ WAV), so a client can put the message back into the history as it came.
 Limits answer with OpenAI-style errors (``{"error": {"message", "type", "code"}}``): a body over
 ``max_request_bytes`` is 413, a generation over ``max_seconds`` is 408, ``max_tokens`` or ``n``
 above the server's caps is 400, and so is a diffusion ``steps``, ``cfg_scale``, ``num_beams`` or
-``max_media`` above 4x the model's own setting (:func:`sampling_caps`), a missing or wrong bearer token (when ``api_key`` is set) is 401,
-a request that waits longer than ``max_seconds`` behind others is 429. One generation runs at a
-time (the model is shared); extension fields ``top_k``, ``repetition_penalty``, ``num_beams``,
+``max_media`` above 4x the model's own setting (:func:`sampling_caps`), a missing or wrong
+bearer token (when ``api_key`` is set) is 401, a request that waits longer than ``max_seconds``
+behind others is 429, and a generation cut short by a shutdown is 503. One generation runs at
+a time (the model is shared); extension fields ``top_k``, ``repetition_penalty``, ``num_beams``,
 ``max_media``, ``start_with`` and per-modality ``image`` / ``audio`` settings pass through to
-:meth:`GenerationSettings.replace`.
+:meth:`GenerationSettings.replace`. OpenAI's audio output options (``modalities``, ``audio``'s
+``voice`` and ``format``) return the first spoken clip as ``message.audio``.
 """
 
 from __future__ import annotations
