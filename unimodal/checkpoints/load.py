@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from unimodal.data.processor import PROCESSOR_FILE, Processor
+from unimodal.data.processor import PROCESSOR_FILE, Processor, processor_config
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig
 from unimodal.models.build import build_model
@@ -104,11 +104,8 @@ def upgrade_export_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
         )
     config["model"] = {key: spec[key] for key in MODEL_KEYS if spec.get(key) is not None}
     data = config.pop("data", None) or {}
-    config["processor"] = {
-        "tokenizer": config.pop("tokenizer"),
-        "layout": config.pop("layout"),
-        **{key: data.get(key) for key in ("chat_template", "feature_dim", "bidirectional", "input_layers", "seq_len", "codecs")},
-    }
+    layout = VocabLayout.from_dict(config.pop("layout"))
+    config["processor"] = processor_config(config.pop("tokenizer"), layout, data, data.get("codecs") or {})
     _rename_classes(config)
     config["format"] = FORMAT
     return config

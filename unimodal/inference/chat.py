@@ -250,23 +250,23 @@ class Assistant:
         def encode(state: int) -> EncodedDocument:
             return self._encode([turns[i] for i in sorted(system + others[states[state]:])])
 
-        prompt = encode(0)
-        low, high = 0, len(states) - 1
+        prompt, kept = encode(0), 0
         if len(prompt) > room:
-            last = encode(high)
-            if len(last) > room:
+            low, kept = 0, len(states) - 1
+            prompt = encode(kept)
+            if len(prompt) > room:
                 raise ChatError(
-                    f"the last message makes a prompt of {len(last)} tokens; the context holds {self.context_length} "
+                    f"the last message makes a prompt of {len(prompt)} tokens; the context holds {self.context_length} "
                     f"with {reserve} kept for the reply: shorten the message, attach less media or lower max_new_tokens"
                 )
-            while high - low > 1:  # encode(low) is too long, encode(high) fits
-                middle = (low + high) // 2
-                if len(encode(middle)) > room:
+            while kept - low > 1:  # state low is too long, state kept fits and is the prompt
+                middle = (low + kept) // 2
+                candidate = encode(middle)
+                if len(candidate) > room:
                     low = middle
                 else:
-                    high = middle
-            low, prompt = high, encode(high)
-        dropped = states[low]
+                    kept, prompt = middle, candidate
+        dropped = states[kept]
         if dropped:
             log.info("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
         return prompt, dropped

@@ -1,8 +1,8 @@
 """Stopping a run whose loss is no longer finite, before the step that would spoil its weights.
 
-A NaN or infinite loss is caught before its backward pass, and a non-finite gradient (a finite
-loss can still overflow in backward) before the optimizer applies it, on every rank at once
-(any rank's stops them all), so every checkpoint on disk keeps finite weights. The run ends with :class:`Diverged` (exit status 3): a pipeline stops there, and
+A NaN or infinite loss, or a non-finite gradient (a finite loss can still overflow in backward),
+is caught before the optimizer applies it, on every rank at once (any rank's stops them all), so
+every checkpoint on disk keeps finite weights. The run ends with :class:`Diverged` (exit status 3): a pipeline stops there, and
 ``--resume auto`` continues from the last good checkpoint once the cause (a learning rate, bad
 data) is fixed.
 """
@@ -20,21 +20,29 @@ class Diverged(UserError):
 
 
 class StopOnDivergence(Callback):
+    """One host sync per optimizer step: the losses of its micro-batches are checked on the device
+    as they come, and read together with the gradients just before the step."""
+
+    def __init__(self) -> None:
+        self._losses_finite: torch.Tensor | None = None
+
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        self._check(trainer, bool(torch.isfinite(loss.detach()).all()), f"the loss is {float(loss.detach()):g}")
+        finite = torch.isfinite(loss.detach()).all()
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        losses, self._losses_finite = self._losses_finite, None
         # under DeepSpeed gradients live in the engine (p.grad is None) and it checks overflow itself
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        finite = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
-        self._check(trainer, finite, "a gradient is not finite")
-
-    @staticmethod
-    def _check(trainer: Trainer, finite: bool, what: str) -> None:
-        bad = not finite
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        checks = [g.isfinite().all() for g in (p.grad for p in pl_module.parameters()) if g is not None]
+        if losses is not None:
+            checks.append(losses.to(checks[0].device) if checks else losses)
+        local = bool(checks) and not bool(torch.stack(checks).all())
+        bad = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
         if bad:
+            if not local:
+                what = "another rank's loss or gradient is not finite"
+            else:
+                what = "the loss is not finite" if losses is not None and not bool(losses) else "a gradient is not finite"
             raise Diverged(
                 f"{what} at step {trainer.global_step}: training stopped before that step changed any weight; "
                 "lower the learning rate or check the data, then continue with --resume auto"

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
-from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config, tokenizer_path
+from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
 from unimodal.data.processor import media_settings
 from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
@@ -189,10 +189,11 @@ def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: b
     source = Path(source)
     if not (source / CONFIG_FILE).is_file():
         return
+    processor = read_export_config(source)["processor"]
     data_args = (config.get("data") or {}).get("init_args") or {}
     if tokenizer or not data_args.get("tokenizer"):
-        set_dotted(config, "data.init_args.tokenizer", str(tokenizer_path(source)))
-    for key, value in media_settings(read_export_config(source)["processor"]).items():
+        set_dotted(config, "data.init_args.tokenizer", str(source / processor["tokenizer"]))
+    for key, value in media_settings(processor).items():
         if key not in data_args:
             set_dotted(config, f"data.init_args.{key}", value)
 
