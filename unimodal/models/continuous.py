@@ -13,10 +13,16 @@ number of target slots as its count (``UnimodalModule`` divides and applies
 ``loss_weights["diffusion/image"]``). Both can drop the conditioning of a generated image in
 training (``cond_dropout``, for classifier-free guidance): the image span ``<|boi|> ... <|eoi|>``
 is cut off from the rest of its document, so it sees only itself, exactly like an unconditional
-prompt made of ``<|boi|>`` alone. An image counts as *generated* when its slots are targets and
-fewer than ``min_text_after`` text tokens follow it in its document (an end-of-sequence token
-alone does not make a caption); an image followed by a caption is *understood*, and Transfusion's
-noise limiting (``noise_limit``) applies to it.
+prompt made of ``<|boi|>`` alone.
+
+A target image is *understood* when it opens its document and a caption follows it (the
+image-first half of Transfusion's image-caption pairs): Transfusion's noise limiting
+(``noise_limit``) applies to it and it is never dropped. Every other target image is *generated*:
+it has a prompt before it (a caption, an instruction, a chat turn, a story so far), so it trains
+over the full noise range and takes part in conditioning dropout. Text after a generated image
+does not make it a captioned one: a chat template's end-of-turn markers, or the next line of a
+story, follow every picture an assistant draws. Fewer than ``min_text_after`` text tokens (a
+begin- or end-of-sequence token alone) are neither a prompt nor a caption.
 
 Under DeepSpeed ZeRO-3 every module here runs on every rank every step: on a batch without
 images the head and adapters run on a dummy input whose output enters the loss times zero.
@@ -67,14 +73,17 @@ def image_spans(positions: torch.Tensor) -> ImageSpans:
     return ImageSpans(rows[starts], cols[starts], cols[ends], new.long().cumsum(0) - 1)
 
 
-def text_after(batch: PackedBatch, spans: ImageSpans) -> torch.Tensor:
-    """How many text positions follow each image (after its ``<|eoi|>``) in its own document."""
+def text_around(batch: PackedBatch, spans: ImageSpans) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many text positions precede each image (before its ``<|boi|>``) and follow it (after
+    its ``<|eoi|>``) in its own document."""
     length = batch.doc_ids.shape[1]
     docs = batch.doc_ids[spans.row]
     same_doc = docs == docs.gather(1, spans.end[:, None])
-    after = torch.arange(length, device=docs.device)[None] > (spans.end + 1)[:, None]
-    text = batch.modality_ids[spans.row] == MODALITY_IDS["text"]
-    return (same_doc & after & text).sum(1)
+    text = same_doc & (batch.modality_ids[spans.row] == MODALITY_IDS["text"])
+    columns = torch.arange(length, device=docs.device)[None]
+    before = (text & (columns < (spans.start - 1)[:, None])).sum(1)
+    after = (text & (columns > (spans.end + 1)[:, None])).sum(1)
+    return before, after
 
 
 def load_added_modules(module: nn.Module, path: str | Path) -> None:
@@ -133,9 +142,15 @@ class ContinuousImage(ContinuousModality):
         """``[N, 2]`` (row, position) of this modality's slots, in the order of its features."""
         return batch.continuous_mask.nonzero()[rows]
 
+    def understood(self, batch: PackedBatch, spans: ImageSpans) -> torch.Tensor:
+        """Target images that open their document and have a caption after them."""
+        before, after = text_around(batch, spans)
+        target = batch.target_mask[spans.row, spans.start]
+        return target & (before < self.min_text_after) & (after >= self.min_text_after)
+
     def generated(self, batch: PackedBatch, spans: ImageSpans) -> torch.Tensor:
-        """Images the batch trains to generate: target slots and no caption after them."""
-        return batch.target_mask[spans.row, spans.start] & (text_after(batch, spans) < self.min_text_after)
+        """Target images that are not understood ones: a prompt, however short, comes before them."""
+        return batch.target_mask[spans.row, spans.start] & ~self.understood(batch, spans)
 
     def prepare(self, batch: PackedBatch) -> PackedBatch:
         """Conditioning dropout: a dropped generated image gets a document id of its own."""
@@ -348,7 +363,7 @@ class TransfusionImage(ContinuousImage):
             raise ValueError(f"images of {lengths.tolist()} slots; TransfusionImage expects {self.slots_per_item} per image")
         x0 = self._as_images(features).float()
         target = batch.target_mask[spans.row, spans.start]
-        limited = text_after(batch, spans) >= self.min_text_after
+        limited = self.understood(batch, spans)
         max_t = torch.where(limited, float(self.noise_limit), float("inf"))
         t = torch.where(target, self.schedule.sample_timesteps(len(x0), x0.device, max_t), 0.0)
         noise = torch.randn_like(x0)
