@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from unimodal.worlds import digits
 from unimodal.worlds.digits import (
     _documents,
-    CHAT,
+    COPIES,
     PRETRAIN,
+    REPLIES,
     WORDS,
     build_world,
     chat_prompt,
@@ -27,6 +29,8 @@ from unimodal.worlds.digits import (
     utterances,
 )
 from unimodal.modalities.digit_audio import DigitAudioConfig
+from unimodal.worlds import phrasings
+from unimodal.worlds.phrasings import FRAMES, VERBS, held_out_questions, templates
 
 SMALL = {"image": 0.03, "speech": 0.3, "story": 12, "arithmetic": 6}
 
@@ -106,35 +110,85 @@ def test_render_places_media_and_checks_their_count():
 @pytest.mark.parametrize("task", ["caption", "draw", "transcribe", "speak"])
 def test_every_phrasing_states_only_the_target(task):
     kind = "image" if task in ("caption", "draw") else "audio"
-    for variant in range(len(CHAT[task])):
-        for numeral in (False, True):
-            user, assistant = chat_segments(task, 7, ["M"], variant, numeral)
-            media_side = user if task in ("caption", "transcribe") else assistant
-            assert [s for s in media_side if s[0] == kind] == [(kind, "M")]
-            said = parse_digits(" ".join(v for k, v in user + assistant if k == "text"))
-            assert said and set(said) == {7}
+    for held_out in (False, True):
+        for phrasing in templates(task, held_out):
+            for variant in range(len(REPLIES[task])):
+                numeral, media_first = bool(variant % 2), bool(len(phrasing) % 2)
+                user, assistant = chat_segments(task, 7, ["M"], phrasing, variant, numeral, media_first)
+                media_side = user if task in ("caption", "transcribe") else assistant
+                assert [s for s in media_side if s[0] == kind] == [(kind, "M")]
+                said = parse_digits(" ".join(v for k, v in user + assistant if k == "text"))
+                assert said and set(said) == {7}, (phrasing, user, assistant)
     for variant in range(len(PRETRAIN[task])):
         segments = pretrain_segments(task, 3, ["M"], variant)
         assert (kind, "M") in segments and set(parse_digits(" ".join(v for k, v in segments if k == "text"))) == {3}
 
 
+@pytest.mark.parametrize("task", sorted(VERBS))
+def test_held_out_phrasings_differ_in_verb_or_frame_and_keep_every_verb_and_frame_seen(task):
+    seen, held = templates(task), templates(task, held_out=True)
+    assert len(seen) >= 20 and len(held) >= 10 and not set(seen) & set(held)
+    for verb in VERBS[task]:  # every verb phrase is taught in some frame
+        stem = verb.split("{")[0].strip().lower()
+        assert any(stem in s.lower() for s in seen), stem
+    for frame in FRAMES:  # and every frame with some verb
+        head = frame.split("{")[0].strip().lower()
+        assert not head or any(s.lower().startswith(head) for s in seen), frame
+    quoted = {"Please draw a {ref}.", "draw {ref}", "Can you draw {ref} for me?"}
+    assert task != "draw" or quoted <= set(held)
+    # no held-out template shares both its verb phrase and its frame with a seen one
+    plain = {phrasings.FRAMES.index("{vp}"), phrasings.FRAMES.index("{VP}.")}
+
+    def pairs(texts: tuple[str, ...]) -> set[tuple[int, int]]:
+        found = set()
+        for v, verb in enumerate(VERBS[task]):
+            for f, frame in enumerate(FRAMES):
+                for obj in phrasings.OBJECTS.get(task, ("",)):
+                    if phrasings._sentence(frame, verb.replace("{obj}", obj)) in texts:
+                        found.add((v, min(plain) if f in plain else f))
+        return found
+
+    assert not pairs(seen) & pairs(held)
+
+
+def _held_out_pattern() -> re.Pattern:
+    questions = {q for task in VERBS for q in held_out_questions(task)}
+    assert {"please draw a 7.", "draw 7", "can you draw four for me?"} <= questions
+    return re.compile("|".join(re.escape(q) for q in sorted(questions, key=len, reverse=True)))
+
+
+def test_no_held_out_question_is_in_any_training_or_validation_text():
+    """Every document the world writes (both splits, both forms, full size): the shards, the
+    fine-tune sets and the tokenizer's text are made of these."""
+    pattern = _held_out_pattern()
+    for split in ("train", "test"):
+        for form in ("pretrain", "chat"):
+            rng = np.random.default_rng(0)
+            for record in _documents(split, form, rng, COPIES[split]):
+                text = " ".join(p["text"] for p in record["parts"] if p["type"] == "text").lower()
+                found = pattern.search(text)
+                assert found is None, f"{record['key']}: {found.group(0)!r} in {text!r}"
+
+
 def test_story_pictures_follow_their_numbers():
-    user, assistant = chat_segments("story", (3, 5), ["a", "b", "c"], 0)
+    user, assistant = chat_segments("story", (3, 5), ["a", "b", "c"], "Count from {first} to {last}.", 0)
     assert [s for s in assistant if s[0] == "image"] == [("image", "a"), ("image", "b"), ("image", "c")]
     assert [s[1] for s in assistant if s[0] == "text"] == ["Three:", "Four:", "Five:"]
-    for variant in range(len(CHAT["story"])):
+    for phrasing in templates("story") + templates("story", held_out=True):
         for numeral in (False, True):
-            user, _ = chat_segments("story", (3, 5), ["a", "b", "c"], variant, numeral)
+            user, _ = chat_segments("story", (3, 5), ["a", "b", "c"], phrasing, 0, numeral)
             assert parse_digits(user[0][1]) == [3, 5]
     assert len(story_targets()) == 24 and all(2 <= last - first + 1 <= 4 for first, last in story_targets())
 
 
 def test_chat_prompt_is_engine_messages():
     image = digit_images("test")[0]
-    [message] = chat_prompt("caption", image.digit, [image.rgb()], 0)
+    [message] = chat_prompt("caption", image.digit, [image.rgb()], templates("caption")[0])
     assert message["role"] == "user"
     assert [p["type"] for p in message["content"]] == ["image", "text"]
     assert message["content"][0]["image"].shape == (16, 16, 3)
+    [message] = chat_prompt("caption", image.digit, [image.rgb()], templates("caption")[0], media_first=False)
+    assert [p["type"] for p in message["content"]] == ["text", "image"]
 
 
 def test_parse_digits_reads_words_and_numerals_only_as_words():
@@ -162,6 +216,11 @@ def test_built_world_reads_back(world):
         roles = [p.role for p in doc.parts]
         assert roles[0] == "user" and roles[-1] == "assistant" and sorted(set(roles)) == ["assistant", "user"]
         assert all(p.loss == (p.role == "assistant") for p in doc.parts)
+    pattern = _held_out_pattern()
+    for form in ("pretrain", "chat"):  # the shards as the trainer reads them
+        for split in ("train", "test"):
+            for doc in read_documents(world / form / split):
+                assert pattern.search(" ".join(p.text or "" for p in doc.parts).lower()) is None, doc.key
     caption = next(d for d in chat if d.meta["task"] == "caption")
     assert caption.parts[0].data.shape == (16, 16, 3) or caption.parts[1].data.shape == (16, 16, 3)
     assert not any(p.role for d in read_documents(world / "pretrain" / "train") for p in d.parts)

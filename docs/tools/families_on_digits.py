@@ -20,14 +20,13 @@ from typing import Any
 
 from unimodal.training.pipeline import run_pipeline
 from unimodal.worlds import resolve
-from unimodal.worlds.digits_suite import evaluate
+from unimodal.worlds.digits_suite import PHRASINGS, TASK_GOALS, TASKS, evaluate, metric
 
 FAMILIES = ("orthus", "llamafusion", "mio", "seed")
 PIPELINES = Path(__file__).resolve().parents[2] / "recipes" / "pipelines"
-COLUMNS = {
-    "caption_acc": "caption", "transcribe_acc": "transcribe", "draw_acc": "draw", "speak_acc": "speak",
-    "interleaved_acc": "interleaved", "image_codec_roundtrip_acc": "image codec round trip",
-}  # fmt: skip
+TITLES = {"caption": "caption", "transcribe": "transcribe", "draw": "draw", "speak": "speak", "story": "interleaved"}
+# every task's score on seen and on held-out phrasings, then the image codec's round trip
+METRICS = [metric(task, phrasing) for task in TASKS for phrasing in PHRASINGS] + ["image_codec_roundtrip_acc"]
 
 
 def score_family(family: str, root: Path, limit: int | None = None, steps: int | None = None) -> dict[str, Any]:
@@ -46,18 +45,28 @@ def score_family(family: str, root: Path, limit: int | None = None, steps: int |
         "stages": [{"name": r.name, "status": r.status, "steps": r.steps, "wall_s": round(r.wall_s, 1)} for r in results],
         "steps": sum(r.steps or 0 for r in results),
         "train_wall_s": round(trained_s, 1),
-        **{key: report.get(key) for key in COLUMNS},
+        **{key: report.get(key) for key in METRICS},
         "skipped": report.get("skipped", {}),
         "model": str(model),
     }
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["family", "steps", *COLUMNS.values()]
+    """One cell per task, ``seen / held-out``; a score under its goal in bold."""
+
+    def shown(row: dict[str, Any], task: str, phrasing: str) -> str:
+        value = row[metric(task, phrasing)]
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" if value >= TASK_GOALS[task] else f"**{value:.3f}**"
+
+    head = ["family", "steps", "train min", *(f"{TITLES[t]} (seen / held-out)" for t in TASKS), "image codec round trip"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["family"], str(row["steps"])]
-        cells += ["n/a" if row[key] is None else f"{row[key]:.3f}" for key in COLUMNS]
+        cells = [row["family"], str(row["steps"]), f"{row['train_wall_s'] / 60:.1f}"]
+        cells += [" / ".join(dict.fromkeys(shown(row, task, p) for p in PHRASINGS)) for task in TASKS]
+        codec = row["image_codec_roundtrip_acc"]
+        cells.append("n/a" if codec is None else f"{codec:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

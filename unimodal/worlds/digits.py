@@ -4,14 +4,15 @@
   :func:`upsample`; the test split is every image whose index is a multiple of 5;
 - speech: the words "zero" ... "nine" in 12 espeak-ng voices at 3 speed/pitch settings, committed
   as FLAC under ``data/digits/`` (``make_speech.py`` made them); 3 whole voices are the test split;
-- text: captions, instructions and short chats in a few phrasings (the templates below).
+- text: captions, instructions and short chats; the users' instructions come in many phrasings
+  (:mod:`unimodal.worlds.phrasings`), some of them held out from training.
 
 Tasks, each in a pretraining form (plain interleaved text, every part supervised) and a chat form
 (user parts unsupervised, assistant parts supervised): caption (image -> text), draw (text ->
 image), transcribe (audio -> text), speak (text -> audio), story (count from a to b with a
-picture per number) and a little text-only arithmetic. The eval suite asks the same chat
-questions (:func:`chat_prompt`) on the test split, so training and scoring share one set of
-phrasings.
+picture per number) and a little text-only arithmetic. The eval suite asks chat questions
+(:func:`chat_prompt`) on the test split twice: in phrasings the training chats use, and in
+held-out ones that no training text contains.
 
 :func:`build_world` writes the source JSONL, the shards, a SentencePiece tokenizer trained on the
 world's text and a :class:`~unimodal.modalities.digit_audio.DigitAudioCodec` fitted on the train
@@ -41,8 +42,8 @@ from unimodal.data.templates import render as render_chat
 from unimodal.modalities.digit_audio import DigitAudioCodec, DigitAudioConfig
 from unimodal.modalities.image_discrete import PatchVQCodec
 from unimodal.schema import Document, Modality, Part
+from unimodal.worlds.phrasings import WORDS, templates
 
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 IMAGE_SIZE = 16
 TEST_EVERY = 5
 SPLITS = ("train", "test")
@@ -62,37 +63,21 @@ PRETRAIN: dict[str, tuple[str, ...]] = {
     "story": ("Counting from {first} to {last} with pictures. {pictures}",),
     "arithmetic": ("After {word} comes {next}.", "Adding {other} to {word} gives {total}."),
 }
-# chat forms: (user, assistant)
-CHAT: dict[str, tuple[tuple[str, str], ...]] = {
-    "caption": (
-        ("{image} What digit is this?", "It is {word}."),
-        ("Which number is written here? {image}", "The number {word}."),
-        ("{image} Read this handwritten digit.", "This is a handwritten {word}."),
-    ),
-    "draw": (
-        ("Draw the digit {ref}.", "{image}"),
-        ("Write the number {ref} by hand.", "Here it is: {image}"),
-        ("Show me a handwritten {ref}.", "{image}"),
-    ),
-    "transcribe": (
-        ("{audio} Transcribe this speech.", "{word}"),
-        ("What number is said here? {audio}", "The speaker says {word}."),
-        ("{audio} Which digit do you hear?", "I hear {word}."),
-    ),
-    "speak": (
-        ("Say the number {ref}.", "{audio}"),
-        ("Speak the word {word}.", "{audio}"),
-        ("How do you pronounce {ref}?", "Like this: {audio}"),
-    ),
-    "story": (
-        ("Count from {first} to {last} with pictures.", "{pictures}"),
-        ("Draw the numbers from {first} to {last}, a picture for each.", "{pictures}"),
-    ),
-    "arithmetic": (
-        ("What number comes after {word}?", "The number after {word} is {next}."),
-        ("What is {word} plus {other}?", "Adding {other} to {word} gives {total}."),
-    ),
+# chat forms: the user's instruction comes from unimodal.worlds.phrasings (seen templates only);
+# the assistant replies in one of these
+REPLIES: dict[str, tuple[str, ...]] = {
+    "caption": ("It is {word}.", "The number {word}.", "This is a handwritten {word}."),
+    "draw": ("{image}", "Here it is: {image}"),
+    "transcribe": ("{word}", "The speaker says {word}.", "I hear {word}."),
+    "speak": ("{audio}", "Like this: {audio}"),
+    "story": ("{pictures}",),
 }
+# the text-only arithmetic chats keep their own (user, assistant) pairs; the suite does not ask them
+ARITHMETIC_CHAT = (
+    ("What number comes after {word}?", "The number after {word} is {next}."),
+    ("What is {word} plus {other}?", "Adding {other} to {word} gives {total}."),
+)
+MEDIA_FIELD = {"caption": "{image}", "transcribe": "{audio}"}
 STORY_PICTURE = "{Word}: {image}"
 
 # one piece of a filled template: ("text", str), ("image", picture) or ("audio", waveform)
@@ -255,22 +240,36 @@ def pretrain_segments(task: str, target: Any, media: Sequence[Any], variant: int
     return _fill(task, templates[variant % len(templates)], target, media, numeral)
 
 
+def user_template(task: str, phrasing: str, media_first: bool) -> str:
+    """A phrasing of ``task`` as a user message template; the input media of caption and
+    transcribe go before or after the words."""
+    media = MEDIA_FIELD.get(task)
+    if media is None:
+        return phrasing
+    return f"{media} {phrasing}" if media_first else f"{phrasing} {media}"
+
+
 def chat_segments(
-    task: str, target: Any, media: Sequence[Any], variant: int, numeral: bool = False
+    task: str, target: Any, media: Sequence[Any], phrasing: str, variant: int, numeral: bool = False, media_first: bool = True
 ) -> tuple[list[Piece], list[Piece]]:
-    """(user, assistant) segments; input media (caption, transcribe) go to the user, the rest to the assistant."""
-    user, assistant = CHAT[task][variant % len(CHAT[task])]
-    inputs = task in ("caption", "transcribe")
+    """(user, assistant) segments: the user says ``phrasing`` (a template of
+    :mod:`unimodal.worlds.phrasings`), the assistant replies in its ``variant``-th way. Input media
+    (caption, transcribe) go to the user, the rest to the assistant."""
+    if task == "arithmetic":
+        user, reply = ARITHMETIC_CHAT[variant % len(ARITHMETIC_CHAT)]
+    else:
+        user, reply = user_template(task, phrasing, media_first), REPLIES[task][variant % len(REPLIES[task])]
+    inputs = task in MEDIA_FIELD
     user_media, assistant_media = (media, ()) if inputs else ((), media)
-    return _fill(task, user, target, user_media, numeral), _fill(task, assistant, target, assistant_media, numeral)
+    return _fill(task, user, target, user_media, numeral), _fill(task, reply, target, assistant_media, numeral)
 
 
-def chat_prompt(task: str, target: Any, media: Sequence[Any], variant: int, numeral: bool = False) -> list[dict[str, Any]]:
+def chat_prompt(task: str, target: Any, media: Sequence[Any], phrasing: str, numeral: bool = False, media_first: bool = True) -> list[dict[str, Any]]:
     """The user message of a chat-form question, in the engine's message format.
 
     ``media`` are HxWx3 uint8 images or ``(waveform, rate)`` pairs for the input-media tasks.
     """
-    user = _fill(task, CHAT[task][variant % len(CHAT[task])][0], target, media, numeral)
+    user = _fill(task, user_template(task, phrasing, media_first), target, media, numeral)
     content = [{"type": "text", "text": value} if kind == "text" else {"type": kind, kind: value} for kind, value in user]
     return [{"role": "user", "content": content}]
 
@@ -346,7 +345,9 @@ def _documents(split: str, form: str, rng: np.random.Generator, copies: dict[str
         if form == "pretrain":
             parts = _source_parts(pretrain_segments(task, target, media, variant, numeral), None, True)
         else:
-            user, assistant = chat_segments(task, target, media, variant, numeral)
+            seen = templates(task) if task != "arithmetic" else ("",)
+            phrasing = seen[int(rng.integers(len(seen)))]
+            user, assistant = chat_segments(task, target, media, phrasing, variant, numeral, media_first=bool(rng.integers(2)))
             parts = _source_parts(user, "user", False) + _source_parts(assistant, "assistant", True)
         yield {"key": f"{split}-{form}-{task}-{n:06d}", "parts": parts, "meta": {"task": task, "source": source}}
 

@@ -1,7 +1,10 @@
 """The digits scoreboard: ``unimodal eval DIR --suite digits`` (``docs/digits-world.md``).
 
-The suite asks the digits world's chat questions (the phrasings the chat data uses, see
-:func:`unimodal.worlds.digits.chat_prompt`) on the held-out split and scores the replies:
+The suite asks the digits world's chat questions on the held-out split and scores the replies.
+Every task is asked twice, in two phrasing sets of at least 200 questions each
+(:mod:`unimodal.worlds.phrasings`): *seen* phrasings, which the training chats use, and
+*held-out* ones, which no training text contains; ``caption_acc`` is the first,
+``caption_heldout_acc`` the second, and every goal applies to both.
 
 - ``caption_acc``: test images; right when the reply names exactly the shown digit (as a word or
   a numeral, possibly several times, no other digit);
@@ -36,6 +39,7 @@ from unimodal.inference.chat import load
 from unimodal.schema import Part
 from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
 from unimodal.worlds.judges import audio_judge, image_judge
+from unimodal.worlds.phrasings import templates
 
 log = logging.getLogger("unimodal.eval")
 
@@ -44,42 +48,73 @@ ReplyParts = list[dict[str, Any]]
 Responder = Callable[[list[list[Message]]], list[ReplyParts]]
 
 TASKS = ("caption", "transcribe", "draw", "speak", "story")
-METRICS = {
+PHRASINGS = ("seen", "heldout")
+TASK_METRIC = {
     "caption": "caption_acc", "transcribe": "transcribe_acc", "draw": "draw_acc", "speak": "speak_acc",
     "story": "interleaved_acc",
 }  # fmt: skip
 # the media modality each task reads or writes: a model without that modality's codec skips it
 TASK_MODALITY = {"caption": "image", "transcribe": "audio", "draw": "image", "speak": "audio", "story": "image"}
+TASK_GOALS = {"caption": 0.97, "transcribe": 0.95, "draw": 0.95, "speak": 0.85, "story": 0.85}
+MIN_QUESTIONS = 200  # per task and phrasing set: one question moves a score by at most 0.005
+
+
+def metric(task: str, phrasing: str) -> str:
+    """``draw_acc`` (seen phrasings) or ``draw_heldout_acc``."""
+    name = TASK_METRIC[task]
+    return name if phrasing == "seen" else name.replace("_acc", "_heldout_acc")
+
+
 GOALS = {
-    "caption_acc": 0.97, "transcribe_acc": 0.95, "draw_acc": 0.95, "speak_acc": 0.85, "interleaved_acc": 0.85,
+    **{metric(task, phrasing): goal for task, goal in TASK_GOALS.items() for phrasing in PHRASINGS},
     "judge_image_acc": 0.97, "judge_audio_acc": 0.95,
 }  # fmt: skip
 
 
 @dataclass
 class Item:
-    """One question: its task, the conversation to send, and the expected digit (or story range)."""
+    """One question: its task, phrasing set, the conversation to send, and the expected digit (or story range)."""
 
     task: str
     messages: list[Message]
     target: Any
+    phrasing: str = "seen"
+
+    @property
+    def key(self) -> str:
+        """``draw`` or ``draw/heldout``: where the question is counted."""
+        return self.task if self.phrasing == "seen" else f"{self.task}/{self.phrasing}"
 
 
-def items(limit: int | None = None, repeats: int = 5) -> dict[str, list[Item]]:
-    """The held-out questions of every task (at most ``limit`` each, a fixed sample); prompts cycle
-    through the chat phrasings, and draw/speak ask for each digit ``repeats`` times."""
-    out: dict[str, list[Item]] = {task: [] for task in TASKS}
-    for i, image in enumerate(digit_images("test")):
-        out["caption"].append(Item("caption", chat_prompt("caption", image.digit, [image.rgb()], i), image.digit))
-    for i, clip in enumerate(utterances("test")):
-        out["transcribe"].append(Item("transcribe", chat_prompt("transcribe", clip.digit, [clip.load()], i), clip.digit))
-    for task in ("draw", "speak"):
-        for r in range(repeats):
-            for digit in range(10):
-                out[task].append(Item(task, chat_prompt(task, digit, [], r, numeral=bool((r + digit) % 2)), digit))
-    for i, target in enumerate(story_targets()):
-        out["story"].append(Item("story", chat_prompt("story", target, [], i, numeral=bool(i % 2)), target))
-    return {task: _spread(questions, limit) for task, questions in out.items()}
+def items(limit: int | None = None) -> dict[str, list[Item]]:
+    """The held-out questions of every task in both phrasing sets (keys ``draw``, ``draw/heldout``;
+    at most ``limit`` each, a fixed sample).
+
+    Each set has at least ``MIN_QUESTIONS`` questions per task: every test image (caption), every
+    test utterance three times (transcribe), each digit 20 times (draw, speak), each counting range
+    9 times (story). Phrasings, numerals or words, and where the input media goes are drawn from a
+    fixed generator, the same in every run.
+    """
+    images, clips = digit_images("test"), utterances("test")
+    jobs: dict[str, list[tuple[Any, list[Any]]]] = {
+        "caption": [(im.digit, [im.rgb()]) for im in images],
+        "transcribe": [(u.digit, [u.load()]) for _ in range(3) for u in clips],
+        "draw": [(d, []) for _ in range(20) for d in range(10)],
+        "speak": [(d, []) for _ in range(20) for d in range(10)],
+        "story": [(target, []) for _ in range(9) for target in story_targets()],
+    }
+    out: dict[str, list[Item]] = {}
+    for phrasing in PHRASINGS:
+        for t, task in enumerate(TASKS):
+            rng = np.random.default_rng([t, PHRASINGS.index(phrasing)])
+            options = templates(task, held_out=phrasing == "heldout")
+            questions = []
+            for target, media in jobs[task]:
+                template = options[int(rng.integers(len(options)))]
+                messages = chat_prompt(task, target, media, template, numeral=bool(rng.integers(2)), media_first=bool(rng.integers(2)))
+                questions.append(Item(task, messages, target, phrasing))
+            out[questions[0].key] = _spread(questions, limit)
+    return out
 
 
 def _spread(questions: list[Item], limit: int | None) -> list[Item]:
@@ -146,11 +181,12 @@ def run_suite(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     report: dict[str, Any] = {"suite": "digits"}
     counts, failures, skipped = {}, {}, {}
-    for task, questions in items(limit).items():
+    for key, questions in items(limit).items():
+        task, phrasing = questions[0].task, questions[0].phrasing
         if modalities is not None and TASK_MODALITY[task] not in modalities:
-            report[METRICS[task]] = None
-            skipped[task] = f"the model has no {TASK_MODALITY[task]} codec"
-            log.info("digits %s: skipped (%s)", task, skipped[task])
+            report[metric(task, phrasing)] = None
+            skipped[key] = f"the model has no {TASK_MODALITY[task]} codec"
+            log.info("digits %s: skipped (%s)", key, skipped[key])
             continue
         right, failed = 0, []
         for start in range(0, len(questions), batch_size):
@@ -164,9 +200,9 @@ def run_suite(
                 if not ok and len(failed) < failures_kept:
                     text = " ".join(_of_type(reply, "text"))
                     failed.append({"prompt": _prompt_text(item), "expected": item.target, "read": read, "reply_text": text})
-        report[METRICS[task]] = right / len(questions) if questions else None
-        counts[task], failures[task] = len(questions), failed
-        log.info("digits %s: %d/%d", task, right, len(questions))
+        report[metric(task, phrasing)] = right / len(questions) if questions else None
+        counts[key], failures[key] = len(questions), failed
+        log.info("digits %s: %d/%d", key, right, len(questions))
     report["judge_image_acc"] = image_judge().heldout_accuracy()
     report["judge_audio_acc"] = audio_judge().heldout_accuracy()
     for modality in ("image", "audio"):
