@@ -106,6 +106,19 @@ def test_reply_judging_rules():
     assert not judge_reply(draw, [{"type": "image", "image": None}])[0]  # the codec decoded nothing
     story = Item("story", [], (6, 7))
     assert not judge_reply(story, [{"type": "image", "image": seven}])[0]  # a picture is missing
+    # the wrong medium fails: a picture with speech attached is neither a drawing nor speech
+    clip = next(u.load() for u in utterances("train") if u.digit == 7)
+    both = [{"type": "image", "image": seven}, {"type": "audio", "audio": clip}]
+    assert not judge_reply(draw, both)[0] and not judge_reply(Item("speak", [], 7), both)[0]
+    assert judge_reply(Item("speak", [], 7), both[1:])[0]
+    assert not judge_reply(caption, [{"type": "text", "text": "It is seven."}, {"type": "image", "image": seven}])[0]
+    # a story's labels must be right too, not only its pictures
+    six = next(im.pixels for im in digit_images("train") if im.digit == 6)
+    labelled = lambda a, b: [{"type": "text", "text": f"{a}:"}, {"type": "image", "image": six},  # noqa: E731
+                             {"type": "text", "text": f"{b}:"}, {"type": "image", "image": seven}]
+    assert judge_reply(story, labelled("Six", "Seven"))[0]
+    ok, read = judge_reply(story, labelled("Zero", "One"))
+    assert not ok and read == {"pictures": [6, 7], "labels": [0, 1]}
 
 
 def test_questions_come_in_seen_and_held_out_phrasings():

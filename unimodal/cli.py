@@ -311,7 +311,7 @@ def evaluate(
         model: an export directory (unimodal export).
         suite: the suite to run.
         out: the JSON report (default: MODEL/eval-digits.json).
-        limit: at most this many questions per task (a quick look).
+        limit: at most this many questions per task and phrasing set (a quick look).
         batch_size: conversations generated together.
         temperature: text sampling temperature (default: 0, greedy: answers are classifications).
         top_p: nucleus sampling mass (default: the model's).

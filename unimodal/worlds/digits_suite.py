@@ -12,7 +12,8 @@ Every task is asked twice, in two phrasing sets of at least 200 questions each
 - ``draw_acc`` / ``speak_acc``: "draw 7" / "say 7" prompts; right when the image judge / audio
   judge recognises the requested digit in the reply's first image / audio part;
 - ``interleaved_acc``: "count from 3 to 5 with pictures"; right when the reply holds exactly
-  one image per number and the judge reads them as 3, 4, 5 in order;
+  one image per number, the judge reads them as 3, 4, 5 in order, and its text labels them
+  three, four, five;
 - ``judge_image_acc`` / ``judge_audio_acc``: the judges' accuracy on the real held-out data;
 - ``{image,audio}_codec_roundtrip_acc``: judge accuracy on held-out media after the model's codec
   encodes and decodes them (what generation can at best reach); null without a codec.
@@ -95,6 +96,8 @@ def items(limit: int | None = None) -> dict[str, list[Item]]:
     9 times (story). Phrasings, numerals or words, and where the input media goes are drawn from a
     fixed generator, the same in every run.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 question per task, got {limit}")
     images, clips = digit_images("test"), utterances("test")
     jobs: dict[str, list[tuple[Any, list[Any]]]] = {
         "caption": [(im.digit, [im.rgb()]) for im in images],
@@ -131,21 +134,25 @@ def _of_type(reply: ReplyParts, kind: str) -> list[Any]:
 
 
 def judge_reply(item: Item, reply: ReplyParts) -> tuple[bool, Any]:
-    """Whether a reply is right, and what was read from it (digits said, or digits judged)."""
+    """Whether a reply is right, and what was read from it (digits said, or digits judged).
+
+    A reply in another medium than the task's fails: a caption with a picture attached, a
+    picture with speech attached (which fails draw and speak alike). A story must label its
+    pictures with the right numbers, in order, as well as draw them.
+    """
+    kinds = {part.get("type") for part in reply}
+    said = parse_digits(" ".join(_of_type(reply, "text")))
     if item.task in ("caption", "transcribe"):
-        said = parse_digits(" ".join(_of_type(reply, "text")))
-        return bool(said) and all(d == item.target for d in said), said
-    if item.task == "draw":
-        images = [im for im in _of_type(reply, "image") if im is not None]
-        seen = image_judge().predict(images[:1])
-        return seen == [item.target], seen
-    if item.task == "speak":
-        clips = [clip for clip in _of_type(reply, "audio") if clip is not None]
-        heard = audio_judge().predict(clips[:1])
-        return heard == [item.target], heard
+        return bool(said) and all(d == item.target for d in said) and kinds <= {"text"}, said
+    if item.task in ("draw", "speak"):
+        medium, other = ("image", "audio") if item.task == "draw" else ("audio", "image")
+        made = [m for m in _of_type(reply, medium) if m is not None][:1]
+        seen = (image_judge() if medium == "image" else audio_judge()).predict(made)
+        return seen == [item.target] and other not in kinds, seen
     first, last = item.target
+    expected = list(range(first, last + 1))
     seen = image_judge().predict([im for im in _of_type(reply, "image") if im is not None])
-    return seen == list(range(first, last + 1)), seen
+    return seen == expected and said == expected and "audio" not in kinds, {"pictures": seen, "labels": said}
 
 
 def _prompt_text(item: Item) -> str:
