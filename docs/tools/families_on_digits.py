@@ -25,6 +25,8 @@ from unimodal.worlds.digits_suite import PHRASINGS, TASK_GOALS, TASKS, evaluate,
 FAMILIES = ("orthus", "llamafusion", "mio", "seed")
 PIPELINES = Path(__file__).resolve().parents[2] / "recipes" / "pipelines"
 TITLES = {"caption": "caption", "transcribe": "transcribe", "draw": "draw", "speak": "speak", "story": "interleaved"}
+# the families' bars (docs/families-on-digits.md); the demo's caption goal is 0.97
+BARS = {**TASK_GOALS, "caption": 0.95}
 # every task's score on seen and on held-out phrasings, then the image codec's round trip
 METRICS = [metric(task, phrasing) for task in TASKS for phrasing in PHRASINGS] + ["image_codec_roundtrip_acc"]
 
@@ -52,19 +54,19 @@ def score_family(family: str, root: Path, limit: int | None = None, steps: int |
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """One cell per task, ``seen / held-out``; a score under its goal in bold."""
+    """One cell per task, ``seen / held-out``; a score under its bar in bold."""
 
     def shown(row: dict[str, Any], task: str, phrasing: str) -> str:
         value = row[metric(task, phrasing)]
         if value is None:
             return "n/a"
-        return f"{value:.3f}" if value >= TASK_GOALS[task] else f"**{value:.3f}**"
+        return f"{value:.3f}" if value >= BARS[task] else f"**{value:.3f}**"
 
     head = ["family", "steps", "train min", *(f"{TITLES[t]} (seen / held-out)" for t in TASKS), "image codec round trip"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["family"], str(row["steps"]), f"{row['train_wall_s'] / 60:.1f}"]
-        cells += [" / ".join(dict.fromkeys(shown(row, task, p) for p in PHRASINGS)) for task in TASKS]
+        cells += [" / ".join(shown(row, task, p) for p in PHRASINGS).replace("n/a / n/a", "n/a") for task in TASKS]
         codec = row["image_codec_roundtrip_acc"]
         cells.append("n/a" if codec is None else f"{codec:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
