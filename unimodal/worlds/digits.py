@@ -345,8 +345,8 @@ def _documents(split: str, form: str, rng: np.random.Generator, copies: dict[str
         if form == "pretrain":
             parts = _source_parts(pretrain_segments(task, target, media, variant, numeral), None, True)
         else:
-            seen = templates(task) if task != "arithmetic" else ("",)
-            phrasing = seen[int(rng.integers(len(seen)))]
+            seen = templates(task) if task in REPLIES else ()  # arithmetic keeps its own pairs
+            phrasing = seen[int(rng.integers(len(seen)))] if seen else ""
             user, assistant = chat_segments(task, target, media, phrasing, variant, numeral, media_first=bool(rng.integers(2)))
             parts = _source_parts(user, "user", False) + _source_parts(assistant, "assistant", True)
         yield {"key": f"{split}-{form}-{task}-{n:06d}", "parts": parts, "meta": {"task": task, "source": source}}
