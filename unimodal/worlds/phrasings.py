@@ -54,8 +54,8 @@ FRAMES = (
     "{VP}.", "{vp}", "Please {vp}.", "Can you {vp} for me?", "Could you {vp}, please?", "I would like you to {vp}.",
     "{VP}, please.", "Would you {vp}?", "Go ahead and {vp}.", "Your task: {vp}.", "Hey, {vp}!", "I need you to {vp}.",
 )  # fmt: skip
-# the bare verb phrase and the plain sentence differ only in case and a full stop: one frame,
-# always seen (its text is also a part of every other frame's)
+# the bare verb phrase and the plain sentence differ only in case and a full stop: one frame, held
+# out only where a quoted phrasing needs it (its text is a part of every other frame's)
 PLAIN = (FRAMES.index("{vp}"), FRAMES.index("{VP}."))
 # held out besides the pattern of pairs below: the frames of the phrasings a first user tried on
 # the demo with "draw" ("Please draw a 7.", "draw 7", "Can you draw four for me?")
@@ -119,7 +119,8 @@ def held_out_questions(task: str) -> list[str]:
         if task in OBJECTS:
             out += [f for d in range(10) for f in _fills(template, d)]
         elif task == "story":
-            out += [template.format(first=a, last=b).lower() for a in range(10) for b in range(a + 1, 10)]
+            out += [template.format(first=ref(a), last=ref(b)).lower()
+                    for ref in (str, WORDS.__getitem__) for a in range(10) for b in range(a + 1, 10)]
         else:
             out.append(template.lower())
     return out
