@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from transformers import DynamicCache
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.data.processor import EncodedDocument
-from unimodal.models.attention import build_attention_mask
+from unimodal.models.attention import decoder_mask
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITY_IDS
 
@@ -40,7 +41,8 @@ class KVCache:
         self.lengths = [len(d) for d in docs]
         embeds, real, blocks, modality = self._prompt_embeddings(docs)
         positions = (real.cumsum(1) - 1).clamp(min=0)
-        mask = build_attention_mask(real.long(), blocks)
+        # a fresh cache: the prompt's queries and keys coincide, so prefill takes the backend's own mask
+        mask = decoder_mask(model.backbone.config._attn_implementation, real.long(), blocks)
         out = self._run(embeds, mask, positions, modality)
         self.valid = real
         self.next_pos = real.sum(1)
@@ -93,11 +95,12 @@ class KVCache:
             embeds = embeds.masked_scatter(batch.continuous_mask[..., None], adapted)
         return embeds, batch.doc_ids > 0, batch.block_ids, batch.modality_ids
 
-    def _run(self, embeds: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, embeds: torch.Tensor, mask: dict[str, Any], positions: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
+        """One decoder call on the cache; ``mask`` holds the decoder's mask arguments."""
         if self.model.routing is not None:  # modality experts (LlamaFusion) route each position
             self.model.routing.set(modality)
         out = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_argument: self.cache}
+            inputs_embeds=embeds, position_ids=positions, use_cache=True, **mask, **{self.cache_argument: self.cache}
         )
         return out.last_hidden_state
 
@@ -130,7 +133,7 @@ class KVCache:
             prefix = self.valid[:, None, :] & real[:, :, None]
             mask = torch.cat([prefix.expand(rows, q, self.valid.shape[1]), inner | eye], dim=-1)[:, None]
         positions = self.next_pos[:, None] + (torch.arange(q, device=self.device) if everything else (real.cumsum(1) - 1).clamp(min=0))
-        hidden = self._run(embeds.to(self.dtype), mask, positions, modality)
+        hidden = self._run(embeds.to(self.dtype), {"attention_mask": mask}, positions, modality)
         if not commit:
             self.cache.crop(-q)
             return hidden

@@ -2,19 +2,35 @@
 
 The mask is the single place where the packing contract is enforced: a position attends to
 earlier positions of its own document, and to every position of its own bidirectional block
-(a Transfusion-style image). Backends: PyTorch SDPA with that explicit mask (CPU and GPU), and
-xformers' memory-efficient kernel with the same mask as an additive bias (CUDA only).
+(a Transfusion-style image). Every backend gets that one rule in the form it runs fastest:
+
+- ``sdpa`` / ``eager``: a dense boolean ``[B, 1, L, L]`` mask (CPU and GPU);
+- ``flex``: a FlexAttention ``BlockMask`` built from the same ids, never materialised as
+  ``L x L``; one per batch, shared by every layer (``auto`` on CUDA);
+- ``xformers``: a block-diagonal causal bias from document lengths (CUDA only); a batch with a
+  bidirectional block, which that bias cannot express, runs on SDPA with the dense mask.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-BACKENDS = ("auto", "sdpa", "xformers", "eager")
+from unimodal.errors import UserError
+
+BACKENDS = ("auto", "flex", "sdpa", "xformers", "eager")
+FLEX_IMPLEMENTATION = "unimodal_flex"
 XFORMERS_IMPLEMENTATION = "unimodal_xformers"
+# keyword the decoder passes through to the xformers attention function (transformers hands
+# unknown decoder kwargs down to every layer's attention call)
+XFORMERS_SEGMENTS = "unimodal_segments"
 
 
 def build_attention_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -33,22 +49,117 @@ def build_attention_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> torc
     return allowed[:, None]
 
 
+def build_block_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> BlockMask:
+    """The same rule as :func:`build_attention_mask`, as a FlexAttention ``BlockMask``.
+
+    On CUDA the mask function is compiled once per sequence length (training batches all have
+    ``seq_len``, so there is one compile per run); on CPU it is evaluated eagerly.
+    """
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        doc_q, doc_k = doc_ids[b, q], doc_ids[b, k]
+        block_q, block_k = block_ids[b, q], block_ids[b, k]
+        same_doc = (doc_q == doc_k) & (doc_q > 0)
+        same_block = (block_q == block_k) & (block_q >= 0)
+        return (same_doc & ((q >= k) | same_block)) | (q == k)
+
+    batch, length = doc_ids.shape
+    return create_block_mask(
+        allowed, batch, None, length, length, device=doc_ids.device, _compile=doc_ids.device.type == "cuda"
+    )
+
+
+def document_lengths(doc_ids: torch.Tensor) -> list[int]:
+    """Lengths of the runs of equal document id, row after row: the segments of a block-diagonal
+    mask over the batch flattened to one row (a padding run is one segment; its outputs are never
+    scored)."""
+    flat = doc_ids.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    # a new row always starts a segment, even when it opens with the id the last row ended on
+    starts[:: doc_ids.shape[1]] = True
+    edges = torch.cat([starts.nonzero()[:, 0], torch.tensor([len(flat)], device=flat.device)])
+    return (edges[1:] - edges[:-1]).tolist()
+
+
+def decoder_mask(implementation: str, doc_ids: torch.Tensor, block_ids: torch.Tensor) -> dict[str, Any]:
+    """The decoder keyword arguments that carry the packed mask for ``implementation``."""
+    if implementation == FLEX_IMPLEMENTATION:
+        return {"attention_mask": build_block_mask(doc_ids, block_ids)}
+    if implementation == XFORMERS_IMPLEMENTATION and not bool((block_ids >= 0).any()):
+        return {"attention_mask": None, XFORMERS_SEGMENTS: document_lengths(doc_ids)}
+    if implementation == XFORMERS_IMPLEMENTATION:
+        # Python shows a warning once per call site
+        warnings.warn(
+            "xformers cannot express bidirectional image blocks; batches that hold them run on "
+            "PyTorch SDPA with the dense mask (use attention: flex for block-sparse attention)",
+            stacklevel=2,
+        )
+    return {"attention_mask": build_attention_mask(doc_ids, block_ids)}
+
+
+def flex_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def xformers_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None
 
 
 def resolve_backend(name: str) -> str:
-    """Map a config value to a transformers ``attn_implementation``; ``auto`` takes the best available."""
+    """Map a config value to a transformers ``attn_implementation``; ``auto`` takes FlexAttention
+    on CUDA and SDPA elsewhere."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
     if name == "auto":
-        name = "xformers" if xformers_available() else "sdpa"
+        name = "flex" if flex_available() else "sdpa"
+    if name == "flex":
+        AttentionInterface.register(FLEX_IMPLEMENTATION, flex_attention_forward)
+        AttentionMaskInterface.register(FLEX_IMPLEMENTATION, sdpa_mask)
+        return FLEX_IMPLEMENTATION
     if name == "xformers":
         if not xformers_available():
             raise RuntimeError("attention backend 'xformers' needs CUDA and the xformers package (pip install 'unimodal[gpu]')")
         AttentionInterface.register(XFORMERS_IMPLEMENTATION, xformers_attention_forward)
+        AttentionMaskInterface.register(XFORMERS_IMPLEMENTATION, sdpa_mask)
         return XFORMERS_IMPLEMENTATION
     return name
+
+
+_compiled_flex = None
+
+
+def _flex_kernel():
+    """``flex_attention`` compiled once per process on CUDA (eager it materialises the scores)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: BlockMask | torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: FlexAttention under a ``BlockMask``.
+
+    Calls with a dense mask or none (the engine's cached decode steps) run on SDPA.
+    """
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise UserError("attention: flex does not support attention dropout; set the backbone's attention_dropout to 0")
+    if query.device.type == "cpu" and query.requires_grad:
+        raise UserError("attention: flex cannot train on CPU (torch has no FlexAttention backward there); use attention: auto or sdpa")
+    kernel = _flex_kernel() if query.is_cuda else flex_attention
+    out = kernel(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def xformers_attention_forward(
@@ -63,34 +174,27 @@ def xformers_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function backed by ``xformers.ops.memory_efficient_attention``.
 
-    Inputs are ``[B, H, L, D]``; xformers wants ``[B, L, H, D]`` and an additive float bias whose
-    last dimension is padded to a multiple of 8.
+    With document segments (``unimodal_segments``) the batch is flattened to one row under a
+    block-diagonal causal bias, so no ``L x L`` tensor exists; any other call (a dense mask from
+    a batch with image blocks, or the engine's cache) runs on SDPA.
     """
+    segments = kwargs.pop(XFORMERS_SEGMENTS, None)
+    if segments is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
 
-    groups = query.shape[1] // key.shape[1]
+    batch, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    bias = None
-    if attention_mask is not None:
-        q_len, k_len = query.shape[2], key.shape[2]
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~attention_mask, float("-inf")
-            )
-        padded = -(-k_len // 8) * 8
-        storage = torch.zeros(
-            query.shape[0], query.shape[1], q_len, padded, dtype=query.dtype, device=query.device
-        )
-        bias = storage[..., :k_len]
-        bias.copy_(attention_mask[:, :, -q_len:, :k_len].to(query.dtype).expand_as(bias))
+
+    def one_row(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(1, batch * length, heads, dim)
+
     out = xops.memory_efficient_attention(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        attn_bias=bias,
-        p=dropout,
-        scale=scaling,
+        one_row(query), one_row(key), one_row(value),
+        attn_bias=BlockDiagonalCausalMask.from_seqlens(segments), p=dropout, scale=scaling,
     )
-    return out, None
+    return out.reshape(batch, length, heads, dim), None

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class BackboneConfig:
     """Either ``path`` (a local HF model directory) or ``config`` (a dict with ``model_type``) is set.
 
-    ``attention`` is ``auto`` | ``sdpa`` | ``xformers`` | ``eager``; ``dtype`` is the weight dtype
+    ``attention`` is ``auto`` (FlexAttention on CUDA, else SDPA) | ``flex`` | ``sdpa`` | ``xformers`` | ``eager``; ``dtype`` is the weight dtype
     at load time (training precision is the trainer's ``precision``).
     """
 

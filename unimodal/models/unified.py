@@ -20,7 +20,7 @@ from torch import nn
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.attention import build_attention_mask
+from unimodal.models.attention import decoder_mask
 from unimodal.models.routing import ModalityRouter
 from unimodal.schema import MODALITY_IDS
 
@@ -109,13 +109,13 @@ class UnifiedModel(nn.Module):
 
     def hidden_states(self, batch: PackedBatch, embeds: torch.Tensor | None = None) -> torch.Tensor:
         decoder = self.backbone.get_decoder()
-        mask = build_attention_mask(batch.doc_ids, batch.block_ids)
+        mask = decoder_mask(self.backbone.config._attn_implementation, batch.doc_ids, batch.block_ids)
         if self.routing is not None:
             self.routing.set(batch.modality_ids)
         out = decoder(
             inputs_embeds=self.embed(batch)[0] if embeds is None else embeds,
-            attention_mask=mask,
             position_ids=batch.position_ids,
+            **mask,
             use_cache=False,
         )
         return out.last_hidden_state
