@@ -20,6 +20,12 @@ class BackboneConfig:
 
     ``attention`` is ``auto`` (FlexAttention on CUDA, else SDPA) | ``flex`` | ``sdpa`` | ``xformers`` | ``eager``; ``dtype`` is the weight dtype
     at load time (training precision is the trainer's ``precision``).
+
+    Memory and speed levers (docs/training.md, "Scaling up"): ``gradient_checkpointing``
+    recomputes each decoder layer in backward; ``compile`` runs every decoder layer through
+    ``torch.compile`` (training only); ``ce_chunk`` computes the cross-entropy over that many
+    target tokens at a time, recomputing their logits in backward, so the full-vocabulary fp32
+    logits of a batch never exist at once (0: all at once).
     """
 
     path: str | None = None
@@ -27,6 +33,8 @@ class BackboneConfig:
     attention: str = "auto"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    ce_chunk: int = 0
 
 
 def register_backbones() -> None:
@@ -58,5 +66,22 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         config = AutoConfig.for_model(raw.pop("model_type"), **raw, vocab_size=vocab_size)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: frozen inputs and LoRA are fine).
+    transformers 5.24 renamed the switch; 5.17 (on the GPU machines) has only the old name."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def compile_layers(model: PreTrainedModel, backend: str = "inductor") -> None:
+    """Compile each decoder layer in place: one graph per layer type keeps compile time flat in
+    depth, and the mask, embeddings and heads around the layers stay eager."""
+    for layer in model.get_decoder().layers:
+        layer.compile(backend=backend)

@@ -27,4 +27,4 @@ def build_model(
     hidden = decoder.config.hidden_size
     modules = {name: build(hidden) for name, build in (continuous or {}).items()}
     router = add_modality_experts(decoder, list(routing)) if routing else None
-    return UnifiedModel(decoder, layout, continuous=modules, routing=router).train()
+    return UnifiedModel(decoder, layout, continuous=modules, routing=router, ce_chunk=backbone.ce_chunk).train()

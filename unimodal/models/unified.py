@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.modalities.vocab import VocabLayout
@@ -74,8 +75,12 @@ class UnifiedModel(nn.Module):
         layout: VocabLayout,
         continuous: dict[str, ContinuousModality] | None = None,
         routing: ModalityRouter | None = None,
+        ce_chunk: int = 0,
     ):
         super().__init__()
+        if ce_chunk < 0:
+            raise ValueError(f"backbone.ce_chunk must be >= 0 (0: no chunking), got {ce_chunk}")
+        self.ce_chunk = ce_chunk
         self.backbone = backbone
         self.layout = layout
         self.continuous = nn.ModuleDict(continuous or {})
@@ -137,12 +142,23 @@ class UnifiedModel(nn.Module):
             losses.update(modality.loss(hidden, batch, states[name], self))
         return losses
 
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy of ``hidden [N, H]``; with ``ce_chunk`` the logits exist one
+        chunk at a time and are recomputed in backward (one more head matmul, a few % of a step)."""
+        if not self.ce_chunk or len(labels) <= self.ce_chunk:
+            return self._logit_loss(hidden, labels)
+        return torch.cat([
+            checkpoint(self._logit_loss, h, y, use_reentrant=False)
+            for h, y in zip(hidden.split(self.ce_chunk), labels.split(self.ce_chunk))
+        ])
+
+    def _logit_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(hidden), labels, reduction="none")
+
     def cross_entropy(self, hidden: torch.Tensor, batch: PackedBatch) -> dict[str, LossTerm]:
         # logits only where there is a target: saves the [B, L, V] tensor on long packed batches
         selected = batch.labels != IGNORE_INDEX
-        logits = self.logits(hidden[selected])
-        labels = batch.labels[selected]
-        per_token = F.cross_entropy(logits, labels, reduction="none")
+        per_token = self.token_losses(hidden[selected], batch.labels[selected])
         # the target's modality is the modality of the next position
         target_modality = torch.roll(batch.modality_ids, shifts=-1, dims=1)[selected]
         losses = {}

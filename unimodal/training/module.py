@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from unimodal.batch import PackedBatch
 from unimodal.checkpoints.load import check_extends, init_from_export, read_export_config
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.backbone import BackboneConfig
+from unimodal.models.backbone import BackboneConfig, compile_layers
 from unimodal.models.build import build_model
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
@@ -92,6 +92,8 @@ class UnimodalModule(L.LightningModule):
             apply_trainable_policy(self.model, self.trainable, self.frozen)
         if self.lora is not None:
             apply_lora(self.model, self.lora, list(range(self.layout.text_size, self.layout.used_size)))
+        if self.backbone_config.compile:
+            compile_layers(self.model.backbone)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in self.model.parameters())
         log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)
