@@ -33,7 +33,7 @@ def test_recipes_say_how_they_run():
         path = ROOT / "recipes" / f"{name}.yaml"
         assert path.read_text().startswith(f"# Command: unimodal train recipes/{name}.yaml")
         full, tiny = load_recipe(path, tiny=False), load_recipe(path, tiny=True)
-        assert full["trainer"]["precision"] == "bf16-mixed" and "deepspeed" in full["trainer"]["strategy"]
+        assert full["trainer"]["precision"] == "auto" and "deepspeed" in full["trainer"]["strategy"]
         assert tiny["data"]["init_args"]["datasets"] == [{"path": "builtin:shapes/train"}]
 
 

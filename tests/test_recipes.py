@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from unimodal.training.pipeline import load_pipeline, resolve_stage
-from unimodal.training.recipes import make_cli
+from unimodal.training.recipes import auto_precision, make_cli
 from unimodal.worlds import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,18 @@ def test_training_recipe_parses_and_builds(recipe, tmp_path, monkeypatch):
     if hasattr(model, "configure_model"):
         model.configure_model()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0, recipe
+
+
+def test_precision_auto_is_bf16_on_a_gpu_and_fp32_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["recipes/text/tiny.yaml", f"--trainer.default_root_dir={tmp_path}"]
+    assert make_cli(args, resolve_path=resolve).trainer.precision == "32-true"
+    assert make_cli([*args, "--trainer.precision", "auto"], resolve_path=resolve).trainer.precision == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert auto_precision() == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert auto_precision() == "32-true"
 
 
 @pytest.mark.parametrize("recipe", PIPELINES)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -208,6 +209,30 @@ def _override(args: list[str], dotted: str) -> str | None:
     return None
 
 
+def auto_precision() -> str:
+    """``precision: auto``: bf16 mixed precision on a GPU that has bf16 (Ampere and later), fp32
+    elsewhere (CPU autocast to bf16 is slower than fp32 on most CPUs)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _resolve_precision(config: dict[str, Any]) -> None:
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("precision") == "auto":
+        trainer["precision"] = auto_precision()
+
+
+def _resolve_precision_args(args: list[str]) -> list[str]:
+    """``--trainer.precision=auto`` (or ``... auto``) on the command line, resolved."""
+    out = []
+    for arg in args:
+        if arg == "--trainer.precision=auto" or (out and out[-1] == "--trainer.precision" and arg == "auto"):
+            arg = arg.replace("auto", auto_precision())
+        out.append(arg)
+    return out
+
+
 def _resolve_arg(arg: str, resolve_path: Callable[[str], str] | None) -> str:
     name, eq, value = arg.partition("=")
     if eq and value.startswith(BUILTIN_PREFIX):
@@ -227,8 +252,10 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         init_from = _override(args[1:], "model.init_args.init_from") or ((config.get("model") or {}).get("init_args") or {}).get("init_from")
         if init_from:
             inherit_from_export(config, init_from, tokenizer=True)  # a command-line tokenizer still wins
+        _resolve_precision(config)
         # jsonargparse takes the resolved recipe as YAML text in place of a path
         args = ["--config", yaml.safe_dump(config, sort_keys=False), *args[1:]]
+    args = _resolve_precision_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_strategies()  # plain names (deepspeed_stage_2, ...) get the CPU-capable strategy
     options: dict[str, Any] = {
