@@ -26,8 +26,15 @@ class PackedBatch:
     # label tokens of the gradient-accumulation window this batch belongs to (set by the data module)
     window_label_tokens: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
 
-    def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """The per-position tensors on ``device``; the window count stays on the CPU, where the
+        training step reads it without waiting for the GPU."""
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if f.name != "window_label_tokens"
+        }
+        return PackedBatch(**moved, window_label_tokens=self.window_label_tokens)
 
     @property
     def num_label_tokens(self) -> int:

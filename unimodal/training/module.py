@@ -76,7 +76,7 @@ class UnimodalModule(L.LightningModule):
         self.lora = lora
         self.init_from = init_from
         self.model: UnifiedModel | None = None
-        self._last_batch: tuple[float, int] | None = None
+        self._last_batch: tuple[float, torch.Tensor] | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -101,9 +101,10 @@ class UnimodalModule(L.LightningModule):
     def _step_scale(self, batch: PackedBatch) -> torch.Tensor:
         """Factor turning a micro-batch CE sum into its share of the step's per-token mean."""
         accumulate = self.trainer.accumulate_grad_batches
-        tokens = batch.window_label_tokens.to(self.device, torch.float32)
-        if tokens <= 0:  # no window information: this micro-batch stands for its window
-            tokens = torch.tensor(float(batch.num_label_tokens * accumulate), device=self.device)
+        window = batch.window_label_tokens.cpu()  # a no-op after PackedBatch.to: no GPU sync
+        if window <= 0:  # no window information: this micro-batch stands for its window
+            window = torch.tensor(batch.num_label_tokens * accumulate)
+        tokens = window.to(self.device, torch.float32)
         world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
@@ -138,13 +139,18 @@ class UnimodalModule(L.LightningModule):
         self.log("train/loss", mean, prog_bar=True, batch_size=size)
         return loss
 
+    def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
+        # asynchronous copies: the host queues the next step while the GPU finishes this one
+        return batch.to(device, non_blocking=True) if isinstance(batch, PackedBatch) else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
         # throughput over the whole previous step: data wait, forward, backward and optimizer
+        # (the count is read one step later, when the GPU has long computed it: no sync now)
         now = time.perf_counter()
         if self._last_batch is not None:
             started, tokens = self._last_batch
-            self.log("train/tokens_per_s", tokens / max(now - started, 1e-9), prog_bar=True, batch_size=1)
-        self._last_batch = (now, int((batch.doc_ids > 0).sum()))
+            self.log("train/tokens_per_s", int(tokens) / max(now - started, 1e-9), prog_bar=True, batch_size=1)
+        self._last_batch = (now, (batch.doc_ids > 0).sum())
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         losses = self.model(batch)
