@@ -139,7 +139,7 @@ def test_flex_matches_dense_forward_and_backward_in_bf16_on_gpu(family):
         torch.testing.assert_close(results["flex"][1][name], grad, atol=5e-2, rtol=5e-2, msg=name)
 
 
-@pytest.mark.gpu
+@pytest.mark.xformers
 @pytest.mark.skipif(not attention.xformers_available(), reason="needs CUDA and xformers")
 def test_xformers_matches_sdpa_on_gpu(tiny_llama_config):
     torch.manual_seed(0)

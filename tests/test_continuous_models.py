@@ -231,7 +231,7 @@ def test_soft_vq_rows_must_exist(char_tokenizer, tiny_llama_config):
         modality.embed_clean(torch.zeros(1, DIM))
 
 
-@pytest.mark.gpu
+@pytest.mark.xformers
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_xformers_matches_sdpa_with_image_blocks(char_tokenizer, tiny_llama_config):
     pytest.importorskip("xformers")
