@@ -1,0 +1,41 @@
+"""The benchmark scripts keep working on a CPU, so the GPU check never finds them broken."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_step  # noqa: E402
+
+from unimodal.modalities.vocab import VocabLayout  # noqa: E402
+from unimodal.models.attention import build_attention_mask  # noqa: E402
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_synthetic_batches_and_the_attention_pairs_they_allow(images):
+    layout = VocabLayout(text_size=512)
+    batches = train_step.synthetic_batches(layout, steps=4, seq_len=1024, batch=2, images=images)
+    assert any(bool((b.block_ids >= 0).any()) for b in batches)
+    assert any(bool(b.continuous_mask.any()) for b in batches) == images
+    # packed, not one document per row (documents of up to a whole row leave gaps)
+    assert sum(int((b.doc_ids > 0).sum()) for b in batches) > 0.8 * 4 * 2 * 1024
+    for batch in batches:
+        real = batch.doc_ids > 0
+        allowed = build_attention_mask(batch.doc_ids, batch.block_ids)[:, 0]
+        assert train_step.attention_pairs(batch) == int(allowed[real].sum())
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "framework / bare loop" in log and "Transfusion images" in log
