@@ -1,4 +1,4 @@
-"""Strategies on CPU: DeepSpeed ZeRO-2/3 and DDP through Lightning, with gloo.
+"""Strategies on CPU: DeepSpeed ZeRO-2/3, FSDP2 and DDP through Lightning, with gloo.
 
 What is checked:
 - the loss normalisation (CE over the label tokens of the whole optimizer step) gives, with
@@ -38,9 +38,11 @@ from tiny import (  # noqa: E402
 )
 
 from unimodal.errors import UserError  # noqa: E402
+from unimodal.checkpoints.fsdp import fsdp_to_file  # noqa: E402
 from unimodal.checkpoints.zero import NotADeepSpeedCheckpoint, zero_to_fp32  # noqa: E402
+from unimodal.models.backbone import BackboneConfig  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
-from unimodal.training.strategies import DeepSpeed, DeepSpeedStrategy, build_strategy, strategy_names  # noqa: E402
+from unimodal.training.strategies import FSDP, DeepSpeed, DeepSpeedStrategy, build_strategy, strategy_names  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -205,6 +207,58 @@ def test_zero3_two_processes_resume_and_convert(tmp_path):
     assert max_diff(state, saved["resumed"]) == 0.0
 
 
+def test_fsdp2_two_processes_resume_and_convert(tmp_path):
+    """FSDP2 (every parameter sharded, one layer's MLP frozen): the SGD step, exact resume from
+    the sharded checkpoint, and its conversion to one file for export."""
+    torchrun(
+        tmp_path,
+        "--strategy", "fsdp2",
+        "--task", "sgd", "resume",
+        "--accumulate", "2",
+        "--frozen", "backbone.model.layers.0.mlp",
+    )  # fmt: skip
+    check_sgd_result(tmp_path)
+    saved = check_resume_result(tmp_path)
+    shards = sorted(p.name for p in (tmp_path / "ckpt-5").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert not list(tmp_path.glob(".tmp-*"))  # written under a temporary name, then renamed
+    with pytest.raises(UserError, match="--trust_checkpoint"):  # .metadata is read with pickle
+        fsdp_to_file(tmp_path / "ckpt-5", tmp_path / "model.ckpt")
+    # this test's module keeps config dataclasses as hyper-parameters (`unimodal train` saves plain ones)
+    with torch.serialization.safe_globals([BackboneConfig, OptimizerConfig]):
+        out = fsdp_to_file(tmp_path / "ckpt-5", tmp_path / "model.ckpt", trust=True)
+        converted = torch.load(out, weights_only=True)
+    state = {k.removeprefix("model."): v for k, v in converted["state_dict"].items()}
+    assert converted["global_step"] == 5
+    assert "backbone.model.layers.0.mlp.up_proj.weight" in state  # frozen weights are kept
+    assert max_diff(state, saved["resumed"]) == 0.0
+
+
+def test_fsdp2_through_unimodal_train_resumes_and_exports(tmp_path):
+    """The command a user runs: `unimodal train` under torchrun with `--trainer.strategy=fsdp2`,
+    then `--resume auto` from the sharded `last.ckpt`, then `unimodal export`."""
+    run = tmp_path / "run"
+    train = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unimodal", "train",
+        "recipes/text/tiny.yaml", "--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.accelerator=cpu",
+        "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
+        "--checkpoint_every_n_steps=2", "--keep_last_k=1",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for extra in (["--trainer.max_steps=2"], ["--trainer.max_steps=4", "--resume", "auto"]):
+        result = subprocess.run([*train, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert "Restored all states from the checkpoint" in result.stderr
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["epoch=0-step=4.ckpt", "last.ckpt"]  # keep_last_k=1 pruned step 2's directory
+    export = [sys.executable, "-m", "unimodal", "export", str(run), "--out", str(tmp_path / "export")]
+    refused = subprocess.run(export, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--trust_checkpoint" in refused.stderr
+    exported = subprocess.run([*export, "--trust_checkpoint"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "export" / "unimodal.json").is_file()
+
+
 # --- names, configs, errors --------------------------------------------------------------------
 
 
@@ -222,6 +276,9 @@ def test_strategy_names_select_the_cpu_capable_deepspeed(isolated_process_state)
     assert type(trainer.strategy) is DeepSpeedStrategy
     assert trainer.strategy.config["zero_optimization"]["stage"] == 1
     assert type(trainer.strategy).__name__.endswith("DeepSpeedStrategy")  # what _step_scale tests
+    assert "fsdp2" in strategy_names()
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=build_strategy("fsdp2"), logger=False)
+    assert type(trainer.strategy) is FSDP
 
 
 def test_class_path_config_instantiates_the_strategy():

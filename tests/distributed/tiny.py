@@ -178,10 +178,15 @@ def trainer_kwargs(root: Path, **overrides) -> dict:
 
 
 def full_weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
-    """Every parameter of ``module.model`` in full, on every rank (a collective under ZeRO-3)."""
+    """Every parameter of ``module.model`` in full, on every rank (a collective under ZeRO-3 and
+    FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for name, param in module.model.named_parameters():
-        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3
+        if isinstance(param, DTensor):  # sharded by FSDP2
+            out[name] = param.full_tensor().detach().clone().cpu()
+        elif hasattr(param, "ds_id"):  # partitioned by ZeRO-3
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([param]):

@@ -36,6 +36,7 @@ from tiny import (  # noqa: E402
     packed_sequences,
     trainer_kwargs,
 )
+from unimodal.models.backbone import BackboneConfig  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
 from unimodal.training.strategies import build_strategy  # noqa: E402
 
@@ -81,8 +82,11 @@ def task_resume(args, out: Path) -> None:
         trainer = make_trainer(args, out / "runs", max_steps, 1, [snap, losses])
         module = make_module(optimizer=optimizer, frozen=args.frozen or None)
         # weights_only=False: the checkpoint's hyper-parameters hold config dataclasses, which
-        # torch.load refuses by default (only plain-file checkpoints go through torch.load)
-        trainer.fit(module, datamodule=WindowedData(sequences, args.batch_size, 1), ckpt_path=ckpt_path, weights_only=False)
+        # torch.load refuses by default (only plain-file checkpoints go through torch.load);
+        # Lightning drops that argument for strategies that restore after setup (FSDP2), hence
+        # the allow-list (`unimodal train` saves plain hyper-parameters and needs neither)
+        with torch.serialization.safe_globals([BackboneConfig, OptimizerConfig]):
+            trainer.fit(module, datamodule=WindowedData(sequences, args.batch_size, 1), ckpt_path=ckpt_path, weights_only=False)
         if save:
             trainer.save_checkpoint(out / save)
         return trainer, snap, losses.losses

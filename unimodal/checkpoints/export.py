@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from unimodal.checkpoints.files import find_latest_checkpoint
+from unimodal.checkpoints.fsdp import fsdp_to_file, is_fsdp_checkpoint
 from unimodal.checkpoints.load import (
     ADAPTER_DIR,
     CODECS_DIR,
@@ -123,14 +124,16 @@ def _plain(value: Any) -> Any:
 
 
 def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
-    """A single-file Lightning checkpoint for ``ckpt`` (DeepSpeed directories are merged first,
-    which ``trust`` must allow: ``checkpoints.zero``)."""
+    """A single-file Lightning checkpoint for ``ckpt`` (DeepSpeed and FSDP directories are merged
+    first, which ``trust`` must allow: ``checkpoints.zero``, ``checkpoints.fsdp``)."""
     if ckpt.is_dir() and (ckpt / "latest").is_file():
         return zero_to_fp32(ckpt, scratch / "merged.ckpt", trust=trust)
+    if is_fsdp_checkpoint(ckpt):
+        return fsdp_to_file(ckpt, scratch / "merged.ckpt", trust=trust)
     if ckpt.is_dir():
         found = find_latest_checkpoint(ckpt / "checkpoints") or find_latest_checkpoint(ckpt)
         if found is None:
-            raise FileNotFoundError(f"{ckpt} holds no checkpoint (a .ckpt file, a DeepSpeed checkpoint directory or a run directory)")
+            raise FileNotFoundError(f"{ckpt} holds no checkpoint (a .ckpt file, a DeepSpeed or FSDP checkpoint directory, or a run directory)")
         return checkpoint_file(found, scratch, trust)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")

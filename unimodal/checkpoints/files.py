@@ -50,21 +50,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             prune_checkpoints(path.parent, self.keep_last_k)
 
 
+# the file a sharded checkpoint directory writes last: DeepSpeed's tag pointer, Lightning's FSDP2
+# metadata (torch.distributed.checkpoint)
+COMPLETE_MARKERS = ("latest", "meta.pt")
+
+
+def _complete_marker(path: Path) -> Path | None:
+    return next((path / name for name in COMPLETE_MARKERS if (path / name).is_file()), None)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint directory whose save finished."""
+    return not path.name.startswith(TEMP_PREFIX) and (path.is_file() or _complete_marker(path) is not None)
+
+
 def _checkpoint_time(path: Path) -> float:
-    # a DeepSpeed checkpoint is a directory whose 'latest' file is written last
-    return (path / "latest").stat().st_mtime if path.is_dir() else path.stat().st_mtime
+    marker = _complete_marker(path) if path.is_dir() else None
+    return (marker or path).stat().st_mtime
 
 
 def find_latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest checkpoint (``*.ckpt`` file or DeepSpeed directory) in ``directory``, or None."""
+    """The newest checkpoint (``*.ckpt`` file or sharded directory) in ``directory``, or None."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [
-        p for p in directory.glob("*.ckpt")
-        if not p.name.startswith(TEMP_PREFIX) and (p.is_file() or (p / "latest").is_file())
-    ]
-    return max(found, key=_checkpoint_time, default=None)
+    return max((p for p in directory.glob("*.ckpt") if is_checkpoint(p)), key=_checkpoint_time, default=None)
 
 
 def _writer_alive(temp: Path) -> bool:
@@ -88,9 +98,9 @@ def prune_checkpoints(directory: str | Path, keep_last_k: int) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    removed = [temp for temp in directory.glob(f"{TEMP_PREFIX}*") if temp.is_file() and not _writer_alive(temp)]
-    steps = [p for p in directory.glob("*.ckpt") if p.name != "last.ckpt" and not p.name.startswith(TEMP_PREFIX)]
-    steps = sorted((p for p in steps if p.is_file() or (p / "latest").is_file()), key=_checkpoint_time, reverse=True)
+    removed = [temp for temp in directory.glob(f"{TEMP_PREFIX}*") if not _writer_alive(temp)]
+    steps = [p for p in directory.glob("*.ckpt") if p.name != "last.ckpt" and is_checkpoint(p)]
+    steps = sorted(steps, key=_checkpoint_time, reverse=True)
     if keep_last_k >= 0:
         removed += steps[keep_last_k:]
     for path in removed:
@@ -117,3 +127,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             raise
         raise UserError(f"{path} cannot be read as a checkpoint: it is truncated or not a checkpoint ({str(err).split('.')[0]})") from None
 
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move the finished directory ``source`` to ``target``. An old ``target`` is set aside first,
+    as ``NAME-previous.ckpt``, and removed last, so a crash between the two renames leaves a whole
+    checkpoint that ``--resume auto`` finds."""
+    old = target.with_name(f"{target.stem}-previous{target.suffix}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Working on weights that DeepSpeed ZeRO-3 may have partitioned at construction."""
+"""Sharded weights: DeepSpeed ZeRO-3's partitions, and FSDP2's per-parameter shards."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -18,3 +19,20 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+def fully_shard_model(model: nn.Module, mesh: Any, bf16: bool = False, cpu_offload: bool = False,
+                      reshard_after_forward: bool = True) -> None:
+    """Shard ``model`` (a UnifiedModel) with FSDP2 over ``mesh``: one unit per decoder layer, then
+    the root. Frozen and LoRA parameters shard like any other (FSDP2 shards each parameter on its
+    own), and every unit runs on every rank every step, as the modalities already do for ZeRO-3."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    options = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy(),
+        "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    }
+    for layer in model.backbone.get_decoder().layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.distributed.tensor import DTensor
 
 from unimodal.errors import UserError
 
@@ -32,8 +33,10 @@ class StopOnDivergence(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         losses, self._losses_finite = self._losses_finite, None
-        # under DeepSpeed gradients live in the engine (p.grad is None) and it checks overflow itself
-        checks = [g.isfinite().all() for g in (p.grad for p in pl_module.parameters()) if g is not None]
+        # under DeepSpeed gradients live in the engine (p.grad is None) and it checks overflow itself;
+        # under FSDP2 each rank checks its own shards, and the decision below is shared
+        grads = (p.grad for p in pl_module.parameters())
+        checks = [_local(g).isfinite().all() for g in grads if g is not None]
         if losses is not None:
             checks.append(losses.to(checks[0].device) if checks else losses)
         local = bool(checks) and not bool(torch.stack(checks).all())
@@ -47,3 +50,7 @@ class StopOnDivergence(Callback):
                 f"{what} at step {trainer.global_step}: training stopped before that step changed any weight; "
                 "lower the learning rate or check the data, then continue with --resume auto"
             )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

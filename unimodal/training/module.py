@@ -19,9 +19,11 @@ from unimodal.models.backbone import BackboneConfig, compile_layers
 from unimodal.models.build import build_model
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
+from unimodal.models.sharding import fully_shard_model
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
+from unimodal.training.strategies import FSDP
 
 log = logging.getLogger("unimodal.train")
 
@@ -94,6 +96,12 @@ class UnimodalModule(L.LightningModule):
             apply_lora(self.model, self.lora, list(range(self.layout.text_size, self.layout.used_size)))
         if self.backbone_config.compile:
             compile_layers(self.model.backbone)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP):
+            fully_shard_model(
+                self.model, strategy.device_mesh["data_parallel"], bf16=str(self.trainer.precision).startswith("bf16"),
+                cpu_offload=strategy.cpu_offload, reshard_after_forward=strategy.reshard_after_forward,
+            )
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in self.model.parameters())
         log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)

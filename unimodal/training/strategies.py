@@ -1,4 +1,4 @@
-"""Training strategies: Lightning's DDP and DeepSpeed ZeRO, with DeepSpeed usable on CPU too.
+"""Training strategies: Lightning's DDP, DeepSpeed ZeRO and FSDP2, all usable on CPU too.
 
 A recipe picks a strategy with ``trainer.strategy``, either by name::
 
@@ -32,6 +32,13 @@ otherwise, where DeepSpeed would refuse to start; and it accepts loaders without
 Lightning's DeepSpeed strategy names (``deepspeed``, ``deepspeed_stage_1``, ...,
 ``deepspeed_stage_3_offload``) to this class, so plain names work on CPU as well.
 
+:class:`FSDP` is FSDP2 (``torch.distributed.fsdp.fully_shard``: every parameter sharded across
+the data-parallel ranks) through Lightning's ``ModelParallelStrategy``, which runs on CPU with
+gloo as it is; Lightning's ``FSDPStrategy`` (FSDP1) refuses every accelerator but CUDA. The
+module shards itself in ``configure_model`` (:func:`unimodal.models.sharding.fully_shard_model`).
+Its checkpoints are ``torch.distributed.checkpoint`` directories, whose ``.metadata`` is read with
+pickle: they are trusted input (docs/checkpoints.md).
+
 DeepSpeed JIT-compiles C++ ops with ninja on first use; :func:`ensure_ninja_on_path` puts the
 ``ninja`` of the running environment on ``PATH`` so that works without an activated virtual
 environment. On CPU the one op DeepSpeed builds at start-up (a shared-memory all-reduce used only
@@ -52,8 +59,10 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
-from lightning.pytorch.strategies import Strategy, StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.strategies.ddp import DDPStrategy
+
+from unimodal.checkpoints.files import TEMP_PREFIX, prune_checkpoints, replace_directory
 
 log = logging.getLogger("unimodal.train")
 
@@ -193,8 +202,49 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 DeepSpeed = DeepSpeedStrategy
 
 
+class FSDP(ModelParallelStrategy):
+    """FSDP2 over every process (``fsdp2``): each decoder layer is one all-gather unit, the rest
+    of the model (embeddings, heads, continuous modalities) the root unit.
+
+    ``cpu_offload`` keeps the shards and the optimizer step on the CPU;
+    ``reshard_after_forward`` frees gathered layers after forward (ZeRO-3-like memory; False keeps
+    them until backward, ZeRO-2-like speed). With ``bf16-mixed`` the gathered parameters are bf16
+    and gradients are reduced in fp32.
+    """
+
+    def __init__(self, cpu_offload: bool = False, reshard_after_forward: bool = True, **kwargs: Any):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # every process is a data-parallel rank (ModelParallelStrategy's "auto" is one per node)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Every rank writes its shard into a temporary directory that rank 0 then renames into
+        place, so a crash mid-save never leaves a half-written checkpoint under the real name;
+        then the run's ``keep_last_k`` applies, as it does to checkpoint files."""
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        temp = Path(self.broadcast(str(path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}"))))
+        super().save_checkpoint(checkpoint, temp, storage_options)
+        self.barrier("fsdp_checkpoint_written")
+        if self.global_rank == 0:
+            replace_directory(temp, path)
+            keep = getattr(self.checkpoint_io, "keep_last_k", None)
+            if keep is not None:
+                prune_checkpoints(path.parent, keep)
+        self.barrier("fsdp_checkpoint_in_place")
+
+
 def register_strategies() -> None:
-    """Point Lightning's DeepSpeed strategy names at :class:`DeepSpeedStrategy` (idempotent)."""
+    """Point Lightning's DeepSpeed strategy names at :class:`DeepSpeedStrategy`, and ``fsdp2`` at
+    :class:`FSDP` (idempotent)."""
+    StrategyRegistry.register("fsdp2", FSDP, description="FSDP2 (fully_shard), CUDA or CPU (unimodal)", override=True)
     for name, params in DEEPSPEED_PRESETS.items():
         StrategyRegistry.register(
             name,
@@ -206,7 +256,7 @@ def register_strategies() -> None:
 
 
 def strategy_names() -> list[str]:
-    return sorted(set(LIGHTNING_NAMES) | set(DEEPSPEED_PRESETS))
+    return sorted(set(LIGHTNING_NAMES) | set(DEEPSPEED_PRESETS) | {"fsdp2"})
 
 
 def build_strategy(name: str, **options: Any) -> Strategy | str:
