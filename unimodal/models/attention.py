@@ -52,8 +52,8 @@ def build_attention_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> torc
 def build_block_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> BlockMask:
     """The same rule as :func:`build_attention_mask`, as a FlexAttention ``BlockMask``.
 
-    On CUDA the mask function is compiled once per sequence length (training batches all have
-    ``seq_len``, so there is one compile per run); on CPU it is evaluated eagerly.
+    On CUDA the mask construction is compiled (training batches all have ``seq_len``: one compile
+    per run); on CPU it is evaluated eagerly.
     """
 
     def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -130,10 +130,12 @@ _compiled_flex = None
 
 
 def _flex_kernel():
-    """``flex_attention`` compiled once per process on CUDA (eager it materialises the scores)."""
+    """``flex_attention`` compiled once per process on CUDA (eager it materialises the scores).
+    Training batches all have one length; the engine's prompts vary, and after the second length
+    torch compiles one kernel for any length rather than one per length."""
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
