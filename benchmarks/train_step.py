@@ -244,7 +244,7 @@ def bare_loop(module: UnimodalModule, batches: list[PackedBatch], device: str, d
     decoder, head = backbone.get_decoder(), backbone.get_output_embeddings()
     stamps = []
     for cpu_batch in batches:
-        batch = cpu_batch.to(device, non_blocking=True)
+        batch = cpu_batch.to(device)
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             mask = {} if causal_only else decoder_mask(implementation, batch.doc_ids, batch.block_ids)
             hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask).last_hidden_state

@@ -41,6 +41,7 @@ from unimodal.errors import UserError  # noqa: E402
 from unimodal.checkpoints.fsdp import fsdp_to_file  # noqa: E402
 from unimodal.checkpoints.zero import NotADeepSpeedCheckpoint, zero_to_fp32  # noqa: E402
 from unimodal.models.backbone import BackboneConfig  # noqa: E402
+from unimodal.models.lora import LoraSettings  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
 from unimodal.training.strategies import FSDP, DeepSpeed, DeepSpeedStrategy, build_strategy, strategy_names  # noqa: E402
 
@@ -232,6 +233,19 @@ def test_fsdp2_two_processes_resume_and_convert(tmp_path):
     assert converted["global_step"] == 5
     assert "backbone.model.layers.0.mlp.up_proj.weight" in state  # frozen weights are kept
     assert max_diff(state, saved["resumed"]) == 0.0
+
+
+def test_fsdp2_trains_lora_and_leaves_the_frozen_base_alone(tmp_path, isolated_process_state):
+    """LoRA under FSDP2 (one process): the adapters move, the frozen base weights do not."""
+    L.seed_everything(0)
+    snap = Snapshot()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, strategy=build_strategy("fsdp2"), max_steps=3, callbacks=[snap]))
+    module = make_module(optimizer=OptimizerConfig(lr=1e-2, warmup_steps=0), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainer.fit(module, datamodule=WindowedData(packed_sequences(2, 2), 1, 1))
+    adapters = [n for n in snap.final if "lora_" in n]
+    assert adapters and any(max_diff({n: snap.final[n]}, {n: snap.initial[n]}) > 0 for n in adapters if "lora_B" in n)
+    base = {n: v for n, v in snap.final.items() if "lora_" not in n}
+    assert max_diff(base, {n: snap.initial[n] for n in base}) == 0.0
 
 
 def test_fsdp2_through_unimodal_train_resumes_and_exports(tmp_path):

@@ -26,9 +26,13 @@ class PackedBatch:
     # label tokens of the gradient-accumulation window this batch belongs to (set by the data module)
     window_label_tokens: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PackedBatch:
         """The per-position tensors on ``device``; the window count stays on the CPU, where the
-        training step reads it without waiting for the GPU."""
+        training step reads it without waiting for the GPU. Copies to a GPU are queued, not
+        waited for (safe from host memory: the source is staged before the call returns), so the
+        host prepares the next step while the GPU finishes this one."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)

@@ -147,10 +147,6 @@ class UnimodalModule(L.LightningModule):
         self.log("train/loss", mean, prog_bar=True, batch_size=size)
         return loss
 
-    def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
-        # asynchronous copies: the host queues the next step while the GPU finishes this one
-        return batch.to(device, non_blocking=True) if isinstance(batch, PackedBatch) else super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
         # throughput over the whole previous step: data wait, forward, backward and optimizer
         # (the count is read one step later, when the GPU has long computed it: no sync now)
