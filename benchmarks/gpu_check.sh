@@ -12,8 +12,8 @@
 #
 # It runs from the source tree (PYTHONPATH), so a machine needs only the dependencies. Where
 # some are missing and there is no network, put their wheels in a folder (benchmarks/gpu_wheels.sh
-# builds one) and set GPU_WHEELS to
-# it: they are unpacked into a temporary site directory, nothing is installed.
+# builds one) and set GPU_WHEELS to it: they are unpacked into a temporary site directory,
+# nothing is installed.
 #
 # --dry-run exercises the whole script on a CPU: the gpu tests are collected (and skip), the
 # benchmark runs its tiny model for a few steps.
