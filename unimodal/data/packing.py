@@ -30,25 +30,36 @@ class Packer:
     feature_dim: int = 0
     # "split": cut long documents at span boundaries; "error": refuse them
     overlong: Literal["split", "error"] = "split"
-    # how many partly filled sequences stay open for first-fit placement
-    open_sequences: int = 4
+    # how many partly filled sequences stay open for best-fit placement
+    open_sequences: int = 16
 
     def pack(self, docs: Iterable[EncodedDocument]) -> Iterator[dict[str, np.ndarray]]:
-        """Yield packed sequences (dicts of numpy arrays) in a deterministic order."""
+        """Yield packed sequences (dicts of numpy arrays) in a deterministic order.
+
+        Best fit over the open sequences: a piece goes to the fullest one it fits in; a full
+        sequence is emitted at once; when a piece fits nowhere and every slot is taken, the
+        fullest sequence is emitted to make room (it wastes the least padding).
+        """
         bins: list[list[EncodedDocument]] = []
         fill: list[int] = []
         for doc in docs:
             for piece in self._fit(doc):
-                slot = next((i for i, used in enumerate(fill) if used + len(piece) <= self.seq_len), None)
-                if slot is None:
+                fitting = [i for i, used in enumerate(fill) if used + len(piece) <= self.seq_len]
+                if fitting:
+                    slot = max(fitting, key=fill.__getitem__)
+                else:
                     if len(bins) == self.open_sequences:
-                        yield self._emit(bins.pop(0))
-                        fill.pop(0)
+                        fullest = max(range(len(fill)), key=fill.__getitem__)
+                        yield self._emit(bins.pop(fullest))
+                        fill.pop(fullest)
                     bins.append([])
                     fill.append(0)
                     slot = len(bins) - 1
                 bins[slot].append(piece)
                 fill[slot] += len(piece)
+                if fill[slot] == self.seq_len:
+                    yield self._emit(bins.pop(slot))
+                    fill.pop(slot)
         for docs_in_bin in bins:
             yield self._emit(docs_in_bin)
 
