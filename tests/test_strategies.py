@@ -181,18 +181,31 @@ def test_zero2_two_processes(tmp_path):
     check_sgd_result(tmp_path)
 
 
-def test_zero3_two_processes_resume_and_convert(tmp_path):
-    """ZeRO-3 (parameters sharded at construction in configure_model), one layer's MLP frozen:
-    the SGD step, checkpoint + resume, and the fp32 conversion of the sharded checkpoint."""
+def sharded_sgd_and_resume(tmp_path: Path, strategy: str) -> dict:
+    """Two ranks, one layer's MLP frozen: the SGD step and checkpoint + resume, checked."""
     torchrun(
         tmp_path,
-        "--strategy", "deepspeed_stage_3",
+        "--strategy", strategy,
         "--task", "sgd", "resume",
         "--accumulate", "2",
         "--frozen", "backbone.model.layers.0.mlp",
     )  # fmt: skip
     check_sgd_result(tmp_path)
-    saved = check_resume_result(tmp_path)
+    return check_resume_result(tmp_path)
+
+
+def check_converted(converted: dict, saved: dict) -> None:
+    """A merged checkpoint holds the resumed run's full weights, frozen ones included."""
+    state = {k.removeprefix("model."): v for k, v in converted["state_dict"].items()}
+    assert converted["global_step"] == 5
+    assert "backbone.model.layers.0.mlp.up_proj.weight" in state
+    assert max_diff(state, saved["resumed"]) == 0.0
+
+
+def test_zero3_two_processes_resume_and_convert(tmp_path):
+    """ZeRO-3 (parameters sharded at construction in configure_model): the SGD step, checkpoint
+    + resume, and the fp32 conversion of the sharded checkpoint."""
+    saved = sharded_sgd_and_resume(tmp_path, "deepspeed_stage_3")
     shards = sorted(p.name for p in (tmp_path / "ckpt-5" / "checkpoint").iterdir())
     assert shards == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt",
@@ -201,25 +214,13 @@ def test_zero3_two_processes_resume_and_convert(tmp_path):
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
     out = zero_to_fp32(tmp_path / "ckpt-5", tmp_path / "model.ckpt", trust=True)
-    converted = torch.load(out, weights_only=False)
-    state = {k.removeprefix("model."): v for k, v in converted["state_dict"].items()}
-    assert converted["global_step"] == 5
-    assert "backbone.model.layers.0.mlp.up_proj.weight" in state  # frozen weights are kept
-    assert max_diff(state, saved["resumed"]) == 0.0
+    check_converted(torch.load(out, weights_only=False), saved)
 
 
 def test_fsdp2_two_processes_resume_and_convert(tmp_path):
-    """FSDP2 (every parameter sharded, one layer's MLP frozen): the SGD step, exact resume from
-    the sharded checkpoint, and its conversion to one file for export."""
-    torchrun(
-        tmp_path,
-        "--strategy", "fsdp2",
-        "--task", "sgd", "resume",
-        "--accumulate", "2",
-        "--frozen", "backbone.model.layers.0.mlp",
-    )  # fmt: skip
-    check_sgd_result(tmp_path)
-    saved = check_resume_result(tmp_path)
+    """FSDP2 (every parameter sharded): the SGD step, exact resume from the sharded checkpoint,
+    and its conversion to one file for export."""
+    saved = sharded_sgd_and_resume(tmp_path, "fsdp2")
     shards = sorted(p.name for p in (tmp_path / "ckpt-5").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     assert not list(tmp_path.glob(".tmp-*"))  # written under a temporary name, then renamed
@@ -228,11 +229,7 @@ def test_fsdp2_two_processes_resume_and_convert(tmp_path):
     # this test's module keeps config dataclasses as hyper-parameters (`unimodal train` saves plain ones)
     with torch.serialization.safe_globals([BackboneConfig, OptimizerConfig]):
         out = fsdp_to_file(tmp_path / "ckpt-5", tmp_path / "model.ckpt", trust=True)
-        converted = torch.load(out, weights_only=True)
-    state = {k.removeprefix("model."): v for k, v in converted["state_dict"].items()}
-    assert converted["global_step"] == 5
-    assert "backbone.model.layers.0.mlp.up_proj.weight" in state  # frozen weights are kept
-    assert max_diff(state, saved["resumed"]) == 0.0
+        check_converted(torch.load(out, weights_only=True), saved)
 
 
 def test_fsdp2_trains_lora_and_leaves_the_frozen_base_alone(tmp_path, isolated_process_state):
