@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import tarfile
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from unimodal.data.datamodule import ShardSet, UnimodalDataModule
+from unimodal.data.datamodule import ShardSet, UnimodalDataModule, worker_share
 from unimodal.batch import PackedBatch
 from unimodal.schema import Document, Part
-from unimodal.data.shards import write_documents
+from unimodal.data.shards import BadSamplePolicy, write_documents
 
 FEATURES = 8
 WORDS = "the cat sat on a mat and dog ran far away from home while birds sang songs in trees".split()
@@ -139,6 +140,46 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path, spm_model, caplog):
     strict = module([path], spm_model, steps_per_epoch=1000)
     with pytest.raises(RuntimeError, match=r"(?s)too many bad samples: .*max_bad_fraction=0\.01.*ShardError"):
         list(strict.make_train_dataloader())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_sample_counts_reach_the_training_process_from_every_worker(tmp_path, spm_model, workers):
+    """Each batch carries the samples its stream read and skipped since the previous one, so the
+    sums over the loader's batches are the counts of every worker's own policy."""
+    path = make_set(tmp_path, "a")
+    truncate_first_member(Path(path) / "shard-000002.tar")
+    dm = module([path], spm_model, steps_per_epoch=8, max_bad_fraction=0.5, num_workers=workers)
+    batches = list(dm.make_train_dataloader())
+    skipped, read = sum(int(b.samples_skipped) for b in batches), sum(int(b.samples_read) for b in batches)
+    # each worker's stream again, in this process: the same documents, so the same skips
+    stream, slots = dm.train_stream(), max(workers, 1)
+    expected_read = expected_skipped = 0
+    for worker in range(slots):
+        stream.policy = policy = BadSamplePolicy(0.5)
+        list(islice(stream.config.batches(stream.documents(worker, slots), policy), worker_share(stream.batches, worker, slots)))
+        expected_read, expected_skipped = expected_read + policy.seen, expected_skipped + policy.skipped
+    assert skipped >= 1 and (skipped, read) == (expected_skipped, expected_read)
+
+
+def test_a_run_reports_its_bad_samples_in_one_line(tmp_path, spm_model, tiny_llama_config, caplog):
+    import lightning as L
+
+    from unimodal.models.backbone import BackboneConfig
+    from unimodal.models.unified import LinearAdapter
+    from unimodal.training.module import UnimodalModule
+
+    path = make_set(tmp_path, "a")
+    truncate_first_member(Path(path) / "shard-000002.tar")
+    dm = module([path], spm_model, steps_per_epoch=4, max_bad_fraction=0.5, num_workers=2)
+    model = UnimodalModule(backbone=BackboneConfig(config=tiny_llama_config, attention="sdpa"), vocab=dm.layout.to_dict(),
+                           continuous={"image": lambda hidden: LinearAdapter(hidden, FEATURES)})
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="unimodal.train"):
+        trainer.fit(model, datamodule=dm)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped")]
+    skipped, read = (int(word) for word in line.split() if word.isdigit())
+    assert 1 <= skipped < read and "every rank and worker" in line
 
 
 def test_validation_is_deterministic_and_equal_per_rank(tmp_path, spm_model):

@@ -8,6 +8,8 @@ import torch
 
 # the label of a position with no discrete target (torch's cross-entropy default ignore_index)
 IGNORE_INDEX = -100
+# per-batch counts that stay on the host when a batch moves to a device
+HOST_FIELDS = ("window_label_tokens", "samples_read", "samples_skipped")
 
 
 @dataclass
@@ -25,20 +27,25 @@ class PackedBatch:
     features: torch.Tensor  # [N, D] float, N = continuous_mask.sum()
     # label tokens of the gradient-accumulation window this batch belongs to (set by the data module)
     window_label_tokens: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
+    # samples read and skipped as bad by the stream since its previous batch: they travel with the
+    # batches, so counts from every DataLoader worker reach the training process
+    samples_read: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
+    samples_skipped: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PackedBatch:
-        """The per-position tensors on ``device``; the window count stays on the CPU, where the
-        training step reads it without waiting for the GPU. Copies to a GPU are queued, not
+        """The per-position tensors on ``device``; the counts stay on the CPU, where the training
+        step reads them without waiting for the GPU. Copies to a GPU are queued, not
         waited for (safe from host memory: the source is staged before the call returns), so the
         host prepares the next step while the GPU finishes this one."""
         if non_blocking is None:
             non_blocking = torch.device(device).type == "cuda"
+        kept = {name: getattr(self, name) for name in HOST_FIELDS}
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
-            if f.name != "window_label_tokens"
+            if f.name not in HOST_FIELDS
         }
-        return PackedBatch(**moved, window_label_tokens=self.window_label_tokens)
+        return PackedBatch(**moved, **kept)
 
     @property
     def num_label_tokens(self) -> int:

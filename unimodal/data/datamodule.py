@@ -80,8 +80,13 @@ class StreamConfig:
                 yield encoded_doc
 
         sequences = packer.pack(encoded())
+        read = skipped = 0
         while chunk := list(islice(sequences, self.batch_size)):
-            yield collate(chunk)
+            batch = collate(chunk)
+            batch.samples_read = torch.tensor(policy.seen - read)
+            batch.samples_skipped = torch.tensor(policy.skipped - skipped)
+            read, skipped = policy.seen, policy.skipped
+            yield batch
 
 
 def _shuffled(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:

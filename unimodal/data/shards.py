@@ -62,7 +62,7 @@ class BadSamplePolicy:
 
     ``min_samples`` keeps a few bad samples at the start of a stream from aborting a run; a
     fraction of 0 aborts on the first bad sample. Counts are per process (each DataLoader worker
-    keeps its own).
+    keeps its own); the batches carry them to the training process, which sums them over the run.
     """
 
     max_bad_fraction: float = 0.01

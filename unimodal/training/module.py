@@ -79,6 +79,8 @@ class UnimodalModule(L.LightningModule):
         self.init_from = init_from
         self.model: UnifiedModel | None = None
         self._last_batch: tuple[float, torch.Tensor] | None = None
+        # samples the training stream read and skipped as bad in this run, on this rank
+        self._samples = torch.zeros(2, dtype=torch.long)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -139,6 +141,9 @@ class UnimodalModule(L.LightningModule):
                 self.log(f"{stage}/{name}", term.total.detach() / term.count, batch_size=batch_size, sync_dist=sync)
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        self._samples += torch.stack([batch.samples_read, batch.samples_skipped]).long()
+        if self._samples[1]:
+            self.log("data/samples_skipped", float(self._samples[1]), batch_size=1)
         losses = self.model(batch)
         loss = self.combine(losses, self._step_scale(batch))
         size = batch.input_ids.shape[0]
@@ -155,6 +160,17 @@ class UnimodalModule(L.LightningModule):
             started, tokens = self._last_batch
             self.log("train/tokens_per_s", int(tokens) / max(now - started, 1e-9), prog_bar=True, batch_size=1)
         self._last_batch = (now, (batch.doc_ids > 0).sum())
+
+    def on_train_end(self) -> None:
+        """One line for the whole run when the data had bad samples: counts summed over every
+        DataLoader worker and rank (each skipped sample was also logged where it was read)."""
+        counts = self._samples.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        read, skipped = (int(c) for c in counts)
+        if skipped and self.trainer.is_global_zero:
+            log.warning("data: skipped %d of %d samples as bad in this run, over every rank and worker", skipped, read)
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         losses = self.model(batch)
