@@ -111,3 +111,25 @@ def test_both_resampling_paths_agree():
     phases = audio.resample(x, 22050, 16000)
     direct = audio._resample_direct(x, 22050, 16000, 0.5 * 16000 / 22050 * 0.97, 23)
     np.testing.assert_allclose(direct, phases, atol=1e-5)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    from unimodal.cli import main
+
+    def full(self, checkpoint, path, storage_options=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full)
+    run = tmp_path / "run"
+    code = main(["train", str(ROOT / "recipes/text/tiny.yaml"), "--trainer.max_steps=2", "--checkpoint_every_n_steps=1",
+                 "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}"])
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if ": error: " in line]
+    assert "Traceback" not in err
+    assert code == 1 and line.startswith("unimodal train: error: No space left on device writing") and "epoch=0-step=1.ckpt" in line
+    assert ".tmp-" not in line and not list((run / "checkpoints").iterdir())

@@ -9,6 +9,7 @@ it wants printed, or None.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -398,9 +399,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{command}: error: {_reason(err)}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS or os.environ.get("UNIMODAL_DEBUG"):
+            raise
+        where = err.filename2 or err.filename
+        print(f"{command}: error: {err.strerror} writing {where}: free space or choose another directory "
+              "(checkpoints already written are whole: they are renamed into place only once complete)", file=sys.stderr)
+        return 1
     if printed is not None:
         print(printed)
     return 0
+
+
+# a full disk, a read-only file system, a directory without write permission, a quota
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def _command(argv: list[str]) -> str:

@@ -44,6 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with open(temp, "rb") as written:
                 os.fsync(written.fileno())
             os.replace(temp, path)
+        except OSError as err:  # a full disk, say: name the checkpoint, not its temporary file
+            raise OSError(err.errno, err.strerror, str(path)) from err
         finally:
             temp.unlink(missing_ok=True)
         if self.keep_last_k is not None:
