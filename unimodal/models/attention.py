@@ -159,7 +159,8 @@ def flex_attention_forward(
         raise UserError("attention: flex does not support attention dropout; set the backbone's attention_dropout to 0")
     if query.device.type == "cpu" and query.requires_grad:
         raise UserError("attention: flex cannot train on CPU (torch has no FlexAttention backward there); use attention: auto or sdpa")
-    kernel = _flex_kernel() if query.is_cuda else flex_attention
+    # inside a compiled layer (backbone.compile) dynamo compiles flex_attention into the layer's graph
+    kernel = _flex_kernel() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
     out = kernel(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
