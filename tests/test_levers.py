@@ -67,3 +67,21 @@ def test_ce_chunk_must_not_be_negative():
     model = tiny_model()
     with pytest.raises(ValueError, match="ce_chunk must be >= 0"):
         type(model)(model.backbone, model.layout, ce_chunk=-1)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_layers_with_flex_and_experts_match_the_dense_forward():
+    """backbone.compile as the GPU runs it, on a CPU: inductor-compiled layers with FlexAttention
+    (its forward) and LlamaFusion's modality experts, against eager SDPA on the dense mask."""
+    from inference_helpers import family_model
+    from test_attention_backends import with_backend
+
+    model = family_model("llamafusion")
+    batch = packed_batch()
+    batch.modality_ids[batch.block_ids >= 0] = 1
+    compiled = with_backend(model, "flex")
+    compile_layers(compiled.backbone)
+    with torch.no_grad():
+        dense, out = model.hidden_states(batch), compiled.hidden_states(batch)
+    real = batch.doc_ids > 0
+    torch.testing.assert_close(out[real], dense[real], atol=1e-5, rtol=1e-5)
