@@ -42,7 +42,7 @@ class FakeContinuous(ContinuousModality):
         n = out.shape[0] // 2
         return out[n:] + cfg_scale * (out[:n] - out[n:])
 
-    def sample_next(self, hidden, *, cfg_scale, steps, generator):
+    def sample_next(self, hidden, *, cfg_scale, steps, generator, on_step=None):
         self.calls.append((hidden.shape[0], cfg_scale))
         out = self._guide(self.head(hidden), cfg_scale)
         return out + self.noise * torch.randn(out.shape, generator=generator, device=out.device)

@@ -256,3 +256,24 @@ def test_a_bf16_backbone_drives_fp32_image_heads(kind):
     docs = [prompt(model, "draw", begin="<|boi|>", bidirectional=bidirectional)]
     gen = Engine(model, TOK).generate(docs, GenerationSettings(image={"cfg_scale": 2.0}, max_new_tokens=6, seed=0), unconditional=prompt(model, ""))[0]
     assert gen.segments[0].type == "image" and gen.segments[0].data.dtype == np.float32
+
+
+def test_a_deadline_stops_per_token_diffusion_between_sampler_steps():
+    """Orthus samples each image slot with many head steps: the deadline is read at every step,
+    not only between slots, so a huge `steps` cannot hold the model past it."""
+    import time
+
+    model = family_model("orthus")
+    head, calls = model.continuous["image"].head, []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.01)
+        return type(head).forward(head, *args, **kwargs)
+
+    head.forward = slow
+    doc = prompt(model, "a square", begin="<|boi|>")
+    settings = GenerationSettings(text=GREEDY, image={"steps": 1000}, max_media=1, max_new_tokens=8, timeout_s=0.2)
+    with pytest.raises(GenerationTimeout):
+        Engine(model, TOK).generate([doc], settings)
+    assert 0 < len(calls) < 100  # one slot alone would have taken 1000 steps (10 s)

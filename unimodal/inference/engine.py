@@ -352,7 +352,8 @@ class _Run:
             index = [r.index for r in members]
             hidden = self.cache.last[index + ([self.batch + i for i in index] if guided else [])].to(compute_dtype(modality))
             features = modality.sample_next(
-                hidden, cfg_scale=settings.cfg_scale if guided else 1.0, steps=settings.steps, generator=self.generator
+                hidden, cfg_scale=settings.cfg_scale if guided else 1.0, steps=settings.steps, generator=self.generator,
+                on_step=lambda: check_deadline(self.deadline),  # each sampler step runs the head: the clock is read at each
             )
             embeds = embed_features(self.model, name, features)
             for k, row in enumerate(members):

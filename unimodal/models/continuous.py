@@ -270,7 +270,10 @@ class TokenDiffusionImage(ContinuousImage):
         cfg_scale: float = 1.0,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
+        """The next slot's features from ``hidden [B, H]`` (``2B`` rows with guidance, conditional
+        first); ``on_step`` runs before each sampler step (the engine's deadline check)."""
         rows = hidden.shape[0]
         if cfg_scale != 1.0 and rows % 2:
             raise ValueError(f"classifier-free guidance needs conditional and unconditional rows (2B), got {rows}")
@@ -282,6 +285,7 @@ class TokenDiffusionImage(ContinuousImage):
             steps=steps,
             generator=generator,
             device=hidden.device,
+            on_step=on_step,
         )
         return x / self.latent_scale
 

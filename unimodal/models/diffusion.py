@@ -150,8 +150,12 @@ class DiffusionSchedule:
         steps: int | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Run the sampler from pure noise of ``shape`` (``[B, ...]``) to x0.
+
+        ``on_step`` is called before every step: a caller's deadline check, which may raise to
+        stop the loop.
 
         ``denoise(x_t, t)`` returns the model output for inputs ``[R, ...]`` and timesteps ``[R]``.
         With ``cfg_scale != 1`` it is called with ``R = 2B`` rows (the same ``x_t`` twice: the
@@ -164,6 +168,8 @@ class DiffusionSchedule:
         scale_in = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
         guided = cfg_scale != 1.0
         for t in scheduler.timesteps:
+            if on_step is not None:
+                on_step()
             x_in = scale_in(x, t)
             if guided:
                 x_in = torch.cat([x_in, x_in])
