@@ -1,5 +1,6 @@
-"""ZeRO-3 in two processes where only one rank's batches hold images: nothing hangs, the image
-experts start as copies of the (partitioned) text weights, and the added modules train."""
+"""ZeRO-3 and FSDP2 in two processes where only one rank's batches hold images: nothing hangs,
+the image experts start as copies of the text weights (partitioned at construction under ZeRO-3),
+and the added modules train."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ SCRIPT = ROOT / "tests" / "distributed" / "continuous_zero3.py"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def test_zero3_with_an_image_free_rank(tmp_path):
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "fsdp2"])
+def test_sharded_training_with_an_image_free_rank(tmp_path, strategy):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-               "--out", str(tmp_path)]
+               "--out", str(tmp_path), "--strategy", strategy]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     for name in ("orthus", "llamafusion"):

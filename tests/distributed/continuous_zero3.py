@@ -86,6 +86,7 @@ def module(orthus: bool) -> UnimodalModule:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", default="deepspeed_stage_3")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def main() -> None:
     for name in ("orthus", "llamafusion"):
         L.seed_everything(0)
         snap, losses = Snapshot(), LossRecorder()
-        trainer = L.Trainer(**trainer_kwargs(out / name, strategy=build_strategy("deepspeed_stage_3"), devices=2,
+        trainer = L.Trainer(**trainer_kwargs(out / name, strategy=build_strategy(args.strategy), devices=2,
                                              max_steps=STEPS, callbacks=[snap, losses]))
         trainer.fit(module(name == "orthus"), datamodule=RankData(name == "orthus"))
         if trainer.is_global_zero:
