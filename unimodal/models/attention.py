@@ -21,7 +21,6 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from unimodal.errors import UserError
 
@@ -108,20 +107,20 @@ def xformers_available() -> bool:
 
 def resolve_backend(name: str) -> str:
     """Map a config value to a transformers ``attn_implementation``; ``auto`` takes FlexAttention
-    on CUDA and SDPA elsewhere."""
+    on CUDA and SDPA elsewhere. The two registered here have no transformers mask function on
+    purpose: their masks come from :func:`decoder_mask`, and a call without one (a cached decode
+    step) is causal SDPA, so transformers never builds an ``L x L`` mask for them."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
     if name == "auto":
         name = "flex" if flex_available() else "sdpa"
     if name == "flex":
         AttentionInterface.register(FLEX_IMPLEMENTATION, flex_attention_forward)
-        AttentionMaskInterface.register(FLEX_IMPLEMENTATION, sdpa_mask)
         return FLEX_IMPLEMENTATION
     if name == "xformers":
         if not xformers_available():
             raise RuntimeError("attention backend 'xformers' needs CUDA and the xformers package (pip install 'unimodal[gpu]')")
         AttentionInterface.register(XFORMERS_IMPLEMENTATION, xformers_attention_forward)
-        AttentionMaskInterface.register(XFORMERS_IMPLEMENTATION, sdpa_mask)
         return XFORMERS_IMPLEMENTATION
     return name
 
