@@ -34,7 +34,7 @@ from unimodal.checkpoints.load import (
 )
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
-from unimodal.models.backbone import register_backbones
+from unimodal.models.backbone import causal_lm_from_config
 from unimodal.models.lora import has_backbone_adapter, merge_injected, save_adapter
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import local_path
@@ -88,11 +88,8 @@ def _export_codecs(codecs: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def _vanilla_keys(backbone: nn.Module) -> set[str]:
     """Parameter names of the plain HF model of this config: what ``model.safetensors`` holds."""
-    from transformers import AutoModelForCausalLM
-
-    register_backbones()
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(backbone.config)
+        plain = causal_lm_from_config(backbone.config)
     return set(plain.state_dict())
 
 

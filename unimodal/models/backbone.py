@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
 from unimodal.models.attention import resolve_backend
 
@@ -37,15 +37,27 @@ class BackboneConfig:
     ce_chunk: int = 0
 
 
-def register_backbones() -> None:
-    """Teach ``AutoModelForCausalLM`` the backbones transformers files elsewhere: Orthus runs on
-    Chameleon, which it lists under image-text-to-text only. Idempotent; called by every loader."""
-    AutoModelForCausalLM.register(ChameleonConfig, ChameleonForConditionalGeneration, exist_ok=True)
+# Backbones transformers files elsewhere than AutoModelForCausalLM (Orthus runs on Chameleon,
+# listed under image-text-to-text only). Looked up here rather than registered with
+# ``AutoModelForCausalLM.register``, which transformers 5.17 silently ignores for its own configs.
+CAUSAL_LM_ELSEWHERE: dict[type[PretrainedConfig], type[PreTrainedModel]] = {ChameleonConfig: ChameleonForConditionalGeneration}
+
+
+def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
+    """A randomly initialised causal LM of ``config``."""
+    cls = CAUSAL_LM_ELSEWHERE.get(type(config))
+    # ``_from_config`` is what ``AutoModelForCausalLM.from_config`` itself calls on the class
+    return cls._from_config(config, **kwargs) if cls else AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def causal_lm_from_pretrained(path: Path, **kwargs: Any) -> PreTrainedModel:
+    """The causal LM saved in the local directory ``path``."""
+    cls = CAUSAL_LM_ELSEWHERE.get(type(AutoConfig.from_pretrained(path, local_files_only=True)), AutoModelForCausalLM)
+    return cls.from_pretrained(path, local_files_only=True, **kwargs)
 
 
 def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
     """Build or load the causal LM, with its vocabulary sized to ``vocab_size`` rows."""
-    register_backbones()
     if (spec.path is None) == (not spec.config):
         raise ValueError("backbone: set exactly one of 'path' (local model directory) or 'config' (with model_type)")
     attn = resolve_backend(spec.attention)
@@ -56,7 +68,7 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         path = Path(spec.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"backbone.path {path} is not a model directory (no config.json); models load from local paths only")
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn, dtype=dtype)
+        model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
         if model.get_input_embeddings().num_embeddings != vocab_size:
             model.resize_token_embeddings(vocab_size, mean_resizing=True)
     else:
@@ -64,7 +76,7 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         if "model_type" not in raw:
             raise ValueError("backbone.config needs a 'model_type' (e.g. llama, qwen2, mistral)")
         config = AutoConfig.for_model(raw.pop("model_type"), **raw, vocab_size=vocab_size)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+        model = causal_lm_from_config(config, attn_implementation=attn, dtype=dtype)
     if spec.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
