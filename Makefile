@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup test test-all demo families bench clean
+.PHONY: setup test test-compat test-all demo families bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(BIN)/pytest -q -m "not slow and not gpu and not xformers"
+
+# the same suite against the transformers the GPU machines have (5.17), installed beside the venv
+COMPAT := .compat/transformers-5.17
+test-compat: setup
+	$(BIN)/pip install --quiet --no-deps --target $(COMPAT) transformers==5.17.0 'huggingface-hub>=1.5,<2' httpx httpcore h11 anyio idna certifi
+	PYTHONPATH=$(abspath $(COMPAT)) $(BIN)/pytest -q -m "not slow and not gpu and not xformers" -p no:cacheprovider
 
 test-all: setup
 	$(BIN)/pytest -q
@@ -41,4 +47,4 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) data/generated runs
+	rm -rf $(VENV) .compat data/generated runs
