@@ -131,5 +131,5 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypa
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if ": error: " in line]
     assert "Traceback" not in err
-    assert code == 1 and line.startswith("unimodal train: error: No space left on device writing") and "epoch=0-step=1.ckpt" in line
+    assert code == 1 and line.startswith("unimodal train: error: No space left on device: ") and "epoch=0-step=1.ckpt" in line
     assert ".tmp-" not in line and not list((run / "checkpoints").iterdir())

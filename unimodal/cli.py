@@ -403,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in WRITE_ERRORS or os.environ.get("UNIMODAL_DEBUG"):
             raise
         where = err.filename2 or err.filename
-        print(f"{command}: error: {err.strerror} writing {where}: free space or choose another directory "
-              "(checkpoints already written are whole: they are renamed into place only once complete)", file=sys.stderr)
+        print(f"{command}: error: {err.strerror}: {where} (free space, or use a directory you can write to)", file=sys.stderr)
         return 1
     if printed is not None:
         print(printed)
