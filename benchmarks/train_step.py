@@ -38,7 +38,6 @@ from collections.abc import Callable
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.data.packing import Packer, collate
@@ -119,22 +118,31 @@ def framework_loop(module: L.LightningModule, batches: list[PackedBatch], root: 
     return clock.stamps
 
 
-def bare_recipe_loop(module: UnimodalModule, batches: list[PackedBatch]) -> list[float]:
-    """The reference: HF forward with the packed mask, CE over labels, AdamW + schedule."""
-    backbone = module.model.backbone
-    opt = build_optimizer(backbone, module.optimizer_config, len(batches))
+def bare_loop(module: UnimodalModule, batches: list[PackedBatch], device: str, dtype: torch.dtype | None,
+              causal_only: bool = False) -> list[float]:
+    """The reference: the Hugging Face decoder, the model's own cross-entropy on target positions,
+    the same AdamW and schedule; no Lightning. ``causal_only`` drops the document mask (the
+    speed reference)."""
+    model = module.model.to(device)
+    backbone = model.backbone
+    opt = build_optimizer(model, module.optimizer_config, len(batches))
     optimizer, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     implementation = backbone.config._attn_implementation
+    decoder = backbone.get_decoder()
     stamps = []
-    for batch in batches:
-        mask = decoder_mask(implementation, batch.doc_ids, batch.block_ids)
-        logits = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, **mask).logits
-        used = module.layout.used_size
-        loss = F.cross_entropy(logits[..., :used].flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
+    for cpu_batch in batches:
+        batch = cpu_batch.to(device)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            mask = {} if causal_only else decoder_mask(implementation, batch.doc_ids, batch.block_ids)
+            hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask).last_hidden_state
+            selected = batch.labels != IGNORE_INDEX
+            per_token = model.token_losses(hidden[selected], batch.labels[selected])
+        per_token.mean().backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
     return stamps
 
@@ -150,7 +158,7 @@ def recipe_report(args: argparse.Namespace) -> None:
         initial = copy.deepcopy(template)
         times = {"bare": [], "framework": []}
         for _ in range(args.rounds):
-            stamps = bare_recipe_loop(copy.deepcopy(initial), batches)
+            stamps = bare_loop(copy.deepcopy(initial), batches, "cpu", None)
             times["bare"].append(stamps[-1] - stamps[args.warmup - 1])
             stamps = framework_loop(copy.deepcopy(initial), batches, root)
             times["framework"].append(stamps[-1] - stamps[args.warmup - 1])
@@ -230,36 +238,6 @@ def attention_pairs(batch: PackedBatch) -> int:
                 size = int((in_doc == b).sum())
                 pairs += size * (size - 1) // 2
     return pairs
-
-
-def bare_loop(module: UnimodalModule, batches: list[PackedBatch], device: str, dtype: torch.dtype | None,
-              causal_only: bool = False) -> list[float]:
-    """The Hugging Face decoder, the LM head on target positions, the same CE and fused AdamW;
-    no Lightning. ``causal_only`` drops the document mask (the speed reference)."""
-    model = module.model.to(device)
-    backbone = model.backbone
-    opt = build_optimizer(model, module.optimizer_config, len(batches))
-    optimizer = opt["optimizer"]
-    implementation = backbone.config._attn_implementation
-    decoder, head = backbone.get_decoder(), backbone.get_output_embeddings()
-    stamps = []
-    for cpu_batch in batches:
-        batch = cpu_batch.to(device)
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            mask = {} if causal_only else decoder_mask(implementation, batch.doc_ids, batch.block_ids)
-            hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask).last_hidden_state
-            selected = batch.labels != IGNORE_INDEX
-            if model.ce_chunk:
-                per_token = model.token_losses(hidden[selected], batch.labels[selected])
-            else:
-                per_token = F.cross_entropy(head(hidden[selected]).float(), batch.labels[selected], reduction="none")
-        per_token.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-    return stamps
 
 
 def make_module(config: dict, layout: VocabLayout, attention: str, args: argparse.Namespace,
