@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,9 @@ def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Modu
         return backbone
     import peft
 
-    wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias on every load
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
     return wrapped.merge_and_unload() if merge else wrapped
 
 
