@@ -19,6 +19,13 @@ from unimodal.models.unified import ContinuousModality, UnifiedModel
 FEATURE_DIM = 4
 
 
+def row_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Standard noise from one generator, or one row each from a list of them (as the engine passes)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)
+
+
 class FakeContinuous(ContinuousModality):
     """A continuous image modality: linear in, linear "head" out, guidance on the head output."""
 
@@ -45,11 +52,11 @@ class FakeContinuous(ContinuousModality):
     def sample_next(self, hidden, *, cfg_scale, steps, generator, on_step=None):
         self.calls.append((hidden.shape[0], cfg_scale))
         out = self._guide(self.head(hidden), cfg_scale)
-        return out + self.noise * torch.randn(out.shape, generator=generator, device=out.device)
+        return out + self.noise * row_noise(out.shape, generator).to(out.device)
 
     def denoise_block(self, run_backbone, batch_size, *, cfg_scale, steps, generator):
         self.calls.append((batch_size, cfg_scale))
-        x = torch.randn(batch_size, self.slots_per_item, FEATURE_DIM, generator=generator)
+        x = row_noise((batch_size, self.slots_per_item, FEATURE_DIM), generator)
         for _ in range(steps or self.default_steps):
             embeds = self.inp(x)
             hidden = run_backbone(torch.cat([embeds, embeds]) if cfg_scale != 1.0 else embeds)

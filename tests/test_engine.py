@@ -277,3 +277,75 @@ def test_a_deadline_stops_per_token_diffusion_between_sampler_steps():
     with pytest.raises(GenerationTimeout):
         Engine(model, TOK).generate([doc], settings)
     assert 0 < len(calls) < 100  # one slot alone would have taken 1000 steps (10 s)
+
+
+@pytest.mark.parametrize("family", ["orthus", "llamafusion"])
+def test_each_row_keeps_its_settings_and_seed_in_a_mixed_batch(family):
+    """A server batches requests that differ in settings, seeds and media: every row must write
+    the reply it writes alone (its own sampling settings, guidance, sampler steps and noise)."""
+    model = family_model(family)
+    bias_tokens(model, {model.layout.special_id("<|boi|>"): 50.0})  # text rows open an image when they may
+    bidirectional = ("image",) if family == "llamafusion" else ()
+    engine = Engine(model, TOK)
+    uncond = prompt(model, "", bidirectional=bidirectional)
+    base = GenerationSettings(max_new_tokens=10, max_media=1)
+    rows = [
+        (prompt(model, "a red square", begin="<|boi|>", bidirectional=bidirectional), base.replace(image={"cfg_scale": 3.0, "steps": 2}, seed=5)),
+        (prompt(model, "words only", bidirectional=bidirectional), base.replace(temperature=0.9, max_media=0, seed=7)),
+        (prompt(model, "a blue one", begin="<|boi|>", bidirectional=bidirectional), base.replace(image={"steps": 3}, seed=1)),
+        (prompt(model, "draw", bidirectional=bidirectional), base.replace(text=GREEDY, image={"steps": 2}, seed=3)),
+    ]
+    batched = engine.generate([doc for doc, _ in rows], [settings for _, settings in rows], unconditional=uncond)
+    assert [g.seed for g in batched] == [5, 7, 1, 3]
+    kinds = [[s.type for s in g.segments] for g in batched]
+    assert kinds[1] == ["text"] and kinds[0][0] == kinds[2][0] == "image" and "image" in kinds[3]
+    for (doc, settings), together in zip(rows, batched):
+        alone = engine.generate([doc], settings, unconditional=uncond)[0]
+        assert [s.type for s in alone.segments] == [s.type for s in together.segments]
+        assert text_ids(alone) == text_ids(together)
+        for a, b in zip(alone.segments, together.segments):
+            if a.type == "image":
+                np.testing.assert_allclose(a.data, b.data, atol=1e-4)
+
+
+def test_a_row_past_its_deadline_or_cancelled_leaves_the_batch_and_the_others_go_on():
+    import threading
+
+    model = tiny_model()
+    engine = Engine(model, TOK)
+    docs = [prompt(model, "late"), prompt(model, "on time")]
+    settings = GenerationSettings(text=GREEDY, max_new_tokens=12)
+    alone = engine.generate(docs[1:], settings)[0]
+    late = engine.generate(docs, [settings.replace(timeout_s=1e-9), settings])
+    assert late[0].finish_reason == "timeout" and late[0].completion_tokens == 0
+    assert text_ids(late[1]) == text_ids(alone) and late[1].finish_reason == alone.finish_reason
+    gone = threading.Event()
+    gone.set()
+    cancelled = engine.generate(docs, settings, cancel=[gone, None])
+    assert cancelled[0].finish_reason == "cancelled" and text_ids(cancelled[1]) == text_ids(alone)
+    with pytest.raises(GenerationTimeout, match="cancelled"):  # nobody left to answer
+        engine.generate(docs, settings, cancel=gone)
+
+
+def test_a_row_that_expires_inside_the_diffusion_head_leaves_and_the_others_draw_on():
+    """Per-token diffusion reads every row's clock at each sampler step; a row past its deadline
+    leaves mid-image and the rest of its call runs again without it."""
+    import time
+
+    model = family_model("orthus")
+    head = model.continuous["image"].head
+
+    def slow(*args, **kwargs):
+        time.sleep(0.002)
+        return type(head).forward(head, *args, **kwargs)
+
+    engine = Engine(model, TOK)
+    docs = [prompt(model, "a square", begin="<|boi|>"), prompt(model, "a circle", begin="<|boi|>")]
+    base = GenerationSettings(text=GREEDY, max_media=1, max_new_tokens=8, seed=0)
+    settings = [base.replace(image={"steps": 1000}, timeout_s=0.2), base.replace(image={"steps": 2})]
+    alone = engine.generate(docs[1:], settings[1])[0]
+    head.forward = slow
+    out = engine.generate(docs, settings)
+    assert out[0].finish_reason == "timeout" and not out[0].segments
+    assert out[1].segments[0].type == "image"
+    np.testing.assert_allclose(out[1].segments[0].data, alone.segments[0].data, atol=1e-4)

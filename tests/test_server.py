@@ -167,30 +167,35 @@ def test_size_and_duration_limits(url, assistant):
     assert status == 413 and "100000 bytes" in body["error"]["message"]
     status, body = call(url, "/v1/chat/completions", raw=b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
-    with running(create_app(assistant, limits=ServerLimits(max_seconds=1e-4), model_name="tiny")) as slow:
-        status, body = chat(slow, [{"role": "user", "content": "hi"}], max_tokens=30)
+    status, body = chat(url, [{"role": "user", "content": "hi"}], max_tokens=30, timeout_s=1e-4)
     assert status == 408 and "limit of 0.0001 s" in body["error"]["message"]
+    status, body = chat(url, [{"role": "user", "content": "hi"}], timeout_s=61)
+    assert status == 400 and "timeout_s must be in (0, 60]" in body["error"]["message"]
 
 
 def test_shutdown_cancels_the_running_generation(assistant):
-    """SIGTERM's path: uvicorn runs the lifespan's shutdown, which sets the slot's event; a
-    generation sees it at its next step and the request gets a 503, so the model is freed."""
-    from unimodal.inference.outputs import GenerationTimeout
-    from unimodal.inference.server import Call, ModelSlot, _generate
+    """SIGTERM's path: uvicorn runs the lifespan's shutdown, which stops the batcher; a running
+    generation sees it at its next step and its request gets a 503, so the model is freed."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job, _result
 
     app = create_app(assistant, limits=LIMITS, model_name="tiny")
     with running(app):
-        assert not app.state.slot.stopping.is_set()
-    assert app.state.slot.stopping.is_set()
+        assert not app.state.batcher.stopping.is_set()
+    assert app.state.batcher.stopping.is_set()
 
-    slot = ModelSlot()
-    slot.stopping.set()
-    call = Call([{"role": "user", "content": "hi"}], {}, 1, False, None)
+    batcher = Batcher(assistant)
+    started = threading.Event()
+    call = Call([{"role": "user", "content": "hi"}], {"max_new_tokens": 10_000, "temperature": 1.0}, 1, False, None)
+    job = batcher.submit(_job(call, batcher, ServerLimits(max_new_tokens=10_000), on_text=lambda choice, text: started.set()))
+    assert started.wait(60)
+    batcher.stop()
     with pytest.raises(APIError, match="shutting down") as stopped:
-        _generate(assistant, call, slot, LIMITS)
-    assert stopped.value.status == 503 and not slot.lock.locked()
-    with pytest.raises(GenerationTimeout, match="cancelled"):
-        assistant.generate([[{"role": "user", "content": "hi"}]], cancel=slot.stopping)
+        _result(job.future, job, batcher, LIMITS)
+    assert stopped.value.status == 503 and batcher.stats["cancelled"] == 1
+    late = batcher.submit(_job(call, batcher, LIMITS))
+    with pytest.raises(APIError, match="shutting down"):
+        _result(late.future, late, batcher, LIMITS)
 
 
 def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):
@@ -217,3 +222,122 @@ def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):
     assert any(a for a in audio) and chunks[-1].choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError, match="audio.format must be one of"):
         client.chat.completions.create(**{**ask, "audio": {"voice": "alloy", "format": "opus"}})
+
+
+def slowed_assistant(step_s: float):
+    """A media assistant whose backbone takes ``step_s`` per forward and never ends a reply early
+    (end-of-sequence suppressed), so a generation lasts as long as its budget."""
+    from inference_helpers import bias_tokens
+
+    slow = media_assistant()
+    bias_tokens(slow.model, {slow.processor.tokenizer.eos_id: -1e4})
+    layer = slow.model.backbone.model.layers[0]
+    forward = layer.forward
+
+    def slowed(*args, **kwargs):
+        time.sleep(step_s)
+        return forward(*args, **kwargs)
+
+    layer.forward = slowed
+    return slow
+
+
+def together(requests: list[dict], base: str) -> list[tuple[int, dict]]:
+    """Send every request at once (one thread each) and return the answers in order."""
+    answers: list = [None] * len(requests)
+
+    def send(i: int) -> None:
+        answers[i] = chat(base, **requests[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return answers
+
+
+def parts_of(body: dict) -> list:
+    """A reply's content comparable across runs: text as is, audio bytes, images as pixel arrays."""
+    out = []
+    for choice in body["choices"]:
+        content = choice["message"]["content"]
+        for part in [content] if isinstance(content, str) else content:
+            if isinstance(part, str) or part["type"] == "text":
+                out.append(part if isinstance(part, str) else part["text"])
+            elif part["type"] == "image_url":
+                data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                out.append(np.asarray(Image.open(io.BytesIO(data))).astype(int))
+            else:
+                out.append(part["input_audio"]["data"])
+    return out
+
+
+def test_concurrent_requests_share_a_batch_and_answer_as_they_would_alone(assistant):
+    """Mixed requests (text, pictures, speech; greedy and sampled; n=2) sent at once run as one
+    engine batch, and each seeded answer equals the one it gets alone."""
+    hi = [{"role": "user", "content": "hi there"}]
+    requests = [
+        dict(messages=hi, temperature=0, max_tokens=12),
+        dict(messages=hi, temperature=0.9, seed=3, max_tokens=12, n=2),
+        dict(messages=[{"role": "user", "content": "draw"}], start_with="image", max_media=1, seed=5, max_tokens=10),
+        dict(messages=[{"role": "user", "content": "speak"}], start_with="audio", max_media=1, seed=7, top_k=5, max_tokens=10),
+        dict(messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": png_url()}}]}],
+             temperature=0.7, seed=11, max_tokens=12),
+    ]
+    limits = ServerLimits(max_new_tokens=32, max_n=2, batch_window_s=1.0)
+    app = create_app(assistant, limits=limits, model_name="tiny")
+    with running(app) as base:
+        batched = together(requests, base)
+        assert app.state.batcher.stats["batches"] == 1 and app.state.batcher.stats["rows"] == 6
+        alone = [chat(base, **request) for request in requests]
+    for request, (status, body), (status_alone, body_alone) in zip(requests, batched, alone):
+        assert status == status_alone == 200, body
+        if "seed" in request:
+            assert body["unimodal"]["seeds"] == body_alone["unimodal"]["seeds"] == [request["seed"] + k for k in range(request.get("n", 1))]
+        for a, b in zip(parts_of(body), parts_of(body_alone), strict=True):
+            if isinstance(a, np.ndarray):
+                assert np.abs(a - b).max() <= 1  # pixels from float features: batch matmuls may differ in the last bit
+            else:
+                assert a == b
+
+
+def test_a_request_past_its_deadline_leaves_the_batch_and_the_others_go_on():
+    slow = slowed_assistant(0.005)
+    limits = ServerLimits(max_new_tokens=32, batch_window_s=1.0)
+    app = create_app(slow, limits=limits, model_name="tiny")
+    hi = [{"role": "user", "content": "hi"}]
+    with running(app) as base:
+        (late, late_body), (on_time, body) = together([dict(messages=hi, max_tokens=20, timeout_s=1e-3), dict(messages=hi, temperature=0, max_tokens=20)], base)
+        assert app.state.batcher.stats["batches"] == 1
+        assert late == 408 and late_body["error"]["code"] == "timeout"
+        assert on_time == 200 and body["usage"]["completion_tokens"] == 20
+        assert body["choices"][0]["message"]["content"] == chat(base, messages=hi, temperature=0, max_tokens=20)[1]["choices"][0]["message"]["content"]
+
+
+def text_delta(line: bytes) -> str:
+    if not line.startswith(b"data: {"):
+        return ""
+    return json.loads(line[len(b"data: "):])["choices"][0]["delta"].get("content", "")
+
+
+def test_a_client_that_disconnects_from_a_stream_cancels_its_generation():
+    import http.client
+
+    slow = slowed_assistant(0.02)
+    app = create_app(slow, limits=ServerLimits(max_new_tokens=200), model_name="tiny")
+    with running(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}  # about 4 s of generation
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        while not text_delta(response.readline()):  # the generation is running
+            pass
+        started = time.monotonic()
+        connection.sock.shutdown(2)
+        connection.close()
+        stats = app.state.batcher.stats
+        while stats["cancelled"] == 0 and time.monotonic() - started < 30:
+            time.sleep(0.02)
+        assert stats["cancelled"] == 1 and time.monotonic() - started < 1.5

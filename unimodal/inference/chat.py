@@ -95,7 +95,7 @@ class ReplyPart:
 @dataclass
 class Reply:
     parts: list[ReplyPart]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "timeout" | "cancelled" (a batch's row that left it)
     prompt_tokens: int
     completion_tokens: int
     seed: int
@@ -210,29 +210,45 @@ class Assistant:
         cancel: threading.Event | None = None,
         **settings: Any,
     ) -> list[Reply]:
-        """Reply to several conversations at once (one batched generation); ``cancel`` stops it."""
-        resolved = self.settings.replace(**settings)
-        resolved = resolved.replace(stop=tuple(resolved.stop) + tuple(s for s in self.stop if s not in resolved.stop))
+        """Reply to several conversations at once (one batched generation); ``cancel`` stops it.
+        A shared ``seed`` s gives conversation ``i`` the seed ``s + i``."""
+        resolved = self.resolve(**settings)
         if not batch:
             return []
-        prompts, trimmed = [], []
-        for messages in batch:
-            prompt, dropped = self.prompt(messages, resolved)
-            if start_with is not None:
-                if start_with not in SPAN_MARKERS:
-                    raise ChatError(f"start_with={start_with!r}; expected one of {list(SPAN_MARKERS)}")
-                prompt = open_span(prompt, self.model.layout, SPAN_MARKERS[start_with][0])
-            prompts.append(prompt)
-            trimmed.append(dropped)
-        unconditional = self.unconditional_prompt()
-        generations = self.engine.generate(prompts, resolved, unconditional=unconditional, on_text=on_text, cancel=cancel)
-        return [self._reply(g, t) for g, t in zip(generations, trimmed)]
+        return self.answer([self.prompt(messages, resolved, start_with) for messages in batch], resolved, on_text=on_text, cancel=cancel)
+
+    def answer(
+        self,
+        prompts: Sequence[tuple[EncodedDocument, int]],
+        settings: GenerationSettings | Sequence[GenerationSettings],
+        *,
+        on_text: Callable[[int, str], None] | None = None,
+        cancel: threading.Event | Sequence[threading.Event | None] | None = None,
+    ) -> list[Reply]:
+        """Replies to prompts made by :meth:`prompt`, in one batched generation. ``settings`` and
+        ``cancel`` are one for all or one per prompt: a server batches requests that each keep
+        their own (see :meth:`Engine.generate`)."""
+        generations = self.engine.generate(
+            [prompt for prompt, _ in prompts], settings, unconditional=self.unconditional_prompt(), on_text=on_text, cancel=cancel
+        )
+        return [self._reply(g, trimmed) for g, (_, trimmed) in zip(generations, prompts)]
+
+    def resolve(self, **settings: Any) -> GenerationSettings:
+        """The model's own settings with ``settings`` applied (:meth:`GenerationSettings.replace`
+        keywords) and the chat template's stop string added."""
+        resolved = self.settings.replace(**settings)
+        return resolved.replace(stop=tuple(resolved.stop) + tuple(s for s in self.stop if s not in resolved.stop))
 
     # ------------------------------------------------------------------------------------------
     # prompts
 
-    def prompt(self, messages: Sequence[Message], settings: GenerationSettings | None = None) -> tuple[EncodedDocument, int]:
-        """The encoded prompt of a conversation, and how many leading messages were dropped to fit."""
+    def prompt(
+        self, messages: Sequence[Message], settings: GenerationSettings | None = None, start_with: str | None = None
+    ) -> tuple[EncodedDocument, int]:
+        """The encoded prompt of a conversation, and how many leading messages were dropped to fit;
+        ``start_with`` (``"image"`` | ``"audio"``) opens the reply with that medium."""
+        if start_with is not None and start_with not in SPAN_MARKERS:
+            raise ChatError(f"start_with={start_with!r}; expected one of {list(SPAN_MARKERS)}")
         settings = settings or self.settings
         turns = [self._turn(m, i) for i, m in enumerate(parse_messages(messages))]
         reserve = min(settings.max_new_tokens, self.context_length // 2)
@@ -269,6 +285,8 @@ class Assistant:
         dropped = states[kept]
         if dropped:
             log.info("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
+        if start_with is not None:
+            prompt = open_span(prompt, self.model.layout, SPAN_MARKERS[start_with][0])
         return prompt, dropped
 
     def unconditional_prompt(self) -> EncodedDocument:

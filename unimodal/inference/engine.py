@@ -39,9 +39,9 @@ from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
 from unimodal.inference.modes import MediaMode, media_modes
-from unimodal.inference.outputs import Deadline, Generation, Segment, check_deadline
+from unimodal.inference.outputs import Deadline, Generation, GenerationTimeout, Segment, check_deadline, expiry
 from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
-from unimodal.models.generation import GenerationSettings
+from unimodal.models.generation import GenerationSettings, SamplingSettings
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITIES, MODALITY_IDS
 
@@ -50,10 +50,13 @@ TextCallback = Callable[[int, str], None]
 
 @dataclass
 class _Row:
-    """Decoding state of one conditional row."""
+    """Decoding state of one conditional row, with the settings, seed and deadline of its request."""
 
     index: int
     budget: int
+    settings: GenerationSettings
+    generator: torch.Generator
+    deadline: Deadline
     mode: MediaMode | None = None
     text_ids: list[int] = field(default_factory=list)
     streamed: int = 0
@@ -112,38 +115,60 @@ class Engine:
     def generate(
         self,
         prompts: Sequence[EncodedDocument],
-        settings: GenerationSettings | None = None,
+        settings: GenerationSettings | Sequence[GenerationSettings] | None = None,
         unconditional: EncodedDocument | None = None,
         on_text: TextCallback | None = None,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | Sequence[threading.Event | None] | None = None,
     ) -> list[Generation]:
         """Replies to ``prompts`` (each ending where the reply starts).
 
-        ``unconditional`` is the prompt of the guidance rows (needed when a writable modality has
-        ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded. Setting
-        ``cancel`` stops the generation at its next step (:class:`GenerationTimeout`).
+        ``settings`` is one for every row or one per row (a server batching requests): each row
+        samples with its own settings, seed and ``timeout_s``, so a seeded row writes the same
+        reply alone as in any batch. One shared seed ``s`` gives row ``i`` the seed ``s + i``.
+        ``unconditional`` is the prompt of the guidance rows (needed when a row guides a writable
+        modality, ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded.
+        ``cancel`` (shared or per row) stops a row at its next step.
+
+        A row past its deadline or cancelled leaves the batch with ``finish_reason`` "timeout" or
+        "cancelled" and the others go on; when no row is left to answer,
+        :class:`GenerationTimeout` is raised.
         """
-        settings = settings or GenerationSettings()
         if not prompts:
             return []
-        budgets = [self._budget(len(p), settings) for p in prompts]
-        generator, seed = make_generator(settings.seed, self.device)
-        deadline = Deadline(time.monotonic() + settings.timeout_s if settings.timeout_s else None, cancel)
-        check_deadline(deadline)
-        if settings.text.num_beams > 1:
+        settings = settings or GenerationSettings()
+        rows = row_settings(settings, len(prompts)) if isinstance(settings, GenerationSettings) else list(settings)
+        cancels = list(cancel) if isinstance(cancel, Sequence) else [cancel] * len(prompts)
+        if len(rows) != len(prompts) or len(cancels) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts need as many settings and cancel events, got {len(rows)} and {len(cancels)}")
+        budgets = [self._budget(len(p), s) for p, s in zip(prompts, rows)]
+        seeded = [make_generator(s.seed, self.device) for s in rows]
+        now = time.monotonic()
+        deadlines = [Deadline(now + s.timeout_s if s.timeout_s else None, c) for s, c in zip(rows, cancels)]
+        if rows[0].text.num_beams > 1:
+            if any(s.replace(seed=rows[0].seed) != rows[0] for s in rows[1:]):
+                raise ValueError("beam search runs rows with the same settings only")
             if any(len(p) and int(p.ids[-1]) in self.modes for p in prompts):
                 raise ValueError("beam search writes text only; a reply that starts with media needs num_beams=1")
-            return beam_search(self, prompts, budgets, settings, seed, deadline)
-        guided = {m.name for m in self.modes.values() if settings.for_modality(m.name).cfg_scale != 1}
+            check_deadline(deadlines[0])
+            return beam_search(self, prompts, budgets, rows[0], seeded[0][1], deadlines[0])
+        if any(s.text.num_beams > 1 for s in rows):
+            raise ValueError("beam search (num_beams > 1) cannot share a batch with sampled rows")
+        guided = any(s.for_modality(m.name).cfg_scale != 1 for s in rows for m in self.modes.values())
         if guided and unconditional is None:
-            raise ValueError(f"classifier-free guidance for {sorted(guided)} needs an unconditional prompt")
+            names = sorted({m.name for s in rows for m in self.modes.values() if s.for_modality(m.name).cfg_scale != 1})
+            raise ValueError(f"classifier-free guidance for {names} needs an unconditional prompt")
         if guided and len(unconditional) and int(unconditional.ids[-1]) in self.modes:
             raise ValueError("the unconditional prompt must end before any begin token; the engine adds it when a span opens")
+        if all(expiry(d) for d in deadlines):
+            raise GenerationTimeout(_expiry_message([expiry(d) for d in deadlines]))
+        states = [_Row(i, budget, s, g, d) for i, (budget, s, (g, _), d) in enumerate(zip(budgets, rows, seeded, deadlines))]
         docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
-        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, budgets, settings, generator, guided, deadline, on_text)
+        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text)
         run.loop()
+        if all(row.finish in EXPIRED for row in run.rows):
+            raise GenerationTimeout(_expiry_message([row.finish for row in run.rows]))
         return [
-            Generation(row.segments, row.finish, len(p), row.new, seed) for row, p in zip(run.rows, prompts)
+            Generation(row.segments, row.finish, len(p), row.new, seed) for row, p, (_, seed) in zip(run.rows, prompts, seeded)
         ]
 
     def _budget(self, prompt_length: int, settings: GenerationSettings) -> int:
@@ -185,20 +210,17 @@ class _Run:
         engine: Engine,
         cache: KVCache,
         prompts: Sequence[EncodedDocument],
-        budgets: list[int],
-        settings: GenerationSettings,
-        generator: torch.Generator,
-        guided: set[str],
-        deadline: Deadline,
+        rows: list[_Row],
+        guided: bool,
         on_text: TextCallback | None,
     ):
-        self.engine, self.cache, self.settings = engine, cache, settings
-        self.generator, self.guided, self.deadline, self.on_text = generator, guided, deadline, on_text
+        self.engine, self.cache, self.rows, self.guided, self.on_text = engine, cache, rows, guided, on_text
         self.model = engine.model
         self.batch = len(prompts)
-        self.rows = [_Row(i, budget) for i, budget in enumerate(budgets)]
         # the token history is kept only when the span grammar or a repetition penalty reads it
-        self.track_ids = engine.constraint is not None or any(settings.for_modality(m).repetition_penalty != 1 for m in MODALITIES)
+        self.track_ids = engine.constraint is not None or any(
+            row.settings.for_modality(m).repetition_penalty != 1 for row in rows for m in MODALITIES
+        )
         self.ids, self.valid = padded_ids(prompts, engine.pad_id, engine.device) if self.track_ids else (None, None)
         # where each guidance row's current span starts (cache column) and its prompt's length
         self.partner_start: dict[int, int] = {}
@@ -230,10 +252,10 @@ class _Run:
 
     def loop(self) -> None:
         while True:
+            self._expire(self.rows)
             active = [r for r in self.rows if not r.done]
             if not active:
                 return
-            check_deadline(self.deadline)
             pending = [r for r in active if r.block_pending]
             if pending:
                 self._denoise_blocks(pending)
@@ -305,20 +327,20 @@ class _Run:
             ids, valid = (self.ids, self.valid) if len(rows) == self.batch else (self.ids[index], self.valid[index])
         text_rows = [i for i, r in enumerate(rows) if r.mode is None]
         scores = self._ban(engine.constrain(scores, ids, valid, text_rows), rows, text_rows)
-        groups: dict[str, list[int]] = {}
+        groups: dict[SamplingSettings, list[int]] = {}  # rows that sample alike, each with its own generator
         for i, row in enumerate(rows):
-            groups.setdefault(row.mode.name if row.mode else "text", []).append(i)
+            groups.setdefault(self._settings(row), []).append(i)
         if len(groups) == 1:
-            settings = self.settings.for_modality(next(iter(groups)))
+            settings = next(iter(groups))
             if settings.repetition_penalty != 1.0:
                 scores = apply_repetition_penalty(scores, ids, valid, settings.repetition_penalty)
-            return choose(scores, settings, self.generator).tolist()
+            return choose(scores, settings, [r.generator for r in rows]).tolist()
         chosen = torch.empty(len(rows), dtype=torch.long, device=scores.device)
-        for name, members in groups.items():
-            settings, group = self.settings.for_modality(name), scores[members]
+        for settings, members in groups.items():
+            group = scores[members]
             if settings.repetition_penalty != 1.0:
                 group = apply_repetition_penalty(group, ids[members], valid[members], settings.repetition_penalty)
-            chosen[members] = choose(group, settings, self.generator)
+            chosen[members] = choose(group, settings, [rows[i].generator for i in members])
         return chosen.tolist()
 
     def _ban(self, scores: torch.Tensor, rows: list[_Row], text_rows: list[int]) -> torch.Tensor:
@@ -339,22 +361,26 @@ class _Run:
         return scores
 
     def _may_open(self, row: _Row, mode: MediaMode) -> bool:
-        cap = self.settings.for_modality(mode.name).max_tokens
+        cap = row.settings.for_modality(mode.name).max_tokens
         fits = row.new + 1 + mode.min_positions <= row.budget
         under_cap = cap is None or row.used.get(mode.name, 0) + 1 + mode.min_positions <= cap
-        return row.media < self.settings.max_media and fits and under_cap
+        return row.media < row.settings.max_media and fits and under_cap
 
     def _draw_features(self, rows: list[_Row], feed: dict[int, Any]) -> None:
         """Causal continuous spans: the head samples each row's next feature from its last hidden state."""
-        for name, members in _by_mode(rows).items():
-            modality, settings = self.model.continuous[name], self.settings.for_modality(name)
-            guided = name in self.guided
-            index = [r.index for r in members]
-            hidden = self.cache.last[index + ([self.batch + i for i in index] if guided else [])].to(compute_dtype(modality))
-            features = modality.sample_next(
-                hidden, cfg_scale=settings.cfg_scale if guided else 1.0, steps=settings.steps, generator=self.generator,
-                on_step=lambda: check_deadline(self.deadline),  # each sampler step runs the head: the clock is read at each
-            )
+        for (name, cfg_scale, steps), members in _by_head_call(rows).items():
+            head = self.model.continuous[name]
+
+            def draw(group: list[_Row], head=head, cfg_scale=cfg_scale, steps=steps) -> torch.Tensor:
+                # each sampler step runs the head: the rows' clocks are read at each
+                return head.sample_next(
+                    self._last_hidden(group), cfg_scale=cfg_scale, steps=steps, generator=[r.generator for r in group],
+                    on_step=lambda: self._raise_if_expired(group),
+                )
+
+            members, features = self._retry_without_expired(members, draw)
+            if not members:
+                continue
             embeds = embed_features(self.model, name, features)
             for k, row in enumerate(members):
                 row.span.append(features[k].float().cpu())
@@ -366,26 +392,27 @@ class _Run:
 
     def _denoise_blocks(self, rows: list[_Row]) -> None:
         """Bidirectional continuous spans: denoise whole items, then commit one clean pass."""
-        for name, members in _by_mode(rows).items():
-            modality, settings = self.model.continuous[name], self.settings.for_modality(name)
-            guided = name in self.guided
+        for (name, cfg_scale, steps), members in _by_head_call(rows).items():
+            modality = self.model.continuous[name]
+
+            def denoise(group: list[_Row], name=name, modality=modality, cfg_scale=cfg_scale, steps=steps) -> torch.Tensor:
+                cond = [r.index for r in group]
+                both = cond + ([self.batch + i for i in cond] if group[0].guided else [])
+
+                def run_backbone(embeds: torch.Tensor) -> torch.Tensor:
+                    self._raise_if_expired(group)  # a denoising step is a whole backbone pass: the clocks are read at each
+                    if embeds.shape[0] not in (len(cond), len(both)):
+                        raise ValueError(f"run_backbone got {embeds.shape[0]} rows; expected {len(cond)} (or {len(both)} with guidance)")
+                    chosen = cond if embeds.shape[0] == len(cond) else both
+                    return self.cache.step_rows(chosen, embeds, name, bidirectional=True, commit=False).to(compute_dtype(modality))
+
+                return modality.denoise_block(run_backbone, len(cond), cfg_scale=cfg_scale, steps=steps, generator=[r.generator for r in group])
+
+            members, features = self._retry_without_expired(members, denoise)
+            if not members:
+                continue
             cond = [r.index for r in members]
-            both = cond + ([self.batch + i for i in cond] if guided else [])
-
-            def run_backbone(embeds: torch.Tensor) -> torch.Tensor:
-                check_deadline(self.deadline)  # a denoising step is a whole backbone pass: the clock is read at each
-                if embeds.shape[0] not in (len(cond), len(both)):
-                    raise ValueError(f"run_backbone got {embeds.shape[0]} rows; expected {len(cond)} (or {len(both)} with guidance)")
-                chosen = cond if embeds.shape[0] == len(cond) else both
-                return self.cache.step_rows(chosen, embeds, name, bidirectional=True, commit=False).to(compute_dtype(modality))
-
-            features = modality.denoise_block(
-                run_backbone,
-                len(cond),
-                cfg_scale=settings.cfg_scale if guided else 1.0,
-                steps=settings.steps,
-                generator=self.generator,
-            )
+            both = cond + ([self.batch + i for i in cond] if members[0].guided else [])
             n, slots, dim = features.shape
             clean = embed_features(self.model, name, features.reshape(n * slots, dim)).reshape(n, slots, -1)
             self.cache.step_rows(both, clean.repeat(len(both) // n, 1, 1), name, bidirectional=True, commit=True)
@@ -404,8 +431,37 @@ class _Run:
 
     # -- the state machine ------------------------------------------------------------------
 
-    def _settings(self, row: _Row):
-        return self.settings.for_modality(row.mode.name if row.mode else "text")
+    def _settings(self, row: _Row) -> SamplingSettings:
+        return row.settings.for_modality(row.mode.name if row.mode else "text")
+
+    def _last_hidden(self, rows: list[_Row]) -> torch.Tensor:
+        """The last hidden states of ``rows`` (all in one span of one modality), then of their
+        guidance partners when they are guided."""
+        index = [r.index for r in rows]
+        partners = [self.batch + i for i in index] if rows[0].guided else []
+        return self.cache.last[index + partners].to(compute_dtype(self.model.continuous[rows[0].mode.name]))
+
+    def _expire(self, rows: list[_Row]) -> None:
+        """End every row past its deadline or cancelled: it leaves the batch, the others go on."""
+        for row in rows:
+            reason = None if row.done else expiry(row.deadline)
+            if reason is not None:
+                self._finish(row, reason)
+
+    def _raise_if_expired(self, rows: list[_Row]) -> None:
+        if any(expiry(r.deadline) for r in rows):
+            raise _Expired
+
+    def _retry_without_expired(self, rows: list[_Row], call: Callable[[list[_Row]], torch.Tensor]) -> tuple[list[_Row], torch.Tensor | None]:
+        """``call(rows)``; when a row expires inside it, that row ends and the call runs again for
+        the rest (the cache holds nothing of an interrupted call)."""
+        while rows:
+            try:
+                return rows, call(rows)
+            except _Expired:
+                self._expire(rows)
+                rows = [r for r in rows if not r.done]
+        return rows, None
 
     def _advance(self, row: _Row, token: int, feed: dict[int, Any]) -> None:
         """Apply one chosen token to ``row``'s state; queue it for feeding unless the row ended."""
@@ -430,7 +486,7 @@ class _Run:
         if mode is None:
             row.text_ids.append(token)
             self._count(row, token, feed, "text")
-            cap = self.settings.text.max_tokens
+            cap = row.settings.text.max_tokens
             if not row.done and cap is not None and row.used["text"] >= cap:
                 self._finish(row, "length")
             elif not row.done:
@@ -445,7 +501,7 @@ class _Run:
 
     def _enter(self, row: _Row, mode: MediaMode, begin: int) -> None:
         row.mode, row.span, row.media = mode, [begin] if mode.kind == "discrete" else [], row.media + 1
-        row.guided = mode.name in self.guided
+        row.guided = row.settings.for_modality(mode.name).cfg_scale != 1
         row.remaining = mode.min_positions - 1 if mode.kind == "causal" else 0
         row.block_pending = mode.kind == "bidirectional"
 
@@ -475,7 +531,7 @@ class _Run:
     def _stream(self, row: _Row) -> None:
         """Check stop strings and pass newly decoded text to the callback (held back while it may
         still become a stop string or is an incomplete character)."""
-        stop = self.settings.stop
+        stop = row.settings.stop
         if not stop and self.on_text is None:
             return
         text, stopped = self.engine.text_segment(row.text_ids, stop)
@@ -493,7 +549,7 @@ class _Run:
     def _flush_text(self, row: _Row) -> None:
         if not row.text_ids:
             return
-        text, _ = self.engine.text_segment(row.text_ids, self.settings.stop)
+        text, _ = self.engine.text_segment(row.text_ids, row.settings.stop)
         if self.on_text is not None and len(text) > row.streamed:
             self.on_text(row.index, text[row.streamed :])
         if text:
@@ -509,9 +565,32 @@ class _Run:
         self._flush_text(row)
 
 
-def _by_mode(rows: list[_Row]) -> dict[str, list[_Row]]:
-    """Rows grouped by their current media mode, so each modality runs once per step."""
-    groups: dict[str, list[_Row]] = {}
+class _Expired(Exception):
+    """A row of a head call ran past its deadline (caught by ``_retry_without_expired``)."""
+
+
+EXPIRED = ("timeout", "cancelled")
+
+
+def _by_head_call(rows: list[_Row]) -> dict[tuple[str, float, int | None], list[_Row]]:
+    """Rows in continuous spans grouped by what one call of their modality's head needs alike:
+    the modality, the guidance scale (1 for unguided rows) and the sampler's step count."""
+    groups: dict[tuple[str, float, int | None], list[_Row]] = {}
     for row in rows:
-        groups.setdefault(row.mode.name, []).append(row)
+        own = row.settings.for_modality(row.mode.name)
+        groups.setdefault((row.mode.name, own.cfg_scale if row.guided else 1.0, own.steps), []).append(row)
     return groups
+
+
+def row_settings(settings: GenerationSettings, count: int) -> list[GenerationSettings]:
+    """``count`` rows of ``settings``; a seed ``s`` becomes ``s, s + 1, ...`` so that every row
+    has a generator of its own (and reply ``i`` can be had alone with seed ``s + i``)."""
+    if settings.seed is None:
+        return [settings] * count
+    return [settings.replace(seed=settings.seed + i) for i in range(count)]
+
+
+def _expiry_message(reasons: list[str | None]) -> str:
+    if "cancelled" in reasons:
+        return "generation cancelled"
+    return "generation ran past its time limit"

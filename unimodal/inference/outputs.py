@@ -33,7 +33,7 @@ class Segment:
 @dataclass
 class Generation:
     segments: list[Segment]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "timeout" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
     seed: int
@@ -41,16 +41,26 @@ class Generation:
 
 @dataclass(frozen=True)
 class Deadline:
-    """When a generation must stop: a ``time.monotonic()`` instant, and an event a server sets
-    when it shuts down (so SIGTERM frees the model within a step)."""
+    """When a generation must stop: a ``time.monotonic()`` instant, and an event a caller sets to
+    stop it (a server shutting down, a client gone), read at every step."""
 
     at: float | None = None
     cancel: threading.Event | None = None
 
 
+def expiry(deadline: Deadline) -> str | None:
+    """Why a generation must stop now: "cancelled", "timeout", or None to go on."""
+    if deadline.cancel is not None and deadline.cancel.is_set():
+        return "cancelled"
+    if deadline.at is not None and time.monotonic() > deadline.at:
+        return "timeout"
+    return None
+
+
 def check_deadline(deadline: Deadline) -> None:
     """Raise :class:`GenerationTimeout` once ``deadline`` has passed or been cancelled."""
-    if deadline.cancel is not None and deadline.cancel.is_set():
-        raise GenerationTimeout("generation cancelled: the server is stopping")
-    if deadline.at is not None and time.monotonic() > deadline.at:
+    reason = expiry(deadline)
+    if reason == "cancelled":
+        raise GenerationTimeout("generation cancelled")
+    if reason == "timeout":
         raise GenerationTimeout("generation ran past its time limit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 import torch
 
@@ -40,10 +41,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def choose(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+def choose(logits: torch.Tensor, settings: SamplingSettings, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One id per row of ``logits [n, V]``: argmax when greedy, else a draw after temperature,
-    top-k and top-p."""
+    top-k and top-p, each row with its own generator (so a row draws the same alone as in a batch)."""
     if settings.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_top_k_top_p(logits / settings.temperature, settings.top_k, settings.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    probs = filter_top_k_top_p(logits / settings.temperature, settings.top_k, settings.top_p).softmax(dim=-1)
+    if len(generators) != len(probs):
+        raise ValueError(f"{len(probs)} rows need as many generators, got {len(generators)}")
+    return torch.cat([torch.multinomial(row[None], 1, generator=g)[:, 0] for row, g in zip(probs, generators)])

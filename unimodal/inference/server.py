@@ -13,9 +13,12 @@ Limits answer with OpenAI-style errors (``{"error": {"message", "type", "code"}}
 above the server's caps is 400, and so is a diffusion ``steps``, ``cfg_scale``, ``num_beams`` or
 ``max_media`` above 4x the model's own setting (:func:`sampling_caps`), a missing or wrong
 bearer token (when ``api_key`` is set) is 401, a request that waits longer than ``max_seconds``
-behind others is 429, and a generation cut short by a shutdown is 503. One generation runs at
-a time (the model is shared); extension fields ``top_k``, ``repetition_penalty``, ``num_beams``,
-``max_media``, ``start_with`` and per-modality ``image`` / ``audio`` settings pass through to
+behind others is 429, and a generation cut short by a shutdown is 503. Concurrent requests are
+answered together (:class:`~unimodal.inference.batcher.Batcher`: up to ``max_batch`` rows in one
+engine batch, each with its own settings, seed and deadline); a request whose deadline passes
+leaves its batch with a 408 and a client that disconnects cancels its rows. Extension fields
+``top_k``, ``repetition_penalty``, ``num_beams``, ``max_media``, ``start_with``, ``timeout_s``
+(at most ``max_seconds``) and per-modality ``image`` / ``audio`` settings pass through to
 :meth:`GenerationSettings.replace`. OpenAI's audio output options (``modalities``, ``audio``'s
 ``voice`` and ``format``) return the first spoken clip as ``message.audio``.
 """
@@ -23,23 +26,23 @@ a time (the model is shared); extension fields ``top_k``, ``repetition_penalty``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import io
 import json
 import logging
 import secrets
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from unimodal.inference.batcher import Batcher, Busy, Job
 from unimodal.inference.chat import Assistant, ChatError, Reply, ReplyPart
 from unimodal.inference.outputs import GenerationTimeout
 
@@ -49,7 +52,7 @@ log = logging.getLogger("unimodal.serve")
 # fields of OpenAI's schema are accepted and ignored
 FIELD_TYPES = {
     "temperature": (int, float), "top_p": (int, float), "repetition_penalty": (int, float), "top_k": int,
-    "num_beams": int, "seed": int, "max_media": int, "image": dict, "audio": dict,
+    "num_beams": int, "seed": int, "max_media": int, "image": dict, "audio": dict, "timeout_s": (int, float),
 }
 SAMPLING_FIELDS = tuple(FIELD_TYPES)
 UNSUPPORTED = {"tools": "tool calling", "functions": "function calling", "logprobs": "log-probabilities"}
@@ -61,6 +64,8 @@ class ServerLimits:
     max_seconds: float = 300.0
     max_new_tokens: int = 4096
     max_n: int = 8
+    max_batch: int = 8  # rows (a request's n counts n times) answered together
+    batch_window_s: float = 0.01  # how long a batch's first request waits for others to join it
 
 
 class APIError(Exception):
@@ -75,60 +80,52 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
 
 
-@dataclass
-class ModelSlot:
-    """The one model, shared by requests: a lock (one generation at a time), and an event set
-    when the server shuts down, which stops the running generation at its next step."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stopping: threading.Event = field(default_factory=threading.Event)
-
-
 def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerLimits | None = None, model_name: str | None = None) -> FastAPI:
     """The FastAPI application (run it with uvicorn, or :func:`serve`)."""
     limits = limits or ServerLimits()
     name = model_name or assistant.name
     created = int(time.time())
     caps = sampling_caps(assistant)
-    slot = ModelSlot()
+    batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        slot.stopping.set()  # SIGTERM: the running generation ends at its next step
+        await asyncio.to_thread(batcher.stop)  # SIGTERM: the running batch ends at its next step
 
     app = FastAPI(title="unimodal", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.slot = slot
+    app.state.batcher = batcher
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.payload(), status_code=err.status)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-                return JSONResponse(err.payload(), status_code=401)
-        return await call_next(request)
+    # a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides a client's
+    # disconnect from a streaming response, which must see it to cancel the generation
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": name}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "unimodal"}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request):
         body = await _read_body(request, limits.max_request_bytes)
         call = parse_request(body, name, limits)
         check_caps(call.settings, caps)
         if call.stream:
-            return StreamingResponse(_stream(assistant, call, slot, limits, name), media_type="text/event-stream")
-        replies = await asyncio.to_thread(_generate, assistant, call, slot, limits)
+            return StreamingResponse(_stream(batcher, call, limits, name), media_type="text/event-stream")
+        job = batcher.submit(_job(call, batcher, limits))
+        replies = await _wait(job, batcher, limits, request)
         return completion(replies, name, call.audio_format)
 
     return app
@@ -188,6 +185,8 @@ def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
         if isinstance(value, bool) or not isinstance(value, expected):
             kind = {dict: "an object", int: "an integer"}.get(expected, "a number")
             raise APIError(400, f"{key} must be {kind}")
+    if not 0 < settings.get("timeout_s", limits.max_seconds) <= limits.max_seconds:
+        raise APIError(400, f"timeout_s must be in (0, {limits.max_seconds:g}], this server's limit (--max_seconds)")
     audio_format = _audio_output(payload, settings)
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
     if max_tokens is not None:
@@ -300,24 +299,47 @@ def _check_message(message: Any, index: int) -> None:
             raise APIError(400, f"{where}: part type {kind!r} is not supported (text, image_url, input_audio)")
 
 
-def _generate(assistant: Assistant, call: Call, slot: ModelSlot, limits: ServerLimits, on_text=None) -> list[Reply]:
-    if not slot.lock.acquire(timeout=limits.max_seconds):
-        raise APIError(429, f"the server is busy: the request waited {limits.max_seconds:g} s for the model; retry later", "busy")
+def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[int, str], None] | None = None) -> Job:
+    """The batcher's job for a request: it may wait ``max_seconds`` for the model, then generate
+    for its own ``timeout_s`` (default ``max_seconds``)."""
+    settings = dict(call.settings)
+    timeout = float(settings.pop("timeout_s", limits.max_seconds))
+    settings.setdefault("max_new_tokens", min(batcher.assistant.settings.max_new_tokens, limits.max_new_tokens))
+    return Job(call.messages, settings, timeout_s=timeout, wait_until=time.monotonic() + limits.max_seconds, n=call.n,
+               start_with=call.start_with, on_text=on_text)
+
+
+async def _wait(job: Job, batcher: Batcher, limits: ServerLimits, request: Request | None = None) -> list[Reply]:
+    """The job's replies; a client that disconnects meanwhile cancels its rows."""
+    future = asyncio.wrap_future(job.future)
     try:
-        default_length = min(assistant.settings.max_new_tokens, limits.max_new_tokens)
-        settings = {"max_new_tokens": default_length, **call.settings, "timeout_s": limits.max_seconds}
-        return assistant.generate([call.messages] * call.n, on_text=on_text, start_with=call.start_with, cancel=slot.stopping, **settings)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.5)
+            if done:
+                return _result(future, job, batcher, limits)
+            if request is not None and await request.is_disconnected():
+                job.cancel.set()
+    except asyncio.CancelledError:
+        job.cancel.set()
+        future.cancel()  # nobody reads the outcome now
+        raise
+
+
+def _result(future: asyncio.Future, job: Job, batcher: Batcher, limits: ServerLimits) -> list[Reply]:
+    """The replies, or the failure as an HTTP error."""
+    try:
+        return future.result()
+    except Busy as err:
+        raise APIError(429, f"the server is busy: {err}; retry later", "busy") from None
     except GenerationTimeout:
-        if slot.stopping.is_set():
+        if batcher.stopping.is_set():
             raise APIError(503, "the server is shutting down; send the request again when it is back", "shutting_down") from None
         raise APIError(
-            408, f"the generation ran longer than this server's limit of {limits.max_seconds:g} s (--max_seconds); ask for fewer tokens (max_tokens)",
-            "timeout",
+            408, f"the generation ran longer than its limit of {job.timeout_s:g} s (timeout_s, at most --max_seconds "
+            f"{limits.max_seconds:g}); ask for fewer tokens (max_tokens)", "timeout",
         ) from None
     except (ChatError, ValueError) as err:
         raise APIError(400, str(err)) from None
-    finally:
-        slot.lock.release()
 
 
 def completion(replies: list[Reply], name: str, audio_format: str | None = None) -> dict[str, Any]:
@@ -386,9 +408,10 @@ def wire_part(part: ReplyPart) -> dict[str, Any]:
     return {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_audio(part, "wav")).decode(), "format": "wav"}}
 
 
-async def _stream(assistant: Assistant, call: Call, slot: ModelSlot, limits: ServerLimits, name: str) -> AsyncIterator[str]:
+async def _stream(batcher: Batcher, call: Call, limits: ServerLimits, name: str) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, text deltas as they are generated, then a last chunk with
-    any media parts (``delta.content`` as a list), the finish reason and usage."""
+    any media parts (``delta.content`` as a list), the finish reason and usage. A client that
+    disconnects cancels the generation (Starlette cancels this generator)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -398,36 +421,45 @@ async def _stream(assistant: Assistant, call: Call, slot: ModelSlot, limits: Ser
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    def work() -> None:
-        try:
-            replies = _generate(assistant, call, slot, limits, on_text=lambda row, text: loop.call_soon_threadsafe(queue.put_nowait, text))
-            loop.call_soon_threadsafe(queue.put_nowait, replies[0])
-        except Exception as err:  # noqa: BLE001 - every failure becomes an error event
-            loop.call_soon_threadsafe(queue.put_nowait, err)
+    job = batcher.submit(_job(call, batcher, limits, on_text=lambda choice, text: loop.call_soon_threadsafe(queue.put_nowait, text)))
 
-    threading.Thread(target=work, daemon=True).start()
-    yield chunk({"role": "assistant", "content": ""})
-    while True:
-        item = await queue.get()
-        if isinstance(item, str):
-            yield chunk({"content": item})
-            continue
-        if isinstance(item, Reply):
-            fields = message_fields(item.parts, call.audio_format)
-            delta = {"audio": fields["audio"]} if "audio" in fields else {}
-            media = [part for part in (fields["content"] if isinstance(fields["content"], list) else []) if part["type"] != "text"]
-            if media:
-                delta["content"] = media
-            usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
-                     "total_tokens": item.prompt_tokens + item.completion_tokens}
-            yield chunk(delta, item.finish_reason, usage=usage)
-        else:
-            err = item if isinstance(item, APIError) else APIError(500, f"generation failed: {item}", "server_error")
-            if not isinstance(item, APIError):
-                log.error("generation failed", exc_info=item)
-            yield f"data: {json.dumps(err.payload())}\n\n"
-        yield "data: [DONE]\n\n"
-        return
+    async def finish() -> None:
+        try:
+            outcome: Reply | Exception = (await _wait(job, batcher, limits))[0]
+        except Exception as err:  # noqa: BLE001 - every failure becomes an error event
+            outcome = err
+        await queue.put(outcome)
+
+    waiter = asyncio.ensure_future(finish())
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            item = await queue.get()
+            if isinstance(item, str):
+                yield chunk({"content": item})
+                continue
+            yield _last_event(item, chunk, call.audio_format)
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        waiter.cancel()  # a disconnected client: _wait cancels the job, whose rows leave their batch
+
+
+def _last_event(outcome: Reply | Exception, chunk: Callable[..., str], audio_format: str | None) -> str:
+    """The stream's last chunk: media parts, the finish reason and usage; or the error."""
+    if isinstance(outcome, Reply):
+        fields = message_fields(outcome.parts, audio_format)
+        delta = {"audio": fields["audio"]} if "audio" in fields else {}
+        media = [part for part in (fields["content"] if isinstance(fields["content"], list) else []) if part["type"] != "text"]
+        if media:
+            delta["content"] = media
+        usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                 "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+        return chunk(delta, outcome.finish_reason, usage=usage)
+    err = outcome if isinstance(outcome, APIError) else APIError(500, f"generation failed: {outcome}", "server_error")
+    if not isinstance(outcome, APIError):
+        log.error("generation failed", exc_info=outcome)
+    return f"data: {json.dumps(err.payload())}\n\n"
 
 
 def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -437,6 +469,6 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
 
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name)
     log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models, GET /health)", model_name or assistant.name, host, port)
-    # on SIGTERM uvicorn stops accepting, the lifespan cancels the running generation, and
+    # on SIGTERM uvicorn stops accepting, the lifespan cancels the running batch, and
     # connections still open after a few seconds are closed
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

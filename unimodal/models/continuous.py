@@ -182,7 +182,8 @@ class TokenDiffusionImage(ContinuousImage):
     - ``embed_clean(features [N, D]) -> [N, H]``: input embeddings of generated features, to
       commit them to the KV cache;
     - ``sample_next(hidden [B, H], *, cfg_scale=1.0, steps=None, generator=None) -> [B, D]``:
-      the next slot's features from the hidden state at the position before it. With
+      the next slot's features from the hidden state at the position before it (``generator``:
+      one, or one per row, which the engine passes so that each row's noise is its own). With
       ``cfg_scale != 1`` pass ``2B`` rows (the conditional rows first, then the unconditional
       ones, e.g. from the prompt "Generate an image."); guidance applies to the head output.
 
@@ -315,7 +316,7 @@ class TransfusionImage(ContinuousImage):
     - ``embed_clean(features [N, D]) -> [N, H]`` (``N`` a multiple of ``slots_per_item``): the
       clean image at ``t = 0``, to commit a finished image to the KV cache;
     - ``denoise_block(run_backbone, batch_size, *, cfg_scale=1.0, steps=None, generator=None)
-      -> [B, slots_per_item, D]``: the sampler loop. ``run_backbone(embeds [R, N, H]) -> [R, N, H]``
+      -> [B, slots_per_item, D]``: the sampler loop (``generator``: one, or one per row). ``run_backbone(embeds [R, N, H]) -> [R, N, H]``
       must place ``embeds`` at the ``N`` image slots after the cached prefix (``<|boi|>`` last),
       attend bidirectionally among them, leave the cache unchanged, and return the final hidden
       states (after the decoder's norm) at those slots. ``R = B`` without guidance; with

@@ -16,7 +16,7 @@ Classifier-free guidance is one batched call on a conditional/unconditional pair
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,11 +148,14 @@ class DiffusionSchedule:
         *,
         cfg_scale: float = 1.0,
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         device: torch.device | str = "cpu",
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Run the sampler from pure noise of ``shape`` (``[B, ...]``) to x0.
+
+        ``generator`` may be one per row: each row's noise then depends on its own generator
+        only, so a row samples the same image alone as in any batch.
 
         ``on_step`` is called before every step: a caller's deadline check, which may raise to
         stop the loop.
@@ -161,8 +164,11 @@ class DiffusionSchedule:
         With ``cfg_scale != 1`` it is called with ``R = 2B`` rows (the same ``x_t`` twice: the
         conditional half first) and the output is guided; otherwise ``R = B``.
         """
+        from diffusers.utils.torch_utils import randn_tensor
+
         scheduler = self.sampler(steps)
-        x = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+        generators = list(generator) if isinstance(generator, Sequence) else generator
+        x = randn_tensor(shape, generator=generators, device=torch.device(device))
         # Euler keeps x in sigma units (scaled in and out); DDIM and flow use x_t as it is
         x = x.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
         scale_in = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
@@ -177,5 +183,5 @@ class DiffusionSchedule:
             if guided:
                 cond, uncond = out.chunk(2)
                 out = uncond + cfg_scale * (cond - uncond)
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
+            x = scheduler.step(out, t, x, generator=generators).prev_sample
         return x

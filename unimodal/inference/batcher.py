@@ -1,0 +1,214 @@
+"""Concurrent requests gathered into one engine batch.
+
+The engine answers a batch in one backbone pass per step, each row with its own settings, seed
+and deadline, so on hardware a single conversation leaves idle, several cost little more than
+one. The :class:`Batcher` owns the model: one worker thread takes the first waiting request,
+gathers those that arrive within ``gather_s`` (up to ``max_rows`` rows), and runs them together.
+A request that arrives while a batch runs waits for the next one: rows never join a running batch
+(static batching). Beam-search requests, whose loop is separate, run in batches of their own.
+
+A job that cannot start before ``wait_until`` fails with :class:`Busy`; a row past its own
+``timeout_s`` or cancelled (a client gone, the server stopping) leaves its batch and its job fails
+with :class:`~unimodal.inference.outputs.GenerationTimeout`, while the other rows go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from unimodal.inference.chat import Assistant, ChatError, Message, Reply
+from unimodal.inference.engine import EXPIRED, row_settings
+from unimodal.inference.outputs import GenerationTimeout
+
+log = logging.getLogger("unimodal.serve")
+
+
+class Busy(RuntimeError):
+    """A job waited for the model past its ``wait_until`` without starting."""
+
+
+@dataclass
+class Job:
+    """One request: ``n`` replies to ``messages`` with ``settings`` (:meth:`GenerationSettings.replace`
+    keywords). ``on_text(choice, text)`` receives text as it is generated, from the worker thread.
+    Setting ``cancel`` takes the job's rows out of their batch at the next step."""
+
+    messages: list[Message]
+    settings: dict[str, Any]
+    timeout_s: float
+    wait_until: float
+    n: int = 1
+    start_with: str | None = None
+    on_text: Callable[[int, str], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def beams(self) -> bool:
+        text = self.settings.get("text")
+        return int(self.settings.get("num_beams", text.get("num_beams", 1) if isinstance(text, dict) else 1)) > 1
+
+
+class Batcher:
+    """The model's one worker: jobs in, batches of up to ``max_rows`` rows out (see the module)."""
+
+    def __init__(self, assistant: Assistant, max_rows: int = 8, gather_s: float = 0.01):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.assistant, self.max_rows, self.gather_s = assistant, max_rows, gather_s
+        self.stopping = threading.Event()
+        self.stats: Counter[str] = Counter()  # finished rows by reason, and batches and their rows
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._held: deque[Job] = deque()  # taken from the queue but left for a later batch
+        self._running: list[Job] = []
+        self._thread = threading.Thread(target=self._work, name="unimodal-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        if self.stopping.is_set():
+            job.future.set_exception(GenerationTimeout("generation cancelled: the server is stopping"))
+        else:
+            self._queue.put(job)
+        return job
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running batch and every waiting job, and end the worker."""
+        self.stopping.set()
+        for job in list(self._running):
+            job.cancel.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() + len(self._held)
+
+    # -- the worker -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._gather()
+            if jobs is None:
+                return
+            self._running = jobs
+            try:
+                self._run(jobs)
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any one batch
+                log.error("a batch failed", exc_info=err)
+                for job in jobs:
+                    _fail(job, err)
+            finally:
+                self._running = []
+
+    def _next(self, timeout: float | None) -> Job | None:
+        if self._held:
+            return self._held.popleft()
+        return self._queue.get(timeout=timeout)
+
+    def _gather(self) -> list[Job] | None:
+        """The next batch: the first waiting job and those that come within ``gather_s``, up to
+        ``max_rows`` rows; None once stopping (every job still waiting is cancelled)."""
+        first = self._next(None)
+        if first is None or self.stopping.is_set():
+            self._cancel_waiting(first)
+            return None
+        jobs, rows, later = [first], first.n, []
+        until = time.monotonic() + self.gather_s
+        while rows < self.max_rows and not first.beams:
+            try:
+                job = self._next(max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:  # stop() was called: this batch still runs, and is cancelled
+                self._queue.put(None)
+                break
+            if job.beams or rows + job.n > self.max_rows:
+                later.append(job)
+                continue
+            jobs.append(job)
+            rows += job.n
+        self._held.extendleft(reversed(later))
+        return jobs
+
+    def _cancel_waiting(self, first: Job | None) -> None:
+        pending = [first] if first is not None else []
+        pending += list(self._held)
+        self._held.clear()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                pending.append(job)
+        for job in pending:
+            _fail(job, GenerationTimeout("generation cancelled: the server is stopping"))
+
+    def _run(self, jobs: list[Job]) -> None:
+        """Prompts per job (a bad one fails alone), one generation for every row, replies back."""
+        now = time.monotonic()
+        prompts, settings, cancels, owners = [], [], [], []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its caller is gone
+            if job.cancel.is_set():
+                self.stats["cancelled"] += job.n
+                _fail(job, GenerationTimeout("generation cancelled"))
+                continue
+            if now > job.wait_until:
+                _fail(job, Busy(f"the request waited {now - job.arrived:.1f} s for the model"))
+                continue
+            try:
+                resolved = self.assistant.resolve(**job.settings, timeout_s=job.timeout_s)
+                prompt = self.assistant.prompt(job.messages, resolved, job.start_with)
+            except (ChatError, ValueError) as err:
+                _fail(job, err)
+                continue
+            for choice, row in enumerate(row_settings(resolved, job.n)):
+                prompts.append(prompt)
+                settings.append(row)
+                cancels.append(job.cancel)
+                owners.append((job, choice))
+        if not prompts:
+            return
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(prompts)
+
+        def on_text(row: int, text: str) -> None:
+            job, choice = owners[row]
+            if job.on_text is not None:
+                job.on_text(choice, text)
+
+        try:
+            replies = self.assistant.answer(prompts, settings, on_text=on_text, cancel=cancels)
+        except GenerationTimeout:  # no row was left to answer
+            for job in {id(j): j for j, _ in owners}.values():
+                reason = "cancelled" if job.cancel.is_set() else "timeout"
+                self.stats[reason] += job.n
+                _fail(job, GenerationTimeout("generation cancelled" if reason == "cancelled" else "generation ran past its time limit"))
+            return
+        answers: dict[int, tuple[Job, list[Reply]]] = {}
+        for (job, _), reply in zip(owners, replies):
+            answers.setdefault(id(job), (job, []))[1].append(reply)
+            self.stats[reply.finish_reason] += 1
+        for job, own in answers.values():
+            expired = [r.finish_reason for r in own if r.finish_reason in EXPIRED]
+            if expired:
+                reason = "cancelled" if "cancelled" in expired else "ran past its time limit"
+                _fail(job, GenerationTimeout(f"generation {reason}"))
+            else:
+                job.future.set_result(own)
+
+
+def _fail(job: Job, err: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(err)
