@@ -251,6 +251,7 @@ def serve(
     max_request_mb: float = 20.0,
     max_seconds: float = 300.0,
     max_tokens: int = 4096,
+    max_batch: int = 8,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -268,8 +269,11 @@ def serve(
         api_key: require 'Authorization: Bearer KEY' (default: $UNIMODAL_API_KEY, else none).
         model_name: the model id clients send (default: the last component of MODEL as given).
         max_request_mb: larger request bodies get 413.
-        max_seconds: longer generations get 408.
+        max_seconds: longer generations get 408 (a request may ask for less with timeout_s), and
+            requests that wait longer for the model get 429.
         max_tokens: the largest max_tokens a request may ask for.
+        max_batch: how many replies (a request's n counts n times) are generated together;
+            concurrent requests are batched up to it.
         temperature: default text sampling temperature (0: greedy; default: the model's).
         top_p: default nucleus sampling mass (default: the model's).
         top_k: default number of tokens sampled among (default: the model's).
@@ -283,7 +287,10 @@ def serve(
     from unimodal.inference.server import ServerLimits
     from unimodal.inference.server import serve as run_server
 
-    limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens)
+    if max_batch < 1:
+        raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
+    limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens,
+                          max_batch=max_batch)
     assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     if settings:
