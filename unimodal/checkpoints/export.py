@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from unimodal.checkpoints.load import (
     codec_dirs,
 )
 from unimodal.checkpoints.zero import zero_to_fp32
+from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
 from unimodal.models.backbone import causal_lm_from_config
 from unimodal.models.lora import has_backbone_adapter, merge_injected, save_adapter
@@ -151,6 +153,19 @@ def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
     staging.rename(out)
 
 
+def training_record(data: dict[str, Any]) -> dict[str, Any] | None:
+    """What the model was trained on, for a fine-tune to replay (``docs/finetune.md``): the run's
+    training mixture (its replayed data included, so the record covers every earlier stage) and
+    its validation sets, as absolute paths. None when the run read no shard sets."""
+    if not data.get("datasets"):
+        return None
+    mixture = training_mixture(data["datasets"], data.get("replay"), float(data.get("replay_weight") or 0.0))
+    return {
+        "datasets": [{"path": os.path.abspath(d.path), "weight": round(d.weight, 6)} for d in mixture],
+        "val_datasets": [{"path": os.path.abspath(d.path), "weight": d.weight} for d in shard_sets(data.get("val_datasets"))],
+    }
+
+
 def write_export(
     model: UnifiedModel,
     out: Path,
@@ -196,5 +211,6 @@ def write_export(
         "lora": _plain(lora) if adapter else None,
         "generation": _plain(generation),
         "source": source or {},
+        "training_data": training_record(_plain(data)),
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")

@@ -264,9 +264,36 @@ def shard_sets(raw: list[ShardSet | dict | str] | None) -> list[ShardSet]:
             entry = ShardSet(**entry)
         elif not isinstance(entry, ShardSet):
             entry = ShardSet(str(entry))
-        entry.path = local_path(entry.path)
+        entry = ShardSet(local_path(entry.path), entry.weight)
         sets.append(entry)
     return sets
+
+
+def training_mixture(
+    datasets: list[ShardSet | dict | str], replay: list[ShardSet | dict | str] | None = None, replay_weight: float = 0.0
+) -> list[ShardSet]:
+    """The shard sets a run trains on, each weighted by its share of the documents: ``datasets``
+    by their weights, with ``replay`` (the data an earlier model was trained on) taking
+    ``replay_weight`` of the documents so that a fine-tune keeps the skills it started with.
+    An export records this mixture; fine-tuning that export replays it."""
+    new, old = shard_sets(datasets), shard_sets(replay)
+    if not 0 <= replay_weight < 1:
+        raise ValueError(f"replay_weight must be in [0, 1), got {replay_weight}")
+    for name, sets in (("datasets", new), ("replay", old)):
+        weights = [d.weight for d in sets]
+        if weights and (min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"{name}: weights must be >= 0 with a positive sum, got {weights}")
+    if not new:
+        raise ValueError("datasets: give at least one shard set")
+    if not old or replay_weight == 0:
+        total = sum(d.weight for d in new)
+        return [ShardSet(d.path, d.weight / total) for d in new]
+    shares: dict[str, float] = {}
+    for sets, share in ((new, 1 - replay_weight), (old, replay_weight)):
+        total = sum(d.weight for d in sets)
+        for d in sets:
+            shares[d.path] = shares.get(d.path, 0.0) + share * d.weight / total
+    return [ShardSet(path, weight) for path, weight in shares.items()]
 
 
 class UnimodalDataModule(L.LightningDataModule):
@@ -282,6 +309,9 @@ class UnimodalDataModule(L.LightningDataModule):
     than another set's are refused, and the tokenizer enters the vocabulary layout.
     ``chat_template`` (``chatml`` | ``vicuna``) renders documents whose parts carry roles as
     chats, supervising only assistant turns (``unimodal.data.templates``, ``docs/chat-data.md``).
+    ``replay`` names the data a fine-tuned model was trained on, mixed back in as
+    ``replay_weight`` of the training documents (:func:`training_mixture`; fine-tuning an export
+    fills it from the export's record, ``docs/finetune.md``).
     """
 
     def __init__(
@@ -306,15 +336,14 @@ class UnimodalDataModule(L.LightningDataModule):
         code_layers: dict[str, int] | None = None,
         input_layers: dict[str, int] | None = None,
         chat_template: str | None = None,
+        replay: list[ShardSet | str] | None = None,
+        replay_weight: float = 0.25,
     ):
         super().__init__()
         self.datasets = shard_sets(datasets)
         self.val_datasets = shard_sets(val_datasets)
-        if not self.datasets:
-            raise ValueError("datasets: give at least one shard set")
-        weights = [d.weight for d in self.datasets]
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"datasets: weights must be >= 0 with a positive sum, got {weights}")
+        self.replay, self.replay_weight = shard_sets(replay), replay_weight
+        self.mixture = training_mixture(self.datasets, self.replay, replay_weight)
         if overlong not in ("split", "error"):
             raise ValueError(f"overlong must be 'split' or 'error', got {overlong!r}")
         sizes = {
@@ -355,7 +384,7 @@ class UnimodalDataModule(L.LightningDataModule):
     @property
     def layout(self) -> VocabLayout:
         if self._layout is None:
-            paths = [d.path for d in self.datasets + self.val_datasets]
+            paths = [d.path for d in self.mixture + self.val_datasets]
             self._layout = VocabLayout(
                 text_size=self.tokenizer.vocab_size,
                 code_ranges=dict(self.code_ranges),
@@ -366,7 +395,7 @@ class UnimodalDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Fail early on missing shards or tokenizer, not in a DataLoader worker."""
-        for shard_set in self.datasets + self.val_datasets:
+        for shard_set in self.mixture + self.val_datasets:
             expand_shards(shard_set.path)
         _ = self.tokenizer
 
@@ -426,9 +455,9 @@ class UnimodalDataModule(L.LightningDataModule):
         return resume[1] if resume is not None and resume[0] == epoch else 0
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
-        shard_sets = [expand_shards(d.path) for d in self.datasets]
+        shard_sets = [expand_shards(d.path) for d in self.mixture]
         slots = world_size * max(1, self.num_workers)
-        for spec, urls in zip(self.datasets, shard_sets):
+        for spec, urls in zip(self.mixture, shard_sets):
             if len(urls) < slots:
                 logger.warning(
                     "shard set %s has %d shards for %d rank x worker slots: slots share its shards "
@@ -439,7 +468,7 @@ class UnimodalDataModule(L.LightningDataModule):
                 )
         return TrainStream(
             shard_sets,
-            [d.weight for d in self.datasets],
+            [d.weight for d in self.mixture],
             self.stream_config(),
             self.steps_per_epoch * self.accumulate_grad_batches,
             seed=self.seed,

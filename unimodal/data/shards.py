@@ -285,6 +285,19 @@ def expand_shards(spec: str | Path) -> list[str]:
     return urls
 
 
+def present_shard_sets(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The shard sets of ``paths`` that exist here, and those that do not (an export's record of
+    its training data may name data that stayed on another machine)."""
+    present, missing = [], []
+    for path in paths:
+        try:
+            expand_shards(path)
+            present.append(path)
+        except (FileNotFoundError, ValueError):
+            missing.append(path)
+    return present, missing
+
+
 def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> Iterator[dict[str, Any]]:
     """Raw WebDataset samples (``__key__``, ``__url__``, ``json``, ``0.png`` ...) of the shards.
 

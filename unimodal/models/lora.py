@@ -17,7 +17,10 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import difflib
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -29,6 +32,15 @@ log = logging.getLogger("unimodal.train")
 # SEED-LLaMA's targets (arXiv 2310.01218): every attention and MLP projection of a Llama block
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINABLES_FILE = "trainables.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a
+    model; the FutureWarning is theirs to fix, so a user does not see it on every run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @dataclass
@@ -119,10 +131,12 @@ def apply_lora(model: nn.Module, settings: LoraSettings, new_token_ids: list[int
     tokens = _token_indices(model.backbone, new_token_ids) if settings.train_new_tokens and new_token_ids else None
     if inside:
         config = peft.LoraConfig(target_modules=inside, trainable_token_indices=tokens, **options)
-        model.backbone = peft.get_peft_model(model.backbone, config)
+        with quiet_peft():
+            model.backbone = peft.get_peft_model(model.backbone, config)
     elif tokens:  # no LoRA layer in the backbone, only its new rows
         config = peft.TrainableTokensConfig(target_modules=list(tokens), token_indices=list(new_token_ids))
-        model.backbone = peft.get_peft_model(model.backbone, config)
+        with quiet_peft():
+            model.backbone = peft.get_peft_model(model.backbone, config)
     for param in keep:  # peft froze what it wrapped; the policy's choices stand
         param.requires_grad_(True)
     log.info(

@@ -17,6 +17,7 @@ saves one before the run stops (``unimodal.training.resume``).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import warnings
@@ -39,12 +40,16 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
 from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
 from unimodal.data.processor import media_settings
+from unimodal.data.shards import present_shard_sets
 from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
+from unimodal.training.finetune import FineTuneReport
 from unimodal.training.progress import StepProgressBar
 from unimodal.training.resume import Preempted, RunState, SaveOnSigterm
 from unimodal.training.strategies import register_strategies
+
+log = logging.getLogger("unimodal.train")
 
 
 class UnimodalCLI(LightningCLI):
@@ -95,6 +100,11 @@ class UnimodalCLI(LightningCLI):
         run_config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         run_config.pop("config", None)
         callbacks += [RunState(run_config), SaveOnSigterm(self.checkpoint_dir), StopOnDivergence()]
+        init_from = getattr(self.model, "init_from", None)
+        if init_from and (Path(init_from) / CONFIG_FILE).is_file():
+            record = read_export_config(init_from).get("training_data")
+            if record:
+                callbacks.append(FineTuneReport(init_from, record))
         kwargs["callbacks"] = callbacks
         plugins = list(config.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -186,17 +196,28 @@ def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: b
     ranges and layers, codecs, feature width, bidirectional and input layers) are taken from the
     export ``source``'s ``processor.json``, and its tokenizer (when the recipe names none, or
     always with ``tokenizer``: another tokenizer could not match the model's vocabulary), so model,
-    vocabulary and data agree. A directory that is not a unified-model export is left alone."""
+    vocabulary and data agree. The data the export records it was trained on becomes
+    ``data.init_args.replay`` unless the recipe names its own (``docs/finetune.md``). A directory
+    that is not a unified-model export is left alone."""
     source = Path(source)
     if not (source / CONFIG_FILE).is_file():
         return
-    processor = read_export_config(source)["processor"]
+    export = read_export_config(source)
+    processor = export["processor"]
     data_args = (config.get("data") or {}).get("init_args") or {}
     if tokenizer or not data_args.get("tokenizer"):
         set_dotted(config, "data.init_args.tokenizer", str(source / processor["tokenizer"]))
     for key, value in media_settings(processor).items():
         if key not in data_args:
             set_dotted(config, f"data.init_args.{key}", value)
+    if "replay" not in data_args:
+        recorded = {d["path"]: d for d in (export.get("training_data") or {}).get("datasets") or []}
+        present, missing = present_shard_sets(recorded)
+        if missing:
+            log.warning("%s was trained on data that is not on this machine (%s), so that data is not replayed; "
+                        "name shard sets with --data.init_args.replay", source, ", ".join(missing))
+        if present:
+            set_dotted(config, "data.init_args.replay", [recorded[path] for path in present])
 
 
 def _override(args: list[str], dotted: str) -> str | None:

@@ -1,0 +1,68 @@
+"""Fine-tuning an export: the export records its training data, a fine-tune replays it, warns
+about the tasks its new data leaves out, and reports each task's loss before and after."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unimodal.cli import main as unimodal_main
+from unimodal.data.datamodule import ShardSet, training_mixture
+from unimodal.data.tasks import document_task
+from unimodal.schema import Document, Part
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--trainer.enable_progress_bar=false", "--trainer.max_steps=2", "--trainer.val_check_interval=2"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_replay_takes_its_share_of_the_documents():
+    mixture = training_mixture([ShardSet("new/a", 3), ShardSet("new/b", 1)], ["old/x", ShardSet("new/a", 1)], replay_weight=0.2)
+    shares = {d.path: round(d.weight, 6) for d in mixture}
+    assert shares == {"new/a": 0.6 + 0.1, "new/b": 0.2, "old/x": 0.1}
+    assert training_mixture(["new/a"], ["old/x"], replay_weight=0.0) == [ShardSet("new/a", 1.0)]
+    with pytest.raises(ValueError, match="replay_weight must be in"):
+        training_mixture(["new/a"], ["old/x"], replay_weight=1.0)
+
+
+def test_a_task_is_named_by_the_media_given_and_written():
+    chat = Document([Part("text", text="draw", role="user", loss=False), Part("image", data=b"", role="assistant", loss=True),
+                     Part("text", text="a seven", role="assistant", loss=True)])
+    assert document_task(chat) == "text -> image+text"
+    assert document_task(Document([Part("audio", data=b""), Part("text", text="five")])) == "document audio+text"
+
+
+def test_a_fine_tune_replays_its_exports_data_and_reports_every_task(tmp_path, caplog):
+    base, export, tuned = tmp_path / "base", tmp_path / "export", tmp_path / "tuned"
+    stage1 = str(ROOT / "recipes" / "mio" / "stage1_alignment.yaml")
+    assert unimodal_main(["train", stage1, "--tiny", f"--trainer.default_root_dir={base}", *QUICK]) == 0
+    assert unimodal_main(["export", str(base), "--out", str(export)]) == 0
+    record = json.loads((export / "unimodal.json").read_text())["training_data"]
+    assert [Path(d["path"]).name for d in record["datasets"]] == ["image_text", "text", "speech"]
+    assert abs(sum(d["weight"] for d in record["datasets"]) - 1) < 1e-6 and record["val_datasets"]
+
+    text_only = next(d["path"] for d in record["datasets"] if d["path"].endswith("text") and "image" not in d["path"])
+    caplog.set_level(logging.INFO, logger="unimodal")
+    args = ["train", str(ROOT / "recipes" / "mio" / "stage2_interleaved.yaml"), "--tiny", f"--trainer.default_root_dir={tuned}",
+            f"--model.init_args.init_from={export}", f"--data.init_args.datasets=[{text_only}]", *QUICK]
+    assert unimodal_main(args) == 0
+    config = yaml.safe_load((tuned / "logs" / "version_0" / "config.yaml").read_text())
+    assert [d["path"] for d in config["data"]["init_args"]["replay"]] == [d["path"] for d in record["datasets"]]
+    warning = next(r.getMessage() for r in caplog.records if "tasks" in r.getMessage() and r.levelno == logging.WARNING)
+    assert "covers 1 of the" in warning and "document audio+text" in warning and "25% of the documents" in warning
+    report = json.loads((tuned / "finetune_report.json").read_text())
+    tasks = {row["task"]: row for row in report["tasks"]}
+    assert {"old: document image+text", "old: document audio+text", "old: document text"} <= set(tasks)
+    assert not any(task.startswith("new:") for task in tasks)  # the recipe validates on the export's own sets
+    assert all(row["before"] > 0 and row["after"] > 0 for row in tasks.values())
+    assert any(row["before"] != row["after"] for row in tasks.values())  # two steps of training moved them
+
+    caplog.clear()
+    quiet = [*args[:-len(QUICK)], "--data.init_args.replay_weight=0", f"--trainer.default_root_dir={tmp_path / 'forgetful'}", *QUICK]
+    assert unimodal_main(quiet) == 0
+    assert any("may forget them" in r.getMessage() for r in caplog.records)
