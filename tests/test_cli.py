@@ -37,7 +37,7 @@ def test_every_verb_has_help_from_its_docstring(words, function, capsys):
 
 
 def test_the_nested_verbs_keep_their_names():
-    assert set(VERBS["data"]) - {"_help"} == {"pack", "encode", "inspect", "text-corpus", "digits", "tokenizer"}
+    assert set(VERBS["data"]) - {"_help"} == {"pack", "encode", "fit-codec", "inspect", "text-corpus", "digits", "tokenizer"}
     assert set(VERBS["convert"]) - {"_help"} == {"zero-to-fp32", "orthus"}
 
 

@@ -108,6 +108,25 @@ def encode(
     return f"wrote {stats['documents']} documents to {out} (codes: {', '.join(sorted(stats['codes']))})"
 
 
+def fit_codec(src: str, *, codec: str, out: Path, limit: int | None = None, seed: int = 0) -> str:
+    """Refit a trainable codec's codebooks on your own media (docs/refit-codec.md).
+
+    Args:
+        src: a directory of media files (WAV/FLAC/... or PNG/JPEG/..., searched recursively), or
+            shards (a directory, brace pattern or shard; a builtin: name).
+        codec: the codec to refit: a digit-audio or patch-vq directory (an export's codecs/audio,
+            builtin:digits/audio_codec, builtin:digits/image_codec), or digit-audio / patch-vq for
+            a new one. A SEED tokenizer is refit by its stage-2 recipe instead.
+        out: the directory for the refit codec (new or empty).
+        limit: fit on at most this many clips or images.
+        seed: the seed of the k-means.
+    """
+    from unimodal.data.fit_codec import fit_codec as fit
+    from unimodal.worlds import resolve
+
+    return fit(resolve(src), resolve(codec), out, seed=seed, limit=limit).summary()
+
+
 def text_corpus(*, out: Path) -> str:
     """Write a small English corpus (stdlib docstrings) as source JSONL.
 
@@ -348,6 +367,7 @@ VERBS: dict[str, Any] = {
         "_help": "build, pack and inspect WebDataset shards",
         "pack": pack,
         "encode": encode,
+        "fit-codec": fit_codec,
         "inspect": inspect_path,
         "text-corpus": text_corpus,
         "digits": digits,

@@ -29,18 +29,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, processor_config
+from unimodal.modalities.base import describe_fingerprint
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig
 from unimodal.models.build import build_model
+from unimodal.models.lora import quiet_peft
 from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, UnifiedModel
 from unimodal.specs import instantiate
@@ -160,8 +162,12 @@ def tokenizer_path(path: str | Path) -> Path:
     return path / read_export_config(path)["processor"]["tokenizer"]
 
 
-def check_extends(old: VocabLayout, new: VocabLayout, what: str) -> None:
-    """A stage may keep the vocabulary or append code ranges; anything else moves existing ids."""
+def check_extends(old: VocabLayout, new: VocabLayout, what: str, reinit: Collection[str] = ()) -> None:
+    """A stage may keep the vocabulary or append code ranges; anything else moves existing ids.
+
+    A code range both share must be filled by the same codec (fingerprint): the rows ``what``
+    learned mean its codes, and a refit codec's codes mean other media. Ranges in ``reinit`` are
+    exempt, as :func:`init_from_export` restarts their rows."""
     same_prefix = (
         old.text_size == new.text_size
         and old.specials == new.specials
@@ -172,6 +178,17 @@ def check_extends(old: VocabLayout, new: VocabLayout, what: str) -> None:
             f"vocabulary layout of {what} ({old.to_dict()}) is not a prefix of this model's ({new.to_dict()}): "
             "use the same tokenizer and code ranges (new code ranges may only be appended)"
         )
+    unknown = sorted(set(reinit) - set(old.code_ranges))
+    if unknown:
+        raise ExportError(f"reinit_codes names {unknown}, which are not code ranges of {what} ({list(old.code_ranges)})")
+    for name, trained in old.code_sources.items():
+        mine = new.code_sources.get(name)
+        if mine is not None and mine != trained and name not in reinit:
+            raise ExportError(
+                f"{what} learned its {name} rows on codes of [{describe_fingerprint(trained)}] but this run's {name} codes come "
+                f"from [{describe_fingerprint(mine)}]; use the codec {what} was trained with, or restart those rows with "
+                f"--model.init_args.reinit_codes=[{name}]"
+            )
 
 
 def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tuple[list[str], list[str]]:
@@ -206,24 +223,47 @@ def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Modu
         return backbone
     import peft
 
-    with warnings.catch_warnings():  # peft reads transformers' deprecated alias on every load
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with quiet_peft():
         wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
     return wrapped.merge_and_unload() if merge else wrapped
 
 
-def init_from_export(model: nn.Module, path: str | Path) -> None:
+def init_from_export(model: UnifiedModel, path: str | Path, reinit: Collection[str] = ()) -> None:
     """Initialise a new stage's UnifiedModel from an export whose backbone it already loaded.
 
     Merges the export's adapter, if any, and loads the framework modules the two stages share;
     modules new in this stage keep their initialisation, modules this stage drops are reported.
+    The rows of the code ranges in ``reinit`` restart (:func:`restart_code_rows`).
     """
     model.backbone = apply_adapter(model.backbone, path, merge=True)
     loaded, dropped = load_modules(model, path, strict=False)
+    for name in reinit:
+        restart_code_rows(model, name)
     fresh = sorted({n.split(".")[1] for n, _ in model.named_parameters() if not n.startswith("backbone.")} - {n.split(".")[1] for n in loaded})
     log.info("initialised from %s: %d module tensors loaded%s%s", path, len(loaded),
              f"; new in this stage: {', '.join(fresh)}" if fresh else "",
              f"; not used by this stage: {', '.join(dropped[:5])}" if dropped else "")
+
+
+def restart_code_rows(model: UnifiedModel, name: str) -> None:
+    """Give the input (and untied output) embedding rows of code range ``name`` a fresh start, as
+    ``resize_token_embeddings(mean_resizing=True)`` starts added rows: the text rows' mean, plus
+    noise of 1e-5 of their variance (per dimension) so that the codes start apart. Why: after a
+    codec refit the old rows describe other media, and starting from them would teach the model
+    its old sounds under new names."""
+    layout = model.layout
+    start = layout.range_offset(name)
+    stop = start + layout.code_ranges[name]
+    tables = [model.backbone.get_input_embeddings().weight]
+    output = model.backbone.get_output_embeddings()
+    if output is not None and output.weight is not tables[0]:
+        tables.append(output.weight)
+    with gathered(tables, modifier_rank=0), torch.no_grad():
+        for weight in tables:
+            text = weight[: layout.text_size].float()
+            noise = torch.randn(stop - start, weight.shape[1], device=weight.device) * (1e-5 * text.var(0)).sqrt()
+            weight[start:stop] = (text.mean(0) + noise).to(weight.dtype)
+    log.info("restarted the %d rows of code range %r", stop - start, name)
 
 
 def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:

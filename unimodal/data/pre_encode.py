@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from unimodal.data.media import decode_media
 from unimodal.data.shards import STATS_FILE, expand_shards, read_documents, write_documents
-from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.base import MediaCodec, describe_fingerprint
 from unimodal.schema import Document, DocumentError, Part
 
 CODES_KEY = "codes"
@@ -48,10 +48,6 @@ def record_code_sources(out_dir: str | Path, sources: dict[str, dict[str, Any]],
     path.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
 
 
-def _describe(fingerprint: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in fingerprint.items())
-
-
 def code_sources(
     paths: list[str], code_ranges: dict[str, int], code_layers: dict[str, int], codecs: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
@@ -65,8 +61,8 @@ def code_sources(
             if modality in found and found[modality][1] != fingerprint:
                 other, theirs = found[modality]
                 raise ValueError(
-                    f"{path} holds {modality} codes of tokenizer [{_describe(fingerprint)}] but {other} holds codes of "
-                    f"[{_describe(theirs)}]; training on codes from different tokenizers is refused: re-encode one set"
+                    f"{path} holds {modality} codes of tokenizer [{describe_fingerprint(fingerprint)}] but {other} holds codes of "
+                    f"[{describe_fingerprint(theirs)}]; training on codes from different tokenizers is refused: re-encode one set"
                 )
             found[modality] = (path, fingerprint)
     sources = {}
@@ -76,14 +72,16 @@ def code_sources(
         if code_ranges.get(modality) != size or code_layers.get(modality, 1) != layers:
             raise ValueError(
                 f"{path} holds {modality} codes of {layers} layer(s) x {fingerprint['codebook_size']} "
-                f"([{_describe(fingerprint)}]) but the data config gives code_ranges.{modality}={code_ranges.get(modality)}, "
+                f"([{describe_fingerprint(fingerprint)}]) but the data config gives "
+                f"code_ranges.{modality}={code_ranges.get(modality)}, "
                 f"code_layers.{modality}={code_layers.get(modality, 1)}"
             )
         codec = codecs.get(modality)
         if codec is not None and codec.fingerprint() != fingerprint:
             raise ValueError(
-                f"{path} holds {modality} codes of tokenizer [{_describe(fingerprint)}] but the configured {modality} "
-                f"codec is [{_describe(codec.fingerprint())}]; codes from a different tokenizer are refused"
+                f"{path} holds {modality} codes of tokenizer [{describe_fingerprint(fingerprint)}] but the configured {modality} "
+                f"codec is [{describe_fingerprint(codec.fingerprint())}]; codes from a different tokenizer are refused: re-encode "
+                f"the raw shards with this codec (unimodal data encode) or configure the one that wrote them"
             )
         sources[modality] = fingerprint
     for modality, codec in codecs.items():
@@ -115,7 +113,9 @@ def encode_shards(
     sources = read_code_sources(src)
     again = sorted(set(sources) & set(codecs))
     if again:
-        raise ValueError(f"{src} already holds {', '.join(again)} codes ([{_describe(sources[again[0]])}]); encode the raw shards")
+        raise ValueError(
+            f"{src} already holds {', '.join(again)} codes ([{describe_fingerprint(sources[again[0]])}]); encode the raw shards"
+        )
     fingerprints = {modality: codec.fingerprint() for modality, codec in codecs.items()}
     rng = np.random.default_rng(seed)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from unimodal.data.templates import ChatTemplate, EosToken, get_template, render
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
-from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.base import MediaCodec, describe_fingerprint
 from unimodal.modalities.vocab import SPAN_MARKERS, VocabLayout
 from unimodal.schema import MODALITY_IDS, Document, DocumentError, Part
 from unimodal.specs import instantiate
@@ -76,11 +76,23 @@ class Processor:
 
     @classmethod
     def from_json(cls, config: dict[str, Any], directory: Path) -> Processor:
-        """Read ``processor.json`` (``config``) of ``directory``: paths in it are relative to it."""
+        """Read ``processor.json`` (``config``) of ``directory``: paths in it are relative to it.
+
+        A codec that is not the one the model's code rows were trained with (a refit codec put in
+        an export, docs/refit-codec.md) is refused: its codes would mean other media to the model."""
         codecs = {name: instantiate(spec, MediaCodec) for name, spec in (config.get("codecs") or {}).items()}
+        layout = VocabLayout.from_dict(config["layout"])
+        for name, codec in codecs.items():
+            trained = layout.code_sources.get(name)
+            if trained is not None and codec.fingerprint() != trained:
+                raise ValueError(
+                    f"{directory}: its {name} codec is [{describe_fingerprint(codec.fingerprint())}] but the model's {name} rows "
+                    f"were trained on codes of [{describe_fingerprint(trained)}]; put back the codec it was exported with, or "
+                    f"fine-tune with this one (--model.init_args.reinit_codes=[{name}]) and export again"
+                )
         return cls(
             tokenizer=load_tokenizer(directory / config["tokenizer"]),
-            layout=VocabLayout.from_dict(config["layout"]),
+            layout=layout,
             feature_dim=int(config.get("feature_dim") or 0),
             bidirectional=tuple(config.get("bidirectional") or ()),
             codecs=codecs,

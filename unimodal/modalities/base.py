@@ -43,6 +43,11 @@ class MediaCodec:
         return self.encode(part)
 
 
+def describe_fingerprint(fingerprint: dict[str, Any]) -> str:
+    """A fingerprint on one line (``name=digit-audio, ..., checksum=...``), for refusals that name both codecs."""
+    return ", ".join(f"{k}={v}" for k, v in fingerprint.items())
+
+
 def weights_checksum(state: dict[str, torch.Tensor]) -> str:
     """sha256 (16 hex digits) over tensors in name order: same name, other weights, other codes."""
     digest = hashlib.sha256()

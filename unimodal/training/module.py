@@ -41,7 +41,9 @@ class UnimodalModule(L.LightningModule):
     ``lora`` adds LoRA after the trainable policy (``unimodal.models.lora``; with LoRA an unset
     ``trainable`` means only the LoRA weights train). ``init_from`` names an export directory of
     a previous stage: its backbone, adapter (merged) and shared framework modules initialise
-    this model (``unimodal.checkpoints.load.init_from_export``). ``generation`` holds the sampling
+    this model (``unimodal.checkpoints.load.init_from_export``); a code range whose codec differs
+    from the one that model was trained with (a refit codec, docs/refit-codec.md) is refused
+    unless ``reinit_codes`` names it, which restarts its rows. ``generation`` holds the sampling
     defaults an export of this model carries (the keys of ``GenerationSettings.replace``, e.g.
     ``{image: {cfg_scale: 2}}``): ``unimodal.load`` starts from them, call arguments override.
 
@@ -61,6 +63,7 @@ class UnimodalModule(L.LightningModule):
         lora: LoraSettings | None = None,
         init_from: str | None = None,
         generation: dict[str, Any] | None = None,
+        reinit_codes: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -77,6 +80,9 @@ class UnimodalModule(L.LightningModule):
         self.routing = list(routing or [])
         self.lora = lora
         self.init_from = init_from
+        self.reinit_codes = list(reinit_codes or [])
+        if self.reinit_codes and not init_from:
+            raise ValueError("reinit_codes restarts code rows of the model init_from names; init_from is not set")
         self.model: UnifiedModel | None = None
         self._last_batch: tuple[float, torch.Tensor] | None = None
         # samples the training stream read and skipped as bad in this run, on this rank
@@ -86,16 +92,23 @@ class UnimodalModule(L.LightningModule):
         if self.model is not None:
             return
         if self.init_from:
-            check_extends(VocabLayout.from_dict(read_export_config(self.init_from)["processor"]["layout"]), self.layout, self.init_from)
+            trained = VocabLayout.from_dict(read_export_config(self.init_from)["processor"]["layout"])
+            check_extends(trained, self.layout, self.init_from, reinit=self.reinit_codes)
         self.model = build_model(self.backbone_config, self.layout, self.continuous, self.routing, backbone_path=self.init_from)
         if self.init_from:
-            init_from_export(self.model, self.init_from)
+            init_from_export(self.model, self.init_from, reinit=self.reinit_codes)
         if self.lora is not None and self.trainable is None:
             self.model.requires_grad_(False)
         else:
             apply_trainable_policy(self.model, self.trainable, self.frozen)
         if self.lora is not None:
             apply_lora(self.model, self.lora, list(range(self.layout.text_size, self.layout.used_size)))
+        if self.reinit_codes and not (self.model.backbone.get_input_embeddings().weight.requires_grad
+                                      or (self.lora is not None and self.lora.train_new_tokens)):  # they would stay one blur
+            raise ValueError(
+                f"reinit_codes restarts the {', '.join(self.reinit_codes)} rows but this run does not train the embeddings: "
+                "set --model.init_args.lora.train_new_tokens=true (LoRA) or make the embeddings trainable"
+            )
         if self.backbone_config.compile:
             compile_layers(self.model.backbone)
         strategy = self._trainer.strategy if self._trainer is not None else None
