@@ -50,9 +50,3 @@ def modalities(recipe: str) -> set[str]:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_learns(recipe, tmp_path):
     check_learns(run_recipe(recipe, tmp_path / "run"), modalities(recipe))
-
-
-@pytest.mark.parametrize("recipe", RECIPES + ["seed/tokenizer_stage1.yaml", "seed/tokenizer_stage2.yaml"])
-def test_recipe_header_names_its_command(recipe):
-    first = (ROOT / "recipes" / recipe).read_text().splitlines()[0]
-    assert first == f"# Command: unimodal train recipes/{recipe}"

@@ -20,14 +20,6 @@ TRAINING = [r for r in ALL if r not in PIPELINES]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_every_recipe_starts_with_the_command_that_runs_it():
-    assert len(TRAINING) >= 16 and len(PIPELINES) >= 6  # the glob found the recipes
-    for recipe in ALL:
-        verb = "pipeline" if recipe in PIPELINES else "train"
-        first = (ROOT / recipe).read_text().splitlines()[0]
-        assert first == f"# Command: unimodal {verb} {recipe}" or first.startswith(f"# Command: unimodal {verb} {recipe} "), recipe
-
-
 @pytest.mark.parametrize("recipe", TRAINING)
 def test_training_recipe_parses_and_builds(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name built-in data and each other relative to the repository
