@@ -57,6 +57,7 @@ class _Row:
     settings: GenerationSettings
     generator: torch.Generator
     deadline: Deadline
+    slot: int = -1  # its row in the cache (rows move up as finished ones leave it)
     mode: MediaMode | None = None
     text_ids: list[int] = field(default_factory=list)
     streamed: int = 0
@@ -216,7 +217,9 @@ class _Run:
     ):
         self.engine, self.cache, self.rows, self.guided, self.on_text = engine, cache, rows, guided, on_text
         self.model = engine.model
-        self.batch = len(prompts)
+        self.batch = len(prompts)  # conditional rows in the cache; guidance partners follow them
+        for row in rows:
+            row.slot = row.index
         # the token history is kept only when the span grammar or a repetition penalty reads it
         self.track_ids = engine.constraint is not None or any(
             row.settings.for_modality(m).repetition_penalty != 1 for row in rows for m in MODALITIES
@@ -246,7 +249,7 @@ class _Run:
             for name in {r.mode.name for r in partners}:
                 group = [r for r in partners if r.mode.name == name]
                 begins = torch.tensor([[r.mode.begin] for r in group], device=self.cache.device)
-                self.cache.step_rows([self.batch + r.index for r in group], self.cache.embed_tokens(begins), name, False, True)
+                self.cache.step_rows([self.batch + r.slot for r in group], self.cache.embed_tokens(begins), name, False, True)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -256,6 +259,8 @@ class _Run:
             active = [r for r in self.rows if not r.done]
             if not active:
                 return
+            if len(active) < self.batch:
+                self._compact(active)
             pending = [r for r in active if r.block_pending]
             if pending:
                 self._denoise_blocks(pending)
@@ -286,8 +291,11 @@ class _Run:
         token_ids, modality = [pad] * cache.rows, [0] * cache.rows
         real = [False] * cache.rows
         vectors: dict[int, torch.Tensor] = {}
+        by_slot: dict[int, Any] = {}
         for index, value in feed.items():
-            for target in [index] + ([self.batch + index] if self.rows[index].guided else []):
+            row = self.rows[index]
+            by_slot[row.slot] = value
+            for target in [row.slot] + ([self.batch + row.slot] if row.guided else []):
                 real[target], modality[target] = True, self.modality_of[index]
                 if isinstance(value, int):
                     token_ids[target] = value
@@ -299,7 +307,7 @@ class _Run:
             embeds = embeds.index_put((index,), torch.stack(list(vectors.values())).to(embeds.dtype))
         if self.track_ids:  # token history of conditional rows (span grammar, repetition penalty)
             media = self.engine.layout.special_id("<|media|>")
-            new_ids = [feed.get(i, pad) if isinstance(feed.get(i, pad), int) else media for i in range(self.batch)]
+            new_ids = [by_slot.get(i, pad) if isinstance(by_slot.get(i, pad), int) else media for i in range(self.batch)]
             self.ids = torch.cat([self.ids, torch.tensor(new_ids, device=cache.device)[:, None]], 1)
             self.valid = torch.cat([self.valid, torch.tensor(real[: self.batch], device=cache.device)[:, None]], 1)
         mask = None if all(real) else torch.tensor(real, device=cache.device)[:, None]
@@ -310,10 +318,10 @@ class _Run:
 
     def _sample_tokens(self, rows: list[_Row]) -> list[int]:
         engine, cache = self.engine, self.cache
-        index = [r.index for r in rows]
+        index = [r.slot for r in rows]
         guided = [i for i, r in enumerate(rows) if r.guided]
         everyone = len(rows) == cache.rows  # every row, in order, and no guidance rows
-        hidden = cache.last if everyone else cache.last[index + [self.batch + rows[i].index for i in guided]]
+        hidden = cache.last if everyone else cache.last[index + [self.batch + rows[i].slot for i in guided]]
         logits = self.model.logits(hidden)
         scores = logits[: len(rows)]
         if guided:
@@ -396,7 +404,7 @@ class _Run:
             modality = self.model.continuous[name]
 
             def denoise(group: list[_Row], name=name, modality=modality, cfg_scale=cfg_scale, steps=steps) -> torch.Tensor:
-                cond = [r.index for r in group]
+                cond = [r.slot for r in group]
                 both = cond + ([self.batch + i for i in cond] if group[0].guided else [])
 
                 def run_backbone(embeds: torch.Tensor) -> torch.Tensor:
@@ -411,7 +419,7 @@ class _Run:
             members, features = self._retry_without_expired(members, denoise)
             if not members:
                 continue
-            cond = [r.index for r in members]
+            cond = [r.slot for r in members]
             both = cond + ([self.batch + i for i in cond] if members[0].guided else [])
             n, slots, dim = features.shape
             clean = embed_features(self.model, name, features.reshape(n * slots, dim)).reshape(n, slots, -1)
@@ -437,9 +445,23 @@ class _Run:
     def _last_hidden(self, rows: list[_Row]) -> torch.Tensor:
         """The last hidden states of ``rows`` (all in one span of one modality), then of their
         guidance partners when they are guided."""
-        index = [r.index for r in rows]
+        index = [r.slot for r in rows]
         partners = [self.batch + i for i in index] if rows[0].guided else []
         return self.cache.last[index + partners].to(compute_dtype(self.model.continuous[rows[0].mode.name]))
+
+    def _compact(self, active: list[_Row]) -> None:
+        """Take finished rows (and their guidance partners) out of the cache: a batch otherwise
+        computes every finished row at every step until its longest reply ends."""
+        old = [r.slot for r in active]
+        keep = old + ([self.batch + slot for slot in old] if self.guided else [])
+        self.cache.reorder(torch.tensor(keep, device=self.cache.device))
+        if self.track_ids:
+            self.ids, self.valid = self.ids[old], self.valid[old]
+        for row in self.rows:
+            row.slot = -1
+        for slot, row in enumerate(active):
+            row.slot = slot
+        self.batch = len(active)
 
     def _expire(self, rows: list[_Row]) -> None:
         """End every row past its deadline or cancelled: it leaves the batch, the others go on."""
@@ -523,7 +545,7 @@ class _Run:
 
     def _leave_span(self, row: _Row) -> None:
         if row.guided:
-            partner = self.batch + row.index
+            partner = self.batch + row.slot
             self.cache.forget_since(partner, self.partner_start.pop(row.index), self.unconditional_length)
             row.guided = False
         row.mode, row.span = None, []
