@@ -12,6 +12,7 @@ from torch import nn
 
 from unimodal.schema import Part
 from unimodal.modalities.base import MediaCodec
+from unimodal.models.diffusion import guided
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, load_backbone
 from unimodal.models.unified import ContinuousModality, UnifiedModel
@@ -43,11 +44,13 @@ class FakeContinuous(ContinuousModality):
     def embed_clean(self, features: torch.Tensor) -> torch.Tensor:
         return self.inp(features)
 
-    def _guide(self, out: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        if cfg_scale == 1.0:
+    def _guide(self, out: torch.Tensor, cfg_scale) -> torch.Tensor:
+        """Guidance on the head output, with one scale or one per row (1: that row unguided)."""
+        if not guided(cfg_scale):
             return out
         n = out.shape[0] // 2
-        return out[n:] + cfg_scale * (out[:n] - out[n:])
+        scale = torch.tensor(cfg_scale if isinstance(cfg_scale, list) else [cfg_scale] * n).view(-1, *[1] * (out.dim() - 1))
+        return torch.where(scale == 1.0, out[:n], out[n:] + scale * (out[:n] - out[n:]))
 
     def sample_next(self, hidden, *, cfg_scale, steps, generator, on_step=None):
         self.calls.append((hidden.shape[0], cfg_scale))
@@ -57,9 +60,9 @@ class FakeContinuous(ContinuousModality):
     def denoise_block(self, run_backbone, batch_size, *, cfg_scale, steps, generator):
         self.calls.append((batch_size, cfg_scale))
         x = row_noise((batch_size, self.slots_per_item, FEATURE_DIM), generator)
-        for _ in range(steps or self.default_steps):
+        for _ in range(max(s or self.default_steps for s in steps) if isinstance(steps, list) else steps or self.default_steps):
             embeds = self.inp(x)
-            hidden = run_backbone(torch.cat([embeds, embeds]) if cfg_scale != 1.0 else embeds)
+            hidden = run_backbone(torch.cat([embeds, embeds]) if guided(cfg_scale) else embeds)
             x = x - 0.5 * self._guide(self.head(hidden), cfg_scale)
         return x
 

@@ -376,14 +376,13 @@ class _Run:
 
     def _draw_features(self, rows: list[_Row], feed: dict[int, Any]) -> None:
         """Causal continuous spans: the head samples each row's next feature from its last hidden state."""
-        for (name, cfg_scale, steps), members in _by_head_call(rows).items():
+        for name, members in _by_mode(rows).items():
             head = self.model.continuous[name]
 
-            def draw(group: list[_Row], head=head, cfg_scale=cfg_scale, steps=steps) -> torch.Tensor:
+            def draw(group: list[_Row], head=head) -> torch.Tensor:
                 # each sampler step runs the head: the rows' clocks are read at each
                 return head.sample_next(
-                    self._last_hidden(group), cfg_scale=cfg_scale, steps=steps, generator=[r.generator for r in group],
-                    on_step=lambda: self._raise_if_expired(group),
+                    self._last_hidden(group), **_head_settings(group), on_step=lambda: self._raise_if_expired(group)
                 )
 
             members, features = self._retry_without_expired(members, draw)
@@ -400,12 +399,12 @@ class _Run:
 
     def _denoise_blocks(self, rows: list[_Row]) -> None:
         """Bidirectional continuous spans: denoise whole items, then commit one clean pass."""
-        for (name, cfg_scale, steps), members in _by_head_call(rows).items():
+        for name, members in _by_mode(rows).items():
             modality = self.model.continuous[name]
 
-            def denoise(group: list[_Row], name=name, modality=modality, cfg_scale=cfg_scale, steps=steps) -> torch.Tensor:
+            def denoise(group: list[_Row], name=name, modality=modality) -> torch.Tensor:
                 cond = [r.slot for r in group]
-                both = cond + ([self.batch + i for i in cond] if group[0].guided else [])
+                both = cond + ([self.batch + i for i in cond] if any(r.guided for r in group) else [])
 
                 def run_backbone(embeds: torch.Tensor) -> torch.Tensor:
                     self._raise_if_expired(group)  # a denoising step is a whole backbone pass: the clocks are read at each
@@ -414,16 +413,19 @@ class _Run:
                     chosen = cond if embeds.shape[0] == len(cond) else both
                     return self.cache.step_rows(chosen, embeds, name, bidirectional=True, commit=False).to(compute_dtype(modality))
 
-                return modality.denoise_block(run_backbone, len(cond), cfg_scale=cfg_scale, steps=steps, generator=[r.generator for r in group])
+                return modality.denoise_block(run_backbone, len(cond), **_head_settings(group))
 
             members, features = self._retry_without_expired(members, denoise)
             if not members:
                 continue
             cond = [r.slot for r in members]
-            both = cond + ([self.batch + i for i in cond] if members[0].guided else [])
             n, slots, dim = features.shape
             clean = embed_features(self.model, name, features.reshape(n * slots, dim)).reshape(n, slots, -1)
-            self.cache.step_rows(both, clean.repeat(len(both) // n, 1, 1), name, bidirectional=True, commit=True)
+            # the clean image enters the conditional rows and the partners of guided rows only: an
+            # unguided row's partner stays as it is, for a later guided span of that row
+            partners = [k for k, r in enumerate(members) if r.guided]
+            self.cache.step_rows(cond + [self.batch + cond[k] for k in partners], clean[list(range(n)) + partners], name,
+                                 bidirectional=True, commit=True)
             if self.track_ids:
                 media_id = self.engine.layout.special_id("<|media|>")
                 self.ids = torch.cat([self.ids, torch.full((self.batch, slots), media_id, device=self.ids.device)], 1)
@@ -446,7 +448,7 @@ class _Run:
         """The last hidden states of ``rows`` (all in one span of one modality), then of their
         guidance partners when they are guided."""
         index = [r.slot for r in rows]
-        partners = [self.batch + i for i in index] if rows[0].guided else []
+        partners = [self.batch + i for i in index] if any(r.guided for r in rows) else []
         return self.cache.last[index + partners].to(compute_dtype(self.model.continuous[rows[0].mode.name]))
 
     def _compact(self, active: list[_Row]) -> None:
@@ -476,13 +478,18 @@ class _Run:
 
     def _retry_without_expired(self, rows: list[_Row], call: Callable[[list[_Row]], torch.Tensor]) -> tuple[list[_Row], torch.Tensor | None]:
         """``call(rows)``; when a row expires inside it, that row ends and the call runs again for
-        the rest (the cache holds nothing of an interrupted call)."""
+        the rest from the same generator states (the cache holds nothing of an interrupted call),
+        so they draw what they would have drawn without it."""
+        states = [r.generator.get_state() for r in rows]
         while rows:
             try:
                 return rows, call(rows)
             except _Expired:
                 self._expire(rows)
-                rows = [r for r in rows if not r.done]
+                kept = [(r, state) for r, state in zip(rows, states) if not r.done]
+                for row, state in kept:
+                    row.generator.set_state(state)
+                rows, states = [r for r, _ in kept], [state for _, state in kept]
         return rows, None
 
     def _advance(self, row: _Row, token: int, feed: dict[int, Any]) -> None:
@@ -594,14 +601,24 @@ class _Expired(Exception):
 EXPIRED = ("timeout", "cancelled")
 
 
-def _by_head_call(rows: list[_Row]) -> dict[tuple[str, float, int | None], list[_Row]]:
-    """Rows in continuous spans grouped by what one call of their modality's head needs alike:
-    the modality, the guidance scale (1 for unguided rows) and the sampler's step count."""
-    groups: dict[tuple[str, float, int | None], list[_Row]] = {}
+def _by_mode(rows: list[_Row]) -> dict[str, list[_Row]]:
+    """Rows grouped by their current media mode: each modality's head runs once per step for
+    all of them, whatever their own guidance and step counts."""
+    groups: dict[str, list[_Row]] = {}
     for row in rows:
-        own = row.settings.for_modality(row.mode.name)
-        groups.setdefault((row.mode.name, own.cfg_scale if row.guided else 1.0, own.steps), []).append(row)
+        groups.setdefault(row.mode.name, []).append(row)
     return groups
+
+
+def _head_settings(rows: list[_Row]) -> dict[str, Any]:
+    """Per-row sampler settings of rows in one modality's span: guidance scale (1 for a row that
+    is not guided), step count and generator."""
+    own = [row.settings.for_modality(row.mode.name) for row in rows]
+    return {
+        "cfg_scale": [s.cfg_scale if row.guided else 1.0 for s, row in zip(own, rows)],
+        "steps": [s.steps for s in own],
+        "generator": [row.generator for row in rows],
+    }
 
 
 def row_settings(settings: GenerationSettings, count: int) -> list[GenerationSettings]:

@@ -30,7 +30,7 @@ images the head and adapters run on a dummy input whose output enters the loss t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from torch import nn
 
 from unimodal.batch import PackedBatch
 from unimodal.models.adapters import SoftVQ, build_patch_adapters
-from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig
+from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig, guided
 from unimodal.models.heads import DiffusionHead
 from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
@@ -182,8 +182,9 @@ class TokenDiffusionImage(ContinuousImage):
     - ``embed_clean(features [N, D]) -> [N, H]``: input embeddings of generated features, to
       commit them to the KV cache;
     - ``sample_next(hidden [B, H], *, cfg_scale=1.0, steps=None, generator=None) -> [B, D]``:
-      the next slot's features from the hidden state at the position before it (``generator``:
-      one, or one per row, which the engine passes so that each row's noise is its own). With
+      the next slot's features from the hidden state at the position before it (``cfg_scale``,
+      ``steps`` and ``generator``: one, or one per row, which the engine passes so that requests
+      with different settings share a call and each row's noise is its own). With any
       ``cfg_scale != 1`` pass ``2B`` rows (the conditional rows first, then the unconditional
       ones, e.g. from the prompt "Generate an image."); guidance applies to the head output.
 
@@ -268,17 +269,18 @@ class TokenDiffusionImage(ContinuousImage):
         self,
         hidden: torch.Tensor,
         *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
+        cfg_scale: float | Sequence[float] = 1.0,
+        steps: int | None | Sequence[int | None] = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """The next slot's features from ``hidden [B, H]`` (``2B`` rows with guidance, conditional
-        first); ``on_step`` runs before each sampler step (the engine's deadline check)."""
+        first; settings one or one per row, see ``DiffusionSchedule.sample``); ``on_step`` runs
+        before each sampler step (the engine's deadline check)."""
         rows = hidden.shape[0]
-        if cfg_scale != 1.0 and rows % 2:
+        if guided(cfg_scale) and rows % 2:
             raise ValueError(f"classifier-free guidance needs conditional and unconditional rows (2B), got {rows}")
-        batch = rows // 2 if cfg_scale != 1.0 else rows
+        batch = rows // 2 if guided(cfg_scale) else rows
         x = self.schedule.sample(
             lambda x_t, t: self.head(x_t, t, hidden),
             (batch, self.feature_dim),
@@ -316,11 +318,11 @@ class TransfusionImage(ContinuousImage):
     - ``embed_clean(features [N, D]) -> [N, H]`` (``N`` a multiple of ``slots_per_item``): the
       clean image at ``t = 0``, to commit a finished image to the KV cache;
     - ``denoise_block(run_backbone, batch_size, *, cfg_scale=1.0, steps=None, generator=None)
-      -> [B, slots_per_item, D]``: the sampler loop (``generator``: one, or one per row). ``run_backbone(embeds [R, N, H]) -> [R, N, H]``
+      -> [B, slots_per_item, D]``: the sampler loop (settings one, or one per row). ``run_backbone(embeds [R, N, H]) -> [R, N, H]``
       must place ``embeds`` at the ``N`` image slots after the cached prefix (``<|boi|>`` last),
       attend bidirectionally among them, leave the cache unchanged, and return the final hidden
       states (after the decoder's norm) at those slots. ``R = B`` without guidance; with
-      ``cfg_scale != 1``, ``R = 2B``: rows ``[:B]`` continue the conditional prefixes and rows
+      any ``cfg_scale != 1``, ``R = 2B``: rows ``[:B]`` continue the conditional prefixes and rows
       ``[B:]`` the unconditional ones (``<|boi|>`` alone), both with the same noisy image.
     """
 
@@ -399,9 +401,9 @@ class TransfusionImage(ContinuousImage):
         run_backbone: Callable[[torch.Tensor], torch.Tensor],
         batch_size: int,
         *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
+        cfg_scale: float | Sequence[float] = 1.0,
+        steps: int | None | Sequence[int | None] = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         device = next(self.parameters()).device
 

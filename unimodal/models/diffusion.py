@@ -23,6 +23,11 @@ import torch
 import torch.nn.functional as F
 
 PREDICTIONS = ("epsilon", "v_prediction", "flow")
+
+
+def guided(cfg_scale: float | Sequence[float]) -> bool:
+    """Whether a sampler call runs conditional and unconditional rows: any row's scale is not 1."""
+    return any(scale != 1.0 for scale in (cfg_scale if isinstance(cfg_scale, Sequence) else [cfg_scale]))
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SAMPLERS = ("ddim", "euler", "flow")
 
@@ -146,42 +151,60 @@ class DiffusionSchedule:
         denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         shape: tuple[int, ...],
         *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
+        cfg_scale: float | Sequence[float] = 1.0,
+        steps: int | None | Sequence[int | None] = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         device: torch.device | str = "cpu",
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Run the sampler from pure noise of ``shape`` (``[B, ...]``) to x0.
 
-        ``generator`` may be one per row: each row's noise then depends on its own generator
-        only, so a row samples the same image alone as in any batch.
+        ``cfg_scale``, ``steps`` and ``generator`` may be one per row, so that requests with
+        different settings share each model call: rows with fewer steps finish early and keep
+        their result while the others go on, and each row's noise depends on its own generator
+        only (a row samples the same alone as in any batch).
 
         ``on_step`` is called before every step: a caller's deadline check, which may raise to
         stop the loop.
 
         ``denoise(x_t, t)`` returns the model output for inputs ``[R, ...]`` and timesteps ``[R]``.
-        With ``cfg_scale != 1`` it is called with ``R = 2B`` rows (the same ``x_t`` twice: the
-        conditional half first) and the output is guided; otherwise ``R = B``.
+        When any row is guided (:func:`guided`) it is called with ``R = 2B`` rows (the same
+        ``x_t`` twice: the conditional half first) and the output is guided; otherwise ``R = B``.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
-        scheduler = self.sampler(steps)
+        rows = shape[0]
+        per_row = list(steps) if isinstance(steps, Sequence) else [steps] * rows
+        scales = torch.tensor(list(cfg_scale) if isinstance(cfg_scale, Sequence) else [cfg_scale] * rows, device=device)
         generators = list(generator) if isinstance(generator, Sequence) else generator
-        x = randn_tensor(shape, generator=generators, device=torch.device(device))
-        # Euler keeps x in sigma units (scaled in and out); DDIM and flow use x_t as it is
-        x = x.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
-        scale_in = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
-        guided = cfg_scale != 1.0
-        for t in scheduler.timesteps:
+        # one scheduler per step count (schedulers keep per-run state), with the rows it drives
+        groups: dict[int, list[int]] = {}
+        for row, count in enumerate(per_row):
+            groups.setdefault(count or self.config.sample_steps, []).append(row)
+        schedulers = [(self.sampler(count), torch.tensor(members, device=device)) for count, members in groups.items()]
+        x = randn_tensor(shape, generator=generators, device=torch.device(device)).to(device)
+        for scheduler, members in schedulers:  # Euler keeps x in sigma units (scaled in and out); DDIM and flow use x_t as it is
+            x[members] = x[members] * getattr(scheduler, "init_noise_sigma", 1.0)
+        scale = scales.view(-1, *[1] * (len(shape) - 1))
+        mix = bool((scales != 1.0).any())
+        for k in range(max(len(scheduler.timesteps) for scheduler, _ in schedulers)):
             if on_step is not None:
                 on_step()
-            x_in = scale_in(x, t)
-            if guided:
-                x_in = torch.cat([x_in, x_in])
-            out = denoise(x_in, torch.full((x_in.shape[0],), float(t), device=x.device)).float()
-            if guided:
+            x_in, t = x.clone(), torch.empty(rows, device=x.device)
+            for scheduler, members in schedulers:  # a finished row rides along at its last timestep
+                timestep = scheduler.timesteps[min(k, len(scheduler.timesteps) - 1)]
+                t[members] = float(timestep)
+                if k < len(scheduler.timesteps):
+                    scale_in = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+                    x_in[members] = scale_in(x[members], timestep)
+            if mix:
+                x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])
+            out = denoise(x_in, t).float()
+            if mix:
                 cond, uncond = out.chunk(2)
-                out = uncond + cfg_scale * (cond - uncond)
-            x = scheduler.step(out, t, x, generator=generators).prev_sample
+                out = torch.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
+            for scheduler, members in schedulers:
+                if k < len(scheduler.timesteps):
+                    own = [generators[i] for i in members.tolist()] if isinstance(generators, list) else generators
+                    x[members] = scheduler.step(out[members], scheduler.timesteps[k], x[members], generator=own).prev_sample
         return x
