@@ -337,7 +337,7 @@ class UnimodalDataModule(L.LightningDataModule):
         input_layers: dict[str, int] | None = None,
         chat_template: str | None = None,
         replay: list[ShardSet | str] | None = None,
-        replay_weight: float = 0.25,
+        replay_weight: float = 0.5,
     ):
         super().__init__()
         self.datasets = shard_sets(datasets)
