@@ -59,9 +59,14 @@ class Job:
 
 
 class Batcher:
-    """The model's one worker: jobs in, batches of up to ``max_rows`` rows out (see the module)."""
+    """The model's one worker: jobs in, batches of up to ``max_rows`` rows out (see the module).
 
-    def __init__(self, assistant: Assistant, max_rows: int = 8, gather_s: float = 0.01):
+    It works on a thread of its own, or, with ``thread=False``, on the caller's when it calls
+    :meth:`run`: ``unimodal serve`` runs it on the thread that loaded the model, which on a CPU
+    generates about twice as fast as any other (libgomp's thread teams and glibc's malloc arenas
+    belong to the thread that made them; benchmarks/README.md)."""
+
+    def __init__(self, assistant: Assistant, max_rows: int = 8, gather_s: float = 0.01, thread: bool = True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.assistant, self.max_rows, self.gather_s = assistant, max_rows, gather_s
@@ -70,8 +75,9 @@ class Batcher:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._held: deque[Job] = deque()  # taken from the queue but left for a later batch
         self._running: list[Job] = []
-        self._thread = threading.Thread(target=self._work, name="unimodal-batcher", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self.run, name="unimodal-batcher", daemon=True) if thread else None
+        if self._thread is not None:
+            self._thread.start()
 
     def submit(self, job: Job) -> Job:
         if self.stopping.is_set():
@@ -86,7 +92,8 @@ class Batcher:
         for job in list(self._running):
             job.cancel.set()
         self._queue.put(None)
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     @property
     def waiting(self) -> int:
@@ -94,7 +101,8 @@ class Batcher:
 
     # -- the worker -------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def run(self) -> None:
+        """Answer jobs until :meth:`stop`."""
         while True:
             jobs = self._gather()
             if jobs is None:

@@ -80,13 +80,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
 
 
-def create_app(assistant: Assistant, api_key: str | None = None, limits: ServerLimits | None = None, model_name: str | None = None) -> FastAPI:
-    """The FastAPI application (run it with uvicorn, or :func:`serve`)."""
+def create_app(
+    assistant: Assistant, api_key: str | None = None, limits: ServerLimits | None = None, model_name: str | None = None,
+    batcher: Batcher | None = None,
+) -> FastAPI:
+    """The FastAPI application (run it with uvicorn, or :func:`serve`); ``batcher``: the one that
+    answers its requests (default: one on a thread of its own)."""
     limits = limits or ServerLimits()
     name = model_name or assistant.name
     created = int(time.time())
     caps = sampling_caps(assistant)
-    batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s)
+    batcher = batcher or Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -464,11 +468,27 @@ def _last_event(outcome: Reply | Exception, chunk: Callable[..., str], audio_for
 
 def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: ServerLimits | None = None, model_name: str | None = None) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted. HTTP is served from a thread; the model generates on this
+    one, the thread that loaded it (:class:`Batcher`)."""
+    import signal
+    import threading
+
     import uvicorn
 
-    app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name)
+    limits = limits or ServerLimits()
+    batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, thread=False)
+    app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name, batcher=batcher)
+    # on SIGTERM or Ctrl-C uvicorn stops accepting, its lifespan stops the batcher (the running
+    # batch ends at its next step), and connections still open after a few seconds are closed
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
+    http.start()
+    while not server.started:
+        if not http.is_alive():  # uvicorn logged why (the port is taken, ...)
+            raise OSError(f"the server could not start on {host}:{port}")
+        time.sleep(0.05)
     log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models, GET /health)", model_name or assistant.name, host, port)
-    # on SIGTERM uvicorn stops accepting, the lifespan cancels the running batch, and
-    # connections still open after a few seconds are closed
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    batcher.run()
+    http.join()
