@@ -2,7 +2,7 @@
 
 The engine answers a batch in one backbone pass per step, each row with its own settings, seed
 and deadline, so on hardware a single conversation leaves idle, several cost little more than
-one. The :class:`Batcher` owns the model: one worker thread takes the first waiting request,
+one. The :class:`Batcher` owns the model: one worker takes the first waiting request,
 gathers those that arrive within ``gather_s`` (up to ``max_rows`` rows), and runs them together.
 A request that arrives while a batch runs waits for the next one: rows never join a running batch
 (static batching). Beam-search requests, whose loop is separate, run in batches of their own.
@@ -94,10 +94,6 @@ class Batcher:
         self._queue.put(None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-
-    @property
-    def waiting(self) -> int:
-        return self._queue.qsize() + len(self._held)
 
     # -- the worker -------------------------------------------------------------------------
 
