@@ -209,7 +209,7 @@ def resolve_stage(
     if stage.init is not None:
         source = pipeline.output_dir(next(s for s in pipeline.stages if s.name == stage.init))
         set_dotted(config, "model.init_args.init_from", str(source))
-        inherit_from_export(config, source, tokenizer=True)
+        inherit_from_export(config, source, tokenizer=True, replay=False)  # stages are planned: nothing replayed unless named
     for dotted, value in stage.overrides.items():
         set_dotted(config, dotted, _substitute(value, pipeline))
     set_dotted(config, "trainer.default_root_dir", str(pipeline.stage_dir(stage)))

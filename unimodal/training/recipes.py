@@ -101,7 +101,9 @@ class UnimodalCLI(LightningCLI):
         run_config.pop("config", None)
         callbacks += [RunState(run_config), SaveOnSigterm(self.checkpoint_dir), StopOnDivergence()]
         init_from = getattr(self.model, "init_from", None)
-        if init_from and (Path(init_from) / CONFIG_FILE).is_file():
+        # a fine-tune that replays an export's data (replay set explicitly empty, as a pipeline's
+        # planned stages have it, opts out of the report too)
+        if init_from and getattr(self.datamodule, "replay", None) and (Path(init_from) / CONFIG_FILE).is_file():
             record = read_export_config(init_from).get("training_data")
             if record:
                 callbacks.append(FineTuneReport(init_from, record))
@@ -191,14 +193,15 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
     return resolve_builtin(config, resolve_path)
 
 
-def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: bool = False) -> None:
+def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: bool = False, replay: bool = True) -> None:
     """Fine-tuning a model starts from its Processor: the data settings a recipe leaves out (code
     ranges and layers, codecs, feature width, bidirectional and input layers) are taken from the
     export ``source``'s ``processor.json``, and its tokenizer (when the recipe names none, or
     always with ``tokenizer``: another tokenizer could not match the model's vocabulary), so model,
     vocabulary and data agree. The data the export records it was trained on becomes
-    ``data.init_args.replay`` unless the recipe names its own (``docs/finetune.md``). A directory
-    that is not a unified-model export is left alone."""
+    ``data.init_args.replay`` unless the recipe names its own (``docs/finetune.md``); without
+    ``replay`` (a pipeline's planned stages) it becomes empty instead. A directory that is not a
+    unified-model export is left alone."""
     source = Path(source)
     if not (source / CONFIG_FILE).is_file():
         return
@@ -210,7 +213,9 @@ def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: b
     for key, value in media_settings(processor).items():
         if key not in data_args:
             set_dotted(config, f"data.init_args.{key}", value)
-    if "replay" not in data_args:
+    if "replay" not in data_args and not replay:
+        set_dotted(config, "data.init_args.replay", [])
+    elif "replay" not in data_args:
         recorded = {d["path"]: d for d in (export.get("training_data") or {}).get("datasets") or []}
         present, missing = present_shard_sets(recorded)
         if missing:
