@@ -213,10 +213,10 @@ def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: b
     for key, value in media_settings(processor).items():
         if key not in data_args:
             set_dotted(config, f"data.init_args.{key}", value)
-    if "replay" not in data_args and not replay:
+    recorded = {d["path"]: d for d in (export.get("training_data") or {}).get("datasets") or []}
+    if "replay" not in data_args and recorded and not replay:
         set_dotted(config, "data.init_args.replay", [])
-    elif "replay" not in data_args:
-        recorded = {d["path"]: d for d in (export.get("training_data") or {}).get("datasets") or []}
+    elif "replay" not in data_args and recorded:
         present, missing = present_shard_sets(recorded)
         if missing:
             log.warning("%s was trained on data that is not on this machine (%s), so that data is not replayed; "
