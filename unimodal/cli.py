@@ -32,10 +32,18 @@ def train(recipe: str, *lightning_args: str) -> None:
             is; `unimodal train RECIPE.yaml --help` lists those options.
         lightning_args: LightningCLI's arguments.
     """
+    import torch.distributed as dist
+
     from unimodal.training.recipes import run_training
     from unimodal.worlds import resolve
 
-    run_training([recipe, *lightning_args], resolve_path=resolve)
+    try:
+        run_training([recipe, *lightning_args], resolve_path=resolve)
+    finally:
+        # a process group left to interpreter shutdown can abort a rank as it exits ("terminate
+        # called without an active exception" from gloo's threads), failing a finished run
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def pack(
