@@ -258,25 +258,61 @@ def test_a_bf16_backbone_drives_fp32_image_heads(kind):
     assert gen.segments[0].type == "image" and gen.segments[0].data.dtype == np.float32
 
 
-def test_a_deadline_stops_per_token_diffusion_between_sampler_steps():
-    """Orthus samples each image slot with many head steps: the deadline is read at every step,
-    not only between slots, so a huge `steps` cannot hold the model past it."""
-    import time
+def injected_clock(monkeypatch):
+    """A clock the engine and its deadlines read instead of time.monotonic(): tests advance it, so
+    deadline tests count steps instead of racing a loaded CPU."""
+    from types import SimpleNamespace
 
+    from unimodal.inference import engine as engine_module
+    from unimodal.inference import outputs
+
+    clock = SimpleNamespace(now=0.0)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now)
+    monkeypatch.setattr(engine_module, "time", fake_time)
+    monkeypatch.setattr(outputs, "time", fake_time)
+    return clock
+
+
+def test_a_deadline_stops_per_token_diffusion_between_sampler_steps(monkeypatch):
+    """Orthus samples each image slot with many head steps: the deadline is read at every step,
+    not only between slots, so a huge `steps` cannot hold the model past it. Each head call takes
+    0.01 s of the injected clock; the deadline is 0.05 s."""
+    clock = injected_clock(monkeypatch)
     model = family_model("orthus")
     head, calls = model.continuous["image"].head, []
 
-    def slow(*args, **kwargs):
+    def timed(*args, **kwargs):
         calls.append(1)
-        time.sleep(0.01)
+        clock.now += 0.01
         return type(head).forward(head, *args, **kwargs)
 
-    head.forward = slow
+    head.forward = timed
     doc = prompt(model, "a square", begin="<|boi|>")
-    settings = GenerationSettings(text=GREEDY, image={"steps": 1000}, max_media=1, max_new_tokens=8, timeout_s=0.2)
+    settings = GenerationSettings(text=GREEDY, image={"steps": 1000}, max_media=1, max_new_tokens=8, timeout_s=0.05)
     with pytest.raises(GenerationTimeout):
         Engine(model, TOK).generate([doc], settings)
-    assert 0 < len(calls) < 100  # one slot alone would have taken 1000 steps (10 s)
+    assert 5 <= len(calls) <= 6  # the steps within the deadline, then the one that crossed it; one slot alone: 1000
+
+
+def test_a_deadline_stops_bidirectional_diffusion_between_denoising_passes(monkeypatch):
+    """LlamaFusion denoises a whole image with one backbone pass per step: the deadline is read at
+    every pass, so a huge `steps` cannot hold the model past it (issue 14's first probe). The
+    clock is injected: each pass takes 0.01 s of it, the deadline is 0.05 s."""
+    clock = injected_clock(monkeypatch)
+    model = family_model("llamafusion")
+    adapter, calls = model.continuous["image"].output_adapter, []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        clock.now += 0.01
+        return type(adapter).forward(adapter, *args, **kwargs)
+
+    adapter.forward = timed
+    doc = prompt(model, "a square", begin="<|boi|>", bidirectional=("image",))
+    settings = GenerationSettings(text=GREEDY, image={"steps": 1000}, max_media=1, max_new_tokens=8, timeout_s=0.05)
+    with pytest.raises(GenerationTimeout):
+        Engine(model, TOK).generate([doc], settings)
+    assert 5 <= len(calls) <= 6  # the passes within the deadline, then the one that crossed it; alone: 1000
 
 
 @pytest.mark.parametrize("family", ["orthus", "llamafusion"])
@@ -327,25 +363,27 @@ def test_a_row_past_its_deadline_or_cancelled_leaves_the_batch_and_the_others_go
         engine.generate(docs, settings, cancel=gone)
 
 
-def test_a_row_that_expires_inside_the_diffusion_head_leaves_and_the_others_draw_on():
+def test_a_row_that_expires_inside_the_diffusion_head_leaves_and_the_others_draw_on(monkeypatch):
     """Per-token diffusion reads every row's clock at each sampler step; a row past its deadline
-    leaves mid-image and the rest of its call runs again without it."""
-    import time
-
+    leaves mid-image (here inside a head call it shares with the other row, which asked for 2
+    steps) and the call runs again without it, from the other row's generator state."""
     model = family_model("orthus")
-    head = model.continuous["image"].head
-
-    def slow(*args, **kwargs):
-        time.sleep(0.002)
-        return type(head).forward(head, *args, **kwargs)
-
+    head, calls = model.continuous["image"].head, []
     engine = Engine(model, TOK)
     docs = [prompt(model, "a square", begin="<|boi|>"), prompt(model, "a circle", begin="<|boi|>")]
     base = GenerationSettings(text=GREEDY, max_media=1, max_new_tokens=8, seed=0)
-    settings = [base.replace(image={"steps": 1000}, timeout_s=0.2), base.replace(image={"steps": 2})]
+    settings = [base.replace(image={"steps": 1000}, timeout_s=0.05), base.replace(image={"steps": 2})]
     alone = engine.generate(docs[1:], settings[1])[0]
-    head.forward = slow
+    clock = injected_clock(monkeypatch)
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        clock.now += 0.01
+        return type(head).forward(head, *args, **kwargs)
+
+    head.forward = timed
     out = engine.generate(docs, settings)
     assert out[0].finish_reason == "timeout" and not out[0].segments
+    assert 5 + 8 <= len(calls) <= 6 + 8  # the shared calls within the deadline, then the other row's 4 slots x 2 steps
     assert out[1].segments[0].type == "image"
     np.testing.assert_allclose(out[1].segments[0].data, alone.segments[0].data, atol=1e-4)

@@ -133,3 +133,20 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypa
     assert "Traceback" not in err
     assert code == 1 and line.startswith("unimodal train: error: No space left on device: ") and "epoch=0-step=1.ckpt" in line
     assert ".tmp-" not in line and not list((run / "checkpoints").iterdir())
+
+
+def test_a_pipe_shard_url_runs_nothing_unless_the_recipe_opts_in(tmp_path):
+    """A `pipe:` URL is a shell command to WebDataset: refused by default, for a recipe, a data
+    verb or a path read from anywhere else."""
+    from unimodal.data.datamodule import UnimodalDataModule
+    from unimodal.data.shards import expand_shards, read_documents
+
+    marker = tmp_path / "ran"
+    url = f"pipe:touch {marker}; cat /dev/null"
+    with pytest.raises(ValueError, match="runs a shell command; refused unless the recipe sets data.init_args.allow_pipe_urls"):
+        list(read_documents(url))
+    data = UnimodalDataModule([url], tokenizer="unused.model")
+    with pytest.raises(ValueError, match="allow_pipe_urls"):
+        data.setup("fit")
+    assert not marker.exists()
+    assert expand_shards(url, allow_pipe=True) == [url]  # opted in: handed to WebDataset as it is

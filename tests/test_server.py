@@ -161,6 +161,19 @@ def test_bad_requests_get_clear_4xx(url, extra, status, needle):
     assert got == status and needle in body["error"]["message"], body
 
 
+def test_a_huge_diffusion_steps_setting_is_refused_naming_its_cap():
+    """Issue 14's first probe, `image: {"steps": 10000000}`: a 400 naming the cap, 4x the model's own steps."""
+    from unimodal.inference.server import check_caps, parse_request, sampling_caps
+    from unimodal.models.generation import GenerationSettings
+
+    caps = sampling_caps(media_assistant(settings=GenerationSettings(image={"steps": 50})))
+    body = {"messages": [{"role": "user", "content": "hi"}], "image": {"steps": 10_000_000}}
+    call = parse_request(json.dumps(body).encode(), "tiny", LIMITS)
+    with pytest.raises(APIError, match=r"image\.steps=1e\+07 is more than this server allows \(200, 4x") as refused:
+        check_caps(call.settings, caps)
+    assert refused.value.status == 400
+
+
 def test_size_and_duration_limits(url, assistant):
     big = json.dumps({"messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
     status, body = call(url, "/v1/chat/completions", raw=big)

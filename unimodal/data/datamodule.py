@@ -311,7 +311,9 @@ class UnimodalDataModule(L.LightningDataModule):
     chats, supervising only assistant turns (``unimodal.data.templates``, ``docs/chat-data.md``).
     ``replay`` names the data a fine-tuned model was trained on, mixed back in as
     ``replay_weight`` of the training documents (:func:`training_mixture`; fine-tuning an export
-    fills it from the export's record, ``docs/finetune.md``).
+    fills it from the export's record, ``docs/finetune.md``). ``allow_pipe_urls`` lets shard
+    specs be ``pipe:`` commands (WebDataset streaming, e.g. ``pipe:aws s3 cp ... -``), refused by
+    default because they run a shell command.
     """
 
     def __init__(
@@ -338,12 +340,14 @@ class UnimodalDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         replay: list[ShardSet | str] | None = None,
         replay_weight: float = 0.5,
+        allow_pipe_urls: bool = False,
     ):
         super().__init__()
         self.datasets = shard_sets(datasets)
         self.val_datasets = shard_sets(val_datasets)
         self.replay, self.replay_weight = shard_sets(replay), replay_weight
         self.mixture = training_mixture(self.datasets, self.replay, replay_weight)
+        self.allow_pipe_urls = allow_pipe_urls
         if overlong not in ("split", "error"):
             raise ValueError(f"overlong must be 'split' or 'error', got {overlong!r}")
         sizes = {
@@ -396,7 +400,7 @@ class UnimodalDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Fail early on missing shards or tokenizer, not in a DataLoader worker."""
         for shard_set in self.mixture + self.val_datasets:
-            expand_shards(shard_set.path)
+            expand_shards(shard_set.path, self.allow_pipe_urls)
         _ = self.tokenizer
 
     @property
@@ -455,7 +459,7 @@ class UnimodalDataModule(L.LightningDataModule):
         return resume[1] if resume is not None and resume[0] == epoch else 0
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
-        shard_sets = [expand_shards(d.path) for d in self.mixture]
+        shard_sets = [expand_shards(d.path, self.allow_pipe_urls) for d in self.mixture]
         slots = world_size * max(1, self.num_workers)
         for spec, urls in zip(self.mixture, shard_sets):
             if len(urls) < slots:
@@ -488,7 +492,7 @@ class UnimodalDataModule(L.LightningDataModule):
         )
 
     def make_val_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
-        shard_sets = [expand_shards(d.path) for d in self.val_datasets]
+        shard_sets = [expand_shards(d.path, self.allow_pipe_urls) for d in self.val_datasets]
         return DataLoader(ValStream(shard_sets, self.stream_config(), self.val_batches, rank, world_size), batch_size=None)
 
     def train_dataloader(self) -> WindowedLoader:

@@ -34,7 +34,10 @@ def stats_file(spec: str | Path) -> Path:
 
 
 def read_code_sources(spec: str | Path) -> dict[str, dict[str, Any]]:
-    """modality -> fingerprint of the tokenizer that wrote the shards' codes (empty for raw media)."""
+    """modality -> fingerprint of the tokenizer that wrote the shards' codes (empty for raw media,
+    and for streamed shards, which have no ``stats.json`` beside them)."""
+    if str(spec).startswith("pipe:") or "://" in str(spec):
+        return {}
     path = stats_file(spec)
     return json.loads(path.read_text()).get(CODES_KEY, {}) if path.is_file() else {}
 

@@ -269,9 +269,16 @@ def held_out(key: str, fraction: float) -> bool:
 # reading
 
 
-def expand_shards(spec: str | Path) -> list[str]:
-    """Shard URLs of a directory (its ``*.tar``), a brace pattern (``a-{000..009}.tar``) or one file."""
+def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
+    """Shard URLs of a directory (its ``*.tar``), a brace pattern (``a-{000..009}.tar``) or one file.
+
+    A ``pipe:`` URL runs its text as a shell command (WebDataset's streaming form), so it is
+    refused unless ``allow_pipe`` (a recipe's ``data.init_args.allow_pipe_urls: true``)."""
     spec = str(spec)
+    if spec.startswith("pipe:") and not allow_pipe:
+        raise ValueError(
+            f"{spec[:80]}: a pipe: shard URL runs a shell command; refused unless the recipe sets data.init_args.allow_pipe_urls: true"
+        )
     if os.path.isdir(spec):
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
         if not urls:
