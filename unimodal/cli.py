@@ -40,10 +40,16 @@ def train(recipe: str, *lightning_args: str) -> None:
     try:
         run_training([recipe, *lightning_args], resolve_path=resolve)
     finally:
-        # a process group left to interpreter shutdown can abort a rank as it exits ("terminate
-        # called without an active exception" from gloo's threads), failing a finished run
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        # a rank of a finished torchrun job leaves without C++ static destructors: on this CPU one
+        # now and then aborted at interpreter exit ("terminate called without an active
+        # exception", a thread left joinable) and failed a run that had written everything
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def pack(
