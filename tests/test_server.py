@@ -197,9 +197,9 @@ def test_shutdown_cancels_the_running_generation(assistant):
         assert not app.state.batcher.stopping.is_set()
     assert app.state.batcher.stopping.is_set()
 
-    batcher = Batcher(assistant)
+    batcher = Batcher(slowed_assistant(0.02))  # text only, never ending early: about 5 s of generation
     started = threading.Event()
-    call = Call([{"role": "user", "content": "hi"}], {"max_new_tokens": 10_000, "temperature": 1.0}, 1, False, None)
+    call = Call([{"role": "user", "content": "hi"}], {"max_new_tokens": 10_000, "max_media": 0, "seed": 0}, 1, False, None)
     job = batcher.submit(_job(call, batcher, ServerLimits(max_new_tokens=10_000), on_text=lambda choice, text: started.set()))
     assert started.wait(60)
     batcher.stop()
@@ -342,11 +342,14 @@ def test_a_client_that_disconnects_from_a_stream_cancels_its_generation():
     with running(app) as base:
         host, port = base.removeprefix("http://").split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=30)
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}  # about 4 s of generation
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "max_media": 0, "seed": 0, "stream": True}  # ~4 s of text
         connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
-        while not text_delta(response.readline()):  # the generation is running
-            pass
+        while True:  # the generation is running once text arrives
+            line = response.readline()
+            assert line, "the stream ended before any text"
+            if text_delta(line):
+                break
         started = time.monotonic()
         connection.sock.shutdown(2)
         connection.close()
