@@ -273,20 +273,26 @@ def injected_clock(monkeypatch):
     return clock
 
 
+def timed_calls(module, clock, seconds: float = 0.01) -> list[int]:
+    """Make every call of ``module`` take ``seconds`` of the injected clock; the list counts them."""
+    calls: list[int] = []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        clock.now += seconds
+        return type(module).forward(module, *args, **kwargs)
+
+    module.forward = timed
+    return calls
+
+
 def test_a_deadline_stops_per_token_diffusion_between_sampler_steps(monkeypatch):
     """Orthus samples each image slot with many head steps: the deadline is read at every step,
     not only between slots, so a huge `steps` cannot hold the model past it. Each head call takes
     0.01 s of the injected clock; the deadline is 0.05 s."""
     clock = injected_clock(monkeypatch)
     model = family_model("orthus")
-    head, calls = model.continuous["image"].head, []
-
-    def timed(*args, **kwargs):
-        calls.append(1)
-        clock.now += 0.01
-        return type(head).forward(head, *args, **kwargs)
-
-    head.forward = timed
+    calls = timed_calls(model.continuous["image"].head, clock)
     doc = prompt(model, "a square", begin="<|boi|>")
     settings = GenerationSettings(text=GREEDY, image={"steps": 1000}, max_media=1, max_new_tokens=8, timeout_s=0.05)
     with pytest.raises(GenerationTimeout):
@@ -300,14 +306,7 @@ def test_a_deadline_stops_bidirectional_diffusion_between_denoising_passes(monke
     clock is injected: each pass takes 0.01 s of it, the deadline is 0.05 s."""
     clock = injected_clock(monkeypatch)
     model = family_model("llamafusion")
-    adapter, calls = model.continuous["image"].output_adapter, []
-
-    def timed(*args, **kwargs):
-        calls.append(1)
-        clock.now += 0.01
-        return type(adapter).forward(adapter, *args, **kwargs)
-
-    adapter.forward = timed
+    calls = timed_calls(model.continuous["image"].output_adapter, clock)
     doc = prompt(model, "a square", begin="<|boi|>", bidirectional=("image",))
     settings = GenerationSettings(text=GREEDY, image={"steps": 1000}, max_media=1, max_new_tokens=8, timeout_s=0.05)
     with pytest.raises(GenerationTimeout):
@@ -368,20 +367,12 @@ def test_a_row_that_expires_inside_the_diffusion_head_leaves_and_the_others_draw
     leaves mid-image (here inside a head call it shares with the other row, which asked for 2
     steps) and the call runs again without it, from the other row's generator state."""
     model = family_model("orthus")
-    head, calls = model.continuous["image"].head, []
     engine = Engine(model, TOK)
     docs = [prompt(model, "a square", begin="<|boi|>"), prompt(model, "a circle", begin="<|boi|>")]
     base = GenerationSettings(text=GREEDY, max_media=1, max_new_tokens=8, seed=0)
     settings = [base.replace(image={"steps": 1000}, timeout_s=0.05), base.replace(image={"steps": 2})]
     alone = engine.generate(docs[1:], settings[1])[0]
-    clock = injected_clock(monkeypatch)
-
-    def timed(*args, **kwargs):
-        calls.append(1)
-        clock.now += 0.01
-        return type(head).forward(head, *args, **kwargs)
-
-    head.forward = timed
+    calls = timed_calls(model.continuous["image"].head, injected_clock(monkeypatch))
     out = engine.generate(docs, settings)
     assert out[0].finish_reason == "timeout" and not out[0].segments
     assert 5 + 8 <= len(calls) <= 6 + 8  # the shared calls within the deadline, then the other row's 4 slots x 2 steps

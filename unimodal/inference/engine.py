@@ -160,8 +160,9 @@ class Engine:
             raise ValueError(f"classifier-free guidance for {names} needs an unconditional prompt")
         if guided and len(unconditional) and int(unconditional.ids[-1]) in self.modes:
             raise ValueError("the unconditional prompt must end before any begin token; the engine adds it when a span opens")
-        if all(expiry(d) for d in deadlines):
-            raise GenerationTimeout(_expiry_message([expiry(d) for d in deadlines]))
+        reasons = [expiry(d) for d in deadlines]
+        if all(reasons):
+            raise GenerationTimeout(_expiry_message(reasons))
         states = [_Row(i, budget, s, g, d) for i, (budget, s, (g, _), d) in enumerate(zip(budgets, rows, seeded, deadlines))]
         docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
         run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text)
