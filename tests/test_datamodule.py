@@ -14,7 +14,8 @@ import torch
 from unimodal.data.datamodule import ShardSet, UnimodalDataModule, worker_share
 from unimodal.batch import PackedBatch
 from unimodal.schema import Document, Part
-from unimodal.data.shards import BadSamplePolicy, write_documents
+from unimodal.data.shards import BadSamplePolicy, TooManyBadSamples, write_documents
+from unimodal.training.bad_samples import BadSampleTally
 
 FEATURES = 8
 WORDS = "the cat sat on a mat and dog ran far away from home while birds sang songs in trees".split()
@@ -61,8 +62,9 @@ def module(datasets, tokenizer: str, **kwargs) -> UnimodalDataModule:
 
 
 def assert_same(a: PackedBatch, b: PackedBatch) -> None:
-    for name in vars(a):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name
 
 
 def test_batches_have_the_right_shapes(tmp_path, spm_model):
@@ -137,9 +139,86 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path, spm_model, caplog):
     assert stream.policy.kinds["ShardError"] >= 1 and stream.policy.kinds["ShardError"] == stream.policy.skipped
     assert "shard-000002.tar: unreadable tar" in caplog.text
 
-    strict = module([path], spm_model, steps_per_epoch=1000)
-    with pytest.raises(RuntimeError, match=r"(?s)too many bad samples: .*max_bad_fraction=0\.01.*ShardError"):
-        list(strict.make_train_dataloader())
+    # the stream only counts; the training process's tally applies the limit to the sum
+    tally = BadSampleTally(0.01)
+    with pytest.raises(TooManyBadSamples, match=r"too many bad samples: \d+ of \d+ skipped over every rank.*max_bad_fraction=0\.01; the last on this rank in .*shard-000002\.tar"):
+        for batch in module([path], spm_model, steps_per_epoch=1000).make_train_dataloader():
+            tally.add(batch, torch.device("cpu"))
+
+
+def counts(read: int, skipped: int, shard: str = "") -> PackedBatch:
+    batch = PackedBatch(*(torch.zeros(1, 1, dtype=torch.long),) * 8, features=torch.zeros(0, FEATURES))
+    batch.samples_read, batch.samples_skipped, batch.skipped_from = torch.tensor(read), torch.tensor(skipped), shard
+    return batch
+
+
+def test_the_bad_sample_limit_applies_to_the_sum_over_workers(tmp_path, spm_model):
+    """A training stream only counts: over its own share it may skip more than the limit allows.
+    The tally decides on the sum of every worker's batches."""
+    path = make_set(tmp_path, "a")
+    truncate_first_member(Path(path) / "shard-000002.tar")
+    stream = module([path], spm_model, steps_per_epoch=40, max_bad_fraction=0.01).train_stream()
+    assert len(list(stream)) == 40 and stream.policy.skipped / stream.policy.seen > 0.01
+
+    tally, cpu = BadSampleTally(0.02), torch.device("cpu")
+    for _ in range(10):  # worker 0: 10% bad; worker 1: none; 1% over both
+        tally.add(counts(10, 1, "w0.tar"), cpu)
+        tally.add(counts(90, 0), cpu)
+    assert tally.totals(cpu) == (1000, 10)
+    with pytest.raises(TooManyBadSamples, match=r"31 of 1030 skipped .*\(3\.0%, max_bad_fraction=0\.02; the last on this rank in w0\.tar\)"):
+        tally.add(counts(30, 21), cpu)
+
+
+def _tally_on_rank(rank: int, store: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    tally, cpu = BadSampleTally(0.02, every=2), torch.device("cpu")
+    try:  # summed at every second batch
+        tally.add(counts(500, 15 if rank == 0 else 0, "r0.tar" if rank == 0 else ""), cpu)
+        tally.add(counts(0, 0), cpu)  # 15 of 1000
+        results.put((rank, "went on"))
+        tally.add(counts(100, 0 if rank == 0 else 30, "" if rank == 0 else "r1.tar"), cpu)
+        tally.add(counts(0, 0), cpu)  # 45 of 1200
+        results.put((rank, "went on"))
+    except TooManyBadSamples as err:
+        results.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_sum_their_bad_samples_and_stop_at_the_same_step(tmp_path):
+    """With a limit of 2%, rank 0 alone would stop at the first step (3% bad) and go on alone at
+    the second; the sums (1.5%, then 3.75%) stop both ranks at the second, each naming its own
+    last bad shard."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_tally_on_rank, args=(rank, str(tmp_path / "store"), results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    said = sorted(results.get(timeout=5) for _ in range(4))
+    assert [rank for rank, _ in said] == [0, 0, 1, 1]
+    assert [rank for rank, text in said if text == "went on"] == [0, 1]
+    stops = [text for _, text in said if text != "went on"]
+    assert len(stops) == 2 and all("45 of 1200 skipped over every rank" in text for text in stops)
+    assert "last on this rank in r0.tar" in stops[0] and "last on this rank in r1.tar" in stops[1]
+
+
+def test_a_stream_of_nothing_but_bad_samples_stops_by_itself():
+    """A training stream never applies the fraction itself, but one that finds no good sample
+    would never yield a batch to report its count: it stops after ``STALLED`` in a row."""
+    policy = BadSamplePolicy(0.01, enforce=False)
+    for _ in range(BadSamplePolicy.STALLED - 1):
+        policy.skip("bad", "k", "s.tar")
+    policy.ok()  # a good one resets the run of bad ones
+    for _ in range(BadSamplePolicy.STALLED - 1):
+        policy.skip("bad", "k", "s.tar")
+    with pytest.raises(TooManyBadSamples, match=f"{BadSamplePolicy.STALLED} bad samples in a row, the last in s.tar"):
+        policy.skip("bad", "k", "s.tar")
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -65,6 +65,24 @@ def test_data_that_yields_nothing_is_one_line(tmp_path):
     assert code == 2 and "yields no samples" in line and "unimodal data inspect" in line
 
 
+def test_a_worker_reading_nothing_but_bad_samples_stops_the_run_in_one_line(tmp_path):
+    """Every sample is broken and a DataLoader worker reads them: the worker stops after
+    ``STALLED`` in a row (it never yields a batch that could report them), and the error raised
+    again in the training process is still one line."""
+    import io
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar", "w") as tar:
+        for i in range(50):
+            info = tarfile.TarInfo(f"doc{i:04d}.json")
+            info.size = 9
+            tar.addfile(info, io.BytesIO(b"{not json"))
+    data = [f"--data.init_args.datasets=[{tmp_path / 'shards'}]", "--data.init_args.val_datasets=null", "--data.init_args.num_workers=1"]
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path / 'run'}", *data, *QUIET)
+    assert code == 2 and "1000 bad samples in a row, the last in " in line and "shard-000000.tar" in line
+
+
 def test_hostile_media_is_refused_from_its_header(tmp_path):
     """A 140 KB PNG declaring 12000x12000 pixels and a 33 KB FLAC declaring 700 s are refused
     before they are decoded."""

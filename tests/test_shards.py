@@ -16,7 +16,7 @@ from unimodal.schema import Document, DocumentError, Part
 from unimodal.data.inspect import inspect_path
 from unimodal.data.jsonl import pack_jsonl
 from unimodal.data.media import MediaBytes
-from unimodal.data.shards import BadSamplePolicy, ShardError, iter_samples, read_documents, write_documents
+from unimodal.data.shards import BadSamplePolicy, ShardError, TooManyBadSamples, iter_samples, read_documents, write_documents
 
 
 @pytest.fixture
@@ -208,10 +208,10 @@ def test_bad_sample_policy_aborts_above_fraction(caplog):
     assert caplog.records[-1].getMessage() == "skipping sample 'k1' in s.tar: broken"
     for _ in range(9):
         policy.ok()  # 1 of 10: exactly the limit
-    with pytest.raises(RuntimeError, match=r"(?s)too many bad samples: 2 of 11 skipped.*2 DocumentError.*k1 in s\.tar"):
+    with pytest.raises(TooManyBadSamples, match=r"too many bad samples: 2 of 11 skipped.*2 DocumentError; first: k1 in s\.tar: broken; k2"):
         policy.skip(DocumentError("again"), "k2", "s.tar")
 
-    with pytest.raises(RuntimeError, match="1 of 1"):
+    with pytest.raises(TooManyBadSamples, match="1 of 1"):
         BadSamplePolicy(max_bad_fraction=0).skip("bad", "k", "s.tar")
 
 

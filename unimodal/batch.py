@@ -9,7 +9,7 @@ import torch
 # the label of a position with no discrete target (torch's cross-entropy default ignore_index)
 IGNORE_INDEX = -100
 # per-batch counts that stay on the host when a batch moves to a device
-HOST_FIELDS = ("window_label_tokens", "samples_read", "samples_skipped")
+HOST_FIELDS = ("window_label_tokens", "samples_read", "samples_skipped", "skipped_from")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class PackedBatch:
     # batches, so counts from every DataLoader worker reach the training process
     samples_read: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
     samples_skipped: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
+    skipped_from: str = ""  # the shard of the last of those skipped, for the line that stops a run
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PackedBatch:
         """The per-position tensors on ``device``; the counts stay on the CPU, where the training

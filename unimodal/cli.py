@@ -491,8 +491,13 @@ UNION_ERROR = "Does not validate against any of the Union subtypes"
 def _reason(err: BaseException) -> str:
     """The error as the user needs it: when a recipe's class fails to build, jsonargparse reports
     every alternative of the Union it tried plus the whole config; the first real reason is kept,
-    followed down the chain of causes when the Union is nested (a codec inside a data module)."""
+    followed down the chain of causes when the Union is nested (a codec inside a data module).
+    An error a DataLoader worker raised arrives with the worker's traceback in its text: its last
+    line is kept."""
     text = str(err)
+    if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: its last line is the error
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ") else last
     if not text.startswith(UNION_ERROR):
         return text
     reasons = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ") and "NoneType" not in line]

@@ -85,6 +85,8 @@ class StreamConfig:
             batch = collate(chunk)
             batch.samples_read = torch.tensor(policy.seen - read)
             batch.samples_skipped = torch.tensor(policy.skipped - skipped)
+            if policy.skipped > skipped:
+                batch.skipped_from = policy.last_shard
             read, skipped = policy.seen, policy.skipped
             yield batch
 
@@ -149,7 +151,7 @@ class TrainStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0  # set by the train DataLoader before each epoch
-        self.policy = BadSamplePolicy(config.max_bad_fraction)
+        self.policy = BadSamplePolicy(config.max_bad_fraction, enforce=False)
 
     def __len__(self) -> int:
         return self.batches
@@ -193,7 +195,8 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[PackedBatch]:
         worker, num_workers = worker_slot()
-        self.policy = BadSamplePolicy(self.config.max_bad_fraction)
+        # only counted here: the training process applies the limit to every worker's and rank's sum
+        self.policy = BadSamplePolicy(self.config.max_bad_fraction, enforce=False)
         share = worker_share(self.batches, worker, num_workers)
         yield from islice(self.config.batches(self.documents(worker, num_workers), self.policy), share)
 
@@ -201,7 +204,8 @@ class TrainStream(IterableDataset):
 class ValStream(IterableDataset):
     """One deterministic pass over the validation sets (interleaved), the same number of batches per rank.
 
-    Every rank reads the first ``batches * world_size`` batches and keeps every ``world_size``-th.
+    Every rank reads the first ``batches * world_size`` batches and keeps every ``world_size``-th,
+    so its bad-sample policy sees the same counts on every rank and applies its limit itself.
     """
 
     def __init__(self, shard_sets: list[list[str]], config: StreamConfig, batches: int, rank: int = 0, world_size: int = 1):

@@ -27,6 +27,7 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 
 from unimodal.data.media import MEDIA_EXTENSIONS, MediaBytes, decode_media
+from unimodal.errors import UserError
 from unimodal.schema import (
     SCHEMA,
     Document,
@@ -45,6 +46,10 @@ class ShardError(DocumentError):
     """A shard (tar file) that cannot be read to its end."""
 
 
+class TooManyBadSamples(UserError):
+    """More of the data is broken than ``max_bad_fraction`` allows: the run stops."""
+
+
 # ----------------------------------------------------------------------------------------------
 # bad samples
 
@@ -61,20 +66,29 @@ class BadSamplePolicy:
     """Skip broken samples, but stop when more than ``max_bad_fraction`` of them are broken.
 
     ``min_samples`` keeps a few bad samples at the start of a stream from aborting a run; a
-    fraction of 0 aborts on the first bad sample. Counts are per process (each DataLoader worker
-    keeps its own); the batches carry them to the training process, which sums them over the run.
+    fraction of 0 aborts on the first bad sample. A training stream only counts
+    (``enforce=False``): its batches carry the counts to the training process, which applies
+    the limit to their sum over every DataLoader worker and rank
+    (:class:`unimodal.training.bad_samples.BadSampleTally`). Such a stream still stops by itself
+    after ``STALLED`` bad samples in a row, since it then yields no batch that could report them.
     """
 
     max_bad_fraction: float = 0.01
     min_samples: int = 100
+    enforce: bool = True
     seen: int = 0
     skipped: int = 0
+    in_a_row: int = 0
+    last_shard: str = ""
     kinds: Counter = field(default_factory=Counter)
     examples: list[SkippedSample] = field(default_factory=list)
     max_examples: int = 20
 
+    STALLED = 1000
+
     def ok(self) -> None:
         self.seen += 1
+        self.in_a_row = 0
         self._check()
 
     def skip(self, error: BaseException | str, key: str = "", shard: str = "", count: int = 1) -> None:
@@ -82,6 +96,8 @@ class BadSamplePolicy:
         reason = str(error)
         self.seen += count
         self.skipped += count
+        self.in_a_row += count
+        self.last_shard = shard or self.last_shard
         self.kinds[type(error).__name__ if isinstance(error, BaseException) else "skipped"] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(SkippedSample(key, shard, reason))
@@ -89,20 +105,26 @@ class BadSamplePolicy:
         logger.warning("skipping %s: %s", where, reason)
         self._check()
 
+    def over_limit(self, skipped: int, seen: int) -> bool:
+        """Whether ``skipped`` bad of ``seen`` samples is more than this policy allows."""
+        if not skipped:
+            return False
+        return skipped / seen > self.max_bad_fraction and (self.max_bad_fraction == 0 or seen >= self.min_samples)
+
     def _check(self) -> None:
-        if not self.skipped:
-            return
-        too_many = self.skipped / self.seen > self.max_bad_fraction
-        if too_many and (self.max_bad_fraction == 0 or self.seen >= self.min_samples):
-            raise RuntimeError(self.summary())
+        if self.enforce and self.over_limit(self.skipped, self.seen):
+            raise TooManyBadSamples(self.summary())
+        if not self.enforce and self.in_a_row >= self.STALLED:
+            raise TooManyBadSamples(f"{self.in_a_row} bad samples in a row, the last in {self.last_shard}: {self.summary()}")
 
     def summary(self) -> str:
+        """One line: the counts, the kinds of error and the first bad samples."""
         kinds = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common())
-        first = "\n".join(f"  {s.key or '-'} in {s.shard}: {s.reason}" for s in self.examples[:5])
+        first = "; ".join(f"{s.key or '-'} in {s.shard}: {s.reason}" for s in self.examples[:3])
         return (
             f"too many bad samples: {self.skipped} of {self.seen} skipped "
             f"({self.skipped / max(self.seen, 1):.1%}, max_bad_fraction={self.max_bad_fraction}); "
-            f"kinds: {kinds}; first ones:\n{first}"
+            f"kinds: {kinds}; first: {first}"
         )
 
 

@@ -21,6 +21,7 @@ from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
 from unimodal.models.sharding import fully_shard_model
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
+from unimodal.training.bad_samples import BadSampleTally
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
 from unimodal.training.strategies import FSDP
@@ -85,8 +86,7 @@ class UnimodalModule(L.LightningModule):
             raise ValueError("reinit_codes restarts code rows of the model init_from names; init_from is not set")
         self.model: UnifiedModel | None = None
         self._last_batch: tuple[float, torch.Tensor] | None = None
-        # samples the training stream read and skipped as bad in this run, on this rank
-        self._samples = torch.zeros(2, dtype=torch.long)
+        self._bad_samples: BadSampleTally | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -154,9 +154,9 @@ class UnimodalModule(L.LightningModule):
                 self.log(f"{stage}/{name}", term.total.detach() / term.count, batch_size=batch_size, sync_dist=sync)
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
-        self._samples += torch.stack([batch.samples_read, batch.samples_skipped]).long()
-        if self._samples[1]:
-            self.log("data/samples_skipped", float(self._samples[1]), batch_size=1)
+        _, skipped = self.bad_samples.add(batch, self.device)
+        if skipped:
+            self.log("data/samples_skipped", float(skipped), batch_size=1)
         losses = self.model(batch)
         loss = self.combine(losses, self._step_scale(batch))
         size = batch.input_ids.shape[0]
@@ -174,16 +174,16 @@ class UnimodalModule(L.LightningModule):
             self.log("train/tokens_per_s", int(tokens) / max(now - started, 1e-9), prog_bar=True, batch_size=1)
         self._last_batch = (now, (batch.doc_ids > 0).sum())
 
+    @property
+    def bad_samples(self) -> BadSampleTally:
+        """The run's bad-sample counts, limited by the data module's ``max_bad_fraction``."""
+        if self._bad_samples is None:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            self._bad_samples = BadSampleTally(getattr(datamodule, "max_bad_fraction", None))
+        return self._bad_samples
+
     def on_train_end(self) -> None:
-        """One line for the whole run when the data had bad samples: counts summed over every
-        DataLoader worker and rank (each skipped sample was also logged where it was read)."""
-        counts = self._samples.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = counts.to(self.device)
-            dist.all_reduce(counts)
-        read, skipped = (int(c) for c in counts)
-        if skipped and self.trainer.is_global_zero:
-            log.warning("data: skipped %d of %d samples as bad in this run, over every rank and worker", skipped, read)
+        self.bad_samples.report(self.device, self.trainer.is_global_zero)
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         losses = self.model(batch)

@@ -1,0 +1,72 @@
+"""The run's bad samples, summed over every DataLoader worker and rank before the limit applies.
+
+Each worker's stream only counts what it skips (and warns about each one where it reads it); its
+batches carry the counts here. Applying ``max_bad_fraction`` to the sum keeps one worker's bad
+shard from stopping a run whose data is otherwise fine, and makes every rank stop at the same
+step when the whole run's data is too broken.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from unimodal.batch import PackedBatch
+from unimodal.data.shards import BadSamplePolicy, TooManyBadSamples
+
+log = logging.getLogger("unimodal.train")
+
+
+class BadSampleTally:
+    """Samples read and skipped in this run; ``add`` stops the run (on every rank) past the limit.
+
+    With several ranks the counts are summed every ``every`` micro-batches (every rank adds the
+    same number of batches, so all check at the same one): a sum is a host sync, which would
+    otherwise stall the GPU at every step.
+    """
+
+    def __init__(self, max_bad_fraction: float | None = None, every: int = 16) -> None:
+        self.limit = BadSamplePolicy() if max_bad_fraction is None else BadSamplePolicy(max_bad_fraction)
+        self.every = every
+        self.local = torch.zeros(2, dtype=torch.long)  # read, skipped on this rank
+        self.shard = ""  # the last shard this rank skipped samples of
+        self.batches = 0
+        self.last = (0, 0)  # the run's totals when they were last summed
+
+    def add(self, batch: PackedBatch, device: torch.device) -> tuple[int, int]:
+        """Count ``batch``'s samples; the run's totals (read, skipped) as last summed."""
+        self.local += torch.stack([batch.samples_read, batch.samples_skipped]).long()
+        self.shard = batch.skipped_from or self.shard
+        self.batches += 1
+        if _world_size() > 1 and self.batches % self.every:
+            return self.last
+        read, skipped = self.last = self.totals(device)
+        if self.limit.over_limit(skipped, read):
+            where = f"the last on this rank in {self.shard}" if self.shard else "none of them on this rank"
+            raise TooManyBadSamples(
+                f"too many bad samples: {skipped} of {read} skipped over every rank and DataLoader worker "
+                f"({skipped / read:.1%}, max_bad_fraction={self.limit.max_bad_fraction}; {where}); the warnings "
+                "above say why each was skipped, and `unimodal data inspect SHARD` checks a shard"
+            )
+        return read, skipped
+
+    def totals(self, device: torch.device) -> tuple[int, int]:
+        """The run's (read, skipped) over every rank; with several, every rank must call it."""
+        counts = self.local
+        if _world_size() > 1:
+            counts = counts.to(device, copy=True)  # all_reduce works in place
+            dist.all_reduce(counts)
+        read, skipped = (int(c) for c in counts.tolist())
+        return read, skipped
+
+    def report(self, device: torch.device, is_global_zero: bool) -> None:
+        """One line at the end of a run that skipped any sample (every rank must call it)."""
+        read, skipped = self.totals(device)
+        if skipped and is_global_zero:
+            log.warning("data: skipped %d of %d samples as bad in this run, over every rank and worker", skipped, read)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
