@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,43 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypa
     assert "Traceback" not in err
     assert code == 1 and line.startswith("unimodal train: error: No space left on device: ") and "epoch=0-step=1.ckpt" in line
     assert ".tmp-" not in line and not list((run / "checkpoints").iterdir())
+
+
+def _mount_tmpfs(where: Path, *options: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=4m", *options]), "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounts a file system and changes user: needs root")
+def test_a_read_only_or_forbidden_checkpoint_directory_is_one_line(tmp_path):
+    """Probed for real: a read-only file system under the checkpoints (EROFS), and a run
+    directory its user may not write (EACCES, run as `nobody`). One line, exit status 1, naming
+    the checkpoint rather than its temporary file."""
+    checkpoints = tmp_path / "ro-run" / "checkpoints"
+    if not _mount_tmpfs(checkpoints, "ro"):
+        pytest.skip("mount is not permitted here")
+    try:
+        code, (line,) = unimodal("train", str(RECIPE), "--tiny", "--trainer.max_steps=2", "--checkpoint_every_n_steps=1",
+                                 f"--trainer.default_root_dir={tmp_path / 'ro-run'}", *QUIET)
+    finally:
+        subprocess.run(["umount", str(checkpoints)], check=True)
+    assert code == 1 and line.startswith("unimodal train: error: Read-only file system: ")
+    assert line.split(": ")[3].startswith(f"{checkpoints}/epoch=0-step=1.ckpt")
+
+    with tempfile.TemporaryDirectory(prefix="unimodal-nobody-") as where:  # pytest's own are root's alone
+        home = Path(where)
+        home.chmod(0o777)  # nobody may build the data here, but not write the root-owned run directory
+        (home / "run").mkdir(mode=0o755)
+        env = {**os.environ, "HOME": str(home), "UNIMODAL_DATA_HOME": str(home / "data")}
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "unimodal", "train",
+             str(RECIPE), "--tiny", "--trainer.max_steps=2", f"--trainer.default_root_dir={home / 'run'}", *QUIET],
+            capture_output=True, text=True, cwd=ROOT, timeout=300, env=env,
+        )
+    (line,) = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert "Traceback" not in done.stderr and done.returncode == 1
+    assert line.startswith("unimodal train: error: Permission denied: ") and str(home / "run") in line
 
 
 def test_a_pipe_shard_url_runs_nothing_unless_the_recipe_opts_in(tmp_path):

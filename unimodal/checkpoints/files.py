@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -47,7 +48,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as err:  # a full disk, say: name the checkpoint, not its temporary file
             raise OSError(err.errno, err.strerror, str(path)) from err
         finally:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only file system refuses even this
+                temp.unlink(missing_ok=True)
         if self.keep_last_k is not None:
             prune_checkpoints(path.parent, self.keep_last_k)
 
