@@ -59,6 +59,39 @@ def test_a_checkpoint_of_another_model_is_one_line(checkpoint, tmp_path):
     assert code == 2 and "does not fit this recipe's model" in line
 
 
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_given_to_ckpt_path_runs_no_code(checkpoint, tmp_path):
+    """``--ckpt_path`` may name anyone's file: a pickle payload is refused in one line before it
+    runs, and a sharded directory (whose files DeepSpeed and torch.distributed.checkpoint read
+    with pickle) needs ``--trust_checkpoint``."""
+    import torch
+
+    marker = tmp_path / "ran"
+    state = torch.load(checkpoint, weights_only=True)
+    state["payload"] = _Payload(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(state, evil)
+    run = f"--trainer.default_root_dir={tmp_path / 'run'}"
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", "--trainer.max_steps=3", run, f"--ckpt_path={evil}", *QUIET)
+    assert code == 2 and "holds objects other than tensors and plain values" in line and "GLOBAL" in line
+    assert not marker.exists()
+
+    sharded = tmp_path / "sharded.ckpt"
+    (sharded / "checkpoint").mkdir(parents=True)
+    (sharded / "latest").write_text("checkpoint")
+    torch.save({"payload": _Payload(marker)}, sharded / "checkpoint" / "mp_rank_00_model_states.pt")
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", "--trainer.max_steps=3", run, f"--ckpt_path={sharded}", *QUIET)
+    assert code == 2 and "is a sharded checkpoint directory" in line and "--trust_checkpoint" in line
+    assert not marker.exists()
+
+
 def test_data_that_yields_nothing_is_one_line(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"")

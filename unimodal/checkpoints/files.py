@@ -121,7 +121,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        # torch's message is a paragraph; the line naming what the file asked for is the one that matters
+        lines = [line for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = lines[0].strip() if lines else type(err).__name__
         raise UserError(
             f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
             f"unimodal reads checkpoints written by `unimodal train` only ({reason})"

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
+from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint, read_checkpoint
 from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
 from unimodal.data.processor import media_settings
 from unimodal.data.shards import present_shard_sets
@@ -62,6 +62,11 @@ class UnimodalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from ('last' or a path)"
+        )
+        parser.add_argument(
+            "--trust_checkpoint", type=bool, default=False,
+            help="allow --ckpt_path to name a sharded (DeepSpeed or FSDP2) checkpoint directory: its files are read with "
+            "pickle, which can run code, so only for a run of your own or a source you trust",
         )
         parser.add_argument(
             "--resume", type=str | None, default=None,
@@ -311,6 +316,8 @@ def resume_path(cli: UnimodalCLI) -> str | None:
     """The checkpoint ``fit`` starts from: ``--ckpt_path``, or what ``--resume`` selects."""
     ckpt_path, resume = cli.config.get("ckpt_path"), cli.config.get("resume")
     if resume is None:
+        if ckpt_path is not None and Path(ckpt_path).exists():
+            check_given_checkpoint(Path(ckpt_path), trust=bool(cli.config.get("trust_checkpoint")))
         return ckpt_path
     if ckpt_path is not None:
         raise ValueError("give --ckpt_path or --resume, not both")
@@ -318,6 +325,20 @@ def resume_path(cli: UnimodalCLI) -> str | None:
         raise ValueError(f"--resume takes 'auto' (use --ckpt_path=PATH for a given checkpoint), got {resume!r}")
     found = find_latest_checkpoint(cli.checkpoint_dir)
     return str(found) if found is not None else None
+
+
+def check_given_checkpoint(path: Path, trust: bool) -> None:
+    """A checkpoint named on the command line may come from anywhere: a file must hold tensors and
+    plain values only (read here once, memory-mapped, so that a refusal is one line), and a
+    sharded directory, whose files its strategy reads with pickle, needs ``--trust_checkpoint``.
+    The run's own checkpoints (``--resume auto``) are trusted."""
+    if path.is_file():
+        read_checkpoint(path)
+    elif not trust:
+        raise UserError(
+            f"{path} is a sharded checkpoint directory, whose files are read with pickle (which can run code); "
+            "pass --trust_checkpoint if it comes from a run of your own or a source you trust"
+        )
 
 
 def run_training(args: list[str], resolve_path: Callable[[str], str] | None = None) -> Trainer:
