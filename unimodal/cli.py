@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _one_log_line_each()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
     try:
@@ -449,6 +450,17 @@ def main(argv: list[str] | None = None) -> int:
     if printed is not None:
         print(printed)
     return 0
+
+
+def _one_log_line_each() -> None:
+    """Lightning gives its ``lightning`` logger a console handler of its own, and the record also
+    reaches the root handler: every line came twice. It also advertises a hosted logger at each fit."""
+    import lightning  # noqa: F401  (its handler is added on import)
+
+    logging.getLogger("lightning").handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip")
+    )
 
 
 # a full disk, a read-only file system, a directory without write permission, a quota
