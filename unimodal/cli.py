@@ -453,14 +453,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_log_line_each() -> None:
-    """Lightning gives its ``lightning`` logger a console handler of its own, and the record also
-    reaches the root handler: every line came twice. It also advertises a hosted logger at each fit."""
-    import lightning  # noqa: F401  (its handler is added on import)
-
-    logging.getLogger("lightning").handlers.clear()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("💡 Tip")
-    )
+    """Lightning gives its ``lightning`` logger a console handler of its own when it is imported,
+    and its records also reached the root handler: every line came twice. The root handler now
+    leaves them to Lightning's (without importing Lightning, which would slow every verb). Its
+    advertisement for a hosted logger at each fit is dropped."""
+    lightning = logging.getLogger("lightning")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not (record.name.startswith("lightning") and lightning.handlers))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
 # a full disk, a read-only file system, a directory without write permission, a quota
