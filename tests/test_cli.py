@@ -98,3 +98,23 @@ def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
     assert "documents: 3" in capsys.readouterr().out
     assert main(["data", "pack", str(src), "--out", str(tmp_path / "strict"), "--skip_bad", "false"]) == 2
     assert "src.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_a_training_run_says_each_line_once(tmp_path):
+    """Lightning's own console handler and the root handler both printed its records, so every
+    Lightning line came twice; and Lightning advertised a hosted logger at every fit."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "unimodal", "train", str(root / "recipes/text/tiny.yaml"), "--tiny", "--trainer.max_steps=2",
+         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    texts = [line.split(": ", 1)[-1] for line in lines]  # the message, whichever handler printed it
+    assert "GPU available: False, used: False" in texts
+    assert len(texts) == len(set(texts)), "\n".join(lines)
+    assert not any("litlogger" in line for line in lines)

@@ -457,10 +457,20 @@ def _one_log_line_each() -> None:
     and its records also reached the root handler: every line came twice. The root handler now
     leaves them to Lightning's (without importing Lightning, which would slow every verb). Its
     advertisement for a hosted logger at each fit is dropped."""
-    lightning = logging.getLogger("lightning")
     for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda record: not (record.name.startswith("lightning") and lightning.handlers))
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+        if _left_to_lightning not in handler.filters:
+            handler.addFilter(_left_to_lightning)
+    advertising = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_advertisement not in advertising.filters:
+        advertising.addFilter(_no_advertisement)
+
+
+def _left_to_lightning(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("lightning") and logging.getLogger("lightning").handlers)
+
+
+def _no_advertisement(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
 
 
 # a full disk, a read-only file system, a directory without write permission, a quota
