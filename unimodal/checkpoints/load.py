@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, processor_config
+from unimodal.data.shards import is_streamed
 from unimodal.modalities.base import describe_fingerprint
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig
@@ -140,7 +141,7 @@ def _check_untrusted(node: Any, file: Path) -> None:
         if path is not None and not (isinstance(path, str) and path.startswith("unimodal.")):
             raise ExportError(f"{file} names the class {path!r}; an export may name unimodal's own classes only")
         for key, value in node.items():
-            if key == "path" and isinstance(value, str) and (value.startswith("pipe:") or "://" in value):
+            if key == "path" and isinstance(value, str) and is_streamed(value):
                 raise ExportError(f"{file} names the path {value!r}; an export may name local files only")
             _check_untrusted(value, file)
     elif isinstance(node, list):

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unimodal.data.media import decode_media
-from unimodal.data.shards import STATS_FILE, expand_shards, read_documents, write_documents
+from unimodal.data.shards import STATS_FILE, expand_shards, is_streamed, read_documents, write_documents
 from unimodal.modalities.base import MediaCodec, describe_fingerprint
 from unimodal.schema import Document, DocumentError, Part
 
@@ -36,7 +36,7 @@ def stats_file(spec: str | Path) -> Path:
 def read_code_sources(spec: str | Path) -> dict[str, dict[str, Any]]:
     """modality -> fingerprint of the tokenizer that wrote the shards' codes (empty for raw media,
     and for streamed shards, which have no ``stats.json`` beside them)."""
-    if str(spec).startswith("pipe:") or "://" in str(spec):
+    if is_streamed(spec):
         return {}
     path = stats_file(spec)
     return json.loads(path.read_text()).get(CODES_KEY, {}) if path.is_file() else {}

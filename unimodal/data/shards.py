@@ -291,6 +291,11 @@ def held_out(key: str, fraction: float) -> bool:
 # reading
 
 
+def is_streamed(spec: str | Path) -> bool:
+    """A shard spec that is no local file: a ``pipe:`` command or a URL (``s3://``, ``https://``, ...)."""
+    return str(spec).startswith("pipe:") or "://" in str(spec)
+
+
 def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
     """Shard URLs of a directory (its ``*.tar``), a brace pattern (``a-{000..009}.tar``) or one file.
 
@@ -307,7 +312,7 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
             raise FileNotFoundError(f"{spec}: directory holds no .tar shards")
         return urls
     urls = expand_urls(spec)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if not is_streamed(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         raise FileNotFoundError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")

@@ -26,9 +26,11 @@ from typing import Any
 
 from unimodal.inference.chat import Assistant, ChatError, Message, Reply
 from unimodal.inference.engine import EXPIRED, row_settings
-from unimodal.inference.outputs import GenerationTimeout
+from unimodal.inference.outputs import GenerationTimeout, expired_error
 
 log = logging.getLogger("unimodal.serve")
+
+STOPPING = "generation cancelled: the server is stopping"
 
 
 class Busy(RuntimeError):
@@ -81,7 +83,7 @@ class Batcher:
 
     def submit(self, job: Job) -> Job:
         if self.stopping.is_set():
-            job.future.set_exception(GenerationTimeout("generation cancelled: the server is stopping"))
+            job.future.set_exception(GenerationTimeout(STOPPING))
         else:
             self._queue.put(job)
         return job
@@ -155,7 +157,7 @@ class Batcher:
             if job is not None:
                 pending.append(job)
         for job in pending:
-            _fail(job, GenerationTimeout("generation cancelled: the server is stopping"))
+            _fail(job, GenerationTimeout(STOPPING))
 
     def _run(self, jobs: list[Job]) -> None:
         """Prompts per job (a bad one fails alone), one generation for every row, replies back."""
@@ -166,7 +168,7 @@ class Batcher:
                 continue  # its caller is gone
             if job.cancel.is_set():
                 self.stats["cancelled"] += job.n
-                _fail(job, GenerationTimeout("generation cancelled"))
+                _fail(job, expired_error(["cancelled"]))
                 continue
             if now > job.wait_until:
                 _fail(job, Busy(f"the request waited {now - job.arrived:.1f} s for the model"))
@@ -198,7 +200,7 @@ class Batcher:
             for job in {id(j): j for j, _ in owners}.values():
                 reason = "cancelled" if job.cancel.is_set() else "timeout"
                 self.stats[reason] += job.n
-                _fail(job, GenerationTimeout("generation cancelled" if reason == "cancelled" else "generation ran past its time limit"))
+                _fail(job, expired_error([reason]))
             return
         answers: dict[int, tuple[Job, list[Reply]]] = {}
         for (job, _), reply in zip(owners, replies):
@@ -207,8 +209,7 @@ class Batcher:
         for job, own in answers.values():
             expired = [r.finish_reason for r in own if r.finish_reason in EXPIRED]
             if expired:
-                reason = "cancelled" if "cancelled" in expired else "ran past its time limit"
-                _fail(job, GenerationTimeout(f"generation {reason}"))
+                _fail(job, expired_error(expired))
             else:
                 job.future.set_result(own)
 

@@ -39,7 +39,7 @@ from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
 from unimodal.inference.modes import MediaMode, media_modes
-from unimodal.inference.outputs import Deadline, Generation, GenerationTimeout, Segment, check_deadline, expiry
+from unimodal.inference.outputs import Deadline, Generation, Segment, check_deadline, expired_error, expiry
 from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
 from unimodal.models.generation import GenerationSettings, SamplingSettings
 from unimodal.models.unified import UnifiedModel
@@ -162,13 +162,13 @@ class Engine:
             raise ValueError("the unconditional prompt must end before any begin token; the engine adds it when a span opens")
         reasons = [expiry(d) for d in deadlines]
         if all(reasons):
-            raise GenerationTimeout(_expiry_message(reasons))
+            raise expired_error(reasons)
         states = [_Row(i, budget, s, g, d) for i, (budget, s, (g, _), d) in enumerate(zip(budgets, rows, seeded, deadlines))]
         docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
         run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text)
         run.loop()
         if all(row.finish in EXPIRED for row in run.rows):
-            raise GenerationTimeout(_expiry_message([row.finish for row in run.rows]))
+            raise expired_error([row.finish for row in run.rows])
         return [
             Generation(row.segments, row.finish, len(p), row.new, seed) for row, p, (_, seed) in zip(run.rows, prompts, seeded)
         ]
@@ -629,8 +629,3 @@ def row_settings(settings: GenerationSettings, count: int) -> list[GenerationSet
         return [settings] * count
     return [settings.replace(seed=settings.seed + i) for i in range(count)]
 
-
-def _expiry_message(reasons: list[str | None]) -> str:
-    if "cancelled" in reasons:
-        return "generation cancelled"
-    return "generation ran past its time limit"

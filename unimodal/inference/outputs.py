@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +61,10 @@ def expiry(deadline: Deadline) -> str | None:
 def check_deadline(deadline: Deadline) -> None:
     """Raise :class:`GenerationTimeout` once ``deadline`` has passed or been cancelled."""
     reason = expiry(deadline)
-    if reason == "cancelled":
-        raise GenerationTimeout("generation cancelled")
-    if reason == "timeout":
-        raise GenerationTimeout("generation ran past its time limit")
+    if reason is not None:
+        raise expired_error([reason])
+
+
+def expired_error(reasons: Collection[str | None]) -> GenerationTimeout:
+    """The error for rows that ended by :func:`expiry`: a cancellation names itself, else the time limit."""
+    return GenerationTimeout("generation cancelled" if "cancelled" in reasons else "generation ran past its time limit")

@@ -32,6 +32,8 @@ import io
 import json
 import logging
 import secrets
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -470,9 +472,6 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
           limits: ServerLimits | None = None, model_name: str | None = None) -> None:
     """Run the server until interrupted. HTTP is served from a thread; the model generates on this
     one, the thread that loaded it (:class:`Batcher`)."""
-    import signal
-    import threading
-
     import uvicorn
 
     limits = limits or ServerLimits()

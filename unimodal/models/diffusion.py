@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 PREDICTIONS = ("epsilon", "v_prediction", "flow")
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+SAMPLERS = ("ddim", "euler", "flow")
 
 
 def guided(cfg_scale: float | Sequence[float]) -> bool:
     """Whether a sampler call runs conditional and unconditional rows: any row's scale is not 1."""
     return any(scale != 1.0 for scale in (cfg_scale if isinstance(cfg_scale, Sequence) else [cfg_scale]))
-BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
-SAMPLERS = ("ddim", "euler", "flow")
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from unimodal.batch import PackedBatch
 from unimodal.data.shards import BadSamplePolicy, TooManyBadSamples
+from unimodal.training.strategies import world_size
 
 log = logging.getLogger("unimodal.train")
 
@@ -40,7 +41,7 @@ class BadSampleTally:
         self.local += torch.stack([batch.samples_read, batch.samples_skipped]).long()
         self.shard = batch.skipped_from or self.shard
         self.batches += 1
-        if _world_size() > 1 and self.batches % self.every:
+        if world_size() > 1 and self.batches % self.every:
             return self.last
         read, skipped = self.last = self.totals(device)
         if self.limit.over_limit(skipped, read):
@@ -55,7 +56,7 @@ class BadSampleTally:
     def totals(self, device: torch.device) -> tuple[int, int]:
         """The run's (read, skipped) over every rank; with several, every rank must call it."""
         counts = self.local
-        if _world_size() > 1:
+        if world_size() > 1:
             counts = counts.to(device, copy=True)  # all_reduce works in place
             dist.all_reduce(counts)
         read, skipped = (int(c) for c in counts.tolist())
@@ -66,7 +67,3 @@ class BadSampleTally:
         read, skipped = self.totals(device)
         if skipped and is_global_zero:
             log.warning("data: skipped %d of %d samples as bad in this run, over every rank and worker", skipped, read)
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -24,7 +24,7 @@ from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 from unimodal.training.bad_samples import BadSampleTally
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
-from unimodal.training.strategies import FSDP
+from unimodal.training.strategies import FSDP, world_size
 
 log = logging.getLogger("unimodal.train")
 
@@ -128,9 +128,8 @@ class UnimodalModule(L.LightningModule):
         if window <= 0:  # no window information: this micro-batch stands for its window
             window = torch.tensor(batch.num_label_tokens * accumulate)
         tokens = window.to(self.device, torch.float32)
-        world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
+        world = world_size()
+        if world > 1:
             dist.all_reduce(tokens)
         scale = accumulate * world / tokens.clamp(min=1.0)
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):

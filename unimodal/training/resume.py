@@ -23,6 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from unimodal.checkpoints.files import RUN_CONFIG_KEY
 from unimodal.errors import UserError
+from unimodal.training.strategies import world_size
 
 log = logging.getLogger("unimodal.train")
 
@@ -63,8 +64,8 @@ class RunState(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         states = [_rng_state()]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states = [None] * dist.get_world_size()
+        if world_size() > 1:
+            states = [None] * world_size()
             dist.all_gather_object(states, _rng_state())
         checkpoint[RNG_KEY] = states
         if self.run_config is not None:

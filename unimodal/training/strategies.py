@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
@@ -65,6 +66,11 @@ from lightning.pytorch.strategies.ddp import DDPStrategy
 from unimodal.checkpoints.files import TEMP_PREFIX, prune_checkpoints, replace_directory
 
 log = logging.getLogger("unimodal.train")
+
+
+def world_size() -> int:
+    """The ranks of the initialised process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 # names a recipe may give as ``trainer.strategy``; the DeepSpeed ones map to DeepSpeedStrategy
 DEEPSPEED_PRESETS: dict[str, dict[str, Any]] = {
