@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from unimodal.cli import RENAMED, VERBS, main
 
@@ -118,3 +119,14 @@ def test_a_training_run_says_each_line_once(tmp_path):
     assert "GPU available: False, used: False" in texts
     assert len(texts) == len(set(texts)), "\n".join(lines)
     assert not any("litlogger" in line for line in lines)
+
+
+@pytest.mark.parametrize("joined", [True, False], ids=["key=value", "key value"])
+def test_built_in_names_inside_a_list_on_the_command_line_are_resolved(joined, data_home, capsys):
+    key, value = "--data.init_args.datasets", "[{path: builtin:shapes/train, weight: 2}]"
+    words = [f"{key}={value}"] if joined else [key, value]
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(Path(__file__).parents[1] / "recipes/orthus/base.yaml"), "--tiny", *words, "--print_config"])
+    assert done.value.code == 0
+    (dataset,) = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["datasets"]
+    assert Path(dataset["path"]).is_dir() and Path(dataset["path"]).is_relative_to(data_home) and dataset["weight"] == 2

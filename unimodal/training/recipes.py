@@ -17,6 +17,7 @@ saves one before the run stops (``unimodal.training.resume``).
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
@@ -265,10 +266,22 @@ def _resolve_precision_args(args: list[str]) -> list[str]:
 
 
 def _resolve_arg(arg: str, resolve_path: Callable[[str], str] | None) -> str:
-    name, eq, value = arg.partition("=")
-    if eq and value.startswith(BUILTIN_PREFIX):
-        return f"{name}={resolve_builtin(value, resolve_path)}"
-    return resolve_builtin(arg, resolve_path)
+    """One command-line word with its built-in names resolved: ``builtin:...``, ``--key=builtin:...``
+    or a YAML list or mapping that holds them (``--data.init_args.datasets=[{path: builtin:...}]``)."""
+    name, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if resolve_path is None or BUILTIN_PREFIX not in value:
+        return arg
+    if not value.startswith(BUILTIN_PREFIX):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return arg  # not YAML: jsonargparse says what is wrong with it
+        if not isinstance(parsed, list | dict):
+            return arg
+        value = json.dumps(resolve_builtin(parsed, resolve_path))
+    else:
+        value = resolve_builtin(value, resolve_path)
+    return f"{name}{eq}{value}"
 
 
 def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, **kwargs: Any) -> UnimodalCLI:
