@@ -137,3 +137,27 @@ def test_names_registered_in_a_hf_tokenizer_line_up_with_ids():
     assert tokenizer.decode(ids).replace(" ", "") == "ared<|boi|><|image_3|><|audio_l1_1|>"
     with pytest.raises(ValueError, match="has 25 tokens"):
         layout.register_added_tokens(tokenizer)
+
+
+def test_raw_media_are_encoded_once_per_content(char_tokenizer):
+    layout = VocabLayout(**MIO_LIKE)
+    calls: list[str] = []
+
+    def codec(part: Part) -> np.ndarray:  # a codec that counts its calls
+        calls.append(part.type)
+        if part.type == "image":
+            return np.array([int(part.data.sum()) % 4, 1])
+        waveform, rate = part.data
+        return np.array([[rate % 4, 0], [1, 2]])
+
+    encoder = Processor(char_tokenizer, layout, codecs={"image": codec, "audio": codec})
+    picture = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    clip = np.linspace(-1, 1, 100, dtype=np.float32)
+    doc = _doc(Part("image", media=0, data=picture), Part("audio", media=1, data=(clip, 16000)))
+    first = encoder.encode(doc)
+    again = encoder.encode(_doc(Part("image", media=0, data=picture.copy()), Part("audio", media=1, data=(clip.copy(), 16000))))
+    assert calls == ["image", "audio"] and first.ids.tolist() == again.ids.tolist()
+    other = picture.copy()
+    other[0, 0, 0] += 1
+    encoder.encode(_doc(Part("image", media=0, data=other), Part("audio", media=1, data=(clip, 8000))))
+    assert calls == ["image", "audio", "image", "audio"]  # another picture, another sample rate
