@@ -98,6 +98,13 @@ def test_stage1_then_stage2_train_and_export(data_home, tmp_path):
     for name, value in stage1.qformer.state_dict().items():  # the Q-Former stayed frozen in stage 2
         assert torch.equal(value, stage2.qformer.state_dict()[name]), name
     assert not torch.equal(stage1.quantizer.codebook.weight, stage2.quantizer.codebook.weight)
+    assert all(torch.equal(v, stage2.vision.state_dict()[k]) for k, v in stage1.vision.state_dict().items())
+
+    # train_vision: the same run, seeded alike, with the random vision encoder learning too
+    train("tokenizer_stage1.yaml", tmp_path / "s1v", "--model.init_args.train_vision=true")
+    trained = SeedTokenizer.from_pretrained(tmp_path / "s1v" / "tokenizer").vision.state_dict()
+    changed = [k for k, v in stage1.vision.state_dict().items() if not torch.equal(v, trained[k])]
+    assert "embeddings.patch_embeddings.projection.weight" in changed and len(changed) > len(trained) // 2
 
 
 def test_stage2_alone_starts_from_the_builtin_tokenizer(data_home, tmp_path):

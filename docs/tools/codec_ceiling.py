@@ -5,7 +5,7 @@ This fits a logistic regression on one-hot codes (and, for comparison, on the pi
 decode to, and a 5-nearest-neighbour reader of those) on the digits world's training pictures, and
 scores them on its held-out pictures: a ceiling for the caption task that needs no language model.
 
-    .venv/bin/python docs/tools/codec_ceiling.py                                   # the world's PatchVQCodec (MIO)
+    .venv/bin/python docs/tools/codec_ceiling.py                                   # the world's PatchVQCodec
     .venv/bin/python docs/tools/codec_ceiling.py --codec seed --path runs/families/seed/tokenizer_stage2/tokenizer
 """
 

@@ -274,8 +274,10 @@ class SeedTokenizer(MediaCodec, nn.Module):
         return self.qformer.queries.device
 
     def causal_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, S, S]`` -> ``[B, queries, width]``."""
-        with torch.no_grad():
+        """``[B, 3, S, S]`` -> ``[B, queries, width]``; gradients reach the vision encoder only where
+        a stage unfroze it."""
+        trained = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
             features = self.vision(pixel_values=pixels).last_hidden_state
         return self.qformer(features)
 

@@ -70,10 +70,12 @@ class SeedTokenizerModule(L.LightningModule):
 class SeedTokenizerStage1(SeedTokenizerModule):
     """Contrastive alignment of the last causal query with the caption (SEED stage 1).
 
-    ``vision``: the frozen encoder the Q-Former reads; ``target``: the encoder whose image
-    embedding stage 2 distils into (unCLIP's CLIP vision tower with projection; the vision
-    encoder's pooled output when unset); ``text_encoder``: any HF text model (its ``config``
-    gets the caption tokenizer's vocabulary size), mean-pooled.
+    ``vision``: the encoder the Q-Former reads, frozen as in the paper (a pretrained EVA-CLIP)
+    unless ``train_vision``: a randomly initialised stand-in then trains with the Q-Former, since
+    random frozen features keep too little (docs/families-on-digits.md); ``target``: the encoder
+    whose image embedding stage 2 distils into (unCLIP's CLIP vision tower with projection; the
+    vision encoder's pooled output when unset); ``text_encoder``: any HF text model (its
+    ``config`` gets the caption tokenizer's vocabulary size), mean-pooled.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class SeedTokenizerStage1(SeedTokenizerModule):
         target: EncoderSpec | None = None,
         contrastive_dim: int = 256,
         label_smoothing: float = 0.1,
+        train_vision: bool = False,
         vocab: dict[str, Any] | None = None,
         optimizer: OptimizerConfig | None = None,
         export_dir: str | None = None,
@@ -93,6 +96,7 @@ class SeedTokenizerStage1(SeedTokenizerModule):
         self.vision_spec, self.target_spec, self.text_spec = vision, target, text_encoder
         self.seed_config = tokenizer or SeedConfig()
         self.contrastive_dim, self.label_smoothing = contrastive_dim, label_smoothing
+        self.train_vision = train_vision
 
     def configure_model(self) -> None:
         if hasattr(self, "text_encoder"):
@@ -103,6 +107,7 @@ class SeedTokenizerStage1(SeedTokenizerModule):
         for module in (self.tokenizer.to_code, self.tokenizer.quantizer, self.tokenizer.decoder, self.tokenizer.pixel_decoder):
             if module is not None:
                 module.requires_grad_(False)  # stage 2 trains these
+        self.tokenizer.vision.requires_grad_(self.train_vision)
         spec = self.text_spec
         if spec.config:
             spec = EncoderSpec(config={**spec.config, "vocab_size": self.layout.text_size})
