@@ -250,7 +250,8 @@ class SeedTokenizer(MediaCodec, nn.Module):
 
     def train(self, mode: bool = True) -> SeedTokenizer:
         super().train(mode)
-        self.vision.eval()  # frozen encoders stay in eval mode (no dropout)
+        if not self.vision_trained:
+            self.vision.eval()  # frozen encoders stay in eval mode (no dropout)
         if self.target is not None:
             self.target.eval()
         return self
@@ -273,11 +274,15 @@ class SeedTokenizer(MediaCodec, nn.Module):
     def device(self) -> torch.device:
         return self.qformer.queries.device
 
+    @property
+    def vision_trained(self) -> bool:
+        """Whether a stage unfroze the vision encoder (``SeedTokenizerStage1(train_vision=True)``)."""
+        return any(p.requires_grad for p in self.vision.parameters())
+
     def causal_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> ``[B, queries, width]``; gradients reach the vision encoder only where
         a stage unfroze it."""
-        trained = any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trained):
             features = self.vision(pixel_values=pixels).last_hidden_state
         return self.qformer(features)
 
