@@ -61,8 +61,7 @@ class EncodedMedia:
     ``max_bytes`` (least recently used go first).
 
     Why: a training run reads each picture and clip once per epoch, and on-the-fly tokenizers
-    cost far more than a hash (on the 2-core CPU: 1.1 ms for a tiny SEED tokenizer's picture,
-    1.0 ms for a digits clip, against 0.02 ms to hash one). Codecs are deterministic functions of
+    cost far more than a hash (benchmarks/media_cache.py). Codecs are deterministic functions of
     the media, and a processor's codecs never change, so the content and the modality are the key.
     Arrays are returned read-only, since one may be handed out many times.
     """
