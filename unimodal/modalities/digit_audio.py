@@ -54,9 +54,12 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return bank
 
 
+@lru_cache(maxsize=8)
 def _window(n_fft: int) -> np.ndarray:
     """The periodic Hann window (``torch.hann_window``'s default)."""
-    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    window.flags.writeable = False  # shared by the cache
+    return window
 
 
 # numpy, not torch, for the short transforms below, and einsum rather than BLAS for their small
@@ -75,12 +78,35 @@ def istft(spec: np.ndarray, n_fft: int, hop: int, length: int) -> np.ndarray:
     """The signal whose :func:`stft` is closest to ``spec`` (windowed overlap-add), ``length`` samples."""
     window = _window(n_fft)
     frames = np.fft.irfft(spec, n=n_fft, axis=1) * window
-    total = n_fft + hop * (len(frames) - 1)
-    out, norm = np.zeros(total), np.zeros(total)
-    for i, frame in enumerate(frames):
-        out[i * hop : i * hop + n_fft] += frame
-        norm[i * hop : i * hop + n_fft] += window**2
-    return (out / np.maximum(norm, 1e-8))[n_fft // 2 : n_fft // 2 + length]
+    out = _overlap_add(frames, hop)
+    return (out / _overlap_norm(len(frames), n_fft, hop))[n_fft // 2 : n_fft // 2 + length]
+
+
+def _overlap_add(frames: np.ndarray, hop: int) -> np.ndarray:
+    """Sum of ``frames [count, n_fft]`` placed ``hop`` samples apart. When the hop divides the
+    window (the codec's half-window hop) it is ``n_fft // hop`` shifted slice additions rather than
+    one per frame: Griffin-Lim calls this 49 times per clip."""
+    count, n_fft = frames.shape
+    out = np.zeros(n_fft + hop * (count - 1))
+    if n_fft % hop:
+        for i, frame in enumerate(frames):
+            out[i * hop : i * hop + n_fft] += frame
+        return out
+    shifts = n_fft // hop
+    blocks = out.reshape(count + shifts - 1, hop)
+    pieces = frames.reshape(count, shifts, hop)
+    for k in range(shifts):
+        blocks[k : k + count] += pieces[:, k]
+    return out
+
+
+@lru_cache(maxsize=64)
+def _overlap_norm(count: int, n_fft: int, hop: int) -> np.ndarray:
+    """The overlap-added squared window of ``count`` frames, floored: what :func:`istft` divides by."""
+    norm = _overlap_add(np.broadcast_to(_window(n_fft) ** 2, (count, n_fft)), hop)
+    norm = np.maximum(norm, 1e-8)
+    norm.flags.writeable = False  # shared by the cache
+    return norm
 
 
 def log_mel(waveform: np.ndarray, sample_rate: int, n_fft: int, hop: int, n_mels: int) -> np.ndarray:
@@ -181,7 +207,8 @@ class DigitAudioCodec(RVQCodec):
         for _ in range(c.griffin_lim_iters):
             rebuilt = stft(istft(magnitude * angles, c.n_fft, c.hop, length), c.n_fft, c.hop)
             # very short spans (a frame or two) pad up to half a window, giving extra frames
-            rebuilt = np.pad(rebuilt[: len(frames)], ((0, max(0, len(frames) - len(rebuilt))), (0, 0)))
+            if len(rebuilt) != len(frames):
+                rebuilt = np.pad(rebuilt[: len(frames)], ((0, max(0, len(frames) - len(rebuilt))), (0, 0)))
             accelerated = rebuilt - (0.99 / 1.99) * previous
             previous = rebuilt
             angles = accelerated / np.maximum(np.abs(accelerated), 1e-16)
