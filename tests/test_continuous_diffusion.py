@@ -104,6 +104,37 @@ def test_head_starts_at_zero_and_conditions_on_time_and_hidden_state():
     assert not torch.allclose(out, head(x, t, cond + 1))
 
 
+def test_conditioned_head_matches_the_head_planned_or_not():
+    torch.manual_seed(0)
+    head = DiffusionHead(feature_dim=6, cond_dim=10, width=16, depth=2)
+    for parameter in head.parameters():  # past adaLN-zero, so every modulation matters
+        torch.nn.init.normal_(parameter, std=0.3)
+    cond = torch.randn(4, 10)
+    schedule = DiffusionSchedule(ScheduleConfig(prediction="flow", sampler="flow", zero_terminal_snr=False, sample_steps=6))
+    with torch.no_grad():
+        seen = []
+        conditioned = head.conditioned(cond)
+        x, t = torch.randn(4, 6), torch.rand(4) * 1000
+        torch.testing.assert_close(conditioned(x, t), head(x, t, cond))  # unplanned timesteps
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen.append(t)
+            return head(x_t, t, cond)
+
+        # two guided rows with different step counts: the plan holds every step's timesteps
+        settings = {"cfg_scale": [2.0, 1.0], "steps": [6, 4], "generator": [torch.Generator().manual_seed(s) for s in (1, 2)]}
+        plain = schedule.sample(denoise, (2, 6), **settings)
+        planned = head.conditioned(cond)
+        planned.PLAN_CHUNK = 4  # two chunks
+        made = []
+        modulations = planned.modulations
+        planned.modulations = lambda t: made.append(len(t)) or modulations(t)
+        settings["generator"] = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        out = schedule.sample(planned, (2, 6), plan=planned.plan, **settings)
+    assert len(seen) == 6 and made == [4, 2] and not planned.planned and not planned.upcoming
+    torch.testing.assert_close(out, plain)
+
+
 def test_orthus_head_size():
     with torch.device("meta"):
         head = DiffusionHead(feature_dim=256, cond_dim=4096, width=1536, depth=3)

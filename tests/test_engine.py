@@ -288,11 +288,11 @@ def timed_calls(module, clock, seconds: float = 0.01) -> list[int]:
 
 def test_a_deadline_stops_per_token_diffusion_between_sampler_steps(monkeypatch):
     """Orthus samples each image slot with many head steps: the deadline is read at every step,
-    not only between slots, so a huge `steps` cannot hold the model past it. Each head call takes
-    0.01 s of the injected clock; the deadline is 0.05 s."""
+    not only between slots, so a huge `steps` cannot hold the model past it. Each head step (its
+    input layer runs once a step) takes 0.01 s of the injected clock; the deadline is 0.05 s."""
     clock = injected_clock(monkeypatch)
     model = family_model("orthus")
-    calls = timed_calls(model.continuous["image"].head, clock)
+    calls = timed_calls(model.continuous["image"].head.input, clock)
     doc = prompt(model, "a square", begin="<|boi|>")
     settings = GenerationSettings(text=GREEDY, image={"steps": 1000}, max_media=1, max_new_tokens=8, timeout_s=0.05)
     with pytest.raises(GenerationTimeout):
@@ -372,7 +372,7 @@ def test_a_row_that_expires_inside_the_diffusion_head_leaves_and_the_others_draw
     base = GenerationSettings(text=GREEDY, max_media=1, max_new_tokens=8, seed=0)
     settings = [base.replace(image={"steps": 1000}, timeout_s=0.05), base.replace(image={"steps": 2})]
     alone = engine.generate(docs[1:], settings[1])[0]
-    calls = timed_calls(model.continuous["image"].head, injected_clock(monkeypatch))
+    calls = timed_calls(model.continuous["image"].head.input, injected_clock(monkeypatch))
     out = engine.generate(docs, settings)
     assert out[0].finish_reason == "timeout" and not out[0].segments
     assert 5 + 8 <= len(calls) <= 6 + 8  # the shared calls within the deadline, then the other row's 4 slots x 2 steps

@@ -281,14 +281,16 @@ class TokenDiffusionImage(ContinuousImage):
         if guided(cfg_scale) and rows % 2:
             raise ValueError(f"classifier-free guidance needs conditional and unconditional rows (2B), got {rows}")
         batch = rows // 2 if guided(cfg_scale) else rows
+        head = self.head.conditioned(hidden)
         x = self.schedule.sample(
-            lambda x_t, t: self.head(x_t, t, hidden),
+            head,
             (batch, self.feature_dim),
             cfg_scale=cfg_scale,
             steps=steps,
             generator=generator,
             device=hidden.device,
             on_step=on_step,
+            plan=head.plan,
         )
         return x / self.latent_scale
 

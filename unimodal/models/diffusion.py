@@ -156,6 +156,7 @@ class DiffusionSchedule:
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         device: torch.device | str = "cpu",
         on_step: Callable[[], None] | None = None,
+        plan: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> torch.Tensor:
         """Run the sampler from pure noise of ``shape`` (``[B, ...]``) to x0.
 
@@ -165,7 +166,9 @@ class DiffusionSchedule:
         only (a row samples the same alone as in any batch).
 
         ``on_step`` is called before every step: a caller's deadline check, which may raise to
-        stop the loop.
+        stop the loop. ``plan`` is called once, before the first step, with the timesteps ``t`` that
+        each step will pass to ``denoise``, so that it can precompute what depends on them alone
+        (:meth:`~unimodal.models.heads.ConditionedHead.plan`).
 
         ``denoise(x_t, t)`` returns the model output for inputs ``[R, ...]`` and timesteps ``[R]``.
         When any row is guided (:func:`guided`) it is called with ``R = 2B`` rows (the same
@@ -187,18 +190,24 @@ class DiffusionSchedule:
             x[members] = x[members] * getattr(scheduler, "init_noise_sigma", 1.0)
         scale = scales.view(-1, *[1] * (len(shape) - 1))
         mix = bool((scales != 1.0).any())
+        timesteps = []  # what each step passes to denoise
         for k in range(max(len(scheduler.timesteps) for scheduler, _ in schedulers)):
+            t = torch.empty(rows, device=x.device)
+            for scheduler, members in schedulers:  # a finished row rides along at its last timestep
+                t[members] = float(scheduler.timesteps[min(k, len(scheduler.timesteps) - 1)])
+            timesteps.append(torch.cat([t, t]) if mix else t)
+        if plan is not None:
+            plan(timesteps)
+        for k, t in enumerate(timesteps):
             if on_step is not None:
                 on_step()
-            x_in, t = x.clone(), torch.empty(rows, device=x.device)
-            for scheduler, members in schedulers:  # a finished row rides along at its last timestep
-                timestep = scheduler.timesteps[min(k, len(scheduler.timesteps) - 1)]
-                t[members] = float(timestep)
+            x_in = x.clone()
+            for scheduler, members in schedulers:
                 if k < len(scheduler.timesteps):
                     scale_in = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
-                    x_in[members] = scale_in(x[members], timestep)
+                    x_in[members] = scale_in(x[members], scheduler.timesteps[k])
             if mix:
-                x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])
+                x_in = torch.cat([x_in, x_in])
             out = denoise(x_in, t).float()
             if mix:
                 cond, uncond = out.chunk(2)
