@@ -131,7 +131,7 @@ def test_conditioned_head_matches_the_head_planned_or_not():
         planned.modulations = lambda t: made.append(len(t)) or modulations(t)
         settings["generator"] = [torch.Generator().manual_seed(s) for s in (1, 2)]
         out = schedule.sample(planned, (2, 6), plan=planned.plan, **settings)
-    assert len(seen) == 6 and made == [4, 2] and not planned.planned and not planned.upcoming
+    assert len(seen) == 6 and made == [4, 2] and not planned.ready and not planned.upcoming
     torch.testing.assert_close(out, plain)
 
 

@@ -12,6 +12,7 @@ starts as the identity (adaLN-zero).
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +95,9 @@ class ConditionedHead:
     per step on a handful of rows, so small per-call work dominates. ``cond``'s projection is made
     once, and after :meth:`plan` the modulations (which depend on the timestep and ``cond`` only)
     are made for ``PLAN_CHUNK`` steps at a time in one batched call, which makes a step about three
-    times cheaper on a CPU; chunks keep the memory bounded for any number of steps. At a timestep
-    it did not plan it computes them as :meth:`DiffusionHead.forward` does."""
+    times cheaper on a CPU; chunks keep the memory bounded for any number of steps. A ``t`` that is
+    not the next planned tensor (the same object) gets its modulations as
+    :meth:`DiffusionHead.forward` makes them."""
 
     PLAN_CHUNK = 32
 
@@ -105,12 +107,12 @@ class ConditionedHead:
         layers = [block.modulation[-1] for block in head.blocks] + [head.final_modulation[-1]]
         self.weight = torch.cat([layer.weight for layer in layers])
         self.bias = torch.cat([layer.bias for layer in layers])
-        self.upcoming: deque[torch.Tensor] = deque()
-        self.planned: dict[tuple[float, ...], tuple[torch.Tensor, ...]] = {}
+        self.upcoming: deque[torch.Tensor] = deque()  # the planned timesteps not yet called
+        self.ready: deque[tuple[torch.Tensor, ...]] = deque()  # the modulations of the first of them
 
     def plan(self, timesteps: list[torch.Tensor]) -> None:
-        """The timesteps the sampler's steps will pass, in order, one ``[M]`` tensor each."""
-        self.upcoming = deque(timesteps)
+        """The timestep tensors the sampler will pass, in order, one ``[M]`` tensor a step."""
+        self.upcoming, self.ready = deque(timesteps), deque()
 
     def modulations(self, t: torch.Tensor) -> torch.Tensor:
         """Every block's shift, scale and gate, then the final shift and scale: ``[..., (3 depth + 2) width]``."""
@@ -118,14 +120,14 @@ class ConditionedHead:
         return F.linear(F.silu(embedded + self.base), self.weight, self.bias)
 
     def _modulations_at(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        key, width = tuple(t.tolist()), self.base.shape[-1]
-        if key not in self.planned:
-            while self.upcoming and tuple(self.upcoming[0].tolist()) != key:
-                self.upcoming.popleft()  # steps the caller skipped
-            chunk = [self.upcoming.popleft() for _ in range(min(self.PLAN_CHUNK, len(self.upcoming)))] or [t]
-            for step, mods in zip(chunk, self.modulations(torch.stack(chunk))):
-                self.planned[tuple(step.tolist())] = mods.split(width, dim=-1)
-        return self.planned.pop(key)
+        width = self.base.shape[-1]
+        if not (self.upcoming and t is self.upcoming[0]):
+            return self.modulations(t).split(width, dim=-1)
+        if not self.ready:
+            chunk = list(islice(self.upcoming, self.PLAN_CHUNK))
+            self.ready.extend(mods.split(width, dim=-1) for mods in self.modulations(torch.stack(chunk)))
+        self.upcoming.popleft()
+        return self.ready.popleft()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         head, mods = self.head, self._modulations_at(t)
