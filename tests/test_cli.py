@@ -79,6 +79,22 @@ def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys):
     assert err.count("\n") == 1 and err.startswith(f"unimodal {argv[0]}") and named in err and "usage:" not in err
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("[{path: builtin:text", "'[{path: builtin:text' is not a valid YAML list or mapping (expected ',' or '}'"),
+        ("{path: x", "'{path: x' is not a valid YAML list or mapping"),
+    ],
+)
+def test_a_malformed_list_in_a_recipe_class_says_which_key_and_why(value, says, capsys):
+    recipe = str(Path(__file__).parents[1] / "recipes/text/tiny.yaml")
+    assert main(["train", recipe, f"--data.init_args.datasets={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"unimodal train: error: --data.init_args.datasets: {says}"), err
+    assert main(["train", recipe, "--data.init_args.batch_size=many"]) == 2
+    assert capsys.readouterr().err == "unimodal train: error: --data.init_args.batch_size: Expected a <class 'int'>. Got value: many\n"
+
+
 def test_train_help_shows_the_recipe_argument(capsys):
     out = _help(("train",), capsys)
     assert "recipe" in out.split("positional arguments:")[1] and "unimodaltrainRECIPE.yaml--help" in "".join(out.split())

@@ -14,10 +14,12 @@ import logging
 import os
 import re
 import sys
+import textwrap
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from jsonargparse import ArgumentParser, auto_cli
 
 from unimodal.data.inspect import inspect_path
@@ -491,7 +493,8 @@ def _command(argv: list[str]) -> str:
 
 def _parse_error(message: str) -> str:
     """jsonargparse's parse error as one line: the option and why its value was refused (of a
-    Union's alternatives, the first that is not None)."""
+    Union's alternatives, the first that is not None; inside a recipe class, its own key's reason;
+    a list or mapping that is not valid YAML, the YAML error)."""
     match = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
     if match is None:
         return " ".join(message.split())
@@ -499,12 +502,29 @@ def _parse_error(message: str) -> str:
     lines = [line.strip().removeprefix("- ") for line in body.splitlines() if line.strip()]
     reason = lines[0] if lines else "invalid value"
     problem = next((i for i, line in enumerate(lines) if line.startswith("Problem with given class_path")), None)
+    inner = re.search(r'Problem with given class_path [^\n]*:\s*\n\s*(Parser key "([^"]+)":.*)', body, re.S)
+    if reason.startswith(UNION_ERROR) and inner is not None:  # a key of the recipe's class: its own reason
+        nested = _parse_error(textwrap.dedent(inner.group(1).split("\n    - Expected a <class 'NoneType'>")[0]))
+        return f"--{key}.init_args.{nested.removeprefix('--')}"
     if reason.startswith(UNION_ERROR) and problem is not None:  # a class that does not import: say why
         reason = " ".join(lines[problem : problem + 2])
     elif reason.startswith(UNION_ERROR):
         expected = next((line for line in lines if line.startswith("Expected") and "NoneType" not in line), reason)
         reason = " ".join([expected + ".", *(line for line in lines if line.startswith("Given value:"))])
+    given = re.search(r"Got value: ([\[{].*)$", body, re.M)
+    if given is not None:
+        reason = _yaml_problem(given.group(1)) or reason
     return f"--{key.rsplit('.', 1)[-1]}: {reason}"
+
+
+def _yaml_problem(value: str) -> str | None:
+    """Why a list or mapping typed on the command line is not YAML, or None when it is."""
+    try:
+        yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        return f"{value!r} is not a valid YAML list or mapping ({problem}); quote it whole, e.g. '[{{path: DIR}}]'"
+    return None
 
 
 UNION_ERROR = "Does not validate against any of the Union subtypes"
