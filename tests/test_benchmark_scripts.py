@@ -12,9 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import diffusion_head  # noqa: E402
 import train_step  # noqa: E402
 
 from unimodal.modalities.vocab import VocabLayout  # noqa: E402
+from unimodal.models.heads import ConditionedHead  # noqa: E402
 from unimodal.models.attention import build_attention_mask  # noqa: E402
 
 
@@ -30,6 +32,15 @@ def test_synthetic_batches_and_the_attention_pairs_they_allow(images):
         real = batch.doc_ids > 0
         allowed = build_attention_mask(batch.doc_ids, batch.block_ids)[:, 0]
         assert train_step.attention_pairs(batch) == int(allowed[real].sum())
+
+
+def test_the_diffusion_head_benchmark_checks_that_both_sides_agree(monkeypatch):
+    assert diffusion_head.main(["--rows", "2", "--steps", "4", "--width", "32", "--hidden", "16", "--features", "8", "--repeats", "1"]) > 0
+    # a planned head that drifted from the plain one fails the benchmark instead of timing it
+    modulations = ConditionedHead.modulations
+    monkeypatch.setattr(ConditionedHead, "modulations", lambda self, t: modulations(self, t) + 0.1)
+    with pytest.raises(Exception, match="close"):
+        diffusion_head.main(["--rows", "2", "--steps", "4", "--width", "32", "--hidden", "16", "--features", "8", "--repeats", "1"])
 
 
 @pytest.mark.slow

@@ -94,10 +94,9 @@ class ConditionedHead:
     """``head(x_t, t, cond)`` for one fixed ``cond``, for inference: a sampler calls the head once
     per step on a handful of rows, so small per-call work dominates. ``cond``'s projection is made
     once, and after :meth:`plan` the modulations (which depend on the timestep and ``cond`` only)
-    are made for ``PLAN_CHUNK`` steps at a time in one batched call, which makes a step about three
-    times cheaper on a CPU; chunks keep the memory bounded for any number of steps. A ``t`` that is
-    not the next planned tensor (the same object) gets its modulations as
-    :meth:`DiffusionHead.forward` makes them."""
+    are made for ``PLAN_CHUNK`` steps at a time in one batched call (benchmarks/diffusion_head.py);
+    chunks keep the memory bounded for any number of steps. A ``t`` that is not the next planned
+    tensor (the same object) gets its modulations as :meth:`DiffusionHead.forward` makes them."""
 
     PLAN_CHUNK = 32
 
