@@ -2,7 +2,7 @@
 
 ``TokenDiffusionImage.sample_next`` runs the sampler through ``DiffusionHead.conditioned``, which
 projects the hidden states once and makes each step's modulations, ``PLAN_CHUNK`` steps at a
-time, in one call (docs/continuous-images.md). The baseline is the same sampler calling the head
+time, one call per layer (docs/continuous-images.md). The baseline is the same sampler calling the head
 itself at every step. Both sample the same rows from the same seeds and must agree. The default
 sizes are the demo model's (``recipes/digits``: hidden 128, head 256 x 3, 64 features, flow
 sampler, 25 steps); ``--rows 3`` guided rows stand for three drawing requests in one server batch.

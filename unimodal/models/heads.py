@@ -15,7 +15,6 @@ from collections import deque
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
@@ -94,7 +93,7 @@ class ConditionedHead:
     """``head(x_t, t, cond)`` for one fixed ``cond``, for inference: a sampler calls the head once
     per step on a handful of rows, so small per-call work dominates. ``cond``'s projection is made
     once, and after :meth:`plan` the modulations (which depend on the timestep and ``cond`` only)
-    are made for ``PLAN_CHUNK`` steps at a time in one batched call (benchmarks/diffusion_head.py);
+    are made for ``PLAN_CHUNK`` steps at a time, one call per layer (benchmarks/diffusion_head.py);
     chunks keep the memory bounded for any number of steps. A ``t`` that is not the next planned
     tensor (the same object) gets its modulations as :meth:`DiffusionHead.forward` makes them."""
 
@@ -103,9 +102,6 @@ class ConditionedHead:
     def __init__(self, head: DiffusionHead, cond: torch.Tensor):
         self.head = head
         self.base = head.cond(cond.to(head.input.weight.dtype))
-        layers = [block.modulation[-1] for block in head.blocks] + [head.final_modulation[-1]]
-        self.weight = torch.cat([layer.weight for layer in layers])
-        self.bias = torch.cat([layer.bias for layer in layers])
         self.upcoming: deque[torch.Tensor] = deque()  # the planned timesteps not yet called
         self.ready: deque[tuple[torch.Tensor, ...]] = deque()  # the modulations of the first of them
 
@@ -115,8 +111,8 @@ class ConditionedHead:
 
     def modulations(self, t: torch.Tensor) -> torch.Tensor:
         """Every block's shift, scale and gate, then the final shift and scale: ``[..., (3 depth + 2) width]``."""
-        embedded = self.head.time(t.flatten()).view(*t.shape, -1)
-        return F.linear(F.silu(embedded + self.base), self.weight, self.bias)
+        c = self.head.time(t.flatten()).view(*t.shape, -1) + self.base
+        return torch.cat([block.modulation(c) for block in self.head.blocks] + [self.head.final_modulation(c)], dim=-1)
 
     def _modulations_at(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         width = self.base.shape[-1]
