@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 
 from tiny import (  # noqa: E402
+    BACKBONE,
+    TEXT_SIZE,
     LossRecorder,
+    SGDModule,
     Snapshot,
     WindowedData,
     make_module,
@@ -40,6 +43,7 @@ from tiny import (  # noqa: E402
 from unimodal.errors import UserError  # noqa: E402
 from unimodal.checkpoints.fsdp import fsdp_to_file  # noqa: E402
 from unimodal.checkpoints.zero import NotADeepSpeedCheckpoint, zero_to_fp32  # noqa: E402
+from unimodal.modalities.vocab import VocabLayout  # noqa: E402
 from unimodal.models.backbone import BackboneConfig  # noqa: E402
 from unimodal.models.lora import LoraSettings  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
@@ -133,6 +137,71 @@ def test_one_step_equals_plain_step_on_the_combined_batch(strategy, accumulate, 
     expected = reference_sgd_update(snap.initial, sequences, lr=1.0)
     assert max_diff(snap.final, snap.initial) > 1e-2
     assert max_diff(snap.final, expected) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_3"])
+def test_a_model_built_on_zero3_partitions_starts_where_it_would_unsharded(strategy, tmp_path, isolated_process_state):
+    """ZeRO-3's zero.Init partitions each module's parameters as soon as the module exists, so
+    initialisation that runs later must reach the partitions: transformers' init of a random
+    backbone (untold, it kept PyTorch's defaults: a first loss of 122 instead of 6.9 on the text
+    recipe), the diffusion head's adaLN-zero and LoRA's zero B."""
+    from unimodal.models.continuous import TokenDiffusionImage
+
+    layout = VocabLayout(text_size=TEXT_SIZE, code_ranges={"image": 16})
+
+    def head(hidden: int) -> TokenDiffusionImage:
+        return TokenDiffusionImage(hidden, feature_dim=8, slots_per_item=2, codebook_size=16, head_width=16, head_depth=1)
+
+    module = SGDModule(backbone=BACKBONE, vocab=layout.to_dict(), continuous={"image": head}, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    L.seed_everything(0)
+    snap = first_weights_callback()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, strategy=build_strategy(strategy), max_steps=1, callbacks=[snap]))
+    trainer.fit(module, datamodule=WindowedData(packed_sequences(0, 1), 1, 1))
+    weights = snap.initial
+    std = 0.02  # LlamaConfig's initializer_range
+    base = [n for n in weights if n.endswith(("embed_tokens.weight", "lm_head.weight", "layers.0.mlp.down_proj.base_layer.weight"))]
+    assert len(base) == 3, base
+    for name in base:
+        assert abs(float(weights[name].std()) - std) < 0.25 * std, (name, float(weights[name].std()))
+    zeroed = [n for n in weights if ".modulation." in n or n.startswith("continuous.image.head.output.")]
+    assert zeroed and all(not weights[n].any() for n in zeroed)
+    lora_b = [n for n in weights if ".lora_B." in n]
+    assert lora_b and all(not weights[n].any() for n in lora_b)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_3"])
+def test_a_pretrained_backbone_loads_and_resizes_on_zero3_partitions(strategy, tmp_path, isolated_process_state):
+    """A backbone read from a directory, its vocabulary then grown by the media code rows: under
+    ZeRO-3 transformers must load into and resize the partitions (untold, it refused the sizes)."""
+    from unimodal.models.backbone import causal_lm_from_config
+    from transformers import AutoConfig
+
+    raw = dict(BACKBONE.config)
+    saved = causal_lm_from_config(AutoConfig.for_model(raw.pop("model_type"), **raw, vocab_size=TEXT_SIZE))
+    saved.save_pretrained(tmp_path / "backbone")
+    layout = VocabLayout(text_size=TEXT_SIZE, code_ranges={"image": 16})
+    backbone = BackboneConfig(path=str(tmp_path / "backbone"), attention="sdpa")
+    snap = first_weights_callback()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, strategy=build_strategy(strategy), max_steps=1, callbacks=[snap]))
+    trainer.fit(SGDModule(backbone=backbone, vocab=layout.to_dict()), datamodule=WindowedData(packed_sequences(0, 1), 1, 1))
+    weights = snap.initial
+    assert weights["backbone.model.embed_tokens.weight"].shape[0] == layout.size > TEXT_SIZE
+    torch.testing.assert_close(weights["backbone.model.embed_tokens.weight"][:TEXT_SIZE], saved.model.embed_tokens.weight.detach())
+    torch.testing.assert_close(weights["backbone.model.layers.1.mlp.up_proj.weight"], saved.model.layers[1].mlp.up_proj.weight.detach())
+    for name, table in (("backbone.model.embed_tokens.weight", saved.model.embed_tokens), ("backbone.lm_head.weight", saved.lm_head)):
+        added, mean = weights[name][TEXT_SIZE:], table.weight.detach().mean(0)
+        assert (added - mean).abs().max() < 1e-3 and not torch.equal(added[0], added[1])  # near the mean, apart
+
+
+def first_weights_callback() -> Snapshot:
+    """A callback that keeps the full weights training starts from, then stops before any step."""
+
+    class FirstWeights(Snapshot):
+        def on_train_start(self, trainer, module):
+            super().on_train_start(trainer, module)
+            trainer.should_stop = True
+
+    return FirstWeights()
 
 
 def test_zero2_single_process_trains_saves_and_converts(tmp_path, isolated_process_state):

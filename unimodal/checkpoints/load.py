@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, processor_config
 from unimodal.data.shards import is_streamed
 from unimodal.modalities.base import describe_fingerprint
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.backbone import BackboneConfig
+from unimodal.models.backbone import BackboneConfig, start_rows_near_mean
 from unimodal.models.build import build_model
 from unimodal.models.lora import quiet_peft
 from unimodal.models.sharding import gathered
@@ -248,23 +247,13 @@ def init_from_export(model: UnifiedModel, path: str | Path, reinit: Collection[s
 
 def restart_code_rows(model: UnifiedModel, name: str) -> None:
     """Give the input (and untied output) embedding rows of code range ``name`` a fresh start, as
-    ``resize_token_embeddings(mean_resizing=True)`` starts added rows: the text rows' mean, plus
-    noise of 1e-5 of their variance (per dimension) so that the codes start apart. Why: after a
-    codec refit the old rows describe other media, and starting from them would teach the model
-    its old sounds under new names."""
+    added rows start (:func:`~unimodal.models.backbone.start_rows_near_mean` of the text rows). Why:
+    after a codec refit the old rows describe other media, and starting from them would teach the
+    model its old sounds under new names."""
     layout = model.layout
     start = layout.range_offset(name)
-    stop = start + layout.code_ranges[name]
-    tables = [model.backbone.get_input_embeddings().weight]
-    output = model.backbone.get_output_embeddings()
-    if output is not None and output.weight is not tables[0]:
-        tables.append(output.weight)
-    with gathered(tables, modifier_rank=0), torch.no_grad():
-        for weight in tables:
-            text = weight[: layout.text_size].float()
-            noise = torch.randn(stop - start, weight.shape[1], device=weight.device) * (1e-5 * text.var(0)).sqrt()
-            weight[start:stop] = (text.mean(0) + noise).to(weight.dtype)
-    log.info("restarted the %d rows of code range %r", stop - start, name)
+    start_rows_near_mean(model.backbone, start, start + layout.code_ranges[name], reference=layout.text_size)
+    log.info("restarted the %d rows of code range %r", layout.code_ranges[name], name)
 
 
 def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:

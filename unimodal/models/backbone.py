@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
 from unimodal.models.attention import resolve_backend
+from unimodal.models.sharding import gathered
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,7 +71,7 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
             raise FileNotFoundError(f"backbone.path {path} is not a model directory (no config.json); models load from local paths only")
         model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
         if model.get_input_embeddings().num_embeddings != vocab_size:
-            model.resize_token_embeddings(vocab_size, mean_resizing=True)
+            resize_vocabulary(model, vocab_size)
     else:
         raw = dict(spec.config)
         if "model_type" not in raw:
@@ -80,6 +81,38 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
     if spec.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def resize_vocabulary(model: PreTrainedModel, vocab_size: int) -> None:
+    """Give the embedding tables ``vocab_size`` rows; added rows start as transformers'
+    ``mean_resizing`` starts them, near the old rows' mean (:func:`start_rows_near_mean`). Done
+    here because transformers' own ZeRO-3 path for it writes into a partition it has not gathered
+    (5.24: an IndexError)."""
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size > old:
+        start_rows_near_mean(model, old, vocab_size, reference=old)
+
+
+def embedding_tables(model: PreTrainedModel) -> list[torch.nn.Parameter]:
+    """The input embedding weight, and the output one when it is not tied to it."""
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not tables[0]:
+        tables.append(output.weight)
+    return tables
+
+
+def start_rows_near_mean(model: PreTrainedModel, start: int, stop: int, reference: int) -> None:
+    """Rows ``start:stop`` of the embedding tables become the mean of rows ``:reference`` plus noise
+    of 1e-5 of their variance (per dimension), so that the new rows start apart but where the
+    model expects an embedding (gathered first under ZeRO-3)."""
+    tables = embedding_tables(model)
+    with gathered(tables, modifier_rank=0), torch.no_grad():
+        for weight in tables:
+            known = weight[:reference].float()
+            noise = torch.randn(stop - start, weight.shape[1], device=weight.device) * (1e-5 * known.var(0)).sqrt()
+            weight[start:stop] = (known.mean(0) + noise).to(weight.dtype)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -18,6 +18,8 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
+from unimodal.models.sharding import gathered
+
 
 class TimeEmbedding(nn.Module):
     """Sinusoidal timestep features followed by an MLP (float timesteps in [0, 1000])."""
@@ -70,9 +72,10 @@ class DiffusionHead(nn.Module):
     def zero_init(self) -> None:
         """adaLN-zero: modulations and the output layer at zero (the untrained head predicts 0)."""
         zeroed = [block.modulation[-1] for block in self.blocks] + [self.final_modulation[-1], self.output]
-        for layer in zeroed:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        with gathered([p for layer in zeroed for p in layer.parameters()], modifier_rank=0):  # ZeRO-3 zero.Init
+            for layer in zeroed:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         c = self.time(t) + self.cond(cond.to(self.input.weight.dtype))

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from torch import nn
 
+from unimodal.models.sharding import gathered
+
 log = logging.getLogger("unimodal.train")
 
 # SEED-LLaMA's targets (arXiv 2310.01218): every attention and MLP projection of a Llama block
@@ -139,10 +141,27 @@ def apply_lora(model: nn.Module, settings: LoraSettings, new_token_ids: list[int
             model.backbone = peft.get_peft_model(model.backbone, config)
     for param in keep:  # peft froze what it wrapped; the policy's choices stand
         param.requires_grad_(True)
+    _initialise_partitioned_lora(model)
     log.info(
         "LoRA r=%d on %d modules (%d in the backbone)%s", settings.r, len(names), len(inside),
         f", {len(new_token_ids)} new token rows trainable" if settings.train_new_tokens else "",
     )
+
+
+def _initialise_partitioned_lora(model: nn.Module) -> None:
+    """peft initialises LoRA's A and B as soon as it makes them, which under ZeRO-3's zero.Init is
+    on empty partitions: redo it on the gathered weights, so that B is zero and the wrapped model
+    starts as the model it wraps."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        params = [p for name, p in module.named_parameters() if is_lora_param(name)]
+        if any(hasattr(p, "ds_id") for p in params):
+            with gathered(params, modifier_rank=0):
+                for adapter in module.lora_A:
+                    module.reset_lora_parameters(adapter, True)
 
 
 def is_lora_param(name: str) -> bool:

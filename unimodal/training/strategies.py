@@ -48,10 +48,12 @@ by tensor-parallel inference) takes minutes to compile on a small machine and is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,28 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        """Lightning's ``zero.Init`` under ZeRO-3, with transformers told for as long as the model
+        is built. ``zero.Init`` partitions each module's parameters as soon as that module exists,
+        so what transformers does afterwards (initialising a random backbone, loading a pretrained
+        one, resizing its embeddings) must run on gathered partitions, which it only does when it
+        knows (``HfDeepSpeedConfig``); untold, a random backbone kept PyTorch's default init."""
+        if not self.zero_stage_3:
+            with super().model_sharded_context():
+                yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        self._init_config_if_needed()
+        told = HfDeepSpeedConfig(self.config)  # transformers keeps a weak reference: alive while held here
+        try:
+            with super().model_sharded_context():
+                yield
+        finally:
+            unset_hf_deepspeed_config()
+            del told
 
     @property
     def offloads_optimizer(self) -> bool:
