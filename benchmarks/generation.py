@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.engine import Engine
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.backbone import BackboneConfig, load_backbone
+from unimodal.models.backbone import BackboneConfig, cache_keyword, load_backbone
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.unified import UnifiedModel
 
@@ -151,7 +151,8 @@ class Reference:
         if not bidirectional:
             mask[..., past:] = torch.tril(mask[..., past:])
         positions = torch.arange(past, past + q, device=embeds.device)[None]
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        cached = {cache_keyword(self.decoder): cache}
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **cached).last_hidden_state
 
     @torch.inference_mode()
     def image_for(self, prompt: list[int], steps: int, generator: torch.Generator) -> torch.Tensor:

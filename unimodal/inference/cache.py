@@ -8,7 +8,6 @@ attended.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from transformers import DynamicCache
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.data.processor import EncodedDocument
 from unimodal.models.attention import decoder_mask
+from unimodal.models.backbone import cache_keyword
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITY_IDS
 
@@ -29,9 +29,7 @@ class KVCache:
     def __init__(self, model: UnifiedModel, docs: Sequence[EncodedDocument], pad_id: int):
         self.model = model
         self.decoder = model.backbone.get_decoder()
-        # transformers renamed the decoder's cache argument (5.24: ``cache``; earlier releases,
-        # e.g. 5.17 on the GPU machines, only ``past_key_values``, which newer ones warn about)
-        self.cache_argument = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        self.cache_argument = cache_keyword(self.decoder)
         self.embed_tokens = model.backbone.get_input_embeddings()
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype
