@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unimodal.training.pipeline import run_pipeline
+from unimodal.errors import UserError
+from unimodal.training.pipeline import PipelineError, run_pipeline
 from unimodal.worlds import resolve
 from unimodal.worlds.digits_suite import PHRASINGS, TASK_GOALS, TASKS, evaluate, metric
 
@@ -76,12 +77,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--root", type=Path, default=Path("runs/families"), help="the pipelines' runs and the scoreboards")
+    parser.add_argument("--root", type=Path, help="the pipelines' runs and the scoreboards (default runs/families, "
+                        "or runs/families-smoke with --steps, so that a smoke run never leaves stages `make families` would refuse)")
     parser.add_argument("--limit", type=int, help="at most this many questions per task (a quick look)")
     parser.add_argument("--steps", type=int, help="train every stage this many steps instead (a smoke run)")
     args = parser.parse_args(argv)
+    args.root = args.root or Path("runs/families-smoke" if args.steps else "runs/families")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rows = [score_family(family, args.root, args.limit, args.steps) for family in args.families]
+    try:
+        rows = [score_family(family, args.root, args.limit, args.steps) for family in args.families]
+    except (PipelineError, UserError) as err:  # a stage finished with another configuration, a missing file: one line
+        raise SystemExit(f"families_on_digits.py: error: {err}") from None
     (args.root / "scoreboard.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(markdown(rows))
     print(f"wrote {args.root / 'scoreboard.json'}")
