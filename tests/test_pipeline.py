@@ -29,7 +29,7 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
 
     with monkeypatch.context() as patch:
         patch.setattr(UnimodalModule, "on_after_backward", preempt_lora_stage)
-        with pytest.raises(Preempted):
+        with pytest.raises(Preempted, match=r"^stage 'chat_sft' stopped by SIGTERM at step 2 \(saved .*\); run the same pipeline command again"):
             run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root, resolve_path=resolve)
     assert json.loads((root / "pretrain" / "stage.json").read_text())["status"] == "done"
     assert json.loads((root / "chat_sft" / "stage.json").read_text())["status"] == "interrupted"

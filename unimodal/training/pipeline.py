@@ -244,7 +244,7 @@ def _train(config_file: Path) -> int | None:
     del cli
     result = subprocess.run([sys.executable, "-m", "unimodal", "train", *args], check=False)
     if result.returncode == 143:
-        raise Preempted(f"stage process {config_file} stopped by SIGTERM")
+        raise Preempted(f"stopped by SIGTERM (stage process {config_file})")
     if result.returncode != 0:
         raise RuntimeError(f"training {config_file} failed with exit code {result.returncode}")
     return None
@@ -270,9 +270,9 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
     try:
         steps = _train(config_file)
-    except Preempted:
+    except Preempted as err:
         marker.write_text(json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
-        raise
+        raise Preempted(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
     if _global_rank() != 0:  # rank 0 exports; the others wait for its marker

@@ -386,5 +386,5 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
     except SIGTERMException:
         saved = next((c.saved for c in cli.trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
         where = f"saved {saved}" if saved else "no checkpoint saved"
-        raise Preempted(f"stopped by SIGTERM at step {cli.trainer.global_step} ({where}); continue with --resume auto") from None
+        raise Preempted(f"stopped by SIGTERM at step {cli.trainer.global_step} ({where})") from None
     return cli.trainer

@@ -31,9 +31,14 @@ RNG_KEY = "unimodal_rng"
 
 
 class Preempted(UserError):
-    """The run stopped on SIGTERM after saving a checkpoint; ``--resume auto`` continues it."""
+    """The run stopped on SIGTERM after saving a checkpoint; ``how_to_continue`` says how to go on
+    (``--resume auto`` for a training run, the same command again for a pipeline)."""
 
     exit_code = 143  # 128 + SIGTERM, as if the signal had ended the process
+
+    def __init__(self, what: str, how_to_continue: str = "continue with --resume auto"):
+        super().__init__(f"{what}; {how_to_continue}")
+        self.what = what
 
 
 def _rng_state() -> dict[str, Any]:
