@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import signal
 from pathlib import Path
@@ -84,6 +85,17 @@ def test_resume_auto_without_checkpoints_starts_fresh_and_rejects_both_options(r
     assert find_latest_checkpoint(run / "checkpoints").name == "last.ckpt"
     with pytest.raises(ValueError, match="not both"):
         train(recipe, run, "--resume=auto", "--ckpt_path=last")
+
+
+def test_a_fresh_run_beside_an_earlier_ones_checkpoints_keeps_them_and_says_so(recipe, tmp_path, caplog):
+    run = tmp_path / "again"
+    train(recipe, run, "--trainer.max_steps=1")
+    with caplog.at_level(logging.WARNING, logger="unimodal.train"):
+        train(recipe, run, "--trainer.max_steps=1")
+    said = [r.getMessage() for r in caplog.records if "earlier run" in r.getMessage()]
+    assert len(said) == 1 and "newest: last.ckpt" in said[0] and "--resume auto" in said[0]
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last-v1.ckpt", "last.ckpt"]
+    assert find_latest_checkpoint(run / "checkpoints").name == "last-v1.ckpt"
 
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
