@@ -140,6 +140,7 @@ class Reference:
     def __init__(self, model: UnifiedModel, cfg_scale: float):
         self.model, self.cfg_scale = model, cfg_scale
         self.decoder = model.backbone.get_decoder()
+        self.cache_argument = cache_keyword(type(self.decoder))
         self.embed = model.backbone.get_input_embeddings()
         self.image = model.continuous["image"]
         self.boi = model.layout.special_id("<|boi|>")
@@ -151,7 +152,7 @@ class Reference:
         if not bidirectional:
             mask[..., past:] = torch.tril(mask[..., past:])
         positions = torch.arange(past, past + q, device=embeds.device)[None]
-        cached = {cache_keyword(self.decoder): cache}
+        cached = {self.cache_argument: cache}
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **cached).last_hidden_state
 
     @torch.inference_mode()

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import sys
-import textwrap
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Literal
@@ -504,7 +503,7 @@ def _parse_error(message: str) -> str:
     problem = next((i for i, line in enumerate(lines) if line.startswith("Problem with given class_path")), None)
     inner = re.search(r'Problem with given class_path [^\n]*:\s*\n\s*(Parser key "([^"]+)":.*)', body, re.S)
     if reason.startswith(UNION_ERROR) and inner is not None:  # a key of the recipe's class: its own reason
-        nested = _parse_error(textwrap.dedent(inner.group(1).split("\n    - Expected a <class 'NoneType'>")[0]))
+        nested = _parse_error(inner.group(1))
         return f"--{key}.init_args.{nested.removeprefix('--')}"
     if reason.startswith(UNION_ERROR) and problem is not None:  # a class that does not import: say why
         reason = " ".join(lines[problem : problem + 2])

@@ -29,7 +29,7 @@ class KVCache:
     def __init__(self, model: UnifiedModel, docs: Sequence[EncodedDocument], pad_id: int):
         self.model = model
         self.decoder = model.backbone.get_decoder()
-        self.cache_argument = cache_keyword(self.decoder)
+        self.cache_argument = cache_keyword(type(self.decoder))
         self.embed_tokens = model.backbone.get_input_embeddings()
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype

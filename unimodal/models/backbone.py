@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,11 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
     return model
 
 
-def cache_keyword(decoder: torch.nn.Module) -> str:
+@lru_cache(maxsize=None)
+def cache_keyword(decoder_class: type[torch.nn.Module]) -> str:
     """The decoder's name for its KV-cache argument: transformers 5.24 renamed ``past_key_values``
     (which it now warns about) to ``cache``; 5.17, on the GPU machines, has only the old name."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def resize_vocabulary(model: PreTrainedModel, vocab_size: int) -> None:

@@ -331,8 +331,8 @@ def resume_path(cli: UnimodalCLI) -> str | None:
     if resume is None:
         if ckpt_path is not None and Path(ckpt_path).exists():
             check_given_checkpoint(Path(ckpt_path), trust=bool(cli.config.get("trust_checkpoint")))
-        earlier = find_latest_checkpoint(cli.checkpoint_dir)
-        if ckpt_path is None and earlier is not None:
+        earlier = find_latest_checkpoint(cli.checkpoint_dir) if ckpt_path is None else None
+        if earlier is not None:
             log.warning(
                 "%s holds checkpoints of an earlier run (newest: %s); this run starts afresh beside them, and Lightning "
                 "names its own with a version suffix (last-v1.ckpt, ...). To continue the earlier run instead, pass "

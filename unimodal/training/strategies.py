@@ -184,13 +184,12 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         self._init_config_if_needed()
-        told = HfDeepSpeedConfig(self.config)  # transformers keeps a weak reference: alive while held here
+        told = HfDeepSpeedConfig(self.config)  # noqa: F841 - transformers keeps a weak reference: alive while held here
         try:
             with super().model_sharded_context():
                 yield
         finally:
             unset_hf_deepspeed_config()
-            del told
 
     @property
     def offloads_optimizer(self) -> bool:
