@@ -193,6 +193,36 @@ def test_a_pretrained_backbone_loads_and_resizes_on_zero3_partitions(strategy, t
         assert (added - mean).abs().max() < 1e-3 and not torch.equal(added[0], added[1])  # near the mean, apart
 
 
+CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("strategy, accelerator", [("auto", "cpu"), pytest.param("deepspeed_stage_3", "cuda", marks=CUDA_ONLY)])
+def test_lora_new_token_rows_start_as_the_embedding_rows(strategy, accelerator, tmp_path, isolated_process_state):
+    """train_new_tokens: peft's trainable rows of both tables start as the resized tables' rows,
+    under ZeRO-3 too, where peft gathers them from the partitions itself (on CUDA only)."""
+    layout = VocabLayout(text_size=TEXT_SIZE, code_ranges={"image": 16})
+    module = SGDModule(backbone=BACKBONE, vocab=layout.to_dict(), lora=LoraSettings(r=4, alpha=8, dropout=0.0, train_new_tokens=True))
+    snap = first_weights_callback()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, accelerator=accelerator, strategy=build_strategy(strategy), max_steps=1, callbacks=[snap]))
+    trainer.fit(module, datamodule=WindowedData(packed_sequences(0, 1), 1, 1))
+    new = list(range(layout.text_size, layout.used_size))
+    for table in ("model.embed_tokens", "lm_head"):
+        adapter = f"backbone.base_model.model.{table}.token_adapter."
+        rows, table_rows = snap.initial[adapter + "trainable_tokens_delta.default"], snap.initial[adapter + "base_layer.weight"][new]
+        assert rows.shape == (len(new), 32) and torch.equal(rows.cpu(), table_rows.cpu())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_lora_new_token_rows_under_zero3_without_cuda_are_refused_in_one_line(tmp_path, isolated_process_state):
+    """peft gathers the new rows under ZeRO-3 on CUDA only; elsewhere it died on
+    ``torch.cuda.current_device()``."""
+    layout = VocabLayout(text_size=TEXT_SIZE, code_ranges={"image": 16})
+    module = SGDModule(backbone=BACKBONE, vocab=layout.to_dict(), lora=LoraSettings(r=4, train_new_tokens=True))
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, strategy=build_strategy("deepspeed_stage_3"), max_steps=1))
+    with pytest.raises(UserError, match="train_new_tokens under DeepSpeed ZeRO-3 needs CUDA"):
+        trainer.fit(module, datamodule=WindowedData(packed_sequences(0, 1), 1, 1))
+
+
 def first_weights_callback() -> Snapshot:
     """A callback that keeps the full weights training starts from, then stops before any step."""
 

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from unimodal.errors import UserError
 from unimodal.models.sharding import gathered
 
 log = logging.getLogger("unimodal.train")
@@ -110,6 +112,11 @@ def _module_name(root: nn.Module, module: nn.Module | None) -> str | None:
 def _token_indices(backbone: nn.Module, new_ids: list[int]) -> dict[str, list[int]]:
     """peft's ``trainable_token_indices``: the input embedding, and the output one when untied."""
     embed, head = backbone.get_input_embeddings(), backbone.get_output_embeddings()
+    if hasattr(embed.weight, "ds_id") and not torch.cuda.is_available():
+        raise UserError(
+            "LoRA's train_new_tokens under DeepSpeed ZeRO-3 needs CUDA (peft gathers the new rows on the GPU); "
+            "on a CPU train with deepspeed_stage_2, fsdp or ddp, or without train_new_tokens"
+        )
     indices = {_module_name(backbone, embed): list(new_ids)}
     if head is not None and head.weight is not embed.weight:
         indices[_module_name(backbone, head)] = list(new_ids)
