@@ -8,7 +8,7 @@
 #   2. the `xformers` tests, when xformers is installed;
 #   3. benchmarks/train_step.py on the 0.9B model at 4096 x 4 (with the Transfusion recipe) and
 #      at 8192 x 2.
-# Figures go to stdout and to $OUT/gpu_check.log (default benchmarks/).
+# Figures go to stdout and to $OUT/gpu_check.log (default benchmarks/; a dry run's, a scratch directory).
 #
 # It runs from the source tree (PYTHONPATH), so a machine needs only the dependencies. Where
 # some are missing and there is no network, put their wheels in a folder (benchmarks/gpu_wheels.sh
@@ -37,7 +37,8 @@ if [[ -n "${GPU_WHEELS:-}" ]]; then
   "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "$GPU_WHEELS"/*.whl
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
-LOG="${OUT:-$ROOT/benchmarks}/gpu_check.log"
+# a dry run's figures are not GPU figures: they go to a scratch directory unless OUT is set
+LOG="${OUT:-$( ((DRY_RUN)) && mktemp -d || echo "$ROOT/benchmarks")}/gpu_check.log"
 mkdir -p "$(dirname "$LOG")"
 : > "$LOG"
 cd "$ROOT"
