@@ -11,7 +11,12 @@ with the p50 / p95 latency of its requests; the ratio is baseline over batched w
 issue's goal on this CPU: >= 3x for 8 requests). Answers are seeded, and the script checks that
 both sides wrote the same text.
 
-    python benchmarks/serving.py [--model runs/demo/model] [--requests 8] [--rounds 3]
+``--breakdown`` answers why the ratio is what it is: the same requests through the server's
+batcher in this process (no HTTP), one at a time and batched, with the time of each stage of the
+engine (prompts, prefill, backbone steps, token sampling, the diffusion head, decoding media) and
+how many backbone steps and head calls each side made.
+
+    python benchmarks/serving.py [--model runs/demo/model] [--requests 8] [--rounds 3] [--breakdown]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import io
 import json
 import statistics
@@ -27,8 +33,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,10 +118,16 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("runs/demo/model"), help="an export (make demo writes runs/demo/model)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true", help="time the engine's stages in this process instead (no HTTP)")
     args = parser.parse_args()
     if not (args.model / "unimodal.json").is_file():
         raise SystemExit(f"{args.model} is not an export: run `make demo` first, or pass --model DIR")
     bodies = requests(args.requests)
+    if args.breakdown:
+        from unimodal.inference.chat import load
+
+        show_breakdown(breakdown(load(args.model, device="cpu"), bodies, args.rounds), args.rounds)
+        return
     with serving(args.model, 1, 8301) as one_at_a_time, serving(args.model, args.requests, 8302) as batching:
         for base in (one_at_a_time, batching):
             send(base, bodies[0])  # warm-up: first-call costs (allocations, codec loading) are not counted
@@ -129,6 +143,93 @@ def main() -> None:
     ratio = best["one at a time"][0] / best["batched"][0]
     same = texts(best["one at a time"][2]) == texts(best["batched"][2])
     print(f"throughput batched/one at a time: {ratio:.2f}x (goal >= 3x); same seeded text both ways: {same}")
+
+
+STAGES = ("prompts", "prefill", "backbone steps", "token sampling", "diffusion head", "decoding media", "total")
+
+
+def breakdown(assistant: Any, bodies: list[dict], rounds: int) -> dict[str, tuple[Counter, Counter]]:
+    """Seconds and calls by stage, one at a time and batched (the best round of each), through the
+    server's own request parsing and batcher on this thread (the thread that loaded the model, as
+    ``unimodal serve`` runs it)."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.cache import KVCache
+    from unimodal.inference.chat import Assistant
+    from unimodal.inference.engine import _Run
+    from unimodal.inference.server import ServerLimits, _job, parse_request
+
+    owners = [(Assistant, "prompt"), (KVCache, "__init__"), (_Run, "_feed"), (_Run, "_sample_tokens"), (_Run, "_draw_features"),
+              (Assistant, "_reply"), (Batcher, "_run")]
+    stages = dict(zip(STAGES, owners))
+    batcher, limits = Batcher(assistant, max_rows=len(bodies), thread=False), ServerLimits()
+
+    def jobs() -> list:
+        return [_job(parse_request(json.dumps(body).encode(), assistant.name, limits), batcher, limits) for body in bodies]
+
+    def one_at_a_time() -> None:
+        for job in jobs():
+            batcher._run([job])
+            job.future.result()
+
+    def batched() -> None:
+        waiting = jobs()
+        batcher._run(waiting)
+        for job in waiting:
+            job.future.result()
+
+    best: dict[str, tuple[Counter, Counter]] = {}
+    with timed(stages) as (spent, calls):
+        one_at_a_time()  # warm-up
+        batched()
+        for _ in range(rounds):
+            for name, run in (("one at a time", one_at_a_time), ("batched", batched)):
+                spent.clear()
+                calls.clear()
+                run()
+                if name not in best or spent["total"] < best[name][0]["total"]:
+                    best[name] = (Counter(spent), Counter(calls))
+    return best
+
+
+def show_breakdown(best: dict[str, tuple[Counter, Counter]], rounds: int) -> None:
+    (alone, alone_calls), (together, together_calls) = best["one at a time"], best["batched"]
+    print(f"{'stage (best of ' + str(rounds) + ')':<24}{'one at a time':>16}{'batched':>16}{'ratio':>8}")
+    for stage in (*STAGES, "other"):
+        if stage == "other":
+            a, b = (t["total"] - sum(v for k, v in t.items() if k != "total") for t in (alone, together))
+            counts = ""
+        else:
+            a, b = alone[stage], together[stage]
+            counts = f"  ({alone_calls[stage]} vs {together_calls[stage]} calls)" if stage in ("backbone steps", "diffusion head") else ""
+        print(f"{stage:<24}{a * 1000:>13.1f} ms{b * 1000:>13.1f} ms{a / b if b else float('nan'):>7.2f}x{counts}")
+
+
+@contextlib.contextmanager
+def timed(stages: dict[str, tuple[Any, str]]) -> Iterator[tuple[Counter, Counter]]:
+    """Wrap each ``(owner, method)`` with a clock for the context: seconds and calls by stage."""
+    spent: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    originals = [(owner, name, getattr(owner, name)) for owner, name in stages.values()]
+
+    def clocked(stage: str, method: Any) -> Any:
+        @functools.wraps(method)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[stage] += time.perf_counter() - started
+                calls[stage] += 1
+
+        return run
+
+    for stage, (owner, name) in stages.items():
+        setattr(owner, name, clocked(stage, getattr(owner, name)))
+    try:
+        yield spent, calls
+    finally:
+        for owner, name, method in originals:
+            setattr(owner, name, method)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import diffusion_head  # noqa: E402
+import serving  # noqa: E402
 import train_step  # noqa: E402
+from inference_helpers import media_assistant  # noqa: E402
 
+from unimodal.inference.engine import _Run  # noqa: E402
 from unimodal.modalities.vocab import VocabLayout  # noqa: E402
 from unimodal.models.heads import ConditionedHead  # noqa: E402
 from unimodal.models.attention import build_attention_mask  # noqa: E402
@@ -41,6 +44,17 @@ def test_the_diffusion_head_benchmark_checks_that_both_sides_agree(monkeypatch):
     monkeypatch.setattr(ConditionedHead, "modulations", lambda self, t: modulations(self, t) + 0.1)
     with pytest.raises(Exception, match="close"):
         diffusion_head.main(["--rows", "2", "--steps", "4", "--width", "32", "--hidden", "16", "--features", "8", "--repeats", "1"])
+
+
+def test_the_serving_breakdown_times_each_stage_one_at_a_time_and_batched():
+    feed = _Run._feed
+    bodies = [{**body, "max_tokens": 8} for body in serving.requests(4)]
+    best = serving.breakdown(media_assistant(), bodies, rounds=1)
+    (alone, alone_calls), (together, together_calls) = best["one at a time"], best["batched"]
+    assert alone_calls["total"] == 4 and together_calls["total"] == 1
+    assert together_calls["backbone steps"] < alone_calls["backbone steps"]
+    assert all(alone[stage] > 0 and together[stage] > 0 for stage in ("prompts", "prefill", "backbone steps", "token sampling"))
+    assert _Run._feed is feed  # the clocks are taken off again
 
 
 @pytest.mark.slow
