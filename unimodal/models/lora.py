@@ -115,7 +115,7 @@ def _token_indices(backbone: nn.Module, new_ids: list[int]) -> dict[str, list[in
     if hasattr(embed.weight, "ds_id") and not torch.cuda.is_available():
         raise UserError(
             "LoRA's train_new_tokens under DeepSpeed ZeRO-3 needs CUDA (peft gathers the new rows on the GPU); "
-            "on a CPU train with deepspeed_stage_2, fsdp or ddp, or without train_new_tokens"
+            "on a CPU train with deepspeed_stage_2, fsdp2 or ddp, or without train_new_tokens"
         )
     indices = {_module_name(backbone, embed): list(new_ids)}
     if head is not None and head.weight is not embed.weight:
