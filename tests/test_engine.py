@@ -109,6 +109,36 @@ def test_discrete_spans_follow_the_grammar_and_the_media_limit():
     assert short.segments == [] and short.finish_reason == "stop"
 
 
+def test_a_speech_span_ends_whole_within_its_cap_and_the_reply_budget():
+    """A free-length span stops at the last frame that fits the modality's max_tokens (markers
+    included) or the reply's budget: its end comes then, instead of a clip cut off or a cap
+    overrun; and a reply that must open with a span its settings leave no room for is refused."""
+    model = tiny_model(code_ranges={"audio": 16})
+    model.layout.code_layers["audio"] = 2
+    layout = model.layout
+    audio_codes = range(layout.range_offset("audio"), layout.range_offset("audio") + 8)  # layer 0
+    bias_tokens(model, {code: 30.0 for code in audio_codes} | {TOK.eos_id: 40.0})  # long clips, then the end
+    engine = Engine(model, TOK, spans={"audio": {"layers": 2, "min_length": 1, "max_length": 40}})
+    doc = prompt(model, "say it", begin="<|boa|>")
+    free = engine.generate([doc], GenerationSettings(text=GREEDY, seed=0, max_media=1, max_new_tokens=200))[0]
+    assert free.segments[0].data.shape == (2, 40)  # the bias alone runs to max_length
+    for cap in (3, 9, 10, 20):
+        gen = engine.generate([doc], GenerationSettings(text=GREEDY, audio={"max_tokens": cap}, seed=0, max_media=1, max_new_tokens=200))[0]
+        frames = (cap - 1) // 2  # 2 layers of frames and the end (the begin token is the prompt's)
+        assert gen.segments[0].data.shape == (2, frames) and gen.finish_reason == "stop", (cap, gen.segments[0].data.shape)
+    # opened from text, the begin token counts too: 9 positions hold 3 frames, not 4
+    bias_tokens(model, {layout.special_id("<|boa|>"): 60.0})
+    from_text = engine.generate([prompt(model, "say it")], GenerationSettings(text=GREEDY, audio={"max_tokens": 9}, seed=0, max_media=1, max_new_tokens=200))[0]
+    assert from_text.segments[0].data.shape == (2, 3)
+    budget = engine.generate([doc], GenerationSettings(text=GREEDY, seed=0, max_media=1, max_new_tokens=11))[0]
+    # the begin token is the prompt's: the reply's 11 positions are 2 x 5 codes and the end
+    assert budget.segments[0].data.shape == (2, 5) and budget.finish_reason == "length"
+    with pytest.raises(ValueError, match="must start with audio, which its settings leave no room for"):
+        engine.generate([doc], GenerationSettings(max_media=0))
+    with pytest.raises(ValueError, match="the rest of a audio span takes at least 3 positions"):
+        engine.generate([doc], GenerationSettings(audio={"max_tokens": 2}))
+
+
 def test_guidance_at_scale_zero_follows_the_unconditional_prompt():
     """With cfg_scale 0 the guided output is the unconditional row's own: a plain generation from
     the unconditional prompt must give the same media (discrete, causal and bidirectional)."""

@@ -160,6 +160,14 @@ class Engine:
             raise ValueError(f"classifier-free guidance for {names} needs an unconditional prompt")
         if guided and len(unconditional) and int(unconditional.ids[-1]) in self.modes:
             raise ValueError("the unconditional prompt must end before any begin token; the engine adds it when a span opens")
+        for prompt, s, budget in zip(prompts, rows, budgets):
+            mode = self.modes.get(int(prompt.ids[-1])) if len(prompt) else None
+            if mode is not None and not may_open(mode, s, budget, begun=True):
+                raise ValueError(
+                    f"the reply must start with {mode.name}, which its settings leave no room for (max_media={s.max_media}, "
+                    f"{mode.name} max_tokens={s.for_modality(mode.name).max_tokens}, max_new_tokens={s.max_new_tokens}; "
+                    f"the rest of a {mode.name} span takes at least {mode.min_positions} positions)"
+                )
         reasons = [expiry(d) for d in deadlines]
         if all(reasons):
             raise expired_error(reasons)
@@ -335,7 +343,7 @@ class _Run:
         if self.track_ids:
             ids, valid = (self.ids, self.valid) if len(rows) == self.batch else (self.ids[index], self.valid[index])
         text_rows = [i for i, r in enumerate(rows) if r.mode is None]
-        scores = self._ban(engine.constrain(scores, ids, valid, text_rows), rows, text_rows)
+        scores = self._fit_spans(self._ban(engine.constrain(scores, ids, valid, text_rows), rows, text_rows), rows)
         groups: dict[SamplingSettings, list[int]] = {}  # rows that sample alike, each with its own generator
         for i, row in enumerate(rows):
             groups.setdefault(self._settings(row), []).append(i)
@@ -370,10 +378,27 @@ class _Run:
         return scores
 
     def _may_open(self, row: _Row, mode: MediaMode) -> bool:
-        cap = row.settings.for_modality(mode.name).max_tokens
-        fits = row.new + 1 + mode.min_positions <= row.budget
-        under_cap = cap is None or row.used.get(mode.name, 0) + 1 + mode.min_positions <= cap
-        return row.media < row.settings.max_media and fits and under_cap
+        return may_open(mode, row.settings, row.budget, row.new, row.used.get(mode.name, 0), row.media)
+
+    def _fit_spans(self, scores: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """A free-length span (speech) stops growing when one more frame would not fit the row's
+        budget or its modality's ``max_tokens``: its next layer or end token comes instead, so the
+        span ends whole instead of being cut off."""
+        layout = self.engine.layout
+        for i, row in enumerate(rows):
+            spec = self.engine.spans.get(row.mode.name) if row.mode is not None and row.mode.kind == "discrete" else None
+            if spec is None or spec.length is not None:
+                continue
+            name, frames = row.mode.name, len(row.span) - 1
+            offset, codebook = layout.range_offset(name), layout.codebook_size(name)
+            if frames < spec.min_length or not offset <= row.span[-1] < offset + codebook:
+                continue  # below the shortest span, or past layer 0: the length is already set
+            # what the span still takes with one more frame: the rest of every layer and the end token
+            more = spec.layers * (frames + 1) - frames + 1
+            cap = row.settings.for_modality(name).max_tokens
+            if (cap is not None and row.used[name] + more > cap) or row.new + more > row.budget:
+                scores[i, offset : offset + codebook] = float("-inf")
+        return scores
 
     def _draw_features(self, rows: list[_Row], feed: dict[int, Any]) -> None:
         """Causal continuous spans: the head samples each row's next feature from its last hidden state."""
@@ -600,6 +625,19 @@ class _Expired(Exception):
 
 
 EXPIRED = ("timeout", "cancelled")
+
+
+def may_open(mode: MediaMode, settings: GenerationSettings, budget: int, new: int = 0, used: int = 0, media: int = 0,
+             begun: bool = False) -> bool:
+    """Whether a row with ``new`` positions written (``used`` of them ``mode``'s) and ``media``
+    spans may open a span of ``mode``: the shortest one must fit its budget and the modality's
+    ``max_tokens``, and ``max_media`` must allow one more. ``begun``: the begin token is the
+    prompt's (a reply that starts inside the span), so the reply does not pay for it."""
+    cap = settings.for_modality(mode.name).max_tokens
+    needed = mode.min_positions + (0 if begun else 1)
+    fits = new + needed <= budget
+    under_cap = cap is None or used + needed <= cap
+    return media < settings.max_media and fits and under_cap
 
 
 def _by_mode(rows: list[_Row]) -> dict[str, list[_Row]]:
