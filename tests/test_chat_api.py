@@ -16,6 +16,7 @@ from PIL import Image
 from unimodal.data.processor import Processor
 from unimodal.data.templates import get_template
 from unimodal.inference.chat import Assistant, ChatError
+from unimodal.inference.chat import load as unimodal_load
 from unimodal.inference.terminal import Terminal
 
 GREEDY = {"temperature": 0.0}
@@ -185,6 +186,27 @@ def test_a_failed_attachment_fails_one_turn_only(tmp_path):
              stdin=io.StringIO(script), stdout=out).run()
     text = out.getvalue()
     assert text.count("(error:") == 1 and "1 attachment(s) dropped" in text
+
+
+def test_a_save_or_a_reply_file_that_cannot_be_written_fails_one_line_and_the_chat_goes_on(tmp_path):
+    assistant = media_assistant(context_length=200)
+    bias_tokens(assistant.model, {assistant.model.layout.special_id("<|boi|>"): 50.0, CharTokenizer.eos_id: 40.0})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    script = f"draw\n/save {tmp_path}\n/save {blocker}/x.json\nhello\n/quit\n"
+    out = io.StringIO()
+    Terminal(assistant, blocker / "outs", settings={"max_media": 1, "max_new_tokens": 8, "seed": 0, "temperature": 0},
+             stdin=io.StringIO(script), stdout=out).run()
+    text = out.getvalue()
+    assert f"[the image could not be written under {blocker / 'outs'}:" in text
+    assert text.count("could not save the conversation:") == 2 and text.count("assistant> ") == 2
+
+
+def test_a_bad_device_or_bad_settings_fail_before_the_model_loads(tmp_path):
+    with pytest.raises(ChatError, match="'tpu' is not a device name"):
+        unimodal_load(tmp_path / "no-export", device="tpu")
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        Terminal(text_assistant(), tmp_path, settings={"temperature": -1})
 
 
 def test_unimodal_load_is_the_assistant_loader():

@@ -235,6 +235,12 @@ def test_eval_cli_errors_in_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--suite", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("unimodal eval: error: --suite:") and err.count("\n") == 1
+    # an --out that cannot be written is refused before the model loads, not after the run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (tmp_path, blocker / "report.json"):
+        assert main(["eval", str(tmp_path / "missing"), "--suite", "digits", "--out", str(out)]) == 2
+        assert f"cannot write the report to {out}" in capsys.readouterr().err
 
 
 def test_codec_roundtrip_uses_the_codec():

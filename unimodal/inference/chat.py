@@ -34,7 +34,7 @@ import numpy as np
 
 from unimodal.checkpoints.load import Exported, load_exported
 from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media
-from unimodal.data.messages import message_content, messages_to_parts
+from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
@@ -383,7 +383,7 @@ def _content(item: Any, where: str) -> Part:
         return Part(kind, data=_media_object(kind, item[kind], where))
     if kind in ("text", "image_url", "input_audio", "image", "audio"):
         try:  # the wire forms, parsed as the data tools parse chat records
-            part = messages_to_parts([{"role": "user", "content": [item]}], Path.cwd(), where)[0]
+            part = content_part(item, Path.cwd(), where)
         except DocumentError as err:
             raise ChatError(str(err)) from None
         if isinstance(part.data, MediaBytes):
@@ -445,6 +445,14 @@ def load(path: str | Path, device: str = "auto", max_audio_seconds: float | None
     longest clip the export's audio codec takes (and writes); ``overrides`` set Assistant fields."""
     import torch
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ChatError(f"device {device!r} is not a device name; use auto, cpu or cuda[:N]") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ChatError(f"device {device!r}: this machine has no CUDA device (or this torch is a CPU build); use cpu")
     exported = load_exported(path)
     if max_audio_seconds is not None:
         codec = exported.processor.codecs.get("audio")
@@ -453,8 +461,6 @@ def load(path: str | Path, device: str = "auto", max_audio_seconds: float | None
         if not 0 < max_audio_seconds <= MAX_AUDIO_SECONDS:
             raise ChatError(f"max_audio_seconds must be in (0, {MAX_AUDIO_SECONDS:g}], got {max_audio_seconds:g}")
         codec.max_seconds = float(max_audio_seconds)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     exported.model.to(device)
     # the served model id: the directory as the user named it (runs/demo/model, not the export
     # its symlink points to)

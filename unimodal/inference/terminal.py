@@ -35,6 +35,7 @@ class Terminal:
 
         self.assistant, self.out_dir = assistant, Path(out_dir)
         self.settings = dict(settings or {})
+        assistant.resolve(**self.settings)  # bad settings fail now, not at the first message
         self.system = system
         self.stdin, self.stdout = stdin or sys.stdin, stdout or sys.stdout
         self.history: list[dict[str, Any]] = []
@@ -80,7 +81,10 @@ class Terminal:
         elif verb == "/reset":
             self.reset()
         elif verb == "/save":
-            self.say(f"saved the conversation to {self.save(arg or None)}")
+            try:
+                self.say(f"saved the conversation to {self.save(arg or None)}")
+            except OSError as err:
+                self.say(f"could not save the conversation: {err} (give another PATH)")
         elif verb == "/help":
             self.say(HELP)
         else:
@@ -113,9 +117,13 @@ class Terminal:
                 continue
             item = {"type": part.type, part.type: part.data}
             if part.image is not None or part.audio is not None:
-                path = part.save(self.out_dir / f"reply{self.replies:03d}-{k}.{SUFFIX[part.type]}")
-                item["path"] = str(path)
-                self.say(f"\n[{part.type} saved to {path}]", end="")
+                try:
+                    path = part.save(self.out_dir / f"reply{self.replies:03d}-{k}.{SUFFIX[part.type]}")
+                except (OSError, RuntimeError) as err:  # soundfile's errors are RuntimeErrors
+                    self.say(f"\n[the {part.type} could not be written under {self.out_dir}: {err}]", end="")
+                else:
+                    item["path"] = str(path)
+                    self.say(f"\n[{part.type} saved to {path}]", end="")
             content.append(item)
         self.say()
         if reply.finish_reason == "length":

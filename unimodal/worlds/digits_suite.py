@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,11 +257,14 @@ def evaluate(
     classifications. Pictures and speech are sampled with the model's own defaults, seeded (seed
     0 unless ``settings`` give one) so that a scoreboard can be reproduced.
     """
+    path = Path(out) if out is not None else Path(model_dir) / "eval-digits.json"
+    existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"cannot write the report to {path}: give a JSON file path in a directory you can write to (--out)")
     assistant = load(model_dir, device=device)
     respond = assistant_responder(assistant, **{"temperature": 0.0, "seed": 0, **(settings or {})})
     report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs, modalities=set(assistant.codecs))
     report["model"] = str(model_dir)
-    path = Path(out) if out is not None else Path(model_dir) / "eval-digits.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     report["report_path"] = str(path)
