@@ -70,6 +70,11 @@ def test_unfitted_and_too_little_data():
         codec.fit([(np.zeros(2000, np.float32), 16000)])
     with pytest.raises(ValueError, match="max_seconds"):
         DigitAudioCodec(max_seconds=0.1).prepare(np.zeros(16000, np.float32), 16000)
+    # a rate of 0 divided by zero; NaN samples were encoded into codes as if they were sound
+    with pytest.raises(ValueError, match="sample rate 0; it must be positive"):
+        codec.prepare(np.zeros(100, np.float32), 0)
+    with pytest.raises(ValueError, match="NaN or infinite samples"):
+        codec.prepare(np.full(100, np.nan, np.float32), 16000)
 
 
 def test_codes_become_layer_major_vocabulary_ids(small_codec, char_tokenizer):

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,11 +155,70 @@ def test_media_in_and_out_as_base64(url):
         ({"image": {"cfg_scale": 1000}}, 400, "image.cfg_scale=1000 is more than this server allows (4,"),
         ({"num_beams": 100}, 400, "text.num_beams=100 is more than this server allows (4,"),
         ({"max_media": 1000}, 400, "max_media=1000 is more than this server allows"),
+        # values that used to fail deep in generation, taking every request of their batch along
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": "abc"}]}]}, 400, "input_audio must be an object"),
+        ({"temperature": 1e-40}, 400, "temperature must be 0 (greedy) or in [0.0001, 10000]"),
+        ({"audio": {"temperature": 1e300}}, 400, "temperature must be 0 (greedy) or in [0.0001, 10000]"),
+        ({"seed": 2**70}, 400, "seed must be a 64-bit integer"),
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "not valid Unicode at position 1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_media": 0, "start_with": "image"}, 400, "must start with image"),
+        ({"stream": "false"}, 400, "stream must be true or false"),
+        ({"n": True}, 400, "n must be an integer"),
     ],
 )
 def test_bad_requests_get_clear_4xx(url, extra, status, needle):
     got, body = call(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
     assert got == status and needle in body["error"]["message"], body
+
+
+def test_unknown_paths_and_methods_get_the_error_shape_and_null_n_is_one(url):
+    status, body = call(url, "/v1/nothing")
+    assert status == 404 and body["error"]["code"] == "not_found" and "/v1/nothing" in body["error"]["message"]
+    status, body = call(url, "/v1/chat/completions")  # a GET
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    status, body = chat(url, [{"role": "user", "content": "hi"}], n=None, max_tokens=2)
+    assert status == 200 and len(body["choices"]) == 1
+
+
+def test_a_stream_refused_once_its_prompt_is_made_gets_its_4xx_before_any_event(url):
+    """Prompts are made by the model's worker; a stream waits for it before sending its 200."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}], "stream": True}
+    status, answer = call(url, "/v1/chat/completions", body)
+    assert status == 400 and "the last message makes a prompt of" in answer["error"]["message"]
+
+
+def test_a_request_that_fails_its_batch_fails_alone(assistant, caplog):
+    """A failure no validation foresaw (here, one planted in generation) is retried one job at a
+    time: only its own request gets the error, the others their usual answers."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job, _result
+
+    answer = assistant.answer
+    boom = assistant.prompt([{"role": "user", "content": "boom"}])[0].ids.tolist()
+
+    def fragile(prompts, settings, **kwargs):
+        if any(prompt.ids.tolist() == boom for prompt, _ in prompts):
+            raise RuntimeError("planted failure")
+        return answer(prompts, settings, **kwargs)
+
+    batcher = Batcher(assistant, thread=False)
+    calls = [Call([{"role": "user", "content": text}], {"max_new_tokens": 6, "temperature": 0}, 1, False, None) for text in ("hi", "boom", "hey")]
+    jobs = [_job(c, batcher, LIMITS) for c in calls]
+    alone = []
+    for c in (calls[0], calls[2]):
+        job = _job(c, batcher, LIMITS)
+        batcher._run([job])
+        alone.append(job.future.result()[0].text)
+    assistant.answer = fragile
+    try:
+        batcher._run(jobs)
+    finally:
+        del assistant.answer
+    assert [jobs[0].future.result()[0].text, jobs[2].future.result()[0].text] == alone
+    with pytest.raises(APIError, match="generation failed: RuntimeError: planted failure") as failed:
+        _result(jobs[1].future, jobs[1], batcher, LIMITS)
+    assert failed.value.status == 500
+    assert "a batch of 3 requests failed (RuntimeError: planted failure); running them one at a time" in caplog.text
 
 
 def test_a_huge_diffusion_steps_setting_is_refused_naming_its_cap():
@@ -209,6 +269,53 @@ def test_shutdown_cancels_the_running_generation(assistant):
     late = batcher.submit(_job(call, batcher, LIMITS))
     with pytest.raises(APIError, match="shutting down"):
         _result(late.future, late, batcher, LIMITS)
+
+
+def test_sigterm_answers_the_request_in_flight_with_503_and_the_process_exits(tmp_path):
+    """``unimodal serve``'s own signal handling, end to end: the batcher stops first, so the
+    running request's connection is still open for its 503 (uvicorn alone waited for it, then
+    cut it with a plain 500)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "serve.py"
+    script.write_text(
+        f"import sys\nsys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
+        "from test_server import slowed_assistant\n"
+        "from unimodal.inference.server import ServerLimits, serve\n"
+        f"serve(slowed_assistant(0.02), port={port}, limits=ServerLimits(max_new_tokens=10_000), model_name='tiny')\n"
+    )
+    server = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not answers_health(base):
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            time.sleep(0.1)
+        answer: list = []
+        long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000, "max_media": 0, "seed": 0}  # minutes of text
+        sender = threading.Thread(target=lambda: answer.append(call(base, "/v1/chat/completions", long, key=None)))
+        sender.start()
+        time.sleep(1.0)
+        os.kill(server.pid, signal.SIGTERM)
+        sender.join(30)
+        assert answer and answer[0][0] == 503 and answer[0][1]["error"]["code"] == "shutting_down", answer
+        assert server.wait(30) == 0
+    finally:
+        server.kill()
+
+
+def answers_health(base: str) -> bool:
+    try:
+        return call(base, "/health", key=None)[0] == 200
+    except OSError:  # not listening yet
+        return False
 
 
 def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):

@@ -63,7 +63,8 @@ def decode_media(
     except MediaTooLarge as err:
         raise DocumentError(f"{where}: {err}") from None
     except Exception as err:  # noqa: BLE001 - PIL, soundfile and numpy raise many kinds
-        raise DocumentError(f"{where}: unreadable {kind} member .{media.ext} ({type(err).__name__}: {err})") from None
+        detail = "not a format it can read" if type(err).__name__ == "UnidentifiedImageError" else f"{type(err).__name__}: {err}"
+        raise DocumentError(f"{where}: unreadable {kind} member .{media.ext} ({detail})") from None
 
 
 def source_media(raw_part: dict[str, Any], src: Path, where: str, index: int) -> MediaBytes:

@@ -41,13 +41,18 @@ def _media(kind: str, ref: str, src: Path, where: str) -> Any:
     return source_media({"type": kind, "path": ref.removeprefix("file://")}, src, where, 0)
 
 
-def _content_part(item: Any, src: Path, where: str) -> Part:
+def content_part(item: Any, src: Path, where: str) -> Part:
+    """One content item of a message as a Part (media as undecoded bytes)."""
     if not isinstance(item, dict):
         raise DocumentError(f"{where}: a content item is {type(item).__name__}, expected an object")
     kind = item.get("type")
     if kind == "text":
         if not isinstance(item.get("text"), str):
             raise DocumentError(f"{where}: text content has no string 'text'")
+        try:  # a lone surrogate (JSON's "\ud800", or undecodable bytes read with surrogateescape)
+            item["text"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DocumentError(f"{where}: the text holds a character that is not valid Unicode at position {err.start}") from None
         return Part("text", text=item["text"])
     if kind == "image_url":
         url = item.get("image_url")
@@ -56,7 +61,9 @@ def _content_part(item: Any, src: Path, where: str) -> Part:
             raise DocumentError(f"{where}: image_url content has no 'url'")
         return Part("image", data=_media("image", url, src, where))
     if kind == "input_audio":
-        audio = item.get("input_audio") or {}
+        audio = item.get("input_audio")
+        if not isinstance(audio, dict):
+            raise DocumentError(f"{where}: input_audio must be an object with base64 'data' and a 'format' (wav, flac, mp3, ogg)")
         fmt = str(audio.get("format", "")).lower()
         if not isinstance(audio.get("data"), str) or f"audio/{fmt}" not in MIME_EXTENSIONS:
             raise DocumentError(f"{where}: input_audio needs base64 'data' and a 'format' (wav, flac, mp3, ogg)")
@@ -100,7 +107,7 @@ def messages_to_parts(messages: Any, src: Path, where: str) -> list[Part]:
         if not isinstance(loss, bool) or weight not in (0, 1):
             raise DocumentError(f"{here}: 'loss' must be true/false and 'weight' 0 or 1")
         for item in items:
-            part = _content_part(item, src, here)
+            part = content_part(item, src, here)
             part.role, part.loss = role, loss and role == "assistant"
             if part.type != "text":
                 part.media = sum(p.type != "text" for p in parts)

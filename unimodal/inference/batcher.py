@@ -14,23 +14,29 @@ with :class:`~unimodal.inference.outputs.GenerationTimeout`, while the other row
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
+from unimodal.data.processor import EncodedDocument
 from unimodal.inference.chat import Assistant, ChatError, Message, Reply
 from unimodal.inference.engine import EXPIRED, row_settings
 from unimodal.inference.outputs import GenerationTimeout, expired_error
+from unimodal.models.generation import GenerationSettings
 
 log = logging.getLogger("unimodal.serve")
 
 STOPPING = "generation cancelled: the server is stopping"
+
+# a started job with its rows: (prompt, dropped messages) and settings, one per reply (n)
+Started = tuple["Job", list[tuple[tuple[EncodedDocument, int], GenerationSettings]]]
 
 
 class Busy(RuntimeError):
@@ -53,6 +59,9 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    streamed: bool = False  # whether ``on_text`` has had text
+    # set once the job's prompt is made (the request is accepted), or failed with why it is not
+    accepted: Future = field(default_factory=Future)
 
     @property
     def beams(self) -> bool:
@@ -160,9 +169,33 @@ class Batcher:
             _fail(job, GenerationTimeout(STOPPING))
 
     def _run(self, jobs: list[Job]) -> None:
-        """Prompts per job (a bad one fails alone), one generation for every row, replies back."""
+        """Prompts per job (a bad one fails alone), one generation for every row, replies back.
+        A generation that fails for a reason of one request (no row can say which) runs again one
+        job at a time, so that only the job that causes it gets the error."""
+        started = self._start(jobs)
+        if not started:
+            return
+        try:
+            self._generate(started)
+        except Exception as err:  # noqa: BLE001 - sorted out below, job by job
+            if len(started) == 1:
+                raise
+            log.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(started), type(err).__name__, err)
+            for job, rows in started:
+                if job.streamed:  # its client already has part of a reply that a rerun would repeat
+                    _fail(job, err)
+                    continue
+                try:
+                    self._generate([(job, rows)])
+                except Exception as own:  # noqa: BLE001 - this job's own failure is its answer
+                    log.error("a request failed", exc_info=own)
+                    _fail(job, own)
+
+    def _start(self, jobs: list[Job]) -> list[Started]:
+        """Mark the jobs running and make their rows (prompt, settings); a job whose messages or
+        settings are refused, whose caller is gone or that waited too long fails here, alone."""
         now = time.monotonic()
-        prompts, settings, cancels, owners = [], [], [], []
+        started = []
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
                 continue  # its caller is gone
@@ -179,25 +212,29 @@ class Batcher:
             except (ChatError, ValueError) as err:
                 _fail(job, err)
                 continue
-            for choice, row in enumerate(row_settings(resolved, job.n)):
-                prompts.append(prompt)
-                settings.append(row)
-                cancels.append(job.cancel)
-                owners.append((job, choice))
-        if not prompts:
-            return
+            with contextlib.suppress(InvalidStateError):  # cancelled by a caller that left
+                job.accepted.set_result(None)
+            started.append((job, [(prompt, row) for row in row_settings(resolved, job.n)]))
+        return started
+
+    def _generate(self, started: list[Started]) -> None:
+        """One generation for every row of ``started``; each job gets its replies or its error."""
+        owners = [(job, choice) for job, rows in started for choice in range(len(rows))]
+        rows = [row for _, job_rows in started for row in job_rows]
         self.stats["batches"] += 1
-        self.stats["rows"] += len(prompts)
+        self.stats["rows"] += len(rows)
 
         def on_text(row: int, text: str) -> None:
             job, choice = owners[row]
             if job.on_text is not None:
+                job.streamed = True
                 job.on_text(choice, text)
 
         try:
-            replies = self.assistant.answer(prompts, settings, on_text=on_text, cancel=cancels)
+            replies = self.assistant.answer([prompt for prompt, _ in rows], [settings for _, settings in rows], on_text=on_text,
+                                            cancel=[job.cancel for job, _ in owners])
         except GenerationTimeout:  # no row was left to answer
-            for job in {id(j): j for j, _ in owners}.values():
+            for job, _ in started:
                 reason = "cancelled" if job.cancel.is_set() else "timeout"
                 self.stats[reason] += job.n
                 _fail(job, expired_error([reason]))
@@ -215,5 +252,6 @@ class Batcher:
 
 
 def _fail(job: Job, err: BaseException) -> None:
-    if not job.future.done():
-        job.future.set_exception(err)
+    for future in (job.accepted, job.future):
+        with contextlib.suppress(InvalidStateError):  # done, or cancelled by a caller that left
+            future.set_exception(err)

@@ -37,13 +37,16 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
+from unimodal.errors import UserError
 from unimodal.inference.batcher import Batcher, Busy, Job
 from unimodal.inference.chat import Assistant, ChatError, Reply, ReplyPart
 from unimodal.inference.outputs import GenerationTimeout
@@ -68,6 +71,15 @@ class ServerLimits:
     max_n: int = 8
     max_batch: int = 8  # rows (a request's n counts n times) answered together
     batch_window_s: float = 0.01  # how long a batch's first request waits for others to join it
+
+    def __post_init__(self) -> None:
+        names = {"max_request_bytes": "--max_request_mb", "max_seconds": "--max_seconds", "max_new_tokens": "--max_tokens",
+                 "max_n": "max_n", "max_batch": "--max_batch"}
+        for field_name, option in names.items():
+            if not getattr(self, field_name) > 0:
+                raise ValueError(f"{option} must be positive, got {getattr(self, field_name)}")
+        if self.batch_window_s < 0:
+            raise ValueError(f"batch_window_s must be >= 0, got {self.batch_window_s}")
 
 
 class APIError(Exception):
@@ -106,6 +118,11 @@ def create_app(
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.payload(), status_code=err.status)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException) -> JSONResponse:  # unknown paths and methods
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "invalid_request")
+        return await _api_error(request, APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code))
+
     # a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides a client's
     # disconnect from a streaming response, which must see it to cancel the generation
     async def authorize(request: Request) -> None:
@@ -129,7 +146,12 @@ def create_app(
         call = parse_request(body, name, limits)
         check_caps(call.settings, caps)
         if call.stream:
-            return StreamingResponse(_stream(batcher, call, limits, name), media_type="text/event-stream")
+            loop, texts = asyncio.get_running_loop(), asyncio.Queue()
+            job = batcher.submit(_job(call, batcher, limits, on_text=lambda choice, text: loop.call_soon_threadsafe(texts.put_nowait, text)))
+            # a request refused once its prompt is made (unreadable media, too long) gets its 4xx
+            # before the stream's 200 is sent
+            await _wait(job, batcher, limits, request, job.accepted)
+            return StreamingResponse(_stream(batcher, job, texts, call, limits, name), media_type="text/event-stream")
         job = batcher.submit(_job(call, batcher, limits))
         replies = await _wait(job, batcher, limits, request)
         return completion(replies, name, call.audio_format)
@@ -207,10 +229,14 @@ def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings")
         settings["stop"] = tuple(stop)
-    n = payload.get("n", 1)
-    if not isinstance(n, int) or not 1 <= n <= limits.max_n:
+    n = payload.get("n")
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_n:
         raise APIError(400, f"n must be an integer in [1, {limits.max_n}]")
-    stream = bool(payload.get("stream", False))
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, "stream must be true or false")
+    stream = bool(stream)
     if stream and n != 1:
         raise APIError(400, "stream=true needs n=1")
     start_with = payload.get("start_with")
@@ -315,9 +341,11 @@ def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[
                start_with=call.start_with, on_text=on_text)
 
 
-async def _wait(job: Job, batcher: Batcher, limits: ServerLimits, request: Request | None = None) -> list[Reply]:
-    """The job's replies; a client that disconnects meanwhile cancels its rows."""
-    future = asyncio.wrap_future(job.future)
+async def _wait(job: Job, batcher: Batcher, limits: ServerLimits, request: Request | None = None,
+                outcome: Future | None = None) -> Any:
+    """The job's replies (or another of its futures, ``outcome``); a client that disconnects
+    meanwhile cancels its rows."""
+    future = asyncio.wrap_future(outcome or job.future)
     try:
         while True:
             done, _ = await asyncio.wait({future}, timeout=0.5)
@@ -346,6 +374,9 @@ def _result(future: asyncio.Future, job: Job, batcher: Batcher, limits: ServerLi
         ) from None
     except (ChatError, ValueError) as err:
         raise APIError(400, str(err)) from None
+    except Exception as err:  # noqa: BLE001 - any other failure is the server's, and says so in JSON
+        log.error("generation failed", exc_info=err)
+        raise APIError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
 
 
 def completion(replies: list[Reply], name: str, audio_format: str | None = None) -> dict[str, Any]:
@@ -414,20 +445,17 @@ def wire_part(part: ReplyPart) -> dict[str, Any]:
     return {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_audio(part, "wav")).decode(), "format": "wav"}}
 
 
-async def _stream(batcher: Batcher, call: Call, limits: ServerLimits, name: str) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, text deltas as they are generated, then a last chunk with
-    any media parts (``delta.content`` as a list), the finish reason and usage. A client that
-    disconnects cancels the generation (Starlette cancels this generator)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, limits: ServerLimits, name: str) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, text deltas as they are generated (``job`` puts them in
+    ``queue``), then a last chunk with any media parts (``delta.content`` as a list), the finish
+    reason and usage. A client that disconnects cancels the generation (Starlette cancels this
+    generator)."""
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(body)}\n\n"
-
-    job = batcher.submit(_job(call, batcher, limits, on_text=lambda choice, text: loop.call_soon_threadsafe(queue.put_nowait, text)))
 
     async def finish() -> None:
         try:
@@ -477,16 +505,24 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     limits = limits or ServerLimits()
     batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, thread=False)
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name, batcher=batcher)
-    # on SIGTERM or Ctrl-C uvicorn stops accepting, its lifespan stops the batcher (the running
-    # batch ends at its next step), and connections still open after a few seconds are closed
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number (0-65535)")
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+
+    def stop(*_: Any) -> None:
+        # the batcher first, so that a request in flight gets its 503 while its connection is
+        # open, then uvicorn, which stops accepting and closes what is still open after a few
+        # seconds. stop() takes locks the interrupted main thread may hold: it runs on a thread
+        server.should_exit = True
+        threading.Thread(target=batcher.stop, name="unimodal-stop", daemon=True).start()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
+        signal.signal(signum, stop)
     http.start()
     while not server.started:
-        if not http.is_alive():  # uvicorn logged why (the port is taken, ...)
-            raise OSError(f"the server could not start on {host}:{port}")
+        if not http.is_alive():  # uvicorn logged why
+            raise UserError(f"the server could not start on {host}:{port} (is the address in use, or not this machine's?)")
         time.sleep(0.05)
     log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models, GET /health)", model_name or assistant.name, host, port)
     batcher.run()

@@ -110,7 +110,11 @@ class RVQCodec(MediaCodec):
 
     def prepare(self, waveform: np.ndarray, rate: int) -> np.ndarray:
         """Mono, at the codec's rate, no longer than ``max_seconds``."""
+        if rate <= 0:
+            raise ValueError(f"sample rate {rate}; it must be positive")
         mono = to_mono(waveform)
+        if not np.isfinite(mono).all():
+            raise ValueError("the waveform holds NaN or infinite samples")
         seconds = len(mono) / rate
         if seconds > self.max_seconds:
             raise AudioTooLong(

@@ -45,6 +45,10 @@ def check_types(settings: object, what: str) -> None:
         raise ValueError(f"{what}: stop must be a list of non-empty strings, got {stop!r}")
 
 
+# scores are divided by the temperature in float32: beyond these bounds they overflow or vanish
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How one modality is sampled.
@@ -68,7 +72,8 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         check_types(self, "sampling settings")
         checks = (
-            (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
+            (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
+             f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 keeps every token)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 is none)"),
@@ -123,6 +128,8 @@ class GenerationSettings:
             raise ValueError("generation settings: max_new_tokens must be >= 1")
         if self.max_media < 0:
             raise ValueError("generation settings: max_media must be >= 0")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError("generation settings: seed must be a 64-bit integer")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("generation settings: timeout_s must be > 0")
         if any(not isinstance(s, str) or not s for s in self.stop):
