@@ -77,6 +77,23 @@ def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, m
     resumed = losses(run)
     assert sorted(resumed) == list(range(STEPS))
     assert resumed == expected  # bit-identical on CPU: weights, optimiser, schedule, RNG and data position restored
+    # the resumed run writes last.ckpt again, not a last-v1.ckpt beside the interrupted state
+    assert [p.name for p in (run / "checkpoints").glob("last*.ckpt")] == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
+
+
+def test_last_ckpt_holds_the_last_step_and_a_longer_run_resumes_from_it_exactly(recipe, tmp_path):
+    """A run whose max_steps falls between step checkpoints: last.ckpt is its last step (Lightning
+    left the last multiple there), saved mid-epoch, so raising max_steps and resuming continues
+    the data where it stopped (a checkpoint saved after the loop started the next epoch)."""
+    reference = tmp_path / "reference"
+    train(recipe, reference)
+    run = tmp_path / "shorter"
+    train(recipe, run, "--trainer.max_steps=3", "--checkpoint_every_n_steps=2")
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3 and last["UnimodalDataModule"]["epoch"] == 0 and last["UnimodalDataModule"]["batches"] == 3
+    train(recipe, run, "--resume=auto", "--checkpoint_every_n_steps=2")
+    assert losses(run) == losses(reference)
 
 
 def test_resume_auto_without_checkpoints_starts_fresh_and_rejects_both_options(recipe, tmp_path):
@@ -153,7 +170,7 @@ def test_sigterm_waits_for_the_optimizer_step_of_an_accumulation_window(tmp_path
     trainer = SimpleNamespace(
         received_sigterm=True, world_size=1, accumulate_grad_batches=4, global_step=0,
         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
-        save_checkpoint=saved.append,
+        save_checkpoint=saved.append, checkpoint_callbacks=[],
     )
     trainer._signal_connector = trainer  # the flag Lightning reads lives on its signal connector
     callback = SaveOnSigterm(tmp_path)

@@ -47,7 +47,7 @@ from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
 from unimodal.training.finetune import FineTuneReport
 from unimodal.training.progress import StepProgressBar
-from unimodal.training.resume import Preempted, RunState, SaveOnSigterm
+from unimodal.training.resume import Preempted, RunState, SaveOnSigterm, StepCheckpoint
 from unimodal.training.strategies import register_strategies
 
 log = logging.getLogger("unimodal.train")
@@ -94,7 +94,7 @@ class UnimodalCLI(LightningCLI):
         if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             every = self._get(self.config_init, "checkpoint_every_n_steps")
             # every step checkpoint is kept by Lightning; the checkpoint IO prunes to keep_last_k
-            callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=-1))
+            callbacks.append(StepCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=-1))
         bar_wanted = config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
         if bar_wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())

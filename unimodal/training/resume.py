@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from unimodal.checkpoints.files import RUN_CONFIG_KEY
 from unimodal.errors import UserError
@@ -91,6 +92,36 @@ class RunState(Callback):
             self._pending = None
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with ``last.ckpt`` written at the step that ends the run.
+
+    Lightning writes "last" at the end of training only if it wrote no checkpoint before, so a run
+    whose ``max_steps`` is not a multiple of ``every_n_train_steps`` kept the last multiple's
+    weights in ``last.ckpt`` (and exported them). And what is saved after the loop has ended
+    marks the unfinished epoch as done, so a run resumed with a higher ``max_steps`` went on with
+    the next epoch's data. Here ``last.ckpt`` is written at the batch that reaches ``max_steps``,
+    mid-epoch, where a resume continues exactly as an uninterrupted run would.
+    """
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._write_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_last_if_behind(trainer)  # an epoch-bound run (max_steps -1) ends here
+
+    def write_last(self, trainer: Trainer) -> Path:
+        """Save ``last.ckpt`` now (as Lightning names it: ``last-v1.ckpt`` beside an earlier
+        run's) and return its path."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return Path(self.last_model_path)
+
+    def _write_last_if_behind(self, trainer: Trainer) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self.write_last(trainer)
+
+
 class SaveOnSigterm(Callback):
     """On SIGTERM, save ``last.ckpt`` at the next optimizer-step boundary; Lightning then stops.
 
@@ -116,6 +147,12 @@ class SaveOnSigterm(Callback):
         trainer._signal_connector.received_sigterm = at_step
         self._held = not at_step
         if at_step:
-            self.saved = self.dirpath / "last.ckpt"
-            trainer.save_checkpoint(self.saved)
+            # through the run's checkpoint callback when it has one, so that it knows this file
+            # for its own: a resumed run writes last.ckpt again instead of a last-v1.ckpt beside it
+            last = next((c for c in trainer.checkpoint_callbacks if isinstance(c, StepCheckpoint) and c.save_last), None)
+            if last is not None:
+                self.saved = last.write_last(trainer)
+            else:
+                self.saved = self.dirpath / "last.ckpt"
+                trainer.save_checkpoint(self.saved)
             log.warning("SIGTERM: saved %s at step %d; continue with --resume auto", self.saved, trainer.global_step)
