@@ -100,6 +100,15 @@ def test_data_that_yields_nothing_is_one_line(tmp_path):
     assert code == 2 and "yields no samples" in line and "unimodal data inspect" in line
 
 
+def test_a_missing_dataset_path_is_its_own_one_line(tmp_path):
+    """The data module is built for the link that sizes the model's vocabulary: its error came
+    wrapped in the link's name and the data module's four-line repr."""
+    missing = tmp_path / "nothing-here"
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                             f"--data.init_args.val_datasets=[{{path: {missing}}}]", *QUIET)
+    assert code == 2 and line == f"unimodal train: error: {missing}: 1 of 1 shards do not exist (first: {missing})"
+
+
 def test_a_worker_reading_nothing_but_bad_samples_stops_the_run_in_one_line(tmp_path):
     """Every sample is broken and a DataLoader worker reads them: the worker stops after
     ``STALLED`` in a row (it never yields a batch that could report them), and the error raised

@@ -534,8 +534,11 @@ def _reason(err: BaseException) -> str:
     every alternative of the Union it tried plus the whole config; the first real reason is kept,
     followed down the chain of causes when the Union is nested (a codec inside a data module).
     An error a DataLoader worker raised arrives with the worker's traceback in its text: its last
-    line is kept."""
+    line is kept. A link that failed to compute (the model's vocabulary from the data module) says
+    so with the data module's repr: its cause is kept."""
     text = str(err)
+    if text.startswith("Call to compute_fn of link") and " failed: " in text:  # a linked value (the data's vocabulary) failed
+        return _reason(err.__cause__) if err.__cause__ is not None else text.split(" failed: ", 1)[1]
     if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: its last line is the error
         last = text.rstrip().splitlines()[-1]
         return last.split(": ", 1)[1] if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ") else last
