@@ -39,6 +39,9 @@ def test_backbone_spec_errors_are_clear(tmp_path, tiny_llama_config):
         load_backbone(BackboneConfig(config={"hidden_size": 8}), 64)
     with pytest.raises(ValueError, match="attention backend 'flash'"):
         load_backbone(BackboneConfig(config=tiny_llama_config, attention="flash"), 64)
+    # transformers keeps unknown keys as attributes: a typo built the default size silently
+    with pytest.raises(ValueError, match=r"'hiden_size' \(did you mean 'hidden_size'\?\) is not a setting of LlamaConfig"):
+        load_backbone(BackboneConfig(config={**tiny_llama_config, "hiden_size": 32}), 64)
 
 
 def test_a_local_hf_tokenizer_directory_loads(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -78,11 +79,26 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         raw = dict(spec.config)
         if "model_type" not in raw:
             raise ValueError("backbone.config needs a 'model_type' (e.g. llama, qwen2, mistral)")
-        config = AutoConfig.for_model(raw.pop("model_type"), **raw, vocab_size=vocab_size)
+        model_type = raw.pop("model_type")
+        check_config_keys(model_type, raw)
+        config = AutoConfig.for_model(model_type, **raw, vocab_size=vocab_size)
         model = causal_lm_from_config(config, attn_implementation=attn, dtype=dtype)
     if spec.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def check_config_keys(model_type: str, given: dict[str, Any]) -> None:
+    """transformers keeps any key it does not know as an attribute, so a misspelt one
+    (``hiden_size``) built the default size without a word: every key must be one the config
+    class has or takes."""
+    defaults = AutoConfig.for_model(model_type)
+    known = set(defaults.to_dict()) | set(defaults.attribute_map) | set(inspect.signature(type(defaults).__init__).parameters)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        near = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in unknown}
+        named = ", ".join(f"{key!r}" + (f" (did you mean {near[key][0]!r}?)" if near[key] else "") for key in unknown)
+        raise ValueError(f"backbone.config: {named} is not a setting of {type(defaults).__name__} (model_type {model_type!r})")
 
 
 @lru_cache(maxsize=None)
