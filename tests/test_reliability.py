@@ -100,6 +100,25 @@ def test_data_that_yields_nothing_is_one_line(tmp_path):
     assert code == 2 and "yields no samples" in line and "unimodal data inspect" in line
 
 
+def test_batches_with_nothing_to_score_are_not_a_loss_of_zero(tmp_path):
+    """Chat records cut into 8-token pieces leave pieces without an assistant turn: such a batch
+    logged train/loss 0 and the validation set val/loss 0, which read as perfect scores."""
+    import csv
+
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "unimodal", "train", str(ROOT / "recipes" / "lora" / "chat_sft.yaml"), "--tiny", "--trainer.max_steps=3",
+         "--data.init_args.seq_len=8", f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("has no target to score") == 2  # once for training, once for validation
+    with next(run.glob("logs/version_*/metrics.csv")).open() as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(row["train/loss"]) > 0 for row in rows if row.get("train/loss"))
+    assert [row["val/loss"] for row in rows if row.get("val/loss")] == ["nan"]
+
+
 def test_a_missing_dataset_path_is_its_own_one_line(tmp_path):
     """The data module is built for the link that sizes the model's vocabulary: its error came
     wrapped in the link's name and the data module's four-line repr."""

@@ -21,6 +21,7 @@ from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
 from unimodal.models.sharding import fully_shard_model
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
+from unimodal.schema import MODALITY_IDS
 from unimodal.training.bad_samples import BadSampleTally
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy
@@ -87,6 +88,8 @@ class UnimodalModule(L.LightningModule):
         self.model: UnifiedModel | None = None
         self._last_batch: tuple[float, torch.Tensor] | None = None
         self._bad_samples: BadSampleTally | None = None
+        self._val_sums: dict[str, torch.Tensor] = {}  # term -> [summed loss, targets] over the validation epoch
+        self._said: set[str] = set()  # warnings given (once a run each)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -147,10 +150,10 @@ class UnimodalModule(L.LightningModule):
             total = total + weight * value
         return total
 
-    def _log_terms(self, stage: str, losses: dict[str, LossTerm], batch_size: int, sync: bool) -> None:
+    def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> None:
         for name, term in losses.items():
             if term.count > 0:
-                self.log(f"{stage}/{name}", term.total.detach() / term.count, batch_size=batch_size, sync_dist=sync)
+                self.log(f"train/{name}", term.total.detach() / term.count, batch_size=batch_size)
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         _, skipped = self.bad_samples.add(batch, self.device)
@@ -159,9 +162,16 @@ class UnimodalModule(L.LightningModule):
         losses = self.model(batch)
         loss = self.combine(losses, self._step_scale(batch))
         size = batch.input_ids.shape[0]
-        self._log_terms("train", losses, size, sync=False)
-        mean = self.combine(losses, None).detach()
-        self.log("train/loss", mean, prog_bar=True, batch_size=size)
+        self._log_terms(losses, size)
+        if any(term.count > 0 for term in losses.values()):
+            self.log("train/loss", self.combine(losses, None).detach(), prog_bar=True, batch_size=size)
+        elif "train" not in self._said:  # a loss of 0 would read as a perfect score
+            self._said.add("train")
+            log.warning(
+                "a training batch (step %d) has no target to score, so no train/loss is logged for it; chat data "
+                "cut into pieces of seq_len=%s leaves pieces without an assistant turn: raise seq_len", self.global_step,
+                getattr(self.trainer.datamodule, "seq_len", "?"),
+            )
         return loss
 
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
@@ -184,11 +194,34 @@ class UnimodalModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.bad_samples.report(self.device, self.trainer.is_global_zero)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
-        losses = self.model(batch)
-        size = batch.input_ids.shape[0]
-        self._log_terms("val", losses, size, sync=True)
-        self.log("val/loss", self.combine(losses, None), prog_bar=True, batch_size=size, sync_dist=True)
+        for name, term in self.model(batch).items():
+            sums = torch.stack([term.total.detach().float(), term.count.float()])
+            self._val_sums[name] = self._val_sums[name] + sums if name in self._val_sums else sums
+
+    def on_validation_epoch_end(self) -> None:
+        """Each term's mean over every target of the validation set, summed over batches and
+        ranks (a mean of batch means weighs a batch with few targets like a full one, and one
+        with none as a loss of 0), and ``val/loss``, their weighted sum: NaN when nothing was
+        scored."""
+        names = sorted(self._val_sums.keys() | {f"ce/{name}" for name in MODALITY_IDS})  # the same on every rank
+        sums = torch.stack([self._val_sums.get(name, torch.zeros(2, device=self.device)) for name in names])
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = {name: total / count for name, (total, count) in zip(names, sums) if count > 0}
+        for name, mean in means.items():
+            self.log(f"val/{name}", mean)
+        if not means and "val" not in self._said:
+            self._said.add("val")
+            log.warning(
+                "the validation set has no target to score, so val/loss is NaN; chat data cut into pieces of "
+                "seq_len=%s leaves pieces without an assistant turn: raise seq_len", getattr(self.trainer.datamodule, "seq_len", "?"),
+            )
+        total = sum(self.loss_weights.get(name, 1.0) * mean for name, mean in means.items())
+        self.log("val/loss", total if means else torch.tensor(float("nan")), prog_bar=True)
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
