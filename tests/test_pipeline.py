@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from unimodal.cli import main as unimodal_main
-from unimodal.training.pipeline import PipelineError, format_table, load_pipeline, resolve_stage, run_pipeline
+from unimodal.training.pipeline import PipelineError, check_stages, format_table, load_pipeline, resolve_stage, run_pipeline
 from unimodal.training.module import UnimodalModule
 from unimodal.training.resume import Preempted
 from unimodal.worlds import resolve
@@ -84,6 +84,17 @@ def test_pipeline_files_are_checked_before_anything_runs(tmp_path):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"root": "r"}, tiny_only=True))
     pipeline = load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "init": None}]))
     assert [s.init for s in pipeline.stages] == [None, None] and pipeline.root == Path("runs/pipelines/p")
+
+
+def test_a_misspelt_override_in_a_later_stage_stops_the_pipeline_before_the_first_stage_trains(tmp_path):
+    stages = [{"name": "a", "recipe": "recipes/text/tiny.yaml"},
+              {"name": "b", "recipe": "recipes/lora/chat_sft.yaml", "overrides": {"trainer.max_stepz": 4}}]
+    with pytest.raises(PipelineError, match=r"stage 'b': Group 'trainer' does not accept option 'max_stepz' \(did you mean --trainer.max_steps"):
+        run_pipeline(write(tmp_path, stages), root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()  # stage a never started
+    # the real pipelines pass the check, stages that start from an earlier one's export included
+    for path in sorted(PIPELINES.glob("*.yaml")):
+        check_stages(load_pipeline(path, tiny=True), tiny=True)
 
 
 def test_references_to_earlier_stages_become_absolute_paths(tmp_path, monkeypatch):

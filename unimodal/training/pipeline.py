@@ -48,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentError
 
 from unimodal.checkpoints.files import find_latest_checkpoint, read_checkpoint
 from unimodal.checkpoints.load import tokenizer_path
 from unimodal.training.exporting import export
-from unimodal.training.recipes import fit_cli, inherit_from_export, load_recipe, make_cli, resolve_builtin, set_dotted
+from unimodal.training.recipes import check_recipe, fit_cli, inherit_from_export, load_recipe, make_cli, resolve_builtin, set_dotted
 from unimodal.training.resume import Preempted
 
 log = logging.getLogger("unimodal.training.pipeline")
@@ -319,7 +320,27 @@ def run_pipeline(
     pipeline = load_pipeline(path, tiny, root)
     for stage in pipeline.stages:
         stage.overrides.update(every_stage or {})
+    check_stages(pipeline, tiny)
     return [_run_stage(pipeline, stage, tiny, resolve_path) for stage in pipeline.stages]
+
+
+def check_stages(pipeline: Pipeline, tiny: bool) -> None:
+    """Every stage's recipe and overrides parsed before the first stage trains: a misspelt key in
+    the last stage is found now, not after the others have trained. What a stage takes from the
+    export it starts from is not there yet: its path stands in for it."""
+    for stage in pipeline.stages:
+        config = load_recipe(stage.recipe, tiny)
+        if stage.init is not None:
+            source = pipeline.output_dir(next(s for s in pipeline.stages if s.name == stage.init))
+            set_dotted(config, "model.init_args.init_from", str(source))
+            if not ((config.get("data") or {}).get("init_args") or {}).get("tokenizer"):
+                set_dotted(config, "data.init_args.tokenizer", str(source))
+        for dotted, value in stage.overrides.items():
+            set_dotted(config, dotted, _substitute(value, pipeline))
+        try:
+            check_recipe(config)
+        except ArgumentError as err:
+            raise PipelineError(f"{pipeline.path}: stage {stage.name!r}: {err.message}") from None
 
 
 def format_table(results: list[StageResult]) -> str:

@@ -16,6 +16,7 @@ saves one before the run stops (``unimodal.training.resume``).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import logging
@@ -299,7 +300,24 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         _resolve_precision(config)
         # jsonargparse takes the resolved recipe as YAML text in place of a path
         args = ["--config", yaml.safe_dump(config, sort_keys=False), *args[1:]]
-    args = _resolve_precision_args(args)
+    return _cli(UnimodalCLI, _resolve_precision_args(args), **kwargs)
+
+
+def check_recipe(config: dict[str, Any]) -> None:
+    """Parse a recipe's config (overrides applied) as ``unimodal train`` does, building nothing: a
+    misspelt key or a value of the wrong type raises the same ``ArgumentError``, in seconds."""
+    config = copy.deepcopy(config)
+    _resolve_precision(config)
+    config["seed_everything"] = False  # nothing is seeded (nor logged) for a check
+    _cli(_ParseOnly, ["--config", yaml.safe_dump(config, sort_keys=False)])
+
+
+class _ParseOnly(UnimodalCLI):
+    def instantiate_classes(self) -> None:
+        """Nothing is built: the model, the data (and its datasets) and the trainer stay configs."""
+
+
+def _cli(cli_class: type[UnimodalCLI], args: list[str], **kwargs: Any) -> UnimodalCLI:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_strategies()  # plain names (deepspeed_stage_2, ...) get the CPU-capable strategy
     options: dict[str, Any] = {
@@ -313,7 +331,7 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         # `unimodal pipeline` and `unimodal train` hand their own parsed arguments over on purpose;
         # Lightning would warn (and print the whole recipe) because sys.argv holds others
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return UnimodalCLI(
+        return cli_class(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
