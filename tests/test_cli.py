@@ -146,3 +146,19 @@ def test_built_in_names_inside_a_list_on_the_command_line_are_resolved(joined, d
     assert done.value.code == 0
     (dataset,) = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["datasets"]
     assert Path(dataset["path"]).is_dir() and Path(dataset["path"]).is_relative_to(data_home) and dataset["weight"] == 2
+
+
+def test_other_ranks_log_only_their_errors(monkeypatch):
+    """Under DDP every rank ran the same code: each of the project's lines came once per rank."""
+    import logging
+
+    from unimodal.cli import _rank_zero_unless_error
+
+    def kept(level: int) -> bool:
+        return _rank_zero_unless_error(logging.LogRecord("unimodal.train", level, __file__, 1, "said", None, None))
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    assert kept(logging.INFO) and kept(logging.WARNING)
+    monkeypatch.setenv("RANK", "1")
+    assert not kept(logging.INFO) and not kept(logging.WARNING) and kept(logging.ERROR)

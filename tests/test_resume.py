@@ -82,6 +82,24 @@ def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, m
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
 
 
+def test_ctrl_c_ends_the_run_in_one_line_naming_the_checkpoint_to_resume_from(recipe, tmp_path, monkeypatch):
+    """Lightning answers Ctrl-C by exiting with status 1 and a line of its own, saving nothing."""
+    from unimodal.training.resume import Interrupted
+
+    def interrupt_at_step_3(self):
+        if self.trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(UnimodalModule, "on_after_backward", interrupt_at_step_3)
+    try:
+        with pytest.raises(Interrupted, match=r"interrupted \(Ctrl-C\) at step 3, without saving; the newest checkpoint is .*checkpoints/last.ckpt \(step 2\): continue with --resume auto") as stopped:
+            train(recipe, tmp_path / "run", "--checkpoint_every_n_steps=2")
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT from then on
+    assert stopped.value.exit_code == 130
+
+
 def test_last_ckpt_holds_the_last_step_and_a_longer_run_resumes_from_it_exactly(recipe, tmp_path):
     """A run whose max_steps falls between step checkpoints: last.ckpt is its last step (Lightning
     left the last multiple there), saved mid-epoch, so raising max_steps and resuming continues

@@ -457,10 +457,13 @@ def _one_log_line_each() -> None:
     """Lightning gives its ``lightning`` logger a console handler of its own when it is imported,
     and its records also reached the root handler: every line came twice. The root handler now
     leaves them to Lightning's (without importing Lightning, which would slow every verb). Its
-    advertisement for a hosted logger at each fit is dropped."""
+    advertisement for a hosted logger at each fit is dropped. In a run of several processes, only
+    rank 0 says what all ranks would say alike (the model's size, data warnings); errors come from
+    every rank."""
     for handler in logging.getLogger().handlers:
-        if _left_to_lightning not in handler.filters:
-            handler.addFilter(_left_to_lightning)
+        for only in (_left_to_lightning, _rank_zero_unless_error):
+            if only not in handler.filters:
+                handler.addFilter(only)
     advertising = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _no_advertisement not in advertising.filters:
         advertising.addFilter(_no_advertisement)
@@ -468,6 +471,11 @@ def _one_log_line_each() -> None:
 
 def _left_to_lightning(record: logging.LogRecord) -> bool:
     return not (record.name.startswith("lightning") and logging.getLogger("lightning").handlers)
+
+
+def _rank_zero_unless_error(record: logging.LogRecord) -> bool:
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    return rank == 0 or record.levelno >= logging.ERROR
 
 
 def _no_advertisement(record: logging.LogRecord) -> bool:

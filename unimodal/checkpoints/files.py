@@ -115,6 +115,13 @@ def prune_checkpoints(directory: str | Path, keep_last_k: int) -> list[Path]:
     return removed
 
 
+def checkpoint_step(checkpoint: Path | None) -> int | None:
+    """The step a single-file checkpoint was saved at (None for none, or a sharded directory)."""
+    if checkpoint is None or checkpoint.is_dir():
+        return None
+    return int(read_checkpoint(checkpoint).get("global_step", 0))
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A single-file checkpoint's contents. ``unimodal train`` writes tensors and plain values
     only (the RNG states included), so anything else is refused rather than unpickled."""

@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 
-from unimodal.checkpoints.files import find_latest_checkpoint, read_checkpoint
+from unimodal.checkpoints.files import checkpoint_step, find_latest_checkpoint
 from unimodal.checkpoints.load import tokenizer_path
 from unimodal.training.exporting import export
 from unimodal.training.recipes import check_recipe, fit_cli, inherit_from_export, load_recipe, make_cli, resolve_builtin, set_dotted
@@ -289,7 +289,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     result = StageResult(
         name=stage.name,
         status="done",
-        steps=steps if steps is not None else _checkpoint_step(checkpoint),
+        steps=steps if steps is not None else checkpoint_step(checkpoint),
         train_loss=_last_metric(stage_dir, "train/loss"),
         val_loss=_last_metric(stage_dir, "val/loss"),
         wall_s=spent + time.perf_counter() - started,
@@ -297,12 +297,6 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     )
     marker.write_text(json.dumps({"status": "done", "fingerprint": fingerprint, "result": asdict(result)}, indent=2) + "\n")
     return result
-
-
-def _checkpoint_step(checkpoint: Path | None) -> int | None:
-    if checkpoint is None or checkpoint.is_dir():
-        return None
-    return int(read_checkpoint(checkpoint).get("global_step", 0))
 
 
 def run_pipeline(

@@ -39,7 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint, read_checkpoint
+from unimodal.checkpoints.files import AtomicCheckpointIO, checkpoint_step, find_latest_checkpoint, read_checkpoint
 from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
 from unimodal.data.processor import media_settings
 from unimodal.data.shards import present_shard_sets
@@ -48,7 +48,7 @@ from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
 from unimodal.training.finetune import FineTuneReport
 from unimodal.training.progress import StepProgressBar
-from unimodal.training.resume import Preempted, RunState, SaveOnSigterm, StepCheckpoint
+from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint
 from unimodal.training.strategies import register_strategies
 
 log = logging.getLogger("unimodal.train")
@@ -397,6 +397,8 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
             # length on an IterableDataset is right; and a Lightning-internal torch deprecation
             warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            # resume_path says it once and how to go on; Lightning's also came on every --resume auto
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             if getattr(cli.model, "frozen_modules_in_eval", False):
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             if is_overridden("load_state_dict", cli.datamodule, LightningDataModule):
@@ -413,4 +415,12 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
         saved = next((c.saved for c in cli.trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
         where = f"saved {saved}" if saved else "no checkpoint saved"
         raise Preempted(f"stopped by SIGTERM at step {cli.trainer.global_step} ({where})") from None
+    except SystemExit:  # Lightning's answer to Ctrl-C: it tears down, then exits with status 1
+        if not cli.trainer.interrupted:
+            raise
+        newest = find_latest_checkpoint(cli.checkpoint_dir)
+        step = checkpoint_step(newest)
+        at = f" (step {step})" if step is not None else ""
+        where = f"the newest checkpoint is {newest}{at}: continue with --resume auto" if newest else "no checkpoint was saved yet"
+        raise Interrupted(f"interrupted (Ctrl-C) at step {cli.trainer.global_step}, without saving; {where}") from None
     return cli.trainer

@@ -42,6 +42,12 @@ class Preempted(UserError):
         self.what = what
 
 
+class Interrupted(UserError):
+    """The run stopped on Ctrl-C; Lightning saves nothing then (SIGTERM does: :class:`Preempted`)."""
+
+    exit_code = 130  # 128 + SIGINT
+
+
 def _rng_state() -> dict[str, Any]:
     # plain types and tensors only: Lightning loads checkpoints with torch.load(weights_only=True)
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
