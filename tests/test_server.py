@@ -240,6 +240,11 @@ def test_size_and_duration_limits(url, assistant):
     assert status == 413 and "100000 bytes" in body["error"]["message"]
     status, body = call(url, "/v1/chat/completions", raw=b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = call(url, "/v1/chat/completions", raw=b"\xff\xfe{")  # json.loads guessed UTF-16 from these bytes
+    assert status == 400 and body["error"]["message"] == "the body is not UTF-8 (byte 0); JSON bodies are UTF-8"
+    long_system = [{"role": "system", "content": "rule " * 400}, {"role": "user", "content": "hi"}]
+    status, body = chat(url, long_system)
+    assert status == 400 and "the system prompt and the last message make a prompt of" in body["error"]["message"]
     status, body = chat(url, [{"role": "user", "content": "hi"}], max_tokens=30, timeout_s=1e-4)
     assert status == 408 and "limit of 0.0001 s" in body["error"]["message"]
     status, body = chat(url, [{"role": "user", "content": "hi"}], timeout_s=61)

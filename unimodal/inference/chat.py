@@ -271,9 +271,10 @@ class Assistant:
             low, kept = 0, len(states) - 1
             prompt = encode(kept)
             if len(prompt) > room:
+                what = "the system prompt and the last message make" if system else "the last message makes"
                 raise ChatError(
-                    f"the last message makes a prompt of {len(prompt)} tokens; the context holds {self.context_length} "
-                    f"with {reserve} kept for the reply: shorten the message, attach less media or lower max_new_tokens"
+                    f"{what} a prompt of {len(prompt)} tokens; the context holds {self.context_length} "
+                    f"with {reserve} kept for the reply: shorten them, attach less media or lower max_new_tokens"
                 )
             while kept - low > 1:  # state low is too long, state kept fits and is the prompt
                 middle = (low + kept) // 2

@@ -189,8 +189,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
     """Validate a ``/v1/chat/completions`` body; every problem is a 400 with a clear message."""
     try:
-        payload = json.loads(body, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        payload = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as err:
+        raise APIError(400, f"the body is not UTF-8 (byte {err.start}); JSON bodies are UTF-8") from None
+    except json.JSONDecodeError as err:
         raise APIError(400, f"the body is not valid JSON ({err})") from None
     if not isinstance(payload, dict):
         raise APIError(400, "the body must be a JSON object")
