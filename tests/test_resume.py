@@ -82,6 +82,19 @@ def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, m
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
 
 
+def test_resuming_with_other_data_settings_says_which(recipe, tmp_path, caplog):
+    """The data position is counted in batches: a resume with another batch size cannot continue
+    the stream where it stopped, and says so instead of going on silently."""
+    run = tmp_path / "run"
+    train(recipe, run, "--trainer.max_steps=2")
+    with caplog.at_level(logging.WARNING, logger="unimodal.train"):
+        train(recipe, run, "--resume=auto", "--trainer.max_steps=3")
+        assert not [r for r in caplog.records if "differ from the checkpoint" in r.getMessage()]
+        train(recipe, run, "--resume=auto", "--trainer.max_steps=4", "--data.init_args.batch_size=1")
+    said = [r.getMessage() for r in caplog.records if "differ from the checkpoint" in r.getMessage()]
+    assert len(said) == 1 and "data.init_args.batch_size: 2 -> 1" in said[0]
+
+
 def test_ctrl_c_ends_the_run_in_one_line_naming_the_checkpoint_to_resume_from(recipe, tmp_path, monkeypatch):
     """Lightning answers Ctrl-C by exiting with status 1 and a line of its own, saving nothing."""
     from unimodal.training.resume import Interrupted

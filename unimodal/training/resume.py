@@ -84,6 +84,12 @@ class RunState(Callback):
             checkpoint[RUN_CONFIG_KEY] = self.run_config
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        changed = _changed_data_settings(checkpoint.get(RUN_CONFIG_KEY) or {}, self.run_config or {})
+        if changed:
+            log.warning(
+                "resuming with data settings that differ from the checkpoint's (%s): the data position is counted in "
+                "batches of the old settings, so the stream does not continue exactly where it stopped", "; ".join(changed),
+            )
         states = checkpoint.get(RNG_KEY)
         if not states:
             return
@@ -126,6 +132,30 @@ class StepCheckpoint(ModelCheckpoint):
     def _write_last_if_behind(self, trainer: Trainer) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self.write_last(trainer)
+
+
+# what the data position (epoch, batches trained on) means: batches of these settings on this many ranks
+DATA_POSITION_KEYS = (
+    "data.init_args.datasets", "data.init_args.seq_len", "data.init_args.batch_size", "data.init_args.seed",
+    "data.init_args.steps_per_epoch", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes",
+)
+
+
+def _changed_data_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``KEY: OLD -> NEW`` for each setting of :data:`DATA_POSITION_KEYS` the run changed (a
+    checkpoint without a run config, or a key neither has, counts as unchanged)."""
+
+    def get(config: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            config = config.get(part) if isinstance(config, dict) else None
+        return config
+
+    changed = []
+    for key in DATA_POSITION_KEYS:
+        old, new = get(saved, key), get(current, key)
+        if saved and old != new:
+            changed.append(f"{key}: {old} -> {new}")
+    return changed
 
 
 class SaveOnSigterm(Callback):
