@@ -150,10 +150,14 @@ class UnimodalModule(L.LightningModule):
             total = total + weight * value
         return total
 
-    def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> None:
+    def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> bool:
+        """Log each term that has targets in this batch; whether any had."""
+        scored = False
         for name, term in losses.items():
-            if term.count > 0:
+            if term.count > 0:  # one host sync per term, read once
                 self.log(f"train/{name}", term.total.detach() / term.count, batch_size=batch_size)
+                scored = True
+        return scored
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         _, skipped = self.bad_samples.add(batch, self.device)
@@ -162,8 +166,7 @@ class UnimodalModule(L.LightningModule):
         losses = self.model(batch)
         loss = self.combine(losses, self._step_scale(batch))
         size = batch.input_ids.shape[0]
-        self._log_terms(losses, size)
-        if any(term.count > 0 for term in losses.values()):
+        if self._log_terms(losses, size):
             self.log("train/loss", self.combine(losses, None).detach(), prog_bar=True, batch_size=size)
         elif "train" not in self._said:  # a loss of 0 would read as a perfect score
             self._said.add("train")

@@ -319,18 +319,13 @@ def run_pipeline(
 
 
 def check_stages(pipeline: Pipeline, tiny: bool) -> None:
-    """Every stage's recipe and overrides parsed before the first stage trains: a misspelt key in
-    the last stage is found now, not after the others have trained. What a stage takes from the
-    export it starts from is not there yet: its path stands in for it."""
+    """Every stage's resolved config parsed before the first stage trains: a misspelt key in the
+    last stage is found now, not after the others have trained. A stage whose source export is
+    not written yet has no tokenizer from it: the export's path stands in."""
     for stage in pipeline.stages:
-        config = load_recipe(stage.recipe, tiny)
-        if stage.init is not None:
-            source = pipeline.output_dir(next(s for s in pipeline.stages if s.name == stage.init))
-            set_dotted(config, "model.init_args.init_from", str(source))
-            if not ((config.get("data") or {}).get("init_args") or {}).get("tokenizer"):
-                set_dotted(config, "data.init_args.tokenizer", str(source))
-        for dotted, value in stage.overrides.items():
-            set_dotted(config, dotted, _substitute(value, pipeline))
+        config = resolve_stage(pipeline, stage, tiny)  # builtin: names stay names (no data is built)
+        if stage.init is not None and not ((config.get("data") or {}).get("init_args") or {}).get("tokenizer"):
+            set_dotted(config, "data.init_args.tokenizer", config["model"]["init_args"]["init_from"])
         try:
             check_recipe(config)
         except ArgumentError as err:
