@@ -20,11 +20,17 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/pytest -q -m "not slow and not gpu and not xformers"
 
-# the same suite against the transformers the GPU machines have (5.17), installed beside the venv
-COMPAT := .compat/transformers-5.17
-test-compat: setup
-	$(BIN)/pip install --quiet --no-deps --target $(COMPAT) transformers==5.17.0 'huggingface-hub>=1.5,<2' httpx httpcore h11 anyio idna certifi
-	PYTHONPATH=$(abspath $(COMPAT)) $(BIN)/pytest -q -m "not slow and not gpu and not xformers" -p no:cacheprovider
+# the same suite on the GPU machines' stack (torch 2.11, transformers 5.17, lightning 2.6.6), in a
+# venv of its own; PyPI's torch 2.11 is a CUDA build (about 5 GB with its libraries) that runs on a CPU
+COMPAT := .compat/gpu-stack
+$(COMPAT)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install --quiet torch==2.11.0
+	$(COMPAT)/bin/pip install --quiet -e '.[dev]' transformers==5.17.0 lightning==2.6.6
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	PATH=$(abspath $(COMPAT))/bin:$$PATH $(COMPAT)/bin/pytest -q -m "not slow and not gpu and not xformers" -p no:cacheprovider
 
 test-all: setup
 	$(BIN)/pytest -q
