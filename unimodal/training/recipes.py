@@ -285,8 +285,10 @@ def _resolve_arg(arg: str, resolve_path: Callable[[str], str] | None) -> str:
     return f"{name}{eq}{value}"
 
 
-def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, **kwargs: Any) -> UnimodalCLI:
-    """Parse ``RECIPE.yaml [--tiny] [overrides]`` into a LightningCLI with model, data and trainer.
+def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, parse_only: bool = False,
+             **kwargs: Any) -> UnimodalCLI:
+    """Parse ``RECIPE.yaml [--tiny] [overrides]`` into a LightningCLI with model, data and trainer
+    (with ``parse_only``, left as configs: a wrong key still fails, nothing is built).
 
     ``resolve_path`` turns ``builtin:`` names of the recipe and the overrides into paths
     (``unimodal.worlds.resolve``, which the command line passes)."""
@@ -300,7 +302,7 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         _resolve_precision(config)
         # jsonargparse takes the resolved recipe as YAML text in place of a path
         args = ["--config", yaml.safe_dump(config, sort_keys=False), *args[1:]]
-    return _cli(UnimodalCLI, _resolve_precision_args(args), **kwargs)
+    return _cli(_ParseOnly if parse_only else UnimodalCLI, _resolve_precision_args(args), **kwargs)
 
 
 def check_recipe(config: dict[str, Any]) -> None:
