@@ -202,3 +202,27 @@ def test_the_checker_sees_a_hidden_upward_import(tmp_path):
     assert found == {"unimodal.cli", "unimodal.training.module", "unimodal.inference.chat"}
     assert len(upward({"unimodal.models.probe": found})) == 3
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's map of the package lists each module in its folder's line, and no module
+    that is gone."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("```\nunimodal/") + 4:]
+    block = block[:block.index("```")]
+    listed: dict[str, set[str]] = {}
+    folder = None
+    for line in block.splitlines():
+        if line.startswith("unimodal/"):
+            folder, _, line = line.partition(" ")
+        elif not line.startswith(" "):
+            folder = None
+        if folder:
+            listed.setdefault(folder, set()).update(re.findall(r"\b(\w+\.py)\b", line))
+    present = {
+        f"{path.parent.relative_to(ROOT)}/": {p.name for p in path.parent.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+        for path in PACKAGE.rglob("__init__.py")
+    }
+    missing = {f"{folder}{name}" for folder, names in present.items() for name in names - listed.get(folder, set())}
+    gone = {f"{folder}{name}" for folder, names in listed.items() for name in names - present.get(folder, set())}
+    assert not missing and not gone, f"README layout: not listed {sorted(missing)}, listed but gone {sorted(gone)}"
