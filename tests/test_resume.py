@@ -226,13 +226,15 @@ def test_runs_keep_their_last_k_step_checkpoints_and_clear_dead_writers_files(tm
     for step in range(5):
         (directory / f"step={step}.ckpt").write_bytes(b"x")
         os.utime(directory / f"step={step}.ckpt", (step, step))
-    (directory / "last.ckpt").write_bytes(b"x")
+    for name in ("last.ckpt", "last-v1.ckpt", "last-v2.ckpt"):  # each run's last: never pruned
+        (directory / name).write_bytes(b"x")
+        os.utime(directory / name, (0, 0))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     (directory / f".tmp-{dead}-last.ckpt").write_bytes(b"half")
     (directory / f".tmp-{os.getpid()}-last.ckpt").write_bytes(b"being written")
     prune_checkpoints(directory, 3)
     left = sorted(p.name for p in directory.iterdir())
-    assert left == [f".tmp-{os.getpid()}-last.ckpt", "last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+    assert left == [f".tmp-{os.getpid()}-last.ckpt", "last-v1.ckpt", "last-v2.ckpt", "last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
 
 
 def test_a_run_keeps_keep_last_k_checkpoints(tmp_path):

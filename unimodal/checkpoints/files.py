@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from unimodal.errors import UserError
 
 TEMP_PREFIX = ".tmp-"
+# a run's last checkpoint, and those of later runs in the same directory (Lightning's version suffix)
+LAST_NAME = re.compile(r"last(-v\d+)?\.ckpt")
 # the checkpoint key under which ``unimodal train`` stores the run's resolved config
 RUN_CONFIG_KEY = "unimodal_run_config"
 
@@ -96,14 +99,15 @@ def _writer_alive(temp: Path) -> bool:
 
 
 def prune_checkpoints(directory: str | Path, keep_last_k: int) -> list[Path]:
-    """Remove all but the ``keep_last_k`` newest step checkpoints (never ``last.ckpt``) and the
-    ``.tmp-`` files whose writer is gone; returns what was removed. A resumed run's checkpoint
-    callback knows nothing of the files before it, so this looks at the directory itself."""
+    """Remove all but the ``keep_last_k`` newest step checkpoints and the ``.tmp-`` files whose
+    writer is gone; returns what was removed. A resumed run's checkpoint callback knows nothing of
+    the files before it, so this looks at the directory itself. A run's last checkpoint is never
+    removed: ``last.ckpt``, and ``last-vN.ckpt``, the last of each later run started beside it."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = [temp for temp in directory.glob(f"{TEMP_PREFIX}*") if not _writer_alive(temp)]
-    steps = [p for p in directory.glob("*.ckpt") if p.name != "last.ckpt" and is_checkpoint(p)]
+    steps = [p for p in directory.glob("*.ckpt") if not LAST_NAME.fullmatch(p.name) and is_checkpoint(p)]
     steps = sorted(steps, key=_checkpoint_time, reverse=True)
     if keep_last_k >= 0:
         removed += steps[keep_last_k:]
