@@ -13,6 +13,7 @@ from conftest import CharTokenizer
 from inference_helpers import bias_tokens, media_assistant, tiny_model
 from PIL import Image
 
+from unimodal.cli import main
 from unimodal.data.processor import Processor
 from unimodal.data.templates import get_template
 from unimodal.inference.chat import Assistant, ChatError
@@ -170,10 +171,13 @@ def test_terminal_attaches_media_writes_replies_and_saves(tmp_path):
     assert written and f"[image saved to {written[0]}]" in text
     assert "oldest messages no longer fit in the context of 200 tokens and were dropped" in text
     assert "the conversation is reset" in text and terminal.history == [{"role": "system", "content": "sys"}]
-    record = json.loads(next((tmp_path / "outs").glob("conversation-*.json")).read_text())
+    saved = next((tmp_path / "outs").glob("conversation-*.jsonl"))
+    record = json.loads(saved.read_text())
     user, reply = record["messages"][1:3]
     assert user["content"][1] == {"type": "image", "path": str(picture.resolve())}
     assert reply["content"][0] == {"type": "image", "path": str(written[0])}
+    assert main(["data", "pack", str(saved), "--out", str(tmp_path / "shards")]) == 0  # as chat.md says
+    assert list((tmp_path / "shards").glob("*.tar"))
 
 
 def test_a_failed_attachment_fails_one_turn_only(tmp_path):

@@ -135,10 +135,11 @@ class Terminal:
         self.history += [message, {"role": "assistant", "content": content}]
 
     def save(self, path: str | None) -> Path:
-        out = Path(path) if path else self.out_dir / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out = Path(path) if path else self.out_dir / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         messages = [{"role": m["role"], "content": _as_record(m["content"])} for m in self.history]
-        out.write_text(json.dumps({"messages": messages}, indent=2) + "\n")
+        # one record on one line: `unimodal data pack` reads it (or a file of many) as JSONL
+        out.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         return out
 
 
