@@ -105,6 +105,9 @@ def test_ctrl_c_ends_the_run_in_one_line_naming_the_checkpoint_to_resume_from(re
 
     handler = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(UnimodalModule, "on_after_backward", interrupt_at_step_3)
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored, where
+    # no Ctrl-C could reach it either: Python's own handler stands in for a terminal's
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(Interrupted, match=r"interrupted \(Ctrl-C\) at step 3, without saving; the newest checkpoint is .*checkpoints/last.ckpt \(step 2\): continue with --resume auto") as stopped:
             train(recipe, tmp_path / "run", "--checkpoint_every_n_steps=2")
