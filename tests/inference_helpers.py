@@ -159,6 +159,16 @@ def family_model(family: str, seed: int = 0) -> UnifiedModel:
     return UnifiedModel(backbone, layout, {"image": image}, routing=routing).eval()
 
 
+def text_assistant(**kw):
+    """A chatml Assistant over a text-only tiny model."""
+    from unimodal.data.processor import Processor
+    from unimodal.data.templates import get_template
+    from unimodal.inference.chat import Assistant
+
+    model = tiny_model()
+    return Assistant(model, Processor(CharTokenizer(), model.layout, chat_template=get_template("chatml")), **kw)
+
+
 def media_assistant(**kw):
     """A chatml Assistant over continuous images (fake causal head, fake codec) and discrete
     one-layer audio codes of 4 per clip (fake codec)."""

@@ -10,22 +10,15 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import CharTokenizer
-from inference_helpers import bias_tokens, media_assistant, tiny_model
+from inference_helpers import bias_tokens, media_assistant, text_assistant, tiny_model
 from PIL import Image
 
 from unimodal.cli import main
-from unimodal.data.processor import Processor
-from unimodal.data.templates import get_template
-from unimodal.inference.chat import Assistant, ChatError
+from unimodal.inference.chat import ChatError
 from unimodal.inference.chat import load as unimodal_load
 from unimodal.inference.terminal import Terminal
 
 GREEDY = {"temperature": 0.0}
-
-
-def text_assistant(**kw) -> Assistant:
-    model = tiny_model()
-    return Assistant(model, Processor(CharTokenizer(), model.layout, chat_template=get_template("chatml")), **kw)
 
 
 def test_chat_renders_the_template_and_streams_text():
@@ -44,6 +37,16 @@ def test_chat_renders_the_template_and_streams_text():
     batch = assistant.generate([messages, [{"role": "user", "content": "another question"}]], max_new_tokens=8, **GREEDY)
     assert batch[0].text == reply.text
     assert batch[1].text == assistant.chat([{"role": "user", "content": "another question"}], max_new_tokens=8, **GREEDY).text
+
+
+def test_a_reply_may_start_only_with_a_medium_the_model_writes_and_developer_is_system():
+    assistant = text_assistant()
+    assert assistant.writes == ("text",) and media_assistant().writes == ("text", "audio", "image")
+    with pytest.raises(ChatError, match="start_with='audio', but this model writes text only"):
+        assistant.chat([{"role": "user", "content": "hi"}], start_with="audio")
+    as_developer, _ = assistant.prompt([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    as_system, _ = assistant.prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert as_developer.ids.tolist() == as_system.ids.tolist()
 
 
 def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import uvicorn
-from inference_helpers import media_assistant
+from inference_helpers import media_assistant, text_assistant
 from PIL import Image
 
 from unimodal.inference.server import APIError, ServerLimits, create_app
@@ -169,6 +169,17 @@ def test_media_in_and_out_as_base64(url):
 def test_bad_requests_get_clear_4xx(url, extra, status, needle):
     got, body = call(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
     assert got == status and needle in body["error"]["message"], body
+
+
+def test_a_text_only_model_refuses_audio_and_image_replies_in_one_line():
+    with running(create_app(text_assistant(), limits=LIMITS, model_name="text")) as base:
+        for extra, medium in (({"modalities": ["text", "audio"]}, "audio"), ({"audio": {"voice": "alloy"}}, "audio"),
+                              ({"start_with": "image"}, "image")):
+            status, body = call(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **extra})
+            assert status == 400 and body["error"]["message"] == f"this model cannot write {medium}: its replies hold text only", body
+        status, _ = call(base, "/v1/chat/completions", {"messages": [{"role": "developer", "content": "be brief"},
+                                                                     {"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert status == 200
 
 
 def test_unknown_paths_and_methods_get_the_error_shape_and_null_n_is_one(url):

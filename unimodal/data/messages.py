@@ -81,8 +81,10 @@ def message_content(message: Any, where: str) -> tuple[str, list[Any]]:
     if not isinstance(message, dict):
         raise DocumentError(f"{where} is {type(message).__name__}, expected an object with 'role' and 'content'")
     role = message.get("role")
+    if role == "developer":  # OpenAI's newer name for the system message
+        role = "system"
     if role not in ROLES:
-        raise DocumentError(f"{where} has role {role!r}, expected one of {ROLES}")
+        raise DocumentError(f"{where} has role {role!r}, expected one of {(*ROLES, 'developer')}")
     content = message.get("content")
     items = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(items, (list, tuple)) or not items:

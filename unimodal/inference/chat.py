@@ -168,6 +168,11 @@ class Assistant:
     def codecs(self) -> dict[str, MediaCodec]:
         return self.processor.codecs
 
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """The media a reply can hold: text, and each modality the engine has a span mode for."""
+        return ("text", *sorted({mode.name for mode in self.engine.modes.values()}))
+
     @classmethod
     def from_exported(cls, exported: Exported, **overrides: Any) -> Assistant:
         """From :func:`unimodal.checkpoints.load.load_exported`'s result; ``overrides`` replace fields."""
@@ -249,6 +254,8 @@ class Assistant:
         ``start_with`` (``"image"`` | ``"audio"``) opens the reply with that medium."""
         if start_with is not None and start_with not in SPAN_MARKERS:
             raise ChatError(f"start_with={start_with!r}; expected one of {list(SPAN_MARKERS)}")
+        if start_with is not None and start_with not in self.writes:
+            raise ChatError(f"start_with={start_with!r}, but this model writes {', '.join(self.writes)} only")
         settings = settings or self.settings
         turns = [self._turn(m, i) for i, m in enumerate(parse_messages(messages))]
         reserve = min(settings.max_new_tokens, self.context_length // 2)
