@@ -71,6 +71,8 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["data", "pack", "x.jsonl", "--out", "o", "--shards", "3"], "--shards"),
         (["data", "pack", "x.jsonl", "--out", "o", "--max_docs_per_shard", "many"], "--max_docs_per_shard"),
         (["eval", "m", "--suite", "digits", "--temperature", "hot"], "--temperature"),
+        (["chat", "m", "--max_new_tok", "3"], "--max_new_tok"),  # the start of an option is not that option
+        (["train", "recipes/text/tiny.yaml", "--trainer.max_step=3"], "did you mean --trainer.max_steps"),
     ],
 )
 def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys):

@@ -410,7 +410,11 @@ RENAMED = {
 
 class Parser(ArgumentParser):
     """jsonargparse's parser, with boolean options as flags: ``--tiny`` alone means true
-    (``--tiny false`` still works), as the verbs' switches always read."""
+    (``--tiny false`` still works), as the verbs' switches always read; and no abbreviations, so
+    that a misspelt option is an error rather than the option it happens to begin."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def add_argument(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("type") is bool and args[0].startswith("--"):

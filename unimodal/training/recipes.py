@@ -326,7 +326,7 @@ def _cli(cli_class: type[UnimodalCLI], args: list[str], **kwargs: Any) -> Unimod
         "save_config_callback": SaveConfigCallback,
         "save_config_kwargs": {"overwrite": True},
         # a wrong key is an ArgumentError the command line prints as one line, not usage and exit
-        "parser_kwargs": {"exit_on_error": False},
+        "parser_kwargs": {"exit_on_error": False, "allow_abbrev": False},
         **kwargs,
     }
     with warnings.catch_warnings():
