@@ -108,6 +108,10 @@ def test_reply_parts_are_decoded_saved_and_fit_back_into_the_history(tmp_path):
     assert rate == 8000 and wave.dtype == np.float32 and len(wave) == 4 * 80
     written = sound.parts[0].save(tmp_path / "out.wav")
     assert soundfile.info(str(written)).samplerate == 8000
+    # a clip its codec decodes to no samples is left out, never sent as a header-only WAV
+    assistant.codecs["audio"].decode = lambda codes: np.zeros(0, np.float32)
+    silent = assistant.chat(history, start_with="audio", max_media=1, max_new_tokens=16, seed=0, **GREEDY)
+    assert not [p for p in silent.parts if p.type == "audio"]
 
 
 def test_history_is_trimmed_to_the_context_with_the_system_prompt_kept():

@@ -347,10 +347,11 @@ class Assistant:
     # replies
 
     def _reply(self, generation: Generation, trimmed: int) -> Reply:
-        parts = [self._part(s) for s in generation.segments]
+        parts = [part for part in map(self._part, generation.segments) if part is not None]
         return Reply(parts, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens, generation.seed, trimmed)
 
-    def _part(self, segment: Segment) -> ReplyPart:
+    def _part(self, segment: Segment) -> ReplyPart | None:
+        """The reply part of a segment, its media decoded; None for a clip that decodes to no sound."""
         if segment.type == "text":
             return ReplyPart("text", text=segment.text)
         part = ReplyPart(segment.type, data=segment.data)
@@ -365,6 +366,9 @@ class Assistant:
             if rate is None:
                 raise ChatError(f"the audio codec {type(codec).__name__} returns no sample rate")
             part.audio, part.sample_rate = np.asarray(wave, dtype=np.float32).reshape(-1), int(rate)
+            if part.audio.size == 0:
+                log.info("an audio span of %d codes decoded to no samples and is left out of the reply", np.asarray(segment.data).size)
+                return None
         return part
 
 

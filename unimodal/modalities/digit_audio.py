@@ -201,7 +201,7 @@ class DigitAudioCodec(RVQCodec):
             return np.zeros(0, dtype=np.float32)
         power = np.einsum("fm,bm->fb", np.exp(frames.astype(np.float64)), self._unmel)  # [frames, bins]
         magnitude = np.sqrt(np.maximum(power, 0.0))
-        length = (len(frames) - 1) * c.hop
+        length = max(len(frames) - 1, 1) * c.hop  # a centred frame spans a hop: one frame is not silence
         angles = np.exp(2j * np.pi * np.random.default_rng(0).random(magnitude.shape))
         previous = np.zeros_like(angles)
         for _ in range(c.griffin_lim_iters):
