@@ -164,3 +164,21 @@ def test_other_ranks_log_only_their_errors(monkeypatch):
     assert kept(logging.INFO) and kept(logging.WARNING)
     monkeypatch.setenv("RANK", "1")
     assert not kept(logging.INFO) and not kept(logging.WARNING) and kept(logging.ERROR)
+
+
+def test_deepspeeds_no_gpu_notice_is_dropped_and_its_other_warnings_kept(caplog):
+    """transformers' save_pretrained imports DeepSpeed on every export, which warned each time that
+    it found no GPU; the command line drops that notice and nothing else of DeepSpeed's."""
+    import logging
+
+    from unimodal.cli import _one_log_line_each
+
+    _one_log_line_each()
+    deepspeed = logging.getLogger("DeepSpeed")
+    deepspeed.addHandler(caplog.handler)
+    try:
+        deepspeed.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        deepspeed.warning("something else")
+    finally:
+        deepspeed.removeHandler(caplog.handler)
+    assert {r.getMessage() for r in caplog.records if r.name == "DeepSpeed"} == {"something else"}

@@ -471,6 +471,11 @@ def _one_log_line_each() -> None:
     advertising = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _no_advertisement not in advertising.filters:
         advertising.addFilter(_no_advertisement)
+    # DeepSpeed, imported by transformers' save_pretrained on every export even where no run uses
+    # it, warns that it found no GPU; Lightning's "GPU available" line already says so in a run
+    deepspeed = logging.getLogger("DeepSpeed")
+    if _no_cpu_accelerator_notice not in deepspeed.filters:
+        deepspeed.addFilter(_no_cpu_accelerator_notice)
 
 
 def _left_to_lightning(record: logging.LogRecord) -> bool:
@@ -484,6 +489,10 @@ def _rank_zero_unless_error(record: logging.LogRecord) -> bool:
 
 def _no_advertisement(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")
+
+
+def _no_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Setting accelerator to CPU")
 
 
 # a full disk, a read-only file system, a directory without write permission, a quota
