@@ -240,7 +240,9 @@ def init_from_export(model: UnifiedModel, path: str | Path, reinit: Collection[s
     for name in reinit:
         restart_code_rows(model, name)
     fresh = sorted({n.split(".")[1] for n, _ in model.named_parameters() if not n.startswith("backbone.")} - {n.split(".")[1] for n in loaded})
-    log.info("initialised from %s: %d module tensors loaded%s%s", path, len(loaded),
+    adapter = " with its adapter merged" if (Path(path) / ADAPTER_DIR / "adapter_config.json").is_file() else ""
+    log.info("initialised from %s: the backbone%s%s%s%s", path, adapter,
+             f" and {len(loaded)} tensors of the other modules" if loaded else "",
              f"; new in this stage: {', '.join(fresh)}" if fresh else "",
              f"; not used by this stage: {', '.join(dropped[:5])}" if dropped else "")
 
