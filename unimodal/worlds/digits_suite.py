@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from unimodal.inference.chat import load
 from unimodal.schema import Part
@@ -189,7 +190,11 @@ def run_suite(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     report: dict[str, Any] = {"suite": "digits"}
     counts, failures, skipped = {}, {}, {}
-    for key, questions in items(limit).items():
+    tasks = items(limit)
+    answerable = [q for qs in tasks.values() for q in qs if modalities is None or TASK_MODALITY[q.task] in modalities]
+    # on a terminal only (disable=None): a log file keeps the one line per task below
+    bar = tqdm(total=len(answerable), desc="digits eval", unit="question", disable=None)
+    for key, questions in tasks.items():
         task, phrasing = questions[0].task, questions[0].phrasing
         if modalities is not None and TASK_MODALITY[task] not in modalities:
             report[metric(task, phrasing)] = None
@@ -199,7 +204,9 @@ def run_suite(
         right, failed = 0, []
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]
+            bar.set_postfix_str(key)
             replies = respond([q.messages for q in batch])
+            bar.update(len(batch))
             if len(replies) != len(batch):
                 raise RuntimeError(f"the responder answered {len(replies)} of {len(batch)} conversations")
             for item, reply in zip(batch, replies):
@@ -211,6 +218,7 @@ def run_suite(
         report[metric(task, phrasing)] = right / len(questions) if questions else None
         counts[key], failures[key] = len(questions), failed
         log.info("digits %s: %d/%d", key, right, len(questions))
+    bar.close()
     report["judge_image_acc"] = image_judge().heldout_accuracy()
     report["judge_audio_acc"] = audio_judge().heldout_accuracy()
     for modality in ("image", "audio"):
