@@ -150,3 +150,13 @@ def test_a_diverging_run_stops_with_status_3_and_keeps_its_checkpoints_finite(tm
     torch.save(spoiled, tmp_path / "nan.ckpt")
     with pytest.raises(ValueError, match="non-finite"):
         export(tmp_path / "nan.ckpt", tmp_path / "export")
+
+
+def test_a_run_without_validation_data_is_not_warned_about_it(tmp_path, recwarn):
+    """`val_datasets: null` (quickstart's bring-your-own-data command) is a choice; Lightning
+    warned that the validation loader was empty."""
+    assert unimodal_main([
+        "train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+        "--data.init_args.val_datasets=null", "--trainer.enable_progress_bar=false",
+    ]) == 0
+    assert not [w for w in recwarn if "Total length" in str(w.message)]

@@ -401,6 +401,9 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             # resume_path says it once and how to go on; Lightning's also came on every --resume auto
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            if not getattr(cli.datamodule, "val_datasets", True):
+                # no validation data is a choice (val_datasets: null), not an empty loader by mistake
+                warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             if getattr(cli.model, "frozen_modules_in_eval", False):
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             if is_overridden("load_state_dict", cli.datamodule, LightningDataModule):
