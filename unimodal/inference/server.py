@@ -145,8 +145,9 @@ def create_app(
         body = await _read_body(request, limits.max_request_bytes)
         call = parse_request(body, name, limits)
         check_caps(call.settings, caps)
-        for medium in {call.start_with, "audio" if call.audio_format else None} - {None} - set(assistant.writes):
-            raise APIError(400, f"this model cannot write {medium}: its replies hold {', '.join(assistant.writes)} only")
+        unwritable = sorted({call.start_with, "audio" if call.audio_format else None} - {None} - set(assistant.writes))
+        if unwritable:
+            raise APIError(400, f"this model cannot write {unwritable[0]}: its replies hold {', '.join(assistant.writes)} only")
         if call.stream:
             loop, texts = asyncio.get_running_loop(), asyncio.Queue()
             job = batcher.submit(_job(call, batcher, limits, on_text=lambda choice, text: loop.call_soon_threadsafe(texts.put_nowait, text)))

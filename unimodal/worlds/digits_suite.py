@@ -193,32 +193,31 @@ def run_suite(
     tasks = items(limit)
     answerable = [q for qs in tasks.values() for q in qs if modalities is None or TASK_MODALITY[q.task] in modalities]
     # on a terminal only (disable=None): a log file keeps the one line per task below
-    bar = tqdm(total=len(answerable), desc="digits eval", unit="question", disable=None)
-    for key, questions in tasks.items():
-        task, phrasing = questions[0].task, questions[0].phrasing
-        if modalities is not None and TASK_MODALITY[task] not in modalities:
-            report[metric(task, phrasing)] = None
-            skipped[key] = f"the model has no {TASK_MODALITY[task]} codec"
-            log.info("digits %s: skipped (%s)", key, skipped[key])
-            continue
-        right, failed = 0, []
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start : start + batch_size]
-            bar.set_postfix_str(key)
-            replies = respond([q.messages for q in batch])
-            bar.update(len(batch))
-            if len(replies) != len(batch):
-                raise RuntimeError(f"the responder answered {len(replies)} of {len(batch)} conversations")
-            for item, reply in zip(batch, replies):
-                ok, read = judge_reply(item, reply)
-                right += ok
-                if not ok and len(failed) < failures_kept:
-                    text = " ".join(_of_type(reply, "text"))
-                    failed.append({"prompt": _prompt_text(item), "expected": item.target, "read": read, "reply_text": text})
-        report[metric(task, phrasing)] = right / len(questions) if questions else None
-        counts[key], failures[key] = len(questions), failed
-        log.info("digits %s: %d/%d", key, right, len(questions))
-    bar.close()
+    with tqdm(total=len(answerable), desc="digits eval", unit="question", disable=None) as bar:
+        for key, questions in tasks.items():
+            task, phrasing = questions[0].task, questions[0].phrasing
+            if modalities is not None and TASK_MODALITY[task] not in modalities:
+                report[metric(task, phrasing)] = None
+                skipped[key] = f"the model has no {TASK_MODALITY[task]} codec"
+                log.info("digits %s: skipped (%s)", key, skipped[key])
+                continue
+            right, failed = 0, []
+            for start in range(0, len(questions), batch_size):
+                batch = questions[start : start + batch_size]
+                bar.set_postfix_str(key)
+                replies = respond([q.messages for q in batch])
+                bar.update(len(batch))
+                if len(replies) != len(batch):
+                    raise RuntimeError(f"the responder answered {len(replies)} of {len(batch)} conversations")
+                for item, reply in zip(batch, replies):
+                    ok, read = judge_reply(item, reply)
+                    right += ok
+                    if not ok and len(failed) < failures_kept:
+                        text = " ".join(_of_type(reply, "text"))
+                        failed.append({"prompt": _prompt_text(item), "expected": item.target, "read": read, "reply_text": text})
+            report[metric(task, phrasing)] = right / len(questions) if questions else None
+            counts[key], failures[key] = len(questions), failed
+            log.info("digits %s: %d/%d", key, right, len(questions))
     report["judge_image_acc"] = image_judge().heldout_accuracy()
     report["judge_audio_acc"] = audio_judge().heldout_accuracy()
     for modality in ("image", "audio"):
