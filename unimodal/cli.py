@@ -463,7 +463,7 @@ def _one_log_line_each() -> None:
     leaves them to Lightning's (without importing Lightning, which would slow every verb). Its
     advertisement for a hosted logger at each fit is dropped. In a run of several processes, only
     rank 0 says what all ranks would say alike (the model's size, data warnings); errors come from
-    every rank."""
+    every rank. DeepSpeed's notice that it found no GPU is dropped too."""
     for handler in logging.getLogger().handlers:
         for only in (_left_to_lightning, _rank_zero_unless_error):
             if only not in handler.filters:
@@ -471,8 +471,8 @@ def _one_log_line_each() -> None:
     advertising = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _no_advertisement not in advertising.filters:
         advertising.addFilter(_no_advertisement)
-    # DeepSpeed, imported by transformers' save_pretrained on every export even where no run uses
-    # it, warns that it found no GPU; Lightning's "GPU available" line already says so in a run
+    # transformers' save_pretrained imports DeepSpeed on every export, even where no run uses it;
+    # in a run, Lightning's "GPU available" line already says whether there is a GPU
     deepspeed = logging.getLogger("DeepSpeed")
     if _no_cpu_accelerator_notice not in deepspeed.filters:
         deepspeed.addFilter(_no_cpu_accelerator_notice)

@@ -191,9 +191,9 @@ def run_suite(
     report: dict[str, Any] = {"suite": "digits"}
     counts, failures, skipped = {}, {}, {}
     tasks = items(limit)
-    answerable = [q for qs in tasks.values() for q in qs if modalities is None or TASK_MODALITY[q.task] in modalities]
+    answerable = sum(len(qs) for qs in tasks.values() if modalities is None or TASK_MODALITY[qs[0].task] in modalities)
     # on a terminal only (disable=None): a log file keeps the one line per task below
-    with tqdm(total=len(answerable), desc="digits eval", unit="question", disable=None) as bar:
+    with tqdm(total=answerable, desc="digits eval", unit="question", disable=None) as bar:
         for key, questions in tasks.items():
             task, phrasing = questions[0].task, questions[0].phrasing
             if modalities is not None and TASK_MODALITY[task] not in modalities:
