@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import peft
@@ -85,6 +86,15 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
     # the framework module's LoRA was merged into its weights
     assert torch.equal(loaded.model.continuous["image"].proj.weight, load_exported(merged_dir).model.continuous["image"].proj.weight)
     assert not torch.equal(loaded.model.continuous["image"].proj.weight, torch.zeros(1))
+
+
+def test_export_logs_what_it_wrote_not_the_training_build(run, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        export(run / "checkpoints" / "last.ckpt", tmp_path / "export")
+    lines = [record.getMessage() for record in caplog.records if record.name.startswith("unimodal")]
+    assert any(line.startswith("exported ") for line in lines)
+    assert not [line for line in lines if line.startswith(("model:", "LoRA r=", "initialised from"))], lines
+    assert logging.getLogger("unimodal.train").level == logging.NOTSET  # the levels are put back
 
 
 class Payload:

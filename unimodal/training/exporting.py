@@ -8,9 +8,10 @@ writes itself with ``export_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,28 @@ def _module_from_checkpoint(checkpoint: dict[str, Any], hparams: dict[str, Any])
     source = spec.get("init_from")
     if source and not Path(source).is_dir():  # it defines the architecture the weights fit
         raise ExportError(f"the checkpoint's model was initialised from {source}, which no longer exists; export needs it")
-    module = instantiate_module(LightningModule, spec)
-    if hasattr(module, "configure_model"):
-        module.configure_model()
+    with _quiet("unimodal.train", "unimodal.export"):
+        module = instantiate_module(LightningModule, spec)
+        if hasattr(module, "configure_model"):
+            module.configure_model()
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     module.eval()
     return module
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Only warnings from these loggers: the rebuild would repeat the training run's build lines
+    (model size, LoRA, initialised from), which say nothing about the export."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export(
