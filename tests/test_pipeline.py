@@ -80,10 +80,17 @@ def test_pipeline_files_are_checked_before_anything_runs(tmp_path):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "overrides": {"x.y": "{stages.b}/f"}}, {"name": "b", "recipe": tiny}]))
     with pytest.raises(PipelineError, match="tiny key 'c.trainer.max_steps'"):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"c.trainer.max_steps": 1}), tiny=True)
+    with pytest.raises(PipelineError, match=r"\(stages: pre_train, sft\); did you mean 'pre_train'\?"):
+        load_pipeline(write(tmp_path, [{"name": "pre_train", "recipe": tiny}, {"name": "sft", "recipe": tiny}],
+                            tiny={"pre-train.trainer.max_steps": 1}), tiny=True)
+    with pytest.raises(PipelineError, match=r"stage 0 \('pre train'\) needs a 'name'"):
+        load_pipeline(write(tmp_path, [{"name": "pre train", "recipe": tiny}]))
     with pytest.raises(PipelineError, match="sets tiny_only: .* run it with --tiny"):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"root": "r"}, tiny_only=True))
     pipeline = load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "init": None}]))
     assert [s.init for s in pipeline.stages] == [None, None] and pipeline.root == Path("runs/pipelines/p")
+    # without a tiny: section, --tiny runs the recipes' own tiny sections, beside the full run
+    assert load_pipeline(pipeline.path, tiny=True).root == Path("runs/pipelines/p-tiny")
 
 
 def test_a_misspelt_override_in_a_later_stage_stops_the_pipeline_before_the_first_stage_trains(tmp_path):
@@ -104,6 +111,22 @@ def test_references_to_earlier_stages_become_absolute_paths(tmp_path, monkeypatc
     pipeline = load_pipeline(write(tmp_path, stages), root="runs")
     config = resolve_stage(pipeline, pipeline.stages[1], tiny=False)
     assert config["data"]["init_args"]["codecs"]["image"]["init_args"]["path"] == str(tmp_path / "runs" / "a" / "export")
+
+
+def test_a_stage_may_name_an_earlier_stages_tokenizer_before_it_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stages = [{"name": "a", "recipe": str(ROOT / "recipes" / "text" / "tiny.yaml")},
+              {"name": "b", "recipe": str(ROOT / "recipes" / "lora" / "chat_sft.yaml"),
+               "overrides": {"data.init_args.tokenizer": "{stages.a.tokenizer}"}}]
+    pipeline = load_pipeline(write(tmp_path, stages), tiny=True, root="runs")
+    check_stages(pipeline, tiny=True)  # the pre-flight check, nothing written yet
+    export = tmp_path / "runs" / "a" / "export"
+    assert resolve_stage(pipeline, pipeline.stages[1], tiny=True)["data"]["init_args"]["tokenizer"] == str(export)
+    export.mkdir(parents=True)  # once the stage has exported, the tokenizer its unimodal.json names
+    (export / "unimodal.json").write_text("{}")
+    monkeypatch.setattr("unimodal.training.pipeline.tokenizer_path", lambda out: out / "tokenizer.model")
+    monkeypatch.setattr("unimodal.training.pipeline.inherit_from_export", lambda *args, **kwargs: None)
+    assert resolve_stage(pipeline, pipeline.stages[1], tiny=True)["data"]["init_args"]["tokenizer"] == str(export / "tokenizer.model")
 
 
 def test_table_lists_every_stage():

@@ -34,6 +34,7 @@ launcher re-runs for the other ranks.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ import yaml
 from jsonargparse import ArgumentError
 
 from unimodal.checkpoints.files import checkpoint_step, find_latest_checkpoint
-from unimodal.checkpoints.load import tokenizer_path
+from unimodal.checkpoints.load import CONFIG_FILE, tokenizer_path
 from unimodal.training.exporting import export
 from unimodal.training.recipes import check_recipe, fit_cli, inherit_from_export, load_recipe, make_cli, resolve_builtin, set_dotted
 from unimodal.training.resume import Preempted
@@ -113,14 +114,13 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise PipelineError(f"{path}: expected a mapping with a non-empty 'stages' list")
     tiny_overrides = raw.get("tiny") or {}
-    if tiny and not tiny_overrides:
-        raise PipelineError(f"pipeline {path} has no 'tiny:' section, so it cannot run with --tiny")
     if raw.get("tiny_only") and not tiny:
         raise PipelineError(f"pipeline {path} sets tiny_only: its stages are CPU-sized variants; run it with --tiny")
     stages: list[Stage] = []
     for index, entry in enumerate(raw["stages"]):
         if not isinstance(entry, dict) or not NAME.match(str(entry.get("name", ""))):
-            raise PipelineError(f"{path}: stage {index} needs a 'name' of letters, digits, '_' or '-'")
+            given = f" ({entry['name']!r})" if isinstance(entry, dict) and "name" in entry else ""
+            raise PipelineError(f"{path}: stage {index}{given} needs a 'name' of letters, digits, '_' or '-'")
         name = entry["name"]
         unknown = set(entry) - {"name", "recipe", "overrides", "init", "export", "output"}
         if unknown:
@@ -141,6 +141,8 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
             output=entry.get("output"),
         ))
     pipeline_root = raw.get("root", f"runs/pipelines/{path.stem}")
+    if tiny and "root" not in tiny_overrides:  # --tiny never writes into the full run's directories
+        pipeline_root = f"{pipeline_root}-tiny"
     if tiny:
         for dotted, value in tiny_overrides.items():
             if dotted == "root":
@@ -149,7 +151,12 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
             stage_name, _, key = dotted.partition(".")
             stage = next((s for s in stages if s.name == stage_name), None)
             if stage is None or not key:
-                raise PipelineError(f"{path}: tiny key {dotted!r} is not 'root' or 'STAGE.dotted.key' of a stage")
+                names = [s.name for s in stages]
+                near = difflib.get_close_matches(stage_name, names, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near and stage is None else ""
+                raise PipelineError(
+                    f"{path}: tiny key {dotted!r} is not 'root' or 'STAGE.dotted.key' of a stage (stages: {', '.join(names)}){hint}"
+                )
             stage.overrides[key] = value
     missing = [f"{s.name}: {s.recipe}" for s in stages if not s.recipe.is_file()]
     if missing:
@@ -186,11 +193,14 @@ def _strings(value: Any) -> list[str]:
 
 
 def _substitute(value: Any, pipeline: Pipeline) -> Any:
-    """Replace ``{stages.NAME}`` / ``{stages.NAME.tokenizer}`` with earlier stages' outputs."""
+    """Replace ``{stages.NAME}`` / ``{stages.NAME.tokenizer}`` with earlier stages' outputs.
+    Before that stage has written its export (the pre-flight check), the export's path stands in
+    for its tokenizer, as it does for ``init_from``."""
     def one(match: re.Match) -> str:
         stage = next(s for s in pipeline.stages if s.name == match.group(1))
         out = pipeline.output_dir(stage).absolute()  # an export may keep it (a codec's directory)
-        return str(tokenizer_path(out) if match.group(2) else out)
+        written = (out / CONFIG_FILE).is_file()
+        return str(tokenizer_path(out) if match.group(2) and written else out)
 
     if isinstance(value, str):
         return REFERENCE.sub(one, value)
