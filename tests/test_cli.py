@@ -73,6 +73,10 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["eval", "m", "--suite", "digits", "--temperature", "hot"], "--temperature"),
         (["chat", "m", "--max_new_tok", "3"], "--max_new_tok"),  # the start of an option is not that option
         (["train", "recipes/text/tiny.yaml", "--trainer.max_step=3"], "did you mean --trainer.max_steps"),
+        (["export", "runs/x"], "required: --out"),  # as typed, not the parser's key export.out
+        (["data", "pack"], "required: SRC, --out"),
+        (["eval", "m", "--suite", "digit"], "--suite: 'digit' is not one of: digits"),
+        (["eval", "runs/no-such-model", "--suite", "digits"], "runs/no-such-model does not exist"),
     ],
 )
 def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys):

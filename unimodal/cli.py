@@ -9,7 +9,9 @@ it wants printed, or None.
 
 from __future__ import annotations
 
+import ast
 import errno
+import inspect
 import logging
 import os
 import re
@@ -515,6 +517,9 @@ def _parse_error(message: str) -> str:
     """jsonargparse's parse error as one line: the option and why its value was refused (of a
     Union's alternatives, the first that is not None; inside a recipe class, its own key's reason;
     a list or mapping that is not valid YAML, the YAML error)."""
+    required = re.match(r"the following arguments are required: (.*)", message)
+    if required is not None:
+        return f"the following arguments are required: {', '.join(map(_as_typed, required.group(1).split(', ')))}"
     match = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
     if match is None:
         return " ".join(message.split())
@@ -534,7 +539,22 @@ def _parse_error(message: str) -> str:
     given = re.search(r"Got value: ([\[{].*)$", body, re.M)
     if given is not None:
         reason = _yaml_problem(given.group(1)) or reason
+    choice = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", reason)
+    if choice is not None:
+        reason = f"{choice.group(2)!r} is not one of: {', '.join(map(str, ast.literal_eval(f'[{choice.group(1)}]')))}"
     return f"--{key.rsplit('.', 1)[-1]}: {reason}"
+
+
+def _as_typed(key: str) -> str:
+    """A verb's argument as its user types it: ``export.out`` -> ``--out``, ``export.checkpoint`` -> ``CHECKPOINT``."""
+    *path, name = key.split(".")
+    verb: Any = VERBS
+    for word in path:
+        verb = verb.get(word) if isinstance(verb, dict) else None
+    parameter = inspect.signature(verb).parameters.get(name) if callable(verb) else None
+    if parameter is not None and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return name.upper()
+    return f"--{name}"
 
 
 def _yaml_problem(value: str) -> str | None:

@@ -117,6 +117,8 @@ def upgrade_export_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
 def read_export_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     file = path / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"export {path} does not exist")
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a unimodal export directory (no {CONFIG_FILE}); write one with `unimodal export`")
     config = upgrade_export_config(json.loads(file.read_text()), file)
