@@ -63,6 +63,8 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
     assert processor["layout"]["code_ranges"] == {"image": 32} and config["source"]["global_step"] == 2
     assert (adapter_dir / "tokenizer.model").is_file() and (adapter_dir / "modules.safetensors").is_file()
     assert not (merged_dir / "adapter").exists()
+    # a run directory is recorded as the checkpoint file it stood for
+    assert json.loads((merged_dir / "unimodal.json").read_text())["source"]["checkpoint"] == str(checkpoint.resolve())
 
     # the backbone is a plain HF model; the adapter is a plain peft adapter
     base, info = AutoModelForCausalLM.from_pretrained(adapter_dir, output_loading_info=True)

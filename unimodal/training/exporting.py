@@ -86,6 +86,8 @@ def export(
         hparams, run_config = resolve_builtin(hparams, resolve_path), resolve_builtin(run_config, resolve_path)
         module = _module_from_checkpoint(checkpoint, hparams)
         step = int(checkpoint.get("global_step", 0))
+        # the file a run directory stood for; a sharded checkpoint (merged in scratch) by its directory
+        exported = (Path(ckpt) if file.is_relative_to(scratch) else file).resolve()
         del checkpoint
         with staged_directory(out, replace) as staging:
             if hasattr(module, "export_pretrained"):  # a module with its own format (e.g. a media tokenizer)
@@ -99,7 +101,7 @@ def export(
                     merge_lora=merge_lora,
                     lora=hparams.get("lora"),
                     generation=hparams.get("generation"),
-                    source={"checkpoint": str(ckpt), "global_step": step},
+                    source={"checkpoint": str(exported), "global_step": step},
                 )
-    log.info("exported %s to %s", ckpt, out)
+    log.info("exported %s to %s", exported, out)
     return out
