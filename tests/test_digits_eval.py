@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +52,12 @@ class Oracle:
         return [self.answer(messages) for messages in batch]
 
 
-def test_oracle_scores_full_marks():
-    report = run_suite(Oracle(), batch_size=64)
+def test_oracle_scores_full_marks(caplog):
+    with caplog.at_level(logging.INFO, logger="unimodal.eval"):
+        report = run_suite(Oracle(), batch_size=64)
+    # the log names each task's metric too: the story task is scored as interleaved_acc
+    assert "digits story/heldout (interleaved_heldout_acc): 216/216" in caplog.messages
+    assert "ok" in suite.summary(report).splitlines()[0]
     for key in KEYS + HELD_OUT:
         assert report[key] is not None
         assert key in report["goals"]
@@ -224,6 +229,9 @@ def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
     assert report["audio_codec_roundtrip_acc"] == report["judge_audio_acc"] and report["image_codec_roundtrip_acc"] is None
     printed = capsys.readouterr().out
     assert "caption_acc" in printed and str(out) in printed
+    # a sample of 3 questions a task is not held against the goals
+    transcribe = next(line for line in printed.splitlines() if line.startswith("transcribe_acc"))
+    assert transcribe.endswith("not judged: --limit 3") and report["limit"] == 3
 
 
 def test_eval_cli_errors_in_one_line(tmp_path, capsys):

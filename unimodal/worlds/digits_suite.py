@@ -199,7 +199,7 @@ def run_suite(
             if modalities is not None and TASK_MODALITY[task] not in modalities:
                 report[metric(task, phrasing)] = None
                 skipped[key] = f"the model has no {TASK_MODALITY[task]} codec"
-                log.info("digits %s: skipped (%s)", key, skipped[key])
+                log.info("digits %s (%s): skipped (%s)", key, metric(task, phrasing), skipped[key])
                 continue
             right, failed = 0, []
             for start in range(0, len(questions), batch_size):
@@ -217,13 +217,13 @@ def run_suite(
                         failed.append({"prompt": _prompt_text(item), "expected": item.target, "read": read, "reply_text": text})
             report[metric(task, phrasing)] = right / len(questions) if questions else None
             counts[key], failures[key] = len(questions), failed
-            log.info("digits %s: %d/%d", key, right, len(questions))
+            log.info("digits %s (%s): %d/%d", key, metric(task, phrasing), right, len(questions))
     report["judge_image_acc"] = image_judge().heldout_accuracy()
     report["judge_audio_acc"] = audio_judge().heldout_accuracy()
     for modality in ("image", "audio"):
         codec = (codecs or {}).get(modality)
         report[f"{modality}_codec_roundtrip_acc"] = None if codec is None else codec_roundtrip(modality, codec)
-    report.update(counts=counts, skipped=skipped, goals=GOALS, failures=failures)
+    report.update(counts=counts, skipped=skipped, goals=GOALS, failures=failures, limit=limit)
     return report
 
 
@@ -285,12 +285,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def summary(report: dict[str, Any]) -> str:
-    """The scoreboard as lines: metric, value, goal."""
+    """The scoreboard as lines: metric, value, goal. A run cut by ``--limit`` is a sample, too small
+    to say whether a goal is met."""
     lines = []
+    sample = report.get("limit")
     for metric, goal in GOALS.items():
         value = report.get(metric)
         shown = "n/a" if value is None else f"{value:.3f}"
-        mark = "" if value is None else (" ok" if value >= goal else " below goal")
+        if value is None:
+            mark = ""
+        elif sample is not None:
+            mark = f" not judged: --limit {sample}"
+        else:
+            mark = " ok" if value >= goal else " below goal"
         lines.append(f"{metric:<18} {shown}  (goal >= {goal}){mark}")
     for modality in ("image", "audio"):
         value = report.get(f"{modality}_codec_roundtrip_acc")
