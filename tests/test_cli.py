@@ -170,6 +170,14 @@ def test_other_ranks_log_only_their_errors(monkeypatch):
     assert not kept(logging.INFO) and not kept(logging.WARNING) and kept(logging.ERROR)
 
 
+def test_an_error_line_of_another_rank_says_which(monkeypatch, capsys):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for rank, prefix in (("0", "unimodal export"), ("3", "[rank 3] unimodal export")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["export", "runs/x"]) == 2
+        assert capsys.readouterr().err.startswith(f"{prefix}: error:")
+
+
 def test_deepspeeds_no_gpu_notice_is_dropped_and_its_other_warnings_kept(caplog):
     """transformers' save_pretrained imports DeepSpeed on every export, which warned each time that
     it found no GPU; the command line drops that notice and nothing else of DeepSpeed's."""

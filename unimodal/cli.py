@@ -441,18 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         printed = auto_cli(VERBS, args=argv, prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.",
                            parser_class=Parser, exit_on_error=False)
     except ArgumentError as err:
-        print(f"{command}: error: {_parse_error(err.message)}", file=sys.stderr)
+        print(f"{_rank_prefix()}{command}: error: {_parse_error(err.message)}", file=sys.stderr)
         return 2
     except (UserError, FileNotFoundError, ValueError) as err:
         if os.environ.get("UNIMODAL_DEBUG"):
             raise
-        print(f"{command}: error: {_reason(err)}", file=sys.stderr)
+        print(f"{_rank_prefix()}{command}: error: {_reason(err)}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except OSError as err:
         if err.errno not in WRITE_ERRORS or os.environ.get("UNIMODAL_DEBUG"):
             raise
         where = err.filename2 or err.filename
-        print(f"{command}: error: {err.strerror}: {where} (free space, or use a directory you can write to)", file=sys.stderr)
+        print(f"{_rank_prefix()}{command}: error: {err.strerror}: {where} (free space, or use a directory you can write to)", file=sys.stderr)
         return 1
     if printed is not None:
         print(printed)
@@ -484,9 +484,19 @@ def _left_to_lightning(record: logging.LogRecord) -> bool:
     return not (record.name.startswith("lightning") and logging.getLogger("lightning").handlers)
 
 
+def _rank() -> int:
+    """This process's rank in a run of several (0 in a run of one)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
 def _rank_zero_unless_error(record: logging.LogRecord) -> bool:
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-    return rank == 0 or record.levelno >= logging.ERROR
+    return _rank() == 0 or record.levelno >= logging.ERROR
+
+
+def _rank_prefix() -> str:
+    """Which process an error line comes from when every rank of a run prints its own."""
+    rank = _rank()
+    return f"[rank {rank}] " if rank else ""
 
 
 def _no_advertisement(record: logging.LogRecord) -> bool:
