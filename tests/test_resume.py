@@ -52,7 +52,7 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, monkeypatch):
+def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, monkeypatch, caplog):
     reference = tmp_path / "reference"
     train(recipe, reference)
     expected = losses(reference)
@@ -67,8 +67,9 @@ def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, m
 
     with monkeypatch.context() as patch:
         patch.setattr(UnimodalModule, "on_after_backward", preempt_during_step_5)
-        with pytest.raises(Preempted, match="step 5"):
+        with pytest.raises(Preempted, match=r"stopped by SIGTERM at step 5 \(saved .*last.ckpt\); continue with --resume auto"):
             train(recipe, run)
+    assert not [r for r in caplog.records if r.name.startswith("unimodal") and "SIGTERM" in r.getMessage()]  # the error line says it
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 5
     assert not list((run / "checkpoints").glob(".tmp-*"))

@@ -191,4 +191,3 @@ class SaveOnSigterm(Callback):
             else:
                 self.saved = self.dirpath / "last.ckpt"
                 trainer.save_checkpoint(self.saved)
-            log.warning("SIGTERM: saved %s at step %d; continue with --resume auto", self.saved, trainer.global_step)
