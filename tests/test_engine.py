@@ -47,6 +47,17 @@ def test_greedy_batch_matches_transformers_generate():
         assert gen.finish_reason == "length" and gen.completion_tokens == 10 and gen.prompt_tokens == len(doc)
 
 
+def test_each_row_is_handed_over_when_it_ends_while_the_others_go_on():
+    model = tiny_model()
+    prompts = [prompt(model, "long"), prompt(model, "short"), prompt(model, "mid")]
+    rows = [GenerationSettings(text=GREEDY, max_new_tokens=n) for n in (9, 2, 5)]
+    handed: list = []
+    out = Engine(model, TOK).generate(prompts, rows, on_done=lambda index, generation: handed.append((index, generation)))
+    assert [index for index, _ in handed] == [1, 2, 0]  # in the order the rows ended
+    for index, generation in handed:
+        assert generation.completion_tokens == rows[index].max_new_tokens and text_ids(generation) == text_ids(out[index])
+
+
 def test_beam_search_matches_transformers_generate():
     model = tiny_model(seed=1)
     prompts = [prompt(model, "beam"), prompt(model, "a longer prompt")]

@@ -378,12 +378,15 @@ def slowed_assistant(step_s: float):
     return slow
 
 
-def together(requests: list[dict], base: str) -> list[tuple[int, dict]]:
-    """Send every request at once (one thread each) and return the answers in order."""
+def together(requests: list[dict], base: str, finished: list[float] | None = None) -> list[tuple[int, dict]]:
+    """Send every request at once (one thread each) and return the answers in order; ``finished``
+    gets the time each answer came back."""
     answers: list = [None] * len(requests)
 
     def send(i: int) -> None:
         answers[i] = chat(base, **requests[i])
+        if finished is not None:
+            finished[i] = time.perf_counter()
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
     for thread in threads:
@@ -436,6 +439,19 @@ def test_concurrent_requests_share_a_batch_and_answer_as_they_would_alone(assist
                 assert np.abs(a - b).max() <= 1  # pixels from float features: batch matmuls may differ in the last bit
             else:
                 assert a == b
+
+
+def test_a_short_request_is_answered_while_the_batchs_longest_reply_goes_on():
+    step_s = 0.02
+    app = create_app(slowed_assistant(step_s), limits=ServerLimits(max_new_tokens=32, batch_window_s=1.0), model_name="tiny")
+    hi = [{"role": "user", "content": "hi"}]
+    finished = [0.0, 0.0]
+    with running(app) as base:
+        (short, _), (long, body) = together([dict(messages=hi, temperature=0, max_tokens=2), dict(messages=hi, temperature=0, max_tokens=30)],
+                                            base, finished)
+        assert app.state.batcher.stats["batches"] == 1
+    assert short == long == 200 and body["usage"]["completion_tokens"] == 30
+    assert finished[1] - finished[0] > 20 * step_s  # the long reply still had 28 steps to go
 
 
 def test_a_request_past_its_deadline_leaves_the_batch_and_the_others_go_on():

@@ -5,7 +5,8 @@ and deadline, so on hardware a single conversation leaves idle, several cost lit
 one. The :class:`Batcher` owns the model: one worker takes the first waiting request,
 gathers those that arrive within ``gather_s`` (up to ``max_rows`` rows), and runs them together.
 A request that arrives while a batch runs waits for the next one: rows never join a running batch
-(static batching). Beam-search requests, whose loop is separate, run in batches of their own.
+(static batching), but a request is answered as soon as its own rows end, not when the batch's
+longest reply does. Beam-search requests, whose loop is separate, run in batches of their own.
 
 A job that cannot start before ``wait_until`` fails with :class:`Busy`; a row past its own
 ``timeout_s`` or cancelled (a client gone, the server stopping) leaves its batch and its job fails
@@ -182,6 +183,8 @@ class Batcher:
                 raise
             log.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(started), type(err).__name__, err)
             for job, rows in started:
+                if job.future.done():  # answered before the failure
+                    continue
                 if job.streamed:  # its client already has part of a reply that a rerun would repeat
                     _fail(job, err)
                     continue
@@ -224,31 +227,44 @@ class Batcher:
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
 
+        answers: dict[int, list[Reply | None]] = {id(job): [None] * len(job_rows) for job, job_rows in started}
+
         def on_text(row: int, text: str) -> None:
             job, choice = owners[row]
             if job.on_text is not None:
                 job.streamed = True
                 job.on_text(choice, text)
 
-        try:
-            replies = self.assistant.answer([prompt for prompt, _ in rows], [settings for _, settings in rows], on_text=on_text,
-                                            cancel=[job.cancel for job, _ in owners])
-        except GenerationTimeout:  # no row was left to answer
-            for job, _ in started:
-                reason = "cancelled" if job.cancel.is_set() else "timeout"
-                self.stats[reason] += job.n
-                _fail(job, expired_error([reason]))
-            return
-        answers: dict[int, tuple[Job, list[Reply]]] = {}
-        for (job, _), reply in zip(owners, replies):
-            answers.setdefault(id(job), (job, []))[1].append(reply)
+        def on_reply(row: int, reply: Reply) -> None:
+            """A job is answered once its last row has ended, while the batch goes on."""
+            job, choice = owners[row]
+            own = answers[id(job)]
+            own[choice] = reply
             self.stats[reply.finish_reason] += 1
-        for job, own in answers.values():
+            if any(r is None for r in own):
+                return
             expired = [r.finish_reason for r in own if r.finish_reason in EXPIRED]
             if expired:
                 _fail(job, expired_error(expired))
             else:
-                job.future.set_result(own)
+                with contextlib.suppress(InvalidStateError):  # cancelled by a caller that left
+                    job.future.set_result(own)
+
+        try:
+            replies = self.assistant.answer([prompt for prompt, _ in rows], [settings for _, settings in rows], on_text=on_text,
+                                            cancel=[job.cancel for job, _ in owners], on_reply=on_reply)
+        except GenerationTimeout:  # no row was left to answer
+            for job, _ in started:
+                if job.future.done():
+                    continue
+                reason = "cancelled" if job.cancel.is_set() else "timeout"
+                self.stats[reason] += job.n
+                _fail(job, expired_error([reason]))
+            return
+        for row, reply in enumerate(replies):  # every row has ended: nothing is left unanswered
+            job, choice = owners[row]
+            if answers[id(job)][choice] is None:
+                on_reply(row, reply)
 
 
 def _fail(job: Job, err: BaseException) -> None:

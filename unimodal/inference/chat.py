@@ -229,14 +229,21 @@ class Assistant:
         *,
         on_text: Callable[[int, str], None] | None = None,
         cancel: threading.Event | Sequence[threading.Event | None] | None = None,
+        on_reply: Callable[[int, Reply], None] | None = None,
     ) -> list[Reply]:
         """Replies to prompts made by :meth:`prompt`, in one batched generation. ``settings`` and
         ``cancel`` are one for all or one per prompt: a server batches requests that each keep
-        their own (see :meth:`Engine.generate`)."""
-        generations = self.engine.generate(
-            [prompt for prompt, _ in prompts], settings, unconditional=self.unconditional_prompt(), on_text=on_text, cancel=cancel
-        )
-        return [self._reply(g, trimmed) for g, (_, trimmed) in zip(generations, prompts)]
+        their own (see :meth:`Engine.generate`). ``on_reply(index, reply)`` receives each reply,
+        its media decoded, as soon as its row ends."""
+        replies: dict[int, Reply] = {}
+
+        def done(index: int, generation: Generation) -> None:
+            replies[index] = self._reply(generation, prompts[index][1])
+            on_reply(index, replies[index])
+
+        generations = self.engine.generate([prompt for prompt, _ in prompts], settings, unconditional=self.unconditional_prompt(),
+                                           on_text=on_text, cancel=cancel, on_done=done if on_reply is not None else None)
+        return [replies[i] if i in replies else self._reply(g, trimmed) for i, (g, (_, trimmed)) in enumerate(zip(generations, prompts))]
 
     def resolve(self, **settings: Any) -> GenerationSettings:
         """The model's own settings with ``settings`` applied (:meth:`GenerationSettings.replace`

@@ -46,6 +46,7 @@ from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITIES, MODALITY_IDS
 
 TextCallback = Callable[[int, str], None]
+DoneCallback = Callable[[int, Generation], None]
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Engine:
         unconditional: EncodedDocument | None = None,
         on_text: TextCallback | None = None,
         cancel: threading.Event | Sequence[threading.Event | None] | None = None,
+        on_done: DoneCallback | None = None,
     ) -> list[Generation]:
         """Replies to ``prompts`` (each ending where the reply starts).
 
@@ -127,7 +129,9 @@ class Engine:
         samples with its own settings, seed and ``timeout_s``, so a seeded row writes the same
         reply alone as in any batch. One shared seed ``s`` gives row ``i`` the seed ``s + i``.
         ``unconditional`` is the prompt of the guidance rows (needed when a row guides a writable
-        modality, ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded.
+        modality, ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded,
+        and ``on_done(row, generation)`` each row's generation as soon as the row ends, while the
+        others go on (a server answers a short request before the batch's longest reply ends).
         ``cancel`` (shared or per row) stops a row at its next step.
 
         A row past its deadline or cancelled leaves the batch with ``finish_reason`` "timeout" or
@@ -151,7 +155,10 @@ class Engine:
             if any(len(p) and int(p.ids[-1]) in self.modes for p in prompts):
                 raise ValueError("beam search writes text only; a reply that starts with media needs num_beams=1")
             check_deadline(deadlines[0])
-            return beam_search(self, prompts, budgets, rows[0], seeded[0][1], deadlines[0])
+            generations = beam_search(self, prompts, budgets, rows[0], seeded[0][1], deadlines[0])
+            for index, generation in enumerate(generations if on_done is not None else []):
+                on_done(index, generation)
+            return generations
         if any(s.text.num_beams > 1 for s in rows):
             raise ValueError("beam search (num_beams > 1) cannot share a batch with sampled rows")
         guided = any(s.for_modality(m.name).cfg_scale != 1 for s in rows for m in self.modes.values())
@@ -173,13 +180,12 @@ class Engine:
             raise expired_error(reasons)
         states = [_Row(i, budget, s, g, d) for i, (budget, s, (g, _), d) in enumerate(zip(budgets, rows, seeded, deadlines))]
         docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
-        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text)
+        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text, on_done,
+                   [seed for _, seed in seeded])
         run.loop()
         if all(row.finish in EXPIRED for row in run.rows):
             raise expired_error([row.finish for row in run.rows])
-        return [
-            Generation(row.segments, row.finish, len(p), row.new, seed) for row, p, (_, seed) in zip(run.rows, prompts, seeded)
-        ]
+        return [run.generation(row) for row in run.rows]
 
     def _budget(self, prompt_length: int, settings: GenerationSettings) -> int:
         room = self.max_length - prompt_length
@@ -223,8 +229,11 @@ class _Run:
         rows: list[_Row],
         guided: bool,
         on_text: TextCallback | None,
+        on_done: DoneCallback | None,
+        seeds: list[int],
     ):
         self.engine, self.cache, self.rows, self.guided, self.on_text = engine, cache, rows, guided, on_text
+        self.on_done, self.seeds, self.prompt_lengths = on_done, seeds, [len(p) for p in prompts]
         self.model = engine.model
         self.batch = len(prompts)  # conditional rows in the cache; guidance partners follow them
         for row in rows:
@@ -618,6 +627,12 @@ class _Run:
         if row.mode is not None:  # an unfinished span is dropped
             row.mode, row.span, row.block_pending, row.forced = None, [], False, None
         self._flush_text(row)
+        if self.on_done is not None:
+            self.on_done(row.index, self.generation(row))
+
+    def generation(self, row: _Row) -> Generation:
+        """What ``row`` wrote, once it has ended."""
+        return Generation(row.segments, row.finish, self.prompt_lengths[row.index], row.new, self.seeds[row.index])
 
 
 class _Expired(Exception):
