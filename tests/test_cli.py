@@ -73,6 +73,8 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["eval", "m", "--suite", "digits", "--temperature", "hot"], "--temperature"),
         (["chat", "m", "--max_new_tok", "3"], "--max_new_tok"),  # the start of an option is not that option
         (["train", "recipes/text/tiny.yaml", "--trainer.max_step=3"], "did you mean --trainer.max_steps"),
+        (["train", "recipes/text/tiny.yaml", "--trainer.max_steps=ten"], "--trainer.max_steps: Expected a <class 'int'>"),
+        (["train", "recipes/text/tiny.yaml", "--model.init_args.lora.r=x"], "--model.init_args.lora.r: Expected a <class 'int'>"),
         (["export", "runs/x"], "required: --out"),  # as typed, not the parser's key export.out
         (["data", "pack"], "required: SRC, --out"),
         (["eval", "m", "--suite", "digit"], "--suite: 'digit' is not one of: digits"),
@@ -101,6 +103,15 @@ def test_a_malformed_list_in_a_recipe_class_says_which_key_and_why(value, says, 
     assert capsys.readouterr().err == "unimodal train: error: --data.init_args.batch_size: Expected a <class 'int'>. Got value: many\n"
 
 
+def test_a_strategy_that_fails_to_build_says_why(tmp_path, capsys):
+    config = tmp_path / "zero.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"strategy": {"class_path": "unimodal.training.DeepSpeed",
+                                                               "init_args": {"config": "nowhere/zero3.json"}}}}))
+    recipe = str(Path(__file__).parents[1] / "recipes/text/tiny.yaml")
+    assert main(["train", recipe, "--config", str(config), "--trainer.max_steps=1", "--trainer.accelerator=cpu"]) == 2
+    assert "the path does not exist: nowhere/zero3.json" in capsys.readouterr().err
+
+
 def test_train_help_shows_the_recipe_argument(capsys):
     out = _help(("train",), capsys)
     assert "recipe" in out.split("positional arguments:")[1] and "unimodaltrainRECIPE.yaml--help" in "".join(out.split())
@@ -121,6 +132,9 @@ def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
     assert "documents: 3" in capsys.readouterr().out
     assert main(["data", "pack", str(src), "--out", str(tmp_path / "strict"), "--skip_bad", "false"]) == 2
     assert "src.jsonl:2: malformed JSON" in capsys.readouterr().err
+    # packing into a directory that already holds shards: one line, not a traceback
+    assert main(["data", "pack", str(src), "--out", str(out), "--skip_bad"]) == 2
+    assert capsys.readouterr().err.endswith("already holds shards (shard-000000.tar, ...); write to an empty directory\n")
 
 
 def test_a_training_run_says_each_line_once(tmp_path):

@@ -441,9 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         printed = auto_cli(VERBS, args=argv, prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.",
                            parser_class=Parser, exit_on_error=False)
     except ArgumentError as err:
-        print(f"{_rank_prefix()}{command}: error: {_parse_error(err.message)}", file=sys.stderr)
+        print(f"{_rank_prefix()}{command}: error: {_parse_error(err.message, full_key=argv[:1] == ['train'])}", file=sys.stderr)
         return 2
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as err:
         if os.environ.get("UNIMODAL_DEBUG"):
             raise
         print(f"{_rank_prefix()}{command}: error: {_reason(err)}", file=sys.stderr)
@@ -523,7 +523,7 @@ def _command(argv: list[str]) -> str:
     return " ".join(words)
 
 
-def _parse_error(message: str) -> str:
+def _parse_error(message: str, full_key: bool = False) -> str:
     """jsonargparse's parse error as one line: the option and why its value was refused (of a
     Union's alternatives, the first that is not None; inside a recipe class, its own key's reason;
     a list or mapping that is not valid YAML, the YAML error)."""
@@ -540,6 +540,9 @@ def _parse_error(message: str) -> str:
     inner = re.search(r'Problem with given class_path [^\n]*:\s*\n\s*(Parser key "([^"]+)":.*)', body, re.S)
     if reason.startswith(UNION_ERROR) and inner is not None:  # a key of the recipe's class: its own reason
         nested = _parse_error(inner.group(1))
+        typed = re.findall(r"NestedArg\(key='([^']+)'", body)  # the last is the whole dotted key under this one
+        if typed:
+            return f"--{key}.init_args.{typed[-1]}: {nested.split(': ', 1)[1]}"
         return f"--{key}.init_args.{nested.removeprefix('--')}"
     if reason.startswith(UNION_ERROR) and problem is not None:  # a class that does not import: say why
         reason = " ".join(lines[problem : problem + 2])
@@ -552,7 +555,7 @@ def _parse_error(message: str) -> str:
     choice = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", reason)
     if choice is not None:
         reason = f"{choice.group(2)!r} is not one of: {', '.join(map(str, ast.literal_eval(f'[{choice.group(1)}]')))}"
-    return f"--{key.rsplit('.', 1)[-1]}: {reason}"
+    return f"--{key if full_key else key.rsplit('.', 1)[-1]}: {reason}"
 
 
 def _as_typed(key: str) -> str:
@@ -596,6 +599,8 @@ def _reason(err: BaseException) -> str:
     if not text.startswith(UNION_ERROR):
         return text
     reasons = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ") and "NoneType" not in line]
+    # an alternative of another type ("Expected a <class 'str'>") says less than the one that failed to build
+    reasons = [r for r in reasons if not r.startswith("Expected a ")] or reasons
     if reasons and reasons[0].startswith(UNION_ERROR) and err.__cause__ is not None:
         return _reason(err.__cause__)
     return reasons[0] if reasons else text
