@@ -60,6 +60,7 @@ def test_vicuna_ends_assistant_turns_with_the_eos_id(char_tokenizer):
 def test_generation_prompt_and_documents_without_roles():
     rendered = render(Document([Part("text", text="hi", role="user")]), get_template("chatml"), add_generation_prompt=True)
     assert [p.text for p in rendered] == ["<|im_start|>user\n", "hi", "<|im_end|>", "\n", "<|im_start|>assistant\n"]
+    assert render(Document([Part("text", text="hi", role="user")]), "chatml", add_generation_prompt=True) == rendered  # by name
     plain = Document([Part("text", text="plain text")])
     assert render(plain, get_template("chatml")) == plain.parts
     with pytest.raises(DocumentError, match="part 1 has no role"):

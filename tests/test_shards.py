@@ -128,6 +128,7 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         (json.dumps({"parts": [{"type": "video", "path": "v.mp4"}]}), r"src\.jsonl:2: part 0 has type 'video'"),
         (json.dumps({"parts": [{"type": "audio", "path": "x.txt"}]}), r"src\.jsonl:2: audio file 'x.txt' has extension"),
         (json.dumps({"key": "00000001", "parts": [{"type": "text", "text": "x"}]}), r"duplicate key '00000001'"),
+        (json.dumps({"message": [{"role": "user", "content": "hi"}]}), r"src\.jsonl:2: a line needs 'messages' \(a chat\) or 'parts'.*\['message'\]"),
     ],
 )
 def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):

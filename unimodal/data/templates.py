@@ -82,11 +82,14 @@ def turns(doc: Document) -> list[tuple[str, list[Part]]]:
     return out
 
 
-def render(doc: Document, template: ChatTemplate, add_generation_prompt: bool = False) -> list[Part | EosToken]:
-    """The document's parts with the template's markers as unsupervised text parts.
+def render(doc: Document, template: ChatTemplate | str, add_generation_prompt: bool = False) -> list[Part | EosToken]:
+    """The document's parts with the template's markers (``template`` or its name, e.g.
+    ``"chatml"``) as unsupervised text parts.
 
     Documents without roles come back unchanged (plain pretraining text in a chat mixture).
     """
+    if isinstance(template, str):
+        template = get_template(template)
     if not any(part.role for part in doc.parts):
         return list(doc.parts)
 
