@@ -112,6 +112,13 @@ def test_a_strategy_that_fails_to_build_says_why(tmp_path, capsys):
     assert "the path does not exist: nowhere/zero3.json" in capsys.readouterr().err
 
 
+def test_a_data_feature_width_unlike_the_models_stops_before_any_sample_is_read(tmp_path, capsys):
+    recipe = str(Path(__file__).parents[1] / "recipes/orthus/base.yaml")
+    assert main(["train", recipe, "--tiny", "--data.init_args.feature_dim=7", f"--trainer.default_root_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after Lightning's start-up lines
+    assert err.startswith("unimodal train: error: ") and "features are 48 wide (model.init_args.continuous.image.init_args.feature_dim) but the data's are 7" in err
+
+
 def test_train_help_shows_the_recipe_argument(capsys):
     out = _help(("train",), capsys)
     assert "recipe" in out.split("positional arguments:")[1] and "unimodaltrainRECIPE.yaml--help" in "".join(out.split())

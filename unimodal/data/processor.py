@@ -184,7 +184,7 @@ class Processor:
             if features.shape[1] != self.feature_dim:
                 raise DocumentError(
                     f"{doc.where()}: {part.type} part {part.media} has feature width {features.shape[1]}, "
-                    f"the model expects {self.feature_dim}"
+                    f"the processor's feature_dim (data.init_args.feature_dim in a recipe) is {self.feature_dim}"
                 )
             ids = np.full(len(features), self.layout.special_id("<|media|>"), dtype=np.int64)
             spans.append((ids, modality, part.loss, True, features))

@@ -40,7 +40,10 @@ class ContinuousModality(nn.Module):
     ``embed`` maps the slot features ``[N, D]`` of this modality to ``[N, H]`` and may return
     state (noise, timesteps) that ``loss`` needs. Both run on every step even with ``N == 0``,
     so DeepSpeed ZeRO-3 ranks whose batch lacks the modality still gather the same parameters.
+    ``feature_dim`` is ``D``, which the data's features must match.
     """
+
+    feature_dim: int
 
     def attach(self, model: UnifiedModel) -> None:
         """Called once by the UnifiedModel that owns this modality (e.g. to find the backbone's
@@ -62,6 +65,7 @@ class LinearAdapter(ContinuousModality):
 
     def __init__(self, hidden_size: int, feature_dim: int):
         super().__init__()
+        self.feature_dim = feature_dim
         self.proj = nn.Linear(feature_dim, hidden_size)
 
     def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, None]:

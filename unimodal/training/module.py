@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from unimodal.batch import PackedBatch
 from unimodal.checkpoints.load import check_extends, init_from_export, read_export_config
+from unimodal.errors import UserError
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, compile_layers
 from unimodal.models.build import build_model
@@ -158,6 +159,17 @@ class UnimodalModule(L.LightningModule):
                 self.log(f"train/{name}", term.total.detach() / term.count, batch_size=batch_size)
                 scored = True
         return scored
+
+    def on_fit_start(self) -> None:
+        """The data's feature width against the model's, before any sample is read: a mismatch
+        would otherwise fail every sample as bad data."""
+        data_dim = getattr(self.trainer.datamodule, "feature_dim", None)
+        for name, module in self.model.continuous.items():
+            if data_dim and module.feature_dim != data_dim:
+                raise UserError(
+                    f"the model's {name} features are {module.feature_dim} wide (model.init_args.continuous.{name}.init_args.feature_dim) "
+                    f"but the data's are {data_dim} (data.init_args.feature_dim): set both to the width the {name} codec writes"
+                )
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         _, skipped = self.bad_samples.add(batch, self.device)
