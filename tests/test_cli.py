@@ -119,6 +119,15 @@ def test_a_data_feature_width_unlike_the_models_stops_before_any_sample_is_read(
     assert err.startswith("unimodal train: error: ") and "features are 48 wide (model.init_args.continuous.image.init_args.feature_dim) but the data's are 7" in err
 
 
+def test_an_error_during_packing_gets_a_line_of_its_own_after_the_progress_bar(tmp_path, capsys):
+    src = tmp_path / "dup.jsonl"
+    src.write_text("".join(json.dumps({"key": "a", "parts": [{"type": "text", "text": t}]}) + "\n" for t in "xy"))
+    assert main(["data", "pack", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "packing dup.jsonl" in err  # the bar was drawn, and closed before the error line
+    assert err.replace("\r", "\n").splitlines()[-1].startswith("unimodal data pack: error: sample 'a'")
+
+
 def test_train_help_shows_the_recipe_argument(capsys):
     out = _help(("train",), capsys)
     assert "recipe" in out.split("positional arguments:")[1] and "unimodaltrainRECIPE.yaml--help" in "".join(out.split())

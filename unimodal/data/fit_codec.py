@@ -109,12 +109,13 @@ def read_media(src: str, codec: FittedCodec, limit: int | None = None, progress:
     cropped to its size) so that many fit in memory."""
     modality, items = codec.modality, []
     found = islice(_media(src, modality), limit)
-    for where, media in tqdm(found, desc=f"reading {src}", unit=UNITS[modality][:-1], disable=not progress):
-        data = decode_media(media, modality, where)
-        if modality == "audio":
-            items.append((codec.prepare(*data), codec.sample_rate))
-        else:
-            items.append(center_crop(data, codec.pixels.transform.size))
+    with tqdm(found, desc=f"reading {src}", unit=UNITS[modality][:-1], disable=not progress) as bar:  # closed before an error is printed
+        for where, media in bar:
+            data = decode_media(media, modality, where)
+            if modality == "audio":
+                items.append((codec.prepare(*data), codec.sample_rate))
+            else:
+                items.append(center_crop(data, codec.pixels.transform.size))
     if not items:
         raise ValueError(f"{src}: no {modality} media to fit the {modality} codec on "
                          f"(files ending in {', '.join(FILE_EXTENSIONS[modality])}, or shards with raw {modality} parts)")
@@ -125,8 +126,9 @@ def first_layer_usage(codec: FittedCodec, items: list[Any], progress: bool = Tru
     """How many of the first layer's codes the items use: codes the media never hits are rows the
     model cannot learn anything about, and frames that share a code are one sound to it."""
     layers, used = codec.fingerprint()["layers"], np.zeros(codec.codebook_size, dtype=bool)
-    for item in tqdm(items, desc="counting codes", unit=UNITS[codec.modality][:-1], disable=not progress, leave=False):
-        used[np.asarray(codec.encode(Part(codec.modality, data=item))).reshape(layers, -1)[0]] = True
+    with tqdm(items, desc="counting codes", unit=UNITS[codec.modality][:-1], disable=not progress, leave=False) as bar:
+        for item in bar:
+            used[np.asarray(codec.encode(Part(codec.modality, data=item))).reshape(layers, -1)[0]] = True
     return int(used.sum())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,7 +123,8 @@ def _pack_jsonl(
                 if select is None or select(doc.key):
                     yield doc
 
-    stats = write_shards(documents(), out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
+    with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
+        stats = write_shards(docs, out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
     stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
     save_stats(out_dir, stats)
     if skipped:

@@ -11,6 +11,7 @@ refused, and the fingerprint becomes part of the vocabulary layout saved with ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from itertools import islice
@@ -144,10 +145,12 @@ def encode_shards(
         return batch
 
     def documents() -> Iterator[Document]:
-        docs = iter(tqdm(read_documents(src, decode=False), desc=f"encoding {src}", unit="doc", disable=not progress))
-        while batch := list(islice(docs, batch_size)):
-            yield from encoded(batch)
+        with tqdm(read_documents(src, decode=False), desc=f"encoding {src}", unit="doc", disable=not progress) as bar:
+            docs = iter(bar)
+            while batch := list(islice(docs, batch_size)):
+                yield from encoded(batch)
 
-    stats = write_documents(documents(), out_dir, max_docs_per_shard=max_docs_per_shard)
+    with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
+        stats = write_documents(docs, out_dir, max_docs_per_shard=max_docs_per_shard)
     record_code_sources(out_dir, {**sources, **fingerprints}, encoded_from=str(src))
     return stats | {CODES_KEY: {**sources, **fingerprints}}
