@@ -211,3 +211,9 @@ def test_codecs_it_cannot_refit_are_refused_in_one_line(codec, expected, made, t
     assert main(["data", "fit-codec", str(made["root"] / "media"), "--codec", codec, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("unimodal data fit-codec: error: ") and expected in err
+
+
+def test_a_media_folder_that_is_not_there_is_named(made, tmp_path, capsys):
+    missing = tmp_path / "novoices"
+    assert main(["data", "fit-codec", str(missing), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"unimodal data fit-codec: error: {missing} does not exist (a folder of audio files, or shards)"
