@@ -359,6 +359,7 @@ def test_fsdp2_through_unimodal_train_resumes_and_exports(tmp_path):
         result = subprocess.run([*train, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
     assert "Restored all states from the checkpoint" in result.stderr
+    assert "sync_dist" not in result.stderr  # val/ means are summed over ranks already, and logged as such
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["epoch=0-step=4.ckpt", "last.ckpt"]  # keep_last_k=1 pruned step 2's directory
     export = [sys.executable, "-m", "unimodal", "export", str(run), "--out", str(tmp_path / "export")]

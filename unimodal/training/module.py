@@ -227,8 +227,10 @@ class UnimodalModule(L.LightningModule):
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         means = {name: total / count for name, (total, count) in zip(names, sums) if count > 0}
+        # the means are already over every rank: sync_dist averages equal values, and tells Lightning so
+        synced = self.trainer.world_size > 1
         for name, mean in means.items():
-            self.log(f"val/{name}", mean)
+            self.log(f"val/{name}", mean, sync_dist=synced)
         if not means and "val" not in self._said:
             self._said.add("val")
             log.warning(
@@ -236,7 +238,7 @@ class UnimodalModule(L.LightningModule):
                 "seq_len=%s leaves pieces without an assistant turn: raise seq_len", getattr(self.trainer.datamodule, "seq_len", "?"),
             )
         total = sum(self.loss_weights.get(name, 1.0) * mean for name, mean in means.items())
-        self.log("val/loss", total if means else torch.tensor(float("nan")), prog_bar=True)
+        self.log("val/loss", total if means else torch.tensor(float("nan"), device=self.device), prog_bar=True, sync_dist=synced)
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
