@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media
-from unimodal.data.shards import read_documents
+from unimodal.data.shards import is_streamed, read_documents
 from unimodal.modalities.base import CODEC_FILE
 from unimodal.modalities.digit_audio import DigitAudioCodec
 from unimodal.modalities.image_continuous import center_crop
@@ -94,7 +94,7 @@ def _media(src: str, modality: str) -> Iterator[tuple[str, MediaBytes]]:
     """``(where, encoded file)`` of each raw ``modality`` item: the files of a directory of media
     (searched recursively), or the parts of shards (a directory of .tar, a pattern, a shard)."""
     path = Path(src)
-    if not path.exists() and not any(c in src for c in "{*?:"):  # not a pattern, URL or pipe: a path that is not there
+    if not (path.exists() or is_streamed(src) or "{" in src):  # a local path, no brace pattern, that is not there
         raise FileNotFoundError(f"{src} does not exist (a folder of {modality} files, or shards)")
     if path.is_dir() and not any(path.glob("*.tar")):
         for file in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in FILE_EXTENSIONS[modality]):

@@ -57,6 +57,8 @@ class _Row:
     budget: int
     settings: GenerationSettings
     generator: torch.Generator
+    seed: int
+    prompt_tokens: int
     deadline: Deadline
     slot: int = -1  # its row in the cache (rows move up as finished ones leave it)
     mode: MediaMode | None = None
@@ -73,6 +75,10 @@ class _Row:
     new: int = 0
     done: bool = False
     finish: str = "length"
+
+    def generation(self) -> Generation:
+        """What the row wrote, once it has ended."""
+        return Generation(self.segments, self.finish, self.prompt_tokens, self.new, self.seed)
 
 
 class Engine:
@@ -178,14 +184,14 @@ class Engine:
         reasons = [expiry(d) for d in deadlines]
         if all(reasons):
             raise expired_error(reasons)
-        states = [_Row(i, budget, s, g, d) for i, (budget, s, (g, _), d) in enumerate(zip(budgets, rows, seeded, deadlines))]
+        states = [_Row(i, budget, s, g, seed, len(p), d)
+                  for i, (budget, s, (g, seed), d, p) in enumerate(zip(budgets, rows, seeded, deadlines, prompts))]
         docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
-        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text, on_done,
-                   [seed for _, seed in seeded])
+        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text, on_done)
         run.loop()
         if all(row.finish in EXPIRED for row in run.rows):
             raise expired_error([row.finish for row in run.rows])
-        return [run.generation(row) for row in run.rows]
+        return [row.generation() for row in run.rows]
 
     def _budget(self, prompt_length: int, settings: GenerationSettings) -> int:
         room = self.max_length - prompt_length
@@ -230,10 +236,8 @@ class _Run:
         guided: bool,
         on_text: TextCallback | None,
         on_done: DoneCallback | None,
-        seeds: list[int],
     ):
-        self.engine, self.cache, self.rows, self.guided, self.on_text = engine, cache, rows, guided, on_text
-        self.on_done, self.seeds, self.prompt_lengths = on_done, seeds, [len(p) for p in prompts]
+        self.engine, self.cache, self.rows, self.guided, self.on_text, self.on_done = engine, cache, rows, guided, on_text, on_done
         self.model = engine.model
         self.batch = len(prompts)  # conditional rows in the cache; guidance partners follow them
         for row in rows:
@@ -628,11 +632,7 @@ class _Run:
             row.mode, row.span, row.block_pending, row.forced = None, [], False, None
         self._flush_text(row)
         if self.on_done is not None:
-            self.on_done(row.index, self.generation(row))
-
-    def generation(self, row: _Row) -> Generation:
-        """What ``row`` wrote, once it has ended."""
-        return Generation(row.segments, row.finish, self.prompt_lengths[row.index], row.new, self.seeds[row.index])
+            self.on_done(row.index, row.generation())
 
 
 class _Expired(Exception):
