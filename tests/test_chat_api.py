@@ -49,8 +49,9 @@ def test_a_reply_may_start_only_with_a_medium_the_model_writes_and_developer_is_
     assert as_developer.ids.tolist() == as_system.ids.tolist()
 
 
-def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path):
+def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path, monkeypatch):
     assistant = media_assistant()
+    monkeypatch.chdir(tmp_path)  # relative paths are relative to the working directory
     pixels = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
     png = tmp_path / "x.png"
     Image.fromarray(pixels).save(png)
@@ -65,6 +66,7 @@ def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path):
         ({"type": "image", "image": pixels}, {"type": "audio", "audio": wave}),  # a bare waveform is at the codec's rate
         ({"type": "image_url", "image_url": {"url": url}}, {"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}}),
         ({"type": "image", "path": str(png)}, {"type": "audio", "path": str(wav)}),
+        ({"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "audio", "path": "x.wav"}),
     ]
     prompts = []
     for image, audio in forms:
@@ -112,6 +114,17 @@ def test_reply_parts_are_decoded_saved_and_fit_back_into_the_history(tmp_path):
     assistant.codecs["audio"].decode = lambda codes: np.zeros(0, np.float32)
     silent = assistant.chat(history, start_with="audio", max_media=1, max_new_tokens=16, seed=0, **GREEDY)
     assert not [p for p in silent.parts if p.type == "audio"]
+
+
+def test_an_unconditional_message_is_the_guidance_rows_user_turn():
+    """``unconditional=`` (Orthus' "Generate an image."): the guidance rows' prompt is that user
+    message through the chat template, and guided replies are drawn with it."""
+    assistant = media_assistant(unconditional="draw")
+    expected = assistant.prompt([{"role": "user", "content": "draw"}])[0]
+    np.testing.assert_array_equal(assistant.unconditional_prompt().ids, expected.ids)
+    reply = assistant.chat([{"role": "user", "content": "a picture"}], image={"cfg_scale": 3.0}, start_with="image",
+                           max_media=1, max_new_tokens=8, seed=0)
+    assert [p.type for p in reply.parts][:1] == ["image"]
 
 
 def test_history_is_trimmed_to_the_context_with_the_system_prompt_kept():

@@ -93,7 +93,7 @@ def test_openai_messages_with_image_and_audio_parts(tmp_path):
         {"role": "assistant", "content": [{"type": "text", "text": "A picture:"}, {"type": "image_url", "image_url": {"url": png_data_url()}}]},
         {"role": "assistant", "content": "skipped", "weight": 0},
     ]
-    parts = messages_to_parts(messages, tmp_path / "chats.jsonl", "chats.jsonl:1")
+    parts = messages_to_parts(messages, tmp_path, "chats.jsonl:1")
     assert [(p.type, p.role, p.loss, p.media) for p in parts] == [
         ("text", "system", False, None), ("text", "user", False, None), ("image", "user", False, 0),
         ("audio", "user", False, 1), ("text", "assistant", True, None), ("image", "assistant", True, 2),

@@ -35,7 +35,7 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     if not isinstance(meta, dict):
         raise DocumentError(f"{where}: 'meta' must be an object")
     if "messages" in raw and raw_parts is None:  # an OpenAI-style chat record
-        return Document(messages_to_parts(raw["messages"], src, where), meta, key, source=where)
+        return Document(messages_to_parts(raw["messages"], src.parent, where), meta, key, source=where)
     if raw_parts is None and "messages" not in raw:
         raise DocumentError(f"{where}: a line needs 'messages' (a chat) or 'parts' (a document); it has {sorted(raw) or 'no keys'}")
     if not isinstance(raw_parts, list) or not raw_parts:
@@ -44,7 +44,7 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     for index, raw_part in enumerate(raw_parts):
         media: MediaBytes | None = None
         if isinstance(raw_part, dict) and raw_part.get("type") in MODALITIES[1:]:
-            media = source_media(raw_part, src, where, index)
+            media = source_media(raw_part, src.parent, where, index)
             raw_part = {k: v for k, v in raw_part.items() if k != "path"} | {"media": next_media}
             next_media += 1
         part = parse_part(raw_part, where, index)

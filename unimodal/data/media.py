@@ -67,7 +67,8 @@ def decode_media(
         raise DocumentError(f"{where}: unreadable {kind} member .{media.ext} ({detail})") from None
 
 
-def source_media(raw_part: dict[str, Any], src: Path, where: str, index: int) -> MediaBytes:
+def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int) -> MediaBytes:
+    """The bytes of a part's local file; a relative ``path`` is relative to ``base`` (the record's folder)."""
     kind, path = raw_part["type"], raw_part.get("path")
     if not isinstance(path, str) or not path:
         raise DocumentError(f"{where}: {kind} part {index} needs a string 'path'")
@@ -76,7 +77,7 @@ def source_media(raw_part: dict[str, Any], src: Path, where: str, index: int) ->
         raise DocumentError(
             f"{where}: {kind} file {path!r} has extension {ext!r}, expected one of {', '.join(MEDIA_EXTENSIONS[kind])}"
         )
-    file = src.parent / path  # an absolute path stays as it is
+    file = base / path  # an absolute path stays as it is
     if not file.is_file():
         raise DocumentError(f"{where}: {kind} file {path!r} not found (looked at {file})")
     return MediaBytes(ext, file.read_bytes())

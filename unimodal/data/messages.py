@@ -27,7 +27,7 @@ def _decode_base64(data: str, where: str) -> bytes:
         raise DocumentError(f"{where}: invalid base64 media ({err})") from None
 
 
-def _media(kind: str, ref: str, src: Path, where: str) -> Any:
+def _media(kind: str, ref: str, base: Path, where: str) -> Any:
     """MediaBytes for a local path, a ``file://`` URL or a ``data:`` URL (no downloads)."""
     if ref.startswith("data:"):
         header, _, payload = ref.partition(",")
@@ -38,11 +38,11 @@ def _media(kind: str, ref: str, src: Path, where: str) -> Any:
         return MediaBytes(MIME_EXTENSIONS[mime], _decode_base64(payload, where))
     if "://" in ref and not ref.startswith("file://"):
         raise DocumentError(f"{where}: {kind} {ref!r} is remote; give a local path or a data: URL (nothing is downloaded)")
-    return source_media({"type": kind, "path": ref.removeprefix("file://")}, src, where, 0)
+    return source_media({"type": kind, "path": ref.removeprefix("file://")}, base, where, 0)
 
 
-def content_part(item: Any, src: Path, where: str) -> Part:
-    """One content item of a message as a Part (media as undecoded bytes)."""
+def content_part(item: Any, base: Path, where: str) -> Part:
+    """One content item of a message as a Part (media as undecoded bytes; local paths relative to ``base``)."""
     if not isinstance(item, dict):
         raise DocumentError(f"{where}: a content item is {type(item).__name__}, expected an object")
     kind = item.get("type")
@@ -59,7 +59,7 @@ def content_part(item: Any, src: Path, where: str) -> Part:
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str):
             raise DocumentError(f"{where}: image_url content has no 'url'")
-        return Part("image", data=_media("image", url, src, where))
+        return Part("image", data=_media("image", url, base, where))
     if kind == "input_audio":
         audio = item.get("input_audio")
         if not isinstance(audio, dict):
@@ -71,7 +71,7 @@ def content_part(item: Any, src: Path, where: str) -> Part:
     if kind in ("image", "audio"):
         if not isinstance(item.get("path"), str):
             raise DocumentError(f"{where}: {kind} content needs a string 'path'")
-        return Part(kind, data=_media(kind, item["path"], src, where))
+        return Part(kind, data=_media(kind, item["path"], base, where))
     raise DocumentError(f"{where}: content type {kind!r} is not supported (text, image_url, input_audio, image, audio)")
 
 
@@ -92,7 +92,7 @@ def message_content(message: Any, where: str) -> tuple[str, list[Any]]:
     return role, list(items)
 
 
-def messages_to_parts(messages: Any, src: Path, where: str) -> list[Part]:
+def messages_to_parts(messages: Any, base: Path, where: str) -> list[Part]:
     """Document parts of an OpenAI-style ``messages`` list; media numbered in order.
 
     A message may carry ``"weight": 0`` (OpenAI's fine-tuning format) or ``"loss": false`` to
@@ -109,7 +109,7 @@ def messages_to_parts(messages: Any, src: Path, where: str) -> list[Part]:
         if not isinstance(loss, bool) or weight not in (0, 1):
             raise DocumentError(f"{here}: 'loss' must be true/false and 'weight' 0 or 1")
         for item in items:
-            part = content_part(item, src, here)
+            part = content_part(item, base, here)
             part.role, part.loss = role, loss and role == "assistant"
             if part.type != "text":
                 part.media = sum(p.type != "text" for p in parts)

@@ -310,7 +310,7 @@ class Assistant:
                 ids=np.zeros(0, np.int64), modality=np.zeros(0, np.int8), target=np.zeros(0, bool),
                 block=np.zeros(0, np.int32), continuous=np.zeros(0, bool), features=np.zeros((0, self.processor.feature_dim), np.float32),
             )
-        return self._encode([self._turn({"role": "user", "content": self.unconditional}, 0)])
+        return self._encode([self._turn(parse_messages([{"role": "user", "content": self.unconditional}])[0], 0)])
 
     def _encode(self, turns: list[_Turn]) -> EncodedDocument:
         parts = [Part(p.type, text=p.text, data=p.data, media=p.media, role=t.role if self.template else None, loss=t.role == "assistant")
