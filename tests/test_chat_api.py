@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,31 +174,41 @@ def test_settings_are_checked_with_clear_messages():
     assert reply.parts and reply.completion_tokens <= 6
 
 
-def test_terminal_attaches_media_writes_replies_and_saves(tmp_path):
+def test_terminal_attaches_media_writes_replies_and_saves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the output folder as a user gives it: relative
     assistant = media_assistant(context_length=200)
     bias_tokens(assistant.model, {assistant.model.layout.special_id("<|boi|>"): 50.0, CharTokenizer.eos_id: 40.0})
     picture = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
     script = "\n".join([
-        f"/image {picture}", "what is in it?", "/image nope.png", "/bogus", "/save", "again " * 10, "again " * 10, "/reset", "/quit",
+        "/image in.png", "what is in it?", "/image nope.png", "/audio", "/bogus", "/save", "again " * 10, "again " * 10, "/reset", "/quit",
     ]) + "\n"
+    settings = {"max_media": 1, "max_new_tokens": 8, "seed": 0, "temperature": 0}
     out = io.StringIO()
-    terminal = Terminal(assistant, tmp_path / "outs", settings={"max_media": 1, "max_new_tokens": 8, "seed": 0, "temperature": 0},
-                        system="sys", stdin=io.StringIO(script), stdout=out)
+    terminal = Terminal(assistant, "outs", settings=settings, system="sys", stdin=io.StringIO(script), stdout=out)
     terminal.run()
     text = out.getvalue()
-    assert f"attached image {picture}" in text and "no such file: 'nope.png'" in text and "unknown command /bogus" in text
-    written = sorted((tmp_path / "outs").glob("reply*.png"))
+    assert "attached image in.png" in text and "no such file: 'nope.png'" in text and "unknown command /bogus" in text
+    assert "usage: /audio PATH" in text
+    written = sorted(Path("outs").glob("reply*.png"))
     assert written and f"[image saved to {written[0]}]" in text
     assert "oldest messages no longer fit in the context of 200 tokens and were dropped" in text
     assert "the conversation is reset" in text and terminal.history == [{"role": "system", "content": "sys"}]
-    saved = next((tmp_path / "outs").glob("conversation-*.jsonl"))
+    saved = next(Path("outs").glob("conversation-*.jsonl"))
     record = json.loads(saved.read_text())
     user, reply = record["messages"][1:3]
-    assert user["content"][1] == {"type": "image", "path": str(picture.resolve())}
-    assert reply["content"][0] == {"type": "image", "path": str(written[0])}
-    assert main(["data", "pack", str(saved), "--out", str(tmp_path / "shards")]) == 0  # as chat.md says
+    # paths relative to the record's folder, wherever it was written from
+    assert user["content"][1] == {"type": "image", "path": "../in.png"}
+    assert reply["content"][0] == {"type": "image", "path": written[0].name}
+    monkeypatch.chdir(tmp_path / "outs")
+    assert main(["data", "pack", saved.name, "--out", str(tmp_path / "shards")]) == 0  # as chat.md says
     assert list((tmp_path / "shards").glob("*.tar"))
+    # a second session in the same folder numbers its replies on: the first session's files stay
+    monkeypatch.chdir(tmp_path)
+    first = {f.name: f.read_bytes() for f in Path("outs").glob("reply*")}
+    Terminal(assistant, "outs", settings={**settings, "seed": 1}, stdin=io.StringIO("draw\n/quit\n"), stdout=io.StringIO()).run()
+    assert {f.name: f.read_bytes() for f in Path("outs").glob("reply*") if f.name in first} == first
+    assert len(list(Path("outs").glob("reply*"))) > len(first)
 
 
 def test_a_failed_attachment_fails_one_turn_only(tmp_path):

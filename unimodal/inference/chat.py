@@ -299,7 +299,8 @@ class Assistant:
                     kept, prompt = middle, candidate
         dropped = states[kept]
         if dropped:
-            log.info("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
+            # Reply.trimmed says so (the terminal prints a line, the server returns trimmed_messages)
+            log.debug("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
         if start_with is not None:
             prompt = open_span(prompt, self.model.layout, SPAN_MARKERS[start_with][0])
         return prompt, dropped

@@ -11,6 +11,8 @@ so.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,7 +42,7 @@ class Terminal:
         self.stdin, self.stdout = stdin or sys.stdin, stdout or sys.stdout
         self.history: list[dict[str, Any]] = []
         self.attached: list[dict[str, Any]] = []
-        self.replies = 0
+        self.replies = _last_reply_number(self.out_dir)  # numbering goes on: an earlier session's files stay
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.stdout.write(text + end)
@@ -73,7 +75,9 @@ class Terminal:
         if verb in ("/image", "/audio"):
             kind = verb[1:]
             path = Path(arg).expanduser()
-            if not arg or not path.is_file():
+            if not arg:
+                self.say(f"usage: {verb} PATH")
+            elif not path.is_file():
                 self.say(f"no such file: {arg!r} (usage: {verb} PATH)")
             else:
                 self.attached.append({"type": kind, kind: str(path.resolve()), "path": str(path.resolve())})
@@ -122,7 +126,7 @@ class Terminal:
                 except (OSError, RuntimeError) as err:  # soundfile's errors are RuntimeErrors
                     self.say(f"\n[the {part.type} could not be written under {self.out_dir}: {err}]", end="")
                 else:
-                    item["path"] = str(path)
+                    item["path"] = str(Path(path).resolve())
                     self.say(f"\n[{part.type} saved to {path}]", end="")
             content.append(item)
         self.say()
@@ -137,14 +141,23 @@ class Terminal:
     def save(self, path: str | None) -> Path:
         out = Path(path) if path else self.out_dir / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        messages = [{"role": m["role"], "content": _as_record(m["content"])} for m in self.history]
+        messages = [{"role": m["role"], "content": _as_record(m["content"], out.parent.resolve())} for m in self.history]
         # one record on one line: `unimodal data pack` reads it (or a file of many) as JSONL
         out.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         return out
 
 
-def _as_record(content: Any) -> Any:
-    """Message content as a chat record: media as file paths (media without a file is left out)."""
+def _last_reply_number(out_dir: Path) -> int:
+    """The highest ``NNN`` of the ``replyNNN-K`` files already in ``out_dir`` (0 when none)."""
+    if not out_dir.is_dir():
+        return 0
+    numbers = [int(m.group(1)) for f in out_dir.iterdir() if (m := re.fullmatch(r"reply(\d+)-\d+\.\w+", f.name))]
+    return max(numbers, default=0)
+
+
+def _as_record(content: Any, folder: Path) -> Any:
+    """Message content as a chat record: media as file paths relative to the record's ``folder``,
+    as ``unimodal data pack`` reads them (media without a file is left out)."""
     if isinstance(content, str):
         return content
     out = []
@@ -152,5 +165,5 @@ def _as_record(content: Any) -> Any:
         if item["type"] == "text":
             out.append({"type": "text", "text": item["text"]})
         elif "path" in item:
-            out.append({"type": item["type"], "path": item["path"]})
+            out.append({"type": item["type"], "path": os.path.relpath(item["path"], folder)})
     return out
