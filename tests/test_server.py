@@ -232,6 +232,27 @@ def test_a_request_that_fails_its_batch_fails_alone(assistant, caplog):
     assert "a batch of 3 requests failed (RuntimeError: planted failure); running them one at a time" in caplog.text
 
 
+def test_a_reply_its_settings_leave_no_room_for_is_refused_before_the_batch(assistant, caplog):
+    """``start_with`` with ``max_media: 0`` is the client's mistake: a 400 for that request alone,
+    found while its prompt is made, so the batch is neither failed nor rerun one at a time."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job, _result
+
+    batcher = Batcher(assistant, thread=False)
+    settings = {"max_new_tokens": 6, "temperature": 0}
+    calls = [Call([{"role": "user", "content": "hi"}], settings, 1, False, None),
+             Call([{"role": "user", "content": "x"}], {**settings, "max_media": 0}, 1, False, "image"),
+             Call([{"role": "user", "content": "hey"}], settings, 1, False, None)]
+    jobs = [_job(c, batcher, LIMITS) for c in calls]
+    with caplog.at_level("INFO"):
+        batcher._run(jobs)
+    with pytest.raises(APIError, match="the reply must start with image, which its settings leave no room for") as refused:
+        _result(jobs[1].future, jobs[1], batcher, LIMITS)
+    assert refused.value.status == 400
+    assert all(job.future.result() for job in (jobs[0], jobs[2]))
+    assert batcher.stats["batches"] == 1 and "failed" not in caplog.text
+
+
 def test_a_huge_diffusion_steps_setting_is_refused_naming_its_cap():
     """Issue 14's first probe, `image: {"steps": 10000000}`: a 400 naming the cap, 4x the model's own steps."""
     from unimodal.inference.server import check_caps, parse_request, sampling_caps

@@ -303,6 +303,10 @@ class Assistant:
             log.debug("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
         if start_with is not None:
             prompt = open_span(prompt, self.model.layout, SPAN_MARKERS[start_with][0])
+        try:  # here, not in the batch: a request its settings leave no reply for fails alone
+            self.engine.budget(prompt, settings)
+        except ValueError as err:
+            raise ChatError(str(err)) from None
         return prompt, dropped
 
     def unconditional_prompt(self) -> EncodedDocument:
@@ -425,7 +429,7 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
         return np.asarray(value[0], dtype=np.float32), int(value[1])
     if isinstance(value, np.ndarray):
         return value
-    raise ChatError(f"{where}: a {kind} must be a path, {'a PIL image or an HxWx3 uint8 array' if kind == 'image' else 'a (waveform, sample_rate) pair'}; got {type(value).__name__}")
+    raise ChatError(f"{where}: {'an image' if kind == 'image' else 'audio'} must be a path, {'a PIL image or an HxWx3 uint8 array' if kind == 'image' else 'a (waveform, sample_rate) pair'}; got {type(value).__name__}")
 
 
 def _decode(media: MediaBytes, kind: str, where: str) -> Any:

@@ -151,7 +151,7 @@ class Engine:
         cancels = list(cancel) if isinstance(cancel, Sequence) else [cancel] * len(prompts)
         if len(rows) != len(prompts) or len(cancels) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need as many settings and cancel events, got {len(rows)} and {len(cancels)}")
-        budgets = [self._budget(len(p), s) for p, s in zip(prompts, rows)]
+        budgets = [self.budget(p, s) for p, s in zip(prompts, rows)]
         seeded = [make_generator(s.seed, self.device) for s in rows]
         now = time.monotonic()
         deadlines = [Deadline(now + s.timeout_s if s.timeout_s else None, c) for s, c in zip(rows, cancels)]
@@ -173,14 +173,6 @@ class Engine:
             raise ValueError(f"classifier-free guidance for {names} needs an unconditional prompt")
         if guided and len(unconditional) and int(unconditional.ids[-1]) in self.modes:
             raise ValueError("the unconditional prompt must end before any begin token; the engine adds it when a span opens")
-        for prompt, s, budget in zip(prompts, rows, budgets):
-            mode = self.modes.get(int(prompt.ids[-1])) if len(prompt) else None
-            if mode is not None and not may_open(mode, s, budget, begun=True):
-                raise ValueError(
-                    f"the reply must start with {mode.name}, which its settings leave no room for (max_media={s.max_media}, "
-                    f"{mode.name} max_tokens={s.for_modality(mode.name).max_tokens}, max_new_tokens={s.max_new_tokens}; "
-                    f"the rest of a {mode.name} span takes at least {mode.min_positions} positions)"
-                )
         reasons = [expiry(d) for d in deadlines]
         if all(reasons):
             raise expired_error(reasons)
@@ -193,11 +185,22 @@ class Engine:
             raise expired_error([row.finish for row in run.rows])
         return [row.generation() for row in run.rows]
 
-    def _budget(self, prompt_length: int, settings: GenerationSettings) -> int:
-        room = self.max_length - prompt_length
+    def budget(self, prompt: EncodedDocument, settings: GenerationSettings) -> int:
+        """How many positions a reply to ``prompt`` may write; ValueError when it can write none, or
+        when the prompt opens a medium (``start_with``) that the settings leave no room for. Callers
+        that batch requests check each prompt here first, so that one bad request fails alone."""
+        room = self.max_length - len(prompt)
         if room < 1:
-            raise ValueError(f"the prompt has {prompt_length} tokens and fills the context of {self.max_length}")
-        return min(settings.max_new_tokens, room)
+            raise ValueError(f"the prompt has {len(prompt)} tokens and fills the context of {self.max_length}")
+        budget = min(settings.max_new_tokens, room)
+        mode = self.modes.get(int(prompt.ids[-1])) if len(prompt) else None
+        if mode is not None and not may_open(mode, settings, budget, begun=True):
+            raise ValueError(
+                f"the reply must start with {mode.name}, which its settings leave no room for (max_media={settings.max_media}, "
+                f"{mode.name} max_tokens={settings.for_modality(mode.name).max_tokens}, max_new_tokens={settings.max_new_tokens}; "
+                f"the rest of {'an' if mode.name[0] in 'aeiou' else 'a'} {mode.name} span takes at least {mode.min_positions} positions)"
+            )
+        return budget
 
     # ----------------------------------------------------------------------------------------
     # pieces shared by sampling and beam search
