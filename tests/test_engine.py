@@ -146,7 +146,7 @@ def test_a_speech_span_ends_whole_within_its_cap_and_the_reply_budget():
     assert budget.segments[0].data.shape == (2, 5) and budget.finish_reason == "length"
     with pytest.raises(ValueError, match="must start with audio, which its settings leave no room for"):
         engine.generate([doc], GenerationSettings(max_media=0))
-    with pytest.raises(ValueError, match="the rest of a audio span takes at least 3 positions"):
+    with pytest.raises(ValueError, match="the rest of an audio span takes at least 3 positions"):
         engine.generate([doc], GenerationSettings(audio={"max_tokens": 2}))
 
 
