@@ -371,8 +371,20 @@ def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):
     wave, rate = soundfile.read(io.BytesIO(base64.b64decode(message.audio.data)))
     assert rate == 8000 and len(wave) == 4 * 80
     assert reply.usage.completion_tokens > 0 and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    raw = client.chat.completions.create(**{**ask, "audio": {"voice": "alloy", "format": "pcm16"}}).choices[0].message.audio
-    assert len(base64.b64decode(raw.data)) == 2 * 4 * 80  # 16-bit samples
+    raw_message = client.chat.completions.create(**{**ask, "audio": {"voice": "alloy", "format": "pcm16"}}).choices[0].message
+    assert len(base64.b64decode(raw_message.audio.data)) == 2 * 4 * 80  # 16-bit samples
+
+    # a spoken reply goes back into the history as it came, in either format; by id alone it cannot
+    def prompt_tokens(said: dict) -> int:
+        history = ask["messages"] + [said, {"role": "user", "content": "again"}]
+        return client.chat.completions.create(**{**ask, "messages": history}).usage.prompt_tokens
+
+    transcript_only = prompt_tokens({"role": "assistant", "content": message.audio.transcript or "-"})
+    for said in (message, raw_message):
+        assert prompt_tokens(said.model_dump(exclude_none=True)) >= transcript_only + 4  # the clip's 4 codes are in the prompt
+    by_id = ask["messages"] + [{"role": "assistant", "content": None, "audio": {"id": message.audio.id}}, {"role": "user", "content": "again"}]
+    with pytest.raises(openai.BadRequestError, match="this server keeps no replies"):
+        client.chat.completions.create(**{**ask, "messages": by_id})
 
     chunks = list(client.chat.completions.create(**ask, stream=True))
     audio = [getattr(c.choices[0].delta, "audio", None) for c in chunks if c.choices]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import io
 import json
@@ -104,6 +105,7 @@ def create_app(
     name = model_name or assistant.name
     created = int(time.time())
     caps = sampling_caps(assistant)
+    audio_rate = getattr(assistant.processor.codecs.get("audio"), "sample_rate", None)
     batcher = batcher or Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s)
 
     @contextlib.asynccontextmanager
@@ -143,7 +145,7 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request):
         body = await _read_body(request, limits.max_request_bytes)
-        call = parse_request(body, name, limits)
+        call = parse_request(body, name, limits, audio_rate)
         check_caps(call.settings, caps)
         unwritable = sorted({call.start_with, "audio" if call.audio_format else None} - {None} - set(assistant.writes))
         if unwritable:
@@ -189,8 +191,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
-    """Validate a ``/v1/chat/completions`` body; every problem is a 400 with a clear message."""
+def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int | None = None) -> Call:
+    """Validate a ``/v1/chat/completions`` body; every problem is a 400 with a clear message.
+    ``audio_rate``: the model's audio codec's sample rate, the rate of raw ``pcm16`` clips sent back."""
     try:
         payload = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as err:
@@ -210,6 +213,7 @@ def parse_request(body: bytes, name: str, limits: ServerLimits) -> Call:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list")
+    messages = [_spoken_reply_as_content(message, i, audio_rate) for i, message in enumerate(messages)]
     for i, message in enumerate(messages):
         _check_message(message, i)
     settings = {key: payload[key] for key in SAMPLING_FIELDS if payload.get(key) is not None}
@@ -313,6 +317,44 @@ def check_caps(settings: dict[str, Any], caps: dict[str, float]) -> None:
     for key, value in flat.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > caps[key]:
             raise APIError(400, f"{key}={value:g} is more than this server allows ({caps[key]:g}, 4x the model's own setting)")
+
+
+AUDIO_HEADERS = ((b"RIFF", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"))
+
+
+def _spoken_reply_as_content(message: Any, index: int, audio_rate: int | None) -> Any:
+    """An assistant message with ``audio`` (a spoken reply as :func:`message_fields` returns it)
+    as content parts again: its ``content`` (or, when that is null, its ``transcript``), then the
+    clip. This server keeps no replies, so a clip sent back by ``id`` alone is refused."""
+    if not isinstance(message, dict) or message.get("role") != "assistant" or message.get("audio") is None:
+        return message
+    audio, where = message["audio"], f"messages[{index}].audio"
+    if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+        raise APIError(400, f"{where} has no 'data': this server keeps no replies, so send the clip back with the "
+                            "data it came with, or its transcript as text content")
+    try:
+        clip = base64.b64decode(audio["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}.data is not valid base64") from None
+    fmt = next((name for header, name in AUDIO_HEADERS if clip.startswith(header)), "pcm16")
+    if fmt == "pcm16":  # raw 16-bit samples at the codec's rate, as format pcm16 returned them
+        if audio_rate is None or len(clip) % 2:
+            raise APIError(400, f"{where}.data is not a wav, flac, ogg or mp3 file, nor pcm16 samples this model can read")
+        import soundfile
+
+        buffer = io.BytesIO()
+        soundfile.write(buffer, np.frombuffer(clip, "<i2"), audio_rate, format="WAV", subtype="PCM_16")
+        fmt, clip = "wav", buffer.getvalue()
+    content = message.get("content")
+    if content is None:
+        transcript = audio.get("transcript")
+        content = [{"type": "text", "text": transcript}] if isinstance(transcript, str) and transcript else []
+    elif isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    elif not isinstance(content, list):
+        raise APIError(400, f"messages[{index}].content must be a string or a list of parts")
+    spoken = {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip).decode(), "format": fmt}}
+    return {**message, "content": [*content, spoken]}
 
 
 def _check_message(message: Any, index: int) -> None:
