@@ -92,6 +92,11 @@ def test_stop_strings_streaming_and_limits():
     gen = engine.generate([doc], GenerationSettings(text=GREEDY, max_new_tokens=12, stop=(stop,)), on_text=lambda row, t: chunks.append(t))[0]
     assert gen.finish_reason == "stop" and gen.segments[0].text == full[: full.index(stop)]
     assert "".join(chunks) == gen.segments[0].text
+    # a reply the length limit cuts inside a stop string ends before it, as its stream did
+    chunks.clear()
+    cut = engine.generate([doc], GenerationSettings(text=GREEDY, max_new_tokens=12, stop=(full[-2:] + "\u2603",)),
+                          on_text=lambda row, t: chunks.append(t))[0]
+    assert cut.finish_reason == "length" and cut.segments[0].text == full[:-2] == "".join(chunks)
     capped = engine.generate([doc], GenerationSettings(text={"temperature": 0, "max_tokens": 3}, max_new_tokens=12))[0]
     assert capped.finish_reason == "length" and capped.completion_tokens == 3
     with pytest.raises(GenerationTimeout):

@@ -611,16 +611,20 @@ class _Run:
             return
         if self.on_text is None:
             return
-        hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        ready = text[: len(text) - hold].rstrip("\ufffd")
+        ready = text[: len(text) - _stop_prefix(text, stop)].rstrip("\ufffd")
         if len(ready) > row.streamed:
             self.on_text(row.index, ready[row.streamed :])
             row.streamed = len(ready)
 
-    def _flush_text(self, row: _Row) -> None:
+    def _flush_text(self, row: _Row, last: bool = False) -> None:
+        """The row's text so far as a segment; at the ``last`` flush of a reply, without a tail that
+        began a stop string (the end-of-turn marker a length limit cut in two: ``<|im_``), which
+        the stream held back and which the reply never became."""
         if not row.text_ids:
             return
-        text, _ = self.engine.text_segment(row.text_ids, row.settings.stop)
+        text, stopped = self.engine.text_segment(row.text_ids, row.settings.stop)
+        if last and not stopped:
+            text = text[: len(text) - _stop_prefix(text, row.settings.stop)]
         if self.on_text is not None and len(text) > row.streamed:
             self.on_text(row.index, text[row.streamed :])
         if text:
@@ -633,7 +637,7 @@ class _Run:
         row.done, row.finish = True, reason
         if row.mode is not None:  # an unfinished span is dropped
             row.mode, row.span, row.block_pending, row.forced = None, [], False, None
-        self._flush_text(row)
+        self._flush_text(row, last=True)
         if self.on_done is not None:
             self.on_done(row.index, row.generation())
 
@@ -656,6 +660,11 @@ def may_open(mode: MediaMode, settings: GenerationSettings, budget: int, new: in
     fits = new + needed <= budget
     under_cap = cap is None or used + needed <= cap
     return media < settings.max_media and fits and under_cap
+
+
+def _stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """The length of the longest tail of ``text`` that begins a stop string (0 when none)."""
+    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
 
 
 def _by_mode(rows: list[_Row]) -> dict[str, list[_Row]]:
