@@ -57,7 +57,8 @@ def decode_media(
 
         info = soundfile.info(io.BytesIO(media.data))
         if info.frames > max_seconds * info.samplerate:
-            raise MediaTooLarge(f"{info.frames / info.samplerate:.0f} s of audio is over the {max_seconds:g} s allowed; cut it shorter")
+            raise MediaTooLarge(f"{info.frames / info.samplerate:.0f} s of audio is over the {max_seconds:g} s any clip may have "
+                                 "(a codec may allow less); cut it shorter")
         waveform, rate = soundfile.read(io.BytesIO(media.data), dtype="float32")
         return waveform, rate
     except MediaTooLarge as err:

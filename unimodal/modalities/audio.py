@@ -119,7 +119,7 @@ class RVQCodec(MediaCodec):
         if seconds > self.max_seconds:
             raise AudioTooLong(
                 f"audio of {seconds:.1f} s is longer than the {self.name} codec's max_seconds={self.max_seconds:g}; "
-                "cut it into shorter clips or raise max_seconds"
+                "cut it into shorter clips or raise the limit (max_audio_seconds at load, chat and serve; the codec config's max_seconds in a recipe)"
             )
         if not len(mono):
             raise ValueError("empty waveform")
