@@ -111,6 +111,10 @@ def test_reply_parts_are_decoded_saved_and_fit_back_into_the_history(tmp_path):
     assert rate == 8000 and wave.dtype == np.float32 and len(wave) == 4 * 80
     written = sound.parts[0].save(tmp_path / "out.wav")
     assert soundfile.info(str(written)).samplerate == 8000
+    with pytest.raises(ValueError, match="cannot write audio as out.png: give a .wav"):
+        sound.parts[0].save(tmp_path / "out.png")
+    with pytest.raises(ValueError, match="cannot write an image as out.wav: give a .png"):
+        reply.parts[0].save(tmp_path / "out.wav")
     # a clip its codec decodes to no samples is left out, never sent as a header-only WAV
     assistant.codecs["audio"].decode = lambda codes: np.zeros(0, np.float32)
     silent = assistant.chat(history, start_with="audio", max_media=1, max_new_tokens=16, seed=0, **GREEDY)
@@ -161,7 +165,13 @@ def test_trimming_a_long_history_encodes_it_a_logarithmic_number_of_times(monkey
     assert assistant.prompt(turns[dropped - 2 :], settings)[1] == 2  # the two turns before the kept ones do not fit
 
 
-def test_settings_are_checked_with_clear_messages():
+def test_settings_are_checked_with_clear_messages(caplog):
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match=f"context_length={bad!r}; it must be an integer >= 2"):
+            text_assistant(context_length=bad)
+    trained = text_assistant().model.backbone.config.max_position_embeddings
+    text_assistant(context_length=trained + 1)
+    assert f"beyond the backbone's max_position_embeddings={trained}" in caplog.text
     assistant = text_assistant()
     hi = [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="unknown generation setting 'temprature'"):

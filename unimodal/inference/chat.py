@@ -73,14 +73,23 @@ class ReplyPart:
 
     def save(self, path: str | Path) -> Path:
         """Write the image (PNG, or any format PIL infers from the suffix) or the audio (WAV)."""
+        from PIL import Image
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = path.suffix.lower()
         if self.type == "image" and self.image is not None:
+            if suffix not in Image.registered_extensions():
+                raise ValueError(f"cannot write an image as {path.name}: give a .png or .jpg path")
+            path.parent.mkdir(parents=True, exist_ok=True)
             self.image.save(path)
         elif self.type == "audio" and self.audio is not None:
             import soundfile
 
-            soundfile.write(str(path), self.audio, self.sample_rate, format=path.suffix.lstrip(".").upper() or "WAV")
+            fmt = suffix.lstrip(".").upper() or "WAV"
+            if fmt not in soundfile.available_formats():
+                raise ValueError(f"cannot write audio as {path.name}: give a .wav, .flac or .ogg path")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), self.audio, self.sample_rate, format=fmt)
         else:
             raise ValueError(f"this {self.type} part has nothing to save (no codec decoded it)")
         return path
@@ -158,8 +167,14 @@ class Assistant:
         if self.spans is None:
             # a continuous modality's own code rows (Orthus' soft VQ) are never generated as codes
             self.spans = spans_from_layout(self.model.layout, processor.codecs, max_seconds=None, skip=tuple(self.model.continuous))
+        trained = int(getattr(self.model.backbone.config, "max_position_embeddings", 0) or 0)
         if self.context_length is None:
-            self.context_length = processor.seq_len or int(getattr(self.model.backbone.config, "max_position_embeddings", 2048))
+            self.context_length = processor.seq_len or trained or 2048
+        if isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 2:
+            raise ValueError(f"context_length={self.context_length!r}; it must be an integer >= 2 (prompt and reply)")
+        if trained and self.context_length > trained:
+            log.warning("context_length=%d is beyond the backbone's max_position_embeddings=%d: positions past it were never trained",
+                        self.context_length, trained)
         tokenizer = processor.tokenizer
         self.engine = Engine(self.model, tokenizer, spans=self.spans, stop_ids=[tokenizer.eos_id], max_length=self.context_length)
         self.stop = (self.template.stop,) if self.template is not None and self.template.stop else ()
