@@ -16,7 +16,7 @@ batcher in this process (no HTTP), one at a time and batched, with the time of e
 engine (prompts, prefill, backbone steps, token sampling, the diffusion head, decoding media) and
 how many backbone steps and head calls each side made.
 
-    python benchmarks/serving.py [--model runs/demo/model] [--requests 8] [--rounds 3] [--breakdown]
+    python benchmarks/serving.py [--model runs/demo/model] [--requests 8] [--rounds 3] [--port 8301] [--breakdown]
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true", help="time the engine's stages in this process instead (no HTTP)")
+    parser.add_argument("--port", type=int, default=8301, help="the one-at-a-time server's port; the batching one's is the next")
     args = parser.parse_args()
     if not (args.model / "unimodal.json").is_file():
         raise SystemExit(f"{args.model} is not an export: run `make demo` first, or pass --model DIR")
@@ -128,7 +129,7 @@ def main() -> None:
 
         show_breakdown(breakdown(load(args.model, device="cpu"), bodies, args.rounds), args.rounds)
         return
-    with serving(args.model, 1, 8301) as one_at_a_time, serving(args.model, args.requests, 8302) as batching:
+    with serving(args.model, 1, args.port) as one_at_a_time, serving(args.model, args.requests, args.port + 1) as batching:
         for base in (one_at_a_time, batching):
             send(base, bodies[0])  # warm-up: first-call costs (allocations, codec loading) are not counted
         best: dict[str, tuple[float, list[float], list[dict]]] = {}
