@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,8 @@ def decode_media(
         raise DocumentError(f"{where}: {err}") from None
     except Exception as err:  # noqa: BLE001 - PIL, soundfile and numpy raise many kinds
         detail = "not a format it can read" if type(err).__name__ == "UnidentifiedImageError" else f"{type(err).__name__}: {err}"
-        raise DocumentError(f"{where}: unreadable {kind} member .{media.ext} ({detail})") from None
+        detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", detail)  # soundfile names its in-memory file
+        raise DocumentError(f"{where}: unreadable {kind} (.{media.ext}: {detail})") from None
 
 
 def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int) -> MediaBytes:

@@ -65,8 +65,10 @@ def content_part(item: Any, base: Path, where: str) -> Part:
         if not isinstance(audio, dict):
             raise DocumentError(f"{where}: input_audio must be an object with base64 'data' and a 'format' (wav, flac, mp3, ogg)")
         fmt = str(audio.get("format", "")).lower()
-        if not isinstance(audio.get("data"), str) or f"audio/{fmt}" not in MIME_EXTENSIONS:
+        if not isinstance(audio.get("data"), str):
             raise DocumentError(f"{where}: input_audio needs base64 'data' and a 'format' (wav, flac, mp3, ogg)")
+        if f"audio/{fmt}" not in MIME_EXTENSIONS:
+            raise DocumentError(f"{where}: input_audio format {audio.get('format')!r} is not one of wav, flac, mp3, ogg")
         return Part("audio", data=MediaBytes(MIME_EXTENSIONS[f"audio/{fmt}"], _decode_base64(audio["data"], where)))
     if kind in ("image", "audio"):
         if not isinstance(item.get("path"), str):
