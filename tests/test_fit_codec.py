@@ -217,3 +217,25 @@ def test_a_media_folder_that_is_not_there_is_named(made, tmp_path, capsys):
     missing = tmp_path / "novoices"
     assert main(["data", "fit-codec", str(missing), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"unimodal data fit-codec: error: {missing} does not exist (a folder of audio files, or shards)"
+
+
+def test_a_folder_named_like_media_is_skipped_and_an_unreadable_file_is_named(made, tmp_path, capsys, monkeypatch):
+    media = tmp_path / "voices"
+    media.mkdir()
+    clips = sorted((made["root"] / "media").rglob("*.wav"))[:3]
+    for clip in clips:
+        (media / clip.name).write_bytes(clip.read_bytes())
+    (media / "takes.wav").mkdir()  # a folder, not a clip: left out
+    from unimodal.data.fit_codec import _media
+
+    assert sorted(Path(where).name for where, _ in _media(str(media), "audio")) == sorted(c.name for c in clips)
+    read_bytes = Path.read_bytes
+
+    def denied(path: Path) -> bytes:
+        if path.name == clips[0].name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["data", "fit-codec", str(media), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"unimodal data fit-codec: error: cannot read {media / clips[0].name}: Permission denied"

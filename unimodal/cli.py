@@ -452,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in WRITE_ERRORS or os.environ.get("UNIMODAL_DEBUG"):
             raise
         where = err.filename2 or err.filename
+        if where is not None and os.path.isfile(where) and not os.access(where, os.R_OK):
+            print(f"{_rank_prefix()}{command}: error: cannot read {where}: {err.strerror} (check its permissions)", file=sys.stderr)
+            return 1
         print(f"{_rank_prefix()}{command}: error: {err.strerror}: {where} (free space, or use a directory you can write to)", file=sys.stderr)
         return 1
     if printed is not None:

@@ -97,8 +97,12 @@ def _media(src: str, modality: str) -> Iterator[tuple[str, MediaBytes]]:
     if not (path.exists() or is_streamed(src) or "{" in src):  # a local path, no brace pattern, that is not there
         raise FileNotFoundError(f"{src} does not exist (a folder of {modality} files, or shards)")
     if path.is_dir() and not any(path.glob("*.tar")):
-        for file in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in FILE_EXTENSIONS[modality]):
-            yield str(file), MediaBytes(file.suffix.lower().lstrip("."), file.read_bytes())
+        for file in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in FILE_EXTENSIONS[modality] and p.is_file()):
+            try:
+                data = file.read_bytes()
+            except OSError as err:
+                raise ValueError(f"cannot read {file}: {err.strerror or err}") from None
+            yield str(file), MediaBytes(file.suffix.lower().lstrip("."), data)
         return
     for doc in read_documents(src, decode=False):
         for part in doc.parts:
