@@ -63,6 +63,11 @@ def test_a_fine_tune_replays_its_exports_data_and_reports_every_task(tmp_path, c
     assert any(row["before"] != row["after"] for row in tasks.values())  # two steps of training moved them
 
     caplog.clear()
-    quiet = [*args[:-len(QUICK)], "--data.init_args.replay_weight=0", f"--trainer.default_root_dir={tmp_path / 'forgetful'}", *QUICK]
+    quiet = [*args[:-len(QUICK)], "--data.init_args.replay_weight=0", f"--trainer.default_root_dir={tmp_path / 'forgetful'}",
+             f"--data.init_args.val_datasets=[{text_only}]", *QUICK]
     assert unimodal_main(quiet) == 0
     assert any("may forget them" in r.getMessage() for r in caplog.records)
+    # its export records the older validation sets too, for the next fine-tune's report
+    assert unimodal_main(["export", str(tmp_path / "forgetful"), "--out", str(tmp_path / "forgetful-export")]) == 0
+    again = json.loads((tmp_path / "forgetful-export" / "unimodal.json").read_text())["training_data"]
+    assert [d["path"] for d in again["val_datasets"]] == [d["path"] for d in record["val_datasets"]] + [str(Path(text_only).resolve())]

@@ -81,6 +81,8 @@ def main() -> None:
     if args.command == "data":
         print(f"wrote {write_data(args.out)} ({len(sums()) * len(TRAIN)} chats)")
     else:
+        if not (args.export / "unimodal.json").is_file():
+            parser.error(f"{args.export} is not an export directory (unimodal export writes one)")
         for name, templates in (("held-out", HELD_OUT), ("seen", TRAIN)):
             print(f"plus ({name} phrasings, {len(sums()) * len(templates)} questions): {score(args.export, templates):.3f}")
 

@@ -32,6 +32,7 @@ from unimodal.checkpoints.load import (
     SP_TOKENIZER,
     ExportError,
     codec_dirs,
+    read_export_config,
 )
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
@@ -153,17 +154,21 @@ def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
     staging.rename(out)
 
 
-def training_record(data: dict[str, Any]) -> dict[str, Any] | None:
+def training_record(data: dict[str, Any], init_from: str | None = None) -> dict[str, Any] | None:
     """What the model was trained on, for a fine-tune to replay (``docs/finetune.md``): the run's
     training mixture (its replayed data included, so the record covers every earlier stage) and
-    its validation sets, as absolute paths. None when the run read no shard sets."""
+    its validation sets, as absolute paths, after those of the export it started from
+    (``init_from``), so that the next fine-tune's report still scores the older tasks. None when
+    the run read no shard sets."""
     if not data.get("datasets"):
         return None
     mixture = training_mixture(data["datasets"], data.get("replay"), float(data.get("replay_weight") or 0.0))
-    return {
-        "datasets": [{"path": os.path.abspath(d.path), "weight": round(d.weight, 6)} for d in mixture],
-        "val_datasets": [{"path": os.path.abspath(d.path), "weight": d.weight} for d in shard_sets(data.get("val_datasets"))],
-    }
+    earlier = []
+    if init_from and (Path(init_from) / CONFIG_FILE).is_file():
+        earlier = (read_export_config(init_from).get("training_data") or {}).get("val_datasets") or []
+    own = [{"path": os.path.abspath(d.path), "weight": d.weight} for d in shard_sets(data.get("val_datasets"))]
+    val = list({d["path"]: d for d in [*earlier, *own]}.values())
+    return {"datasets": [{"path": os.path.abspath(d.path), "weight": round(d.weight, 6)} for d in mixture], "val_datasets": val}
 
 
 def write_export(
@@ -211,6 +216,6 @@ def write_export(
         "lora": _plain(lora) if adapter else None,
         "generation": _plain(generation),
         "source": source or {},
-        "training_data": training_record(_plain(data)),
+        "training_data": training_record(_plain(data), spec.get("init_from")),
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
