@@ -71,3 +71,10 @@ def test_a_fine_tune_replays_its_exports_data_and_reports_every_task(tmp_path, c
     assert unimodal_main(["export", str(tmp_path / "forgetful"), "--out", str(tmp_path / "forgetful-export")]) == 0
     again = json.loads((tmp_path / "forgetful-export" / "unimodal.json").read_text())["training_data"]
     assert [d["path"] for d in again["val_datasets"]] == [d["path"] for d in record["val_datasets"]] + [str(Path(text_only).resolve())]
+
+
+def test_a_misspelt_init_from_is_named(tmp_path, capsys):
+    missing = tmp_path / "bsae"
+    args = ["train", str(ROOT / "recipes" / "digits" / "chat_sft.yaml"), f"--model.init_args.init_from={missing}", *QUICK]
+    assert unimodal_main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"unimodal train: error: init_from {missing} does not exist (an export directory: unimodal export writes one)"
