@@ -151,6 +151,23 @@ def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
     # packing into a directory that already holds shards: one line, not a traceback
     assert main(["data", "pack", str(src), "--out", str(out), "--skip_bad"]) == 2
     assert capsys.readouterr().err.endswith("already holds shards (shard-000000.tar, ...); write to an empty directory\n")
+    # a misspelt source: one line, and no output folder left behind
+    assert main(["data", "pack", str(tmp_path / "scr.jsonl"), "--out", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.endswith(f"source {tmp_path / 'scr.jsonl'} does not exist (a JSONL of documents or chats)\n")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_data_tokenizer_reads_chats_and_keeps_an_existing_tokenizer(tmp_path: Path, capsys):
+    src = tmp_path / "chats.jsonl"
+    words = " ".join(f"word{i}" for i in range(200))
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": words}, {"role": "assistant", "content": [{"type": "text", "text": words}]}]}) + "\n")
+    out = tmp_path / "tok.model"
+    assert main(["data", "tokenizer", str(src), "--out", str(out), "--vocab_size", "300"]) == 0
+    first = out.read_bytes()
+    assert main(["data", "tokenizer", str(src), "--out", str(out), "--vocab_size", "280"]) == 2
+    assert "exists: a run trained with it needs it as it is" in capsys.readouterr().err and out.read_bytes() == first
+    assert main(["data", "tokenizer", str(src), "--out", str(out), "--vocab_size", "280", "--overwrite"]) == 0
+    assert out.read_bytes() != first
 
 
 def test_a_training_run_says_each_line_once(tmp_path):

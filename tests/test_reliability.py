@@ -125,7 +125,13 @@ def test_a_missing_dataset_path_is_its_own_one_line(tmp_path):
     missing = tmp_path / "nothing-here"
     code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path / 'run'}",
                              f"--data.init_args.val_datasets=[{{path: {missing}}}]", *QUIET)
-    assert code == 2 and line == f"unimodal train: error: {missing}: 1 of 1 shards do not exist (first: {missing})"
+    assert code == 2 and line == f"unimodal train: error: {missing} does not exist (a folder of .tar shards, a shard or a brace pattern)"
+    source = tmp_path / "mine.jsonl"  # a source file given where shards go: said before any step or validation
+    source.write_text('{"parts": [{"type": "text", "text": "hi"}]}\n')
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path / 'run2'}",
+                             f"--data.init_args.datasets=[{source}]", *QUIET)
+    assert code == 2 and line == (f"unimodal train: error: {source} is a source JSONL, not shards: pack it first "
+                                  f"(unimodal data pack {source} --out DIR) and give DIR")
 
 
 def test_a_worker_reading_nothing_but_bad_samples_stops_the_run_in_one_line(tmp_path):

@@ -169,16 +169,22 @@ def digits(*, out: Path, seed: int = 0) -> str:
     return f"wrote the digits world to {out} (documents: {counts}; see {out}/world.json)"
 
 
-def tokenizer(src: Path, *, out: Path, vocab_size: int = 1024) -> str:
-    """Train a SentencePiece tokenizer on a source JSONL's text.
+def tokenizer(src: Path, *, out: Path, vocab_size: int = 1024, overwrite: bool = False) -> str:
+    """Train a SentencePiece tokenizer on a source JSONL's text (documents' text parts, chat
+    records' messages).
 
     Args:
         src: the source JSONL.
         out: the tokenizer file, ending in .model.
         vocab_size: pieces in the vocabulary.
+        overwrite: replace an existing --out (a trained model's tokenizer must not change under it).
     """
     from unimodal.data.sentencepiece_trainer import train_tokenizer
 
+    if not Path(src).is_file():
+        raise FileNotFoundError(f"source {src} does not exist (a JSONL of documents or chats)")
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: a run trained with it needs it as it is; give a new --out, or --overwrite")
     return f"wrote {train_tokenizer(src, out, vocab_size=vocab_size)}"
 
 

@@ -72,6 +72,8 @@ def pack_jsonl(
     ``val_fraction`` > 0 writes ``out_dir/train`` and ``out_dir/val``, each document going to
     ``val`` by a stable hash of its key; the stats of both are returned under those names.
     """
+    if not Path(src_jsonl).is_file():  # before any output folder is made
+        raise FileNotFoundError(f"source {src_jsonl} does not exist (a JSONL of documents or chats)")
     if val_fraction:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")

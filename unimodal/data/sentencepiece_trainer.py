@@ -8,12 +8,19 @@ from pathlib import Path
 
 
 def _texts(src_jsonl: Path) -> Iterator[str]:
+    """The text of each line: its text parts, or a chat record's message contents."""
     with src_jsonl.open() as f:
         for line in f:
-            if line.strip():
-                for part in json.loads(line).get("parts", []):
-                    if part.get("type") == "text" and part.get("text"):
-                        yield part["text"]
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            items = list(record.get("parts") or [])
+            for message in record.get("messages") or []:
+                content = message.get("content") if isinstance(message, dict) else None
+                items += [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            for item in items:
+                if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str) and item["text"]:
+                    yield item["text"]
 
 
 def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: int = 1024) -> Path:

@@ -311,9 +311,13 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
         if not urls:
             raise FileNotFoundError(f"{spec}: directory holds no .tar shards")
         return urls
+    if spec.endswith((".jsonl", ".json")) and os.path.isfile(spec):
+        raise ValueError(f"{spec} is a source JSONL, not shards: pack it first (unimodal data pack {spec} --out DIR) and give DIR")
     urls = expand_urls(spec)
     local = [u for u in urls if not is_streamed(u)]
     missing = [u for u in local if not os.path.exists(u)]
+    if missing and len(urls) == 1:
+        raise FileNotFoundError(f"{spec} does not exist (a folder of .tar shards, a shard or a brace pattern)")
     if missing:
         raise FileNotFoundError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
     return urls
