@@ -77,4 +77,4 @@ def test_a_misspelt_init_from_is_named(tmp_path, capsys):
     missing = tmp_path / "bsae"
     args = ["train", str(ROOT / "recipes" / "digits" / "chat_sft.yaml"), f"--model.init_args.init_from={missing}", *QUICK]
     assert unimodal_main(args) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"unimodal train: error: init_from {missing} does not exist (an export directory: unimodal export writes one)"
+    assert capsys.readouterr().err.splitlines()[-1] == f"unimodal train: error: init_from {missing} does not exist"

@@ -297,8 +297,9 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
     if args and not args[0].startswith("-"):
         config = load_recipe(Path(args[0]), tiny, resolve_path)
         init_from = _override(args[1:], "model.init_args.init_from") or ((config.get("model") or {}).get("init_args") or {}).get("init_from")
-        if init_from and not Path(init_from).exists():  # before the tokenizer it would give, which is then the recipe's
-            raise FileNotFoundError(f"init_from {init_from} does not exist (an export directory: unimodal export writes one)")
+        builds = not parse_only and not {"--print_config", "--help", "-h"} & {a.split("=")[0] for a in args}
+        if builds and init_from and not Path(init_from).exists():  # before the tokenizer it would give, which is then the recipe's
+            raise FileNotFoundError(f"init_from {init_from} does not exist")
         if init_from:
             inherit_from_export(config, init_from, tokenizer=True)  # a command-line tokenizer still wins
         _resolve_precision(config)
