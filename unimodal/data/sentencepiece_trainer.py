@@ -6,18 +6,19 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from unimodal.data.messages import message_content
+
 
 def _texts(src_jsonl: Path) -> Iterator[str]:
     """The text of each line: its text parts, or a chat record's message contents."""
     with src_jsonl.open() as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             record = json.loads(line)
             items = list(record.get("parts") or [])
-            for message in record.get("messages") or []:
-                content = message.get("content") if isinstance(message, dict) else None
-                items += [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            for message in record.get("messages") or []:  # the packer's own reading of a message
+                items += message_content(message, f"{src_jsonl.name}:{number}")[1]
             for item in items:
                 if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str) and item["text"]:
                     yield item["text"]
