@@ -144,6 +144,9 @@ def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
     assert f"wrote 3 documents in 3 shards to {out}, 1 of 4 lines skipped" in capsys.readouterr().out
     assert main(["data", "pack", str(src), "--out", str(tmp_path / "split"), "--skip_bad", "--val_fraction", "0.5"]) == 0
     assert "wrote train: " in capsys.readouterr().out
+    (tmp_path / "one.jsonl").write_text(good[0] + "\n")
+    assert main(["data", "pack", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "one")]) == 0
+    assert f"wrote 1 document in 1 shard to {tmp_path / 'one'}" in capsys.readouterr().out
     assert main(["data", "inspect", str(out), "--n", "1"]) == 0
     assert "documents: 3" in capsys.readouterr().out
     assert main(["data", "pack", str(src), "--out", str(tmp_path / "strict"), "--skip_bad", "false"]) == 2

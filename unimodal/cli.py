@@ -80,7 +80,8 @@ def pack(
                        skip_bad=skip_bad, val_fraction=val_fraction)
     splits = stats if val_fraction else {"": stats}
     written = "; ".join(
-        f"{split + ': ' if split else ''}{s['documents']} documents in {len(s['shards'])} shards" for split, s in splits.items()
+        f"{split + ': ' if split else ''}{_counted(s['documents'], 'document')} in {_counted(len(s['shards']), 'shard')}"
+        for split, s in splits.items()
     )
     source = next(iter(splits.values()))["source"]
     skipped = f", {source['skipped']} of {source['documents']} lines skipped" if source["skipped"] else ""
@@ -376,6 +377,11 @@ def evaluate(
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     report = run_suite(model, out, limit=limit, batch_size=batch_size, device=device, settings=settings)
     return f"{summary(report)}\nwrote {report['report_path']}"
+
+
+def _counted(number: int, noun: str) -> str:
+    """``1 shard``, ``3 shards``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _given(**settings: Any) -> dict[str, Any]:

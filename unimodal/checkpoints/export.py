@@ -140,12 +140,19 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
     return ckpt
 
 
+def refuse_nonempty(out: Path) -> None:
+    """An export never lands on top of another: checked before any weights are read, and again
+    when the export is written."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not empty; export to a new directory")
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
     """A fresh directory beside ``out_dir`` that becomes ``out_dir`` when the block completes."""
     out = Path(out_dir)
-    if not replace and out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty; export to a new directory")
+    if not replace:
+        refuse_nonempty(out)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

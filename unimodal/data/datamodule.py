@@ -222,7 +222,8 @@ class ValStream(IterableDataset):
         per_rank = len(batches) // self.world_size
         if per_rank < self.batches and (per_rank, self.batches) not in _SHORT_VALIDATION_WARNED:
             _SHORT_VALIDATION_WARNED.add((per_rank, self.batches))  # the same data every validation: say it once
-            logger.warning("validation data fills %d batches per rank, fewer than val_batches=%d", per_rank, self.batches)
+            logger.warning("validation data fills %d batch%s per rank, fewer than val_batches=%d",
+                           per_rank, "" if per_rank == 1 else "es", self.batches)
         for batch in batches[self.rank :: self.world_size][:per_rank]:
             batch.window_label_tokens = torch.tensor(batch.num_label_tokens)
             yield batch

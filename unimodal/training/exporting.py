@@ -18,7 +18,7 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_module
 
-from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
+from unimodal.checkpoints.export import checkpoint_file, refuse_nonempty, staged_directory, write_export
 from unimodal.checkpoints.files import RUN_CONFIG_KEY, read_checkpoint
 from unimodal.checkpoints.load import ExportError
 from unimodal.training.recipes import check_class_paths, resolve_builtin
@@ -72,6 +72,8 @@ def export(
     ``trust_checkpoint`` allows a DeepSpeed directory (read with pickle by DeepSpeed).
     """
     out = Path(out_dir)
+    if not replace:
+        refuse_nonempty(out)
     with tempfile.TemporaryDirectory(prefix="unimodal-export-") as scratch:
         file = checkpoint_file(Path(ckpt), Path(scratch), trust_checkpoint)
         checkpoint = read_checkpoint(file)
