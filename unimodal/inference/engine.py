@@ -360,11 +360,21 @@ class _Run:
             ids, valid = (self.ids, self.valid) if len(rows) == self.batch else (self.ids[index], self.valid[index])
         text_rows = [i for i, r in enumerate(rows) if r.mode is None]
         scores = self._fit_spans(self._ban(engine.constrain(scores, ids, valid, text_rows), rows, text_rows), rows)
-        settings = [self._settings(row) for row in rows]
-        penalties = [s.repetition_penalty for s in settings]
-        if any(p != 1.0 for p in penalties):
-            scores = apply_repetition_penalty(scores, ids, valid, torch.tensor(penalties, dtype=scores.dtype, device=scores.device)[:, None])
-        return choose(scores, settings, [r.generator for r in rows]).tolist()
+        groups: dict[SamplingSettings, list[int]] = {}  # rows that sample alike, each with its own generator
+        for i, row in enumerate(rows):
+            groups.setdefault(self._settings(row), []).append(i)
+        if len(groups) == 1:
+            settings = next(iter(groups))
+            if settings.repetition_penalty != 1.0:
+                scores = apply_repetition_penalty(scores, ids, valid, settings.repetition_penalty)
+            return choose(scores, settings, [r.generator for r in rows]).tolist()
+        chosen = torch.empty(len(rows), dtype=torch.long, device=scores.device)
+        for settings, members in groups.items():
+            group = scores[members]
+            if settings.repetition_penalty != 1.0:
+                group = apply_repetition_penalty(group, ids[members], valid[members], settings.repetition_penalty)
+            chosen[members] = choose(group, settings, [rows[i].generator for i in members])
+        return chosen.tolist()
 
     def _ban(self, scores: torch.Tensor, rows: list[_Row], text_rows: list[int]) -> torch.Tensor:
         """In text mode: no special token but the begin tokens of modalities a row may still open

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import secrets
 from collections.abc import Sequence
 
@@ -18,52 +17,36 @@ def make_generator(seed: int | None, device: torch.device) -> tuple[torch.Genera
     return torch.Generator(device=device).manual_seed(int(seed)), int(seed)
 
 
-def apply_repetition_penalty(scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+def apply_repetition_penalty(scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty (as transformers'): scores of ids already in a row are divided by
-    ``penalty`` when positive and multiplied when negative. ``valid`` marks the real ids of ``ids``;
-    ``penalty`` is one number or one per row ``[n, 1]``."""
-    if not isinstance(penalty, torch.Tensor) and penalty == 1.0:
+    ``penalty`` when positive and multiplied when negative. ``valid`` marks the real ids of ``ids``."""
+    if penalty == 1.0:
         return scores
     seen = torch.zeros_like(scores).scatter_add_(1, ids, valid.to(scores.dtype)) > 0
     penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
     return torch.where(seen, penalised, scores)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf every logit outside its row's top ``top_k`` (0: no limit) and outside the
-    nucleus of mass ``top_p``: one sort serves every row, whatever its own settings."""
-    ranked, order = torch.sort(logits, dim=-1, descending=True)
-    size = logits.shape[-1]
-    limited = (top_k > 0) & (top_k < size)
-    if bool(limited.any()):
-        kth = ranked.gather(-1, (top_k.clamp(1, size) - 1)[:, None])
-        ranked = torch.where(limited[:, None] & (ranked < kth), float("-inf"), ranked)
-    if bool((top_p < 1).any()):
-        mass = ranked.softmax(dim=-1)
-        before = mass.cumsum(dim=-1) - mass  # the mass of the tokens ranked above each one
-        drop = before >= top_p[:, None]
-        drop[:, 0] = False  # always keep the most likely token
-        ranked = ranked.masked_fill(drop, float("-inf"))
-    return ranked.scatter(-1, order, ranked)
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top ``top_k`` and outside the nucleus of mass ``top_p``."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
 
 
-def choose(logits: torch.Tensor, settings: Sequence[SamplingSettings], generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One id per row of ``logits [n, V]``, each row with its own settings and generator (so a row
-    draws the same alone as in any batch): argmax for greedy rows, else a draw after temperature,
-    top-k and top-p, made for all sampled rows at once."""
-    if not len(settings) == len(generators) == len(logits):
-        raise ValueError(f"{len(logits)} rows need as many settings and generators, got {len(settings)} and {len(generators)}")
-    chosen = logits.argmax(dim=-1)
-    sampled = [i for i, s in enumerate(settings) if not s.greedy]
-    if not sampled:
-        return chosen
-    own = [settings[i] for i in sampled]
-    column = functools.partial(torch.tensor, device=logits.device)
-    scores = logits if len(sampled) == len(logits) else logits[sampled]
-    scores = scores / column([s.temperature for s in own], dtype=logits.dtype)[:, None]
-    if any(s.top_k or s.top_p < 1 for s in own):
-        scores = filter_top_k_top_p(scores, column([s.top_k for s in own]), column([s.top_p for s in own], dtype=logits.dtype))
-    probs = scores.softmax(dim=-1)
-    draws = torch.cat([torch.multinomial(row[None], 1, generator=generators[i])[:, 0] for i, row in zip(sampled, probs)])
-    chosen[sampled] = draws
-    return chosen
+def choose(logits: torch.Tensor, settings: SamplingSettings, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One id per row of ``logits [n, V]``: argmax when greedy, else a draw after temperature,
+    top-k and top-p, each row with its own generator (so a row draws the same alone as in a batch)."""
+    if settings.greedy:
+        return logits.argmax(dim=-1)
+    probs = filter_top_k_top_p(logits / settings.temperature, settings.top_k, settings.top_p).softmax(dim=-1)
+    if len(generators) != len(probs):
+        raise ValueError(f"{len(probs)} rows need as many generators, got {len(generators)}")
+    return torch.cat([torch.multinomial(row[None], 1, generator=g)[:, 0] for row, g in zip(probs, generators)])
