@@ -283,3 +283,10 @@ def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
     assert main(["data", "digits", "--out", str(tmp_path / "w"), "--seed", "4"]) == 0
     assert built == [(tmp_path / "w", 4)]
     assert "chat/train 3" in capsys.readouterr().out
+
+
+def test_the_world_is_not_built_over_an_existing_one(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not empty; build the digits world into a new directory"):
+        build_world(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from unimodal.schema import Document, DocumentError, Part
 from unimodal.data.inspect import inspect_path
-from unimodal.data.jsonl import pack_jsonl
+from unimodal.data.jsonl import EmptyOutput, pack_jsonl
 from unimodal.data.media import MediaBytes
 from unimodal.data.shards import BadSamplePolicy, ShardError, TooManyBadSamples, iter_samples, read_documents, write_documents
 
@@ -112,7 +112,7 @@ def test_inspect(source: Path, tmp_path: Path):
 
 def _write_source(tmp_path: Path, lines: list[str]) -> Path:
     src = tmp_path / "src.jsonl"
-    src.write_text("\n".join(lines) + "\n")
+    src.write_bytes(("\n".join(lines) + "\n").encode().replace(rb"\xe9", b"\xe9"))  # a Latin-1 byte where a test asks
     return src
 
 
@@ -128,7 +128,16 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         (json.dumps({"parts": [{"type": "video", "path": "v.mp4"}]}), r"src\.jsonl:2: part 0 has type 'video'"),
         (json.dumps({"parts": [{"type": "audio", "path": "x.txt"}]}), r"src\.jsonl:2: audio file 'x.txt' has extension"),
         (json.dumps({"key": "00000001", "parts": [{"type": "text", "text": "x"}]}), r"duplicate key '00000001'"),
-        (json.dumps({"message": [{"role": "user", "content": "hi"}]}), r"src\.jsonl:2: a line needs 'messages' \(a chat\) or 'parts'.*\['message'\]"),
+        (json.dumps({"message": [{"role": "user", "content": "hi"}]}), r"src\.jsonl:2: unknown field 'message' \(did you mean 'messages'\?\)"),
+        # a typo that a reader would ignore, training on what was meant as context
+        (json.dumps({"parts": [{"type": "text", "text": "x", "lossy": False}]}), r"src\.jsonl:2: part 0: unknown field 'lossy' \(did you mean 'loss'\?\)"),
+        (json.dumps({"parts": [{"type": "text", "text": "x", "colour": 1}]}), r"part 0: unknown field 'colour' \(known: type, text, role, loss\)"),
+        (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weigth": 0}]}),
+         r"src\.jsonl:2: message 1: unknown field 'weigth' \(did you mean 'weight'\?\)"),
+        (json.dumps({"parts": [{"type": "text", "text": "x"}], "metа": {}}), r"src\.jsonl:2: unknown field 'metа' \(did you mean 'meta'\?\)"),
+        (json.dumps({"schema": "unimodal.document/2", "parts": [{"type": "text", "text": "x"}]}), r"schema 'unimodal.document/2' is not supported"),
+        (json.dumps({"key": 5, "parts": [{"type": "text", "text": "x"}]}), r"src\.jsonl:2: 'key' must be a string, got 5"),
+        (r'{"parts": [{"type": "text", "text": "caf\xe9"}]}', r"src\.jsonl:2: not UTF-8 \(byte 0xe9 at column 41\); save the file as UTF-8"),
     ],
 )
 def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):
@@ -243,3 +252,29 @@ def test_a_shard_cut_on_a_header_boundary_is_counted(tmp_path):
     assert len(list(read_documents([str(bare)], policy=policy))) == 12 and policy.skipped == 1
     with pytest.raises(ShardError, match="end-of-archive"):
         list(read_documents([str(bare)]))
+
+
+def test_packing_that_would_write_nothing_is_an_error_and_leaves_nothing(tmp_path: Path):
+    empty = _write_source(tmp_path, [""])
+    with pytest.raises(EmptyOutput, match=r"no documents to write to .*empty: src\.jsonl holds 0 records"):
+        pack_jsonl(empty, tmp_path / "empty", progress=False)
+    assert not (tmp_path / "empty").exists()
+    bad = _write_source(tmp_path, ["not json"])
+    with pytest.raises(EmptyOutput, match=r"holds 1 records, 1 of them bad \(first: src\.jsonl:1: malformed JSON"):
+        pack_jsonl(bad, tmp_path / "bad", skip_bad=True, progress=False)
+    # three documents and a 5% split: no document falls in val, so train is not kept either
+    src = _write_source(tmp_path, [json.dumps({"key": k, "parts": [{"type": "text", "text": k}]}) for k in ("a", "b", "c")])
+    with pytest.raises(EmptyOutput, match=r"split/val.*with --val_fraction 0\.05 no document falls in it"):
+        pack_jsonl(src, tmp_path / "split", val_fraction=0.05, progress=False)
+    assert not (tmp_path / "split" / "train").exists()
+    assert pack_jsonl(src, tmp_path / "split", val_fraction=0.9, progress=False)["val"]["documents"] >= 1
+
+
+def test_shard_limits_and_out_are_checked_before_packing(tmp_path: Path):
+    src = _write_source(tmp_path, [GOOD])
+    with pytest.raises(ValueError, match="max_docs_per_shard=0 and a shard size of 1 bytes must both be at least 1"):
+        pack_jsonl(src, tmp_path / "out", max_docs_per_shard=0, max_bytes_per_shard=1, progress=False)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="--out .*file is a file; give a directory for the shards"):
+        pack_jsonl(src, tmp_path / "file", progress=False)
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "out").exists()

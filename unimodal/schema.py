@@ -10,6 +10,7 @@ same sample by index (``KEY.0.png``, ``KEY.1.flac``, or pre-encoded ``KEY.2.npy`
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -83,12 +84,29 @@ def check_key(key: str) -> str:
     return key
 
 
+PART_FIELDS = {"text": ("type", "text", "role", "loss"), "media": ("type", "media", "role", "loss")}
+
+
+def check_fields(raw: dict[str, Any], known: tuple[str, ...], where: str, strict: bool = True) -> None:
+    """Refuse a field a reader would silently ignore: any unknown one when ``strict``, else only a
+    near miss of a known one (``"weigth"``, ``"lossy"``), which is a typo far more often than an
+    extra field of someone else's format."""
+    for name in raw:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.75)
+        if strict or close:
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise DocumentError(f"{where}: unknown field {name!r} ({hint})")
+
+
 def parse_part(raw: Any, where: str, index: int) -> Part:
     if not isinstance(raw, dict):
         raise DocumentError(f"{where}: part {index} is {type(raw).__name__}, expected an object")
     kind = raw.get("type")
     if kind not in MODALITIES:
         raise DocumentError(f"{where}: part {index} has type {kind!r}, expected one of {MODALITIES}")
+    check_fields(raw, PART_FIELDS["text" if kind == "text" else "media"], f"{where}: part {index}")
     role = raw.get("role")
     if role is not None and role not in ROLES:
         raise DocumentError(f"{where}: part {index} has role {role!r}, expected one of {ROLES}")
@@ -109,10 +127,12 @@ def parse_part(raw: Any, where: str, index: int) -> Part:
 def json_object(payload: bytes | str | dict[str, Any], where: str) -> dict[str, Any]:
     """A JSON object from text (or as it is), or a DocumentError saying where it went wrong."""
     if isinstance(payload, (bytes, str)):
-        try:
-            payload = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DocumentError(f"{where}: malformed JSON ({err})") from None
+        try:  # JSON text is UTF-8 (RFC 8259); json.loads would also guess UTF-16 and UTF-32
+            payload = json.loads(payload.decode("utf-8-sig") if isinstance(payload, bytes) else payload)
+        except UnicodeDecodeError as err:
+            raise DocumentError(f"{where}: not UTF-8 (byte {err.object[err.start]:#04x} at column {err.start + 1}); save the file as UTF-8") from None
+        except json.JSONDecodeError as err:  # the column alone: a line of JSONL is one record
+            raise DocumentError(f"{where}: malformed JSON ({err.msg} at column {err.pos + 1})") from None
     if not isinstance(payload, dict):
         raise DocumentError(f"{where}: expected a JSON object, got {type(payload).__name__}")
     return payload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,20 +16,34 @@ from unimodal.data.messages import messages_to_parts
 from unimodal.data.shards import held_out, save_stats, write_shards
 from unimodal.schema import (
     MODALITIES,
+    SCHEMA,
     Document,
     DocumentError,
+    check_fields,
     check_key,
     json_object,
     parse_part,
 )
 
+LINE_FIELDS = ("key", "parts", "messages", "meta", "schema")
+
+
+class EmptyOutput(ValueError):
+    """Packing would write no documents: an empty source, every line bad, or an empty split."""
+
 
 def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     where = f"{src.name}:{line}"
     raw = json_object(raw_line, where)
+    check_fields(raw, LINE_FIELDS, where, strict=False)
+    schema = raw.get("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise DocumentError(f"{where}: schema {schema!r} is not supported (this version writes {SCHEMA!r})")
     key = raw.get("key", f"{line:08d}")
+    if not isinstance(key, str):
+        raise DocumentError(f"{where}: 'key' must be a string, got {key!r}")
     try:
-        check_key(key if isinstance(key, str) else "")
+        check_key(key)
     except DocumentError as err:
         raise DocumentError(f"{where}: {err}") from None
     raw_parts, meta = raw.get("parts"), raw.get("meta", {})
@@ -74,16 +89,27 @@ def pack_jsonl(
     """
     if not Path(src_jsonl).is_file():  # before any output folder is made
         raise FileNotFoundError(f"source {src_jsonl} does not exist (a JSONL of documents or chats)")
+    if max_docs_per_shard < 1 or max_bytes_per_shard < 1:
+        raise ValueError(f"a shard must have room for a document: max_docs_per_shard={max_docs_per_shard} and a shard "
+                         f"size of {max_bytes_per_shard} bytes must both be at least 1")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file; give a directory for the shards")
     if val_fraction:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         options = dict(max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_bytes_per_shard,
                        skip_bad=skip_bad, prefix=prefix, progress=progress)
-        return {
-            split: _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
-                               select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
-            for split in ("train", "val")
-        }
+        written: dict[str, Any] = {}
+        try:
+            for split in ("train", "val"):
+                written[split] = _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
+                                             select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
+        except EmptyOutput as err:  # one split without documents: neither is kept, so the same command can run again
+            if written:
+                shutil.rmtree(Path(out_dir) / "train")
+            raise EmptyOutput(f"{err}; with --val_fraction {val_fraction} no document falls in it: pack more documents "
+                              "or raise --val_fraction") from None
+        return written
     return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
                        max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
 
@@ -125,8 +151,14 @@ def _pack_jsonl(
                 if select is None or select(doc.key):
                     yield doc
 
+    fresh = not out_dir.exists()
     with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
         stats = write_shards(docs, out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
+    if not stats["documents"]:
+        if fresh:
+            out_dir.rmdir()
+        raise EmptyOutput(f"no documents to write to {out_dir}: {src.name} holds {total} records"
+                          + (f", {len(skipped)} of them bad (first: {skipped[0]})" if skipped else ""))
     stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
     save_stats(out_dir, stats)
     if skipped:

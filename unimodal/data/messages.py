@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from unimodal.data.media import MediaBytes, source_media
-from unimodal.schema import ROLES, DocumentError, Part
+from unimodal.schema import ROLES, DocumentError, Part, check_fields
+
+# what a message may carry here; other fields of OpenAI's format (name, tool_calls, ...) are
+# ignored, but a near miss of these is refused as the typo it usually is
+MESSAGE_FIELDS = ("role", "content", "weight", "loss", "name")
 
 # ----------------------------------------------------------------------------------------------
 # OpenAI-style chat records
@@ -106,6 +110,7 @@ def messages_to_parts(messages: Any, base: Path, where: str) -> list[Part]:
     for number, message in enumerate(messages):
         here = f"{where}: message {number}"
         role, items = message_content(message, here)
+        check_fields(message, MESSAGE_FIELDS, here, strict=False)
         weight = message.get("weight", 1)
         loss = message.get("loss", weight != 0)
         if not isinstance(loss, bool) or weight not in (0, 1):

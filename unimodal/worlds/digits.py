@@ -390,6 +390,8 @@ def build_world(
     """
 
     root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):  # checked before anything in it is rewritten
+        raise FileExistsError(f"{root} exists and is not empty; build the digits world into a new directory")
     (root / "media" / "images").mkdir(parents=True, exist_ok=True)
     (root / "media" / "speech").mkdir(parents=True, exist_ok=True)
     for image in _all_images():
