@@ -63,6 +63,8 @@ def test_generation_prompt_and_documents_without_roles():
     assert render(Document([Part("text", text="hi", role="user")]), "chatml", add_generation_prompt=True) == rendered  # by name
     plain = Document([Part("text", text="plain text")])
     assert render(plain, get_template("chatml")) == plain.parts
+    chat = Document([Part("text", text="hi", role="user")])
+    assert render(chat, None) == render(chat, get_template(None)) == chat.parts  # no template: the parts as they are
     with pytest.raises(DocumentError, match="part 1 has no role"):
         render(Document([Part("text", text="a", role="user"), Part("text", text="b")]), get_template("vicuna"))
     with pytest.raises(ValueError, match="unknown chat template 'llama'"):

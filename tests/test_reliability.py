@@ -113,6 +113,7 @@ def test_batches_with_nothing_to_score_are_not_a_loss_of_zero(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("has no target to score") == 2  # once for training, once for validation
+    assert '"loss": false' in done.stderr and "seq_len=8 leave pieces without an assistant turn (raise seq_len)" in done.stderr
     with next(run.glob("logs/version_*/metrics.csv")).open() as f:
         rows = list(csv.DictReader(f))
     assert all(float(row["train/loss"]) > 0 for row in rows if row.get("train/loss"))

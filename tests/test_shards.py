@@ -216,6 +216,16 @@ def test_bad_sample_policy_aborts_above_fraction(caplog):
     with caplog.at_level(logging.WARNING, logger="unimodal.data"):
         policy.skip(DocumentError("broken"), "k1", "s.tar")  # 1 of 1, but fewer than min_samples seen
     assert caplog.records[-1].getMessage() == "skipping sample 'k1' in s.tar: broken"
+    # met again (a stream looping over its shards): counted, not logged again; a reason that names
+    # its sample already is not prefixed twice
+    lenient = BadSamplePolicy(max_bad_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="unimodal.data"):
+        for _ in range(3):
+            lenient.skip(DocumentError("broken"), "k1", "s.tar")
+            lenient.skip(DocumentError("sample 'k0' in s.tar, media 0: unreadable image"), "k0", "s.tar")
+    assert [r.getMessage() for r in caplog.records[-2:]] == ["skipping sample 'k1' in s.tar: broken",
+                                                             "skipping sample 'k0' in s.tar, media 0: unreadable image"]
+    assert len(caplog.records) == 3 and lenient.skipped == 6
     for _ in range(9):
         policy.ok()  # 1 of 10: exactly the limit
     with pytest.raises(TooManyBadSamples, match=r"too many bad samples: 2 of 11 skipped.*2 DocumentError; first: k1 in s\.tar: broken; k2"):

@@ -83,6 +83,7 @@ class BadSamplePolicy:
     kinds: Counter = field(default_factory=Counter)
     examples: list[SkippedSample] = field(default_factory=list)
     max_examples: int = 20
+    warned: set[tuple[str, str]] = field(default_factory=set)
 
     STALLED = 1000
 
@@ -102,7 +103,9 @@ class BadSamplePolicy:
         if len(self.examples) < self.max_examples:
             self.examples.append(SkippedSample(key, shard, reason))
         where = f"sample {key!r} in {shard}" if key else shard
-        logger.warning("skipping %s: %s", where, reason)
+        if (key, shard) not in self.warned:  # a stream that loops over its shards meets the same sample again
+            self.warned.add((key, shard))
+            logger.warning("skipping %s", reason if reason.startswith(where) else f"{where}: {reason}")
         self._check()
 
     def over_limit(self, skipped: int, seen: int) -> bool:

@@ -82,15 +82,16 @@ def turns(doc: Document) -> list[tuple[str, list[Part]]]:
     return out
 
 
-def render(doc: Document, template: ChatTemplate | str, add_generation_prompt: bool = False) -> list[Part | EosToken]:
+def render(doc: Document, template: ChatTemplate | str | None, add_generation_prompt: bool = False) -> list[Part | EosToken]:
     """The document's parts with the template's markers (``template`` or its name, e.g.
     ``"chatml"``) as unsupervised text parts.
 
-    Documents without roles come back unchanged (plain pretraining text in a chat mixture).
+    Documents without roles come back unchanged (plain pretraining text in a chat mixture), and
+    so does every document with no template (``None``, a recipe's ``null``).
     """
     if isinstance(template, str):
         template = get_template(template)
-    if not any(part.role for part in doc.parts):
+    if template is None or not any(part.role for part in doc.parts):
         return list(doc.parts)
 
     def marker(text: str, role: str, loss: bool = False) -> list[Part]:

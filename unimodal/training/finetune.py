@@ -43,7 +43,7 @@ class FineTuneReport(Callback):
 
     def __init__(self, export: str | Path, record: dict[str, Any], per_task: int = 32):
         self.export, self.record, self.per_task = str(export), record, per_task
-        self.before: dict[str, float] = {}
+        self.before: dict[str, float | None] = {}
         self._batches: dict[str, list[PackedBatch]] = {}
 
     # -- checkpoint state: a resumed run keeps the losses measured before its first step ------
@@ -81,9 +81,9 @@ class FineTuneReport(Callback):
         path.write_text(json.dumps({"export": self.export, "metric": "validation loss", "tasks": rows}, indent=2) + "\n")
         lines = [f"fine-tune report (validation loss per task, before -> after; {path}):"]
         for row in rows:
-            before = row["before"]
-            change = "" if before is None else f"  ({row['after'] - before:+.3f})"
-            lines.append(f"  {row['task']:<40} {'-' if before is None else f'{before:.3f}':>7} -> {row['after']:.3f}{change}")
+            before, after = row["before"], row["after"]
+            change = "" if before is None or after is None else f"  ({after - before:+.3f})"
+            lines.append(f"  {row['task']:<40} {_shown(before):>7} -> {_shown(after)}{change}")
         log.info("\n".join(lines))
 
     # -- pieces -----------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class FineTuneReport(Callback):
         return {task: list(config.batches(docs, policy)) for task, docs in sorted(by_task.items())}
 
     @torch.no_grad()
-    def _losses(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def _losses(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float | None]:
         """Mean loss per task, each rank scoring every batch (these are few)."""
         training = pl_module.training
         pl_module.eval()
@@ -120,8 +120,15 @@ class FineTuneReport(Callback):
         try:
             with trainer.precision_plugin.forward_context():
                 for task, batches in self._batches.items():
-                    values = [float(pl_module.combine(pl_module.model(b.to(pl_module.device)), None)) for b in batches]
-                    losses[task] = sum(values) / len(values)
+                    terms = [pl_module.model(b.to(pl_module.device)) for b in batches]
+                    # a batch with no supervised token scores nothing (its loss of 0 is not a perfect score)
+                    values = [float(pl_module.combine(t, None)) for t in terms if any(term.count > 0 for term in t.values())]
+                    losses[task] = sum(values) / len(values) if values else None
         finally:
             pl_module.train(training)
         return losses
+
+
+def _shown(loss: float | None) -> str:
+    """A loss in the report; ``-`` where a task had nothing to score (no supervised token)."""
+    return "-" if loss is None else f"{loss:.3f}"

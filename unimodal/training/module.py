@@ -151,6 +151,11 @@ class UnimodalModule(L.LightningModule):
             total = total + weight * value
         return total
 
+    def _why_no_target(self) -> str:
+        seq_len = getattr(self.trainer.datamodule, "seq_len", "?")
+        return ("either every assistant turn of its chats is unsupervised (\"loss\": false or \"weight\": 0), or chats cut "
+                f"into pieces of seq_len={seq_len} leave pieces without an assistant turn (raise seq_len)")
+
     def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> bool:
         """Log each term that has targets in this batch; whether any had."""
         scored = False
@@ -182,11 +187,8 @@ class UnimodalModule(L.LightningModule):
             self.log("train/loss", self.combine(losses, None).detach(), prog_bar=True, batch_size=size)
         elif "train" not in self._said:  # a loss of 0 would read as a perfect score
             self._said.add("train")
-            log.warning(
-                "a training batch (step %d) has no target to score, so no train/loss is logged for it; chat data "
-                "cut into pieces of seq_len=%s leaves pieces without an assistant turn: raise seq_len", self.global_step,
-                getattr(self.trainer.datamodule, "seq_len", "?"),
-            )
+            log.warning("a training batch (step %d) has no target to score, so no train/loss is logged for it; %s",
+                        self.global_step, self._why_no_target())
         return loss
 
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
@@ -233,10 +235,7 @@ class UnimodalModule(L.LightningModule):
             self.log(f"val/{name}", mean, sync_dist=synced)
         if not means and "val" not in self._said:
             self._said.add("val")
-            log.warning(
-                "the validation set has no target to score, so val/loss is NaN; chat data cut into pieces of "
-                "seq_len=%s leaves pieces without an assistant turn: raise seq_len", getattr(self.trainer.datamodule, "seq_len", "?"),
-            )
+            log.warning("the validation set has no target to score, so val/loss is NaN; %s", self._why_no_target())
         total = sum(self.loss_weights.get(name, 1.0) * mean for name, mean in means.items())
         self.log("val/loss", total if means else torch.tensor(float("nan"), device=self.device), prog_bar=True, sync_dist=synced)
 
