@@ -58,7 +58,7 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     raw = yaml.safe_load((PIPELINES / "text.yaml").read_text())
     raw["tiny"]["chat_sft.trainer.max_steps"] = 5
     changed.write_text(yaml.safe_dump(raw))
-    with pytest.raises(PipelineError, match="stage 'chat_sft' finished with a different configuration"):
+    with pytest.raises(PipelineError, match=r"stage 'chat_sft' finished with a different configuration \(.*stage\.json; changed: trainer\.max_steps\)"):
         run_pipeline(changed, tiny=True, root=root, resolve_path=resolve)
 
 

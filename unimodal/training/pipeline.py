@@ -231,6 +231,25 @@ def _fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _changes(finished_recipe: Path, config: dict[str, Any], shown: int = 3) -> str:
+    """``; changed: KEY, ...``: the keys where ``config`` differs from the recipe a finished stage ran."""
+    try:
+        finished = yaml.safe_load(finished_recipe.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    before, now = _flat(finished), _flat(config)
+    keys = sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or before[k] != now[k])
+    if not keys:
+        return ""
+    return "; changed: " + ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
 def _last_metric(run_dir: Path, name: str) -> float | None:
     value = None
     for metrics in sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1])):
@@ -270,7 +289,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     if previous.get("status") == "done":
         if previous.get("fingerprint") != fingerprint:
             raise PipelineError(
-                f"stage {stage.name!r} finished with a different configuration ({marker}); "
+                f"stage {stage.name!r} finished with a different configuration ({marker}{_changes(stage_dir / RESOLVED_RECIPE, config)}); "
                 f"remove {stage_dir} to run it again with the new one"
             )
         return StageResult(**{**previous["result"], "status": "skipped"})
