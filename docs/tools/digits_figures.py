@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="the exported model (default ROOT/model)")
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
     args = parser.parse_args()
+    if importlib.util.find_spec("matplotlib") is None:  # before minutes of drawing, not after
+        raise SystemExit("the loss plot needs matplotlib: pip install -e '.[docs]' (or .venv/bin/pip install matplotlib)")
     args.out.mkdir(parents=True, exist_ok=True)
     draw_figures(args.model or args.root / "model", args.out)
     loss_figure(args.root, args.out)
