@@ -288,3 +288,19 @@ def test_shard_limits_and_out_are_checked_before_packing(tmp_path: Path):
     with pytest.raises(FileExistsError, match="--out .*file is a file; give a directory for the shards"):
         pack_jsonl(src, tmp_path / "file", progress=False)
     assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_a_media_file_whose_content_is_not_its_extension_is_refused_when_packed(tmp_path: Path):
+    (tmp_path / "notes.png").write_text("not a picture")
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, np.zeros(160, np.float32), 16000)
+    (tmp_path / "clip.flac").write_bytes(wav.read_bytes())  # renamed, not converted
+    Image.new("RGB", (4, 4)).save(tmp_path / "real.png")
+    for name, message in (("notes.png", r"src\.jsonl:1: image file 'notes.png' is not a \.png file \(it starts with b'not a pictur'\)"),
+                          ("clip.flac", r"audio file 'clip.flac' is not a \.flac file \(it starts with b'RIFF")):
+        kind = "image" if name.endswith("png") else "audio"
+        src = _write_source(tmp_path, [json.dumps({"parts": [{"type": kind, "path": name}]})])
+        with pytest.raises(DocumentError, match=message):
+            pack_jsonl(src, tmp_path / "out", progress=False)
+    src = _write_source(tmp_path, [json.dumps({"parts": [{"type": "image", "path": "real.png"}, {"type": "audio", "path": "clip.wav"}]})])
+    assert pack_jsonl(src, tmp_path / "out", progress=False)["documents"] == 1

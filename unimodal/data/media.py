@@ -21,6 +21,23 @@ MAX_AUDIO_SECONDS = 600.0
 MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS + ARRAY_EXTENSIONS, "audio": AUDIO_EXTENSIONS + ARRAY_EXTENSIONS}
 
 
+# the first bytes each format starts with (RIFF containers also name their kind at byte 8), so
+# that a file whose name and content disagree is refused when it is packed, not when training reads it
+SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "png": (b"\x89PNG\r\n\x1a\n",), "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",),
+    "webp": (b"RIFF",), "wav": (b"RIFF", b"RIFX", b"RF64"), "flac": (b"fLaC",), "ogg": (b"OggS",),
+    "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xfa"), "npy": (b"\x93NUMPY",),
+}
+RIFF_KINDS = {"webp": b"WEBP", "wav": b"WAVE"}
+
+
+def check_signature(ext: str, data: bytes, what: str) -> None:
+    """Refuse ``data`` that does not start as a ``.ext`` file does (``what`` names it)."""
+    starts = data.startswith(SIGNATURES.get(ext, (b"",)))
+    if not starts or (ext in RIFF_KINDS and data[:4] == b"RIFF" and data[8:12] != RIFF_KINDS[ext]):
+        raise DocumentError(f"{what} is not a .{ext} file (it starts with {data[:12]!r})")
+
+
 class MediaTooLarge(ValueError):
     pass
 
@@ -83,4 +100,6 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int) -
     file = base / path  # an absolute path stays as it is
     if not file.is_file():
         raise DocumentError(f"{where}: {kind} file {path!r} not found (looked at {file})")
-    return MediaBytes(ext, file.read_bytes())
+    data = file.read_bytes()
+    check_signature(ext, data, f"{where}: {kind} file {path!r}")
+    return MediaBytes(ext, data)
