@@ -304,3 +304,10 @@ def test_a_media_file_whose_content_is_not_its_extension_is_refused_when_packed(
             pack_jsonl(src, tmp_path / "out", progress=False)
     src = _write_source(tmp_path, [json.dumps({"parts": [{"type": "image", "path": "real.png"}, {"type": "audio", "path": "clip.wav"}]})])
     assert pack_jsonl(src, tmp_path / "out", progress=False)["documents"] == 1
+
+
+def test_a_file_that_is_not_a_shard_is_named_as_such(tmp_path: Path):
+    picture = tmp_path / "cat.png"
+    Image.new("RGB", (4, 4)).save(picture)
+    with pytest.raises(ValueError, match=r"cat\.png is not a tar shard \(a folder of \.tar shards, a shard or a brace pattern\)"):
+        inspect_path(picture)

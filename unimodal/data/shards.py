@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -323,6 +324,8 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
         raise FileNotFoundError(f"{spec} does not exist (a folder of .tar shards, a shard or a brace pattern)")
     if missing:
         raise FileNotFoundError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    if len(local) == 1 == len(urls) and os.path.isfile(local[0]) and os.path.getsize(local[0]) and not tarfile.is_tarfile(local[0]):
+        raise ValueError(f"{spec} is not a tar shard (a folder of .tar shards, a shard or a brace pattern)")
     return urls
 
 
