@@ -249,3 +249,39 @@ def test_a_run_keeps_keep_last_k_checkpoints(tmp_path):
     ], resolve_path=resolve)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
     assert names == ["epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
+
+
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(recipe, tmp_path, caplog):
+    run = tmp_path / "damaged"
+    train(recipe, run, "--trainer.max_steps=3", "--checkpoint_every_n_steps=2")
+    last = run / "checkpoints" / "last.ckpt"
+    os.truncate(last, 3000)  # cut short by a full disk or a copy gone wrong
+    os.utime(last)  # still the newest
+    with caplog.at_level(logging.WARNING, logger="unimodal.train"):
+        train(recipe, run, "--resume=auto", "--trainer.max_steps=4", "--checkpoint_every_n_steps=2")
+    said = [r.getMessage() for r in caplog.records if "resumes from the one before it" in r.getMessage()]
+    assert len(said) == 1 and "last.ckpt cannot be read as a checkpoint" in said[0] and "step=2" in said[0]
+    # the run went on and wrote whole ones beside the damaged file, which stays for its owner to look at
+    newest = find_latest_checkpoint(run / "checkpoints")
+    assert newest != last and torch.load(newest, weights_only=False)["global_step"] == 4 and last.stat().st_size == 3000
+
+
+def test_a_given_checkpoint_that_is_not_one_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from unimodal.errors import UserError
+    from unimodal.training.recipes import check_given_checkpoint
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    (tmp_path / "notes.ckpt").write_text("see the run.txt file for details")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for path, message in (
+        (tmp_path / "model.safetensors", "is not a training checkpoint (it holds no state_dict)"),
+        (tmp_path / "weights.pt", "is not a training checkpoint (it holds no state_dict)"),
+        (tmp_path / "notes.ckpt", "cannot be read as a checkpoint"),
+        (tmp_path / "run", "is a directory but not a checkpoint; to continue the run it holds, pass --trainer.default_root_dir="),
+    ):
+        with pytest.raises(UserError) as caught:
+            check_given_checkpoint(path, trust=True)
+        assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -76,12 +76,17 @@ def _checkpoint_time(path: Path) -> float:
     return (marker or path).stat().st_mtime
 
 
-def find_latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest checkpoint (``*.ckpt`` file or sharded directory) in ``directory``, or None."""
+def checkpoints_newest_first(directory: str | Path) -> list[Path]:
+    """The checkpoints (``*.ckpt`` files and sharded directories) in ``directory``, newest first."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    return max((p for p in directory.glob("*.ckpt") if is_checkpoint(p)), key=_checkpoint_time, default=None)
+        return []
+    return sorted((p for p in directory.glob("*.ckpt") if is_checkpoint(p)), key=_checkpoint_time, reverse=True)
+
+
+def find_latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint (``*.ckpt`` file or sharded directory) in ``directory``, or None."""
+    return next(iter(checkpoints_newest_first(directory)), None)
 
 
 def _writer_alive(temp: Path) -> bool:
@@ -142,7 +147,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, OSError) as err:  # torch's zip reader: a file cut short, or not a checkpoint at all
         if isinstance(err, FileNotFoundError):
             raise
-        raise UserError(f"{path} cannot be read as a checkpoint: it is truncated or not a checkpoint ({str(err).split('.')[0]})") from None
+        first = re.split(r"\.\s", str(err).strip())[0] or type(err).__name__  # torch's first sentence ("torch.save" keeps its dot)
+        raise UserError(f"{path} cannot be read as a checkpoint: it is truncated or not a checkpoint ({first[:200]})") from None
 
 
 

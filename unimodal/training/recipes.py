@@ -39,7 +39,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from unimodal.checkpoints.files import AtomicCheckpointIO, checkpoint_step, find_latest_checkpoint, read_checkpoint
+from unimodal.checkpoints.files import (
+    AtomicCheckpointIO,
+    checkpoint_step,
+    checkpoints_newest_first,
+    find_latest_checkpoint,
+    is_checkpoint,
+    read_checkpoint,
+)
 from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
 from unimodal.data.processor import media_settings
 from unimodal.data.shards import present_shard_sets
@@ -367,8 +374,26 @@ def resume_path(cli: UnimodalCLI) -> str | None:
         raise ValueError("give --ckpt_path or --resume, not both")
     if resume != "auto":
         raise ValueError(f"--resume takes 'auto' (use --ckpt_path=PATH for a given checkpoint), got {resume!r}")
-    found = find_latest_checkpoint(cli.checkpoint_dir)
-    return str(found) if found is not None else None
+    return _newest_readable(Path(cli.checkpoint_dir))
+
+
+def _newest_readable(directory: Path) -> str | None:
+    """The newest checkpoint of a run that reads (sharded directories are taken as they are): a
+    file cut short by a disk or a copy gone wrong is passed over, with a warning, for the one before."""
+    damaged = []
+    for checkpoint in checkpoints_newest_first(directory):
+        if checkpoint.is_file():
+            try:
+                read_checkpoint(checkpoint)
+            except UserError as err:
+                damaged.append(str(err))
+                continue
+        for reason in damaged:
+            log.warning("%s; --resume auto resumes from the one before it, %s", reason, checkpoint)
+        return str(checkpoint)
+    if damaged:
+        raise UserError(f"--resume auto found no readable checkpoint in {directory}: {damaged[0]}")
+    return None
 
 
 def check_given_checkpoint(path: Path, trust: bool) -> None:
@@ -377,7 +402,14 @@ def check_given_checkpoint(path: Path, trust: bool) -> None:
     sharded directory, whose files its strategy reads with pickle, needs ``--trust_checkpoint``.
     The run's own checkpoints (``--resume auto``) are trusted."""
     if path.is_file():
-        read_checkpoint(path)
+        contents = read_checkpoint(path)
+        if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
+            raise UserError(f"{path} is not a training checkpoint (it holds no state_dict); --ckpt_path takes a .ckpt that "
+                            "`unimodal train` wrote (to start from an export's weights, set model.init_args.init_from)")
+    elif not is_checkpoint(path):
+        raise UserError(f"{path} is a directory but not a checkpoint; to continue the run it holds, pass "
+                        f"--trainer.default_root_dir={path} --resume auto, or give one of its checkpoints "
+                        f"(--ckpt_path={path / 'checkpoints' / 'last.ckpt'})")
     elif not trust:
         raise UserError(
             f"{path} is a sharded checkpoint directory, whose files are read with pickle (which can run code); "
