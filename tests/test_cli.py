@@ -244,3 +244,11 @@ def test_deepspeeds_no_gpu_notice_is_dropped_and_its_other_warnings_kept(caplog)
     finally:
         deepspeed.removeHandler(caplog.handler)
     assert {r.getMessage() for r in caplog.records if r.name == "DeepSpeed"} == {"something else"}
+
+
+def test_convert_zero_to_fp32_never_writes_over_a_file(tmp_path: Path, capsys):
+    precious = tmp_path / "mine.ckpt"
+    precious.write_bytes(b"weights")
+    assert main(["convert", "zero-to-fp32", str(tmp_path / "any"), str(precious), "--trust_checkpoint"]) == 2
+    assert f"{precious} exists; give a new file for the converted checkpoint" in capsys.readouterr().err
+    assert precious.read_bytes() == b"weights"

@@ -78,3 +78,10 @@ def test_a_misspelt_init_from_is_named(tmp_path, capsys):
     args = ["train", str(ROOT / "recipes" / "digits" / "chat_sft.yaml"), f"--model.init_args.init_from={missing}", *QUICK]
     assert unimodal_main(args) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"unimodal train: error: init_from {missing} does not exist"
+    # a run directory (or a .ckpt) is not an export: said before the recipe's own tokenizer is looked for
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    args = ["train", str(ROOT / "recipes" / "digits" / "chat_sft.yaml"), f"--model.init_args.init_from={tmp_path / 'run'}", *QUICK]
+    assert unimodal_main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"unimodal train: error: init_from {tmp_path / 'run'} is not a unimodal export directory (no unimodal.json); "
+        f"write one with `unimodal export {tmp_path / 'run'} --out DIR` and give DIR")

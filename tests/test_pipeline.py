@@ -53,6 +53,14 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     assert table[0].split() == ["stage", "status", "steps", "train", "loss", "val", "loss", "wall", "output"]
     assert [line.split()[:3] for line in table[2:]] == [["pretrain", "skipped", "4"], ["chat_sft", "skipped", "4"]]
 
+    # a finished stage whose export went missing says how to get it back
+    export = root / "pretrain" / "export"
+    export.rename(root / "aside")
+    with pytest.raises(PipelineError, match=r"stage 'pretrain' finished, but its output .*pretrain/export is missing; export it again with "
+                                            r"`unimodal export .*pretrain --out .*pretrain/export`, or remove .*pretrain to run the stage again"):
+        run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root, resolve_path=resolve)
+    (root / "aside").rename(export)
+
     # a finished stage whose configuration changed is not silently reused
     changed = tmp_path / "changed.yaml"
     raw = yaml.safe_load((PIPELINES / "text.yaml").read_text())

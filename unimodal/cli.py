@@ -194,12 +194,14 @@ def zero_to_fp32(checkpoint_dir: Path, out: Path, trust_checkpoint: bool = False
 
     Args:
         checkpoint_dir: the directory DeepSpeed saved (latest, checkpoint/...).
-        out: the Lightning checkpoint file to write.
+        out: the Lightning checkpoint file to write (a new file).
         trust_checkpoint: DeepSpeed reads its shard files with pickle, which can run code: say
             that you trust where this directory came from.
     """
     from unimodal.checkpoints.zero import zero_to_fp32 as convert
 
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"{out} exists; give a new file for the converted checkpoint")
     return f"wrote {convert(checkpoint_dir, out, trust=trust_checkpoint)}"
 
 

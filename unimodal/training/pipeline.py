@@ -292,6 +292,11 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
                 f"stage {stage.name!r} finished with a different configuration ({marker}{_changes(stage_dir / RESOLVED_RECIPE, config)}); "
                 f"remove {stage_dir} to run it again with the new one"
             )
+        output = pipeline.output_dir(stage)
+        if not output.is_dir():  # a later stage would start from nothing
+            again = f"export it again with `unimodal export {stage_dir} --out {output}{' --merge_lora' if stage.merge_lora else ''}`, or "
+            raise PipelineError(f"stage {stage.name!r} finished, but its output {output} is missing; "
+                                f"{again if stage.output is None else ''}remove {stage_dir} to run the stage again")
         return StageResult(**{**previous["result"], "status": "skipped"})
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_file = stage_dir / RESOLVED_RECIPE
