@@ -107,6 +107,11 @@ def test_a_misspelt_override_in_a_later_stage_stops_the_pipeline_before_the_firs
     with pytest.raises(PipelineError, match=r"stage 'b': Group 'trainer' does not accept option 'max_stepz' \(did you mean --trainer.max_steps"):
         run_pipeline(write(tmp_path, stages), root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()  # stage a never started
+    stages[1]["overrides"] = {"trainer.max_steps": "lots"}
+    with pytest.raises(PipelineError) as caught:
+        run_pipeline(write(tmp_path, stages), root=tmp_path / "runs")
+    assert "stage 'b': Parser key \"trainer.max_steps\":" in str(caught.value) and "lots" in str(caught.value)
+    assert "\n" not in str(caught.value)
     # the real pipelines pass the check, stages that start from an earlier one's export included
     for path in sorted(PIPELINES.glob("*.yaml")):
         check_stages(load_pipeline(path, tiny=True), tiny=True)

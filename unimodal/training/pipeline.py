@@ -363,7 +363,7 @@ def check_stages(pipeline: Pipeline, tiny: bool) -> None:
         try:
             check_recipe(config)
         except ArgumentError as err:
-            raise PipelineError(f"{pipeline.path}: stage {stage.name!r}: {err.message}") from None
+            raise PipelineError(f"{pipeline.path}: stage {stage.name!r}: {' '.join(err.message.split())}") from None  # one line
 
 
 def format_table(results: list[StageResult]) -> str:
