@@ -163,3 +163,18 @@ def test_family_pipeline_runs_tiny(family, tmp_path):
     results = run_pipeline(path, tiny=True, root=tmp_path / "runs", resolve_path=resolve)
     assert [r.name for r in results] == [s.name for s in pipeline.stages]
     assert all(r.status == "done" and Path(r.output).is_dir() for r in results)
+
+
+def test_a_stage_stopped_by_ctrl_c_keeps_its_time_for_the_next_attempt(tmp_path, monkeypatch):
+    from unimodal.training import pipeline as pipeline_module
+    from unimodal.training.resume import Interrupted
+
+    def stopped(config_file):
+        raise Interrupted("interrupted (Ctrl-C) at step 2, without saving")
+
+    monkeypatch.setattr(pipeline_module, "_train", stopped)
+    stages = [{"name": "a", "recipe": "recipes/text/tiny.yaml"}]
+    with pytest.raises(Interrupted, match="at step 2"):
+        run_pipeline(write(tmp_path, stages), tiny=True, root=tmp_path / "runs")
+    marker = json.loads((tmp_path / "runs" / "a" / "stage.json").read_text())
+    assert marker["status"] == "interrupted" and marker["wall_s"] > 0

@@ -55,7 +55,7 @@ from unimodal.checkpoints.files import checkpoint_step, find_latest_checkpoint
 from unimodal.checkpoints.load import CONFIG_FILE, tokenizer_path
 from unimodal.training.exporting import export
 from unimodal.training.recipes import check_recipe, fit_cli, inherit_from_export, load_recipe, make_cli, resolve_builtin, set_dotted
-from unimodal.training.resume import Preempted
+from unimodal.training.resume import Interrupted, Preempted
 
 log = logging.getLogger("unimodal.training.pipeline")
 
@@ -275,6 +275,8 @@ def _train(config_file: Path) -> int | None:
     result = subprocess.run([sys.executable, "-m", "unimodal", "train", *args], check=False)
     if result.returncode == 143:
         raise Preempted(f"stopped by SIGTERM (stage process {config_file})")
+    if result.returncode == 130:
+        raise Interrupted(f"stopped by Ctrl-C (stage process {config_file}); run the same pipeline command again to continue it")
     if result.returncode != 0:
         raise RuntimeError(f"training {config_file} failed with exit code {result.returncode}")
     return None
@@ -305,8 +307,10 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
     try:
         steps = _train(config_file)
-    except Preempted as err:
+    except (Preempted, Interrupted) as err:  # the attempt's time still counts in the stage's wall
         marker.write_text(json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
+        if isinstance(err, Interrupted):
+            raise
         raise Preempted(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
