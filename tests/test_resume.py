@@ -277,11 +277,13 @@ def test_a_given_checkpoint_that_is_not_one_is_one_line(tmp_path):
     (tmp_path / "notes.ckpt").write_text("see the run.txt file for details")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     for path, message in (
-        (tmp_path / "model.safetensors", "is not a training checkpoint (it holds no state_dict)"),
+        # torch 2.13 reads a safetensors file as a checkpoint without a state_dict; 2.11 refuses it while reading
+        (tmp_path / "model.safetensors", ("is not a training checkpoint (it holds no state_dict)", "cannot be read as a checkpoint")),
         (tmp_path / "weights.pt", "is not a training checkpoint (it holds no state_dict)"),
         (tmp_path / "notes.ckpt", "cannot be read as a checkpoint"),
         (tmp_path / "run", "is a directory but not a checkpoint; to continue the run it holds, pass --trainer.default_root_dir="),
     ):
         with pytest.raises(UserError) as caught:
             check_given_checkpoint(path, trust=True)
-        assert message in str(caught.value) and "\n" not in str(caught.value)
+        assert any(m in str(caught.value) for m in ((message,) if isinstance(message, str) else message))
+        assert "\n" not in str(caught.value)
