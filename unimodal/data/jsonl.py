@@ -29,7 +29,12 @@ LINE_FIELDS = ("key", "parts", "messages", "meta", "schema")
 
 
 class EmptyOutput(ValueError):
-    """Packing would write no documents: an empty source, every line bad, or an empty split."""
+    """Packing would write no documents: an empty source, every line bad, or an empty split
+    (``elsewhere``: the good documents that went to the other split)."""
+
+    def __init__(self, message: str, elsewhere: int = 0):
+        super().__init__(message)
+        self.elsewhere = elsewhere
 
 
 def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
@@ -100,15 +105,18 @@ def pack_jsonl(
         options = dict(max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_bytes_per_shard,
                        skip_bad=skip_bad, prefix=prefix, progress=progress)
         written: dict[str, Any] = {}
+        fresh = not Path(out_dir).exists()
         try:
             for split in ("train", "val"):
                 written[split] = _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
                                              select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
         except EmptyOutput as err:  # one split without documents: neither is kept, so the same command can run again
-            if written:
+            if fresh:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            elif written:
                 shutil.rmtree(Path(out_dir) / "train")
-            raise EmptyOutput(f"{err}; with --val_fraction {val_fraction} no document falls in it: pack more documents "
-                              "or raise --val_fraction") from None
+            hint = f"; with --val_fraction {val_fraction} no document falls in it: pack more documents or change --val_fraction"
+            raise EmptyOutput(f"{err}{hint if err.elsewhere else ''}") from None
         return written
     return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
                        max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
@@ -126,7 +134,7 @@ def _pack_jsonl(
     select: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     skipped: list[str] = []
-    total = 0
+    total = elsewhere = 0
 
     def reject(err: DocumentError) -> None:
         if not skip_bad:
@@ -134,7 +142,7 @@ def _pack_jsonl(
         skipped.append(str(err))
 
     def documents() -> Iterator[Document]:
-        nonlocal total
+        nonlocal total, elsewhere
         with open(src, "rb") as lines, tqdm(
             total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}", disable=not progress
         ) as bar:
@@ -150,6 +158,8 @@ def _pack_jsonl(
                     continue
                 if select is None or select(doc.key):
                     yield doc
+                else:
+                    elsewhere += 1
 
     fresh = not out_dir.exists()
     with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
@@ -158,7 +168,7 @@ def _pack_jsonl(
         if fresh:
             out_dir.rmdir()
         raise EmptyOutput(f"no documents to write to {out_dir}: {src.name} holds {total} records"
-                          + (f", {len(skipped)} of them bad (first: {skipped[0]})" if skipped else ""))
+                          + (f", {len(skipped)} of them bad (first: {skipped[0]})" if skipped else ""), elsewhere)
     stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
     save_stats(out_dir, stats)
     if skipped:

@@ -309,9 +309,9 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         steps = _train(config_file)
     except (Preempted, Interrupted) as err:  # the attempt's time still counts in the stage's wall
         marker.write_text(json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
-        if isinstance(err, Interrupted):
-            raise
-        raise Preempted(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
+        if isinstance(err, Preempted):
+            raise Preempted(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
+        raise
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
     if _global_rank() != 0:  # rank 0 exports; the others wait for its marker
