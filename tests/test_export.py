@@ -113,7 +113,7 @@ def test_export_command_and_its_errors(run, tmp_path, capsys):
     assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x"), "--merge_lora"]) == 0
     assert unimodal_main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "x")]) == 2  # not empty
     # an occupied --out is refused before the checkpoint is read (here: before it is found missing)
-    with pytest.raises(ExportError, match="x exists and is not empty; export to a new directory"):
+    with pytest.raises(FileExistsError, match="x exists and is not empty; export to a new directory"):
         export(tmp_path / "missing.ckpt", tmp_path / "x")
     assert unimodal_main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "y")]) == 2
     bare = tmp_path / "bare.ckpt"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from unimodal.errors import refuse_nonempty
 from unimodal.models.continuous import TokenDiffusionImage
 
 MODULES_FILE = "orthus_modules.safetensors"
@@ -37,8 +38,7 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
     config = json.loads((src / "config.json").read_text())
     if config.get("model_type") != "chameleon":
         raise ValueError(f"{src}: model_type {config.get('model_type')!r}, expected 'chameleon'")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty; convert into a new directory")
+    refuse_nonempty(out, "convert into a new directory")
     model = ChameleonForConditionalGeneration.from_pretrained(src, local_files_only=True, dtype="auto")
     vq = model.model.vqmodel
     mapping = model.model.vocabulary_mapping.img2bpe

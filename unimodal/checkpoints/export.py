@@ -37,6 +37,7 @@ from unimodal.checkpoints.load import (
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
+from unimodal.errors import refuse_nonempty
 from unimodal.models.backbone import causal_lm_from_config
 from unimodal.models.lora import has_backbone_adapter, merge_injected, save_adapter
 from unimodal.models.unified import UnifiedModel
@@ -140,19 +141,12 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
     return ckpt
 
 
-def refuse_nonempty(out: Path) -> None:
-    """An export never lands on top of another: checked before any weights are read, and again
-    when the export is written."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists and is not empty; export to a new directory")
-
-
 @contextlib.contextmanager
 def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
     """A fresh directory beside ``out_dir`` that becomes ``out_dir`` when the block completes."""
     out = Path(out_dir)
     if not replace:
-        refuse_nonempty(out)
+        refuse_nonempty(out, "export to a new directory")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media
 from unimodal.data.shards import is_streamed, read_documents
+from unimodal.errors import refuse_nonempty
 from unimodal.modalities.base import CODEC_FILE
 from unimodal.modalities.digit_audio import DigitAudioCodec
 from unimodal.modalities.image_continuous import center_crop
@@ -157,8 +158,7 @@ def fit_codec(
     """Fit ``codec`` (a fitted codec directory, or a kind for a new one) on the media of ``src``
     and save it to ``out``, a directory that loads like the original."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty; write the refit codec to a new directory")
+    refuse_nonempty(out, "write the refit codec to a new directory")
     fitted, old = trainable_codec(codec)
     items = read_media(src, fitted, limit, progress)
     with one_thread():

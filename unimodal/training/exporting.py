@@ -18,9 +18,10 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_module
 
-from unimodal.checkpoints.export import checkpoint_file, refuse_nonempty, staged_directory, write_export
+from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
 from unimodal.checkpoints.files import RUN_CONFIG_KEY, read_checkpoint
 from unimodal.checkpoints.load import ExportError
+from unimodal.errors import refuse_nonempty
 from unimodal.training.recipes import check_class_paths, resolve_builtin
 
 log = logging.getLogger("unimodal.export")
@@ -73,7 +74,7 @@ def export(
     """
     out = Path(out_dir)
     if not replace:
-        refuse_nonempty(out)
+        refuse_nonempty(out, "export to a new directory")
     with tempfile.TemporaryDirectory(prefix="unimodal-export-") as scratch:
         file = checkpoint_file(Path(ckpt), Path(scratch), trust_checkpoint)
         checkpoint = read_checkpoint(file)

@@ -39,6 +39,7 @@ from unimodal.data.jsonl import pack_jsonl
 from unimodal.data.sentencepiece_trainer import train_tokenizer
 from unimodal.data.templates import TEMPLATES
 from unimodal.data.templates import render as render_chat
+from unimodal.errors import refuse_nonempty
 from unimodal.modalities.digit_audio import DigitAudioCodec, DigitAudioConfig
 from unimodal.modalities.image_discrete import PatchVQCodec
 from unimodal.schema import Document, Modality, Part
@@ -390,8 +391,7 @@ def build_world(
     """
 
     root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):  # checked before anything in it is rewritten
-        raise FileExistsError(f"{root} exists and is not empty; build the digits world into a new directory")
+    refuse_nonempty(root, "build the digits world into a new directory")
     (root / "media" / "images").mkdir(parents=True, exist_ok=True)
     (root / "media" / "speech").mkdir(parents=True, exist_ok=True)
     for image in _all_images():
