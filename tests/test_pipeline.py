@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -21,7 +22,8 @@ PIPELINES = ROOT / "recipes" / "pipelines"
 
 
 def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, monkeypatch, capsys):
-    root = tmp_path / "runs"
+    monkeypatch.chdir(tmp_path)
+    root = Path("runs")  # as a user types it: the resolved recipes keep it relative
 
     def preempt_lora_stage(self):  # SIGTERM during the chat stage's second step
         if self.lora is not None and self.trainer.global_step == 1:
@@ -53,6 +55,13 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     assert table[0].split() == ["stage", "status", "steps", "train", "loss", "val", "loss", "wall", "output"]
     assert [line.split()[:3] for line in table[2:]] == [["pretrain", "skipped", "4"], ["chat_sft", "skipped", "4"]]
 
+    # a project copied elsewhere keeps its finished stages, whichever way its root is spelt
+    shutil.copytree(root, tmp_path / "moved" / "runs")
+    monkeypatch.chdir(tmp_path / "moved")
+    for spelling in (root, tmp_path / "moved" / "runs"):
+        assert [r.status for r in run_pipeline(PIPELINES / "text.yaml", tiny=True, root=spelling, resolve_path=resolve)] == ["skipped"] * 2
+    monkeypatch.chdir(tmp_path)
+
     # a finished stage whose export went missing says how to get it back
     export = root / "pretrain" / "export"
     export.rename(root / "aside")
@@ -65,6 +74,8 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     changed = tmp_path / "changed.yaml"
     raw = yaml.safe_load((PIPELINES / "text.yaml").read_text())
     raw["tiny"]["chat_sft.trainer.max_steps"] = 5
+    for stage in raw["stages"]:
+        stage["recipe"] = str(ROOT / stage["recipe"])
     changed.write_text(yaml.safe_dump(raw))
     with pytest.raises(PipelineError, match=r"stage 'chat_sft' finished with a different configuration \(.*stage\.json; changed: trainer\.max_steps\)"):
         run_pipeline(changed, tiny=True, root=root, resolve_path=resolve)
@@ -117,13 +128,14 @@ def test_a_misspelt_override_in_a_later_stage_stops_the_pipeline_before_the_firs
         check_stages(load_pipeline(path, tiny=True), tiny=True)
 
 
-def test_references_to_earlier_stages_become_absolute_paths(tmp_path, monkeypatch):
+def test_references_to_earlier_stages_become_their_output_paths(tmp_path, monkeypatch):
+    """As the root is written: an export that keeps a codec directory records it resolved."""
     monkeypatch.chdir(tmp_path)
     tiny = str(ROOT / "recipes" / "text" / "tiny.yaml")
     stages = [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "overrides": {"data.init_args.codecs": {"image": {"init_args": {"path": "{stages.a}"}}}}}]
     pipeline = load_pipeline(write(tmp_path, stages), root="runs")
     config = resolve_stage(pipeline, pipeline.stages[1], tiny=False)
-    assert config["data"]["init_args"]["codecs"]["image"]["init_args"]["path"] == str(tmp_path / "runs" / "a" / "export")
+    assert config["data"]["init_args"]["codecs"]["image"]["init_args"]["path"] == str(Path("runs") / "a" / "export")
 
 
 def test_a_stage_may_name_an_earlier_stages_tokenizer_before_it_is_written(tmp_path, monkeypatch):
@@ -133,7 +145,7 @@ def test_a_stage_may_name_an_earlier_stages_tokenizer_before_it_is_written(tmp_p
                "overrides": {"data.init_args.tokenizer": "{stages.a.tokenizer}"}}]
     pipeline = load_pipeline(write(tmp_path, stages), tiny=True, root="runs")
     check_stages(pipeline, tiny=True)  # the pre-flight check, nothing written yet
-    export = tmp_path / "runs" / "a" / "export"
+    export = Path("runs") / "a" / "export"
     assert resolve_stage(pipeline, pipeline.stages[1], tiny=True)["data"]["init_args"]["tokenizer"] == str(export)
     export.mkdir(parents=True)  # once the stage has exported, the tokenizer its unimodal.json names
     (export / "unimodal.json").write_text("{}")

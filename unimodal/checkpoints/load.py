@@ -128,9 +128,9 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
             raise ExportError(f"{path} has no {PROCESSOR_FILE}; re-export its checkpoint with `unimodal export CKPT --out DIR`")
         config["processor"] = json.loads(processor_file.read_text())
     _check_untrusted(config, file)
-    for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries
+    for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
-            args["path"] = str((path / args["path"]).resolve())
+            args["path"] = str(path / args["path"])
     return config
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -198,7 +197,7 @@ def _substitute(value: Any, pipeline: Pipeline) -> Any:
     for its tokenizer, as it does for ``init_from``."""
     def one(match: re.Match) -> str:
         stage = next(s for s in pipeline.stages if s.name == match.group(1))
-        out = pipeline.output_dir(stage).absolute()  # an export may keep it (a codec's directory)
+        out = pipeline.output_dir(stage)
         written = (out / CONFIG_FILE).is_file()
         return str(tokenizer_path(out) if match.group(2) and written else out)
 
@@ -227,21 +226,26 @@ def resolve_stage(
     return resolve_builtin(config, resolve_path)
 
 
-def _fingerprint(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _changes(finished_recipe: Path, config: dict[str, Any], shown: int = 3) -> str:
-    """``; changed: KEY, ...``: the keys where ``config`` differs from the recipe a finished stage ran."""
+    """Empty when ``config`` is what a finished stage ran (its ``recipe.yaml``), else what differs:
+    ``changed: KEY, ...``. A path written another way that names the same file is no change, so a
+    finished stage stays finished when the pipeline is run from another spelling of its root."""
     try:
         finished = yaml.safe_load(finished_recipe.read_text())
-    except (OSError, yaml.YAMLError):
-        return ""
+    except (OSError, yaml.YAMLError) as err:
+        return f"its recipe cannot be read: {err}"
     before, now = _flat(finished), _flat(config)
-    keys = sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or before[k] != now[k])
+    keys = sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or not _same(before[k], now[k]))
     if not keys:
         return ""
-    return "; changed: " + ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+    return "changed: " + ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _same(before: Any, now: Any) -> bool:
+    if before == now:
+        return True
+    paths = isinstance(before, str) and isinstance(now, str) and "/" in before and "/" in now
+    return paths and Path(before).resolve() == Path(now).resolve()
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -286,12 +290,12 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     stage_dir = pipeline.stage_dir(stage)
     marker = stage_dir / STAGE_FILE
     config = resolve_stage(pipeline, stage, tiny, resolve_path)
-    fingerprint = _fingerprint(config)
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
     if previous.get("status") == "done":
-        if previous.get("fingerprint") != fingerprint:
+        changes = _changes(stage_dir / RESOLVED_RECIPE, config)
+        if changes:
             raise PipelineError(
-                f"stage {stage.name!r} finished with a different configuration ({marker}{_changes(stage_dir / RESOLVED_RECIPE, config)}); "
+                f"stage {stage.name!r} finished with a different configuration ({marker}; {changes}); "
                 f"remove {stage_dir} to run it again with the new one"
             )
         output = pipeline.output_dir(stage)
@@ -333,7 +337,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         wall_s=spent + time.perf_counter() - started,
         output=str(output),
     )
-    marker.write_text(json.dumps({"status": "done", "fingerprint": fingerprint, "result": asdict(result)}, indent=2) + "\n")
+    marker.write_text(json.dumps({"status": "done", "result": asdict(result)}, indent=2) + "\n")
     return result
 
 
