@@ -131,6 +131,8 @@ def test_an_error_during_packing_gets_a_line_of_its_own_after_the_progress_bar(t
 def test_train_help_shows_the_recipe_argument(capsys):
     out = _help(("train",), capsys)
     assert "recipe" in out.split("positional arguments:")[1] and "unimodaltrainRECIPE.yaml--help" in "".join(out.split())
+    recipe_help = _help(("train", "recipes/text/tiny.yaml"), capsys)  # LightningCLI's options, named as this command
+    assert recipe_help.startswith("usage: unimodal train RECIPE [--tiny]") and "tiny: section" in recipe_help
 
 
 def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):

@@ -340,7 +340,11 @@ def _cli(cli_class: type[UnimodalCLI], args: list[str], **kwargs: Any) -> Unimod
         "save_config_callback": SaveConfigCallback,
         "save_config_kwargs": {"overwrite": True},
         # a wrong key is an ArgumentError the command line prints as one line, not usage and exit
-        "parser_kwargs": {"exit_on_error": False, "allow_abbrev": False},
+        "parser_kwargs": {
+            "exit_on_error": False, "allow_abbrev": False, "prog": "unimodal train RECIPE [--tiny]",
+            "description": "Train one stage from RECIPE. --tiny applies the recipe's tiny: section (a CPU-sized model "
+                           "and data) before the options below, which override the recipe's keys.",
+        },
         **kwargs,
     }
     with warnings.catch_warnings():
