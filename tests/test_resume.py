@@ -287,3 +287,13 @@ def test_a_given_checkpoint_that_is_not_one_is_one_line(tmp_path):
             check_given_checkpoint(path, trust=True)
         assert any(m in str(caught.value) for m in ((message,) if isinstance(message, str) else message))
         assert "\n" not in str(caught.value)
+
+
+def test_a_missing_ckpt_path_is_refused_before_the_run_writes_anything(tmp_path, capsys):
+    from unimodal.cli import main as unimodal_main
+
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes" / "text" / "tiny.yaml"), "--tiny", f"--trainer.default_root_dir={run}"]
+    assert unimodal_main([*args, f"--ckpt_path={tmp_path / 'typo.ckpt'}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"unimodal train: error: --ckpt_path {tmp_path / 'typo.ckpt'} does not exist"
+    assert not run.exists()  # no logs/version_0 left behind by a run that never started

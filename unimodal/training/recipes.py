@@ -363,12 +363,17 @@ def _cli(cli_class: type[UnimodalCLI], args: list[str], **kwargs: Any) -> Unimod
         )
 
 
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+
+
 def resume_path(cli: UnimodalCLI) -> str | None:
     """The checkpoint ``fit`` starts from: ``--ckpt_path``, or what ``--resume`` selects."""
     ckpt_path, resume = cli.config.get("ckpt_path"), cli.config.get("resume")
     if resume is None:
         if ckpt_path is not None and Path(ckpt_path).exists():
             check_given_checkpoint(Path(ckpt_path), trust=bool(cli.config.get("trust_checkpoint")))
+        elif ckpt_path not in (None, *LIGHTNING_CKPT_NAMES):  # before the trainer starts, and writes logs
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
         earlier = find_latest_checkpoint(cli.checkpoint_dir) if ckpt_path is None else None
         if earlier is not None:
             log.warning(
