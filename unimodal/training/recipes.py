@@ -409,6 +409,15 @@ def _newest_readable(directory: Path) -> str | None:
     return None
 
 
+def _first_keys(mismatch: str, shown: int = 3) -> str:
+    """torch's ``Missing key(s) in state_dict: "a", "b", ...`` cut to its first keys and a count."""
+    head, colon, keys = mismatch.partition(": ")
+    names = keys.rstrip(".").split(", ") if colon and keys.startswith('"') else []
+    if len(names) <= shown:
+        return mismatch
+    return f"{head}: {', '.join(names[:shown])} and {len(names) - shown} more"
+
+
 def check_given_checkpoint(path: Path, trust: bool) -> None:
     """A checkpoint named on the command line may come from anywhere: a file must hold tensors and
     plain values only (read here once, memory-mapped, so that a refusal is one line), and a
@@ -463,7 +472,7 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
         if "Error(s) in loading state_dict" not in str(err):
             raise
         mismatch = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
-        raise UserError(f"checkpoint {ckpt_path} does not fit this recipe's model: {mismatch}") from None
+        raise UserError(f"checkpoint {ckpt_path} does not fit this recipe's model: {_first_keys(mismatch)}") from None
     except SIGTERMException:
         saved = next((c.saved for c in cli.trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
         where = f"saved {saved}" if saved else "no checkpoint saved"
