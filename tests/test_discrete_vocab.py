@@ -65,6 +65,11 @@ def test_layout_round_trips_and_mismatch_names_the_difference():
     other = VocabLayout(**MIO_LIKE, code_sources={"image": {"name": "seed", "checksum": "b"}})
     with pytest.raises(ValueError, match="mismatch with the data in code_sources"):
         layout.check_compatible(other, "the data")
+    # the same ranges in another order give their codes other ids (a resume with them reordered)
+    swapped = VocabLayout(**{**MIO_LIKE, "code_ranges": {"audio": 12, "image": 16}})
+    with pytest.raises(ValueError, match=r"mismatch with the data in code_ranges \(the same ranges in another order"):
+        VocabLayout(**MIO_LIKE).check_compatible(swapped, "the data")
+    VocabLayout(**MIO_LIKE).check_compatible(VocabLayout(**MIO_LIKE), "the data")
 
 
 def _doc(*parts: Part) -> Document:

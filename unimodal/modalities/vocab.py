@@ -159,10 +159,16 @@ class VocabLayout:
         )
 
     def check_compatible(self, other: VocabLayout, what: str) -> None:
+        """Equal in every field, the order of the code ranges included: it sets each range's ids."""
         mine, theirs = self.to_dict(), other.to_dict()
-        if mine != theirs:
-            keys = [key for key in mine if mine[key] != theirs.get(key)]
+        keys = [key for key in mine if _ordered(mine[key]) != _ordered(theirs.get(key))]
+        if keys:
+            reordered = " (the same ranges in another order, which gives their codes other ids)" if mine == theirs else ""
             raise ValueError(
-                f"vocabulary layout mismatch with {what} in {', '.join(keys)}: model has "
+                f"vocabulary layout mismatch with {what} in {', '.join(keys)}{reordered}: model has "
                 f"{ {k: mine[k] for k in keys} }, {what} has { {k: theirs.get(k) for k in keys} }"
             )
+
+
+def _ordered(value: Any) -> Any:
+    return list(value.items()) if isinstance(value, dict) else value
