@@ -38,6 +38,20 @@ def test_a_class_path_typo_says_what_does_not_import(tmp_path):
     assert code == 2 and "has no attribute 'UnimodalDataModul' (did you mean UnimodalDataModule?)" in line
 
 
+def test_a_recipe_or_pipeline_that_is_not_yaml_is_one_line_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(f'seed_everything: !!python/object/apply:os.system ["touch {marker}"]\n')
+    code, (line,) = unimodal("train", str(tagged))
+    assert code == 2 and f"recipe {tagged}:1:18: not valid YAML (could not determine a constructor" in line and not marker.exists()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stages:\n  - name: [a,\n")
+    code, (line,) = unimodal("pipeline", str(broken))
+    assert code == 2 and line.startswith(f"unimodal pipeline: error: pipeline {broken}:3:1: not valid YAML (")
+    code, (line,) = unimodal("train", str(ROOT / "recipes" / "orthus"))
+    assert code == 2 and line.endswith("recipes/orthus is a directory; give a YAML file in it")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")

@@ -53,7 +53,16 @@ from jsonargparse import ArgumentError
 from unimodal.checkpoints.files import checkpoint_step, find_latest_checkpoint
 from unimodal.checkpoints.load import CONFIG_FILE, tokenizer_path
 from unimodal.training.exporting import export
-from unimodal.training.recipes import check_recipe, fit_cli, inherit_from_export, load_recipe, make_cli, resolve_builtin, set_dotted
+from unimodal.training.recipes import (
+    check_recipe,
+    fit_cli,
+    inherit_from_export,
+    load_recipe,
+    make_cli,
+    read_yaml,
+    resolve_builtin,
+    set_dotted,
+)
 from unimodal.training.resume import Interrupted, Preempted
 
 log = logging.getLogger("unimodal.training.pipeline")
@@ -107,9 +116,7 @@ class StageResult:
 def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None = None) -> Pipeline:
     """Read and check a pipeline file: stage names, recipes, init and output references."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pipeline {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "pipeline") or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise PipelineError(f"{path}: expected a mapping with a non-empty 'stages' list")
     tiny_overrides = raw.get("tiny") or {}

@@ -190,11 +190,27 @@ def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A recipe or pipeline file, read with ``yaml.safe_load`` (so no tag can run code): a syntax
+    error or a refused tag is one line with its place in the file."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a YAML file in it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if "constructor for the tag" in problem:
+            problem += "; tags that build Python objects are refused"
+        raise UserError(f"{what} {where}: not valid YAML ({problem})") from None
+
+
 def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | None = None) -> dict[str, Any]:
     """The recipe as a dict, with its ``tiny`` overrides applied or dropped, built-in names resolved."""
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} not found")
-    config = yaml.safe_load(path.read_text()) or {}
+    config = read_yaml(path, "recipe") or {}
     if not isinstance(config, dict):
         raise ValueError(f"recipe {path}: expected a mapping at the top level")
     overrides = config.pop(TINY_KEY, None) or {}
