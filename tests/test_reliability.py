@@ -31,6 +31,20 @@ def test_a_wrong_recipe_key_names_the_key_and_its_near_matches(tmp_path):
     assert code == 2 and "did you mean --trainer.max_steps" in line
 
 
+def test_a_wrong_argument_of_a_recipe_class_names_the_class_and_its_near_matches(tmp_path):
+    """Inside model and data, where jsonargparse's own message drops the suggestion or the key."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(RECIPE.read_text().replace("seq_len:", "seq_lenn:"))
+    code, (line,) = unimodal("train", str(recipe), "--tiny")
+    assert code == 2 and line.endswith(f"recipe {recipe}: data.init_args.seq_lenn: UnimodalDataModule takes no argument 'seq_lenn' "
+                                       "(did you mean 'seq_len'?)")
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", "--model.init_args.optimizer.lrr=1")
+    assert code == 2 and line.endswith("--model.init_args.optimizer.lrr: OptimizerConfig takes no argument 'lrr' (did you mean 'lr'?)")
+    orthus = ROOT / "recipes" / "orthus" / "base.yaml"  # a class in a mapping of classes
+    code, (line,) = unimodal("train", str(orthus), "--tiny", "--model.init_args.continuous.image.init_args.head_widht=8")
+    assert code == 2 and "TokenDiffusionImage takes no argument 'head_widht' (did you mean 'head_width'" in line
+
+
 def test_a_class_path_typo_says_what_does_not_import(tmp_path):
     recipe = tmp_path / "typo.yaml"
     recipe.write_text(RECIPE.read_text().replace("unimodal.data.UnimodalDataModule", "unimodal.data.UnimodalDataModul"))

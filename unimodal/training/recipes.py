@@ -54,6 +54,7 @@ from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
 from unimodal.training.finetune import FineTuneReport
+from unimodal.training.recipe_keys import check_arguments
 from unimodal.training.progress import StepProgressBar
 from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint
 from unimodal.training.strategies import register_strategies
@@ -319,6 +320,7 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
     args = [_resolve_arg(a, resolve_path) for a in args if a != "--tiny"]
     if args and not args[0].startswith("-"):
         config = load_recipe(Path(args[0]), tiny, resolve_path)
+        check_arguments(config, args[1:], f"recipe {args[0]}")
         init_from = _override(args[1:], "model.init_args.init_from") or ((config.get("model") or {}).get("init_args") or {}).get("init_from")
         builds = not parse_only and not {"--print_config", "--help", "-h"} & {a.split("=")[0] for a in args}
         if builds and init_from and not Path(init_from).exists():  # before the tokenizer it would give, which is then the recipe's
@@ -338,6 +340,7 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
 def check_recipe(config: dict[str, Any]) -> None:
     """Parse a recipe's config (overrides applied) as ``unimodal train`` does, building nothing: a
     misspelt key or a value of the wrong type raises the same ``ArgumentError``, in seconds."""
+    check_arguments(config, [], "recipe")
     config = copy.deepcopy(config)
     _resolve_precision(config)
     config["seed_everything"] = False  # nothing is seeded (nor logged) for a check
