@@ -17,7 +17,7 @@ from PIL import Image
 from unimodal.cli import main
 from unimodal.inference.chat import ChatError
 from unimodal.inference.chat import load as unimodal_load
-from unimodal.inference.terminal import Terminal
+from unimodal.inference.terminal import Terminal, printable
 
 GREEDY = {"temperature": 0.0}
 
@@ -221,16 +221,59 @@ def test_terminal_attaches_media_writes_replies_and_saves(tmp_path, monkeypatch)
     assert len(list(Path("outs").glob("reply*"))) > len(first)
 
 
-def test_a_failed_attachment_fails_one_turn_only(tmp_path):
+def test_a_bad_attachment_is_refused_when_attached_and_a_failed_turn_drops_its_attachments(tmp_path):
     assistant = media_assistant(context_length=200)
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF not really a wave file")
-    script = f"/audio {broken}\nwhat is this?\nhello\n/quit\n"
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    script = f"/audio {broken}\n/image {tmp_path}\nwhat is this?\n/image {picture}\n{'word ' * 300}\nhello\n/quit\n"
     out = io.StringIO()
     Terminal(assistant, tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
              stdin=io.StringIO(script), stdout=out).run()
     text = out.getvalue()
-    assert text.count("(error:") == 1 and "1 attachment(s) dropped" in text
+    assert "not attached: unreadable audio" in text and f"not attached: {tmp_path} is a directory, not an image file" in text
+    assert text.count("(error:") == 1 and "; 1 attachment dropped)" in text  # the over-long message, not the bad files
+    assert text.count("assistant> ") == 3  # the message typed after a refused file is still answered
+
+
+class _Interrupting:
+    """stdin whose first read is a Ctrl-C."""
+
+    def __init__(self, lines: str):
+        self.lines, self.first = io.StringIO(lines), True
+
+    def readline(self) -> str:
+        if self.first:
+            self.first = False
+            raise KeyboardInterrupt
+        return self.lines.readline()
+
+
+def test_ctrl_c_cancels_a_reply_and_at_the_prompt_keeps_the_conversation(tmp_path, monkeypatch):
+    assistant = media_assistant(context_length=200)
+    chat = assistant.chat
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return chat(*args, **kwargs)
+
+    monkeypatch.setattr(assistant, "chat", interrupted_once)
+    out = io.StringIO()
+    terminal = Terminal(assistant, tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+                        stdin=_Interrupting("first\nsecond\n/quit\n"), stdout=out)
+    terminal.run()
+    text = out.getvalue()
+    assert "(/quit or Ctrl-D leaves; /save keeps the conversation)" in text
+    assert "(reply cancelled; your message was not added to the conversation)" in text
+    assert [m["content"][0]["text"] for m in terminal.history if m["role"] == "user"] == ["second"]
+
+
+def test_control_characters_of_a_reply_are_shown_escaped():
+    assert printable("a\x1b[2Jb\tc\nd\x9b") == "a\\x1b[2Jb\tc\nd\\x9b"
 
 
 def test_a_save_or_a_reply_file_that_cannot_be_written_fails_one_line_and_the_chat_goes_on(tmp_path):

@@ -462,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{_rank_prefix()}{command}: error: {_reason(err)}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:  # `unimodal train` says at which step and what it saved (resume.Interrupted)
+        if os.environ.get("UNIMODAL_DEBUG"):
+            raise
+        print(f"\n{_rank_prefix()}{command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except OSError as err:
         if err.errno not in WRITE_ERRORS or os.environ.get("UNIMODAL_DEBUG"):
             raise

@@ -435,6 +435,8 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
     """An in-memory image or audio value (or a path to one) as the codec input."""
     if isinstance(value, (str, Path)):
         path = Path(value)
+        if path.is_dir():
+            raise ChatError(f"{where}: {path} is a directory, not {'an image' if kind == 'image' else 'an audio'} file")
         if not path.is_file():
             raise ChatError(f"{where}: {kind} file {path} does not exist")
         return _decode(MediaBytes(path.suffix.lstrip(".").lower(), path.read_bytes()), kind, where)
@@ -443,6 +445,8 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
     if kind == "audio" and isinstance(value, tuple) and len(value) == 2:
         return np.asarray(value[0], dtype=np.float32), int(value[1])
     if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ChatError(f"{where}: the {kind} holds NaN or infinite values")
         return value
     raise ChatError(f"{where}: {'an image' if kind == 'image' else 'audio'} must be a path, {'a PIL image or an HxWx3 uint8 array' if kind == 'image' else 'a (waveform, sample_rate) pair'}; got {type(value).__name__}")
 

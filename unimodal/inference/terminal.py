@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from unimodal.inference.chat import Assistant, ChatError
+from unimodal.inference.chat import Assistant, ChatError, parse_messages
 
 HELP = """commands:
   /image PATH    attach an image to your next message
@@ -28,6 +28,13 @@ HELP = """commands:
   /quit          leave (or Ctrl-D)"""
 
 SUFFIX = {"image": "png", "audio": "wav"}
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Model output as the terminal shows it: control characters (an escape sequence could move
+    the cursor, retitle the window or hide text) are written as ``\\xNN``."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class Terminal:
@@ -53,7 +60,11 @@ class Terminal:
         self.reset(quiet=True)
         while True:
             self.say("you> ", end="")
-            line = self.stdin.readline()
+            try:
+                line = self.stdin.readline()
+            except KeyboardInterrupt:  # the conversation stays: leaving takes /quit or Ctrl-D
+                self.say("\n(/quit or Ctrl-D leaves; /save keeps the conversation)")
+                continue
             if not line:
                 self.say()
                 return
@@ -77,10 +88,17 @@ class Terminal:
             path = Path(arg).expanduser()
             if not arg:
                 self.say(f"usage: {verb} PATH")
-            elif not path.is_file():
+                return True
+            if not path.exists():
                 self.say(f"no such file: {arg!r} (usage: {verb} PATH)")
+                return True
+            item = {"type": kind, kind: str(path.resolve()), "path": str(path.resolve())}
+            try:  # read now, so that a bad file never costs the message typed next
+                parse_messages([{"role": "user", "content": [item]}])
+            except ChatError as err:
+                self.say(f"not attached: {str(err).removeprefix('message 0, part 0: ')}")
             else:
-                self.attached.append({"type": kind, kind: str(path.resolve()), "path": str(path.resolve())})
+                self.attached.append(item)
                 self.say(f"attached {kind} {path} to your next message")
         elif verb == "/reset":
             self.reset()
@@ -105,12 +123,16 @@ class Terminal:
         message = {"role": "user", "content": [{"type": "text", "text": text}] + self.attached}
         self.say("assistant> ", end="")
         try:
-            reply = self.assistant.chat(self.history + [message], on_text=lambda t: self.say(t, end=""), **self.settings)
+            reply = self.assistant.chat(self.history + [message], on_text=lambda t: self.say(printable(t), end=""), **self.settings)
         except ChatError as err:
             # the message is not sent, so its attachments go too: a bad file must not fail every later turn
-            dropped = f"; {len(self.attached)} attachment(s) dropped" if self.attached else ""
+            count = len(self.attached)
+            dropped = f"; {count} attachment{'s' if count > 1 else ''} dropped" if count else ""
             self.attached = []
             self.say(f"\n(error: {err}{dropped})")
+            return
+        except KeyboardInterrupt:
+            self.say("\n(reply cancelled; your message was not added to the conversation)")
             return
         self.attached = []
         self.replies += 1

@@ -35,7 +35,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -370,16 +370,19 @@ def _cli(cli_class: type[UnimodalCLI], args: list[str], **kwargs: Any) -> Unimod
         # `unimodal pipeline` and `unimodal train` hand their own parsed arguments over on purpose;
         # Lightning would warn (and print the whole recipe) because sys.argv holds others
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return cli_class(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            run=False,
-            auto_configure_optimizers=False,
-            **options,
-        )
+        try:
+            return cli_class(
+                LightningModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=args,
+                run=False,
+                auto_configure_optimizers=False,
+                **options,
+            )
+        except MisconfigurationException as err:  # the Trainer refusing a setting (max_steps=-5): the user's to fix
+            raise UserError(str(err)) from None
 
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
