@@ -276,6 +276,9 @@ def test_size_and_duration_limits(url, assistant):
     assert status == 413 and "100000 bytes" in body["error"]["message"]
     status, body = call(url, "/v1/chat/completions", raw=b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+    nested = b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # within the size limit, past the parser's depth
+    status, body = call(url, "/v1/chat/completions", raw=nested)
+    assert status == 400 and body["error"]["message"] == "the body nests JSON arrays or objects too deeply"
     status, body = call(url, "/v1/chat/completions", raw=b"\xff\xfe{")  # json.loads guessed UTF-16 from these bytes
     assert status == 400 and body["error"]["message"] == "the body is not UTF-8 (byte 0); JSON bodies are UTF-8"
     long_system = [{"role": "system", "content": "rule " * 400}, {"role": "user", "content": "hi"}]

@@ -46,6 +46,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from unimodal.errors import UserError
 from unimodal.inference.batcher import Batcher, Busy, Job
@@ -77,8 +78,10 @@ class ServerLimits:
         names = {"max_request_bytes": "--max_request_mb", "max_seconds": "--max_seconds", "max_new_tokens": "--max_tokens",
                  "max_n": "max_n", "max_batch": "--max_batch"}
         for field_name, option in names.items():
-            if not getattr(self, field_name) > 0:
-                raise ValueError(f"{option} must be positive, got {getattr(self, field_name)}")
+            value = getattr(self, field_name)
+            if not value > 0:
+                shown = f"{value / 2**20:g}" if field_name == "max_request_bytes" else value  # as typed, in MB
+                raise ValueError(f"{option} must be positive, got {shown}")
         if self.batch_window_s < 0:
             raise ValueError(f"batch_window_s must be >= 0, got {self.batch_window_s}")
 
@@ -184,10 +187,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:  # gone before the body ended: nobody to answer, nothing to log
+        raise APIError(400, "the client closed the connection before the body ended") from None
     return bytes(body)
 
 
@@ -200,6 +206,8 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
         raise APIError(400, f"the body is not UTF-8 (byte {err.start}); JSON bodies are UTF-8") from None
     except json.JSONDecodeError as err:
         raise APIError(400, f"the body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise APIError(400, "the body nests JSON arrays or objects too deeply") from None
     if not isinstance(payload, dict):
         raise APIError(400, "the body must be a JSON object")
     model = payload.get("model")
