@@ -175,6 +175,20 @@ def test_data_tokenizer_reads_chats_and_keeps_an_existing_tokenizer(tmp_path: Pa
     assert out.read_bytes() != first
 
 
+@pytest.mark.parametrize(("make", "args", "message"), [
+    (lambda d: d, [], "is a directory; give a JSONL file of documents or chats"),
+    (lambda d: d / "bad.jsonl", [], "bad.jsonl:2: malformed JSON (Expecting value at column 13)"),
+    (lambda d: d / "good.jsonl", ["--vocab_size", "0"], "--vocab_size 0 is too small: the 256 byte pieces and 4 special tokens need 260"),
+    (lambda d: d / "good.jsonl", ["--vocab_size", "100000"], "good.jsonl: Vocabulary size too high (100000). Please set it to a value <= "),
+])
+def test_data_tokenizer_mistakes_are_one_line(tmp_path: Path, capsys, make, args, message):
+    (tmp_path / "good.jsonl").write_text(json.dumps({"parts": [{"type": "text", "text": "a few words"}]}) + "\n")
+    (tmp_path / "bad.jsonl").write_text((tmp_path / "good.jsonl").read_text() + '{"parts": [\n')
+    assert main(["data", "tokenizer", str(make(tmp_path)), "--out", str(tmp_path / "tok.model"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "tok.model").exists()
+
+
 def test_a_training_run_says_each_line_once(tmp_path):
     """Lightning's own console handler and the root handler both printed its records, so every
     Lightning line came twice; and Lightning advertised a hosted logger at every fit."""

@@ -180,10 +180,10 @@ def tokenizer(src: Path, *, out: Path, vocab_size: int = 1024, overwrite: bool =
         vocab_size: pieces in the vocabulary.
         overwrite: replace an existing --out (a trained model's tokenizer must not change under it).
     """
+    from unimodal.data.jsonl import check_source
     from unimodal.data.sentencepiece_trainer import train_tokenizer
 
-    if not Path(src).is_file():
-        raise FileNotFoundError(f"source {src} does not exist (a JSONL of documents or chats)")
+    check_source(src)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists: a run trained with it needs it as it is; give a new --out, or --overwrite")
     return f"wrote {train_tokenizer(src, out, vocab_size=vocab_size)}"

@@ -73,6 +73,14 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     return Document(parts, meta, key, source=where)
 
 
+def check_source(src: str | Path) -> None:
+    """A source JSONL that is not there, or a directory given for one, in one line."""
+    if Path(src).is_dir():
+        raise ValueError(f"source {src} is a directory; give a JSONL file of documents or chats")
+    if not Path(src).is_file():
+        raise FileNotFoundError(f"source {src} does not exist (a JSONL of documents or chats)")
+
+
 def pack_jsonl(
     src_jsonl: str | Path,
     out_dir: str | Path,
@@ -92,8 +100,7 @@ def pack_jsonl(
     ``val_fraction`` > 0 writes ``out_dir/train`` and ``out_dir/val``, each document going to
     ``val`` by a stable hash of its key; the stats of both are returned under those names.
     """
-    if not Path(src_jsonl).is_file():  # before any output folder is made
-        raise FileNotFoundError(f"source {src_jsonl} does not exist (a JSONL of documents or chats)")
+    check_source(src_jsonl)  # before any output folder is made
     if max_docs_per_shard < 1 or max_bytes_per_shard < 1:
         raise ValueError(f"a shard must have room for a document: max_docs_per_shard={max_docs_per_shard} and a shard "
                          f"size of {max_bytes_per_shard} bytes must both be at least 1")
