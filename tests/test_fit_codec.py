@@ -213,6 +213,17 @@ def test_codecs_it_cannot_refit_are_refused_in_one_line(codec, expected, made, t
     assert err.startswith("unimodal data fit-codec: error: ") and expected in err
 
 
+def test_a_file_as_out_and_a_limit_below_one_are_refused_before_any_media_is_read(made, tmp_path, capsys):
+    occupied = tmp_path / "notes.txt"
+    occupied.write_text("mine")
+    base = ["data", "fit-codec", str(tmp_path / "nothing-read"), "--codec", str(made["root"] / "old")]
+    assert main([*base, "--out", str(occupied)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"{occupied} is a file; write the refit codec to a new directory")
+    assert main([*base, "--out", str(tmp_path / "out"), "--limit", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("--limit must be at least 1 (clips or images to fit on), got 0")
+    assert occupied.read_text() == "mine"
+
+
 def test_a_media_folder_that_is_not_there_is_named(made, tmp_path, capsys):
     missing = tmp_path / "novoices"
     assert main(["data", "fit-codec", str(missing), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2

@@ -14,5 +14,7 @@ class UserError(Exception):
 def refuse_nonempty(out: Path, hint: str) -> None:
     """Commands that write a directory never write into one that already holds something: the user
     keeps what is there. Checked before any work, so a refusal costs nothing."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; {hint}")
+    if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; {hint}")

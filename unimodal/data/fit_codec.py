@@ -159,6 +159,8 @@ def fit_codec(
     and save it to ``out``, a directory that loads like the original."""
     out = Path(out)
     refuse_nonempty(out, "write the refit codec to a new directory")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1 (clips or images to fit on), got {limit}")
     fitted, old = trainable_codec(codec)
     items = read_media(src, fitted, limit, progress)
     with one_thread():
