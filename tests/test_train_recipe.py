@@ -121,6 +121,14 @@ def test_the_progress_bar_of_a_step_based_run_counts_to_its_last_step():
     bar = StepProgressBar()
     bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=50)
     assert bar._get_train_description(0).strip() == "Epoch 0 (to step 50)"
+    assert bar.total_train_batches == 50  # not the steps left: a resumed run reads 17/50, not 17/34
+    shown = []
+    bar._update = lambda task, current: shown.append(current)
+    bar._update_metrics = bar.refresh = lambda *args: None
+    bar.train_progress_bar_id = 0
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=50, global_step=17)
+    bar.on_train_batch_end(bar._trainer, None, None, None, batch_idx=70)  # a micro-batch's index under accumulation
+    assert shown == [17]
     bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
     assert bar._get_train_description(1).strip() == "Epoch 1/2"
 
