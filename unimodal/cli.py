@@ -441,6 +441,8 @@ class Parser(ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' own bars ("Loading weights", "Writing model shards") would interleave with ours
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _one_log_line_each()
     argv = list(sys.argv[1:] if argv is None else argv)
