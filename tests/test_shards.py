@@ -108,6 +108,15 @@ def test_inspect(source: Path, tmp_path: Path):
 
     single = inspect_path(out / "shard-000001.tar")
     assert "documents: 1" in single and "counted from the shards" in single and "00000003" in single
+    assert "doc-a" not in inspect_path(out, n=0)  # the summary alone, read from stats.json
+
+
+def test_data_inspect_takes_builtin_names(capsys):
+    from unimodal.cli import main
+
+    assert main(["data", "inspect", "builtin:shapes/train", "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "documents: 512" in out and "first 1 document:" in out
 
 
 def _write_source(tmp_path: Path, lines: list[str]) -> Path:

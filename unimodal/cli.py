@@ -126,6 +126,18 @@ def encode(
     return f"wrote {stats['documents']} documents to {out} (codes: {', '.join(sorted(stats['codes']))})"
 
 
+def inspect_shards(path: str, n: int = 3) -> str:
+    """Summarise a shard or a shard directory and show its first documents.
+
+    Args:
+        path: a shard directory, brace pattern or shard; a builtin: name (builtin:shapes/train).
+        n: documents to show.
+    """
+    from unimodal.worlds import resolve
+
+    return inspect_path(resolve(path), n)
+
+
 def fit_codec(src: str, *, codec: str, out: Path, limit: int | None = None, seed: int = 0) -> str:
     """Refit a trainable codec's codebooks on your own media (docs/refit-codec.md).
 
@@ -399,7 +411,7 @@ VERBS: dict[str, Any] = {
         "pack": pack,
         "encode": encode,
         "fit-codec": fit_codec,
-        "inspect": inspect_path,
+        "inspect": inspect_shards,
         "text-corpus": text_corpus,
         "digits": digits,
         "tokenizer": tokenizer,

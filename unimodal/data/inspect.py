@@ -49,6 +49,8 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
         path: a shard directory, brace pattern or shard.
         n: documents to show.
     """
+    if n < 0:
+        raise ValueError(f"--n must be 0 or more (documents to show), got {n}")
     path = Path(path)
     urls = expand_shards(path)
     stats_file = path / STATS_FILE if path.is_dir() else None
@@ -66,9 +68,9 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
         lines.append("stats.json: none (counted from the shards)")
     else:
         for doc in read_documents(urls, decode=False, policy=policy):
-            first.append(doc)
-            if len(first) == n:
+            if len(first) >= n:
                 break
+            first.append(doc)
         lines.append(f"stats.json: {stats_file}")
     lines.append(f"schema: {stats.get('schema')}")
     lines.append(f"documents: {stats['documents']}")
@@ -79,7 +81,7 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
     )
     if policy.skipped:
         lines.append(f"bad samples: {policy.skipped} (first: {policy.examples[0].reason})")
-    lines.append(f"first {len(first)} documents:")
+    lines.append(f"first {len(first)} document{'' if len(first) == 1 else 's'}:")
     for doc in first:
         lines.append(f"  {doc.key} in {Path(doc.source).name}" + (f" meta={json.dumps(doc.meta)}" if doc.meta else ""))
         lines.extend(_describe_part(i, part) for i, part in enumerate(doc.parts))

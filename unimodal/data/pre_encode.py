@@ -75,7 +75,7 @@ def code_sources(
         size = int(fingerprint["codebook_size"]) * layers
         if code_ranges.get(modality) != size or code_layers.get(modality, 1) != layers:
             raise ValueError(
-                f"{path} holds {modality} codes of {layers} layer(s) x {fingerprint['codebook_size']} "
+                f"{path} holds {modality} codes of {layers} layer{'' if layers == 1 else 's'} x {fingerprint['codebook_size']} "
                 f"([{describe_fingerprint(fingerprint)}]) but the data config gives "
                 f"code_ranges.{modality}={code_ranges.get(modality)}, "
                 f"code_layers.{modality}={code_layers.get(modality, 1)}"
