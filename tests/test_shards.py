@@ -320,3 +320,21 @@ def test_a_file_that_is_not_a_shard_is_named_as_such(tmp_path: Path):
     Image.new("RGB", (4, 4)).save(picture)
     with pytest.raises(ValueError, match=r"cat\.png is not a tar shard \(a folder of \.tar shards, a shard or a brace pattern\)"):
         inspect_path(picture)
+
+
+def test_members_named_like_paths_are_bad_samples(tmp_path: Path):
+    """A tar not written by data pack may name members ../x or /x: each is counted as bad, never read as a document."""
+    import io
+
+    good = json.dumps(Document([Part("text", text="fine")], key="ok").to_json()).encode()
+    shard = tmp_path / "odd.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("ok.json", "../../tmp/escape.json", "/tmp/absolute.json", "sub/dir.json"):
+            info = tarfile.TarInfo(name)
+            info.size = len(good)
+            tar.addfile(info, io.BytesIO(good))
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    assert [doc.key for doc in read_documents(shard, policy=policy)] == ["ok"]
+    assert policy.skipped == 3
+    with pytest.raises(DocumentError, match=r"odd\.tar: invalid sample key '\.\./\.\./tmp/escape'"):
+        list(read_documents(shard))

@@ -410,6 +410,10 @@ def sample_to_document(sample: dict[str, Any], decode: bool = True) -> Document:
     """Turn a raw sample into a Document, media decoded (``decode``) or left as ``MediaBytes``."""
     key, url = sample.get("__key__", ""), sample.get("__url__", "")
     where = f"sample {key!r} in {url}"
+    try:  # a member named like a path (../x, /etc/x, dir/x) was not written by data pack
+        check_key(key)
+    except DocumentError as err:
+        raise DocumentError(f"{url}: {err}") from None
     if "json" not in sample:
         members = ", ".join(k for k in sample if not k.startswith("__"))
         raise DocumentError(f"{where}: no json member (has: {members or 'nothing'})")
