@@ -127,8 +127,10 @@ def test_last_ckpt_holds_the_last_step_and_a_longer_run_resumes_from_it_exactly(
     train(recipe, run, "--trainer.max_steps=3", "--checkpoint_every_n_steps=2")
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 3 and last["UnimodalDataModule"]["epoch"] == 0 and last["UnimodalDataModule"]["batches"] == 3
-    train(recipe, run, "--resume=auto", "--checkpoint_every_n_steps=2")
+    train(recipe, run, "--resume=auto", "--checkpoint_every_n_steps=5")  # another interval: the same last.ckpt goes on
     assert losses(run) == losses(reference)
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] > 3
 
 
 def test_resume_auto_without_checkpoints_starts_fresh_and_rejects_both_options(recipe, tmp_path):

@@ -115,6 +115,13 @@ class StepCheckpoint(ModelCheckpoint):
     mid-epoch, where a resume continues exactly as an uninterrupted run would.
     """
 
+    @property
+    def state_key(self) -> str:
+        """The same whatever the interval: a run resumed with another ``--checkpoint_every_n_steps``
+        restores this callback's state, so it goes on writing ``last.ckpt`` instead of starting a
+        ``last-v1.ckpt`` beside a stale one."""
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if 0 < trainer.max_steps <= trainer.global_step:
