@@ -265,7 +265,7 @@ def test_a_huge_diffusion_steps_setting_is_refused_naming_its_cap():
     caps = sampling_caps(media_assistant(settings=GenerationSettings(image={"steps": 50})))
     body = {"messages": [{"role": "user", "content": "hi"}], "image": {"steps": 10_000_000}}
     call = parse_request(json.dumps(body).encode(), "tiny", LIMITS)
-    with pytest.raises(APIError, match=r"image\.steps=1e\+07 is more than this server allows \(200, 4x") as refused:
+    with pytest.raises(APIError, match=r"image\.steps=10000000 is more than this server allows \(200, 4x") as refused:
         check_caps(call.settings, caps)
     assert refused.value.status == 400
 
@@ -284,6 +284,9 @@ def test_size_and_duration_limits(url, assistant):
     long_system = [{"role": "system", "content": "rule " * 400}, {"role": "user", "content": "hi"}]
     status, body = chat(url, long_system)
     assert status == 400 and "the system prompt and the last message make a prompt of" in body["error"]["message"]
+    assert "lower max_tokens" in body["error"]["message"]  # the request's name for the engine's max_new_tokens
+    status, body = chat(url, [{"role": "user", "content": "hi"}], max_tokens=True)
+    assert status == 400 and body["error"]["message"] == "max_tokens must be a positive integer"
     status, body = chat(url, [{"role": "user", "content": "hi"}], max_tokens=30, timeout_s=1e-4)
     assert status == 408 and "limit of 0.0001 s" in body["error"]["message"]
     status, body = chat(url, [{"role": "user", "content": "hi"}], timeout_s=61)

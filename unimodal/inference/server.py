@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import secrets
+import re
 import signal
 import threading
 import time
@@ -235,7 +236,7 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     audio_format = _audio_output(payload, settings)
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
     if max_tokens is not None:
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise APIError(400, "max_tokens must be a positive integer")
         if max_tokens > limits.max_new_tokens:
             raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({limits.max_new_tokens})")
@@ -324,7 +325,7 @@ def check_caps(settings: dict[str, Any], caps: dict[str, float]) -> None:
             flat.update({f"{name}.{k}": v for k, v in nested.items() if f"{name}.{k}" in caps})
     for key, value in flat.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > caps[key]:
-            raise APIError(400, f"{key}={value:g} is more than this server allows ({caps[key]:g}, 4x the model's own setting)")
+            raise APIError(400, f"{key}={value} is more than this server allows ({caps[key]:g}, 4x the model's own setting)")
 
 
 AUDIO_HEADERS = ((b"RIFF", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"))
@@ -427,8 +428,8 @@ def _result(future: asyncio.Future, job: Job, batcher: Batcher, limits: ServerLi
             408, f"the generation ran longer than its limit of {job.timeout_s:g} s (timeout_s, at most --max_seconds "
             f"{limits.max_seconds:g}); ask for fewer tokens (max_tokens)", "timeout",
         ) from None
-    except (ChatError, ValueError) as err:
-        raise APIError(400, str(err)) from None
+    except (ChatError, ValueError) as err:  # the engine names its setting; a request calls it max_tokens
+        raise APIError(400, re.sub(r"\bmax_new_tokens\b", "max_tokens", str(err))) from None
     except Exception as err:  # noqa: BLE001 - any other failure is the server's, and says so in JSON
         log.error("generation failed", exc_info=err)
         raise APIError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
