@@ -126,6 +126,7 @@ def test_an_error_during_packing_gets_a_line_of_its_own_after_the_progress_bar(t
     err = capsys.readouterr().err
     assert "packing dup.jsonl" in err  # the bar was drawn, and closed before the error line
     assert err.replace("\r", "\n").splitlines()[-1].startswith("unimodal data pack: error: sample 'a'")
+    assert not (tmp_path / "out").exists()  # the shard written before the error went with it
 
 
 def test_train_help_shows_the_recipe_argument(capsys):

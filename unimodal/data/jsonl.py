@@ -124,6 +124,10 @@ def pack_jsonl(
                 shutil.rmtree(Path(out_dir) / "train")
             hint = f"; with --val_fraction {val_fraction} no document falls in it: pack more documents or change --val_fraction"
             raise EmptyOutput(f"{err}{hint if err.elsewhere else ''}") from None
+        except BaseException:  # the val split failing leaves no train split behind either
+            if fresh:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         return written
     return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
                        max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
@@ -169,8 +173,13 @@ def _pack_jsonl(
                     elsewhere += 1
 
     fresh = not out_dir.exists()
-    with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
-        stats = write_shards(docs, out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
+    try:
+        with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
+            stats = write_shards(docs, out_dir, max_docs_per_shard, max_bytes_per_shard, prefix, reject)
+    except BaseException:  # a bad line or Ctrl-C: no half-written shard set is left for a run to read
+        if fresh:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     if not stats["documents"]:
         if fresh:
             out_dir.rmdir()
