@@ -92,6 +92,8 @@ def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys):
     [
         ("[{path: builtin:text", "'[{path: builtin:text' is not a valid YAML list or mapping (expected ',' or '}'"),
         ("{path: x", "'{path: x' is not a valid YAML list or mapping"),
+        ("data/generated", "takes a list, and 'data/generated' is one value (read as a YAML file holding the list, which it is not); "
+                           "quote a YAML list, e.g. '[data/generated]'"),
     ],
 )
 def test_a_malformed_list_in_a_recipe_class_says_which_key_and_why(value, says, capsys):

@@ -588,6 +588,11 @@ def _parse_error(message: str, full_key: bool = False) -> str:
     given = re.search(r"Got value: ([\[{].*)$", body, re.M)
     if given is not None:
         reason = _yaml_problem(given.group(1)) or reason
+    single = re.match(r"Expected a path but (.*) either not accessible or invalid", reason)
+    if single is not None:  # a list option given one value, which jsonargparse reads as a file holding the list
+        value = single.group(1)
+        reason = (f"takes a list, and {value!r} is one value (read as a YAML file holding the list, which it is not); "
+                  f"quote a YAML list, e.g. '[{value}]' or '[{{path: {value}}}]'")
     choice = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", reason)
     if choice is not None:
         reason = f"{choice.group(2)!r} is not one of: {', '.join(map(str, ast.literal_eval(f'[{choice.group(1)}]')))}"
