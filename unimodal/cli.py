@@ -294,6 +294,8 @@ def chat(
     from unimodal.inference.chat import load
     from unimodal.inference.terminal import Terminal
 
+    if Path(out).exists() and not Path(out).is_dir():  # before the model loads, not at the first picture
+        raise FileExistsError(f"--out {out} is a file; give a directory for the images and audio of replies")
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     Terminal(load(model, device=device, max_audio_seconds=max_audio_seconds), out, settings=settings, system=system).run()
 
