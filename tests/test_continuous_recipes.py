@@ -78,6 +78,18 @@ def converted(tmp_path_factory) -> tuple[Path, dict[int, int]]:
     return out, mapping
 
 
+def test_convert_orthus_says_when_the_source_has_no_tokenizer(tmp_path, caplog):
+    src = tmp_path / "chameleon"
+    tiny_chameleon(src)
+    with caplog.at_level("WARNING", logger="unimodal.convert"):
+        assert unimodal_main(["convert", "orthus", "--src", str(src), "--out", str(tmp_path / "bare")]) == 0
+    assert "holds no tokenizer files" in caplog.text
+    (src / "tokenizer.json").write_text("{}")
+    caplog.clear()
+    assert unimodal_main(["convert", "orthus", "--src", str(src), "--out", str(tmp_path / "with")]) == 0
+    assert "holds no tokenizer files" not in caplog.text and (tmp_path / "with" / "backbone" / "tokenizer.json").is_file()
+
+
 def test_convert_orthus_builds_the_base_starting_point(converted):
     from transformers import ChameleonVQVAE
 

@@ -16,6 +16,7 @@ Writes into ``OUT``:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from unimodal.errors import refuse_nonempty
 from unimodal.models.continuous import TokenDiffusionImage
 
 MODULES_FILE = "orthus_modules.safetensors"
+log = logging.getLogger("unimodal.convert")
+
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "added_tokens.json")
 
 
@@ -60,9 +63,13 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "backbone")
-    for pattern in TOKENIZER_FILES:
-        for file in src.glob(pattern):
-            shutil.copy2(file, out / "backbone" / file.name)
+    copied = [file for pattern in TOKENIZER_FILES for file in src.glob(pattern)]
+    for file in copied:
+        shutil.copy2(file, out / "backbone" / file.name)
+    if not any(file.name.startswith("tokenizer") for file in copied):
+        log.warning("%s holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...), so %s has none: "
+                    "recipes/orthus/base.yaml reads data.init_args.tokenizer from there; copy Chameleon's tokenizer "
+                    "files into it, or set that key", src, out / "backbone")
     vq.save_pretrained(out / "vqvae")
     save_file({k: v.contiguous() for k, v in modality.state_dict().items()}, str(out / MODULES_FILE))
     (out / "orthus.json").write_text(json.dumps({"hidden_size": model.config.hidden_size, **args}, indent=2) + "\n")
