@@ -111,7 +111,7 @@ def test_reply_parts_are_decoded_saved_and_fit_back_into_the_history(tmp_path):
     assert rate == 8000 and wave.dtype == np.float32 and len(wave) == 4 * 80
     written = sound.parts[0].save(tmp_path / "out.wav")
     assert soundfile.info(str(written)).samplerate == 8000
-    with pytest.raises(ValueError, match="cannot write audio as out.png: give a .wav"):
+    with pytest.raises(ValueError, match="cannot write audio as out.png: give a path ending in a format soundfile writes"):
         sound.parts[0].save(tmp_path / "out.png")
     with pytest.raises(ValueError, match="cannot write an image as out.wav: give a .png"):
         reply.parts[0].save(tmp_path / "out.wav")

@@ -79,7 +79,7 @@ class ReplyPart:
         suffix = path.suffix.lower()
         if self.type == "image" and self.image is not None:
             if suffix not in Image.registered_extensions():
-                raise ValueError(f"cannot write an image as {path.name}: give a .png or .jpg path")
+                raise ValueError(f"cannot write an image as {path.name}: give a path ending in an image format (.png, .jpg, ...)")
             path.parent.mkdir(parents=True, exist_ok=True)
             self.image.save(path)
         elif self.type == "audio" and self.audio is not None:
@@ -87,7 +87,7 @@ class ReplyPart:
 
             fmt = suffix.lstrip(".").upper() or "WAV"
             if fmt not in soundfile.available_formats():
-                raise ValueError(f"cannot write audio as {path.name}: give a .wav, .flac or .ogg path")
+                raise ValueError(f"cannot write audio as {path.name}: give a path ending in a format soundfile writes (.wav, .flac, .ogg, ...)")
             path.parent.mkdir(parents=True, exist_ok=True)
             soundfile.write(str(path), self.audio, self.sample_rate, format=fmt)
         else:
