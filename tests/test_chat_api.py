@@ -113,7 +113,7 @@ def test_reply_parts_are_decoded_saved_and_fit_back_into_the_history(tmp_path):
     assert soundfile.info(str(written)).samplerate == 8000
     with pytest.raises(ValueError, match="cannot write audio as out.png: give a path ending in a format soundfile writes"):
         sound.parts[0].save(tmp_path / "out.png")
-    with pytest.raises(ValueError, match="cannot write an image as out.wav: give a .png"):
+    with pytest.raises(ValueError, match="cannot write an image as out.wav: give a path ending in an image format"):
         reply.parts[0].save(tmp_path / "out.wav")
     # a clip its codec decodes to no samples is left out, never sent as a header-only WAV
     assistant.codecs["audio"].decode = lambda codes: np.zeros(0, np.float32)
