@@ -539,3 +539,17 @@ def test_a_client_that_disconnects_from_a_stream_cancels_its_generation():
         while stats["cancelled"] == 0 and time.monotonic() - started < 30:
             time.sleep(0.02)
         assert stats["cancelled"] == 1 and time.monotonic() - started < 1.5
+
+
+def test_a_port_in_use_is_one_line_before_uvicorn_starts():
+    import socket
+
+    from unimodal.errors import UserError
+    from unimodal.inference.server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use \(is another server"):
+            serve(slowed_assistant(0.0), port=port, model_name="tiny")

@@ -35,6 +35,7 @@ import logging
 import secrets
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -563,6 +564,7 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name, batcher=batcher)
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a port number (0-65535)")
+    _check_address(host, port)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
 
@@ -583,3 +585,15 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models, GET /health)", model_name or assistant.name, host, port)
     batcher.run()
     http.join()
+
+
+def _check_address(host: str, port: int) -> None:
+    """An address in use (or not this machine's) in one line, before uvicorn logs its own error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another server on that port? "
+                            "choose another --port)") from None
