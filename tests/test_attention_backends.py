@@ -26,7 +26,7 @@ def test_auto_picks_flex_on_cuda_and_sdpa_elsewhere(monkeypatch):
     assert attention.resolve_backend("auto") == "sdpa"
     monkeypatch.setattr(attention, "flex_available", lambda: True)
     assert attention.resolve_backend("auto") == attention.FLEX_IMPLEMENTATION
-    with pytest.raises(RuntimeError, match="needs CUDA and the xformers package"):
+    with pytest.raises(UserError, match="needs CUDA and the xformers package"):
         attention.resolve_backend("xformers")
     with pytest.raises(ValueError, match="not one of"):
         attention.resolve_backend("flash")

@@ -81,6 +81,8 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["eval", "runs/no-such-model", "--suite", "digits"], "runs/no-such-model does not exist"),
         (["chat", "runs/no-such-model", "--out", "README.md"], "--out README.md is a file"),  # before the model loads
         (["data", "inspect", "builtin:shapes/train", "--n", "-1"], "--n must be 0 or more"),
+        (["eval", "README.md", "--suite", "digits"], "README.md is not a unimodal export directory"),  # not the report path
+        (["pipeline", "recipes/pipelines/text.yaml", "--tiny", "--root", "README.md"], "root README.md is a file"),
     ],
 )
 def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys):

@@ -66,6 +66,16 @@ def test_a_recipe_or_pipeline_that_is_not_yaml_is_one_line_and_runs_nothing(tmp_
     assert code == 2 and line.endswith("recipes/orthus is a directory; give a YAML file in it")
 
 
+def test_a_backend_this_machine_lacks_is_one_line(tmp_path):
+    from unimodal.models.attention import xformers_available
+
+    if xformers_available():
+        pytest.skip("this machine has xformers on CUDA")
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}",
+                             "--model.init_args.backbone.attention=xformers", *QUIET)
+    assert code == 2 and line.endswith("needs CUDA and the xformers package (pip install 'unimodal[gpu]'); use attention: auto or sdpa")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")

@@ -110,7 +110,7 @@ def test_ctrl_c_ends_the_run_in_one_line_naming_the_checkpoint_to_resume_from(re
     # no Ctrl-C could reach it either: Python's own handler stands in for a terminal's
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(Interrupted, match=r"interrupted \(Ctrl-C\) at step 3, without saving; the newest checkpoint is .*checkpoints/last.ckpt \(step 2\): continue with --resume auto") as stopped:
+        with pytest.raises(Interrupted, match=r"interrupted \(Ctrl-C\) at step 3, without saving; the newest checkpoint is .*checkpoints/last.ckpt \(step 2\); continue with --resume auto") as stopped:
             train(recipe, tmp_path / "run", "--checkpoint_every_n_steps=2")
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT from then on

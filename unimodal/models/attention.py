@@ -119,7 +119,7 @@ def resolve_backend(name: str) -> str:
         return FLEX_IMPLEMENTATION
     if name == "xformers":
         if not xformers_available():
-            raise RuntimeError("attention backend 'xformers' needs CUDA and the xformers package (pip install 'unimodal[gpu]')")
+            raise UserError("attention backend 'xformers' needs CUDA and the xformers package (pip install 'unimodal[gpu]'); use attention: auto or sdpa")
         AttentionInterface.register(XFORMERS_IMPLEMENTATION, xformers_attention_forward)
         return XFORMERS_IMPLEMENTATION
     return name

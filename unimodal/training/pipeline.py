@@ -173,7 +173,10 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
             for ref in REFERENCE.findall(value):
                 if ref[0] not in earlier:
                     raise PipelineError(f"{path}: stage {stage.name!r} refers to {{stages.{ref[0]}}}, not an earlier stage")
-    return Pipeline(path, Path(root) if root is not None else Path(pipeline_root), stages)
+    where = Path(root) if root is not None else Path(pipeline_root)
+    if where.exists() and not where.is_dir():
+        raise PipelineError(f"the pipeline's root {where} is a file; give a directory for its stages (--root)")
+    return Pipeline(path, where, stages)
 
 
 def _find_recipe(recipe: str, pipeline: Path) -> Path:
@@ -287,7 +290,7 @@ def _train(config_file: Path) -> int | None:
     if result.returncode == 143:
         raise Preempted(f"stopped by SIGTERM (stage process {config_file})")
     if result.returncode == 130:
-        raise Interrupted(f"stopped by Ctrl-C (stage process {config_file}); run the same pipeline command again to continue it")
+        raise Interrupted(f"stopped by Ctrl-C (stage process {config_file})")
     if result.returncode != 0:
         raise RuntimeError(f"training {config_file} failed with exit code {result.returncode}")
     return None
@@ -320,9 +323,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         steps = _train(config_file)
     except (Preempted, Interrupted) as err:  # the attempt's time still counts in the stage's wall
         marker.write_text(json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
-        if isinstance(err, Preempted):
-            raise Preempted(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
-        raise
+        raise type(err)(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
     if _global_rank() != 0:  # rank 0 exports; the others wait for its marker

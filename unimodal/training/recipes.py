@@ -505,6 +505,8 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
         newest = find_latest_checkpoint(cli.checkpoint_dir)
         step = checkpoint_step(newest)
         at = f" (step {step})" if step is not None else ""
-        where = f"the newest checkpoint is {newest}{at}: continue with --resume auto" if newest else "no checkpoint was saved yet"
-        raise Interrupted(f"interrupted (Ctrl-C) at step {cli.trainer.global_step}, without saving; {where}") from None
+        stopped = f"interrupted (Ctrl-C) at step {cli.trainer.global_step}, without saving"
+        if newest is None:
+            raise Interrupted(f"{stopped}; no checkpoint was saved yet", how_to_continue="") from None
+        raise Interrupted(f"{stopped}; the newest checkpoint is {newest}{at}") from None
     return cli.trainer

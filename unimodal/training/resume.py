@@ -31,18 +31,22 @@ log = logging.getLogger("unimodal.train")
 RNG_KEY = "unimodal_rng"
 
 
-class Preempted(UserError):
-    """The run stopped on SIGTERM after saving a checkpoint; ``how_to_continue`` says how to go on
-    (``--resume auto`` for a training run, the same command again for a pipeline)."""
-
-    exit_code = 143  # 128 + SIGTERM, as if the signal had ended the process
+class Stopped(UserError):
+    """A run stopped by a signal; ``how_to_continue`` says how to go on (``--resume auto`` for a
+    training run, the same command again for a pipeline)."""
 
     def __init__(self, what: str, how_to_continue: str = "continue with --resume auto"):
-        super().__init__(f"{what}; {how_to_continue}")
+        super().__init__(f"{what}; {how_to_continue}" if how_to_continue else what)
         self.what = what
 
 
-class Interrupted(UserError):
+class Preempted(Stopped):
+    """The run stopped on SIGTERM after saving a checkpoint."""
+
+    exit_code = 143  # 128 + SIGTERM, as if the signal had ended the process
+
+
+class Interrupted(Stopped):
     """The run stopped on Ctrl-C; Lightning saves nothing then (SIGTERM does: :class:`Preempted`)."""
 
     exit_code = 130  # 128 + SIGINT

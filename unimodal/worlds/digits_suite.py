@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from unimodal.checkpoints.load import read_export_config
 from unimodal.inference.chat import load
 from unimodal.schema import Part
 from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
@@ -264,6 +265,7 @@ def evaluate(
     classifications. Pictures and speech are sampled with the model's own defaults, seeded (seed
     0 unless ``settings`` give one) so that a scoreboard can be reproduced.
     """
+    read_export_config(model_dir)  # a checkpoint or a run directory is named as one before the report path is
     path = Path(out) if out is not None else Path(model_dir) / "eval-digits.json"
     existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
