@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import difflib
 import inspect
 import logging
 import os
@@ -595,10 +596,23 @@ def _parse_error(message: str, full_key: bool = False) -> str:
         value = single.group(1)
         reason = (f"takes a list, and {value!r} is one value (read as a YAML file holding the list, which it is not); "
                   f"quote a YAML list, e.g. '[{value}]' or '[{{path: {value}}}]'")
+    precision = re.search(r"Given value: (\S+)", reason) if key.endswith("trainer.precision") else None
+    if precision is not None:  # jsonargparse reports the last alternative of the Union it tried (int)
+        reason = _precision_problem(precision.group(1))
     choice = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", reason)
     if choice is not None:
         reason = f"{choice.group(2)!r} is not one of: {', '.join(map(str, ast.literal_eval(f'[{choice.group(1)}]')))}"
     return f"--{key if full_key else key.rsplit('.', 1)[-1]}: {reason}"
+
+
+def _precision_problem(value: str) -> str:
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    known = ["auto", *typing.get_args(_PRECISION_INPUT_STR)]
+    near = difflib.get_close_matches(value, known, n=1)
+    return f"{value!r} is not a precision{f' (did you mean {near[0]!r}?)' if near else ''}; one of: {', '.join(known)}"
 
 
 def _as_typed(key: str) -> str:
