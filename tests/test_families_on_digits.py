@@ -54,6 +54,17 @@ def test_every_family_trains_on_the_digits_world_and_is_scored(scoreboard):
     assert len(markdown(rows).splitlines()) == 2 + len(rows)
 
 
+
+def test_a_run_of_some_families_keeps_the_others_rows(tmp_path, monkeypatch):
+    tool = _tool()
+    (tmp_path / "scoreboard.json").write_text(json.dumps([{"family": "seed", "kept": True}, {"family": "mio", "kept": True}]))
+    monkeypatch.setattr(tool, "score_family", lambda family, *args: {"family": family, "kept": False})
+    monkeypatch.setattr(tool, "markdown", lambda rows: "")
+    tool.main(["--root", str(tmp_path), "--families", "mio", "orthus"])
+    rows = json.loads((tmp_path / "scoreboard.json").read_text())
+    assert [(row["family"], row["kept"]) for row in rows] == [("orthus", False), ("mio", False), ("seed", True)]
+
+
 @pytest.mark.parametrize(("family", "llm_stage"), [("seed", "pretrain_lora"), ("mio", "stage1")])
 def test_the_llm_stages_read_pictures_with_the_seed_tokenizer_the_pipeline_trained(scoreboard, family, llm_stage):
     rows, _ = scoreboard

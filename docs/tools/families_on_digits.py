@@ -6,7 +6,8 @@ world and scored by the digits suite.
 For every family it runs ``recipes/pipelines/digits-FAMILY.yaml --tiny`` under ``ROOT/FAMILY``
 (finished stages are skipped when run again, as with any pipeline), scores the last stage's
 export with the suite of ``unimodal eval --suite digits`` (``ROOT/FAMILY/scoreboard.json``),
-writes ``ROOT/scoreboard.json`` and prints the Markdown table.
+writes ``ROOT/scoreboard.json`` (families run before and not this time keep their rows) and prints
+the Markdown table.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = [score_family(family, args.root, args.limit, args.steps) for family in args.families]
     except (PipelineError, UserError) as err:  # a stage finished with another configuration, a missing file: one line
         raise SystemExit(f"families_on_digits.py: error: {err}") from None
-    (args.root / "scoreboard.json").write_text(json.dumps(rows, indent=2) + "\n")
+    board = args.root / "scoreboard.json"
+    scored = {row["family"] for row in rows}
+    earlier = json.loads(board.read_text()) if board.is_file() else []  # families not run this time keep their rows
+    rows = sorted([row for row in earlier if row["family"] not in scored] + rows, key=lambda row: FAMILIES.index(row["family"]))
+    board.write_text(json.dumps(rows, indent=2) + "\n")
     print(markdown(rows))
     print(f"wrote {args.root / 'scoreboard.json'}")
 
