@@ -265,7 +265,8 @@ def evaluate(
     classifications. Pictures and speech are sampled with the model's own defaults, seeded (seed
     0 unless ``settings`` give one) so that a scoreboard can be reproduced.
     """
-    read_export_config(model_dir)  # a checkpoint or a run directory is named as one before the report path is
+    if Path(model_dir).is_file():  # a checkpoint: say it is not an export, not that no report can be written beside it
+        read_export_config(model_dir)
     path = Path(out) if out is not None else Path(model_dir) / "eval-digits.json"
     existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
