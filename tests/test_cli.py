@@ -73,6 +73,7 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["eval", "m", "--suite", "digits", "--temperature", "hot"], "--temperature"),
         (["chat", "m", "--max_new_tok", "3"], "--max_new_tok"),  # the start of an option is not that option
         (["train", "recipes/text/tiny.yaml", "--trainer.max_step=3"], "did you mean --trainer.max_steps"),
+        (["train", "recipes/text/tiny.yaml", "--max_steps=3"], "(did you mean --trainer.max_steps?)"),  # the group left out
         (["train", "recipes/text/tiny.yaml", "--trainer.max_steps=ten"], "--trainer.max_steps: Expected a <class 'int'>"),
         (["train", "recipes/text/tiny.yaml", "--model.init_args.lora.r=x"], "--model.init_args.lora.r: Expected a <class 'int'>"),
         (["train", "recipes/text/tiny.yaml", "--trainer.precision=bf16-mixd"], "'bf16-mixd' is not a precision (did you mean 'bf16-mixed'?)"),

@@ -57,7 +57,9 @@ def test_oracle_scores_full_marks(caplog):
         report = run_suite(Oracle(), batch_size=64)
     # the log names each task's metric too: the story task is scored as interleaved_acc
     assert "digits story/heldout (interleaved_heldout_acc): 216/216" in caplog.messages
-    assert "ok" in suite.summary(report).splitlines()[0]
+    lines = suite.summary(report).splitlines()
+    assert "ok" in lines[0]
+    assert len({line.index(line.split()[1]) for line in lines}) == 1  # one column of values, long names too
     for key in KEYS + HELD_OUT:
         assert report[key] is not None
         assert key in report["goals"]

@@ -138,7 +138,8 @@ def _with_near_matches(message: str, parser: LightningArgumentParser) -> str:
     if not unknown:
         return message
     known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
-    near = [match for key in unknown for match in difflib.get_close_matches(key, known, n=3, cutoff=0.75)]
+    near = [match for key in unknown for match in difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+            or [option for option in known if option.endswith("." + key.removeprefix("--"))][:3]]  # the group left out
     return f"{message} (did you mean {', '.join(near)}?)" if near else message
 
 

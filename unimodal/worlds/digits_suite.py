@@ -292,6 +292,7 @@ def summary(report: dict[str, Any]) -> str:
     to say whether a goal is met."""
     lines = []
     sample = report.get("limit")
+    width = len("audio_codec_roundtrip_acc")  # the longest name: one column of values
     for metric, goal in GOALS.items():
         value = report.get(metric)
         shown = "n/a" if value is None else f"{value:.3f}"
@@ -301,8 +302,8 @@ def summary(report: dict[str, Any]) -> str:
             mark = f" not judged: --limit {sample}"
         else:
             mark = " ok" if value >= goal else " below goal"
-        lines.append(f"{metric:<18} {shown}  (goal >= {goal}){mark}")
+        lines.append(f"{metric:<{width}} {shown}  (goal >= {goal}){mark}")
     for modality in ("image", "audio"):
         value = report.get(f"{modality}_codec_roundtrip_acc")
-        lines.append(f"{modality}_codec_roundtrip_acc {'n/a' if value is None else f'{value:.3f}'}")
+        lines.append(f"{modality + '_codec_roundtrip_acc':<{width}} {'n/a' if value is None else f'{value:.3f}'}")
     return "\n".join(lines)
