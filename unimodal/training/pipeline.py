@@ -63,6 +63,7 @@ from unimodal.training.recipes import (
     resolve_builtin,
     set_dotted,
 )
+from unimodal.training.recipe_keys import flat
 from unimodal.training.resume import Interrupted, Preempted
 
 log = logging.getLogger("unimodal.training.pipeline")
@@ -244,7 +245,7 @@ def _changes(finished_recipe: Path, config: dict[str, Any], shown: int = 3) -> s
         finished = yaml.safe_load(finished_recipe.read_text())
     except (OSError, yaml.YAMLError) as err:
         return f"its recipe cannot be read: {err}"
-    before, now = _flat(finished), _flat(config)
+    before, now = flat(finished), flat(config)
     keys = sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or not _same(before[k], now[k]))
     if not keys:
         return ""
@@ -256,12 +257,6 @@ def _same(before: Any, now: Any) -> bool:
         return True
     paths = isinstance(before, str) and isinstance(now, str) and "/" in before and "/" in now
     return paths and Path(before).resolve() == Path(now).resolve()
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): value}
 
 
 def _last_metric(run_dir: Path, name: str) -> float | None:

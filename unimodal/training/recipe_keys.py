@@ -20,7 +20,7 @@ def check_arguments(config: dict[str, Any], overrides: list[str], where: str) ->
     """Every key under a ``unimodal`` class's ``init_args`` (and under a dataclass argument, such
     as ``optimizer``) in ``config`` and in the ``--key`` words of ``overrides`` must be an
     argument of that class. ``where`` names the recipe in the message."""
-    for key in _leaf_keys({name: config[name] for name in SECTIONS if name in config}):
+    for key in flat({name: config[name] for name in SECTIONS if name in config}):
         _follow(config, None, key.split("."), f"{where}: {key}")
     keys = [word[2:].partition("=")[0] for word in overrides if word.startswith("--")]
     if any(key in SECTIONS or key.endswith("class_path") for key in keys):
@@ -48,10 +48,11 @@ def _follow(node: Any, cls: type | None, segments: list[str], where: str) -> Non
         _follow(child, None, rest, where)
 
 
-def _leaf_keys(value: Any, prefix: str = "") -> list[str]:
+def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted.key: leaf}`` (an empty mapping is a leaf)."""
     if isinstance(value, dict) and value:
-        return [key for name, item in value.items() for key in _leaf_keys(item, f"{prefix}{name}.")]
-    return [prefix.rstrip(".")]
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 def _recipe_class(path: str) -> type | None:
