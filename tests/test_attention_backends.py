@@ -94,6 +94,27 @@ def test_flex_refuses_to_train_on_cpu_in_one_line():
         model.hidden_states(packed_batch()).sum().backward()
 
 
+def test_flex_on_cpu_is_refused_before_any_batch_is_read(tmp_path, tiny_llama_config):
+    """Not after the sanity validation, as the first backward would."""
+    import lightning as L
+
+    from unimodal.training.module import UnimodalModule
+
+    class Unread(L.LightningDataModule):
+        def train_dataloader(self):
+            raise AssertionError("the train data was read")
+
+        def val_dataloader(self):
+            raise AssertionError("the validation data was read")
+
+    layout = VocabLayout(text_size=64)
+    module = UnimodalModule(backbone=BackboneConfig(config=tiny_llama_config, attention="flex"), vocab=layout.to_dict())
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(UserError, match="flex cannot train on CPU"):
+        trainer.fit(module, datamodule=Unread())
+
+
 def test_engine_prefill_on_a_block_mask_generates_the_same_tokens():
     model = family_model("orthus")
     prompts = [prompt(model, "hello world"), prompt(model, "hi")]  # the second row is left-padded

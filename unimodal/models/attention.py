@@ -125,6 +125,12 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+def check_trainable(implementation: str, device: torch.device) -> None:
+    """Refuse flex training on CPU, where torch has no FlexAttention backward."""
+    if implementation == FLEX_IMPLEMENTATION and device.type == "cpu":
+        raise UserError("attention: flex cannot train on CPU (torch has no FlexAttention backward there); use attention: auto or sdpa")
+
+
 _compiled_flex = None
 
 
@@ -156,8 +162,8 @@ def flex_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise UserError("attention: flex does not support attention dropout; set the backbone's attention_dropout to 0")
-    if query.device.type == "cpu" and query.requires_grad:
-        raise UserError("attention: flex cannot train on CPU (torch has no FlexAttention backward there); use attention: auto or sdpa")
+    if query.requires_grad:
+        check_trainable(FLEX_IMPLEMENTATION, query.device)
     # inside a compiled layer (backbone.compile) dynamo compiles flex_attention into the layer's graph
     kernel = _flex_kernel() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
     out = kernel(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])

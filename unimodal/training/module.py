@@ -16,6 +16,7 @@ from unimodal.batch import PackedBatch
 from unimodal.checkpoints.load import check_extends, init_from_export, read_export_config
 from unimodal.errors import UserError
 from unimodal.modalities.vocab import VocabLayout
+from unimodal.models.attention import check_trainable
 from unimodal.models.backbone import BackboneConfig, compile_layers
 from unimodal.models.build import build_model
 from unimodal.models.generation import GenerationSettings
@@ -166,8 +167,10 @@ class UnimodalModule(L.LightningModule):
         return scored
 
     def on_fit_start(self) -> None:
-        """The data's feature width against the model's, before any sample is read: a mismatch
-        would otherwise fail every sample as bad data."""
+        """The data's feature width against the model's, and the attention backend against the
+        device, before any sample is read: a mismatch would otherwise fail every sample as bad data,
+        and flex on CPU would fail only after the sanity validation."""
+        check_trainable(self.model.backbone.config._attn_implementation, self.device)
         data_dim = getattr(self.trainer.datamodule, "feature_dim", None)
         for name, module in self.model.continuous.items():
             if data_dim and module.feature_dim != data_dim:
