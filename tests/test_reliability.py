@@ -76,6 +76,13 @@ def test_a_backend_this_machine_lacks_is_one_line(tmp_path):
     assert code == 2 and line.endswith("needs CUDA and the xformers package (pip install 'unimodal[gpu]'); use attention: auto or sdpa")
 
 
+def test_a_misspelt_strategy_gets_its_near_matches(tmp_path):
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}",
+                             "--trainer.strategy=deepspeed_stage3", *QUIET)
+    assert code == 2 and line.endswith("--trainer.strategy: 'deepspeed_stage3' is not a strategy "
+                                       "(did you mean 'deepspeed_stage_3' or 'deepspeed_stage_2'?); docs/training.md lists them")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")

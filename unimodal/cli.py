@@ -615,6 +615,14 @@ def _precision_problem(value: str) -> str:
     return f"{value!r} is not a precision{f' (did you mean {near[0]!r}?)' if near else ''}; one of: {', '.join(known)}"
 
 
+def _strategy_problem(value: str) -> str:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    near = difflib.get_close_matches(value, ["auto", *StrategyRegistry.available_strategies()], n=2)
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    return f"--trainer.strategy: {value!r} is not a strategy{hint}; docs/training.md lists them"
+
+
 def _as_typed(key: str) -> str:
     """A verb's argument as its user types it: ``export.out`` -> ``--out``, ``export.checkpoint`` -> ``CHECKPOINT``."""
     *path, name = key.split(".")
@@ -653,6 +661,9 @@ def _reason(err: BaseException) -> str:
     if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: its last line is the error
         last = text.rstrip().splitlines()[-1]
         return last.split(": ", 1)[1] if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ") else last
+    strategy = re.match(r"You selected an invalid strategy name: `strategy='([^']*)'`", text)
+    if strategy is not None:  # Lightning names a few choices and a web page
+        return _strategy_problem(strategy.group(1))
     if not text.startswith(UNION_ERROR):
         return text
     reasons = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ") and "NoneType" not in line]
