@@ -160,12 +160,14 @@ def test_media_in_and_out_as_base64(url):
         ({"temperature": 1e-40}, 400, "temperature must be 0 (greedy) or in [0.0001, 10000]"),
         ({"audio": {"temperature": 1e300}}, 400, "temperature must be 0 (greedy) or in [0.0001, 10000]"),
         ({"seed": 2**70}, 400, "seed must be a 64-bit integer"),
-        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "not valid Unicode at position 1"),
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "a string holds a lone surrogate (\\ud800), which is not valid Unicode"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_media": 0, "start_with": "image"}, 400, "must start with image"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "mp4"}}]}]},
          400, "input_audio format 'mp4' is not one of wav, flac, mp3, ogg"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": base64.b64encode(b"\x89PNG....").decode(), "format": "wav"}}]}]},
-         400, "unreadable audio (.wav: LibsndfileError: Error opening: Format not recognised.)"),
+         400, "input_audio of format wav is not a .wav file (it starts with b'\\x89PNG....')"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]},
+         400, "image data URL of type image/png is not a .png file (it starts with b'hello')"),
         ({"stream": "false"}, 400, "stream must be true or false"),
         ({"n": True}, 400, "n must be an integer"),
     ],
@@ -246,12 +248,16 @@ def test_a_reply_its_settings_leave_no_room_for_is_refused_before_the_batch(assi
     settings = {"max_new_tokens": 6, "temperature": 0}
     calls = [Call([{"role": "user", "content": "hi"}], settings, 1, False, None),
              Call([{"role": "user", "content": "x"}], {**settings, "max_media": 0}, 1, False, "image"),
-             Call([{"role": "user", "content": "hey"}], settings, 1, False, None)]
+             Call([{"role": "user", "content": "hey"}], settings, 1, False, None),
+             Call([{"role": "user", "content": "hi"}], {**settings, "seed": 2**63 - 1}, 3, False, None)]  # seeds s, s+1, s+2
     jobs = [_job(c, batcher, LIMITS) for c in calls]
     with caplog.at_level("INFO"):
         batcher._run(jobs)
     with pytest.raises(APIError, match="the reply must start with image, which its settings leave no room for") as refused:
         _result(jobs[1].future, jobs[1], batcher, LIMITS)
+    assert refused.value.status == 400
+    with pytest.raises(APIError, match="seed 9223372036854775807 leaves no 64-bit seed for 3 replies") as refused:
+        _result(jobs[3].future, jobs[3], batcher, LIMITS)
     assert refused.value.status == 400
     assert all(job.future.result() for job in (jobs[0], jobs[2]))
     assert batcher.stats["batches"] == 1 and "failed" not in caplog.text
@@ -278,7 +284,12 @@ def test_size_and_duration_limits(url, assistant):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     nested = b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # within the size limit, past the parser's depth
     status, body = call(url, "/v1/chat/completions", raw=nested)
-    assert status == 400 and body["error"]["message"] == "the body nests JSON arrays or objects too deeply"
+    assert status == 400 and body["error"]["message"] == "the body is not valid JSON: arrays or objects nested too deeply"
+    for raw, says in ((b'{"messages": [], "seed": 1' + b"0" * 5000 + b"}", "an integer has more than 4300 digits"),
+                      (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "a string holds a lone surrogate (\\ud800), which is not valid Unicode"),
+                      (b'{"messages": [], "temperature": 1e400}', "1e400 is beyond the range of a number")):
+        status, body = call(url, "/v1/chat/completions", raw=raw)
+        assert status == 400 and body["error"]["message"] == f"the body is not valid JSON: {says}", body
     status, body = call(url, "/v1/chat/completions", raw=b"\xff\xfe{")  # json.loads guessed UTF-16 from these bytes
     assert status == 400 and body["error"]["message"] == "the body is not UTF-8 (byte 0); JSON bodies are UTF-8"
     long_system = [{"role": "system", "content": "rule " * 400}, {"role": "user", "content": "hi"}]

@@ -146,7 +146,20 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         (json.dumps({"parts": [{"type": "text", "text": "x"}], "metа": {}}), r"src\.jsonl:2: unknown field 'metа' \(did you mean 'meta'\?\)"),
         (json.dumps({"schema": "unimodal.document/2", "parts": [{"type": "text", "text": "x"}]}), r"schema 'unimodal.document/2' is not supported"),
         (json.dumps({"key": 5, "parts": [{"type": "text", "text": "x"}]}), r"src\.jsonl:2: 'key' must be a string, got 5"),
+        (json.dumps({"key": "a\u0000b", "parts": [{"type": "text", "text": "x"}]}), r"src\.jsonl:2: invalid sample key 'a\\x00b': keys hold no control"),
+        (json.dumps({"kye": "a", "parts": [{"type": "text", "text": "x"}]}), r"src\.jsonl:2: unknown field 'kye' \(did you mean 'key'\?\)"),
+        (json.dumps({"Key": "a", "parts": [{"type": "text", "text": "x"}]}), r"src\.jsonl:2: unknown field 'Key' \(did you mean 'key'\?\)"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "parts": [{"type": "text", "text": "a"}]}),
+         r"src\.jsonl:2: a line has both 'messages' \(a chat\) and 'parts' \(a document\); give one of them"),
+        (json.dumps({"parts": None}), r"src\.jsonl:2: 'parts' must be a non-empty list"),
+        (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}),
+         r"src\.jsonl:2: message 0: image data URL of type image/png is not a \.png file \(it starts with b'hello'\)"),
         (r'{"parts": [{"type": "text", "text": "caf\xe9"}]}', r"src\.jsonl:2: not UTF-8 \(byte 0xe9 at column 41\); save the file as UTF-8"),
+        # what Python's parser would take, or fail on in its own way, is one malformed line too
+        ('{"parts": [], "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", r"src\.jsonl:2: malformed JSON \(arrays or objects nested too deeply\)"),
+        ('{"parts": [], "meta": {"n": 1' + "0" * 5000 + "}}", r"src\.jsonl:2: malformed JSON \(an integer has more than 4300 digits\)"),
+        ('{"parts": [{"type": "text", "text": "\\ud800"}]}', r"src\.jsonl:2: malformed JSON \(a string holds a lone surrogate \(\\ud800\)"),
+        ('{"parts": [{"type": "text", "text": "x"}], "meta": {"score": NaN}}', r"src\.jsonl:2: malformed JSON \(NaN is not a JSON number\)"),
     ],
 )
 def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):
@@ -338,3 +351,27 @@ def test_members_named_like_paths_are_bad_samples(tmp_path: Path):
     assert policy.skipped == 3
     with pytest.raises(DocumentError, match=r"odd\.tar: invalid sample key '\.\./\.\./tmp/escape'"):
         list(read_documents(shard))
+
+
+def test_members_python_would_parse_its_own_way_are_bad_samples(tmp_path: Path):
+    """Deep nesting, a 5,000-digit integer and a lone surrogate in KEY.json are each one bad
+    sample, not a RecursionError, a ValueError or a tokenizer's crash."""
+    import io
+
+    members = {
+        "ok.json": json.dumps(Document([Part("text", text="fine")], key="ok").to_json()),
+        "deep.json": '{"parts": [{"type": "text", "text": "a"}], "meta": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "big.json": '{"parts": [{"type": "text", "text": "a"}], "meta": {"n": 1' + "0" * 5000 + "}}",
+        "lone.json": '{"parts": [{"type": "text", "text": "\\ud800"}]}',
+    }
+    shard = tmp_path / "odd.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, text in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    assert [doc.key for doc in read_documents(shard, policy=policy)] == ["ok"]
+    assert policy.skipped == 3
+    report = inspect_path(shard)
+    assert "bad samples: 3 (first: sample 'deep'" in report and "\n  ok in odd.tar" in report

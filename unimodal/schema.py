@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,6 +83,8 @@ def check_key(key: str) -> str:
             f"invalid sample key {key!r}: keys must be non-empty and contain no '.' or '/' "
             "(WebDataset splits member names at the first dot)"
         )
+    if not key.isprintable():  # a tar member name ends at a NUL; a newline splits every listing
+        raise DocumentError(f"invalid sample key {key!r}: keys hold no control characters")
     return key
 
 
@@ -90,11 +94,13 @@ PART_FIELDS = {"text": ("type", "text", "role", "loss"), "media": ("type", "medi
 def check_fields(raw: dict[str, Any], known: tuple[str, ...], where: str, strict: bool = True) -> None:
     """Refuse a field a reader would silently ignore: any unknown one when ``strict``, else only a
     near miss of a known one (``"weigth"``, ``"lossy"``), which is a typo far more often than an
-    extra field of someone else's format."""
+    extra field of someone else's format. Another case (``"Key"``) or two letters swapped
+    (``"kye"``) is a near miss too, which the ratio alone misses in a short name."""
     for name in raw:
         if name in known:
             continue
-        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.75)
+        folded = str(name).lower()
+        close = [k for k in known if sorted(folded) == sorted(k)] or difflib.get_close_matches(folded, known, n=1, cutoff=0.75)
         if strict or close:
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
             raise DocumentError(f"{where}: unknown field {name!r} ({hint})")
@@ -124,15 +130,70 @@ def parse_part(raw: Any, where: str, index: int) -> Part:
     return Part(kind, media=media, role=role, loss=loss)
 
 
+class NotJSON(ValueError):
+    """Text that is not JSON as RFC 8259 defines it; the message says why and where."""
+
+
+def _constant(name: str) -> None:
+    raise NotJSON(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise NotJSON(f"{text} is beyond the range of a number")
+    return value
+
+
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def read_json(text: str) -> Any:
+    """JSON from text that anyone may have written, refusing in one ``NotJSON`` line what
+    Python's parser lets through or fails on in its own way: NaN and Infinity, numbers past a
+    float's range or Python's integer digit limit, nesting past the recursion limit, and escaped
+    lone surrogates, which no UTF-8 writer or tokenizer downstream can encode."""
+    try:
+        value = json.loads(text, parse_constant=_constant, parse_float=_finite)
+    except json.JSONDecodeError as err:  # the column alone on a one-line text (a line of JSONL)
+        at = f"column {err.colno}" if err.lineno == 1 else f"line {err.lineno} column {err.colno}"
+        raise NotJSON(f"{err.msg} at {at}") from None
+    except RecursionError:
+        raise NotJSON("arrays or objects nested too deeply") from None
+    except NotJSON:
+        raise
+    except ValueError as err:  # an integer past sys.get_int_max_str_digits()
+        raise NotJSON(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
+    if LONE_SURROGATE_ESCAPE.search(text):  # only an escape can make one: the text itself is UTF-8
+        _refuse_lone_surrogates(value)
+    return value
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise NotJSON(f"a string holds a lone surrogate (\\u{ord(item[err.start]):04x}), which is not valid Unicode") from None
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+
+
 def json_object(payload: bytes | str | dict[str, Any], where: str) -> dict[str, Any]:
     """A JSON object from text (or as it is), or a DocumentError saying where it went wrong."""
     if isinstance(payload, (bytes, str)):
         try:  # JSON text is UTF-8 (RFC 8259); json.loads would also guess UTF-16 and UTF-32
-            payload = json.loads(payload.decode("utf-8-sig") if isinstance(payload, bytes) else payload)
+            payload = read_json(payload.decode("utf-8-sig") if isinstance(payload, bytes) else payload)
         except UnicodeDecodeError as err:
             raise DocumentError(f"{where}: not UTF-8 (byte {err.object[err.start]:#04x} at column {err.start + 1}); save the file as UTF-8") from None
-        except json.JSONDecodeError as err:  # the column alone: a line of JSONL is one record
-            raise DocumentError(f"{where}: malformed JSON ({err.msg} at column {err.pos + 1})") from None
+        except NotJSON as err:
+            raise DocumentError(f"{where}: malformed JSON ({err})") from None
     if not isinstance(payload, dict):
         raise DocumentError(f"{where}: expected a JSON object, got {type(payload).__name__}")
     return payload

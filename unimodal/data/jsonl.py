@@ -54,9 +54,11 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     raw_parts, meta = raw.get("parts"), raw.get("meta", {})
     if not isinstance(meta, dict):
         raise DocumentError(f"{where}: 'meta' must be an object")
-    if "messages" in raw and raw_parts is None:  # an OpenAI-style chat record
+    if "messages" in raw and "parts" in raw:
+        raise DocumentError(f"{where}: a line has both 'messages' (a chat) and 'parts' (a document); give one of them")
+    if "messages" in raw:  # an OpenAI-style chat record
         return Document(messages_to_parts(raw["messages"], src.parent, where), meta, key, source=where)
-    if raw_parts is None and "messages" not in raw:
+    if "parts" not in raw:
         raise DocumentError(f"{where}: a line needs 'messages' (a chat) or 'parts' (a document); it has {sorted(raw) or 'no keys'}")
     if not isinstance(raw_parts, list) or not raw_parts:
         raise DocumentError(f"{where}: 'parts' must be a non-empty list")

@@ -7,7 +7,7 @@ import binascii
 from pathlib import Path
 from typing import Any
 
-from unimodal.data.media import MediaBytes, source_media
+from unimodal.data.media import MediaBytes, check_signature, source_media
 from unimodal.schema import ROLES, DocumentError, Part, check_fields
 
 # what a message may carry here; other fields of OpenAI's format (name, tool_calls, ...) are
@@ -31,6 +31,12 @@ def _decode_base64(data: str, where: str) -> bytes:
         raise DocumentError(f"{where}: invalid base64 media ({err})") from None
 
 
+def _checked(ext: str, data: bytes, what: str) -> MediaBytes:
+    """Inline media held to the first-bytes check a file gets (``media.check_signature``)."""
+    check_signature(ext, data, what)
+    return MediaBytes(ext, data)
+
+
 def _media(kind: str, ref: str, base: Path, where: str) -> Any:
     """MediaBytes for a local path, a ``file://`` URL or a ``data:`` URL (no downloads)."""
     if ref.startswith("data:"):
@@ -39,7 +45,7 @@ def _media(kind: str, ref: str, base: Path, where: str) -> Any:
         if mime not in MIME_EXTENSIONS or not mime.startswith(kind):
             known = ", ".join(m for m in MIME_EXTENSIONS if m.startswith(kind))
             raise DocumentError(f"{where}: {kind} data URL of type {mime!r} is not supported ({known})")
-        return MediaBytes(MIME_EXTENSIONS[mime], _decode_base64(payload, where))
+        return _checked(MIME_EXTENSIONS[mime], _decode_base64(payload, where), f"{where}: {kind} data URL of type {mime}")
     if "://" in ref and not ref.startswith("file://"):
         raise DocumentError(f"{where}: {kind} {ref!r} is remote; give a local path or a data: URL (nothing is downloaded)")
     return source_media({"type": kind, "path": ref.removeprefix("file://")}, base, where, 0)
@@ -73,7 +79,8 @@ def content_part(item: Any, base: Path, where: str) -> Part:
             raise DocumentError(f"{where}: input_audio needs base64 'data' and a 'format' (wav, flac, mp3, ogg)")
         if f"audio/{fmt}" not in MIME_EXTENSIONS:
             raise DocumentError(f"{where}: input_audio format {audio.get('format')!r} is not one of wav, flac, mp3, ogg")
-        return Part("audio", data=MediaBytes(MIME_EXTENSIONS[f"audio/{fmt}"], _decode_base64(audio["data"], where)))
+        data = _decode_base64(audio["data"], where)
+        return Part("audio", data=_checked(MIME_EXTENSIONS[f"audio/{fmt}"], data, f"{where}: input_audio of format {fmt}"))
     if kind in ("image", "audio"):
         if not isinstance(item.get("path"), str):
             raise DocumentError(f"{where}: {kind} content needs a string 'path'")

@@ -212,12 +212,13 @@ class Batcher:
             try:
                 resolved = self.assistant.resolve(**job.settings, timeout_s=job.timeout_s)
                 prompt = self.assistant.prompt(job.messages, resolved, job.start_with)
+                rows = row_settings(resolved, job.n)
             except (ChatError, ValueError) as err:
                 _fail(job, err)
                 continue
             with contextlib.suppress(InvalidStateError):  # cancelled by a caller that left
                 job.accepted.set_result(None)
-            started.append((job, [(prompt, row) for row in row_settings(resolved, job.n)]))
+            started.append((job, [(prompt, row) for row in rows]))
         return started
 
     def _generate(self, started: list[Started]) -> None:

@@ -692,5 +692,8 @@ def row_settings(settings: GenerationSettings, count: int) -> list[GenerationSet
     has a generator of its own (and reply ``i`` can be had alone with seed ``s + i``)."""
     if settings.seed is None:
         return [settings] * count
+    if settings.seed + count - 1 >= 2**63:
+        raise ValueError(f"generation settings: seed {settings.seed} leaves no 64-bit seed for {count} replies "
+                         f"(reply i takes seed + i): use a seed below {2**63 - count + 1}")
     return [settings.replace(seed=settings.seed + i) for i in range(count)]
 

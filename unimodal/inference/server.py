@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from unimodal.errors import UserError
+from unimodal.schema import NotJSON, read_json
 from unimodal.inference.batcher import Batcher, Busy, Job
 from unimodal.inference.chat import Assistant, ChatError, Reply, ReplyPart
 from unimodal.inference.outputs import GenerationTimeout
@@ -203,13 +204,11 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     """Validate a ``/v1/chat/completions`` body; every problem is a 400 with a clear message.
     ``audio_rate``: the model's audio codec's sample rate, the rate of raw ``pcm16`` clips sent back."""
     try:
-        payload = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        payload = read_json(body.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise APIError(400, f"the body is not UTF-8 (byte {err.start}); JSON bodies are UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise APIError(400, f"the body is not valid JSON ({err})") from None
-    except RecursionError:
-        raise APIError(400, "the body nests JSON arrays or objects too deeply") from None
+    except NotJSON as err:
+        raise APIError(400, f"the body is not valid JSON: {err}") from None
     if not isinstance(payload, dict):
         raise APIError(400, "the body must be a JSON object")
     model = payload.get("model")
@@ -291,11 +290,6 @@ def _audio_output(payload: dict[str, Any], settings: dict[str, Any]) -> str | No
         raise APIError(400, f"audio.format must be one of {', '.join(AUDIO_FORMATS)}")
     wanted = (modalities is not None and "audio" in modalities) or bool(options)
     return fmt if wanted else None
-
-
-def _refuse_constant(name: str) -> None:
-    """NaN and Infinity are not JSON, though Python's parser takes them; a request gets a 400."""
-    raise APIError(400, f"the body is not valid JSON: {name} is not a JSON number")
 
 
 def sampling_caps(assistant: Assistant, factor: float = 4.0) -> dict[str, float]:
