@@ -152,6 +152,9 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "parts": [{"type": "text", "text": "a"}]}),
          r"src\.jsonl:2: a line has both 'messages' \(a chat\) and 'parts' \(a document\); give one of them"),
         (json.dumps({"parts": None}), r"src\.jsonl:2: 'parts' must be a non-empty list"),
+        (json.dumps({"parts": [{"type": "image", "path": "folder.png"}]}), r"src\.jsonl:2: image file 'folder.png' is a directory, not a regular file"),
+        (json.dumps({"parts": [{"type": "image", "path": "zero.png"}]}), r"src\.jsonl:2: image file 'zero.png' is a device or socket, not a regular"),
+        (json.dumps({"parts": [{"type": "image", "path": "https://x.org/a.png"}]}), r"src\.jsonl:2: image 'https://x.org/a.png' is remote"),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}),
          r"src\.jsonl:2: message 0: image data URL of type image/png is not a \.png file \(it starts with b'hello'\)"),
         (r'{"parts": [{"type": "text", "text": "caf\xe9"}]}', r"src\.jsonl:2: not UTF-8 \(byte 0xe9 at column 41\); save the file as UTF-8"),
@@ -163,6 +166,8 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
     ],
 )
 def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
     src = _write_source(tmp_path, [GOOD, bad_line, GOOD])
     with pytest.raises(DocumentError, match=message):
         pack_jsonl(src, tmp_path / "out", max_docs_per_shard=1, progress=False)
@@ -230,7 +235,7 @@ def test_truncated_tar_is_counted_not_fatal(tmp_path: Path, caplog):
         keys = [d.key for d in read_documents([str(shard)], policy=policy)]
     assert keys == ["d0", "d1"]  # the samples before the cut survive
     assert policy.skipped == 1 and policy.kinds["ShardError"] == 1
-    assert "unreadable tar" in caplog.text and "shard-000000.tar" in caplog.text
+    assert "unreadable tar" in caplog.text and "shard-000000.tar" in caplog.text and "<_io" not in caplog.text, caplog.text
 
 
 def test_bad_sample_policy_aborts_above_fraction(caplog):

@@ -79,8 +79,10 @@ def check_source(src: str | Path) -> None:
     """A source JSONL that is not there, or a directory given for one, in one line."""
     if Path(src).is_dir():
         raise ValueError(f"source {src} is a directory; give a JSONL file of documents or chats")
-    if not Path(src).is_file():
+    if not Path(src).exists():
         raise FileNotFoundError(f"source {src} does not exist (a JSONL of documents or chats)")
+    if not Path(src).is_file():
+        raise ValueError(f"source {src} is not a regular file; give a JSONL file of documents or chats")
 
 
 def pack_jsonl(

@@ -97,9 +97,14 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int) -
         raise DocumentError(
             f"{where}: {kind} file {path!r} has extension {ext!r}, expected one of {', '.join(MEDIA_EXTENSIONS[kind])}"
         )
+    if "://" in path:
+        raise DocumentError(f"{where}: {kind} {path!r} is remote; give a local path (nothing is downloaded)")
     file = base / path  # an absolute path stays as it is
-    if not file.is_file():
+    if not file.exists():
         raise DocumentError(f"{where}: {kind} file {path!r} not found (looked at {file})")
+    if not file.is_file():  # a FIFO or a device would block or never end
+        what = "a directory" if file.is_dir() else "a FIFO" if file.is_fifo() else "a device or socket"
+        raise DocumentError(f"{where}: {kind} file {path!r} is {what}, not a regular file (looked at {file})")
     data = file.read_bytes()
     check_signature(ext, data, f"{where}: {kind} file {path!r}")
     return MediaBytes(ext, data)

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -357,7 +358,8 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
             for read, sample in enumerate(wds.tarfile_samples([{"url": url}]), start=1):
                 yield sample
         except Exception as err:  # noqa: BLE001 - any failure to read the tar is the shard's fault
-            error = ShardError(f"{url}: unreadable tar ({type(err).__name__}: {err.args[0] if err.args else ''})")
+            reason = re.sub(r" @ <.*>$", "", str(err.args[0]) if err.args else "")  # webdataset names its file object
+            error = ShardError(f"{url}: unreadable tar ({type(err).__name__}: {reason})")
             if policy is None:
                 raise error from err
             policy.skip(error, shard=url)
