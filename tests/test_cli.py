@@ -77,6 +77,7 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["train", "recipes/text/tiny.yaml", "--trainer.max_steps=ten"], "--trainer.max_steps: Expected a <class 'int'>"),
         (["train", "recipes/text/tiny.yaml", "--model.init_args.lora.r=x"], "--model.init_args.lora.r: Expected a <class 'int'>"),
         (["train", "recipes/text/tiny.yaml", "--trainer.precision=bf16-mixd"], "'bf16-mixd' is not a precision (did you mean 'bf16-mixed'?)"),
+        (["serve", "runs/no-such-model", "--api_key", ""], "--api_key is empty"),  # before the model loads
         (["export", "runs/x"], "required: --out"),  # as typed, not the parser's key export.out
         (["data", "pack"], "required: SRC, --out"),
         (["eval", "m", "--suite", "digit"], "--suite: 'digit' is not one of: digits"),

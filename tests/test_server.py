@@ -140,6 +140,7 @@ def test_media_in_and_out_as_base64(url):
     ("extra", "status", "needle"),
     [
         ({"max_tokens": 1000}, 400, "more than this server allows (32)"),
+        ({"max_tokens": 2, "max_completion_tokens": 1000}, 400, "max_completion_tokens=1000 is more than this server allows (32)"),
         ({"n": 5}, 400, "n must be an integer in [1, 2]"),
         ({"model": "gpt-4"}, 404, "does not exist here"),
         ({"temperature": "hot"}, 400, "temperature must be a number"),
@@ -564,3 +565,7 @@ def test_a_port_in_use_is_one_line_before_uvicorn_starts():
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use \(is another server"):
             serve(slowed_assistant(0.0), port=port, model_name="tiny")
+        with pytest.raises(UserError, match=r"cannot listen on 999\.1\.1\.1:8000: --host is not an address or a name that resolves"):
+            serve(slowed_assistant(0.0), host="999.1.1.1", model_name="tiny")
+        with pytest.raises(UserError, match=r"cannot listen on 192\.0\.2\.1:8000: .* \(--host is not an address of this machine\)"):
+            serve(slowed_assistant(0.0), host="192.0.2.1", model_name="tiny")  # TEST-NET-1, never a local address

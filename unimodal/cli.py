@@ -349,6 +349,8 @@ def serve(
 
     if max_batch < 1:
         raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
+    if api_key is not None and not api_key.strip():  # `--api_key "$KEY"` with KEY unset would serve everyone
+        raise ValueError("--api_key is empty; give a key, or leave the option out to serve without one")
     limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens,
                           max_batch=max_batch)
     assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)

@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -234,12 +235,13 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     if not 0 < settings.get("timeout_s", limits.max_seconds) <= limits.max_seconds:
         raise APIError(400, f"timeout_s must be in (0, {limits.max_seconds:g}], this server's limit (--max_seconds)")
     audio_format = _audio_output(payload, settings)
-    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    field = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = payload.get(field)
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise APIError(400, "max_tokens must be a positive integer")
+            raise APIError(400, f"{field} must be a positive integer")
         if max_tokens > limits.max_new_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({limits.max_new_tokens})")
+            raise APIError(400, f"{field}={max_tokens} is more than this server allows ({limits.max_new_tokens})")
         settings["max_new_tokens"] = max_tokens
     stop = payload.get("stop")
     if stop is not None:
@@ -306,7 +308,7 @@ def sampling_caps(assistant: Assistant, factor: float = 4.0) -> dict[str, float]
         if steps:
             caps[f"{name}.steps"] = factor * steps
         caps[f"{name}.cfg_scale"] = factor * max(own.cfg_scale, 1.0)
-        caps[f"{name}.num_beams"] = factor * own.num_beams
+    caps["text.num_beams"] = factor * settings.text.num_beams  # media are never beam-searched
     return caps
 
 
@@ -588,6 +590,10 @@ def _check_address(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             probe.bind((host, port))
+        except socket.gaierror as err:
+            raise UserError(f"cannot listen on {host}:{port}: --host is not an address or a name that resolves ({err.strerror})") from None
         except OSError as err:
-            raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another server on that port? "
-                            "choose another --port)") from None
+            why = {errno.EADDRINUSE: "is another server on that port? choose another --port",
+                   errno.EADDRNOTAVAIL: "--host is not an address of this machine",
+                   errno.EACCES: "ports below 1024 need privileges; choose another --port"}.get(err.errno, "check --host and --port")
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err} ({why})") from None

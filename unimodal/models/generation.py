@@ -159,9 +159,10 @@ class GenerationSettings:
                 if isinstance(value, SamplingSettings):
                     updates[key] = value
                 elif isinstance(value, dict):
-                    unknown = sorted(set(value) - set(SAMPLING_KEYS))
+                    known = [k for k in SAMPLING_KEYS if key == "text" or k != "num_beams"]
+                    unknown = sorted(set(value) - set(known) - ({"num_beams"} if key != "text" else set()))
                     if unknown:
-                        raise ValueError(f"unknown {key} sampling setting(s) {unknown}; known: {list(SAMPLING_KEYS)}")
+                        raise ValueError(f"unknown {key} sampling setting(s) {unknown}; known: {known}")
                     try:
                         updates[key] = dataclasses.replace(current, **value)
                     except ValueError as err:
