@@ -83,6 +83,19 @@ def test_a_misspelt_strategy_gets_its_near_matches(tmp_path):
                                        "(did you mean 'deepspeed_stage_3' or 'deepspeed_stage_2'?); docs/training.md lists them")
 
 
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    """Both would write last.ckpt, and the steps of one would be lost."""
+    from unimodal.training.resume import run_lock
+
+    with run_lock(tmp_path):
+        code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}", *QUIET)
+    assert code == 2 and line.endswith(f"{tmp_path} is in use by another run (pid {os.getpid()} on {os.uname().nodename}); "
+                                       "wait for it to end, or give this one another --trainer.default_root_dir")
+    assert not (tmp_path / "checkpoints").exists()
+    code, _ = unimodal("train", str(RECIPE), "--tiny", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}", *QUIET)
+    assert code == 0  # the lock ends with its holder
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")

@@ -37,7 +37,6 @@ import csv
 import difflib
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from unimodal.training.recipes import (
 )
 from unimodal.training.recipe_keys import flat
 from unimodal.training.resume import Interrupted, Preempted
+from unimodal.training.strategies import launched_rank
 
 log = logging.getLogger("unimodal.training.pipeline")
 
@@ -269,10 +269,6 @@ def _last_metric(run_dir: Path, name: str) -> float | None:
     return value
 
 
-def _global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def _train(config_file: Path) -> int | None:
     """Fit one stage: here on one device (returns its step), else as a ``unimodal train``
     process of its own (returns None)."""
@@ -321,7 +317,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         raise type(err)(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
-    if _global_rank() != 0:  # rank 0 exports; the others wait for its marker
+    if launched_rank() != 0:  # rank 0 exports; the others wait for its marker
         while not marker.is_file() or json.loads(marker.read_text()).get("status") != "done":
             time.sleep(5)
         return StageResult(**{**json.loads(marker.read_text())["result"], "status": "done"})

@@ -16,6 +16,7 @@ saves one before the run stops (``unimodal.training.resume``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -56,8 +57,8 @@ from unimodal.training.divergence import StopOnDivergence
 from unimodal.training.finetune import FineTuneReport
 from unimodal.training.recipe_keys import check_arguments
 from unimodal.training.progress import StepProgressBar
-from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint
-from unimodal.training.strategies import register_strategies
+from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint, run_lock
+from unimodal.training.strategies import launched_rank, register_strategies
 
 log = logging.getLogger("unimodal.train")
 
@@ -472,7 +473,13 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
 
     Raises :class:`Preempted` when SIGTERM stopped the run (after it saved a checkpoint).
     """
-    ckpt_path = resume_path(cli)
+    # the launcher's rank: before fit every process's trainer says rank 0
+    lock = run_lock(cli.checkpoint_dir.parent) if launched_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return _fit(cli, resume_path(cli))
+
+
+def _fit(cli: UnimodalCLI, ckpt_path: str | None) -> Trainer:
     try:
         with warnings.catch_warnings():
             # the stream splits its shards by rank and worker itself (UnimodalDataModule), so a

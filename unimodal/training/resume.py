@@ -11,8 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import random
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,31 @@ from unimodal.training.strategies import world_size
 log = logging.getLogger("unimodal.train")
 
 RNG_KEY = "unimodal_rng"
+LOCK_FILE = ".unimodal-run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One run at a time in ``run_dir``: two would both write its ``last.ckpt`` and the steps of
+    one would be lost. The operating system drops the lock when its process ends, however it
+    ends, so a crash leaves no stale lock."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{run_dir} is in use by another run ({holder}); wait for it to end, "
+                            "or give this one another --trainer.default_root_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Stopped(UserError):

@@ -74,6 +74,16 @@ def world_size() -> int:
     """The ranks of the initialised process group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it, before any process group exists: torchrun's
+    ``RANK``, else Lightning's ``LOCAL_RANK`` on node ``NODE_RANK`` (0 only for the first process
+    of a run; exact under torchrun)."""
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    local, node = int(os.environ.get("LOCAL_RANK") or 0), int(os.environ.get("NODE_RANK") or 0)
+    return local + node * int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+
 # names a recipe may give as ``trainer.strategy``; the DeepSpeed ones map to DeepSpeedStrategy
 DEEPSPEED_PRESETS: dict[str, dict[str, Any]] = {
     "deepspeed": {},
