@@ -35,6 +35,10 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
             run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root, resolve_path=resolve)
     assert json.loads((root / "pretrain" / "stage.json").read_text())["status"] == "done"
     assert json.loads((root / "chat_sft" / "stage.json").read_text())["status"] == "interrupted"
+    # the cut stage does not go on from its checkpoint under other settings
+    with pytest.raises(PipelineError, match=r"stage 'chat_sft' was interrupted under another configuration \(changed: trainer\.max_steps\); "
+                                            r"run the pipeline as it was to continue it, or remove .*chat_sft to start"):
+        run_pipeline(changed_pipeline(tmp_path), tiny=True, root=root, resolve_path=resolve)
 
     results = run_pipeline(PIPELINES / "text.yaml", tiny=True, root=root, resolve_path=resolve)
     assert [(r.name, r.status, r.steps) for r in results] == [("pretrain", "skipped", 4), ("chat_sft", "done", 4)]
@@ -71,14 +75,19 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     (root / "aside").rename(export)
 
     # a finished stage whose configuration changed is not silently reused
+    with pytest.raises(PipelineError, match=r"stage 'chat_sft' finished with a different configuration \(.*stage\.json; changed: trainer\.max_steps\)"):
+        run_pipeline(changed_pipeline(tmp_path), tiny=True, root=root, resolve_path=resolve)
+
+
+def changed_pipeline(tmp_path: Path) -> Path:
+    """text.yaml with another max_steps for its chat stage."""
     changed = tmp_path / "changed.yaml"
     raw = yaml.safe_load((PIPELINES / "text.yaml").read_text())
     raw["tiny"]["chat_sft.trainer.max_steps"] = 5
     for stage in raw["stages"]:
         stage["recipe"] = str(ROOT / stage["recipe"])
     changed.write_text(yaml.safe_dump(raw))
-    with pytest.raises(PipelineError, match=r"stage 'chat_sft' finished with a different configuration \(.*stage\.json; changed: trainer\.max_steps\)"):
-        run_pipeline(changed, tiny=True, root=root, resolve_path=resolve)
+    return changed
 
 
 def write(tmp_path: Path, stages: list[dict], **extra) -> Path:

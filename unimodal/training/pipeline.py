@@ -305,8 +305,15 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
             raise PipelineError(f"stage {stage.name!r} finished, but its output {output} is missing; "
                                 f"{again if stage.output is None else ''}remove {stage_dir} to run the stage again")
         return StageResult(**{**previous["result"], "status": "skipped"})
-    stage_dir.mkdir(parents=True, exist_ok=True)
     config_file = stage_dir / RESOLVED_RECIPE
+    if config_file.is_file() and find_latest_checkpoint(stage_dir / "checkpoints") is not None:
+        changes = _changes(config_file, config)
+        if changes:  # --resume auto would go on from its checkpoint under the new settings
+            raise PipelineError(
+                f"stage {stage.name!r} was interrupted under another configuration ({changes}); run the pipeline "
+                f"as it was to continue it, or remove {stage_dir} to start the stage again with the new one"
+            )
+    stage_dir.mkdir(parents=True, exist_ok=True)
     config_file.write_text(f"# stage {stage.name} of {pipeline.path}\n" + yaml.safe_dump(config, sort_keys=False))
     started, spent = time.perf_counter(), float(previous.get("wall_s", 0.0))
     log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
