@@ -85,3 +85,25 @@ def test_a_misspelt_init_from_is_named(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"unimodal train: error: init_from {tmp_path / 'run'} is not a unimodal export directory (no unimodal.json); "
         f"write one with `unimodal export {tmp_path / 'run'} --out DIR` and give DIR")
+
+
+def test_an_incomplete_export_or_a_file_of_one_is_one_line(tmp_path, capsys):
+    """An export without modules.safetensors would have trained on with a fresh image head."""
+    base, export = tmp_path / "base", tmp_path / "export"
+    orthus = str(ROOT / "recipes" / "orthus" / "base.yaml")
+    assert unimodal_main(["train", orthus, "--tiny", f"--trainer.default_root_dir={base}", *QUICK]) == 0
+    assert unimodal_main(["export", str(base), "--out", str(export)]) == 0
+    capsys.readouterr()
+    args = ["train", orthus, "--tiny", f"--trainer.default_root_dir={tmp_path / 'next'}", *QUICK]
+    assert unimodal_main([*args, f"--model.init_args.init_from={export / 'unimodal.json'}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"unimodal train: error: init_from {export / 'unimodal.json'} is a file of an export; give its directory, {export}")
+    (export / "modules.safetensors").unlink()
+    assert unimodal_main([*args, f"--model.init_args.init_from={export}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"unimodal train: error: {export} lacks modules.safetensors, which holds its image weights; "
+        "copy the export whole, or export its checkpoint again")
+    (export / "model.safetensors").unlink()
+    assert unimodal_main(["eval", str(export), "--suite", "digits", "--limit", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"unimodal eval: error: {export} holds no model weights (model.safetensors); copy the model directory whole")

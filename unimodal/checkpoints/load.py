@@ -203,6 +203,11 @@ def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tup
 
     file = Path(path) / MODULES_FILE
     if not file.is_file():
+        spec = read_export_config(path)["model"]
+        held = [*(spec.get("continuous") or {}), *(["routing"] if spec.get("routing") else [])]
+        if held:  # the model would keep fresh weights where the export's trained ones belong
+            raise ExportError(f"{path} lacks {MODULES_FILE}, which holds its {', '.join(held)} weights; "
+                              "copy the export whole, or export its checkpoint again")
         return [], []
     state = load_file(str(file))
     with gathered([p for n, p in model.named_parameters() if n in state], modifier_rank=0):

@@ -72,7 +72,12 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         path = Path(spec.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"backbone.path {path} is not a model directory (no config.json); models load from local paths only")
-        model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
+        try:
+            model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
+        except OSError as err:
+            if "no file named" not in str(err):
+                raise
+            raise FileNotFoundError(f"{path} holds no model weights (model.safetensors); copy the model directory whole") from None
         if model.get_input_embeddings().num_embeddings != vocab_size:
             resize_vocabulary(model, vocab_size)
     else:

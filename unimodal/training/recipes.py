@@ -328,6 +328,8 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         if builds and init_from and not Path(init_from).exists():  # before the tokenizer it would give, which is then the recipe's
             raise FileNotFoundError(f"init_from {init_from} does not exist")
         unified = str((config.get("model") or {}).get("class_path", "")).rpartition(".")[2] == "UnimodalModule"
+        if builds and init_from and Path(init_from).is_file() and (Path(init_from).parent / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"init_from {init_from} is a file of an export; give its directory, {Path(init_from).parent}")
         if builds and init_from and unified and not (Path(init_from) / CONFIG_FILE).is_file():  # a run directory or a .ckpt
             raise FileNotFoundError(f"init_from {init_from} is not a unimodal export directory (no {CONFIG_FILE}); "
                                     f"write one with `unimodal export {init_from} --out DIR` and give DIR")
