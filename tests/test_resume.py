@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -278,12 +279,17 @@ def test_a_given_checkpoint_that_is_not_one_is_one_line(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
     (tmp_path / "notes.ckpt").write_text("see the run.txt file for details")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ran" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "weights.pt", tmp_path / "ran" / "checkpoints" / "last.ckpt")
     for path, message in (
         # torch 2.13 reads a safetensors file as a checkpoint without a state_dict; 2.11 refuses it while reading
         (tmp_path / "model.safetensors", ("is not a training checkpoint (it holds no state_dict)", "cannot be read as a checkpoint")),
         (tmp_path / "weights.pt", "is not a training checkpoint (it holds no state_dict)"),
         (tmp_path / "notes.ckpt", "cannot be read as a checkpoint"),
-        (tmp_path / "run", "is a directory but not a checkpoint; to continue the run it holds, pass --trainer.default_root_dir="),
+        (tmp_path / "run", f"is a directory but not a checkpoint; to continue the run it holds, pass --trainer.default_root_dir={tmp_path / 'run'} "
+                           f"--resume auto, or it holds no checkpoint in {tmp_path / 'run' / 'checkpoints'}"),
+        (tmp_path / "ran" / "checkpoints", f"pass --trainer.default_root_dir={tmp_path / 'ran'} --resume auto, or give one of its "
+                                           f"checkpoints (the newest: --ckpt_path={tmp_path / 'ran' / 'checkpoints' / 'last.ckpt'})"),
     ):
         with pytest.raises(UserError) as caught:
             check_given_checkpoint(path, trust=True)

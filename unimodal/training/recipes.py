@@ -455,9 +455,11 @@ def check_given_checkpoint(path: Path, trust: bool) -> None:
             raise UserError(f"{path} is not a training checkpoint (it holds no state_dict); --ckpt_path takes a .ckpt that "
                             "`unimodal train` wrote (to start from an export's weights, set model.init_args.init_from)")
     elif not is_checkpoint(path):
+        run, checkpoints = (path.parent, path) if path.name == "checkpoints" else (path, path / "checkpoints")
+        newest = find_latest_checkpoint(checkpoints)
+        one = f"give one of its checkpoints (the newest: --ckpt_path={newest})" if newest else f"it holds no checkpoint in {checkpoints}"
         raise UserError(f"{path} is a directory but not a checkpoint; to continue the run it holds, pass "
-                        f"--trainer.default_root_dir={path} --resume auto, or give one of its checkpoints "
-                        f"(--ckpt_path={path / 'checkpoints' / 'last.ckpt'})")
+                        f"--trainer.default_root_dir={run} --resume auto, or {one}")
     elif not trust:
         raise UserError(
             f"{path} is a sharded checkpoint directory, whose files are read with pickle (which can run code); "
