@@ -102,6 +102,10 @@ def test_pipeline_files_are_checked_before_anything_runs(tmp_path):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": "recipes/nope.yaml"}]))
     with pytest.raises(PipelineError, match="initialises from 'z', which is not an earlier stage"):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "init": "z"}]))
+    with pytest.raises(PipelineError, match=r"stage 'a' has export: \{'mrege_lora': True\}; its one key is merge_lora \(true or false\)"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "export": {"mrege_lora": True}}]))
+    with pytest.raises(PipelineError, match=r"stage 'a' has export.merge_lora: 'yes please'; give true or false"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "export": {"merge_lora": "yes please"}}]))
     with pytest.raises(PipelineError, match="two stages are named 'a'"):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "a", "recipe": tiny}]))
     with pytest.raises(PipelineError, match=r"refers to \{stages.b\}"):

@@ -139,12 +139,17 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
             init = stages[-1].name if stages else None
         if init is not None and not any(s.name == init for s in stages):
             raise PipelineError(f"{path}: stage {name!r} initialises from {init!r}, which is not an earlier stage")
+        exporting = entry.get("export") or {}
+        if not isinstance(exporting, dict) or set(exporting) - {"merge_lora"}:
+            raise PipelineError(f"{path}: stage {name!r} has export: {exporting!r}; its one key is merge_lora (true or false)")
+        if not isinstance(exporting.get("merge_lora", False), bool):
+            raise PipelineError(f"{path}: stage {name!r} has export.merge_lora: {exporting['merge_lora']!r}; give true or false")
         stages.append(Stage(
             name=name,
             recipe=_find_recipe(str(entry.get("recipe", "")), path),
             overrides=dict(entry.get("overrides") or {}),
             init=init,
-            merge_lora=bool((entry.get("export") or {}).get("merge_lora", False)),
+            merge_lora=exporting.get("merge_lora", False),
             output=entry.get("output"),
         ))
     pipeline_root = raw.get("root", f"runs/pipelines/{path.stem}")
