@@ -278,3 +278,10 @@ def test_convert_zero_to_fp32_never_writes_over_a_file(tmp_path: Path, capsys):
     assert main(["convert", "zero-to-fp32", str(tmp_path / "any"), str(precious), "--trust_checkpoint"]) == 2
     assert f"{precious} exists; give a new file for the converted checkpoint" in capsys.readouterr().err
     assert precious.read_bytes() == b"weights"
+
+
+def test_an_export_given_to_export_is_named_as_one(tmp_path, capsys):
+    (tmp_path / "unimodal.json").write_text("{}")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err == (f"unimodal export: error: {tmp_path} is already an export (unimodal.json); "
+                                       "export takes the run directory or checkpoint it came from\n")

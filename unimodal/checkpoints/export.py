@@ -37,7 +37,7 @@ from unimodal.checkpoints.load import (
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
-from unimodal.errors import refuse_nonempty
+from unimodal.errors import UserError, refuse_nonempty
 from unimodal.models.backbone import causal_lm_from_config
 from unimodal.models.lora import has_backbone_adapter, merge_injected, save_adapter
 from unimodal.models.unified import UnifiedModel
@@ -131,6 +131,8 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
         return zero_to_fp32(ckpt, scratch / "merged.ckpt", trust=trust)
     if is_fsdp_checkpoint(ckpt):
         return fsdp_to_file(ckpt, scratch / "merged.ckpt", trust=trust)
+    if (ckpt / CONFIG_FILE).is_file():
+        raise UserError(f"{ckpt} is already an export ({CONFIG_FILE}); export takes the run directory or checkpoint it came from")
     if ckpt.is_dir():
         found = find_latest_checkpoint(ckpt / "checkpoints") or find_latest_checkpoint(ckpt)
         if found is None:

@@ -148,6 +148,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if isinstance(err, FileNotFoundError):
             raise
         first = re.split(r"\.\s", str(err).strip())[0] or type(err).__name__  # torch's first sentence ("torch.save" keeps its dot)
+        if "_use_new_zipfile_serialization" in first:  # torch's advice to whoever wrote it, not to this reader
+            first = "not the zip archive torch.save writes"
         raise UserError(f"{path} cannot be read as a checkpoint: it is truncated or not a checkpoint ({first[:200]})") from None
 
 
