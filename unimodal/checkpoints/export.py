@@ -189,7 +189,7 @@ def write_export(
     (``MODEL_KEYS``); ``data``: the run's data-module arguments, which name its ``tokenizer``."""
     from safetensors.torch import save_file
 
-    merge_injected(model)
+    injected = merge_injected(model)
     adapter = None
     if has_backbone_adapter(model):
         if merge_lora:
@@ -198,6 +198,8 @@ def write_export(
             adapter = ADAPTER_DIR
             save_adapter(model, out / ADAPTER_DIR)
             model.backbone = model.backbone.unload()
+    elif merge_lora and not injected:
+        log.warning("--merge_lora: this run trained no LoRA adapter, so there is nothing to merge")
     backbone = model.backbone
     vanilla = _vanilla_keys(backbone)
     plain = _plain_state(backbone.state_dict(), vanilla)

@@ -158,8 +158,9 @@ def _pack_jsonl(
 
     def documents() -> Iterator[Document]:
         nonlocal total, elsewhere
+        split = f" ({out_dir.name})" if select is not None else ""  # one pass over the source per split
         with open(src, "rb") as lines, tqdm(
-            total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}", disable=not progress
+            total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}{split}", disable=not progress
         ) as bar:
             for line, raw_line in enumerate(lines, start=1):
                 bar.update(len(raw_line))

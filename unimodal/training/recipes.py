@@ -96,6 +96,8 @@ class UnimodalCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        if self._get(self.config_init, "keep_last_k") < -1:
+            raise UserError(f"--keep_last_k must be -1 (keep all) or 0 or more, got {self._get(self.config_init, 'keep_last_k')}")
         config = self._get(self.config_init, "trainer", default={})
         root = Path(config.get("default_root_dir") or "runs/default")
         if config.get("logger") in (None, True):
