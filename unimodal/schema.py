@@ -155,8 +155,8 @@ def read_json(text: str) -> Any:
     lone surrogates, which no UTF-8 writer or tokenizer downstream can encode."""
     try:
         value = json.loads(text, parse_constant=_constant, parse_float=_finite)
-    except json.JSONDecodeError as err:  # the column alone on a one-line text (a line of JSONL)
-        at = f"column {err.colno}" if err.lineno == 1 else f"line {err.lineno} column {err.colno}"
+    except json.JSONDecodeError as err:  # the column alone on a one-line text (a line of JSONL, its newline kept)
+        at = f"line {err.lineno} column {err.colno}" if "\n" in text.rstrip("\r\n") else f"column {err.pos + 1}"
         raise NotJSON(f"{err.msg} at {at}") from None
     except RecursionError:
         raise NotJSON("arrays or objects nested too deeply") from None

@@ -480,9 +480,10 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
     Raises :class:`Preempted` when SIGTERM stopped the run (after it saved a checkpoint).
     """
     # the launcher's rank: before fit every process's trainer says rank 0
+    ckpt_path = resume_path(cli)  # its refusals come before anything is written
     lock = run_lock(cli.checkpoint_dir.parent) if launched_rank() == 0 else contextlib.nullcontext()
     with lock:
-        return _fit(cli, resume_path(cli))
+        return _fit(cli, ckpt_path)
 
 
 def _fit(cli: UnimodalCLI, ckpt_path: str | None) -> Trainer:
