@@ -193,6 +193,11 @@ def test_write_refuses_dotted_keys_and_existing_shards(tmp_path: Path):
     write_documents([Document([Part("text", text="x")], key="a")], tmp_path / "out")
     with pytest.raises(FileExistsError, match="already holds shards"):
         write_documents([Document([Part("text", text="x")], key="b")], tmp_path / "out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "stats.json").write_text('{"my": "notes"}')
+    with pytest.raises(FileExistsError, match="mine already holds stats.json; write to an empty directory"):
+        write_documents([Document([Part("text", text="x")], key="b")], tmp_path / "mine")
+    assert (tmp_path / "mine" / "stats.json").read_text() == '{"my": "notes"}'
 
 
 def test_unreadable_media_and_missing_member(tmp_path: Path):

@@ -225,9 +225,10 @@ def write_shards(
     if "%" in prefix or "/" in prefix:
         raise ValueError(f"shard prefix {prefix!r} must not contain '%' or '/'")
     out.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out.glob(f"{prefix}-*.tar"))
-    if stale:
-        raise FileExistsError(f"{out} already holds shards ({stale[0].name}, ...); write to an empty directory")
+    held = sorted(out.glob(f"{prefix}-*.tar"))
+    if held or (out / STATS_FILE).exists():  # another set's shards, or a stats.json that may be the user's own
+        what = f"shards ({held[0].name}, ...)" if held else STATS_FILE
+        raise FileExistsError(f"{out} already holds {what}; write to an empty directory")
     stats, keys = ShardStats(), set()
     writer: wds.ShardWriter | None = None
     try:
