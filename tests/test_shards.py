@@ -155,6 +155,7 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         (json.dumps({"parts": [{"type": "image", "path": "folder.png"}]}), r"src\.jsonl:2: image file 'folder.png' is a directory, not a regular file"),
         (json.dumps({"parts": [{"type": "image", "path": "zero.png"}]}), r"src\.jsonl:2: image file 'zero.png' is a device or socket, not a regular"),
         (json.dumps({"parts": [{"type": "image", "path": "https://x.org/a.png"}]}), r"src\.jsonl:2: image 'https://x.org/a.png' is remote"),
+        (json.dumps({"parts": [{"type": "image", "path": "huge.npy"}]}), r"src\.jsonl:2: image file 'huge.npy' is 600 MiB, over the 512 MiB a media file may have"),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}),
          r"src\.jsonl:2: message 0: image data URL of type image/png is not a \.png file \(it starts with b'hello'\)"),
         (r'{"parts": [{"type": "text", "text": "caf\xe9"}]}', r"src\.jsonl:2: not UTF-8 \(byte 0xe9 at column 41\); save the file as UTF-8"),
@@ -168,6 +169,8 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
 def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.npy", "wb") as sparse:  # 600 MiB that take no disk
+        sparse.truncate(600 * 2**20)
     src = _write_source(tmp_path, [GOOD, bad_line, GOOD])
     with pytest.raises(DocumentError, match=message):
         pack_jsonl(src, tmp_path / "out", max_docs_per_shard=1, progress=False)

@@ -17,6 +17,8 @@ from unimodal.schema import ARRAY_EXTENSIONS, AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
 # 48 kHz float audio 690 MB, so clips stop at ten minutes
 MAX_PIXELS = 4096 * 4096
 MAX_AUDIO_SECONDS = 600.0
+# a file is read whole when packed: ten minutes of 48 kHz stereo float WAV is 230 MB
+MAX_MEDIA_BYTES = 512 * 2**20
 
 MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS + ARRAY_EXTENSIONS, "audio": AUDIO_EXTENSIONS + ARRAY_EXTENSIONS}
 
@@ -105,6 +107,10 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int) -
     if not file.is_file():  # a FIFO or a device would block or never end
         what = "a directory" if file.is_dir() else "a FIFO" if file.is_fifo() else "a device or socket"
         raise DocumentError(f"{where}: {kind} file {path!r} is {what}, not a regular file (looked at {file})")
+    size = file.stat().st_size
+    if size > MAX_MEDIA_BYTES:
+        raise DocumentError(f"{where}: {kind} file {path!r} is {size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
+                            "a media file may have")
     data = file.read_bytes()
     check_signature(ext, data, f"{where}: {kind} file {path!r}")
     return MediaBytes(ext, data)
