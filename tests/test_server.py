@@ -90,6 +90,10 @@ def test_health_models_and_the_bearer_token(url):
     assert call(url, "/v1/models", key="wrong")[0] == 401
     status, body = call(url, "/v1/models")
     assert status == 200 and [m["id"] for m in body["data"]] == ["tiny"]
+    assert call(url, "/v1/models/tiny") == (200, body["data"][0])  # the SDK's client.models.retrieve("tiny")
+    status, body = call(url, "/v1/models/gpt-4o")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert call(url, "/v1/models/tiny", key=None)[0] == 401
 
 
 def test_text_completion_and_its_stream_agree(url):

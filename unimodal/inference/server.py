@@ -145,9 +145,17 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": name}
 
+    served = {"id": name, "object": "model", "created": created, "owned_by": "unimodal"}
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "unimodal"}]}
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != name:
+            raise APIError(404, f"model {model_id!r} does not exist here; this server serves {name!r}", "model_not_found")
+        return served
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request):
@@ -578,7 +586,7 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
         if not http.is_alive():  # uvicorn logged why
             raise UserError(f"the server could not start on {host}:{port} (is the address in use, or not this machine's?)")
         time.sleep(0.05)
-    log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models, GET /health)", model_name or assistant.name, host, port)
+    log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models[/ID], GET /health)", model_name or assistant.name, host, port)
     batcher.run()
     http.join()
 
