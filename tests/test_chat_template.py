@@ -102,6 +102,11 @@ def test_openai_messages_with_image_and_audio_parts(tmp_path):
         ("text", "assistant", False, None),
     ]
     assert [p.data.ext for p in parts if p.type != "text"] == ["png", "wav", "png"]
+    # inline media are stored as the format their bytes have, whatever their label says
+    mislabelled = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url().replace("image/png", "image/jpeg")}},
+        {"type": "input_audio", "input_audio": {"data": wav_base64(), "format": "mp3"}}]}]
+    assert [p.data.ext for p in messages_to_parts(mislabelled, tmp_path, "f:1")] == ["png", "wav"]
     with pytest.raises(DocumentError, match="remote"):
         messages_to_parts([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}], tmp_path, "f:1")
     with pytest.raises(DocumentError, match="role 'tool'"):

@@ -87,11 +87,11 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_
     """Both would write last.ckpt, and the steps of one would be lost."""
     from unimodal.training.resume import run_lock
 
-    with run_lock(tmp_path):
+    with run_lock(tmp_path / "checkpoints"):
         code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}", *QUIET)
-    assert code == 2 and line.endswith(f"{tmp_path} is in use by another run (pid {os.getpid()} on {os.uname().nodename}); "
+    assert code == 2 and line.endswith(f"{tmp_path / 'checkpoints'} is in use by another run (pid {os.getpid()} on {os.uname().nodename}); "
                                        "wait for it to end, or give this one another --trainer.default_root_dir")
-    assert not (tmp_path / "checkpoints").exists()
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
     code, _ = unimodal("train", str(RECIPE), "--tiny", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}", *QUIET)
     assert code == 0  # the lock ends with its holder
 

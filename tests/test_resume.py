@@ -286,8 +286,8 @@ def test_a_given_checkpoint_that_is_not_one_is_one_line(tmp_path):
         (tmp_path / "model.safetensors", ("is not a training checkpoint (it holds no state_dict)", "cannot be read as a checkpoint")),
         (tmp_path / "weights.pt", "is not a training checkpoint (it holds no state_dict)"),
         (tmp_path / "notes.ckpt", "cannot be read as a checkpoint: it is truncated or not a checkpoint (not the zip archive torch.save writes)"),
-        (tmp_path / "run", f"is a directory but not a checkpoint; to continue the run it holds, pass --trainer.default_root_dir={tmp_path / 'run'} "
-                           f"--resume auto, or it holds no checkpoint in {tmp_path / 'run' / 'checkpoints'}"),
+        (tmp_path / "run", f"is a directory but not a checkpoint, and holds none in {tmp_path / 'run' / 'checkpoints'}; "
+                           "--ckpt_path takes a .ckpt file or a sharded checkpoint directory"),
         (tmp_path / "ran" / "checkpoints", f"pass --trainer.default_root_dir={tmp_path / 'ran'} --resume auto, or give one of its "
                                            f"checkpoints (the newest: --ckpt_path={tmp_path / 'ran' / 'checkpoints' / 'last.ckpt'})"),
     ):

@@ -569,7 +569,13 @@ def test_a_port_in_use_is_one_line_before_uvicorn_starts():
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use \(is another server"):
             serve(slowed_assistant(0.0), port=port, model_name="tiny")
-        with pytest.raises(UserError, match=r"cannot listen on 999\.1\.1\.1:8000: --host is not an address or a name that resolves"):
-            serve(slowed_assistant(0.0), host="999.1.1.1", model_name="tiny")
-        with pytest.raises(UserError, match=r"cannot listen on 192\.0\.2\.1:8000: .* \(--host is not an address of this machine\)"):
-            serve(slowed_assistant(0.0), host="192.0.2.1", model_name="tiny")  # TEST-NET-1, never a local address
+        with pytest.raises(UserError, match=r"cannot listen on nowhere\.invalid:8000: --host is not an address or a name that resolves"):
+            serve(slowed_assistant(0.0), host="nowhere.invalid", model_name="tiny")  # .invalid never resolves (RFC 6761)
+    with socket.socket() as probe:  # TEST-NET-1 is never this machine's, unless it binds non-local addresses
+        try:
+            probe.bind(("192.0.2.1", 0))
+            return
+        except OSError:
+            pass
+    with pytest.raises(UserError, match=r"cannot listen on 192\.0\.2\.1:8000: .* \(--host is not an address of this machine\)"):
+        serve(slowed_assistant(0.0), host="192.0.2.1", model_name="tiny")

@@ -388,3 +388,10 @@ def test_members_python_would_parse_its_own_way_are_bad_samples(tmp_path: Path):
     assert policy.skipped == 3
     report = inspect_path(shard)
     assert "bad samples: 3 (first: sample 'deep'" in report and "\n  ok in odd.tar" in report
+
+
+def test_a_null_messages_or_parts_field_counts_as_absent(tmp_path: Path):
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "parts": None}
+    document = {"messages": None, "parts": [{"type": "text", "text": "x"}]}
+    src = _write_source(tmp_path, [json.dumps(chat), json.dumps(document)])
+    assert pack_jsonl(src, tmp_path / "out", progress=False)["documents"] == 2

@@ -14,6 +14,7 @@ import difflib
 import json
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,7 +84,7 @@ def check_key(key: str) -> str:
             f"invalid sample key {key!r}: keys must be non-empty and contain no '.' or '/' "
             "(WebDataset splits member names at the first dot)"
         )
-    if not key.isprintable():  # a tar member name ends at a NUL; a newline splits every listing
+    if any(unicodedata.category(c) == "Cc" for c in key):  # a tar member name ends at a NUL; a newline splits every listing
         raise DocumentError(f"invalid sample key {key!r}: keys hold no control characters")
     return key
 
@@ -100,10 +101,16 @@ def check_fields(raw: dict[str, Any], known: tuple[str, ...], where: str, strict
         if name in known:
             continue
         folded = str(name).lower()
-        close = [k for k in known if sorted(folded) == sorted(k)] or difflib.get_close_matches(folded, known, n=1, cutoff=0.75)
+        close = [k for k in known if folded == k or _swapped(folded, k)] or difflib.get_close_matches(folded, known, n=1, cutoff=0.75)
         if strict or close:
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
             raise DocumentError(f"{where}: unknown field {name!r} ({hint})")
+
+
+def _swapped(a: str, b: str) -> bool:
+    """Whether ``a`` is ``b`` with two neighbouring letters swapped (``kye``, ``key``)."""
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y] if len(a) == len(b) else []
+    return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
 
 
 def parse_part(raw: Any, where: str, index: int) -> Part:

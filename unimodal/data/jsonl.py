@@ -54,9 +54,10 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     raw_parts, meta = raw.get("parts"), raw.get("meta", {})
     if not isinstance(meta, dict):
         raise DocumentError(f"{where}: 'meta' must be an object")
-    if "messages" in raw and "parts" in raw:
+    given = {name for name in ("messages", "parts") if raw.get(name) is not None}
+    if len(given) == 2:
         raise DocumentError(f"{where}: a line has both 'messages' (a chat) and 'parts' (a document); give one of them")
-    if "messages" in raw:  # an OpenAI-style chat record
+    if "messages" in given:  # an OpenAI-style chat record
         return Document(messages_to_parts(raw["messages"], src.parent, where), meta, key, source=where)
     if "parts" not in raw:
         raise DocumentError(f"{where}: a line needs 'messages' (a chat) or 'parts' (a document); it has {sorted(raw) or 'no keys'}")

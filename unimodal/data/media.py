@@ -28,15 +28,20 @@ MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS + ARRAY_EXTENSIONS, "audio": AUDIO
 SIGNATURES: dict[str, tuple[bytes, ...]] = {
     "png": (b"\x89PNG\r\n\x1a\n",), "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",),
     "webp": (b"RIFF",), "wav": (b"RIFF", b"RIFX", b"RF64"), "flac": (b"fLaC",), "ogg": (b"OggS",),
-    "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xfa"), "npy": (b"\x93NUMPY",),
+    "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xfa", b"\xff\xe3", b"\xff\xe2"), "npy": (b"\x93NUMPY",),
 }
 RIFF_KINDS = {"webp": b"WEBP", "wav": b"WAVE"}
 
 
+def starts_as(ext: str, data: bytes) -> bool:
+    """Whether ``data`` starts as a ``.ext`` file does."""
+    starts = data.startswith(SIGNATURES.get(ext, (b"",)))
+    return starts and not (ext in RIFF_KINDS and data[:4] == b"RIFF" and data[8:12] != RIFF_KINDS[ext])
+
+
 def check_signature(ext: str, data: bytes, what: str) -> None:
     """Refuse ``data`` that does not start as a ``.ext`` file does (``what`` names it)."""
-    starts = data.startswith(SIGNATURES.get(ext, (b"",)))
-    if not starts or (ext in RIFF_KINDS and data[:4] == b"RIFF" and data[8:12] != RIFF_KINDS[ext]):
+    if not starts_as(ext, data):
         raise DocumentError(f"{what} is not a .{ext} file (it starts with {data[:12]!r})")
 
 

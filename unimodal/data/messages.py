@@ -7,7 +7,7 @@ import binascii
 from pathlib import Path
 from typing import Any
 
-from unimodal.data.media import MediaBytes, check_signature, source_media
+from unimodal.data.media import MEDIA_EXTENSIONS, MediaBytes, check_signature, source_media, starts_as
 from unimodal.schema import ROLES, DocumentError, Part, check_fields
 
 # what a message may carry here; other fields of OpenAI's format (name, tool_calls, ...) are
@@ -31,10 +31,14 @@ def _decode_base64(data: str, where: str) -> bytes:
         raise DocumentError(f"{where}: invalid base64 media ({err})") from None
 
 
-def _checked(ext: str, data: bytes, what: str) -> MediaBytes:
-    """Inline media held to the first-bytes check a file gets (``media.check_signature``)."""
-    check_signature(ext, data, what)
-    return MediaBytes(ext, data)
+def _inline(kind: str, stated: str, data: bytes, what: str) -> MediaBytes:
+    """Inline media take the format their first bytes show: clients label data URLs by habit (a
+    PNG sent as image/jpeg), which decoding never needed. Bytes of no format of their kind are
+    refused, as a file's are (``media.check_signature``)."""
+    ext = next((e for e in MEDIA_EXTENSIONS[kind] if e != "npy" and starts_as(e, data)), None)
+    if ext is None:
+        check_signature(stated, data, what)
+    return MediaBytes(ext or stated, data)
 
 
 def _media(kind: str, ref: str, base: Path, where: str) -> Any:
@@ -45,7 +49,7 @@ def _media(kind: str, ref: str, base: Path, where: str) -> Any:
         if mime not in MIME_EXTENSIONS or not mime.startswith(kind):
             known = ", ".join(m for m in MIME_EXTENSIONS if m.startswith(kind))
             raise DocumentError(f"{where}: {kind} data URL of type {mime!r} is not supported ({known})")
-        return _checked(MIME_EXTENSIONS[mime], _decode_base64(payload, where), f"{where}: {kind} data URL of type {mime}")
+        return _inline(kind, MIME_EXTENSIONS[mime], _decode_base64(payload, where), f"{where}: {kind} data URL of type {mime}")
     if "://" in ref and not ref.startswith("file://"):
         raise DocumentError(f"{where}: {kind} {ref!r} is remote; give a local path or a data: URL (nothing is downloaded)")
     return source_media({"type": kind, "path": ref.removeprefix("file://")}, base, where, 0)
@@ -80,7 +84,7 @@ def content_part(item: Any, base: Path, where: str) -> Part:
         if f"audio/{fmt}" not in MIME_EXTENSIONS:
             raise DocumentError(f"{where}: input_audio format {audio.get('format')!r} is not one of wav, flac, mp3, ogg")
         data = _decode_base64(audio["data"], where)
-        return Part("audio", data=_checked(MIME_EXTENSIONS[f"audio/{fmt}"], data, f"{where}: input_audio of format {fmt}"))
+        return Part("audio", data=_inline("audio", MIME_EXTENSIONS[f"audio/{fmt}"], data, f"{where}: input_audio of format {fmt}"))
     if kind in ("image", "audio"):
         if not isinstance(item.get("path"), str):
             raise DocumentError(f"{where}: {kind} content needs a string 'path'")

@@ -16,6 +16,8 @@ from unimodal.models.attention import resolve_backend
 from unimodal.models.sharding import gathered
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what transformers loads a model's weights from: one file, or the index of its shards
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -72,12 +74,9 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         path = Path(spec.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"backbone.path {path} is not a model directory (no config.json); models load from local paths only")
-        try:
-            model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
-        except OSError as err:
-            if "no file named" not in str(err):
-                raise
-            raise FileNotFoundError(f"{path} holds no model weights (model.safetensors); copy the model directory whole") from None
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise FileNotFoundError(f"{path} holds no model weights ({', '.join(WEIGHT_FILES)}); copy the model directory whole")
+        model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
         if model.get_input_embeddings().num_embeddings != vocab_size:
             resize_vocabulary(model, vocab_size)
     else:

@@ -37,6 +37,7 @@ import csv
 import difflib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -319,7 +320,10 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
                 f"as it was to continue it, or remove {stage_dir} to start the stage again with the new one"
             )
     stage_dir.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(f"# stage {stage.name} of {pipeline.path}\n" + yaml.safe_dump(config, sort_keys=False))
+    # every rank of a pipeline launched with torchrun writes it: whole, so no rank reads half of it
+    temp = config_file.with_name(f".{config_file.name}.{os.getpid()}")
+    temp.write_text(f"# stage {stage.name} of {pipeline.path}\n" + yaml.safe_dump(config, sort_keys=False))
+    os.replace(temp, config_file)
     started, spent = time.perf_counter(), float(previous.get("wall_s", 0.0))
     log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
     try:

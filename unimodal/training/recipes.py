@@ -459,9 +459,11 @@ def check_given_checkpoint(path: Path, trust: bool) -> None:
     elif not is_checkpoint(path):
         run, checkpoints = (path.parent, path) if path.name == "checkpoints" else (path, path / "checkpoints")
         newest = find_latest_checkpoint(checkpoints)
-        one = f"give one of its checkpoints (the newest: --ckpt_path={newest})" if newest else f"it holds no checkpoint in {checkpoints}"
+        if newest is None:
+            raise UserError(f"{path} is a directory but not a checkpoint, and holds none in {checkpoints}; "
+                            "--ckpt_path takes a .ckpt file or a sharded checkpoint directory")
         raise UserError(f"{path} is a directory but not a checkpoint; to continue the run it holds, pass "
-                        f"--trainer.default_root_dir={run} --resume auto, or {one}")
+                        f"--trainer.default_root_dir={run} --resume auto, or give one of its checkpoints (the newest: --ckpt_path={newest})")
     elif not trust:
         raise UserError(
             f"{path} is a sharded checkpoint directory, whose files are read with pickle (which can run code); "
@@ -481,7 +483,7 @@ def fit_cli(cli: UnimodalCLI) -> Trainer:
     """
     # the launcher's rank: before fit every process's trainer says rank 0
     ckpt_path = resume_path(cli)  # its refusals come before anything is written
-    lock = run_lock(cli.checkpoint_dir.parent) if launched_rank() == 0 else contextlib.nullcontext()
+    lock = run_lock(cli.checkpoint_dir) if launched_rank() == 0 else contextlib.nullcontext()
     with lock:
         return _fit(cli, ckpt_path)
 

@@ -38,18 +38,18 @@ LOCK_FILE = ".unimodal-run.lock"
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One run at a time in ``run_dir``: two would both write its ``last.ckpt`` and the steps of
-    one would be lost. The operating system drops the lock when its process ends, however it
-    ends, so a crash leaves no stale lock."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a+") as handle:
+def run_lock(checkpoint_dir: Path) -> Iterator[None]:
+    """One run at a time in a checkpoint directory: two would both write its ``last.ckpt`` and
+    the steps of one would be lost. The operating system drops the lock when its process ends,
+    however it ends, so a crash leaves no stale lock."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir / LOCK_FILE, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise UserError(f"{run_dir} is in use by another run ({holder}); wait for it to end, "
+            raise UserError(f"{checkpoint_dir} is in use by another run ({holder}); wait for it to end, "
                             "or give this one another --trainer.default_root_dir") from None
         handle.seek(0)
         handle.truncate()
