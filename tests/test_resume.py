@@ -177,6 +177,17 @@ def test_latest_checkpoint_is_the_newest_and_ignores_partial_writes(tmp_path):
     os.utime(old, (1, 1))
     (tmp_path / ".tmp-1-last.ckpt").write_bytes(b"partial")
     assert find_latest_checkpoint(tmp_path) == new
+    # names, not file times, which a copy or a touch resets: a run's last, then its latest step
+    os.utime(old)
+    os.utime(new, (1, 1))
+    assert find_latest_checkpoint(tmp_path) == new
+    new.unlink()
+    (tmp_path / "epoch=0-step=10.ckpt").write_bytes(b"x")
+    os.utime(tmp_path / "epoch=0-step=10.ckpt", (1, 1))
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "epoch=0-step=10.ckpt"
+    (tmp_path / "last-v1.ckpt").write_bytes(b"x")  # a later run's, started beside the earlier one
+    os.utime(tmp_path / "last-v1.ckpt", (1, 1))
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
 
 
 class FakeBatches(torch.utils.data.IterableDataset):
@@ -232,7 +243,7 @@ def test_runs_keep_their_last_k_step_checkpoints_and_clear_dead_writers_files(tm
     directory.mkdir()
     for step in range(5):
         (directory / f"step={step}.ckpt").write_bytes(b"x")
-        os.utime(directory / f"step={step}.ckpt", (step, step))
+        os.utime(directory / f"step={step}.ckpt", (5 - step, 5 - step))  # the steps count, not the times
     for name in ("last.ckpt", "last-v1.ckpt", "last-v2.ckpt"):  # each run's last: never pruned
         (directory / name).write_bytes(b"x")
         os.utime(directory / name, (0, 0))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import re
@@ -76,12 +77,27 @@ def _checkpoint_time(path: Path) -> float:
     return (marker or path).stat().st_mtime
 
 
+VERSION = re.compile(r"-v(\d+)\.ckpt$")
+STEP = re.compile(r"step=(\d+)")
+
+
+def _recency(path: Path) -> tuple[int, float, float]:
+    """How recent a checkpoint is, from the names Lightning gives them, since a copy without
+    ``-p`` (or a ``touch``) resets file times: a later run in the same directory adds ``-vN``, a
+    run's ``last`` is written with or after each of its step checkpoints, and a step checkpoint
+    names its step. File times only break ties."""
+    version = VERSION.search(path.name)
+    step = STEP.search(path.name)
+    order = math.inf if LAST_NAME.fullmatch(path.name) else int(step.group(1)) if step else -1
+    return int(version.group(1)) if version else 0, order, _checkpoint_time(path)
+
+
 def checkpoints_newest_first(directory: str | Path) -> list[Path]:
     """The checkpoints (``*.ckpt`` files and sharded directories) in ``directory``, newest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.glob("*.ckpt") if is_checkpoint(p)), key=_checkpoint_time, reverse=True)
+    return sorted((p for p in directory.glob("*.ckpt") if is_checkpoint(p)), key=_recency, reverse=True)
 
 
 def find_latest_checkpoint(directory: str | Path) -> Path | None:
@@ -113,7 +129,7 @@ def prune_checkpoints(directory: str | Path, keep_last_k: int) -> list[Path]:
         return []
     removed = [temp for temp in directory.glob(f"{TEMP_PREFIX}*") if not _writer_alive(temp)]
     steps = [p for p in directory.glob("*.ckpt") if not LAST_NAME.fullmatch(p.name) and is_checkpoint(p)]
-    steps = sorted(steps, key=_checkpoint_time, reverse=True)
+    steps = sorted(steps, key=_recency, reverse=True)
     if keep_last_k >= 0:
         removed += steps[keep_last_k:]
     for path in removed:
