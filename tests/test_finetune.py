@@ -98,6 +98,10 @@ def test_an_incomplete_export_or_a_file_of_one_is_one_line(tmp_path, capsys):
     assert unimodal_main([*args, f"--model.init_args.init_from={export / 'unimodal.json'}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"unimodal train: error: init_from {export / 'unimodal.json'} is a file of an export; give its directory, {export}")
+    assert unimodal_main([*args, f"--model.init_args.init_from={export}", "--model.init_args.backbone.config.hidden_size=256"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"unimodal train: error: --model.init_args.backbone.config.hidden_size: the backbone comes from init_from {export}, "
+        "with its own architecture; drop the option, or train without init_from")
     (export / "modules.safetensors").unlink()
     assert unimodal_main([*args, f"--model.init_args.init_from={export}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (

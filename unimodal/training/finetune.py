@@ -64,7 +64,10 @@ class FineTuneReport(Callback):
             log.info("fine-tune report: per-task losses are measured on single-device and DDP runs only, not with %s",
                      type(trainer.strategy).__name__)
             return
-        old, _ = present_shard_sets(d["path"] for d in self.record.get("val_datasets") or [])
+        old, missing = present_shard_sets(d["path"] for d in self.record.get("val_datasets") or [])
+        if missing and trainer.is_global_zero:
+            log.warning("fine-tune report: the export's validation data %s is not on this machine, so its tasks are not "
+                        "in the report's old rows", ", ".join(missing))
         new = [d.path for d in data.val_datasets if os.path.abspath(d.path) not in old]
         self._batches = {**self._task_batches("old", old, data), **self._task_batches("new", new, data)}
         if not self.before:

@@ -335,6 +335,10 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         if builds and init_from and unified and not (Path(init_from) / CONFIG_FILE).is_file():  # a run directory or a .ckpt
             raise FileNotFoundError(f"init_from {init_from} is not a unimodal export directory (no {CONFIG_FILE}); "
                                     f"write one with `unimodal export {init_from} --out DIR` and give DIR")
+        fixed = next((a.split("=")[0] for a in args[1:] if a.startswith("--model.init_args.backbone.config")), None)
+        if builds and init_from and fixed:  # build_model reads the backbone from init_from, config.json included
+            raise UserError(f"{fixed}: the backbone comes from init_from {init_from}, with its own architecture; "
+                            "drop the option, or train without init_from")
         if init_from:
             inherit_from_export(config, init_from, tokenizer=True)  # a command-line tokenizer still wins
         _resolve_precision(config)
