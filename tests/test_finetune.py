@@ -93,6 +93,12 @@ def test_an_incomplete_export_or_a_file_of_one_is_one_line(tmp_path, capsys):
     orthus = str(ROOT / "recipes" / "orthus" / "base.yaml")
     assert unimodal_main(["train", orthus, "--tiny", f"--trainer.default_root_dir={base}", *QUICK]) == 0
     assert unimodal_main(["export", str(base), "--out", str(export)]) == 0
+    # a generic recipe keeps the export's image head: its replay brings pictures it must read
+    chat = ["train", str(ROOT / "recipes" / "lora" / "chat_sft.yaml"), "--tiny", f"--model.init_args.init_from={export}",
+            f"--trainer.default_root_dir={tmp_path / 'chat'}", *QUICK]
+    assert unimodal_main(chat) == 0
+    config = yaml.safe_load((tmp_path / "chat" / "logs" / "version_0" / "config.yaml").read_text())
+    assert list(config["model"]["init_args"]["continuous"]) == ["image"]
     capsys.readouterr()
     args = ["train", orthus, "--tiny", f"--trainer.default_root_dir={tmp_path / 'next'}", *QUICK]
     assert unimodal_main([*args, f"--model.init_args.init_from={export / 'unimodal.json'}"]) == 2

@@ -231,7 +231,8 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
 def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: bool = False, replay: bool = True) -> None:
     """Fine-tuning a model starts from its Processor: the data settings a recipe leaves out (code
     ranges and layers, codecs, feature width, bidirectional and input layers) are taken from the
-    export ``source``'s ``processor.json``, and its tokenizer (when the recipe names none, or
+    export ``source``'s ``processor.json``, the continuous modules and routing the recipe leaves
+    out from its model, and its tokenizer (when the recipe names none, or
     always with ``tokenizer``: another tokenizer could not match the model's vocabulary), so model,
     vocabulary and data agree. The data the export records it was trained on becomes
     ``data.init_args.replay`` unless the recipe names its own (``docs/finetune.md``); without
@@ -248,6 +249,10 @@ def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: b
     for key, value in media_settings(processor).items():
         if key not in data_args:
             set_dotted(config, f"data.init_args.{key}", value)
+    model_args = (config.get("model") or {}).get("init_args") or {}
+    for key in ("continuous", "routing"):  # the export's image head and experts, where the recipe names none
+        if export["model"].get(key) and not model_args.get(key):
+            set_dotted(config, f"model.init_args.{key}", copy.deepcopy(export["model"][key]))
     recorded = {d["path"]: d for d in (export.get("training_data") or {}).get("datasets") or []}
     if "replay" not in data_args and recorded and not replay:
         set_dotted(config, "data.init_args.replay", [])
