@@ -78,6 +78,11 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     with pytest.raises(PipelineError, match=r"stage 'chat_sft' finished with a different configuration \(.*stage\.json; changed: trainer\.max_steps\)"):
         run_pipeline(changed_pipeline(tmp_path), tiny=True, root=root, resolve_path=resolve)
 
+    # the digits suite has nothing to ask a text-only model: one line, not a scoreboard of n/a
+    capsys.readouterr()
+    assert unimodal_main(["eval", str(root / "chat_sft" / "export"), "--suite", "digits"]) == 2
+    assert capsys.readouterr().err.endswith("every task of the digits suite is about pictures or speech: nothing in it applies to this model\n")
+
 
 def changed_pipeline(tmp_path: Path) -> Path:
     """text.yaml with another max_steps for its chat stage."""

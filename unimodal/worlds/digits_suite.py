@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unimodal.checkpoints.load import read_export_config
+from unimodal.errors import UserError
 from unimodal.inference.chat import load
 from unimodal.schema import Part
 from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
@@ -272,6 +273,9 @@ def evaluate(
     if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ValueError(f"cannot write the report to {path}: give a JSON file path in a directory you can write to (--out)")
     assistant = load(model_dir, device=device)
+    if not set(assistant.codecs) & set(TASK_MODALITY.values()):  # a scoreboard of nothing but n/a
+        raise UserError(f"{model_dir} has no image or audio codec, and every task of the digits suite is about pictures "
+                        "or speech: nothing in it applies to this model")
     respond = assistant_responder(assistant, **{"temperature": 0.0, "seed": 0, **(settings or {})})
     report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs, modalities=set(assistant.codecs))
     report["model"] = str(model_dir)
