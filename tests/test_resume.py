@@ -271,9 +271,16 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(recipe, tmp_path, c
     last = run / "checkpoints" / "last.ckpt"
     os.truncate(last, 3000)  # cut short by a full disk or a copy gone wrong
     os.utime(last)  # still the newest
-    with caplog.at_level(logging.WARNING, logger="unimodal.train"):
+    from unimodal.cli import main as unimodal_main
+
+    with caplog.at_level(logging.WARNING, logger="unimodal.checkpoints"):  # export passes over it the same way
+        assert unimodal_main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert any("export takes the one before it" in r.getMessage() for r in caplog.records)
+    assert yaml.safe_load((tmp_path / "export" / "unimodal.json").read_text())["source"]["global_step"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unimodal.checkpoints"):
         train(recipe, run, "--resume=auto", "--trainer.max_steps=4", "--checkpoint_every_n_steps=2")
-    said = [r.getMessage() for r in caplog.records if "resumes from the one before it" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "--resume auto takes the one before it" in r.getMessage()]
     assert len(said) == 1 and "last.ckpt cannot be read as a checkpoint" in said[0] and "step=2" in said[0]
     # the run went on and wrote whole ones beside the damaged file, which stays for its owner to look at
     newest = find_latest_checkpoint(run / "checkpoints")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unimodal.checkpoints.files import find_latest_checkpoint
+from unimodal.checkpoints.files import newest_readable_checkpoint
 from unimodal.checkpoints.fsdp import fsdp_to_file, is_fsdp_checkpoint
 from unimodal.checkpoints.load import (
     ADAPTER_DIR,
@@ -134,7 +134,7 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
     if (ckpt / CONFIG_FILE).is_file():
         raise UserError(f"{ckpt} is already an export ({CONFIG_FILE}); export takes the run directory or checkpoint it came from")
     if ckpt.is_dir():
-        found = find_latest_checkpoint(ckpt / "checkpoints") or find_latest_checkpoint(ckpt)
+        found = newest_readable_checkpoint(ckpt / "checkpoints", "export") or newest_readable_checkpoint(ckpt, "export")
         if found is None:
             raise FileNotFoundError(f"{ckpt} holds no checkpoint (a .ckpt file, a DeepSpeed or FSDP checkpoint directory, or a run directory)")
         return checkpoint_file(found, scratch, trust)

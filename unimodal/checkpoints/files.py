@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import pickle
@@ -24,6 +25,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from unimodal.errors import UserError
+
+log = logging.getLogger("unimodal.checkpoints")
 
 TEMP_PREFIX = ".tmp-"
 # a run's last checkpoint, and those of later runs in the same directory (Lightning's version suffix)
@@ -103,6 +106,26 @@ def checkpoints_newest_first(directory: str | Path) -> list[Path]:
 def find_latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest checkpoint (``*.ckpt`` file or sharded directory) in ``directory``, or None."""
     return next(iter(checkpoints_newest_first(directory)), None)
+
+
+def newest_readable_checkpoint(directory: str | Path, reader: str) -> Path | None:
+    """The newest checkpoint in ``directory`` that reads (sharded directories are taken as they
+    are): a file cut short by a disk or a copy gone wrong is passed over, with a warning naming
+    ``reader`` (the command that reads it), for the one before."""
+    damaged = []
+    for checkpoint in checkpoints_newest_first(directory):
+        if checkpoint.is_file():
+            try:
+                read_checkpoint(checkpoint)
+            except UserError as err:
+                damaged.append(str(err))
+                continue
+        for reason in damaged:
+            log.warning("%s; %s takes the one before it, %s", reason, reader, checkpoint)
+        return checkpoint
+    if damaged:
+        raise UserError(f"{reader} found no readable checkpoint in {directory}: {damaged[0]}")
+    return None
 
 
 def _writer_alive(temp: Path) -> bool:

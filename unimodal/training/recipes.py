@@ -43,9 +43,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from unimodal.checkpoints.files import (
     AtomicCheckpointIO,
     checkpoint_step,
-    checkpoints_newest_first,
     find_latest_checkpoint,
     is_checkpoint,
+    newest_readable_checkpoint,
     read_checkpoint,
 )
 from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
@@ -424,26 +424,8 @@ def resume_path(cli: UnimodalCLI) -> str | None:
         raise ValueError("give --ckpt_path or --resume, not both")
     if resume != "auto":
         raise ValueError(f"--resume takes 'auto' (use --ckpt_path=PATH for a given checkpoint), got {resume!r}")
-    return _newest_readable(Path(cli.checkpoint_dir))
-
-
-def _newest_readable(directory: Path) -> str | None:
-    """The newest checkpoint of a run that reads (sharded directories are taken as they are): a
-    file cut short by a disk or a copy gone wrong is passed over, with a warning, for the one before."""
-    damaged = []
-    for checkpoint in checkpoints_newest_first(directory):
-        if checkpoint.is_file():
-            try:
-                read_checkpoint(checkpoint)
-            except UserError as err:
-                damaged.append(str(err))
-                continue
-        for reason in damaged:
-            log.warning("%s; --resume auto resumes from the one before it, %s", reason, checkpoint)
-        return str(checkpoint)
-    if damaged:
-        raise UserError(f"--resume auto found no readable checkpoint in {directory}: {damaged[0]}")
-    return None
+    newest = newest_readable_checkpoint(Path(cli.checkpoint_dir), "--resume auto")
+    return None if newest is None else str(newest)
 
 
 def _first_keys(mismatch: str, shown: int = 3) -> str:
