@@ -91,7 +91,8 @@ def decode_media(
     except Exception as err:  # noqa: BLE001 - PIL, soundfile and numpy raise many kinds
         detail = "not a format it can read" if type(err).__name__ == "UnidentifiedImageError" else f"{type(err).__name__}: {err}"
         detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", detail)  # soundfile names its in-memory file
-        raise DocumentError(f"{where}: unreadable {kind} (.{media.ext}: {detail})") from None
+        named = f".{media.ext}" if media.ext else "a file without extension"
+        raise DocumentError(f"{where}: unreadable {kind} ({named}: {detail})") from None
 
 
 def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int) -> MediaBytes:
