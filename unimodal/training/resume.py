@@ -34,16 +34,16 @@ from unimodal.training.strategies import world_size
 log = logging.getLogger("unimodal.train")
 
 RNG_KEY = "unimodal_rng"
-LOCK_FILE = ".unimodal-run.lock"
 
 
 @contextlib.contextmanager
 def run_lock(checkpoint_dir: Path) -> Iterator[None]:
     """One run at a time in a checkpoint directory: two would both write its ``last.ckpt`` and
     the steps of one would be lost. The operating system drops the lock when its process ends,
-    however it ends, so a crash leaves no stale lock."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    with open(checkpoint_dir / LOCK_FILE, "a+") as handle:
+    however it ends, so a crash leaves no stale lock. The lock file sits beside the directory
+    (``RUN/.checkpoints.lock``), which then holds checkpoints only."""
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir.parent / f".{checkpoint_dir.name}.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -86,6 +86,7 @@ def launched_rank() -> int:
     local, node = int(os.environ.get("LOCAL_RANK") or 0), int(os.environ.get("NODE_RANK") or 0)
     return local + node * int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
 
+
 # names a recipe may give as ``trainer.strategy``; the DeepSpeed ones map to DeepSpeedStrategy
 DEEPSPEED_PRESETS: dict[str, dict[str, Any]] = {
     "deepspeed": {},
