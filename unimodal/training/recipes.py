@@ -228,6 +228,23 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
     return resolve_builtin(config, resolve_path)
 
 
+def _check_init_from(init_from: Path, config: dict[str, Any], overrides: list[str]) -> None:
+    """``init_from`` names an export directory, and the command line does not reshape the backbone
+    that ``build_model`` will read from it (its ``config.json`` included)."""
+    if not init_from.exists():
+        raise FileNotFoundError(f"init_from {init_from} does not exist")
+    if init_from.is_file() and (init_from.parent / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"init_from {init_from} is a file of an export; give its directory, {init_from.parent}")
+    unified = str((config.get("model") or {}).get("class_path", "")).rpartition(".")[2] == "UnimodalModule"
+    if unified and not (init_from / CONFIG_FILE).is_file():  # a run directory or a .ckpt
+        raise FileNotFoundError(f"init_from {init_from} is not a unimodal export directory (no {CONFIG_FILE}); "
+                                f"write one with `unimodal export {init_from} --out DIR` and give DIR")
+    fixed = next((a.split("=")[0] for a in overrides if a.startswith("--model.init_args.backbone.config")), None)
+    if fixed:
+        raise UserError(f"{fixed}: the backbone comes from init_from {init_from}, with its own architecture; "
+                        "drop the option, or train without init_from")
+
+
 def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: bool = False, replay: bool = True) -> None:
     """Fine-tuning a model starts from its Processor: the data settings a recipe leaves out (code
     ranges and layers, codecs, feature width, bidirectional and input layers) are taken from the
@@ -332,18 +349,8 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
         check_arguments(config, args[1:], f"recipe {args[0]}")
         init_from = _override(args[1:], "model.init_args.init_from") or ((config.get("model") or {}).get("init_args") or {}).get("init_from")
         builds = not parse_only and not {"--print_config", "--help", "-h"} & {a.split("=")[0] for a in args}
-        if builds and init_from and not Path(init_from).exists():  # before the tokenizer it would give, which is then the recipe's
-            raise FileNotFoundError(f"init_from {init_from} does not exist")
-        unified = str((config.get("model") or {}).get("class_path", "")).rpartition(".")[2] == "UnimodalModule"
-        if builds and init_from and Path(init_from).is_file() and (Path(init_from).parent / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"init_from {init_from} is a file of an export; give its directory, {Path(init_from).parent}")
-        if builds and init_from and unified and not (Path(init_from) / CONFIG_FILE).is_file():  # a run directory or a .ckpt
-            raise FileNotFoundError(f"init_from {init_from} is not a unimodal export directory (no {CONFIG_FILE}); "
-                                    f"write one with `unimodal export {init_from} --out DIR` and give DIR")
-        fixed = next((a.split("=")[0] for a in args[1:] if a.startswith("--model.init_args.backbone.config")), None)
-        if builds and init_from and fixed:  # build_model reads the backbone from init_from, config.json included
-            raise UserError(f"{fixed}: the backbone comes from init_from {init_from}, with its own architecture; "
-                            "drop the option, or train without init_from")
+        if builds and init_from:  # before the tokenizer it would give, which is then the recipe's
+            _check_init_from(Path(init_from), config, args[1:])
         if init_from:
             inherit_from_export(config, init_from, tokenizer=True)  # a command-line tokenizer still wins
         _resolve_precision(config)
