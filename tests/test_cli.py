@@ -254,6 +254,28 @@ def test_an_error_line_of_another_rank_says_which(monkeypatch, capsys):
         assert capsys.readouterr().err.startswith(f"{prefix}: error:")
 
 
+def test_the_rank_is_read_from_each_launcher(monkeypatch):
+    """torchrun's RANK, SLURM's SLURM_PROCID in a job of several tasks, Lightning's LOCAL_RANK on
+    node NODE_RANK: the log filter and the run lock read the same rank."""
+    from unimodal.launch import launched_rank
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert launched_rank() == 0  # one task: srun of a single process, Lightning's ranks count
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert launched_rank() == 2
+    monkeypatch.delenv("SLURM_PROCID")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launched_rank() == 3
+    monkeypatch.setenv("RANK", "5")
+    assert launched_rank() == 5
+
+
 def test_deepspeeds_no_gpu_notice_is_dropped_and_its_other_warnings_kept(caplog):
     """transformers' save_pretrained imports DeepSpeed on every export, which warned each time that
     it found no GPU; the command line drops that notice and nothing else of DeepSpeed's."""

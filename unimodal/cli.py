@@ -26,6 +26,7 @@ from jsonargparse import ArgumentParser, auto_cli
 
 from unimodal.data.inspect import inspect_path
 from unimodal.errors import UserError
+from unimodal.launch import launched_rank
 
 
 def train(recipe: str, *lightning_args: str) -> None:
@@ -525,18 +526,13 @@ def _left_to_lightning(record: logging.LogRecord) -> bool:
     return not (record.name.startswith("lightning") and logging.getLogger("lightning").handlers)
 
 
-def _rank() -> int:
-    """This process's rank in a run of several (0 in a run of one)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-
-
 def _rank_zero_unless_error(record: logging.LogRecord) -> bool:
-    return _rank() == 0 or record.levelno >= logging.ERROR
+    return launched_rank() == 0 or record.levelno >= logging.ERROR
 
 
 def _rank_prefix() -> str:
     """Which process an error line comes from when every rank of a run prints its own."""
-    rank = _rank()
+    rank = launched_rank()
     return f"[rank {rank}] " if rank else ""
 
 

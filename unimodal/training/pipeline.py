@@ -65,7 +65,7 @@ from unimodal.training.recipes import (
 )
 from unimodal.training.recipe_keys import flat
 from unimodal.training.resume import Interrupted, Preempted
-from unimodal.training.strategies import launched_rank
+from unimodal.launch import launched_rank
 
 log = logging.getLogger("unimodal.training.pipeline")
 

@@ -58,7 +58,8 @@ from unimodal.training.finetune import FineTuneReport
 from unimodal.training.recipe_keys import check_arguments
 from unimodal.training.progress import StepProgressBar
 from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint, run_lock
-from unimodal.training.strategies import launched_rank, register_strategies
+from unimodal.launch import launched_rank
+from unimodal.training.strategies import register_strategies
 
 log = logging.getLogger("unimodal.train")
 
