@@ -80,7 +80,7 @@ def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path, monkeypatch):
     for bad, match in [
         ({"type": "image", "image": str(tmp_path / "missing.png")}, "does not exist"),
         ({"type": "video", "video": "x.mp4"}, "has type 'video'"),
-        ({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, "remote"),
+        ({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, "remote; give a local path or a data: URL"),
         ({"type": "image", "image": 42}, "must be a path"),
     ]:
         with pytest.raises(ChatError, match=match):

@@ -95,18 +95,22 @@ def decode_media(
         raise DocumentError(f"{where}: unreadable {kind} ({named}: {detail})") from None
 
 
-def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int) -> MediaBytes:
-    """The bytes of a part's local file; a relative ``path`` is relative to ``base`` (the record's folder)."""
+def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, or_data_url: bool = False) -> MediaBytes:
+    """The bytes of a part's local file (a path or a ``file://`` URL; nothing is downloaded); a
+    relative ``path`` is relative to ``base`` (the record's folder). ``or_data_url``: the caller
+    also takes ``data:`` URLs, which the refusal of a remote URL then offers."""
     kind, path = raw_part["type"], raw_part.get("path")
     if not isinstance(path, str) or not path:
         raise DocumentError(f"{where}: {kind} part {index} needs a string 'path'")
+    if "://" in path and not path.startswith("file://"):
+        instead = "a local path or a data: URL" if or_data_url else "a local path"
+        raise DocumentError(f"{where}: {kind} {path!r} is remote; give {instead} (nothing is downloaded)")
+    path = path.removeprefix("file://")
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in MEDIA_EXTENSIONS[kind]:
         raise DocumentError(
             f"{where}: {kind} file {path!r} has extension {ext!r}, expected one of {', '.join(MEDIA_EXTENSIONS[kind])}"
         )
-    if "://" in path:
-        raise DocumentError(f"{where}: {kind} {path!r} is remote; give a local path (nothing is downloaded)")
     file = base / path  # an absolute path stays as it is
     if not file.exists():
         raise DocumentError(f"{where}: {kind} file {path!r} not found (looked at {file})")

@@ -50,9 +50,7 @@ def _media(kind: str, ref: str, base: Path, where: str) -> Any:
             known = ", ".join(m for m in MIME_EXTENSIONS if m.startswith(kind))
             raise DocumentError(f"{where}: {kind} data URL of type {mime!r} is not supported ({known})")
         return _inline(kind, MIME_EXTENSIONS[mime], _decode_base64(payload, where), f"{where}: {kind} data URL of type {mime}")
-    if "://" in ref and not ref.startswith("file://"):
-        raise DocumentError(f"{where}: {kind} {ref!r} is remote; give a local path or a data: URL (nothing is downloaded)")
-    return source_media({"type": kind, "path": ref.removeprefix("file://")}, base, where, 0)
+    return source_media({"type": kind, "path": ref}, base, where, 0, or_data_url=True)
 
 
 def content_part(item: Any, base: Path, where: str) -> Part:
