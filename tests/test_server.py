@@ -188,6 +188,10 @@ def test_a_text_only_model_refuses_audio_and_image_replies_in_one_line():
                               ({"start_with": "image"}, "image")):
             status, body = call(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **extra})
             assert status == 400 and body["error"]["message"] == f"this model cannot write {medium}: its replies hold text only", body
+        for medium, settings in (("image", {"steps": 10}), ("audio", {"top_k": 5})):
+            status, body = call(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], medium: settings})
+            message = f"{medium} settings were given, but this model's replies hold text only"
+            assert status == 400 and body["error"]["message"] == message, body
         status, _ = call(base, "/v1/chat/completions", {"messages": [{"role": "developer", "content": "be brief"},
                                                                      {"role": "user", "content": "hi"}], "max_tokens": 2})
         assert status == 200

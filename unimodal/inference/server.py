@@ -165,6 +165,9 @@ def create_app(
         unwritable = sorted({call.start_with, "audio" if call.audio_format else None} - {None} - set(assistant.writes))
         if unwritable:
             raise APIError(400, f"this model cannot write {unwritable[0]}: its replies hold {', '.join(assistant.writes)} only")
+        unused = [name for name in ("image", "audio") if call.settings.get(name) and name not in assistant.writes]
+        if unused:  # settings that would silently change nothing
+            raise APIError(400, f"{unused[0]} settings were given, but this model's replies hold {', '.join(assistant.writes)} only")
         if call.stream:
             loop, texts = asyncio.get_running_loop(), asyncio.Queue()
             job = batcher.submit(_job(call, batcher, limits, on_text=lambda choice, text: loop.call_soon_threadsafe(texts.put_nowait, text)))
