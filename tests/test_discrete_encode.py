@@ -11,7 +11,7 @@ import torch
 
 from unimodal.cli import main as unimodal_main
 from unimodal.data.datamodule import UnimodalDataModule
-from unimodal.data.pre_encode import encode_shards, read_code_sources
+from unimodal.data.pre_encode import JOB_FILE, EncodeInterrupted, encode_shards, read_code_sources
 from unimodal.schema import Document, Part
 from unimodal.data.media import MediaBytes
 from unimodal.data.shards import read_documents, write_documents
@@ -88,6 +88,63 @@ def test_pairs_can_be_flipped_and_codes_are_not_encoded_twice(raw_shards, encode
     assert orders[1] == ["image", "text"] and orders[0] == ["text", "image", "audio"]  # only 1-image-1-text documents
     with pytest.raises(ValueError, match="already holds audio, image codes"):
         encode_shards(encoded, tmp_path / "again", codecs, progress=False)
+
+
+class StopsAfter:
+    """An image codec that is interrupted (Ctrl-C) after ``batches`` calls and counts what it encodes."""
+
+    def __init__(self, codec, batches: int | None = None):
+        self.codec, self.batches, self.calls, self.images = codec, batches, 0, 0
+
+    def fingerprint(self) -> dict:
+        return self.codec.fingerprint()
+
+    def encode_batch(self, parts: list) -> list:
+        if self.batches is not None and self.calls == self.batches:
+            raise KeyboardInterrupt
+        self.calls, self.images = self.calls + 1, self.images + len(parts)
+        return self.codec.encode_batch(parts)
+
+
+def test_an_interrupted_encode_resumes_after_its_complete_shards_to_the_same_bytes(raw_shards, codecs, tmp_path):
+    settings = {"max_docs_per_shard": 3, "batch_size": 3, "flip_pairs": 0.5, "progress": False}
+    whole = tmp_path / "whole"
+    encode_shards(raw_shards, whole, {"image": codecs["image"]}, **settings)
+    out = tmp_path / "out"
+    with pytest.raises(EncodeInterrupted, match=r"1 complete shard kept in .*out: run the same command with --resume"):
+        encode_shards(raw_shards, out, {"image": StopsAfter(codecs["image"], batches=2)}, **settings)
+    # the shard open at Ctrl-C is removed; a shard a kill cut off is found by its size and removed too
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"] and not (out / "stats.json").exists()
+    (out / "shard-000001.tar").write_bytes((whole / "shard-000001.tar").read_bytes()[:5000])
+    with pytest.raises(FileExistsError, match="holds an interrupted encode .*add --resume"):
+        encode_shards(raw_shards, out, {"image": codecs["image"]}, **settings)
+    with pytest.raises(ValueError, match="other settings \\(max_docs_per_shard differ\\)"):
+        encode_shards(raw_shards, out, {"image": codecs["image"]}, resume=True, **(settings | {"max_docs_per_shard": 4}))
+    finishing = StopsAfter(codecs["image"])
+    encode_shards(raw_shards, out, {"image": finishing}, resume=True, **settings)
+    assert finishing.images == 9  # the 3 documents of the kept shard are not encoded again
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for shard in whole.iterdir():
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    assert not (out / JOB_FILE).exists()
+
+
+def test_resume_starts_afresh_where_nothing_was_begun_and_refuses_a_changed_source(raw_shards, codecs, tmp_path):
+    out = tmp_path / "out"
+    encode_shards(raw_shards, out, {"image": codecs["image"]}, resume=True, progress=False)
+    assert json.loads((out / "stats.json").read_text())["documents"] == 12
+    other = tmp_path / "other"
+    write_documents([Document([Part("text", text="x"), Part("image", media=0, data=png(i))], key=f"other{i}") for i in range(6)],
+                    other, max_docs_per_shard=3)
+    begun = tmp_path / "begun"
+    with pytest.raises(EncodeInterrupted):
+        encode_shards(other, begun, {"image": StopsAfter(codecs["image"], batches=2)}, max_docs_per_shard=1, batch_size=1,
+                      progress=False)
+    job = json.loads((begun / JOB_FILE).read_text())
+    (begun / JOB_FILE).write_text(json.dumps(job | {"source": str(raw_shards)}))  # the same job, pointed at other data
+    with pytest.raises(ValueError, match="changed since .* was begun"):
+        encode_shards(raw_shards, begun, {"image": codecs["image"]}, max_docs_per_shard=1, batch_size=1, resume=True,
+                      progress=False)
 
 
 def module(*paths, **kwargs) -> UnimodalDataModule:

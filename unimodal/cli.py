@@ -101,6 +101,7 @@ def encode(
     flip_pairs: float = 0.0,
     max_docs_per_shard: int = 1000,
     device: str = "cpu",
+    resume: bool = False,
 ) -> str:
     """Pre-encode the images and audio of shards into codes once (docs/vocabulary.md).
 
@@ -114,6 +115,7 @@ def encode(
         flip_pairs: probability of swapping the parts of image-text pairs (SEED-LLaMA: 0.5).
         max_docs_per_shard: documents per output shard.
         device: where the codecs run: cpu or cuda[:N].
+        resume: go on after the complete shards of an interrupted encode into --out (same command).
     """
     from unimodal.data.pre_encode import encode_shards
     from unimodal.modalities.loading import load_codec
@@ -124,7 +126,7 @@ def encode(
         codecs["image"] = load_codec("image", resolve(image_tokenizer), device)
     if audio_codec:
         codecs["audio"] = load_codec("audio", resolve(audio_codec), device, layers=audio_layers, max_seconds=max_seconds)
-    stats = encode_shards(resolve(src), out, codecs, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs)
+    stats = encode_shards(resolve(src), out, codecs, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs, resume=resume)
     return f"wrote {stats['documents']} documents to {out} (codes: {', '.join(sorted(stats['codes']))})"
 
 

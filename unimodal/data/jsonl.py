@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from unimodal.data.media import MediaBytes, source_media
 from unimodal.data.messages import messages_to_parts
-from unimodal.data.shards import held_out, save_stats, write_shards
+from unimodal.data.shards import MAX_BYTES_PER_SHARD, held_out, save_stats, write_shards
 from unimodal.schema import (
     MODALITIES,
     SCHEMA,
@@ -91,7 +91,7 @@ def pack_jsonl(
     out_dir: str | Path,
     *,
     max_docs_per_shard: int = 1000,
-    max_bytes_per_shard: int = 256 * 2**20,
+    max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
     skip_bad: bool = False,
     prefix: str = "shard",
     progress: bool = True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tarfile
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -22,8 +23,20 @@ import numpy as np
 from tqdm import tqdm
 
 from unimodal.data.media import decode_media
-from unimodal.data.shards import STATS_FILE, expand_shards, is_streamed, read_documents, write_documents
+from unimodal.data.shards import (
+    MAX_BYTES_PER_SHARD,
+    STATS_FILE,
+    ShardStats,
+    expand_shards,
+    held_out,
+    is_complete_tar,
+    is_streamed,
+    read_documents,
+    save_stats,
+    write_shards,
+)
 from unimodal.modalities.base import MediaCodec, describe_fingerprint
+from unimodal.errors import UserError
 from unimodal.schema import Document, DocumentError, Part
 
 CODES_KEY = "codes"
@@ -94,6 +107,47 @@ def code_sources(
     return sources
 
 
+JOB_FILE = ".encode.json"  # what an encode in progress was asked to do, so that a resume matches it
+
+
+class EncodeInterrupted(UserError):
+    """Ctrl-C during ``data encode``: the complete shards stay, and ``--resume`` goes on after them."""
+
+    exit_code = 130  # 128 + SIGINT
+
+
+def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | None:
+    """The complete shards of an interrupted encode of the same job in ``out``, counted from the
+    shards themselves (a shard cut off by a kill is removed); None when there is none to go on from."""
+    job_file = out / JOB_FILE
+    if not job_file.is_file():
+        return None
+    shards = sorted(out.glob("shard-*.tar"))
+    if not resume:
+        raise FileExistsError(f"{out} holds an interrupted encode ({len(shards)} shards): add --resume to go on from its "
+                              "complete shards, or write to an empty directory")
+    try:
+        recorded = json.loads(job_file.read_text())
+    except ValueError:
+        raise ValueError(f"{job_file} is damaged; encode into an empty directory") from None
+    changed = [key for key in job if recorded.get(key) != job[key]]
+    if changed:
+        raise ValueError(f"{out} holds an encode of other settings ({', '.join(changed)} differ): resume it with the same "
+                         "source, codecs and options, or encode into an empty directory")
+    complete = []
+    for index, shard in enumerate(shards):
+        # tarfile pads what it closes to whole 10240-byte records, after the end-of-archive marker
+        if shard.name != f"shard-{index:06d}.tar" or shard.stat().st_size % tarfile.RECORDSIZE or not is_complete_tar(shard):
+            break
+        complete.append(shard)
+    for shard in shards[len(complete) :]:  # cut off by a kill, or written after such a shard
+        shard.unlink()
+    counted = ShardStats()
+    for doc in read_documents([str(p) for p in complete], decode=False):
+        counted.add(doc, Path(doc.source).name, {p.media: len(p.data.data) for p in doc.parts if p.type != "text"})
+    return counted
+
+
 def encode_shards(
     src: str | Path,
     out_dir: str | Path,
@@ -104,13 +158,18 @@ def encode_shards(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Write ``out_dir`` shards where every raw media part of a modality in ``codecs`` holds its
     integer codes (``.npy``); other parts are copied as they are. Returns the new stats.
     Media of ``batch_size`` documents go through a codec together where it has ``encode_batch``.
 
     ``flip_pairs``: the probability of swapping the two parts of a one-image-one-text document
-    (SEED-LLaMA trains on image->text and text->image pairs half the time each).
+    (SEED-LLaMA trains on image->text and text->image pairs half the time each), drawn per document
+    key so that a resumed encode flips the same pairs.
+
+    An interrupted encode keeps its complete shards; ``resume`` goes on after them (the source's
+    documents are read in the same order, and those already written are skipped, not encoded).
     """
     if not codecs:
         raise ValueError("nothing to encode: give an image tokenizer, an audio codec or both")
@@ -121,7 +180,11 @@ def encode_shards(
             f"{src} already holds {', '.join(again)} codes ([{describe_fingerprint(sources[again[0]])}]); encode the raw shards"
         )
     fingerprints = {modality: codec.fingerprint() for modality, codec in codecs.items()}
-    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    job = {"source": str(src), "codes": fingerprints, "max_docs_per_shard": max_docs_per_shard, "flip_pairs": flip_pairs,
+           "seed": seed}
+    continuing = _continued(out, job, resume)
+    done = continuing.documents if continuing is not None else 0
 
     def encoded(batch: list[Document]) -> list[Document]:
         """Encode the raw media of a batch of documents, one codec call per modality."""
@@ -140,17 +203,32 @@ def encode_shards(
             for (_, part), array in zip(parts, codes):
                 part.data = np.asarray(array).astype(np.int32)
         for doc in batch:
-            if sorted(p.type for p in doc.parts) == ["image", "text"] and rng.random() < flip_pairs:
+            if sorted(p.type for p in doc.parts) == ["image", "text"] and held_out(f"flip {seed} {doc.key}", flip_pairs):
                 doc.parts.reverse()
         return batch
 
     def documents() -> Iterator[Document]:
-        with tqdm(read_documents(src, decode=False), desc=f"encoding {src}", unit="doc", disable=not progress) as bar:
+        # runs once write_shards has checked the directory, so the job file never lands in a refused one
+        (out / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
+        source = read_documents(src, decode=False)
+        for skipped in islice(source, done):
+            if continuing is not None and skipped.key not in continuing.keys:
+                raise ValueError(f"{src} changed since {out} was begun ({skipped.where()} is not among the documents "
+                                 "written): encode into an empty directory")
+        with tqdm(source, desc=f"encoding {src}", unit="doc", initial=done, disable=not progress) as bar:
             docs = iter(bar)
             while batch := list(islice(docs, batch_size)):
                 yield from encoded(batch)
 
-    with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
-        stats = write_documents(docs, out_dir, max_docs_per_shard=max_docs_per_shard)
-    record_code_sources(out_dir, {**sources, **fingerprints}, encoded_from=str(src))
+    try:
+        with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
+            stats = write_shards(docs, out, max_docs_per_shard, MAX_BYTES_PER_SHARD, "shard",
+                                 continuing=continuing if continuing is not None else ShardStats())
+    except KeyboardInterrupt:
+        kept = len(list(out.glob("shard-*.tar")))
+        raise EncodeInterrupted(f"interrupted (Ctrl-C); {kept} complete shard{'' if kept == 1 else 's'} kept in {out}: "
+                                "run the same command with --resume to go on") from None
+    save_stats(out, stats)
+    record_code_sources(out, {**sources, **fingerprints}, encoded_from=str(src))
+    (out / JOB_FILE).unlink()
     return stats | {CODES_KEY: {**sources, **fingerprints}}

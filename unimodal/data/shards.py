@@ -42,6 +42,7 @@ from unimodal.schema import (
 logger = logging.getLogger("unimodal.data")
 
 STATS_FILE = "stats.json"
+MAX_BYTES_PER_SHARD = 256 * 2**20  # a shard is closed at this size, or at its document count
 
 
 class ShardError(DocumentError):
@@ -150,9 +151,11 @@ class ShardStats:
         }
     )
     shards: dict[str, int] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)  # not saved: a writer's check for duplicates
 
     def add(self, doc: Document, shard: str, member_sizes: dict[int, int]) -> None:
         self.documents += 1
+        self.keys.add(doc.key)
         self.shards[shard] = self.shards.get(shard, 0) + 1
         for part in doc.parts:
             counts = self.modalities[part.type]
@@ -215,39 +218,46 @@ def write_shards(
     max_bytes_per_shard: int,
     prefix: str,
     reject: Callable[[DocumentError], None] | None = None,
+    continuing: ShardStats | None = None,
 ) -> dict[str, Any]:
     """Write the shards; a bad document raises, or goes to ``reject`` and is left out.
 
     On an error the shards written so far are removed, so that a fixed source can be packed again
-    into the same directory.
+    into the same directory. A resumable job passes ``continuing``, the stats of the complete shards
+    it already wrote (empty at its start): new shards are numbered after those, and an error removes
+    only the shard being written, so that the job can go on from the complete ones.
     """
     out = Path(out_dir)
     if "%" in prefix or "/" in prefix:
         raise ValueError(f"shard prefix {prefix!r} must not contain '%' or '/'")
     out.mkdir(parents=True, exist_ok=True)
     held = sorted(out.glob(f"{prefix}-*.tar"))
-    if held or (out / STATS_FILE).exists():  # another set's shards, or a stats.json that may be the user's own
+    kept = continuing.shards if continuing is not None else {}
+    if continuing is None and (held or (out / STATS_FILE).exists()):
+        # another set's shards, or a stats.json that may be the user's own
         what = f"shards ({held[0].name}, ...)" if held else STATS_FILE
         raise FileExistsError(f"{out} already holds {what}; write to an empty directory")
-    stats, keys = ShardStats(), set()
+    if continuing is not None and ([p.name for p in held] != sorted(kept) or (out / STATS_FILE).exists()):
+        raise FileExistsError(f"{out} holds other files than the {len(kept)} complete shards being continued")
+    stats = continuing if continuing is not None else ShardStats()
     writer: wds.ShardWriter | None = None
     try:
         for doc in docs:
             try:
                 sample, sizes = _sample(doc)
-                if doc.key in keys:
+                if doc.key in stats.keys:
                     raise DocumentError(f"{doc.where()}: duplicate key {doc.key!r}")
             except DocumentError as err:
                 if reject is None:
                     raise
                 reject(err)
                 continue
-            keys.add(doc.key)
             if writer is None:  # opened lazily so that no input writes no empty shard
                 writer = wds.ShardWriter(
                     str(out / f"{prefix}-%06d.tar"),
                     maxcount=max_docs_per_shard,
                     maxsize=max_bytes_per_shard,
+                    start_shard=len(kept),
                     verbose=0,
                     encoder=False,
                     mtime=0,  # byte-identical shards for identical input
@@ -255,7 +265,7 @@ def write_shards(
             writer.write(sample)
             stats.add(doc, Path(writer.fname).name, sizes)
     except BaseException:
-        written = set(stats.shards)
+        written = set() if continuing is not None else set(stats.shards)
         if writer is not None:
             written.add(Path(writer.fname).name)
             writer.close()
@@ -275,7 +285,7 @@ def write_documents(
     docs: Iterable[Document],
     out_dir: str | Path,
     max_docs_per_shard: int = 1000,
-    max_bytes_per_shard: int = 256 * 2**20,
+    max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
     prefix: str = "shard",
 ) -> dict[str, Any]:
     """Write documents to ``out_dir/{prefix}-000000.tar ...`` plus ``stats.json``; return the stats.
@@ -368,7 +378,7 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
         expected = _indexed_documents(url)
         if expected is not None and read < expected:
             error, lost = ShardError(f"{url}: cut short: {read} of the {expected} documents its index lists"), expected - read
-        elif expected is None and not _ends_with_end_marker(url):
+        elif expected is None and not is_complete_tar(url):
             error, lost = ShardError(f"{url}: no tar end-of-archive marker: the file was cut short"), 1
         else:
             continue
@@ -396,7 +406,7 @@ def _shard_index(stats: str, mtime_ns: int) -> dict[str, int]:
     return {s["name"]: int(s["documents"]) for s in shards if isinstance(s, dict) and "name" in s and "documents" in s}
 
 
-def _ends_with_end_marker(url: str) -> bool:
+def is_complete_tar(url: str) -> bool:
     """Whether a local tar ends with two zero blocks, as every complete tar file does."""
     path = Path(url)
     if not path.is_file():
