@@ -105,3 +105,19 @@ def test_deepspeed_zero_trains_on_one_gpu(stage, tmp_path):
     assert trainer.global_step == 8 and all(torch.isfinite(torch.tensor(seen)))
     # two batches alternate: each ends below where it started
     assert seen[-2] < seen[0] and seen[-1] < seen[1], seen
+
+
+def test_an_audio_codec_moved_to_the_gpu_encodes_and_decodes_as_on_the_cpu():
+    """load_codec(..., device="cuda") moves the model; the codec moves its inputs after it."""
+    import numpy as np
+
+    from test_discrete_encode import ENCODEC
+    from unimodal.modalities.audio import HFAudioCodec
+
+    codec = HFAudioCodec.from_config(ENCODEC, layers=2)
+    wave = 0.3 * np.sin(2 * np.pi * 220 * np.arange(8000) / 16000)
+    codes = codec.encode_waveform(wave, 16000)
+    audio = codec.decode_codes(codes)
+    codec.model.to("cuda")
+    assert np.array_equal(codec.encode_waveform(wave, 16000), codes)
+    assert np.allclose(codec.decode_codes(codes), audio, atol=1e-4)

@@ -92,6 +92,10 @@ def test_stage1_then_stage2_train_and_export(data_home, tmp_path):
     assert falls(metric(tmp_path / "s1", "train/loss"))
     exported = tmp_path / "s1" / "tokenizer"
     assert json.loads((exported / "seed_tokenizer.json").read_text())["config"]["num_queries"] == 8
+    # `unimodal export` of the stage's checkpoint writes the same tokenizer
+    assert unimodal_main(["export", str(tmp_path / "s1"), "--out", str(tmp_path / "s1-export")]) == 0
+    for name, value in SeedTokenizer.from_pretrained(exported).state_dict().items():
+        assert torch.equal(value, SeedTokenizer.from_pretrained(tmp_path / "s1-export").state_dict()[name]), name
     train("tokenizer_stage2.yaml", tmp_path / "s2", f"--model.init_args.init_from={exported}")
     assert falls(metric(tmp_path / "s2", "train/loss"))
     stage1, stage2 = SeedTokenizer.from_pretrained(exported), SeedTokenizer.from_pretrained(tmp_path / "s2" / "tokenizer")

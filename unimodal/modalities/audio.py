@@ -92,13 +92,19 @@ class RVQCodec(MediaCodec):
     """Waveform <-> codes ``[layers, frames]``; subclasses implement ``_encode`` and ``_decode``."""
 
     modality = "audio"
+    model: torch.nn.Module
 
     def __init__(self, name: str, sample_rate: int, frame_rate: float, codebook_size: int, layers: int, max_seconds: float):
         self.name, self.sample_rate, self.frame_rate = name, int(sample_rate), float(frame_rate)
         self.codebook_size, self.layers, self.max_seconds = int(codebook_size), int(layers), float(max_seconds)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the codec runs (``load_codec(..., device)`` moves it): inputs go there."""
+        return next(self.model.parameters()).device
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``[1, 1, samples]`` at ``sample_rate`` -> long ``[layers, frames]``."""
+        """``[1, 1, samples]`` at ``sample_rate`` on :attr:`device` -> long ``[layers, frames]``."""
         raise NotImplementedError
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -127,7 +133,7 @@ class RVQCodec(MediaCodec):
 
     @torch.no_grad()
     def encode_waveform(self, waveform: np.ndarray, rate: int) -> np.ndarray:
-        x = torch.as_tensor(self.prepare(waveform, rate))[None, None]
+        x = torch.as_tensor(self.prepare(waveform, rate), device=self.device)[None, None]
         codes = self._encode(x)[: self.layers]
         return codes.cpu().numpy().astype(np.int64)
 
@@ -138,7 +144,7 @@ class RVQCodec(MediaCodec):
             raise ValueError(f"codes of shape {codes.shape}; expected [layers <= {self.layers}, frames]")
         if codes.min(initial=0) < 0 or codes.max(initial=0) >= self.codebook_size:
             raise ValueError(f"codes outside [0, {self.codebook_size})")
-        return self._decode(torch.as_tensor(codes, dtype=torch.long)).float().cpu().numpy()
+        return self._decode(torch.as_tensor(codes, dtype=torch.long, device=self.device)).float().cpu().numpy()
 
     def encode(self, part: Part) -> np.ndarray:
         if not (isinstance(part.data, tuple) and len(part.data) == 2):
@@ -207,7 +213,7 @@ class HFAudioCodec(RVQCodec):
         residual vectors the layer sees on noise, so that codes spread over the codebook (DAC's
         codebooks start random already)."""
         generator = torch.Generator().manual_seed(seed)
-        noise = 0.1 * torch.randn(1, 1, self.sample_rate, generator=generator)
+        noise = (0.1 * torch.randn(1, 1, self.sample_rate, generator=generator)).to(self.device)
         books = [m for m in self.model.modules() if hasattr(m, "quantize") and hasattr(m, "codebook_size")]
         for book in books:
             seen: list[torch.Tensor] = []
@@ -217,7 +223,7 @@ class HFAudioCodec(RVQCodec):
                 self._encode(noise)
             finally:
                 del book.quantize  # the instance attribute shadowed the method
-            vectors = torch.cat(seen)
+            vectors = torch.cat(seen).cpu()
             pick = torch.randint(len(vectors), (book.codebook_size,), generator=generator)
             entries = vectors[pick] + 1e-3 * vectors.std() * torch.randn(book.codebook_size, vectors.shape[1], generator=generator)
             if hasattr(book, "embed_sum"):  # Mimi: embed = embed_sum / cluster_usage, cached
@@ -234,7 +240,6 @@ class HFAudioCodec(RVQCodec):
         return min(b for b in config.target_bandwidths if math.floor(b / per_layer + 1e-9) >= self.layers)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.model.device)
         kind = self.name
         if kind == "encodec":
             return self.model.encode(x, bandwidth=self._bandwidth, return_dict=True).audio_codes[0, 0]
@@ -243,7 +248,6 @@ class HFAudioCodec(RVQCodec):
         return self.model.encode(x, n_quantizers=self.layers, return_dict=True).audio_codes[0]
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        codes = codes.to(self.model.device)
         if self.name == "encodec":
             return self.model.decode(codes[None, None], [None], return_dict=True).audio_values[0, 0]
         if self.name == "mimi":

@@ -26,7 +26,7 @@ from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 from unimodal.schema import MODALITY_IDS
 from unimodal.training.bad_samples import BadSampleTally
 from unimodal.training.optim import OptimizerConfig, build_optimizer
-from unimodal.training.policy import apply_trainable_policy
+from unimodal.training.policy import apply_trainable_policy, parameter_counts
 from unimodal.training.strategies import FSDP, world_size
 
 log = logging.getLogger("unimodal.train")
@@ -122,8 +122,7 @@ class UnimodalModule(L.LightningModule):
                 self.model, strategy.device_mesh["data_parallel"], bf16=str(self.trainer.precision).startswith("bf16"),
                 cpu_offload=strategy.cpu_offload, reshard_after_forward=strategy.reshard_after_forward,
             )
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        n_total = sum(p.numel() for p in self.model.parameters())
+        n_train, n_total = parameter_counts(self.model)
         log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)
 
     def _step_scale(self, batch: PackedBatch) -> torch.Tensor:

@@ -24,7 +24,7 @@ def _prefixes(names: list[str]) -> list[str]:
 def _check(patterns: list[str], names: list[str], what: str) -> None:
     candidates = _prefixes(names)
     for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*") for name in names):
+        if not any(matches(name, [pattern]) for name in names):
             near = difflib.get_close_matches(pattern, candidates, n=5, cutoff=0.4)
             hint = f"; near matches: {', '.join(near)}" if near else ""
             raise PatternMatchError(f"{what} pattern {pattern!r} matches no parameter{hint}")
@@ -34,20 +34,25 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in patterns)
 
 
-def apply_trainable_policy(model: nn.Module, trainable: list[str] | None, frozen: list[str]) -> tuple[int, int]:
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters at their full size: ZeRO-3 shards leave ``numel() == 0`` and
+    keep the full size in ``ds_numel``."""
+    n_train = n_total = 0
+    for param in model.parameters():
+        size = getattr(param, "ds_numel", param.numel())
+        n_total += size
+        n_train += size * param.requires_grad
+    return n_train, n_total
+
+
+def apply_trainable_policy(model: nn.Module, trainable: list[str] | None, frozen: list[str]) -> None:
     """Set ``requires_grad``: everything when ``trainable`` is None, else only the matches; then
     freeze ``frozen``. A pattern that matches nothing is an error (a typo would silently freeze or
-    train the wrong thing). Returns (trainable, total) parameter counts."""
+    train the wrong thing), and so is a policy that leaves nothing to train."""
     names = [name for name, _ in model.named_parameters()]
     _check(trainable or [], names, "trainable")
     _check(frozen, names, "frozen")
-    n_train = n_total = 0
     for name, param in model.named_parameters():
-        train = (trainable is None or matches(name, trainable)) and not matches(name, frozen)
-        param.requires_grad_(train)
-        size = getattr(param, "ds_numel", param.numel())  # ZeRO-3 shards leave numel() == 0
-        n_total += size
-        n_train += size * train
-    if n_train == 0:
+        param.requires_grad_((trainable is None or matches(name, trainable)) and not matches(name, frozen))
+    if parameter_counts(model)[0] == 0:
         raise PatternMatchError("the trainable-parameter policy leaves nothing to train")
-    return n_train, n_total

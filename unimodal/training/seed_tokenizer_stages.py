@@ -60,10 +60,14 @@ class SeedTokenizerModule(L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         return build_optimizer(self, self.optimizer_config, int(total))
 
+    def export_pretrained(self, out: str | Path) -> None:
+        """The tokenizer's own directory format, as ``unimodal export`` of a checkpoint writes it."""
+        self.tokenizer.save_pretrained(out)
+
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             out = Path(self.export_dir or Path(self.trainer.default_root_dir) / "tokenizer")
-            self.tokenizer.save_pretrained(out)
+            self.export_pretrained(out)
             log.info("SEED tokenizer written to %s", out)
 
 
