@@ -16,20 +16,19 @@ import re
 import sys
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from unimodal.errors import UserError
 
 SCHEMA = "unimodal.document/1"
-MODALITIES = ("text", "image", "audio")
+Modality = Literal["text", "image", "audio"]
+MODALITIES: tuple[str, ...] = get_args(Modality)
 # the modality id of each position in a packed sequence
 MODALITY_IDS = {name: index for index, name in enumerate(MODALITIES)}
 ROLES = ("system", "user", "assistant")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
 ARRAY_EXTENSIONS = ("npy",)
-
-Modality = Literal[MODALITIES]
 
 
 class DocumentError(ValueError):

@@ -25,7 +25,7 @@ import torch
 from unimodal.errors import refuse_nonempty
 from unimodal.models.continuous import TokenDiffusionImage
 
-MODULES_FILE = "orthus_modules.safetensors"
+ORTHUS_MODULES_FILE = "orthus_modules.safetensors"
 log = logging.getLogger("unimodal.convert")
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "added_tokens.json")
@@ -71,6 +71,6 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
                     "recipes/orthus/base.yaml reads data.init_args.tokenizer from there; copy Chameleon's tokenizer "
                     "files into it, or set that key", src, out / "backbone")
     vq.save_pretrained(out / "vqvae")
-    save_file({k: v.contiguous() for k, v in modality.state_dict().items()}, str(out / MODULES_FILE))
+    save_file({k: v.contiguous() for k, v in modality.state_dict().items()}, str(out / ORTHUS_MODULES_FILE))
     (out / "orthus.json").write_text(json.dumps({"hidden_size": model.config.hidden_size, **args}, indent=2) + "\n")
     return out

@@ -18,10 +18,9 @@ An export directory (written by ``unimodal.checkpoints.export``)::
 
 Why: the backbone stays usable by any HF tool, while the framework's own modules and the
 vocabulary layout travel with it. ``models.build_model`` rebuilds the model from the spec, so
-loading needs no training code. Exports of format 1 (before the package was restructured) are
-upgraded on read: their model spec was the training module's arguments, their processor settings
-lived in ``unimodal.json``, and one continuous class was renamed; anything else old is refused in
-one line that says how to re-export.
+loading needs no training code. Exports of format 1 are upgraded on read: their model spec was
+the training module's arguments, their processor settings lived in ``unimodal.json``, and one
+continuous class was renamed; anything else old is refused in one line that says how to re-export.
 """
 
 from __future__ import annotations

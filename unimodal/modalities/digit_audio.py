@@ -175,6 +175,11 @@ class DigitAudioCodec(RVQCodec):
 
     # -- RVQCodec ------------------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        """Log-mel, k-means and Griffin-Lim run in numpy."""
+        return torch.device("cpu")
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         residual = torch.as_tensor(log_mel(x[0, 0].numpy(), c.sample_rate, c.n_fft, c.hop, c.n_mels))

@@ -94,7 +94,7 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
 
 def check_config_keys(model_type: str, given: dict[str, Any]) -> None:
     """transformers keeps any key it does not know as an attribute, so a misspelt one
-    (``hiden_size``) built the default size without a word: every key must be one the config
+    (``hiden_size``) would build the default size without a word: every key must be one the config
     class has or takes."""
     defaults = AutoConfig.for_model(model_type)
     known = set(defaults.to_dict()) | set(defaults.attribute_map) | set(inspect.signature(type(defaults).__init__).parameters)

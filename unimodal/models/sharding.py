@@ -37,5 +37,5 @@ def fully_shard_model(model: nn.Module, mesh: Any, bf16: bool = False, cpu_offlo
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
     # The root stays gathered from forward to backward, as FSDP2 does for a root by default: the
     # embeddings and heads are needed again at once, and the losses come back inside LossTerm
-    # objects, so torch 2.11 found no output to hook and ran backward on freed weights.
+    # objects, in which FSDP2 (torch 2.11) finds no output to hook: it would run backward on freed weights.
     fully_shard(model, reshard_after_forward=False, **options)

@@ -1,7 +1,7 @@
 """Fine-tuning an export: what the new data leaves out, and what the run did to every task.
 
 A fine-tune on data of one kind wears away the skills the data does not show (a LoRA SFT on
-speech alone took every digits task of the demo to 0). :class:`FineTuneReport` runs in any
+speech alone takes every digits task of the demo to 0). :class:`FineTuneReport` runs in any
 ``unimodal train`` that starts from an export which records its training data
 (``training_data`` in ``unimodal.json``, written by ``unimodal export``):
 

@@ -67,13 +67,11 @@ from unimodal.training.recipe_keys import flat
 from unimodal.training.resume import Interrupted, Preempted
 from unimodal.launch import launched_rank
 
-log = logging.getLogger("unimodal.training.pipeline")
+log = logging.getLogger("unimodal.pipeline")
 
 STAGE_FILE = "stage.json"
 RESOLVED_RECIPE = "recipe.yaml"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-# data settings that define how media become tokens: a stage initialised from a model inherits
-# those its recipe does not set (a generic recipe such as recipes/lora/chat_sft.yaml sets none)
 REFERENCE = re.compile(r"\{stages\.([A-Za-z0-9_-]+)(\.tokenizer)?\}")
 
 
@@ -284,9 +282,9 @@ def _train(config_file: Path) -> int | None:
         return fit_cli(cli).global_step
     del cli
     result = subprocess.run([sys.executable, "-m", "unimodal", "train", *args], check=False)
-    if result.returncode == 143:
+    if result.returncode == Preempted.exit_code:
         raise Preempted(f"stopped by SIGTERM (stage process {config_file})")
-    if result.returncode == 130:
+    if result.returncode == Interrupted.exit_code:
         raise Interrupted(f"stopped by Ctrl-C (stage process {config_file})")
     if result.returncode != 0:
         raise RuntimeError(f"training {config_file} failed with exit code {result.returncode}")

@@ -2,8 +2,8 @@
 
 Recipes stop at ``trainer.max_steps`` with ``max_epochs=-1``, and Lightning's rich bar then reads
 "Epoch 0/-2", counts batches of the epoch against the steps left (a resumed run at step 16 of 21
-read "21/5") and, with gradient accumulation, counts micro-batches. This one counts optimizer
-steps against ``max_steps``; epoch-based runs read as before.
+reads "21/5") and, with gradient accumulation, counts micro-batches. This one counts optimizer
+steps against ``max_steps``; epoch-based runs keep Lightning's bar.
 """
 
 from __future__ import annotations

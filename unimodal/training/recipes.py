@@ -148,7 +148,7 @@ def _with_near_matches(message: str, parser: LightningArgumentParser) -> str:
 
 
 TINY_KEY = "tiny"
-# class paths that moved when the package was restructured: old -> new (recipes name the new ones)
+# class paths of format-1 recipes and exports, still read: old -> new (recipes name the new ones)
 MOVED_CLASSES = {
     **RENAMED_CLASSES,
     "unimodal.training.seed_stages.ImageTextPairs": "unimodal.data.pairs.ImageTextPairs",

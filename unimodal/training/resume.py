@@ -142,9 +142,9 @@ class StepCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` with ``last.ckpt`` written at the step that ends the run.
 
     Lightning writes "last" at the end of training only if it wrote no checkpoint before, so a run
-    whose ``max_steps`` is not a multiple of ``every_n_train_steps`` kept the last multiple's
-    weights in ``last.ckpt`` (and exported them). And what is saved after the loop has ended
-    marks the unfinished epoch as done, so a run resumed with a higher ``max_steps`` went on with
+    whose ``max_steps`` is not a multiple of ``every_n_train_steps`` would keep the last multiple's
+    weights in ``last.ckpt`` (and export them). And what is saved after the loop has ended marks
+    the unfinished epoch as done, so a run resumed with a higher ``max_steps`` would go on with
     the next epoch's data. Here ``last.ckpt`` is written at the batch that reaches ``max_steps``,
     mid-epoch, where a resume continues exactly as an uninterrupted run would.
     """

@@ -9,8 +9,8 @@
   ``5 * vq + 2 * reconstruction (1 - cosine, causal embeddings) + 0.5 * distillation (MSE to the
   target image embedding) + pixels (MSE)``. The small pixel decoder reads the embedding the codes
   decode to, the one it is given at inference (unCLIP at full scale is trained apart, on real
-  image embeddings); reading the target embedding instead, a tiny tokenizer trained on the digits
-  world decoded every picture alike (judged round trip 0.10, against 0.88).
+  image embeddings); a pixel decoder that read the target embedding instead would learn from an
+  input the codes never reach at inference, and decodes every picture of the digits world alike.
 
 Both write the tokenizer to ``{default_root_dir}/tokenizer`` at the end of fit (``export_dir``
 overrides), the input of stage 2 and of ``unimodal data encode --image_tokenizer``. Data are

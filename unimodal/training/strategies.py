@@ -177,7 +177,7 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         is built. ``zero.Init`` partitions each module's parameters as soon as that module exists,
         so what transformers does afterwards (initialising a random backbone, loading a pretrained
         one, resizing its embeddings) must run on gathered partitions, which it only does when it
-        knows (``HfDeepSpeedConfig``); untold, a random backbone kept PyTorch's default init."""
+        knows (``HfDeepSpeedConfig``); untold, a random backbone keeps PyTorch's default init."""
         if not self.zero_stage_3:
             with super().model_sharded_context():
                 yield

@@ -26,7 +26,6 @@ from unimodal.worlds.shapes import build_shapes
 from unimodal.worlds.stdlib_text import write_corpus
 
 log = logging.getLogger("unimodal.data")
-PREFIX = BUILTIN_PREFIX
 
 
 def build_text(root: Path) -> None:
@@ -50,10 +49,8 @@ BUILDERS: dict[str, Callable[[Path], object]] = {
     "codes": build_codes,
     "seed_tokenizer": build_seed_tokenizer,
 }
-# Bumped when a builder's output changes, so a data home built by an older release is rebuilt
-# rather than silently read (digits 2: the speech codec went to 31.25 frames/s and 2 layers,
-# the train split has each image three times per task, caption copies 2 and 3 moved by a
-# pixel, and each utterance twice; digits 3: the image-text subsets and the image codec).
+# Bumped when a builder's output changes, so that a data home built by another release is
+# rebuilt rather than silently read.
 BUILD_VERSIONS: dict[str, int] = {"digits": 4}
 
 
@@ -63,9 +60,9 @@ def data_home() -> Path:
 
 def resolve(path: str) -> str:
     """Return a real path for ``path``, building the built-in dataset it names if needed."""
-    if not path.startswith(PREFIX):
+    if not path.startswith(BUILTIN_PREFIX):
         return path
-    name, _, rest = path[len(PREFIX) :].partition("/")
+    name, _, rest = path[len(BUILTIN_PREFIX) :].partition("/")
     if name not in BUILDERS:
         raise ValueError(f"unknown built-in dataset {name!r} in {path!r}; known: {', '.join(sorted(BUILDERS))}")
     root = data_home() / name
@@ -73,7 +70,7 @@ def resolve(path: str) -> str:
     version = str(BUILD_VERSIONS.get(name, 1))
     with FileLock(str(root) + ".lock"):  # ranks and workers starting together build it once
         stamp = root / ".built"
-        built = (stamp.read_text().strip() or "1") if stamp.exists() else None  # older stamps are empty
+        built = (stamp.read_text().strip() or "1") if stamp.exists() else None  # an empty stamp is version 1
         if built != version:
             log.info("building the built-in dataset %r (version %s) under %s (once)", name, version, root)
             shutil.rmtree(root, ignore_errors=True)  # a build cut short leaves no .built: start over
