@@ -57,7 +57,8 @@ def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path, monkeypatch):
     png = tmp_path / "x.png"
     Image.fromarray(pixels).save(png)
     url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
-    wave = np.random.default_rng(1).uniform(-1, 1, 800).astype(np.float32)
+    pcm = np.random.default_rng(1).integers(-32768, 32768, 800).astype(np.int16)
+    wave = pcm.astype(np.float32) / 32768  # integer PCM is scaled as soundfile reads it
     wav = tmp_path / "x.wav"
     soundfile.write(wav, wave, 8000, subtype="FLOAT")
     audio_b64 = base64.b64encode(wav.read_bytes()).decode()
@@ -65,6 +66,7 @@ def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path, monkeypatch):
         ({"type": "image", "image": str(png)}, {"type": "audio", "audio": str(wav)}),
         ({"type": "image", "image": Image.fromarray(pixels)}, {"type": "audio", "audio": (wave, 8000)}),
         ({"type": "image", "image": pixels}, {"type": "audio", "audio": wave}),  # a bare waveform is at the codec's rate
+        ({"type": "image", "image": pixels}, {"type": "audio", "audio": (pcm, 8000)}),
         ({"type": "image_url", "image_url": {"url": url}}, {"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}}),
         ({"type": "image", "path": str(png)}, {"type": "audio", "path": str(wav)}),
         ({"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "audio", "path": "x.wav"}),
@@ -82,6 +84,11 @@ def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path, monkeypatch):
         ({"type": "video", "video": "x.mp4"}, "has type 'video'"),
         ({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, "remote; give a local path or a data: URL"),
         ({"type": "image", "image": 42}, "must be a path"),
+        ({"type": "image", "image": pixels / 255.0}, "an HxWxC image array must be uint8 .0-255., got float64"),
+        ({"type": "image", "image": Image.new("RGB", (0, 0))}, "the image is 0x0 pixels"),
+        ({"type": "audio", "audio": (wave, None)}, "needs a positive integer rate second, got None"),
+        ({"type": "audio", "audio": (8000, wave)}, "needs a positive integer rate second, got a ndarray"),
+        ({"type": "audio", "audio": (np.stack([wave, wave]), 8000)}, r"shape \(2, 800\) is channels-first; give \[samples, channels\]"),
     ]:
         with pytest.raises(ChatError, match=match):
             assistant.chat([{"role": "user", "content": [bad]}])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import peft
@@ -273,3 +274,28 @@ def test_the_audio_limit_of_an_export_can_be_raised_at_load(tmp_path):
     assert load(OLD_EXPORT, device="cpu", max_audio_seconds=8).codecs["audio"].max_seconds == 8.0
     with pytest.raises(ChatError, match=r"max_audio_seconds must be in \(0, 600\]"):
         load(OLD_EXPORT, device="cpu", max_audio_seconds=10_000)
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda d: (d / "unimodal.json").write_text("{\n"), r"unimodal.json is not valid JSON \(Expecting"),
+        (lambda d: (d / "unimodal.json").write_text("[]"), r"unimodal.json holds a JSON list, not an object"),
+        (lambda d: (d / "codecs" / "audio" / "codec.json").write_text("{"), r"codec.json is not valid JSON"),
+        (lambda d: (d / "codecs" / "audio" / "codebooks.npy").write_bytes((d / "codecs" / "audio" / "codebooks.npy").read_bytes()[:200]),
+         r"codebooks.npy cannot be read as a plain .npy array"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 4), r"backbone weights \(model\*.safetensors\) cannot be read"),
+        (lambda d: (d / "modules.safetensors").write_bytes(b"\1" * 40), r"modules.safetensors cannot be read"),
+        (lambda d: (d / "tokenizer.model").write_bytes(b"not a tokenizer"), r"tokenizer.model cannot be read"),
+    ],
+)
+def test_a_damaged_export_file_is_one_line_naming_it(tmp_path, damage, needle):
+    """A copy cut short or a file overwritten: the line names the file and what to do, where the
+    library would raise from deep inside (JSONDecodeError, SafetensorError, a sentencepiece parse error)."""
+    from unimodal.inference.chat import load
+
+    shutil.copytree(OLD_EXPORT, tmp_path / "export")
+    damage(tmp_path / "export")
+    with pytest.raises(ValueError, match=needle) as caught:  # ExportError, or a codec's own ValueError
+        load(tmp_path / "export", device="cpu")
+    assert "\n" not in str(caught.value) and "copy the" in str(caught.value)

@@ -25,8 +25,8 @@ continuous class was renamed; anything else old is refused in one line that says
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import logging
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -44,6 +44,7 @@ from unimodal.models.build import build_model
 from unimodal.models.lora import quiet_peft
 from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, UnifiedModel
+from unimodal.schema import NotJSON, read_json
 from unimodal.specs import instantiate
 
 log = logging.getLogger("unimodal.export")
@@ -120,17 +121,51 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"export {path} does not exist")
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a unimodal export directory (no {CONFIG_FILE}); write one with `unimodal export`")
-    config = upgrade_export_config(json.loads(file.read_text()), file)
+    config = upgrade_export_config(_json_object(file), file)
     if "processor" not in config:
         processor_file = path / PROCESSOR_FILE
         if not processor_file.is_file():
             raise ExportError(f"{path} has no {PROCESSOR_FILE}; re-export its checkpoint with `unimodal export CKPT --out DIR`")
-        config["processor"] = json.loads(processor_file.read_text())
+        config["processor"] = _json_object(processor_file)
+    for key, where in (("model", CONFIG_FILE), ("processor", CONFIG_FILE)):
+        if not isinstance(config.get(key), dict):
+            raise ExportError(f"{path / where} has no '{key}' object; copy the export again or re-export its checkpoint")
+    lacking = [key for key in ("layout", "tokenizer") if key not in config["processor"]]
+    if lacking:
+        raise ExportError(f"{path / PROCESSOR_FILE}: no {' or '.join(repr(k) for k in lacking)}; copy the export again or "
+                          "re-export its checkpoint")
     _check_untrusted(config, file)
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str(path / args["path"])
     return config
+
+
+@contextlib.contextmanager
+def _unreadable(file: Path, what: str | None = None) -> Iterator[None]:
+    """A file of an export that its library cannot read (cut short, overwritten), as one line
+    naming it, where the library raises from deep inside with a message of its own."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except FileNotFoundError:  # a file missing is said as such where it is looked for
+        raise
+    except (OSError, RuntimeError, SafetensorError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        name = f"{file}: {what}" if what else str(file)
+        raise ExportError(f"{name} cannot be read ({detail}); copy the export again or re-export its checkpoint") from None
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    """A JSON object file of an export, damaged or not (a copy cut short, an edit gone wrong)."""
+    try:
+        value = read_json(file.read_text(encoding="utf-8"))
+    except (NotJSON, UnicodeDecodeError) as err:
+        raise ExportError(f"{file} is not valid JSON ({err}); copy the export again or re-export its checkpoint") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{file} holds a JSON {type(value).__name__}, not an object; copy the export again or re-export its checkpoint")
+    return value
 
 
 def _check_untrusted(node: Any, file: Path) -> None:
@@ -274,14 +309,17 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
     path = Path(path).resolve()
     config = read_export_config(path)
     spec = config["model"]
-    processor = Processor.from_json(config["processor"], path)
+    with _unreadable(path / config["processor"]["tokenizer"]):
+        processor = Processor.from_json(config["processor"], path)
     layout = processor.layout
     backbone = BackboneConfig(**{**spec["backbone"], "path": str(path), "config": {}})
     continuous = {
         name: instantiate(factory, Callable[[int], ContinuousModality]) for name, factory in (spec.get("continuous") or {}).items()
     }
-    model = build_model(backbone, layout, continuous, spec.get("routing"))
-    loaded, _ = load_modules(model, path, strict=True)
+    with _unreadable(path, "its backbone weights (model*.safetensors)"):
+        model = build_model(backbone, layout, continuous, spec.get("routing"))
+    with _unreadable(path / MODULES_FILE):
+        loaded, _ = load_modules(model, path, strict=True)
     expected = {n for n in model.state_dict() if not n.startswith("backbone.")}
     missing = sorted(expected - set(loaded))
     if missing:

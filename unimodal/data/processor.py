@@ -119,7 +119,9 @@ class Processor:
 
     @classmethod
     def from_json(cls, config: dict[str, Any], directory: Path) -> Processor:
-        """Read ``processor.json`` (``config``) of ``directory``: paths in it are relative to it.
+        """The processor of the export ``directory``, from its ``processor.json`` as
+        ``unimodal.checkpoints.load.read_export_config`` returns it (the tokenizer is relative to
+        ``directory``; the codecs' paths are already resolved). ``unimodal.load`` is the usual way in.
 
         A codec that is not the one the model's code rows were trained with (a refit codec put in
         an export, docs/refit-codec.md) is refused: its codes would mean other media to the model."""

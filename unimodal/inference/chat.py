@@ -24,6 +24,7 @@ and ``Reply.trimmed`` says how many.
 from __future__ import annotations
 
 import logging
+import numbers
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
 from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import Generation, Segment
+from unimodal.modalities.audio import to_mono
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS
 from unimodal.models.generation import GenerationSettings
@@ -441,14 +443,43 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
             raise ChatError(f"{where}: {kind} file {path} does not exist")
         return _decode(MediaBytes(path.suffix.lstrip(".").lower(), path.read_bytes()), kind, where)
     if kind == "image" and hasattr(value, "convert") and hasattr(value, "size"):  # PIL.Image
-        return np.asarray(value.convert("RGB"), dtype=np.uint8)
+        value = np.asarray(value.convert("RGB"), dtype=np.uint8)
     if kind == "audio" and isinstance(value, tuple) and len(value) == 2:
-        return np.asarray(value[0], dtype=np.float32), int(value[1])
+        return _waveform_pair(value, where)
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise ChatError(f"{where}: the {kind} holds NaN or infinite values")
+        if kind == "image" and value.ndim == 3:  # pixels (features are [n, D], codes [n])
+            if value.dtype != np.uint8:
+                raise ChatError(f"{where}: an HxWxC image array must be uint8 (0-255), got {value.dtype}; "
+                                "convert it, e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]")
+            if 0 in value.shape[:2]:
+                raise ChatError(f"{where}: the image is {value.shape[1]}x{value.shape[0]} pixels; it needs at least 1x1")
         return value
     raise ChatError(f"{where}: {'an image' if kind == 'image' else 'audio'} must be a path, {'a PIL image or an HxWx3 uint8 array' if kind == 'image' else 'a (waveform, sample_rate) pair'}; got {type(value).__name__}")
+
+
+def _waveform_pair(value: tuple, where: str) -> tuple[np.ndarray, int]:
+    """``(waveform, sample_rate)`` as the codecs take it: mono float32, integer PCM scaled to
+    [-1, 1] as soundfile reads it."""
+    waveform, rate = value
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Integral) or rate <= 0:
+        shown = repr(rate) if rate is None or isinstance(rate, (numbers.Number, str)) else f"a {type(rate).__name__}"
+        raise ChatError(f"{where}: audio as (waveform, sample_rate) needs a positive integer rate second, got {shown}")
+    try:
+        waveform = np.asarray(waveform)
+    except (TypeError, ValueError) as err:
+        raise ChatError(f"{where}: the waveform of (waveform, sample_rate) is not an array ({err})") from None
+    if waveform.dtype.kind in "iu":
+        info = np.iinfo(waveform.dtype)
+        middle = (int(info.max) + int(info.min) + 1) / 2  # 0 for signed PCM, 128 for 8-bit unsigned
+        waveform = (waveform.astype(np.float64) - middle) / (int(info.max) + 1 - middle)
+    elif waveform.dtype.kind != "f":
+        raise ChatError(f"{where}: the waveform must hold numbers, got {waveform.dtype}")
+    try:
+        return to_mono(waveform), int(rate)
+    except ValueError as err:
+        raise ChatError(f"{where}: {err}") from None
 
 
 def _decode(media: MediaBytes, kind: str, where: str) -> Any:

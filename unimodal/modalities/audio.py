@@ -32,6 +32,8 @@ class AudioTooLong(ValueError):
 def to_mono(waveform: np.ndarray) -> np.ndarray:
     """``[n]`` or ``[n, channels]`` (soundfile's layout) to ``[n]`` float32, channels averaged."""
     waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim == 2 and waveform.shape[0] < waveform.shape[1]:  # more channels than samples: torchaudio's layout
+        raise ValueError(f"waveform of shape {waveform.shape} is channels-first; give [samples, channels] (waveform.T)")
     if waveform.ndim == 2:
         return waveform.mean(axis=1)
     if waveform.ndim != 1:

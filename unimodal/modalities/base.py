@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.schema import Part
+from unimodal.schema import NotJSON, Part, read_json
 
 
 class MediaCodec:
@@ -75,6 +75,17 @@ def read_codec_files(directory: Path, kind: str, arrays: tuple[str, ...]) -> tup
     needed = (CODEC_FILE, *arrays)
     if not all((directory / name).is_file() for name in needed):
         raise FileNotFoundError(f"{directory}: not a {kind} directory (needs {' and '.join(needed)})")
-    config = json.loads((directory / CODEC_FILE).read_text())
-    return config, {name: torch.as_tensor(np.load(directory / name, allow_pickle=False)) for name in arrays}
+    try:
+        config = read_json((directory / CODEC_FILE).read_text(encoding="utf-8"))
+    except (NotJSON, UnicodeDecodeError) as err:
+        raise ValueError(f"{directory / CODEC_FILE} is not valid JSON ({err}); copy the codec directory again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{directory / CODEC_FILE} holds a JSON {type(config).__name__}, not an object")
+    tensors = {}
+    for name in arrays:
+        try:
+            tensors[name] = torch.as_tensor(np.load(directory / name, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as err:  # cut short, not .npy, or an object array (a pickle)
+            raise ValueError(f"{directory / name} cannot be read as a plain .npy array ({err}); copy the codec directory again") from None
+    return config, tensors
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from unimodal.schema import MODALITIES
 
@@ -37,9 +40,12 @@ def check_types(settings: object, what: str) -> None:
         value = getattr(settings, name)
         if value is None and name in OPTIONAL:
             continue
-        allowed = (int, float) if kind == NUMBER else (int,)
-        if isinstance(value, bool) or not isinstance(value, allowed) or (kind == NUMBER and not math.isfinite(value)):
+        allowed = numbers.Real if kind == NUMBER else numbers.Integral  # numpy scalars too
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, allowed) or (kind == NUMBER and not math.isfinite(value)):
             raise ValueError(f"{what}: {name} must be {kind}{' or null' if name in OPTIONAL else ''}, got {value!r}")
+        plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+        if type(value) is not type(plain):  # settings are written to JSON and compared as keys
+            object.__setattr__(settings, name, plain)
     stop = getattr(settings, "stop", ())
     if not isinstance(stop, tuple):
         raise ValueError(f"{what}: stop must be a list of non-empty strings, got {stop!r}")
