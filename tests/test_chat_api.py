@@ -241,7 +241,8 @@ def test_a_bad_attachment_is_refused_when_attached_and_a_failed_turn_drops_its_a
     text = out.getvalue()
     assert "not attached: unreadable audio" in text and f"not attached: {tmp_path} is a directory, not an image file" in text
     assert text.count("(error:") == 1 and "; 1 attachment dropped)" in text  # the over-long message, not the bad files
-    assert text.count("assistant> ") == 3  # the message typed after a refused file is still answered
+    # the message typed after a refused file is still answered; the refused message shows no reply prefix
+    assert text.count("assistant> ") == 2 and "you> (error: the last message makes a prompt" in text
 
 
 class _Interrupting:
@@ -354,3 +355,34 @@ def test_span_shapes_come_from_the_codecs():
     assert spans == {"image": SpanSpec(length=32), "audio": SpanSpec(layers=4, min_length=1, max_length=100)}
     orthus = tiny_model(code_ranges={"image": 16}, continuous={"image": {}})  # soft-VQ rows, not a discrete modality
     assert default_spans(orthus, {}) == {}
+
+
+def test_python_api_mistakes_are_one_line_before_any_work(tmp_path):
+    """What a first script gets wrong, said in one line that names the argument and the fix."""
+    import threading
+
+    old_export = Path(__file__).resolve().parent / "fixtures" / "demo-export-a96b9df"
+    for call, needle in [
+        (lambda: unimodal_load(None), "load takes the path of an export directory, got NoneType"),
+        (lambda: unimodal_load(old_export, temperature=0), r"unknown argument temperature; sampling settings go in settings=\{'temperature': ...\}"),
+        (lambda: unimodal_load(old_export, device=None), "device None is not a device name"),
+        (lambda: unimodal_load(old_export, max_audio_seconds="8"), "max_audio_seconds must be a number of seconds, got '8'"),
+    ]:
+        with pytest.raises(ChatError, match=needle):
+            call()
+    assistant = text_assistant()
+    hello = [{"role": "user", "content": "hi"}]
+    for call, needle in [
+        (lambda: assistant.generate(hello), "generate takes a list of conversations .* for one conversation use chat"),
+        (lambda: assistant.chat(hello, on_text="print"), "on_text must be a function of the text, got str"),
+        (lambda: assistant.generate([hello], cancel=True), "cancel must be a threading.Event, got bool"),
+        (lambda: assistant.prompt(hello, {"max_new_tokens": 4}), "settings must be GenerationSettings"),
+        (lambda: assistant.chat([{"role": "user", "content": 5}]), "message 0 has content of type int; expected a string or a list"),
+        (lambda: media_assistant(unconditional=5), "unconditional must be a string"),
+    ]:
+        with pytest.raises(ChatError, match=needle):
+            call()
+    assert assistant.generate([hello], cancel=threading.Event(), max_new_tokens=2, seed=np.int64(3))[0].prompt_tokens > 0
+    reply = media_assistant().chat([{"role": "user", "content": "x"}], start_with="audio", max_media=1, max_new_tokens=16, seed=0)
+    with pytest.raises(ValueError, match="it is a directory; give a file name in it"):
+        next(p for p in reply.parts if p.type == "audio").save(tmp_path)

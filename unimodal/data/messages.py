@@ -102,7 +102,9 @@ def message_content(message: Any, where: str) -> tuple[str, list[Any]]:
         raise DocumentError(f"{where} has role {role!r}, expected one of {(*ROLES, 'developer')}")
     content = message.get("content")
     items = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    if not isinstance(items, (list, tuple)) or not items:
+    if content is not None and not isinstance(items, (list, tuple)):
+        raise DocumentError(f"{where} has content of type {type(content).__name__}; expected a string or a list of content parts")
+    if not items:
         raise DocumentError(f"{where} has no content (a string or a list of content parts)")
     return role, list(items)
 

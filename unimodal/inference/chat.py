@@ -27,7 +27,7 @@ import logging
 import numbers
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from unimodal.inference.outputs import Generation, Segment
 from unimodal.modalities.audio import to_mono
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS
-from unimodal.models.generation import GenerationSettings
+from unimodal.models.generation import SAMPLING_KEYS, GenerationSettings
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import Document, DocumentError, Part
 
@@ -79,6 +79,8 @@ class ReplyPart:
 
         path = Path(path)
         suffix = path.suffix.lower()
+        if path.is_dir():
+            raise ValueError(f"cannot write the {self.type} to {path}: it is a directory; give a file name in it")
         if self.type == "image" and self.image is not None:
             if suffix not in Image.registered_extensions():
                 raise ValueError(f"cannot write an image as {path.name}: give a path ending in an image format (.png, .jpg, ...)")
@@ -156,6 +158,10 @@ class Assistant:
     name: str = "unimodal"
 
     def __post_init__(self) -> None:
+        if self.unconditional is not None and not isinstance(self.unconditional, str):
+            raise ChatError(f"unconditional must be a string (the guidance rows' user message) or None, got {type(self.unconditional).__name__}")
+        if not isinstance(self.settings, GenerationSettings):
+            raise ChatError(f"settings must be a dict or GenerationSettings, got {type(self.settings).__name__}")
         processor = self.processor
         # prompts end open (no end token); features and attention follow the model's own modules
         self.processor = replace(
@@ -193,18 +199,23 @@ class Assistant:
     @classmethod
     def from_exported(cls, exported: Exported, **overrides: Any) -> Assistant:
         """From :func:`unimodal.checkpoints.load.load_exported`'s result; ``overrides`` replace fields."""
-        fields = {
+        try:
+            saved = GenerationSettings.from_dict(exported.config.get("generation"))
+        except ValueError as err:
+            where = Path(exported.path) / "unimodal.json" if exported.path else "the export's unimodal.json"
+            raise ChatError(f"{where}, 'generation': {err}; fix it there or export again") from None
+        defaults = {
             "model": exported.model,
             "processor": exported.processor,
-            "settings": GenerationSettings.from_dict(exported.config.get("generation")),
+            "settings": saved,
             "name": Path(exported.path).name if exported.path else "unimodal",
         }
         settings = overrides.pop("settings", None)
         if isinstance(settings, dict):
-            overrides["settings"] = fields["settings"].replace(**settings)
+            overrides["settings"] = saved.replace(**settings)
         elif settings is not None:
             overrides["settings"] = settings
-        return cls(**{**fields, **overrides})
+        return cls(**{**defaults, **overrides})
 
     # ------------------------------------------------------------------------------------------
 
@@ -220,6 +231,7 @@ class Assistant:
         ``start_with`` (``"image"`` | ``"audio"``) makes the reply open with that medium;
         ``settings`` are :meth:`GenerationSettings.replace` keywords (``temperature=0``,
         ``max_new_tokens=64``, ``image={"cfg_scale": 3}``, ``seed=0``, ...)."""
+        _check_callback(on_text)
         stream = None if on_text is None else (lambda row, text: on_text(text))
         return self.generate([messages], on_text=stream, start_with=start_with, **settings)[0]
 
@@ -234,6 +246,11 @@ class Assistant:
     ) -> list[Reply]:
         """Reply to several conversations at once (one batched generation); ``cancel`` stops it.
         A shared ``seed`` s gives conversation ``i`` the seed ``s + i``."""
+        _check_callback(on_text)
+        if cancel is not None and not isinstance(cancel, threading.Event):
+            raise ChatError(f"cancel must be a threading.Event, got {type(cancel).__name__}")
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict):
+            raise ChatError("generate takes a list of conversations (each a list of messages); for one conversation use chat(messages)")
         resolved = self.resolve(**settings)
         if not batch:
             return []
@@ -280,6 +297,8 @@ class Assistant:
             raise ChatError(f"start_with={start_with!r}; expected one of {list(SPAN_MARKERS)}")
         if start_with is not None and start_with not in self.writes:
             raise ChatError(f"start_with={start_with!r}, but this model writes {', '.join(self.writes)} only")
+        if settings is not None and not isinstance(settings, GenerationSettings):
+            raise ChatError(f"settings must be GenerationSettings (Assistant.resolve(**keywords) makes them), got {type(settings).__name__}")
         settings = settings or self.settings
         turns = [self._turn(m, i) for i, m in enumerate(parse_messages(messages))]
         reserve = min(settings.max_new_tokens, self.context_length // 2)
@@ -459,6 +478,11 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
     raise ChatError(f"{where}: {'an image' if kind == 'image' else 'audio'} must be a path, {'a PIL image or an HxWx3 uint8 array' if kind == 'image' else 'a (waveform, sample_rate) pair'}; got {type(value).__name__}")
 
 
+def _check_callback(on_text: Any) -> None:
+    if on_text is not None and not callable(on_text):
+        raise ChatError(f"on_text must be a function of the text, got {type(on_text).__name__}")
+
+
 def _waveform_pair(value: tuple, where: str) -> tuple[np.ndarray, int]:
     """``(waveform, sample_rate)`` as the codecs take it: mono float32, integer PCM scaled to
     [-1, 1] as soundfile reads it."""
@@ -519,11 +543,21 @@ def load(path: str | Path, device: str = "auto", max_audio_seconds: float | None
     longest clip the export's audio codec takes (and writes); ``overrides`` set Assistant fields."""
     import torch
 
+    if not isinstance(path, (str, Path)):
+        raise ChatError(f"load takes the path of an export directory, got {type(path).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(Assistant)} - {"settings"})
+    if unknown:
+        generation = set(SAMPLING_KEYS) | {f.name for f in fields(GenerationSettings)}
+        sampling = [key for key in unknown if key in generation]
+        hint = f"; sampling settings go in settings={{{sampling[0]!r}: ...}} or in each chat call" if sampling else ""
+        raise ChatError(f"load got unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}")
+    if max_audio_seconds is not None and (isinstance(max_audio_seconds, bool) or not isinstance(max_audio_seconds, numbers.Real)):
+        raise ChatError(f"max_audio_seconds must be a number of seconds, got {max_audio_seconds!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         kind = torch.device(device).type
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ChatError(f"device {device!r} is not a device name; use auto, cpu or cuda[:N]") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ChatError(f"device {device!r}: this machine has no CUDA device (or this torch is a CPU build); use cpu")

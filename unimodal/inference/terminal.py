@@ -121,19 +121,28 @@ class Terminal:
 
     def turn(self, text: str) -> None:
         message = {"role": "user", "content": [{"type": "text", "text": text}] + self.attached}
-        self.say("assistant> ", end="")
+        started = False  # "assistant> " comes with the reply's first text, so a refused message shows none
+
+        def show(piece: str = "") -> None:
+            nonlocal started
+            if not started:
+                self.say("assistant> ", end="")
+                started = True
+            self.say(printable(piece), end="")
+
         try:
-            reply = self.assistant.chat(self.history + [message], on_text=lambda t: self.say(printable(t), end=""), **self.settings)
+            reply = self.assistant.chat(self.history + [message], on_text=show, **self.settings)
         except ChatError as err:
             # the message is not sent, so its attachments go too: a bad file must not fail every later turn
             count = len(self.attached)
             dropped = f"; {count} attachment{'s' if count > 1 else ''} dropped" if count else ""
             self.attached = []
-            self.say(f"\n(error: {err}{dropped})")
+            self.say(f"{chr(10) if started else ''}(error: {err}{dropped})")
             return
         except KeyboardInterrupt:
-            self.say("\n(reply cancelled; your message was not added to the conversation)")
+            self.say(f"{chr(10) if started else ''}(reply cancelled; your message was not added to the conversation)")
             return
+        show()  # a reply of media alone
         self.attached = []
         self.replies += 1
         content = []
