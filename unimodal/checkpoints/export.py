@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unimodal.checkpoints.files import newest_readable_checkpoint
+from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE, newest_readable_checkpoint
 from unimodal.checkpoints.fsdp import fsdp_to_file, is_fsdp_checkpoint
 from unimodal.checkpoints.load import (
     ADAPTER_DIR,
@@ -127,7 +127,7 @@ def _plain(value: Any) -> Any:
 def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
     """A single-file Lightning checkpoint for ``ckpt`` (DeepSpeed and FSDP directories are merged
     first, which ``trust`` must allow: ``checkpoints.zero``, ``checkpoints.fsdp``)."""
-    if ckpt.is_dir() and (ckpt / "latest").is_file():
+    if ckpt.is_dir() and (ckpt / DEEPSPEED_TAG_FILE).is_file():
         return zero_to_fp32(ckpt, scratch / "merged.ckpt", trust=trust)
     if is_fsdp_checkpoint(ckpt):
         return fsdp_to_file(ckpt, scratch / "merged.ckpt", trust=trust)

@@ -61,9 +61,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             prune_checkpoints(path.parent, self.keep_last_k)
 
 
-# the file a sharded checkpoint directory writes last: DeepSpeed's tag pointer, Lightning's FSDP2
-# metadata (torch.distributed.checkpoint)
-COMPLETE_MARKERS = ("latest", "meta.pt")
+DEEPSPEED_TAG_FILE = "latest"  # DeepSpeed's pointer to the tag folder of the newest save
+LIGHTNING_META_FILE = "meta.pt"  # Lightning's FSDP2 state beside torch.distributed.checkpoint's shards
+# the file a sharded checkpoint directory writes last
+COMPLETE_MARKERS = (DEEPSPEED_TAG_FILE, LIGHTNING_META_FILE)
 
 
 def _complete_marker(path: Path) -> Path | None:

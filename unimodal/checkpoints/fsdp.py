@@ -13,14 +13,12 @@ from pathlib import Path
 
 import torch
 
-from unimodal.checkpoints.files import read_checkpoint
+from unimodal.checkpoints.files import LIGHTNING_META_FILE, read_checkpoint
 from unimodal.errors import UserError
-
-METADATA = "meta.pt"
 
 
 def is_fsdp_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file() and (path / METADATA).is_file()
+    return path.is_dir() and (path / ".metadata").is_file() and (path / LIGHTNING_META_FILE).is_file()
 
 
 def fsdp_to_file(checkpoint_dir: str | Path, out_path: str | Path, trust: bool = False) -> Path:
@@ -28,7 +26,7 @@ def fsdp_to_file(checkpoint_dir: str | Path, out_path: str | Path, trust: bool =
     Lightning's state from ``meta.pt``; optimizer states are dropped."""
     path = Path(checkpoint_dir)
     if not is_fsdp_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not an FSDP checkpoint directory (expected .metadata, *.distcp and {METADATA})")
+        raise FileNotFoundError(f"{path} is not an FSDP checkpoint directory (expected .metadata, *.distcp and {LIGHTNING_META_FILE})")
     if not trust:
         raise UserError(
             f"{path} is an FSDP checkpoint, whose .metadata torch.distributed.checkpoint reads with pickle "
@@ -36,7 +34,7 @@ def fsdp_to_file(checkpoint_dir: str | Path, out_path: str | Path, trust: bool =
         )
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    checkpoint = read_checkpoint(path / METADATA)
+    checkpoint = read_checkpoint(path / LIGHTNING_META_FILE)
     with tempfile.TemporaryDirectory(prefix="unimodal-fsdp-") as scratch:
         merged = Path(scratch) / "merged.pt"
         dcp_to_torch_save(path, merged)

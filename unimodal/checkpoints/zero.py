@@ -7,6 +7,7 @@ import io
 import logging
 from pathlib import Path
 
+from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE
 from unimodal.errors import UserError
 
 log = logging.getLogger("unimodal.train")
@@ -18,7 +19,7 @@ class NotADeepSpeedCheckpoint(ValueError):
 
 def _describe_deepspeed_dir(path: Path) -> str | None:
     """None when ``path`` looks like a Lightning DeepSpeed checkpoint directory, else what is wrong."""
-    latest = path / "latest"
+    latest = path / DEEPSPEED_TAG_FILE
     if not latest.is_file():
         return "it has no 'latest' file"
     tag = latest.read_text().strip()
@@ -86,7 +87,7 @@ def zero_to_fp32(checkpoint_dir: str | Path, out_path: str | Path, tag: str | No
     with contextlib.redirect_stdout(io.StringIO()) as chatter:  # the merger prints its progress
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
     log.debug("%s", chatter.getvalue())
-    tag = tag or (path / "latest").read_text().strip()
+    tag = tag or (path / DEEPSPEED_TAG_FILE).read_text().strip()
     # rank 0's model-states file carries Lightning's state (stage 3 names it per rank)
     model_file = next(
         (f for f in (path / tag / "mp_rank_00_model_states.pt", path / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt") if f.is_file()),
