@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from unimodal.errors import refuse_nonempty
+from unimodal.modalities.base import model_config
 from unimodal.models.continuous import TokenDiffusionImage
 
 ORTHUS_MODULES_FILE = "orthus_modules.safetensors"
@@ -36,9 +37,7 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
     from transformers import ChameleonForConditionalGeneration
 
     src, out = Path(chameleon_dir), Path(out_dir)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a model directory (no config.json); Chameleon loads from a local directory")
-    config = json.loads((src / "config.json").read_text())
+    config = model_config(src, "Chameleon")
     if config.get("model_type") != "chameleon":
         raise ValueError(f"{src}: model_type {config.get('model_type')!r}, expected 'chameleon'")
     refuse_nonempty(out, "convert into a new directory")

@@ -9,7 +9,6 @@ ids (layer-major, content layer first) is in ``docs/audio-tokens.md``.
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unimodal.modalities.base import MediaCodec, weights_checksum
+from unimodal.modalities.base import MediaCodec, model_config, weights_checksum
 from unimodal.schema import Part
 
 HF_CODECS = ("encodec", "mimi", "dac")
@@ -183,8 +182,7 @@ class HFAudioCodec(RVQCodec):
             raise ValueError("chunked EnCodec models (the 48 kHz music codec) are not supported; use the 24 kHz one")
         total = config.n_codebooks if kind == "dac" else config.num_quantizers
         if kind == "encodec":  # the quantizer count is reached through a target bandwidth
-            per_layer = math.log2(config.codebook_size) * config.frame_rate / 1000
-            total = min(total, max(1, math.floor(max(config.target_bandwidths) / per_layer)))
+            total = min(total, max(1, math.floor(max(config.target_bandwidths) / _encodec_layer_kbps(config))))
         layers = total if layers is None else layers
         if not 1 <= layers <= total:
             raise ValueError(f"{kind} codec has {total} RVQ layers; asked for {layers}")
@@ -238,8 +236,7 @@ class HFAudioCodec(RVQCodec):
     @property
     def _bandwidth(self) -> float:
         config = self.model.config
-        per_layer = math.log2(config.codebook_size) * config.frame_rate / 1000
-        return min(b for b in config.target_bandwidths if math.floor(b / per_layer + 1e-9) >= self.layers)
+        return min(b for b in config.target_bandwidths if math.floor(b / _encodec_layer_kbps(config) + 1e-9) >= self.layers)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.name
@@ -260,6 +257,11 @@ class HFAudioCodec(RVQCodec):
         return self.model.state_dict()
 
 
+def _encodec_layer_kbps(config: Any) -> float:
+    """The bandwidth one RVQ layer of an EnCodec adds: EnCodec picks its layer count by bandwidth."""
+    return math.log2(config.codebook_size) * config.frame_rate / 1000
+
+
 class SpeechTokenizerCodec(RVQCodec):
     """A SpeechTokenizer checkpoint directory (``config.json`` + one ``.pt``), MIO's speech codec:
     16 kHz, 50 frames/s, RVQ layer 0 carries content, further layers timbre. Needs the
@@ -274,7 +276,7 @@ class SpeechTokenizerCodec(RVQCodec):
         weights = sorted(path.glob("*.pt"))
         if len(weights) != 1:
             raise FileNotFoundError(f"{path}: expected one SpeechTokenizer .pt file next to config.json, found {len(weights)}")
-        config = json.loads((path / "config.json").read_text())
+        config = model_config(path, "SpeechTokenizer")
         self.model = SpeechTokenizer.load_from_checkpoint(str(path / "config.json"), str(weights[0])).eval()
         total = int(config["n_q"])
         layers = total if layers is None else layers
@@ -296,10 +298,7 @@ class SpeechTokenizerCodec(RVQCodec):
 def load_audio_codec(path: str | Path, layers: int | None = None, max_seconds: float = 30.0) -> RVQCodec:
     """The codec in a local directory: an HF EnCodec/Mimi/DAC model, or a SpeechTokenizer checkpoint."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"audio codec {path} is not a model directory (no config.json); codecs load from local paths only")
-    config = json.loads(config_file.read_text())
+    config = model_config(path, "audio codec")
     if config.get("model_type") in HF_CODECS:
         return HFAudioCodec.from_pretrained(path, layers, max_seconds)
     if "n_q" in config and "strides" in config:

@@ -70,6 +70,21 @@ def save_codec_files(directory: str | Path, config: dict[str, Any], arrays: dict
     return out
 
 
+def model_config(path: str | Path, what: str) -> dict[str, Any]:
+    """``config.json`` of a local model directory (pretrained pieces load from local paths only),
+    or one line saying what ``path`` lacks."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} {path} is not a model directory (no config.json); models load from local directories only")
+    try:
+        config = read_json(file.read_text(encoding="utf-8"))
+    except (NotJSON, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
 def read_codec_files(directory: Path, kind: str, arrays: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """What :func:`save_codec_files` wrote; a directory of another kind is one clear error."""
     needed = (CODEC_FILE, *arrays)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.base import MediaCodec, model_config
 from unimodal.schema import DocumentError, Part
 
 
@@ -198,8 +197,7 @@ class VAECodec(MediaCodec):
         from diffusers import AutoencoderKL
 
         self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"VAE directory {self.path} has no config.json (VAEs load from local directories only)")
+        model_config(self.path, "VAE")
         self.vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True).to(device).eval().requires_grad_(False)
         self.transform = ImageTransform(size)
         self.patch = patch
@@ -240,9 +238,7 @@ def load_chameleon_vqvae(path: str | Path) -> Any:
     from transformers import ChameleonVQVAE
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json (the Chameleon VQ-VAE loads from a local directory only)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = model_config(path, "Chameleon VQ-VAE").get("model_type")
     if model_type != "chameleon_vqgan":
         raise ValueError(
             f"{path}: model_type {model_type!r} is not a Chameleon VQ-VAE ('chameleon_vqgan'); "

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.modalities.base import CODEC_FILE, MediaCodec, read_codec_files, save_codec_files, weights_checksum
+from unimodal.modalities.base import CODEC_FILE, MediaCodec, model_config, read_codec_files, save_codec_files, weights_checksum
 from unimodal.modalities.image_continuous import PixelPatchCodec, to_pixels
 from unimodal.modalities.kmeans import kmeans, nearest
 from unimodal.schema import Part, local_path
@@ -44,10 +43,7 @@ class ChameleonImageTokenizer(MediaCodec):
         from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
 
         path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is not a model directory (no config.json); tokenizers load from local paths only")
-        raw = json.loads(config_file.read_text())
+        raw = model_config(path, "image tokenizer")
         if raw.get("model_type") == "chameleon_vqgan":
             return cls(ChameleonVQVAE.from_pretrained(str(path), local_files_only=True))
         if raw.get("model_type") != "chameleon":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.modalities.base import MediaCodec, weights_checksum
+from unimodal.modalities.base import MediaCodec, model_config, weights_checksum
 from unimodal.modalities.image_continuous import center_crop
 from unimodal.schema import Part, local_path
 
@@ -54,11 +54,10 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
     if (spec.path is None) == (not spec.config):
         raise ValueError("encoder: set exactly one of 'path' (local model directory) or 'config' (with model_type)")
     if spec.path is not None:
-        if not (Path(spec.path) / "config.json").is_file():
-            raise FileNotFoundError(f"encoder {spec.path} is not a model directory (no config.json); models load from local paths only")
+        config = model_config(spec.path, "encoder")
         if spec.projection:
             return CLIPVisionModelWithProjection.from_pretrained(spec.path, local_files_only=True)
-        if json.loads((Path(spec.path) / "config.json").read_text()).get("model_type") == "clip":
+        if config.get("model_type") == "clip":
             return CLIPVisionModel.from_pretrained(spec.path, local_files_only=True)  # the vision tower of a full CLIP
         return AutoModel.from_pretrained(spec.path, local_files_only=True)
     raw = dict(spec.config)

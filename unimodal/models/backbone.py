@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
+from unimodal.modalities.base import model_config
 from unimodal.models.attention import resolve_backend
 from unimodal.models.sharding import gathered
 
@@ -72,8 +73,7 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
     dtype = DTYPES[spec.dtype]
     if spec.path is not None:
         path = Path(spec.path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"backbone.path {path} is not a model directory (no config.json); models load from local paths only")
+        model_config(path, "backbone.path")
         if not any((path / name).is_file() for name in WEIGHT_FILES):
             raise FileNotFoundError(f"{path} holds no model weights ({', '.join(WEIGHT_FILES)}); copy the model directory whole")
         model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
