@@ -38,7 +38,7 @@ class FakeContinuous(ContinuousModality):
         self.head = nn.Linear(hidden, FEATURE_DIM)
         self.calls: list[tuple[int, float]] = []
 
-    def embed(self, features, batch, rows, model):
+    def embed(self, features, batch, rows):
         return self.inp(features), None
 
     def embed_clean(self, features: torch.Tensor) -> torch.Tensor:

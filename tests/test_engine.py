@@ -424,3 +424,27 @@ def test_a_row_that_expires_inside_the_diffusion_head_leaves_and_the_others_draw
     assert 5 + 8 <= len(calls) <= 6 + 8  # the shared calls within the deadline, then the other row's 4 slots x 2 steps
     assert out[1].segments[0].type == "image"
     np.testing.assert_allclose(out[1].segments[0].data, alone.segments[0].data, atol=1e-4)
+
+
+def test_an_understanding_only_adapter_reads_prompt_features_as_the_training_forward_does():
+    """A LinearAdapter has no embed_clean: the engine embeds prompt features with its training
+    ``embed``, and the first greedy token is the uncached forward's."""
+    from unimodal.models.unified import LinearAdapter, UnifiedModel
+
+    base = tiny_model()
+    model = UnifiedModel(base.backbone, base.layout, {"image": LinearAdapter(base.backbone.config.hidden_size, FEATURE_DIM)}).eval()
+    features = np.random.default_rng(0).normal(size=(3, FEATURE_DIM)).astype(np.float32)
+    doc = prompt(model, "look", Part("image", media=0, data=features), "what?")
+    gen = Engine(model, TOK).generate([doc], GenerationSettings(text=GREEDY, max_new_tokens=4, seed=0))[0]
+    as_batch = lambda a: torch.from_numpy(np.asarray(a))[None]  # noqa: E731
+    n = len(doc)
+    batch = PackedBatch(
+        input_ids=as_batch(doc.ids.astype(np.int64)), modality_ids=as_batch(doc.modality.astype(np.int64)),
+        position_ids=torch.arange(n)[None], doc_ids=torch.ones(1, n, dtype=torch.long), block_ids=as_batch(doc.block.astype(np.int64)),
+        labels=torch.full((1, n), -100), target_mask=torch.zeros(1, n, dtype=torch.bool), continuous_mask=as_batch(doc.continuous),
+        features=torch.from_numpy(doc.features),
+    )
+    with torch.no_grad():
+        logits = model.logits(model.hidden_states(batch)[0])[-1]
+    logits[model.layout.text_size :] = float("-inf")
+    assert text_ids(gen)[0] == int(logits.argmax())

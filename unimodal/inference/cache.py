@@ -188,7 +188,7 @@ def embed_features(model: UnifiedModel, name: str, features: torch.Tensor, batch
         return embed_clean(features)
     if batch is None:
         raise ValueError(f"the continuous {name} modality has no embed_clean, so the engine cannot feed it generated features")
-    return modality.embed(features, batch, rows, model)[0]
+    return modality.embed(features, batch, rows)[0]
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:

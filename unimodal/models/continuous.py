@@ -245,10 +245,10 @@ class TokenDiffusionImage(ContinuousImage):
         rows = self._token_rows()
         return self.soft_vq(features, rows)
 
-    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, Any]:
+    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return self.embed_clean(features), (features, self.slot_positions(batch, rows))
 
-    def loss(self, hidden: torch.Tensor, batch: PackedBatch, state: Any, model: UnifiedModel) -> dict[str, LossTerm]:
+    def loss(self, hidden: torch.Tensor, batch: PackedBatch, state: Any) -> dict[str, LossTerm]:
         features, positions = state
         target = batch.target_mask[positions[:, 0], positions[:, 1]]
         x0 = features[target].float() * self.latent_scale
@@ -364,7 +364,7 @@ class TransfusionImage(ContinuousImage):
         t = torch.zeros(len(images), device=features.device)
         return self.input_adapter(images, t)[0].reshape(len(features), -1)
 
-    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, Any]:
+    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
         positions = self.slot_positions(batch, rows)
         spans = image_spans(positions)
         lengths = torch.bincount(spans.index, minlength=len(spans))
@@ -384,7 +384,7 @@ class TransfusionImage(ContinuousImage):
         embeds, skips = self.input_adapter(x_t, t)
         return embeds.reshape(len(features), -1), (x0, noise, t, target, skips, positions, None)
 
-    def loss(self, hidden: torch.Tensor, batch: PackedBatch, state: Any, model: UnifiedModel) -> dict[str, LossTerm]:
+    def loss(self, hidden: torch.Tensor, batch: PackedBatch, state: Any) -> dict[str, LossTerm]:
         x0, noise, t, target, skips, positions, dummy = state
         if dummy is not None:
             out = self.output_adapter(dummy.new_zeros(dummy.shape), t, skips)

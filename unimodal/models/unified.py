@@ -53,10 +53,10 @@ class ContinuousModality(nn.Module):
         """A chance to rewrite the batch before anything runs (e.g. conditioning dropout in training)."""
         return batch
 
-    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, Any]:
+    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
-    def loss(self, hidden: torch.Tensor, batch: PackedBatch, state: Any, model: UnifiedModel) -> dict[str, LossTerm]:
+    def loss(self, hidden: torch.Tensor, batch: PackedBatch, state: Any) -> dict[str, LossTerm]:
         return {}
 
 
@@ -68,7 +68,7 @@ class LinearAdapter(ContinuousModality):
         self.feature_dim = feature_dim
         self.proj = nn.Linear(feature_dim, hidden_size)
 
-    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor, model: UnifiedModel) -> tuple[torch.Tensor, None]:
+    def embed(self, features: torch.Tensor, batch: PackedBatch, rows: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.proj(features), None
 
 
@@ -107,7 +107,7 @@ class UnifiedModel(nn.Module):
         for name, modality in self.continuous.items():
             rows = slot_modality == MODALITY_IDS[name]
             unclaimed &= ~rows
-            out, states[name] = modality.embed(batch.features[rows], batch, rows, self)
+            out, states[name] = modality.embed(batch.features[rows], batch, rows)
             adapted = adapted.index_put((rows.nonzero()[:, 0],), out.to(embeds.dtype))
         if unclaimed.any():
             raise ValueError(
@@ -143,7 +143,7 @@ class UnifiedModel(nn.Module):
         hidden = self.hidden_states(batch, embeds)
         losses = self.cross_entropy(hidden, batch)
         for name, modality in self.continuous.items():
-            losses.update(modality.loss(hidden, batch, states[name], self))
+            losses.update(modality.loss(hidden, batch, states[name]))
         return losses
 
     def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
