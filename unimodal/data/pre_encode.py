@@ -35,8 +35,8 @@ from unimodal.data.shards import (
     save_stats,
     write_shards,
 )
-from unimodal.modalities.base import MediaCodec, describe_fingerprint
 from unimodal.errors import UserError
+from unimodal.modalities.base import MediaCodec, describe_fingerprint
 from unimodal.schema import Document, DocumentError, Part
 
 CODES_KEY = "codes"
@@ -183,6 +183,7 @@ def encode_shards(
     out = Path(out_dir)
     job = {"source": str(src), "codes": fingerprints, "max_docs_per_shard": max_docs_per_shard, "flip_pairs": flip_pairs,
            "seed": seed}
+    job = json.loads(json.dumps(job))  # as the job file reads back (tuples become lists)
     continuing = _continued(out, job, resume)
     done = continuing.documents if continuing is not None else 0
 

@@ -160,6 +160,8 @@ class Assistant:
     def __post_init__(self) -> None:
         if self.unconditional is not None and not isinstance(self.unconditional, str):
             raise ChatError(f"unconditional must be a string (the guidance rows' user message) or None, got {type(self.unconditional).__name__}")
+        if isinstance(self.settings, dict):  # keywords of GenerationSettings.replace
+            self.settings = GenerationSettings().replace(**self.settings)
         if not isinstance(self.settings, GenerationSettings):
             raise ChatError(f"settings must be a dict or GenerationSettings, got {type(self.settings).__name__}")
         processor = self.processor
