@@ -86,17 +86,8 @@ class ImageTransform:
     size: int
 
     def __call__(self, data: Any, where: str = "image") -> torch.Tensor:
-        from PIL import Image
-
-        image = load_image(data, where)
-        w, h = image.size
-        scale = self.size / min(w, h)
-        resized = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
-        if resized != (w, h):
-            image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=None)
-        left, top = (resized[0] - self.size) // 2, (resized[1] - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+        image = np.asarray(load_image(data, where), dtype=np.uint8)
+        pixels = torch.from_numpy(center_crop(image, self.size).astype(np.float32))
         return pixels.permute(2, 0, 1) / 127.5 - 1.0
 
 
