@@ -137,6 +137,6 @@ def test_chameleon_vq_codec_skips_the_quantiser(tmp_path):
     assert nearest.min() > 1e-6
     with pytest.raises(NotImplementedError, match="only the Chameleon VQ-VAE encoder"):
         codec.decode(features)
-    with pytest.raises(ValueError, match="not a Chameleon VQ-VAE"):
+    with pytest.raises(ValueError, match="is neither a Chameleon VQ-VAE"):
         tiny_dir, _ = tiny_vae_dir(tmp_path)
         ChameleonVQCodec(str(tiny_dir))

@@ -24,6 +24,7 @@ import torch
 
 from unimodal.errors import refuse_nonempty
 from unimodal.modalities.base import model_config
+from unimodal.modalities.image_continuous import latent_side
 from unimodal.models.continuous import TokenDiffusionImage
 
 ORTHUS_MODULES_FILE = "orthus_modules.safetensors"
@@ -47,10 +48,10 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
     codebook = vq.quantize.embedding.weight.detach().float()
     if sorted(mapping) != list(range(len(codebook))):
         raise ValueError(f"{src}: the vocabulary map names {len(mapping)} image tokens for a {len(codebook)}-entry VQ codebook")
-    latent_side = vq.config.resolution // 2 ** (len(vq.config.channel_multiplier) - 1)
+    side = latent_side(vq.config)
     args = {
         "feature_dim": int(vq.config.embed_dim),
-        "slots_per_item": latent_side * latent_side,
+        "slots_per_item": side * side,
         "codebook_size": len(codebook),
         "head_width": head_width,
         "head_depth": head_depth,

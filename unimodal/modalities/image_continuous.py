@@ -224,18 +224,47 @@ class VAECodec(MediaCodec):
         }
 
 
+def latent_side(config: Any) -> int:
+    """The side of a Chameleon VQ-VAE's latent grid: each down block but the first halves the image."""
+    return int(config.resolution) // 2 ** (len(config.channel_multiplier) - 1)
+
+
 def load_chameleon_vqvae(path: str | Path) -> Any:
-    """The ``ChameleonVQVAE`` saved in a local directory (``unimodal convert orthus`` writes one)."""
-    from transformers import ChameleonVQVAE
+    """The ``ChameleonVQVAE`` of a local directory: one saved alone (``unimodal convert orthus``
+    writes one), or the ``vq_config`` and ``model.vqmodel.*`` weights of a whole Chameleon checkpoint."""
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
 
     path = Path(path)
-    model_type = model_config(path, "Chameleon VQ-VAE").get("model_type")
-    if model_type != "chameleon_vqgan":
-        raise ValueError(
-            f"{path}: model_type {model_type!r} is not a Chameleon VQ-VAE ('chameleon_vqgan'); "
-            "`unimodal convert orthus` extracts it from a Chameleon checkpoint"
-        )
-    return ChameleonVQVAE.from_pretrained(path, local_files_only=True)
+    config = model_config(path, "Chameleon VQ-VAE")
+    kind = config.get("model_type")
+    if kind == "chameleon_vqgan":
+        return ChameleonVQVAE.from_pretrained(path, local_files_only=True)
+    if kind != "chameleon":
+        raise ValueError(f"{path}: model_type {kind!r} is neither a Chameleon VQ-VAE ('chameleon_vqgan') nor a Chameleon "
+                         "checkpoint ('chameleon')")
+    model = ChameleonVQVAE(ChameleonVQVAEConfig(**config["vq_config"]))
+    missing, unexpected = model.load_state_dict(_prefixed_weights(path, "model.vqmodel."), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: VQ-VAE weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def _prefixed_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` from a (possibly sharded) safetensors checkpoint, prefix removed."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights")
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = f.get_tensor(key)
+    if not state:
+        raise ValueError(f"{path}: no weights under {prefix!r}")
+    return state
 
 
 class ChameleonVQCodec(MediaCodec):

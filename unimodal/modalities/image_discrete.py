@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.modalities.base import CODEC_FILE, MediaCodec, model_config, read_codec_files, save_codec_files, weights_checksum
-from unimodal.modalities.image_continuous import PixelPatchCodec, to_pixels
+from unimodal.modalities.base import CODEC_FILE, MediaCodec, read_codec_files, save_codec_files, weights_checksum
+from unimodal.modalities.image_continuous import PixelPatchCodec, latent_side, load_chameleon_vqvae, to_pixels
 from unimodal.modalities.kmeans import kmeans, nearest
 from unimodal.schema import Part, local_path
 
@@ -36,24 +36,11 @@ class ChameleonImageTokenizer(MediaCodec):
         config = vqmodel.config
         self.resolution = int(config.resolution)
         self.codebook_size = int(config.num_embeddings)
-        self.grid = self.resolution // 2 ** (len(config.channel_multiplier) - 1)
+        self.grid = latent_side(config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ChameleonImageTokenizer:
-        from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
-
-        path = Path(path)
-        raw = model_config(path, "image tokenizer")
-        if raw.get("model_type") == "chameleon_vqgan":
-            return cls(ChameleonVQVAE.from_pretrained(str(path), local_files_only=True))
-        if raw.get("model_type") != "chameleon":
-            raise ValueError(f"{config_file}: model_type {raw.get('model_type')!r} is neither chameleon nor chameleon_vqgan")
-        model = ChameleonVQVAE(ChameleonVQVAEConfig(**raw["vq_config"]))
-        state = _prefixed_weights(path, "model.vqmodel.")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: VQ-VAE weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return cls(model)
+        return cls(load_chameleon_vqvae(path))
 
     @torch.no_grad()
     def encode_images(self, images: list[np.ndarray]) -> np.ndarray:
@@ -164,19 +151,3 @@ class PatchVQCodec(MediaCodec):
         return saved["size"], saved["patch"], saved["codebook_size"]
 
 
-def _prefixed_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors under ``prefix`` from a (possibly sharded) safetensors checkpoint, prefix removed."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors weights")
-    state = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    state[key[len(prefix) :]] = f.get_tensor(key)
-    if not state:
-        raise ValueError(f"{path}: no weights under {prefix!r}")
-    return state
