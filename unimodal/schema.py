@@ -62,6 +62,11 @@ class Part:
         return out
 
 
+def sample_where(key: str, source: str = "") -> str:
+    """How error lines name a document: its key, and the shard or file it came from."""
+    return f"sample {key!r} in {source}" if source else f"sample {key!r}"
+
+
 @dataclass
 class Document:
     parts: list[Part]
@@ -70,7 +75,7 @@ class Document:
     source: str = ""  # shard URL or file the document came from, for error messages
 
     def where(self) -> str:
-        return f"sample {self.key!r} in {self.source}" if self.source else f"sample {self.key!r}"
+        return sample_where(self.key, self.source)
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "parts": [p.to_json() for p in self.parts], "meta": self.meta}
@@ -207,7 +212,7 @@ def json_object(payload: bytes | str | dict[str, Any], where: str) -> dict[str, 
 
 def parse_document(payload: bytes | str | dict[str, Any], key: str = "", source: str = "") -> Document:
     """Parse a sample's JSON member into a Document (media not yet attached)."""
-    where = f"sample {key!r} in {source}" if source else f"sample {key!r}"
+    where = sample_where(key, source)
     payload = json_object(payload, where)
     schema = payload.get("schema", SCHEMA)
     if schema != SCHEMA:

@@ -37,6 +37,7 @@ from unimodal.schema import (
     Part,
     check_key,
     parse_document,
+    sample_where,
 )
 
 logger = logging.getLogger("unimodal.data")
@@ -105,7 +106,7 @@ class BadSamplePolicy:
         self.kinds[type(error).__name__ if isinstance(error, BaseException) else "skipped"] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(SkippedSample(key, shard, reason))
-        where = f"sample {key!r} in {shard}" if key else shard
+        where = sample_where(key, shard) if key else shard
         if (key, shard) not in self.warned:  # a stream that loops over its shards meets the same sample again
             self.warned.add((key, shard))
             logger.warning("skipping %s", reason if reason.startswith(where) else f"{where}: {reason}")
@@ -422,7 +423,7 @@ def is_complete_tar(url: str) -> bool:
 def sample_to_document(sample: dict[str, Any], decode: bool = True) -> Document:
     """Turn a raw sample into a Document, media decoded (``decode``) or left as ``MediaBytes``."""
     key, url = sample.get("__key__", ""), sample.get("__url__", "")
-    where = f"sample {key!r} in {url}"
+    where = sample_where(key, url)
     try:  # a member named like a path (../x, /etc/x, dir/x) was not written by data pack
         check_key(key)
     except DocumentError as err:
