@@ -201,7 +201,7 @@ def test_chameleon_vqvae_codes(tmp_path):
     torch.manual_seed(0)
     ChameleonVQVAE(ChameleonVQVAEConfig(**vq)).save_pretrained(tmp_path / "vq")
     tokenizer = ChameleonImageTokenizer.from_pretrained(tmp_path / "vq")
-    codes = tokenizer(Part("image", media=0, data=np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)))
+    codes = tokenizer.encode(Part("image", media=0, data=np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)))
     assert codes.shape == (4, 4) and codes.dtype == np.int64 and codes.max() < 32
     assert tokenizer.fingerprint()["tokens_per_item"] == 16
     full = ChameleonConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,

@@ -7,6 +7,7 @@ import pytest
 
 from unimodal.data.processor import Processor
 from unimodal.schema import Document, DocumentError, Part
+from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import VocabLayout
 
 MIO_LIKE = {"text_size": 260, "code_ranges": {"image": 16, "audio": 12}, "code_layers": {"audio": 3}}
@@ -148,14 +149,15 @@ def test_raw_media_are_encoded_once_per_content(char_tokenizer):
     layout = VocabLayout(**MIO_LIKE)
     calls: list[str] = []
 
-    def codec(part: Part) -> np.ndarray:  # a codec that counts its calls
-        calls.append(part.type)
-        if part.type == "image":
-            return np.array([int(part.data.sum()) % 4, 1])
-        waveform, rate = part.data
-        return np.array([[rate % 4, 0], [1, 2]])
+    class Counting(MediaCodec):  # a codec that counts its calls
+        def encode(self, part: Part) -> np.ndarray:
+            calls.append(part.type)
+            if part.type == "image":
+                return np.array([int(part.data.sum()) % 4, 1])
+            waveform, rate = part.data
+            return np.array([[rate % 4, 0], [1, 2]])
 
-    encoder = Processor(char_tokenizer, layout, codecs={"image": codec, "audio": codec})
+    encoder = Processor(char_tokenizer, layout, codecs={"image": Counting(), "audio": Counting()})
     picture = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
     clip = np.linspace(-1, 1, 100, dtype=np.float32)
     doc = _doc(Part("image", media=0, data=picture), Part("audio", media=1, data=(clip, 16000)))

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from unimodal.batch import PackedBatch
 from unimodal.data.packing import DocumentTooLong, Packer, collate
 from unimodal.data.pre_encode import code_sources
-from unimodal.data.processor import Codec, Processor
+from unimodal.data.processor import Processor
 from unimodal.data.shards import BadSamplePolicy, ShardError, expand_shards, iter_samples, read_documents, sample_to_document
 from unimodal.data.templates import get_template
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
@@ -374,7 +374,7 @@ class UnimodalDataModule(L.LightningDataModule):
         self.max_bad_fraction = max_bad_fraction
         self.shuffle_buffer = shuffle_buffer
         self.val_batches = val_batches
-        self.codecs: dict[str, Codec] = dict(codecs or {})
+        self.codecs: dict[str, MediaCodec] = dict(codecs or {})
         self.code_layers = dict(code_layers or {})
         self.input_layers = dict(input_layers or {})
         get_template(chat_template)  # an unknown name fails here, not in a DataLoader worker

@@ -18,7 +18,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +32,6 @@ from unimodal.specs import instantiate
 PROCESSOR_FILE = "processor.json"
 
 # A codec turns a decoded media part into a pre-encoded array (float features or int codes).
-Codec = Callable[[Part], np.ndarray]
 
 
 @dataclass
@@ -80,14 +79,14 @@ class EncodedMedia:
         digest.update(np.ascontiguousarray(data).data)
         return digest.digest()
 
-    def encode(self, part: Part, codec: Codec) -> np.ndarray:
+    def encode(self, part: Part, codec: MediaCodec) -> np.ndarray:
         key = self._key(part)
         if key is None:
-            return codec(part)
+            return codec.encode(part)
         if key in self._arrays:
             self._arrays.move_to_end(key)
             return self._arrays[key]
-        array = np.asarray(codec(part))
+        array = np.asarray(codec.encode(part))
         array.setflags(write=False)
         self._arrays[key] = array
         self._bytes += array.nbytes
@@ -108,7 +107,7 @@ class Processor:
     add_eos: bool = True
     # modalities whose continuous spans are bidirectional blocks (Transfusion); others causal
     bidirectional: tuple[str, ...] = ()
-    codecs: dict[str, Codec] = field(default_factory=dict)
+    codecs: dict[str, MediaCodec] = field(default_factory=dict)
     # modality -> RVQ layers kept for input parts (loss false), e.g. {"audio": 1}: MIO's content layer
     input_layers: dict[str, int] = field(default_factory=dict)
     # renders documents whose parts carry roles (unimodal.data.templates); None: parts as they are

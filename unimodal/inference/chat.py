@@ -389,7 +389,7 @@ class Assistant:
                 raise ChatError(f"{where}: give audio as a path or a (waveform, sample_rate) pair")
             data = (data, int(codec.sample_rate))
         try:
-            return codec(Part(part.type, data=data, media=part.media, loss=part.loss))
+            return codec.encode(Part(part.type, data=data, media=part.media, loss=part.loss))
         except (ValueError, RuntimeError) as err:
             raise ChatError(f"{where}: the {part.type} codec cannot read it ({err})") from None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class MediaCodec:
     def encode(self, part: Part) -> np.ndarray:
         raise NotImplementedError
 
-    def encode_batch(self, parts: list[Part]) -> list[np.ndarray]:
+    def encode_batch(self, parts: list[Part]) -> Sequence[np.ndarray]:
         """One array per part; codecs that batch on an accelerator (image tokenizers) override it."""
         return [self.encode(part) for part in parts]
 
@@ -38,9 +39,6 @@ class MediaCodec:
 
     def fingerprint(self) -> dict[str, Any]:
         return {"name": type(self).__name__}
-
-    def __call__(self, part: Part) -> np.ndarray:
-        return self.encode(part)
 
 
 def describe_fingerprint(fingerprint: dict[str, Any]) -> str:

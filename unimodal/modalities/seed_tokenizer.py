@@ -224,7 +224,7 @@ class UnCLIPPixelDecoder:
 
 
 class SeedTokenizer(MediaCodec, nn.Module):
-    """The whole tokenizer; as a :class:`MediaCodec` (called on a part) it turns HxWx3 uint8 images
+    """The whole tokenizer; as a :class:`MediaCodec` it turns HxWx3 uint8 images
     into 32 codes and back."""
 
     modality = "image"
