@@ -75,17 +75,19 @@ def test_block_mask_skips_blocks_across_documents():
     assert block_mask.sparsity() > 85
 
 
+@pytest.mark.parametrize("backend", ["flex", "eager"])
 @pytest.mark.parametrize("family", ["orthus", "llamafusion"])
-def test_flex_forward_matches_the_dense_mask(family):
-    """Image blocks (bidirectional for LlamaFusion, with modality experts) and padding."""
+def test_flex_and_eager_forwards_match_the_dense_mask(family, backend):
+    """Image blocks (bidirectional for LlamaFusion, with modality experts) and padding. Eager
+    attention adds its mask to the scores, so it must get the mask as floats, not booleans."""
     model = family_model(family)
     batch = packed_batch()
     batch.modality_ids[batch.block_ids >= 0] = 1  # the block positions are image slots for routing
     with torch.no_grad():
         dense = model.hidden_states(batch)
-        flex = with_backend(model, "flex").hidden_states(batch)
+        other = with_backend(model, backend).hidden_states(batch)
     real = batch.doc_ids > 0
-    torch.testing.assert_close(flex[real], dense[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other[real], dense[real], atol=1e-5, rtol=1e-5)
 
 
 def test_flex_refuses_to_train_on_cpu_in_one_line():
@@ -115,13 +117,14 @@ def test_flex_on_cpu_is_refused_before_any_batch_is_read(tmp_path, tiny_llama_co
         trainer.fit(module, datamodule=Unread())
 
 
-def test_engine_prefill_on_a_block_mask_generates_the_same_tokens():
+@pytest.mark.parametrize("backend", ["flex", "eager"])
+def test_engine_prefill_and_cached_steps_generate_the_same_tokens_on_each_backend(backend):
     model = family_model("orthus")
     prompts = [prompt(model, "hello world"), prompt(model, "hi")]  # the second row is left-padded
     settings = GenerationSettings(text=GREEDY, max_new_tokens=12)
     dense = [text_ids(g) for g in Engine(model, CharTokenizer()).generate(prompts, settings)]
-    flex = [text_ids(g) for g in Engine(with_backend(model, "flex"), CharTokenizer()).generate(prompts, settings)]
-    assert flex == dense
+    other = [text_ids(g) for g in Engine(with_backend(model, backend), CharTokenizer()).generate(prompts, settings)]
+    assert other == dense
 
 
 def test_xformers_gets_document_segments_or_the_dense_mask():

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.data.processor import EncodedDocument
-from unimodal.models.attention import decoder_mask
+from unimodal.models.attention import decoder_mask, for_backend
 from unimodal.models.backbone import cache_keyword
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITY_IDS
@@ -131,6 +131,7 @@ class KVCache:
             prefix = self.valid[:, None, :] & real[:, :, None]
             mask = torch.cat([prefix.expand(rows, q, self.valid.shape[1]), inner | eye], dim=-1)[:, None]
         positions = self.next_pos[:, None] + (torch.arange(q, device=self.device) if everything else (real.cumsum(1) - 1).clamp(min=0))
+        mask = for_backend(self.model.backbone.config._attn_implementation, mask)
         hidden = self._run(embeds.to(self.dtype), {"attention_mask": mask}, positions, modality)
         if not commit:
             self.cache.crop(-q)

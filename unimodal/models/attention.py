@@ -4,7 +4,8 @@ The mask is the single place where the packing contract is enforced: a position 
 earlier positions of its own document, and to every position of its own bidirectional block
 (a Transfusion-style image). Every backend gets that one rule in the form it runs fastest:
 
-- ``sdpa`` / ``eager``: a dense boolean ``[B, 1, L, L]`` mask (CPU and GPU);
+- ``sdpa``: a dense boolean ``[B, 1, L, L]`` mask (CPU and GPU); ``eager``, which adds its
+  mask to the scores, the same mask as ``0`` / ``-inf``-like floats (:func:`for_backend`);
 - ``flex``: a FlexAttention ``BlockMask`` built from the same ids, never materialised as
   ``L x L``; one per batch, shared by every layer (``auto`` on CUDA);
 - ``xformers``: a block-diagonal causal bias from document lengths (CUDA only); a batch with a
@@ -81,6 +82,15 @@ def document_lengths(doc_ids: torch.Tensor) -> list[int]:
     return (edges[1:] - edges[:-1]).tolist()
 
 
+def for_backend(implementation: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean mask in the form ``implementation`` reads: eager attention adds its mask to the
+    scores (a boolean one would add 1 and 0 and mask nothing), so it gets 0 where allowed and the
+    float minimum elsewhere; every other backend takes the booleans."""
+    if mask is None or implementation != "eager" or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
 def decoder_mask(implementation: str, doc_ids: torch.Tensor, block_ids: torch.Tensor) -> dict[str, Any]:
     """The decoder keyword arguments that carry the packed mask for ``implementation``."""
     if implementation == FLEX_IMPLEMENTATION:
@@ -94,7 +104,7 @@ def decoder_mask(implementation: str, doc_ids: torch.Tensor, block_ids: torch.Te
             "PyTorch SDPA with the dense mask (use attention: flex for block-sparse attention)",
             stacklevel=2,
         )
-    return {"attention_mask": build_attention_mask(doc_ids, block_ids)}
+    return {"attention_mask": for_backend(implementation, build_attention_mask(doc_ids, block_ids))}
 
 
 def flex_available() -> bool:
