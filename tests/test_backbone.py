@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -58,3 +60,69 @@ def test_a_local_hf_tokenizer_directory_loads(tmp_path):
     assert tok.decode(tok.encode("tiny corpus")).replace(" ", "") == "tinycorpus"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "max_position_embeddings": 256}
+
+
+def _unified(config: dict, attention: str):
+    from unimodal.modalities.vocab import VocabLayout
+    from unimodal.models.unified import UnifiedModel
+
+    torch.manual_seed(0)
+    layout = VocabLayout(text_size=120)
+    return UnifiedModel(load_backbone(BackboneConfig(config=config, attention=attention), layout.size), layout).eval()
+
+
+def _one_document(model, ids: torch.Tensor) -> torch.Tensor:
+    from unimodal.batch import PackedBatch
+
+    n = ids.shape[1]
+    batch = PackedBatch(input_ids=ids, modality_ids=torch.zeros_like(ids), position_ids=torch.arange(n)[None],
+                        doc_ids=torch.ones_like(ids), block_ids=torch.full_like(ids, -1), labels=torch.full_like(ids, -100),
+                        target_mask=torch.zeros_like(ids, dtype=torch.bool), continuous_mask=torch.zeros_like(ids, dtype=torch.bool),
+                        features=torch.zeros(0, 1))
+    with torch.no_grad():
+        return model.logits(model.hidden_states(batch))[0]
+
+
+@pytest.mark.parametrize("attention", ["eager", "flex"])
+def test_gemma2_soft_caps_reach_the_logits_as_in_its_own_forward(attention):
+    """Attention-logit and final-logit soft caps (small here, so that they change the numbers)."""
+    config = {"model_type": "gemma2", **TINY, "head_dim": 16, "query_pre_attn_scalar": 16,
+              "attn_logit_softcapping": 5.0, "final_logit_softcapping": 0.5}
+    model = _unified(config, attention)
+    ids = torch.randint(0, 120, (1, 24), generator=torch.Generator().manual_seed(1))
+    own = copy.deepcopy(model.backbone)
+    own.config._attn_implementation = "eager"  # transformers' reference implementation, its own causal mask
+    with torch.no_grad():
+        reference = own(ids).logits[0, :, :120]
+    torch.testing.assert_close(_one_document(model, ids)[:, :120], reference, atol=1e-4, rtol=1e-4)
+    if attention == "flex":  # the engine's cached steps: soft-capped attention over the cache, off the BlockMask
+        from conftest import CharTokenizer
+
+        from unimodal.inference.engine import Engine
+        from unimodal.models.generation import GenerationSettings
+        from unimodal.data.processor import EncodedDocument
+
+        prompt = ids[0, :8].numpy()
+        doc = EncodedDocument(ids=prompt, modality=prompt * 0, target=prompt < 0, block=prompt * 0 - 1, continuous=prompt < 0,
+                              features=torch.zeros(0, 1).numpy())
+        tokens = Engine(model, CharTokenizer()).generate([doc], GenerationSettings(text={"temperature": 0}, max_new_tokens=6))[0]
+        expected = own.generate(ids[:, :8], max_new_tokens=6, do_sample=False, suppress_tokens=list(range(120, 256)))[0, 8:]
+        generated = [i for s in tokens.segments for i in s.ids]
+        assert len(generated) == 6 and generated == expected.tolist()
+
+
+def test_a_sequence_past_a_sliding_window_is_refused_and_other_architectures_build():
+    from unimodal.errors import UserError
+
+    mistral = _unified({"model_type": "mistral", **TINY, "sliding_window": 8}, "sdpa")
+    ids = torch.randint(0, 120, (1, 20))
+    with pytest.raises(UserError, match="sliding window of 8 tokens.*a sequence of 20 tokens"):
+        _one_document(mistral, ids)
+    _one_document(_unified({"model_type": "mistral", **TINY, "sliding_window": None}, "sdpa"), ids)
+    # an architecture's default pad id (Phi-3: 32000) would name a row past this vocabulary
+    phi3 = _unified({"model_type": "phi3", **TINY}, "sdpa")
+    assert phi3.backbone.get_input_embeddings().padding_idx is None

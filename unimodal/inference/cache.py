@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.data.processor import EncodedDocument
 from unimodal.models.attention import decoder_mask, for_backend
-from unimodal.models.backbone import cache_keyword
+from unimodal.models.backbone import attention_window, cache_keyword, check_window
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import MODALITY_IDS
 
@@ -37,6 +37,8 @@ class KVCache:
         self.cache = DynamicCache()
         self._ones: torch.Tensor | None = None
         self.lengths = [len(d) for d in docs]
+        self.window = attention_window(model.backbone.config)
+        check_window(self.window, max(self.lengths, default=0))
         embeds, real, blocks, modality = self._prompt_embeddings(docs)
         positions = (real.cumsum(1) - 1).clamp(min=0)
         # a fresh cache: the prompt's queries and keys coincide, so prefill takes the backend's own mask
@@ -118,6 +120,8 @@ class KVCache:
         is cropped back afterwards, so the call leaves no trace.
         """
         rows, q = embeds.shape[:2]
+        if self.window is not None:
+            check_window(self.window, int(self.next_pos.max()) + q)
         everything = real is None
         if everything:
             real = self._all_real(rows, q)

@@ -164,20 +164,49 @@ def flex_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function: FlexAttention under a ``BlockMask``.
+    """transformers attention-interface function: FlexAttention under a ``BlockMask``, with the
+    attention-logit soft cap of Gemma 2 (``softcap``) as a score modification.
 
-    Calls with a dense mask or none (the engine's cached decode steps) run on SDPA.
+    Calls with a dense mask or none (the engine's cached decode steps) run on SDPA, or, with a
+    soft cap, which SDPA cannot apply, on :func:`softcapped_attention`.
     """
+    softcap = kwargs.get("softcap")
     if not isinstance(attention_mask, BlockMask):
+        if softcap:
+            return softcapped_attention(query, key, value, attention_mask, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise UserError("attention: flex does not support attention dropout; set the backbone's attention_dropout to 0")
     if query.requires_grad:
         check_trainable(FLEX_IMPLEMENTATION, query.device)
+
+    def capped(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(score / softcap) * softcap
+
     # inside a compiled layer (backbone.compile) dynamo compiles flex_attention into the layer's graph
     kernel = _flex_kernel() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
-    out = kernel(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = kernel(query, key, value, score_mod=capped if softcap else None, block_mask=attention_mask, scale=scaling,
+                 enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                         scaling: float | None, softcap: float) -> torch.Tensor:
+    """Attention with capped logits (``softcap * tanh(scores / softcap)``) under a boolean or
+    additive mask, or, without one, causal as SDPA is (the last queries over the whole cache);
+    ``[B, L, H, D]``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scale / softcap) * softcap
+    if mask is None:
+        queries, keys = query.shape[2], key.shape[2]
+        mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
+    else:
+        mask = mask[..., : key.shape[-2]]
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
 
 def xformers_attention_forward(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
+from unimodal.errors import UserError
 from unimodal.modalities.base import model_config
 from unimodal.models.attention import resolve_backend
 from unimodal.models.sharding import gathered
@@ -85,11 +86,38 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
             raise ValueError("backbone.config needs a 'model_type' (e.g. llama, qwen2, mistral)")
         model_type = raw.pop("model_type")
         check_config_keys(model_type, raw)
+        # an architecture's default pad id names a row of its own vocabulary (Phi-3: 32000, OLMo-2:
+        # 1), which nn.Embedding would keep at zero, untrained: padding here is masked, not embedded
+        raw.setdefault("pad_token_id", None)
         config = AutoConfig.for_model(model_type, **raw, vocab_size=vocab_size)
         model = causal_lm_from_config(config, attn_implementation=attn, dtype=dtype)
     if spec.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def attention_window(config: Any) -> int | None:
+    """The sliding window some layers of the backbone attend within (Mistral, Gemma 2/3, Qwen 2
+    with ``use_sliding_window``), or None when every layer attends in full."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def check_window(window: int | None, length: int) -> None:
+    """The packed masks here attend in full: a sequence longer than the backbone's sliding window
+    (:func:`attention_window`) would attend further than the model does, so it is refused rather
+    than silently changed."""
+    if window is not None and length > window:
+        raise UserError(
+            f"this backbone attends within a sliding window of {window} tokens, which unimodal's attention masks do not "
+            f"apply, and a sequence of {length} tokens would see past it: keep sequences (seq_len, a chat's context) to "
+            f"{window} tokens, or set the backbone config's sliding_window: null to train it with full attention"
+        )
 
 
 def check_config_keys(model_type: str, given: dict[str, Any]) -> None:

@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.attention import decoder_mask
+from unimodal.models.attention import decoder_mask, document_lengths
+from unimodal.models.backbone import attention_window, check_window
 from unimodal.models.routing import ModalityRouter
 from unimodal.schema import MODALITY_IDS
 
@@ -117,6 +118,9 @@ class UnifiedModel(nn.Module):
         return embeds.masked_scatter(batch.continuous_mask[..., None], adapted), states
 
     def hidden_states(self, batch: PackedBatch, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        window = attention_window(self.backbone.config)
+        if window is not None:
+            check_window(window, max(document_lengths(batch.doc_ids)))
         decoder = self.backbone.get_decoder()
         mask = decoder_mask(self.backbone.config._attn_implementation, batch.doc_ids, batch.block_ids)
         if self.routing is not None:
@@ -131,6 +135,9 @@ class UnifiedModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.backbone.get_output_embeddings()(hidden).float()
+        cap = getattr(self.backbone.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2 squashes its logits into (-cap, cap), as its own forward does
+            logits = torch.tanh(logits / cap) * cap
         # padding rows of the vocabulary are never valid outputs
         padding = torch.arange(logits.shape[-1], device=logits.device) >= self.layout.used_size
         return logits.masked_fill(padding, float("-inf"))
