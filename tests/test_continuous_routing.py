@@ -125,3 +125,21 @@ def test_incremental_decoding_with_a_kv_cache(tiny_llama_config):
                           past_key_values=cache, use_cache=True)
             steps.append(out.last_hidden_state)
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_gemma_feed_forward_norms_get_experts_and_tied_experts_change_nothing():
+    """Gemma 2's layers add pre/post feed-forward norms, position-wise like the Llama ones."""
+    config = {"model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 128, "head_dim": 16, "query_pre_attn_scalar": 16}
+    torch.manual_seed(0)
+    plain = load_backbone(BackboneConfig(config=config, attention="eager"), 128).eval()
+    routed = copy.deepcopy(plain)
+    router = add_modality_experts(routed, ["image"])
+    names = {name for name, _ in routed.named_parameters()}
+    assert {"model.layers.0.pre_feedforward_layernorm.experts.image.weight",
+            "model.layers.0.post_feedforward_layernorm.experts.image.weight"} <= names
+    embeds, modality, _, positions = inputs()
+    mask = torch.zeros(2, 1, 12, 12).masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+    router.set(modality)
+    with torch.no_grad():
+        torch.testing.assert_close(run(routed, embeds, mask, positions), run(plain, embeds, mask, positions), atol=1e-5, rtol=1e-5)

@@ -2,9 +2,10 @@
 
 Each decoder layer keeps its own code; only its position-wise parts become :class:`Routed`,
 sending each position to the expert of its modality: ``input_layernorm``,
-``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp``, and the decoder's final
-``norm``. Attention itself (rotary, the mask, the KV cache) stays the layer's, so it is shared
-over the whole sequence, as in LlamaFusion. The text expert is the original module under its
+``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp`` (and Gemma's pre/post
+feed-forward norms), and the decoder's final ``norm``; per-head norms (Qwen 3's ``q_norm`` and
+``k_norm``) stay shared. Attention itself (rotary, the mask, the KV cache) stays the layer's, so
+it is shared over the whole sequence, as in LlamaFusion. The text expert is the original module under its
 original name (``...q_proj.weight``), so the backbone still saves and loads as a plain HF model;
 the other experts are copies of it under ``...q_proj.experts.<modality>``.
 
@@ -30,6 +31,8 @@ from unimodal.schema import MODALITY_IDS
 
 ROUTED = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
           "post_attention_layernorm", "mlp")
+# position-wise norms some Llama-like layers add (Gemma 2/3 around the MLP), routed where present
+ROUTED_IF_PRESENT = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 class ModalityRouter:
@@ -129,5 +132,8 @@ def add_modality_experts(backbone: nn.Module, modalities: list[str]) -> Modality
             except AttributeError:
                 raise ValueError(f"modality routing: {type(layer).__name__} has no {dotted} (not a Llama-family layer)") from None
             route(target, router)
+        for dotted in ROUTED_IF_PRESENT:
+            if hasattr(layer, dotted):
+                route(layer.get_submodule(dotted), router)
     route(decoder.norm, router)
     return router
