@@ -118,11 +118,33 @@ def test_gemma2_soft_caps_reach_the_logits_as_in_its_own_forward(attention):
 def test_a_sequence_past_a_sliding_window_is_refused_and_other_architectures_build():
     from unimodal.errors import UserError
 
+    from conftest import CharTokenizer
+
+    from unimodal.batch import PackedBatch
+    from unimodal.data.processor import EncodedDocument
+    from unimodal.inference.engine import Engine
+    from unimodal.models.generation import GenerationSettings
+
     mistral = _unified({"model_type": "mistral", **TINY, "sliding_window": 8}, "sdpa")
     ids = torch.randint(0, 120, (1, 20))
-    with pytest.raises(UserError, match="sliding window of 8 tokens.*a sequence of 20 tokens"):
+    with pytest.raises(UserError, match="sliding window of 8 tokens.*a document of 20 tokens"):
         _one_document(mistral, ids)
+    # documents within the window, and padding longer than it (padding attends only to itself)
+    doc_ids = torch.tensor([[1] * 5 + [2] * 5 + [0] * 10])
+    packed = PackedBatch(input_ids=ids, modality_ids=torch.zeros_like(ids), position_ids=torch.arange(20)[None], doc_ids=doc_ids,
+                         block_ids=torch.full_like(ids, -1), labels=torch.full_like(ids, -100),
+                         target_mask=torch.zeros_like(ids, dtype=torch.bool), continuous_mask=torch.zeros_like(ids, dtype=torch.bool),
+                         features=torch.zeros(0, 1))
+    with torch.no_grad():
+        mistral.hidden_states(packed)
     _one_document(_unified({"model_type": "mistral", **TINY, "sliding_window": None}, "sdpa"), ids)
+    # Gemma's sliding layers attend in full too when the window is null, in training and in generation
+    gemma = _unified({"model_type": "gemma2", **TINY, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": None}, "eager")
+    _one_document(gemma, ids)
+    prompt = ids[0, :12].numpy()
+    doc = EncodedDocument(ids=prompt, modality=prompt * 0, target=prompt < 0, block=prompt * 0 - 1, continuous=prompt < 0,
+                          features=torch.zeros(0, 1).numpy())
+    assert Engine(gemma, CharTokenizer()).generate([doc], GenerationSettings(text={"temperature": 0}, max_new_tokens=4))[0].segments
     # an architecture's default pad id (Phi-3: 32000) would name a row past this vocabulary
     phi3 = _unified({"model_type": "phi3", **TINY}, "sdpa")
     assert phi3.backbone.get_input_embeddings().padding_idx is None

@@ -91,6 +91,16 @@ def for_backend(implementation: str, mask: torch.Tensor | None) -> torch.Tensor 
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
 
 
+def longest_document(doc_ids: torch.Tensor) -> int:
+    """The most positions one document holds in a row of ``doc_ids`` (padding, id 0, is none)."""
+    longest = 0
+    for row in doc_ids:
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        real = counts[ids > 0]
+        longest = max(longest, int(real.max()) if len(real) else 0)
+    return longest
+
+
 def decoder_mask(implementation: str, doc_ids: torch.Tensor, block_ids: torch.Tensor) -> dict[str, Any]:
     """The decoder keyword arguments that carry the packed mask for ``implementation``."""
     if implementation == FLEX_IMPLEMENTATION:

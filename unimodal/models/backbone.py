@@ -90,6 +90,10 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         # 1), which nn.Embedding would keep at zero, untrained: padding here is masked, not embedded
         raw.setdefault("pad_token_id", None)
         config = AutoConfig.for_model(model_type, **raw, vocab_size=vocab_size)
+        if "sliding_window" in raw and raw["sliding_window"] is None and getattr(config, "layer_types", None):
+            # full attention asked for; Gemma builds a sliding mask for its sliding layers whatever they
+            # are, so their window becomes the whole context
+            config.sliding_window = config.max_position_embeddings
         model = causal_lm_from_config(config, attn_implementation=attn, dtype=dtype)
     if spec.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -115,8 +119,8 @@ def check_window(window: int | None, length: int) -> None:
     if window is not None and length > window:
         raise UserError(
             f"this backbone attends within a sliding window of {window} tokens, which unimodal's attention masks do not "
-            f"apply, and a sequence of {length} tokens would see past it: keep sequences (seq_len, a chat's context) to "
-            f"{window} tokens, or set the backbone config's sliding_window: null to train it with full attention"
+            f"apply, and a document of {length} tokens would see past it: keep documents and chats within {window} tokens "
+            "(a backbone built from config may instead set sliding_window: null to attend in full)"
         )
 
 

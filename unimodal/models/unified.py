@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unimodal.batch import IGNORE_INDEX, PackedBatch
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.attention import decoder_mask, document_lengths
+from unimodal.models.attention import decoder_mask, longest_document
 from unimodal.models.backbone import attention_window, check_window
 from unimodal.models.routing import ModalityRouter
 from unimodal.schema import MODALITY_IDS
@@ -120,7 +120,7 @@ class UnifiedModel(nn.Module):
     def hidden_states(self, batch: PackedBatch, embeds: torch.Tensor | None = None) -> torch.Tensor:
         window = attention_window(self.backbone.config)
         if window is not None:
-            check_window(window, max(document_lengths(batch.doc_ids)))
+            check_window(window, longest_document(batch.doc_ids))
         decoder = self.backbone.get_decoder()
         mask = decoder_mask(self.backbone.config._attn_implementation, batch.doc_ids, batch.block_ids)
         if self.routing is not None:
