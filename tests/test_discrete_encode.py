@@ -12,7 +12,7 @@ import torch
 from unimodal.cli import main as unimodal_main
 from unimodal.data.datamodule import UnimodalDataModule
 from unimodal.data.pre_encode import JOB_FILE, EncodeInterrupted, encode_shards, read_code_sources
-from unimodal.schema import Document, Part
+from unimodal.schema import Document, DocumentError, Part
 from unimodal.data.media import MediaBytes
 from unimodal.data.shards import read_documents, write_documents
 from unimodal.modalities.audio import HFAudioCodec
@@ -113,9 +113,12 @@ def test_an_interrupted_encode_resumes_after_its_complete_shards_to_the_same_byt
     out = tmp_path / "out"
     with pytest.raises(EncodeInterrupted, match=r"1 complete shard kept in .*out: run the same command with --resume"):
         encode_shards(raw_shards, out, {"image": StopsAfter(codecs["image"], batches=2)}, **settings)
-    # the shard open at Ctrl-C is removed; a shard a kill cut off is found by its size and removed too
+    # the shard open at Ctrl-C is removed; a shard a kill cut off is removed too, even one cut
+    # between two documents (a whole tar, but not full)
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"] and not (out / "stats.json").exists()
-    (out / "shard-000001.tar").write_bytes((whole / "shard-000001.tar").read_bytes()[:5000])
+    cut = tmp_path / "cut"
+    write_documents(list(read_documents(whole / "shard-000001.tar", decode=False))[:1], cut)
+    (cut / "shard-000000.tar").rename(out / "shard-000001.tar")
     with pytest.raises(FileExistsError, match="holds an interrupted encode .*add --resume"):
         encode_shards(raw_shards, out, {"image": codecs["image"]}, **settings)
     with pytest.raises(ValueError, match="other settings \\(max_docs_per_shard differ\\)"):
@@ -127,6 +130,20 @@ def test_an_interrupted_encode_resumes_after_its_complete_shards_to_the_same_byt
     for shard in whole.iterdir():
         assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
     assert not (out / JOB_FILE).exists()
+    with pytest.raises(FileExistsError, match=r"already holds shards \(shard-000000\.tar, \.\.\.\); write to an empty directory"):
+        encode_shards(raw_shards, out, {"image": codecs["image"]}, **settings)
+
+
+def test_a_bad_medium_keeps_the_complete_shards_and_says_how_to_go_on(raw_shards, codecs, tmp_path):
+    class FailsOnThird(StopsAfter):
+        def encode_batch(self, parts: list) -> list:
+            if self.calls == 2:
+                raise ValueError("a bad image")
+            return super().encode_batch(parts)
+
+    out = tmp_path / "out"
+    with pytest.raises(DocumentError, match=r"a bad image.*; 1 complete shard kept in .*out: fix it and run the same command with --resume"):
+        encode_shards(raw_shards, out, {"image": FailsOnThird(codecs["image"])}, max_docs_per_shard=3, batch_size=3, progress=False)
 
 
 def test_resume_starts_afresh_where_nothing_was_begun_and_refuses_a_changed_source(raw_shards, codecs, tmp_path):

@@ -26,6 +26,7 @@ from unimodal.data.media import decode_media
 from unimodal.data.shards import (
     MAX_BYTES_PER_SHARD,
     STATS_FILE,
+    ShardError,
     ShardStats,
     expand_shards,
     held_out,
@@ -116,6 +117,10 @@ class EncodeInterrupted(UserError):
     exit_code = 130  # 128 + SIGINT
 
 
+def _shards(count: int) -> str:
+    return f"{count} complete shard{'' if count == 1 else 's'}"
+
+
 def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | None:
     """The complete shards of an interrupted encode of the same job in ``out``, counted from the
     shards themselves (a shard cut off by a kill is removed); None when there is none to go on from."""
@@ -124,8 +129,8 @@ def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | Non
         return None
     shards = sorted(out.glob("shard-*.tar"))
     if not resume:
-        raise FileExistsError(f"{out} holds an interrupted encode ({len(shards)} shards): add --resume to go on from its "
-                              "complete shards, or write to an empty directory")
+        raise FileExistsError(f"{out} holds an interrupted encode ({len(shards)} shard{'' if len(shards) == 1 else 's'}): "
+                              "add --resume to go on from its complete shards, or write to an empty directory")
     try:
         recorded = json.loads(job_file.read_text())
     except ValueError:
@@ -134,17 +139,22 @@ def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | Non
     if changed:
         raise ValueError(f"{out} holds an encode of other settings ({', '.join(changed)} differ): resume it with the same "
                          "source, codecs and options, or encode into an empty directory")
-    complete = []
+    counted, kept = ShardStats(), 0
     for index, shard in enumerate(shards):
-        # tarfile pads what it closes to whole 10240-byte records, after the end-of-archive marker
-        if shard.name != f"shard-{index:06d}.tar" or shard.stat().st_size % tarfile.RECORDSIZE or not is_complete_tar(shard):
+        # a closed shard ends with tar's end marker and was closed full, by its count or its size
+        if shard.name != f"shard-{index:06d}.tar" or not is_complete_tar(shard):
             break
-        complete.append(shard)
-    for shard in shards[len(complete) :]:  # cut off by a kill, or written after such a shard
+        try:
+            docs = list(read_documents([str(shard)], decode=False))
+        except (ShardError, tarfile.TarError, OSError):
+            break
+        if len(docs) != job["max_docs_per_shard"] and shard.stat().st_size < MAX_BYTES_PER_SHARD:
+            break
+        for doc in docs:
+            counted.add(doc, shard.name, {p.media: len(p.data.data) for p in doc.parts if p.type != "text"})
+        kept += 1
+    for shard in shards[kept:]:  # cut off by a kill, or written after such a shard
         shard.unlink()
-    counted = ShardStats()
-    for doc in read_documents([str(p) for p in complete], decode=False):
-        counted.add(doc, Path(doc.source).name, {p.media: len(p.data.data) for p in doc.parts if p.type != "text"})
     return counted
 
 
@@ -227,8 +237,13 @@ def encode_shards(
                                  continuing=continuing if continuing is not None else ShardStats())
     except KeyboardInterrupt:
         kept = len(list(out.glob("shard-*.tar")))
-        raise EncodeInterrupted(f"interrupted (Ctrl-C); {kept} complete shard{'' if kept == 1 else 's'} kept in {out}: "
-                                "run the same command with --resume to go on") from None
+        raise EncodeInterrupted(f"interrupted (Ctrl-C); {_shards(kept)} kept in {out}: run the same command with --resume "
+                                "to go on") from None
+    except DocumentError as err:  # a bad document or medium: what was encoded before it stays
+        kept = len(list(out.glob("shard-*.tar")))
+        if (out / JOB_FILE).is_file() and kept:
+            raise DocumentError(f"{err}; {_shards(kept)} kept in {out}: fix it and run the same command with --resume") from None
+        raise
     save_stats(out, stats)
     record_code_sources(out, {**sources, **fingerprints}, encoded_from=str(src))
     (out / JOB_FILE).unlink()

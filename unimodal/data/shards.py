@@ -234,11 +234,11 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     held = sorted(out.glob(f"{prefix}-*.tar"))
     kept = continuing.shards if continuing is not None else {}
-    if continuing is None and (held or (out / STATS_FILE).exists()):
+    if not kept and (held or (out / STATS_FILE).exists()):
         # another set's shards, or a stats.json that may be the user's own
         what = f"shards ({held[0].name}, ...)" if held else STATS_FILE
         raise FileExistsError(f"{out} already holds {what}; write to an empty directory")
-    if continuing is not None and ([p.name for p in held] != sorted(kept) or (out / STATS_FILE).exists()):
+    if kept and ([p.name for p in held] != sorted(kept) or (out / STATS_FILE).exists()):
         raise FileExistsError(f"{out} holds other files than the {len(kept)} complete shards being continued")
     stats = continuing if continuing is not None else ShardStats()
     writer: wds.ShardWriter | None = None
