@@ -25,7 +25,6 @@ continuous class was renamed; anything else old is refused in one line that says
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Callable, Collection, Iterator
@@ -141,22 +140,6 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-@contextlib.contextmanager
-def _unreadable(file: Path, what: str | None = None) -> Iterator[None]:
-    """A file of an export that its library cannot read (cut short, overwritten), as one line
-    naming it, where the library raises from deep inside with a message of its own."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except FileNotFoundError:  # a file missing is said as such where it is looked for
-        raise
-    except (OSError, RuntimeError, SafetensorError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        name = f"{file}: {what}" if what else str(file)
-        raise ExportError(f"{name} cannot be read ({detail}); copy the export again or re-export its checkpoint") from None
-
-
 def _json_object(file: Path) -> dict[str, Any]:
     """A JSON object file of an export, damaged or not (a copy cut short, an edit gone wrong)."""
     try:
@@ -233,6 +216,7 @@ def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tup
     Returns (loaded names, names this model lacks). ``strict``: a name this model lacks is an
     error (a silently dropped module is the mismatch SEED's loader hid with ``strict=False``).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = Path(path) / MODULES_FILE
@@ -243,7 +227,11 @@ def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tup
             raise ExportError(f"{path} lacks {MODULES_FILE}, which holds its {', '.join(held)} weights; "
                               "copy the export whole, or export its checkpoint again")
         return [], []
-    state = load_file(str(file))
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{file} cannot be read ({str(err).strip().splitlines()[0]}); copy the export again or re-export "
+                          "its checkpoint") from None
     with gathered([p for n, p in model.named_parameters() if n in state], modifier_rank=0):
         own = model.state_dict()
         unexpected = [name for name in state if name not in own]
@@ -309,17 +297,14 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
     path = Path(path).resolve()
     config = read_export_config(path)
     spec = config["model"]
-    with _unreadable(path / config["processor"]["tokenizer"]):
-        processor = Processor.from_json(config["processor"], path)
+    processor = Processor.from_json(config["processor"], path)
     layout = processor.layout
     backbone = BackboneConfig(**{**spec["backbone"], "path": str(path), "config": {}})
     continuous = {
         name: instantiate(factory, Callable[[int], ContinuousModality]) for name, factory in (spec.get("continuous") or {}).items()
     }
-    with _unreadable(path, "its backbone weights (model*.safetensors)"):
-        model = build_model(backbone, layout, continuous, spec.get("routing"))
-    with _unreadable(path / MODULES_FILE):
-        loaded, _ = load_modules(model, path, strict=True)
+    model = build_model(backbone, layout, continuous, spec.get("routing"))
+    loaded, _ = load_modules(model, path, strict=True)
     expected = {n for n in model.state_dict() if not n.startswith("backbone.")}
     missing = sorted(expected - set(loaded))
     if missing:

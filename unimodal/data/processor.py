@@ -31,8 +31,6 @@ from unimodal.specs import instantiate
 
 PROCESSOR_FILE = "processor.json"
 
-# A codec turns a decoded media part into a pre-encoded array (float features or int codes).
-
 
 @dataclass
 class EncodedDocument:

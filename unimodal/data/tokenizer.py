@@ -20,7 +20,10 @@ class SentencePieceTokenizer:
     def __init__(self, model_file: str | Path):
         import sentencepiece as spm
 
-        self.processor = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.processor = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as err:  # sentencepiece's parse errors are RuntimeErrors
+            raise ValueError(f"{model_file} cannot be read as a SentencePiece model ({str(err).strip().splitlines()[0]}); copy the file again") from None
         self.vocab_size = self.processor.get_piece_size()
         bos, eos, pad = self.processor.bos_id(), self.processor.eos_id(), self.processor.pad_id()
         self.bos_id = bos if bos >= 0 else None

@@ -236,6 +236,9 @@ def xformers_attention_forward(
     a batch with image blocks, or the engine's cache) runs on SDPA.
     """
     segments = kwargs.pop(XFORMERS_SEGMENTS, None)
+    if kwargs.get("softcap"):
+        raise UserError("attention: xformers cannot cap attention logits (this backbone's attn_logit_softcapping); use "
+                        "attention: flex or eager")
     if segments is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     import xformers.ops as xops

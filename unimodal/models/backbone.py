@@ -59,9 +59,18 @@ def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrained
 
 
 def causal_lm_from_pretrained(path: Path, **kwargs: Any) -> PreTrainedModel:
-    """The causal LM saved in the local directory ``path``."""
+    """The causal LM saved in the local directory ``path``; weight files its loader cannot read (cut
+    short, overwritten) are one line naming the directory."""
+    from safetensors import SafetensorError
+
     cls = CAUSAL_LM_ELSEWHERE.get(type(AutoConfig.from_pretrained(path, local_files_only=True)), AutoModelForCausalLM)
-    return cls.from_pretrained(path, local_files_only=True, **kwargs)
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the weights in {path} cannot be read ({detail}); copy the model directory again") from None
 
 
 def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
