@@ -16,6 +16,7 @@ import re
 import sys
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from unimodal.errors import UserError
@@ -177,6 +178,18 @@ def read_json(text: str) -> Any:
         raise NotJSON(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
     if LONE_SURROGATE_ESCAPE.search(text):  # only an escape can make one: the text itself is UTF-8
         _refuse_lone_surrogates(value)
+    return value
+
+
+def read_json_object(file: str | Path, fix: str) -> dict[str, Any]:
+    """A JSON object file that may be damaged (a copy cut short, an edit gone wrong), refused in
+    one line that names it and says ``fix``."""
+    try:
+        value = read_json(Path(file).read_text(encoding="utf-8"))
+    except (NotJSON, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object; {fix}")
     return value
 
 

@@ -43,7 +43,7 @@ from unimodal.models.build import build_model
 from unimodal.models.lora import quiet_peft
 from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, UnifiedModel
-from unimodal.schema import NotJSON, read_json
+from unimodal.schema import read_json_object
 from unimodal.specs import instantiate
 
 log = logging.getLogger("unimodal.export")
@@ -55,6 +55,7 @@ MODULES_FILE = "modules.safetensors"
 ADAPTER_DIR = "adapter"
 SP_TOKENIZER = "tokenizer.model"
 CODECS_DIR = "codecs"
+REEXPORT = "copy the export again or re-export its checkpoint"
 # what ``build_model`` takes from an export's ``model`` spec
 MODEL_KEYS = ("backbone", "continuous", "routing")
 # in format 1 the model spec was the arguments of the training module of this name
@@ -120,35 +121,23 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"export {path} does not exist")
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a unimodal export directory (no {CONFIG_FILE}); write one with `unimodal export`")
-    config = upgrade_export_config(_json_object(file), file)
+    config = upgrade_export_config(read_json_object(file, REEXPORT), file)
     if "processor" not in config:
         processor_file = path / PROCESSOR_FILE
         if not processor_file.is_file():
             raise ExportError(f"{path} has no {PROCESSOR_FILE}; re-export its checkpoint with `unimodal export CKPT --out DIR`")
-        config["processor"] = _json_object(processor_file)
+        config["processor"] = read_json_object(processor_file, REEXPORT)
     for key, where in (("model", CONFIG_FILE), ("processor", CONFIG_FILE)):
         if not isinstance(config.get(key), dict):
-            raise ExportError(f"{path / where} has no '{key}' object; copy the export again or re-export its checkpoint")
+            raise ExportError(f"{path / where} has no '{key}' object; {REEXPORT}")
     lacking = [key for key in ("layout", "tokenizer") if key not in config["processor"]]
     if lacking:
-        raise ExportError(f"{path / PROCESSOR_FILE}: no {' or '.join(repr(k) for k in lacking)}; copy the export again or "
-                          "re-export its checkpoint")
+        raise ExportError(f"{path / PROCESSOR_FILE}: no {' or '.join(repr(k) for k in lacking)}; {REEXPORT}")
     _check_untrusted(config, file)
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str(path / args["path"])
     return config
-
-
-def _json_object(file: Path) -> dict[str, Any]:
-    """A JSON object file of an export, damaged or not (a copy cut short, an edit gone wrong)."""
-    try:
-        value = read_json(file.read_text(encoding="utf-8"))
-    except (NotJSON, UnicodeDecodeError) as err:
-        raise ExportError(f"{file} is not valid JSON ({err}); copy the export again or re-export its checkpoint") from None
-    if not isinstance(value, dict):
-        raise ExportError(f"{file} holds a JSON {type(value).__name__}, not an object; copy the export again or re-export its checkpoint")
-    return value
 
 
 def _check_untrusted(node: Any, file: Path) -> None:
@@ -230,8 +219,7 @@ def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tup
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError) as err:
-        raise ExportError(f"{file} cannot be read ({str(err).strip().splitlines()[0]}); copy the export again or re-export "
-                          "its checkpoint") from None
+        raise ExportError(f"{file} cannot be read ({str(err).strip().splitlines()[0]}); {REEXPORT}") from None
     with gathered([p for n, p in model.named_parameters() if n in state], modifier_rank=0):
         own = model.state_dict()
         unexpected = [name for name in state if name not in own]

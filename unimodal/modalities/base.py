@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.schema import NotJSON, Part, read_json
+from unimodal.schema import Part, read_json_object
 
 
 class MediaCodec:
@@ -74,13 +74,7 @@ def model_config(path: str | Path, what: str) -> dict[str, Any]:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{what} {path} is not a model directory (no config.json); models load from local directories only")
-    try:
-        config = read_json(file.read_text(encoding="utf-8"))
-    except (NotJSON, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object")
-    return config
+    return read_json_object(file, "copy the model directory again")
 
 
 def read_codec_files(directory: Path, kind: str, arrays: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -88,12 +82,7 @@ def read_codec_files(directory: Path, kind: str, arrays: tuple[str, ...]) -> tup
     needed = (CODEC_FILE, *arrays)
     if not all((directory / name).is_file() for name in needed):
         raise FileNotFoundError(f"{directory}: not a {kind} directory (needs {' and '.join(needed)})")
-    try:
-        config = read_json((directory / CODEC_FILE).read_text(encoding="utf-8"))
-    except (NotJSON, UnicodeDecodeError) as err:
-        raise ValueError(f"{directory / CODEC_FILE} is not valid JSON ({err}); copy the codec directory again") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{directory / CODEC_FILE} holds a JSON {type(config).__name__}, not an object")
+    config = read_json_object(directory / CODEC_FILE, "copy the codec directory again")
     tensors = {}
     for name in arrays:
         try:
