@@ -86,6 +86,7 @@ def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path, monkeypatch):
         ({"type": "image", "image": 42}, "must be a path"),
         ({"type": "image", "image": pixels / 255.0}, "an HxWxC image array must be uint8 .0-255., got float64"),
         ({"type": "image", "image": Image.new("RGB", (0, 0))}, "the image is 0x0 pixels"),
+        ({"type": "image", "image": np.zeros((1, 4), np.float32)}, r"image features of shape \(1, 4\); one image is \[3, feature_dim\]"),
         ({"type": "audio", "audio": (wave, None)}, "needs a positive integer rate second, got None"),
         ({"type": "audio", "audio": (8000, wave)}, "needs a positive integer rate second, got a ndarray"),
         ({"type": "audio", "audio": (np.stack([wave, wave]), 8000)}, r"shape \(2, 800\) is channels-first; give \[samples, channels\]"),

@@ -381,6 +381,10 @@ class Assistant:
         data, codec = part.data, self.processor.codecs.get(part.type)
         waveform = part.type == "audio" and isinstance(data, np.ndarray) and data.ndim == 1 and np.issubdtype(data.dtype, np.floating)
         if isinstance(data, np.ndarray) and data.dtype != np.uint8 and not waveform:
+            slots = getattr(self.model.continuous[part.type], "slots_per_item", None) if part.type in self.model.continuous else None
+            if slots and data.dtype.kind == "f" and (data.ndim != 2 or len(data) != slots):
+                raise ChatError(f"{where}: {part.type} features of shape {data.shape}; one {part.type} is [{slots}, feature_dim] "
+                                "as the model's codec writes it")
             return data  # already features or codes
         if codec is None:
             raise ChatError(f"{where}: this model has no {part.type} codec, so it cannot read {part.type} input")
