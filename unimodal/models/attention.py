@@ -69,17 +69,30 @@ def build_block_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> BlockMas
     )
 
 
+def _runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The document id and length of each run of equal ids, row after row (a new row always starts
+    a run, even when it opens with the id the last row ended on)."""
+    flat = doc_ids.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: doc_ids.shape[1]] = True
+    first = starts.nonzero()[:, 0]
+    edges = torch.cat([first, torch.tensor([len(flat)], device=flat.device)])
+    return flat[first], edges[1:] - edges[:-1]
+
+
 def document_lengths(doc_ids: torch.Tensor) -> list[int]:
     """Lengths of the runs of equal document id, row after row: the segments of a block-diagonal
     mask over the batch flattened to one row (a padding run is one segment; its outputs are never
     scored)."""
-    flat = doc_ids.flatten()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    # a new row always starts a segment, even when it opens with the id the last row ended on
-    starts[:: doc_ids.shape[1]] = True
-    edges = torch.cat([starts.nonzero()[:, 0], torch.tensor([len(flat)], device=flat.device)])
-    return (edges[1:] - edges[:-1]).tolist()
+    return _runs(doc_ids)[1].tolist()
+
+
+def longest_document(doc_ids: torch.Tensor) -> int:
+    """The most positions one document holds in a row of ``doc_ids`` (padding, id 0, is none)."""
+    ids, lengths = _runs(doc_ids)
+    real = lengths[ids > 0]
+    return int(real.max()) if len(real) else 0
 
 
 def for_backend(implementation: str, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -89,16 +102,6 @@ def for_backend(implementation: str, mask: torch.Tensor | None) -> torch.Tensor 
     if mask is None or implementation != "eager" or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
-
-
-def longest_document(doc_ids: torch.Tensor) -> int:
-    """The most positions one document holds in a row of ``doc_ids`` (padding, id 0, is none)."""
-    longest = 0
-    for row in doc_ids:
-        ids, counts = torch.unique_consecutive(row, return_counts=True)
-        real = counts[ids > 0]
-        longest = max(longest, int(real.max()) if len(real) else 0)
-    return longest
 
 
 def decoder_mask(implementation: str, doc_ids: torch.Tensor, block_ids: torch.Tensor) -> dict[str, Any]:

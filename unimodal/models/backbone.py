@@ -99,7 +99,7 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
         # 1), which nn.Embedding would keep at zero, untrained: padding here is masked, not embedded
         raw.setdefault("pad_token_id", None)
         config = AutoConfig.for_model(model_type, **raw, vocab_size=vocab_size)
-        if "sliding_window" in raw and raw["sliding_window"] is None and getattr(config, "layer_types", None):
+        if raw.get("sliding_window", 0) is None and getattr(config, "layer_types", None):
             # full attention asked for; Gemma builds a sliding mask for its sliding layers whatever they
             # are, so their window becomes the whole context
             config.sliding_window = config.max_position_embeddings
