@@ -162,6 +162,9 @@ def test_resume_starts_afresh_where_nothing_was_begun_and_refuses_a_changed_sour
     with pytest.raises(ValueError, match="changed since .* was begun"):
         encode_shards(raw_shards, begun, {"image": codecs["image"]}, max_docs_per_shard=1, batch_size=1, resume=True,
                       progress=False)
+    (begun / JOB_FILE).write_text("[]")  # a job file that is JSON but not a job
+    with pytest.raises(ValueError, match=r"holds a JSON list, not an object; encode into an empty directory"):
+        encode_shards(other, begun, {"image": codecs["image"]}, max_docs_per_shard=1, batch_size=1, resume=True, progress=False)
 
 
 def module(*paths, **kwargs) -> UnimodalDataModule:

@@ -110,6 +110,10 @@ def test_inspect(source: Path, tmp_path: Path):
     assert "documents: 1" in single and "counted from the shards" in single and "00000003" in single
     assert "doc-a" not in inspect_path(out, n=0)  # the summary alone, read from stats.json
 
+    (out / "stats.json").write_text('{"documents": 2')  # a copy cut short
+    with pytest.raises(ValueError, match=r"stats.json is not valid JSON .*delete it to have them counted"):
+        inspect_path(out)
+
 
 def test_data_inspect_takes_builtin_names(capsys):
     from unimodal.cli import main

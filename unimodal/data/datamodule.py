@@ -72,7 +72,7 @@ class StreamConfig:
                 try:
                     encoded_doc = processor.encode(doc)
                     # checked here: DocumentTooLong raised inside pack() would end its generator
-                    packer._fit(encoded_doc)
+                    packer.pieces(encoded_doc)
                 except (DocumentError, DocumentTooLong) as err:
                     policy.skip(err, doc.key, doc.source)
                     continue

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from unimodal.data.media import MediaBytes, decode_media
-from unimodal.data.shards import STATS_FILE, BadSamplePolicy, ShardStats, expand_shards, read_documents
+from unimodal.data.shards import STATS_FILE, BadSamplePolicy, ShardStats, expand_shards, read_documents, read_stats
 from unimodal.schema import (
     Document,
     DocumentError,
@@ -53,8 +53,8 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
         raise ValueError(f"--n must be 0 or more (documents to show), got {n}")
     path = Path(path)
     urls = expand_shards(path)
-    stats_file = path / STATS_FILE if path.is_dir() else None
-    stats = json.loads(stats_file.read_text()) if stats_file and stats_file.is_file() else None
+    # a directory's stats.json; a pattern or single shard is counted, as its stats.json covers more
+    stats = read_stats(path) if path.is_dir() else None
     lines = [f"path: {path}", f"shards: {len(urls)} ({_size(sum(os.path.getsize(u) for u in urls))})"]
     first: list[Document] = []
     policy = BadSamplePolicy(max_bad_fraction=1.0)
@@ -71,7 +71,7 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
             if len(first) >= n:
                 break
             first.append(doc)
-        lines.append(f"stats.json: {stats_file}")
+        lines.append(f"stats.json: {path / STATS_FILE}")
     lines.append(f"schema: {stats.get('schema')}")
     lines.append(f"documents: {stats['documents']}")
     mods = stats["modalities"]

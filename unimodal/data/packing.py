@@ -43,7 +43,7 @@ class Packer:
         bins: list[list[EncodedDocument]] = []
         fill: list[int] = []
         for doc in docs:
-            for piece in self._fit(doc):
+            for piece in self.pieces(doc):
                 fitting = [i for i, used in enumerate(fill) if used + len(piece) <= self.seq_len]
                 if fitting:
                     slot = max(fitting, key=fill.__getitem__)
@@ -63,7 +63,9 @@ class Packer:
         for docs_in_bin in bins:
             yield self._emit(docs_in_bin)
 
-    def _fit(self, doc: EncodedDocument) -> list[EncodedDocument]:
+    def pieces(self, doc: EncodedDocument) -> list[EncodedDocument]:
+        """The pieces ``doc`` is packed as: itself, or cuts at span boundaries; raises
+        ``DocumentTooLong`` where it cannot be cut (or ``overlong`` is ``error``)."""
         if len(doc) <= self.seq_len:
             return [doc]
         if self.overlong == "error":

@@ -25,7 +25,6 @@ from tqdm import tqdm
 from unimodal.data.media import decode_media
 from unimodal.data.shards import (
     MAX_BYTES_PER_SHARD,
-    STATS_FILE,
     ShardError,
     ShardStats,
     expand_shards,
@@ -33,19 +32,15 @@ from unimodal.data.shards import (
     is_complete_tar,
     is_streamed,
     read_documents,
+    read_stats,
     save_stats,
     write_shards,
 )
 from unimodal.errors import UserError
 from unimodal.modalities.base import MediaCodec, describe_fingerprint
-from unimodal.schema import Document, DocumentError, Part
+from unimodal.schema import Document, DocumentError, Part, read_json_object
 
 CODES_KEY = "codes"
-
-
-def stats_file(spec: str | Path) -> Path:
-    """``stats.json`` of a shard directory, brace pattern or shard file (it sits beside the shards)."""
-    return Path(expand_shards(spec)[0]).parent / STATS_FILE
 
 
 def read_code_sources(spec: str | Path) -> dict[str, dict[str, Any]]:
@@ -53,17 +48,17 @@ def read_code_sources(spec: str | Path) -> dict[str, dict[str, Any]]:
     and for streamed shards, which have no ``stats.json`` beside them)."""
     if is_streamed(spec):
         return {}
-    path = stats_file(spec)
-    return json.loads(path.read_text()).get(CODES_KEY, {}) if path.is_file() else {}
+    # stats.json sits beside the shards of a directory, brace pattern or shard file
+    stats = read_stats(Path(expand_shards(spec)[0]).parent)
+    return stats.get(CODES_KEY, {}) if stats else {}
 
 
 def record_code_sources(out_dir: str | Path, sources: dict[str, dict[str, Any]], **extra: Any) -> None:
     """Add the tokenizer fingerprints (and ``extra`` keys) to a shard directory's ``stats.json``."""
-    path = Path(out_dir) / STATS_FILE
-    stats = json.loads(path.read_text())
+    stats = read_stats(out_dir) or {}
     stats[CODES_KEY] = sources
     stats.update(extra)
-    path.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    save_stats(out_dir, stats)
 
 
 def code_sources(
@@ -131,10 +126,7 @@ def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | Non
     if not resume:
         raise FileExistsError(f"{out} holds an interrupted encode ({len(shards)} shard{'' if len(shards) == 1 else 's'}): "
                               "add --resume to go on from its complete shards, or write to an empty directory")
-    try:
-        recorded = json.loads(job_file.read_text())
-    except ValueError:
-        raise ValueError(f"{job_file} is damaged; encode into an empty directory") from None
+    recorded = read_json_object(job_file, "encode into an empty directory")
     changed = [key for key in job if recorded.get(key) != job[key]]
     if changed:
         raise ValueError(f"{out} holds an encode of other settings ({', '.join(changed)} differ): resume it with the same "

@@ -37,6 +37,7 @@ from unimodal.schema import (
     Part,
     check_key,
     parse_document,
+    read_json_object,
     sample_where,
 )
 
@@ -280,6 +281,14 @@ def write_shards(
 
 def save_stats(out_dir: str | Path, stats: dict[str, Any]) -> None:
     (Path(out_dir) / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_stats(out_dir: str | Path) -> dict[str, Any] | None:
+    """A shard directory's ``stats.json``, or None where it has none; a damaged one is refused in one line."""
+    path = Path(out_dir) / STATS_FILE
+    if not path.is_file():
+        return None
+    return read_json_object(path, "write the shards again, or delete it to have them counted")
 
 
 def write_documents(
