@@ -246,6 +246,24 @@ def test_a_bad_attachment_is_refused_when_attached_and_a_failed_turn_drops_its_a
     assert text.count("assistant> ") == 2 and "you> (error: the last message makes a prompt" in text
 
 
+def test_an_attached_file_removed_later_leaves_the_conversation_whole(tmp_path):
+    """The history keeps what was read when the file was attached, not its path."""
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    lines = io.StringIO(f"/image {picture}\nlook\nand now?\n//usr/bin is a path\n/quit\n")
+
+    def readline() -> str:
+        line = lines.readline()
+        if line.startswith("and now"):
+            picture.unlink()  # moved or deleted while the chat goes on
+        return line
+
+    out = io.StringIO()
+    Terminal(media_assistant(context_length=200), tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+             stdin=type("Stdin", (), {"readline": staticmethod(readline)})(), stdout=out).run()
+    assert "(error:" not in out.getvalue() and out.getvalue().count("assistant> ") == 3  # "//" sends "/usr/bin ..."
+
+
 class _Interrupting:
     """stdin whose first read is a Ctrl-C."""
 

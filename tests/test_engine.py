@@ -71,6 +71,54 @@ def test_beam_search_matches_transformers_generate():
         assert text_ids(gen) == [t for t in expected if t != TOK.eos_id]
 
 
+def test_beam_search_ends_at_stop_strings_keeps_the_text_cap_streams_and_expires_per_row():
+    import threading
+
+    model = tiny_model(seed=1)
+    engine = Engine(model, TOK)
+    prompts = [prompt(model, "beam"), prompt(model, "a longer prompt")]
+    beams = {"num_beams": 3, "repetition_penalty": 1.3}
+    # the text cap is the budget: the same search as transformers' with max_new_tokens=3
+    capped = engine.generate(prompts[:1], GenerationSettings(text=beams | {"max_tokens": 3}, max_new_tokens=8))[0]
+    ref = model.backbone.generate(torch.tensor(prompts[0].ids)[None], max_new_tokens=3, num_beams=3, do_sample=False,
+                                  repetition_penalty=1.3, suppress_tokens=NOT_TEXT)
+    assert text_ids(capped) == ref[0, len(prompts[0]):].tolist() and capped.completion_tokens == 3
+    assert capped.finish_reason == "length"
+    # a hypothesis ends at the token that completes a stop string, counted up to there
+    full = engine.generate(prompts[:1], GenerationSettings(text=beams, max_new_tokens=8))[0].segments[0].text
+    stop = full[2:4]
+    chunks: list = []
+    stopped = engine.generate(prompts[:1], GenerationSettings(text=beams, max_new_tokens=8, stop=(stop,)),
+                              on_text=lambda row, text: chunks.append((row, text)))[0]
+    ids = stopped.segments[0].ids if stopped.segments else []
+    assert stopped.finish_reason == "stop" and TOK.decode(ids).endswith(stop) and stopped.completion_tokens == len(ids) < 8
+    assert stop not in (stopped.segments[0].text if stopped.segments else "")
+    assert chunks == ([(0, stopped.segments[0].text)] if stopped.segments else [])  # a stream gets the text whole
+    # a cancelled row leaves; the other's search is its own, with its own seed
+    gone = threading.Event()
+    gone.set()
+    both = engine.generate(prompts, GenerationSettings(text=beams, max_new_tokens=8, seed=5), cancel=[gone, None])
+    alone = engine.generate(prompts[1:], GenerationSettings(text=beams, max_new_tokens=8, seed=6))[0]
+    assert both[0].finish_reason == "cancelled" and text_ids(both[1]) == text_ids(alone) and [g.seed for g in both] == [5, 6]
+    with pytest.raises(GenerationTimeout, match="cancelled"):
+        engine.generate(prompts, GenerationSettings(text=beams, max_new_tokens=8), cancel=gone)
+
+
+def test_a_stop_string_completed_by_the_last_token_allowed_is_a_stop():
+    model = tiny_model()
+    bias_tokens(model, {4 + ord(c): 20.0 for c in "abcdefghijklmnopqrstuvwxyz"})  # one character per token
+    engine = Engine(model, TOK)
+    doc = prompt(model, "stream me")
+    full = engine.generate([doc], GenerationSettings(text=GREEDY, max_new_tokens=12))[0].segments[0].text
+    assert len(full) == 12
+    # the shortest tail found nowhere before it: the twelfth token completes it
+    stop = next(full[-n:] for n in range(1, 12) if full.index(full[-n:]) == 12 - n)
+    for settings in (GenerationSettings(text=GREEDY, max_new_tokens=12, stop=(stop,)),
+                     GenerationSettings(text=GREEDY | {"max_tokens": 12}, max_new_tokens=30, stop=(stop,))):
+        gen = engine.generate([doc], settings)[0]
+        assert (gen.finish_reason, gen.segments[0].text, gen.completion_tokens) == ("stop", full[: -len(stop)], 12)
+
+
 def test_seeded_sampling_is_reproducible():
     model = tiny_model()
     engine = Engine(model, TOK)

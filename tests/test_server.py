@@ -149,7 +149,14 @@ def test_media_in_and_out_as_base64(url):
         ({"model": "gpt-4"}, 404, "does not exist here"),
         ({"temperature": "hot"}, 400, "temperature must be a number"),
         ({"top_p": 3.0}, 400, "top_p must be in (0, 1]"),
-        ({"tools": [{"type": "function"}]}, 400, "tool calling is not supported"),
+        ({"tools": [{"type": "function"}]}, 400, "tools: this server does not support tool calling"),
+        # fields that would change the answer are refused, a typo is not ignored
+        ({"logit_bias": {"264": -100}}, 400, "logit_bias: this server does not support logit biases"),
+        ({"frequency_penalty": 2}, 400, "frequency_penalty: this server does not support frequency penalties"),
+        ({"tool_choice": "required"}, 400, 'tool_choice="required": this server calls no tools'),
+        ({"temprature": 1.5, "text": {}}, 400, "unknown fields temprature, text; this server reads audio, image, max_completion_tokens"),
+        ({"max_completion_tokens": 3, "max_tokens": "x"}, 400, "max_tokens must be a positive integer"),
+        ({"stream_options": {"include_usage": True}}, 400, 'stream_options must be {"include_usage": true|false}, with stream=true'),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "data: URL"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "path": "/etc/passwd"}]}]}, 400, "not supported"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role 'robot'"),
@@ -245,6 +252,21 @@ def test_a_request_that_fails_its_batch_fails_alone(assistant, caplog):
         _result(jobs[1].future, jobs[1], batcher, LIMITS)
     assert failed.value.status == 500
     assert "a batch of 3 requests failed (RuntimeError: planted failure); running them one at a time" in caplog.text
+
+
+def test_beam_search_by_the_models_own_default_runs_in_a_batch_of_its_own(caplog):
+    """A model whose default is beam search (MIO's is 5): its requests are never gathered with
+    sampled ones, which the engine could not run together."""
+    from unimodal.inference.batcher import Batcher, Job
+
+    batcher = Batcher(media_assistant(settings={"num_beams": 2}), thread=False, gather_s=0.5)
+    hi = [{"role": "user", "content": "hi"}]
+    jobs = [batcher.submit(Job(hi, settings, timeout_s=60, wait_until=time.monotonic() + 60))
+            for settings in ({"max_new_tokens": 4}, {"max_new_tokens": 4, "num_beams": 1}, {"max_new_tokens": 4, "num_beams": 1, "temperature": 0.5})]
+    assert batcher._gather() == jobs[:1] and batcher._gather() == jobs[1:]
+    for batch in (jobs[:1], jobs[1:]):
+        batcher._run(batch)
+    assert all(job.future.result() for job in jobs) and "failed" not in caplog.text
 
 
 def test_a_reply_its_settings_leave_no_room_for_is_refused_before_the_batch(assistant, caplog):
@@ -419,6 +441,11 @@ def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):
     chunks = list(client.chat.completions.create(**ask, stream=True))
     audio = [getattr(c.choices[0].delta, "audio", None) for c in chunks if c.choices]
     assert any(a for a in audio) and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # usage as OpenAI streams it when asked: a chunk of its own, no choices; fields that change nothing are taken
+    counted = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}, user="u1",
+                                                  frequency_penalty=0, logit_bias={}, tool_choice="none"))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert counted[-2].choices[0].finish_reason == chunks[-1].choices[0].finish_reason and counted[-2].usage is None
     with pytest.raises(openai.BadRequestError, match="audio.format must be one of"):
         client.chat.completions.create(**{**ask, "audio": {"voice": "alloy", "format": "opus"}})
 

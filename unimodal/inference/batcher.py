@@ -64,11 +64,6 @@ class Job:
     # set once the job's prompt is made (the request is accepted), or failed with why it is not
     accepted: Future = field(default_factory=Future)
 
-    @property
-    def beams(self) -> bool:
-        text = self.settings.get("text")
-        return int(self.settings.get("num_beams", text.get("num_beams", 1) if isinstance(text, dict) else 1)) > 1
-
 
 class Batcher:
     """The model's one worker: jobs in, batches of up to ``max_rows`` rows out (see the module).
@@ -139,7 +134,7 @@ class Batcher:
             return None
         jobs, rows, later = [first], first.n, []
         until = time.monotonic() + self.gather_s
-        while rows < self.max_rows and not first.beams:
+        while rows < self.max_rows and not self._beams(first):
             try:
                 job = self._next(max(0.0, until - time.monotonic()))
             except queue.Empty:
@@ -147,13 +142,20 @@ class Batcher:
             if job is None:  # stop() was called: this batch still runs, and is cancelled
                 self._queue.put(None)
                 break
-            if job.beams or rows + job.n > self.max_rows:
+            if self._beams(job) or rows + job.n > self.max_rows:
                 later.append(job)
                 continue
             jobs.append(job)
             rows += job.n
         self._held.extendleft(reversed(later))
         return jobs
+
+    def _beams(self, job: Job) -> bool:
+        """Whether ``job`` searches beams, by its settings over the model's own (MIO's default is 5)."""
+        try:
+            return self.assistant.resolve(**job.settings).text.num_beams > 1
+        except (TypeError, ValueError):  # refused settings: the job fails alone when it starts
+            return False
 
     def _cancel_waiting(self, first: Job | None) -> None:
         pending = [first] if first is not None else []
@@ -213,8 +215,8 @@ class Batcher:
                 resolved = self.assistant.resolve(**job.settings, timeout_s=job.timeout_s)
                 prompt = self.assistant.prompt(job.messages, resolved, job.start_with)
                 rows = row_settings(resolved, job.n)
-            except (ChatError, ValueError) as err:
-                _fail(job, err)
+            except (ChatError, ValueError) as err:  # the request's own mistake (a ValueError later is a bug)
+                _fail(job, err if isinstance(err, ChatError) else ChatError(str(err)))
                 continue
             with contextlib.suppress(InvalidStateError):  # cancelled by a caller that left
                 job.accepted.set_result(None)

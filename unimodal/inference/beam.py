@@ -12,7 +12,7 @@ import torch
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.cache import KVCache, padded_ids
 from unimodal.inference.modes import MediaMode
-from unimodal.inference.outputs import Deadline, Generation, Segment, check_deadline
+from unimodal.inference.outputs import Deadline, Generation, Segment, expired_error, expiry
 from unimodal.inference.sampling import apply_repetition_penalty
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.unified import UnifiedModel
@@ -38,13 +38,19 @@ def beam_search(
     prompts: Sequence[EncodedDocument],
     budgets: list[int],
     settings: GenerationSettings,
-    seed: int,
-    deadline: Deadline,
+    seeds: list[int],
+    deadlines: list[Deadline],
 ) -> list[Generation]:
     """Text-only beam search (media begin tokens are forbidden), scored like transformers'
     ``generate(num_beams=K)``: summed log-probabilities over length ** 1, stopping once K
-    hypotheses are finished and no running beam can beat the worst of them."""
+    hypotheses are finished and no running beam can beat the worst of them.
+
+    A hypothesis ends at an end token or where its text completes a stop string, and is no
+    longer than the text ``max_tokens``. A row past its deadline leaves with its best running
+    beam (beams are kept best first); when every row has, :class:`GenerationTimeout` is raised."""
     k, batch = settings.text.num_beams, len(prompts)
+    cap = settings.text.max_tokens
+    budgets = [min(b, cap) if cap is not None else b for b in budgets]
     cache = KVCache(engine.model, prompts, engine.pad_id)
     cache.reorder(torch.arange(batch, device=engine.device).repeat_interleave(k))
     ids, valid = padded_ids(prompts, engine.pad_id, engine.device)
@@ -56,9 +62,18 @@ def beam_search(
     tokens: list[list[int]] = [[] for _ in range(batch * k)]
     finished: list[list[tuple[float, list[int], bool]]] = [[] for _ in range(batch)]
     done = [False] * batch
+    expired: list[str | None] = [None] * batch
+    partial: dict[int, list[int]] = {}  # an expired row's best running beam
     step = 0
     while not all(done):
-        check_deadline(deadline)
+        for b in range(batch):
+            if not done[b] and (reason := expiry(deadlines[b])):
+                # kept now: a row that is done feeds placeholders into its beams from here on
+                done[b], expired[b], partial[b] = True, reason, tokens[b * k]
+        if all(expired):
+            raise expired_error(expired)
+        if all(done):
+            break
         # the order of transformers' beam search: log-softmax, repetition penalty, other processors
         logprobs = engine.model.logits(cache.last).log_softmax(-1)
         logprobs = apply_repetition_penalty(logprobs, ids, valid, settings.text.repetition_penalty)
@@ -75,7 +90,8 @@ def beam_search(
                     break
                 source, token = b * k + index // vocab, index % vocab
                 ends = token in engine.stop_ids
-                if ends or last_step:
+                stopped = not ends and bool(settings.stop) and engine.text_segment(tokens[source] + [token], settings.stop)[1]
+                if ends or stopped or last_step:
                     if rank < k:
                         _add_hypothesis(finished[b], k, score / (step + 1), tokens[source] + ([] if ends else [token]), ends)
                     continue
@@ -106,10 +122,16 @@ def beam_search(
         cache.step(cache.embed_tokens(new), None if all(not d for d in done) else live, torch.zeros_like(new))
     out = []
     for b, prompt in enumerate(prompts):
-        _, best, ended = max(finished[b], key=lambda h: h[0])
+        if expired[b]:
+            best, ended, finish = partial[b], False, expired[b]
+        else:
+            _, best, ended = max(finished[b], key=lambda h: h[0])
+            finish = "stop" if ended else "length"
         text, stopped = engine.text_segment(best, settings.stop)
         segments = [Segment("text", text, ids=best)] if text else []
-        out.append(Generation(segments, "stop" if ended or stopped else "length", len(prompt), len(best) + int(ended), seed))
+        if stopped and not expired[b]:
+            finish = "stop"
+        out.append(Generation(segments, finish, len(prompt), len(best) + int(ended), seeds[b]))
     return out
 
 

@@ -39,7 +39,7 @@ from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
 from unimodal.inference.modes import MediaMode, media_modes
-from unimodal.inference.outputs import Deadline, Generation, Segment, check_deadline, expired_error, expiry
+from unimodal.inference.outputs import Deadline, Generation, Segment, expired_error, expiry
 from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
 from unimodal.models.generation import GenerationSettings, SamplingSettings
 from unimodal.models.unified import UnifiedModel
@@ -160,10 +160,13 @@ class Engine:
                 raise ValueError("beam search runs rows with the same settings only")
             if any(len(p) and int(p.ids[-1]) in self.modes for p in prompts):
                 raise ValueError("beam search writes text only; a reply that starts with media needs num_beams=1")
-            check_deadline(deadlines[0])
-            generations = beam_search(self, prompts, budgets, rows[0], seeded[0][1], deadlines[0])
-            for index, generation in enumerate(generations if on_done is not None else []):
-                on_done(index, generation)
+            generations = beam_search(self, prompts, budgets, rows[0], [seed for _, seed in seeded], deadlines)
+            for index, generation in enumerate(generations):
+                text = "".join(segment.text for segment in generation.segments)
+                if on_text is not None and text:  # beams are ranked to the end: the text comes whole
+                    on_text(index, text)
+                if on_done is not None:
+                    on_done(index, generation)
             return generations
         if any(s.text.num_beams > 1 for s in rows):
             raise ValueError("beam search (num_beams > 1) cannot share a batch with sampled rows")
@@ -556,12 +559,11 @@ class _Run:
         mode = engine.modes.get(token)
         if mode is None:
             row.text_ids.append(token)
+            self._stream(row)  # first: a stop string completed by the last token allowed is a stop
             self._count(row, token, feed, "text")
             cap = row.settings.text.max_tokens
-            if not row.done and cap is not None and row.used["text"] >= cap:
+            if cap is not None and row.used["text"] >= cap:
                 self._finish(row, "length")
-            elif not row.done:
-                self._stream(row)
             return
         self._flush_text(row)
         self._count(row, token, feed, mode.name)

@@ -58,13 +58,6 @@ def expiry(deadline: Deadline) -> str | None:
     return None
 
 
-def check_deadline(deadline: Deadline) -> None:
-    """Raise :class:`GenerationTimeout` once ``deadline`` has passed or been cancelled."""
-    reason = expiry(deadline)
-    if reason is not None:
-        raise expired_error([reason])
-
-
 def expired_error(reasons: Collection[str | None]) -> GenerationTimeout:
     """The error for rows that ended by :func:`expiry`: a cancellation names itself, else the time limit."""
     return GenerationTimeout("generation cancelled" if "cancelled" in reasons else "generation ran past its time limit")

@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -59,14 +59,24 @@ from unimodal.inference.outputs import GenerationTimeout
 
 log = logging.getLogger("unimodal.serve")
 
-# sampling fields this server reads besides messages, max_tokens, stop, n and stream; other
-# fields of OpenAI's schema are accepted and ignored
+# sampling fields this server reads besides messages, max_tokens, stop, n and stream
 FIELD_TYPES = {
     "temperature": (int, float), "top_p": (int, float), "repetition_penalty": (int, float), "top_k": int,
     "num_beams": int, "seed": int, "max_media": int, "image": dict, "audio": dict, "timeout_s": (int, float),
 }
 SAMPLING_FIELDS = tuple(FIELD_TYPES)
-UNSUPPORTED = {"tools": "tool calling", "functions": "function calling", "logprobs": "log-probabilities"}
+# OpenAI fields that would change the answer, refused unless empty, zero, false or their default
+UNSUPPORTED = {
+    "tools": "tool calling", "functions": "function calling", "logprobs": "log-probabilities",
+    "top_logprobs": "log-probabilities", "logit_bias": "logit biases", "frequency_penalty": "frequency penalties",
+    "presence_penalty": "presence penalties", "prediction": "predicted outputs", "reasoning_effort": "reasoning effort",
+    "web_search_options": "web search",
+}
+NEUTRAL = {"tool_choice": ("none", "auto"), "function_call": ("none", "auto")}
+# OpenAI fields that change nothing here: accepted and ignored
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key")
+KNOWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "stop", "n", "stream", "stream_options",
+                "start_with", "modalities", "response_format", *SAMPLING_FIELDS, *UNSUPPORTED, *NEUTRAL, *IGNORED}
 
 
 @dataclass(frozen=True)
@@ -194,6 +204,8 @@ class Call:
     # set when the client asks for audio output (OpenAI's ``modalities`` / ``audio``): the first
     # clip of a reply then comes as ``message.audio`` in this format
     audio_format: str | None = None
+    # stream_options.include_usage: usage in a chunk of its own after the last, as OpenAI sends it
+    usage_chunk: bool = False
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -226,9 +238,16 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     model = payload.get("model")
     if model is not None and model != name:
         raise APIError(404, f"model {model!r} does not exist here; this server serves {name!r}", "model_not_found")
+    unknown = sorted(set(payload) - KNOWN_FIELDS)
+    if unknown:
+        raise APIError(400, f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; this server reads "
+                            f"{', '.join(sorted(KNOWN_FIELDS - set(UNSUPPORTED) - set(NEUTRAL) - set(IGNORED)))} (docs/serving.md)")
     for key, what in UNSUPPORTED.items():
         if payload.get(key):
-            raise APIError(400, f"{key}: {what} is not supported by this server")
+            raise APIError(400, f"{key}: this server does not support {what}")
+    for key, allowed in NEUTRAL.items():
+        if payload.get(key) not in (None, *allowed):
+            raise APIError(400, f"{key}={json.dumps(payload[key])}: this server calls no tools")
     if payload.get("response_format") not in (None, {"type": "text"}):
         raise APIError(400, "response_format: only text responses are supported")
     messages = payload.get("messages")
@@ -246,9 +265,10 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     if not 0 < settings.get("timeout_s", limits.max_seconds) <= limits.max_seconds:
         raise APIError(400, f"timeout_s must be in (0, {limits.max_seconds:g}], this server's limit (--max_seconds)")
     audio_format = _audio_output(payload, settings)
-    field = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = payload.get(field)
-    if max_tokens is not None:
+    for field in ("max_tokens", "max_completion_tokens"):  # the newer name wins where both are sent
+        max_tokens = payload.get(field)
+        if max_tokens is None:
+            continue
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise APIError(400, f"{field} must be a positive integer")
         if max_tokens > limits.max_new_tokens:
@@ -270,10 +290,15 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     stream = bool(stream)
     if stream and n != 1:
         raise APIError(400, "stream=true needs n=1")
+    options = payload.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, 'stream_options must be {"include_usage": true|false}, with stream=true')
+    usage_chunk = bool((options or {}).get("include_usage"))
     start_with = payload.get("start_with")
     if start_with not in (None, "image", "audio"):
         raise APIError(400, "start_with must be 'image' or 'audio'")
-    return Call(messages, settings, n, stream, start_with, audio_format)
+    return Call(messages, settings, n, stream, start_with, audio_format, usage_chunk)
 
 
 AUDIO_FORMATS = ("wav", "flac", "pcm16")
@@ -436,7 +461,7 @@ def _result(future: asyncio.Future, job: Job, batcher: Batcher, limits: ServerLi
             408, f"the generation ran longer than its limit of {job.timeout_s:g} s (timeout_s, at most --max_seconds "
             f"{limits.max_seconds:g}); ask for fewer tokens (max_tokens)", "timeout",
         ) from None
-    except (ChatError, ValueError) as err:  # the engine names its setting; a request calls it max_tokens
+    except ChatError as err:  # refused when its prompt was made; the engine's max_new_tokens is a request's max_tokens
         raise APIError(400, re.sub(r"\bmax_new_tokens\b", "max_tokens", str(err))) from None
     except Exception as err:  # noqa: BLE001 - any other failure is the server's, and says so in JSON
         log.error("generation failed", exc_info=err)
@@ -516,9 +541,10 @@ async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, 
     generator)."""
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
+        """One event; ``delta`` None: a chunk with no choices (the usage chunk)."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
     async def finish() -> None:
@@ -536,28 +562,35 @@ async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, 
             if isinstance(item, str):
                 yield chunk({"content": item})
                 continue
-            yield _last_event(item, chunk, call.audio_format)
+            for event in _last_events(item, chunk, call):
+                yield event
             yield "data: [DONE]\n\n"
             return
     finally:
         waiter.cancel()  # a disconnected client: _wait cancels the job, whose rows leave their batch
 
 
-def _last_event(outcome: Reply | Exception, chunk: Callable[..., str], audio_format: str | None) -> str:
-    """The stream's last chunk: media parts, the finish reason and usage; or the error."""
+def _last_events(outcome: Reply | Exception, chunk: Callable[..., str], call: Call) -> Iterator[str]:
+    """The stream's last chunk: media parts, the finish reason and usage (or, with
+    ``include_usage``, usage in a chunk of its own with no choices); or the error."""
     if isinstance(outcome, Reply):
-        fields = message_fields(outcome.parts, audio_format)
+        fields = message_fields(outcome.parts, call.audio_format)
         delta = {"audio": fields["audio"]} if "audio" in fields else {}
         media = [part for part in (fields["content"] if isinstance(fields["content"], list) else []) if part["type"] != "text"]
         if media:
             delta["content"] = media
         usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
                  "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
-        return chunk(delta, outcome.finish_reason, usage=usage)
+        if call.usage_chunk:
+            yield chunk(delta, outcome.finish_reason)
+            yield chunk(None, usage=usage)
+        else:
+            yield chunk(delta, outcome.finish_reason, usage=usage)
+        return
     err = outcome if isinstance(outcome, APIError) else APIError(500, f"generation failed: {outcome}", "server_error")
     if not isinstance(outcome, APIError):
         log.error("generation failed", exc_info=outcome)
-    return f"data: {json.dumps(err.payload())}\n\n"
+    yield f"data: {json.dumps(err.payload())}\n\n"
 
 
 def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

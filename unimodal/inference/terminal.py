@@ -25,7 +25,8 @@ HELP = """commands:
   /reset         forget the conversation
   /save [PATH]   write the conversation as a chat record (JSON)
   /help          this list
-  /quit          leave (or Ctrl-D)"""
+  /quit          leave (or Ctrl-D)
+  //TEXT         send a message that starts with /TEXT"""
 
 SUFFIX = {"image": "png", "audio": "wav"}
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -71,11 +72,11 @@ class Terminal:
             line = line.strip()
             if not line:
                 continue
-            if line.startswith("/"):
+            if line.startswith("/") and not line.startswith("//"):
                 if not self.command(line):
                     return
                 continue
-            self.turn(line)
+            self.turn(line[1:] if line.startswith("//") else line)
 
     def command(self, line: str) -> bool:
         """Run a slash command; False when the chat should end."""
@@ -92,13 +93,13 @@ class Terminal:
             if not path.exists():
                 self.say(f"no such file: {arg!r} (usage: {verb} PATH)")
                 return True
-            item = {"type": kind, kind: str(path.resolve()), "path": str(path.resolve())}
             try:  # read now, so that a bad file never costs the message typed next
-                parse_messages([{"role": "user", "content": [item]}])
+                read = parse_messages([{"role": "user", "content": [{"type": kind, kind: str(path)}]}])[0]["content"][0]
             except ChatError as err:
                 self.say(f"not attached: {str(err).removeprefix('message 0, part 0: ')}")
             else:
-                self.attached.append(item)
+                # the history keeps what was read: the file may change or go while the chat goes on
+                self.attached.append({"type": kind, kind: read.data, "path": str(path.resolve())})
                 self.say(f"attached {kind} {path} to your next message")
         elif verb == "/reset":
             self.reset()
