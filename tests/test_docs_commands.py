@@ -69,6 +69,14 @@ def test_the_docs_show_commands_of_every_kind():
 def test_a_documented_command_parses(argv, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     argv = [word for word in argv if word not in PRINT_AND_EXIT]
+    helped = [argv[i + 1] for i, word in enumerate(argv[:-1]) if re.fullmatch(r"--\w+\.help", word)]
+    if helped:  # `--model.help CLASS` prints that class's options: the class must exist
+        import importlib
+
+        for path in helped:
+            module, _, name = path.rpartition(".")
+            assert hasattr(importlib.import_module(module), name), path
+        return
     renamed = [word.split("=")[0] for word in argv if word.split("=")[0] in RENAMED]
     assert not renamed, f"{renamed[0]} is now {RENAMED[renamed[0]]}"
     if argv[0] == "train":

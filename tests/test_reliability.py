@@ -282,6 +282,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypa
     assert ".tmp-" not in line and not list((run / "checkpoints").iterdir())
 
 
+def test_an_output_path_under_a_file_and_a_binary_recipe_are_one_line_each(tmp_path, capsys):
+    from unimodal.cli import main
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("a file, not a directory")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"model:\n  \xd0\x00\xff\xfe")
+    runs = [
+        (["train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={afile}/run"], f"Not a directory: {afile}",
+         "a part of this path is a file, not a directory"),
+        (["pipeline", str(ROOT / "recipes/pipelines/text.yaml"), "--tiny", "--root", f"{afile}/p"], f"Not a directory: {afile}",
+         "a part of this path is a file, not a directory"),
+        (["train", str(binary)], f"recipe {binary}: not a UTF-8 text file (byte 9)", "give a YAML recipe"),
+        (["pipeline", str(binary)], f"pipeline {binary}: not a UTF-8 text file (byte 9)", "give a YAML recipe"),
+    ]
+    for argv, reason, hint in runs:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code in (1, 2) and "Traceback" not in err, err
+        (line,) = [line for line in err.splitlines() if ": error: " in line]
+        assert reason in line and hint in line, line
+
+
 def _mount_tmpfs(where: Path, *options: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=4m", *options]), "tmpfs", str(where)],

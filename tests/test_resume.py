@@ -97,6 +97,23 @@ def test_resuming_with_other_data_settings_says_which(recipe, tmp_path, caplog):
     assert len(said) == 1 and "data.init_args.batch_size: 2 -> 1" in said[0]
 
 
+def test_a_run_resumed_from_an_earlier_step_is_newest_and_a_changed_lr_is_said_to_be_kept(recipe, tmp_path, caplog):
+    """Resumed from step 2 of a run that reached 4, the run writes ``step=4-v1`` beside the first
+    ``step=4``; its ``last.ckpt`` at step 6 is still the newest. A changed lr on resume cannot
+    take effect (the optimizer state holds it), and the run says so."""
+    run = tmp_path / "again"
+    train(recipe, run, "--trainer.max_steps=4", "--checkpoint_every_n_steps=2")
+    first = run / "checkpoints" / "epoch=0-step=2.ckpt"
+    train(recipe, run, f"--ckpt_path={first}", "--trainer.max_steps=6", "--checkpoint_every_n_steps=2")
+    assert (run / "checkpoints" / "epoch=0-step=4-v1.ckpt").is_file()
+    assert torch.load(find_latest_checkpoint(run / "checkpoints"), weights_only=False)["global_step"] == 6
+    lr = load_recipe(recipe, tiny=False)["model"]["init_args"]["optimizer"]["lr"]
+    with caplog.at_level(logging.WARNING, logger="unimodal.train"):
+        train(recipe, run, "--resume=auto", "--trainer.max_steps=7", "--model.init_args.optimizer.lr=0.5")
+    said = [r.getMessage() for r in caplog.records if "optimizer state" in r.getMessage()]
+    assert len(said) == 1 and f"model.init_args.optimizer.lr: {lr} -> 0.5" in said[0]
+
+
 def test_ctrl_c_ends_the_run_in_one_line_naming_the_checkpoint_to_resume_from(recipe, tmp_path, monkeypatch):
     """Lightning answers Ctrl-C by exiting with status 1 and a line of its own, saving nothing."""
     from unimodal.training.resume import Interrupted
@@ -170,24 +187,39 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_latest_checkpoint_is_the_newest_and_ignores_partial_writes(tmp_path):
+    from unimodal.checkpoints.files import SAVED_AT_KEY
+
+    def write(name: str, saved_at: float | None = None, directory: Path = tmp_path) -> Path:
+        path = directory / name
+        torch.save({} if saved_at is None else {SAVED_AT_KEY: saved_at}, path)
+        os.utime(path, (1, 1))  # file times as a copy without -p leaves them: no help
+        return path
+
     assert find_latest_checkpoint(tmp_path / "missing") is None
-    old, new = tmp_path / "epoch=0-step=5.ckpt", tmp_path / "last.ckpt"
-    old.write_bytes(b"x")
-    new.write_bytes(b"x")
-    os.utime(old, (1, 1))
+    # a kill between the step file and last.ckpt: the step is newer, whatever the names say
+    write("last.ckpt", 5.0)
+    step = write("epoch=0-step=10.ckpt", 10.0)
     (tmp_path / ".tmp-1-last.ckpt").write_bytes(b"partial")
-    assert find_latest_checkpoint(tmp_path) == new
-    # names, not file times, which a copy or a touch resets: a run's last, then its latest step
-    os.utime(old)
-    os.utime(new, (1, 1))
-    assert find_latest_checkpoint(tmp_path) == new
-    new.unlink()
-    (tmp_path / "epoch=0-step=10.ckpt").write_bytes(b"x")
-    os.utime(tmp_path / "epoch=0-step=10.ckpt", (1, 1))
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "epoch=0-step=10.ckpt"
-    (tmp_path / "last-v1.ckpt").write_bytes(b"x")  # a later run's, started beside the earlier one
-    os.utime(tmp_path / "last-v1.ckpt", (1, 1))
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
+    assert find_latest_checkpoint(tmp_path) == step
+    # a run resumed from an earlier step writes -v1 step files older than its last.ckpt
+    last = write("last.ckpt", 50.0)
+    write("epoch=0-step=28-v1.ckpt", 40.0)
+    assert find_latest_checkpoint(tmp_path) == last
+    # a file that cannot be read ranks by its file time, to be found and passed over with a warning
+    damaged = tmp_path / "epoch=0-step=30.ckpt"
+    damaged.write_bytes(b"cut short")
+    assert find_latest_checkpoint(tmp_path) == damaged
+    # checkpoints that record no time (and sharded directories) by names: a later run's, a run's last, its latest step
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    write("epoch=0-step=5.ckpt", directory=legacy)
+    write("last.ckpt", directory=legacy)
+    assert find_latest_checkpoint(legacy) == legacy / "last.ckpt"
+    (legacy / "last.ckpt").unlink()
+    write("epoch=0-step=10.ckpt", directory=legacy)
+    assert find_latest_checkpoint(legacy) == legacy / "epoch=0-step=10.ckpt"
+    write("last-v1.ckpt", directory=legacy)  # a later run's, started beside the earlier one
+    assert find_latest_checkpoint(legacy) == legacy / "last-v1.ckpt"
 
 
 class FakeBatches(torch.utils.data.IterableDataset):
@@ -241,12 +273,13 @@ def test_runs_keep_their_last_k_step_checkpoints_and_clear_dead_writers_files(tm
 
     directory = tmp_path / "checkpoints"
     directory.mkdir()
+    from unimodal.checkpoints.files import SAVED_AT_KEY
+
     for step in range(5):
-        (directory / f"step={step}.ckpt").write_bytes(b"x")
-        os.utime(directory / f"step={step}.ckpt", (5 - step, 5 - step))  # the steps count, not the times
+        torch.save({SAVED_AT_KEY: 10.0 + step}, directory / f"step={step}.ckpt")
+        os.utime(directory / f"step={step}.ckpt", (5 - step, 5 - step))  # the recorded times count, not the file times
     for name in ("last.ckpt", "last-v1.ckpt", "last-v2.ckpt"):  # each run's last: never pruned
-        (directory / name).write_bytes(b"x")
-        os.utime(directory / name, (0, 0))
+        torch.save({SAVED_AT_KEY: 0.0}, directory / name)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     (directory / f".tmp-{dead}-last.ckpt").write_bytes(b"half")
     (directory / f".tmp-{os.getpid()}-last.ckpt").write_bytes(b"being written")

@@ -496,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         if where is not None and os.path.isfile(where) and not os.access(where, os.R_OK):
             print(f"{_rank_prefix()}{command}: error: cannot read {where}: {err.strerror} (check its permissions)", file=sys.stderr)
             return 1
-        print(f"{_rank_prefix()}{command}: error: {err.strerror}: {where} (free space, or use a directory you can write to)", file=sys.stderr)
+        hint = WRITE_ERRORS[err.errno]
+        print(f"{_rank_prefix()}{command}: error: {err.strerror}: {where} ({hint})", file=sys.stderr)
         return 1
     if printed is not None:
         print(printed)
@@ -546,8 +547,13 @@ def _no_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Setting accelerator to CPU")
 
 
-# a full disk, a read-only file system, a directory without write permission, a quota
-WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+# errors of writing where one cannot, each with what to do
+_ELSEWHERE = "use a directory you can write to"
+WRITE_ERRORS = {
+    errno.ENOSPC: "free space, or write elsewhere", errno.EDQUOT: "free space, or write elsewhere",
+    errno.EROFS: _ELSEWHERE, errno.EACCES: _ELSEWHERE, errno.EPERM: _ELSEWHERE,
+    errno.ENOTDIR: "a part of this path is a file, not a directory", errno.EISDIR: "give a file name, not a directory",
+}
 
 
 def _command(argv: list[str]) -> str:

@@ -33,6 +33,8 @@ TEMP_PREFIX = ".tmp-"
 LAST_NAME = re.compile(r"last(-v\d+)?\.ckpt")
 # the checkpoint key under which ``unimodal train`` stores the run's resolved config
 RUN_CONFIG_KEY = "unimodal_run_config"
+# the checkpoint key of the time (``time.time()``) it was saved at: what "newest" means
+SAVED_AT_KEY = "unimodal_saved_at"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -85,15 +87,24 @@ VERSION = re.compile(r"-v(\d+)\.ckpt$")
 STEP = re.compile(r"step=(\d+)")
 
 
-def _recency(path: Path) -> tuple[int, float, float]:
-    """How recent a checkpoint is, from the names Lightning gives them, since a copy without
-    ``-p`` (or a ``touch``) resets file times: a later run in the same directory adds ``-vN``, a
-    run's ``last`` is written with or after each of its step checkpoints, and a step checkpoint
-    names its step. File times only break ties."""
+def _recency(path: Path) -> tuple[bool, float, int, float, float]:
+    """How recent a checkpoint is: the time it records it was saved at (``SAVED_AT_KEY``), which
+    a copy keeps. Names cannot tell: a kill between a step file and ``last.ckpt`` leaves the step
+    newer, and a run resumed from an earlier step writes ``-vN`` step files older than its
+    ``last.ckpt``. A file that cannot be read ranks by its file time, so a damaged newest one is
+    found and passed over with a warning. Sharded directories and files that record no time
+    rank below, by Lightning's names (a later run's ``-vN``, a run's ``last``, the step named);
+    file times break ties."""
+    saved: float | None = None
+    if path.is_file():
+        try:
+            saved = read_checkpoint(path).get(SAVED_AT_KEY)
+        except UserError:
+            saved = path.stat().st_mtime
     version = VERSION.search(path.name)
     step = STEP.search(path.name)
     order = math.inf if LAST_NAME.fullmatch(path.name) else int(step.group(1)) if step else -1
-    return int(version.group(1)) if version else 0, order, _checkpoint_time(path)
+    return saved is not None, saved or 0.0, int(version.group(1)) if version else 0, order, _checkpoint_time(path)
 
 
 def checkpoints_newest_first(directory: str | Path) -> list[Path]:

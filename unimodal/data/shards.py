@@ -10,6 +10,7 @@ description.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,7 +27,9 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from unimodal.data.media import MEDIA_EXTENSIONS, MediaBytes, decode_media
 from unimodal.errors import UserError
@@ -374,9 +377,11 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
     are counted as bad; a shard without an index must end with tar's end-of-archive marker.
     """
     for url in urls:
-        read = 0
+        read, stream = 0, None
         try:
-            for read, sample in enumerate(wds.tarfile_samples([{"url": url}]), start=1):
+            # opened here and closed below, read to its end or not (webdataset's opener leaves it open)
+            stream = gopen(url)
+            for read, sample in enumerate(group_by_keys(tar_file_expander([{"url": url, "stream": stream}])), start=1):
                 yield sample
         except Exception as err:  # noqa: BLE001 - any failure to read the tar is the shard's fault
             reason = re.sub(r" @ <.*>$", "", str(err.args[0]) if err.args else "")  # webdataset names its file object
@@ -385,6 +390,10 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
                 raise error from err
             policy.skip(error, shard=url)
             continue
+        finally:
+            if stream is not None:
+                with contextlib.suppress(OSError):  # a pipe: stream left early reports its broken pipe here
+                    stream.close()
         expected = _indexed_documents(url)
         if expected is not None and read < expected:
             error, lost = ShardError(f"{url}: cut short: {read} of the {expected} documents its index lists"), expected - read

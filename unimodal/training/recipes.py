@@ -116,7 +116,7 @@ class UnimodalCLI(LightningCLI):
         self.checkpoint_dir = next(
             (Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), root / "checkpoints"
         )
-        run_config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        run_config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
         run_config.pop("config", None)
         callbacks += [RunState(run_config), SaveOnSigterm(self.checkpoint_dir), StopOnDivergence()]
         init_from = getattr(self.model, "init_from", None)
@@ -204,7 +204,9 @@ def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path}: not a UTF-8 text file (byte {err.start}); give a YAML recipe") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from unimodal.checkpoints.files import RUN_CONFIG_KEY
+from unimodal.checkpoints.files import RUN_CONFIG_KEY, SAVED_AT_KEY
 from unimodal.errors import UserError
 from unimodal.training.strategies import world_size
 
@@ -114,15 +115,23 @@ class RunState(Callback):
             states = [None] * world_size()
             dist.all_gather_object(states, _rng_state())
         checkpoint[RNG_KEY] = states
+        checkpoint[SAVED_AT_KEY] = time.time()
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        changed = _changed_data_settings(checkpoint.get(RUN_CONFIG_KEY) or {}, self.run_config or {})
+        saved = checkpoint.get(RUN_CONFIG_KEY) or {}
+        changed = _changed_settings(saved, self.run_config or {}, DATA_POSITION_KEYS)
         if changed:
             log.warning(
                 "resuming with data settings that differ from the checkpoint's (%s): the data position is counted in "
                 "batches of the old settings, so the stream does not continue exactly where it stopped", "; ".join(changed),
+            )
+        ignored = _changed_settings(saved, self.run_config or {}, RESTORED_OPTIMIZER_KEYS)
+        if ignored:
+            log.warning(
+                "resuming keeps the checkpoint's optimizer state, so these changes do not take effect (%s); to train on "
+                "with them, start a new run from the checkpoint's weights (init_from)", "; ".join(ignored),
             )
         states = checkpoint.get(RNG_KEY)
         if not states:
@@ -182,9 +191,14 @@ DATA_POSITION_KEYS = (
 )
 
 
-def _changed_data_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``KEY: OLD -> NEW`` for each setting of :data:`DATA_POSITION_KEYS` the run changed (a
-    checkpoint without a run config, or a key neither has, counts as unchanged)."""
+# what a resume restores from the optimizer's state dict, whatever the recipe says now (the
+# schedule's shape, warmup and floor, is rebuilt from the recipe and does change)
+RESTORED_OPTIMIZER_KEYS = tuple(f"model.init_args.optimizer.{key}" for key in ("lr", "betas", "eps", "weight_decay"))
+
+
+def _changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """``KEY: OLD -> NEW`` for each of ``keys`` the run changed (a checkpoint without a run
+    config, or a key neither has, counts as unchanged)."""
 
     def get(config: dict[str, Any], dotted: str) -> Any:
         for part in dotted.split("."):
@@ -192,7 +206,7 @@ def _changed_data_settings(saved: dict[str, Any], current: dict[str, Any]) -> li
         return config
 
     changed = []
-    for key in DATA_POSITION_KEYS:
+    for key in keys:
         old, new = get(saved, key), get(current, key)
         if saved and old != new:
             changed.append(f"{key}: {old} -> {new}")
