@@ -157,6 +157,16 @@ def test_resume_auto_without_checkpoints_starts_fresh_and_rejects_both_options(r
     assert find_latest_checkpoint(run / "checkpoints").name == "last.ckpt"
     with pytest.raises(ValueError, match="not both"):
         train(recipe, run, "--resume=auto", "--ckpt_path=last")
+    # --ckpt_path=last means the same: a fresh start where there is none, else the newest
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(recipe, tmp_path / "fresh-last", "--ckpt_path=last", "--trainer.max_steps=1")
+    assert not [w for w in caught if "no last checkpoint" in str(w.message)]  # Lightning's, whose hint is wrong here
+    train(recipe, run, "--ckpt_path=last", "--trainer.max_steps=2")
+    assert torch.load(find_latest_checkpoint(run / "checkpoints"), weights_only=False)["global_step"] == 2
+    assert not (run / "checkpoints" / "last-v1.ckpt").exists()  # continued, not started beside
 
 
 def test_a_fresh_run_beside_an_earlier_ones_checkpoints_keeps_them_and_says_so(recipe, tmp_path, caplog):

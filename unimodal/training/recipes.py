@@ -73,7 +73,7 @@ class UnimodalCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
-            "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from ('last' or a path)"
+            "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from: a path, or 'last' (the run's newest, as --resume auto)"
         )
         parser.add_argument(
             "--trust_checkpoint", type=bool, default=False,
@@ -416,6 +416,8 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values
 def resume_path(cli: UnimodalCLI) -> str | None:
     """The checkpoint ``fit`` starts from: ``--ckpt_path``, or what ``--resume`` selects."""
     ckpt_path, resume = cli.config.get("ckpt_path"), cli.config.get("resume")
+    if ckpt_path == "last" and resume is None:  # one meaning of "the run's newest checkpoint"
+        ckpt_path, resume = None, "auto"
     if resume is None:
         if ckpt_path is not None and Path(ckpt_path).exists():
             check_given_checkpoint(Path(ckpt_path), trust=bool(cli.config.get("trust_checkpoint")))
