@@ -142,7 +142,7 @@ def packed_batches(docs: list[EncodedDocument], packer: Packer, batch_size: int)
 def padded_batches(docs: list[EncodedDocument], packer: Packer, batch_size: int) -> list[PackedBatch]:
     """One document per row, cut where the packer cuts it; each batch as long as its longest row.
     Rows are laid out by the packer itself, so the fields match the packed side."""
-    pieces = [piece for doc in docs for piece in packer._fit(doc)]
+    pieces = [piece for doc in docs for piece in packer.pieces(doc)]
     batches = []
     for start in range(0, len(pieces), batch_size):
         chunk = pieces[start : start + batch_size]

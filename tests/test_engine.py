@@ -114,9 +114,12 @@ def test_a_stop_string_completed_by_the_last_token_allowed_is_a_stop():
     # the shortest tail found nowhere before it: the twelfth token completes it
     stop = next(full[-n:] for n in range(1, 12) if full.index(full[-n:]) == 12 - n)
     for settings in (GenerationSettings(text=GREEDY, max_new_tokens=12, stop=(stop,)),
-                     GenerationSettings(text=GREEDY | {"max_tokens": 12}, max_new_tokens=30, stop=(stop,))):
-        gen = engine.generate([doc], settings)[0]
+                     GenerationSettings(text=GREEDY | {"max_tokens": 12}, max_new_tokens=30, stop=(stop,)),
+                     GenerationSettings(text=GREEDY, max_new_tokens=30, stop=(stop,))):
+        handed: list = []
+        gen = engine.generate([doc], settings, on_done=lambda row, generation: handed.append(generation))[0]
         assert (gen.finish_reason, gen.segments[0].text, gen.completion_tokens) == ("stop", full[: -len(stop)], 12)
+        assert handed == [gen]  # what a server answers with, as soon as the row ends
 
 
 def test_seeded_sampling_is_reproducible():

@@ -219,6 +219,14 @@ def test_latest_checkpoint_is_the_newest_and_ignores_partial_writes(tmp_path):
     damaged = tmp_path / "epoch=0-step=30.ckpt"
     damaged.write_bytes(b"cut short")
     assert find_latest_checkpoint(tmp_path) == damaged
+    damaged.unlink()
+    torch.save([1, 2], tmp_path / "epoch=0-step=31.ckpt")  # readable, but not a checkpoint: the same
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "epoch=0-step=31.ckpt"
+    # a sharded directory by the time its save finished: a DeepSpeed run resumed beside file checkpoints
+    sharded = tmp_path / "last-v1.ckpt"
+    sharded.mkdir()
+    (sharded / "latest").write_text("global_step40")
+    assert find_latest_checkpoint(tmp_path) == sharded
     # checkpoints that record no time (and sharded directories) by names: a later run's, a run's last, its latest step
     legacy = tmp_path / "legacy"
     legacy.mkdir()

@@ -153,7 +153,9 @@ def test_media_in_and_out_as_base64(url):
         # fields that would change the answer are refused, a typo is not ignored
         ({"logit_bias": {"264": -100}}, 400, "logit_bias: this server does not support logit biases"),
         ({"frequency_penalty": 2}, 400, "frequency_penalty: this server does not support frequency penalties"),
-        ({"tool_choice": "required"}, 400, 'tool_choice="required": this server calls no tools'),
+        ({"tool_choice": "required"}, 400, 'tool_choice="required": this server takes only "none" or "auto"'),
+        ({"reasoning_effort": "high"}, 400, 'reasoning_effort="high": this server takes only "none"'),
+        ({"start_with": "image", "num_beams": 2}, 400, "beam search writes text only; a reply that starts with image needs num_beams=1"),
         ({"temprature": 1.5, "text": {}}, 400, "unknown fields temprature, text; this server reads audio, image, max_completion_tokens"),
         ({"max_completion_tokens": 3, "max_tokens": "x"}, 400, "max_tokens must be a positive integer"),
         ({"stream_options": {"include_usage": True}}, 400, 'stream_options must be {"include_usage": true|false}, with stream=true'),

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -88,23 +89,36 @@ STEP = re.compile(r"step=(\d+)")
 
 
 def _recency(path: Path) -> tuple[bool, float, int, float, float]:
-    """How recent a checkpoint is: the time it records it was saved at (``SAVED_AT_KEY``), which
-    a copy keeps. Names cannot tell: a kill between a step file and ``last.ckpt`` leaves the step
-    newer, and a run resumed from an earlier step writes ``-vN`` step files older than its
-    ``last.ckpt``. A file that cannot be read ranks by its file time, so a damaged newest one is
-    found and passed over with a warning. Sharded directories and files that record no time
-    rank below, by Lightning's names (a later run's ``-vN``, a run's ``last``, the step named);
-    file times break ties."""
-    saved: float | None = None
-    if path.is_file():
-        try:
-            saved = read_checkpoint(path).get(SAVED_AT_KEY)
-        except UserError:
-            saved = path.stat().st_mtime
+    """How recent a checkpoint is: the time a file records it was saved at (``SAVED_AT_KEY``),
+    which a copy keeps. Names cannot tell: a kill between a step file and ``last.ckpt`` leaves the
+    step newer, and a run resumed from an earlier step writes ``-vN`` step files older than its
+    ``last.ckpt``. A sharded directory ranks by the time its save finished (its marker file), a
+    file that cannot be read by its file time, so that a damaged newest one is found and passed
+    over with a warning. Files that record no time (written before checkpoints did) rank below,
+    by Lightning's names: a later run's ``-vN``, a run's ``last``, the step named; file times
+    break ties."""
+    stat = path.stat()
+    # keyed by what any write changes (ctime, which no one can set, and the inode a rename brings)
+    version_of_file = (stat.st_ino, stat.st_ctime_ns, stat.st_mtime_ns, stat.st_size)
+    saved = _recorded_time(str(path), *version_of_file) if path.is_file() else _checkpoint_time(path)
     version = VERSION.search(path.name)
     step = STEP.search(path.name)
     order = math.inf if LAST_NAME.fullmatch(path.name) else int(step.group(1)) if step else -1
     return saved is not None, saved or 0.0, int(version.group(1)) if version else 0, order, _checkpoint_time(path)
+
+
+@functools.lru_cache(maxsize=256)
+def _recorded_time(path: str, inode: int, ctime_ns: int, mtime_ns: int, size: int) -> float | None:
+    """The save time a checkpoint file records (None for one that records none; its file time for
+    one that cannot be read), read once per version of the file: each save sorts its directory."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except UserError:
+        return mtime_ns / 1e9
+    if not isinstance(checkpoint, dict):
+        return mtime_ns / 1e9
+    saved = checkpoint.get(SAVED_AT_KEY)
+    return float(saved) if isinstance(saved, (int, float)) else None
 
 
 def checkpoints_newest_first(directory: str | Path) -> list[Path]:
@@ -163,10 +177,10 @@ def prune_checkpoints(directory: str | Path, keep_last_k: int) -> list[Path]:
     if not directory.is_dir():
         return []
     removed = [temp for temp in directory.glob(f"{TEMP_PREFIX}*") if not _writer_alive(temp)]
-    steps = [p for p in directory.glob("*.ckpt") if not LAST_NAME.fullmatch(p.name) and is_checkpoint(p)]
-    steps = sorted(steps, key=_recency, reverse=True)
     if keep_last_k >= 0:
-        removed += steps[keep_last_k:]
+        steps = [p for p in directory.glob("*.ckpt") if not LAST_NAME.fullmatch(p.name) and is_checkpoint(p)]
+        if len(steps) > keep_last_k:
+            removed += sorted(steps, key=_recency, reverse=True)[keep_last_k:]
     for path in removed:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

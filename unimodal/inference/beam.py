@@ -30,7 +30,7 @@ class BeamEngine(Protocol):
 
     def constrain(self, scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, in_text: list[int]) -> torch.Tensor: ...
 
-    def text_segment(self, ids: list[int], stop: Sequence[str]) -> tuple[str, bool]: ...
+    def text_segment(self, ids: list[int], stop: Sequence[str], last: bool = False) -> tuple[str, bool]: ...
 
 
 def beam_search(
@@ -46,8 +46,9 @@ def beam_search(
     hypotheses are finished and no running beam can beat the worst of them.
 
     A hypothesis ends at an end token or where its text completes a stop string, and is no
-    longer than the text ``max_tokens``. A row past its deadline leaves with its best running
-    beam (beams are kept best first); when every row has, :class:`GenerationTimeout` is raised."""
+    longer than the text ``max_tokens``. A row past its deadline leaves with its best finished
+    hypothesis, or else its best running beam (beams are kept best first); when every row has,
+    :class:`GenerationTimeout` is raised."""
     k, batch = settings.text.num_beams, len(prompts)
     cap = settings.text.max_tokens
     budgets = [min(b, cap) if cap is not None else b for b in budgets]
@@ -122,16 +123,15 @@ def beam_search(
         cache.step(cache.embed_tokens(new), None if all(not d for d in done) else live, torch.zeros_like(new))
     out = []
     for b, prompt in enumerate(prompts):
-        if expired[b]:
-            best, ended, finish = partial[b], False, expired[b]
+        if expired[b] and not finished[b]:
+            best, ended = partial[b], False
         else:
             _, best, ended = max(finished[b], key=lambda h: h[0])
-            finish = "stop" if ended else "length"
-        text, stopped = engine.text_segment(best, settings.stop)
+        text, stopped = engine.text_segment(best, settings.stop, last=True)
+        finish = expired[b] or ("stop" if ended or stopped else "length")
         segments = [Segment("text", text, ids=best)] if text else []
-        if stopped and not expired[b]:
-            finish = "stop"
-        out.append(Generation(segments, finish, len(prompt), len(best) + int(ended), seeds[b]))
+        # the end token is not counted, as sampling does not count it
+        out.append(Generation(segments, finish, len(prompt), len(best), seeds[b]))
     return out
 
 

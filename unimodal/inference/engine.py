@@ -135,8 +135,9 @@ class Engine:
         samples with its own settings, seed and ``timeout_s``, so a seeded row writes the same
         reply alone as in any batch. One shared seed ``s`` gives row ``i`` the seed ``s + i``.
         ``unconditional`` is the prompt of the guidance rows (needed when a row guides a writable
-        modality, ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded,
-        and ``on_done(row, generation)`` each row's generation as soon as the row ends, while the
+        modality, ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded
+        (beam search, whose beams are reranked to the end, passes each reply's text whole when it
+        ends), and ``on_done(row, generation)`` each row's generation as soon as the row ends, while the
         others go on (a server answers a short request before the batch's longest reply ends).
         ``cancel`` (shared or per row) stops a row at its next step.
 
@@ -158,8 +159,6 @@ class Engine:
         if rows[0].text.num_beams > 1:
             if any(s.replace(seed=rows[0].seed) != rows[0] for s in rows[1:]):
                 raise ValueError("beam search runs rows with the same settings only")
-            if any(len(p) and int(p.ids[-1]) in self.modes for p in prompts):
-                raise ValueError("beam search writes text only; a reply that starts with media needs num_beams=1")
             generations = beam_search(self, prompts, budgets, rows[0], [seed for _, seed in seeded], deadlines)
             for index, generation in enumerate(generations):
                 text = "".join(segment.text for segment in generation.segments)
@@ -190,13 +189,16 @@ class Engine:
 
     def budget(self, prompt: EncodedDocument, settings: GenerationSettings) -> int:
         """How many positions a reply to ``prompt`` may write; ValueError when it can write none, or
-        when the prompt opens a medium (``start_with``) that the settings leave no room for. Callers
+        when the prompt opens a medium (``start_with``) that the settings leave no room for or that
+        beam search (text only) cannot write. Callers
         that batch requests check each prompt here first, so that one bad request fails alone."""
         room = self.max_length - len(prompt)
         if room < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens and fills the context of {self.max_length}")
         budget = min(settings.max_new_tokens, room)
         mode = self.modes.get(int(prompt.ids[-1])) if len(prompt) else None
+        if mode is not None and settings.text.num_beams > 1:
+            raise ValueError(f"beam search writes text only; a reply that starts with {mode.name} needs num_beams=1")
         if mode is not None and not may_open(mode, settings, budget, begun=True):
             raise ValueError(
                 f"the reply must start with {mode.name}, which its settings leave no room for (max_media={settings.max_media}, "
@@ -223,11 +225,15 @@ class Engine:
             constrained[rows, self.continuous_begins] = scores[rows, self.continuous_begins]
         return constrained
 
-    def text_segment(self, ids: list[int], stop: Sequence[str]) -> tuple[str, bool]:
-        """Decoded text cut at the first stop string, and whether one was found."""
+    def text_segment(self, ids: list[int], stop: Sequence[str], last: bool = False) -> tuple[str, bool]:
+        """Decoded text cut at the first stop string, and whether one was found. ``last``: the
+        reply ends here, so a tail that only began a stop string (the end-of-turn marker a length
+        limit cut in two: ``<|im_``) is cut too; a stream held it back and the reply never became it."""
         text = self.tokenizer.decode(ids)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
+        if cut >= 0:
+            return text[:cut], True
+        return (text[: len(text) - _stop_prefix(text, stop)] if last else text), False
 
 
 class _Run:
@@ -559,10 +565,10 @@ class _Run:
         mode = engine.modes.get(token)
         if mode is None:
             row.text_ids.append(token)
-            self._stream(row)  # first: a stop string completed by the last token allowed is a stop
-            self._count(row, token, feed, "text")
+            self._record(row, token, feed, "text")
+            self._stream(row)  # before the limits: a stop string completed by the last token allowed is a stop
             cap = row.settings.text.max_tokens
-            if cap is not None and row.used["text"] >= cap:
+            if row.new >= row.budget or (cap is not None and row.used["text"] >= cap):
                 self._finish(row, "length")
             return
         self._flush_text(row)
@@ -578,12 +584,16 @@ class _Run:
         row.remaining = mode.min_positions - 1 if mode.kind == "causal" else 0
         row.block_pending = mode.kind == "bidirectional"
 
-    def _count(self, row: _Row, value: Any, feed: dict[int, Any], name: str) -> None:
-        """One position written: queue it, charge it to the budgets, end the row when they run out."""
+    def _record(self, row: _Row, value: Any, feed: dict[int, Any], name: str) -> None:
+        """One position written: queue it and charge it to the budgets."""
         feed[row.index] = value
         self.modality_of[row.index] = MODALITY_IDS[name]
         row.new += 1
         row.used[name] = row.used.get(name, 0) + 1
+
+    def _count(self, row: _Row, value: Any, feed: dict[int, Any], name: str) -> None:
+        """:meth:`_record`, then end the row when its budget has run out."""
+        self._record(row, value, feed, name)
         if row.new >= row.budget:
             self._finish(row, "length")
 
@@ -619,14 +629,10 @@ class _Run:
             row.streamed = len(ready)
 
     def _flush_text(self, row: _Row, last: bool = False) -> None:
-        """The row's text so far as a segment; at the ``last`` flush of a reply, without a tail that
-        began a stop string (the end-of-turn marker a length limit cut in two: ``<|im_``), which
-        the stream held back and which the reply never became."""
+        """The row's text so far as a segment (at the ``last`` flush, cut as :meth:`Engine.text_segment` says)."""
         if not row.text_ids:
             return
-        text, stopped = self.engine.text_segment(row.text_ids, row.settings.stop)
-        if last and not stopped:
-            text = text[: len(text) - _stop_prefix(text, row.settings.stop)]
+        text, _ = self.engine.text_segment(row.text_ids, row.settings.stop, last=last)
         if self.on_text is not None and len(text) > row.streamed:
             self.on_text(row.index, text[row.streamed :])
         if text:

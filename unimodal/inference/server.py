@@ -69,12 +69,14 @@ SAMPLING_FIELDS = tuple(FIELD_TYPES)
 UNSUPPORTED = {
     "tools": "tool calling", "functions": "function calling", "logprobs": "log-probabilities",
     "top_logprobs": "log-probabilities", "logit_bias": "logit biases", "frequency_penalty": "frequency penalties",
-    "presence_penalty": "presence penalties", "prediction": "predicted outputs", "reasoning_effort": "reasoning effort",
-    "web_search_options": "web search",
+    "presence_penalty": "presence penalties", "prediction": "predicted outputs", "web_search_options": "web search",
+    "verbosity": "verbosity settings", "moderation": "moderation",
 }
-NEUTRAL = {"tool_choice": ("none", "auto"), "function_call": ("none", "auto")}
+# ... and those whose listed values ask for what this server does anyway
+NEUTRAL = {"tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "reasoning_effort": ("none",)}
 # OpenAI fields that change nothing here: accepted and ignored
-IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key")
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key",
+           "prompt_cache_retention", "prompt_cache_options")
 KNOWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "stop", "n", "stream", "stream_options",
                 "start_with", "modalities", "response_format", *SAMPLING_FIELDS, *UNSUPPORTED, *NEUTRAL, *IGNORED}
 
@@ -247,7 +249,7 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
             raise APIError(400, f"{key}: this server does not support {what}")
     for key, allowed in NEUTRAL.items():
         if payload.get(key) not in (None, *allowed):
-            raise APIError(400, f"{key}={json.dumps(payload[key])}: this server calls no tools")
+            raise APIError(400, f"{key}={json.dumps(payload[key])}: this server takes only {' or '.join(map(json.dumps, allowed))}")
     if payload.get("response_format") not in (None, {"type": "text"}):
         raise APIError(400, "response_format: only text responses are supported")
     messages = payload.get("messages")
@@ -291,8 +293,9 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     if stream and n != 1:
         raise APIError(400, "stream=true needs n=1")
     options = payload.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
-                                or not isinstance(options.get("include_usage", False), bool)):
+    # include_obfuscation pads events against length side channels, which a local server has no use for
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}
+                                or not all(isinstance(v, bool) for v in options.values())):
         raise APIError(400, 'stream_options must be {"include_usage": true|false}, with stream=true')
     usage_chunk = bool((options or {}).get("include_usage"))
     start_with = payload.get("start_with")
