@@ -301,6 +301,11 @@ def test_a_shard_cut_on_a_header_boundary_is_counted(tmp_path):
     assert len(list(read_documents([str(bare)], policy=policy))) == 12 and policy.skipped == 1
     with pytest.raises(ShardError, match="end-of-archive"):
         list(read_documents([str(bare)]))
+    # a stats.json that is damaged or of another shape indexes nothing: the marker check still applies
+    for damaged in ("[]", '{"shards": [{"name": "shard-000000.tar", "documents": "20"}]}', "{cut"):
+        (tmp_path / "bare" / "stats.json").write_text(damaged)
+        policy = BadSamplePolicy(max_bad_fraction=1.0)
+        assert len(list(read_documents([str(bare)], policy=policy))) == 12 and policy.skipped == 1
 
 
 def test_packing_that_would_write_nothing_is_an_error_and_leaves_nothing(tmp_path: Path):

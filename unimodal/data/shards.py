@@ -412,17 +412,19 @@ def _indexed_documents(url: str) -> int | None:
     stats = path.parent / STATS_FILE
     if not stats.is_file():
         return None
-    return _shard_index(str(stats), stats.stat().st_mtime_ns).get(path.name)
+    return _shard_index(str(path.parent), stats.stat().st_mtime_ns).get(path.name)
 
 
 @functools.lru_cache(maxsize=64)
-def _shard_index(stats: str, mtime_ns: int) -> dict[str, int]:
-    """Documents per shard name from a ``stats.json`` (read once per version of the file)."""
+def _shard_index(directory: str, mtime_ns: int) -> dict[str, int]:
+    """Documents per shard name from a directory's ``stats.json`` (read once per version of the
+    file); a damaged one checks nothing, as if there were none."""
     try:
-        shards = json.loads(Path(stats).read_text()).get("shards") or []
+        shards = (read_stats(directory) or {}).get("shards")
     except (OSError, ValueError):
         return {}
-    return {s["name"]: int(s["documents"]) for s in shards if isinstance(s, dict) and "name" in s and "documents" in s}
+    return {s["name"]: s["documents"] for s in shards if isinstance(s, dict) and isinstance(s.get("name"), str)
+            and isinstance(s.get("documents"), int)} if isinstance(shards, list) else {}
 
 
 def is_complete_tar(url: str) -> bool:
