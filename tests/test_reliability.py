@@ -355,5 +355,20 @@ def test_a_pipe_shard_url_runs_nothing_unless_the_recipe_opts_in(tmp_path):
     data = UnimodalDataModule([url], tokenizer="unused.model")
     with pytest.raises(ValueError, match="allow_pipe_urls"):
         data.setup("fit")
+    # hidden behind a shard, in a brace pattern or after "::", which WebDataset splits
+    from unimodal.data.shards import write_documents
+    from unimodal.schema import Document, Part
+
+    write_documents([Document([Part("text", text="x")], key="k")], tmp_path / "shards")
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    for spec in (f"{shard}::{url}", f"{{{shard},{url}}}"):
+        with pytest.raises(ValueError, match="runs a shell command"):
+            list(read_documents(spec))
+    code, (line,) = unimodal("data", "fit-codec", f"{{{shard},{url}}}", "--codec", "patch-vq", "--out", str(tmp_path / "codec"))
+    assert code == 2 and "runs a shell command" in line
     assert not marker.exists()
     assert expand_shards(url, allow_pipe=True) == [url]  # opted in: handed to WebDataset as it is
+    # a FIFO named like a shard would block its reader for ever
+    os.mkfifo(tmp_path / "shards" / "z.tar")
+    with pytest.raises(ValueError, match="z.tar is not a regular file"):
+        expand_shards(tmp_path / "shards")

@@ -331,27 +331,37 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
     A ``pipe:`` URL runs its text as a shell command (WebDataset's streaming form), so it is
     refused unless ``allow_pipe`` (a recipe's ``data.init_args.allow_pipe_urls: true``)."""
     spec = str(spec)
-    if spec.startswith("pipe:") and not allow_pipe:
-        raise ValueError(
-            f"{spec[:80]}: a pipe: shard URL runs a shell command; refused unless the recipe sets data.init_args.allow_pipe_urls: true"
-        )
     if os.path.isdir(spec):
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
         if not urls:
             raise FileNotFoundError(f"{spec}: directory holds no .tar shards")
+        _refuse_special_files(urls)
         return urls
     if spec.endswith((".jsonl", ".json")) and os.path.isfile(spec):
         raise ValueError(f"{spec} is a source JSONL, not shards: pack it first (unimodal data pack {spec} --out DIR) and give DIR")
-    urls = expand_urls(spec)
+    urls = expand_urls(spec)  # braces, and "::" between specs: any of them may be a pipe:
+    piped = next((u for u in urls if u.startswith("pipe:")), None)
+    if piped is not None and not allow_pipe:
+        raise ValueError(
+            f"{piped[:80]}: a pipe: shard URL runs a shell command; refused unless the recipe sets data.init_args.allow_pipe_urls: true"
+        )
     local = [u for u in urls if not is_streamed(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing and len(urls) == 1:
         raise FileNotFoundError(f"{spec} does not exist (a folder of .tar shards, a shard or a brace pattern)")
     if missing:
         raise FileNotFoundError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    _refuse_special_files(local)
     if len(local) == 1 == len(urls) and os.path.isfile(local[0]) and os.path.getsize(local[0]) and not tarfile.is_tarfile(local[0]):
         raise ValueError(f"{spec} is not a tar shard (a folder of .tar shards, a shard or a brace pattern)")
     return urls
+
+
+def _refuse_special_files(paths: list[str]) -> None:
+    """A FIFO or device named like a shard would block its reader for ever."""
+    special = next((p for p in paths if not os.path.isdir(p) and not os.path.isfile(p)), None)
+    if special is not None:
+        raise ValueError(f"{special} is not a regular file (a FIFO, socket or device); shards are .tar files")
 
 
 def present_shard_sets(paths: Iterable[str]) -> tuple[list[str], list[str]]:
