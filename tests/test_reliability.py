@@ -372,3 +372,24 @@ def test_a_pipe_shard_url_runs_nothing_unless_the_recipe_opts_in(tmp_path):
     os.mkfifo(tmp_path / "shards" / "z.tar")
     with pytest.raises(ValueError, match="z.tar is not a regular file"):
         expand_shards(tmp_path / "shards")
+
+
+def test_an_image_is_opened_with_the_image_decoders_only(tmp_path, monkeypatch):
+    """Pillow tries every plugin it has on bytes it is given; its EPS plugin starts Ghostscript.
+    A shard member or media file named .png that holds EPS is refused without running anything."""
+    from unimodal.data.media import MediaBytes, decode_media
+    from unimodal.modalities.image_continuous import load_image
+    from unimodal.schema import DocumentError
+
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\necho 10.0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(DocumentError, match="unreadable image"):
+        decode_media(MediaBytes("png", eps), "image", "k")
+    with pytest.raises(DocumentError, match="not a readable image"):
+        load_image(MediaBytes("png", eps), "k")
+    assert not marker.exists()

@@ -28,6 +28,9 @@ MODALITIES: tuple[str, ...] = get_args(Modality)
 MODALITY_IDS = {name: index for index, name in enumerate(MODALITIES)}
 ROLES = ("system", "user", "assistant")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+# the Pillow decoders of those, the only ones images are opened with: Pillow would otherwise try
+# every plugin it has on any bytes, EPS among them, which runs Ghostscript
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
 ARRAY_EXTENSIONS = ("npy",)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from unimodal.schema import ARRAY_EXTENSIONS, AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DocumentError
+from unimodal.schema import ARRAY_EXTENSIONS, AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, IMAGE_FORMATS, DocumentError
 
 # what one image or clip may declare before it is decoded: 4096 x 4096 RGB is 48 MB; an hour of
 # 48 kHz float audio 690 MB, so clips stop at ten minutes
@@ -73,7 +73,7 @@ def decode_media(
 
             with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked just below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(media.data))
+                image = Image.open(io.BytesIO(media.data), formats=IMAGE_FORMATS)
             with image:
                 if image.width * image.height > max_pixels:
                     raise MediaTooLarge(f"a {image.width}x{image.height} image is over the {max_pixels} pixels allowed; make it smaller")

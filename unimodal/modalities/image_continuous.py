@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from unimodal.modalities.base import MediaCodec, model_config
-from unimodal.schema import DocumentError, Part
+from unimodal.schema import IMAGE_FORMATS, DocumentError, Part
 
 
 def patchify(grid: torch.Tensor, patch: int) -> torch.Tensor:
@@ -68,9 +68,9 @@ def load_image(data: Any, where: str = "image") -> Any:
     raw = getattr(data, "data", data)  # MediaBytes carry the encoded file in .data
     try:
         if isinstance(raw, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(raw))
+            image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
         elif isinstance(raw, (str, Path)):
-            image = Image.open(raw)
+            image = Image.open(raw, formats=IMAGE_FORMATS)
         else:
             raise DocumentError(f"{where}: cannot read an image from {type(data).__name__}")
         image.load()
