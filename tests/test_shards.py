@@ -322,6 +322,30 @@ def test_packing_that_would_write_nothing_is_an_error_and_leaves_nothing(tmp_pat
         pack_jsonl(src, tmp_path / "split", val_fraction=0.05, progress=False)
     assert not (tmp_path / "split" / "train").exists()
     assert pack_jsonl(src, tmp_path / "split", val_fraction=0.9, progress=False)["val"]["documents"] >= 1
+    # into folders that were there before: only what this command wrote goes, the user's files stay
+    (tmp_path / "mine" / "train").mkdir(parents=True)
+    (tmp_path / "mine" / "train" / "notes.txt").write_text("mine")
+    with pytest.raises(EmptyOutput, match="no document falls in it"):
+        pack_jsonl(src, tmp_path / "mine", val_fraction=0.05, progress=False)
+    assert sorted(p.name for p in (tmp_path / "mine").rglob("*")) == ["notes.txt", "train"]
+    # Ctrl-C while val is written: no train split is kept, so the same command can run again
+    import unimodal.data.jsonl as jsonl
+
+    real = jsonl._pack_jsonl
+
+    def interrupted(src, out_dir, **kwargs):
+        if out_dir.name == "val":
+            raise KeyboardInterrupt
+        return real(src, out_dir, **kwargs)
+
+    jsonl._pack_jsonl = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pack_jsonl(src, tmp_path / "mine", val_fraction=0.9, progress=False)
+    finally:
+        jsonl._pack_jsonl = real
+    assert sorted(p.name for p in (tmp_path / "mine").rglob("*")) == ["notes.txt", "train"]
+    assert pack_jsonl(src, tmp_path / "mine", val_fraction=0.9, progress=False)["val"]["documents"] >= 1
 
 
 def test_shard_limits_and_out_are_checked_before_packing(tmp_path: Path):

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from unimodal.data.media import MediaBytes, source_media
 from unimodal.data.messages import messages_to_parts
-from unimodal.data.shards import MAX_BYTES_PER_SHARD, held_out, save_stats, write_shards
+from unimodal.data.shards import MAX_BYTES_PER_SHARD, STATS_FILE, held_out, save_stats, write_shards
 from unimodal.schema import (
     MODALITIES,
     SCHEMA,
@@ -118,24 +118,33 @@ def pack_jsonl(
                        skip_bad=skip_bad, prefix=prefix, progress=progress)
         written: dict[str, Any] = {}
         fresh = not Path(out_dir).exists()
+        created = {split: not (Path(out_dir) / split).exists() for split in ("train", "val")}
         try:
             for split in ("train", "val"):
                 written[split] = _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
                                              select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
-        except EmptyOutput as err:  # one split without documents: neither is kept, so the same command can run again
+        except BaseException as err:  # the val split failing (no document, a bad line, Ctrl-C) keeps no train split
+            for split in written:  # so that the same command can run again; what was there before stays
+                _remove_written(Path(out_dir) / split, created[split], prefix)
             if fresh:
                 shutil.rmtree(out_dir, ignore_errors=True)
-            elif written:
-                shutil.rmtree(Path(out_dir) / "train")
-            hint = f"; with --val_fraction {val_fraction} no document falls in it: pack more documents or change --val_fraction"
-            raise EmptyOutput(f"{err}{hint if err.elsewhere else ''}") from None
-        except BaseException:  # the val split failing leaves no train split behind either
-            if fresh:
-                shutil.rmtree(out_dir, ignore_errors=True)
+            if isinstance(err, EmptyOutput):
+                hint = f"; with --val_fraction {val_fraction} no document falls in it: pack more documents or change --val_fraction"
+                raise EmptyOutput(f"{err}{hint if err.elsewhere else ''}") from None
             raise
         return written
     return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
                        max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
+
+
+def _remove_written(split_dir: Path, created: bool, prefix: str) -> None:
+    """A split this command wrote: the whole folder where it made it, else its shards and
+    ``stats.json`` only (``write_shards`` writes only where there were none of either)."""
+    if created:
+        shutil.rmtree(split_dir, ignore_errors=True)
+        return
+    for path in [*split_dir.glob(f"{prefix}-*.tar"), split_dir / STATS_FILE]:
+        path.unlink(missing_ok=True)
 
 
 def _pack_jsonl(
