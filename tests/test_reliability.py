@@ -393,3 +393,25 @@ def test_an_image_is_opened_with_the_image_decoders_only(tmp_path, monkeypatch):
     with pytest.raises(DocumentError, match="not a readable image"):
         load_image(MediaBytes("png", eps), "k")
     assert not marker.exists()
+
+
+def test_a_compressed_shard_is_refused_before_it_expands(tmp_path):
+    """A gzip "shard" of 1 MB can hold a member of gigabytes, read whole into memory: refused,
+    as one bad shard (shards are plain tar files, as `data pack` writes them)."""
+    import gzip
+    import io
+    import tarfile
+
+    from unimodal.data.shards import BadSamplePolicy, ShardError, read_documents
+
+    member = io.BytesIO()
+    with tarfile.open(fileobj=member, mode="w") as tar:
+        info = tarfile.TarInfo("k.json")
+        info.size = 4 * 2**20
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    bomb = tmp_path / "bomb.tar"
+    bomb.write_bytes(gzip.compress(member.getvalue()))
+    with pytest.raises(ShardError, match="a compressed tar, whose members can expand without bound"):
+        list(read_documents(str(bomb)))
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    assert list(read_documents(str(bomb), policy=policy)) == [] and policy.skipped == 1

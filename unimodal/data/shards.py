@@ -389,13 +389,16 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
     for url in urls:
         read, stream = 0, None
         try:
+            if not is_streamed(url) and _compressed(url):
+                raise ShardError(f"{url}: a compressed tar, whose members can expand without bound when read; "
+                                 "shards are plain .tar files (as `unimodal data pack` writes them): decompress it")
             # opened here and closed below, read to its end or not (webdataset's opener leaves it open)
             stream = gopen(url)
             for read, sample in enumerate(group_by_keys(tar_file_expander([{"url": url, "stream": stream}])), start=1):
                 yield sample
         except Exception as err:  # noqa: BLE001 - any failure to read the tar is the shard's fault
             reason = re.sub(r" @ <.*>$", "", str(err.args[0]) if err.args else "")  # webdataset names its file object
-            error = ShardError(f"{url}: unreadable tar ({type(err).__name__}: {reason})")
+            error = err if isinstance(err, ShardError) else ShardError(f"{url}: unreadable tar ({type(err).__name__}: {reason})")
             if policy is None:
                 raise error from err
             policy.skip(error, shard=url)
@@ -414,6 +417,15 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
         if policy is None:
             raise error
         policy.skip(error, shard=url, count=lost)
+
+
+# gzip, bzip2, xz and zstd, which tar readers open transparently
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def _compressed(path: str) -> bool:
+    with open(path, "rb") as file:
+        return file.read(6).startswith(COMPRESSED_MAGIC)
 
 
 def _indexed_documents(url: str) -> int | None:
