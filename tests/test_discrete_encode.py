@@ -144,6 +144,26 @@ def test_a_bad_medium_keeps_the_complete_shards_and_says_how_to_go_on(raw_shards
     out = tmp_path / "out"
     with pytest.raises(DocumentError, match=r"a bad image.*; 1 complete shard kept in .*out: fix it and run the same command with --resume"):
         encode_shards(raw_shards, out, {"image": FailsOnThird(codecs["image"])}, max_docs_per_shard=3, batch_size=3, progress=False)
+    # with nothing kept, no job record is left to refuse a plain new start
+    class FailsAtOnce(StopsAfter):
+        def encode_batch(self, parts: list) -> list:
+            raise ValueError("a bad image")
+
+    early = tmp_path / "early"
+    with pytest.raises(DocumentError, match="a bad image"):
+        encode_shards(raw_shards, early, {"image": FailsAtOnce(codecs["image"])}, max_docs_per_shard=3, batch_size=3, progress=False)
+    assert not list(early.iterdir())
+    encode_shards(raw_shards, early, {"image": codecs["image"]}, max_docs_per_shard=3, batch_size=3, progress=False)
+    # a kill after stats.json was written, before the job record went: finished, nothing removed
+    (early / JOB_FILE).write_text("{}")
+    before = sorted(p.name for p in early.iterdir() if p.name != JOB_FILE)
+    with pytest.raises(FileExistsError, match="holds a finished encode .*nothing to resume"):
+        encode_shards(raw_shards, early, {"image": codecs["image"]}, max_docs_per_shard=3, batch_size=3, resume=True, progress=False)
+    assert sorted(p.name for p in early.iterdir()) == before
+    for bad, message in (({"max_docs_per_shard": 0}, "must be at least 1"), ({"flip_pairs": 2.0}, "a probability")):
+        with pytest.raises(ValueError, match=message):
+            encode_shards(raw_shards, tmp_path / "bad", {"image": codecs["image"]}, **({"progress": False} | bad))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_resume_starts_afresh_where_nothing_was_begun_and_refuses_a_changed_source(raw_shards, codecs, tmp_path):

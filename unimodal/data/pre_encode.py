@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from unimodal.data.media import decode_media
 from unimodal.data.shards import (
     MAX_BYTES_PER_SHARD,
+    STATS_FILE,
     ShardError,
     ShardStats,
     expand_shards,
@@ -116,12 +118,35 @@ def _shards(count: int) -> str:
     return f"{count} complete shard{'' if count == 1 else 's'}"
 
 
+def _write(documents: Callable[[], Iterator[Document]], out: Path, max_docs_per_shard: int,
+           continuing: ShardStats | None) -> dict[str, Any]:
+    """The shards of ``documents()``; an interruption or a bad document keeps the complete ones and
+    says how to go on from them."""
+    try:
+        with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
+            return write_shards(docs, out, max_docs_per_shard, MAX_BYTES_PER_SHARD, "shard",
+                                continuing=continuing if continuing is not None else ShardStats())
+    except KeyboardInterrupt:
+        kept = len(list(out.glob("shard-*.tar")))
+        raise EncodeInterrupted(f"interrupted (Ctrl-C); {_shards(kept)} kept in {out}: run the same command with --resume "
+                                "to go on") from None
+    except DocumentError as err:  # a bad document or medium: what was encoded before it stays
+        kept = len(list(out.glob("shard-*.tar")))
+        if (out / JOB_FILE).is_file() and kept:
+            raise DocumentError(f"{err}; {_shards(kept)} kept in {out}: fix it and run the same command with --resume") from None
+        raise
+
+
 def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | None:
     """The complete shards of an interrupted encode of the same job in ``out``, counted from the
     shards themselves (a shard cut off by a kill is removed); None when there is none to go on from."""
     job_file = out / JOB_FILE
     if not job_file.is_file():
         return None
+    if (out / STATS_FILE).is_file():  # written once every shard was: a kill came before the record went
+        job_file.unlink()
+        raise FileExistsError(f"{out} holds a finished encode (its stats.json is written): nothing to resume; "
+                              "write to an empty directory to encode again")
     shards = sorted(out.glob("shard-*.tar"))
     if not resume:
         raise FileExistsError(f"{out} holds an interrupted encode ({len(shards)} shard{'' if len(shards) == 1 else 's'}): "
@@ -175,6 +200,10 @@ def encode_shards(
     """
     if not codecs:
         raise ValueError("nothing to encode: give an image tokenizer, an audio codec or both")
+    if max_docs_per_shard < 1 or batch_size < 1:
+        raise ValueError(f"--max_docs_per_shard and --batch_size must be at least 1, got {max_docs_per_shard} and {batch_size}")
+    if not 0 <= flip_pairs <= 1:
+        raise ValueError(f"--flip_pairs is a probability, in [0, 1]; got {flip_pairs}")
     sources = read_code_sources(src)
     again = sorted(set(sources) & set(codecs))
     if again:
@@ -183,7 +212,8 @@ def encode_shards(
         )
     fingerprints = {modality: codec.fingerprint() for modality, codec in codecs.items()}
     out = Path(out_dir)
-    job = {"source": str(src), "codes": fingerprints, "max_docs_per_shard": max_docs_per_shard, "flip_pairs": flip_pairs,
+    # the source as an absolute path, so that a resume may name it either way
+    job = {"source": str(src) if is_streamed(src) else os.path.abspath(src), "codes": fingerprints, "max_docs_per_shard": max_docs_per_shard, "flip_pairs": flip_pairs,
            "seed": seed}
     job = json.loads(json.dumps(job))  # as the job file reads back (tuples become lists)
     continuing = _continued(out, job, resume)
@@ -224,17 +254,10 @@ def encode_shards(
                 yield from encoded(batch)
 
     try:
-        with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
-            stats = write_shards(docs, out, max_docs_per_shard, MAX_BYTES_PER_SHARD, "shard",
-                                 continuing=continuing if continuing is not None else ShardStats())
-    except KeyboardInterrupt:
-        kept = len(list(out.glob("shard-*.tar")))
-        raise EncodeInterrupted(f"interrupted (Ctrl-C); {_shards(kept)} kept in {out}: run the same command with --resume "
-                                "to go on") from None
-    except DocumentError as err:  # a bad document or medium: what was encoded before it stays
-        kept = len(list(out.glob("shard-*.tar")))
-        if (out / JOB_FILE).is_file() and kept:
-            raise DocumentError(f"{err}; {_shards(kept)} kept in {out}: fix it and run the same command with --resume") from None
+        stats = _write(documents, out, max_docs_per_shard, continuing)
+    except BaseException:
+        if not list(out.glob("shard-*.tar")):  # nothing to go on from: no job record to refuse a new start with
+            (out / JOB_FILE).unlink(missing_ok=True)
         raise
     save_stats(out, stats)
     record_code_sources(out, {**sources, **fingerprints}, encoded_from=str(src))
