@@ -415,3 +415,40 @@ def test_a_compressed_shard_is_refused_before_it_expands(tmp_path):
         list(read_documents(str(bomb)))
     policy = BadSamplePolicy(max_bad_fraction=1.0)
     assert list(read_documents(str(bomb), policy=policy)) == [] and policy.skipped == 1
+
+
+def test_a_damaged_codec_directory_or_a_missing_device_is_one_line(tmp_path):
+    import json as json_module
+
+    from unimodal.worlds import resolve
+
+    damaged = {"list": "[]", "bad-json": "{oops"}
+    for name, text in damaged.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "codec.json").write_text(text)
+    unknown = tmp_path / "unknown-key"
+    unknown.mkdir()
+    source = Path(resolve("builtin:digits/audio_codec"))
+    for file in source.iterdir():
+        (unknown / file.name).write_bytes(file.read_bytes())
+    spec = json_module.loads((unknown / "codec.json").read_text())
+    spec["config"] = {**spec.get("config", {}), "bogus": 1}
+    (unknown / "codec.json").write_text(json_module.dumps(spec))
+    shards = resolve("builtin:digits") + "/val"
+    cases = [
+        (tmp_path / "list", "codec.json holds a JSON list, not an object"),
+        (tmp_path / "bad-json", "codec.json is not valid JSON"),
+        (unknown, f"cannot load the audio codec in {unknown} (TypeError"),
+        (tmp_path / "missing", "does not exist or is not a directory; give the directory of the audio codec"),
+    ]
+    for codec, reason in cases:
+        code, (line,) = unimodal("data", "encode", shards, "--out", str(tmp_path / "out"), "--audio_codec", str(codec))
+        assert code == 2 and reason in line, line
+    import torch
+
+    devices = [("bogus", "is not a device name")] + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")])
+    for device, reason in devices:
+        code, (line,) = unimodal("data", "encode", shards, "--out", str(tmp_path / "out"), "--audio_codec",
+                                 "builtin:digits/audio_codec", "--device", device)
+        assert code == 2 and reason in line, line
+    assert not (tmp_path / "out").exists()

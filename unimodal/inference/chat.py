@@ -43,6 +43,7 @@ from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import Generation, Segment
 from unimodal.modalities.audio import to_mono
 from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.loading import resolve_device
 from unimodal.modalities.vocab import SPAN_MARKERS
 from unimodal.models.generation import SAMPLING_KEYS, GenerationSettings
 from unimodal.models.unified import UnifiedModel
@@ -547,8 +548,6 @@ def load(path: str | Path, device: str = "auto", max_audio_seconds: float | None
     """An :class:`Assistant` for an export directory (``unimodal export``); ``device`` is
     ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; ``max_audio_seconds`` replaces the
     longest clip the export's audio codec takes (and writes); ``overrides`` set Assistant fields."""
-    import torch
-
     if not isinstance(path, (str, Path)):
         raise ChatError(f"load takes the path of an export directory, got {type(path).__name__}")
     unknown = sorted(set(overrides) - {f.name for f in fields(Assistant)} - {"settings"})
@@ -559,14 +558,10 @@ def load(path: str | Path, device: str = "auto", max_audio_seconds: float | None
         raise ChatError(f"load got unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}")
     if max_audio_seconds is not None and (isinstance(max_audio_seconds, bool) or not isinstance(max_audio_seconds, numbers.Real)):
         raise ChatError(f"max_audio_seconds must be a number of seconds, got {max_audio_seconds!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise ChatError(f"device {device!r} is not a device name; use auto, cpu or cuda[:N]") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ChatError(f"device {device!r}: this machine has no CUDA device (or this torch is a CPU build); use cpu")
+        device = resolve_device(device)
+    except ValueError as err:
+        raise ChatError(str(err)) from None
     exported = load_exported(path)
     if max_audio_seconds is not None:
         codec = exported.processor.codecs.get("audio")

@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from unimodal.errors import UserError
 from unimodal.modalities.audio import load_audio_codec
 from unimodal.modalities.base import CODEC_FILE, MediaCodec
 from unimodal.modalities.digit_audio import DigitAudioCodec
 from unimodal.modalities.image_discrete import ChameleonImageTokenizer, PatchVQCodec
 from unimodal.modalities.seed_tokenizer import CONFIG_FILE, SeedTokenizer
+from unimodal.schema import read_json_object
 
 # the codecs the framework fits itself (k-means codebooks), by the name their fingerprint gives
 FITTED_CODECS: dict[str, type[MediaCodec]] = {"digit-audio": DigitAudioCodec, "patch-vq": PatchVQCodec}
 
 
+def resolve_device(device: str) -> str:
+    """``device`` checked (``auto``: CUDA where there is one), refused in one line where it names
+    no device or one this machine lacks."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name; use auto, cpu or cuda[:N]") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device (or this torch is a CPU build); use cpu")
+    return device
+
+
 def fitted_kind(path: Path) -> str:
     """Which of :data:`FITTED_CODECS` a ``codec.json`` directory holds."""
-    name = (json.loads((path / CODEC_FILE).read_text()).get("fingerprint") or {}).get("name")
+    fingerprint = read_json_object(path / CODEC_FILE, "fit the codec again, or copy it again").get("fingerprint")
+    name = fingerprint.get("name") if isinstance(fingerprint, dict) else None
     if name not in FITTED_CODECS:
         raise ValueError(f"{path / CODEC_FILE}: codec {name!r} is none of {', '.join(FITTED_CODECS)}")
     return name
@@ -29,6 +47,22 @@ def load_codec(modality: str, path: str | Path, device: str = "cpu", **options: 
     codec for audio (``options``: ``layers``, ``max_seconds``), or a codec the framework fitted
     (``codec.json``: the digits speech codec, the patch VQ, or one refit by ``unimodal data fit-codec``)."""
     path = Path(path)
+    device = resolve_device(device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist or is not a directory; give the directory of the {modality} codec")
+    try:
+        return _load(modality, path, device, **options)
+    except (FileNotFoundError, UserError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign directory fails in many libraries, in many ways
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        if str(path) in reason:  # already names the file and what to do
+            raise UserError(reason) from None
+        raise UserError(f"cannot load the {modality} codec in {path} ({type(err).__name__}: {reason}); "
+                        "fit it again or copy it again") from None
+
+
+def _load(modality: str, path: Path, device: str, **options: Any) -> MediaCodec:
     if (path / CODEC_FILE).is_file():
         return _fitted(modality, path, **options)
     if modality == "image":
