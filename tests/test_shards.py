@@ -113,6 +113,10 @@ def test_inspect(source: Path, tmp_path: Path):
     (out / "stats.json").write_text('{"documents": 2')  # a copy cut short
     with pytest.raises(ValueError, match=r"stats.json is not valid JSON .*delete it to have them counted"):
         inspect_path(out)
+    for other in ("{}", '{"documents": "x", "modalities": {}}', '{"documents": 2, "modalities": {"text": 5}}'):
+        (out / "stats.json").write_text(other)
+        with pytest.raises(ValueError, match=r"stats.json lacks the counts .*delete it to have them counted"):
+            inspect_path(out)
 
 
 def test_data_inspect_takes_builtin_names(capsys):
@@ -159,6 +163,8 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         (json.dumps({"parts": [{"type": "image", "path": "folder.png"}]}), r"src\.jsonl:2: image file 'folder.png' is a directory, not a regular file"),
         (json.dumps({"parts": [{"type": "image", "path": "zero.png"}]}), r"src\.jsonl:2: image file 'zero.png' is a device or socket, not a regular"),
         (json.dumps({"parts": [{"type": "image", "path": "https://x.org/a.png"}]}), r"src\.jsonl:2: image 'https://x.org/a.png' is remote"),
+        (json.dumps({"parts": [{"type": "image", "path": "a" * 5000 + ".png"}]}),
+         r"src\.jsonl:2: image file 'a{200}'\.\.\. \(5004 characters\) cannot be read \(File name too long\)"),
         (json.dumps({"parts": [{"type": "image", "path": "huge.npy"}]}), r"src\.jsonl:2: image file 'huge.npy' is 600 MiB, over the 512 MiB a media file may have"),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}),
          r"src\.jsonl:2: message 0: image data URL of type image/png is not a \.png file \(it starts with b'hello'\)"),

@@ -42,6 +42,14 @@ def _describe_part(index: int, part: Part) -> str:
     return f"{head} media={part.media} .{media.ext} {shape} ({_size(len(media.data))})"
 
 
+def _summary_shaped(stats: dict) -> bool:
+    modalities = stats.get("modalities")
+    return isinstance(stats.get("documents"), int) and isinstance(modalities, dict) and all(
+        isinstance(modalities.get(kind), dict) and all(isinstance(modalities[kind].get(key), int) for key in keys)
+        for kind, keys in (("text", ("parts", "characters")), ("image", ("parts", "bytes")), ("audio", ("parts", "bytes")))
+    )
+
+
 def inspect_path(path: str | Path, n: int = 3) -> str:
     """Summarise a shard or a shard directory and show its first documents.
 
@@ -55,6 +63,9 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
     urls = expand_shards(path)
     # a directory's stats.json; a pattern or single shard is counted, as its stats.json covers more
     stats = read_stats(path) if path.is_dir() else None
+    if stats is not None and not _summary_shaped(stats):
+        raise ValueError(f"{path / STATS_FILE} lacks the counts `unimodal data pack` writes (documents, modalities); "
+                         "write the shards again, or delete it to have them counted")
     lines = [f"path: {path}", f"shards: {len(urls)} ({_size(sum(os.path.getsize(u) for u in urls))})"]
     first: list[Document] = []
     policy = BadSamplePolicy(max_bad_fraction=1.0)
