@@ -206,6 +206,9 @@ def test_write_refuses_dotted_keys_and_existing_shards(tmp_path: Path):
     write_documents([Document([Part("text", text="x")], key="a")], tmp_path / "out")
     with pytest.raises(FileExistsError, match="already holds shards"):
         write_documents([Document([Part("text", text="x")], key="b")], tmp_path / "out")
+    (tmp_path / "out" / "stats.json").unlink()  # as a pack killed before its end leaves them
+    with pytest.raises(FileExistsError, match=r"but no stats.json: those of a pack that did not finish \(killed\?\)"):
+        write_documents([Document([Part("text", text="x")], key="b")], tmp_path / "out")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "stats.json").write_text('{"my": "notes"}')
     with pytest.raises(FileExistsError, match="mine already holds stats.json; write to an empty directory"):

@@ -241,7 +241,9 @@ def write_shards(
     if not kept and (held or (out / STATS_FILE).exists()):
         # another set's shards, or a stats.json that may be the user's own
         what = f"shards ({held[0].name}, ...)" if held else STATS_FILE
-        raise FileExistsError(f"{out} already holds {what}; write to an empty directory")
+        unfinished = " but no stats.json: those of a pack that did not finish (killed?), which can be deleted" if held and not (
+            out / STATS_FILE).exists() else ""
+        raise FileExistsError(f"{out} already holds {what}{unfinished}; write to an empty directory")
     if kept and ([p.name for p in held] != sorted(kept) or (out / STATS_FILE).exists()):
         raise FileExistsError(f"{out} holds other files than the {len(kept)} complete shards being continued")
     stats = continuing if continuing is not None else ShardStats()
