@@ -174,6 +174,8 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         ('{"parts": [], "meta": {"n": 1' + "0" * 5000 + "}}", r"src\.jsonl:2: malformed JSON \(an integer has more than 4300 digits\)"),
         ('{"parts": [{"type": "text", "text": "\\ud800"}]}', r"src\.jsonl:2: malformed JSON \(a string holds a lone surrogate \(\\ud800\)"),
         ('{"parts": [{"type": "text", "text": "x"}], "meta": {"score": NaN}}', r"src\.jsonl:2: malformed JSON \(NaN is not a JSON number\)"),
+        ('{"parts": [{"type": "text", "text": "x"}], "parts": [{"type": "text", "text": "y"}]}',
+         r"src\.jsonl:2: malformed JSON \(the key 'parts' is given twice in one object\)"),
     ],
 )
 def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):

@@ -167,9 +167,10 @@ def read_json(text: str) -> Any:
     """JSON from text that anyone may have written, refusing in one ``NotJSON`` line what
     Python's parser lets through or fails on in its own way: NaN and Infinity, numbers past a
     float's range or Python's integer digit limit, nesting past the recursion limit, and escaped
-    lone surrogates, which no UTF-8 writer or tokenizer downstream can encode."""
+    lone surrogates, which no UTF-8 writer or tokenizer downstream can encode; and a key given
+    twice in one object, where the parser would keep the last one without a word."""
     try:
-        value = json.loads(text, parse_constant=_constant, parse_float=_finite)
+        value = json.loads(text, parse_constant=_constant, parse_float=_finite, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:  # the column alone on a one-line text (a line of JSONL, its newline kept)
         at = f"line {err.lineno} column {err.colno}" if "\n" in text.rstrip("\r\n") else f"column {err.pos + 1}"
         raise NotJSON(f"{err.msg} at {at}") from None
@@ -181,6 +182,15 @@ def read_json(text: str) -> Any:
         raise NotJSON(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
     if LONE_SURROGATE_ESCAPE.search(text):  # only an escape can make one: the text itself is UTF-8
         _refuse_lone_surrogates(value)
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise NotJSON(f"the key {twice!r} is given twice in one object")
     return value
 
 
