@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -123,6 +124,8 @@ def test_an_interrupted_encode_resumes_after_its_complete_shards_to_the_same_byt
         encode_shards(raw_shards, out, {"image": codecs["image"]}, **settings)
     with pytest.raises(ValueError, match="other settings \\(max_docs_per_shard differ\\)"):
         encode_shards(raw_shards, out, {"image": codecs["image"]}, resume=True, **(settings | {"max_docs_per_shard": 4}))
+    job = json.loads((out / JOB_FILE).read_text())
+    (out / JOB_FILE).write_text(json.dumps(job | {"source": os.path.relpath(raw_shards)}))  # as typed, by earlier versions
     finishing = StopsAfter(codecs["image"])
     encode_shards(raw_shards, out, {"image": finishing}, resume=True, **settings)
     assert finishing.images == 9  # the 3 documents of the kept shard are not encoded again

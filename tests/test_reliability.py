@@ -372,6 +372,10 @@ def test_a_pipe_shard_url_runs_nothing_unless_the_recipe_opts_in(tmp_path):
     os.mkfifo(tmp_path / "shards" / "z.tar")
     with pytest.raises(ValueError, match="z.tar is not a regular file"):
         expand_shards(tmp_path / "shards")
+    os.unlink(tmp_path / "shards" / "z.tar")
+    os.symlink(tmp_path / "gone.tar", tmp_path / "shards" / "y.tar")
+    with pytest.raises(FileNotFoundError, match="y.tar is a link to nothing"):
+        expand_shards(tmp_path / "shards")
 
 
 def test_an_image_is_opened_with_the_image_decoders_only(tmp_path, monkeypatch):
@@ -415,6 +419,12 @@ def test_a_compressed_shard_is_refused_before_it_expands(tmp_path):
         list(read_documents(str(bomb)))
     policy = BadSamplePolicy(max_bad_fraction=1.0)
     assert list(read_documents(str(bomb), policy=policy)) == [] and policy.skipped == 1
+    # a plain shard whose first member's name starts as bzip2 does ("BZh...") is a tar all the same
+    from unimodal.data.shards import write_documents
+    from unimodal.schema import Document, Part
+
+    write_documents([Document([Part("text", text="x")], key="BZh91AY")], tmp_path / "plain")
+    assert [doc.key for doc in read_documents(str(tmp_path / "plain"))] == ["BZh91AY"]
 
 
 def test_a_damaged_codec_directory_or_a_missing_device_is_one_line(tmp_path):

@@ -209,7 +209,7 @@ def test_write_refuses_dotted_keys_and_existing_shards(tmp_path: Path):
     with pytest.raises(FileExistsError, match="already holds shards"):
         write_documents([Document([Part("text", text="x")], key="b")], tmp_path / "out")
     (tmp_path / "out" / "stats.json").unlink()  # as a pack killed before its end leaves them
-    with pytest.raises(FileExistsError, match=r"but no stats.json: those of a pack that did not finish \(killed\?\)"):
+    with pytest.raises(FileExistsError, match=r"and no stats.json \(if they are left from a pack that did not finish, delete them\)"):
         write_documents([Document([Part("text", text="x")], key="b")], tmp_path / "out")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "stats.json").write_text('{"my": "notes"}')

@@ -163,14 +163,15 @@ def _finite(text: str) -> float:
 LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def read_json(text: str) -> Any:
+def read_json(text: str, unique_keys: bool = True) -> Any:
     """JSON from text that anyone may have written, refusing in one ``NotJSON`` line what
     Python's parser lets through or fails on in its own way: NaN and Infinity, numbers past a
     float's range or Python's integer digit limit, nesting past the recursion limit, and escaped
-    lone surrogates, which no UTF-8 writer or tokenizer downstream can encode; and a key given
-    twice in one object, where the parser would keep the last one without a word."""
+    lone surrogates, which no UTF-8 writer or tokenizer downstream can encode; and, with
+    ``unique_keys``, a key given twice in one object, where the parser would keep the last one
+    without a word."""
     try:
-        value = json.loads(text, parse_constant=_constant, parse_float=_finite, object_pairs_hook=_unique_keys)
+        value = json.loads(text, parse_constant=_constant, parse_float=_finite, object_pairs_hook=_unique_keys if unique_keys else None)
     except json.JSONDecodeError as err:  # the column alone on a one-line text (a line of JSONL, its newline kept)
         at = f"line {err.lineno} column {err.colno}" if "\n" in text.rstrip("\r\n") else f"column {err.pos + 1}"
         raise NotJSON(f"{err.msg} at {at}") from None
@@ -196,9 +197,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def read_json_object(file: str | Path, fix: str) -> dict[str, Any]:
     """A JSON object file that may be damaged (a copy cut short, an edit gone wrong), refused in
-    one line that names it and says ``fix``."""
+    one line that names it and says ``fix``. A key given twice keeps its last value, as
+    transformers reads the configs it writes."""
     try:
-        value = read_json(Path(file).read_text(encoding="utf-8"))
+        value = read_json(Path(file).read_text(encoding="utf-8"), unique_keys=False)
     except (NotJSON, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON ({err}); {fix}") from None
     if not isinstance(value, dict):

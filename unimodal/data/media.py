@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,17 +115,21 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, o
     file = base / path  # an absolute path stays as it is
     shown = repr(path) if len(path) <= 200 else f"{path[:200]!r}... ({len(path)} characters)"
     try:
-        if not file.exists():
-            raise DocumentError(f"{where}: {kind} file {shown} not found (looked at {file})")
-        if not file.is_file():  # a FIFO or a device would block or never end
-            what = "a directory" if file.is_dir() else "a FIFO" if file.is_fifo() else "a device or socket"
-            raise DocumentError(f"{where}: {kind} file {shown} is {what}, not a regular file (looked at {file})")
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise DocumentError(f"{where}: {kind} file {shown} not found (looked at {file})") from None
+    except OSError as err:  # a name too long, a loop of links, no permission
+        raise DocumentError(f"{where}: {kind} file {shown} cannot be read ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise DocumentError(f"{where}: {kind} file {shown} is {what}, not a regular file (looked at {file})")
+    try:
         size = file.stat().st_size
         if size > MAX_MEDIA_BYTES:
             raise DocumentError(f"{where}: {kind} file {shown} is {size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
                                 "a media file may have")
         data = file.read_bytes()
-    except OSError as err:  # a name too long, a loop of links, no permission
+    except OSError as err:
         raise DocumentError(f"{where}: {kind} file {shown} cannot be read ({err.strerror or err})") from None
     check_signature(ext, data, f"{where}: {kind} file {path!r}")
     return MediaBytes(ext, data)

@@ -132,7 +132,7 @@ def _write(documents: Callable[[], Iterator[Document]], out: Path, max_docs_per_
                                 "to go on") from None
     except DocumentError as err:  # a bad document or medium: what was encoded before it stays
         kept = len(list(out.glob("shard-*.tar")))
-        if (out / JOB_FILE).is_file() and kept:
+        if kept:
             raise DocumentError(f"{err}; {_shards(kept)} kept in {out}: fix it and run the same command with --resume") from None
         raise
 
@@ -143,7 +143,10 @@ def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | Non
     job_file = out / JOB_FILE
     if not job_file.is_file():
         return None
-    if (out / STATS_FILE).is_file():  # written once every shard was: a kill came before the record went
+    if (out / STATS_FILE).is_file():  # written, whole, once every shard was: a kill came before the job record went
+        if CODES_KEY not in (read_stats(out) or {}):
+            raise FileExistsError(f"{out} holds a stats.json without the codes' record and an encode's job record: "
+                                  "encode again into an empty directory")
         job_file.unlink()
         raise FileExistsError(f"{out} holds a finished encode (its stats.json is written): nothing to resume; "
                               "write to an empty directory to encode again")
@@ -152,6 +155,8 @@ def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | Non
         raise FileExistsError(f"{out} holds an interrupted encode ({len(shards)} shard{'' if len(shards) == 1 else 's'}): "
                               "add --resume to go on from its complete shards, or write to an empty directory")
     recorded = read_json_object(job_file, "encode into an empty directory")
+    if isinstance(recorded.get("source"), str) and not is_streamed(recorded["source"]):  # as typed, by earlier versions
+        recorded["source"] = os.path.abspath(recorded["source"])
     changed = [key for key in job if recorded.get(key) != job[key]]
     if changed:
         raise ValueError(f"{out} holds an encode of other settings ({', '.join(changed)} differ): resume it with the same "
@@ -259,7 +264,8 @@ def encode_shards(
         if not list(out.glob("shard-*.tar")):  # nothing to go on from: no job record to refuse a new start with
             (out / JOB_FILE).unlink(missing_ok=True)
         raise
-    save_stats(out, stats)
-    record_code_sources(out, {**sources, **fingerprints}, encoded_from=str(src))
+    # one write with the codes' record: a stats.json marks a finished encode
+    source = str(src) if is_streamed(src) else os.path.abspath(src)
+    save_stats(out, stats | {CODES_KEY: {**sources, **fingerprints}, "encoded_from": source})
     (out / JOB_FILE).unlink()
     return stats | {CODES_KEY: {**sources, **fingerprints}}

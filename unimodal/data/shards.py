@@ -241,7 +241,7 @@ def write_shards(
     if not kept and (held or (out / STATS_FILE).exists()):
         # another set's shards, or a stats.json that may be the user's own
         what = f"shards ({held[0].name}, ...)" if held else STATS_FILE
-        unfinished = " but no stats.json: those of a pack that did not finish (killed?), which can be deleted" if held and not (
+        unfinished = " and no stats.json (if they are left from a pack that did not finish, delete them)" if held and not (
             out / STATS_FILE).exists() else ""
         raise FileExistsError(f"{out} already holds {what}{unfinished}; write to an empty directory")
     if kept and ([p.name for p in held] != sorted(kept) or (out / STATS_FILE).exists()):
@@ -285,7 +285,11 @@ def write_shards(
 
 
 def save_stats(out_dir: str | Path, stats: dict[str, Any]) -> None:
-    (Path(out_dir) / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    """Write ``stats.json`` whole or not at all (a temporary file renamed): it marks a finished set."""
+    path = Path(out_dir) / STATS_FILE
+    temp = path.with_name(f".{STATS_FILE}.partial")
+    temp.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    os.replace(temp, path)
 
 
 def read_stats(out_dir: str | Path) -> dict[str, Any] | None:
@@ -361,6 +365,9 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
 
 def _refuse_special_files(paths: list[str]) -> None:
     """A FIFO or device named like a shard would block its reader for ever."""
+    dangling = next((p for p in paths if not os.path.exists(p)), None)
+    if dangling is not None:
+        raise FileNotFoundError(f"{dangling} is a link to nothing; remove it or point it at a shard")
     special = next((p for p in paths if not os.path.isdir(p) and not os.path.isfile(p)), None)
     if special is not None:
         raise ValueError(f"{special} is not a regular file (a FIFO, socket or device); shards are .tar files")
@@ -402,7 +409,7 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
             reason = re.sub(r" @ <.*>$", "", str(err.args[0]) if err.args else "")  # webdataset names its file object
             error = err if isinstance(err, ShardError) else ShardError(f"{url}: unreadable tar ({type(err).__name__}: {reason})")
             if policy is None:
-                raise error from err
+                raise error from (None if error is err else err)
             policy.skip(error, shard=url)
             continue
         finally:
@@ -426,8 +433,15 @@ COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 
 
 def _compressed(path: str) -> bool:
+    """Whether a local shard is compressed: it starts as one of those formats and not with a tar
+    header (whose first bytes are a member's name, which may well be ``BZh...``)."""
     with open(path, "rb") as file:
-        return file.read(6).startswith(COMPRESSED_MAGIC)
+        head = file.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+        return False
+    except tarfile.HeaderError:
+        return head.startswith(COMPRESSED_MAGIC)
 
 
 def _indexed_documents(url: str) -> int | None:

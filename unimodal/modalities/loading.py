@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +51,20 @@ def load_codec(modality: str, path: str | Path, device: str = "cpu", **options: 
     device = resolve_device(device)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a directory; give the directory of the {modality} codec")
+    from safetensors import SafetensorError
+
     try:
         return _load(modality, path, device, **options)
-    except (FileNotFoundError, UserError):
+    except FileNotFoundError:
         raise
-    except Exception as err:  # noqa: BLE001 - a damaged or foreign directory fails in many libraries, in many ways
-        reason = (str(err).strip().splitlines() or [""])[0][:300]
+    # what a damaged or foreign directory raises in the libraries that read it; a missing package,
+    # a device out of memory or a file one may not read say what they are themselves
+    except (ValueError, TypeError, KeyError, AttributeError, NameError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0]
         if str(path) in reason:  # already names the file and what to do
-            raise UserError(reason) from None
-        raise UserError(f"cannot load the {modality} codec in {path} ({type(err).__name__}: {reason}); "
-                        "fit it again or copy it again") from None
+            raise UserError(reason) from err
+        raise UserError(f"cannot load the {modality} codec in {path} ({type(err).__name__}: {reason[:300]}); "
+                        "fit it again or copy it again") from err
 
 
 def _load(modality: str, path: Path, device: str, **options: Any) -> MediaCodec:
