@@ -209,3 +209,16 @@ def test_a_stage_stopped_by_ctrl_c_keeps_its_time_for_the_next_attempt(tmp_path,
         run_pipeline(write(tmp_path, stages), tiny=True, root=tmp_path / "runs")
     marker = json.loads((tmp_path / "runs" / "a" / "stage.json").read_text())
     assert marker["status"] == "interrupted" and marker["wall_s"] > 0
+
+
+def test_a_moved_pipeline_roots_absolute_paths_are_the_same_files(tmp_path):
+    """A finished stage's recipe holds absolute paths into the pipeline's root (the codecs an
+    export passed on); the same files of a root copied elsewhere are no change."""
+    from unimodal.training.pipeline import _same
+
+    root = tmp_path / "b" / "runs"
+    now = str(root / "pretrain" / "export" / "codecs" / "audio")
+    assert _same("/a/x/runs/pretrain/export/codecs/audio", now, root)
+    assert not _same("/a/x/other/pretrain/export/codecs/audio", now, root)  # another root's
+    assert not _same("/a/x/runs/pretrain/export/codecs/image", now, root)  # another file
+    assert not _same("/a/x/runs/pretrain/export/codecs/audio", "/elsewhere/codecs/audio", root)  # not under this root

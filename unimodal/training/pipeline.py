@@ -250,17 +250,28 @@ def _changes(finished_recipe: Path, config: dict[str, Any], shown: int = 3) -> s
     except (OSError, yaml.YAMLError) as err:
         return f"its recipe cannot be read: {err}"
     before, now = flat(finished), flat(config)
-    keys = sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or not _same(before[k], now[k]))
+    root = Path(str(now.get("trainer.default_root_dir", ""))).parent
+    keys = sorted(k for k in before.keys() | now.keys()
+                  if k not in before or k not in now or not _same(before[k], now[k], root))
     if not keys:
         return ""
     return "changed: " + ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
-def _same(before: Any, now: Any) -> bool:
+def _same(before: Any, now: Any, root: Path) -> bool:
+    """Equal values; or paths to the same file; or the same file of a pipeline root that was moved
+    or copied since (``now`` under ``root``, ``before`` under a folder of the same name)."""
     if before == now:
         return True
-    paths = isinstance(before, str) and isinstance(now, str) and "/" in before and "/" in now
-    return paths and Path(before).resolve() == Path(now).resolve()
+    if not (isinstance(before, str) and isinstance(now, str) and "/" in before and "/" in now):
+        return False
+    old, new = Path(before).resolve(), Path(now).resolve()
+    if old == new:
+        return True
+    if not new.is_relative_to(root.resolve()):
+        return False
+    within = (root.resolve().name, *new.relative_to(root.resolve()).parts)
+    return old.parts[-len(within):] == within
 
 
 def _last_metric(run_dir: Path, name: str) -> float | None:
