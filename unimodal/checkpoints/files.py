@@ -97,14 +97,16 @@ def _recency(path: Path) -> tuple[bool, float, int, float, float]:
     over with a warning. Files that record no time (written before checkpoints did) rank below,
     by Lightning's names: a later run's ``-vN``, a run's ``last``, the step named; file times
     break ties."""
-    stat = path.stat()
-    # keyed by what any write changes (ctime, which no one can set, and the inode a rename brings)
-    version_of_file = (stat.st_ino, stat.st_ctime_ns, stat.st_mtime_ns, stat.st_size)
-    saved = _recorded_time(str(path), *version_of_file) if path.is_file() else _checkpoint_time(path)
+    file_time = _checkpoint_time(path)
+    saved: float | None = file_time
+    if path.is_file():
+        stat = path.stat()
+        # keyed by what any write changes (ctime, which no one can set, and the inode a rename brings)
+        saved = _recorded_time(str(path), stat.st_ino, stat.st_ctime_ns, stat.st_mtime_ns, stat.st_size)
     version = VERSION.search(path.name)
     step = STEP.search(path.name)
     order = math.inf if LAST_NAME.fullmatch(path.name) else int(step.group(1)) if step else -1
-    return saved is not None, saved or 0.0, int(version.group(1)) if version else 0, order, _checkpoint_time(path)
+    return saved is not None, saved or 0.0, int(version.group(1)) if version else 0, order, file_time
 
 
 @functools.lru_cache(maxsize=256)

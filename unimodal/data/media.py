@@ -115,19 +115,18 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, o
     file = base / path  # an absolute path stays as it is
     shown = repr(path) if len(path) <= 200 else f"{path[:200]!r}... ({len(path)} characters)"
     try:
-        mode = file.stat().st_mode
+        info = file.stat()
     except FileNotFoundError:
         raise DocumentError(f"{where}: {kind} file {shown} not found (looked at {file})") from None
     except OSError as err:  # a name too long, a loop of links, no permission
         raise DocumentError(f"{where}: {kind} file {shown} cannot be read ({err.strerror or err})") from None
-    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
-        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
         raise DocumentError(f"{where}: {kind} file {shown} is {what}, not a regular file (looked at {file})")
+    if info.st_size > MAX_MEDIA_BYTES:
+        raise DocumentError(f"{where}: {kind} file {shown} is {info.st_size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
+                            "a media file may have")
     try:
-        size = file.stat().st_size
-        if size > MAX_MEDIA_BYTES:
-            raise DocumentError(f"{where}: {kind} file {shown} is {size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
-                                "a media file may have")
         data = file.read_bytes()
     except OSError as err:
         raise DocumentError(f"{where}: {kind} file {shown} cannot be read ({err.strerror or err})") from None

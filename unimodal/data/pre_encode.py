@@ -121,18 +121,19 @@ def _shards(count: int) -> str:
 def _write(documents: Callable[[], Iterator[Document]], out: Path, max_docs_per_shard: int,
            continuing: ShardStats | None) -> dict[str, Any]:
     """The shards of ``documents()``; an interruption or a bad document keeps the complete ones and
-    says how to go on from them."""
+    says how to go on from them, and with none complete leaves no job record to refuse a new start."""
     try:
         with contextlib.closing(documents()) as docs:  # an error closes the progress bar before it is printed
             return write_shards(docs, out, max_docs_per_shard, MAX_BYTES_PER_SHARD, "shard",
                                 continuing=continuing if continuing is not None else ShardStats())
-    except KeyboardInterrupt:
+    except BaseException as err:
         kept = len(list(out.glob("shard-*.tar")))
-        raise EncodeInterrupted(f"interrupted (Ctrl-C); {_shards(kept)} kept in {out}: run the same command with --resume "
-                                "to go on") from None
-    except DocumentError as err:  # a bad document or medium: what was encoded before it stays
-        kept = len(list(out.glob("shard-*.tar")))
-        if kept:
+        if not kept:
+            (out / JOB_FILE).unlink(missing_ok=True)
+        if isinstance(err, KeyboardInterrupt):
+            raise EncodeInterrupted(f"interrupted (Ctrl-C); {_shards(kept)} kept in {out}: run the same command with "
+                                    "--resume to go on") from None
+        if isinstance(err, DocumentError) and kept:  # a bad document or medium: what was encoded before it stays
             raise DocumentError(f"{err}; {_shards(kept)} kept in {out}: fix it and run the same command with --resume") from None
         raise
 
@@ -218,7 +219,8 @@ def encode_shards(
     fingerprints = {modality: codec.fingerprint() for modality, codec in codecs.items()}
     out = Path(out_dir)
     # the source as an absolute path, so that a resume may name it either way
-    job = {"source": str(src) if is_streamed(src) else os.path.abspath(src), "codes": fingerprints, "max_docs_per_shard": max_docs_per_shard, "flip_pairs": flip_pairs,
+    source = str(src) if is_streamed(src) else os.path.abspath(src)
+    job = {"source": source, "codes": fingerprints, "max_docs_per_shard": max_docs_per_shard, "flip_pairs": flip_pairs,
            "seed": seed}
     job = json.loads(json.dumps(job))  # as the job file reads back (tuples become lists)
     continuing = _continued(out, job, resume)
@@ -258,14 +260,8 @@ def encode_shards(
             while batch := list(islice(docs, batch_size)):
                 yield from encoded(batch)
 
-    try:
-        stats = _write(documents, out, max_docs_per_shard, continuing)
-    except BaseException:
-        if not list(out.glob("shard-*.tar")):  # nothing to go on from: no job record to refuse a new start with
-            (out / JOB_FILE).unlink(missing_ok=True)
-        raise
+    stats = _write(documents, out, max_docs_per_shard, continuing)
     # one write with the codes' record: a stats.json marks a finished encode
-    source = str(src) if is_streamed(src) else os.path.abspath(src)
     save_stats(out, stats | {CODES_KEY: {**sources, **fingerprints}, "encoded_from": source})
     (out / JOB_FILE).unlink()
     return stats | {CODES_KEY: {**sources, **fingerprints}}

@@ -134,7 +134,8 @@ class Batcher:
             return None
         jobs, rows, later = [first], first.n, []
         until = time.monotonic() + self.gather_s
-        while rows < self.max_rows and not self._beams(first):
+        gathering = not self._beams(first)
+        while rows < self.max_rows and gathering:
             try:
                 job = self._next(max(0.0, until - time.monotonic()))
             except queue.Empty:

@@ -22,17 +22,16 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         """Values that would train backwards (a negative floor of the schedule) or not at all."""
-        checks = {
-            "lr": self.lr > 0, "eps": self.eps > 0, "weight_decay": self.weight_decay >= 0,
-            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
-            "warmup_ratio": 0 <= self.warmup_ratio < 1, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+        rules = {
+            "lr": (self.lr > 0, "> 0"), "eps": (self.eps > 0, "> 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+            "warmup_steps": (self.warmup_steps is None or self.warmup_steps >= 0, ">= 0 or null"),
+            "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1] (the floor of the schedule, a fraction of lr)"),
         }
-        ranges = {"lr": "> 0", "eps": "> 0", "weight_decay": ">= 0", "betas": "two values in [0, 1)", "warmup_steps": ">= 0 or null",
-                  "warmup_ratio": "in [0, 1)", "min_lr_ratio": "in [0, 1] (the floor of the schedule, a fraction of lr)"}
-        for name, ok in checks.items():
+        for name, (ok, wanted) in rules.items():
             if not ok:
-                raise ValueError(f"optimizer.{name} must be {ranges[name]}, got {getattr(self, name)}")
+                raise ValueError(f"optimizer.{name} must be {wanted}, got {getattr(self, name)}")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
