@@ -31,6 +31,30 @@ def test_frozen_wins_and_none_means_everything():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
 
 
+TINY_CHAMELEON = {
+    "model_type": "chameleon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 128, "max_position_embeddings": 256, "vocabulary_map": {"<image>": 3},
+    "vq_config": {"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "resolution": 16, "base_channels": 32,
+                  "channel_multiplier": [1, 1], "num_res_blocks": 1},
+}
+
+
+def test_a_backbone_part_the_language_path_never_runs_stays_frozen_when_everything_trains():
+    """Orthus post-training trains every parameter; Chameleon's VQ-VAE inside the backbone gets no
+    gradient, which would fail DDP on its second step and hold optimiser state for nothing."""
+    from unimodal.modalities.vocab import VocabLayout
+    from unimodal.models.backbone import BackboneConfig
+    from unimodal.training.module import UnimodalModule
+
+    module = UnimodalModule(BackboneConfig(config=dict(TINY_CHAMELEON), attention="sdpa"), vocab=VocabLayout(100).to_dict())
+    module.configure_model()
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert not {n for n in trainable if ".vqmodel." in n}
+    ids = torch.randint(0, 100, (1, 8))
+    module.model.backbone(input_ids=ids, labels=ids).loss.backward()
+    assert {n for n, p in module.model.named_parameters() if p.requires_grad and p.grad is None} == set()
+
+
 def test_a_pattern_that_matches_nothing_lists_near_matches():
     with pytest.raises(PatternMatchError, match=r"'backbone.embed_token' matches no parameter; near matches: .*backbone.embed_tokens"):
         apply_trainable_policy(toy(), ["backbone.embed_token"], frozen=[])

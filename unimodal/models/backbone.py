@@ -49,6 +49,17 @@ class BackboneConfig:
 # listed under image-text-to-text only). Looked up here rather than registered with
 # ``AutoModelForCausalLM.register``, which transformers 5.17 silently ignores for its own configs.
 CAUSAL_LM_ELSEWHERE: dict[type[PretrainedConfig], type[PreTrainedModel]] = {ChameleonConfig: ChameleonForConditionalGeneration}
+# Submodules a backbone class carries but its language path never runs (Chameleon's VQ-VAE: the
+# framework's codecs tokenise images). Kept so the checkpoint saves and loads whole, and frozen
+# whatever the trainable policy says: parameters that never get a gradient make DDP fail on the
+# second step and take optimiser memory.
+UNUSED_SUBMODULES: dict[type[PreTrainedModel], tuple[str, ...]] = {ChameleonForConditionalGeneration: ("model.vqmodel",)}
+
+
+def freeze_unused(model: PreTrainedModel) -> None:
+    """Freeze the :data:`UNUSED_SUBMODULES` of ``model``'s class."""
+    for name in UNUSED_SUBMODULES.get(type(model), ()):
+        model.get_submodule(name).requires_grad_(False)
 
 
 def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:

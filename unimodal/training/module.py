@@ -17,7 +17,7 @@ from unimodal.checkpoints.load import check_extends, init_from_export, read_expo
 from unimodal.errors import UserError
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.attention import check_trainable
-from unimodal.models.backbone import BackboneConfig, compile_layers
+from unimodal.models.backbone import BackboneConfig, compile_layers, freeze_unused
 from unimodal.models.build import build_model
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
@@ -106,6 +106,7 @@ class UnimodalModule(L.LightningModule):
             self.model.requires_grad_(False)
         else:
             apply_trainable_policy(self.model, self.trainable, self.frozen)
+            freeze_unused(self.model.backbone)
         if self.lora is not None:
             apply_lora(self.model, self.lora, list(range(self.layout.text_size, self.layout.used_size)))
         if self.reinit_codes and not (self.model.backbone.get_input_embeddings().weight.requires_grad
