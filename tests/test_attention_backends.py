@@ -140,6 +140,19 @@ def test_xformers_gets_document_segments_or_the_dense_mask():
     assert torch.equal(args["attention_mask"], attention.build_attention_mask(doc_ids, blocks))
 
 
+def test_xformers_never_gets_segments_for_a_document_split_by_conditioning_dropout():
+    """A dropped image span has a document id of its own; the text after it is still its
+    document's and sees the text before it, which one segment per run would hide."""
+    doc_ids = torch.tensor([[1, 1, 1, 2, 2, 2, 1, 1], [1, 1, 1, 1, 2, 2, 0, 0]])
+    no_blocks = torch.full_like(doc_ids, -1)
+    assert not attention.split_documents(doc_ids[1:])
+    assert attention.split_documents(doc_ids)
+    with pytest.warns(UserWarning, match="nor documents split by conditioning dropout"):
+        args = attention.decoder_mask(attention.XFORMERS_IMPLEMENTATION, doc_ids, no_blocks)
+    assert torch.equal(args["attention_mask"], attention.build_attention_mask(doc_ids, no_blocks))
+    assert bool(args["attention_mask"][0, 0, 6, 0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", ["orthus", "llamafusion"])

@@ -9,7 +9,8 @@ earlier positions of its own document, and to every position of its own bidirect
 - ``flex``: a FlexAttention ``BlockMask`` built from the same ids, never materialised as
   ``L x L``; one per batch, shared by every layer (``auto`` on CUDA);
 - ``xformers``: a block-diagonal causal bias from document lengths (CUDA only); a batch with a
-  bidirectional block, which that bias cannot express, runs on SDPA with the dense mask.
+  bidirectional block or a document split in runs (:func:`split_documents`), which that bias
+  cannot express, runs on SDPA with the dense mask.
 """
 
 from __future__ import annotations
@@ -88,6 +89,15 @@ def document_lengths(doc_ids: torch.Tensor) -> list[int]:
     return _runs(doc_ids)[1].tolist()
 
 
+def split_documents(doc_ids: torch.Tensor) -> bool:
+    """Whether a row holds a document in more than one run: conditioning dropout gives a dropped
+    image span an id of its own inside its document, whose later text still sees its earlier text."""
+    ids, lengths = _runs(doc_ids)
+    rows = (torch.cumsum(lengths, 0) - lengths) // doc_ids.shape[1]
+    keys = rows * (int(doc_ids.max()) + 1) + ids
+    return len(keys.unique()) < len(keys)
+
+
 def longest_document(doc_ids: torch.Tensor) -> int:
     """The most positions one document holds in a row of ``doc_ids`` (padding, id 0, is none)."""
     ids, lengths = _runs(doc_ids)
@@ -108,13 +118,14 @@ def decoder_mask(implementation: str, doc_ids: torch.Tensor, block_ids: torch.Te
     """The decoder keyword arguments that carry the packed mask for ``implementation``."""
     if implementation == FLEX_IMPLEMENTATION:
         return {"attention_mask": build_block_mask(doc_ids, block_ids)}
-    if implementation == XFORMERS_IMPLEMENTATION and not bool((block_ids >= 0).any()):
+    if implementation == XFORMERS_IMPLEMENTATION and not bool((block_ids >= 0).any()) and not split_documents(doc_ids):
         return {"attention_mask": None, XFORMERS_SEGMENTS: document_lengths(doc_ids)}
     if implementation == XFORMERS_IMPLEMENTATION:
         # Python shows a warning once per call site
         warnings.warn(
-            "xformers cannot express bidirectional image blocks; batches that hold them run on "
-            "PyTorch SDPA with the dense mask (use attention: flex for block-sparse attention)",
+            "xformers cannot express bidirectional image blocks, nor documents split by conditioning "
+            "dropout; batches that hold them run on PyTorch SDPA with the dense mask (use attention: "
+            "flex for block-sparse attention)",
             stacklevel=2,
         )
     return {"attention_mask": for_backend(implementation, build_attention_mask(doc_ids, block_ids))}
