@@ -130,3 +130,28 @@ def test_adapter_files_load_with_peft_and_merging_keeps_outputs(char_tokenizer, 
     model.backbone = model.backbone.merge_and_unload()
     assert not any("lora" in n or "token_adapter" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(model(data)["ce/text"].total, before, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_a_routed_projection_merges_into_every_expert():
+    """One adapter on LlamaFusion's routed q_proj moves image positions in training too, so the
+    merged model must keep that update in the image expert, not only in the text weights."""
+    from unimodal.models.build import build_model
+    from unimodal.models.lora import merge_backbone_adapter
+    from unimodal.schema import MODALITY_IDS
+
+    torch.manual_seed(0)
+    model = build_model(BackboneConfig(config=TINY_LLAMA), VocabLayout(260, code_ranges={"image": 16}), routing=["image"])
+    model.requires_grad_(False)
+    apply_lora(model, LoraSettings(r=4, dropout=0.0, target_modules=["q_proj"]), [])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    ids, modality = torch.randint(0, 260, (1, 12)), torch.zeros(1, 12, dtype=torch.long)
+    modality[0, 4:10] = MODALITY_IDS["image"]
+    model.routing.set(modality)
+    trained = model.backbone(input_ids=ids).logits
+    model.backbone = merge_backbone_adapter(model.backbone)
+    model.routing.set(modality)
+    torch.testing.assert_close(model.backbone(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
 from unimodal.errors import UserError, refuse_nonempty
 from unimodal.models.backbone import causal_lm_from_config
-from unimodal.models.lora import has_backbone_adapter, merge_injected, save_adapter
+from unimodal.models.lora import has_backbone_adapter, merge_backbone_adapter, merge_injected, save_adapter
 from unimodal.models.unified import UnifiedModel
 from unimodal.schema import local_path
 
@@ -193,7 +193,7 @@ def write_export(
     adapter = None
     if has_backbone_adapter(model):
         if merge_lora:
-            model.backbone = model.backbone.merge_and_unload()
+            model.backbone = merge_backbone_adapter(model.backbone)
         else:
             adapter = ADAPTER_DIR
             save_adapter(model, out / ADAPTER_DIR)

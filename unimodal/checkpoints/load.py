@@ -40,7 +40,7 @@ from unimodal.modalities.base import describe_fingerprint
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, start_rows_near_mean
 from unimodal.models.build import build_model
-from unimodal.models.lora import quiet_peft
+from unimodal.models.lora import merge_backbone_adapter, quiet_peft
 from unimodal.models.sharding import gathered
 from unimodal.models.unified import ContinuousModality, UnifiedModel
 from unimodal.schema import read_json_object
@@ -242,7 +242,7 @@ def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Modu
 
     with quiet_peft():
         wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
-    return wrapped.merge_and_unload() if merge else wrapped
+    return merge_backbone_adapter(wrapped) if merge else wrapped
 
 
 def init_from_export(model: UnifiedModel, path: str | Path, reinit: Collection[str] = ()) -> None:

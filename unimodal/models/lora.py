@@ -190,6 +190,26 @@ def merge_injected(model: nn.Module) -> int:
     return merged
 
 
+def merge_backbone_adapter(backbone: nn.Module) -> nn.Module:
+    """The peft-wrapped ``backbone`` with its adapter merged and removed. A LoRA on a routed
+    projection (LlamaFusion's ``q_proj``) wraps the whole routed module, so in training its update
+    reaches every modality's positions; peft merges it into the text weights only, so it is added
+    to every other expert's weights too, or the merged model would differ from the trained one."""
+    from peft.tuners.lora import LoraLayer
+
+    from unimodal.models.routing import Routed
+
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), Routed) and not module.merged:
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        delta = module.get_delta_weight(adapter)
+                        for expert in module.get_base_layer().experts.values():
+                            expert.weight += delta.to(expert.weight.dtype)
+    return backbone.merge_and_unload()
+
+
 def has_backbone_adapter(model: nn.Module) -> bool:
     import peft
 
