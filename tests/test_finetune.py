@@ -12,7 +12,9 @@ import yaml
 
 from unimodal.cli import main as unimodal_main
 from unimodal.data.datamodule import ShardSet, training_mixture
+from unimodal.data.sentencepiece_trainer import train_tokenizer
 from unimodal.data.tasks import document_task
+from unimodal.data.tokenizer import load_tokenizer
 from unimodal.schema import Document, Part
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,10 @@ def test_replay_takes_its_share_of_the_documents():
     assert training_mixture(["new/a"], ["old/x"], replay_weight=0.0) == [ShardSet("new/a", 1.0)]
     with pytest.raises(ValueError, match="replay_weight must be in"):
         training_mixture(["new/a"], ["old/x"], replay_weight=1.0)
+    # an export's record is a file someone hands you: a weight of NaN or infinity would reach the sampler
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weights must be finite numbers >= 0"):
+            training_mixture(["new/a"], [ShardSet("old/x", bad)], replay_weight=0.5)
 
 
 def test_a_task_is_named_by_the_media_given_and_written():
@@ -108,6 +114,15 @@ def test_an_incomplete_export_or_a_file_of_one_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"unimodal train: error: --model.init_args.backbone.config.hidden_size: the backbone comes from init_from {export}, "
         "with its own architecture; drop the option, or train without init_from")
+    # a tokenizer of the same size passes the layout check, yet its ids name other text
+    corpus = tmp_path / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"parts": [{"type": "text", "text": f"quartz fjord {i} nymph glyph vex {i * 7}"}]}) + "\n"
+                              for i in range(400)))
+    other = train_tokenizer(corpus, tmp_path / "other.model", vocab_size=load_tokenizer(export / "tokenizer.model").vocab_size)
+    assert unimodal_main([*args, f"--model.init_args.init_from={export}", f"--data.init_args.tokenizer={other}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"unimodal train: error: --data.init_args.tokenizer {other} is not the tokenizer init_from {export} was trained with "
+        f"({export / 'tokenizer.model'}): its ids name other text; drop the option to use the export's")
     (export / "modules.safetensors").unlink()
     assert unimodal_main([*args, f"--model.init_args.init_from={export}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (

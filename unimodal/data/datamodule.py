@@ -17,6 +17,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -286,8 +287,8 @@ def training_mixture(
         raise ValueError(f"replay_weight must be in [0, 1), got {replay_weight}")
     for name, sets in (("datasets", new), ("replay", old)):
         weights = [d.weight for d in sets]
-        if weights and (min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"{name}: weights must be >= 0 with a positive sum, got {weights}")
+        if weights and (not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError(f"{name}: weights must be finite numbers >= 0 with a positive sum, got {weights}")
     if not new:
         raise ValueError("datasets: give at least one shard set")
     if not old or replay_weight == 0:

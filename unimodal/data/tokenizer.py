@@ -38,6 +38,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def pieces(self) -> list[str]:
+        """The text of every id, in id order: two tokenizers of one size may still differ here."""
+        return [self.processor.id_to_piece(i) for i in range(self.vocab_size)]
+
 
 class HFTokenizer:
     def __init__(self, directory: str | Path):
@@ -56,6 +60,10 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def pieces(self) -> list[str]:
+        """The text of every id, in id order: two tokenizers of one size may still differ here."""
+        return [piece for piece, _ in sorted(self.inner.get_vocab().items(), key=lambda item: item[1])]
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:

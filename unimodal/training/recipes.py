@@ -51,6 +51,7 @@ from unimodal.checkpoints.files import (
 from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
 from unimodal.data.processor import media_settings
 from unimodal.data.shards import present_shard_sets
+from unimodal.data.tokenizer import load_tokenizer
 from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
@@ -233,7 +234,7 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
 
 def _check_init_from(init_from: Path, config: dict[str, Any], overrides: list[str]) -> None:
     """``init_from`` names an export directory, and the command line does not reshape the backbone
-    that ``build_model`` will read from it (its ``config.json`` included)."""
+    that ``build_model`` will read from it (its ``config.json`` included) nor give another tokenizer."""
     if not init_from.exists():
         raise FileNotFoundError(f"init_from {init_from} does not exist")
     if init_from.is_file() and (init_from.parent / CONFIG_FILE).is_file():
@@ -246,6 +247,12 @@ def _check_init_from(init_from: Path, config: dict[str, Any], overrides: list[st
     if fixed:
         raise UserError(f"{fixed}: the backbone comes from init_from {init_from}, with its own architecture; "
                         "drop the option, or train without init_from")
+    given = _override(overrides, "data.init_args.tokenizer")
+    if unified and given:  # one of the same size passes the layout check, yet its ids mean other text
+        trained = init_from / read_export_config(init_from)["processor"]["tokenizer"]
+        if load_tokenizer(given).pieces() != load_tokenizer(trained).pieces():
+            raise UserError(f"--data.init_args.tokenizer {given} is not the tokenizer init_from {init_from} was trained with "
+                            f"({trained}): its ids name other text; drop the option to use the export's")
 
 
 def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: bool = False, replay: bool = True) -> None:
