@@ -299,3 +299,22 @@ def test_a_damaged_export_file_is_one_line_naming_it(tmp_path, damage, needle):
     with pytest.raises(ValueError, match=needle) as caught:  # ExportError, or a codec's own ValueError
         load(tmp_path / "export", device="cpu")
     assert "\n" not in str(caught.value) and "copy the" in str(caught.value)
+
+
+def test_export_reads_the_runs_relative_paths_where_it_trained(tmp_path, monkeypatch):
+    """A run given relative paths records its data for a fine-tune's replay as they were meant
+    where it trained, whatever directory export runs in."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("UNIMODAL_DATA_HOME", str(project / "data"))
+    train = resolve("builtin:text/train")
+    monkeypatch.chdir(project)
+    data = Path(train).parent.relative_to(project)
+    assert unimodal_main(["train", str(ROOT / "recipes" / "text" / "tiny.yaml"), "--tiny", "--trainer.default_root_dir=run",
+                          f"--data.init_args.datasets=[{data / 'train'}]", f"--data.init_args.val_datasets=[{data / 'val'}]",
+                          "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false"]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert unimodal_main(["export", str(project / "run"), "--out", "export"]) == 0
+    record = json.loads((elsewhere / "export" / "unimodal.json").read_text())["training_data"]
+    assert record == {"datasets": [{"path": str(project / data / "train"), "weight": 1.0}],
+                      "val_datasets": [{"path": str(project / data / "val"), "weight": 1.0}]}

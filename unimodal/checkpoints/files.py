@@ -36,6 +36,8 @@ LAST_NAME = re.compile(r"last(-v\d+)?\.ckpt")
 RUN_CONFIG_KEY = "unimodal_run_config"
 # the checkpoint key of the time (``time.time()``) it was saved at: what "newest" means
 SAVED_AT_KEY = "unimodal_saved_at"
+# the checkpoint key of the directory the run trained in: its config's relative paths start there
+WORKDIR_KEY = "unimodal_workdir"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_module
 
 from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
-from unimodal.checkpoints.files import RUN_CONFIG_KEY, read_checkpoint
+from unimodal.checkpoints.files import RUN_CONFIG_KEY, WORKDIR_KEY, read_checkpoint
 from unimodal.checkpoints.load import ExportError
 from unimodal.errors import refuse_nonempty
 from unimodal.training.recipes import check_class_paths, resolve_builtin
@@ -40,6 +41,22 @@ def _module_from_checkpoint(checkpoint: dict[str, Any], hparams: dict[str, Any])
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     module.eval()
     return module
+
+
+@contextlib.contextmanager
+def _working_directory(path: str | None) -> Iterator[None]:
+    """The run's relative paths (init_from, tokenizer, data, the record of what it trained on)
+    mean what they meant where it trained: export works from there while that directory exists
+    (a moved project keeps the current one)."""
+    if not path or not os.path.isdir(path):
+        yield
+        return
+    here = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 @contextlib.contextmanager
@@ -75,6 +92,7 @@ def export(
     out = Path(out_dir)
     if not replace:
         refuse_nonempty(out, "export to a new directory")
+    target = out.absolute()
     with tempfile.TemporaryDirectory(prefix="unimodal-export-") as scratch:
         file = checkpoint_file(Path(ckpt), Path(scratch), trust_checkpoint)
         checkpoint = read_checkpoint(file)
@@ -86,25 +104,26 @@ def export(
         spoiled = next((name for name, t in checkpoint["state_dict"].items() if t.is_floating_point() and not t.isfinite().all()), None)
         if spoiled is not None:
             raise ExportError(f"{file}: {spoiled} holds non-finite values (the run diverged); export an earlier checkpoint")
-        hparams, run_config = resolve_builtin(hparams, resolve_path), resolve_builtin(run_config, resolve_path)
-        module = _module_from_checkpoint(checkpoint, hparams)
         step = int(checkpoint.get("global_step", 0))
         # the file a run directory stood for; a sharded checkpoint (merged in scratch) by its directory
         exported = (Path(ckpt) if file.is_relative_to(scratch) else file).resolve()
-        del checkpoint
-        with staged_directory(out, replace) as staging:
-            if hasattr(module, "export_pretrained"):  # a module with its own format (e.g. a media tokenizer)
-                module.export_pretrained(staging)
-            else:
-                write_export(
-                    module.model,
-                    staging,
-                    spec=hparams,
-                    data=(run_config.get("data") or {}).get("init_args") or {},
-                    merge_lora=merge_lora,
-                    lora=hparams.get("lora"),
-                    generation=hparams.get("generation"),
-                    source={"checkpoint": str(exported), "global_step": step},
-                )
+        with _working_directory(checkpoint.get(WORKDIR_KEY)):
+            hparams, run_config = resolve_builtin(hparams, resolve_path), resolve_builtin(run_config, resolve_path)
+            module = _module_from_checkpoint(checkpoint, hparams)
+            del checkpoint
+            with staged_directory(target, replace) as staging:
+                if hasattr(module, "export_pretrained"):  # a module with its own format (e.g. a media tokenizer)
+                    module.export_pretrained(staging)
+                else:
+                    write_export(
+                        module.model,
+                        staging,
+                        spec=hparams,
+                        data=(run_config.get("data") or {}).get("init_args") or {},
+                        merge_lora=merge_lora,
+                        lora=hparams.get("lora"),
+                        generation=hparams.get("generation"),
+                        source={"checkpoint": str(exported), "global_step": step},
+                    )
     log.info("exported %s to %s", exported, out)
     return out

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from unimodal.checkpoints.files import RUN_CONFIG_KEY, SAVED_AT_KEY
+from unimodal.checkpoints.files import RUN_CONFIG_KEY, SAVED_AT_KEY, WORKDIR_KEY
 from unimodal.errors import UserError
 from unimodal.training.strategies import world_size
 
@@ -116,6 +116,7 @@ class RunState(Callback):
             dist.all_gather_object(states, _rng_state())
         checkpoint[RNG_KEY] = states
         checkpoint[SAVED_AT_KEY] = time.time()
+        checkpoint[WORKDIR_KEY] = os.getcwd()
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config
 
