@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,17 @@ def test_builtin_data_is_built_once_and_resolved(data_home):
     assert path.is_file() and path.is_relative_to(data_home)
     with pytest.raises(ValueError, match="unknown built-in dataset 'nope'"):
         builtin.resolve("builtin:nope/train")
+
+
+def test_stdlib_corpus_has_no_docstring_in_both_splits(tmp_path):
+    """Inherited docstrings (``argparse.BooleanOptionalAction`` reads as ``argparse.Action``) are
+    written once, so no validation document is a training document too."""
+    from unimodal.worlds.stdlib_text import write_corpus
+
+    write_corpus(tmp_path)
+    texts = {s: [json.loads(line)["parts"][0]["text"] for line in (tmp_path / f"{s}.jsonl").open()] for s in ("train", "val")}
+    assert not set(texts["train"]) & set(texts["val"])
+    assert len(set(texts["train"])) == len(texts["train"])
 
 
 def test_tiny_applies_the_recipe_overrides(tmp_path):

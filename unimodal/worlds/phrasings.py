@@ -12,11 +12,14 @@ phrasings, so a model that learned the instruction rather than the string scores
 both. The phrasings a first user tried on the demo ("Please draw a 7.", "draw 7", "Can you draw
 four for me?") are held out. A training template whose text could contain a held-out question
 (``"Draw 7."`` contains ``"draw 7"``) is dropped as well, so no held-out question appears in any
-shard or in the tokenizer's text (``tests/test_digits_world.py`` scans them).
+shard or in the tokenizer's text (``tests/test_digits_world.py`` scans them), not even with
+its case or punctuation changed (``"Could you write 7 by hand, please?"`` would teach the
+held-out ``"Write 7 by hand, please."``).
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -87,6 +90,12 @@ def _expand(task: str, held_out: bool) -> list[str]:
     return out
 
 
+def normal(text: str) -> str:
+    """``text`` as phrasings are compared: lower case, words and numerals only, one space apart,
+    padded with a space each side so that ``normal(a) in normal(b)`` matches whole words."""
+    return f" {' '.join(re.findall(r'[a-z0-9]+', text.lower()))} "
+
+
 def _fills(template: str, digit: int) -> list[str]:
     """A draw/speak template filled for ``digit`` with a numeral and with a word (lower case)."""
     return [template.format(ref=ref, word=WORDS[digit]).lower() for ref in (str(digit), WORDS[digit])]
@@ -96,7 +105,8 @@ def _fills(template: str, digit: int) -> list[str]:
 def templates(task: str, held_out: bool = False) -> tuple[str, ...]:
     """The user-message templates of ``task`` (without media fields), seen or held out.
 
-    Seen templates whose text, filled in, would contain a held-out question are left out.
+    Seen templates whose text, filled in, would contain a held-out question (compared in
+    :func:`normal` form) are left out.
     """
     if task not in VERBS:
         raise ValueError(f"no phrasings for task {task!r}; known: {sorted(VERBS)}")
@@ -104,10 +114,12 @@ def templates(task: str, held_out: bool = False) -> tuple[str, ...]:
     if held_out:
         return tuple(held)
     if task not in OBJECTS:  # the digits in a story's question are the same fields on both sides
-        return tuple(s for s in _expand(task, False) if not any(h.lower() in s.lower() for h in held))
-    questions = [{h for t in held for h in _fills(t, d)} for d in range(10)]
+        return tuple(s for s in _expand(task, False) if not any(normal(h) in normal(s) for h in held))
+    questions = [{normal(h) for t in held for h in _fills(t, d)} for d in range(10)]
     return tuple(
-        s for s in _expand(task, False) if not any(h in filled for d in range(10) for filled in _fills(s, d) for h in questions[d])
+        s
+        for s in _expand(task, False)
+        if not any(h in normal(filled) for d in range(10) for filled in _fills(s, d) for h in questions[d])
     )
 
 

@@ -24,12 +24,14 @@ MODULES = (
 
 
 def _docstrings(min_chars: int) -> Iterator[tuple[str, str]]:
+    """Each docstring once, under the first name that has it: ``inspect.getdoc`` hands a subclass
+    its base's text (and an alias its target's), and one text in both splits would leak."""
+    seen: set[str] = set()
     for module_name in MODULES:
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        seen: set[int] = set()
         objects = [(module_name, module)] + [
             (f"{module_name}.{name}", obj)
             for name, obj in sorted(vars(module).items())
@@ -38,8 +40,8 @@ def _docstrings(min_chars: int) -> Iterator[tuple[str, str]]:
         ]
         for qualname, obj in objects:
             doc = inspect.getdoc(obj)
-            if doc and len(doc) >= min_chars and id(doc) not in seen:
-                seen.add(id(doc))
+            if doc and len(doc) >= min_chars and doc not in seen:
+                seen.add(doc)
                 yield qualname, doc
 
 
