@@ -234,6 +234,8 @@ def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
     # a sample of 3 questions a task is not held against the goals
     transcribe = next(line for line in printed.splitlines() if line.startswith("transcribe_acc"))
     assert transcribe.endswith("not judged: --limit 3") and report["limit"] == 3
+    judge = next(line for line in printed.splitlines() if line.startswith("judge_audio_acc"))  # all held-out clips
+    assert judge.endswith(" ok"), judge
 
 
 def test_eval_cli_errors_in_one_line(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from unimodal.worlds.digits import digit_images, utterances
-from unimodal.worlds.judges import audio_features, audio_judge, image_array, image_judge
+from unimodal.worlds.judges import NO_DIGIT, audio_features, audio_judge, image_array, image_judge
 
 
 def test_image_judge_heldout_accuracy():
@@ -62,3 +62,14 @@ def test_audio_features_are_fixed_size():
     assert audio_features(*short).shape == audio_features(*long).shape
     silence = audio_features(np.zeros(4000, np.float32), 16000)
     assert np.isfinite(silence).all()
+
+
+def test_judges_read_no_digit_in_blank_pictures_and_silence():
+    """A classifier names some digit for anything: without this, a model that draws a black square
+    or stays silent scores on every prompt of the digit a blank happens to read as."""
+    blanks = [np.zeros((16, 16, 3), np.uint8), np.full((16, 16), 255, np.uint8), np.full((16, 16), 0.5)]
+    assert image_judge().predict(blanks) == [NO_DIGIT] * 3
+    silences = [(np.zeros(16000, np.float32), 16000), (np.zeros(0, np.float32), 16000)]
+    assert audio_judge().predict(silences) == [NO_DIGIT] * 2
+    quiet = [(w * 0.01, r) for w, r in (u.load() for u in utterances("test")[:10])]  # -40 dB, not silence
+    assert NO_DIGIT not in audio_judge().predict(quiet)

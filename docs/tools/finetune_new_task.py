@@ -1,5 +1,6 @@
 """A new skill for the digits model, for docs/finetune.md: adding two digits ("What is two plus
-three?" -> "Five."), which the demo never saw.
+three?" -> "Five."), which the demo knows only as "What is two plus three?" -> "Adding three to
+two gives five." (the digits world's arithmetic chats).
 
     python docs/tools/finetune_new_task.py data --out data/plus           # data/plus/plus.jsonl
     python docs/tools/finetune_new_task.py score runs/demo/model          # held-out and seen phrasings

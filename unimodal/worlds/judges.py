@@ -10,6 +10,10 @@ trustworthy as its judge.
 - :class:`AudioJudge`: an RBF support-vector machine on a fixed-size spectral summary of the
   word (MFCCs after trimming silence, resampled to a fixed number of frames, with per-utterance
   mean removal) of the train voices; its held-out score is on voices it never heard.
+
+Neither is asked about a picture without ink or a clip without sound: both read those as
+:data:`NO_DIGIT`, since a classifier names some digit for anything, and a model that draws
+nothing must not score on the prompts of whichever digit a blank reads as.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from unimodal.worlds.digits import IMAGE_SIZE, digit_images, utterances
 
 RATE = 16000
 MFCC_BANDS, MFCC_KEEP, MFCC_FRAMES = 40, 20, 16
+NO_DIGIT = -1  # what a judge reads in a blank picture or in silence
+BLANK_CONTRAST = 0.1  # a picture whose grey levels (0..1) span less than this has no ink
+SILENT_PEAK = 1e-3  # a clip whose loudest sample is below this (-60 dBFS) is silence
 
 
 def image_array(image: Any) -> np.ndarray:
@@ -85,8 +92,10 @@ class ImageJudge(_Judge):
         super().__init__([image_array(im.pixels).ravel() for im in train], [im.digit for im in train], C=3.0, standardise=False)
 
     def predict(self, images: list[Any]) -> list[int]:
-        """The digit each image shows (any format :func:`image_array` takes)."""
-        return self._predict([image_array(im).ravel() for im in images])
+        """The digit each image shows (any format :func:`image_array` takes), NO_DIGIT for a blank one."""
+        arrays = [image_array(im) for im in images]
+        read = self._predict([a.ravel() for a in arrays])
+        return [NO_DIGIT if np.ptp(a) < BLANK_CONTRAST else d for a, d in zip(arrays, read)]
 
     def heldout_accuracy(self) -> float:
         test = digit_images("test")
@@ -99,8 +108,9 @@ class AudioJudge(_Judge):
         super().__init__([audio_features(*u.load()) for u in train], [u.digit for u in train], C=10.0, standardise=True)
 
     def predict(self, clips: list[tuple[np.ndarray, int]]) -> list[int]:
-        """The digit each ``(waveform, sample_rate)`` clip says."""
-        return self._predict([audio_features(w, r) for w, r in clips])
+        """The digit each ``(waveform, sample_rate)`` clip says, NO_DIGIT for silence."""
+        read = self._predict([audio_features(w, r) for w, r in clips])
+        return [NO_DIGIT if np.abs(np.asarray(w)).max(initial=0) < SILENT_PEAK else d for (w, _), d in zip(clips, read)]
 
     def heldout_accuracy(self) -> float:
         test = utterances("test")
