@@ -108,7 +108,8 @@ def test_inspect(source: Path, tmp_path: Path):
 
     single = inspect_path(out / "shard-000001.tar")
     assert "documents: 1" in single and "counted from the shards" in single and "00000003" in single
-    assert "doc-a" not in inspect_path(out, n=0)  # the summary alone, read from stats.json
+    summary = inspect_path(out, n=0)  # the summary alone, read from stats.json
+    assert "doc-a" not in summary and "first 0 documents" not in summary
 
     (out / "stats.json").write_text('{"documents": 2')  # a copy cut short
     with pytest.raises(ValueError, match=r"stats.json is not valid JSON .*delete it to have them counted"):

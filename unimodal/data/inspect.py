@@ -92,7 +92,8 @@ def inspect_path(path: str | Path, n: int = 3) -> str:
     )
     if policy.skipped:
         lines.append(f"bad samples: {policy.skipped} (first: {policy.examples[0].reason})")
-    lines.append(f"first {len(first)} document{'' if len(first) == 1 else 's'}:")
+    if n:  # --n 0 asks for the summary alone
+        lines.append(f"first {len(first)} document{'' if len(first) == 1 else 's'}:")
     for doc in first:
         lines.append(f"  {doc.key} in {Path(doc.source).name}" + (f" meta={json.dumps(doc.meta)}" if doc.meta else ""))
         lines.extend(_describe_part(i, part) for i, part in enumerate(doc.parts))
