@@ -287,6 +287,20 @@ def test_the_audio_limit_of_an_export_can_be_raised_at_load(tmp_path):
         (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 4), r"the weights in .*export cannot be read"),
         (lambda d: (d / "modules.safetensors").write_bytes(b"\1" * 40), r"modules.safetensors cannot be read"),
         (lambda d: (d / "tokenizer.model").write_bytes(b"not a tokenizer"), r"tokenizer.model cannot be read"),
+        # a config.json of another architecture, or weights that lack a tensor: transformers would start
+        # what is missing afresh with a warning, and the model would answer with random layers
+        (lambda d: _edit_json(d / "config.json", num_hidden_layers=6), r"do not fill the LlamaForCausalLM .*model.layers.4"),
+        (lambda d: _edit_json(d / "config.json", model_type="gpt2", architectures=["GPT2LMHeadModel"]), r"do not fill the GPT2LMHeadModel"),
+        (lambda d: _drop_tensor(d / "model.safetensors", "model.norm.weight"), r"1 parameters missing, e.g. model.norm.weight"),
+        (lambda d: _drop_tensor(d / "model.safetensors", "model.norm.weight", torch.ones(7)), r"do not have the shapes its config.json describes"),
+        # a layout that is not the one the weights were trained with: the backbone would be resized to fit it
+        (lambda d: _edit_json(d / "config.json", vocab_size=1280), r"the backbone has 1280 vocabulary rows but its vocabulary layout .* needs 1344"),
+        (lambda d: _edit_layout(d, text_size=520), r"the tokenizer has 512 ids but its vocabulary layout .* has text_size 520"),
+        (lambda d: _edit_layout(d, code_ranges={"image": 10**12, "audio": 512}), r"1344 vocabulary rows but its vocabulary layout .* needs 1000000001088"),
+        (lambda d: _edit_json(d / "unimodal.json", model={**_json(d / "unimodal.json")["model"], "backbone": {"bogus": 1}}),
+         r"unimodal.json: model.backbone is not a backbone spec"),
+        (lambda d: (d / "adapter").mkdir() or (d / "adapter" / "adapter_config.json").write_text("{}"),
+         r"adapter cannot be read as a peft adapter \(KeyError"),
     ],
 )
 def test_a_damaged_export_file_is_one_line_naming_it(tmp_path, damage, needle):
@@ -318,3 +332,191 @@ def test_export_reads_the_runs_relative_paths_where_it_trained(tmp_path, monkeyp
     record = json.loads((elsewhere / "export" / "unimodal.json").read_text())["training_data"]
     assert record == {"datasets": [{"path": str(project / data / "train"), "weight": 1.0}],
                       "val_datasets": [{"path": str(project / data / "val"), "weight": 1.0}]}
+
+
+def _json(file: Path) -> dict:
+    return json.loads(file.read_text())
+
+
+def _edit_json(file: Path, **changes: object) -> None:
+    file.write_text(json.dumps({**_json(file), **changes}))
+
+
+def _edit_layout(export: Path, **changes: object) -> None:
+    config = _json(export / "unimodal.json")
+    _edit_json(export / "unimodal.json", layout={**config["layout"], **changes})
+
+
+def _drop_tensor(file: Path, name: str, replacement: torch.Tensor | None = None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(file))
+    del weights[name]
+    if replacement is not None:
+        weights[name] = replacement
+    save_file(weights, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda d: _edit_json(d / "unimodal.json", data={**_json(d / "unimodal.json")["data"], "codecs": {
+            "audio": {"class_path": "unimodal.modalities.DigitAudioCodec", "init_args": {"bogus": 1}}}}),
+         r"export: the audio codec: .*Option 'bogus' is not accepted"),
+        (lambda d: _edit_json(d / "unimodal.json", model={**_json(d / "unimodal.json")["model"], "continuous": {
+            "image": {"class_path": "unimodal.models.LinearAdapter", "init_args": {"feature_dim": "wide"}}}}),
+         r"unimodal.json: model.continuous.image: .*Expected a <class 'int'>. Got value: wide"),
+        (lambda d: _edit_layout(d, code_ranges={"image": "256", "audio": 512}), r"vocabulary layout: not a layout \(TypeError"),
+    ],
+)
+def test_a_spec_of_the_wrong_kind_is_one_line_naming_where(tmp_path, damage, needle):
+    """Not jsonargparse's ArgumentError about its own ``--value`` argument, nor a TypeError."""
+    shutil.copytree(OLD_EXPORT, tmp_path / "export")
+    damage(tmp_path / "export")
+    with pytest.raises(ValueError, match=needle) as caught:
+        load_exported(tmp_path / "export")
+    assert "\n" not in str(caught.value) and "--value" not in str(caught.value)
+
+
+def test_code_an_export_names_is_never_run_nor_offered(tmp_path, monkeypatch):
+    """transformers asks on stdin whether to run the code an ``auto_map`` names; an export is data,
+    so the answer is no without asking, and a pickled weight file is refused."""
+    import builtins
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("asked whether to run an export's code"))
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').close()\nclass Evil: pass\n"
+
+    model = tmp_path / "model"
+    shutil.copytree(OLD_EXPORT, model)
+    _edit_json(model / "config.json", model_type="evil", auto_map={"AutoConfig": "evil.Evil", "AutoModelForCausalLM": "evil.Evil"})
+    (model / "evil.py").write_text(code)
+    with pytest.raises(ValueError, match="names model code of its own"):
+        load_exported(model)
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(OLD_EXPORT, tokenizer)
+    (tokenizer / "tk").mkdir()
+    (tokenizer / "tk" / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.Evil", None]}}))
+    (tokenizer / "tk" / "evil.py").write_text(code)
+    _edit_json(tokenizer / "unimodal.json", tokenizer="tk")
+    with pytest.raises(ValueError, match="names tokenizer code of its own"):
+        load_exported(tokenizer)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(OLD_EXPORT, pickled)
+    (pickled / "adapter").mkdir()
+    (pickled / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
+    payload = f"import torch\nclass P:\n    def __reduce__(self): return (open, ({str(marker)!r}, 'w'))\ntorch.save({{'x': P()}}, {str(pickled / 'adapter' / 'adapter_model.bin')!r})"
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    with pytest.raises(ExportError, match="could run code when loaded") as caught:
+        load_exported(pickled)
+    assert "weights_only" not in str(caught.value)
+    assert not marker.exists()
+
+
+def test_replacing_an_export_keeps_the_old_one_until_the_new_one_is_whole(tmp_path, monkeypatch):
+    import os
+
+    from unimodal.checkpoints.export import staged_directory
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "unimodal.json").write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):  # an export that fails on the way
+        with staged_directory(out, replace=True) as staging:
+            (staging / "unimodal.json").write_text("new")
+            raise RuntimeError("killed")
+    assert (out / "unimodal.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    real_replace, real_rename = os.replace, Path.rename
+
+    def crash_moving_in(source, target):  # killed as the new export is moved into place
+        if str(source).endswith(".partial"):
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", crash_moving_in)
+    monkeypatch.setattr(Path, "rename", lambda self, target: crash_moving_in(self, target) or Path(target))
+    with pytest.raises(KeyboardInterrupt):
+        with staged_directory(out, replace=True) as staging:
+            (staging / "unimodal.json").write_text("new")
+    assert [p.read_text() for p in tmp_path.glob("model*/unimodal.json")] == ["old"]  # the old export, whole
+    monkeypatch.undo()
+    with staged_directory(out, replace=True) as staging:
+        (staging / "unimodal.json").write_text("new")
+    assert (out / "unimodal.json").read_text() == "new" and not (tmp_path / "model-previous").exists()
+    (tmp_path / "model-previous").mkdir()  # left by a crash after the new one was moved in
+    (tmp_path / "model-previous" / "unimodal.json").write_text("older")
+    with staged_directory(out, replace=True) as staging:
+        (staging / "unimodal.json").write_text("newer")
+    assert (out / "unimodal.json").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("where", ["codec", "continuous", "nested"])
+def test_an_export_cannot_name_a_module_to_import_as_a_string(tmp_path, monkeypatch, where):
+    """jsonargparse imports ``module.Name`` given as a string where a class is expected; from a
+    working directory (a notebook beside the export) that runs any ``module.py`` there."""
+    marker = tmp_path / "ran"
+    (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Thing: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    export = tmp_path / "export"
+    shutil.copytree(OLD_EXPORT, export)
+    config = _json(export / "unimodal.json")
+    if where == "codec":
+        config["data"]["codecs"]["audio"] = "evilmod.Thing"
+    else:
+        config["model"]["continuous"] = {"image": "evilmod.Thing" if where == "continuous" else {
+            "class_path": "unimodal.models.TokenDiffusionImage", "init_args": {"feature_dim": 64, "schedule": "evilmod.Thing"}}}
+    (export / "unimodal.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="names 'evilmod.Thing', which would be imported as code"):
+        load_exported(export)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("hparams", [{"_class_path": "evilmod.Thing"},
+                                     {"_class_path": "unimodal.training.UnimodalModule", "continuous": {"image": "evilmod.Thing"}}])
+def test_a_checkpoint_cannot_name_a_module_to_import(tmp_path, monkeypatch, hparams):
+    """A checkpoint is read as tensors and plain values; the classes its hyperparameters name are
+    imported to rebuild the module, so they too are unimodal's own only."""
+    marker = tmp_path / "ran"
+    (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Thing: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": hparams, "unimodal_run_config": {}}, checkpoint)
+    with pytest.raises(ExportError, match="names 'evilmod.Thing', which would be imported as code; a checkpoint may"):
+        export(checkpoint, tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+THROUGH_GLOBALS = "unimodal.checkpoints.export.os.system"  # starts with unimodal., and is os.system
+
+
+@pytest.mark.parametrize("where", ["continuous", "codec"])
+def test_an_export_cannot_reach_a_function_through_a_unimodal_module(tmp_path, where):
+    """jsonargparse follows a class path through a module's globals and calls what it finds, a
+    function for a factory type included: ``unimodal.x.os.system`` with ``init_args.command``."""
+    marker = tmp_path / "ran"
+    spec = {"class_path": THROUGH_GLOBALS, "init_args": {"command": f"touch {marker}"}}
+    export = tmp_path / "export"
+    shutil.copytree(OLD_EXPORT, export)
+    config = _json(export / "unimodal.json")
+    if where == "codec":
+        config["data"]["codecs"]["image"] = spec
+    else:
+        config["model"]["continuous"] = {"image": spec}
+    (export / "unimodal.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"'{THROUGH_GLOBALS}' is not a (ContinuousModality|MediaCodec) of unimodal's"):
+        load_exported(export)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_cannot_reach_a_function_through_a_unimodal_module(run, tmp_path):
+    marker = tmp_path / "ran"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["continuous"] = {"image": {"class_path": THROUGH_GLOBALS, "init_args": {"command": f"touch {marker}"}}}
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    assert unimodal_main(["export", str(tmp_path / "evil.ckpt"), "--out", str(tmp_path / "out")]) == 2
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -6,17 +6,49 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import typing
 from collections.abc import Callable
 from typing import Any
 
 
-def instantiate(spec: dict[str, Any], kind: Any) -> Any:
-    """Build ``spec`` checked against ``kind`` (a base class, or ``Callable[..., Base]`` for a factory)."""
-    from jsonargparse import ArgumentParser
+def own_class(path: str, base: type) -> bool:
+    """Whether ``path`` names a subclass of ``base`` that unimodal defines. Not merely a path that
+    starts with ``unimodal.``: jsonargparse follows it through a module's globals, so that
+    ``unimodal.checkpoints.export.os.system`` is ``os.system``."""
+    if not path.startswith("unimodal."):
+        return False  # imported by nothing here: importing it would run its module
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            found = getattr(found, name, None)
+        return isinstance(found, type) and issubclass(found, base) and found.__module__.startswith("unimodal.")
+    return False
 
+
+def instantiate(spec: dict[str, Any], kind: Any, where: str) -> Any:
+    """Build ``spec`` read from a file, checked against ``kind`` (a base class, or
+    ``Callable[..., Base]`` for a factory). Its ``class_path`` must be a ``Base`` of unimodal's
+    (:func:`own_class`): jsonargparse takes any callable for a factory, and calls it. A spec that
+    does not fit is one ``ValueError`` naming ``where`` (the file and key it came from), not
+    jsonargparse's message about its own ``--value`` argument."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    base = kind if isinstance(kind, type) else typing.get_args(kind)[-1]
+    path = spec.get("class_path") if isinstance(spec, dict) else spec
+    if not (isinstance(path, str) and own_class(path, base)):
+        raise ValueError(f"{where}: {path!r} is not a {base.__name__} of unimodal's; give {{class_path, init_args}} naming one")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--value", type=kind)
-    return parser.instantiate_classes(parser.parse_object({"value": spec})).value
+    try:
+        return parser.instantiate_classes(parser.parse_object({"value": spec})).value
+    except ArgumentError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and line.strip() != 'Parser key "value":']
+        reason = " ".join(lines).split(" Got value: Namespace(")[0]  # the spec itself, repeated, follows
+        raise ValueError(f"{where}: {reason[:400]}") from None
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE, newest_readable_checkpoint
+from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE, newest_readable_checkpoint, replace_directory
 from unimodal.checkpoints.fsdp import fsdp_to_file, is_fsdp_checkpoint
 from unimodal.checkpoints.load import (
     ADAPTER_DIR,
@@ -69,7 +69,7 @@ def _copy_tokenizer(source: str, out: Path) -> str:
     if src.is_dir():
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False).save_pretrained(str(out))
         return "."
     raise FileNotFoundError(f"the run's tokenizer {source} no longer exists; export needs it")
 
@@ -145,16 +145,21 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
 
 @contextlib.contextmanager
 def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
-    """A fresh directory beside ``out_dir`` that becomes ``out_dir`` when the block completes."""
+    """A fresh directory beside ``out_dir`` that becomes ``out_dir`` when the block completes; one
+    that fails is removed. An export it replaces is set aside until the new one is in place
+    (:func:`replace_directory`), so a crash never leaves neither."""
     out = Path(out_dir)
     if not replace:
         refuse_nonempty(out, "export to a new directory")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    yield staging
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, out)
 
 
 def training_record(data: dict[str, Any], init_from: str | None = None) -> dict[str, Any] | None:

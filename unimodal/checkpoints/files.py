@@ -226,9 +226,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def replace_directory(source: Path, target: Path) -> None:
     """Move the finished directory ``source`` to ``target``. An old ``target`` is set aside first,
     as ``NAME-previous.ckpt``, and removed last, so a crash between the two renames leaves a whole
-    checkpoint that ``--resume auto`` finds."""
+    checkpoint that ``--resume auto`` finds. An ``old`` beside a ``target`` is left by a crash after
+    the second rename, older than ``target``: it goes first (a directory cannot be renamed over it)."""
     old = target.with_name(f"{target.stem}-previous{target.suffix}")
     if target.exists():
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
         os.replace(target, old)
     os.replace(source, target)
     if old.is_dir():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, processor_config
 from unimodal.data.shards import is_streamed
-from unimodal.modalities.base import describe_fingerprint
+from unimodal.modalities.base import describe_fingerprint, model_config
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, start_rows_near_mean
 from unimodal.models.build import build_model
@@ -64,6 +65,10 @@ OLD_MODEL_CLASS = "UnimodalModule"
 RENAMED_CLASSES = {
     "unimodal.models.continuous.DiffusionImage": "unimodal.models.continuous.TokenDiffusionImage",
 }
+
+
+# a dotted name, as jsonargparse reads a class given as a string
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 
 
 class ExportError(ValueError):
@@ -134,6 +139,8 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     if lacking:
         raise ExportError(f"{path / PROCESSOR_FILE}: no {' or '.join(repr(k) for k in lacking)}; {REEXPORT}")
     _check_untrusted(config, file)
+    check_import_paths(config["model"], file)
+    check_import_paths(config["processor"].get("codecs"), path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file)
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str(path / args["path"])
@@ -154,6 +161,21 @@ def _check_untrusted(node: Any, file: Path) -> None:
     elif isinstance(node, list):
         for value in node:
             _check_untrusted(value, file)
+
+
+def check_import_paths(node: Any, file: Path, what: str = "an export") -> None:
+    """jsonargparse takes a class or factory given as a string (``module.Name``, or a
+    ``class_path``) and imports its module, which runs that module's code (a ``module.py`` in the
+    working directory included): in the specs built from a file, such a string may name unimodal's
+    own classes only."""
+    if isinstance(node, dict):
+        for value in node.values():
+            check_import_paths(value, file, what)
+    elif isinstance(node, list):
+        for value in node:
+            check_import_paths(value, file, what)
+    elif isinstance(node, str) and IMPORT_PATH.fullmatch(node) and not node.startswith("unimodal."):
+        raise ExportError(f"{file} names {node!r}, which would be imported as code; {what} may name unimodal's own classes only")
 
 
 def codec_dirs(codecs: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -238,10 +260,19 @@ def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Modu
     adapter = Path(path) / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         return backbone
-    import peft
+    import pickle
 
-    with quiet_peft():
-        wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
+    import peft
+    from safetensors import SafetensorError
+
+    try:
+        with quiet_peft():
+            wrapped = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
+    except (KeyError, TypeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if isinstance(err, pickle.UnpicklingError):  # torch's advice is to load it unsafely
+            reason = "a pickle of objects other than tensors, which could run code when loaded"
+        raise ExportError(f"{adapter} cannot be read as a peft adapter ({type(err).__name__}: {reason[:200]}); {REEXPORT}") from None
     return merge_backbone_adapter(wrapped) if merge else wrapped
 
 
@@ -275,6 +306,13 @@ def restart_code_rows(model: UnifiedModel, name: str) -> None:
     log.info("restarted the %d rows of code range %r", layout.code_ranges[name], name)
 
 
+def _vocab_rows(path: Path) -> int | None:
+    """The vocabulary rows the backbone's ``config.json`` declares (None where it names none)."""
+    config = model_config(path, "backbone.path")
+    rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return rows if isinstance(rows, int) else None
+
+
 def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
     """Restore an export directory: the unified model (eval, CPU) and its Processor.
 
@@ -287,9 +325,19 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
     spec = config["model"]
     processor = Processor.from_json(config["processor"], path)
     layout = processor.layout
-    backbone = BackboneConfig(**{**spec["backbone"], "path": str(path), "config": {}})
+    try:
+        backbone = BackboneConfig(**{**spec["backbone"], "path": str(path), "config": {}})
+    except (KeyError, TypeError) as err:
+        raise ExportError(f"{path / CONFIG_FILE}: model.backbone is not a backbone spec ({err}); {REEXPORT}") from None
+    rows = _vocab_rows(path)
+    if rows is not None and rows != layout.size:  # the backbone would be resized to fit, silently other weights
+        raise ExportError(f"{path}: the backbone has {rows} vocabulary rows but its vocabulary layout ({PROCESSOR_FILE}) needs {layout.size}; {REEXPORT}")
+    if processor.tokenizer.vocab_size != layout.text_size:
+        raise ExportError(f"{path}: the tokenizer has {processor.tokenizer.vocab_size} ids but its vocabulary layout ({PROCESSOR_FILE}) "
+                          f"has text_size {layout.text_size}; {REEXPORT}")
     continuous = {
-        name: instantiate(factory, Callable[[int], ContinuousModality]) for name, factory in (spec.get("continuous") or {}).items()
+        name: instantiate(factory, Callable[[int], ContinuousModality], f"{path / CONFIG_FILE}: model.continuous.{name}")
+        for name, factory in (spec.get("continuous") or {}).items()
     }
     model = build_model(backbone, layout, continuous, spec.get("routing"))
     loaded, _ = load_modules(model, path, strict=True)

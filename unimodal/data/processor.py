@@ -122,7 +122,7 @@ class Processor:
 
         A codec that is not the one the model's code rows were trained with (a refit codec put in
         an export, docs/refit-codec.md) is refused: its codes would mean other media to the model."""
-        codecs = {name: instantiate(spec, MediaCodec) for name, spec in (config.get("codecs") or {}).items()}
+        codecs = {name: instantiate(spec, MediaCodec, f"{directory}: the {name} codec") for name, spec in (config.get("codecs") or {}).items()}
         layout = VocabLayout.from_dict(config["layout"])
         for name, codec in codecs.items():
             trained = layout.code_sources.get(name)

@@ -47,7 +47,13 @@ class HFTokenizer:
     def __init__(self, directory: str | Path):
         from transformers import AutoTokenizer
 
-        self.inner = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        try:
+            self.inner = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise ValueError(f"{directory} names tokenizer code of its own (auto_map), which unimodal never runs; "
+                             "use a tokenizer transformers implements") from None
         self.vocab_size = len(self.inner)
         self.bos_id = self.inner.bos_token_id
         if self.inner.eos_token_id is None:

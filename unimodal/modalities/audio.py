@@ -193,7 +193,7 @@ class HFAudioCodec(RVQCodec):
     def from_pretrained(cls, path: str | Path, layers: int | None = None, max_seconds: float = 30.0) -> HFAudioCodec:
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         return cls(model, layers, max_seconds)
 
     @classmethod

@@ -59,7 +59,7 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
             return CLIPVisionModelWithProjection.from_pretrained(spec.path, local_files_only=True)
         if config.get("model_type") == "clip":
             return CLIPVisionModel.from_pretrained(spec.path, local_files_only=True)  # the vision tower of a full CLIP
-        return AutoModel.from_pretrained(spec.path, local_files_only=True)
+        return AutoModel.from_pretrained(spec.path, local_files_only=True, trust_remote_code=False)
     raw = dict(spec.config)
     kind = raw.pop("model_type", None)
     if kind is None:

@@ -149,14 +149,19 @@ class VocabLayout:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VocabLayout:
-        return cls(
-            text_size=int(raw["text_size"]),
-            specials=tuple(raw.get("specials", SPECIAL_TOKENS)),
-            code_ranges=dict(raw.get("code_ranges", {})),
-            pad_to=int(raw.get("pad_to", 64)),
-            code_layers=dict(raw.get("code_layers", {})),
-            code_sources=dict(raw.get("code_sources", {})),
-        )
+        """The layout a saved file describes; one that is not a layout (a size of the wrong type, a
+        key missing) is one ``ValueError``."""
+        try:
+            return cls(
+                text_size=int(raw["text_size"]),
+                specials=tuple(raw.get("specials", SPECIAL_TOKENS)),
+                code_ranges=dict(raw.get("code_ranges", {})),
+                pad_to=int(raw.get("pad_to", 64)),
+                code_layers=dict(raw.get("code_layers", {})),
+                code_sources=dict(raw.get("code_sources", {})),
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"vocabulary layout: not a layout ({type(err).__name__}: {err})") from None
 
     def check_compatible(self, other: VocabLayout, what: str) -> None:
         """Equal in every field, the order of the code ranges included: it sets each range's ids."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -71,17 +72,38 @@ def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrained
 
 def causal_lm_from_pretrained(path: Path, **kwargs: Any) -> PreTrainedModel:
     """The causal LM saved in the local directory ``path``; weight files its loader cannot read (cut
-    short, overwritten) are one line naming the directory."""
+    short, overwritten) are one line naming the directory. So are weights that do not fill the
+    model its ``config.json`` describes (another architecture, more layers, other shapes), where
+    transformers would start the parameters it lacks afresh with only a warning. Code a directory
+    names (``auto_map``) is never run, nor offered to be run."""
     from safetensors import SafetensorError
 
-    cls = CAUSAL_LM_ELSEWHERE.get(type(AutoConfig.from_pretrained(path, local_files_only=True)), AutoModelForCausalLM)
     try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except (SafetensorError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        cls = CAUSAL_LM_ELSEWHERE.get(type(config), AutoModelForCausalLM)
+        model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, output_loading_info=True, **kwargs)
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ValueError(f"the weights in {path} do not have the shapes its config.json describes (transformers' report above "
+                         "names them); copy the model directory again") from None
+    except (SafetensorError, OSError, pickle.UnpicklingError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ValueError(f"{path} names model code of its own (auto_map in config.json), which unimodal never runs; "
+                             "use a model transformers implements") from None
+        if isinstance(err, (FileNotFoundError, ValueError)):
             raise
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):  # torch's advice is to load it unsafely
+            detail = "a pickle of objects other than tensors, which could run code when loaded"
         raise ValueError(f"the weights in {path} cannot be read ({detail}); copy the model directory again") from None
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"the weights in {path} do not fill the {type(model).__name__} its config.json describes "
+            f"({len(missing)} parameters missing, e.g. {missing[0]}); copy the model directory again"
+        )
+    return model
 
 
 def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:

@@ -21,11 +21,26 @@ from lightning.pytorch.cli import instantiate_module
 
 from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
 from unimodal.checkpoints.files import RUN_CONFIG_KEY, WORKDIR_KEY, read_checkpoint
-from unimodal.checkpoints.load import ExportError
+from unimodal.checkpoints.load import ExportError, check_import_paths
 from unimodal.errors import refuse_nonempty
+from unimodal.models.unified import ContinuousModality
+from unimodal.specs import own_class
 from unimodal.training.recipes import check_class_paths, resolve_builtin
 
 log = logging.getLogger("unimodal.export")
+
+
+def _check_classes(hparams: dict[str, Any], file: Path) -> None:
+    """The classes the module is rebuilt from, which jsonargparse imports and calls: its own class
+    and its continuous modalities (a factory type, for which jsonargparse takes any callable; the
+    other arguments are dataclasses) must be unimodal's own (``specs.own_class``)."""
+    check_import_paths([hparams.get("_class_path"), hparams.get("continuous")], file, "a checkpoint")
+    named = [("the module", hparams.get("_class_path"), LightningModule)]
+    named += [(f"continuous.{name}", spec.get("class_path") if isinstance(spec, dict) else spec, ContinuousModality)
+              for name, spec in (hparams.get("continuous") or {}).items()]
+    for what, path, base in named:
+        if not (isinstance(path, str) and own_class(path, base)):
+            raise ExportError(f"{file}: {what} is {path!r}, not a {base.__name__} of unimodal's; export reads checkpoints written by `unimodal train`")
 
 
 def _module_from_checkpoint(checkpoint: dict[str, Any], hparams: dict[str, Any]) -> LightningModule:
@@ -101,6 +116,7 @@ def export(
         if run_config is None or "_class_path" not in hparams:
             raise ExportError(f"{file} has no run config: export reads checkpoints written by `unimodal train`")
         check_class_paths(hparams, str(file))
+        _check_classes(hparams, file)
         spoiled = next((name for name, t in checkpoint["state_dict"].items() if t.is_floating_point() and not t.isfinite().all()), None)
         if spoiled is not None:
             raise ExportError(f"{file}: {spoiled} holds non-finite values (the run diverged); export an earlier checkpoint")
