@@ -90,6 +90,23 @@ def test_convert_orthus_says_when_the_source_has_no_tokenizer(tmp_path, caplog):
     assert "holds no tokenizer files" not in caplog.text and (tmp_path / "with" / "backbone" / "tokenizer.json").is_file()
 
 
+def test_an_interrupted_conversion_leaves_nothing_to_refuse(tmp_path, monkeypatch):
+    """Killed midway, convert leaves no partial directory, so the same command runs again."""
+    from transformers import ChameleonVQVAE
+
+    tiny_chameleon(tmp_path / "chameleon")
+    args = ["convert", "orthus", "--src", str(tmp_path / "chameleon"), "--out", str(tmp_path / "out")]
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ChameleonVQVAE, "save_pretrained", killed)
+        assert unimodal_main(args) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chameleon"]
+    assert unimodal_main(args) == 0 and (tmp_path / "out" / "orthus.json").is_file()
+
+
 def test_convert_orthus_builds_the_base_starting_point(converted):
     from transformers import ChameleonVQVAE
 

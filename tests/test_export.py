@@ -420,7 +420,7 @@ def test_code_an_export_names_is_never_run_nor_offered(tmp_path, monkeypatch):
 def test_replacing_an_export_keeps_the_old_one_until_the_new_one_is_whole(tmp_path, monkeypatch):
     import os
 
-    from unimodal.checkpoints.export import staged_directory
+    from unimodal.checkpoints.files import staged_directory
 
     out = tmp_path / "model"
     out.mkdir()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from unimodal.checkpoints.files import staged_directory
 from unimodal.errors import refuse_nonempty
 from unimodal.modalities.base import model_config
 from unimodal.modalities.image_continuous import latent_side
@@ -61,16 +62,16 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
         modality.soft_vq.codebook.copy_(codebook)
         modality.token_ids.copy_(torch.tensor([mapping[k] for k in range(len(codebook))]))
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "backbone")
-    copied = [file for pattern in TOKENIZER_FILES for file in src.glob(pattern)]
-    for file in copied:
-        shutil.copy2(file, out / "backbone" / file.name)
-    if not any(file.name.startswith("tokenizer") for file in copied):
-        log.warning("%s holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...), so %s has none: "
-                    "recipes/orthus/base.yaml reads data.init_args.tokenizer from there; copy Chameleon's tokenizer "
-                    "files into it, or set that key", src, out / "backbone")
-    vq.save_pretrained(out / "vqvae")
-    save_file({k: v.contiguous() for k, v in modality.state_dict().items()}, str(out / ORTHUS_MODULES_FILE))
-    (out / "orthus.json").write_text(json.dumps({"hidden_size": model.config.hidden_size, **args}, indent=2) + "\n")
+    with staged_directory(out, replace=False) as staging:  # a crash midway leaves no partial directory
+        model.save_pretrained(staging / "backbone")
+        copied = [file for pattern in TOKENIZER_FILES for file in src.glob(pattern)]
+        for file in copied:
+            shutil.copy2(file, staging / "backbone" / file.name)
+        if not any(file.name.startswith("tokenizer") for file in copied):
+            log.warning("%s holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...), so %s has none: "
+                        "recipes/orthus/base.yaml reads data.init_args.tokenizer from there; copy Chameleon's tokenizer "
+                        "files into it, or set that key", src, out / "backbone")
+        vq.save_pretrained(staging / "vqvae")
+        save_file({k: v.contiguous() for k, v in modality.state_dict().items()}, str(staging / ORTHUS_MODULES_FILE))
+        (staging / "orthus.json").write_text(json.dumps({"hidden_size": model.config.hidden_size, **args}, indent=2) + "\n")
     return out

@@ -7,20 +7,18 @@ half an export under the final name. Checkpoints are turned into models by
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE, newest_readable_checkpoint, replace_directory
+from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE, newest_readable_checkpoint
 from unimodal.checkpoints.fsdp import fsdp_to_file, is_fsdp_checkpoint
 from unimodal.checkpoints.load import (
     ADAPTER_DIR,
@@ -37,7 +35,7 @@ from unimodal.checkpoints.load import (
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
-from unimodal.errors import UserError, refuse_nonempty
+from unimodal.errors import UserError
 from unimodal.models.backbone import causal_lm_from_config
 from unimodal.models.lora import has_backbone_adapter, merge_backbone_adapter, merge_injected, save_adapter
 from unimodal.models.unified import UnifiedModel
@@ -141,25 +139,6 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     return ckpt
-
-
-@contextlib.contextmanager
-def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
-    """A fresh directory beside ``out_dir`` that becomes ``out_dir`` when the block completes; one
-    that fails is removed. An export it replaces is set aside until the new one is in place
-    (:func:`replace_directory`), so a crash never leaves neither."""
-    out = Path(out_dir)
-    if not replace:
-        refuse_nonempty(out, "export to a new directory")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_directory(staging, out)
 
 
 def training_record(data: dict[str, Any], init_from: str | None = None) -> dict[str, Any] | None:

@@ -19,13 +19,14 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from unimodal.errors import UserError
+from unimodal.errors import UserError, refuse_nonempty
 
 log = logging.getLogger("unimodal.checkpoints")
 
@@ -221,6 +222,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             first = "not the zip archive torch.save writes"
         raise UserError(f"{path} cannot be read as a checkpoint: it is truncated or not a checkpoint ({first[:200]})") from None
 
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
+    """A fresh directory beside ``out_dir`` that becomes ``out_dir`` when the block completes; one
+    that fails is removed. An export it replaces is set aside until the new one is in place
+    (:func:`replace_directory`), so a crash never leaves neither."""
+    out = Path(out_dir)
+    if not replace:
+        refuse_nonempty(out, "export to a new directory")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, out)
 
 
 def replace_directory(source: Path, target: Path) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_module
 
-from unimodal.checkpoints.export import checkpoint_file, staged_directory, write_export
-from unimodal.checkpoints.files import RUN_CONFIG_KEY, WORKDIR_KEY, read_checkpoint
+from unimodal.checkpoints.export import checkpoint_file, write_export
+from unimodal.checkpoints.files import RUN_CONFIG_KEY, WORKDIR_KEY, read_checkpoint, staged_directory
 from unimodal.checkpoints.load import ExportError, check_import_paths
 from unimodal.errors import refuse_nonempty
 from unimodal.models.unified import ContinuousModality
