@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 
 from tiny import (  # noqa: E402
     BACKBONE,
+    LAYOUT,
     TEXT_SIZE,
     LossRecorder,
     SGDModule,
@@ -46,6 +47,7 @@ from unimodal.checkpoints.zero import NotADeepSpeedCheckpoint, zero_to_fp32  # n
 from unimodal.modalities.vocab import VocabLayout  # noqa: E402
 from unimodal.models.backbone import BackboneConfig  # noqa: E402
 from unimodal.models.lora import LoraSettings  # noqa: E402
+from unimodal.models.unified import LossTerm  # noqa: E402
 from unimodal.training.optim import OptimizerConfig  # noqa: E402
 from unimodal.training.strategies import FSDP, DeepSpeed, DeepSpeedStrategy, build_strategy, strategy_names  # noqa: E402
 
@@ -124,7 +126,7 @@ def check_resume_result(out: Path) -> dict:
 def test_one_step_equals_plain_step_on_the_combined_batch(strategy, accumulate, batch_size, tmp_path, isolated_process_state):
     """accumulate=2 x batch 1 and accumulate=1 x batch 2 both give the plain SGD step on the two
     sequences (which hold different numbers of label tokens). Under DeepSpeed this checks the
-    extra factor in ``UnimodalModule._step_scale`` (its engine divides by the accumulation steps
+    extra factor in ``UnimodalModule.training_step`` (its engine divides by the accumulation steps
     on top of Lightning)."""
     sequences = packed_sequences(0, 2)
     assert sequences[0]["labels"].tolist() != sequences[1]["labels"].tolist()
@@ -137,6 +139,32 @@ def test_one_step_equals_plain_step_on_the_combined_batch(strategy, accumulate, 
     expected = reference_sgd_update(snap.initial, sequences, lr=1.0)
     assert max_diff(snap.final, snap.initial) > 1e-2
     assert max_diff(snap.final, expected) < 1e-5
+
+
+class ItemMeanProbe(SGDModule):
+    """SGDModule whose model adds a per-item term ``probe/x`` = sum of the final norm's weights
+    (per-item mean of a sum over 3 items), so each micro-batch's gradient there is exactly 1."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        forward, weight = self.model.forward, self.model.backbone.model.norm.weight
+
+        def with_probe(batch):
+            return {**forward(batch), "probe/x": LossTerm(weight.sum() * 3, torch.tensor(3))}
+
+        self.model.forward = with_probe
+
+
+@pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_2"])
+def test_a_per_item_term_is_a_mean_over_the_accumulated_micro_batches(strategy, tmp_path, isolated_process_state):
+    """A non-CE term (a diffusion loss) weighs the same with accumulation under every strategy:
+    under DeepSpeed its engine's second division by the accumulation steps is undone for it too."""
+    module = ItemMeanProbe(backbone=BACKBONE, vocab=LAYOUT.to_dict(), lr=1.0, loss_weights={"ce/text": 0.0})
+    snap = Snapshot()
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, strategy=build_strategy(strategy), max_steps=1, accumulate_grad_batches=2, callbacks=[snap]))
+    trainer.fit(module, datamodule=WindowedData(packed_sequences(0, 2), 1, 2))
+    name = "backbone.model.norm.weight"
+    torch.testing.assert_close(snap.initial[name] - snap.final[name], torch.ones_like(snap.initial[name]))
 
 
 @pytest.mark.parametrize("strategy", ["auto", "deepspeed_stage_3"])
@@ -386,7 +414,7 @@ def test_strategy_names_select_the_cpu_capable_deepspeed(isolated_process_state)
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy="deepspeed_stage_1", logger=False)
     assert type(trainer.strategy) is DeepSpeedStrategy
     assert trainer.strategy.config["zero_optimization"]["stage"] == 1
-    assert type(trainer.strategy).__name__.endswith("DeepSpeedStrategy")  # what _step_scale tests
+    assert type(trainer.strategy).__name__.endswith("DeepSpeedStrategy")  # what training_step tests
     assert "fsdp2" in strategy_names()
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=build_strategy("fsdp2"), logger=False)
     assert type(trainer.strategy) is FSDP

@@ -172,6 +172,27 @@ def test_a_diverging_run_stops_with_status_3_and_keeps_its_checkpoints_finite(tm
         export(tmp_path / "nan.ckpt", tmp_path / "export")
 
 
+def test_an_fp16_loss_scale_overflow_is_skipped_by_the_scaler_not_taken_for_divergence(tmp_path):
+    """Under 16-mixed the GradScaler's overflow (inf gradients after unscaling, a finite loss) is
+    routine: it skips the step and lowers the scale. CPU has no 16-mixed preset, so the plugin is
+    given with a scale that overflows at once."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    sys.path.insert(0, str(ROOT / "tests" / "distributed"))
+    from tiny import WindowedData, make_module, packed_sequences, trainer_kwargs
+
+    from unimodal.training.divergence import StopOnDivergence
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    trainer = L.Trainer(**trainer_kwargs(
+        tmp_path, max_steps=2, precision=None, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[StopOnDivergence()],
+    ))
+    trainer.fit(make_module(), datamodule=WindowedData(packed_sequences(0, 2), 1, 1))
+    assert trainer.global_step == 2 and scaler.get_scale() < 2.0**100
+
+
 def test_a_run_without_validation_data_is_not_warned_about_it(tmp_path, recwarn):
     """`val_datasets: null` (quickstart's bring-your-own-data command) is a choice; Lightning
     warned that the validation loader was empty."""

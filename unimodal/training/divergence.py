@@ -2,7 +2,8 @@
 
 A NaN or infinite loss, or a non-finite gradient (a finite loss can still overflow in backward),
 is caught before the optimizer applies it, on every rank at once (any rank's stops them all), so
-every checkpoint on disk keeps finite weights. The run ends with :class:`Diverged` (exit status 3): a pipeline stops there, and
+every checkpoint on disk keeps finite weights. Under fp16 loss scaling (``16-mixed``) a
+non-finite gradient is the scaler's routine overflow, which skips that step itself. The run ends with :class:`Diverged` (exit status 3): a pipeline stops there, and
 ``--resume auto`` continues from the last good checkpoint once the cause (a learning rate, bad
 data) is fixed.
 """
@@ -34,8 +35,10 @@ class StopOnDivergence(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         losses, self._losses_finite = self._losses_finite, None
         # under DeepSpeed gradients live in the engine (p.grad is None) and it checks overflow itself;
+        # so does fp16's GradScaler (16-mixed), which skips the step and lowers its scale;
         # under FSDP2 each rank checks its own shards, and the decision below is shared
-        grads = (p.grad for p in pl_module.parameters())
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        grads = () if scaled else (p.grad for p in pl_module.parameters())
         checks = [_local(g).isfinite().all() for g in grads if g is not None]
         if losses is not None:
             checks.append(losses.to(checks[0].device) if checks else losses)

@@ -38,8 +38,9 @@ class UnimodalModule(L.LightningModule):
     Cross-entropy terms (``ce/<modality>``) are summed and divided by the number of label tokens
     in the whole optimizer step (all accumulation micro-batches on all ranks), so accumulation and
     data parallelism give the same gradient as one big batch. Other heads' terms are per-item
-    means. ``loss_weights`` maps a term name to its weight (default 1). ``continuous`` maps a
-    modality to a factory (``class_path`` + ``init_args`` in YAML) called with the backbone's
+    means of each micro-batch, averaged over the step's micro-batches and ranks (one without items
+    of a term adds 0). ``loss_weights`` maps a term name to its weight (default 1). ``continuous``
+    maps a modality to a factory (``class_path`` + ``init_args`` in YAML) called with the backbone's
     hidden size. ``routing`` lists modalities that get their own experts in every decoder layer
     (LlamaFusion; ``unimodal.models.routing``), copied from the text weights at build time.
     ``lora`` adds LoRA after the trainable policy (``unimodal.models.lora``; with LoRA an unset
@@ -136,10 +137,7 @@ class UnimodalModule(L.LightningModule):
         world = world_size()
         if world > 1:
             dist.all_reduce(tokens)
-        scale = accumulate * world / tokens.clamp(min=1.0)
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            scale = scale * accumulate  # DeepSpeed's engine divides by the accumulation steps again
-        return scale
+        return accumulate * world / tokens.clamp(min=1.0)
 
     def combine(self, losses: dict[str, LossTerm], ce_scale: torch.Tensor | None) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -185,6 +183,9 @@ class UnimodalModule(L.LightningModule):
             self.log("data/samples_skipped", float(skipped), batch_size=1)
         losses = self.model(batch)
         loss = self.combine(losses, self._step_scale(batch))
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed's engine divides by the accumulation steps on top of Lightning: every term, not only CE
+            loss = loss * self.trainer.accumulate_grad_batches
         size = batch.input_ids.shape[0]
         if self._log_terms(losses, size):
             self.log("train/loss", self.combine(losses, None).detach(), prog_bar=True, batch_size=size)
