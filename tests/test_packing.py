@@ -74,6 +74,16 @@ def test_overlong_documents_split_at_span_boundaries_or_refused(char_tokenizer):
         list(Packer(seq_len=32, pad_id=0, overlong="error").pack([enc]))
 
 
+def test_a_long_document_is_cut_between_two_adjacent_media_spans(char_tokenizer):
+    """Three 12-token images in a row, seq_len 20: each fits, so each becomes a piece of its own."""
+    rng = np.random.default_rng(0)
+    images = [Part("image", media=i, data=rng.normal(size=(10, FEATURES)).astype(np.float32)) for i in range(3)]
+    enc = encoder(char_tokenizer).encode(Document(images, key="images"))
+    pieces = Packer(seq_len=20, pad_id=0, feature_dim=FEATURES).pieces(enc)
+    assert [len(p) for p in pieces] == [13, 12, 13]  # BOS + image, image, image + EOS
+    assert [int(p.continuous.sum()) for p in pieces] == [10, 10, 10]
+
+
 def test_mask_blocks_documents_and_future_images():
     doc_ids = torch.tensor([[1, 1, 1, 1, 2, 2, 0]])
     block_ids = torch.tensor([[-1, 0, 0, -1, 1, 1, -1]])

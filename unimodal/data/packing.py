@@ -75,11 +75,12 @@ class Packer:
             )
         pieces, start = [], 0
         media = doc.modality != 0
+        inside = media if doc.span_start is None else media & ~doc.span_start  # a media position a cut must not precede
         while start < len(doc):
             stop = min(start + self.seq_len, len(doc))
             if stop < len(doc):
                 # never cut through a media span: move the cut back to where the span starts
-                while stop > start and media[stop - 1] and media[stop]:
+                while stop > start and media[stop - 1] and inside[stop]:
                     stop -= 1
                 if stop == start:
                     raise DocumentTooLong(
@@ -138,6 +139,7 @@ def _slice(doc: EncodedDocument, start: int, stop: int) -> EncodedDocument:
         continuous=doc.continuous[start:stop],
         features=doc.features[first_feature : first_feature + n_features],
         key=f"{doc.key}#{start}",
+        span_start=None if doc.span_start is None else doc.span_start[start:stop],
     )
 
 

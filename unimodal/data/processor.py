@@ -38,7 +38,9 @@ class EncodedDocument:
 
     ``target`` marks positions whose content is predicted (from the position before);
     ``block`` groups positions that attend to each other bidirectionally (-1: causal only);
-    ``continuous`` marks slots whose embedding comes from ``features`` (in order).
+    ``continuous`` marks slots whose embedding comes from ``features`` (in order);
+    ``span_start`` marks the first position of each media span, so that the packer can cut a long
+    document between two adjacent media spans (None: a media span wherever the modality is not text).
     """
 
     ids: np.ndarray
@@ -48,6 +50,7 @@ class EncodedDocument:
     continuous: np.ndarray
     features: np.ndarray
     key: str = ""
+    span_start: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -144,10 +147,11 @@ class Processor:
         )
 
     def encode(self, doc: Document) -> EncodedDocument:
-        spans: list[tuple[np.ndarray, int, bool, bool, np.ndarray | None]] = []
+        # (ids, modality, loss, continuous, features, whether a media span starts here)
+        spans: list[tuple[np.ndarray, int, bool, bool, np.ndarray | None, bool]] = []
 
         def text_span(ids: list[int], loss: bool) -> None:
-            spans.append((np.asarray(ids, dtype=np.int64), 0, loss, False, None))
+            spans.append((np.asarray(ids, dtype=np.int64), 0, loss, False, None, False))
 
         if self.add_bos and self.tokenizer.bos_id is not None:
             text_span([self.tokenizer.bos_id], False)
@@ -176,8 +180,11 @@ class Processor:
             array = self.encoded_media.encode(part, codec)
         begin, end = SPAN_MARKERS[part.type]
         modality = MODALITY_IDS[part.type]
-        marker = lambda name: (np.asarray([self.layout.special_id(name)]), modality, part.loss, False, None)  # noqa: E731
-        spans.append(marker(begin))
+
+        def marker(name: str, starts: bool = False) -> tuple:
+            return np.asarray([self.layout.special_id(name)]), modality, part.loss, False, None, starts
+
+        spans.append(marker(begin, True))
         if np.issubdtype(array.dtype, np.floating):
             features = np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1])
             if features.shape[1] != self.feature_dim:
@@ -186,9 +193,9 @@ class Processor:
                     f"the processor's feature_dim (data.init_args.feature_dim in a recipe) is {self.feature_dim}"
                 )
             ids = np.full(len(features), self.layout.special_id("<|media|>"), dtype=np.int64)
-            spans.append((ids, modality, part.loss, True, features))
+            spans.append((ids, modality, part.loss, True, features, False))
         elif np.issubdtype(array.dtype, np.integer):
-            spans.append((self._code_ids(array, part, doc), modality, part.loss, False, None))
+            spans.append((self._code_ids(array, part, doc), modality, part.loss, False, None, False))
         else:
             raise DocumentError(f"{doc.where()}: {part.type} array of dtype {array.dtype} is not supported")
         spans.append(marker(end))
@@ -212,11 +219,12 @@ class Processor:
         return self.layout.code_ids(name, codes, np.arange(len(codes))[:, None]).reshape(-1)
 
     def _concat(self, spans: list, key: str) -> EncodedDocument:
-        ids, modality, target, block, continuous, features = [], [], [], [], [], []
+        ids, modality, target, block, continuous, features, span_start = [], [], [], [], [], [], []
         next_block = 0
-        for span_ids, mod, loss, is_cont, feats in spans:
+        for span_ids, mod, loss, is_cont, feats, starts in spans:
             n = len(span_ids)
             ids.append(span_ids)
+            span_start.append(np.arange(n) < int(starts))
             modality.append(np.full(n, mod, dtype=np.int8))
             target.append(np.full(n, loss, dtype=bool))
             continuous.append(np.full(n, is_cont, dtype=bool))
@@ -233,6 +241,7 @@ class Processor:
             continuous=np.concatenate(continuous),
             features=np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32),
             key=key,
+            span_start=np.concatenate(span_start),
         )
 
 
