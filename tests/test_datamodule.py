@@ -102,6 +102,19 @@ def test_ranks_get_different_shards_and_the_same_number_of_batches(tmp_path, spm
     assert not torch.equal(batches[0][0].input_ids, batches[1][0].input_ids)
 
 
+def test_shards_that_do_not_split_evenly_over_the_slots_are_said_to_skew_the_documents(tmp_path, spm_model, caplog):
+    dm = module([make_set(tmp_path, "a", shards=5)], spm_model, num_workers=2)
+    reads = {}
+    for rank in (0, 1):
+        stream = dm.train_stream(rank, 2)
+        for worker in (0, 1):
+            for _, doc in zip(range(400), stream.documents(worker, 2)):
+                shard = int(doc.key[1:]) // 10
+                reads[shard] = reads.get(shard, 0) + 1
+    assert reads[1] > 1.5 * reads[0]  # shards 0 and 4 share a slot: their documents are read half as often
+    assert "others 2, and every slot reads as many documents" in caplog.text and "write a multiple of 4 shards" in caplog.text
+
+
 def test_mixture_weights(tmp_path, spm_model):
     sets = [ShardSet(make_set(tmp_path, "a"), 0.9), {"path": make_set(tmp_path, "b", seed=1), "weight": 0.1}]
     docs = module(sets, spm_model).train_stream().documents()

@@ -97,6 +97,21 @@ def test_resuming_with_other_data_settings_says_which(recipe, tmp_path, caplog):
     assert len(said) == 1 and "data.init_args.batch_size: 2 -> 1" in said[0]
 
 
+def test_resuming_with_other_dataloader_workers_or_shuffle_buffer_says_so(caplog):
+    """Each DataLoader worker is seeded and reads shards of its own, so the batches counted in the
+    checkpoint are other batches with another worker count or shuffle buffer."""
+    from unimodal.checkpoints.files import RUN_CONFIG_KEY
+    from unimodal.training.resume import RunState
+
+    saved = {"data": {"init_args": {"num_workers": 0, "shuffle_buffer": 256, "replay_weight": 0.5}}}
+    now = {"data": {"init_args": {"num_workers": 4, "shuffle_buffer": 64, "replay_weight": 0.2}}}
+    with caplog.at_level(logging.WARNING, logger="unimodal.train"):
+        RunState(now).on_load_checkpoint(SimpleNamespace(global_rank=0, world_size=1), None, {RUN_CONFIG_KEY: saved})
+    said = " ".join(r.getMessage() for r in caplog.records if "differ from the checkpoint" in r.getMessage())
+    for change in ("num_workers: 0 -> 4", "shuffle_buffer: 256 -> 64", "replay_weight: 0.5 -> 0.2"):
+        assert change in said
+
+
 def test_a_run_resumed_from_an_earlier_step_is_newest_and_a_changed_lr_is_said_to_be_kept(recipe, tmp_path, caplog):
     """Resumed from step 2 of a run that reached 4, the run writes ``step=4-v1`` beside the first
     ``step=4``; its ``last.ckpt`` at step 6 is still the newest. A changed lr on resume cannot

@@ -476,6 +476,14 @@ class UnimodalDataModule(L.LightningDataModule):
                     len(urls),
                     slots,
                 )
+            elif len(urls) % slots:
+                few = len(urls) // slots
+                logger.warning(
+                    "shard set %s has %d shards for %d rank x worker slots: some slots hold %d of them, others %d, "
+                    "and every slot reads as many documents, so the documents of the former are read %.1fx as often; "
+                    "write a multiple of %d shards",
+                    spec.path, len(urls), slots, few, few + 1, (few + 1) / few, slots,
+                )
         return TrainStream(
             shard_sets,
             [d.weight for d in self.mixture],

@@ -185,10 +185,12 @@ class StepCheckpoint(ModelCheckpoint):
             self.write_last(trainer)
 
 
-# what the data position (epoch, batches trained on) means: batches of these settings on this many ranks
+# what the data position (epoch, batches trained on) means: batches of these settings on this many
+# ranks and DataLoader workers (each worker is seeded and reads shards of its own)
 DATA_POSITION_KEYS = (
-    "data.init_args.datasets", "data.init_args.seq_len", "data.init_args.batch_size", "data.init_args.seed",
-    "data.init_args.steps_per_epoch", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes",
+    "data.init_args.datasets", "data.init_args.replay", "data.init_args.replay_weight", "data.init_args.seq_len",
+    "data.init_args.batch_size", "data.init_args.seed", "data.init_args.steps_per_epoch", "data.init_args.num_workers",
+    "data.init_args.shuffle_buffer", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes",
 )
 
 
