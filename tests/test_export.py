@@ -17,9 +17,9 @@ from unimodal.cli import main as unimodal_main
 from unimodal.data.packing import Packer, collate
 from unimodal.schema import Document, Part
 from unimodal.training.recipes import load_recipe, run_training
-from unimodal.checkpoints.load import ExportError, load_exported
+from unimodal.checkpoints.load import ExportError, check_import_paths, load_exported
 from unimodal.errors import UserError
-from unimodal.training.exporting import _module_from_checkpoint, export
+from unimodal.training.exporting import _check_classes, _module_from_checkpoint, export
 from unimodal.worlds import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -489,6 +489,17 @@ def test_a_checkpoint_cannot_name_a_module_to_import(tmp_path, monkeypatch, hpar
     with pytest.raises(ExportError, match="names 'evilmod.Thing', which would be imported as code; a checkpoint may"):
         export(checkpoint, tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_file_name_in_a_spec_is_not_taken_for_a_module(tmp_path):
+    """``init_from: orthus_modules.safetensors`` (a run started beside the file, docs/orthus.md) is
+    a path: no module ``orthus_modules`` exists to import, so its checkpoint and export stay readable."""
+    continuous = {"image": {"class_path": "unimodal.models.TokenDiffusionImage",
+                            "init_args": {"feature_dim": 64, "init_from": "orthus_modules.safetensors"}}}
+    check_import_paths({"continuous": continuous}, tmp_path / "unimodal.json")
+    _check_classes({"_class_path": "unimodal.training.UnimodalModule", "continuous": continuous}, tmp_path / "last.ckpt")
+    with pytest.raises(ExportError, match="'os.system', which would be imported as code"):
+        check_import_paths({"continuous": {"image": "os.system"}}, tmp_path / "unimodal.json")
 
 
 THROUGH_GLOBALS = "unimodal.checkpoints.export.os.system"  # starts with unimodal., and is os.system

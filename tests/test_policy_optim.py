@@ -73,3 +73,17 @@ def test_zero3_partitioned_parameters_are_counted_by_their_full_size():
     layer.weight.data = torch.empty(0)
     apply_trainable_policy(layer, None, frozen=[])
     assert parameter_counts(layer) == (16, 16)
+
+
+def test_a_chameleon_checkpoint_without_its_vq_vae_loads(tmp_path):
+    """The VQ-VAE is a part the language path never runs (``UNUSED_SUBMODULES``): weights that
+    leave it out still fill the language model, which is not a cut-short copy."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, ChameleonForConditionalGeneration
+
+    from unimodal.models.backbone import causal_lm_from_pretrained
+
+    ChameleonForConditionalGeneration(AutoConfig.for_model(**TINY_CHAMELEON, vocab_size=100)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".vqmodel." not in k}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert isinstance(causal_lm_from_pretrained(tmp_path), ChameleonForConditionalGeneration)

@@ -26,6 +26,7 @@ continuous class was renamed; anything else old is refused in one line that says
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import re
 from collections.abc import Callable, Collection, Iterator
@@ -174,8 +175,17 @@ def check_import_paths(node: Any, file: Path, what: str = "an export") -> None:
     elif isinstance(node, list):
         for value in node:
             check_import_paths(value, file, what)
-    elif isinstance(node, str) and IMPORT_PATH.fullmatch(node) and not node.startswith("unimodal."):
+    elif isinstance(node, str) and IMPORT_PATH.fullmatch(node) and not node.startswith("unimodal.") and _finds_module(node):
         raise ExportError(f"{file} names {node!r}, which would be imported as code; {what} may name unimodal's own classes only")
+
+
+def _finds_module(path: str) -> bool:
+    """Whether the first name of the dotted ``path`` is a module import would find (found, not
+    run): a file name such as ``head.safetensors`` names none, so nothing could be imported."""
+    try:
+        return importlib.util.find_spec(path.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return True
 
 
 def codec_dirs(codecs: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
