@@ -140,3 +140,22 @@ def test_chameleon_vq_codec_skips_the_quantiser(tmp_path):
     with pytest.raises(ValueError, match="is neither a Chameleon VQ-VAE"):
         tiny_dir, _ = tiny_vae_dir(tmp_path)
         ChameleonVQCodec(str(tiny_dir))
+
+
+def test_sixteen_bit_and_exif_rotated_images_decode_as_a_viewer_shows_them():
+    from PIL import Image
+
+    from unimodal.data.media import decode_media
+
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(4, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    for decoded in (decode_media(MediaBytes("png", buffer.getvalue()), "image"), np.asarray(ImageTransform(4)(buffer.getvalue()))):
+        assert decoded.min() < decoded.max()  # a grey ramp, not clipped to white
+    np.testing.assert_array_equal(decode_media(MediaBytes("png", buffer.getvalue()), "image")[0, :, 0], ramp[0] >> 8)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown turned 90 degrees clockwise
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(buffer, format="JPEG", exif=exif)
+    assert decode_media(MediaBytes("jpg", buffer.getvalue()), "image").shape == (30, 20, 3)

@@ -78,7 +78,9 @@ def decode_media(
             with image:
                 if image.width * image.height > max_pixels:
                     raise MediaTooLarge(f"a {image.width}x{image.height} image is over the {max_pixels} pixels allowed; make it smaller")
-                return np.array(image.convert("RGB"), dtype=np.uint8)
+                from unimodal.modalities.image_continuous import rgb_image
+
+                return np.array(rgb_image(image), dtype=np.uint8)
         import soundfile
 
         info = soundfile.info(io.BytesIO(media.data))

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from unimodal.checkpoints.load import Exported, load_exported
-from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media
+from unimodal.data.media import MAX_AUDIO_SECONDS, MAX_MEDIA_BYTES, MediaBytes, decode_media
 from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
@@ -43,6 +43,7 @@ from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import Generation, Segment
 from unimodal.modalities.audio import to_mono
 from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.image_continuous import rgb_image
 from unimodal.modalities.loading import resolve_device
 from unimodal.modalities.vocab import SPAN_MARKERS
 from unimodal.models.generation import SAMPLING_KEYS, GenerationSettings
@@ -467,9 +468,13 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
             raise ChatError(f"{where}: {path} is a directory, not {'an image' if kind == 'image' else 'an audio'} file")
         if not path.is_file():
             raise ChatError(f"{where}: {kind} file {path} does not exist")
+        size = path.stat().st_size
+        if size > MAX_MEDIA_BYTES:  # read whole before decoding: a file's size is the memory it takes
+            raise ChatError(f"{where}: {kind} file {path} is {size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
+                            "a media file may have")
         return _decode(MediaBytes(path.suffix.lstrip(".").lower(), path.read_bytes()), kind, where)
     if kind == "image" and hasattr(value, "convert") and hasattr(value, "size"):  # PIL.Image
-        value = np.asarray(value.convert("RGB"), dtype=np.uint8)
+        value = np.asarray(rgb_image(value), dtype=np.uint8)
     if kind == "audio" and isinstance(value, tuple) and len(value) == 2:
         return _waveform_pair(value, where)
     if isinstance(value, np.ndarray):

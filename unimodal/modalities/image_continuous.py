@@ -55,12 +55,27 @@ def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, side * patch, side * patch)
 
 
+# PIL's modes for 16-bit grey (a 16-bit PNG opens as one of them); its own conversion to RGB clips them at 255
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def rgb_image(image: Any) -> Any:
+    """A PIL image as RGB the way a viewer shows it: turned upright by its EXIF orientation (a
+    phone's portrait photo is stored sideways) and 16-bit grey scaled to 8 bits."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def load_image(data: Any, where: str = "image") -> Any:
     """A PIL RGB image from an HxW[xC] uint8 array, a PIL image, encoded bytes or a file path."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(data, Image.Image):
-        return data.convert("RGB")
+        return rgb_image(data)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
             raise DocumentError(f"{where}: expected an HxW or HxWx{{1,3,4}} uint8 array, got {data.dtype} {data.shape}")
@@ -76,7 +91,7 @@ def load_image(data: Any, where: str = "image") -> Any:
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DocumentError(f"{where}: not a readable image ({type(err).__name__}: {err})") from None
-    return image.convert("RGB")
+    return rgb_image(image)
 
 
 @dataclass
