@@ -94,3 +94,18 @@ def test_local_directory_and_fingerprint(tmp_path):
     assert other.fingerprint()["checksum"] != codec.fingerprint()["checksum"]
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_audio_codec(tmp_path / "nothing")
+
+
+def test_loud_garbage_and_tiny_clips():
+    codec = HFAudioCodec.from_config(CODECS["encodec"])
+    with pytest.raises(ValueError, match=r"peaks at 1e\+30; samples belong in \[-1, 1\]"):
+        codec.encode_waveform(np.full(RATE, 1e30, np.float32), RATE)
+    assert codec.encode_waveform(speech() * 3, RATE).shape == (codec.layers, 25)  # overshoot is still audio
+    dac = HFAudioCodec.from_config(CODECS["dac"])
+    assert dac.encode_waveform(np.full(1, 0.1, np.float32), RATE).shape == (dac.layers, 1)
+
+
+def test_a_directory_of_another_model_is_named_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="config.json: neither an HF codec"):
+        load_audio_codec(tmp_path)

@@ -405,3 +405,14 @@ def test_python_api_mistakes_are_one_line_before_any_work(tmp_path):
     reply = media_assistant().chat([{"role": "user", "content": "x"}], start_with="audio", max_media=1, max_new_tokens=16, seed=0)
     with pytest.raises(ValueError, match="it is a directory; give a file name in it"):
         next(p for p in reply.parts if p.type == "audio").save(tmp_path)
+
+
+def test_a_media_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from unimodal.inference import chat
+
+    big = tmp_path / "big.png"
+    with big.open("wb") as file:
+        file.truncate(chat.MAX_MEDIA_BYTES + 1)  # sparse: no disk, but read_bytes would take 512 MiB
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("the file was read"))
+    with pytest.raises(ChatError, match="big.png is 512 MiB, over the 512 MiB a media file may have"):
+        chat.parse_messages([{"role": "user", "content": [{"type": "image", "image": str(big)}]}])

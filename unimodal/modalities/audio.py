@@ -40,6 +40,10 @@ def to_mono(waveform: np.ndarray) -> np.ndarray:
     return waveform
 
 
+# the loudest sample a codec takes: float audio may overshoot [-1, 1] a little, but samples far
+# beyond it are unscaled integer PCM or garbage, on which the neural codecs overflow into one code
+MAX_PEAK = 100.0
+
 # the most filter values a resampling holds at once (float64: 32 MB)
 KERNEL_LIMIT = 4 * 2**20
 
@@ -122,6 +126,10 @@ class RVQCodec(MediaCodec):
         mono = to_mono(waveform)
         if not np.isfinite(mono).all():
             raise ValueError("the waveform holds NaN or infinite samples")
+        peak = float(np.abs(mono).max(initial=0.0))
+        if peak > MAX_PEAK:
+            raise ValueError(f"the waveform peaks at {peak:.3g}; samples belong in [-1, 1] (integer PCM divided by its full scale, "
+                             "e.g. int16 / 32768)")
         seconds = len(mono) / rate
         if seconds > self.max_seconds:
             raise AudioTooLong(
@@ -244,7 +252,8 @@ class HFAudioCodec(RVQCodec):
             return self.model.encode(x, bandwidth=self._bandwidth, return_dict=True).audio_codes[0, 0]
         if kind == "mimi":
             return self.model.encode(x, num_quantizers=self.layers, return_dict=True).audio_codes[0]
-        return self.model.encode(x, n_quantizers=self.layers, return_dict=True).audio_codes[0]
+        short = self.model.config.hop_length - x.shape[-1]  # DAC's strided convolutions need a whole frame
+        return self.model.encode(F.pad(x, (0, max(0, short))), n_quantizers=self.layers, return_dict=True).audio_codes[0]
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         if self.name == "encodec":
@@ -303,4 +312,4 @@ def load_audio_codec(path: str | Path, layers: int | None = None, max_seconds: f
         return HFAudioCodec.from_pretrained(path, layers, max_seconds)
     if "n_q" in config and "strides" in config:
         return SpeechTokenizerCodec(path, layers, max_seconds)
-    raise ValueError(f"{config_file}: neither an HF codec ({', '.join(HF_CODECS)}) nor a SpeechTokenizer config")
+    raise ValueError(f"{path / 'config.json'}: neither an HF codec ({', '.join(HF_CODECS)}) nor a SpeechTokenizer config")
