@@ -122,6 +122,21 @@ def test_pipeline_files_are_checked_before_anything_runs(tmp_path):
                             tiny={"pre-train.trainer.max_steps": 1}), tiny=True)
     with pytest.raises(PipelineError, match=r"stage 0 \('pre train'\) needs a 'name'"):
         load_pipeline(write(tmp_path, [{"name": "pre train", "recipe": tiny}]))
+    for name in (1, "a\n"):  # not a path to build, nor a name with a line break after it
+        with pytest.raises(PipelineError, match=r"stage 0 \(.*\) needs a 'name'"):
+            load_pipeline(write(tmp_path, [{"name": name, "recipe": tiny}]))
+    with pytest.raises(PipelineError, match=r"unknown keys \['roots'\]; the keys are root, stages, tiny and tiny_only"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], roots="elsewhere"))
+    with pytest.raises(PipelineError, match=r"stage 'a' has overrides: \['x'\]; give a mapping"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "overrides": ["x"]}]))
+    with pytest.raises(PipelineError, match=r"stage 'a' needs a 'recipe': a recipe file's path"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": ["x"]}]))
+    with pytest.raises(PipelineError, match=r"root: 5 should be a directory's path"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], root=5), tiny=True)
+    with pytest.raises(PipelineError, match=r"stage 'a' has output: 5; give a directory"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny, "output": 5}]))
+    with pytest.raises(PipelineError, match=r"tiny: True should map 'root' and 'STAGE.dotted.key' to values"):
+        load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny=True), tiny=True)
     with pytest.raises(PipelineError, match="sets tiny_only: .* run it with --tiny"):
         load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}], tiny={"root": "r"}, tiny_only=True))
     pipeline = load_pipeline(write(tmp_path, [{"name": "a", "recipe": tiny}, {"name": "b", "recipe": tiny, "init": None}]))
@@ -222,3 +237,40 @@ def test_a_moved_pipeline_roots_absolute_paths_are_the_same_files(tmp_path):
     assert not _same("/a/x/other/pretrain/export/codecs/audio", now, root)  # another root's
     assert not _same("/a/x/runs/pretrain/export/codecs/image", now, root)  # another file
     assert not _same("/a/x/runs/pretrain/export/codecs/audio", "/elsewhere/codecs/audio", root)  # not under this root
+
+
+def _writes_its_output(config_file: Path) -> int:
+    """A stage's training, cut to what the pipeline reads: the directory its ``output:`` names."""
+    (config_file.parent / "out").mkdir(exist_ok=True)
+    return 1
+
+
+def test_a_finished_stage_is_not_reused_once_the_stage_it_started_from_ran_again(tmp_path, monkeypatch):
+    from unimodal.training import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "_train", _writes_its_output)
+    tiny = "recipes/text/tiny.yaml"
+    path = write(tmp_path, [{"name": "a", "recipe": tiny, "output": "out"}, {"name": "b", "recipe": tiny, "output": "out"}])
+    root = tmp_path / "runs"
+    assert [r.status for r in run_pipeline(path, tiny=True, root=root)] == ["done", "done"]
+    assert [r.status for r in run_pipeline(path, tiny=True, root=root)] == ["skipped", "skipped"]
+    shutil.rmtree(root / "a")  # as the refusal of a changed stage says; its config is the same paths
+    with pytest.raises(PipelineError, match=r"^stage 'b' finished from an earlier run of stage 'a', which has run again since; "
+                                            r"remove .*runs/b to run it from the new one$"):
+        run_pipeline(path, tiny=True, root=root)
+    shutil.rmtree(root / "b")
+    assert [r.status for r in run_pipeline(path, tiny=True, root=root)] == ["skipped", "done"]
+
+
+def test_two_pipelines_in_one_root_are_refused(tmp_path, monkeypatch):
+    from unimodal.errors import UserError
+    from unimodal.training import pipeline as pipeline_module
+    from unimodal.training.resume import run_lock
+
+    monkeypatch.setattr(pipeline_module, "_train", _writes_its_output)
+    path, root = write(tmp_path, [{"name": "a", "recipe": "recipes/text/tiny.yaml", "output": "out"}]), tmp_path / "runs"
+    with run_lock(root):  # the other pipeline
+        with pytest.raises(UserError, match=r"^.*runs is in use by another run \(pid \d+ on .*\); wait for it to end, or give this one another --root$"):
+            run_pipeline(path, tiny=True, root=root)
+    assert not (root / "a").exists()
+    assert [r.status for r in run_pipeline(path, tiny=True, root=root)] == ["done"]

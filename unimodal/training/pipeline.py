@@ -33,6 +33,7 @@ launcher re-runs for the other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import json
@@ -42,6 +43,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +66,7 @@ from unimodal.training.recipes import (
     set_dotted,
 )
 from unimodal.training.recipe_keys import flat
-from unimodal.training.resume import Interrupted, Preempted
+from unimodal.training.resume import Interrupted, Preempted, run_lock
 from unimodal.launch import launched_rank
 
 log = logging.getLogger("unimodal.pipeline")
@@ -119,18 +121,29 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
     raw = read_yaml(path, "pipeline") or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise PipelineError(f"{path}: expected a mapping with a non-empty 'stages' list")
+    unknown = set(raw) - {"root", "stages", "tiny", "tiny_only"}
+    if unknown:  # a misspelt root: would send every stage to the default root
+        raise PipelineError(f"{path}: unknown keys {sorted(unknown)}; the keys are root, stages, tiny and tiny_only")
     tiny_overrides = raw.get("tiny") or {}
+    if not isinstance(tiny_overrides, dict):
+        raise PipelineError(f"{path}: tiny: {tiny_overrides!r} should map 'root' and 'STAGE.dotted.key' to values")
     if raw.get("tiny_only") and not tiny:
         raise PipelineError(f"pipeline {path} sets tiny_only: its stages are CPU-sized variants; run it with --tiny")
     stages: list[Stage] = []
     for index, entry in enumerate(raw["stages"]):
-        if not isinstance(entry, dict) or not NAME.match(str(entry.get("name", ""))):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not NAME.fullmatch(entry["name"]):
             given = f" ({entry['name']!r})" if isinstance(entry, dict) and "name" in entry else ""
             raise PipelineError(f"{path}: stage {index}{given} needs a 'name' of letters, digits, '_' or '-'")
         name = entry["name"]
         unknown = set(entry) - {"name", "recipe", "overrides", "init", "export", "output"}
         if unknown:
             raise PipelineError(f"{path}: stage {name!r} has unknown keys {sorted(unknown)}")
+        if not isinstance(entry.get("recipe"), str) or not entry["recipe"]:
+            raise PipelineError(f"{path}: stage {name!r} needs a 'recipe': a recipe file's path")
+        if not isinstance(entry.get("overrides") or {}, dict):
+            raise PipelineError(f"{path}: stage {name!r} has overrides: {entry['overrides']!r}; give a mapping of dotted keys to values")
+        if not isinstance(entry.get("output", ""), str):
+            raise PipelineError(f"{path}: stage {name!r} has output: {entry['output']!r}; give a directory relative to the stage's")
         if any(s.name == name for s in stages):
             raise PipelineError(f"{path}: two stages are named {name!r}")
         init = entry.get("init", "previous" if stages else None)
@@ -145,15 +158,13 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
             raise PipelineError(f"{path}: stage {name!r} has export.merge_lora: {exporting['merge_lora']!r}; give true or false")
         stages.append(Stage(
             name=name,
-            recipe=_find_recipe(str(entry.get("recipe", "")), path),
+            recipe=_find_recipe(entry["recipe"], path),
             overrides=dict(entry.get("overrides") or {}),
             init=init,
             merge_lora=exporting.get("merge_lora", False),
             output=entry.get("output"),
         ))
     pipeline_root = raw.get("root", f"runs/pipelines/{path.stem}")
-    if tiny and "root" not in tiny_overrides:  # --tiny never writes into the full run's directories
-        pipeline_root = f"{pipeline_root}-tiny"
     if tiny:
         for dotted, value in tiny_overrides.items():
             if dotted == "root":
@@ -178,6 +189,10 @@ def load_pipeline(path: str | Path, tiny: bool = False, root: str | Path | None 
             for ref in REFERENCE.findall(value):
                 if ref[0] not in earlier:
                     raise PipelineError(f"{path}: stage {stage.name!r} refers to {{stages.{ref[0]}}}, not an earlier stage")
+    if root is None and (not isinstance(pipeline_root, str) or not pipeline_root):
+        raise PipelineError(f"{path}: root: {pipeline_root!r} should be a directory's path")
+    if tiny and "root" not in tiny_overrides:  # --tiny never writes into the full run's directories
+        pipeline_root = f"{pipeline_root}-tiny"
     where = Path(root) if root is not None else Path(pipeline_root)
     if where.exists() and not where.is_dir():
         raise PipelineError(f"the pipeline's root {where} is a file; give a directory for its stages (--root)")
@@ -307,12 +322,19 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     marker = stage_dir / STAGE_FILE
     config = resolve_stage(pipeline, stage, tiny, resolve_path)
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
+    inputs = _inputs(pipeline, stage)
     if previous.get("status") == "done":
         changes = _changes(stage_dir / RESOLVED_RECIPE, config)
         if changes:
             raise PipelineError(
                 f"stage {stage.name!r} finished with a different configuration ({marker}; {changes}); "
                 f"remove {stage_dir} to run it again with the new one"
+            )
+        rerun = sorted(name for name, run in previous.get("inputs", {}).items() if inputs.get(name) != run)
+        if rerun:  # its model was trained from outputs that are gone
+            raise PipelineError(
+                f"stage {stage.name!r} finished from an earlier run of stage {rerun[0]!r}, which has run again since; "
+                f"remove {stage_dir} to run it from the new one"
             )
         output = pipeline.output_dir(stage)
         if not output.is_dir():  # a later stage would start from nothing
@@ -361,8 +383,23 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         wall_s=spent + time.perf_counter() - started,
         output=str(output),
     )
-    marker.write_text(json.dumps({"status": "done", "result": asdict(result)}, indent=2) + "\n")
+    done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
+    marker.write_text(json.dumps(done, indent=2) + "\n")
     return result
+
+
+def _inputs(pipeline: Pipeline, stage: Stage) -> dict[str, str]:
+    """The runs of the earlier stages whose outputs this stage reads (``init``, ``{stages.NAME}``):
+    stage name -> the ``run`` of its ``stage.json``. A finished stage is not reused once one of
+    them has run again, as its config (the same paths) would not show it."""
+    names = {stage.init, *(ref[0] for value in _strings(stage.overrides) for ref in REFERENCE.findall(value))} - {None}
+    runs = {}
+    for name in sorted(names):
+        marker = pipeline.root / name / STAGE_FILE
+        run = json.loads(marker.read_text()).get("run") if marker.is_file() else None
+        if run is not None:
+            runs[name] = run
+    return runs
 
 
 def run_pipeline(
@@ -381,7 +418,10 @@ def run_pipeline(
     for stage in pipeline.stages:
         stage.overrides.update(every_stage or {})
     check_stages(pipeline, tiny)
-    return [_run_stage(pipeline, stage, tiny, resolve_path) for stage in pipeline.stages]
+    # two pipelines in one root would rewrite each other's recipe.yaml and export into one directory
+    lock = run_lock(pipeline.root.absolute(), "give this one another --root") if launched_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return [_run_stage(pipeline, stage, tiny, resolve_path) for stage in pipeline.stages]
 
 
 def check_stages(pipeline: Pipeline, tiny: bool) -> None:

@@ -38,9 +38,9 @@ RNG_KEY = "unimodal_rng"
 
 
 @contextlib.contextmanager
-def run_lock(checkpoint_dir: Path) -> Iterator[None]:
-    """One run at a time in a checkpoint directory: two would both write its ``last.ckpt`` and
-    the steps of one would be lost. The operating system drops the lock when its process ends,
+def run_lock(checkpoint_dir: Path, instead: str = "give this one another --trainer.default_root_dir") -> Iterator[None]:
+    """One run at a time in a checkpoint directory (or a pipeline's root): two would both write
+    its ``last.ckpt`` and the steps of one would be lost. The operating system drops the lock when its process ends,
     however it ends, so a crash leaves no stale lock. The lock file sits beside the directory
     (``RUN/.checkpoints.lock``), which then holds checkpoints only."""
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +50,7 @@ def run_lock(checkpoint_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise UserError(f"{checkpoint_dir} is in use by another run ({holder}); wait for it to end, "
-                            "or give this one another --trainer.default_root_dir") from None
+            raise UserError(f"{checkpoint_dir} is in use by another run ({holder}); wait for it to end, or {instead}") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
