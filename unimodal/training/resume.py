@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -43,7 +44,10 @@ def run_lock(checkpoint_dir: Path, instead: str = "give this one another --train
     its ``last.ckpt`` and the steps of one would be lost. The operating system drops the lock when its process ends,
     however it ends, so a crash leaves no stale lock. The lock file sits beside the directory
     (``RUN/.checkpoints.lock``), which then holds checkpoints only."""
-    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    parent = checkpoint_dir.parent
+    if parent.exists() and not parent.is_dir():  # a file where the directory goes: the error any other write there gets
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    parent.mkdir(parents=True, exist_ok=True)
     with open(checkpoint_dir.parent / f".{checkpoint_dir.name}.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
