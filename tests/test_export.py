@@ -17,7 +17,7 @@ from unimodal.cli import main as unimodal_main
 from unimodal.data.packing import Packer, collate
 from unimodal.schema import Document, Part
 from unimodal.training.recipes import load_recipe, run_training
-from unimodal.checkpoints.load import ExportError, check_import_paths, load_exported
+from unimodal.checkpoints.load import ExportError, check_untrusted, load_exported
 from unimodal.errors import UserError
 from unimodal.training.exporting import _check_classes, _module_from_checkpoint, export
 from unimodal.worlds import resolve
@@ -496,10 +496,10 @@ def test_a_file_name_in_a_spec_is_not_taken_for_a_module(tmp_path):
     a path: no module ``orthus_modules`` exists to import, so its checkpoint and export stay readable."""
     continuous = {"image": {"class_path": "unimodal.models.TokenDiffusionImage",
                             "init_args": {"feature_dim": 64, "init_from": "orthus_modules.safetensors"}}}
-    check_import_paths({"continuous": continuous}, tmp_path / "unimodal.json")
+    check_untrusted({"continuous": continuous}, tmp_path / "unimodal.json", code_strings=True)
     _check_classes({"_class_path": "unimodal.training.UnimodalModule", "continuous": continuous}, tmp_path / "last.ckpt")
     with pytest.raises(ExportError, match="'os.system', which would be imported as code"):
-        check_import_paths({"continuous": {"image": "os.system"}}, tmp_path / "unimodal.json")
+        check_untrusted({"continuous": {"image": "os.system"}}, tmp_path / "unimodal.json", code_strings=True)
 
 
 THROUGH_GLOBALS = "unimodal.checkpoints.export.os.system"  # starts with unimodal., and is os.system

@@ -70,6 +70,8 @@ RENAMED_CLASSES = {
 
 # a dotted name, as jsonargparse reads a class given as a string
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+# the parts of an export that jsonargparse instantiates: a dotted string in them may be imported
+SPEC_KEYS = ("model", "codecs")
 
 
 class ExportError(ValueError):
@@ -139,43 +141,32 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     lacking = [key for key in ("layout", "tokenizer") if key not in config["processor"]]
     if lacking:
         raise ExportError(f"{path / PROCESSOR_FILE}: no {' or '.join(repr(k) for k in lacking)}; {REEXPORT}")
-    _check_untrusted(config, file)
-    check_import_paths(config["model"], file)
-    check_import_paths(config["processor"].get("codecs"), path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file)
+    check_untrusted({key: value for key, value in config.items() if key != "processor"}, file)
+    check_untrusted(config["processor"], path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file)
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str(path / args["path"])
     return config
 
 
-def _check_untrusted(node: Any, file: Path) -> None:
-    """An export is data someone hands you: the classes it names are unimodal's own, and the
-    paths it names are local files (no ``pipe:`` command, nothing remote)."""
+def check_untrusted(node: Any, file: Path, what: str = "an export", code_strings: bool = False) -> None:
+    """A file someone hands you may name unimodal's own classes only, and local files only (no
+    ``pipe:`` command, nothing remote). Inside the specs jsonargparse instantiates (``model``,
+    ``codecs``; everywhere when ``code_strings``) a plain ``module.Name`` string counts as a class
+    too: jsonargparse imports its module, which runs that module's code (a ``module.py`` in the
+    working directory included)."""
     if isinstance(node, dict):
         path = node.get("class_path")
         if path is not None and not (isinstance(path, str) and path.startswith("unimodal.")):
-            raise ExportError(f"{file} names the class {path!r}; an export may name unimodal's own classes only")
+            raise ExportError(f"{file} names the class {path!r}; {what} may name unimodal's own classes only")
         for key, value in node.items():
             if key == "path" and isinstance(value, str) and is_streamed(value):
-                raise ExportError(f"{file} names the path {value!r}; an export may name local files only")
-            _check_untrusted(value, file)
+                raise ExportError(f"{file} names the path {value!r}; {what} may name local files only")
+            check_untrusted(value, file, what, code_strings or key in SPEC_KEYS)
     elif isinstance(node, list):
         for value in node:
-            _check_untrusted(value, file)
-
-
-def check_import_paths(node: Any, file: Path, what: str = "an export") -> None:
-    """jsonargparse takes a class or factory given as a string (``module.Name``, or a
-    ``class_path``) and imports its module, which runs that module's code (a ``module.py`` in the
-    working directory included): in the specs built from a file, such a string may name unimodal's
-    own classes only."""
-    if isinstance(node, dict):
-        for value in node.values():
-            check_import_paths(value, file, what)
-    elif isinstance(node, list):
-        for value in node:
-            check_import_paths(value, file, what)
-    elif isinstance(node, str) and IMPORT_PATH.fullmatch(node) and not node.startswith("unimodal.") and _finds_module(node):
+            check_untrusted(value, file, what, code_strings)
+    elif code_strings and isinstance(node, str) and IMPORT_PATH.fullmatch(node) and not node.startswith("unimodal.") and _finds_module(node):
         raise ExportError(f"{file} names {node!r}, which would be imported as code; {what} may name unimodal's own classes only")
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import instantiate_module
 
 from unimodal.checkpoints.export import checkpoint_file, write_export
 from unimodal.checkpoints.files import RUN_CONFIG_KEY, WORKDIR_KEY, read_checkpoint, staged_directory
-from unimodal.checkpoints.load import ExportError, check_import_paths
+from unimodal.checkpoints.load import ExportError, check_untrusted
 from unimodal.errors import refuse_nonempty
 from unimodal.models.unified import ContinuousModality
 from unimodal.specs import own_class
@@ -34,7 +34,7 @@ def _check_classes(hparams: dict[str, Any], file: Path) -> None:
     """The classes the module is rebuilt from, which jsonargparse imports and calls: its own class
     and its continuous modalities (a factory type, for which jsonargparse takes any callable; the
     other arguments are dataclasses) must be unimodal's own (``specs.own_class``)."""
-    check_import_paths([hparams.get("_class_path"), hparams.get("continuous")], file, "a checkpoint")
+    check_untrusted([hparams.get("_class_path"), hparams.get("continuous")], file, "a checkpoint", code_strings=True)
     named = [("the module", hparams.get("_class_path"), LightningModule)]
     named += [(f"continuous.{name}", spec.get("class_path") if isinstance(spec, dict) else spec, ContinuousModality)
               for name, spec in (hparams.get("continuous") or {}).items()]
