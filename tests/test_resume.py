@@ -112,6 +112,27 @@ def test_resuming_with_other_dataloader_workers_or_shuffle_buffer_says_so(caplog
         assert change in said
 
 
+def test_each_rank_draws_its_own_noise_after_one_seed_built_one_model():
+    """``seed_everything`` gives every rank one seed (one model); the diffusion noise, timesteps
+    and dropout each rank then draws must differ, except on rank 0 (a one-device run is unchanged)
+    and on a resumed rank, which restores its own saved stream."""
+    from unimodal.training.resume import RunState
+
+    def first_draw(rank: int, resumed: bool = False) -> torch.Tensor:
+        torch.manual_seed(0)
+        state = RunState()
+        state._pending = {"saved": "state"} if resumed else None
+        state.on_train_start(SimpleNamespace(global_rank=rank, world_size=2), None)
+        return torch.rand(4)
+
+    torch.manual_seed(0)
+    unseeded = torch.rand(4)
+    assert torch.equal(first_draw(0), unseeded)
+    assert not torch.equal(first_draw(1), unseeded)
+    assert not torch.equal(first_draw(1), first_draw(2))
+    assert torch.equal(first_draw(1, resumed=True), unseeded)
+
+
 def test_a_run_resumed_from_an_earlier_step_is_newest_and_a_changed_lr_is_said_to_be_kept(recipe, tmp_path, caplog):
     """Resumed from step 2 of a run that reached 4, the run writes ``step=4-v1`` beside the first
     ``step=4``; its ``last.ckpt`` at step 6 is still the newest. A changed lr on resume cannot

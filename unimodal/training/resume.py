@@ -145,6 +145,14 @@ class RunState(Callback):
             log.warning("checkpoint holds RNG states of %d ranks, this run has %d: random streams differ from an uninterrupted run", len(states), trainer.world_size)
         self._pending = states[rank] if rank < len(states) else states[0]
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Every rank starts from one seed, which builds one model; from the first step on each rank
+        draws its own diffusion noise, timesteps and dropout, or the global batch would repeat one
+        draw ``world_size`` times. Rank 0 keeps its stream, so a one-device run is unchanged, and a
+        resumed run restores each rank's own saved state instead."""
+        if trainer.global_rank > 0 and self._pending is None:
+            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:
             _set_rng_state(self._pending)
