@@ -462,3 +462,24 @@ def test_a_damaged_codec_directory_or_a_missing_device_is_one_line(tmp_path):
                                  "builtin:digits/audio_codec", "--device", device)
         assert code == 2 and reason in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_marker_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """``stage.json``, ``stats.json`` and a stage's resolved recipe are polled by other ranks and
+    read by the next run: a write cut short (a full disk, a kill) leaves the old file and no litter."""
+    from unimodal.schema import write_whole
+
+    marker = tmp_path / "stage.json"
+    write_whole(marker, '{"status": "interrupted"}\n')
+    assert marker.read_text() == '{"status": "interrupted"}\n'
+
+    def full_disk(self, text, encoding=None):
+        Path.write_bytes(self, text[:5].encode())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_whole(marker, '{"status": "done", "result": {}}\n')
+    monkeypatch.undo()
+    assert marker.read_text() == '{"status": "interrupted"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["stage.json"]

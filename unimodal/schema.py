@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -206,6 +207,19 @@ def read_json_object(file: str | Path, fix: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object; {fix}")
     return value
+
+
+def write_whole(file: str | Path, text: str) -> None:
+    """Write ``file`` whole or not at all (a temporary file renamed over it): files that mark work
+    as finished are read by other processes and by the next run, which must never see half of one.
+    The temporary name holds the process id, so ranks writing the same file do not collide."""
+    path = Path(file)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def _refuse_lone_surrogates(value: Any) -> None:

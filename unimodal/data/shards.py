@@ -42,6 +42,7 @@ from unimodal.schema import (
     parse_document,
     read_json_object,
     sample_where,
+    write_whole,
 )
 
 logger = logging.getLogger("unimodal.data")
@@ -286,10 +287,7 @@ def write_shards(
 
 def save_stats(out_dir: str | Path, stats: dict[str, Any]) -> None:
     """Write ``stats.json`` whole or not at all (a temporary file renamed): it marks a finished set."""
-    path = Path(out_dir) / STATS_FILE
-    temp = path.with_name(f".{STATS_FILE}.partial")
-    temp.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temp, path)
+    write_whole(Path(out_dir) / STATS_FILE, json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_stats(out_dir: str | Path) -> dict[str, Any] | None:

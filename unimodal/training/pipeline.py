@@ -38,7 +38,6 @@ import csv
 import difflib
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -68,6 +67,7 @@ from unimodal.training.recipes import (
 from unimodal.training.recipe_keys import flat
 from unimodal.training.resume import Interrupted, Preempted, run_lock
 from unimodal.launch import launched_rank
+from unimodal.schema import write_whole
 
 log = logging.getLogger("unimodal.pipeline")
 
@@ -351,16 +351,14 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
                 f"as it was to continue it, or remove {stage_dir} to start the stage again with the new one"
             )
     stage_dir.mkdir(parents=True, exist_ok=True)
-    # every rank of a pipeline launched with torchrun writes it: whole, so no rank reads half of it
-    temp = config_file.with_name(f".{config_file.name}.{os.getpid()}")
-    temp.write_text(f"# stage {stage.name} of {pipeline.path}\n" + yaml.safe_dump(config, sort_keys=False))
-    os.replace(temp, config_file)
+    # every rank of a pipeline launched with torchrun writes it
+    write_whole(config_file, f"# stage {stage.name} of {pipeline.path}\n" + yaml.safe_dump(config, sort_keys=False))
     started, spent = time.perf_counter(), float(previous.get("wall_s", 0.0))
     log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
     try:
         steps = _train(config_file)
     except (Preempted, Interrupted) as err:  # the attempt's time still counts in the stage's wall
-        marker.write_text(json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
+        write_whole(marker, json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
         raise type(err)(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
@@ -384,7 +382,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         output=str(output),
     )
     done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
-    marker.write_text(json.dumps(done, indent=2) + "\n")
+    write_whole(marker, json.dumps(done, indent=2) + "\n")  # the other ranks poll for it
     return result
 
 
