@@ -19,6 +19,7 @@ from unimodal.modalities.image_continuous import (
     ImageTransform,
     PixelPatchCodec,
     VAECodec,
+    load_image,
     patchify,
     unpatchify,
 )
@@ -159,3 +160,26 @@ def test_sixteen_bit_and_exif_rotated_images_decode_as_a_viewer_shows_them():
     buffer = io.BytesIO()
     Image.new("RGB", (30, 20)).save(buffer, format="JPEG", exif=exif)
     assert decode_media(MediaBytes("jpg", buffer.getvalue()), "image").shape == (30, 20, 3)
+
+
+def test_transparent_pixels_decode_over_white_as_a_viewer_shows_them():
+    """A drawing with a transparent background often stores black under it: dropping the alpha
+    channel would turn a black digit on nothing into black on black."""
+    from PIL import Image
+
+    from unimodal.data.media import decode_media
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 3:5, 3] = 255  # an opaque black stroke; the rest black and fully transparent
+    half = rgba.copy()
+    half[0, 0] = (0, 0, 0, 128)
+    palette = Image.fromarray((rgba[..., 3] > 0).astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0] * 2)  # two black entries; entry 0 is transparent (PNG tRNS)
+    for name, image, options in (("RGBA", Image.fromarray(rgba), {}), ("LA", Image.fromarray(rgba[..., [0, 3]]), {}),
+                                 ("P", palette, {"transparency": 0})):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", **options)
+        decoded = decode_media(MediaBytes("png", buffer.getvalue()), "image")
+        assert (decoded[2:6, 3:5] == 0).all() and (decoded[0] == 255).all(), name
+    np.testing.assert_array_equal(np.asarray(load_image(half))[0, 0], [127, 127, 127])
+    assert (np.asarray(load_image(rgba))[0] == 255).all()

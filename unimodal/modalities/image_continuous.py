@@ -61,12 +61,16 @@ SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 def rgb_image(image: Any) -> Any:
     """A PIL image as RGB the way a viewer shows it: turned upright by its EXIF orientation (a
-    phone's portrait photo is stored sideways) and 16-bit grey scaled to 8 bits."""
+    phone's portrait photo is stored sideways), 16-bit grey scaled to 8 bits, and transparent
+    pixels laid over white (a drawing or logo often stores black under them, which dropping the
+    alpha channel would show)."""
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
         image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return image.convert("RGB")
 
 
@@ -79,7 +83,7 @@ def load_image(data: Any, where: str = "image") -> Any:
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
             raise DocumentError(f"{where}: expected an HxW or HxWx{{1,3,4}} uint8 array, got {data.dtype} {data.shape}")
-        return Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data).convert("RGB")
+        return rgb_image(Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data))
     raw = getattr(data, "data", data)  # MediaBytes carry the encoded file in .data
     try:
         if isinstance(raw, (bytes, bytearray)):
