@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -70,6 +71,43 @@ def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrained
     return cls._from_config(config, **kwargs) if cls else AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+def _check_declared_size(config: PretrainedConfig, path: Path) -> None:
+    """A ``config.json`` that declares far more than its weights hold (10**5 layers, a hidden size
+    of 10**6) would have transformers allocate the parameters it lacks before any check could name
+    them, until the machine runs out of memory. Every decoder layer holds at least an ``h x h`` and
+    an ``h x intermediate`` matrix (attention or a state-space projection; the MLP or each expert),
+    so that lower bound, with the embedding table, may not exceed twice the weights stored."""
+    text = config.get_text_config()
+    sizes = {name: getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}
+    if not all(isinstance(value, int) and value >= 0 for value in sizes.values()):
+        return  # not a layout this bound knows; the check of missing weights after loading still applies
+    stored = _stored_parameters(path)
+    h = sizes["hidden_size"]
+    declared = sizes["vocab_size"] * h + sizes["num_hidden_layers"] * (h * h + h * sizes["intermediate_size"])
+    if stored is not None and declared > 2 * stored:
+        raise ValueError(
+            f"{path / 'config.json'} declares a model of at least {declared:,} parameters ({', '.join(f'{k} {v}' for k, v in sizes.items())}) "
+            f"but its weights hold {stored:,}; copy the model directory again"
+        )
+
+
+def _stored_parameters(path: Path) -> int | None:
+    """The number of values in the directory's safetensors files, read from their headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None  # pytorch_model.bin: its shapes cannot be read without loading it
+    total = 0
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+        except (SafetensorError, OSError):
+            return None  # left to the loader, which names a damaged file in one line
+    return total
+
+
 def causal_lm_from_pretrained(path: Path, **kwargs: Any) -> PreTrainedModel:
     """The causal LM saved in the local directory ``path``; weight files its loader cannot read (cut
     short, overwritten) are one line naming the directory. So are weights that do not fill the
@@ -80,6 +118,7 @@ def causal_lm_from_pretrained(path: Path, **kwargs: Any) -> PreTrainedModel:
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        _check_declared_size(config, path)
         cls = CAUSAL_LM_ELSEWHERE.get(type(config), AutoModelForCausalLM)
         model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, output_loading_info=True, **kwargs)
     except RuntimeError as err:
