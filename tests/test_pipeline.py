@@ -262,6 +262,35 @@ def test_a_finished_stage_is_not_reused_once_the_stage_it_started_from_ran_again
     assert [r.status for r in run_pipeline(path, tiny=True, root=root)] == ["skipped", "done"]
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "killed"])
+def test_an_interrupted_stage_does_not_resume_once_the_stage_it_started_from_ran_again(tmp_path, monkeypatch, how):
+    """Its checkpoint was trained from the old outputs: ``--resume auto`` would go on from them.
+    A stage killed outright (no ``interrupted`` marker) says what it trains from when it starts."""
+    from unimodal.training import pipeline as pipeline_module
+    from unimodal.training.resume import Interrupted
+
+    def b_stops(config_file: Path) -> int:
+        if config_file.parent.name == "a":
+            return _writes_its_output(config_file)
+        (config_file.parent / "checkpoints").mkdir(exist_ok=True)
+        (config_file.parent / "checkpoints" / "last.ckpt").write_bytes(b"weights trained from the first a")
+        if how == "killed":
+            raise SystemExit(137)  # as far as stage.json goes, kill -9 leaves what was written before training
+        raise Interrupted("interrupted (Ctrl-C) at step 2")
+
+    monkeypatch.setattr(pipeline_module, "_train", b_stops)
+    tiny = "recipes/text/tiny.yaml"
+    path = write(tmp_path, [{"name": "a", "recipe": tiny, "output": "out"}, {"name": "b", "recipe": tiny, "output": "out"}])
+    root = tmp_path / "runs"
+    with pytest.raises((Interrupted, SystemExit)):
+        run_pipeline(path, tiny=True, root=root)
+    shutil.rmtree(root / "a")
+    with pytest.raises(PipelineError, match=r"^stage 'b' was interrupted while it trained from an earlier run of stage 'a', "
+                                            r"which has run again since; remove .*runs/b to start it from the new one$"):
+        run_pipeline(path, tiny=True, root=root)
+    assert (root / "b" / "checkpoints" / "last.ckpt").is_file()  # the refusal loses nothing
+
+
 def test_two_pipelines_in_one_root_are_refused(tmp_path, monkeypatch):
     from unimodal.errors import UserError
     from unimodal.training import pipeline as pipeline_module

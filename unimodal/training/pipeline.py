@@ -330,10 +330,10 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
                 f"stage {stage.name!r} finished with a different configuration ({marker}; {changes}); "
                 f"remove {stage_dir} to run it again with the new one"
             )
-        rerun = sorted(name for name, run in previous.get("inputs", {}).items() if inputs.get(name) != run)
+        rerun = _rerun(previous, inputs)
         if rerun:  # its model was trained from outputs that are gone
             raise PipelineError(
-                f"stage {stage.name!r} finished from an earlier run of stage {rerun[0]!r}, which has run again since; "
+                f"stage {stage.name!r} finished from an earlier run of stage {rerun!r}, which has run again since; "
                 f"remove {stage_dir} to run it from the new one"
             )
         output = pipeline.output_dir(stage)
@@ -350,15 +350,23 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
                 f"stage {stage.name!r} was interrupted under another configuration ({changes}); run the pipeline "
                 f"as it was to continue it, or remove {stage_dir} to start the stage again with the new one"
             )
+        rerun = _rerun(previous, inputs)
+        if rerun:  # --resume auto would go on from weights trained on the old outputs
+            raise PipelineError(
+                f"stage {stage.name!r} was interrupted while it trained from an earlier run of stage {rerun!r}, which has "
+                f"run again since; remove {stage_dir} to start it from the new one"
+            )
     stage_dir.mkdir(parents=True, exist_ok=True)
     # every rank of a pipeline launched with torchrun writes it
     write_whole(config_file, f"# stage {stage.name} of {pipeline.path}\n" + yaml.safe_dump(config, sort_keys=False))
     started, spent = time.perf_counter(), float(previous.get("wall_s", 0.0))
+    # written before training, so that a stage killed outright still says what it trained from
+    write_whole(marker, json.dumps({"status": "running", "wall_s": spent, "inputs": inputs}) + "\n")
     log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
     try:
         steps = _train(config_file)
     except (Preempted, Interrupted) as err:  # the attempt's time still counts in the stage's wall
-        write_whole(marker, json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started}) + "\n")
+        write_whole(marker, json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
         raise type(err)(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
@@ -384,6 +392,11 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
     write_whole(marker, json.dumps(done, indent=2) + "\n")  # the other ranks poll for it
     return result
+
+
+def _rerun(previous: dict[str, Any], inputs: dict[str, str]) -> str | None:
+    """The first earlier stage that has run again since ``previous`` (a ``stage.json``) was written."""
+    return next((name for name, run in sorted(previous.get("inputs", {}).items()) if inputs.get(name) != run), None)
 
 
 def _inputs(pipeline: Pipeline, stage: Stage) -> dict[str, str]:
