@@ -300,6 +300,11 @@ def test_the_audio_limit_of_an_export_can_be_raised_at_load(tmp_path):
         (lambda d: _edit_json(d / "config.json", vocab_size=1280), r"the backbone has 1280 vocabulary rows but its vocabulary layout .* needs 1344"),
         (lambda d: _edit_layout(d, text_size=520), r"the tokenizer has 512 ids but its vocabulary layout .* has text_size 520"),
         (lambda d: _edit_layout(d, code_ranges={"image": 10**12, "audio": 512}), r"1344 vocabulary rows but its vocabulary layout .* needs 1000000001088"),
+        # settings of the wrong type: a model would run with seq_len "x", or read no audio layer
+        (lambda d: _edit_json(d / "unimodal.json", data={**_json(d / "unimodal.json")["data"], "seq_len": "x"}),
+         r"unimodal.json: seq_len is 'x', not a whole number >= 1"),
+        (lambda d: _edit_json(d / "unimodal.json", data={**_json(d / "unimodal.json")["data"], "input_layers": {"audio": 0}}),
+         r"unimodal.json: input_layers is \{'audio': 0\}, not an object of modality -> layers >= 1"),
         (lambda d: _edit_json(d / "unimodal.json", model={**_json(d / "unimodal.json")["model"], "backbone": {"bogus": 1}}),
          r"unimodal.json: model.backbone is not a backbone spec"),
         (lambda d: (d / "adapter").mkdir() or (d / "adapter" / "adapter_config.json").write_text("{}"),

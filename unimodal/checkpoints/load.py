@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from unimodal.data.processor import PROCESSOR_FILE, Processor, processor_config
+from unimodal.data.processor import PROCESSOR_FILE, Processor, check_settings, processor_config
 from unimodal.data.shards import is_streamed
 from unimodal.modalities.base import describe_fingerprint, model_config
 from unimodal.modalities.vocab import VocabLayout
@@ -142,7 +142,9 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     if lacking:
         raise ExportError(f"{path / PROCESSOR_FILE}: no {' or '.join(repr(k) for k in lacking)}; {REEXPORT}")
     check_untrusted({key: value for key, value in config.items() if key != "processor"}, file)
-    check_untrusted(config["processor"], path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file)
+    processor_file = path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file
+    check_untrusted(config["processor"], processor_file)
+    check_settings(config["processor"], processor_file)
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str(path / args["path"])

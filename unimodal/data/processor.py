@@ -96,6 +96,32 @@ class EncodedMedia:
         return array
 
 
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# processor.json keys, each with what it must hold (absent or null means the default)
+SETTING_RULES: dict[str, tuple[str, Any]] = {
+    "tokenizer": ("a file name", lambda v: isinstance(v, str) and v != ""),
+    "layout": ("an object", lambda v: isinstance(v, dict)),
+    "chat_template": ("a template name", lambda v: isinstance(v, str)),
+    "feature_dim": ("a whole number >= 0", lambda v: _is_count(v, 0)),
+    "seq_len": ("a whole number >= 1", lambda v: _is_count(v, 1)),
+    "bidirectional": ("a list of modality names", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v)),
+    "input_layers": ("an object of modality -> layers >= 1", lambda v: isinstance(v, dict) and all(_is_count(n, 1) for n in v.values())),
+    "codecs": ("an object of modality -> codec spec", lambda v: isinstance(v, dict) and all(isinstance(c, dict) for c in v.values())),
+}
+
+
+def check_settings(config: dict[str, Any], file: Path) -> None:
+    """A ``processor.json`` edited by hand or damaged: a setting of the wrong type is one line
+    naming it, not a model that runs with ``seq_len`` "x" or ``bidirectional`` split into letters."""
+    for key, (what, valid) in SETTING_RULES.items():
+        value = config.get(key)
+        if value is not None and not valid(value):
+            raise ValueError(f"{file}: {key} is {value!r}, not {what}; copy the export again or re-export its checkpoint")
+
+
 @dataclass
 class Processor:
     """Tokenizer, vocabulary layout, codecs, chat template and media settings: what turns a
