@@ -193,6 +193,22 @@ def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, mess
     assert "src.jsonl:2" in stats["source"]["skipped_examples"][0]
 
 
+def test_a_source_line_too_long_to_hold_is_refused_without_being_read_whole(tmp_path: Path, monkeypatch):
+    """A line with no newline in gigabytes would be read whole into memory before any check."""
+    from unimodal.data import jsonl
+
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 2**20)
+    src = _write_source(tmp_path, [GOOD, json.dumps({"parts": [{"type": "text", "text": "x" * 3 * 2**20}]}), GOOD])
+    read = []
+    real = jsonl._bounded_lines
+    monkeypatch.setattr(jsonl, "_bounded_lines", lambda file, limit: (read.append(line) or (line, size) for line, size in real(file, limit)))
+    with pytest.raises(DocumentError, match=r"^src.jsonl:2: the line is longer than 1 MiB; a document names its media by path"):
+        pack_jsonl(src, tmp_path / "out", progress=False)
+    stats = pack_jsonl(src, tmp_path / "out", skip_bad=True, progress=False)
+    assert stats["documents"] == 2 and stats["source"]["skipped"] == 1
+    assert all(line is None or len(line) <= 2**20 + 1 for line in read)
+
+
 def test_skip_bad_prints_summary(tmp_path: Path, capsys):
     src = _write_source(tmp_path, [GOOD, "not json", GOOD, "{]"])
     stats = pack_jsonl(src, tmp_path / "out", skip_bad=True, progress=False)

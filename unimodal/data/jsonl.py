@@ -7,7 +7,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -26,6 +26,8 @@ from unimodal.schema import (
 )
 
 LINE_FIELDS = ("key", "parts", "messages", "meta", "schema")
+# a source line past this is refused without being read whole: media go by path (or a data URL of a picture)
+MAX_LINE_BYTES = 256 * 2**20
 
 
 class EmptyOutput(ValueError):
@@ -35,6 +37,19 @@ class EmptyOutput(ValueError):
     def __init__(self, message: str, elsewhere: int = 0):
         super().__init__(message)
         self.elsewhere = elsewhere
+
+
+def _bounded_lines(file: BinaryIO, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """``(line, bytes read)`` for each line of ``file``; a line longer than ``limit`` bytes is
+    None, read past in pieces and never held whole (a file with no newline in gigabytes)."""
+    while line := file.readline(limit + 1):
+        if len(line) <= limit:
+            yield line, len(line)
+            continue
+        size = len(line)
+        while not line.endswith(b"\n") and (line := file.readline(2**20)):
+            size += len(line)
+        yield None, size
 
 
 def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
@@ -172,12 +187,15 @@ def _pack_jsonl(
         with open(src, "rb") as lines, tqdm(
             total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}{split}", disable=not progress
         ) as bar:
-            for line, raw_line in enumerate(lines, start=1):
-                bar.update(len(raw_line))
-                if not raw_line.strip():
+            for line, (raw_line, size) in enumerate(_bounded_lines(lines, MAX_LINE_BYTES), start=1):
+                bar.update(size)
+                if raw_line is not None and not raw_line.strip():
                     continue
                 total += 1
                 try:
+                    if raw_line is None:
+                        raise DocumentError(f"{src.name}:{line}: the line is longer than {MAX_LINE_BYTES >> 20} MiB; "
+                                            "a document names its media by path, it does not hold them")
                     doc = _source_document(raw_line, src, line)
                 except DocumentError as err:
                     reject(err)
