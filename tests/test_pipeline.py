@@ -226,6 +226,27 @@ def test_a_stage_stopped_by_ctrl_c_keeps_its_time_for_the_next_attempt(tmp_path,
     assert marker["status"] == "interrupted" and marker["wall_s"] > 0
 
 
+def test_a_stage_stopped_by_ctrl_c_while_exporting_keeps_its_time_too(tmp_path, monkeypatch):
+    from unimodal.training import pipeline as pipeline_module
+    from unimodal.training.resume import Interrupted
+
+    def trained(config_file):
+        (config_file.parent / "checkpoints").mkdir()
+        (config_file.parent / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        return 3
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_module, "_train", trained)
+    monkeypatch.setattr(pipeline_module, "export", ctrl_c)
+    stages = [{"name": "a", "recipe": "recipes/text/tiny.yaml"}]
+    with pytest.raises(Interrupted, match=r"^stage 'a' interrupted \(Ctrl-C\) while exporting; run the same pipeline command again"):
+        run_pipeline(write(tmp_path, stages), tiny=True, root=tmp_path / "runs")
+    marker = json.loads((tmp_path / "runs" / "a" / "stage.json").read_text())
+    assert marker["status"] == "interrupted" and marker["wall_s"] > 0
+
+
 def test_a_moved_pipeline_roots_absolute_paths_are_the_same_files(tmp_path):
     """A finished stage's recipe holds absolute paths into the pipeline's root (the codecs an
     export passed on); the same files of a root copied elsewhere are no change."""

@@ -363,11 +363,16 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     # written before training, so that a stage killed outright still says what it trained from
     write_whole(marker, json.dumps({"status": "running", "wall_s": spent, "inputs": inputs}) + "\n")
     log.info("pipeline %s: stage %s (%s)", pipeline.path.name, stage.name, stage.recipe)
+
+    def stopped(err: Preempted | Interrupted) -> Preempted | Interrupted:
+        """The attempt's time still counts in the stage's wall."""
+        write_whole(marker, json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
+        return type(err)(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it")
+
     try:
         steps = _train(config_file)
-    except (Preempted, Interrupted) as err:  # the attempt's time still counts in the stage's wall
-        write_whole(marker, json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
-        raise type(err)(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it") from None
+    except (Preempted, Interrupted) as err:
+        raise stopped(err) from None
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
     if launched_rank() != 0:  # rank 0 exports; the others wait for its marker
@@ -377,7 +382,10 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     if stage.output is None:
         if checkpoint is None:
             raise PipelineError(f"stage {stage.name!r} left no checkpoint in {stage_dir / 'checkpoints'}")
-        export(checkpoint, output, merge_lora=stage.merge_lora, replace=True, trust_checkpoint=True)  # this run wrote it
+        try:
+            export(checkpoint, output, merge_lora=stage.merge_lora, replace=True, trust_checkpoint=True)  # this run wrote it
+        except KeyboardInterrupt:
+            raise stopped(Interrupted("interrupted (Ctrl-C) while exporting")) from None
     elif not output.is_dir():
         raise PipelineError(f"stage {stage.name!r} should have written its output to {output}, which does not exist")
     result = StageResult(
