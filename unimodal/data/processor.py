@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def _is_count(value: Any, least: int) -> bool:
 
 
 # processor.json keys, each with what it must hold (absent or null means the default)
-SETTING_RULES: dict[str, tuple[str, Any]] = {
+SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "tokenizer": ("a file name", lambda v: isinstance(v, str) and v != ""),
     "layout": ("an object", lambda v: isinstance(v, dict)),
     "chat_template": ("a template name", lambda v: isinstance(v, str)),
