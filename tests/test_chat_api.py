@@ -157,6 +157,27 @@ def test_history_is_trimmed_to_the_context_with_the_system_prompt_kept():
         assistant.chat([{"role": "user", "content": "x" * 200}], max_new_tokens=16)
 
 
+def test_trimming_leaves_the_reply_its_room_when_it_starts_with_media():
+    """``start_with``'s begin token is part of the prompt: trimming makes room for it too, so the
+    reply keeps its whole ``max_new_tokens`` (here the 5 positions of a 4-code audio span)."""
+    assistant = media_assistant(context_length=128)
+    settings = assistant.resolve(max_new_tokens=5)
+    old = [{"role": "user", "content": "old question"}, {"role": "assistant", "content": "old answer"},
+           {"role": "user", "content": "m"}, {"role": "assistant", "content": "n"}]
+    # the last message padded so that the text prompt without the oldest two turns fills 128 - 5 exactly
+    for k in range(1, 80):
+        turns = old + [{"role": "user", "content": "s" * k}]
+        text_prompt, dropped = assistant.prompt(turns, settings)
+        if len(text_prompt) == 128 - 5 and dropped == 2:
+            break
+    else:
+        pytest.fail("no padding of the last message fills the context exactly")
+    prompt, dropped = assistant.prompt(turns, settings, start_with="audio")
+    assert dropped == 4 and len(prompt) <= 128 - 5
+    reply = assistant.chat(turns, start_with="audio", max_new_tokens=5, seed=0)
+    assert [p.type for p in reply.parts] == ["audio"] and reply.trimmed == 4
+
+
 def test_trimming_a_long_history_encodes_it_a_logarithmic_number_of_times(monkeypatch):
     """2,000 short messages (the 38 s request of issue 14): the kept tail is found by bisection,
     and the result is the one dropping the oldest turns one at a time would give."""

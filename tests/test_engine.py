@@ -122,6 +122,23 @@ def test_a_stop_string_completed_by_the_last_token_allowed_is_a_stop():
         assert handed == [gen]  # what a server answers with, as soon as the row ends
 
 
+def test_a_reply_the_model_ends_keeps_a_tail_that_only_began_a_stop_string():
+    """Only a limit cuts off a tail that began a stop string (an end-of-turn marker cut in two):
+    a reply the model ended with its end token keeps its last text whole, streamed or not."""
+    model = tiny_model()
+    bias_tokens(model, {4 + ord(c): 20.0 for c in "abcdefghijklmnopqrstuvwxyz"} | {TOK.eos_id: 20.15})  # a few letters, then the end
+    engine = Engine(model, TOK)
+    doc = prompt(model, "stream me")
+    for text_settings in (GREEDY, {"num_beams": 2}):
+        settings = GenerationSettings(text=text_settings, max_new_tokens=30)
+        free = engine.generate([doc], settings)[0]
+        text = free.segments[0].text
+        assert free.finish_reason == "stop" and len(text) == free.completion_tokens > 0
+        chunks: list[str] = []
+        gen = engine.generate([doc], settings.replace(stop=(text[-1] + "\n\n",)), on_text=lambda row, t: chunks.append(t))[0]
+        assert (gen.finish_reason, gen.segments[0].text, "".join(chunks)) == ("stop", text, text)
+
+
 def test_seeded_sampling_is_reproducible():
     model = tiny_model()
     engine = Engine(model, TOK)

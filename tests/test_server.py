@@ -362,6 +362,24 @@ def test_shutdown_cancels_the_running_generation(assistant):
         _result(late.future, late, batcher, LIMITS)
 
 
+def test_shutdown_while_a_batch_is_gathered_cancels_that_batch(assistant):
+    """stop() that comes while the worker waits for more requests to join a batch: the batch it
+    gathered so far is cancelled too, not generated in full after the server has stopped."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job, _result
+
+    batcher = Batcher(assistant, thread=False, gather_s=30)
+    call = Call([{"role": "user", "content": "hi"}], {"max_new_tokens": 200, "max_media": 0, "seed": 0}, 1, False, None)
+    job = batcher.submit(_job(call, batcher, LIMITS))
+    timer = threading.Timer(0.2, batcher.stop)
+    timer.start()
+    batcher.run()  # gathers the job, waits for company, sees stop(), returns
+    timer.join()
+    with pytest.raises(APIError, match="shutting down"):
+        _result(job.future, job, batcher, LIMITS)
+    assert batcher.stats["cancelled"] == 1
+
+
 def test_sigterm_answers_the_request_in_flight_with_503_and_the_process_exits(tmp_path):
     """``unimodal serve``'s own signal handling, end to end: the batcher stops first, so the
     running request's connection is still open for its 503 (uvicorn alone waited for it, then

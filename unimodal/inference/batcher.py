@@ -111,6 +111,9 @@ class Batcher:
             if jobs is None:
                 return
             self._running = jobs
+            if self.stopping.is_set():  # stop() came while this batch was gathered, or before it saw _running
+                for job in jobs:
+                    job.cancel.set()
             try:
                 self._run(jobs)
             except Exception as err:  # noqa: BLE001 - the worker must outlive any one batch

@@ -30,7 +30,7 @@ class BeamEngine(Protocol):
 
     def constrain(self, scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, in_text: list[int]) -> torch.Tensor: ...
 
-    def text_segment(self, ids: list[int], stop: Sequence[str], last: bool = False) -> tuple[str, bool]: ...
+    def text_segment(self, ids: list[int], stop: Sequence[str], cut_short: bool = False) -> tuple[str, bool]: ...
 
 
 def beam_search(
@@ -127,7 +127,7 @@ def beam_search(
             best, ended = partial[b], False
         else:
             _, best, ended = max(finished[b], key=lambda h: h[0])
-        text, stopped = engine.text_segment(best, settings.stop, last=True)
+        text, stopped = engine.text_segment(best, settings.stop, cut_short=not ended)
         finish = expired[b] or ("stop" if ended or stopped else "length")
         segments = [Segment("text", text, ids=best)] if text else []
         # the end token is not counted, as sampling does not count it

@@ -318,7 +318,9 @@ class Assistant:
             states.append(start)
 
         def encode(state: int) -> EncodedDocument:
-            return self._encode([turns[i] for i in sorted(system + others[states[state]:])])
+            # the begin token of start_with is the prompt's: it takes its room, not the reply's
+            doc = self._encode([turns[i] for i in sorted(system + others[states[state]:])])
+            return doc if start_with is None else open_span(doc, self.model.layout, SPAN_MARKERS[start_with][0])
 
         prompt, kept = encode(0), 0
         if len(prompt) > room:
@@ -341,8 +343,6 @@ class Assistant:
         if dropped:
             # Reply.trimmed says so (the terminal prints a line, the server returns trimmed_messages)
             log.debug("dropped the %d oldest message(s) to fit the context of %d tokens", dropped, self.context_length)
-        if start_with is not None:
-            prompt = open_span(prompt, self.model.layout, SPAN_MARKERS[start_with][0])
         try:  # here, not in the batch: a request its settings leave no reply for fails alone
             self.engine.budget(prompt, settings)
         except ValueError as err:

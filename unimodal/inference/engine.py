@@ -225,15 +225,16 @@ class Engine:
             constrained[rows, self.continuous_begins] = scores[rows, self.continuous_begins]
         return constrained
 
-    def text_segment(self, ids: list[int], stop: Sequence[str], last: bool = False) -> tuple[str, bool]:
-        """Decoded text cut at the first stop string, and whether one was found. ``last``: the
-        reply ends here, so a tail that only began a stop string (the end-of-turn marker a length
-        limit cut in two: ``<|im_``) is cut too; a stream held it back and the reply never became it."""
+    def text_segment(self, ids: list[int], stop: Sequence[str], cut_short: bool = False) -> tuple[str, bool]:
+        """Decoded text cut at the first stop string, and whether one was found. ``cut_short``: a
+        limit ended the reply here, so a tail that only began a stop string (the end-of-turn marker
+        a length limit cut in two: ``<|im_``) is cut too; a stream held it back and the reply never
+        became it. A reply the model ended itself keeps such a tail: it was settled as text."""
         text = self.tokenizer.decode(ids)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         if cut >= 0:
             return text[:cut], True
-        return (text[: len(text) - _stop_prefix(text, stop)] if last else text), False
+        return (text[: len(text) - _stop_prefix(text, stop)] if cut_short else text), False
 
 
 class _Run:
@@ -628,11 +629,11 @@ class _Run:
             self.on_text(row.index, ready[row.streamed :])
             row.streamed = len(ready)
 
-    def _flush_text(self, row: _Row, last: bool = False) -> None:
-        """The row's text so far as a segment (at the ``last`` flush, cut as :meth:`Engine.text_segment` says)."""
+    def _flush_text(self, row: _Row, cut_short: bool = False) -> None:
+        """The row's text so far as a segment (``cut_short`` as :meth:`Engine.text_segment` says)."""
         if not row.text_ids:
             return
-        text, _ = self.engine.text_segment(row.text_ids, row.settings.stop, last=last)
+        text, _ = self.engine.text_segment(row.text_ids, row.settings.stop, cut_short=cut_short)
         if self.on_text is not None and len(text) > row.streamed:
             self.on_text(row.index, text[row.streamed :])
         if text:
@@ -645,7 +646,7 @@ class _Run:
         row.done, row.finish = True, reason
         if row.mode is not None:  # an unfinished span is dropped
             row.mode, row.span, row.block_pending, row.forced = None, [], False, None
-        self._flush_text(row, last=True)
+        self._flush_text(row, cut_short=reason != "stop")
         if self.on_done is not None:
             self.on_done(row.index, row.generation())
 
