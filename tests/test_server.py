@@ -256,6 +256,37 @@ def test_a_request_that_fails_its_batch_fails_alone(assistant, caplog):
     assert "a batch of 3 requests failed (RuntimeError: planted failure); running them one at a time" in caplog.text
 
 
+def test_a_request_rerun_alone_after_its_batch_failed_keeps_its_deadline(assistant):
+    """The rerun one at a time has what the failed batch left of each request's ``timeout_s``,
+    not the whole of it again: a request could otherwise run for about twice its limit."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job, _result
+
+    answer, limits = assistant.answer, []
+
+    def slow_then_fragile(prompts, settings, **kwargs):
+        limits.append([s.timeout_s for s in settings])
+        if len(prompts) > 1:
+            time.sleep(0.6)
+            raise RuntimeError("planted failure")
+        return answer(prompts, settings, **kwargs)
+
+    batcher = Batcher(assistant, thread=False)
+    calls = [Call([{"role": "user", "content": text}], {"max_new_tokens": 4, "temperature": 0, "timeout_s": timeout}, 1, False, None)
+             for text, timeout in (("hi", 0.5), ("hey", 30))]
+    jobs = [_job(c, batcher, LIMITS) for c in calls]
+    assistant.answer = slow_then_fragile
+    try:
+        batcher._run(jobs)
+    finally:
+        del assistant.answer
+    with pytest.raises(APIError) as late:
+        _result(jobs[0].future, jobs[0], batcher, LIMITS)
+    assert late.value.status == 408
+    assert jobs[1].future.result()[0].text
+    assert limits[0] == [0.5, 30] and len(limits) == 2 and 28 < limits[1][0] < 29.5
+
+
 def test_beam_search_by_the_models_own_default_runs_in_a_batch_of_its_own(caplog):
     """A model whose default is beam search (MIO's is 5): its requests are never gathered with
     sampled ones, which the engine could not run together."""

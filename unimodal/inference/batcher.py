@@ -23,7 +23,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from unimodal.data.processor import EncodedDocument
@@ -182,6 +182,7 @@ class Batcher:
         started = self._start(jobs)
         if not started:
             return
+        began = time.monotonic()
         try:
             self._generate(started)
         except Exception as err:  # noqa: BLE001 - sorted out below, job by job
@@ -194,8 +195,13 @@ class Batcher:
                 if job.streamed:  # its client already has part of a reply that a rerun would repeat
                     _fail(job, err)
                     continue
+                left = job.timeout_s - (time.monotonic() - began)  # the rerun has what the batch left of timeout_s
+                if left <= 0:
+                    self.stats["timeout"] += job.n
+                    _fail(job, expired_error(["timeout"]))
+                    continue
                 try:
-                    self._generate([(job, rows)])
+                    self._generate([(job, [(prompt, replace(row, timeout_s=left)) for prompt, row in rows])])
                 except Exception as own:  # noqa: BLE001 - this job's own failure is its answer
                     log.error("a request failed", exc_info=own)
                     _fail(job, own)
