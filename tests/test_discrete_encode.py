@@ -215,6 +215,15 @@ def test_codes_of_another_tokenizer_are_refused(data_home, raw_shards, encoded, 
         _ = module(encoded, code_ranges={"image": 32, "audio": 128}).layout
 
 
+def test_a_codec_encoding_on_the_fly_must_fill_its_code_range(data_home, raw_shards, codecs):
+    """Raw shards encoded as they are read: a smaller range drops every image document one warning
+    at a time, a larger one leaves rows a model can write but the codec cannot decode."""
+    for size in (32, 128):
+        with pytest.raises(ValueError, match=rf"configured image codec gives image codes of 1 layer x 64 .*code_ranges.image={size}"):
+            _ = module(raw_shards, codecs={"image": codecs["image"]}, code_ranges={"image": size}, code_layers={}).layout
+    assert module(raw_shards, codecs={"image": codecs["image"]}, code_ranges={"image": 64}, code_layers={}).layout.code_sources
+
+
 def test_resuming_with_data_of_another_layout_is_refused(data_home, encoded, raw_shards, tmp_path):
     other = tmp_path / "other"
     encode_shards(raw_shards, other, {"image": tiny_tokenizer(seed=1).eval()}, progress=False)

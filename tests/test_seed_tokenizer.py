@@ -116,3 +116,25 @@ def test_stage2_alone_starts_from_the_builtin_tokenizer(data_home, tmp_path):
     losses = metric(tmp_path / "s2", "train/loss")
     assert falls(losses) and len(losses) == 16
     assert metric(tmp_path / "s2", "train/distillation")
+
+
+def test_pairs_without_raw_images_fail_instead_of_hanging(char_tokenizer):
+    """The pair stream draws documents forever: a text-only (or pre-encoded) set would hang the run."""
+    from types import SimpleNamespace
+
+    from unimodal.data.pairs import PairStream
+    from unimodal.schema import Document
+
+    text_only = (Document([Part("text", text="a caption")]) for _ in range(5000))
+    stream = SimpleNamespace(batches=1, documents=lambda worker, workers: text_only)
+    with pytest.raises(ValueError, match="no raw image"):
+        next(iter(PairStream(stream, char_tokenizer, image_size=16, max_text_tokens=8, batch_size=2)))
+
+
+def test_a_resumed_stage_sees_the_batches_an_uninterrupted_one_would(data_home, tmp_path):
+    """The pair data module saves its position: resuming mid-epoch does not replay the epoch's first batches."""
+    steps = ["--trainer.max_steps=6", "--data.init_args.steps_per_epoch=6", "--checkpoint_every_n_steps=3"]
+    train("tokenizer_stage1.yaml", tmp_path / "whole", *steps)
+    (middle,) = (tmp_path / "whole" / "checkpoints").glob("*step=3.ckpt")
+    train("tokenizer_stage1.yaml", tmp_path / "resumed", *steps, f"--ckpt_path={middle}")
+    np.testing.assert_allclose(metric(tmp_path / "resumed", "train/loss"), metric(tmp_path / "whole", "train/loss")[3:], rtol=1e-5)

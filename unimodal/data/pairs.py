@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,10 @@ from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
 from unimodal.modalities.image_continuous import center_crop
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.schema import Document, local_path
+
+# documents read in a row without a raw image before a mixture counts as having none: the stream
+# draws forever, so a text-only or pre-encoded set would otherwise hang the run
+MAX_DOCS_WITHOUT_IMAGE = 1000
 
 
 def _pair(doc: Document, size: int) -> tuple[np.ndarray, str] | None:
@@ -42,10 +47,17 @@ class PairStream(IterableDataset):
         docs = self.stream.documents(worker, workers)
         for _ in range(worker_share(self.stream.batches, worker, workers)):
             pairs: list[tuple[np.ndarray, str]] = []
+            misses = 0
             while len(pairs) < self.batch_size:
                 pair = _pair(next(docs), self.image_size)
                 if pair is not None:
                     pairs.append(pair)
+                    misses = 0
+                elif (misses := misses + 1) >= MAX_DOCS_WITHOUT_IMAGE:
+                    raise ValueError(
+                        f"{misses} documents in a row hold no raw image: image-caption pairs need shards with raw "
+                        "images (not text-only ones, nor ones whose images `unimodal data encode` turned into codes)"
+                    )
             yield self._collate(pairs)
 
     def _collate(self, pairs: list[tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
@@ -61,15 +73,20 @@ class PairStream(IterableDataset):
 
 class EpochLoader(DataLoader):
     """Sets the stream's epoch before each pass, so every epoch draws new samples (and workers,
-    which get a copy of the dataset per pass, see it)."""
+    which get a copy of the dataset per pass, see it). ``done(epoch)``: the batches of the epoch a
+    resumed run already trained on, produced and dropped as ``WindowedLoader`` does."""
 
-    def __init__(self, pairs: PairStream, epoch: Callable[[], int], **kwargs: Any):
+    def __init__(self, pairs: PairStream, epoch: Callable[[], int], done: Callable[[int], int] | None = None, **kwargs: Any):
         super().__init__(pairs, batch_size=None, **kwargs)
-        self.epoch = epoch
+        self.epoch, self.done = epoch, done
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.dataset.stream.epoch = self.epoch()
-        return super().__iter__()
+        epoch = self.epoch()
+        self.dataset.stream.epoch = epoch
+        batches = super().__iter__()
+        for _ in islice(batches, self.done(epoch) if self.done is not None else 0):
+            pass
+        return batches
 
 
 class ImageTextPairs(L.LightningDataModule):
@@ -101,6 +118,21 @@ class ImageTextPairs(L.LightningDataModule):
         self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self._tokenizer: TextTokenizer | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of a resumed run
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position (saved in checkpoints), so that a resumed run goes on with the
+        batches an uninterrupted one would see instead of replaying the epoch's first ones."""
+        if self.trainer is None:
+            return {}
+        return {"epoch": self.trainer.current_epoch, "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_at = (state["epoch"], state["batches"]) if state else None
+
+    def _batches_done(self, epoch: int) -> int:
+        resume, self._resume_at = self._resume_at, None
+        return resume[1] if resume is not None and resume[0] == epoch else 0
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -122,4 +154,4 @@ class ImageTextPairs(L.LightningDataModule):
         )
         pairs = PairStream(stream, self.tokenizer, self.image_size, self.max_text_tokens, self.batch_size)
         epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
-        return EpochLoader(pairs, epoch, num_workers=self.num_workers)
+        return EpochLoader(pairs, epoch, self._batches_done, num_workers=self.num_workers)

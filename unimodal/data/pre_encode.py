@@ -82,15 +82,7 @@ def code_sources(
             found[modality] = (path, fingerprint)
     sources = {}
     for modality, (path, fingerprint) in found.items():
-        layers = int(fingerprint.get("layers", 1))
-        size = int(fingerprint["codebook_size"]) * layers
-        if code_ranges.get(modality) != size or code_layers.get(modality, 1) != layers:
-            raise ValueError(
-                f"{path} holds {modality} codes of {layers} layer{'' if layers == 1 else 's'} x {fingerprint['codebook_size']} "
-                f"([{describe_fingerprint(fingerprint)}]) but the data config gives "
-                f"code_ranges.{modality}={code_ranges.get(modality)}, "
-                f"code_layers.{modality}={code_layers.get(modality, 1)}"
-            )
+        _check_range(f"{path} holds", modality, fingerprint, code_ranges, code_layers)
         codec = codecs.get(modality)
         if codec is not None and codec.fingerprint() != fingerprint:
             raise ValueError(
@@ -102,7 +94,26 @@ def code_sources(
     for modality, codec in codecs.items():
         if modality in code_ranges and modality not in sources:
             sources[modality] = codec.fingerprint()
+            if "codebook_size" in sources[modality]:
+                _check_range(f"the configured {modality} codec gives", modality, sources[modality], code_ranges, code_layers)
     return sources
+
+
+def _check_range(
+    holder: str, modality: str, fingerprint: dict[str, Any], code_ranges: dict[str, int], code_layers: dict[str, int]
+) -> None:
+    """The code range must be the tokenizer's codebook times its layers: ids are ``offset + layer *
+    (range / layers) + code``, so another size drops codes past it or leaves rows a model can write
+    but the codec cannot decode."""
+    layers = int(fingerprint.get("layers", 1))
+    size = int(fingerprint["codebook_size"]) * layers
+    if code_ranges.get(modality) != size or code_layers.get(modality, 1) != layers:
+        raise ValueError(
+            f"{holder} {modality} codes of {layers} layer{'' if layers == 1 else 's'} x {fingerprint['codebook_size']} "
+            f"([{describe_fingerprint(fingerprint)}]) but the data config gives "
+            f"code_ranges.{modality}={code_ranges.get(modality)}, "
+            f"code_layers.{modality}={code_layers.get(modality, 1)}"
+        )
 
 
 JOB_FILE = ".encode.json"  # what an encode in progress was asked to do, so that a resume matches it
