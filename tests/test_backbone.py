@@ -32,6 +32,31 @@ def test_a_local_model_loads_and_its_vocabulary_grows_without_changing_old_rows(
     assert AutoModelForCausalLM.from_pretrained(path).get_input_embeddings().num_embeddings == 100
 
 
+def test_weights_in_pytorch_model_bin_load_beside_an_adapters_safetensors(saved_llama):
+    """The size check counts the safetensors transformers loads, not every one in the directory."""
+    from safetensors.torch import save_file
+
+    original, path = saved_llama
+    (path / "model.safetensors").unlink()
+    torch.save(original.state_dict(), path / "pytorch_model.bin")
+    save_file({"lora_A": torch.zeros(4)}, path / "adapter_model.safetensors")
+    loaded = load_backbone(BackboneConfig(path=str(path), attention="sdpa"), vocab_size=100)
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, original.get_input_embeddings().weight)
+
+
+def test_a_mixture_of_experts_whose_dense_intermediate_size_serves_no_layer_loads(tmp_path):
+    """qwen3_moe keeps intermediate_size (6144 by default) for dense layers it may not have: the
+    size check bounds such a layer by its experts' own size."""
+    from transformers import AutoConfig
+
+    from unimodal.models.backbone import causal_lm_from_pretrained
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  vocab_size=128, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    assert type(causal_lm_from_pretrained(tmp_path / "moe")).__name__ == "Qwen3MoeForCausalLM"
+
+
 def test_backbone_spec_errors_are_clear(tmp_path, tiny_llama_config):
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         load_backbone(BackboneConfig(path=str(tmp_path / "missing")), 64)

@@ -294,6 +294,7 @@ def test_the_audio_limit_of_an_export_can_be_raised_at_load(tmp_path):
         # sizes no weights could fill: transformers would allocate them all before any check, until memory ran out
         (lambda d: _edit_json(d / "config.json", num_hidden_layers=10**6), r"config.json declares a model of at least .* but its weights hold"),
         (lambda d: _edit_json(d / "config.json", intermediate_size=10**9), r"config.json declares a model of at least .*intermediate_size 1000000000"),
+        (lambda d: _edit_json(d / "config.json", intermediate_size=10**9, moe_intermediate_size=1), r"config.json declares .*intermediate_size 1000000000"),
         (lambda d: _drop_tensor(d / "model.safetensors", "model.norm.weight"), r"1 parameters missing, e.g. model.norm.weight"),
         (lambda d: _drop_tensor(d / "model.safetensors", "model.norm.weight", torch.ones(7)), r"do not have the shapes its config.json describes"),
         # a layout that is not the one the weights were trained with: the backbone would be resized to fit it

@@ -133,6 +133,24 @@ def test_each_rank_draws_its_own_noise_after_one_seed_built_one_model():
     assert torch.equal(first_draw(1, resumed=True), unseeded)
 
 
+def test_a_rank_a_resumed_checkpoint_saved_no_stream_of_draws_its_own():
+    """Resumed on more ranks than saved: the extra rank must not replay rank 0's noise."""
+    from unimodal.training.resume import RNG_KEY, RunState, _rng_state
+
+    torch.manual_seed(0)
+    saved = [_rng_state()]
+    draws = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        state = RunState()
+        state.on_load_checkpoint(trainer, None, {RNG_KEY: saved})
+        torch.manual_seed(0)
+        state.on_train_start(trainer, None)
+        state.on_train_batch_start(trainer, None, None, 0)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+
+
 def test_a_run_resumed_from_an_earlier_step_is_newest_and_a_changed_lr_is_said_to_be_kept(recipe, tmp_path, caplog):
     """Resumed from step 2 of a run that reached 4, the run writes ``step=4-v1`` beside the first
     ``step=4``; its ``last.ckpt`` at step 6 is still the newest. A changed lr on resume cannot

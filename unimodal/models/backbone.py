@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -76,14 +77,23 @@ def _check_declared_size(config: PretrainedConfig, path: Path) -> None:
     of 10**6) would have transformers allocate the parameters it lacks before any check could name
     them, until the machine runs out of memory. Every decoder layer holds at least an ``h x h`` and
     an ``h x intermediate`` matrix (attention or a state-space projection; the MLP or each expert),
-    so that lower bound, with the embedding table, may not exceed twice the weights stored."""
+    so that lower bound, with the embedding table, may not exceed twice the weights stored. In a
+    mixture of experts whose experts have a size of their own (``moe_intermediate_size``), the
+    dense ``intermediate_size`` may serve no layer at all, so the smaller of the two counts (only
+    where the architecture has such experts: another ignores the key)."""
     text = config.get_text_config()
     sizes = {name: getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}
     if not all(isinstance(value, int) and value >= 0 for value in sizes.values()):
         return  # not a layout this bound knows; the check of missing weights after loading still applies
+    width = sizes["intermediate_size"]
+    expert = getattr(text, "moe_intermediate_size", None) if hasattr(type(text), "moe_intermediate_size") else None
+    if expert is not None:
+        if not (isinstance(expert, int) and expert >= 0):
+            return
+        width = min(width, expert)
     stored = _stored_parameters(path)
     h = sizes["hidden_size"]
-    declared = sizes["vocab_size"] * h + sizes["num_hidden_layers"] * (h * h + h * sizes["intermediate_size"])
+    declared = sizes["vocab_size"] * h + sizes["num_hidden_layers"] * (h * h + h * width)
     if stored is not None and declared > 2 * stored:
         raise ValueError(
             f"{path / 'config.json'} declares a model of at least {declared:,} parameters ({', '.join(f'{k} {v}' for k, v in sizes.items())}) "
@@ -92,11 +102,20 @@ def _check_declared_size(config: PretrainedConfig, path: Path) -> None:
 
 
 def _stored_parameters(path: Path) -> int | None:
-    """The number of values in the directory's safetensors files, read from their headers only."""
+    """The number of values in the safetensors files transformers loads from the directory, read
+    from their headers only; other ``.safetensors`` beside a ``pytorch_model.bin`` (an adapter) are
+    not the backbone's weights."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        try:
+            shards = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()
+            files = [path / name for name in sorted(set(shards))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # left to the loader, which names a damaged index in one line
+    else:
         return None  # pytorch_model.bin: its shapes cannot be read without loading it
     total = 0
     for file in files:

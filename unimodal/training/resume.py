@@ -143,7 +143,8 @@ class RunState(Callback):
         rank = trainer.global_rank
         if len(states) != trainer.world_size:
             log.warning("checkpoint holds RNG states of %d ranks, this run has %d: random streams differ from an uninterrupted run", len(states), trainer.world_size)
-        self._pending = states[rank] if rank < len(states) else states[0]
+        # a rank the checkpoint has no stream of draws its own (on_train_start), not rank 0's again
+        self._pending = states[rank] if rank < len(states) else None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Every rank starts from one seed, which builds one model; from the first step on each rank
