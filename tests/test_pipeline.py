@@ -210,27 +210,14 @@ def test_family_pipeline_runs_tiny(family, tmp_path):
     assert all(r.status == "done" and Path(r.output).is_dir() for r in results)
 
 
-def test_a_stage_stopped_by_ctrl_c_keeps_its_time_for_the_next_attempt(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("when", "said"), [("training", "at step 2, without saving"), ("exporting", "while exporting")])
+def test_a_stage_stopped_by_ctrl_c_keeps_its_time_for_the_next_attempt(tmp_path, monkeypatch, when, said):
     from unimodal.training import pipeline as pipeline_module
     from unimodal.training.resume import Interrupted
 
-    def stopped(config_file):
-        raise Interrupted("interrupted (Ctrl-C) at step 2, without saving")
-
-    monkeypatch.setattr(pipeline_module, "_train", stopped)
-    stages = [{"name": "a", "recipe": "recipes/text/tiny.yaml"}]
-    # the way on under a pipeline is the same pipeline command (it refuses --resume auto)
-    with pytest.raises(Interrupted, match=r"^stage 'a' interrupted \(Ctrl-C\) at step 2, without saving; run the same pipeline command again"):
-        run_pipeline(write(tmp_path, stages), tiny=True, root=tmp_path / "runs")
-    marker = json.loads((tmp_path / "runs" / "a" / "stage.json").read_text())
-    assert marker["status"] == "interrupted" and marker["wall_s"] > 0
-
-
-def test_a_stage_stopped_by_ctrl_c_while_exporting_keeps_its_time_too(tmp_path, monkeypatch):
-    from unimodal.training import pipeline as pipeline_module
-    from unimodal.training.resume import Interrupted
-
-    def trained(config_file):
+    def train(config_file):
+        if when == "training":
+            raise Interrupted("interrupted (Ctrl-C) at step 2, without saving")
         (config_file.parent / "checkpoints").mkdir()
         (config_file.parent / "checkpoints" / "last.ckpt").write_bytes(b"weights")
         return 3
@@ -238,10 +225,11 @@ def test_a_stage_stopped_by_ctrl_c_while_exporting_keeps_its_time_too(tmp_path, 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline_module, "_train", trained)
+    monkeypatch.setattr(pipeline_module, "_train", train)
     monkeypatch.setattr(pipeline_module, "export", ctrl_c)
     stages = [{"name": "a", "recipe": "recipes/text/tiny.yaml"}]
-    with pytest.raises(Interrupted, match=r"^stage 'a' interrupted \(Ctrl-C\) while exporting; run the same pipeline command again"):
+    # the way on under a pipeline is the same pipeline command (it refuses --resume auto)
+    with pytest.raises(Interrupted, match=rf"^stage 'a' interrupted \(Ctrl-C\) {said}; run the same pipeline command again"):
         run_pipeline(write(tmp_path, stages), tiny=True, root=tmp_path / "runs")
     marker = json.loads((tmp_path / "runs" / "a" / "stage.json").read_text())
     assert marker["status"] == "interrupted" and marker["wall_s"] > 0
