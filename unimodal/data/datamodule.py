@@ -302,7 +302,28 @@ def training_mixture(
     return [ShardSet(path, weight) for path, weight in shares.items()]
 
 
-class UnimodalDataModule(L.LightningDataModule):
+class ResumableDataModule(L.LightningDataModule):
+    """A data module whose training stream saves its position in checkpoints (the epoch and the
+    batches trained on), so that a resumed run goes on with the batches an uninterrupted one would
+    see: its train loader passes :meth:`_batches_done` as ``done``, which drops that many."""
+
+    _resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of a resumed run
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        return {"epoch": self.trainer.current_epoch, "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_at = (state["epoch"], state["batches"]) if state else None
+
+    def _batches_done(self, epoch: int) -> int:
+        """Batches of ``epoch`` a resumed run has already trained on (once, then 0)."""
+        resume, self._resume_at = self._resume_at, None
+        return resume[1] if resume is not None and resume[0] == epoch else 0
+
+
+class UnimodalDataModule(ResumableDataModule):
     """Packed batches from weighted WebDataset shard sets (see ``docs/data-format.md``).
 
     ``datasets`` and ``val_datasets`` take ``ShardSet``s (dicts and plain paths work too).
@@ -383,7 +404,6 @@ class UnimodalDataModule(L.LightningDataModule):
         self._tokenizer: TextTokenizer | None = None
         self._layout: VocabLayout | None = None
         self._epochs_without_trainer = 0
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of a resumed run
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -447,22 +467,15 @@ class UnimodalDataModule(L.LightningDataModule):
         return self._epochs_without_trainer - 1
 
     def state_dict(self) -> dict[str, Any]:
-        """The training stream's position (saved in checkpoints): epoch and batches trained on, and
-        the vocabulary layout, which a resumed run's data must match (same tokenizers, same ranges)."""
-        if self.trainer is None:
-            return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.processed, "vocab_layout": self.layout.to_dict()}
+        """The stream's position, and the vocabulary layout, which a resumed run's data must match
+        (same tokenizers, same ranges)."""
+        state = super().state_dict()
+        return {**state, "vocab_layout": self.layout.to_dict()} if state else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "vocab_layout" in state:
             VocabLayout.from_dict(state["vocab_layout"]).check_compatible(self.layout, "the data")
-        self._resume_at = (state["epoch"], state["batches"]) if state else None
-
-    def _batches_done(self, epoch: int) -> int:
-        """Batches of ``epoch`` a resumed run has already trained on (once, then 0)."""
-        resume, self._resume_at = self._resume_at, None
-        return resume[1] if resume is not None and resume[0] == epoch else 0
+        super().load_state_dict(state)
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
         shard_sets = [expand_shards(d.path, self.allow_pipe_urls) for d in self.mixture]

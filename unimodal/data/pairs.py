@@ -6,12 +6,11 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from unimodal.data.datamodule import ShardSet, StreamConfig, TrainStream, shard_sets, worker_share, worker_slot
+from unimodal.data.datamodule import ResumableDataModule, ShardSet, StreamConfig, TrainStream, shard_sets, worker_share, worker_slot
 from unimodal.data.processor import Processor
 from unimodal.data.shards import expand_shards
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
@@ -89,7 +88,7 @@ class EpochLoader(DataLoader):
         return batches
 
 
-class ImageTextPairs(L.LightningDataModule):
+class ImageTextPairs(ResumableDataModule):
     """Image-caption pairs from weighted shard sets: each document's first raw image and its text.
 
     ``layout`` is the caption tokenizer's (text only); ``unimodal train`` links it to the model's
@@ -118,21 +117,6 @@ class ImageTextPairs(L.LightningDataModule):
         self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self._tokenizer: TextTokenizer | None = None
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of a resumed run
-
-    def state_dict(self) -> dict[str, Any]:
-        """The stream's position (saved in checkpoints), so that a resumed run goes on with the
-        batches an uninterrupted one would see instead of replaying the epoch's first ones."""
-        if self.trainer is None:
-            return {}
-        return {"epoch": self.trainer.current_epoch, "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_at = (state["epoch"], state["batches"]) if state else None
-
-    def _batches_done(self, epoch: int) -> int:
-        resume, self._resume_at = self._resume_at, None
-        return resume[1] if resume is not None and resume[0] == epoch else 0
 
     @property
     def tokenizer(self) -> TextTokenizer:

@@ -48,7 +48,7 @@ def run_lock(checkpoint_dir: Path, instead: str = "give this one another --train
     if parent.exists() and not parent.is_dir():  # a file where the directory goes: the error any other write there gets
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
     parent.mkdir(parents=True, exist_ok=True)
-    with open(checkpoint_dir.parent / f".{checkpoint_dir.name}.lock", "a+") as handle:
+    with open(parent / f".{checkpoint_dir.name}.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
