@@ -47,6 +47,8 @@ def test_bad_schedule_configs_are_refused():
         DiffusionSchedule(ScheduleConfig(prediction="flow", zero_terminal_snr=False))
     with pytest.raises(ValueError, match="not one of"):
         DiffusionSchedule(ScheduleConfig(sampler="heun"))
+    with pytest.raises(ValueError, match=r"sample_steps \(2,000\) must be at most train_steps \(1,000\)"):
+        DiffusionSchedule(ScheduleConfig(sample_steps=2000))
 
 
 def oracle(schedule: DiffusionSchedule, x0: torch.Tensor):

@@ -295,6 +295,9 @@ def test_the_audio_limit_of_an_export_can_be_raised_at_load(tmp_path):
         (lambda d: _edit_json(d / "config.json", num_hidden_layers=10**6), r"config.json declares a model of at least .* but its weights hold"),
         (lambda d: _edit_json(d / "config.json", intermediate_size=10**9), r"config.json declares a model of at least .*intermediate_size 1000000000"),
         (lambda d: _edit_json(d / "config.json", intermediate_size=10**9, moe_intermediate_size=1), r"config.json declares .*intermediate_size 1000000000"),
+        (lambda d: _edit_image_module(d, head_width=10**6), r"model.continuous declares modules of .* values but modules.safetensors holds"),
+        (lambda d: _edit_image_module(d, schedule={"class_path": "unimodal.models.diffusion.ScheduleConfig", "init_args": {"train_steps": 10**10}}),
+         r"model.continuous.image: schedule.train_steps must be at most 100,000"),
         (lambda d: _drop_tensor(d / "model.safetensors", "model.norm.weight"), r"1 parameters missing, e.g. model.norm.weight"),
         (lambda d: _drop_tensor(d / "model.safetensors", "model.norm.weight", torch.ones(7)), r"do not have the shapes its config.json describes"),
         # a layout that is not the one the weights were trained with: the backbone would be resized to fit it
@@ -349,6 +352,12 @@ def _json(file: Path) -> dict:
 
 def _edit_json(file: Path, **changes: object) -> None:
     file.write_text(json.dumps({**_json(file), **changes}))
+
+
+def _edit_image_module(export: Path, **changes: object) -> None:
+    config = _json(export / "unimodal.json")
+    config["model"]["continuous"]["image"]["init_args"].update(changes)
+    _edit_json(export / "unimodal.json", model=config["model"])
 
 
 def _edit_layout(export: Path, **changes: object) -> None:

@@ -34,13 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, check_settings, processor_config
 from unimodal.data.shards import is_streamed
 from unimodal.modalities.base import describe_fingerprint, model_config
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.backbone import BackboneConfig, start_rows_near_mean
+from unimodal.models.backbone import BackboneConfig, start_rows_near_mean, stored_values
 from unimodal.models.build import build_model
 from unimodal.models.lora import merge_backbone_adapter, quiet_peft
 from unimodal.models.sharding import gathered
@@ -233,13 +234,8 @@ def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tup
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = Path(path) / MODULES_FILE
-    if not file.is_file():
-        spec = read_export_config(path)["model"]
-        held = [*(spec.get("continuous") or {}), *(["routing"] if spec.get("routing") else [])]
-        if held:  # the model would keep fresh weights where the export's trained ones belong
-            raise ExportError(f"{path} lacks {MODULES_FILE}, which holds its {', '.join(held)} weights; "
-                              "copy the export whole, or export its checkpoint again")
+    file = _modules_file(path)
+    if file is None:
         return [], []
     try:
         state = load_file(str(file))
@@ -309,11 +305,46 @@ def restart_code_rows(model: UnifiedModel, name: str) -> None:
     log.info("restarted the %d rows of code range %r", layout.code_ranges[name], name)
 
 
-def _vocab_rows(path: Path) -> int | None:
-    """The vocabulary rows the backbone's ``config.json`` declares (None where it names none)."""
+def _modules_file(path: str | Path) -> Path | None:
+    """The export's ``modules.safetensors``; None where its model has no weights outside the backbone."""
+    file = Path(path) / MODULES_FILE
+    if file.is_file():
+        return file
+    spec = read_export_config(path)["model"]
+    held = [*(spec.get("continuous") or {}), *(["routing"] if spec.get("routing") else [])]
+    if held:  # the model would keep fresh weights where the export's trained ones belong
+        raise ExportError(f"{path} lacks {MODULES_FILE}, which holds its {', '.join(held)} weights; "
+                          "copy the export whole, or export its checkpoint again")
+    return None
+
+
+def _backbone_size(path: Path, key: str) -> int | None:
+    """An integer the backbone's ``config.json`` declares, at its top or in its ``text_config``."""
     config = model_config(path, "backbone.path")
-    rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
-    return rows if isinstance(rows, int) else None
+    value = config.get(key, (config.get("text_config") or {}).get(key))
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _check_declared_modules(path: Path, continuous: dict[str, Callable[[int], ContinuousModality]]) -> None:
+    """A model spec declaring far larger modules than ``modules.safetensors`` holds (a diffusion
+    head 10**6 wide) would be allocated in full before loading could find the mismatch. Each
+    module is built on the meta device first, which allocates nothing, and what it would store may
+    not exceed twice what the file holds."""
+    hidden = _backbone_size(path, "hidden_size")
+    file = _modules_file(path) if continuous else None
+    stored = stored_values([file]) if file is not None else None
+    if hidden is None or stored is None:
+        return  # nothing to build, or left to the loader, which names the problem in one line
+    declared = 0
+    for name, build in continuous.items():
+        try:
+            with torch.device("meta"):
+                declared += sum(t.numel() for t in build(hidden).state_dict().values())
+        except ValueError as err:  # a setting the module refuses (a schedule of 10**9 steps)
+            raise ExportError(f"{path / CONFIG_FILE}: model.continuous.{name}: {err}; {REEXPORT}") from None
+    if declared > 2 * stored:
+        raise ExportError(f"{path / CONFIG_FILE}: model.continuous declares modules of {declared:,} values "
+                          f"but {MODULES_FILE} holds {stored:,}; {REEXPORT}")
 
 
 def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
@@ -332,7 +363,7 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
         backbone = BackboneConfig(**{**spec["backbone"], "path": str(path), "config": {}})
     except (KeyError, TypeError) as err:
         raise ExportError(f"{path / CONFIG_FILE}: model.backbone is not a backbone spec ({err}); {REEXPORT}") from None
-    rows = _vocab_rows(path)
+    rows = _backbone_size(path, "vocab_size")
     if rows is not None and rows != layout.size:  # the backbone would be resized to fit, silently other weights
         raise ExportError(f"{path}: the backbone has {rows} vocabulary rows but its vocabulary layout ({PROCESSOR_FILE}) needs {layout.size}; {REEXPORT}")
     if processor.tokenizer.vocab_size != layout.text_size:
@@ -342,6 +373,7 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
         name: instantiate(factory, Callable[[int], ContinuousModality], f"{path / CONFIG_FILE}: model.continuous.{name}")
         for name, factory in (spec.get("continuous") or {}).items()
     }
+    _check_declared_modules(path, continuous)
     model = build_model(backbone, layout, continuous, spec.get("routing"))
     loaded, _ = load_modules(model, path, strict=True)
     expected = {n for n in model.state_dict() if not n.startswith("backbone.")}

@@ -102,28 +102,31 @@ def _check_declared_size(config: PretrainedConfig, path: Path) -> None:
 
 
 def _stored_parameters(path: Path) -> int | None:
-    """The number of values in the safetensors files transformers loads from the directory, read
-    from their headers only; other ``.safetensors`` beside a ``pytorch_model.bin`` (an adapter) are
-    not the backbone's weights."""
-    from safetensors import SafetensorError, safe_open
-
+    """The number of values in the safetensors files transformers loads from the directory; other
+    ``.safetensors`` beside a ``pytorch_model.bin`` (an adapter) are not the backbone's weights."""
     if (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif (path / "model.safetensors.index.json").is_file():
+        return stored_values([path / "model.safetensors"])
+    if (path / "model.safetensors.index.json").is_file():
         try:
             shards = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()
-            files = [path / name for name in sorted(set(shards))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None  # left to the loader, which names a damaged index in one line
-    else:
-        return None  # pytorch_model.bin: its shapes cannot be read without loading it
+        return stored_values([path / name for name in sorted(set(shards))])
+    return None  # pytorch_model.bin: its shapes cannot be read without loading it
+
+
+def stored_values(files: list[Path]) -> int | None:
+    """The number of values the safetensors ``files`` hold, read from their headers only (None
+    where one cannot be read: the loader names it in one line)."""
+    from safetensors import SafetensorError, safe_open
+
     total = 0
     for file in files:
         try:
             with safe_open(file, framework="pt") as handle:
                 total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
         except (SafetensorError, OSError):
-            return None  # left to the loader, which names a damaged file in one line
+            return None
     return total
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 PREDICTIONS = ("epsilon", "v_prediction", "flow")
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SAMPLERS = ("ddim", "euler", "flow")
+MAX_TRAIN_STEPS = 100_000
 
 
 def guided(cfg_scale: float | Sequence[float]) -> bool:
@@ -64,6 +65,10 @@ class ScheduleConfig:
             )
         if self.train_steps < 1 or self.sample_steps < 1:
             raise ValueError("schedule.train_steps and schedule.sample_steps must be >= 1")
+        if self.train_steps > MAX_TRAIN_STEPS:  # the schedulers hold arrays of this length
+            raise ValueError(f"schedule.train_steps must be at most {MAX_TRAIN_STEPS:,} (the papers use 1,000), got {self.train_steps:,}")
+        if self.sample_steps > self.train_steps:
+            raise ValueError(f"schedule.sample_steps ({self.sample_steps:,}) must be at most train_steps ({self.train_steps:,})")
 
 
 class DiffusionSchedule:
