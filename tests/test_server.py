@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import uvicorn
-from inference_helpers import media_assistant, text_assistant
+from inference_helpers import CharTokenizer, family_model, media_assistant, text_assistant
 from PIL import Image
 
 from unimodal.inference.server import APIError, ServerLimits, create_app
@@ -338,6 +338,21 @@ def test_a_huge_diffusion_steps_setting_is_refused_naming_its_cap():
     with pytest.raises(APIError, match=r"image\.steps=10000000 is more than this server allows \(200, 4x") as refused:
         check_caps(call.settings, caps)
     assert refused.value.status == 400
+
+
+def test_diffusion_steps_are_capped_at_the_schedules_timesteps():
+    """4x a model's 400 steps would pass 1,600 to a sampler whose schedule has 1,000 timesteps,
+    which fails inside the batch; the request gets a 400 instead."""
+    from unimodal.data.processor import Processor
+    from unimodal.inference.chat import Assistant
+    from unimodal.inference.server import check_caps, sampling_caps
+    from unimodal.models.generation import GenerationSettings
+
+    model = family_model("orthus")
+    assistant = Assistant(model, Processor(CharTokenizer(), model.layout), settings=GenerationSettings(image={"steps": 400}))
+    assert sampling_caps(assistant)["image.steps"] == 1000
+    with pytest.raises(APIError, match=r"image\.steps=1200 is more than this server allows \(1000, .*schedule's timesteps"):
+        check_caps({"image": {"steps": 1200}}, sampling_caps(assistant))
 
 
 def test_size_and_duration_limits(url, assistant):

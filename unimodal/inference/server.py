@@ -33,6 +33,7 @@ import errno
 import io
 import json
 import logging
+import math
 import secrets
 import re
 import signal
@@ -336,7 +337,8 @@ def _audio_output(payload: dict[str, Any], settings: dict[str, Any]) -> str | No
 def sampling_caps(assistant: Assistant, factor: float = 4.0) -> dict[str, float]:
     """The largest per-request settings this server takes: ``factor`` times the model's own
     defaults (diffusion steps, guidance, beams, media per reply), so that one request cannot hold
-    the model for ever. Keys are dotted as in a request (``image.steps``)."""
+    the model for ever, and no more diffusion steps than the schedule has timesteps (a sampler
+    asked for more fails). Keys are dotted as in a request (``image.steps``)."""
     settings = assistant.settings
     caps = {"max_media": factor * max(settings.max_media, 1)}
     for name in ("text", "image", "audio"):
@@ -344,8 +346,8 @@ def sampling_caps(assistant: Assistant, factor: float = 4.0) -> dict[str, float]
         module = assistant.model.continuous[name] if name in assistant.model.continuous else None
         schedule = getattr(getattr(module, "schedule", None), "config", None)
         steps = own.steps or getattr(schedule, "sample_steps", None)
-        if steps:
-            caps[f"{name}.steps"] = factor * steps
+        if steps:  # a sampler takes no more steps than its schedule has timesteps
+            caps[f"{name}.steps"] = min(factor * steps, getattr(schedule, "train_steps", math.inf))
         caps[f"{name}.cfg_scale"] = factor * max(own.cfg_scale, 1.0)
     caps["text.num_beams"] = factor * settings.text.num_beams  # media are never beam-searched
     return caps
@@ -361,7 +363,8 @@ def check_caps(settings: dict[str, Any], caps: dict[str, float]) -> None:
             flat.update({f"{name}.{k}": v for k, v in nested.items() if f"{name}.{k}" in caps})
     for key, value in flat.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > caps[key]:
-            raise APIError(400, f"{key}={value} is more than this server allows ({caps[key]:g}, 4x the model's own setting)")
+            within = ", within its diffusion schedule's timesteps" if key.endswith(".steps") else ""
+            raise APIError(400, f"{key}={value} is more than this server allows ({caps[key]:g}, 4x the model's own setting{within})")
 
 
 AUDIO_HEADERS = ((b"RIFF", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"))
