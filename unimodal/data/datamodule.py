@@ -230,29 +230,45 @@ class ValStream(IterableDataset):
             yield batch
 
 
-class WindowedLoader(DataLoader):
-    """The train DataLoader: sets the stream's epoch, and labels each batch with the label-token
-    count of its gradient-accumulation window (``window`` consecutive batches in loader order).
+class EpochLoader(DataLoader):
+    """A DataLoader over a stream with an ``epoch``, set before each pass so that every epoch
+    draws new samples (workers get a copy of the dataset per pass, and see it).
 
     ``done(epoch)`` says how many batches of the epoch a resumed run already trained on: they are
     produced and dropped, so the run continues with the batches an uninterrupted run would see.
     """
 
-    def __init__(
-        self, dataset: TrainStream, window: int, epoch: Callable[[], int], done: Callable[[int], int] | None = None, **kwargs
-    ):
+    def __init__(self, dataset: Any, epoch: Callable[[], int], done: Callable[[int], int] | None = None, **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self.window = window
         self.epoch = epoch
         self.done = done
 
-    def __iter__(self) -> Iterator[PackedBatch]:
+    def _start(self) -> tuple[Iterator[Any], int]:
+        """This epoch's batches, past those already trained on, and how many those were."""
         epoch = self.epoch()
         self.dataset.epoch = epoch
         batches = super().__iter__()
         skip = self.done(epoch) if self.done is not None else 0
         for _ in islice(batches, skip):
             pass
+        return batches, skip
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._start()[0]
+
+
+class WindowedLoader(EpochLoader):
+    """The train DataLoader: labels each batch with the label-token count of its
+    gradient-accumulation window (``window`` consecutive batches in loader order)."""
+
+    def __init__(
+        self, dataset: TrainStream, window: int, epoch: Callable[[], int], done: Callable[[int], int] | None = None, **kwargs: Any
+    ):
+        super().__init__(dataset, epoch, done, **kwargs)
+        self.window = window
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        batches, skip = self._start()
         size = self.window - skip % self.window
         while window := list(islice(batches, size)):
             total = torch.tensor(sum(batch.num_label_tokens for batch in window))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from itertools import islice
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from unimodal.data.datamodule import ResumableDataModule, ShardSet, StreamConfig, TrainStream, shard_sets, worker_share, worker_slot
+from unimodal.data.datamodule import EpochLoader, ResumableDataModule, ShardSet, StreamConfig, TrainStream, shard_sets, worker_share, worker_slot
 from unimodal.data.processor import Processor
 from unimodal.data.shards import expand_shards
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
@@ -41,6 +39,14 @@ class PairStream(IterableDataset):
     def __len__(self) -> int:
         return self.stream.batches
 
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:  # what EpochLoader sets before each pass
+        self.stream.epoch = epoch
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = worker_slot()
         docs = self.stream.documents(worker, workers)
@@ -68,24 +74,6 @@ class PairStream(IterableDataset):
             mask[row, : len(tokens)] = True
         images = torch.from_numpy(np.stack([image for image, _ in pairs]))
         return {"images": images, "text_ids": ids, "text_mask": mask}
-
-
-class EpochLoader(DataLoader):
-    """Sets the stream's epoch before each pass, so every epoch draws new samples (and workers,
-    which get a copy of the dataset per pass, see it). ``done(epoch)``: the batches of the epoch a
-    resumed run already trained on, produced and dropped as ``WindowedLoader`` does."""
-
-    def __init__(self, pairs: PairStream, epoch: Callable[[], int], done: Callable[[int], int] | None = None, **kwargs: Any):
-        super().__init__(pairs, batch_size=None, **kwargs)
-        self.epoch, self.done = epoch, done
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch = self.epoch()
-        self.dataset.stream.epoch = epoch
-        batches = super().__iter__()
-        for _ in islice(batches, self.done(epoch) if self.done is not None else 0):
-            pass
-        return batches
 
 
 class ImageTextPairs(ResumableDataModule):
