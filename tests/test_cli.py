@@ -121,11 +121,19 @@ def test_a_strategy_that_fails_to_build_says_why(tmp_path, capsys):
     assert "the path does not exist: nowhere/zero3.json" in capsys.readouterr().err
 
 
-def test_a_data_feature_width_unlike_the_models_stops_before_any_sample_is_read(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("--data.init_args.feature_dim=7", "features are 48 wide (model.init_args.continuous.image.init_args.feature_dim) but the data's are 7"),
+        # it would train, and fail only when it drew
+        ("--model.init_args.continuous.image.init_args.slots_per_item=8", "image items are 8 slots (continuous.image.init_args.slots_per_item) but its image codec writes 16"),
+    ],
+)
+def test_data_items_unlike_the_models_stop_before_any_sample_is_read(tmp_path, capsys, override, needle):
     recipe = str(Path(__file__).parents[1] / "recipes/orthus/base.yaml")
-    assert main(["train", recipe, "--tiny", "--data.init_args.feature_dim=7", f"--trainer.default_root_dir={tmp_path}"]) == 2
+    assert main(["train", recipe, "--tiny", override, f"--trainer.default_root_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # after Lightning's start-up lines
-    assert err.startswith("unimodal train: error: ") and "features are 48 wide (model.init_args.continuous.image.init_args.feature_dim) but the data's are 7" in err
+    assert err.startswith("unimodal train: error: ") and needle in err
 
 
 def test_an_error_during_packing_gets_a_line_of_its_own_after_the_progress_bar(tmp_path, capsys):

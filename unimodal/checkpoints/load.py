@@ -45,7 +45,7 @@ from unimodal.models.backbone import BackboneConfig, start_rows_near_mean, store
 from unimodal.models.build import build_model
 from unimodal.models.lora import merge_backbone_adapter, quiet_peft
 from unimodal.models.sharding import gathered
-from unimodal.models.unified import ContinuousModality, UnifiedModel
+from unimodal.models.unified import ContinuousModality, UnifiedModel, check_item_slots
 from unimodal.schema import read_json_object
 from unimodal.specs import instantiate
 
@@ -375,6 +375,10 @@ def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:
     }
     _check_declared_modules(path, continuous)
     model = build_model(backbone, layout, continuous, spec.get("routing"))
+    try:
+        check_item_slots(dict(model.continuous.items()), processor.codecs)
+    except ValueError as err:
+        raise ExportError(f"{path}: {err}; {REEXPORT}") from None
     loaded, _ = load_modules(model, path, strict=True)
     expected = {n for n in model.state_dict() if not n.startswith("backbone.")}
     missing = sorted(expected - set(loaded))

@@ -61,6 +61,17 @@ class ContinuousModality(nn.Module):
         return {}
 
 
+def check_item_slots(continuous: dict[str, ContinuousModality], codecs: dict[str, Any]) -> None:
+    """A generating modality writes ``slots_per_item`` slots an item and its codec decodes exactly
+    ``slots`` of them: where the two differ, training runs (the slots of each item are trained
+    wherever they fall) and only drawing fails, so both are checked before either happens."""
+    for name, module in continuous.items():
+        own, codec = getattr(module, "slots_per_item", None), getattr(codecs.get(name), "slots", None)
+        if isinstance(own, int) and isinstance(codec, int) and own != codec:
+            raise ValueError(f"the model's {name} items are {own} slots (continuous.{name}.init_args.slots_per_item) but its "
+                             f"{name} codec writes {codec}: set slots_per_item to the codec's")
+
+
 class LinearAdapter(ContinuousModality):
     """Features to the backbone width, no generative loss: understanding-only inputs."""
 

@@ -22,7 +22,7 @@ from unimodal.models.build import build_model
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
 from unimodal.models.sharding import fully_shard_model
-from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
+from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel, check_item_slots
 from unimodal.schema import MODALITY_IDS
 from unimodal.training.bad_samples import BadSampleTally
 from unimodal.training.optim import OptimizerConfig, build_optimizer
@@ -169,6 +169,10 @@ class UnimodalModule(L.LightningModule):
         device, before any sample is read: a mismatch would otherwise fail every sample as bad data,
         and flex on CPU would fail only after the sanity validation."""
         check_trainable(self.model.backbone.config._attn_implementation, self.device)
+        try:
+            check_item_slots(dict(self.model.continuous.items()), getattr(self.trainer.datamodule, "codecs", {}))
+        except ValueError as err:
+            raise UserError(str(err)) from None
         data_dim = getattr(self.trainer.datamodule, "feature_dim", None)
         for name, module in self.model.continuous.items():
             if data_dim and module.feature_dim != data_dim:
