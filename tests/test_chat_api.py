@@ -267,6 +267,50 @@ def test_a_bad_attachment_is_refused_when_attached_and_a_failed_turn_drops_its_a
     assert text.count("assistant> ") == 2 and "you> (error: the last message makes a prompt" in text
 
 
+def test_an_unreadable_file_or_a_fifo_is_not_attached_and_the_chat_goes_on(tmp_path, monkeypatch):
+    import os
+
+    picture = tmp_path / "locked.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    os.mkfifo(tmp_path / "pipe.wav")
+    read_bytes = Path.read_bytes
+
+    def denied(path: Path) -> bytes:  # chmod 000, which root (as in CI containers) reads anyway
+        if path.name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    out = io.StringIO()
+    Terminal(media_assistant(context_length=200), tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+             stdin=io.StringIO(f"/image {picture}\n/audio {tmp_path / 'pipe.wav'}\nhello\n/quit\n"), stdout=out).run()
+    text = out.getvalue()
+    assert f"not attached: image file {picture} cannot be read (Permission denied)" in text
+    assert f"not attached: audio file {tmp_path / 'pipe.wav'} is a FIFO, device or socket, not a regular file" in text
+    assert text.count("assistant> ") == 1 and "(error:" not in text
+
+
+def test_a_clip_the_codec_refuses_is_refused_when_attached_not_with_the_message_typed_next(tmp_path, monkeypatch):
+    from unimodal.modalities.audio import AudioTooLong
+
+    assistant = media_assistant(context_length=200)
+    codec = assistant.processor.codecs["audio"]
+
+    def too_long(part):
+        raise AudioTooLong("audio of 3.0 s is longer than the fake codec's max_seconds=2")
+
+    monkeypatch.setattr(codec, "encode", too_long)
+    clip = tmp_path / "long.wav"
+    soundfile.write(clip, np.zeros(8000 * 3, np.float32), 8000)
+    out = io.StringIO()
+    terminal = Terminal(assistant, tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+                        stdin=io.StringIO(f"/audio {clip}\nhello\n/quit\n"), stdout=out)
+    terminal.run()
+    text = out.getvalue()
+    assert "not attached: the audio codec cannot read it (audio of 3.0 s is longer than the fake codec's max_seconds=2)" in text
+    assert "(error:" not in text and [m["content"][0]["text"] for m in terminal.history if m["role"] == "user"] == ["hello"]
+
+
 def test_an_attached_file_removed_later_leaves_the_conversation_whole(tmp_path):
     """The history keeps what was read when the file was attached, not its path."""
     picture = tmp_path / "in.png"
@@ -320,6 +364,29 @@ def test_ctrl_c_cancels_a_reply_and_at_the_prompt_keeps_the_conversation(tmp_pat
     assert [m["content"][0]["text"] for m in terminal.history if m["role"] == "user"] == ["second"]
 
 
+def test_ctrl_c_while_a_file_is_attached_keeps_the_conversation(tmp_path, monkeypatch):
+    import unimodal.inference.terminal as terminal_module
+
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    parse = terminal_module.parse_messages
+    calls = []
+
+    def interrupted_once(messages):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while a large file is read
+        return parse(messages)
+
+    monkeypatch.setattr(terminal_module, "parse_messages", interrupted_once)
+    out = io.StringIO()
+    terminal = Terminal(media_assistant(context_length=200), tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+                        stdin=io.StringIO(f"first\n/image {picture}\nsecond\n/quit\n"), stdout=out)
+    terminal.run()
+    assert "(/image cancelled; /quit or Ctrl-D leaves)" in out.getvalue()
+    assert [m["content"][0]["text"] for m in terminal.history if m["role"] == "user"] == ["first", "second"]
+
+
 def test_control_characters_of_a_reply_are_shown_escaped():
     assert printable("a\x1b[2Jb\tc\nd\x9b") == "a\\x1b[2Jb\tc\nd\\x9b"
 
@@ -336,6 +403,58 @@ def test_a_save_or_a_reply_file_that_cannot_be_written_fails_one_line_and_the_ch
     text = out.getvalue()
     assert f"[the image could not be written under {blocker / 'outs'}:" in text
     assert text.count("could not save the conversation:") == 2 and text.count("assistant> ") == 2
+
+
+def test_save_expands_a_home_path_and_a_default_name_never_overwrites_an_earlier_save(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("unimodal.inference.terminal.time.strftime", lambda fmt: "20250101-120000")  # two saves in one second
+    script = "first\n/save\n/reset\nsecond\n/save\n/save ~/kept.jsonl\n/quit\n"
+    Terminal(text_assistant(), "outs", settings={"max_new_tokens": 2, "seed": 0}, stdin=io.StringIO(script), stdout=io.StringIO()).run()
+    saved = sorted(Path("outs").glob("conversation-*.jsonl"))
+    assert [p.name for p in saved] == ["conversation-20250101-120000-2.jsonl", "conversation-20250101-120000.jsonl"]
+    firsts = [json.loads(p.read_text())["messages"][0]["content"][0]["text"] for p in saved]
+    assert firsts == ["second", "first"]
+    assert (tmp_path / "home" / "kept.jsonl").is_file() and not Path("~").exists()
+
+
+def test_a_save_cut_short_by_a_full_disk_leaves_the_earlier_save_whole(tmp_path, monkeypatch):
+    import errno
+
+    saved = tmp_path / "conversation.jsonl"
+    out = io.StringIO()
+    lines = io.StringIO(f"first\n/save {saved}\nsecond\n/save {saved}\n/quit\n")
+    write_text = Path.write_text
+
+    def full_disk(path: Path, text: str, *args, **kwargs) -> int:
+        write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def readline() -> str:
+        line = lines.readline()
+        if line.startswith("second"):
+            monkeypatch.setattr(Path, "write_text", full_disk)
+        return line
+
+    Terminal(text_assistant(), tmp_path / "outs", settings={"max_new_tokens": 2, "seed": 0},
+             stdin=type("Stdin", (), {"readline": staticmethod(readline)})(), stdout=out).run()
+    assert "could not save the conversation: [Errno 28] No space left on device" in out.getvalue()
+    assert [m["content"][0]["text"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"] == ["first"]
+    assert not list(tmp_path.glob(".*partial"))  # nor a temporary file left behind
+
+
+def test_a_media_file_name_that_is_not_utf8_fails_the_save_in_one_line_and_the_chat_goes_on(tmp_path):
+    import os
+
+    name = os.fsdecode(b"\xff.png")  # as a terminal of another encoding passes it
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    out = io.StringIO()
+    script = f"/image {tmp_path / name}\nlook\n/save {tmp_path / 'c.jsonl'}\nhello\n/quit\n"
+    Terminal(media_assistant(context_length=200), tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+             stdin=io.StringIO(script), stdout=out).run()
+    text = out.getvalue()
+    assert "could not save the conversation: the path '\\udcff.png' is not UTF-8, which a chat record (JSON) cannot hold" in text
+    assert text.count("assistant> ") == 2 and not (tmp_path / "c.jsonl").exists()
 
 
 def test_a_bad_device_or_bad_settings_fail_before_the_model_loads(tmp_path):

@@ -466,13 +466,19 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
         path = Path(value)
         if path.is_dir():
             raise ChatError(f"{where}: {path} is a directory, not {'an image' if kind == 'image' else 'an audio'} file")
-        if not path.is_file():
+        if not path.exists():
             raise ChatError(f"{where}: {kind} file {path} does not exist")
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise ChatError(f"{where}: {kind} file {path} is a FIFO, device or socket, not a regular file")
         size = path.stat().st_size
         if size > MAX_MEDIA_BYTES:  # read whole before decoding: a file's size is the memory it takes
             raise ChatError(f"{where}: {kind} file {path} is {size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
                             "a media file may have")
-        return _decode(MediaBytes(path.suffix.lstrip(".").lower(), path.read_bytes()), kind, where)
+        try:
+            data = path.read_bytes()
+        except OSError as err:  # no permission: one line, as for the files above
+            raise ChatError(f"{where}: {kind} file {path} cannot be read ({err.strerror or err})") from None
+        return _decode(MediaBytes(path.suffix.lstrip(".").lower(), data), kind, where)
     if kind == "image" and hasattr(value, "convert") and hasattr(value, "size"):  # PIL.Image
         value = np.asarray(rgb_image(value), dtype=np.uint8)
     if kind == "audio" and isinstance(value, tuple) and len(value) == 2:

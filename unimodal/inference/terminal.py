@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from unimodal.inference.chat import Assistant, ChatError, parse_messages
+from unimodal.schema import write_whole
 
 HELP = """commands:
   /image PATH    attach an image to your next message
@@ -45,7 +46,7 @@ class Terminal:
 
         self.assistant, self.out_dir = assistant, Path(out_dir)
         self.settings = dict(settings or {})
-        assistant.resolve(**self.settings)  # bad settings fail now, not at the first message
+        self.resolved = assistant.resolve(**self.settings)  # bad settings fail now, not at the first message
         self.system = system
         self.stdin, self.stdout = stdin or sys.stdin, stdout or sys.stdout
         self.history: list[dict[str, Any]] = []
@@ -73,8 +74,11 @@ class Terminal:
             if not line:
                 continue
             if line.startswith("/") and not line.startswith("//"):
-                if not self.command(line):
-                    return
+                try:
+                    if not self.command(line):
+                        return
+                except KeyboardInterrupt:  # a slow attachment or save: the conversation stays, as at the prompt
+                    self.say(f"\n({line.split()[0]} cancelled; /quit or Ctrl-D leaves)")
                 continue
             self.turn(line[1:] if line.startswith("//") else line)
 
@@ -95,11 +99,16 @@ class Terminal:
                 return True
             try:  # read now, so that a bad file never costs the message typed next
                 read = parse_messages([{"role": "user", "content": [{"type": kind, kind: str(path)}]}])[0]["content"][0]
+                item = {"type": kind, kind: read.data}
+                # and encoded: a clip longer than the codec takes, or media that leave the reply no
+                # room in the context, are refused now too
+                system = [{"role": "system", "content": self.system}] if self.system else []
+                self.assistant.prompt([*system, {"role": "user", "content": [*self.attached, item]}], self.resolved)
             except ChatError as err:
-                self.say(f"not attached: {str(err).removeprefix('message 0, part 0: ')}")
+                self.say(f"not attached: {re.sub(r'^message [0-9]+, part [0-9]+: ', '', str(err))}")
             else:
                 # the history keeps what was read: the file may change or go while the chat goes on
-                self.attached.append({"type": kind, kind: read.data, "path": str(path.resolve())})
+                self.attached.append({**item, "path": str(path.resolve())})
                 self.say(f"attached {kind} {path} to your next message")
         elif verb == "/reset":
             self.reset()
@@ -108,6 +117,8 @@ class Terminal:
                 self.say(f"saved the conversation to {self.save(arg or None)}")
             except OSError as err:
                 self.say(f"could not save the conversation: {err} (give another PATH)")
+            except ValueError as err:
+                self.say(f"could not save the conversation: {err}")
         elif verb == "/help":
             self.say(HELP)
         else:
@@ -171,12 +182,23 @@ class Terminal:
         self.history += [message, {"role": "assistant", "content": content}]
 
     def save(self, path: str | None) -> Path:
-        out = Path(path) if path else self.out_dir / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        out = Path(path).expanduser() if path else _new_name(self.out_dir / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
         messages = [{"role": m["role"], "content": _as_record(m["content"], out.parent.resolve())} for m in self.history]
-        # one record on one line: `unimodal data pack` reads it (or a file of many) as JSONL
-        out.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        # one record on one line: `unimodal data pack` reads it (or a file of many) as JSONL; written
+        # whole or not at all, so that a full disk never leaves half of an earlier save of this path
+        write_whole(out, json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         return out
+
+
+def _new_name(path: Path) -> Path:
+    """``path``, or ``NAME-2.jsonl``, ``NAME-3.jsonl``... when it exists: a default name made in
+    the same second as an earlier save (of a conversation since reset) must not overwrite it."""
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate
 
 
 def _last_reply_number(out_dir: Path) -> int:
@@ -197,5 +219,10 @@ def _as_record(content: Any, folder: Path) -> Any:
         if item["type"] == "text":
             out.append({"type": "text", "text": item["text"]})
         elif "path" in item:
-            out.append({"type": item["type"], "path": os.path.relpath(item["path"], folder)})
+            path = os.path.relpath(item["path"], folder)
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:  # a file name of other bytes (read with surrogateescape)
+                raise ValueError(f"the path {path!r} is not UTF-8, which a chat record (JSON) cannot hold") from None
+            out.append({"type": item["type"], "path": path})
     return out
