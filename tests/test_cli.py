@@ -88,10 +88,18 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["pipeline", "recipes/pipelines/text.yaml", "--tiny", "--root", "README.md"], "root README.md is a file"),
     ],
 )
-def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys):
+def test_a_bad_option_fails_in_one_line_naming_it(argv, named, capsys, monkeypatch):
+    monkeypatch.delenv("UNIMODAL_API_KEY", raising=False)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"unimodal {argv[0]}") and named in err and "usage:" not in err
+
+
+def test_an_empty_api_key_in_the_environment_fails_before_the_model_loads(capsys, monkeypatch):
+    """A key no client can send would answer every request with 401."""
+    monkeypatch.setenv("UNIMODAL_API_KEY", " ")
+    assert main(["serve", "runs/no-such-model"]) == 2
+    assert capsys.readouterr().err == "unimodal serve: error: $UNIMODAL_API_KEY is set but empty; give it a key, or unset it to serve without one\n"
 
 
 @pytest.mark.parametrize(

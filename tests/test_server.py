@@ -191,6 +191,15 @@ def test_bad_requests_get_clear_4xx(url, extra, status, needle):
     assert got == status and needle in body["error"]["message"], body
 
 
+def test_n_above_max_batch_is_refused_since_a_requests_replies_are_generated_together():
+    from unimodal.inference.server import parse_request
+
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}).encode()
+    with pytest.raises(APIError, match=r"n must be an integer in \[1, 1\] \(--max_batch\)"):
+        parse_request(body, "tiny", ServerLimits(max_n=8, max_batch=1))
+    assert parse_request(body, "tiny", ServerLimits(max_n=8, max_batch=2)).n == 2
+
+
 def test_a_text_only_model_refuses_audio_and_image_replies_in_one_line():
     with running(create_app(text_assistant(), limits=LIMITS, model_name="text")) as base:
         for extra, medium in (({"modalities": ["text", "audio"]}, "audio"), ({"audio": {"voice": "alloy"}}, "audio"),
@@ -466,6 +475,30 @@ def test_sigterm_answers_the_request_in_flight_with_503_and_the_process_exits(tm
         server.kill()
 
 
+def test_port_0_logs_the_port_the_system_chose(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve.py"
+    script.write_text(
+        f"import logging, sys\nsys.path[:0] = [{str(Path(__file__).parent)!r}]\nlogging.basicConfig(level=logging.INFO)\n"
+        "from test_server import slowed_assistant\n"
+        "from unimodal.inference.server import serve\n"
+        "serve(slowed_assistant(0.0), port=0, model_name='tiny')\n"
+    )
+    server = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in server.stderr if "serving tiny on" in line)
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        assert port != 0 and answers_health(f"http://127.0.0.1:{port}")
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait(30) == 0
+    finally:
+        server.kill()
+
+
 def answers_health(base: str) -> bool:
     try:
         return call(base, "/health", key=None)[0] == 200
@@ -621,6 +654,33 @@ def test_a_request_past_its_deadline_leaves_the_batch_and_the_others_go_on():
         assert late == 408 and late_body["error"]["code"] == "timeout"
         assert on_time == 200 and body["usage"]["completion_tokens"] == 20
         assert body["choices"][0]["message"]["content"] == chat(base, messages=hi, temperature=0, max_tokens=20)[1]["choices"][0]["message"]["content"]
+
+
+def test_a_request_kept_waiting_past_max_seconds_gets_its_429_then():
+    """Batches of one row, each generating for up to max_seconds: A from 0 to 4 s, B (sent at
+    0.5 s) from 4 to 8 s. C, sent at 1 s, has waited max_seconds at 5 s and is answered 429 then,
+    not when B's batch ends."""
+    limits = ServerLimits(max_new_tokens=10_000, max_seconds=4.0, max_batch=1)
+    app = create_app(slowed_assistant(0.02), limits=limits, model_name="tiny")
+    long = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=10_000, max_media=0, seed=0)
+    answers: list = [None] * 3
+    finished = [0.0] * 3
+
+    def send(i: int) -> None:
+        time.sleep(0.5 * i)
+        answers[i] = chat(base, **long)
+        finished[i] = time.perf_counter()
+
+    with running(app) as base:
+        started = time.perf_counter()
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert [status for status, _ in answers] == [408, 408, 429], answers
+    assert "the server is busy: the request waited" in answers[2][1]["error"]["message"]
+    assert finished[2] - started < 7.0  # B's batch ends at 8 s
 
 
 def text_delta(line: bytes) -> str:

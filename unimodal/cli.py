@@ -354,13 +354,16 @@ def serve(
         raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
     if api_key is not None and not api_key.strip():  # `--api_key "$KEY"` with KEY unset would serve everyone
         raise ValueError("--api_key is empty; give a key, or leave the option out to serve without one")
+    api_key = api_key or os.environ.get("UNIMODAL_API_KEY")
+    if api_key is not None and not api_key.strip():  # no client could send it: every request would get 401
+        raise ValueError("$UNIMODAL_API_KEY is set but empty; give it a key, or unset it to serve without one")
     limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens,
                           max_batch=max_batch)
     assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     if settings:
         assistant.settings = assistant.settings.replace(**settings)
-    run_server(assistant, host, port, api_key=api_key or os.environ.get("UNIMODAL_API_KEY"), limits=limits,
+    run_server(assistant, host, port, api_key=api_key, limits=limits,
                model_name=model_name)
 
 

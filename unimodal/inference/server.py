@@ -285,8 +285,9 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
         settings["stop"] = tuple(stop)
     n = payload.get("n")
     n = 1 if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_n:
-        raise APIError(400, f"n must be an integer in [1, {limits.max_n}]")
+    most = min(limits.max_n, limits.max_batch)  # a request's replies are generated together, at most --max_batch of them
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise APIError(400, f"n must be an integer in [1, {most}]" + (" (--max_batch)" if most < limits.max_n else ""))
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise APIError(400, "stream must be true or false")
@@ -439,13 +440,17 @@ def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[
 async def _wait(job: Job, batcher: Batcher, limits: ServerLimits, request: Request | None = None,
                 outcome: Future | None = None) -> Any:
     """The job's replies (or another of its futures, ``outcome``); a client that disconnects
-    meanwhile cancels its rows."""
+    meanwhile cancels its rows, and a job still waiting for the model at its ``wait_until`` is a
+    429 then, not once the batches ahead of it have ended."""
     future = asyncio.wrap_future(outcome or job.future)
     try:
         while True:
             done, _ = await asyncio.wait({future}, timeout=0.5)
             if done:
                 return _result(future, job, batcher, limits)
+            if time.monotonic() > job.wait_until and job.future.cancel():  # not started: the worker will skip it
+                raise APIError(429, f"the server is busy: the request waited {time.monotonic() - job.arrived:.1f} s for the model; "
+                                    "retry later", "busy")
             if request is not None and await request.is_disconnected():
                 job.cancel.set()
     except asyncio.CancelledError:
@@ -628,7 +633,9 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
         if not http.is_alive():  # uvicorn logged why
             raise UserError(f"the server could not start on {host}:{port} (is the address in use, or not this machine's?)")
         time.sleep(0.05)
-    log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models[/ID], GET /health)", model_name or assistant.name, host, port)
+    port = server.servers[0].sockets[0].getsockname()[1]  # --port 0: the one the system chose
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+    log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models[/ID], GET /health)", model_name or assistant.name, shown, port)
     batcher.run()
     http.join()
 
