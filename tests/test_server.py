@@ -96,6 +96,13 @@ def test_health_models_and_the_bearer_token(url):
     assert call(url, "/v1/models/tiny", key=None)[0] == 401
 
 
+def test_a_key_read_with_its_trailing_newline_still_matches(assistant):
+    """HTTP strips a header's surrounding whitespace, so a key read with its file's trailing
+    newline ("key\n") would otherwise answer every request with 401."""
+    with running(create_app(assistant, api_key=KEY + "\n", limits=LIMITS, model_name="tiny")) as base:
+        assert call(base, "/v1/models")[0] == 200
+
+
 def test_text_completion_and_its_stream_agree(url):
     messages = [{"role": "user", "content": "hello"}]
     status, body = chat(url, messages, temperature=0, max_tokens=10, n=2)

@@ -122,6 +122,7 @@ def create_app(
     """The FastAPI application (run it with uvicorn, or :func:`serve`); ``batcher``: the one that
     answers its requests (default: one on a thread of its own)."""
     limits = limits or ServerLimits()
+    api_key = api_key.strip() if api_key is not None else None  # a header cannot end in the newline a key file has
     name = model_name or assistant.name
     created = int(time.time())
     caps = sampling_caps(assistant)
