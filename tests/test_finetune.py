@@ -123,11 +123,12 @@ def test_an_incomplete_export_or_a_file_of_one_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"unimodal train: error: --data.init_args.tokenizer {other} is not the tokenizer init_from {export} was trained with "
         f"({export / 'tokenizer.model'}): its ids name other text; drop the option to use the export's")
-    (export / "modules.safetensors").unlink()
+    (export / "modules.safetensors").rename(tmp_path / "modules.safetensors")
     assert unimodal_main([*args, f"--model.init_args.init_from={export}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"unimodal train: error: {export} lacks modules.safetensors, which holds its image weights; "
         "copy the export whole, or export its checkpoint again")
+    (tmp_path / "modules.safetensors").rename(export / "modules.safetensors")
     (export / "model.safetensors").unlink()
     assert unimodal_main(["eval", str(export), "--suite", "digits", "--limit", "1"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
