@@ -68,3 +68,13 @@ def test_builtin_names_are_refused_below_the_command_line():
 
     with pytest.raises(UserError, match="built-in names are resolved by the unimodal command line"):
         UnimodalDataModule(["builtin:text/train"], "builtin:text/tokenizer.model")
+
+
+@pytest.mark.parametrize("tiny", [True, False])
+def test_a_tiny_section_that_is_not_a_mapping_is_one_line(tmp_path, tiny):
+    from unimodal.training.recipes import load_recipe
+
+    recipe = tmp_path / "flag.yaml"
+    recipe.write_text((ROOT / "recipes" / "text" / "tiny.yaml").read_text().replace("tiny:\n", "tiny: true\nwas_tiny:\n"))
+    with pytest.raises(ValueError, match=r"^recipe .*flag\.yaml: 'tiny:' maps dotted keys to values \(trainer\.max_steps: 20\), not a bool$"):
+        load_recipe(recipe, tiny=tiny)

@@ -66,6 +66,36 @@ def test_a_recipe_or_pipeline_that_is_not_yaml_is_one_line_and_runs_nothing(tmp_
     assert code == 2 and line.endswith("recipes/orthus is a directory; give a YAML file in it")
 
 
+def test_a_recipe_whose_aliases_expand_without_bound_or_nested_too_deep_is_one_line(tmp_path):
+    """Ten aliases of ten aliases, eight times over, are 10**9 values from ten lines: copied, dumped
+    and parsed again after loading, they took hours and all memory. 50,000 nested brackets ended
+    in PyYAML's RecursionError traceback."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    code, (line,) = unimodal("train", str(deep))
+    assert code == 2 and line.endswith(f"recipe {deep}: nested too deeply to read as YAML")
+    anchors = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    anchors += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(RECIPE.read_text() + "laughs:\n  " + "\n  ".join(anchors) + "\n")
+    for verb, what in (("train", "recipe"), ("pipeline", "pipeline")):
+        code, (line,) = unimodal(verb, str(bomb), "--tiny")
+        assert code == 2 and line.endswith(f"{what} {bomb}: holds more than 100,000 values, its aliases (*name) counted as they "
+                                           "expand, which every later step would copy; a recipe holds a few hundred")
+    config = tmp_path / "extra.yaml"
+    config.write_text("laughs:\n  " + "\n  ".join(anchors) + "\ntrainer:\n  plugins: *a8\n")
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--config={config}", "--print_config")
+    assert code == 2 and f"--config {config}: holds more than 100,000 values" in line
+
+
+def test_a_loss_weight_for_a_term_that_does_not_exist_is_refused_naming_the_terms(tmp_path):
+    """A misspelt term weighed nothing, and the term it meant stayed at 1, without a word."""
+    code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}",
+                             "--model.init_args.loss_weights={ce/txet: 2}", *QUIET)
+    assert code == 2 and line.endswith("loss_weights: 'ce/txet' is not a loss term (did you mean 'ce/text'?); "
+                                       "terms are KIND/MODALITY: ce/text, ce/image, ce/audio")
+
+
 def test_a_backend_this_machine_lacks_is_one_line(tmp_path):
     from unimodal.models.attention import xformers_available
 

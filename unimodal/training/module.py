@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,18 @@ from unimodal.training.policy import apply_trainable_policy, parameter_counts
 from unimodal.training.strategies import FSDP, world_size
 
 log = logging.getLogger("unimodal.train")
+
+
+def _check_loss_weights(weights: dict[str, float], continuous: dict[str, Any]) -> None:
+    """Every loss term is named ``KIND/MODALITY`` (``ce/text``, ``diffusion/image``); a weight for
+    a misspelt one would weigh nothing and leave its term at 1 without a word."""
+    known = [f"ce/{name}" for name in MODALITY_IDS] + [f"diffusion/{name}" for name in continuous]
+    for name in weights:
+        kind, _, modality = name.partition("/")
+        if not kind or modality not in MODALITY_IDS:
+            near = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+            raise ValueError(f"loss_weights: {name!r} is not a loss term{hint}; terms are KIND/MODALITY: {', '.join(known)}")
 
 
 class UnimodalModule(L.LightningModule):
@@ -167,7 +180,9 @@ class UnimodalModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """The data's feature width against the model's, and the attention backend against the
         device, before any sample is read: a mismatch would otherwise fail every sample as bad data,
-        and flex on CPU would fail only after the sanity validation."""
+        and flex on CPU would fail only after the sanity validation. A loss weight must name a term
+        (checked here, not when a checkpoint's module is rebuilt for export)."""
+        _check_loss_weights(self.loss_weights, self.continuous)
         check_trainable(self.model.backbone.config._attn_implementation, self.device)
         try:
             check_item_slots(dict(self.model.continuous.items()), getattr(self.trainer.datamodule, "codecs", {}))

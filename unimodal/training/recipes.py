@@ -77,7 +77,7 @@ class UnimodalCLI(LightningCLI):
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume from: a path, or 'last' (the run's newest, as --resume auto)"
         )
         parser.add_argument(
-            "--trust_checkpoint", type=bool, default=False,
+            "--trust_checkpoint", type=bool, default=False, nargs="?", const=True,  # a flag, as the refusal says to pass it
             help="allow --ckpt_path to name a sharded (DeepSpeed or FSDP2) checkpoint directory: its files are read with "
             "pickle, which can run code, so only for a run of your own or a source you trust",
         )
@@ -205,7 +205,7 @@ def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{what} {path}: not a UTF-8 text file (byte {err.start}); give a YAML recipe") from None
     except yaml.YAMLError as err:
@@ -215,6 +215,29 @@ def read_yaml(path: Path, what: str) -> Any:
         if "constructor for the tag" in problem:
             problem += "; tags that build Python objects are refused"
         raise UserError(f"{what} {where}: not valid YAML ({problem})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise UserError(f"{what} {path}: nested too deeply to read as YAML") from None
+    if _expanded_size(config, {}) > MAX_YAML_VALUES:
+        raise UserError(f"{what} {path}: holds more than {MAX_YAML_VALUES:,} values, its aliases (*name) counted as they "
+                        "expand, which every later step would copy; a recipe holds a few hundred")
+    return config
+
+
+# values a recipe or pipeline may hold, aliases expanded (the repository's hold at most a few hundred)
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """How many values ``value`` holds with every alias expanded: ``yaml.safe_load`` shares an
+    aliased node, and each copy, dump and parse of the recipe after it walks the expansion (ten
+    aliases of ten aliases ... are 10**9 values from a few lines). ``sizes`` memoises shared nodes,
+    so this walks each node once."""
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in sizes:
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(value)]
 
 
 def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | None = None) -> dict[str, Any]:
@@ -223,6 +246,9 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
     if not isinstance(config, dict):
         raise ValueError(f"recipe {path}: expected a mapping at the top level")
     overrides = config.pop(TINY_KEY, None) or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"recipe {path}: '{TINY_KEY}:' maps dotted keys to values (trainer.max_steps: 20), not a "
+                         f"{type(overrides).__name__}")
     if tiny:
         if not overrides:
             raise ValueError(f"recipe {path} has no '{TINY_KEY}:' section, so it cannot run with --tiny")
@@ -357,6 +383,9 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
     if args and not args[0].startswith("-"):
         config = load_recipe(Path(args[0]), tiny, resolve_path)
         check_arguments(config, args[1:], f"recipe {args[0]}")
+        given = _override(args[1:], "config")
+        if given is not None and Path(given).is_file():  # jsonargparse reads it after this, aliases and all
+            read_yaml(Path(given), "--config")
         init_from = _override(args[1:], "model.init_args.init_from") or ((config.get("model") or {}).get("init_args") or {}).get("init_from")
         builds = not parse_only and not {"--print_config", "--help", "-h"} & {a.split("=")[0] for a in args}
         if builds and init_from:  # before the tokenizer it would give, which is then the recipe's
