@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
-from unimodal.training.recipes import load_recipe, run_training
+from unimodal.training.recipes import load_recipe, make_cli, run_training
 from unimodal.training.module import UnimodalModule
 from unimodal.checkpoints.files import AtomicCheckpointIO, find_latest_checkpoint
+from unimodal.errors import UserError
 from unimodal.training.resume import Preempted
 from unimodal.worlds import resolve
 
@@ -166,6 +167,25 @@ def test_a_run_resumed_from_an_earlier_step_is_newest_and_a_changed_lr_is_said_t
         train(recipe, run, "--resume=auto", "--trainer.max_steps=7", "--model.init_args.optimizer.lr=0.5")
     said = [r.getMessage() for r in caplog.records if "optimizer state" in r.getMessage()]
     assert len(said) == 1 and f"model.init_args.optimizer.lr: {lr} -> 0.5" in said[0]
+
+
+def test_resuming_with_other_parameters_trained_is_refused_naming_the_change(recipe, tmp_path):
+    """The optimizer state is a list by position: freezing layer 1 in place of layer 0 (as many
+    values) loaded layer 0's moments onto layer 1 without a word."""
+    run = tmp_path / "frozen"
+    train(recipe, run, "--trainer.max_steps=2", "--model.init_args.frozen=[backbone.model.layers.0.*]")
+    with pytest.raises(UserError, match=r"^the checkpoint trained other parameters than this run would \(model\.init_args\.frozen: "
+                       r"\['backbone\.model\.layers\.0\.\*'\] -> \['backbone\.model\.layers\.1\.\*'\]\)"):
+        train(recipe, run, "--resume=auto", "--trainer.max_steps=4", "--model.init_args.frozen=[backbone.model.layers.1.*]")
+    train(recipe, run, "--resume=auto", "--trainer.max_steps=4", "--model.init_args.frozen=[backbone.model.layers.0.*]")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_trust_checkpoint_is_a_flag_as_the_refusal_of_a_sharded_directory_says():
+    """``--ckpt_path DIR`` is refused with "pass --trust_checkpoint"; that alone must parse."""
+    for given, trusted in ((["--trust_checkpoint"], True), (["--trust_checkpoint=false"], False), ([], False)):
+        cli = make_cli([str(RECIPE), "--tiny", *given], resolve, parse_only=True)
+        assert cli.config["trust_checkpoint"] is trusted
 
 
 def test_ctrl_c_ends_the_run_in_one_line_naming_the_checkpoint_to_resume_from(recipe, tmp_path, monkeypatch):

@@ -36,6 +36,8 @@ from unimodal.training.strategies import world_size
 log = logging.getLogger("unimodal.train")
 
 RNG_KEY = "unimodal_rng"
+# the names of the parameters the run trains, in order: what the optimizer state's entries belong to
+TRAINED_KEY = "unimodal_trained"
 
 
 @contextlib.contextmanager
@@ -120,11 +122,22 @@ class RunState(Callback):
         checkpoint[RNG_KEY] = states
         checkpoint[SAVED_AT_KEY] = time.time()
         checkpoint[WORKDIR_KEY] = os.getcwd()
+        checkpoint[TRAINED_KEY] = _trained(pl_module)
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(RUN_CONFIG_KEY) or {}
+        trained = checkpoint.get(TRAINED_KEY)
+        if trained is not None and trained != _trained(pl_module):
+            # the optimizer state is a list by position: it would load onto other parameters of the same
+            # shapes without a word (or fail in torch's terms when the count differs)
+            changed = _changed_settings(saved, self.run_config or {}, TRAINED_PARAMETER_KEYS)
+            raise UserError(
+                f"the checkpoint trained other parameters than this run would ({'; '.join(changed) or 'the model differs'}), "
+                "so its optimizer state does not fit them; resume with the settings it trained with, or start a new run "
+                "from its weights (init_from)"
+            )
         changed = _changed_settings(saved, self.run_config or {}, DATA_POSITION_KEYS)
         if changed:
             log.warning(
@@ -209,6 +222,14 @@ DATA_POSITION_KEYS = (
 # what a resume restores from the optimizer's state dict, whatever the recipe says now (the
 # schedule's shape, warmup and floor, is rebuilt from the recipe and does change)
 RESTORED_OPTIMIZER_KEYS = tuple(f"model.init_args.optimizer.{key}" for key in ("lr", "betas", "eps", "weight_decay"))
+
+
+# what decides which parameters train
+TRAINED_PARAMETER_KEYS = tuple(f"model.init_args.{key}" for key in ("trainable", "frozen", "routing", "lora"))
+
+
+def _trained(pl_module: LightningModule) -> list[str]:
+    return [name for name, parameter in pl_module.named_parameters() if parameter.requires_grad]
 
 
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
