@@ -127,7 +127,6 @@ def test_convert_orthus_builds_the_base_starting_point(converted):
     assert type(backbone).__name__ == "ChameleonForConditionalGeneration"
 
 
-@pytest.mark.slow
 def test_the_base_recipe_trains_from_a_conversion(converted, tmp_path):
     """Chameleon backbone, VQ-encoder features through the codec, converted soft-VQ and head."""
     out, _ = converted
@@ -146,3 +145,17 @@ def test_the_base_recipe_trains_from_a_conversion(converted, tmp_path):
     run = tmp_path / "run"
     assert unimodal_main(["train", str(recipe), "--trainer.max_steps=3", f"--trainer.default_root_dir={run}", *QUIET]) == 0
     assert len(metric(run, "train/diffusion/image")) == 3
+    # the export carries the trained head: it loads where the conversion it started from is not
+    assert unimodal_main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "unimodal.json").read_text())["model"]["continuous"]["image"]["init_args"]["init_from"] is None
+    (out / "orthus_modules.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    try:
+        from unimodal.checkpoints.load import load_exported
+
+        load_exported(tmp_path / "export")
+        spec = json.loads((tmp_path / "export" / "unimodal.json").read_text())  # as exports were written before
+        spec["model"]["continuous"]["image"]["init_args"]["init_from"] = str(out / "orthus_modules.safetensors")
+        (tmp_path / "export" / "unimodal.json").write_text(json.dumps(spec))
+        load_exported(tmp_path / "export")
+    finally:
+        (tmp_path / "elsewhere.safetensors").rename(out / "orthus_modules.safetensors")

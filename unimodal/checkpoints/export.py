@@ -31,6 +31,7 @@ from unimodal.checkpoints.load import (
     ExportError,
     codec_dirs,
     read_export_config,
+    without_starting_points,
 )
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
@@ -193,7 +194,7 @@ def write_export(
         save_file(_safetensors_state(modules), str(out / MODULES_FILE))
     if not data.get("tokenizer"):
         raise ExportError("the run's data module names no tokenizer (data.init_args.tokenizer); export needs one")
-    model_spec = {key: _plain(spec[key]) for key in MODEL_KEYS if spec.get(key) is not None}
+    model_spec = without_starting_points({key: _plain(spec[key]) for key in MODEL_KEYS if spec.get(key) is not None})
     model_spec["backbone"] = {**model_spec["backbone"], "path": ".", "config": {}}
     codecs = _export_codecs(_plain(data["codecs"]), out) if data.get("codecs") else {}
     processor = processor_config(_copy_tokenizer(data["tokenizer"], out), model.layout, _plain(data), codecs)

@@ -146,10 +146,21 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     processor_file = path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file
     check_untrusted(config["processor"], processor_file)
     check_settings(config["processor"], processor_file)
+    without_starting_points(config["model"])  # exports written before the export dropped them
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str(path / args["path"])
     return config
+
+
+def without_starting_points(model_spec: dict[str, Any]) -> dict[str, Any]:
+    """``model_spec`` with its continuous modules' ``init_from`` dropped: an export holds their
+    trained weights, so the conversion they started from (``unimodal convert orthus``) is neither
+    needed nor, on another machine, there."""
+    for spec in (model_spec.get("continuous") or {}).values():
+        if isinstance(spec, dict) and isinstance(spec.get("init_args"), dict) and spec["init_args"].get("init_from"):
+            spec["init_args"]["init_from"] = None
+    return model_spec
 
 
 def check_untrusted(node: Any, file: Path, what: str = "an export", code_strings: bool = False) -> None:
