@@ -112,11 +112,14 @@ def test_an_interrupted_encode_resumes_after_its_complete_shards_to_the_same_byt
     whole = tmp_path / "whole"
     encode_shards(raw_shards, whole, {"image": codecs["image"]}, **settings)
     out = tmp_path / "out"
-    with pytest.raises(EncodeInterrupted, match=r"1 complete shard kept in .*out: run the same command with --resume"):
+    with pytest.raises(EncodeInterrupted, match=r"^interrupted \(Ctrl-C\); 1 complete shard kept in .*out: run the same command with --resume"):
         encode_shards(raw_shards, out, {"image": StopsAfter(codecs["image"], batches=2)}, **settings)
     # the shard open at Ctrl-C is removed; a shard a kill cut off is removed too, even one cut
     # between two documents (a whole tar, but not full)
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"] and not (out / "stats.json").exists()
+    # read as raw shards, the unfinished set would train on a part of the data with unchecked codes
+    with pytest.raises(ValueError, match="an encode that did not finish .* --resume"):
+        read_code_sources(out)
     cut = tmp_path / "cut"
     write_documents(list(read_documents(whole / "shard-000001.tar", decode=False))[:1], cut)
     (cut / "shard-000000.tar").rename(out / "shard-000001.tar")

@@ -217,6 +217,10 @@ def test_skip_bad_prints_summary(tmp_path: Path, capsys):
     assert json.loads((tmp_path / "out/stats.json").read_text())["source"]["skipped"] == 2
     assert [d.key for d in read_documents(tmp_path / "out")] == ["00000001", "00000003"]
     assert stats["documents"] == 2
+    # with a validation split the source is read once per split: its bad lines are listed once
+    pack_jsonl(src, tmp_path / "split-out", skip_bad=True, progress=False, val_fraction=0.5)
+    err = capsys.readouterr().err
+    assert err.count("skipped 2 of 4 documents") == 1 and err.count("src.jsonl:2: malformed JSON") == 1
 
 
 def test_write_refuses_dotted_keys_and_existing_shards(tmp_path: Path):
@@ -400,6 +404,19 @@ def test_a_media_file_whose_content_is_not_its_extension_is_refused_when_packed(
             pack_jsonl(src, tmp_path / "out", progress=False)
     src = _write_source(tmp_path, [json.dumps({"parts": [{"type": "image", "path": "real.png"}, {"type": "audio", "path": "clip.wav"}]})])
     assert pack_jsonl(src, tmp_path / "out", progress=False)["documents"] == 1
+
+
+def test_a_set_missing_a_shard_its_stats_list_is_refused(tmp_path: Path):
+    """A deleted shard (of a packed set, or of a built-in world) would leave the rest read as the whole set."""
+    from unimodal.data.shards import expand_shards
+
+    write_documents([Document([Part("text", text=str(i))], key=f"k{i}") for i in range(4)], tmp_path / "set", max_docs_per_shard=2)
+    assert len(expand_shards(tmp_path / "set")) == 2
+    (tmp_path / "set" / "shard-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"set: 1 of the 2 shards its stats.json lists are missing \(first: shard-000001.tar\)"):
+        inspect_path(tmp_path / "set")
+    (tmp_path / "set" / "stats.json").unlink()  # the user's own choice: read what is there
+    assert len(expand_shards(tmp_path / "set")) == 1
 
 
 def test_a_file_that_is_not_a_shard_is_named_as_such(tmp_path: Path):

@@ -125,6 +125,31 @@ def test_builtin_data_from_an_older_build_is_rebuilt(tmp_path, monkeypatch):
     assert path.read_text() == "build 2"
 
 
+def test_builtin_data_is_built_again_after_an_interrupted_build_but_never_over_the_users_files(tmp_path, monkeypatch):
+    """A folder without a stamp was removed to build in: a build cut short, or the user's own
+    data in a data home shared with it ($UNIMODAL_DATA_HOME/chat, say), lost without a word."""
+    calls = []
+
+    def build(root: Path) -> None:
+        calls.append(root)
+        (root / "data.txt").write_text("half")
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setenv("UNIMODAL_DATA_HOME", str(tmp_path))
+    monkeypatch.setitem(builtin.BUILDERS, "toy", build)
+    with pytest.raises(KeyboardInterrupt):
+        builtin.resolve("builtin:toy/data.txt")
+    assert Path(builtin.resolve("builtin:toy/data.txt")).read_text() == "half" and len(calls) == 2
+    assert (tmp_path / "toy" / ".built").exists() and not (tmp_path / "toy.building").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    monkeypatch.setitem(builtin.BUILDERS, "mine", build)
+    with pytest.raises(FileExistsError, match=r"mine holds files that no build of the built-in 'mine' data left"):
+        builtin.resolve("builtin:mine/data.txt")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"] and len(calls) == 2
+
+
 def test_the_progress_bar_of_a_step_based_run_counts_to_its_last_step():
     from types import SimpleNamespace
 

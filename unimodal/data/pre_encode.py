@@ -47,11 +47,17 @@ CODES_KEY = "codes"
 
 def read_code_sources(spec: str | Path) -> dict[str, dict[str, Any]]:
     """modality -> fingerprint of the tokenizer that wrote the shards' codes (empty for raw media,
-    and for streamed shards, which have no ``stats.json`` beside them)."""
+    and for streamed shards, which have no ``stats.json`` beside them). The shards of an encode that
+    did not finish are refused: read as raw shards they would train on part of the data, on codes
+    whose tokenizer no check could compare."""
     if is_streamed(spec):
         return {}
     # stats.json sits beside the shards of a directory, brace pattern or shard file
-    stats = read_stats(Path(expand_shards(spec)[0]).parent)
+    directory = Path(expand_shards(spec)[0]).parent
+    stats = read_stats(directory)
+    if stats is None and (directory / JOB_FILE).is_file():
+        raise ValueError(f"{spec} is an encode that did not finish ({directory / JOB_FILE} and no stats.json): "
+                         "run its `unimodal data encode` command again with --resume, or encode into an empty directory")
     return stats.get(CODES_KEY, {}) if stats else {}
 
 
@@ -142,7 +148,7 @@ def _write(documents: Callable[[], Iterator[Document]], out: Path, max_docs_per_
         if not kept:
             (out / JOB_FILE).unlink(missing_ok=True)
         if isinstance(err, KeyboardInterrupt):
-            raise EncodeInterrupted(f"interrupted (Ctrl-C); {_shards(kept)} kept in {out}: run the same command with "
+            raise EncodeInterrupted(f"interrupted ({str(err) or 'Ctrl-C'}); {_shards(kept)} kept in {out}: run the same command with "
                                     "--resume to go on") from None
         if isinstance(err, DocumentError) and kept:  # a bad document or medium: what was encoded before it stays
             raise DocumentError(f"{err}; {_shards(kept)} kept in {out}: fix it and run the same command with --resume") from None

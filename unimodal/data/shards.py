@@ -340,6 +340,7 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
         if not urls:
             raise FileNotFoundError(f"{spec}: directory holds no .tar shards")
         _refuse_special_files(urls)
+        _refuse_missing_listed(spec, urls)
         return urls
     if spec.endswith((".jsonl", ".json")) and os.path.isfile(spec):
         raise ValueError(f"{spec} is a source JSONL, not shards: pack it first (unimodal data pack {spec} --out DIR) and give DIR")
@@ -359,6 +360,19 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
     if len(local) == 1 == len(urls) and os.path.isfile(local[0]) and os.path.getsize(local[0]) and not tarfile.is_tarfile(local[0]):
         raise ValueError(f"{spec} is not a tar shard (a folder of .tar shards, a shard or a brace pattern)")
     return urls
+
+
+def _refuse_missing_listed(directory: str, urls: list[str]) -> None:
+    """A directory whose ``stats.json`` lists shards it no longer holds would be read as a part of
+    its set without a word (a deleted or lost shard)."""
+    stats = Path(directory) / STATS_FILE
+    if not stats.is_file():
+        return
+    listed = _shard_index(directory, stats.stat().st_mtime_ns)
+    missing = sorted(set(listed) - {Path(url).name for url in urls})
+    if missing:
+        raise FileNotFoundError(f"{directory}: {len(missing)} of the {len(listed)} shards its {STATS_FILE} lists are missing "
+                                f"(first: {missing[0]}); write the set again (a built-in world's: delete the world's folder to have it built again)")
 
 
 def _refuse_special_files(paths: list[str]) -> None:
