@@ -68,13 +68,19 @@ def resolve(path: str) -> str:
     root = data_home() / name
     root.parent.mkdir(parents=True, exist_ok=True)
     version = str(BUILD_VERSIONS.get(name, 1))
+    building = Path(str(root) + ".building")  # there while a build runs: a folder it left is the builder's to remove
     with FileLock(str(root) + ".lock"):  # ranks and workers starting together build it once
         stamp = root / ".built"
         built = (stamp.read_text().strip() or "1") if stamp.exists() else None  # an empty stamp is version 1
         if built != version:
+            if built is None and not building.exists() and root.is_dir() and any(root.iterdir()):
+                raise FileExistsError(f"{root} holds files that no build of the built-in {name!r} data left (no {stamp.name}): "
+                                      f"move them, or set UNIMODAL_DATA_HOME to another directory")
             log.info("building the built-in dataset %r (version %s) under %s (once)", name, version, root)
+            building.touch()
             shutil.rmtree(root, ignore_errors=True)  # a build cut short leaves no .built: start over
             root.mkdir()
             BUILDERS[name](root)
             stamp.write_text(version + "\n")
+            building.unlink()
     return str(root / rest)

@@ -47,8 +47,12 @@ def _docstrings(min_chars: int) -> Iterator[tuple[str, str]]:
 
 def write_corpus(out_dir: str | Path, min_chars: int = 200, val_every: int = 10) -> tuple[int, int]:
     """Write ``train.jsonl`` and ``val.jsonl`` (every ``val_every``-th docstring), one document
-    per docstring; returns the two document counts."""
+    per docstring; returns the two document counts. Files of those names already there are the
+    user's: refused, not overwritten."""
     out = Path(out_dir)
+    held = next((out / name for name in ("train.jsonl", "val.jsonl") if (out / name).exists()), None)
+    if held is not None:
+        raise FileExistsError(f"{held} exists; write the corpus to another directory, or move it away first")
     out.mkdir(parents=True, exist_ok=True)
     counts = [0, 0]
     with (out / "train.jsonl").open("w") as train, (out / "val.jsonl").open("w") as val:
