@@ -109,6 +109,10 @@ def test_openai_messages_with_image_and_audio_parts(tmp_path):
     assert [p.data.ext for p in messages_to_parts(mislabelled, tmp_path, "f:1")] == ["png", "wav"]
     with pytest.raises(DocumentError, match="remote"):
         messages_to_parts([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}], tmp_path, "f:1")
+    # a file:// URL escapes a space as %20 (Path.as_uri), which is no part of the file's name
+    (tmp_path / "my cat.png").write_bytes((tmp_path / "cat.png").read_bytes())
+    by_url = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": (tmp_path / "my cat.png").as_uri()}}]}]
+    assert messages_to_parts(by_url, tmp_path, "f:1")[0].data.data == (tmp_path / "cat.png").read_bytes()
     with pytest.raises(DocumentError, match="role 'tool'"):
         messages_to_parts([{"role": "tool", "content": "x"}], tmp_path, "f:1")
 

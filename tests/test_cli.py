@@ -323,3 +323,79 @@ def test_an_export_given_to_export_is_named_as_one(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "again")]) == 2
     assert capsys.readouterr().err == (f"unimodal export: error: {tmp_path} is already an export (unimodal.json); "
                                        "export takes the run directory or checkpoint it came from\n")
+
+
+def test_a_data_verb_stopped_by_sigterm_leaves_no_half_written_shards(tmp_path):
+    """SIGTERM (`kill`, `timeout`, a job scheduler) ended `data pack` mid-shard: its shards, without
+    stats.json, were left for a run to read as the whole set."""
+    import signal
+    import subprocess
+    import sys
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"parts": [{"type": "text", "text": f"line {i}"}]}) + "\n" for i in range(20)))
+    killed_at_line_10 = f"""
+import os, signal, sys
+import unimodal.data.jsonl as jsonl
+from unimodal.cli import main
+real = jsonl._source_document
+def source_document(raw, src, line):
+    if line == 10:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(raw, src, line)
+jsonl._source_document = source_document
+code = main(["data", "pack", {str(src)!r}, "--out", {str(tmp_path / "out")!r}, "--max_docs_per_shard", "3"])
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the verb's handler is gone with it
+sys.exit(code)
+"""
+    done = subprocess.run([sys.executable, "-c", killed_at_line_10], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "unimodal data pack: interrupted (SIGTERM)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_in_a_data_verb_is_one_line(tmp_path, monkeypatch, capsys):
+    import unimodal.data.jsonl as jsonl
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    (tmp_path / "src.jsonl").write_text(json.dumps({"parts": [{"type": "text", "text": "x"}]}) + "\n")
+    monkeypatch.setattr(jsonl, "_source_document", interrupted)
+    assert main(["data", "pack", str(tmp_path / "src.jsonl"), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "unimodal data pack: interrupted (Ctrl-C)" and not (tmp_path / "out").exists()
+
+
+def test_a_path_of_bytes_that_are_not_utf8_is_named_as_such(tmp_path, capsys):
+    """A name from another system (Latin-1 bytes) reached the user as a codec's complaint about surrogates."""
+    src = f"{tmp_path}/caf\udce9.jsonl"  # how Python gives the byte 0xe9 of a command-line argument
+    assert main(["data", "tokenizer", src, "--out", str(tmp_path / "tok.model")]) == 2
+    assert capsys.readouterr().err == ("unimodal data tokenizer: error: --src: the path holds bytes that are not UTF-8, "
+                                       "which a path option cannot take; rename it, or give a UTF-8 link to it\n")
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`unimodal data inspect DIR | head` ended in a BrokenPipeError traceback once head had its lines."""
+    import subprocess
+    import sys
+
+    from unimodal.data.shards import write_documents
+    from unimodal.schema import Document, Part
+
+    write_documents([Document([Part("text", text="x" * 50)], key=f"k{i}") for i in range(200)], tmp_path / "set")
+    reader = subprocess.Popen([sys.executable, "-m", "unimodal", "data", "inspect", str(tmp_path / "set"), "--n", "200"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    reader.stdout.close()  # the reader is gone before the first line
+    err = reader.stderr.read()
+    assert reader.wait(timeout=120) == 1 and err == "", err
+
+
+def test_text_corpus_keeps_a_train_jsonl_that_is_there(tmp_path, capsys):
+    """`data text-corpus --out DIR` wrote over the user's own DIR/train.jsonl without a word."""
+    mine = json.dumps({"parts": [{"type": "text", "text": "my own data"}]}) + "\n"
+    (tmp_path / "train.jsonl").write_text(mine)
+    assert main(["data", "text-corpus", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"unimodal data text-corpus: error: {tmp_path / 'train.jsonl'} exists; write the corpus "
+                                       "to another directory, or move it away first\n")
+    assert (tmp_path / "train.jsonl").read_text() == mine and not (tmp_path / "val.jsonl").exists()

@@ -16,8 +16,12 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from argparse import ArgumentError
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,7 +169,7 @@ def text_corpus(*, out: Path) -> str:
     """Write a small English corpus (stdlib docstrings) as source JSONL.
 
     Args:
-        out: the directory for train.jsonl and val.jsonl.
+        out: the directory for train.jsonl and val.jsonl (neither may be there yet).
     """
     from unimodal.worlds.stdlib_text import write_corpus
 
@@ -477,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         renamed = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in RENAMED), None)
         if renamed:
             raise ArgumentError(None, f"{renamed} is now {RENAMED[renamed]}")
-        printed = auto_cli(VERBS, args=argv, prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.",
-                           parser_class=Parser, exit_on_error=False)
+        with _terminate_as_interrupt(argv[:2] in (["data", "pack"], ["data", "encode"])):
+            printed = auto_cli(VERBS, args=argv, prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.",
+                               parser_class=Parser, exit_on_error=False)
     except ArgumentError as err:
         print(f"{_rank_prefix()}{command}: error: {_parse_error(err.message, full_key=argv[:1] == ['train'])}", file=sys.stderr)
         return 2
@@ -487,11 +492,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{_rank_prefix()}{command}: error: {_reason(err)}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
-    except KeyboardInterrupt:  # `unimodal train` says at which step and what it saved (resume.Interrupted)
+    except KeyboardInterrupt as err:  # `unimodal train` says at which step and what it saved (resume.Interrupted)
         if os.environ.get("UNIMODAL_DEBUG"):
             raise
-        print(f"\n{_rank_prefix()}{command}: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        print(f"\n{_rank_prefix()}{command}: interrupted ({str(err) or 'Ctrl-C'})", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except OSError as err:
         if err.errno not in WRITE_ERRORS or os.environ.get("UNIMODAL_DEBUG"):
             raise
@@ -503,8 +508,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_rank_prefix()}{command}: error: {err.strerror}: {where} ({hint})", file=sys.stderr)
         return 1
     if printed is not None:
-        print(printed)
+        try:
+            print(printed, flush=True)
+        except BrokenPipeError:  # `unimodal data inspect DIR | head`: the reader stopped reading, as it may
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit fails no more
+            return 1
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) while shards are written."""
+
+
+@contextmanager
+def _terminate_as_interrupt(active: bool) -> Iterator[None]:
+    """SIGTERM stops a verb that writes shards as Ctrl-C does, so that its cleanup runs: the default
+    action ended the process mid-shard and left a shard set without stats.json that a run would read."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_log_line_each() -> None:
@@ -584,6 +615,8 @@ def _parse_error(message: str, full_key: bool = False) -> str:
     key, body = match.groups()
     lines = [line.strip().removeprefix("- ") for line in body.splitlines() if line.strip()]
     reason = lines[0] if lines else "invalid value"
+    if "surrogates not allowed" in reason:  # a path option refuses bytes that are not UTF-8 (a name from another system)
+        reason = "the path holds bytes that are not UTF-8, which a path option cannot take; rename it, or give a UTF-8 link to it"
     problem = next((i for i, line in enumerate(lines) if line.startswith("Problem with given class_path")), None)
     inner = re.search(r'Problem with given class_path [^\n]*:\s*\n\s*(Parser key "([^"]+)":.*)', body, re.S)
     if reason.startswith(UNION_ERROR) and inner is not None:  # a key of the recipe's class: its own reason

@@ -132,11 +132,12 @@ def pack_jsonl(
         options = dict(max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_bytes_per_shard,
                        skip_bad=skip_bad, prefix=prefix, progress=progress)
         written: dict[str, Any] = {}
+        skipped: dict[str, list[str]] = {"train": [], "val": []}
         fresh = not Path(out_dir).exists()
         created = {split: not (Path(out_dir) / split).exists() for split in ("train", "val")}
         try:
             for split in ("train", "val"):
-                written[split] = _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options,
+                written[split] = _pack_jsonl(Path(src_jsonl), Path(out_dir) / split, **options, skipped=skipped[split],
                                              select=lambda key, val=split == "val": held_out(key, val_fraction) == val)
         except BaseException as err:  # the val split failing (no document, a bad line, Ctrl-C) keeps no train split
             for split in written:  # so that the same command can run again; what was there before stays
@@ -147,9 +148,23 @@ def pack_jsonl(
                 hint = f"; with --val_fraction {val_fraction} no document falls in it: pack more documents or change --val_fraction"
                 raise EmptyOutput(f"{err}{hint if err.elsewhere else ''}") from None
             raise
+        # both passes meet the source's bad lines: each is reported once
+        _report_skipped(list(dict.fromkeys(skipped["train"] + skipped["val"])), written["train"]["source"]["documents"])
         return written
-    return _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
-                       max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress)
+    skipped_lines: list[str] = []
+    stats = _pack_jsonl(Path(src_jsonl), Path(out_dir), max_docs_per_shard=max_docs_per_shard,
+                        max_bytes_per_shard=max_bytes_per_shard, skip_bad=skip_bad, prefix=prefix, progress=progress,
+                        skipped=skipped_lines)
+    _report_skipped(skipped_lines, stats["source"]["documents"])
+    return stats
+
+
+def _report_skipped(skipped: list[str], total: int) -> None:
+    """The lines ``--skip_bad`` left out, with their reasons, on stderr."""
+    if skipped:
+        shown = "\n".join(f"  {reason}" for reason in skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        print(f"skipped {len(skipped)} of {total} documents:\n{shown}{more}", file=sys.stderr)
 
 
 def _remove_written(split_dir: Path, created: bool, prefix: str) -> None:
@@ -171,9 +186,11 @@ def _pack_jsonl(
     skip_bad: bool,
     prefix: str,
     progress: bool,
+    skipped: list[str],
     select: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    skipped: list[str] = []
+    """One shard set of the source's documents (those ``select`` takes); the reasons of the lines
+    it skips go to ``skipped``."""
     total = elsewhere = 0
 
     def reject(err: DocumentError) -> None:
@@ -220,8 +237,4 @@ def _pack_jsonl(
                           + (f", {len(skipped)} of them bad (first: {skipped[0]})" if skipped else ""), elsewhere)
     stats["source"] = {"path": str(src), "documents": total, "skipped": len(skipped), "skipped_examples": skipped[:20]}
     save_stats(out_dir, stats)
-    if skipped:
-        shown = "\n".join(f"  {reason}" for reason in skipped[:20])
-        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        print(f"skipped {len(skipped)} of {total} documents:\n{shown}{more}", file=sys.stderr)
     return stats

@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -108,7 +109,8 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, o
     if "://" in path and not path.startswith("file://"):
         instead = "a local path or a data: URL" if or_data_url else "a local path"
         raise DocumentError(f"{where}: {kind} {path!r} is remote; give {instead} (nothing is downloaded)")
-    path = path.removeprefix("file://")
+    if path.startswith("file://"):  # a URL escapes a space and other characters (Path.as_uri: my%20cat.png)
+        path = unquote(path.removeprefix("file://"))
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in MEDIA_EXTENSIONS[kind]:
         raise DocumentError(
