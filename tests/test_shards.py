@@ -419,6 +419,21 @@ def test_a_set_missing_a_shard_its_stats_list_is_refused(tmp_path: Path):
     assert len(expand_shards(tmp_path / "set")) == 1
 
 
+def test_a_set_whose_writing_was_killed_is_refused_until_its_stats_are_written(tmp_path: Path):
+    """`kill -9` during `data pack` left shards without stats.json, which a run read as the whole set."""
+    from unimodal.data.shards import expand_shards, save_stats, write_shards
+
+    docs = [Document([Part("text", text=str(i))], key=f"k{i}") for i in range(4)]
+    stats = write_shards(docs, tmp_path / "set", max_docs_per_shard=2, max_bytes_per_shard=2**20, prefix="shard")  # the kill: no stats
+    with pytest.raises(FileNotFoundError, match=r"set: the command that wrote these shards did not finish \(.writing and no stats.json\)"):
+        expand_shards(tmp_path / "set")
+    save_stats(tmp_path / "set", stats)
+    assert len(expand_shards(tmp_path / "set")) == 2 and not (tmp_path / "set" / ".writing").exists()
+    with pytest.raises(DocumentError):  # a write that fails removes its shards, and the marker with them
+        write_shards([*docs, docs[0]], tmp_path / "failed", max_docs_per_shard=2, max_bytes_per_shard=2**20, prefix="shard")
+    assert list((tmp_path / "failed").iterdir()) == []
+
+
 def test_a_file_that_is_not_a_shard_is_named_as_such(tmp_path: Path):
     picture = tmp_path / "cat.png"
     Image.new("RGB", (4, 4)).save(picture)

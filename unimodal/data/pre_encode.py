@@ -47,17 +47,11 @@ CODES_KEY = "codes"
 
 def read_code_sources(spec: str | Path) -> dict[str, dict[str, Any]]:
     """modality -> fingerprint of the tokenizer that wrote the shards' codes (empty for raw media,
-    and for streamed shards, which have no ``stats.json`` beside them). The shards of an encode that
-    did not finish are refused: read as raw shards they would train on part of the data, on codes
-    whose tokenizer no check could compare."""
+    and for streamed shards, which have no ``stats.json`` beside them)."""
     if is_streamed(spec):
         return {}
     # stats.json sits beside the shards of a directory, brace pattern or shard file
-    directory = Path(expand_shards(spec)[0]).parent
-    stats = read_stats(directory)
-    if stats is None and (directory / JOB_FILE).is_file():
-        raise ValueError(f"{spec} is an encode that did not finish ({directory / JOB_FILE} and no stats.json): "
-                         "run its `unimodal data encode` command again with --resume, or encode into an empty directory")
+    stats = read_stats(Path(expand_shards(spec)[0]).parent)
     return stats.get(CODES_KEY, {}) if stats else {}
 
 

@@ -48,6 +48,9 @@ from unimodal.schema import (
 logger = logging.getLogger("unimodal.data")
 
 STATS_FILE = "stats.json"
+# there from a set's first shard until its stats.json: a set without stats.json is accepted (shards
+# written elsewhere), one with this file is a write that was killed before it finished
+WRITING_FILE = ".writing"
 MAX_BYTES_PER_SHARD = 256 * 2**20  # a shard is closed at this size, or at its document count
 
 
@@ -261,6 +264,7 @@ def write_shards(
                 reject(err)
                 continue
             if writer is None:  # opened lazily so that no input writes no empty shard
+                (out / WRITING_FILE).touch()
                 writer = wds.ShardWriter(
                     str(out / f"{prefix}-%06d.tar"),
                     maxcount=max_docs_per_shard,
@@ -279,6 +283,8 @@ def write_shards(
             writer.close()
         for name in written:
             (out / name).unlink(missing_ok=True)
+        if not kept:  # nothing of this set is left
+            (out / WRITING_FILE).unlink(missing_ok=True)
         raise
     if writer is not None:
         writer.close()
@@ -288,6 +294,7 @@ def write_shards(
 def save_stats(out_dir: str | Path, stats: dict[str, Any]) -> None:
     """Write ``stats.json`` whole or not at all (a temporary file renamed): it marks a finished set."""
     write_whole(Path(out_dir) / STATS_FILE, json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    (Path(out_dir) / WRITING_FILE).unlink(missing_ok=True)
 
 
 def read_stats(out_dir: str | Path) -> dict[str, Any] | None:
@@ -340,6 +347,7 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
         if not urls:
             raise FileNotFoundError(f"{spec}: directory holds no .tar shards")
         _refuse_special_files(urls)
+        _refuse_unfinished(spec)
         _refuse_missing_listed(spec, urls)
         return urls
     if spec.endswith((".jsonl", ".json")) and os.path.isfile(spec):
@@ -360,6 +368,14 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
     if len(local) == 1 == len(urls) and os.path.isfile(local[0]) and os.path.getsize(local[0]) and not tarfile.is_tarfile(local[0]):
         raise ValueError(f"{spec} is not a tar shard (a folder of .tar shards, a shard or a brace pattern)")
     return urls
+
+
+def _refuse_unfinished(directory: str) -> None:
+    """A set whose writing was killed (``kill -9``, a lost machine) holds some of its shards and no
+    ``stats.json``: read, it would train on a part of the data as if it were all."""
+    if (Path(directory) / WRITING_FILE).is_file() and not (Path(directory) / STATS_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: the command that wrote these shards did not finish ({WRITING_FILE} and no "
+                                f"{STATS_FILE}); run it again (`unimodal data encode` goes on with --resume)")
 
 
 def _refuse_missing_listed(directory: str, urls: list[str]) -> None:
