@@ -203,7 +203,12 @@ def main(argv: list[str] | None = None) -> list[MixReport]:
     parser.add_argument("--batches", type=int, default=300, help="timed batches per worker count")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the recipe's")
     args = parser.parse_args(argv)
-    workers = [int(w) for w in args.workers.split(",")]
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        workers = []
+    if not workers or min(workers) < 0 or args.batches < 1:
+        parser.error(f"need --workers as whole numbers >= 0 (got {args.workers!r}) and --batches >= 1 (got {args.batches})")
     print(f"cores: os.cpu_count() {os.cpu_count()}, usable (sched_getaffinity) {len(os.sched_getaffinity(0))}")
     reports = []
     for mix in MIXES if args.mix == "all" else [args.mix]:

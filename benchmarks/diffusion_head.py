@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args(argv)
+    if min(args.rows, args.steps, args.repeats) < 1:
+        parser.error("--rows, --steps and --repeats must be >= 1")
     torch.manual_seed(0)
     schedule = ScheduleConfig(prediction="flow", sampler="flow", zero_terminal_snr=False, sample_steps=args.steps)
     image = TokenDiffusionImage(args.hidden, feature_dim=args.features, codebook_size=16, head_width=args.width,

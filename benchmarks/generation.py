@@ -245,7 +245,7 @@ def deviation(model: UnifiedModel, reference: Reference, steps: int, args: argpa
     return f"{float((short - full).norm() / full.norm()):.4f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=3)
@@ -267,7 +267,10 @@ def main() -> None:
     parser.add_argument("--image-prompt-tokens", type=int, default=32)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 50, 25])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # the reference's rate divides by --reference-images, drawn from the engine's --images prompts
+    if args.rounds < 1 or not 1 <= args.reference_images <= args.images:
+        parser.error("need --rounds >= 1 and 1 <= --reference-images <= --images")
     if args.text_batches:
         bench_text(args)
     for family in args.families:

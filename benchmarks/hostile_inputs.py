@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -129,11 +130,13 @@ def run_case(model: str, body: dict, max_seconds: float) -> tuple[int, float, fl
         server.wait(timeout=30)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="an export directory, e.g. runs/demo/model (make demo)")
     parser.add_argument("--max-seconds", type=float, default=15.0, help="the server's --max_seconds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not (Path(args.model) / "unimodal.json").is_file():
+        parser.error(f"{args.model} is not an export: run `make demo` first, or pass an export directory")
     print(f"{'request':32s} {'status':>6s} {'seconds':>8s} {'idle MB':>8s} {'peak rise MB':>13s}  message")
     for name, make in CASES.items():
         body = make()

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--documents", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
+    if min(args.documents, args.epochs) < 1:
+        parser.error("--documents and --epochs must be >= 1")
     with tempfile.TemporaryDirectory() as root:
         dm = data_module(RECIPE, root, None)
         docs = list(islice(dm.train_stream().documents(), args.documents))

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import io
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -113,14 +114,16 @@ def p95(values: list[float]) -> float:
     return float(np.percentile(values, 95))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("runs/demo/model"), help="an export (make demo writes runs/demo/model)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true", help="time the engine's stages in this process instead (no HTTP)")
     parser.add_argument("--port", type=int, default=8301, help="the one-at-a-time server's port; the batching one's is the next")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if min(args.requests, args.rounds) < 1:
+        parser.error("--requests and --rounds must be >= 1")
     if not (args.model / "unimodal.json").is_file():
         raise SystemExit(f"{args.model} is not an export: run `make demo` first, or pass --model DIR")
     bodies = requests(args.requests)
@@ -236,6 +239,13 @@ def timed(stages: dict[str, tuple[Any, str]]) -> Iterator[tuple[Counter, Counter
 @contextlib.contextmanager
 def serving(model: Path, max_batch: int, port: int) -> Iterator[str]:
     """``unimodal serve MODEL --max_batch N`` on a loopback port, stopped with SIGTERM afterwards."""
+    # a server already answering on the port would pass the health check and be timed instead
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise SystemExit(f"port {port} is in use (another server?): pass --port with two free ports") from None
     command = [sys.executable, "-m", "unimodal", "serve", str(model), "--port", str(port), "--max_batch", str(max_batch), "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -335,7 +335,7 @@ def synthetic_report(args: argparse.Namespace) -> None:
         print(f"  BlockMask build: {mask_seconds * 1e3:.1f} ms per batch, {mask_seconds / step:.1%} of a framework step")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # start-up banners, once per variant
     warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|does not have many workers).*")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -351,7 +351,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # the clock starts at the end of the last warm-up step, so there must be one, and a step after it
+    if not 1 <= args.warmup < args.steps or args.rounds < 1:
+        parser.error(f"need 1 <= --warmup < --steps and --rounds >= 1 (got {args.warmup}, {args.steps}, {args.rounds})")
     if args.model:
         synthetic_report(args)
     else:

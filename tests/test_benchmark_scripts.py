@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import data_pipeline  # noqa: E402
 import diffusion_head  # noqa: E402
+import generation  # noqa: E402
+import hostile_inputs  # noqa: E402
+import media_cache  # noqa: E402
 import serving  # noqa: E402
 import train_step  # noqa: E402
 from inference_helpers import media_assistant  # noqa: E402
@@ -64,3 +70,69 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "framework / bare loop" in log and "Transfusion images" in log
+
+
+@pytest.mark.parametrize("script, argv", [
+    # each would otherwise run its workload and end in a traceback (or, for generation, a wrong rate)
+    (train_step, ["--model", "tiny", "--device", "cpu", "--seq-len", "256", "--batch", "1", "--steps", "3", "--warmup", "0"]),
+    (train_step, ["--model", "tiny", "--device", "cpu", "--seq-len", "256", "--batch", "1", "--steps", "3", "--warmup", "3"]),
+    (data_pipeline, ["--mix", "text", "--workers", "a"]),
+    (data_pipeline, ["--mix", "text", "--workers", "0", "--batches", "0"]),
+    (diffusion_head, ["--width", "32", "--hidden", "16", "--features", "8", "--repeats", "0"]),
+    (media_cache, ["--documents", "5", "--epochs", "0"]),
+    (serving, ["--rounds", "0"]),
+    (generation, ["--text-batches", "--families", "orthus", "--rounds", "1", "--images", "1", "--reference-images", "2",
+                  "--slots", "2", "--steps", "100", "--image-hidden", "64", "--image-layers", "1"]),
+    (hostile_inputs, ["no/such/export"]),
+])
+def test_a_bad_benchmark_argument_is_one_line(script, argv, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe paths are relative to the repository
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_the_serving_benchmark_refuses_a_port_another_server_answers_on():
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy) as other:
+        thread = threading.Thread(target=other.serve_forever, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(SystemExit, match="in use"):
+                with serving.serving(Path("no/such/export"), 1, other.server_address[1]):
+                    pytest.fail("the benchmark would time the server that was already there")
+        finally:
+            other.shutdown()
+
+
+@pytest.mark.parametrize("pytest_output, pytest_status, returncode", [
+    ("14 passed", 0, 0),
+    ("SKIPPED [1] tests/test_gpu.py:51: needs CUDA\n13 passed, 1 skipped", 0, 1),
+    ("no tests ran, 923 deselected", 5, 1),
+])
+def test_gpu_check_fails_on_a_cuda_machine_unless_every_gpu_test_ran(tmp_path, pytest_output, pytest_status, returncode):
+    """A stand-in Python that reports CUDA and the given pytest outcome: the check passes only when
+    gpu tests ran and none skipped."""
+    python = tmp_path / "python"
+    python.write_text(
+        '#!/usr/bin/env bash\n'
+        'case "$*" in\n'
+        '  *cuda.is_available*) echo 1 ;;\n'
+        '  *"-m pytest"*) printf "%b\\n" "$FAKE_PYTEST_OUTPUT"; exit "$FAKE_PYTEST_STATUS" ;;\n'
+        '  *"import xformers"*) exit 1 ;;\n'
+        '  *) echo figures ;;\n'
+        'esac\n'
+    )
+    python.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=str(python), UNIMODAL_DATA_HOME=str(tmp_path),
+               FAKE_PYTEST_OUTPUT=pytest_output, FAKE_PYTEST_STATUS=str(pytest_status))
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == returncode, result.stdout + result.stderr
