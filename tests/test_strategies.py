@@ -291,6 +291,29 @@ def test_zero2_single_process_trains_saves_and_converts(tmp_path, isolated_proce
     assert max_diff(state, snap.final) == 0.0
 
 
+def test_a_zero_checkpoint_without_its_frozen_weights_resumes(tmp_path, isolated_process_state):
+    """exclude_frozen_parameters (docs/training.md): DeepSpeed's strict load refused its own
+    checkpoint for the frozen weights it had left out. The resumed run starts from the weights the
+    first one ended with: the trained ones from the checkpoint, the frozen ones from the build."""
+    sequences = packed_sequences(2, 2)
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> tuple[L.Trainer, Snapshot]:
+        L.seed_everything(0)
+        snap = Snapshot()
+        strategy = DeepSpeed(stage=2, exclude_frozen_parameters=True)
+        trainer = L.Trainer(**trainer_kwargs(tmp_path, strategy=strategy, max_steps=max_steps, callbacks=[snap]))
+        module = make_module(optimizer=OptimizerConfig(lr=1e-2, warmup_steps=0), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+        trainer.fit(module, datamodule=WindowedData(sequences, 1, 1), ckpt_path=ckpt_path)
+        return trainer, snap
+
+    trainer, first = fit(2)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    trainer, resumed = fit(4, tmp_path / "ckpt")
+    assert trainer.global_step == 4
+    assert max_diff(first.final, first.initial) > 0  # the adapters trained
+    assert max_diff(resumed.initial, first.final) == 0.0
+
+
 # --- two processes (torchrun, gloo) -----------------------------------------------------------
 
 
@@ -398,6 +421,45 @@ def test_fsdp2_through_unimodal_train_resumes_and_exports(tmp_path):
     assert (tmp_path / "export" / "unimodal.json").is_file()
 
 
+def test_a_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Pre-emption that reaches one rank (docs/checkpoints.md: every rank stops when any rank is
+    signalled). Lightning's handler broadcast from inside the signal handler, a collective the
+    other rank never entered: both hung until killed."""
+    import contextlib
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    ranks: list[int] = []
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unimodal", "train",
+        "recipes/text/tiny.yaml", "--tiny", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+        "--trainer.max_steps=1000", "--trainer.val_check_interval=1000", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run}", "--checkpoint_every_n_steps=2",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "last.ckpt").is_file():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its first checkpoint"
+            time.sleep(0.5)
+        ranks = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+        rank1 = next(pid for pid in ranks if b"\0LOCAL_RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes())
+        os.kill(rank1, signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:  # hung: its ranks first, which would outlive it
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            launcher.kill()
+            launcher.wait()
+    assert "unimodal train: error: stopped by SIGTERM at step" in err and "[rank 1] unimodal train: error: stopped by SIGTERM" in err, err[-3000:]
+    assert "(saved " in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 2
+
+
 # --- names, configs, errors --------------------------------------------------------------------
 
 
@@ -461,6 +523,33 @@ def test_zero_to_fp32_refuses_what_is_not_a_deepspeed_checkpoint(tmp_path):
     with pytest.raises(NotADeepSpeedCheckpoint, match="pass its parent directory"):
         zero_to_fp32(inner, tmp_path / "out.ckpt")
     assert issubclass(NotADeepSpeedCheckpoint, ValueError)  # the CLI prints ValueErrors as one line
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_stage_3"])
+def test_a_one_process_sharded_run_repeats_no_warning(strategy, tmp_path, recwarn, isolated_process_state):
+    """Lightning asked for sync_dist at each validation wherever a process group exists (one
+    process of FSDP2 or DeepSpeed too), and ZeRO's calls of deprecated torch collectives warned at
+    every step."""
+    from unimodal.cli import main
+
+    args = ["train", str(ROOT / "recipes/text/tiny.yaml"), "--tiny", f"--trainer.strategy={strategy}", "--trainer.accelerator=cpu",
+            "--trainer.max_steps=2", "--trainer.val_check_interval=2", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    assert main(args) == 0
+    said = [str(w.message) for w in recwarn]
+    assert not [m for m in said if "sync_dist" in m or "is deprecated. Please use" in m], said
+
+
+def test_a_zero_checkpoint_of_another_rank_count_is_refused_in_one_line(tmp_path, isolated_process_state):
+    """ZeRO partitions fit only as many ranks as wrote them; DeepSpeed said so in a traceback."""
+    shards = tmp_path / "last.ckpt" / "checkpoint"
+    shards.mkdir(parents=True)
+    (tmp_path / "last.ckpt" / "latest").write_text("checkpoint")
+    for rank in range(2):
+        (shards / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").touch()
+        (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=build_strategy("deepspeed_stage_2"), logger=False)
+    with pytest.raises(UserError, match="written by 2 ranks and this run has 1"):
+        trainer.strategy.load_checkpoint(tmp_path / "last.ckpt")
 
 
 @pytest.mark.slow

@@ -260,9 +260,29 @@ class SaveOnSigterm(Callback):
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
         self._held = False
+        self._signalled = False  # a SIGTERM this rank got while several run, not yet agreed on
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Lightning's SIGTERM handler (registered after this hook) broadcasts from inside the
+        handler, a collective that only the signalled rank enters: a SIGTERM to one rank of several
+        hung them all. And Lightning stops a rank whose own flag is set after its batch, alone and
+        unsaved when the signal came after the ranks agreed for that batch. With several processes
+        the handler here only notes the signal (passing it on to the processes Lightning started),
+        for the ranks to agree on at the next batch's end."""
+        connector = trainer._signal_connector
+
+        def note(signum: int, frame: Any) -> None:
+            if not (connector.received_sigterm or self._signalled) and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            if trainer.world_size > 1:
+                self._signalled = True
+            else:
+                connector.received_sigterm = True
+
+        connector._sigterm_notifier_fn = note  # the instance's, which Lightning's registration reads
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        stop = trainer.received_sigterm or self._held
+        stop = trainer.received_sigterm or self._signalled or self._held
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop or self.saved is not None:
