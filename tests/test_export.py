@@ -550,3 +550,15 @@ def test_a_checkpoint_cannot_reach_a_function_through_a_unimodal_module(run, tmp
     torch.save(checkpoint, tmp_path / "evil.ckpt")
     assert unimodal_main(["export", str(tmp_path / "evil.ckpt"), "--out", str(tmp_path / "out")]) == 2
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_without_its_frozen_weights_is_refused_in_one_line(run, tmp_path, capsys):
+    """What a DeepSpeed checkpoint saved with exclude_frozen_parameters merges to: the trained
+    weights only. Export stopped with torch's traceback listing every missing key."""
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k or "token_adapter.trainable" in k}
+    torch.save(checkpoint, tmp_path / "trained-only.ckpt")
+    assert unimodal_main(["export", str(tmp_path / "trained-only.ckpt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exclude_frozen_parameters" in err and "more" in err, err
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,15 @@ def _describe_deepspeed_dir(path: Path) -> str | None:
     return None
 
 
+def zero_ranks(path: Path) -> int | None:
+    """How many data-parallel ranks wrote a DeepSpeed checkpoint directory (one optimizer-state
+    shard each), None when ``path`` is not one."""
+    if _describe_deepspeed_dir(path) is not None:
+        return None
+    tag = (path / DEEPSPEED_TAG_FILE).read_text().strip()
+    return len(list((path / tag).glob("*_optim_states.pt")))
+
+
 def zero_to_fp32(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None, trust: bool = False) -> Path:
     """Convert a Lightning DeepSpeed (ZeRO-1/2/3) checkpoint directory to one fp32 file.
 

@@ -25,7 +25,7 @@ from unimodal.checkpoints.load import ExportError, check_untrusted
 from unimodal.errors import refuse_nonempty
 from unimodal.models.unified import ContinuousModality
 from unimodal.specs import own_class
-from unimodal.training.recipes import check_class_paths, resolve_builtin
+from unimodal.training.recipes import check_class_paths, resolve_builtin, state_dict_mismatch
 
 log = logging.getLogger("unimodal.export")
 
@@ -53,7 +53,16 @@ def _module_from_checkpoint(checkpoint: dict[str, Any], hparams: dict[str, Any])
         module = instantiate_module(LightningModule, spec)
         if hasattr(module, "configure_model"):
             module.configure_model()
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        mismatch = state_dict_mismatch(err)
+        if mismatch is None:
+            raise
+        raise ExportError(
+            f"the checkpoint's weights do not fit the model its settings build: {mismatch} (a DeepSpeed checkpoint saved "
+            "with exclude_frozen_parameters: true holds no frozen weights, which an export needs)"
+        ) from None
     module.eval()
     return module
 

@@ -253,7 +253,8 @@ class UnimodalModule(L.LightningModule):
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         means = {name: total / count for name, (total, count) in zip(names, sums) if count > 0}
         # the means are already over every rank: sync_dist averages equal values, and tells Lightning so
-        synced = self.trainer.world_size > 1
+        # (which asks for it wherever a process group exists, a one-process FSDP2 or DeepSpeed run too)
+        synced = dist.is_available() and dist.is_initialized()
         for name, mean in means.items():
             self.log(f"val/{name}", mean, sync_dist=synced)
         if not means and "val" not in self._said:

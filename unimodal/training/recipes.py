@@ -485,6 +485,14 @@ def _first_keys(mismatch: str, shown: int = 3) -> str:
     return f"{head}: {', '.join(names[:shown])} and {len(names) - shown} more"
 
 
+def state_dict_mismatch(err: RuntimeError) -> str | None:
+    """torch's first line of what did not fit when ``load_state_dict`` failed (its first keys and
+    a count), None for any other error."""
+    if "Error(s) in loading state_dict" not in str(err):
+        return None
+    return _first_keys(next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), ""))
+
+
 def check_given_checkpoint(path: Path, trust: bool) -> None:
     """A checkpoint named on the command line may come from anywhere: a file must hold tensors and
     plain values only (read here once, memory-mapped, so that a refusal is one line), and a
@@ -534,6 +542,8 @@ def _fit(cli: UnimodalCLI, ckpt_path: str | None) -> Trainer:
             # length on an IterableDataset is right; and a Lightning-internal torch deprecation
             warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            # DeepSpeed's ZeRO calls torch collectives torch deprecates: nothing a run can change, once per step
+            warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
             # resume_path says it once and how to go on; Lightning's also came on every --resume auto
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             if not getattr(cli.datamodule, "val_datasets", True):
@@ -547,10 +557,10 @@ def _fit(cli: UnimodalCLI, ckpt_path: str | None) -> Trainer:
                 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except RuntimeError as err:
-        if "Error(s) in loading state_dict" not in str(err):
+        mismatch = state_dict_mismatch(err)
+        if mismatch is None:
             raise
-        mismatch = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
-        raise UserError(f"checkpoint {ckpt_path} does not fit this recipe's model: {_first_keys(mismatch)}") from None
+        raise UserError(f"checkpoint {ckpt_path} does not fit this recipe's model: {mismatch}") from None
     except SIGTERMException:
         saved = next((c.saved for c in cli.trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
         where = f"saved {saved}" if saved else "no checkpoint saved"

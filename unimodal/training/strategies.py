@@ -66,6 +66,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy, Strate
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
 from unimodal.checkpoints.files import TEMP_PREFIX, prune_checkpoints, replace_directory
+from unimodal.checkpoints.zero import zero_ranks
+from unimodal.errors import UserError
 
 log = logging.getLogger("unimodal.train")
 
@@ -212,6 +214,28 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
                 )
                 self.config["zero_force_ds_cpu_optimizer"] = False
         return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Refuses in one line a ZeRO checkpoint that another number of ranks wrote: its partitions
+        fit only as many ranks, and DeepSpeed says so in a traceback after the model is built. With
+        ``exclude_frozen_parameters`` the frozen weights are not loaded (its checkpoints lack them)."""
+        written = zero_ranks(Path(checkpoint_path)) if not (self.load_full_weights and self.zero_stage_3) else None
+        if written and written != self.world_size:
+            raise UserError(
+                f"{checkpoint_path} was written by {written} ranks and this run has {self.world_size}: a DeepSpeed "
+                f"checkpoint resumes on as many ranks as wrote it; run on {written} (trainer.devices x trainer.num_nodes), "
+                "or export it (unimodal export --trust_checkpoint) and start a new run from its weights (init_from)"
+            )
+        module = self.lightning_module
+        strict = module.strict_loading
+        if self.exclude_frozen_parameters:
+            # its checkpoints hold no frozen weights: they stay as the model's build made them
+            # (init_from, or the seeded random init); the trained ones RunState checks by name
+            module.strict_loading = False
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            module.strict_loading = strict
 
     def _auto_select_batch_size(self) -> int:
         # Lightning reads ``loader.batch_sampler.batch_size``, which is None for loaders that pass
