@@ -347,8 +347,7 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
         if not urls:
             raise FileNotFoundError(f"{spec}: directory holds no .tar shards")
         _refuse_special_files(urls)
-        _refuse_unfinished(spec)
-        _refuse_missing_listed(spec, urls)
+        _refuse_incomplete(spec, urls)
         return urls
     if spec.endswith((".jsonl", ".json")) and os.path.isfile(spec):
         raise ValueError(f"{spec} is a source JSONL, not shards: pack it first (unimodal data pack {spec} --out DIR) and give DIR")
@@ -370,19 +369,15 @@ def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
     return urls
 
 
-def _refuse_unfinished(directory: str) -> None:
-    """A set whose writing was killed (``kill -9``, a lost machine) holds some of its shards and no
-    ``stats.json``: read, it would train on a part of the data as if it were all."""
-    if (Path(directory) / WRITING_FILE).is_file() and not (Path(directory) / STATS_FILE).is_file():
-        raise FileNotFoundError(f"{directory}: the command that wrote these shards did not finish ({WRITING_FILE} and no "
-                                f"{STATS_FILE}); run it again (`unimodal data encode` goes on with --resume)")
-
-
-def _refuse_missing_listed(directory: str, urls: list[str]) -> None:
-    """A directory whose ``stats.json`` lists shards it no longer holds would be read as a part of
-    its set without a word (a deleted or lost shard)."""
+def _refuse_incomplete(directory: str, urls: list[str]) -> None:
+    """A set read as whole must be whole: one whose writing was killed (``kill -9``, a lost
+    machine: ``.writing`` and no ``stats.json``), or one missing a shard its ``stats.json`` lists,
+    would train on a part of the data as if it were all."""
     stats = Path(directory) / STATS_FILE
     if not stats.is_file():
+        if (Path(directory) / WRITING_FILE).is_file():
+            raise FileNotFoundError(f"{directory}: the command that wrote these shards did not finish ({WRITING_FILE} and no "
+                                    f"{STATS_FILE}); run it again (`unimodal data encode` goes on with --resume)")
         return
     listed = _shard_index(directory, stats.stat().st_mtime_ns)
     missing = sorted(set(listed) - {Path(url).name for url in urls})
