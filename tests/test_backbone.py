@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_backbone_spec_errors_are_clear(tmp_path, tiny_llama_config):
         load_backbone(BackboneConfig(config={**tiny_llama_config, "hiden_size": 32}), 64)
 
 
-def test_a_local_hf_tokenizer_directory_loads(tmp_path):
+def _hf_tokenizer_directory(directory):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     inner = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -79,12 +80,40 @@ def test_a_local_hf_tokenizer_directory_loads(tmp_path):
     inner.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 10, trainers.BpeTrainer(
         vocab_size=60, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    wrapped.save_pretrained(tmp_path / "tok")
-    tok = load_tokenizer(tmp_path / "tok")
+    wrapped.save_pretrained(directory)
+    return directory
+
+
+def test_a_local_hf_tokenizer_directory_loads(tmp_path):
+    tok = load_tokenizer(_hf_tokenizer_directory(tmp_path / "tok"))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
     assert tok.decode(tok.encode("tiny corpus")).replace(" ", "") == "tinycorpus"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+
+
+def _cut(file, keep=100):
+    file.write_text(file.read_text()[:keep])
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: _cut(d / "tokenizer.json"), r"tokenizer.json is not valid JSON \(Expecting value at line 7 column 12\); copy the tokenizer"),
+    (lambda d: (d / "tokenizer_config.json").write_text("[1]"), r"tokenizer_config.json holds a JSON list, not an object; copy the"),
+    (lambda d: (d / "special_tokens_map.json").write_text("nope"), r"special_tokens_map.json is not valid JSON"),
+    (lambda d: [f.unlink() for f in d.iterdir()], r"holds no tokenizer.json nor tokenizer_config.json; give a SentencePiece"),
+    (lambda d: (d / "tokenizer.json").unlink(), r"cannot be read as a Hugging Face tokenizer \(transformers could not build it"),
+    (lambda d: (d / "tokenizer.model").write_bytes(b"\0cut"), r"tokenizer.model cannot be read as a SentencePiece model"),
+    (lambda d: os.mkfifo(d / "fifo"), r"fifo is neither a file nor a directory"),
+])
+def test_a_damaged_tokenizer_is_one_line_naming_it(tmp_path, damage, message):
+    """transformers' own errors named no file (a bare JSONDecodeError), ran to pages, or said to
+    install a package; a list for a config was an AttributeError."""
+    directory = _hf_tokenizer_directory(tmp_path / "tok")
+    damage(directory)
+    target = next((f for f in (directory / "tokenizer.model", directory / "fifo") if f.exists()), directory)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as caught:
+        load_tokenizer(target)
+    assert "\n" not in str(caught.value) and str(target) in str(caught.value)
 
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

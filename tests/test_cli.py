@@ -199,17 +199,66 @@ def test_data_tokenizer_reads_chats_and_keeps_an_existing_tokenizer(tmp_path: Pa
     assert "exists: a run trained with it needs it as it is" in capsys.readouterr().err and out.read_bytes() == first
     assert main(["data", "tokenizer", str(src), "--out", str(out), "--vocab_size", "280", "--overwrite"]) == 0
     assert out.read_bytes() != first
+    (tmp_path / "dir.model").mkdir()
+    assert main(["data", "tokenizer", str(src), "--out", str(tmp_path / "dir.model"), "--vocab_size", "280", "--overwrite"]) == 2
+    assert "dir.model is a directory; give a file name ending in .model" in capsys.readouterr().err
+    assert not (tmp_path / "dir.vocab").exists()
+
+
+def test_data_tokenizer_gives_text_back_as_it_was(tmp_path: Path):
+    """SentencePiece's defaults made every newline, tab and run of spaces one space (a model could
+    never write a second line), and skipped a text over 4192 bytes, most documents, unsaid."""
+    from unimodal.data.tokenizer import load_tokenizer
+
+    code = "".join(f"def f{i}(x):\n    return  x\t+ {i}\n\n" for i in range(300))  # one document of 8 kB
+    (tmp_path / "code.jsonl").write_text(json.dumps({"parts": [{"type": "text", "text": code}]}) + "\n")
+    assert main(["data", "tokenizer", str(tmp_path / "code.jsonl"), "--out", str(tmp_path / "tok.model"), "--vocab_size", "300"]) == 0
+    tokenizer = load_tokenizer(tmp_path / "tok.model")
+    assert tokenizer.decode(tokenizer.encode(code[:200])) == code[:200]
+    assert any("return" in piece for piece in tokenizer.pieces())  # learnt from the long document
+
+
+def test_data_tokenizer_interrupted_keeps_the_tokenizer_there(tmp_path: Path, monkeypatch, capsys):
+    """Ctrl-C reaches Python only once SentencePiece's training returns, after it wrote its files:
+    --overwrite had replaced the old tokenizer, though the run said it was interrupted."""
+    from unimodal.data import sentencepiece_trainer
+
+    (tmp_path / "src.jsonl").write_text(json.dumps({"parts": [{"type": "text", "text": "a few words " * 50}]}) + "\n")
+    out = tmp_path / "tok.model"
+    assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "270"]) == 0
+    before, train = out.read_bytes(), sentencepiece_trainer._train
+
+    def train_then_ctrl_c(*args):
+        train(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sentencepiece_trainer, "_train", train_then_ctrl_c)
+    assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "280", "--overwrite"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(f.name for f in tmp_path.iterdir()) == ["src.jsonl", "tok.model", "tok.vocab"]
+
+
+def test_data_tokenizer_never_holds_a_line_past_the_limit(tmp_path: Path, monkeypatch, capsys):
+    """A file without a newline in gigabytes was read as one line, whole into memory."""
+    from unimodal.data import sentencepiece_trainer
+
+    monkeypatch.setattr(sentencepiece_trainer, "MAX_LINE_BYTES", 2**20)
+    (tmp_path / "src.jsonl").write_text(json.dumps({"parts": [{"type": "text", "text": "word " * 2**18}]}) + "\n")
+    assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(tmp_path / "tok.model")]) == 2
+    assert capsys.readouterr().err.endswith("src.jsonl:1: the line is longer than 1 MiB; give a long text as several documents\n")
 
 
 @pytest.mark.parametrize(("make", "args", "message"), [
     (lambda d: d, [], "is a directory; give a JSONL file of documents or chats"),
     (lambda d: d / "bad.jsonl", [], "bad.jsonl:2: malformed JSON (Expecting value at column 13)"),
+    (lambda d: d / "text.jsonl", [], "text.jsonl:2: a line needs 'messages' (a chat) or 'parts' (a document); it has ['text']"),
     (lambda d: d / "good.jsonl", ["--vocab_size", "0"], "--vocab_size 0 is too small: the 256 byte pieces and 4 special tokens need 260"),
     (lambda d: d / "good.jsonl", ["--vocab_size", "100000"], "good.jsonl: Vocabulary size too high (100000). Please set it to a value <= "),
 ])
 def test_data_tokenizer_mistakes_are_one_line(tmp_path: Path, capsys, make, args, message):
     (tmp_path / "good.jsonl").write_text(json.dumps({"parts": [{"type": "text", "text": "a few words"}]}) + "\n")
     (tmp_path / "bad.jsonl").write_text((tmp_path / "good.jsonl").read_text() + '{"parts": [\n')
+    (tmp_path / "text.jsonl").write_text((tmp_path / "good.jsonl").read_text() + '{"text": "a line pack refuses"}\n')
     assert main(["data", "tokenizer", str(make(tmp_path)), "--out", str(tmp_path / "tok.model"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "tok.model").exists()

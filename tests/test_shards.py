@@ -200,8 +200,8 @@ def test_a_source_line_too_long_to_hold_is_refused_without_being_read_whole(tmp_
     monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 2**20)
     src = _write_source(tmp_path, [GOOD, json.dumps({"parts": [{"type": "text", "text": "x" * 3 * 2**20}]}), GOOD])
     read = []
-    real = jsonl._bounded_lines
-    monkeypatch.setattr(jsonl, "_bounded_lines", lambda file, limit: (read.append(line) or (line, size) for line, size in real(file, limit)))
+    real = jsonl.bounded_lines
+    monkeypatch.setattr(jsonl, "bounded_lines", lambda file, limit: (read.append(line) or (line, size) for line, size in real(file, limit)))
     with pytest.raises(DocumentError, match=r"^src.jsonl:2: the line is longer than 1 MiB; a document names its media by path"):
         pack_jsonl(src, tmp_path / "out", progress=False)
     stats = pack_jsonl(src, tmp_path / "out", skip_bad=True, progress=False)

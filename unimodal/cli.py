@@ -204,9 +204,11 @@ def tokenizer(src: Path, *, out: Path, vocab_size: int = 1024, overwrite: bool =
     from unimodal.data.sentencepiece_trainer import train_tokenizer
 
     check_source(src)
+    if Path(out).is_dir():  # found only once the training is done, when the file would replace it
+        raise FileExistsError(f"--out {out} is a directory; give a file name ending in .model")
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists: a run trained with it needs it as it is; give a new --out, or --overwrite")
-    return f"wrote {train_tokenizer(src, out, vocab_size=vocab_size)}"
+    return f"wrote {train_tokenizer(src, out, vocab_size=vocab_size, progress=True)}"
 
 
 def zero_to_fp32(checkpoint_dir: Path, out: Path, trust_checkpoint: bool = False) -> str:

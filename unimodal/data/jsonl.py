@@ -39,7 +39,7 @@ class EmptyOutput(ValueError):
         self.elsewhere = elsewhere
 
 
-def _bounded_lines(file: BinaryIO, limit: int) -> Iterator[tuple[bytes | None, int]]:
+def bounded_lines(file: BinaryIO, limit: int) -> Iterator[tuple[bytes | None, int]]:
     """``(line, bytes read)`` for each line of ``file``; a line longer than ``limit`` bytes is
     None, read past in pieces and never held whole (a file with no newline in gigabytes)."""
     while line := file.readline(limit + 1):
@@ -50,6 +50,20 @@ def _bounded_lines(file: BinaryIO, limit: int) -> Iterator[tuple[bytes | None, i
         while not line.endswith(b"\n") and (line := file.readline(2**20)):
             size += len(line)
         yield None, size
+
+
+def line_kind(raw: dict[str, Any], where: str) -> str:
+    """``messages`` (a chat) or ``parts`` (a document): what a line of a source JSONL holds."""
+    given = [name for name in ("messages", "parts") if raw.get(name) is not None]
+    if len(given) == 2:
+        raise DocumentError(f"{where}: a line has both 'messages' (a chat) and 'parts' (a document); give one of them")
+    if given == ["messages"]:
+        return "messages"
+    if "parts" not in raw:
+        raise DocumentError(f"{where}: a line needs 'messages' (a chat) or 'parts' (a document); it has {sorted(raw) or 'no keys'}")
+    if not isinstance(raw["parts"], list) or not raw["parts"]:
+        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
+    return "parts"
 
 
 def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
@@ -69,15 +83,8 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     raw_parts, meta = raw.get("parts"), raw.get("meta", {})
     if not isinstance(meta, dict):
         raise DocumentError(f"{where}: 'meta' must be an object")
-    given = {name for name in ("messages", "parts") if raw.get(name) is not None}
-    if len(given) == 2:
-        raise DocumentError(f"{where}: a line has both 'messages' (a chat) and 'parts' (a document); give one of them")
-    if "messages" in given:  # an OpenAI-style chat record
+    if line_kind(raw, where) == "messages":  # an OpenAI-style chat record
         return Document(messages_to_parts(raw["messages"], src.parent, where), meta, key, source=where)
-    if "parts" not in raw:
-        raise DocumentError(f"{where}: a line needs 'messages' (a chat) or 'parts' (a document); it has {sorted(raw) or 'no keys'}")
-    if not isinstance(raw_parts, list) or not raw_parts:
-        raise DocumentError(f"{where}: 'parts' must be a non-empty list")
     parts, next_media = [], 0
     for index, raw_part in enumerate(raw_parts):
         media: MediaBytes | None = None
@@ -204,7 +211,7 @@ def _pack_jsonl(
         with open(src, "rb") as lines, tqdm(
             total=src.stat().st_size, unit="B", unit_scale=True, desc=f"packing {src.name}{split}", disable=not progress
         ) as bar:
-            for line, (raw_line, size) in enumerate(_bounded_lines(lines, MAX_LINE_BYTES), start=1):
+            for line, (raw_line, size) in enumerate(bounded_lines(lines, MAX_LINE_BYTES), start=1):
                 bar.update(size)
                 if raw_line is not None and not raw_line.strip():
                     continue

@@ -2,34 +2,60 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from unimodal.data.jsonl import MAX_LINE_BYTES, bounded_lines, line_kind
 from unimodal.data.messages import message_content
-from unimodal.schema import json_object
+from unimodal.schema import DocumentError, json_object
 
 SMALLEST_VOCAB = 260  # byte_fallback's 256 pieces, then pad, bos, eos and unk
+# SentencePiece skips a longer sentence without a word (its own default is 4192 bytes, less than
+# most documents); a longer text is given line by line, a longer line in pieces
+LONGEST_SENTENCE = 1 << 16
+
+log = logging.getLogger("unimodal.data")
 
 
-def _texts(src_jsonl: Path) -> Iterator[str]:
+def _sentences(text: str) -> Iterator[str]:
+    if len(text.encode()) <= LONGEST_SENTENCE:
+        yield text
+        return
+    for line in text.splitlines(keepends=True):
+        for start in range(0, len(line), LONGEST_SENTENCE // 4):  # at most 4 bytes a character
+            yield line[start : start + LONGEST_SENTENCE // 4]
+
+
+def _texts(src_jsonl: Path, progress: bool) -> Iterator[str]:
     """The text of each line: its text parts, or a chat record's message contents."""
-    with src_jsonl.open("rb") as f:
-        for number, line in enumerate(f, start=1):
+    with src_jsonl.open("rb") as f, tqdm(total=src_jsonl.stat().st_size, unit="B", unit_scale=True,
+                                         desc=f"reading {src_jsonl.name}", disable=not progress, leave=False) as bar:
+        for number, (line, size) in enumerate(bounded_lines(f, MAX_LINE_BYTES), start=1):
+            bar.update(size)
+            where = f"{src_jsonl.name}:{number}"
+            if line is None:
+                raise DocumentError(f"{where}: the line is longer than {MAX_LINE_BYTES >> 20} MiB; give a long text as several documents")
             if not line.strip():
                 continue
-            record = json_object(line, f"{src_jsonl.name}:{number}")
-            items = list(record.get("parts") or [])
-            for message in record.get("messages") or []:  # the packer's own reading of a message
-                items += message_content(message, f"{src_jsonl.name}:{number}")[1]
+            record = json_object(line, where)
+            if line_kind(record, where) == "parts":  # a line the packer refuses would train the tokenizer unsaid
+                items = list(record["parts"])
+            else:
+                items = [item for message in record["messages"] for item in message_content(message, where)[1]]
             for item in items:
                 if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str) and item["text"]:
-                    yield item["text"]
+                    yield from _sentences(item["text"])
 
 
-def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: int = 1024) -> Path:
-    """Write ``out_model`` (a ``.model`` file) with pad=0, bos=1, eos=2, unk=3."""
+def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: int = 1024, progress: bool = False) -> Path:
+    """Write ``out_model`` (a ``.model`` file, and its ``.vocab`` beside it) with pad=0, bos=1,
+    eos=2, unk=3; whole or not at all, so that an interrupted run leaves the old one as it was."""
     import sentencepiece as spm
 
     src, out = Path(src_jsonl), Path(out_model)
@@ -37,22 +63,32 @@ def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: in
         raise ValueError(f"--out must end in .model, got {out}")
     if vocab_size < SMALLEST_VOCAB:
         raise ValueError(f"--vocab_size {vocab_size} is too small: the 256 byte pieces and 4 special tokens need {SMALLEST_VOCAB}")
-    texts = list(_texts(src))  # read whole first, so that a bad line is its own one-line error
+    texts = list(_texts(src, progress))  # read whole first, so that a bad line is its own one-line error
     if not texts:
         raise ValueError(f"{src} holds no text to train a tokenizer on")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        log.info("training a %d-piece tokenizer on %d texts (%.1f MB)", vocab_size, len(texts), sum(map(len, texts)) / 1e6)
+    temp = out.with_name(f".{out.stem}.{os.getpid()}.partial")  # SentencePiece adds .model and .vocab
     try:
-        _train(spm, texts, out, vocab_size)
+        _train(spm, texts, temp, vocab_size)
+        os.replace(f"{temp}.vocab", out.with_suffix(".vocab"))
+        os.replace(f"{temp}.model", out)
     except RuntimeError as err:  # SentencePiece's own checks ("Vocabulary size too high (...)")
         reason = re.sub(r"^(INTERNAL: )?\S+\.cc\(\d+\) \[.*?\]\s*", "", str(err).strip().splitlines()[-1])  # the C++ check's place
         raise ValueError(f"SentencePiece cannot train on {src}: {reason}") from None
+    finally:
+        for suffix in (".model", ".vocab"):
+            Path(f"{temp}{suffix}").unlink(missing_ok=True)
     return out
 
 
-def _train(spm: Any, texts: list[str], out: Path, vocab_size: int) -> None:
+def _train(spm: Any, texts: list[str], prefix: Path, vocab_size: int) -> None:
+    """Text comes back as it went in (newlines, indentation, runs of spaces), as a language model's
+    tokenizer needs: SentencePiece's defaults turn them into single spaces."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
-        model_prefix=str(out.with_suffix("")),
+        model_prefix=str(prefix),
         vocab_size=vocab_size,
         model_type="bpe",
         character_coverage=1.0,
@@ -61,5 +97,9 @@ def _train(spm: Any, texts: list[str], out: Path, vocab_size: int) -> None:
         bos_id=1,
         eos_id=2,
         unk_id=3,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=LONGEST_SENTENCE,
         minloglevel=2,
     )

@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from unimodal.schema import read_json_object
+
+# the files a Hugging Face tokenizer directory is read from: transformers' own errors for a missing
+# or damaged one are pages long, or say to install a package
+HF_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
 
 class TextTokenizer(Protocol):
     vocab_size: int
@@ -47,17 +53,26 @@ class HFTokenizer:
     def __init__(self, directory: str | Path):
         from transformers import AutoTokenizer
 
+        if not any((Path(directory) / name).is_file() for name in HF_TOKENIZER_JSON[:2]):
+            raise FileNotFoundError(f"{directory} holds no tokenizer.json nor tokenizer_config.json; give a SentencePiece "
+                                    ".model file or a Hugging Face tokenizer directory")
+        for name in HF_TOKENIZER_JSON:
+            if (Path(directory) / name).is_file():
+                read_json_object(Path(directory) / name, "copy the tokenizer directory again")
         try:
             self.inner = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             if "trust_remote_code" not in str(err):
-                raise
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+                first = "transformers could not build it from the files there" if first.endswith(":") else first
+                raise ValueError(f"{directory} cannot be read as a Hugging Face tokenizer ({first}); copy the tokenizer "
+                                 "directory again") from None
             raise ValueError(f"{directory} names tokenizer code of its own (auto_map), which unimodal never runs; "
                              "use a tokenizer transformers implements") from None
         self.vocab_size = len(self.inner)
         self.bos_id = self.inner.bos_token_id
         if self.inner.eos_token_id is None:
-            raise ValueError(f"{directory}: the tokenizer defines no eos token")
+            raise ValueError(f"{directory}: the tokenizer defines no eos token; set eos_token in its tokenizer_config.json")
         self.eos_id = self.inner.eos_token_id
         self.pad_id = self.inner.pad_token_id if self.inner.pad_token_id is not None else self.eos_id
 
@@ -80,4 +95,6 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         )
     if path.is_file():
         return SentencePieceTokenizer(path)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer {path} is neither a file nor a directory; give a SentencePiece .model file or a local tokenizer directory")
     return HFTokenizer(path)
