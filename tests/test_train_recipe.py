@@ -226,3 +226,22 @@ def test_a_run_without_validation_data_is_not_warned_about_it(tmp_path, recwarn)
         "--data.init_args.val_datasets=null", "--trainer.enable_progress_bar=false",
     ]) == 0
     assert not [w for w in recwarn if "Total length" in str(w.message)]
+
+
+def test_a_builtin_dataset_the_command_line_replaces_is_never_built(tmp_path):
+    """The quickstart's own-data command overrides every data path of recipes/text/tiny.yaml, yet
+    the built-in text corpus was built first (a minute, and a data/generated the user never asked for)."""
+    from unimodal.training.recipes import make_cli
+
+    resolved = []
+
+    def resolve(name: str) -> str:
+        resolved.append(name)
+        return str(tmp_path / name.removeprefix("builtin:"))
+
+    overrides = ["--data.init_args.datasets=[{path: mine}]", "--data.init_args.tokenizer", "mine/tokenizer.model",
+                 "--data.init_args.val_datasets=null"]
+    make_cli([str(RECIPE), *overrides], resolve_path=resolve, parse_only=True)
+    assert resolved == []
+    make_cli([str(RECIPE), "--data.init_args.val_datasets=null"], resolve_path=resolve, parse_only=True)
+    assert sorted(resolved) == ["builtin:text/tokenizer.model", "builtin:text/train"]

@@ -25,7 +25,7 @@ import os
 import re
 import warnings
 from argparse import ArgumentError
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -158,18 +158,19 @@ MOVED_CLASSES = {
 }
 
 
-def resolve_builtin(value: Any, resolve_path: Callable[[str], str] | None) -> Any:
+def resolve_builtin(value: Any, resolve_path: Callable[[str], str] | None, replaced: Collection[str] = (), at: str = "") -> Any:
     """``value`` with every ``builtin:NAME/...`` string replaced by ``resolve_path`` of it: the
     one place built-in names become paths. Without a resolver they are left for ``local_path``
-    to refuse in one line."""
-    if resolve_path is None:
+    to refuse in one line. Keys in ``replaced`` (dotted, those the command line sets) are left as
+    they are: a built-in dataset is built only when the run reads it."""
+    if resolve_path is None or at in replaced:
         return value
     if isinstance(value, str):
         return resolve_path(value) if value.startswith(BUILTIN_PREFIX) else value
     if isinstance(value, dict):
-        return {k: resolve_builtin(v, resolve_path) for k, v in value.items()}
+        return {k: resolve_builtin(v, resolve_path, replaced, f"{at}.{k}" if at else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [resolve_builtin(v, resolve_path) for v in value]
+        return [resolve_builtin(v, resolve_path, replaced, at) for v in value]
     return value
 
 
@@ -240,8 +241,10 @@ def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
     return sizes[id(value)]
 
 
-def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | None = None) -> dict[str, Any]:
-    """The recipe as a dict, with its ``tiny`` overrides applied or dropped, built-in names resolved."""
+def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | None = None,
+                replaced: Collection[str] = ()) -> dict[str, Any]:
+    """The recipe as a dict, with its ``tiny`` overrides applied or dropped, built-in names resolved
+    but at the dotted keys in ``replaced``."""
     config = read_yaml(path, "recipe") or {}
     if not isinstance(config, dict):
         raise ValueError(f"recipe {path}: expected a mapping at the top level")
@@ -255,7 +258,7 @@ def load_recipe(path: Path, tiny: bool, resolve_path: Callable[[str], str] | Non
         for dotted, value in overrides.items():
             set_dotted(config, dotted, value)
     check_class_paths(config, str(path))
-    return resolve_builtin(config, resolve_path)
+    return resolve_builtin(config, resolve_path, replaced)
 
 
 def _check_init_from(init_from: Path, config: dict[str, Any], overrides: list[str]) -> None:
@@ -381,7 +384,8 @@ def make_cli(args: list[str], resolve_path: Callable[[str], str] | None = None, 
     tiny = "--tiny" in args
     args = [_resolve_arg(a, resolve_path) for a in args if a != "--tiny"]
     if args and not args[0].startswith("-"):
-        config = load_recipe(Path(args[0]), tiny, resolve_path)
+        replaced = {a[2:].partition("=")[0] for a in args[1:] if a.startswith("--")}  # the command line's values win
+        config = load_recipe(Path(args[0]), tiny, resolve_path, replaced)
         check_arguments(config, args[1:], f"recipe {args[0]}")
         given = _override(args[1:], "config")
         if given is not None and Path(given).is_file():  # jsonargparse reads it after this, aliases and all
