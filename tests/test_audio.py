@@ -96,6 +96,18 @@ def test_local_directory_and_fingerprint(tmp_path):
         load_audio_codec(tmp_path / "nothing")
 
 
+
+def test_weights_that_do_not_fill_the_codec_are_one_line(tmp_path):
+    """EnCodec would start the missing tensor afresh with only a warning: codes of a random codec."""
+    from safetensors.torch import load_file, save_file
+
+    HFAudioCodec.from_config(CODECS["encodec"]).model.save_pretrained(tmp_path / "encodec")
+    weights = load_file(str(tmp_path / "encodec" / "model.safetensors"))
+    del weights["decoder.layers.0.conv.bias"]
+    save_file(weights, str(tmp_path / "encodec" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not fill the EncodecModel .*decoder.layers.0.conv.bias"):
+        load_audio_codec(tmp_path / "encodec")
+
 def test_loud_garbage_and_tiny_clips():
     codec = HFAudioCodec.from_config(CODECS["encodec"])
     with pytest.raises(ValueError, match=r"peaks at 1e\+30; samples belong in \[-1, 1\]"):

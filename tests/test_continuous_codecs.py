@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_reliability import _Payload
 from unimodal.data.datamodule import StreamConfig
 from unimodal.data.processor import Processor
 from unimodal.schema import Document, DocumentError, Part
@@ -142,6 +143,62 @@ def test_chameleon_vq_codec_skips_the_quantiser(tmp_path):
         tiny_dir, _ = tiny_vae_dir(tmp_path)
         ChameleonVQCodec(str(tiny_dir))
 
+
+
+def _tiny_pretrained(kind: str, tmp_path):
+    """A saved model directory of each library a codec or encoder loads from, and its loader."""
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig, CLIPVisionConfig, CLIPVisionModel
+
+    from unimodal.modalities.seed_tokenizer import EncoderSpec, load_encoder
+
+    torch.manual_seed(0)
+    if kind == "vae":  # diffusers
+        return tiny_vae_dir(tmp_path)[0], lambda path: VAECodec(str(path), size=16)
+    if kind == "chameleon_vq":
+        ChameleonVQVAE(ChameleonVQVAEConfig(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=16, base_channels=32,
+                                            channel_multiplier=[1, 1], num_res_blocks=1)).save_pretrained(tmp_path / kind)
+        return tmp_path / kind, lambda path: ChameleonVQCodec(str(path), size=16)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=16, patch_size=8)).save_pretrained(tmp_path / kind)
+    return tmp_path / kind, lambda path: load_encoder(EncoderSpec(path=str(path)))
+
+
+def _first_tensor_dropped(path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    (file,) = path.glob("*.safetensors")
+    weights = load_file(str(file))
+    del weights[sorted(weights)[0]]
+    save_file(weights, str(file), metadata={"format": "pt"})
+
+
+def _pickled(path, marker) -> None:
+    """The weights as the ``.bin`` pickle the loader falls back to, with a payload that touches ``marker``."""
+    from safetensors.torch import load_file
+
+    (file,) = path.glob("*.safetensors")
+    weights = load_file(str(file))
+    file.unlink()
+    torch.save({**weights, "payload": _Payload(marker)}, path / ("pytorch_model.bin" if file.name == "model.safetensors" else file.stem + ".bin"))
+
+
+@pytest.mark.parametrize("kind", ["vae", "chameleon_vq", "clip"])
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda path, _: [f.write_bytes(f.read_bytes()[:3000]) for f in path.glob("*.safetensors")], r"the weights in .* cannot be read"),
+        (_pickled, r"the weights in .* cannot be read"),
+        # the libraries would start a missing tensor afresh with only a warning: a codec of random weights
+        (lambda path, _: _first_tensor_dropped(path), r"do not fill the \w+ its config.json describes \(1 parameters missing"),
+    ],
+)
+def test_a_damaged_pretrained_directory_is_one_line_and_runs_no_code(tmp_path, kind, damage, needle):
+    path, load = _tiny_pretrained(kind, tmp_path)
+    marker = tmp_path / "ran"
+    damage(path, marker)
+    with pytest.raises(ValueError, match=needle):
+        load(path)
+    assert not marker.exists()
 
 def test_sixteen_bit_and_exif_rotated_images_decode_as_a_viewer_shows_them():
     from PIL import Image

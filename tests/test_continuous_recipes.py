@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from test_continuous_codecs import _pickled
 from unimodal.cli import main as unimodal_main
 from unimodal.training.recipes import load_recipe
 
@@ -89,6 +90,52 @@ def test_convert_orthus_says_when_the_source_has_no_tokenizer(tmp_path, caplog):
     assert unimodal_main(["convert", "orthus", "--src", str(src), "--out", str(tmp_path / "with")]) == 0
     assert "holds no tokenizer files" not in caplog.text and (tmp_path / "with" / "backbone" / "tokenizer.json").is_file()
 
+
+
+def _rewrite_weights(src: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(src / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _edit_config(src: Path, **changes: object) -> None:
+    (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda src, _: (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:5000]),
+         r"the weights in .*chameleon cannot be read \(Error while deserializing header"),
+        (_pickled, r"cannot be read \(a pickle of objects other than tensors, which could run code when loaded\)"),
+        # transformers would start what the weights lack afresh with a warning: a random backbone layer, or a random
+        # VQ codebook written into orthus_modules.safetensors
+        (lambda src, _: _edit_config(src, num_hidden_layers=3), r"do not fill the ChameleonForConditionalGeneration .*model.layers.2"),
+        (lambda src, _: _rewrite_weights(src, lambda w: w.pop("model.vqmodel.quantize.embedding.weight")),
+         r"1 parameters missing, e.g. model.vqmodel.quantize.embedding.weight"),
+        (lambda src, _: _edit_config(src, intermediate_size=256), r"do not have the shapes its config.json describes"),
+        (lambda src, _: _edit_config(src, num_hidden_layers=10**6), r"config.json declares a model of at least"),
+        (lambda src, _: _edit_config(src, hidden_size="64"), r"config.json: Validation error for field 'hidden_size'"),
+        (lambda src, _: (src / "tokenizer.json").symlink_to(src / "gone.json"), r"tokenizer.json is a broken link or not a file"),
+    ],
+)
+def test_a_damaged_chameleon_is_one_line_and_writes_nothing(tmp_path, capsys, damage, needle):
+    """``convert orthus --src`` may name anyone's directory: what it cannot convert is one line,
+    before anything is written, and a pickled weight file is never unpickled."""
+    import re
+
+    src, marker = tmp_path / "chameleon", tmp_path / "ran"
+    tiny_chameleon(src)
+    damage(src, marker)
+    capsys.readouterr()
+    assert unimodal_main(["convert", "orthus", "--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err  # transformers' load report may come first
+    (line,) = [line for line in err.splitlines() if ": error: " in line]
+    assert "Traceback" not in err and re.search(needle, line), line
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chameleon"]
 
 def test_an_interrupted_conversion_leaves_nothing_to_refuse(tmp_path, monkeypatch):
     """Killed midway, convert leaves no partial directory, so the same command runs again."""

@@ -26,6 +26,7 @@ from unimodal.checkpoints.files import staged_directory
 from unimodal.errors import refuse_nonempty
 from unimodal.modalities.base import model_config
 from unimodal.modalities.image_continuous import latent_side
+from unimodal.models.backbone import causal_lm_from_pretrained
 from unimodal.models.continuous import TokenDiffusionImage
 
 ORTHUS_MODULES_FILE = "orthus_modules.safetensors"
@@ -36,14 +37,17 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "a
 
 def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: int = 1536, head_depth: int = 3) -> Path:
     from safetensors.torch import save_file
-    from transformers import ChameleonForConditionalGeneration
 
     src, out = Path(chameleon_dir), Path(out_dir)
     config = model_config(src, "Chameleon")
     if config.get("model_type") != "chameleon":
         raise ValueError(f"{src}: model_type {config.get('model_type')!r}, expected 'chameleon'")
     refuse_nonempty(out, "convert into a new directory")
-    model = ChameleonForConditionalGeneration.from_pretrained(src, local_files_only=True, dtype="auto")
+    copied = [file for pattern in TOKENIZER_FILES for file in sorted(src.glob(pattern))]
+    for file in copied:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is a broken link or not a file; copy Chameleon's tokenizer files into {src} again")
+    model = causal_lm_from_pretrained(src, whole=True, dtype="auto")  # the VQ-VAE too: its codebook is converted
     vq = model.model.vqmodel
     mapping = model.model.vocabulary_mapping.img2bpe
     codebook = vq.quantize.embedding.weight.detach().float()
@@ -64,7 +68,6 @@ def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: i
 
     with staged_directory(out, replace=False) as staging:  # a crash midway leaves no partial directory
         model.save_pretrained(staging / "backbone")
-        copied = [file for pattern in TOKENIZER_FILES for file in src.glob(pattern)]
         for file in copied:
             shutil.copy2(file, staging / "backbone" / file.name)
         if not any(file.name.startswith("tokenizer") for file in copied):

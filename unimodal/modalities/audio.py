@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unimodal.modalities.base import MediaCodec, model_config, weights_checksum
+from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, weights_checksum
 from unimodal.schema import Part
 
 HF_CODECS = ("encodec", "mimi", "dac")
@@ -201,7 +201,7 @@ class HFAudioCodec(RVQCodec):
     def from_pretrained(cls, path: str | Path, layers: int | None = None, max_seconds: float = 30.0) -> HFAudioCodec:
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        model = load_pretrained(AutoModel, path)
         return cls(model, layers, max_seconds)
 
     @classmethod

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,60 @@ def model_config(path: str | Path, what: str) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{what} {path} is not a model directory (no config.json); models load from local directories only")
     return read_json_object(file, "copy the model directory again")
+
+
+@contextmanager
+def model_files_read(path: Path) -> Iterator[None]:
+    """What a Hugging Face loader raises on a damaged or foreign model directory, as one line naming
+    it: weight files it cannot read (cut short, overwritten, a pickle of objects other than tensors,
+    which is never unpickled), a ``config.json`` value of the wrong type, weights of other shapes than
+    the ones ``config.json`` describes, and code the directory names (``auto_map``), never run."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, ValueError) as err:
+        text = str(err)
+        if "ignore_mismatched_sizes" in text or "size mismatch for " in text:
+            named = next((line.strip() for line in text.splitlines() if "size mismatch for " in line), None)  # torch's load_state_dict
+            if named is None:  # diffusers names the first tensor; transformers has printed a report of them all
+                named = text.split(" because ", 1)[1].split(". If you want")[0] if " because " in text else "the report above names them"
+            raise ValueError(f"the weights in {path} do not have the shapes its config.json describes ({named}); "
+                             "copy the model directory again") from None
+        if "trust_remote_code" in text:
+            raise ValueError(f"{path} names model code of its own (auto_map in config.json), which unimodal never runs; "
+                             "use a model the library implements") from None
+        if isinstance(err, json.JSONDecodeError):  # the index of the weight shards
+            raise ValueError(f"the weights in {path} cannot be read (an index that is not JSON: {err}); copy the model directory again") from None
+        raise
+    except (SafetensorError, OSError, pickle.UnpicklingError, StrictDataclassError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, StrictDataclassError):  # the field on one line, the value's fault on the next
+            detail = " ".join(line.strip() for line in str(err).splitlines())
+            raise ValueError(f"{path / 'config.json'}: {detail}; copy the model directory again") from None
+        if isinstance(err, pickle.UnpicklingError):  # torch's advice is to load it unsafely
+            detail = "a pickle of objects other than tensors, which could run code when loaded"
+        raise ValueError(f"the weights in {path} cannot be read ({detail}); copy the model directory again") from None
+
+
+def load_pretrained(cls: Any, path: str | Path, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` (a transformers or diffusers model class) on the local directory
+    ``path``, its errors as :func:`model_files_read` says. Weights that leave parameters of the model
+    out (another architecture, more layers) are one line too, where the library would start them
+    afresh with only a warning; ``optional``: name prefixes of parameters that may be absent."""
+    path = Path(path)
+    with model_files_read(path):
+        model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, output_loading_info=True, **kwargs)
+    missing = sorted(key for key in info["missing_keys"] if not key.startswith(optional))
+    if missing:
+        raise ValueError(
+            f"the weights in {path} do not fill the {type(model).__name__} its config.json describes "
+            f"({len(missing)} parameters missing, e.g. {missing[0]}); copy the model directory again"
+        )
+    return model
 
 
 def read_codec_files(directory: Path, kind: str, arrays: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

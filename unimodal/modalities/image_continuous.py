@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.modalities.base import MediaCodec, model_config
+from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, model_files_read
 from unimodal.schema import IMAGE_FORMATS, DocumentError, Part
 
 
@@ -208,7 +208,7 @@ class VAECodec(MediaCodec):
 
         self.path = Path(path)
         model_config(self.path, "VAE")
-        self.vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True).to(device).eval().requires_grad_(False)
+        self.vae = load_pretrained(AutoencoderKL, self.path).to(device).eval().requires_grad_(False)
         self.transform = ImageTransform(size)
         self.patch = patch
         self.channels = int(self.vae.config.latent_channels)
@@ -257,12 +257,15 @@ def load_chameleon_vqvae(path: str | Path) -> Any:
     config = model_config(path, "Chameleon VQ-VAE")
     kind = config.get("model_type")
     if kind == "chameleon_vqgan":
-        return ChameleonVQVAE.from_pretrained(path, local_files_only=True)
+        return load_pretrained(ChameleonVQVAE, path)
     if kind != "chameleon":
         raise ValueError(f"{path}: model_type {kind!r} is neither a Chameleon VQ-VAE ('chameleon_vqgan') nor a Chameleon "
                          "checkpoint ('chameleon')")
-    model = ChameleonVQVAE(ChameleonVQVAEConfig(**config["vq_config"]))
-    missing, unexpected = model.load_state_dict(_prefixed_weights(path, "model.vqmodel."), strict=False)
+    if not isinstance(config.get("vq_config"), dict):
+        raise ValueError(f"{path / 'config.json'}: a Chameleon checkpoint without a vq_config object; copy the model directory again")
+    with model_files_read(path):
+        model = ChameleonVQVAE(ChameleonVQVAEConfig(**config["vq_config"]))
+        missing, unexpected = model.load_state_dict(_prefixed_weights(path, "model.vqmodel."), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: VQ-VAE weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model

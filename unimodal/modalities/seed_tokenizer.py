@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.modalities.base import MediaCodec, model_config, weights_checksum
+from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, weights_checksum
 from unimodal.modalities.image_continuous import center_crop
 from unimodal.schema import Part, local_path
 
@@ -56,10 +56,10 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
     if spec.path is not None:
         config = model_config(spec.path, "encoder")
         if spec.projection:
-            return CLIPVisionModelWithProjection.from_pretrained(spec.path, local_files_only=True)
+            return load_pretrained(CLIPVisionModelWithProjection, spec.path)
         if config.get("model_type") == "clip":
-            return CLIPVisionModel.from_pretrained(spec.path, local_files_only=True)  # the vision tower of a full CLIP
-        return AutoModel.from_pretrained(spec.path, local_files_only=True, trust_remote_code=False)
+            return load_pretrained(CLIPVisionModel, spec.path)  # the vision tower of a full CLIP
+        return load_pretrained(AutoModel, spec.path)
     raw = dict(spec.config)
     kind = raw.pop("model_type", None)
     if kind is None:

@@ -6,7 +6,6 @@ import difflib
 import inspect
 import json
 import math
-import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
 from unimodal.errors import UserError
-from unimodal.modalities.base import model_config
+from unimodal.modalities.base import load_pretrained, model_config, model_files_read
 from unimodal.models.attention import resolve_backend
 from unimodal.models.sharding import gathered
 
@@ -130,42 +129,19 @@ def stored_values(files: list[Path]) -> int | None:
     return total
 
 
-def causal_lm_from_pretrained(path: Path, **kwargs: Any) -> PreTrainedModel:
-    """The causal LM saved in the local directory ``path``; weight files its loader cannot read (cut
-    short, overwritten) are one line naming the directory. So are weights that do not fill the
-    model its ``config.json`` describes (another architecture, more layers, other shapes), where
-    transformers would start the parameters it lacks afresh with only a warning. Code a directory
-    names (``auto_map``) is never run, nor offered to be run."""
-    from safetensors import SafetensorError
-
-    try:
+def causal_lm_from_pretrained(path: Path, whole: bool = False, **kwargs: Any) -> PreTrainedModel:
+    """The causal LM saved in the local directory ``path``, read by :func:`load_pretrained` (every
+    damaged or foreign directory is one line naming it); a ``config.json`` that declares far more
+    than its weights hold is refused before anything is allocated. The :data:`UNUSED_SUBMODULES` may
+    be absent unless ``whole`` (a conversion that reads them)."""
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{path} holds no model weights ({', '.join(WEIGHT_FILES)}); copy the model directory whole")
+    with model_files_read(path):
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        _check_declared_size(config, path)
-        cls = CAUSAL_LM_ELSEWHERE.get(type(config), AutoModelForCausalLM)
-        model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, output_loading_info=True, **kwargs)
-    except RuntimeError as err:
-        if "ignore_mismatched_sizes" not in str(err):
-            raise
-        raise ValueError(f"the weights in {path} do not have the shapes its config.json describes (transformers' report above "
-                         "names them); copy the model directory again") from None
-    except (SafetensorError, OSError, pickle.UnpicklingError, ValueError) as err:
-        if "trust_remote_code" in str(err):
-            raise ValueError(f"{path} names model code of its own (auto_map in config.json), which unimodal never runs; "
-                             "use a model transformers implements") from None
-        if isinstance(err, (FileNotFoundError, ValueError)):
-            raise
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, pickle.UnpicklingError):  # torch's advice is to load it unsafely
-            detail = "a pickle of objects other than tensors, which could run code when loaded"
-        raise ValueError(f"the weights in {path} cannot be read ({detail}); copy the model directory again") from None
-    unused = tuple(f"{name}." for name in UNUSED_SUBMODULES.get(type(model), ()))  # never run: a checkpoint may leave them out
-    missing = sorted(key for key in info["missing_keys"] if not key.startswith(unused))
-    if missing:
-        raise ValueError(
-            f"the weights in {path} do not fill the {type(model).__name__} its config.json describes "
-            f"({len(missing)} parameters missing, e.g. {missing[0]}); copy the model directory again"
-        )
-    return model
+    _check_declared_size(config, path)
+    cls = CAUSAL_LM_ELSEWHERE.get(type(config), AutoModelForCausalLM)
+    unused = () if whole else tuple(f"{name}." for name in UNUSED_SUBMODULES.get(cls, ()))  # never run: a checkpoint may leave them out
+    return load_pretrained(cls, path, optional=unused, **kwargs)
 
 
 def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
@@ -179,8 +155,6 @@ def load_backbone(spec: BackboneConfig, vocab_size: int) -> PreTrainedModel:
     if spec.path is not None:
         path = Path(spec.path)
         model_config(path, "backbone.path")
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
-            raise FileNotFoundError(f"{path} holds no model weights ({', '.join(WEIGHT_FILES)}); copy the model directory whole")
         model = causal_lm_from_pretrained(path, attn_implementation=attn, dtype=dtype)
         if model.get_input_embeddings().num_embeddings != vocab_size:
             resize_vocabulary(model, vocab_size)
