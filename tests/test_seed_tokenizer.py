@@ -12,7 +12,7 @@ import torch
 
 from unimodal.cli import main as unimodal_main
 from unimodal.schema import Part
-from unimodal.modalities.seed_tokenizer import WEIGHTS_FILE, SeedImageCodec, SeedTokenizer, VectorQuantizer, tiny_tokenizer
+from unimodal.modalities.seed_tokenizer import CONFIG_FILE, WEIGHTS_FILE, SeedImageCodec, SeedTokenizer, VectorQuantizer, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +69,21 @@ def test_codec_round_trip_and_strict_files(tmp_path):
     save_file(weights, str(tmp_path / "tok" / WEIGHTS_FILE))
     with pytest.raises(ValueError, match="missing .*decoder.to_embedding.weight"):
         SeedTokenizer.from_pretrained(tmp_path / "tok")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: (d / CONFIG_FILE).write_text('{"config": {'), r"seed_tokenizer.json is not valid JSON"),
+    (lambda d: (d / CONFIG_FILE).write_text('{"config": {"widht": 8}}'), r"'config' must be an object of SeedConfig's fields"),
+    (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:100]), r"the weights in .*tok cannot be read"),
+])
+def test_a_damaged_seed_tokenizer_is_one_line_naming_it(tmp_path, damage, message):
+    """Its own files were read bare: a cut copy was a JSONDecodeError, a SafetensorError or a
+    TypeError from SeedConfig, naming no file (stage 2's init_from reads it directly)."""
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    damage(tmp_path / "tok")
+    with pytest.raises(ValueError, match=message) as caught:
+        SeedTokenizer.from_pretrained(tmp_path / "tok")
+    assert "\n" not in str(caught.value) and str(tmp_path / "tok") in str(caught.value)
 
 
 def metric(run: Path, name: str) -> list[float]:

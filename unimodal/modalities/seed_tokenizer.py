@@ -17,7 +17,7 @@ l2-normalised vectors (cosine nearest neighbour), which keeps small codebooks fr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, weights_checksum
+from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, model_files_read, weights_checksum
 from unimodal.modalities.image_continuous import center_crop
-from unimodal.schema import Part, local_path
+from unimodal.schema import Part, local_path, read_json_object
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -359,12 +359,17 @@ class SeedTokenizer(MediaCodec, nn.Module):
         path = Path(directory)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a SEED tokenizer directory (no {CONFIG_FILE})")
-        saved = json.loads((path / CONFIG_FILE).read_text())
+        saved = read_json_object(path / CONFIG_FILE, "save the SEED tokenizer again")
+        known = {f.name for f in fields(SeedConfig)}
+        if not isinstance(saved.get("config"), dict) or not set(saved["config"]) <= known:
+            raise ValueError(f"{path / CONFIG_FILE}: 'config' must be an object of SeedConfig's fields ({', '.join(sorted(known))}); "
+                             "save the SEED tokenizer again")
         vision = load_encoder(EncoderSpec(path=str(path / "vision")))
         projection = saved.get("target_projection", True)
-        target = load_encoder(EncoderSpec(path=str(path / "target"), projection=projection)) if saved["target"] else None
+        target = load_encoder(EncoderSpec(path=str(path / "target"), projection=projection)) if saved.get("target") else None
         tokenizer = cls(SeedConfig(**saved["config"]), vision, target, projection)
-        own = load_file(str(path / WEIGHTS_FILE))
+        with model_files_read(path):
+            own = load_file(str(path / WEIGHTS_FILE))
         missing, unexpected = tokenizer.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.startswith(("vision.", "target."))]
         if missing or unexpected:
