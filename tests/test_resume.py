@@ -448,3 +448,24 @@ def test_a_missing_ckpt_path_is_refused_before_the_run_writes_anything(tmp_path,
     assert unimodal_main([*args, f"--ckpt_path={tmp_path / 'typo.ckpt'}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"unimodal train: error: --ckpt_path {tmp_path / 'typo.ckpt'} does not exist"
     assert not run.exists()  # no logs/version_0 left behind by a run that never started
+
+
+def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(recipe, tmp_path):
+    """A data set rebuilt under a stopped run (a retrained tokenizer at the same path, of the same
+    size) resumed it silently: its first steps had learnt ids that now name other text."""
+    import json
+
+    from unimodal.data.sentencepiece_trainer import train_tokenizer
+
+    run = tmp_path / "run"
+    train(recipe, run, "--trainer.max_steps=2")
+    upper = tmp_path / "upper.jsonl"
+    with open(resolve("builtin:text/train.jsonl")) as lines, upper.open("w") as out:
+        for line in lines:
+            parts = json.loads(line)["parts"]
+            out.write(json.dumps({"parts": [{**part, "text": part["text"].upper()} for part in parts]}) + "\n")
+    other = train_tokenizer(upper, tmp_path / "other.model", vocab_size=1024)
+    with pytest.raises(UserError, match=r"^the checkpoint was trained with another tokenizer than this run's \(.*other\.model\): "):
+        train(recipe, run, "--resume=auto", "--trainer.max_steps=4", f"--data.init_args.tokenizer={other}")
+    train(recipe, run, "--resume=auto", "--trainer.max_steps=4")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import random
@@ -38,6 +39,8 @@ log = logging.getLogger("unimodal.train")
 RNG_KEY = "unimodal_rng"
 # the names of the parameters the run trains, in order: what the optimizer state's entries belong to
 TRAINED_KEY = "unimodal_trained"
+# a digest of the text tokenizer's pieces: a resumed run must read the same text from the same ids
+TOKENIZER_KEY = "unimodal_tokenizer"
 
 
 @contextlib.contextmanager
@@ -113,6 +116,16 @@ class RunState(Callback):
     def __init__(self, run_config: dict[str, Any] | None = None):
         self.run_config = run_config
         self._pending: dict[str, Any] | None = None
+        self._tokenizer_digest: str | None = None
+
+    def tokenizer_digest(self, trainer: Trainer) -> str | None:
+        """What identifies the run's text tokenizer (None for data without one): its pieces in id
+        order, not its path, which a rebuilt data set or a retrained tokenizer keeps."""
+        if self._tokenizer_digest is None:
+            pieces = getattr(getattr(trainer.datamodule, "tokenizer", None), "pieces", None)
+            if pieces is not None:
+                self._tokenizer_digest = hashlib.sha256("\0".join(pieces()).encode()).hexdigest()[:16]
+        return self._tokenizer_digest
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         states = [_rng_state()]
@@ -123,11 +136,20 @@ class RunState(Callback):
         checkpoint[SAVED_AT_KEY] = time.time()
         checkpoint[WORKDIR_KEY] = os.getcwd()
         checkpoint[TRAINED_KEY] = _trained(pl_module)
+        checkpoint[TOKENIZER_KEY] = self.tokenizer_digest(trainer)
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(RUN_CONFIG_KEY) or {}
+        tokenizer = checkpoint.get(TOKENIZER_KEY)
+        if tokenizer is not None and self.tokenizer_digest(trainer) not in (None, tokenizer):
+            # same vocabulary size, other pieces: a rebuilt data set or a retrained tokenizer at the same path
+            raise UserError(
+                f"the checkpoint was trained with another tokenizer than this run's ({getattr(trainer.datamodule, 'tokenizer_path', '')}): "
+                "its ids name other text, which its weights would misread; resume with the tokenizer it trained with, "
+                "or start a new run"
+            )
         trained = checkpoint.get(TRAINED_KEY)
         if trained is not None and trained != _trained(pl_module):
             # the optimizer state is a list by position: it would load onto other parameters of the same
