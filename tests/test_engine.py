@@ -139,6 +139,27 @@ def test_a_reply_the_model_ends_keeps_a_tail_that_only_began_a_stop_string():
         assert (gen.finish_reason, gen.segments[0].text, "".join(chunks)) == ("stop", text, text)
 
 
+def test_whitespace_before_a_stop_string_is_dropped_streamed_or_not():
+    """A template's end marker is tokenised as a text of its own, so SentencePiece gives it a
+    leading space: every chat reply ended with one ("This is a handwritten five. "), in the
+    terminal, the server's content and saved chats."""
+    chunks: list[str] = []
+    for seed in range(16):  # a model whose greedy text has a space between letters
+        model = tiny_model(seed=seed)
+        bias_tokens(model, {4 + ord(c): 20.0 for c in "abcd "})
+        engine = Engine(model, TOK)
+        doc = prompt(model, "stream me")
+        full = engine.generate([doc], GenerationSettings(text=GREEDY, max_new_tokens=16))[0].segments[0].text
+        at = next((i for i in range(1, 15) if full[i] == " " and " " not in full[i - 1] + full[i + 1]
+                   and full.index(full[i + 1]) == i + 1), None)
+        if at is not None:
+            break
+    assert at is not None, "no seed gave a text with a space before a stop string"
+    settings = GenerationSettings(text=GREEDY, max_new_tokens=16, stop=(full[at + 1],))
+    gen = engine.generate([doc], settings, on_text=lambda row, text: chunks.append(text))[0]
+    assert (gen.finish_reason, gen.segments[0].text, "".join(chunks)) == ("stop", full[:at].rstrip(), full[:at].rstrip())
+
+
 def test_seeded_sampling_is_reproducible():
     model = tiny_model()
     engine = Engine(model, TOK)

@@ -229,11 +229,13 @@ class Engine:
         """Decoded text cut at the first stop string, and whether one was found. ``cut_short``: a
         limit ended the reply here, so a tail that only began a stop string (the end-of-turn marker
         a length limit cut in two: ``<|im_``) is cut too; a stream held it back and the reply never
-        became it. A reply the model ended itself keeps such a tail: it was settled as text."""
+        became it. A reply the model ended itself keeps such a tail: it was settled as text.
+        Whitespace just before a stop string is the marker's, not the reply's (a template's marker
+        is tokenised as a text of its own, so SentencePiece gives it a leading space)."""
         text = self.tokenizer.decode(ids)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         if cut >= 0:
-            return text[:cut], True
+            return text[:cut].rstrip(), True
         return (text[: len(text) - _stop_prefix(text, stop)] if cut_short else text), False
 
 
@@ -625,6 +627,8 @@ class _Run:
         if self.on_text is None:
             return
         ready = text[: len(text) - _stop_prefix(text, stop)].rstrip("\ufffd")
+        if stop:  # trailing whitespace waits for what follows it: before a stop string it is dropped
+            ready = ready.rstrip()
         if len(ready) > row.streamed:
             self.on_text(row.index, ready[row.streamed :])
             row.streamed = len(ready)
