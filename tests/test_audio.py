@@ -96,7 +96,6 @@ def test_local_directory_and_fingerprint(tmp_path):
         load_audio_codec(tmp_path / "nothing")
 
 
-
 def test_weights_that_do_not_fill_the_codec_are_one_line(tmp_path):
     """EnCodec would start the missing tensor afresh with only a warning: codes of a random codec."""
     from safetensors.torch import load_file, save_file
@@ -107,6 +106,7 @@ def test_weights_that_do_not_fill_the_codec_are_one_line(tmp_path):
     save_file(weights, str(tmp_path / "encodec" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"do not fill the EncodecModel .*decoder.layers.0.conv.bias"):
         load_audio_codec(tmp_path / "encodec")
+
 
 def test_loud_garbage_and_tiny_clips():
     codec = HFAudioCodec.from_config(CODECS["encodec"])

@@ -144,7 +144,6 @@ def test_chameleon_vq_codec_skips_the_quantiser(tmp_path):
         ChameleonVQCodec(str(tiny_dir))
 
 
-
 def _tiny_pretrained(kind: str, tmp_path):
     """A saved model directory of each library a codec or encoder loads from, and its loader."""
     from transformers import ChameleonVQVAE, ChameleonVQVAEConfig, CLIPVisionConfig, CLIPVisionModel
@@ -199,6 +198,7 @@ def test_a_damaged_pretrained_directory_is_one_line_and_runs_no_code(tmp_path, k
     with pytest.raises(ValueError, match=needle):
         load(path)
     assert not marker.exists()
+
 
 def test_sixteen_bit_and_exif_rotated_images_decode_as_a_viewer_shows_them():
     from PIL import Image

@@ -91,7 +91,6 @@ def test_convert_orthus_says_when_the_source_has_no_tokenizer(tmp_path, caplog):
     assert "holds no tokenizer files" not in caplog.text and (tmp_path / "with" / "backbone" / "tokenizer.json").is_file()
 
 
-
 def _rewrite_weights(src: Path, change) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -136,6 +135,7 @@ def test_a_damaged_chameleon_is_one_line_and_writes_nothing(tmp_path, capsys, da
     assert "Traceback" not in err and re.search(needle, line), line
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chameleon"]
+
 
 def test_an_interrupted_conversion_leaves_nothing_to_refuse(tmp_path, monkeypatch):
     """Killed midway, convert leaves no partial directory, so the same command runs again."""
