@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,23 @@ def test_train_help_shows_the_recipe_argument(capsys):
     assert "recipe" in out.split("positional arguments:")[1] and "unimodaltrainRECIPE.yaml--help" in "".join(out.split())
     recipe_help = _help(("train", "recipes/text/tiny.yaml"), capsys)  # LightningCLI's options, named as this command
     assert recipe_help.startswith("usage: unimodal train RECIPE [--tiny]") and "tiny: section" in recipe_help
+
+
+def test_two_commands_writing_one_shard_directory_at_once_are_refused(tmp_path: Path, capsys):
+    """Two packs (or encodes) into one --out both found it empty and wrote the same shard names:
+    a set that mixed both, with the stats.json of whichever ended last."""
+    from unimodal.locks import run_lock
+
+    src = tmp_path / "src.jsonl"
+    src.write_text(json.dumps({"parts": [{"type": "text", "text": "one"}]}) + "\n")
+    out = tmp_path / "shards"
+    with run_lock(out.absolute(), "write to another --out"):  # the other command, still writing
+        for command in (["data", "pack", str(src)], ["data", "encode", str(out)]):
+            assert main([*command, "--out", str(out)]) == 2
+            assert capsys.readouterr().err.endswith(
+                f"{out} is in use by another run (pid {os.getpid()} on {os.uname().nodename}); wait for it to end, or write to another --out\n")
+    assert not out.exists()
+    assert main(["data", "pack", str(src), "--out", str(out)]) == 0
 
 
 def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):

@@ -303,7 +303,7 @@ def test_an_interrupted_stage_does_not_resume_once_the_stage_it_started_from_ran
 def test_two_pipelines_in_one_root_are_refused(tmp_path, monkeypatch):
     from unimodal.errors import UserError
     from unimodal.training import pipeline as pipeline_module
-    from unimodal.training.resume import run_lock
+    from unimodal.locks import run_lock
 
     monkeypatch.setattr(pipeline_module, "_train", _writes_its_output)
     path, root = write(tmp_path, [{"name": "a", "recipe": "recipes/text/tiny.yaml", "output": "out"}]), tmp_path / "runs"

@@ -115,7 +115,7 @@ def test_a_misspelt_strategy_gets_its_near_matches(tmp_path):
 
 def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_path):
     """Both would write last.ckpt, and the steps of one would be lost."""
-    from unimodal.training.resume import run_lock
+    from unimodal.locks import run_lock
 
     with run_lock(tmp_path / "checkpoints"):
         code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}", *QUIET)

@@ -31,6 +31,7 @@ from jsonargparse import ArgumentParser, auto_cli
 from unimodal.data.inspect import inspect_path
 from unimodal.errors import UserError
 from unimodal.launch import launched_rank
+from unimodal.locks import run_lock
 
 
 def train(recipe: str, *lightning_args: str) -> None:
@@ -82,8 +83,9 @@ def pack(
     """
     from unimodal.data.jsonl import pack_jsonl
 
-    stats = pack_jsonl(src, out, max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_mb_per_shard * 2**20,
-                       skip_bad=skip_bad, val_fraction=val_fraction)
+    with run_lock(Path(out).absolute(), "write to another --out"):  # two packs into one directory would mix their shards
+        stats = pack_jsonl(src, out, max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_mb_per_shard * 2**20,
+                           skip_bad=skip_bad, val_fraction=val_fraction)
     splits = stats if val_fraction else {"": stats}
     written = "; ".join(
         f"{split + ': ' if split else ''}{_counted(s['documents'], 'document')} in {_counted(len(s['shards']), 'shard')}"
@@ -130,7 +132,8 @@ def encode(
         codecs["image"] = load_codec("image", resolve(image_tokenizer), device)
     if audio_codec:
         codecs["audio"] = load_codec("audio", resolve(audio_codec), device, layers=audio_layers, max_seconds=max_seconds)
-    stats = encode_shards(resolve(src), out, codecs, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs, resume=resume)
+    with run_lock(Path(out).absolute(), "write to another --out"):
+        stats = encode_shards(resolve(src), out, codecs, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs, resume=resume)
     return f"wrote {stats['documents']} documents to {out} (codes: {', '.join(sorted(stats['codes']))})"
 
 

@@ -65,7 +65,8 @@ from unimodal.training.recipes import (
     set_dotted,
 )
 from unimodal.training.recipe_keys import flat
-from unimodal.training.resume import Interrupted, Preempted, run_lock
+from unimodal.locks import run_lock
+from unimodal.training.resume import Interrupted, Preempted
 from unimodal.launch import launched_rank
 from unimodal.schema import write_whole
 

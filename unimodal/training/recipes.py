@@ -58,7 +58,8 @@ from unimodal.training.divergence import StopOnDivergence
 from unimodal.training.finetune import FineTuneReport
 from unimodal.training.recipe_keys import check_arguments
 from unimodal.training.progress import StepProgressBar
-from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint, run_lock
+from unimodal.locks import run_lock
+from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint
 from unimodal.launch import launched_rank
 from unimodal.training.strategies import register_strategies
 

@@ -11,16 +11,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import logging
 import os
 import random
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,33 +36,6 @@ RNG_KEY = "unimodal_rng"
 TRAINED_KEY = "unimodal_trained"
 # a digest of the text tokenizer's pieces: a resumed run must read the same text from the same ids
 TOKENIZER_KEY = "unimodal_tokenizer"
-
-
-@contextlib.contextmanager
-def run_lock(checkpoint_dir: Path, instead: str = "give this one another --trainer.default_root_dir") -> Iterator[None]:
-    """One run at a time in a checkpoint directory (or a pipeline's root): two would both write
-    its ``last.ckpt`` and the steps of one would be lost. The operating system drops the lock when its process ends,
-    however it ends, so a crash leaves no stale lock. The lock file sits beside the directory
-    (``RUN/.checkpoints.lock``), which then holds checkpoints only."""
-    parent = checkpoint_dir.parent
-    if parent.exists() and not parent.is_dir():  # a file where the directory goes: the error any other write there gets
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
-    parent.mkdir(parents=True, exist_ok=True)
-    with open(parent / f".{checkpoint_dir.name}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"{checkpoint_dir} is in use by another run ({holder}); wait for it to end, or {instead}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Stopped(UserError):

@@ -1,0 +1,42 @@
+"""One writer at a time for a directory a command fills: a training run's checkpoints, a
+pipeline's root, a shard set. Two writers would both write the same files, and one's work would
+be lost or the set would mix both."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from unimodal.errors import UserError
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path, instead: str = "give this one another --trainer.default_root_dir") -> Iterator[None]:
+    """Hold ``directory`` for this process, or refuse in one line naming the holder and ``instead``.
+    The operating system drops the lock when its process ends, however it ends, so a crash leaves
+    no stale lock. The lock file sits beside the directory (``RUN/.checkpoints.lock``), which then
+    holds its own files only."""
+    parent = directory.parent
+    if parent.exists() and not parent.is_dir():  # a file where the directory goes: the error any other write there gets
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / f".{directory.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{directory} is in use by another run ({holder}); wait for it to end, or {instead}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
