@@ -203,7 +203,7 @@ def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
     # a misspelt source: one line, and no output folder left behind
     assert main(["data", "pack", str(tmp_path / "scr.jsonl"), "--out", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.endswith(f"source {tmp_path / 'scr.jsonl'} does not exist (a JSONL of documents or chats)\n")
-    assert not (tmp_path / "nothing").exists()
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / ".nothing.lock").exists()
 
 
 def test_data_tokenizer_reads_chats_and_keeps_an_existing_tokenizer(tmp_path: Path, capsys):

@@ -81,8 +81,9 @@ def pack(
         skip_bad: skip and count bad documents instead of stopping at the first.
         val_fraction: > 0: write OUT/train and OUT/val, documents split by key.
     """
-    from unimodal.data.jsonl import pack_jsonl
+    from unimodal.data.jsonl import check_source, pack_jsonl
 
+    check_source(src)  # before the lock, whose file beside --out a misspelt source would leave
     with run_lock(Path(out).absolute(), "write to another --out"):  # two packs into one directory would mix their shards
         stats = pack_jsonl(src, out, max_docs_per_shard=max_docs_per_shard, max_bytes_per_shard=max_mb_per_shard * 2**20,
                            skip_bad=skip_bad, val_fraction=val_fraction)
