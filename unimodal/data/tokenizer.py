@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Protocol
 
 from unimodal.schema import read_json_object
 
-# the files a Hugging Face tokenizer directory is read from: transformers' own errors for a missing
-# or damaged one are pages long, or say to install a package
-HF_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# the JSON files a Hugging Face tokenizer directory is read from, the first two the ones it needs one
+# of: transformers' own errors for a missing or damaged one are pages long, or say to install a package
+HF_TOKENIZER_NEEDS = ("tokenizer.json", "tokenizer_config.json")
+HF_TOKENIZER_JSON = (*HF_TOKENIZER_NEEDS, "special_tokens_map.json", "added_tokens.json")
 
 
 class TextTokenizer(Protocol):
@@ -20,6 +22,7 @@ class TextTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
+    def pieces(self) -> list[str]: ...
 
 
 class SentencePieceTokenizer:
@@ -53,7 +56,7 @@ class HFTokenizer:
     def __init__(self, directory: str | Path):
         from transformers import AutoTokenizer
 
-        if not any((Path(directory) / name).is_file() for name in HF_TOKENIZER_JSON[:2]):
+        if not any((Path(directory) / name).is_file() for name in HF_TOKENIZER_NEEDS):
             raise FileNotFoundError(f"{directory} holds no tokenizer.json nor tokenizer_config.json; give a SentencePiece "
                                     ".model file or a Hugging Face tokenizer directory")
         for name in HF_TOKENIZER_JSON:
@@ -98,3 +101,9 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     if not path.is_dir():
         raise ValueError(f"tokenizer {path} is neither a file nor a directory; give a SentencePiece .model file or a local tokenizer directory")
     return HFTokenizer(path)
+
+
+def tokenizer_fingerprint(tokenizer: TextTokenizer) -> str:
+    """What identifies a tokenizer: its pieces in id order, not its path (a rebuilt data set or a
+    tokenizer retrained at the same path keeps the path; one of the same size passes a layout check)."""
+    return hashlib.sha256("\0".join(tokenizer.pieces()).encode()).hexdigest()[:16]

@@ -51,7 +51,7 @@ from unimodal.checkpoints.files import (
 from unimodal.checkpoints.load import CONFIG_FILE, RENAMED_CLASSES, read_export_config
 from unimodal.data.processor import media_settings
 from unimodal.data.shards import present_shard_sets
-from unimodal.data.tokenizer import load_tokenizer
+from unimodal.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from unimodal.errors import UserError
 from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
@@ -280,7 +280,7 @@ def _check_init_from(init_from: Path, config: dict[str, Any], overrides: list[st
     given = _override(overrides, "data.init_args.tokenizer")
     if unified and given:  # one of the same size passes the layout check, yet its ids mean other text
         trained = init_from / read_export_config(init_from)["processor"]["tokenizer"]
-        if load_tokenizer(given).pieces() != load_tokenizer(trained).pieces():
+        if tokenizer_fingerprint(load_tokenizer(given)) != tokenizer_fingerprint(load_tokenizer(trained)):
             raise UserError(f"--data.init_args.tokenizer {given} is not the tokenizer init_from {init_from} was trained with "
                             f"({trained}): its ids name other text; drop the option to use the export's")
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -26,6 +25,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from unimodal.checkpoints.files import RUN_CONFIG_KEY, SAVED_AT_KEY, WORKDIR_KEY
+from unimodal.data.tokenizer import tokenizer_fingerprint
 from unimodal.errors import UserError
 from unimodal.training.strategies import world_size
 
@@ -87,12 +87,11 @@ class RunState(Callback):
         self._tokenizer_digest: str | None = None
 
     def tokenizer_digest(self, trainer: Trainer) -> str | None:
-        """What identifies the run's text tokenizer (None for data without one): its pieces in id
-        order, not its path, which a rebuilt data set or a retrained tokenizer keeps."""
+        """The run's text tokenizer's fingerprint, once (None for data without a tokenizer)."""
         if self._tokenizer_digest is None:
-            pieces = getattr(getattr(trainer.datamodule, "tokenizer", None), "pieces", None)
-            if pieces is not None:
-                self._tokenizer_digest = hashlib.sha256("\0".join(pieces()).encode()).hexdigest()[:16]
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+            if hasattr(tokenizer, "pieces"):
+                self._tokenizer_digest = tokenizer_fingerprint(tokenizer)
         return self._tokenizer_digest
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
