@@ -170,6 +170,19 @@ def test_the_progress_bar_of_a_step_based_run_counts_to_its_last_step():
     assert bar._get_train_description(1).strip() == "Epoch 1/2"
 
 
+def test_the_model_summary_gives_the_parameters_and_no_flops_it_cannot_count(tmp_path, capsys, caplog):
+    """Lightning counts FLOPs only in a forward of an ``example_input_array``, which a model fed
+    packed batches has none of: its summary said "0 FLOPs" for every module and in total."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    assert unimodal_main(["train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+                          "--trainer.limit_val_batches=0"]) == 0
+    shown = capsys.readouterr().out + caplog.text
+    assert "Total params" in shown and "Trainable params" in shown and "Modules in eval mode" in shown
+    assert "flops" not in shown.lower() and "model summary" not in shown.lower()
+
+
 def test_a_diverging_run_stops_with_status_3_and_keeps_its_checkpoints_finite(tmp_path, capsys):
     import torch
 

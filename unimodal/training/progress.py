@@ -1,4 +1,4 @@
-"""The progress bar of step-based runs.
+"""What a run shows of itself: the progress bar of step-based runs and the model summary.
 
 Recipes stop at ``trainer.max_steps`` with ``max_epochs=-1``, and Lightning's rich bar then reads
 "Epoch 0/-2", counts batches of the epoch against the steps left (a resumed run at step 16 of 21
@@ -8,9 +8,13 @@ steps against ``max_steps``; epoch-based runs keep Lightning's bar.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+
+log = logging.getLogger("unimodal.train")
 
 
 class StepProgressBar(RichProgressBar):
@@ -30,3 +34,36 @@ class StepProgressBar(RichProgressBar):
             return super()._get_train_description(current_epoch)
         description = f"Epoch {current_epoch} (to step {self.trainer.max_steps})"
         return f"{description:{len(self.validation_description)}}"
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary less its FLOPs, which Lightning counts only in a forward of the
+    module's ``example_input_array``: a model fed packed batches by its data module has none, so
+    every module and the total read "0 FLOPs"."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = [(name, [str(value) for value in values]) for name, values in summary_data if name != "FLOPs"]
+        widths = [max([len(name), *map(len, values)]) for name, values in columns]
+        rule = "-" * (sum(widths) + 3 * (len(widths) - 1))
+        rows = zip(*(values for _, values in columns))
+        table = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(columns, widths)), rule]
+        table += [" | ".join(f"{value:<{w}}" for value, w in zip(row, widths)) for row in rows]
+        totals = [
+            (get_human_readable_count(trainable_parameters), "Trainable params"),
+            (get_human_readable_count(total_parameters - trainable_parameters), "Non-trainable params"),
+            (get_human_readable_count(total_parameters), "Total params"),
+            (get_formatted_model_size(model_size), "Total estimated model params size (MB)"),
+            (str(total_training_modes["train"]), "Modules in train mode"),
+            (str(total_training_modes["eval"]), "Modules in eval mode"),
+        ]
+        table += [rule, *(f"{value:<10}{what}" for value, what in totals)]
+        log.info("\n%s", "\n".join(table))

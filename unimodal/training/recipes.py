@@ -33,7 +33,7 @@ import torch
 import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -57,7 +57,7 @@ from unimodal.schema import BUILTIN_PREFIX
 from unimodal.training.divergence import StopOnDivergence
 from unimodal.training.finetune import FineTuneReport
 from unimodal.training.recipe_keys import check_arguments
-from unimodal.training.progress import StepProgressBar
+from unimodal.training.progress import ParameterSummary, StepProgressBar
 from unimodal.locks import run_lock
 from unimodal.training.resume import Interrupted, Preempted, RunState, SaveOnSigterm, StepCheckpoint
 from unimodal.launch import launched_rank
@@ -113,6 +113,9 @@ class UnimodalCLI(LightningCLI):
         bar_wanted = config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
         if bar_wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks.append(ParameterSummary())
+            kwargs["enable_model_summary"] = False  # else Lightning says it skips adding its own
         if kwargs.get("logger", config.get("logger")) and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         self.checkpoint_dir = next(
