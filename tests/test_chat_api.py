@@ -516,6 +516,22 @@ def test_span_shapes_come_from_the_codecs():
     assert default_spans(orthus, {}) == {}
 
 
+def test_unimodal_load_draws_no_loading_bar_unless_asked(capfd, monkeypatch):
+    """transformers' "Loading weights" bar is off in Python as in the CLI; HF_HUB_DISABLE_PROGRESS_BARS=0
+    shows it, and its own switch is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    old_export = Path(__file__).resolve().parent / "fixtures" / "demo-export-a96b9df"
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    unimodal_load(old_export, device="cpu")
+    assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    unimodal_load(old_export, device="cpu")
+    assert "Loading weights" in capfd.readouterr().err
+
+
 def test_python_api_mistakes_are_one_line_before_any_work(tmp_path):
     """What a first script gets wrong, said in one line that names the argument and the fix."""
     import threading

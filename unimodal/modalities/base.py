@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -116,13 +117,32 @@ def model_files_read(path: Path) -> Iterator[None]:
         raise ValueError(f"the weights in {path} cannot be read ({detail}); copy the model directory again") from None
 
 
+@contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar for every model it reads, which says nothing to
+    act on and breaks into our own lines, so it is off while one is read; a user who sets
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` decides instead (``0`` shows it; the CLI defaults to ``1``)."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(cls: Any, path: str | Path, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """``cls.from_pretrained`` (a transformers or diffusers model class) on the local directory
     ``path``, its errors as :func:`model_files_read` says. Weights that leave parameters of the model
     out (another architecture, more layers) are one line too, where the library would start them
     afresh with only a warning; ``optional``: name prefixes of parameters that may be absent."""
     path = Path(path)
-    with model_files_read(path):
+    with model_files_read(path), no_loading_bar():
         model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, output_loading_info=True, **kwargs)
     missing = sorted(key for key in info["missing_keys"] if not key.startswith(optional))
     if missing:
