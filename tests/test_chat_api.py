@@ -329,6 +329,26 @@ def test_an_attached_file_removed_later_leaves_the_conversation_whole(tmp_path):
     assert "(error:" not in out.getvalue() and out.getvalue().count("assistant> ") == 3  # "//" sends "/usr/bin ..."
 
 
+def test_an_attached_image_is_encoded_once_for_the_whole_conversation(tmp_path, monkeypatch):
+    """Attaching checks the image against the codec and the context; the codes it makes are what
+    every later turn sends, so neither the message it goes with nor the turns after encode it again."""
+    assistant = media_assistant(context_length=200)
+    codec = assistant.processor.codecs["image"]
+    calls = []
+    encode = codec.encode
+    monkeypatch.setattr(codec, "encode", lambda part: calls.append(part) or encode(part))
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    out = io.StringIO()
+    terminal = Terminal(assistant, tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0, "max_media": 0},
+                        stdin=io.StringIO(f"/image {picture}\nlook\nand now?\n/save {tmp_path / 'c.jsonl'}\n/quit\n"), stdout=out)
+    terminal.run()
+    assert "(error:" not in out.getvalue() and out.getvalue().count("assistant> ") == 2
+    assert len(calls) == 1
+    # the saved record still names the file
+    assert json.loads((tmp_path / "c.jsonl").read_text())["messages"][0]["content"][1] == {"type": "image", "path": "in.png"}
+
+
 class _Interrupting:
     """stdin whose first read is a Ctrl-C."""
 
@@ -365,22 +385,21 @@ def test_ctrl_c_cancels_a_reply_and_at_the_prompt_keeps_the_conversation(tmp_pat
 
 
 def test_ctrl_c_while_a_file_is_attached_keeps_the_conversation(tmp_path, monkeypatch):
-    import unimodal.inference.terminal as terminal_module
-
     picture = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
-    parse = terminal_module.parse_messages
+    assistant = media_assistant(context_length=200)
+    encode = assistant.encode_media
     calls = []
 
-    def interrupted_once(messages):
+    def interrupted_once(item):
         calls.append(1)
         if len(calls) == 1:
-            raise KeyboardInterrupt  # Ctrl-C while a large file is read
-        return parse(messages)
+            raise KeyboardInterrupt  # Ctrl-C while a large file is read and encoded
+        return encode(item)
 
-    monkeypatch.setattr(terminal_module, "parse_messages", interrupted_once)
+    monkeypatch.setattr(assistant, "encode_media", interrupted_once)
     out = io.StringIO()
-    terminal = Terminal(media_assistant(context_length=200), tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
+    terminal = Terminal(assistant, tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
                         stdin=io.StringIO(f"first\n/image {picture}\nsecond\n/quit\n"), stdout=out)
     terminal.run()
     assert "(/image cancelled; /quit or Ctrl-D leaves)" in out.getvalue()

@@ -379,6 +379,13 @@ class Assistant:
             parts.append(part)
         return _Turn(message["role"], parts)
 
+    def encode_media(self, item: dict[str, Any]) -> dict[str, Any]:
+        """A media content part (any form a message takes) as the codes or features the model's
+        codec makes of it, which a message takes as they are: media sent in many turns (the
+        terminal's attachments) are read and encoded once."""
+        part = parse_messages([{"role": "user", "content": [item]}])[0]["content"][0]
+        return {"type": part.type, part.type: self._encode_media(part, "message 0, part 0")}
+
     def _encode_media(self, part: Part, where: str) -> np.ndarray:
         data, codec = part.data, self.processor.codecs.get(part.type)
         waveform = part.type == "audio" and isinstance(data, np.ndarray) and data.ndim == 1 and np.issubdtype(data.dtype, np.floating)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from unimodal.inference.chat import Assistant, ChatError, parse_messages
+from unimodal.inference.chat import Assistant, ChatError
 from unimodal.schema import write_whole
 
 HELP = """commands:
@@ -97,17 +97,17 @@ class Terminal:
             if not path.exists():
                 self.say(f"no such file: {arg!r} (usage: {verb} PATH)")
                 return True
-            try:  # read now, so that a bad file never costs the message typed next
-                read = parse_messages([{"role": "user", "content": [{"type": kind, kind: str(path)}]}])[0]["content"][0]
-                item = {"type": kind, kind: read.data}
-                # and encoded: a clip longer than the codec takes, or media that leave the reply no
-                # room in the context, are refused now too
+            try:  # read and encoded now, so that a bad file never costs the message typed next
+                item = self.assistant.encode_media({"type": kind, kind: str(path)})
+                # a clip longer than the codec takes, or media that leave the reply no room in the
+                # context, are refused now too
                 system = [{"role": "system", "content": self.system}] if self.system else []
                 self.assistant.prompt([*system, {"role": "user", "content": [*self.attached, item]}], self.resolved)
             except ChatError as err:
                 self.say(f"not attached: {re.sub(r'^message [0-9]+, part [0-9]+: ', '', str(err))}")
             else:
-                # the history keeps what was read: the file may change or go while the chat goes on
+                # the history keeps what was encoded: the file may change or go while the chat goes
+                # on, and no later turn encodes it again
                 self.attached.append({**item, "path": str(path.resolve())})
                 self.say(f"attached {kind} {path} to your next message")
         elif verb == "/reset":
