@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import peft
@@ -79,7 +80,10 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
     # load_exported (under unimodal.load) restores the whole model: the same losses as the trained module
     checkpoint_data = torch.load(checkpoint, map_location="cpu", weights_only=False)
     trained = _module_from_checkpoint(checkpoint_data, checkpoint_data["hyper_parameters"]).model
-    loaded = load_exported(adapter_dir)
+    with warnings.catch_warnings(record=True) as caught:  # peft's own deprecation warnings are not shown
+        warnings.simplefilter("always")
+        loaded = load_exported(adapter_dir)
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], [str(w.message) for w in caught]
     batch = probe(loaded)
     with torch.no_grad():
         expected = trained(batch)["ce/text"].total
