@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,28 @@ def test_weights_that_do_not_fill_the_codec_are_one_line(tmp_path):
     save_file(weights, str(tmp_path / "encodec" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"do not fill the EncodecModel .*decoder.layers.0.conv.bias"):
         load_audio_codec(tmp_path / "encodec")
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "needle"),
+    [
+        # transformers would build 10**6 layers for hours, or allocate what the weights lack until memory ran out
+        ("encodec", {"num_lstm_layers": 10**6}, r"config.json declares a model of at least [\d,]+ parameters .* but its weights hold"),
+        ("mimi", {"num_hidden_layers": 10**6}, r"config.json declares a model of at least"),
+        ("mimi", {"hidden_size": 10**6}, r"config.json declares a model of at least"),
+        ("dac", {"n_codebooks": 10**6}, r"config.json declares a model of at least"),
+        ("dac", {"codebook_size": 2**30}, r"config.json declares a model of at least"),
+        ("encodec", {"dtype": "evil"}, r"encodec/config.json: dtype is 'evil', not a torch dtype"),
+        ("encodec", {"codebook_size": 1000}, r"encodec/config.json: a value the model cannot be built from \(ValueError: The codebook_size must be a power of 2"),
+    ],
+)
+def test_a_codec_config_it_cannot_be_built_from_is_one_line(tmp_path, kind, changes, needle):
+    HFAudioCodec.from_config(CODECS[kind]).model.save_pretrained(tmp_path / kind)
+    file = tmp_path / kind / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    with pytest.raises(ValueError, match=needle) as caught:
+        load_audio_codec(tmp_path / kind)
+    assert "\n" not in str(caught.value)
 
 
 def test_loud_garbage_and_tiny_clips():

@@ -4,6 +4,7 @@ and corrupt input."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -198,6 +199,57 @@ def test_a_damaged_pretrained_directory_is_one_line_and_runs_no_code(tmp_path, k
     with pytest.raises(ValueError, match=needle):
         load(path)
     assert not marker.exists()
+
+
+def _config_edited(path, **changes) -> None:
+    file = path / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def _as_pickle(path) -> None:
+    """The weights as the plain ``.bin`` of tensors that older model directories hold."""
+    from safetensors.torch import load_file
+
+    (file,) = path.glob("*.safetensors")
+    torch.save(load_file(str(file)), file.with_suffix(".bin"))
+    file.unlink()
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes"),
+    [("vae", {"layers_per_block": 10**6}), ("vae", {"latent_channels": 10**6}), ("chameleon_vq", {"num_res_blocks": 10**6}),
+     ("chameleon_vq", {"num_embeddings": 10**9}), ("clip", {"num_hidden_layers": 10**6}), ("clip", {"hidden_size": 10**6})],
+)
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_a_config_declaring_far_more_than_its_weights_is_refused_unbuilt(tmp_path, kind, changes, weights):
+    """The libraries would build 10**6 layers for hours, or allocate what the weights lack until memory ran out."""
+    path, load = _tiny_pretrained(kind, tmp_path)
+    if weights == "bin":
+        _as_pickle(path)
+    _config_edited(path, **changes)
+    with pytest.raises(ValueError, match=r"config.json declares a model of at least [\d,]+ parameters .* but its weights hold [\d,]+ "):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "needle"),
+    [
+        ("vae", {"latent_channels": "4"}, r"vae/config.json: .*latent_channels is '4', where AutoencoderKL takes int"),
+        ("vae", {"down_block_types": ["NoSuchBlock2D"] * 2}, r"vae/config.json: a value the model cannot be built from \(ValueError: NoSuchBlock2D"),
+        ("vae", {"dtype": "evil"}, r"vae/config.json: dtype is 'evil', not a torch dtype"),
+        ("chameleon_vq", {"torch_dtype": "evil"}, r"chameleon_vq/config.json: torch_dtype is 'evil', not a torch dtype"),
+        ("clip", {"dtype": 16}, r"clip/config.json: dtype is 16, not a torch dtype"),
+        ("clip", {"hidden_act": "evil"}, r"clip/config.json: a value the model cannot be built from \(KeyError: 'evil'\)"),
+        ("clip", {"num_attention_heads": 0}, r"clip/config.json: a value the model cannot be built from \(ZeroDivisionError"),
+    ],
+)
+def test_a_config_value_the_model_cannot_be_built_from_is_one_line(tmp_path, kind, changes, needle):
+    """The libraries take these values unchecked and fail deep inside torch."""
+    path, load = _tiny_pretrained(kind, tmp_path)
+    _config_edited(path, **changes)
+    with pytest.raises(ValueError, match=needle) as caught:
+        load(path)
+    assert "\n" not in str(caught.value)
 
 
 def test_sixteen_bit_and_exif_rotated_images_decode_as_a_viewer_shows_them():

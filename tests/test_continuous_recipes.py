@@ -99,6 +99,10 @@ def _rewrite_weights(src: Path, change) -> None:
     save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _json(file: Path) -> dict:
+    return json.loads(file.read_text())
+
+
 def _edit_config(src: Path, **changes: object) -> None:
     (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), **changes}))
 
@@ -117,6 +121,9 @@ def _edit_config(src: Path, **changes: object) -> None:
         (lambda src, _: _edit_config(src, intermediate_size=256), r"do not have the shapes its config.json describes"),
         (lambda src, _: _edit_config(src, num_hidden_layers=10**6), r"config.json declares a model of at least"),
         (lambda src, _: _edit_config(src, hidden_size="64"), r"config.json: Validation error for field 'hidden_size'"),
+        (lambda src, _: _edit_config(src, dtype="evil"), r"config.json: dtype is 'evil', not a torch dtype"),
+        (lambda src, _: _edit_config(src, vq_config={**_json(src / "config.json")["vq_config"], "num_res_blocks": 10**6}),
+         r"config.json declares a model of at least"),
         (lambda src, _: (src / "tokenizer.json").symlink_to(src / "gone.json"), r"tokenizer.json is a broken link or not a file"),
     ],
 )
@@ -135,6 +142,16 @@ def test_a_damaged_chameleon_is_one_line_and_writes_nothing(tmp_path, capsys, da
     assert "Traceback" not in err and re.search(needle, line), line
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chameleon"]
+
+
+def test_the_vq_vae_of_a_chameleon_declaring_far_more_than_its_weights_is_refused_unbuilt(tmp_path):
+    """A Chameleon checkpoint's VQ-VAE is built from its vq_config, outside the libraries' loaders."""
+    from unimodal.modalities.image_continuous import load_chameleon_vqvae
+
+    tiny_chameleon(tmp_path)
+    _edit_config(tmp_path, vq_config={**_json(tmp_path / "config.json")["vq_config"], "num_res_blocks": 10**6})
+    with pytest.raises(ValueError, match=r"config.json declares a model of at least [\d,]+ parameters .* but its weights hold"):
+        load_chameleon_vqvae(tmp_path)
 
 
 def test_an_interrupted_conversion_leaves_nothing_to_refuse(tmp_path, monkeypatch):

@@ -39,9 +39,9 @@ from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, check_settings, processor_config
 from unimodal.data.shards import is_streamed
-from unimodal.modalities.base import describe_fingerprint, model_config
+from unimodal.modalities.base import describe_fingerprint, model_config, stored_values
 from unimodal.modalities.vocab import VocabLayout
-from unimodal.models.backbone import BackboneConfig, start_rows_near_mean, stored_values
+from unimodal.models.backbone import BackboneConfig, start_rows_near_mean
 from unimodal.models.build import build_model
 from unimodal.models.lora import merge_backbone_adapter, quiet_peft
 from unimodal.models.sharding import gathered
@@ -343,7 +343,8 @@ def _check_declared_modules(path: Path, continuous: dict[str, Callable[[int], Co
     not exceed twice what the file holds."""
     hidden = _backbone_size(path, "hidden_size")
     file = _modules_file(path) if continuous else None
-    stored = stored_values([file]) if file is not None else None
+    counted = stored_values([file]) if file is not None else None
+    stored = counted.values if counted is not None else None
     if hidden is None or stored is None:
         return  # nothing to build, or left to the loader, which names the problem in one line
     declared = 0

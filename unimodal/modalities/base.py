@@ -11,13 +11,15 @@ than probed by callers: ``sample_rate`` (audio codecs: the rate ``decode`` retur
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -73,19 +75,40 @@ def save_codec_files(directory: str | Path, config: dict[str, Any], arrays: dict
 
 def model_config(path: str | Path, what: str) -> dict[str, Any]:
     """``config.json`` of a local model directory (pretrained pieces load from local paths only),
-    or one line saying what ``path`` lacks."""
+    or one line saying what ``path`` lacks or what of it is not a dtype."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{what} {path} is not a model directory (no config.json); models load from local directories only")
-    return read_json_object(file, "copy the model directory again")
+    config = read_json_object(file, "copy the model directory again")
+    _check_dtypes(config, file)
+    return config
+
+
+def _check_dtypes(config: dict[str, Any], file: Path) -> None:
+    """transformers turns a ``dtype`` (``torch_dtype``) name into ``getattr(torch, name)``: a name
+    that is not a torch dtype is one line naming the key, at any depth (a sub-model's config)."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            _check_dtypes(value, file)
+        elif key in ("dtype", "torch_dtype") and value not in (None, "auto"):
+            if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+                raise ValueError(f"{file}: {key} is {value!r}, not a torch dtype such as 'float32' or 'bfloat16'; "
+                                 "copy the model directory again")
+
+
+# exceptions a model's constructor raises on a value it cannot build from (a string for a size, an
+# unknown activation name, a negative width)
+CONFIG_FAULTS = (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError, RuntimeError)
 
 
 @contextmanager
-def model_files_read(path: Path) -> Iterator[None]:
+def model_files_read(path: Path, building: bool = False) -> Iterator[None]:
     """What a Hugging Face loader raises on a damaged or foreign model directory, as one line naming
     it: weight files it cannot read (cut short, overwritten, a pickle of objects other than tensors,
     which is never unpickled), a ``config.json`` value of the wrong type, weights of other shapes than
-    the ones ``config.json`` describes, and code the directory names (``auto_map``), never run."""
+    the ones ``config.json`` describes, and code the directory names (``auto_map``), never run.
+    ``building``: the code inside reads ``config.json`` alone (it builds the model that file
+    describes), so whatever of :data:`CONFIG_FAULTS` it raises is a value of that file."""
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
@@ -93,6 +116,9 @@ def model_files_read(path: Path) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise
+    except StrictDataclassError as err:  # the field on one line, the value's fault on the next
+        detail = " ".join(line.strip() for line in str(err).splitlines())
+        raise ValueError(f"{path / 'config.json'}: {detail}; copy the model directory again") from None
     except (RuntimeError, ValueError) as err:
         text = str(err)
         if "ignore_mismatched_sizes" in text or "size mismatch for " in text:
@@ -106,15 +132,144 @@ def model_files_read(path: Path) -> Iterator[None]:
                              "use a model the library implements") from None
         if isinstance(err, json.JSONDecodeError):  # the index of the weight shards
             raise ValueError(f"the weights in {path} cannot be read (an index that is not JSON: {err}); copy the model directory again") from None
+        if building:
+            raise _config_fault(path, err) from None
         raise
-    except (SafetensorError, OSError, pickle.UnpicklingError, StrictDataclassError) as err:
+    except (SafetensorError, OSError, pickle.UnpicklingError) as err:
+        if building:  # config.json unreadable to the library
+            raise _config_fault(path, err) from None
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, StrictDataclassError):  # the field on one line, the value's fault on the next
-            detail = " ".join(line.strip() for line in str(err).splitlines())
-            raise ValueError(f"{path / 'config.json'}: {detail}; copy the model directory again") from None
         if isinstance(err, pickle.UnpicklingError):  # torch's advice is to load it unsafely
             detail = "a pickle of objects other than tensors, which could run code when loaded"
         raise ValueError(f"the weights in {path} cannot be read ({detail}); copy the model directory again") from None
+    except CONFIG_FAULTS as err:
+        if building:
+            raise _config_fault(path, err) from None
+        raise
+
+
+def _config_fault(path: Path, err: Exception) -> ValueError:
+    detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return ValueError(f"{path / 'config.json'}: a value the model cannot be built from ({type(err).__name__}: {detail}); "
+                      "copy the model directory again")
+
+
+# what transformers and diffusers load a model's weights from: one file, or the index of its shards
+WEIGHT_NAMES = ("model", "diffusion_pytorch_model")
+# how much more than its weights hold a model may declare: tied weights are built twice, weight
+# normalisation builds its g and v beside the weight, and a loader may leave a submodule out
+# (Chameleon's VQ-VAE); a config.json of 10**6 layers declares thousands of times more
+DECLARED_SLACK = 4
+
+
+class Stored(NamedTuple):
+    values: int
+    tensors: int
+
+
+def stored_values(files: list[Path]) -> Stored | None:
+    """The values and tensors the weight ``files`` hold, read from safetensors headers, or from a
+    pickle's tensor records onto the meta device (no data read, nothing but tensors unpickled);
+    None where one cannot be read: the loader names it in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    values = tensors = 0
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, framework="pt") as handle:
+                    shapes = [handle.get_slice(key).get_shape() for key in handle.keys()]
+            else:
+                state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+                shapes = [list(t.shape) for t in state.values() if isinstance(t, torch.Tensor)] if isinstance(state, dict) else []
+        except (SafetensorError, OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):
+            return None
+        values += sum(math.prod(shape) for shape in shapes)
+        tensors += len(shapes)
+    return Stored(values, tensors)
+
+
+def stored_weights(path: Path) -> Stored | None:
+    """What the weights a Hugging Face loader reads from the directory ``path`` hold (safetensors
+    before a pickle, one file before the shards an index names); other files beside them (an
+    adapter) are not the model's. None where there are none or they cannot be read."""
+    for name in WEIGHT_NAMES:
+        for kind in ("safetensors", "bin"):
+            if (path / f"{name}.{kind}").is_file():
+                return stored_values([path / f"{name}.{kind}"])
+            index = path / f"{name}.{kind}.index.json"
+            if index.is_file():
+                try:
+                    shards = json.loads(index.read_text())["weight_map"].values()
+                    return stored_values([path / shard for shard in sorted(set(shards))])
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    return None
+    return None
+
+
+class _Oversized(BaseException):
+    """Raised inside a constructor to stop building a model beyond its budget; not an Exception,
+    which library code building a model might catch and carry on."""
+
+
+def check_declared(path: Path, build: Callable[[], object]) -> None:
+    """Run ``build`` (the model the directory ``path``'s ``config.json`` describes) on the meta
+    device, which allocates nothing, before a library loads it: a value the model cannot be built
+    from is one line naming the file, where the library fails deep inside torch, and parameters
+    beyond :data:`DECLARED_SLACK` times the values or tensors the weights hold are refused as they
+    are built. The library would otherwise allocate every parameter the weights lack, until the
+    machine ran out of memory, and a config.json of 10**6 layers would take hours to build. Where
+    the weights cannot be counted, building stops at the first parameter: the loader names them."""
+    stored = stored_weights(path)
+    budget = Stored(*(DECLARED_SLACK * n for n in stored)) if stored is not None else Stored(0, 0)
+    built = [0, 0]
+
+    def registered(module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
+        built[0] += param.numel()
+        built[1] += 1
+        if built[0] > budget.values or built[1] > budget.tensors:
+            raise _Oversized
+
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(registered)
+    try:
+        with model_files_read(path, building=True), torch.device("meta"):
+            build()
+    except _Oversized:
+        if stored is not None:
+            raise ValueError(
+                f"{path / 'config.json'} declares a model of at least {built[0]:,} parameters ({built[1]:,} tensors) "
+                f"but its weights hold {stored.values:,} ({stored.tensors:,} tensors); copy the model directory again"
+            ) from None
+    finally:
+        hook.remove()
+
+
+def _build_declared(cls: Any, path: Path) -> None:
+    """The model of ``cls`` (a transformers or diffusers class) that ``config.json`` describes, built
+    as ``cls.from_pretrained`` builds it but without weights."""
+    if hasattr(cls, "load_config"):  # diffusers
+        config = cls.load_config(path, local_files_only=True)
+        _check_init_types(cls, config)
+        cls.from_config(config)
+        return
+    from transformers import AutoConfig
+
+    config = (getattr(cls, "config_class", None) or AutoConfig).from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+
+
+def _check_init_types(cls: Any, config: dict[str, Any]) -> None:
+    """diffusers hands ``config.json``'s values to the model's ``__init__`` unchecked, where a string
+    for a size fails deep inside torch: a value must have the type of the argument's default."""
+    init, _, _ = cls.extract_init_dict(config)
+    defaults = inspect.signature(cls.__init__).parameters
+    for key, value in init.items():
+        default = defaults[key].default if key in defaults else None
+        if default is None or default is inspect.Parameter.empty or value is None:
+            continue
+        kinds = (list, tuple) if isinstance(default, (list, tuple)) else (int, float) if type(default) is float else (type(default),)
+        if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
+            raise TypeError(f"{key} is {value!r}, where {cls.__name__} takes {' or '.join(kind.__name__ for kind in kinds)}")
 
 
 @contextmanager
@@ -138,10 +293,12 @@ def no_loading_bar() -> Iterator[None]:
 
 def load_pretrained(cls: Any, path: str | Path, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """``cls.from_pretrained`` (a transformers or diffusers model class) on the local directory
-    ``path``, its errors as :func:`model_files_read` says. Weights that leave parameters of the model
-    out (another architecture, more layers) are one line too, where the library would start them
+    ``path``, its errors as :func:`model_files_read` says, after :func:`check_declared` has built
+    the model its ``config.json`` describes. Weights that leave parameters of the model out
+    (another architecture, more layers) are one line too, where the library would start them
     afresh with only a warning; ``optional``: name prefixes of parameters that may be absent."""
     path = Path(path)
+    check_declared(path, lambda: _build_declared(cls, path))
     with model_files_read(path), no_loading_bar():
         model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, output_loading_info=True, **kwargs)
     missing = sorted(key for key in info["missing_keys"] if not key.startswith(optional))

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, model_files_read
+from unimodal.modalities.base import MediaCodec, check_declared, load_pretrained, model_config, model_files_read
 from unimodal.schema import IMAGE_FORMATS, DocumentError, Part
 
 
@@ -263,6 +263,7 @@ def load_chameleon_vqvae(path: str | Path) -> Any:
                          "checkpoint ('chameleon')")
     if not isinstance(config.get("vq_config"), dict):
         raise ValueError(f"{path / 'config.json'}: a Chameleon checkpoint without a vq_config object; copy the model directory again")
+    check_declared(path, lambda: ChameleonVQVAE(ChameleonVQVAEConfig(**config["vq_config"])))
     with model_files_read(path):
         model = ChameleonVQVAE(ChameleonVQVAEConfig(**config["vq_config"]))
         missing, unexpected = model.load_state_dict(_prefixed_weights(path, "model.vqmodel."), strict=False)

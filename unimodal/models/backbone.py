@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -71,74 +69,15 @@ def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrained
     return cls._from_config(config, **kwargs) if cls else AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def _check_declared_size(config: PretrainedConfig, path: Path) -> None:
-    """A ``config.json`` that declares far more than its weights hold (10**5 layers, a hidden size
-    of 10**6) would have transformers allocate the parameters it lacks before any check could name
-    them, until the machine runs out of memory. Every decoder layer holds at least an ``h x h`` and
-    an ``h x intermediate`` matrix (attention or a state-space projection; the MLP or each expert),
-    so that lower bound, with the embedding table, may not exceed twice the weights stored. In a
-    mixture of experts whose experts have a size of their own (``moe_intermediate_size``), the
-    dense ``intermediate_size`` may serve no layer at all, so the smaller of the two counts (only
-    where the architecture has such experts: another ignores the key)."""
-    text = config.get_text_config()
-    sizes = {name: getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}
-    if not all(isinstance(value, int) and value >= 0 for value in sizes.values()):
-        return  # not a layout this bound knows; the check of missing weights after loading still applies
-    width = sizes["intermediate_size"]
-    expert = getattr(text, "moe_intermediate_size", None) if hasattr(type(text), "moe_intermediate_size") else None
-    if expert is not None:
-        if not (isinstance(expert, int) and expert >= 0):
-            return
-        width = min(width, expert)
-    stored = _stored_parameters(path)
-    h = sizes["hidden_size"]
-    declared = sizes["vocab_size"] * h + sizes["num_hidden_layers"] * (h * h + h * width)
-    if stored is not None and declared > 2 * stored:
-        raise ValueError(
-            f"{path / 'config.json'} declares a model of at least {declared:,} parameters ({', '.join(f'{k} {v}' for k, v in sizes.items())}) "
-            f"but its weights hold {stored:,}; copy the model directory again"
-        )
-
-
-def _stored_parameters(path: Path) -> int | None:
-    """The number of values in the safetensors files transformers loads from the directory; other
-    ``.safetensors`` beside a ``pytorch_model.bin`` (an adapter) are not the backbone's weights."""
-    if (path / "model.safetensors").is_file():
-        return stored_values([path / "model.safetensors"])
-    if (path / "model.safetensors.index.json").is_file():
-        try:
-            shards = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None  # left to the loader, which names a damaged index in one line
-        return stored_values([path / name for name in sorted(set(shards))])
-    return None  # pytorch_model.bin: its shapes cannot be read without loading it
-
-
-def stored_values(files: list[Path]) -> int | None:
-    """The number of values the safetensors ``files`` hold, read from their headers only (None
-    where one cannot be read: the loader names it in one line)."""
-    from safetensors import SafetensorError, safe_open
-
-    total = 0
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as handle:
-                total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
-        except (SafetensorError, OSError):
-            return None
-    return total
-
-
 def causal_lm_from_pretrained(path: Path, whole: bool = False, **kwargs: Any) -> PreTrainedModel:
     """The causal LM saved in the local directory ``path``, read by :func:`load_pretrained` (every
-    damaged or foreign directory is one line naming it); a ``config.json`` that declares far more
-    than its weights hold is refused before anything is allocated. The :data:`UNUSED_SUBMODULES` may
+    damaged or foreign directory is one line naming it, a ``config.json`` that declares far more
+    than its weights hold too, before anything is allocated). The :data:`UNUSED_SUBMODULES` may
     be absent unless ``whole`` (a conversion that reads them)."""
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(f"{path} holds no model weights ({', '.join(WEIGHT_FILES)}); copy the model directory whole")
-    with model_files_read(path):
+    with model_files_read(path, building=True):
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    _check_declared_size(config, path)
     cls = CAUSAL_LM_ELSEWHERE.get(type(config), AutoModelForCausalLM)
     unused = () if whole else tuple(f"{name}." for name in UNUSED_SUBMODULES.get(cls, ()))  # never run: a checkpoint may leave them out
     return load_pretrained(cls, path, optional=unused, **kwargs)
