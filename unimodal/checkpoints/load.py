@@ -39,7 +39,7 @@ from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, check_settings, processor_config
 from unimodal.data.shards import is_streamed
-from unimodal.modalities.base import describe_fingerprint, model_config, stored_values
+from unimodal.modalities.base import DECLARED_SLACK, Stored, built_within, describe_fingerprint, model_config, stored_values
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, start_rows_near_mean
 from unimodal.models.build import build_model
@@ -338,25 +338,28 @@ def _backbone_size(path: Path, key: str) -> int | None:
 
 def _check_declared_modules(path: Path, continuous: dict[str, Callable[[int], ContinuousModality]]) -> None:
     """A model spec declaring far larger modules than ``modules.safetensors`` holds (a diffusion
-    head 10**6 wide) would be allocated in full before loading could find the mismatch. Each
-    module is built on the meta device first, which allocates nothing, and what it would store may
-    not exceed twice what the file holds."""
+    head 10**6 wide) would be allocated in full before loading could find the mismatch. The
+    modules are built on the meta device first (:func:`built_within`), which allocates nothing and
+    stops once they pass :data:`DECLARED_SLACK` times what the file holds."""
     hidden = _backbone_size(path, "hidden_size")
     file = _modules_file(path) if continuous else None
-    counted = stored_values([file]) if file is not None else None
-    stored = counted.values if counted is not None else None
+    stored = stored_values([file]) if file is not None else None
     if hidden is None or stored is None:
         return  # nothing to build, or left to the loader, which names the problem in one line
-    declared = 0
-    for name, build in continuous.items():
-        try:
-            with torch.device("meta"):
-                declared += sum(t.numel() for t in build(hidden).state_dict().values())
-        except ValueError as err:  # a setting the module refuses (a schedule of 10**9 steps)
-            raise ExportError(f"{path / CONFIG_FILE}: model.continuous.{name}: {err}; {REEXPORT}") from None
-    if declared > 2 * stored:
-        raise ExportError(f"{path / CONFIG_FILE}: model.continuous declares modules of {declared:,} values "
-                          f"but {MODULES_FILE} holds {stored:,}; {REEXPORT}")
+    name = ""
+
+    def build() -> None:
+        nonlocal name
+        for name, module in continuous.items():
+            module(hidden)
+
+    try:
+        over = built_within(build, Stored(*(DECLARED_SLACK * n for n in stored)))
+    except ValueError as err:  # a setting the module refuses (a schedule of 10**9 steps)
+        raise ExportError(f"{path / CONFIG_FILE}: model.continuous.{name}: {err}; {REEXPORT}") from None
+    if over is not None:
+        raise ExportError(f"{path / CONFIG_FILE}: model.continuous declares modules of at least {over.values:,} values "
+                          f"but {MODULES_FILE} holds {stored.values:,}; {REEXPORT}")
 
 
 def load_exported(path: str | Path, merge_lora: bool = True) -> Exported:

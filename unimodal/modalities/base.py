@@ -212,16 +212,10 @@ class _Oversized(BaseException):
     which library code building a model might catch and carry on."""
 
 
-def check_declared(path: Path, build: Callable[[], object]) -> None:
-    """Run ``build`` (the model the directory ``path``'s ``config.json`` describes) on the meta
-    device, which allocates nothing, before a library loads it: a value the model cannot be built
-    from is one line naming the file, where the library fails deep inside torch, and parameters
-    beyond :data:`DECLARED_SLACK` times the values or tensors the weights hold are refused as they
-    are built. The library would otherwise allocate every parameter the weights lack, until the
-    machine ran out of memory, and a config.json of 10**6 layers would take hours to build. Where
-    the weights cannot be counted, building stops at the first parameter: the loader names them."""
-    stored = stored_weights(path)
-    budget = Stored(*(DECLARED_SLACK * n for n in stored)) if stored is not None else Stored(0, 0)
+def built_within(build: Callable[[], object], budget: Stored) -> Stored | None:
+    """Run ``build`` on the meta device, which allocates nothing, counting the parameters it
+    registers; building stops as soon as they pass ``budget``, and what was built by then is
+    returned (None: it fits). A model of 10**6 layers stops after a few of them."""
     built = [0, 0]
 
     def registered(module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
@@ -232,16 +226,31 @@ def check_declared(path: Path, build: Callable[[], object]) -> None:
 
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(registered)
     try:
-        with model_files_read(path, building=True), torch.device("meta"):
+        with torch.device("meta"):
             build()
     except _Oversized:
-        if stored is not None:
-            raise ValueError(
-                f"{path / 'config.json'} declares a model of at least {built[0]:,} parameters ({built[1]:,} tensors) "
-                f"but its weights hold {stored.values:,} ({stored.tensors:,} tensors); copy the model directory again"
-            ) from None
+        return Stored(*built)
     finally:
         hook.remove()
+    return None
+
+
+def check_declared(path: Path, build: Callable[[], object]) -> None:
+    """Build the model the directory ``path``'s ``config.json`` describes (``build``) on the meta
+    device before a library loads it: a value the model cannot be built from is one line naming the
+    file, where the library fails deep inside torch, and parameters beyond :data:`DECLARED_SLACK`
+    times the values or tensors the weights hold are refused as they are built. The library would
+    otherwise allocate every parameter the weights lack, until the machine ran out of memory, and a
+    config.json of 10**6 layers would take hours to build. Where the weights cannot be counted,
+    building stops at the first parameter: the loader names them."""
+    stored = stored_weights(path)
+    with model_files_read(path, building=True):
+        over = built_within(build, Stored(*(DECLARED_SLACK * n for n in stored)) if stored is not None else Stored(0, 0))
+    if over is not None and stored is not None:
+        raise ValueError(
+            f"{path / 'config.json'} declares a model of at least {over.values:,} parameters ({over.tensors:,} tensors) "
+            f"but its weights hold {stored.values:,} ({stored.tensors:,} tensors); copy the model directory again"
+        )
 
 
 def _build_declared(cls: Any, path: Path) -> None:
