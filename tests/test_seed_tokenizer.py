@@ -133,6 +133,19 @@ def test_stage2_alone_starts_from_the_builtin_tokenizer(data_home, tmp_path):
     assert metric(tmp_path / "s2", "train/distillation")
 
 
+def test_stage2_trains_its_modules_in_train_mode(tmp_path):
+    """The tokenizer stage 1 wrote comes back from disk in eval mode, which Lightning keeps: stage 2
+    trained its quantizer and decoders in eval mode (its summary: 0 modules in train mode)."""
+    from unimodal.training.seed_tokenizer_stages import SeedTokenizerStage2
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    stage = SeedTokenizerStage2(init_from=str(tmp_path / "tok"), vocab={"text_size": 64})
+    stage.configure_model()
+    tokenizer = stage.tokenizer
+    assert tokenizer.decoder.training and tokenizer.quantizer.training and tokenizer.pixel_decoder.training
+    assert not tokenizer.qformer.training and not tokenizer.vision.training  # frozen
+
+
 def test_pairs_without_raw_images_fail_instead_of_hanging(char_tokenizer):
     """The pair stream draws documents forever: a text-only (or pre-encoded) set would hang the run."""
     from types import SimpleNamespace

@@ -170,8 +170,10 @@ class SeedTokenizerStage2(SeedTokenizerModule):
     def configure_model(self) -> None:
         if hasattr(self, "tokenizer"):
             return
-        self.tokenizer = SeedTokenizer.from_pretrained(local_path(self.init_from))
-        self.tokenizer.qformer.requires_grad_(False)
+        # from_pretrained returns eval mode, which Lightning keeps: the modules this stage trains go
+        # back to train mode, the frozen ones stay in eval (SeedTokenizer.train)
+        self.tokenizer = SeedTokenizer.from_pretrained(local_path(self.init_from)).train()
+        self.tokenizer.qformer.requires_grad_(False).eval()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokenizer = self.tokenizer
