@@ -207,11 +207,13 @@ def _config_edited(path, **changes) -> None:
 
 
 def _as_pickle(path) -> None:
-    """The weights as the plain ``.bin`` of tensors that older model directories hold."""
+    """The weights as the plain ``.bin`` of tensors that older model directories hold, named as the
+    library reads it (``pytorch_model.bin``, ``diffusion_pytorch_model.bin``)."""
     from safetensors.torch import load_file
 
     (file,) = path.glob("*.safetensors")
-    torch.save(load_file(str(file)), file.with_suffix(".bin"))
+    pickled = "diffusion_pytorch_model.bin" if file.name.startswith("diffusion_") else "pytorch_model.bin"
+    torch.save(load_file(str(file)), path / pickled)
     file.unlink()
 
 

@@ -154,8 +154,9 @@ def _config_fault(path: Path, err: Exception) -> ValueError:
                       "copy the model directory again")
 
 
-# what transformers and diffusers load a model's weights from: one file, or the index of its shards
-WEIGHT_NAMES = ("model", "diffusion_pytorch_model")
+# the weight files transformers and diffusers read, safetensors before a pickle; each may instead be
+# sharded, with ``NAME.index.json`` beside the shards
+WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.bin")
 # how much more than its weights hold a model may declare: tied weights are built twice, weight
 # normalisation builds its g and v beside the weight, and a loader may leave a submodule out
 # (Chameleon's VQ-VAE); a config.json of 10**6 layers declares thousands of times more
@@ -194,16 +195,15 @@ def stored_weights(path: Path) -> Stored | None:
     before a pickle, one file before the shards an index names); other files beside them (an
     adapter) are not the model's. None where there are none or they cannot be read."""
     for name in WEIGHT_NAMES:
-        for kind in ("safetensors", "bin"):
-            if (path / f"{name}.{kind}").is_file():
-                return stored_values([path / f"{name}.{kind}"])
-            index = path / f"{name}.{kind}.index.json"
-            if index.is_file():
-                try:
-                    shards = json.loads(index.read_text())["weight_map"].values()
-                    return stored_values([path / shard for shard in sorted(set(shards))])
-                except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                    return None
+        if (path / name).is_file():
+            return stored_values([path / name])
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = json.loads(index.read_text())["weight_map"].values()
+                return stored_values([path / shard for shard in sorted(set(shards))])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return None
     return None
 
 
