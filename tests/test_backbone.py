@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -43,6 +44,21 @@ def test_weights_in_pytorch_model_bin_load_beside_an_adapters_safetensors(saved_
     save_file({"lora_A": torch.zeros(4)}, path / "adapter_model.safetensors")
     loaded = load_backbone(BackboneConfig(path=str(path), attention="sdpa"), vocab_size=100)
     torch.testing.assert_close(loaded.get_input_embeddings().weight, original.get_input_embeddings().weight)
+
+
+def test_sharded_weights_load_and_their_shards_bound_what_config_json_may_declare(saved_llama):
+    """A model saved in shards (an ``.index.json`` beside them, as large checkpoints are) loads, and
+    the size check counts every shard the index names: a config declaring far more is refused."""
+    original, path = saved_llama
+    (path / "model.safetensors").unlink()
+    original.save_pretrained(path, max_shard_size="20KB")
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1 and (path / "model.safetensors.index.json").is_file()
+    loaded = load_backbone(BackboneConfig(path=str(path), attention="sdpa"), vocab_size=100)
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, original.get_input_embeddings().weight)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**6}))
+    with pytest.raises(ValueError, match=r"config.json declares a model of at least [\d,]+ parameters .* but its weights hold"):
+        load_backbone(BackboneConfig(path=str(path), attention="sdpa"), vocab_size=100)
 
 
 def test_a_mixture_of_experts_whose_dense_intermediate_size_serves_no_layer_loads(tmp_path):

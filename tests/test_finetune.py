@@ -132,5 +132,5 @@ def test_an_incomplete_export_or_a_file_of_one_is_one_line(tmp_path, capsys):
     (export / "model.safetensors").unlink()
     assert unimodal_main(["eval", str(export), "--suite", "digits", "--limit", "1"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"unimodal eval: error: {export} holds no model weights (model.safetensors, model.safetensors.index.json, "
-        "pytorch_model.bin, pytorch_model.bin.index.json); copy the model directory whole")
+        f"unimodal eval: error: {export} holds no model weights (model.safetensors or pytorch_model.bin, whole or sharded "
+        "with an .index.json); copy the model directory whole")

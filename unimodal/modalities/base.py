@@ -190,21 +190,30 @@ def stored_values(files: list[Path]) -> Stored | None:
     return Stored(values, tensors)
 
 
+def weight_file(path: Path) -> Path | None:
+    """The file a Hugging Face loader reads the weights of the directory ``path`` from: the first of
+    :data:`WEIGHT_NAMES` there, or the index of its shards; None where there is none."""
+    for name in WEIGHT_NAMES:
+        for file in (path / name, path / f"{name}.index.json"):
+            if file.is_file():
+                return file
+    return None
+
+
 def stored_weights(path: Path) -> Stored | None:
     """What the weights a Hugging Face loader reads from the directory ``path`` hold (safetensors
     before a pickle, one file before the shards an index names); other files beside them (an
     adapter) are not the model's. None where there are none or they cannot be read."""
-    for name in WEIGHT_NAMES:
-        if (path / name).is_file():
-            return stored_values([path / name])
-        index = path / f"{name}.index.json"
-        if index.is_file():
-            try:
-                shards = json.loads(index.read_text())["weight_map"].values()
-                return stored_values([path / shard for shard in sorted(set(shards))])
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                return None
-    return None
+    file = weight_file(path)
+    if file is None:
+        return None
+    if not file.name.endswith(".index.json"):
+        return stored_values([file])
+    try:
+        shards = json.loads(file.read_text())["weight_map"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return stored_values([path / shard for shard in sorted(set(shards))])
 
 
 class _Oversized(BaseException):
@@ -282,9 +291,10 @@ def _check_init_types(cls: Any, config: dict[str, Any]) -> None:
 
 
 @contextmanager
-def no_loading_bar() -> Iterator[None]:
-    """transformers draws a "Loading weights" bar for every model it reads, which says nothing to
-    act on and breaks into our own lines, so it is off while one is read; a user who sets
+def no_weights_bar() -> Iterator[None]:
+    """transformers draws a bar for every model it reads ("Loading weights") or writes ("Writing
+    model shards"), which says nothing to act on and breaks into our own lines, so it is off while
+    one is read or written; a user who sets
     ``HF_HUB_DISABLE_PROGRESS_BARS`` decides instead (``0`` shows it; the CLI defaults to ``1``)."""
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
         yield
@@ -308,7 +318,7 @@ def load_pretrained(cls: Any, path: str | Path, optional: tuple[str, ...] = (), 
     afresh with only a warning; ``optional``: name prefixes of parameters that may be absent."""
     path = Path(path)
     check_declared(path, lambda: _build_declared(cls, path))
-    with model_files_read(path), no_loading_bar():
+    with model_files_read(path), no_weights_bar():
         model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, output_loading_info=True, **kwargs)
     missing = sorted(key for key in info["missing_keys"] if not key.startswith(optional))
     if missing:

@@ -13,13 +13,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, ChameleonConfig, ChameleonForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
 from unimodal.errors import UserError
-from unimodal.modalities.base import load_pretrained, model_config, model_files_read
+from unimodal.modalities.base import load_pretrained, model_config, model_files_read, weight_file
 from unimodal.models.attention import resolve_backend
 from unimodal.models.sharding import gathered
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# what transformers loads a model's weights from: one file, or the index of its shards
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -74,8 +72,9 @@ def causal_lm_from_pretrained(path: Path, whole: bool = False, **kwargs: Any) ->
     damaged or foreign directory is one line naming it, a ``config.json`` that declares far more
     than its weights hold too, before anything is allocated). The :data:`UNUSED_SUBMODULES` may
     be absent unless ``whole`` (a conversion that reads them)."""
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise FileNotFoundError(f"{path} holds no model weights ({', '.join(WEIGHT_FILES)}); copy the model directory whole")
+    if weight_file(path) is None:
+        raise FileNotFoundError(f"{path} holds no model weights (model.safetensors or pytorch_model.bin, whole or sharded "
+                                "with an .index.json); copy the model directory whole")
     with model_files_read(path, building=True):
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     cls = CAUSAL_LM_ELSEWHERE.get(type(config), AutoModelForCausalLM)
