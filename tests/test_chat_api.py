@@ -535,7 +535,7 @@ def test_span_shapes_come_from_the_codecs():
     assert default_spans(orthus, {}) == {}
 
 
-def test_unimodal_load_draws_no_loading_bar_unless_asked(capfd, monkeypatch):
+def test_unimodal_load_draws_no_weights_bar_unless_asked(capfd, monkeypatch):
     """transformers' "Loading weights" bar is off in Python as in the CLI; HF_HUB_DISABLE_PROGRESS_BARS=0
     shows it, and its own switch is left as it was."""
     from transformers.utils import logging as hf_logging

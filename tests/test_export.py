@@ -95,9 +95,17 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
     assert not torch.equal(loaded.model.continuous["image"].proj.weight, torch.zeros(1))
 
 
-def test_export_logs_what_it_wrote_not_the_training_build(run, tmp_path, caplog):
+def test_export_logs_what_it_wrote_not_the_training_build(run, tmp_path, caplog, capfd, monkeypatch):
+    """One line for what was written; neither the training build's lines nor transformers'
+    "Writing model shards" bar, in Python as in the CLI."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
     with caplog.at_level(logging.INFO):
         export(run / "checkpoints" / "last.ckpt", tmp_path / "export")
+    assert "Writing model shards" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
     lines = [record.getMessage() for record in caplog.records if record.name.startswith("unimodal")]
     assert any(line.startswith("exported ") for line in lines)
     assert not [line for line in lines if line.startswith(("model:", "LoRA r=", "initialised from"))], lines

@@ -37,6 +37,7 @@ from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
 from unimodal.errors import UserError
+from unimodal.modalities.base import no_weights_bar
 from unimodal.models.backbone import causal_lm_from_config
 from unimodal.models.lora import has_backbone_adapter, merge_backbone_adapter, merge_injected, save_adapter
 from unimodal.models.unified import UnifiedModel
@@ -188,7 +189,8 @@ def write_export(
     backbone = model.backbone
     vanilla = _vanilla_keys(backbone)
     plain = _plain_state(backbone.state_dict(), vanilla)
-    backbone.save_pretrained(str(out), state_dict=plain)
+    with no_weights_bar():
+        backbone.save_pretrained(str(out), state_dict=plain)
     modules = {k: v for k, v in model.state_dict().items() if not (k.startswith("backbone.") and k[len("backbone.") :] in vanilla)}
     if modules:
         save_file(_safetensors_state(modules), str(out / MODULES_FILE))
