@@ -233,6 +233,34 @@ def test_a_config_declaring_far_more_than_its_weights_is_refused_unbuilt(tmp_pat
         load(path)
 
 
+def test_the_size_check_counts_only_the_parameters_its_own_thread_builds():
+    """torch's registration hook is process-wide: a model another thread builds meanwhile (a server
+    loading beside a check) must neither count against the budget nor be stopped."""
+    import threading
+
+    from unimodal.modalities.base import Stored, built_within
+
+    checking, elsewhere_built = threading.Event(), threading.Event()
+    elsewhere: list[torch.nn.Module] = []
+
+    def build_elsewhere():
+        checking.wait(10)
+        elsewhere.append(torch.nn.Linear(1000, 1000))
+        elsewhere_built.set()
+
+    def build_here():
+        checking.set()
+        elsewhere_built.wait(10)
+        return torch.nn.Linear(10, 10)
+
+    thread = threading.Thread(target=build_elsewhere)
+    thread.start()
+    assert built_within(build_here, Stored(values=200, tensors=4)) is None
+    thread.join()
+    assert elsewhere and elsewhere[0].weight.shape == (1000, 1000)
+    assert built_within(lambda: torch.nn.Linear(100, 100), Stored(values=200, tensors=4)) == Stored(10_000, 1)
+
+
 @pytest.mark.parametrize(
     ("kind", "changes", "needle"),
     [

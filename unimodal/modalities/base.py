@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -224,10 +225,15 @@ class _Oversized(BaseException):
 def built_within(build: Callable[[], object], budget: Stored) -> Stored | None:
     """Run ``build`` on the meta device, which allocates nothing, counting the parameters it
     registers; building stops as soon as they pass ``budget``, and what was built by then is
-    returned (None: it fits). A model of 10**6 layers stops after a few of them."""
+    returned (None: it fits). A model of 10**6 layers stops after a few of them. torch's hook is
+    process-wide, so only this thread's parameters count: a model built in another thread (a
+    server loading beside a check) neither counts nor stops."""
     built = [0, 0]
+    builder = threading.get_ident()
 
     def registered(module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
+        if threading.get_ident() != builder:
+            return
         built[0] += param.numel()
         built[1] += 1
         if built[0] > budget.values or built[1] > budget.tensors:
