@@ -246,29 +246,25 @@ class Processor:
         return self.layout.code_ids(name, codes, np.arange(len(codes))[:, None]).reshape(-1)
 
     def _concat(self, spans: list, key: str) -> EncodedDocument:
-        ids, modality, target, block, continuous, features, span_start = [], [], [], [], [], [], []
-        next_block = 0
-        for span_ids, mod, loss, is_cont, feats, starts in spans:
-            n = len(span_ids)
-            ids.append(span_ids)
-            span_start.append(np.arange(n) < int(starts))
-            modality.append(np.full(n, mod, dtype=np.int8))
-            target.append(np.full(n, loss, dtype=bool))
-            continuous.append(np.full(n, is_cont, dtype=bool))
-            in_block = is_cont and _modality_name(mod) in self.bidirectional
-            block.append(np.full(n, next_block if in_block else -1, dtype=np.int32))
-            next_block += int(in_block)
-            if feats is not None:
-                features.append(feats)
+        # one repeat per field rather than one small array per span and field: a short document
+        # has a dozen spans, and this runs for every document the data module reads
+        span_ids, modality, loss, is_cont, feats, starts = zip(*spans)
+        lengths = np.array([len(ids) for ids in span_ids])
+        in_block = np.array([cont and _modality_name(mod) in self.bidirectional for mod, cont in zip(modality, is_cont)])
+        block = np.where(in_block, np.cumsum(in_block) - 1, -1).astype(np.int32)
+        offsets = np.cumsum(lengths) - lengths
+        span_start = np.zeros(int(lengths.sum()), dtype=bool)
+        span_start[offsets[np.array(starts) & (lengths > 0)]] = True
+        features = [f for f in feats if f is not None]
         return EncodedDocument(
-            ids=np.concatenate(ids),
-            modality=np.concatenate(modality),
-            target=np.concatenate(target),
-            block=np.concatenate(block),
-            continuous=np.concatenate(continuous),
+            ids=np.concatenate(span_ids),
+            modality=np.repeat(np.array(modality, dtype=np.int8), lengths),
+            target=np.repeat(np.array(loss, dtype=bool), lengths),
+            block=np.repeat(block, lengths),
+            continuous=np.repeat(np.array(is_cont, dtype=bool), lengths),
             features=np.concatenate(features) if features else np.zeros((0, self.feature_dim), np.float32),
             key=key,
-            span_start=np.concatenate(span_start),
+            span_start=span_start,
         )
 
 

@@ -117,6 +117,8 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
         raise ValueError(f"expected an HxWx3 uint8 image, got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
     h, w = image.shape[:2]
+    if h == w == size:  # what PIL's resize and crop would return, without their copies
+        return image
     scale = size / min(h, w)
     resized = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
