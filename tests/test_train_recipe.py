@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,12 @@ def test_the_model_summary_gives_the_parameters_and_no_flops_it_cannot_count(tmp
     shown = capsys.readouterr().out + caplog.text
     assert "Total params" in shown and "Trainable params" in shown and "Modules in eval mode" in shown
     assert "flops" not in shown.lower() and "model summary" not in shown.lower()
+    assert "model: " not in caplog.text  # the totals are said once, by the summary
+    caplog.clear()
+    assert unimodal_main(["train", str(RECIPE), "--tiny", f"--trainer.default_root_dir={tmp_path / 'quiet'}", "--trainer.max_steps=1",
+                          "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false"]) == 0
+    assert "Total params" not in capsys.readouterr().out + caplog.text
+    assert re.search(r"model: [\d.]+M parameters, [\d.]+M trainable", caplog.text)
 
 
 def test_a_diverging_run_stops_with_status_3_and_keeps_its_checkpoints_finite(tmp_path, capsys):

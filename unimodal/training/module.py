@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from unimodal.batch import PackedBatch
@@ -137,8 +138,9 @@ class UnimodalModule(L.LightningModule):
                 self.model, strategy.device_mesh["data_parallel"], bf16=str(self.trainer.precision).startswith("bf16"),
                 cpu_offload=strategy.cpu_offload, reshard_after_forward=strategy.reshard_after_forward,
             )
-        n_train, n_total = parameter_counts(self.model)
-        log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)
+        if not any(isinstance(c, ModelSummary) for c in (self._trainer.callbacks if self._trainer is not None else [])):
+            n_train, n_total = parameter_counts(self.model)  # else the summary's totals say it, once
+            log.info("model: %.2fM parameters, %.2fM trainable", n_total / 1e6, n_train / 1e6)
 
     def _step_scale(self, batch: PackedBatch) -> torch.Tensor:
         """Factor turning a micro-batch CE sum into its share of the step's per-token mean."""
