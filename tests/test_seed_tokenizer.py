@@ -86,6 +86,87 @@ def test_a_damaged_seed_tokenizer_is_one_line_naming_it(tmp_path, damage, messag
     assert "\n" not in str(caught.value) and str(tmp_path / "tok") in str(caught.value)
 
 
+def tiny_unclip_pipeline(out: Path, embed_dim: int) -> Path:
+    """A random ``StableUnCLIPImg2ImgPipeline`` of a few thousand parameters, saved as diffusers
+    saves the real one (stable-diffusion-2-1-unclip): a folder per component beside model_index.json."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    vocab = out.parent / "clip-vocab"
+    vocab.mkdir(parents=True)
+    (vocab / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "a": 3}))
+    (vocab / "merges.txt").write_text("#version: 0.2\n")
+    clip = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(size=16, crop_size=16),
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**clip, image_size=16, patch_size=8, projection_dim=embed_dim)),
+        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=embed_dim),
+        image_noising_scheduler=DDPMScheduler(),
+        tokenizer=CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=8),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip, vocab_size=4, max_position_embeddings=8, projection_dim=16)),
+        unet=UNet2DConditionModel(
+            sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, class_embed_type="projection", projection_class_embeddings_input_dim=2 * embed_dim,
+        ),
+        scheduler=DDIMScheduler(),
+        vae=AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, sample_size=16,
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    ).save_pretrained(out)
+    return out
+
+
+def test_an_attached_unclip_pipeline_draws_the_tokenizers_codes(tmp_path, capfd):
+    """SEED's own pixel decoder at full scale: the codes' image embedding drawn by unCLIP, without
+    diffusers' loading bars or its notes on the components it is handed."""
+    tokenizer = tiny_tokenizer().eval()
+    codes = tokenizer.encode(Part("image", media=0, data=image(0)))
+    small = tokenizer.decode(codes)
+    pipeline = tiny_unclip_pipeline(tmp_path / "unclip", tokenizer.config.embed_dim)
+    capfd.readouterr()
+    tokenizer.attach_unclip(pipeline, steps=2)
+    drawn = tokenizer.decode(codes)
+    assert drawn.shape == (16, 16, 3) and drawn.dtype == np.uint8 and not np.array_equal(drawn, small)
+    shown = capfd.readouterr().err
+    assert "Loading" not in shown and "cannot verify" not in shown and "it/s" not in shown, shown
+    with pytest.raises(ValueError, match=r"draws from 5-wide image embeddings, and this tokenizer decodes codes to \d+-wide"):
+        tokenizer.attach_unclip(tiny_unclip_pipeline(tmp_path / "other" / "unclip", 5))
+
+
+def _unet_config(path: Path, **changes) -> None:
+    file = path / "unet" / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def _unet_pickled(path: Path, marker: Path) -> None:
+    from safetensors.torch import load_file
+    from test_reliability import _Payload
+
+    (file,) = (path / "unet").glob("*.safetensors")
+    torch.save({**load_file(str(file)), "payload": _Payload(marker)}, path / "unet" / "diffusion_pytorch_model.bin")
+    file.unlink()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d, _: (d / "model_index.json").unlink(), r"is not a diffusers pipeline directory \(no model_index.json\)"),
+    (lambda d, _: [f.write_bytes(f.read_bytes()[:3000]) for f in (d / "unet").glob("*.safetensors")], r"the weights in .*unet cannot be read"),
+    (_unet_pickled, r"the weights in .*unet cannot be read"),
+    # diffusers would build 10**6 blocks for hours before finding the weights do not fill them
+    (lambda d, _: _unet_config(d, layers_per_block=10**6), r"unet/config.json declares a model of at least [\d,]+ parameters"),
+    (lambda d, _: _unet_config(d, layers_per_block="2"), r"unet/config.json: .*layers_per_block is '2', where UNet2DConditionModel takes int"),
+])
+def test_a_damaged_unclip_pipeline_is_one_line_and_runs_no_code(tmp_path, damage, message):
+    tokenizer = tiny_tokenizer().eval()
+    pipeline = tiny_unclip_pipeline(tmp_path / "unclip", tokenizer.config.embed_dim)
+    marker = tmp_path / "ran"
+    damage(pipeline, marker)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as caught:
+        tokenizer.attach_unclip(pipeline)
+    assert "\n" not in str(caught.value) and not marker.exists() and tokenizer.unclip is None
+
+
 def metric(run: Path, name: str) -> list[float]:
     (metrics,) = run.glob("logs/version_*/metrics.csv")
     with metrics.open() as f:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -299,21 +300,27 @@ def _check_init_types(cls: Any, config: dict[str, Any]) -> None:
 @contextmanager
 def no_weights_bar() -> Iterator[None]:
     """transformers draws a bar for every model it reads ("Loading weights") or writes ("Writing
-    model shards"), which says nothing to act on and breaks into our own lines, so it is off while
-    one is read or written; a user who sets
-    ``HF_HUB_DISABLE_PROGRESS_BARS`` decides instead (``0`` shows it; the CLI defaults to ``1``)."""
+    model shards"), and diffusers one for a pipeline's components; they say nothing to act on and
+    break into our own lines, so they are off while a model is read or written. A user who sets
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` decides instead (``0`` shows them; the CLI defaults to ``1``)."""
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
         yield
         return
     from transformers.utils import logging as hf_logging
 
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    switches = [hf_logging]
+    if "diffusers" in sys.modules:  # imported by whoever reads a diffusers model; never imported here for nothing
+        from diffusers.utils import logging as diffusers_logging
+
+        switches.append(diffusers_logging)
+    shown = [switch for switch in switches if switch.is_progress_bar_enabled()]
+    for switch in shown:
+        switch.disable_progress_bar()
     try:
         yield
     finally:
-        if shown:
-            hf_logging.enable_progress_bar()
+        for switch in shown:
+            switch.enable_progress_bar()
 
 
 def load_pretrained(cls: Any, path: str | Path, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, model_files_read, weights_checksum
+from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, model_files_read, no_weights_bar, weights_checksum
 from unimodal.modalities.image_continuous import center_crop
 from unimodal.schema import Part, local_path, read_json_object
 
@@ -207,13 +207,43 @@ class SmallPixelDecoder(nn.Module):
 
 class UnCLIPPixelDecoder:
     """A diffusers unCLIP image-variation pipeline (``StableUnCLIPImg2ImgPipeline``) from a local
-    directory; it draws an image from the tokenizer's image embedding, as in SEED."""
+    directory; it draws an image from the tokenizer's image embedding, as in SEED.
+
+    Its weight-bearing models are read one by one through :func:`load_pretrained`, so a damaged or
+    hostile folder is one line naming it (a ``config.json`` declaring far more than its weights
+    included) and no pickle runs code; the pipeline itself then reads only JSON and text (schedulers,
+    tokenizer, image processor)."""
 
     def __init__(self, path: str | Path, steps: int = 25, guidance_scale: float = 10.0, device: str = "cpu"):
-        from diffusers import StableUnCLIPImg2ImgPipeline
+        from diffusers import AutoencoderKL, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+        from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+        from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
-        self.pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(str(path), local_files_only=True).to(device)
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json); "
+                                    "save the unCLIP pipeline with save_pretrained and attach that directory")
+        models = {
+            name: load_pretrained(cls, path / name)
+            for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
+                              ("image_encoder", CLIPVisionModelWithProjection), ("image_normalizer", StableUnCLIPImageNormalizer))
+        }
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # else it says it "cannot verify" the normalizer it asks to be given
+        try:
+            with model_files_read(path), no_weights_bar():
+                self.pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(str(path), local_files_only=True, **models).to(device)
+        finally:
+            diffusers_logging.set_verbosity(level)
+        self.pipeline.set_progress_bar_config(disable=True)  # one bar per drawn picture says nothing
         self.steps, self.guidance_scale = steps, guidance_scale
+
+    @property
+    def embedding_dim(self) -> int:
+        """The width of the image embeddings the pipeline draws from."""
+        return self.pipeline.image_normalizer.config.embedding_dim
 
     def __call__(self, embedding: torch.Tensor) -> np.ndarray:
         images = self.pipeline(
@@ -313,7 +343,16 @@ class SeedTokenizer(MediaCodec, nn.Module):
         return (images * 255).round().byte().cpu().numpy()
 
     def attach_unclip(self, path: str | Path, **kwargs: Any) -> None:
-        self.unclip = UnCLIPPixelDecoder(path, device=str(self.device), **kwargs)
+        """Draw pictures with the unCLIP pipeline saved in ``path`` (``UnCLIPPixelDecoder``'s
+        ``steps`` and ``guidance_scale`` as keywords); its image embeddings must be as wide as the
+        ones this tokenizer decodes to."""
+        decoder = UnCLIPPixelDecoder(path, device=str(self.device), **kwargs)
+        if decoder.embedding_dim != self.config.embed_dim:
+            raise ValueError(
+                f"the unCLIP pipeline in {path} draws from {decoder.embedding_dim}-wide image embeddings, and this tokenizer "
+                f"decodes codes to {self.config.embed_dim}-wide ones; attach the pipeline whose image encoder stage 2 distilled into"
+            )
+        self.unclip = decoder
 
     # -- MediaCodec ----------------------------------------------------------------------------
 
