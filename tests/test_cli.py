@@ -236,9 +236,15 @@ def test_data_tokenizer_gives_text_back_as_it_was(tmp_path: Path):
     assert any("return" in piece for piece in tokenizer.pieces())  # learnt from the long document
 
 
-def test_data_tokenizer_interrupted_keeps_the_tokenizer_there(tmp_path: Path, monkeypatch, capsys):
-    """Ctrl-C reaches Python only once SentencePiece's training returns, after it wrote its files:
-    --overwrite had replaced the old tokenizer, though the run said it was interrupted."""
+def test_data_tokenizer_stops_at_ctrl_c_and_keeps_the_tokenizer_there(tmp_path: Path, monkeypatch, capsys):
+    """SentencePiece's training keeps Python from handling Ctrl-C until it returns (minutes on a
+    large corpus), and then it has written its files: --overwrite replaced the old tokenizer though
+    the run said it was interrupted. Here a stand-in training that ignores Ctrl-C and would take
+    half a minute: the command stops within seconds, and the old tokenizer stays."""
+    import signal
+    import threading
+    import time
+
     from unimodal.data import sentencepiece_trainer
 
     (tmp_path / "src.jsonl").write_text(json.dumps({"parts": [{"type": "text", "text": "a few words " * 50}]}) + "\n")
@@ -246,12 +252,23 @@ def test_data_tokenizer_interrupted_keeps_the_tokenizer_there(tmp_path: Path, mo
     assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "270"]) == 0
     before, train = out.read_bytes(), sentencepiece_trainer._train
 
-    def train_then_ctrl_c(*args):
-        train(*args)
-        raise KeyboardInterrupt
+    def deaf_to_ctrl_c(spm, texts, prefix, vocab_size):
+        train(spm, texts, prefix, vocab_size)  # its files written, as SentencePiece writes them at the end
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            time.sleep(30)
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
-    monkeypatch.setattr(sentencepiece_trainer, "_train", train_then_ctrl_c)
-    assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "280", "--overwrite"]) == 130
+    monkeypatch.setattr(sentencepiece_trainer, "_train", deaf_to_ctrl_c)
+    ctrl_c = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    ctrl_c.start()
+    try:
+        code = main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "280", "--overwrite"])
+    finally:
+        ctrl_c.cancel()
+    assert code == 130 and time.monotonic() - started < 20
     assert "interrupted" in capsys.readouterr().err
     assert out.read_bytes() == before and sorted(f.name for f in tmp_path.iterdir()) == ["src.jsonl", "tok.model", "tok.vocab"]
 

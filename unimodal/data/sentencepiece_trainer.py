@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,6 @@ def _texts(src_jsonl: Path, progress: bool) -> Iterator[str]:
 def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: int = 1024, progress: bool = False) -> Path:
     """Write ``out_model`` (a ``.model`` file, and its ``.vocab`` beside it) with pad=0, bos=1,
     eos=2, unk=3; whole or not at all, so that an interrupted run leaves the old one as it was."""
-    import sentencepiece as spm
-
     src, out = Path(src_jsonl), Path(out_model)
     if out.suffix != ".model":
         raise ValueError(f"--out must end in .model, got {out}")
@@ -71,7 +71,7 @@ def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: in
         log.info("training a %d-piece tokenizer on %d texts (%.1f MB)", vocab_size, len(texts), sum(map(len, texts)) / 1e6)
     temp = out.with_name(f".{out.stem}.{os.getpid()}.partial")  # SentencePiece adds .model and .vocab
     try:
-        _train(spm, texts, temp, vocab_size)
+        _train_apart(texts, temp, vocab_size)
         os.replace(f"{temp}.vocab", out.with_suffix(".vocab"))
         os.replace(f"{temp}.model", out)
     except RuntimeError as err:  # SentencePiece's own checks ("Vocabulary size too high (...)")
@@ -81,6 +81,43 @@ def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: in
         for suffix in (".model", ".vocab"):
             Path(f"{temp}{suffix}").unlink(missing_ok=True)
     return out
+
+
+def _train_apart(texts: list[str], prefix: Path, vocab_size: int) -> None:
+    """:func:`_train` in a child process. SentencePiece's training keeps the interpreter from
+    handling Ctrl-C until it returns, minutes on a large corpus; the parent waits in a call a
+    signal interrupts, and stops the child at once. A fork hands the texts over without copying
+    them; where there is none, they are pickled to a fresh interpreter."""
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_train_child, args=(texts, prefix, vocab_size, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        child.join()
+    except BaseException:
+        child.terminate()
+        child.join()
+        raise
+    try:
+        error = receive.recv()
+    except EOFError:  # the child sent nothing: it trained, or it died
+        error = None
+    if error is not None:
+        raise RuntimeError(error)
+    if child.exitcode != 0:
+        raise RuntimeError(f"its training process ended with exit status {child.exitcode}")
+
+
+def _train_child(texts: list[str], prefix: Path, vocab_size: int, report: Any) -> None:
+    """The child's side: Ctrl-C is the parent's to handle; SentencePiece's own checks go back as text."""
+    import sentencepiece as spm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _train(spm, texts, prefix, vocab_size)
+    except RuntimeError as err:
+        report.send(str(err))
 
 
 def _train(spm: Any, texts: list[str], prefix: Path, vocab_size: int) -> None:
