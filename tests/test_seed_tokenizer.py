@@ -118,9 +118,16 @@ def tiny_unclip_pipeline(out: Path, embed_dim: int) -> Path:
     return out
 
 
-def test_an_attached_unclip_pipeline_draws_the_tokenizers_codes(tmp_path, capfd):
+def test_an_attached_unclip_pipeline_draws_the_tokenizers_codes(tmp_path, capfd, monkeypatch):
     """SEED's own pixel decoder at full scale: the codes' image embedding drawn by unCLIP, without
-    diffusers' loading bars or its notes on the components it is handed."""
+    the libraries' loading bars (on, as in a fresh Python session) or diffusers' notes on the
+    components it is handed."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    diffusers_logging.enable_progress_bar()
     tokenizer = tiny_tokenizer().eval()
     codes = tokenizer.encode(Part("image", media=0, data=image(0)))
     small = tokenizer.decode(codes)

@@ -217,6 +217,7 @@ class UnCLIPPixelDecoder:
     def __init__(self, path: str | Path, steps: int = 25, guidance_scale: float = 10.0, device: str = "cpu"):
         from diffusers import AutoencoderKL, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
         from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+        from diffusers.utils import logging as diffusers_logging
         from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
         path = Path(path)
@@ -228,8 +229,6 @@ class UnCLIPPixelDecoder:
             for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
                               ("image_encoder", CLIPVisionModelWithProjection), ("image_normalizer", StableUnCLIPImageNormalizer))
         }
-        from diffusers.utils import logging as diffusers_logging
-
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # else it says it "cannot verify" the normalizer it asks to be given
         try:
