@@ -7,7 +7,9 @@
 #      GPU); a skipped `gpu` test fails the check, since on a CUDA machine none may skip;
 #   2. the `xformers` tests, when xformers is installed;
 #   3. benchmarks/train_step.py on the 0.9B model at 4096 x 4 (with the Transfusion recipe) and
-#      at 8192 x 2.
+#      at 8192 x 2;
+#   4. benchmarks/data_pipeline.py on the digits mix with this machine's cores: the data module's
+#      feed where a GPU's loader runs (a 2-core CPU gave 3x the step's 60k tokens/s; the goal is 10x).
 # Figures go to stdout and to $OUT/gpu_check.log (default benchmarks/; a dry run's, a scratch directory).
 #
 # It runs from the source tree (PYTHONPATH), so a machine needs only the dependencies. Where
@@ -88,4 +90,13 @@ for size in "${SIZES[@]}"; do
   "$PYTHON" benchmarks/train_step.py "${MODEL[@]}" --seq-len "$seq" --batch "$batch" ${extra:-} 2>&1 \
     | grep -v -E "Warning|warn\(|^\s*$" | tee -a "$LOG"
 done
+# the digits mix decodes and encodes its media per document, so its feed grows with the workers
+cores="$(nproc)"
+if [[ "$DRY_RUN" == 1 ]]; then
+  DATA=(--mix digits --workers 0 --batches 10)
+else
+  DATA=(--mix digits --workers "0,4,8,$((cores > 4 ? cores - 2 : 2))" --batches 300)
+fi
+step "data_pipeline.py ${DATA[*]} ($cores cores)"
+"$PYTHON" benchmarks/data_pipeline.py "${DATA[@]}" 2>&1 | grep -v -E "Warning|warn\(|litlogger|^\s*$" | tee -a "$LOG"
 step "done: figures in $LOG"

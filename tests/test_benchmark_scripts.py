@@ -69,7 +69,7 @@ def test_gpu_check_dry_run(tmp_path):
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    assert "framework / bare loop" in log and "Transfusion images" in log
+    assert "framework / bare loop" in log and "Transfusion images" in log and "feed ratio" in log
 
 
 @pytest.mark.parametrize("script, argv", [
