@@ -95,7 +95,7 @@ cores="$(nproc)"
 if [[ "$DRY_RUN" == 1 ]]; then
   DATA=(--mix digits --workers 0 --batches 10)
 else
-  DATA=(--mix digits --workers "0,4,8,$((cores > 4 ? cores - 2 : 2))" --batches 300)
+  DATA=(--mix digits --workers "0,8,$((cores > 10 ? cores - 2 : 4))" --batches 200)
 fi
 step "data_pipeline.py ${DATA[*]} ($cores cores)"
 "$PYTHON" benchmarks/data_pipeline.py "${DATA[@]}" 2>&1 | grep -v -E "Warning|warn\(|litlogger|^\s*$" | tee -a "$LOG"
