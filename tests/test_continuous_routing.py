@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unimodal.models.attention import build_attention_mask
-from unimodal.models.backbone import BackboneConfig, load_backbone
+from unimodal.models.backbone import BackboneConfig, cache_keyword, load_backbone
 from unimodal.models.routing import add_modality_experts
 from unimodal.training.policy import apply_trainable_policy
 
@@ -112,17 +112,18 @@ def test_incremental_decoding_with_a_kv_cache(tiny_llama_config):
                 param.add_(0.05 * torch.randn_like(param))
     embeds, modality, _, positions = (x[1:] for x in inputs())  # row 1: an image across the cache boundary
     decoder = routed.get_decoder()
+    keyword = cache_keyword(type(decoder))  # as the engine passes it, without transformers' rename warning
     with torch.no_grad():
         router.set(modality)
         full = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
         cache = DynamicCache()
         router.set(modality[:, :8])
-        decoder(inputs_embeds=embeds[:, :8], position_ids=positions[:, :8], past_key_values=cache, use_cache=True)
+        decoder(inputs_embeds=embeds[:, :8], position_ids=positions[:, :8], use_cache=True, **{keyword: cache})
         steps = []
         for i in range(8, 12):
             router.set(modality[:, i : i + 1])
             out = decoder(inputs_embeds=embeds[:, i : i + 1], position_ids=positions[:, i : i + 1],
-                          past_key_values=cache, use_cache=True)
+                          use_cache=True, **{keyword: cache})
             steps.append(out.last_hidden_state)
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
 
