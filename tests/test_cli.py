@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,22 @@ def test_data_tokenizer_gives_text_back_as_it_was(tmp_path: Path):
     assert any("return" in piece for piece in tokenizer.pieces())  # learnt from the long document
 
 
+def test_data_tokenizer_shows_its_merges_as_they_happen(tmp_path: Path, capsys):
+    """SentencePiece said nothing while it trained (minutes on a large corpus): a bar now counts
+    its BPE merges toward --vocab_size, less the 260 special and byte pieces and the alphabet."""
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(2000)]
+    with (tmp_path / "src.jsonl").open("w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"parts": [{"type": "text", "text": " ".join(rng.choice(words) for _ in range(40))}]}) + "\n")
+    assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(tmp_path / "tok.model"), "--vocab_size", "700"]) == 0
+    shown = capsys.readouterr().err.replace("\r", "\n")
+    counts = [int(done) for done in re.findall(r"training: .*\| *(\d+)/429 \[", shown)]  # 700 - 260 - 11 letters (space too)
+    assert counts and max(counts) >= 100, shown[-2000:]
+
+
 def test_data_tokenizer_stops_at_ctrl_c_and_keeps_the_tokenizer_there(tmp_path: Path, monkeypatch, capsys):
     """SentencePiece's training keeps Python from handling Ctrl-C until it returns (minutes on a
     large corpus), and then it has written its files: --overwrite replaced the old tokenizer though
@@ -252,8 +269,8 @@ def test_data_tokenizer_stops_at_ctrl_c_and_keeps_the_tokenizer_there(tmp_path: 
     assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "270"]) == 0
     before, train = out.read_bytes(), sentencepiece_trainer._train
 
-    def deaf_to_ctrl_c(spm, texts, prefix, vocab_size):
-        train(spm, texts, prefix, vocab_size)  # its files written, as SentencePiece writes them at the end
+    def deaf_to_ctrl_c(spm, texts, prefix, vocab_size, **options):
+        train(spm, texts, prefix, vocab_size, **options)  # its files written, as SentencePiece writes them at the end
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             time.sleep(30)

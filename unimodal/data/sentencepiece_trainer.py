@@ -71,7 +71,7 @@ def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: in
         log.info("training a %d-piece tokenizer on %d texts (%.1f MB)", vocab_size, len(texts), sum(map(len, texts)) / 1e6)
     temp = out.with_name(f".{out.stem}.{os.getpid()}.partial")  # SentencePiece adds .model and .vocab
     try:
-        _train_apart(texts, temp, vocab_size)
+        _train_apart(texts, temp, vocab_size, progress)
         os.replace(f"{temp}.vocab", out.with_suffix(".vocab"))
         os.replace(f"{temp}.model", out)
     except RuntimeError as err:  # SentencePiece's own checks ("Vocabulary size too high (...)")
@@ -83,17 +83,23 @@ def train_tokenizer(src_jsonl: str | Path, out_model: str | Path, vocab_size: in
     return out
 
 
-def _train_apart(texts: list[str], prefix: Path, vocab_size: int) -> None:
+def _train_apart(texts: list[str], prefix: Path, vocab_size: int, progress: bool = False) -> None:
     """:func:`_train` in a child process. SentencePiece's training keeps the interpreter from
     handling Ctrl-C until it returns, minutes on a large corpus; the parent waits in a call a
     signal interrupts, and stops the child at once. A fork hands the texts over without copying
-    them; where there is none, they are pickled to a fresh interpreter."""
+    them; where there is none, they are pickled to a fresh interpreter. ``progress``: a bar of
+    the merges, read from SentencePiece's log, which the child writes to a pipe instead of stderr."""
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_train_child, args=(texts, prefix, vocab_size, send), daemon=True)
+    log_receive, log_send = context.Pipe(duplex=False) if progress else (None, None)
+    child = context.Process(target=_train_child, args=(texts, prefix, vocab_size, send, log_send), daemon=True)
     child.start()
-    send.close()
+    for end in (send, log_send):
+        if end is not None:
+            end.close()
     try:
+        if log_receive is not None:
+            _follow(log_receive, vocab_size)
         child.join()
     except BaseException:
         child.terminate()
@@ -109,20 +115,39 @@ def _train_apart(texts: list[str], prefix: Path, vocab_size: int) -> None:
         raise RuntimeError(f"its training process ended with exit status {child.exitcode}")
 
 
-def _train_child(texts: list[str], prefix: Path, vocab_size: int, report: Any) -> None:
-    """The child's side: Ctrl-C is the parent's to handle; SentencePiece's own checks go back as text."""
+def _train_child(texts: list[str], prefix: Path, vocab_size: int, report: Any, log: Any) -> None:
+    """The child's side: Ctrl-C is the parent's to handle; SentencePiece's own checks go back as
+    text, and its log (C++, on file descriptor 2) into ``log`` where the parent follows it."""
     import sentencepiece as spm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if log is not None:
+        os.dup2(log.fileno(), 2)
     try:
-        _train(spm, texts, prefix, vocab_size)
+        _train(spm, texts, prefix, vocab_size, verbose=log is not None)
     except RuntimeError as err:
         report.send(str(err))
 
 
-def _train(spm: Any, texts: list[str], prefix: Path, vocab_size: int) -> None:
+def _follow(log: Any, vocab_size: int) -> None:
+    """A bar of BPE merges from SentencePiece's log lines ("Alphabet size=40", then "Merged: ...
+    merges=100" every hundred, or "Added: ... size=20" in older releases) until the child ends."""
+    with os.fdopen(os.dup(log.fileno()), "rb") as lines, tqdm(total=vocab_size - SMALLEST_VOCAB, desc="training", unit=" merges", leave=False, mininterval=0) as bar:
+        for line in lines:
+            if alphabet := re.search(rb"Alphabet size=(\d+)", line):
+                bar.total = max(1, vocab_size - SMALLEST_VOCAB - int(alphabet[1]))
+                bar.refresh()
+            elif merged := re.search(rb"\b(?:merges|size)=(\d+)", line):
+                bar.update(min(int(merged[1]), bar.total) - bar.n)
+            elif b"Saving model" in line:
+                bar.update(bar.total - bar.n)
+    log.close()
+
+
+def _train(spm: Any, texts: list[str], prefix: Path, vocab_size: int, verbose: bool = False) -> None:
     """Text comes back as it went in (newlines, indentation, runs of spaces), as a language model's
-    tokenizer needs: SentencePiece's defaults turn them into single spaces."""
+    tokenizer needs: SentencePiece's defaults turn them into single spaces. ``verbose``: its
+    progress lines too (level 0), else warnings and errors only."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_prefix=str(prefix),
@@ -138,5 +163,5 @@ def _train(spm: Any, texts: list[str], prefix: Path, vocab_size: int) -> None:
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         max_sentence_length=LONGEST_SENTENCE,
-        minloglevel=2,
+        minloglevel=0 if verbose else 2,
     )
