@@ -105,10 +105,11 @@ def _train_apart(texts: list[str], prefix: Path, vocab_size: int, progress: bool
         child.terminate()
         child.join()
         raise
-    try:
-        error = receive.recv()
-    except EOFError:  # the child sent nothing: it trained, or it died
-        error = None
+    with receive:
+        try:
+            error = receive.recv()
+        except EOFError:  # the child sent nothing: it trained, or it died
+            error = None
     if error is not None:
         raise RuntimeError(error)
     if child.exitcode != 0:
@@ -125,14 +126,15 @@ def _train_child(texts: list[str], prefix: Path, vocab_size: int, report: Any, l
         os.dup2(log.fileno(), 2)
     try:
         _train(spm, texts, prefix, vocab_size, verbose=log is not None)
-    except RuntimeError as err:
-        report.send(str(err))
+    except Exception as err:  # noqa: BLE001 - anything else would be a traceback into the log pipe, unseen
+        report.send(str(err) if isinstance(err, RuntimeError) else f"{type(err).__name__}: {err}")
 
 
 def _follow(log: Any, vocab_size: int) -> None:
     """A bar of BPE merges from SentencePiece's log lines ("Alphabet size=40", then "Merged: ...
     merges=100" every hundred, or "Added: ... size=20" in older releases) until the child ends."""
-    with os.fdopen(os.dup(log.fileno()), "rb") as lines, tqdm(total=vocab_size - SMALLEST_VOCAB, desc="training", unit=" merges", leave=False, mininterval=0) as bar:
+    bar = tqdm(total=vocab_size - SMALLEST_VOCAB, desc="training", unit=" merges", leave=False, mininterval=0)
+    with log, os.fdopen(os.dup(log.fileno()), "rb") as lines, bar:
         for line in lines:
             if alphabet := re.search(rb"Alphabet size=(\d+)", line):
                 bar.total = max(1, vocab_size - SMALLEST_VOCAB - int(alphabet[1]))
@@ -141,7 +143,6 @@ def _follow(log: Any, vocab_size: int) -> None:
                 bar.update(min(int(merged[1]), bar.total) - bar.n)
             elif b"Saving model" in line:
                 bar.update(bar.total - bar.n)
-    log.close()
 
 
 def _train(spm: Any, texts: list[str], prefix: Path, vocab_size: int, verbose: bool = False) -> None:
