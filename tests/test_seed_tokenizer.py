@@ -107,7 +107,8 @@ def tiny_unclip_pipeline(out: Path, embed_dim: int) -> Path:
         tokenizer=CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=8),
         text_encoder=CLIPTextModel(CLIPTextConfig(**clip, vocab_size=4, max_position_embeddings=8, projection_dim=16)),
         unet=UNet2DConditionModel(
-            sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
+            # per-block head sizes, as stable-diffusion-2-1-unclip's [5, 10, 20, 20] (config.json holds a list)
+            sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=(2, 2),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=16, class_embed_type="projection", projection_class_embeddings_input_dim=2 * embed_dim,
         ),

@@ -18,6 +18,8 @@ import os
 import pickle
 import sys
 import threading
+import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -285,16 +287,47 @@ def _build_declared(cls: Any, path: Path) -> None:
 
 def _check_init_types(cls: Any, config: dict[str, Any]) -> None:
     """diffusers hands ``config.json``'s values to the model's ``__init__`` unchecked, where a string
-    for a size fails deep inside torch: a value must have the type of the argument's default."""
+    for a size fails deep inside torch: a value must have a type its argument's annotation names
+    (``int | tuple[int]`` takes Stable Diffusion's per-block lists), or where there is none, the type
+    of its default."""
     init, _, _ = cls.extract_init_dict(config)
     defaults = inspect.signature(cls.__init__).parameters
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve leaves the defaults to judge
+        hints = {}
     for key, value in init.items():
-        default = defaults[key].default if key in defaults else None
-        if default is None or default is inspect.Parameter.empty or value is None:
+        if value is None:  # diffusers' "derive it from the other settings"
             continue
-        kinds = (list, tuple) if isinstance(default, (list, tuple)) else (int, float) if type(default) is float else (type(default),)
-        if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
-            raise TypeError(f"{key} is {value!r}, where {cls.__name__} takes {' or '.join(kind.__name__ for kind in kinds)}")
+        kinds = _runtime_types(hints[key]) if key in hints else None
+        if kinds is None:
+            default = defaults[key].default if key in defaults else None
+            if default is None or default is inspect.Parameter.empty:
+                continue
+            kinds = (list, tuple) if isinstance(default, (list, tuple)) else (int, float) if type(default) is float else (type(default),)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            named = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+            raise TypeError(f"{key} is {value!r}, where {cls.__name__} takes {named}")
+
+
+def _runtime_types(hint: Any) -> tuple[type, ...] | None:
+    """The types a JSON value may have for the annotation ``hint`` (tuples arrive as lists); None
+    for one that says nothing checkable (``Any``, a callable)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        found = [_runtime_types(arg) for arg in typing.get_args(hint)]
+        return None if any(kinds is None for kinds in found) else tuple(dict.fromkeys(kind for kinds in found for kind in kinds))
+    if origin is typing.Literal:
+        return tuple(dict.fromkeys(type(arg) for arg in typing.get_args(hint)))
+    if hint in (tuple, list) or origin in (tuple, list, Sequence):
+        return (list, tuple)
+    if hint is dict or origin is dict:
+        return (dict,)
+    if hint is float:
+        return (int, float)
+    if hint is type(None) or hint in (int, str, bool):
+        return (hint,)
+    return None
 
 
 @contextmanager
