@@ -95,8 +95,6 @@ def _media(src: str, modality: str) -> Iterator[tuple[str, MediaBytes]]:
     """``(where, encoded file)`` of each raw ``modality`` item: the files of a directory of media
     (searched recursively), or the parts of shards (a directory of .tar, a pattern, a shard)."""
     path = Path(src)
-    if not (path.exists() or is_streamed(src) or "{" in src):  # a local path, no brace pattern, that is not there
-        raise FileNotFoundError(f"{src} does not exist (a folder of {modality} files, or shards)")
     if path.is_dir() and not any(path.glob("*.tar")):
         for file in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in FILE_EXTENSIONS[modality] and p.is_file()):
             try:
@@ -115,6 +113,8 @@ def read_media(src: str, codec: FittedCodec, limit: int | None = None, progress:
     """The decoded items, each reduced to what the codec reads (mono audio at its rate, an image
     cropped to its size) so that many fit in memory."""
     modality, items = codec.modality, []
+    if not (Path(src).exists() or is_streamed(src) or "{" in src):  # a local path, no brace pattern, that is not there
+        raise FileNotFoundError(f"{src} does not exist (a folder of {modality} files, or shards)")
     found = islice(_media(src, modality), limit)
     with tqdm(found, desc=f"reading {src}", unit=UNITS[modality][:-1], disable=not progress) as bar:  # closed before an error is printed
         for where, media in bar:
