@@ -171,6 +171,30 @@ def test_the_progress_bar_of_a_step_based_run_counts_to_its_last_step():
     assert bar._get_train_description(1).strip() == "Epoch 1/2"
 
 
+def test_a_step_based_bar_keeps_one_clock_across_epochs(tmp_path):
+    """Lightning resets the bar's task at every epoch: a run's bar read "1100/1100 0:00:31" after
+    352 s, the time of its last epoch beside the steps of all of them."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from unimodal.training.progress import StepProgressBar
+
+    class Clocks(StepProgressBar):
+        def __init__(self):
+            super().__init__()
+            self.started: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            super().on_train_epoch_start(trainer, pl_module)
+            self.started.append(self.progress.tasks[self.train_progress_bar_id].start_time)
+
+    bar = Clocks()
+    trainer = L.Trainer(max_steps=6, max_epochs=-1, limit_train_batches=2, limit_val_batches=0, callbacks=[bar], logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    assert trainer.current_epoch == 3 and len(bar.started) == 3 and len(set(bar.started)) == 1, bar.started
+
+
 def test_the_model_summary_gives_the_parameters_and_no_flops_it_cannot_count(tmp_path, capsys, caplog):
     """Lightning counts FLOPs only in a forward of an ``example_input_array``, which a model fed
     packed batches has none of: its summary said "0 FLOPs" for every module and in total."""

@@ -29,6 +29,14 @@ class StepProgressBar(RichProgressBar):
         # the bar shows batch_idx + 1: here the optimizer steps taken so far
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1 if self._step_based() else batch_idx)
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._step_based() or self.is_disabled or self.progress is None or self.train_progress_bar_id is None or self._leave:
+            return super().on_train_epoch_start(trainer, pl_module)
+        # one task for the whole run: Lightning resets it at each epoch, which restarted its clock
+        # ("1100/1100 0:00:31" after a 352 s run whose second epoch took 31 s)
+        self.progress.update(self.train_progress_bar_id, description=self._get_train_description(trainer.current_epoch))
+        self.refresh()
+
     def _get_train_description(self, current_epoch: int) -> str:
         if not self._step_based():
             return super()._get_train_description(current_epoch)
