@@ -109,6 +109,18 @@ def test_a_refit_on_other_media_uses_more_of_the_first_layer(refit, made):
     assert (len(codes(made["old"])), len(codes(refit["codec"]))) == (before, after)
 
 
+def test_a_fit_shows_its_k_means_steps_and_fits_what_a_silent_one_fits(capsys):
+    """A refit on a large media set runs k-means for minutes: a bar counts each layer's seeding and
+    Lloyd steps. Watching it changes nothing fitted."""
+    clips = [(world_voice(i), RATE) for i in range(8)]
+    quiet = DigitAudioCodec(config=SMALL).fit(clips)
+    capsys.readouterr()
+    shown = DigitAudioCodec(config=SMALL).fit(clips, progress=True)
+    steps = SMALL.layers * (SMALL.kmeans_iters + 1)
+    assert re.search(rf"fitting: +\d+%.*\d+/{steps} ", capsys.readouterr().err)
+    assert torch.equal(shown.codebooks, quiet.codebooks)
+
+
 def test_the_refit_codec_loads_like_the_original_with_a_new_fingerprint(refit, made):
     old, new = made["old"].fingerprint(), refit["codec"].fingerprint()
     assert {k: v for k, v in new.items() if k != "checksum"} == {k: v for k, v in old.items() if k != "checksum"}

@@ -165,7 +165,7 @@ def fit_codec(
     items = read_media(src, fitted, limit, progress)
     with one_thread():
         before = first_layer_usage(fitted, items, progress) if old is not None else None
-        fitted.fit(items, seed=seed)
+        fitted.fit(items, seed=seed, progress=progress)
         after = first_layer_usage(fitted, items, progress)
     fitted.save(out)
     new = fitted.fingerprint()

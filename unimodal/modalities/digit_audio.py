@@ -27,7 +27,7 @@ import torch
 
 from unimodal.modalities.audio import RVQCodec
 from unimodal.modalities.base import CODEC_FILE, read_codec_files, save_codec_files, weights_checksum
-from unimodal.modalities.kmeans import kmeans, nearest
+from unimodal.modalities.kmeans import fitting_bar, kmeans, nearest
 from unimodal.schema import local_path
 
 CODEBOOKS_FILE = "codebooks.npy"
@@ -151,8 +151,9 @@ class DigitAudioCodec(RVQCodec):
         c = self.config
         return log_mel(self.prepare(waveform, sample_rate), c.sample_rate, c.n_fft, c.hop, c.n_mels)
 
-    def fit(self, clips: list[tuple[np.ndarray, int]], seed: int = 0) -> DigitAudioCodec:
-        """Train the codebooks by residual k-means on the log-mel frames of ``clips`` ((waveform, rate) pairs)."""
+    def fit(self, clips: list[tuple[np.ndarray, int]], seed: int = 0, progress: bool = False) -> DigitAudioCodec:
+        """Train the codebooks by residual k-means on the log-mel frames of ``clips`` ((waveform, rate)
+        pairs); ``progress``: a bar of its k-means steps."""
         if not clips:
             raise ValueError("fit needs at least one audio clip")
         frames = torch.as_tensor(np.concatenate([self.features(w, r) for w, r in clips]))
@@ -160,10 +161,11 @@ class DigitAudioCodec(RVQCodec):
             raise ValueError(f"fit needs at least codebook_size={self.codebook_size} frames, got {len(frames)}")
         generator = torch.Generator().manual_seed(seed)
         residual, books = frames, []
-        for _ in range(self.layers):
-            book = kmeans(residual, self.codebook_size, self.config.kmeans_iters, generator)
-            residual = residual - book[nearest(residual, book)[0]]
-            books.append(book)
+        with fitting_bar(self.layers * (self.config.kmeans_iters + 1), progress) as bar:
+            for _ in range(self.layers):
+                book = kmeans(residual, self.codebook_size, self.config.kmeans_iters, generator, tick=bar.update)
+                residual = residual - book[nearest(residual, book)[0]]
+                books.append(book)
         self.codebooks = torch.stack(books)
         self.__dict__.pop("checksum", None)  # RVQCodec caches it
         return self

@@ -20,7 +20,7 @@ import torch
 
 from unimodal.modalities.base import CODEC_FILE, MediaCodec, read_codec_files, save_codec_files, weights_checksum
 from unimodal.modalities.image_continuous import PixelPatchCodec, latent_side, load_chameleon_vqvae, to_pixels
-from unimodal.modalities.kmeans import kmeans, nearest
+from unimodal.modalities.kmeans import fitting_bar, kmeans, nearest
 from unimodal.schema import Part, local_path
 
 PATCH_VQ_CODEBOOK = "codebook.npy"
@@ -96,12 +96,14 @@ class PatchVQCodec(MediaCodec):
         self.pixels = PixelPatchCodec(size, patch, grey=True)
         self.codebook_size, self.kmeans_iters = codebook_size, kmeans_iters
 
-    def fit(self, images: list[np.ndarray], seed: int = 0) -> PatchVQCodec:
-        """Train the codebook on the patches of ``images`` (HxWx3 uint8)."""
+    def fit(self, images: list[np.ndarray], seed: int = 0, progress: bool = False) -> PatchVQCodec:
+        """Train the codebook on the patches of ``images`` (HxWx3 uint8); ``progress``: a bar of its
+        k-means steps."""
         patches = torch.as_tensor(np.concatenate([self.pixels.encode(Part("image", data=im)) for im in images]))
         if len(patches) < self.codebook_size:
             raise ValueError(f"fit needs at least codebook_size={self.codebook_size} patches, got {len(patches)}")
-        self.codebook = kmeans(patches, self.codebook_size, self.kmeans_iters, torch.Generator().manual_seed(seed))
+        with fitting_bar(self.kmeans_iters + 1, progress) as bar:
+            self.codebook = kmeans(patches, self.codebook_size, self.kmeans_iters, torch.Generator().manual_seed(seed), tick=bar.update)
         self.__dict__.pop("checksum", None)
         return self
 

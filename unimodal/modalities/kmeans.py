@@ -9,7 +9,10 @@ stay here: sequential centroid updates, seeded by a ``torch.Generator``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from tqdm import tqdm
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,8 +22,14 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, tor
     return best.indices, best.values.clamp_min(0)
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded at the worst-fit point."""
+def fitting_bar(steps: int, progress: bool) -> tqdm:
+    """The bar of a codec's fit, ``steps`` ticks of :func:`kmeans` (minutes on a large media set)."""
+    return tqdm(total=steps, desc="fitting", unit=" k-means steps", leave=False, disable=not progress)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator, tick: Callable[[], object] = lambda: None) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded at the worst-fit point.
+    ``tick`` is called once the seeding is done and after each of the ``iters`` steps."""
     first = torch.randint(len(x), (1,), generator=generator)
     centroids = [x[first[0]]]
     dist = ((x - centroids[0]) ** 2).sum(1)
@@ -29,6 +38,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
         centroids.append(x[pick])
         dist = torch.minimum(dist, ((x - x[pick]) ** 2).sum(1))
     c = torch.stack(centroids)
+    tick()
     for _ in range(iters):
         assign, dist = nearest(x, c)
         sums = torch.zeros_like(c).index_add_(0, assign, x)
@@ -36,4 +46,5 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
         empty = (counts == 0).nonzero().flatten()
         c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
         c[empty] = x[dist.argsort(descending=True)[: len(empty)]]
+        tick()
     return c
