@@ -241,6 +241,11 @@ def test_a_media_folder_that_is_not_there_is_named(made, tmp_path, capsys):
     assert main(["data", "fit-codec", str(missing), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2
     # the one line alone, without an empty "reading" bar drawn before it
     assert capsys.readouterr().err == f"unimodal data fit-codec: error: {missing} does not exist (a folder of audio files, or shards)\n"
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "fit-codec", str(tmp_path / "empty"), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2
+    # the reading bar is cleared ("\r", blanks, "\r") before the line, so a terminal shows that line alone
+    shown = capsys.readouterr().err.split("\r")[-1]
+    assert shown.startswith(f"unimodal data fit-codec: error: {tmp_path / 'empty'}: no audio media to fit the audio codec on") and shown.count("\n") == 1
 
 
 def test_a_folder_named_like_media_is_skipped_and_an_unreadable_file_is_named(made, tmp_path, capsys, monkeypatch):

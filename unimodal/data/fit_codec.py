@@ -116,7 +116,8 @@ def read_media(src: str, codec: FittedCodec, limit: int | None = None, progress:
     if not (Path(src).exists() or is_streamed(src) or "{" in src):  # a local path, no brace pattern, that is not there
         raise FileNotFoundError(f"{src} does not exist (a folder of {modality} files, or shards)")
     found = islice(_media(src, modality), limit)
-    with tqdm(found, desc=f"reading {src}", unit=UNITS[modality][:-1], disable=not progress) as bar:  # closed before an error is printed
+    # gone once closed, before an error is printed (the summary line counts what was read)
+    with tqdm(found, desc=f"reading {src}", unit=UNITS[modality][:-1], disable=not progress, leave=False) as bar:
         for where, media in bar:
             data = decode_media(media, modality, where)
             if modality == "audio":
