@@ -214,6 +214,36 @@ def test_discrete_spans_follow_the_grammar_and_the_media_limit():
     assert short.segments == [] and short.finish_reason == "stop"
 
 
+def test_each_rows_grammar_state_is_the_one_its_history_gives(monkeypatch):
+    """The engine passes the span grammar each row's state from the span it tracks; at every
+    sampling step of a mixed batch that opens many spans, that is the state the constraint reads
+    from the row's whole history (kept here by a repetition penalty)."""
+    from unimodal.inference.engine import _Run
+
+    model = tiny_model(code_ranges={"image": 16, "audio": 16})
+    model.layout.code_layers["audio"] = 2
+    layout = model.layout
+    bias_tokens(model, {layout.special_id("<|boi|>"): 3.0, layout.special_id("<|boa|>"): 3.0})
+    engine = Engine(model, TOK, spans={"image": {"length": 4}, "audio": {"layers": 2, "min_length": 1, "max_length": 3}})
+    tracked = _Run._grammar_states
+    compared = []
+
+    def checked(run, rows):
+        states = tracked(run, rows)
+        history = torch.where(run.valid, run.ids, engine.pad_id)
+        assert states == [engine.constraint.state(history[r.slot].numpy()) for r in rows]
+        compared.extend(states)
+        return states
+
+    monkeypatch.setattr(_Run, "_grammar_states", checked)
+    docs = [prompt(model, "draw"), prompt(model, "say", begin="<|boa|>"), prompt(model, "a longer prompt here"), prompt(model, "x")]
+    settings = GenerationSettings(text={"repetition_penalty": 1.1}, max_media=4, seed=3, max_new_tokens=40)
+    generations = engine.generate(docs, settings)
+    kinds = {state[0] for state in compared}
+    assert {"outside", "image", "audio"} <= kinds, kinds
+    assert sum(s.type != "text" for g in generations for s in g.segments) >= 4
+
+
 def test_a_speech_span_ends_whole_within_its_cap_and_the_reply_budget():
     """A free-length span stops at the last frame that fits the modality's max_tokens (markers
     included) or the reply's budget: its end comes then, instead of a clip cut off or a cap

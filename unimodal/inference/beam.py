@@ -11,6 +11,7 @@ import torch
 
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.cache import KVCache, padded_ids
+from unimodal.inference.constraints import OUTSIDE
 from unimodal.inference.modes import MediaMode
 from unimodal.inference.outputs import Deadline, Generation, Segment, expired_error, expiry
 from unimodal.inference.sampling import apply_repetition_penalty
@@ -28,7 +29,7 @@ class BeamEngine(Protocol):
     stop_ids: set[int]
     text_ban: torch.Tensor
 
-    def constrain(self, scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, in_text: list[int]) -> torch.Tensor: ...
+    def constrain(self, scores: torch.Tensor, states: Sequence[tuple], in_text: list[int]) -> torch.Tensor: ...
 
     def text_segment(self, ids: list[int], stop: Sequence[str], cut_short: bool = False) -> tuple[str, bool]: ...
 
@@ -78,7 +79,8 @@ def beam_search(
         # the order of transformers' beam search: log-softmax, repetition penalty, other processors
         logprobs = engine.model.logits(cache.last).log_softmax(-1)
         logprobs = apply_repetition_penalty(logprobs, ids, valid, settings.text.repetition_penalty)
-        logprobs = engine.constrain(logprobs, ids, valid, []).masked_fill(ban, float("-inf"))
+        # beams write text only: every row is outside a media span
+        logprobs = engine.constrain(logprobs, [OUTSIDE] * len(logprobs), []).masked_fill(ban, float("-inf"))
         total = (logprobs + beam_scores.view(-1, 1)).view(batch, -1)
         top_scores, top_index = total.topk(2 * k, dim=1)
         vocab = logprobs.shape[-1]

@@ -11,13 +11,15 @@ speech clip is found when it is too late. Here the grammar is enforced at every 
 - padding rows of the vocabulary are always forbidden.
 
 :class:`MediaSpanConstraint` is a transformers ``LogitsProcessor`` (``generate()`` greedy,
-sampling and beam search) and is called the same way by the project's own engine:
-``processor(input_ids [B, T], scores [B, V]) -> scores``. The state of each row is re-read from
-its ids on every call, so beam reordering needs no bookkeeping.
+sampling and beam search): ``processor(input_ids [B, T], scores [B, V]) -> scores`` re-reads each
+row's state from its ids on every call, so beam reordering needs no bookkeeping. The project's
+own engine knows which span each row is in, and passes the states (``apply(scores, states)``,
+from :meth:`~MediaSpanConstraint.span_state`): a step then costs the same at any context length.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,8 @@ from transformers import LogitsProcessor
 
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.vocab import SPAN_MARKERS, VocabLayout
+
+OUTSIDE = ("outside",)  # the grammar state of text: no media span open
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class MediaSpanConstraint(LogitsProcessor):
         outside[list(self.end)] = False
         if "<|media|>" in layout.specials:  # a continuous-slot placeholder is never a discrete output
             outside[layout.special_id("<|media|>")] = False
-        add(("outside",), outside)
+        add(OUTSIDE, outside)
         for name, spec in self.spans.items():
             end = only(layout.special_id(SPAN_MARKERS[name][1]))
             add((name, "end"), end)
@@ -155,11 +159,16 @@ class MediaSpanConstraint(LogitsProcessor):
         """The grammar state after ``ids`` (one sequence): a key of the mask table."""
         at = np.flatnonzero(np.isin(ids, self.markers))
         if not len(at) or int(ids[at[-1]]) in self.end:
-            return ("outside",)
-        name = self.begin[int(ids[at[-1]])]
+            return OUTSIDE
+        return self.span_state(self.begin[int(ids[at[-1]])], ids[at[-1] + 1 :])
+
+    def span_state(self, name: str, body: Sequence[int] | np.ndarray) -> tuple:
+        """The grammar state inside an open ``name`` span whose ids after the begin token are
+        ``body``: a caller that tracks its spans (the engine) asks this instead of :meth:`state`,
+        which searches the whole history for the last marker."""
         spec, layout = self.spans[name], self.layout
         offset, codebook = layout.range_offset(name), layout.codebook_size(name)
-        layer_of = (ids[at[-1] + 1 :] - offset) // codebook
+        layer_of = (np.asarray(body, dtype=np.int64) - offset) // codebook
         if ((layer_of < 0) | (layer_of >= spec.layers)).any():
             raise MalformedSpan(f"an open {name} span holds ids that are not {name} codes of layers 0..{spec.layers - 1}")
         counts = np.bincount(layer_of, minlength=spec.layers)
@@ -177,17 +186,26 @@ class MediaSpanConstraint(LogitsProcessor):
 
     def allowed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, V]`` bool: which ids each row may emit next."""
-        ids = input_ids.detach().cpu().numpy()
-        rows = torch.tensor([self._index[self.state(row)] for row in ids], dtype=torch.long)
-        device = input_ids.device
+        return self.masks(self._states(input_ids), input_ids.device)
+
+    def masks(self, states: Sequence[tuple], device: torch.device) -> torch.Tensor:
+        """``[B, V]`` bool: which ids may come next in each of the grammar ``states``."""
+        rows = torch.tensor([self._index[state] for state in states], dtype=torch.long)
         if device not in self._device_masks:
             self._device_masks[device] = self._masks.to(device)
         return self._device_masks[device][rows.to(device)]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def apply(self, scores: torch.Tensor, states: Sequence[tuple]) -> torch.Tensor:
+        """``scores`` with every id that the grammar ``states`` forbid set to -inf."""
         if scores.shape[-1] != self.layout.size:
             raise ValueError(f"scores have {scores.shape[-1]} columns; the vocabulary layout has {self.layout.size} rows")
-        return scores.masked_fill(~self.allowed(input_ids), float("-inf"))
+        return scores.masked_fill(~self.masks(states, scores.device), float("-inf"))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.apply(scores, self._states(input_ids))
+
+    def _states(self, input_ids: torch.Tensor) -> list[tuple]:
+        return [self.state(row) for row in input_ids.detach().cpu().numpy()]
 
 
 def extract_spans(

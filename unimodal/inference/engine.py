@@ -37,7 +37,7 @@ from unimodal.data.processor import EncodedDocument
 from unimodal.data.tokenizer import TextTokenizer
 from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
-from unimodal.inference.constraints import MediaSpanConstraint, SpanSpec, extract_spans
+from unimodal.inference.constraints import OUTSIDE, MediaSpanConstraint, SpanSpec, extract_spans
 from unimodal.inference.modes import MediaMode, media_modes
 from unimodal.inference.outputs import Deadline, Generation, Segment, expired_error, expiry
 from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
@@ -210,8 +210,9 @@ class Engine:
     # ----------------------------------------------------------------------------------------
     # pieces shared by sampling and beam search
 
-    def constrain(self, scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, in_text: list[int]) -> torch.Tensor:
-        """Apply the span grammar (codes only inside spans, spans well formed) given each row's history.
+    def constrain(self, scores: torch.Tensor, states: Sequence[tuple], in_text: list[int]) -> torch.Tensor:
+        """Apply the span grammar (codes only inside spans, spans well formed) given each row's
+        grammar state (``constraints.OUTSIDE`` in text, else :meth:`MediaSpanConstraint.span_state`).
 
         The grammar forbids the begin token of a code range without a span spec; a continuous
         modality whose input mixes code-range rows (Orthus' soft VQ) still opens its spans from
@@ -219,7 +220,7 @@ class Engine:
         """
         if self.constraint is None:
             return scores
-        constrained = self.constraint(torch.where(valid, ids, self.pad_id), scores)
+        constrained = self.constraint.apply(scores, states)
         if self.continuous_begins and in_text:
             rows = torch.tensor(in_text, device=scores.device)[:, None]
             constrained[rows, self.continuous_begins] = scores[rows, self.continuous_begins]
@@ -257,8 +258,8 @@ class _Run:
         self.batch = len(prompts)  # conditional rows in the cache; guidance partners follow them
         for row in rows:
             row.slot = row.index
-        # the token history is kept only when the span grammar or a repetition penalty reads it
-        self.track_ids = engine.constraint is not None or any(
+        # the token history is kept only when a repetition penalty reads it
+        self.track_ids = any(
             row.settings.for_modality(m).repetition_penalty != 1 for row in rows for m in MODALITIES
         )
         self.ids, self.valid = padded_ids(prompts, engine.pad_id, engine.device) if self.track_ids else (None, None)
@@ -371,7 +372,7 @@ class _Run:
         if self.track_ids:
             ids, valid = (self.ids, self.valid) if len(rows) == self.batch else (self.ids[index], self.valid[index])
         text_rows = [i for i, r in enumerate(rows) if r.mode is None]
-        scores = self._fit_spans(self._ban(engine.constrain(scores, ids, valid, text_rows), rows, text_rows), rows)
+        scores = self._fit_spans(self._ban(engine.constrain(scores, self._grammar_states(rows), text_rows), rows, text_rows), rows)
         groups: dict[SamplingSettings, list[int]] = {}  # rows that sample alike, each with its own generator
         for i, row in enumerate(rows):
             groups.setdefault(self._settings(row), []).append(i)
@@ -387,6 +388,14 @@ class _Run:
                 group = apply_repetition_penalty(group, ids[members], valid[members], settings.repetition_penalty)
             chosen[members] = choose(group, settings, [rows[i].generator for i in members])
         return chosen.tolist()
+
+    def _grammar_states(self, rows: list[_Row]) -> list[tuple]:
+        """Each sampled row's span-grammar state, from the span it is in (the begin token and the
+        codes since): no search of the history, whose length grows with every step."""
+        constraint = self.engine.constraint
+        if constraint is None:
+            return []
+        return [OUTSIDE if r.mode is None else constraint.span_state(r.mode.name, r.span[1:]) for r in rows]
 
     def _ban(self, scores: torch.Tensor, rows: list[_Row], text_rows: list[int]) -> torch.Tensor:
         """In text mode: no special token but the begin tokens of modalities a row may still open
