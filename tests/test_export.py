@@ -464,7 +464,7 @@ def test_replacing_an_export_keeps_the_old_one_until_the_new_one_is_whole(tmp_pa
             raise RuntimeError("killed")
     assert (out / "unimodal.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
-    real_replace, real_rename = os.replace, Path.rename
+    real_replace = os.replace
 
     def crash_moving_in(source, target):  # killed as the new export is moved into place
         if str(source).endswith(".partial"):

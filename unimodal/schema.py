@@ -180,7 +180,7 @@ def read_json(text: str, unique_keys: bool = True) -> Any:
         raise NotJSON("arrays or objects nested too deeply") from None
     except NotJSON:
         raise
-    except ValueError as err:  # an integer past sys.get_int_max_str_digits()
+    except ValueError:  # an integer past sys.get_int_max_str_digits()
         raise NotJSON(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
     if LONE_SURROGATE_ESCAPE.search(text):  # only an escape can make one: the text itself is UTF-8
         _refuse_lone_surrogates(value)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from unimodal.data.processor import PROCESSOR_FILE, Processor, check_settings, processor_config
