@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from unimodal.cli import RENAMED, VERBS, main
+from unimodal.errors import UserError
 
 
 def _verbs(table: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
@@ -178,6 +179,32 @@ def test_two_commands_writing_one_shard_directory_at_once_are_refused(tmp_path: 
                 f"{out} is in use by another run (pid {os.getpid()} on {os.uname().nodename}); wait for it to end, or write to another --out\n")
     assert not out.exists()
     assert main(["data", "pack", str(src), "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards", "src.jsonl"]  # no lock file left beside it
+
+
+def test_a_lock_taken_on_a_lock_file_its_holder_just_removed_is_taken_again(tmp_path: Path, monkeypatch):
+    """A holder removes its lock file on the way out: a command that opened the file just before
+    that holds a lock on a file nobody else can find, and must lock the one now at the path."""
+    from unimodal import locks
+
+    opened = []
+
+    def racing_open(path, mode):  # the first open finds the old holder's file, which is then removed
+        handle = open(path, mode)
+        if not opened:
+            Path(path).unlink()
+        opened.append(path)
+        return handle
+
+    monkeypatch.setattr(locks, "open", racing_open, raising=False)
+    out = tmp_path / "shards"
+    with locks.run_lock(out, "write to another --out"):
+        assert len(opened) == 2 and (tmp_path / ".shards.lock").read_text().startswith(f"pid {os.getpid()} ")
+        monkeypatch.undo()
+        with pytest.raises(UserError, match="is in use by another run"):  # and it is the lock others see
+            with locks.run_lock(out, "write to another --out"):
+                pass
+    assert not (tmp_path / ".shards.lock").exists()
 
 
 def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):

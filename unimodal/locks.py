@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from unimodal.errors import UserError
 
@@ -20,23 +21,44 @@ def run_lock(directory: Path, instead: str = "give this one another --trainer.de
     """Hold ``directory`` for this process, or refuse in one line naming the holder and ``instead``.
     The operating system drops the lock when its process ends, however it ends, so a crash leaves
     no stale lock. The lock file sits beside the directory (``RUN/.checkpoints.lock``), which then
-    holds its own files only."""
+    holds its own files only, and is removed on the way out, so that finished commands leave
+    nothing beside what they wrote."""
     parent = directory.parent
     if parent.exists() and not parent.is_dir():  # a file where the directory goes: the error any other write there gets
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
     parent.mkdir(parents=True, exist_ok=True)
-    with open(parent / f".{directory.name}.lock", "a+") as handle:
+    path = parent / f".{directory.name}.lock"
+    handle = _locked(path, directory, instead)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # while still held: a process that opened it meanwhile sees it gone, and retries
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _locked(path: Path, directory: Path, instead: str) -> IO[str]:
+    """``path`` opened and locked, as the file that is at ``path`` now: a holder removes the file
+    when it is done, so a lock taken on a file it has just removed holds nothing, and is taken again."""
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise UserError(f"{directory} is in use by another run ({holder}); wait for it to end, or {instead}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            return handle
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
