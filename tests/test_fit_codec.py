@@ -268,3 +268,36 @@ def test_a_folder_named_like_media_is_skipped_and_an_unreadable_file_is_named(ma
     monkeypatch.setattr(Path, "read_bytes", denied)
     assert main(["data", "fit-codec", str(media), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"unimodal data fit-codec: error: cannot read {media / clips[0].name}: Permission denied"
+
+
+def test_the_docs_voices_are_what_refit_codec_md_says(tmp_path, capsys, monkeypatch):
+    """docs/tools/synthetic_voices.py: seeded 22.05 kHz clips of 1-1.8 s, which the world's codec
+    puts on few first-layer codes, and its usage count is the one fit-codec reports."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("synthetic_voices", ROOT / "docs" / "tools" / "synthetic_voices.py")
+    voices = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(voices)
+    for run in ("a", "b"):
+        monkeypatch.setattr(sys, "argv", ["synthetic_voices.py", "make", "--out", str(tmp_path / run), "--count", "6"])
+        voices.main()
+    files = sorted((tmp_path / "a").iterdir())
+    assert [f.name for f in files] == [f"voice-{i:03d}.wav" for i in range(6)]
+    assert all(f.read_bytes() == (tmp_path / "b" / f.name).read_bytes() for f in files)  # seeded
+    for f in files:
+        waveform, rate = soundfile.read(f)
+        assert rate == 22050 and 1.0 <= len(waveform) / rate <= 1.8 and 0.5 < np.abs(waveform).max() <= 0.81
+    codec = DigitAudioCodec(config=SMALL).fit([(world_voice(i), RATE) for i in range(8)], seed=0)
+    codec.save(tmp_path / "codec")
+    counts = {}
+    for skip in (0, 2):
+        monkeypatch.setattr(sys, "argv", ["synthetic_voices.py", "usage", str(tmp_path / "codec"), str(tmp_path / "a"), "--skip", str(skip)])
+        voices.main()
+        line = capsys.readouterr().out.splitlines()[-1]
+        counted = re.fullmatch(rf"{tmp_path / 'codec'} on (\d) clips of {tmp_path / 'a'}: first-layer codes used (\d+) of 32", line)
+        assert counted and int(counted[1]) == 6 - skip, line
+        counts[skip] = int(counted[2])
+    assert main(["data", "fit-codec", str(tmp_path / "a"), "--codec", str(tmp_path / "codec"), "--out", str(tmp_path / "refit")]) == 0
+    before = int(re.search(r"codes used (\d+) -> (\d+) of 32", capsys.readouterr().out)[1])
+    assert counts[2] <= counts[0] == before < 16  # fit-codec's own count; few codes for these voices
