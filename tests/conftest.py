@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +65,12 @@ def data_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNIMODAL_DATA_HOME", str(home))
         yield home
+
+
+def logged(run: Path, name: str) -> list[float]:
+    """Metric ``name`` of a run's CSV log, in step order, at the steps that measured it (a step
+    whose batch has no target for a loss term logs NaN for it)."""
+    (metrics,) = run.glob("logs/version_*/metrics.csv")
+    with metrics.open() as f:
+        values = [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+    return [v for v in values if not math.isnan(v)]

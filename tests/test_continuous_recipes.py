@@ -3,7 +3,6 @@ starting point the base recipe trains from."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,17 +15,13 @@ from test_continuous_codecs import _pickled
 from unimodal.cli import main as unimodal_main
 from unimodal.training.recipes import load_recipe
 
+from conftest import logged
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["orthus/base", "orthus/interleaved", "llamafusion/pretrain", "llamafusion/interleaved"]
 # the second stages run the same code as the first ones on CPU (their --tiny drops init_from)
 SLOW = {"orthus/interleaved", "llamafusion/interleaved"}
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def metric(run: Path, name: str) -> list[float]:
-    (metrics,) = run.glob("logs/version_*/metrics.csv")
-    with metrics.open() as f:
-        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
 def test_recipes_say_how_they_run():
@@ -44,10 +39,10 @@ def test_tiny_recipe_learns(name, tmp_path):
     code = unimodal_main(["train", str(ROOT / "recipes" / f"{name}.yaml"), "--tiny", f"--trainer.max_steps={steps}",
                           "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={tmp_path}", *QUIET])
     assert code == 0
-    diffusion = metric(tmp_path, "train/diffusion/image")
+    diffusion = logged(tmp_path, "train/diffusion/image")
     assert len(diffusion) == steps
     assert np.mean(diffusion[-4:]) < 0.85 * diffusion[0], diffusion
-    loss = metric(tmp_path, "train/loss")
+    loss = logged(tmp_path, "train/loss")
     assert np.mean(loss[-4:]) < loss[0], loss
 
 
@@ -208,7 +203,7 @@ def test_the_base_recipe_trains_from_a_conversion(converted, tmp_path):
     recipe.write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     assert unimodal_main(["train", str(recipe), "--trainer.max_steps=3", f"--trainer.default_root_dir={run}", *QUIET]) == 0
-    assert len(metric(run, "train/diffusion/image")) == 3
+    assert len(logged(run, "train/diffusion/image")) == 3
     # the export carries the trained head: it loads where the conversion it started from is not
     assert unimodal_main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     assert json.loads((tmp_path / "export" / "unimodal.json").read_text())["model"]["continuous"]["image"]["init_args"]["init_from"] is None

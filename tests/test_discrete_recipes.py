@@ -11,6 +11,8 @@ import pytest
 from unimodal.cli import main as unimodal_main
 from unimodal.training.recipes import load_recipe
 
+from conftest import logged
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [
     "mio/stage1_alignment.yaml", "mio/stage2_interleaved.yaml", "mio/stage3_speech.yaml", "mio/stage4_sft.yaml",
@@ -24,9 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ce_terms(run: Path) -> dict[str, list[float]]:
     (metrics,) = run.glob("logs/version_*/metrics.csv")
     with metrics.open() as f:
-        rows = list(csv.DictReader(f))
-    names = [n for n in rows[0] if n.startswith("train/ce/")]
-    return {n: [float(r[n]) for r in rows if r.get(n)] for n in names}
+        names = [n for n in next(csv.reader(f)) if n.startswith("train/ce/")]
+    return {n: logged(run, n) for n in names}
 
 
 def run_recipe(recipe: str, run: Path) -> dict[str, list[float]]:

@@ -6,7 +6,6 @@ machine. They need no xformers (its tests carry the ``xformers`` mark).
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from inference_helpers import family_model, tiny_model
 from test_engine import GREEDY, prompt, text_ids
 
-from conftest import CharTokenizer
+from conftest import CharTokenizer, logged
 from unimodal.cli import main as unimodal_main
 from unimodal.inference.engine import Engine
 from unimodal.models.generation import GenerationSettings
@@ -37,9 +36,7 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 def losses(run: Path) -> list[float]:
-    (metrics,) = run.glob("logs/version_*/metrics.csv")
-    with metrics.open() as f:
-        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    return logged(run, "train/loss")
 
 
 def train(recipe: str, run: Path, *extra: str) -> list[float]:

@@ -50,7 +50,8 @@ def losses(run: Path) -> dict[int, float]:
     out = {}
     for metrics in sorted(run.glob("logs/version_*/metrics.csv")):
         with metrics.open() as f:
-            out.update({int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")})
+            out.update({int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f)
+                        if row.get("train/loss") and row["train/loss"] != "nan"})
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import subprocess
@@ -14,6 +13,8 @@ import pytest
 from unimodal.cli import main as unimodal_main
 from unimodal.worlds import builtin
 
+from conftest import logged
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text" / "tiny.yaml"
 
@@ -22,22 +23,16 @@ def overrides(run: Path) -> list[str]:
     return [f"--trainer.default_root_dir={run}"]
 
 
-def read_metric(run: Path, name: str) -> list[float]:
-    (metrics,) = run.glob("logs/version_*/metrics.csv")
-    with metrics.open() as f:
-        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
-
-
 def test_tiny_text_recipe_learns_and_checkpoints(tmp_path):
     run = tmp_path / "run"
     code = unimodal_main(["train", str(RECIPE), "--trainer.max_steps=50", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", *overrides(run)])
     assert code == 0
-    losses = read_metric(run, "train/loss")
+    losses = logged(run, "train/loss")
     assert len(losses) == 50
     assert sum(losses[-5:]) / 5 < 0.9 * losses[0], losses
-    assert read_metric(run, "val/loss")
-    assert read_metric(run, "train/tokens_per_s")
-    assert read_metric(run, "lr/pg1")  # the decayed parameter group
+    assert logged(run, "val/loss")
+    assert logged(run, "train/tokens_per_s")
+    assert logged(run, "lr/pg1")  # the decayed parameter group
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list(run.glob("tb/version_*/events.out.tfevents.*"))
 

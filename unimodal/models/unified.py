@@ -183,9 +183,11 @@ class UnifiedModel(nn.Module):
         per_token = self.token_losses(hidden[selected], batch.labels[selected])
         # the target's modality is the modality of the next position
         target_modality = torch.roll(batch.modality_ids, shifts=-1, dims=1)[selected]
+        # a term for every modality the vocabulary has codes for, in every batch (its count may be
+        # 0): the same terms each step, with no host sync to ask which are present
         losses = {}
         for name, modality_id in MODALITY_IDS.items():
-            rows = target_modality == modality_id
-            if name == "text" or rows.any():
+            if name == "text" or name in self.layout.code_ranges:
+                rows = target_modality == modality_id
                 losses[f"ce/{name}"] = LossTerm(per_token[rows].sum(), rows.sum())
         return losses

@@ -170,14 +170,20 @@ class UnimodalModule(L.LightningModule):
         return ("either every assistant turn of its chats is unsupervised (\"loss\": false or \"weight\": 0), or chats cut "
                 f"into pieces of seq_len={seq_len} leave pieces without an assistant turn (raise seq_len)")
 
-    def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> bool:
-        """Log each term that has targets in this batch; whether any had."""
-        scored = False
+    def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> None:
+        """Every term and ``train/loss`` at every step, NaN where the batch has no target for it:
+        Lightning logs a metric's last value again at a step that does not log it, which would show
+        an old loss as this step's, and a loss of 0 would read as a perfect score."""
+        nan = torch.tensor(float("nan"), device=self.device)
         for name, term in losses.items():
-            if term.count > 0:  # one host sync per term, read once
-                self.log(f"train/{name}", term.total.detach() / term.count, batch_size=batch_size)
-                scored = True
-        return scored
+            self.log(f"train/{name}", torch.where(term.count > 0, term.total.detach() / term.count.clamp(min=1), nan),
+                     batch_size=batch_size)
+        scored = torch.stack([term.count for term in losses.values()]).gt(0).any()
+        self.log("train/loss", torch.where(scored, self.combine(losses, None).detach(), nan), prog_bar=True, batch_size=batch_size)
+        if "train" not in self._said and not bool(scored):  # one host sync a step, none once it has warned
+            self._said.add("train")
+            log.warning("a training batch (step %d) has no target to score, so its train/loss is NaN (and so is a term's "
+                        "at a step without a target for it); %s", self.global_step, self._why_no_target())
 
     def on_fit_start(self) -> None:
         """The data's feature width against the model's, and the attention backend against the
@@ -207,13 +213,7 @@ class UnimodalModule(L.LightningModule):
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # DeepSpeed's engine divides by the accumulation steps on top of Lightning: every term, not only CE
             loss = loss * self.trainer.accumulate_grad_batches
-        size = batch.input_ids.shape[0]
-        if self._log_terms(losses, size):
-            self.log("train/loss", self.combine(losses, None).detach(), prog_bar=True, batch_size=size)
-        elif "train" not in self._said:  # a loss of 0 would read as a perfect score
-            self._said.add("train")
-            log.warning("a training batch (step %d) has no target to score, so no train/loss is logged for it; %s",
-                        self.global_step, self._why_no_target())
+        self._log_terms(losses, batch.input_ids.shape[0])
         return loss
 
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:

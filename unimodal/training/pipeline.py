@@ -38,6 +38,7 @@ import csv
 import difflib
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -291,11 +292,12 @@ def _same(before: Any, now: Any, root: Path) -> bool:
 
 
 def _last_metric(run_dir: Path, name: str) -> float | None:
+    """The last value the run measured (a step with no target for a loss logs NaN)."""
     value = None
     for metrics in sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1])):
         with metrics.open() as f:
             for row in csv.DictReader(f):
-                if row.get(name):
+                if row.get(name) and not math.isnan(float(row[name])):
                     value = float(row[name])
     return value
 
