@@ -35,14 +35,10 @@ FAMILY_RECIPES = ["orthus/base", "llamafusion/pretrain", "mio/stage1_alignment",
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"]
 
 
-def losses(run: Path) -> list[float]:
-    return logged(run, "train/loss")
-
-
 def train(recipe: str, run: Path, *extra: str) -> list[float]:
     code = unimodal_main(["train", str(ROOT / "recipes" / f"{recipe}.yaml"), f"--trainer.default_root_dir={run}", *QUIET, *extra])
     assert code == 0
-    return losses(run)
+    return logged(run, "train/loss")
 
 
 @pytest.mark.parametrize("recipe", FAMILY_RECIPES)

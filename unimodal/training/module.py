@@ -104,6 +104,7 @@ class UnimodalModule(L.LightningModule):
             raise ValueError("reinit_codes restarts code rows of the model init_from names; init_from is not set")
         self.model: UnifiedModel | None = None
         self._last_batch: tuple[float, torch.Tensor] | None = None
+        self._scored: tuple[int, torch.Tensor] | None = None  # a step and whether its batch had a target, read a step later
         self._bad_samples: BadSampleTally | None = None
         self._val_sums: dict[str, torch.Tensor] = {}  # term -> [summed loss, targets] over the validation epoch
         self._said: set[str] = set()  # warnings given (once a run each)
@@ -170,20 +171,28 @@ class UnimodalModule(L.LightningModule):
         return ("either every assistant turn of its chats is unsupervised (\"loss\": false or \"weight\": 0), or chats cut "
                 f"into pieces of seq_len={seq_len} leave pieces without an assistant turn (raise seq_len)")
 
-    def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> None:
+    def _log_terms(self, losses: dict[str, LossTerm], batch_size: int) -> torch.Tensor:
         """Every term and ``train/loss`` at every step, NaN where the batch has no target for it:
         Lightning logs a metric's last value again at a step that does not log it, which would show
-        an old loss as this step's, and a loss of 0 would read as a perfect score."""
+        an old loss as this step's, and a loss of 0 would read as a perfect score. Returns whether
+        any term had a target, on the device."""
         nan = torch.tensor(float("nan"), device=self.device)
         for name, term in losses.items():
             self.log(f"train/{name}", torch.where(term.count > 0, term.total.detach() / term.count.clamp(min=1), nan),
                      batch_size=batch_size)
         scored = torch.stack([term.count for term in losses.values()]).gt(0).any()
         self.log("train/loss", torch.where(scored, self.combine(losses, None).detach(), nan), prog_bar=True, batch_size=batch_size)
-        if "train" not in self._said and not bool(scored):  # one host sync a step, none once it has warned
+        return scored
+
+    def _warn_if_unscored(self) -> None:
+        """Once a run: the last batch had no target (read a step later, when the device has computed it)."""
+        if self._scored is None:
+            return
+        (step, scored), self._scored = self._scored, None
+        if "train" not in self._said and not bool(scored):
             self._said.add("train")
             log.warning("a training batch (step %d) has no target to score, so its train/loss is NaN (and so is a term's "
-                        "at a step without a target for it); %s", self.global_step, self._why_no_target())
+                        "at a step without a target for it); %s", step, self._why_no_target())
 
     def on_fit_start(self) -> None:
         """The data's feature width against the model's, and the attention backend against the
@@ -213,13 +222,16 @@ class UnimodalModule(L.LightningModule):
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # DeepSpeed's engine divides by the accumulation steps on top of Lightning: every term, not only CE
             loss = loss * self.trainer.accumulate_grad_batches
-        self._log_terms(losses, batch.input_ids.shape[0])
+        scored = self._log_terms(losses, batch.input_ids.shape[0])
+        if "train" not in self._said:
+            self._scored = (self.global_step, scored)
         return loss
 
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
         # throughput over the whole previous step: data wait, forward, backward and optimizer
         # (the count is read one step later, when the GPU has long computed it: no sync now)
         now = time.perf_counter()
+        self._warn_if_unscored()
         if self._last_batch is not None:
             started, tokens = self._last_batch
             self.log("train/tokens_per_s", int(tokens) / max(now - started, 1e-9), prog_bar=True, batch_size=1)
@@ -234,6 +246,7 @@ class UnimodalModule(L.LightningModule):
         return self._bad_samples
 
     def on_train_end(self) -> None:
+        self._warn_if_unscored()
         self.bad_samples.report(self.device, self.trainer.is_global_zero)
 
     def on_validation_epoch_start(self) -> None:
