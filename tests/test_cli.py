@@ -207,6 +207,35 @@ def test_a_lock_taken_on_a_lock_file_its_holder_just_removed_is_taken_again(tmp_
     assert not (tmp_path / ".shards.lock").exists()
 
 
+def test_a_built_in_world_is_built_once_by_processes_starting_together(tmp_path: Path, monkeypatch):
+    """Ranks and dataloader workers resolve ``builtin:`` names at the same moment: one builds, the
+    others wait for it and find it built, and no lock file is left in the data home."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from unimodal.worlds import builtin
+
+    builds = []
+    building = threading.Event()
+
+    def build(root: Path) -> None:
+        builds.append(root)
+        building.set()
+        time.sleep(0.3)
+        (root / "words.txt").write_text("one")
+
+    monkeypatch.setenv("UNIMODAL_DATA_HOME", str(tmp_path))
+    monkeypatch.setitem(builtin.BUILDERS, "slow", build)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(builtin.resolve, "builtin:slow/words.txt")
+        building.wait(5)
+        rest = [pool.submit(builtin.resolve, "builtin:slow/words.txt") for _ in range(2)]
+        paths = [future.result() for future in (first, *rest)]
+    assert len(builds) == 1 and {Path(p).read_text() for p in paths} == {"one"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow"]
+
+
 def test_data_pack_with_the_new_flags(tmp_path: Path, capsys):
     src = tmp_path / "src.jsonl"
     good = [json.dumps({"parts": [{"type": "text", "text": word}]}) for word in ("one", "two", "three")]

@@ -13,10 +13,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
-
 from unimodal.data.jsonl import pack_jsonl
 from unimodal.data.sentencepiece_trainer import train_tokenizer
+from unimodal.locks import build_lock
 from unimodal.modalities.seed_tokenizer import tiny_tokenizer
 from unimodal.schema import BUILTIN_PREFIX
 from unimodal.worlds.chat import build_chat
@@ -69,7 +68,7 @@ def resolve(path: str) -> str:
     root.parent.mkdir(parents=True, exist_ok=True)
     version = str(BUILD_VERSIONS.get(name, 1))
     building = Path(str(root) + ".building")  # there while a build runs: a folder it left is the builder's to remove
-    with FileLock(str(root) + ".lock"):  # ranks and workers starting together build it once
+    with build_lock(root.absolute()):
         stamp = root / ".built"
         built = (stamp.read_text().strip() or "1") if stamp.exists() else None  # an empty stamp is version 1
         if built != version:
