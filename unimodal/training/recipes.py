@@ -559,6 +559,12 @@ def _fit(cli: UnimodalCLI, ckpt_path: str | None) -> Trainer:
                 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             if getattr(cli.model, "frozen_modules_in_eval", False):
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+            if getattr(cli.trainer.strategy, "zero_stage_3", False):
+                # Lightning's note points at its own consolidation docs, not this project's commands
+                warnings.filterwarnings("ignore", message="When saving the DeepSpeed Stage 3 checkpoint")
+                if launched_rank() == 0:
+                    log.info("ZeRO-3 saves each checkpoint as a directory of per-rank shards: --ckpt_path reads it as it is, "
+                             "`unimodal export DIR --out OUT --trust_checkpoint` exports it, `unimodal convert zero-to-fp32 DIR OUT --trust_checkpoint` makes it one file")
             if is_overridden("load_state_dict", cli.datamodule, LightningDataModule):
                 # Lightning only asks the loader whether it can resume mid-epoch; this data module
                 # restores the stream position itself (UnimodalDataModule.state_dict)
