@@ -80,7 +80,8 @@ def test_media_inputs_in_every_form_give_the_same_prompt(tmp_path, monkeypatch):
         np.testing.assert_allclose(other.features, prompts[0].features, atol=1e-6)
     assert prompts[0].continuous.sum() == 3 and len(prompts[0].features) == 3
     for bad, match in [
-        ({"type": "image", "image": str(tmp_path / "missing.png")}, "does not exist"),
+        ({"type": "image", "image": str(tmp_path / "missing.png")}, "missing.png' not found"),
+        ({"type": "image", "image": str(png.with_suffix(".wav"))}, "has extension 'wav', expected one of"),
         ({"type": "video", "video": "x.mp4"}, "has type 'video'"),
         ({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, "remote; give a local path or a data: URL"),
         ({"type": "image", "image": 42}, "must be a path"),
@@ -261,7 +262,7 @@ def test_a_bad_attachment_is_refused_when_attached_and_a_failed_turn_drops_its_a
     Terminal(assistant, tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
              stdin=io.StringIO(script), stdout=out).run()
     text = out.getvalue()
-    assert "not attached: unreadable audio" in text and f"not attached: {tmp_path} is a directory, not an image file" in text
+    assert f"not attached: audio file {str(broken)!r} is not a .wav file" in text and f"not attached: image file {str(tmp_path)!r} is a directory, not a regular file" in text
     assert text.count("(error:") == 1 and "; 1 attachment dropped)" in text  # the over-long message, not the bad files
     # the message typed after a refused file is still answered; the refused message shows no reply prefix
     assert text.count("assistant> ") == 2 and "you> (error: the last message makes a prompt" in text
@@ -285,8 +286,8 @@ def test_an_unreadable_file_or_a_fifo_is_not_attached_and_the_chat_goes_on(tmp_p
     Terminal(media_assistant(context_length=200), tmp_path / "outs", settings={"max_new_tokens": 4, "seed": 0, "temperature": 0},
              stdin=io.StringIO(f"/image {picture}\n/audio {tmp_path / 'pipe.wav'}\nhello\n/quit\n"), stdout=out).run()
     text = out.getvalue()
-    assert f"not attached: image file {picture} cannot be read (Permission denied)" in text
-    assert f"not attached: audio file {tmp_path / 'pipe.wav'} is a FIFO, device or socket, not a regular file" in text
+    assert f"not attached: image file {str(picture)!r} cannot be read (Permission denied)" in text
+    assert f"not attached: audio file {str(tmp_path / 'pipe.wav')!r} is a FIFO, not a regular file" in text
     assert text.count("assistant> ") == 1 and "(error:" not in text
 
 
@@ -583,11 +584,12 @@ def test_python_api_mistakes_are_one_line_before_any_work(tmp_path):
 
 
 def test_a_media_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from unimodal.data.media import MAX_MEDIA_BYTES
     from unimodal.inference import chat
 
     big = tmp_path / "big.png"
     with big.open("wb") as file:
-        file.truncate(chat.MAX_MEDIA_BYTES + 1)  # sparse: no disk, but read_bytes would take 512 MiB
+        file.truncate(MAX_MEDIA_BYTES + 1)  # sparse: no disk, but read_bytes would take 512 MiB
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("the file was read"))
-    with pytest.raises(ChatError, match="big.png is 512 MiB, over the 512 MiB a media file may have"):
+    with pytest.raises(ChatError, match="big.png' is 512 MiB, over the 512 MiB a media file may have"):
         chat.parse_messages([{"role": "user", "content": [{"type": "image", "image": str(big)}]}])

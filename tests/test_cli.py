@@ -49,13 +49,13 @@ def test_the_nested_verbs_keep_their_names():
     ("argv", "message"),
     [
         (["data", "pack", "x.jsonl", "--out", "o", "--max-docs-per-shard", "3"],
-         "unimodal data pack: error: --max-docs-per-shard is now --max_docs_per_shard"),
+         "unimodal data pack: error: --max-docs-per-shard is spelled --max_docs_per_shard"),
         (["data", "encode", "s", "--out", "o", "--image-tokenizer=builtin:seed_tokenizer/tiny"],
-         "unimodal data encode: error: --image-tokenizer is now --image_tokenizer"),
-        (["data", "inspect", "shards", "-n", "2"], "unimodal data inspect: error: -n is now --n"),
-        (["convert", "orthus", "--from", "c", "--out", "o"], "unimodal convert orthus: error: --from is now --src"),
-        (["serve", "m", "--max-request-mb", "4"], "unimodal serve: error: --max-request-mb is now --max_request_mb"),
-        (["eval", "m", "--suite", "digits", "--top-p", "0.9"], "unimodal eval: error: --top-p is now --top_p"),
+         "unimodal data encode: error: --image-tokenizer is spelled --image_tokenizer"),
+        (["data", "inspect", "shards", "-n", "2"], "unimodal data inspect: error: -n is spelled --n"),
+        (["convert", "orthus", "--from", "c", "--out", "o"], "unimodal convert orthus: error: --from is spelled --src"),
+        (["serve", "m", "--max-request-mb", "4"], "unimodal serve: error: --max-request-mb is spelled --max_request_mb"),
+        (["eval", "m", "--suite", "digits", "--top-p", "0.9"], "unimodal eval: error: --top-p is spelled --top_p"),
     ],
 )
 def test_an_old_flag_fails_in_one_line_naming_the_new_one(argv, message, capsys):

@@ -267,7 +267,8 @@ def test_a_folder_named_like_media_is_skipped_and_an_unreadable_file_is_named(ma
 
     monkeypatch.setattr(Path, "read_bytes", denied)
     assert main(["data", "fit-codec", str(media), "--codec", str(made["root"] / "old"), "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"unimodal data fit-codec: error: cannot read {media / clips[0].name}: Permission denied"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"unimodal data fit-codec: error: {media}: audio file {str(media / clips[0].name)!r} cannot be read (Permission denied)")
 
 
 def test_the_docs_voices_are_what_refit_codec_md_says(tmp_path, capsys, monkeypatch):

@@ -182,6 +182,7 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
 def test_bad_source_line_names_file_and_line(tmp_path: Path, bad_line: str, message: str):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "x.txt").write_text("words")
     with open(tmp_path / "huge.npy", "wb") as sparse:  # 600 MiB that take no disk
         sparse.truncate(600 * 2**20)
     src = _write_source(tmp_path, [GOOD, bad_line, GOOD])

@@ -53,9 +53,9 @@ def train(recipe: str, *lightning_args: str) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
-        # a rank of a finished torchrun job leaves without C++ static destructors: on this CPU one
-        # now and then aborted at interpreter exit ("terminate called without an active
-        # exception", a thread left joinable) and failed a run that had written everything
+        # a rank of a finished torchrun job leaves without C++ static destructors, which can abort
+        # at interpreter exit ("terminate called without an active exception", a thread left
+        # joinable) and fail a run that has written everything
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -445,7 +445,7 @@ VERBS: dict[str, Any] = {
     "eval": evaluate,
 }
 
-# the flags of a96b9df's argparse command that are spelled differently now
+# spellings of flags that users type out of habit (kebab case, argparse's short names), told the one to use
 RENAMED = {
     "-n": "--n",
     "--from": "--src",
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         renamed = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in RENAMED), None)
         if renamed:
-            raise ArgumentError(None, f"{renamed} is now {RENAMED[renamed]}")
+            raise ArgumentError(None, f"{renamed} is spelled {RENAMED[renamed]}")
         with _terminate_as_interrupt(argv[:2] in (["data", "pack"], ["data", "encode"])):
             printed = auto_cli(VERBS, args=argv, prog="unimodal", description="Any-to-any multimodal models on a decoder-only LLM.",
                                parser_class=Parser, exit_on_error=False)
@@ -529,7 +529,7 @@ class Terminated(KeyboardInterrupt):
 @contextmanager
 def _terminate_as_interrupt(active: bool) -> Iterator[None]:
     """SIGTERM stops a verb that writes shards as Ctrl-C does, so that its cleanup runs: the default
-    action ended the process mid-shard and left a shard set without stats.json that a run would read."""
+    action would end the process mid-shard and leave a shard set without stats.json that a run would read."""
     if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -546,7 +546,7 @@ def _terminate_as_interrupt(active: bool) -> Iterator[None]:
 
 def _one_log_line_each() -> None:
     """Lightning gives its ``lightning`` logger a console handler of its own when it is imported,
-    and its records also reached the root handler: every line came twice. The root handler now
+    and its records would also reach the root handler, printing every line twice: the root handler
     leaves them to Lightning's (without importing Lightning, which would slow every verb). Its
     advertisement for a hosted logger at each fit is dropped. In a run of several processes, only
     rank 0 says what all ranks would say alike (the model's size, data warnings); errors come from

@@ -97,7 +97,7 @@ def _recency(path: Path) -> tuple[bool, float, int, float, float]:
     step newer, and a run resumed from an earlier step writes ``-vN`` step files older than its
     ``last.ckpt``. A sharded directory ranks by the time its save finished (its marker file), a
     file that cannot be read by its file time, so that a damaged newest one is found and passed
-    over with a warning. Files that record no time (written before checkpoints did) rank below,
+    over with a warning. Files that record no time (Lightning's own saves, older runs) rank below,
     by Lightning's names: a later run's ``-vN``, a run's ``last``, the step named; file times
     break ties."""
     file_time = _checkpoint_time(path)

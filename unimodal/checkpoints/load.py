@@ -145,7 +145,7 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     processor_file = path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file
     check_untrusted(config["processor"], processor_file)
     check_settings(config["processor"], processor_file)
-    without_starting_points(config["model"])  # exports written before the export dropped them
+    without_starting_points(config["model"])  # an export names no starting point; older exports did
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":
             args["path"] = str(path / args["path"])

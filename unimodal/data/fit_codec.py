@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media
+from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media, source_media
 from unimodal.data.shards import is_streamed, read_documents
 from unimodal.errors import refuse_nonempty
 from unimodal.modalities.base import CODEC_FILE
@@ -97,11 +97,7 @@ def _media(src: str, modality: str) -> Iterator[tuple[str, MediaBytes]]:
     path = Path(src)
     if path.is_dir() and not any(path.glob("*.tar")):
         for file in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in FILE_EXTENSIONS[modality] and p.is_file()):
-            try:
-                data = file.read_bytes()
-            except OSError as err:
-                raise ValueError(f"cannot read {file}: {err.strerror or err}") from None
-            yield str(file), MediaBytes(file.suffix.lower().lstrip("."), data)
+            yield str(file), source_media({"type": modality, "path": str(file)}, path, src, 0)  # limits as when packed
         return
     for doc in read_documents(src, decode=False):
         for part in doc.parts:

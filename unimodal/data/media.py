@@ -111,11 +111,6 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, o
         raise DocumentError(f"{where}: {kind} {path!r} is remote; give {instead} (nothing is downloaded)")
     if path.startswith("file://"):  # a URL escapes a space and other characters (Path.as_uri: my%20cat.png)
         path = unquote(path.removeprefix("file://"))
-    ext = Path(path).suffix.lower().lstrip(".")
-    if ext not in MEDIA_EXTENSIONS[kind]:
-        raise DocumentError(
-            f"{where}: {kind} file {path!r} has extension {ext!r}, expected one of {', '.join(MEDIA_EXTENSIONS[kind])}"
-        )
     file = base / path  # an absolute path stays as it is
     shown = repr(path) if len(path) <= 200 else f"{path[:200]!r}... ({len(path)} characters)"
     try:
@@ -127,6 +122,11 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, o
     if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
         what = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
         raise DocumentError(f"{where}: {kind} file {shown} is {what}, not a regular file (looked at {file})")
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in MEDIA_EXTENSIONS[kind]:
+        raise DocumentError(
+            f"{where}: {kind} file {shown} has extension {ext!r}, expected one of {', '.join(MEDIA_EXTENSIONS[kind])}"
+        )
     if info.st_size > MAX_MEDIA_BYTES:
         raise DocumentError(f"{where}: {kind} file {shown} is {info.st_size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
                             "a media file may have")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from unimodal.checkpoints.load import Exported, load_exported
-from unimodal.data.media import MAX_AUDIO_SECONDS, MAX_MEDIA_BYTES, MediaBytes, decode_media
+from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media, source_media
 from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
@@ -469,23 +469,12 @@ def _content(item: Any, where: str) -> Part:
 
 def _media_object(kind: str, value: Any, where: str) -> Any:
     """An in-memory image or audio value (or a path to one) as the codec input."""
-    if isinstance(value, (str, Path)):
-        path = Path(value)
-        if path.is_dir():
-            raise ChatError(f"{where}: {path} is a directory, not {'an image' if kind == 'image' else 'an audio'} file")
-        if not path.exists():
-            raise ChatError(f"{where}: {kind} file {path} does not exist")
-        if not path.is_file():  # a FIFO or a device would block or never end
-            raise ChatError(f"{where}: {kind} file {path} is a FIFO, device or socket, not a regular file")
-        size = path.stat().st_size
-        if size > MAX_MEDIA_BYTES:  # read whole before decoding: a file's size is the memory it takes
-            raise ChatError(f"{where}: {kind} file {path} is {size / 2**20:.0f} MiB, over the {MAX_MEDIA_BYTES // 2**20} MiB "
-                            "a media file may have")
+    if isinstance(value, (str, Path)):  # read as the data tools read a part's file
         try:
-            data = path.read_bytes()
-        except OSError as err:  # no permission: one line, as for the files above
-            raise ChatError(f"{where}: {kind} file {path} cannot be read ({err.strerror or err})") from None
-        return _decode(MediaBytes(path.suffix.lstrip(".").lower(), data), kind, where)
+            media = source_media({"type": kind, "path": str(value)}, Path.cwd(), where, 0)
+        except DocumentError as err:
+            raise ChatError(str(err)) from None
+        return _decode(media, kind, where)
     if kind == "image" and hasattr(value, "convert") and hasattr(value, "size"):  # PIL.Image
         value = np.asarray(rgb_image(value), dtype=np.uint8)
     if kind == "audio" and isinstance(value, tuple) and len(value) == 2:

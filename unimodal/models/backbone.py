@@ -156,7 +156,7 @@ def check_config_keys(model_type: str, given: dict[str, Any]) -> None:
 @lru_cache(maxsize=None)
 def cache_keyword(decoder_class: type[torch.nn.Module]) -> str:
     """The decoder's name for its KV-cache argument: transformers 5.24 renamed ``past_key_values``
-    (which it now warns about) to ``cache``; 5.17, on the GPU machines, has only the old name."""
+    (and warns about the old one) to ``cache``; 5.17 has only the old name."""
     return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
@@ -194,7 +194,7 @@ def start_rows_near_mean(model: PreTrainedModel, start: int, stop: int, referenc
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer in backward (non-reentrant: frozen inputs and LoRA are fine).
-    transformers 5.24 renamed the switch; 5.17 (on the GPU machines) has only the old name."""
+    transformers 5.24 renamed the switch; 5.17 has only the old name."""
     options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)

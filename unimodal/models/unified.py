@@ -1,6 +1,6 @@
 """The UnifiedModel: embed every modality, run the HF decoder once, score with every head.
 
-Plug points for the modality issues:
+Plug points for modalities:
 - ``continuous``: modality name -> :class:`ContinuousModality`, which embeds that modality's
   continuous slots (``embed``) and adds its own loss terms from the final hidden states
   (``loss``, e.g. a diffusion head); state such as sampled noise flows from one to the other;

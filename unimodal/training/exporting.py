@@ -110,7 +110,7 @@ def export(
     directory, or a run directory (its newest checkpoint). Returns ``out_dir``.
 
     ``replace`` allows replacing an existing directory; ``resolve_path`` turns the ``builtin:``
-    names a checkpoint written before they were resolved at the command line may hold;
+    names an older checkpoint may hold (runs resolve them at the command line);
     ``trust_checkpoint`` allows a DeepSpeed directory (read with pickle by DeepSpeed).
     """
     out = Path(out_dir)

@@ -32,8 +32,8 @@ class StepProgressBar(RichProgressBar):
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._step_based() or self.is_disabled or self.progress is None or self.train_progress_bar_id is None or self._leave:
             return super().on_train_epoch_start(trainer, pl_module)
-        # one task for the whole run: Lightning resets it at each epoch, which restarted its clock
-        # ("1100/1100 0:00:31" after a 352 s run whose second epoch took 31 s)
+        # one task for the whole run: Lightning resets it at each epoch, which would restart its
+        # clock (a 352 s run would end on "1100/1100 0:00:31", its last epoch's time)
         self.progress.update(self.train_progress_bar_id, description=self._get_train_description(trainer.current_epoch))
         self.refresh()
 

@@ -153,7 +153,8 @@ def _with_near_matches(message: str, parser: LightningArgumentParser) -> str:
 
 
 TINY_KEY = "tiny"
-# class paths of format-1 recipes and exports, still read: old -> new (recipes name the new ones)
+# class paths of format-1 recipes: old -> current. A recipe naming one is refused with the current
+# path (a format-1 export is upgraded as it is read: RENAMED_CLASSES)
 MOVED_CLASSES = {
     **RENAMED_CLASSES,
     "unimodal.training.seed_stages.ImageTextPairs": "unimodal.data.pairs.ImageTextPairs",

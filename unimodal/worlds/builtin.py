@@ -2,7 +2,7 @@
 
 A recipe (or its ``--tiny`` variant) can name ``builtin:text/train`` or
 ``builtin:text/tokenizer.model`` and the data is built once under ``$UNIMODAL_DATA_HOME``
-(default ``data/generated``). Other modules register further worlds in ``BUILDERS``.
+(default ``data/generated``); ``BUILDERS`` names each world's builder.
 """
 
 from __future__ import annotations
