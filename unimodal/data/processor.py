@@ -56,6 +56,21 @@ class EncodedDocument:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def extended(self, ids: list[int], modality: str = "text") -> EncodedDocument:
+        """This document followed by ``ids`` as prompt positions (no target, causal, no features)
+        of ``modality``: text, or a media span's begin token, which opens that span."""
+        n, opens = len(ids), modality != "text"
+        return EncodedDocument(
+            ids=np.concatenate([self.ids, np.asarray(ids, self.ids.dtype)]),
+            modality=np.concatenate([self.modality, np.full(n, MODALITY_IDS[modality], self.modality.dtype)]),
+            target=np.concatenate([self.target, np.zeros(n, bool)]),
+            block=np.concatenate([self.block, np.full(n, -1, self.block.dtype)]),
+            continuous=np.concatenate([self.continuous, np.zeros(n, bool)]),
+            features=self.features,
+            key=self.key,
+            span_start=None if self.span_start is None else np.concatenate([self.span_start, (np.arange(n) == 0) & opens]),
+        )
+
 
 class EncodedMedia:
     """The arrays the codecs made, by the content of the media they were made from, up to

@@ -367,7 +367,7 @@ class Assistant:
         if self.template is None:
             return doc
         opening = self.processor.tokenizer.encode(self.template.begin["assistant"])
-        return _append_text(doc, opening)
+        return doc.extended(opening)
 
     def _turn(self, message: Message, index: int) -> _Turn:
         """One message with its media decoded and encoded once (trimming re-encodes text only)."""
@@ -536,19 +536,6 @@ def _as_pil(decoded: Any) -> Any:
     if array.dtype != np.uint8:
         array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
     return Image.fromarray(array)
-
-
-def _append_text(doc: EncodedDocument, ids: list[int]) -> EncodedDocument:
-    n = len(ids)
-    return EncodedDocument(
-        ids=np.concatenate([doc.ids, np.asarray(ids, dtype=doc.ids.dtype)]),
-        modality=np.concatenate([doc.modality, np.zeros(n, doc.modality.dtype)]),
-        target=np.concatenate([doc.target, np.zeros(n, bool)]),
-        block=np.concatenate([doc.block, np.full(n, -1, doc.block.dtype)]),
-        continuous=np.concatenate([doc.continuous, np.zeros(n, bool)]),
-        features=doc.features,
-        key=doc.key,
-    )
 
 
 def load(path: str | Path, device: str = "auto", max_audio_seconds: float | None = None, **overrides: Any) -> Assistant:

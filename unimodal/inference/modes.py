@@ -8,13 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.constraints import SpanSpec
 from unimodal.modalities.vocab import SPAN_MARKERS
 from unimodal.models.unified import UnifiedModel
-from unimodal.schema import MODALITY_IDS
 
 
 @dataclass(frozen=True)
@@ -54,12 +52,4 @@ def open_span(doc: EncodedDocument, layout: Any, begin: str) -> EncodedDocument:
     modality = next((name for name, (b, _) in SPAN_MARKERS.items() if b == begin), None)
     if modality is None:
         raise ValueError(f"{begin!r} is not a begin token; known: {[b for b, _ in SPAN_MARKERS.values()]}")
-    return EncodedDocument(
-        ids=np.append(doc.ids, layout.special_id(begin)),
-        modality=np.append(doc.modality, MODALITY_IDS[modality]).astype(doc.modality.dtype),
-        target=np.append(doc.target, False),
-        block=np.append(doc.block, -1).astype(doc.block.dtype),
-        continuous=np.append(doc.continuous, False),
-        features=doc.features,
-        key=doc.key,
-    )
+    return doc.extended([layout.special_id(begin)], modality)

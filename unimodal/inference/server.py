@@ -52,6 +52,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from unimodal.data.media import starts_as
 from unimodal.errors import UserError
 from unimodal.schema import NotJSON, read_json
 from unimodal.inference.batcher import Batcher, Busy, Job
@@ -369,9 +370,6 @@ def check_caps(settings: dict[str, Any], caps: dict[str, float]) -> None:
             raise APIError(400, f"{key}={value} is more than this server allows ({caps[key]:g}, 4x the model's own setting{within})")
 
 
-AUDIO_HEADERS = ((b"RIFF", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"))
-
-
 def _spoken_reply_as_content(message: Any, index: int, audio_rate: int | None) -> Any:
     """An assistant message with ``audio`` (a spoken reply as :func:`message_fields` returns it)
     as content parts again: its ``content`` (or, when that is null, its ``transcript``), then the
@@ -386,7 +384,8 @@ def _spoken_reply_as_content(message: Any, index: int, audio_rate: int | None) -
         clip = base64.b64decode(audio["data"], validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, f"{where}.data is not valid base64") from None
-    fmt = next((name for header, name in AUDIO_HEADERS if clip.startswith(header)), "pcm16")
+    # an mp3 by its ID3 tag only: the frame-sync bytes of a bare one are also two pcm16 samples
+    fmt = next((ext for ext in ("wav", "flac", "ogg") if starts_as(ext, clip)), "mp3" if clip.startswith(b"ID3") else "pcm16")
     if fmt == "pcm16":  # raw 16-bit samples at the codec's rate, as format pcm16 returned them
         if audio_rate is None or len(clip) % 2:
             raise APIError(400, f"{where}.data is not a wav, flac, ogg or mp3 file, nor pcm16 samples this model can read")
