@@ -256,16 +256,22 @@ def parse_document(payload: bytes | str | dict[str, Any], key: str = "", source:
     """Parse a sample's JSON member into a Document (media not yet attached)."""
     where = sample_where(key, source)
     payload = json_object(payload, where)
-    schema = payload.get("schema", SCHEMA)
-    if schema != SCHEMA:
-        raise DocumentError(f"{where}: schema {schema!r} is not supported (this version reads {SCHEMA!r})")
+    meta = document_meta(payload, where)
     parts = payload.get("parts")
     if not isinstance(parts, list) or not parts:
         raise DocumentError(f"{where}: 'parts' must be a non-empty list")
-    meta = payload.get("meta", {})
+    return Document([parse_part(p, where, i) for i, p in enumerate(parts)], meta, key, source)
+
+
+def document_meta(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ``meta`` of a document's JSON object, whose ``schema`` must be this version's."""
+    schema = raw.get("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise DocumentError(f"{where}: schema {schema!r} is not supported (this version handles {SCHEMA!r})")
+    meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise DocumentError(f"{where}: 'meta' must be an object")
-    return Document([parse_part(p, where, i) for i, p in enumerate(parts)], meta, key, source)
+    return meta
 
 
 BUILTIN_PREFIX = "builtin:"

@@ -16,11 +16,11 @@ from unimodal.data.messages import messages_to_parts
 from unimodal.data.shards import MAX_BYTES_PER_SHARD, STATS_FILE, held_out, save_stats, write_shards
 from unimodal.schema import (
     MODALITIES,
-    SCHEMA,
     Document,
     DocumentError,
     check_fields,
     check_key,
+    document_meta,
     json_object,
     parse_part,
 )
@@ -70,9 +70,7 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
     where = f"{src.name}:{line}"
     raw = json_object(raw_line, where)
     check_fields(raw, LINE_FIELDS, where, strict=False)
-    schema = raw.get("schema", SCHEMA)
-    if schema != SCHEMA:
-        raise DocumentError(f"{where}: schema {schema!r} is not supported (this version writes {SCHEMA!r})")
+    meta = document_meta(raw, where)
     key = raw.get("key", f"{line:08d}")
     if not isinstance(key, str):
         raise DocumentError(f"{where}: 'key' must be a string, got {key!r}")
@@ -80,9 +78,7 @@ def _source_document(raw_line: bytes, src: Path, line: int) -> Document:
         check_key(key)
     except DocumentError as err:
         raise DocumentError(f"{where}: {err}") from None
-    raw_parts, meta = raw.get("parts"), raw.get("meta", {})
-    if not isinstance(meta, dict):
-        raise DocumentError(f"{where}: 'meta' must be an object")
+    raw_parts = raw.get("parts")
     if line_kind(raw, where) == "messages":  # an OpenAI-style chat record
         return Document(messages_to_parts(raw["messages"], src.parent, where), meta, key, source=where)
     parts, next_media = [], 0
