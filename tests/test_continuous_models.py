@@ -217,9 +217,13 @@ def test_added_modules_load_strictly(tmp_path, char_tokenizer, tiny_llama_config
     loaded = TokenDiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
                             head_depth=2, init_from=str(tmp_path / "ok.safetensors"))
     torch.testing.assert_close(loaded.soft_vq.codebook, state["soft_vq.codebook"])
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(ValueError, match=r"init_from: .*ok\.safetensors lacks weights of this model: head\.blocks\.2\."):
         TokenDiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
                        head_depth=3, init_from=str(tmp_path / "ok.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"init_from: .*cut\.safetensors cannot be read \(Error while deserializing header"):
+        TokenDiffusionImage(HIDDEN, feature_dim=DIM, slots_per_item=SLOTS, codebook_size=16, head_width=32,
+                            head_depth=2, init_from=str(tmp_path / "cut.safetensors"))
 
 
 def test_soft_vq_rows_must_exist(char_tokenizer, tiny_llama_config):

@@ -43,7 +43,7 @@ from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.backbone import BackboneConfig, start_rows_near_mean
 from unimodal.models.build import build_model
 from unimodal.models.lora import merge_backbone_adapter, quiet_peft
-from unimodal.models.sharding import gathered
+from unimodal.models.sharding import load_safetensors
 from unimodal.models.unified import ContinuousModality, UnifiedModel, check_item_slots
 from unimodal.schema import read_json_object
 from unimodal.specs import instantiate
@@ -241,27 +241,13 @@ def load_modules(model: nn.Module, path: str | Path, strict: bool = True) -> tup
     Returns (loaded names, names this model lacks). ``strict``: a name this model lacks is an
     error (a silently dropped module is the mismatch SEED's loader hid with ``strict=False``).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     file = _modules_file(path)
     if file is None:
         return [], []
     try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError) as err:
-        raise ExportError(f"{file} cannot be read ({str(err).strip().splitlines()[0]}); {REEXPORT}") from None
-    with gathered([p for n, p in model.named_parameters() if n in state], modifier_rank=0):
-        own = model.state_dict()
-        unexpected = [name for name in state if name not in own]
-        if unexpected and strict:
-            raise ExportError(f"{file} holds weights this model has no place for: {', '.join(unexpected[:5])}")
-        for name, tensor in state.items():
-            if name in own and own[name].shape != tensor.shape:
-                raise ExportError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
-        usable = {name: tensor for name, tensor in state.items() if name in own}
-        model.load_state_dict(usable, strict=False)
-    return sorted(usable), unexpected
+        return load_safetensors(model, file, only_module=strict)
+    except ValueError as err:
+        raise ExportError(f"{err}; {REEXPORT}") from None
 
 
 def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Module:

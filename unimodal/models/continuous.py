@@ -42,7 +42,7 @@ from unimodal.batch import PackedBatch
 from unimodal.models.adapters import SoftVQ, build_patch_adapters
 from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig, guided
 from unimodal.models.heads import DiffusionHead
-from unimodal.models.sharding import gathered
+from unimodal.models.sharding import load_safetensors
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel
 from unimodal.schema import MODALITY_IDS
 
@@ -88,16 +88,13 @@ def text_around(batch: PackedBatch, spans: ImageSpans) -> tuple[torch.Tensor, to
 
 def load_added_modules(module: nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict into ``module``; every key must match (no silent mismatch)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} does not exist")
-    state = load_file(str(path))
-    with gathered(module.parameters(), modifier_rank=0):
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"init_from {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    try:
+        load_safetensors(module, path, all_of_module=True)
+    except ValueError as err:
+        raise ValueError(f"init_from: {err}") from None
 
 
 class ContinuousImage(ContinuousModality):
