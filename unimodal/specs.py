@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 
-def own_class(path: str, base: type) -> bool:
-    """Whether ``path`` names a subclass of ``base`` that unimodal defines. Not merely a path that
-    starts with ``unimodal.``: jsonargparse follows it through a module's globals, so that
+def unimodal_class(path: str) -> type | None:
+    """The class ``path`` names when unimodal defines it, else None. Not merely a path that starts
+    with ``unimodal.``: jsonargparse follows it through a module's globals, so that
     ``unimodal.checkpoints.export.os.system`` is ``os.system``."""
     if not path.startswith("unimodal."):
-        return False  # imported by nothing here: importing it would run its module
+        return None  # imported by nothing here: importing it would run its module
     parts = path.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         try:
@@ -25,8 +25,14 @@ def own_class(path: str, base: type) -> bool:
             continue
         for name in parts[cut:]:
             found = getattr(found, name, None)
-        return isinstance(found, type) and issubclass(found, base) and found.__module__.startswith("unimodal.")
-    return False
+        return found if isinstance(found, type) and found.__module__.startswith("unimodal.") else None
+    return None
+
+
+def own_class(path: str, base: type) -> bool:
+    """Whether ``path`` names a subclass of ``base`` that unimodal defines."""
+    found = unimodal_class(path)
+    return found is not None and issubclass(found, base)
 
 
 def instantiate(spec: dict[str, Any], kind: Any, where: str) -> Any:

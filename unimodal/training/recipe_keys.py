@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import inspect
 import typing
 from typing import Any
 
 from unimodal.errors import UserError
+from unimodal.specs import unimodal_class
 
 SECTIONS = ("model", "data")  # the recipe's class sections; trainer keys get jsonargparse's own suggestions
 
@@ -43,7 +43,7 @@ def _follow(node: Any, cls: type | None, segments: list[str], where: str) -> Non
             raise UserError(f"{where}: {cls.__name__} takes no argument {name!r}{hint}")
         _follow(child, _dataclass_argument(cls, name), rest, where)
     elif name == "init_args" and isinstance(node, dict) and isinstance(node.get("class_path"), str):
-        _follow(child, _recipe_class(node["class_path"]), rest, where)
+        _follow(child, unimodal_class(node["class_path"]), rest, where)
     else:
         _follow(child, None, rest, where)
 
@@ -53,18 +53,6 @@ def flat(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict) and value:
         return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): value}
-
-
-def _recipe_class(path: str) -> type | None:
-    """The class a ``class_path`` names, when it is one of this package's (others are left to jsonargparse)."""
-    module, _, name = path.rpartition(".")
-    if not module.startswith("unimodal"):
-        return None
-    try:
-        found = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None  # jsonargparse says what does not import
-    return found if inspect.isclass(found) else None
 
 
 def _arguments(cls: type) -> set[str] | None:
