@@ -360,8 +360,6 @@ def serve(
     from unimodal.inference.server import ServerLimits
     from unimodal.inference.server import serve as run_server
 
-    if max_batch < 1:
-        raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
     if api_key is not None and not api_key.strip():  # `--api_key "$KEY"` with KEY unset would serve everyone
         raise ValueError("--api_key is empty; give a key, or leave the option out to serve without one")
     api_key = api_key or os.environ.get("UNIMODAL_API_KEY")

@@ -33,14 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from unimodal.checkpoints.load import Exported, load_exported
+from unimodal.checkpoints.load import CONFIG_FILE, Exported, load_exported
 from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media, source_media
 from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
 from unimodal.inference.modes import open_span
-from unimodal.inference.outputs import Generation, Segment
+from unimodal.inference.outputs import FinishReason, Generation, Segment
 from unimodal.modalities.audio import to_mono
 from unimodal.modalities.base import MediaCodec
 from unimodal.modalities.image_continuous import rgb_image
@@ -110,7 +110,7 @@ class ReplyPart:
 @dataclass
 class Reply:
     parts: list[ReplyPart]
-    finish_reason: str  # "stop" | "length" | "timeout" | "cancelled" (a batch's row that left it)
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     seed: int
@@ -206,7 +206,7 @@ class Assistant:
         try:
             saved = GenerationSettings.from_dict(exported.config.get("generation"))
         except ValueError as err:
-            where = Path(exported.path) / "unimodal.json" if exported.path else "the export's unimodal.json"
+            where = Path(exported.path) / CONFIG_FILE if exported.path else f"the export's {CONFIG_FILE}"
             raise ChatError(f"{where}, 'generation': {err}; fix it there or export again") from None
         defaults = {
             "model": exported.model,

@@ -6,8 +6,7 @@ whose reply starts inside a span.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
+from typing import Any, Literal
 
 from unimodal.data.processor import EncodedDocument
 from unimodal.inference.constraints import SpanSpec
@@ -20,7 +19,7 @@ class MediaMode:
     """A media modality the model can write, and how."""
 
     name: str
-    kind: str  # "discrete" | "causal" | "bidirectional"
+    kind: Literal["discrete", "causal", "bidirectional"]
     begin: int
     end: int
     # fewest positions a whole span takes after its begin token, end token included

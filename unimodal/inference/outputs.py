@@ -8,8 +8,12 @@ import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+
+# why a generation ended; "cancelled": its caller gave up (a closed stream, a stopping server)
+FinishReason = Literal["stop", "length", "timeout", "cancelled"]
 
 
 class GenerationTimeout(RuntimeError):
@@ -25,7 +29,7 @@ class Segment:
     where a stop string cut it).
     """
 
-    type: str  # "text" | "image" | "audio"
+    type: Literal["text", "image", "audio"]
     text: str = ""
     data: np.ndarray | None = None
     ids: list[int] = field(default_factory=list)
@@ -34,7 +38,7 @@ class Segment:
 @dataclass
 class Generation:
     segments: list[Segment]
-    finish_reason: str  # "stop" | "length" | "timeout" | "cancelled"
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     seed: int
