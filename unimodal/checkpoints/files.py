@@ -231,7 +231,7 @@ def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
     (:func:`replace_directory`), so a crash never leaves neither."""
     out = Path(out_dir)
     if not replace:
-        refuse_nonempty(out, "export to a new directory")
+        refuse_nonempty(out, "write to a new directory")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
