@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,6 +70,17 @@ class EncodedDocument:
             key=self.key,
             span_start=None if self.span_start is None else np.concatenate([self.span_start, (np.arange(n) == 0) & opens]),
         )
+
+
+class Span(NamedTuple):
+    """A run of positions alike in every field, as :meth:`Processor.encode` collects them."""
+
+    ids: np.ndarray
+    modality: int
+    loss: bool
+    continuous: bool
+    features: np.ndarray | None
+    starts_media: bool  # the first position of a media span (its begin token)
 
 
 class EncodedMedia:
@@ -189,11 +200,10 @@ class Processor:
         )
 
     def encode(self, doc: Document) -> EncodedDocument:
-        # (ids, modality, loss, continuous, features, whether a media span starts here)
-        spans: list[tuple[np.ndarray, int, bool, bool, np.ndarray | None, bool]] = []
+        spans: list[Span] = []
 
         def text_span(ids: list[int], loss: bool) -> None:
-            spans.append((np.asarray(ids, dtype=np.int64), 0, loss, False, None, False))
+            spans.append(Span(np.asarray(ids, dtype=np.int64), 0, loss, False, None, False))
 
         if self.add_bos and self.tokenizer.bos_id is not None:
             text_span([self.tokenizer.bos_id], False)
@@ -210,7 +220,7 @@ class Processor:
             text_span([self.tokenizer.eos_id], last_loss)
         return self._concat(spans, doc.key)
 
-    def _media_spans(self, part: Part, doc: Document, spans: list) -> None:
+    def _media_spans(self, part: Part, doc: Document, spans: list[Span]) -> None:
         array = part.data
         if not isinstance(array, np.ndarray) or array.dtype == np.uint8:
             codec = self.codecs.get(part.type)
@@ -223,8 +233,8 @@ class Processor:
         begin, end = SPAN_MARKERS[part.type]
         modality = MODALITY_IDS[part.type]
 
-        def marker(name: str, starts: bool = False) -> tuple:
-            return np.asarray([self.layout.special_id(name)]), modality, part.loss, False, None, starts
+        def marker(name: str, starts: bool = False) -> Span:
+            return Span(np.asarray([self.layout.special_id(name)]), modality, part.loss, False, None, starts)
 
         spans.append(marker(begin, True))
         if np.issubdtype(array.dtype, np.floating):
@@ -235,9 +245,9 @@ class Processor:
                     f"the processor's feature_dim (data.init_args.feature_dim in a recipe) is {self.feature_dim}"
                 )
             ids = np.full(len(features), self.layout.special_id("<|media|>"), dtype=np.int64)
-            spans.append((ids, modality, part.loss, True, features, False))
+            spans.append(Span(ids, modality, part.loss, True, features, False))
         elif np.issubdtype(array.dtype, np.integer):
-            spans.append((self._code_ids(array, part, doc), modality, part.loss, False, None, False))
+            spans.append(Span(self._code_ids(array, part, doc), modality, part.loss, False, None, False))
         else:
             raise DocumentError(f"{doc.where()}: {part.type} array of dtype {array.dtype} is not supported")
         spans.append(marker(end))
@@ -260,7 +270,7 @@ class Processor:
             raise DocumentError(f"{doc.where()}: {name} codes outside [0, {codebook})")
         return self.layout.code_ids(name, codes, np.arange(len(codes))[:, None]).reshape(-1)
 
-    def _concat(self, spans: list, key: str) -> EncodedDocument:
+    def _concat(self, spans: list[Span], key: str) -> EncodedDocument:
         # one repeat per field rather than one small array per span and field: a short document
         # has a dozen spans, and this runs for every document the data module reads
         span_ids, modality, loss, is_cont, feats, starts = zip(*spans)
