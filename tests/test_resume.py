@@ -373,12 +373,15 @@ def test_runs_keep_their_last_k_step_checkpoints_and_clear_dead_writers_files(tm
         os.utime(directory / f"step={step}.ckpt", (5 - step, 5 - step))  # the recorded times count, not the file times
     for name in ("last.ckpt", "last-v1.ckpt", "last-v2.ckpt"):  # each run's last: never pruned
         torch.save({SAVED_AT_KEY: 0.0}, directory / name)
+    for name in ("pretrained.ckpt", "best-loss=0.31.ckpt"):  # a user's files, a callback's own names: never pruned
+        torch.save({SAVED_AT_KEY: 1.0}, directory / name)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     (directory / f".tmp-{dead}-last.ckpt").write_bytes(b"half")
     (directory / f".tmp-{os.getpid()}-last.ckpt").write_bytes(b"being written")
     prune_checkpoints(directory, 3)
     left = sorted(p.name for p in directory.iterdir())
-    assert left == [f".tmp-{os.getpid()}-last.ckpt", "last-v1.ckpt", "last-v2.ckpt", "last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+    assert left == [f".tmp-{os.getpid()}-last.ckpt", "best-loss=0.31.ckpt", "last-v1.ckpt", "last-v2.ckpt", "last.ckpt", "pretrained.ckpt",
+                    "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
 
 
 def test_a_run_keeps_keep_last_k_checkpoints(tmp_path):

@@ -33,6 +33,8 @@ log = logging.getLogger("unimodal.checkpoints")
 TEMP_PREFIX = ".tmp-"
 # a run's last checkpoint, and those of later runs in the same directory (Lightning's version suffix)
 LAST_NAME = re.compile(r"last(-v\d+)?\.ckpt")
+# the names step checkpoints get (Lightning's "{epoch}-{step}", a later run's "-vN"): the only files pruned
+STEP_NAME = re.compile(r"(epoch=\d+-)?step=\d+(-v\d+)?\.ckpt")
 # the checkpoint key under which ``unimodal train`` stores the run's resolved config
 RUN_CONFIG_KEY = "unimodal_run_config"
 # the checkpoint key of the time (``time.time()``) it was saved at: what "newest" means
@@ -177,13 +179,14 @@ def prune_checkpoints(directory: str | Path, keep_last_k: int) -> list[Path]:
     """Remove all but the ``keep_last_k`` newest step checkpoints and the ``.tmp-`` files whose
     writer is gone; returns what was removed. A resumed run's checkpoint callback knows nothing of
     the files before it, so this looks at the directory itself. A run's last checkpoint is never
-    removed: ``last.ckpt``, and ``last-vN.ckpt``, the last of each later run started beside it."""
+    removed: ``last.ckpt``, and ``last-vN.ckpt``, the last of each later run started beside it;
+    nor is a file named otherwise (a user's own, a callback's with its own file names)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = [temp for temp in directory.glob(f"{TEMP_PREFIX}*") if not _writer_alive(temp)]
     if keep_last_k >= 0:
-        steps = [p for p in directory.glob("*.ckpt") if not LAST_NAME.fullmatch(p.name) and is_checkpoint(p)]
+        steps = [p for p in directory.glob("*.ckpt") if STEP_NAME.fullmatch(p.name) and is_checkpoint(p)]
         if len(steps) > keep_last_k:
             removed += sorted(steps, key=_recency, reverse=True)[keep_last_k:]
     for path in removed:
