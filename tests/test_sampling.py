@@ -28,3 +28,16 @@ def test_draws_stay_inside_the_filters_and_greedy_takes_the_argmax():
         assert set(choose(logits, SamplingSettings(top_k=3), generators).tolist()[:1]) <= top3
         assert choose(logits, SamplingSettings(top_k=1, temperature=1.5), generators).tolist() == logits.argmax(-1).tolist()
     assert choose(logits, SamplingSettings(temperature=0), []).tolist() == logits.argmax(-1).tolist()
+
+
+def test_stop_strings_are_bounded_in_number_and_length():
+    """Every step looks for each stop string at the reply's end, at a cost growing with the square
+    of its length: a megabyte of stop strings froze the server's model worker."""
+    import pytest
+
+    from unimodal.models.generation import MAX_STOP_CHARS, MAX_STOP_STRINGS, GenerationSettings
+
+    assert GenerationSettings(stop=["x" * MAX_STOP_CHARS] * MAX_STOP_STRINGS).stop[0] == "x" * MAX_STOP_CHARS
+    for stop in (["x" * (MAX_STOP_CHARS + 1)], ["x"] * (MAX_STOP_STRINGS + 1)):
+        with pytest.raises(ValueError, match="stop takes at most 16 strings of at most 1000 characters each"):
+            GenerationSettings(stop=stop)

@@ -191,6 +191,8 @@ def test_media_in_and_out_as_base64(url):
          400, "image data URL of type image/png is not a .png file (it starts with b'hello')"),
         ({"stream": "false"}, 400, "stream must be true or false"),
         ({"n": True}, 400, "n must be an integer"),
+        # each step looks for every stop string at the reply's end: a megabyte of them froze the worker
+        ({"stop": ["x" * 1001]}, 400, "stop takes at most 16 strings of at most 1000 characters each"),
     ],
 )
 def test_bad_requests_get_clear_4xx(url, extra, status, needle):

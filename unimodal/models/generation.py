@@ -100,6 +100,12 @@ class SamplingSettings:
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
+# every step looks for each stop string at the end of the reply so far, at a cost that grows with
+# the square of its length: bounds far above what a stop string needs (OpenAI's API takes 4)
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1000
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Everything one ``generate`` call needs besides the prompts.
@@ -140,6 +146,9 @@ class GenerationSettings:
             raise ValueError("generation settings: timeout_s must be > 0")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("generation settings: stop must be a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"generation settings: stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                             "characters each")
         for name in ("image", "audio"):
             if self.for_modality(name).num_beams != 1:
                 raise ValueError(f"generation settings: num_beams applies to text only, not {name}")
