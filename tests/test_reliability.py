@@ -246,8 +246,9 @@ def test_a_worker_reading_nothing_but_bad_samples_stops_the_run_in_one_line(tmp_
 
 
 def test_hostile_media_is_refused_from_its_header(tmp_path):
-    """A 140 KB PNG declaring 12000x12000 pixels and a 33 KB FLAC declaring 700 s are refused
-    before they are decoded."""
+    """A 140 KB PNG declaring 12000x12000 pixels, a 33 KB FLAC declaring 700 s and one declaring
+    eight channels at 655 kHz are refused before they are decoded; a 2 KB PNG of 2,000,000 x 1
+    pixels is encoded in the memory of its central square."""
     import io
 
     import numpy as np
@@ -265,6 +266,25 @@ def test_hostile_media_is_refused_from_its_header(tmp_path):
     soundfile.write(flac, np.zeros(16000 * 700, np.float32), 16000, format="FLAC")
     with pytest.raises(DocumentError, match="700 s of audio is over the 600 s any clip may have"):
         decode_media(MediaBytes("flac", flac.getvalue()), "audio", "request")
+    flac = io.BytesIO()
+    with soundfile.SoundFile(flac, "w", samplerate=655350, channels=8, format="FLAC", subtype="PCM_16") as file:
+        for _ in range(12):
+            file.write(np.zeros((655350, 8), np.int16))
+    with pytest.raises(DocumentError, match="12 s of 8-channel audio at 655350 Hz is 62913600 samples, over the 57600000 a clip may hold"):
+        decode_media(MediaBytes("flac", flac.getvalue()), "audio", "request")
+    assert len(flac.getvalue()) < 200_000
+
+
+def test_a_tiny_png_of_extreme_shape_is_encoded_in_the_memory_of_its_central_square():
+    """A 2 KB PNG of 2,000,000 x 1 pixels, within the pixel limit: resized whole to a 256-pixel
+    short side it took gigabytes (a 500 from the server, a traceback from training)."""
+    code = ("import io\nfrom PIL import Image\nfrom unimodal.data.media import MediaBytes, decode_media\n"
+            "from unimodal.modalities.image_continuous import ImageTransform\n"
+            "wide = io.BytesIO()\nImage.new('L', (2_000_000, 1), 255).save(wide, format='PNG')\nassert len(wide.getvalue()) < 5000\n")
+    baseline = peak_rss_mb(code + "pixels = decode_media(MediaBytes('png', wide.getvalue()), 'image', 'request')")
+    used = peak_rss_mb(code + "pixels = ImageTransform(256)(decode_media(MediaBytes('png', wide.getvalue()), 'image', 'request'))\n"
+                              "assert pixels.shape == (3, 256, 256) and bool((pixels == 1.0).all())")
+    assert used - baseline < 100, (baseline, used)
 
 
 def peak_rss_mb(code: str) -> float:

@@ -21,6 +21,9 @@ MAX_PIXELS = 4096 * 4096
 MAX_AUDIO_SECONDS = 600.0
 # a file is read whole when packed: ten minutes of 48 kHz stereo float WAV is 230 MB
 MAX_MEDIA_BYTES = 512 * 2**20
+# samples a second of decoded audio may hold over all its channels (48 kHz stereo): a few hundred
+# kilobytes of FLAC can declare eight channels at 655 kHz, gigabytes once decoded
+MAX_AUDIO_SAMPLES_PER_SECOND = 96_000
 
 MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS + ARRAY_EXTENSIONS, "audio": AUDIO_EXTENSIONS + ARRAY_EXTENSIONS}
 
@@ -88,6 +91,10 @@ def decode_media(
         if info.frames > max_seconds * info.samplerate:
             raise MediaTooLarge(f"{info.frames / info.samplerate:.0f} s of audio is over the {max_seconds:g} s any clip may have "
                                  "(a codec may allow less); cut it shorter")
+        if info.frames * info.channels > max_seconds * MAX_AUDIO_SAMPLES_PER_SECOND:
+            raise MediaTooLarge(f"{info.frames / info.samplerate:g} s of {info.channels}-channel audio at {info.samplerate} Hz is "
+                                 f"{info.frames * info.channels} samples, over the {max_seconds * MAX_AUDIO_SAMPLES_PER_SECOND:.0f} "
+                                 f"a clip may hold (48 kHz stereo for {max_seconds:g} s); resample it or mix it down")
         waveform, rate = soundfile.read(io.BytesIO(media.data), dtype="float32")
         return waveform, rate
     except MediaTooLarge as err:
