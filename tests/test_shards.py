@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -458,6 +459,29 @@ def test_members_named_like_paths_are_bad_samples(tmp_path: Path):
     assert policy.skipped == 3
     with pytest.raises(DocumentError, match=r"odd\.tar: invalid sample key '\.\./\.\./tmp/escape'"):
         list(read_documents(shard))
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write a sparse member")
+def test_a_member_that_would_expand_without_bound_ends_its_shard_unread(tmp_path: Path):
+    """A sparse member reads its holes as zeros (10 KB of tar declared 2 GB, which were read whole),
+    and a header may declare any size: neither is read; the shard ends there as one bad sample."""
+    import subprocess
+
+    good = json.dumps(Document([Part("text", text="fine")], key="ok").to_json()).encode()
+    (tmp_path / "ok.json").write_bytes(good)
+    with open(tmp_path / "a.json", "wb") as holes:
+        holes.truncate(2**31)
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", "sparse.tar", "ok.json", "a.json"], cwd=tmp_path, check=True)
+    assert (tmp_path / "sparse.tar").stat().st_size < 100_000
+    declared = tarfile.TarInfo("b.json")
+    declared.size = 2**40
+    (tmp_path / "declared.tar").write_bytes((tmp_path / "sparse.tar").read_bytes()[:1024] + declared.tobuf(tarfile.GNU_FORMAT))  # ok.json, then b.json
+    for shard, what in (("sparse.tar", "'a.json' is a sparse member"), ("declared.tar", "'b.json' is a member of 1048576 MiB")):
+        policy = BadSamplePolicy(max_bad_fraction=1.0)
+        assert [doc.key for doc in read_documents(tmp_path / shard, policy=policy)] == ["ok"]
+        assert policy.skipped == 1
+        with pytest.raises(ShardError, match=f"{shard}: {what}, which `unimodal data pack` never writes"):
+            list(read_documents(tmp_path / shard))
 
 
 def test_members_python_would_parse_its_own_way_are_bad_samples(tmp_path: Path):

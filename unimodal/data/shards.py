@@ -23,15 +23,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import webdataset as wds
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
-from unimodal.data.media import MEDIA_EXTENSIONS, MediaBytes, decode_media
+from unimodal.data.media import MAX_MEDIA_BYTES, MEDIA_EXTENSIONS, MediaBytes, decode_media
 from unimodal.errors import UserError
 from unimodal.schema import (
     SCHEMA,
@@ -426,7 +426,7 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
                                  "shards are plain .tar files (as `unimodal data pack` writes them): decompress it")
             # opened here and closed below, read to its end or not (webdataset's opener leaves it open)
             stream = gopen(url)
-            for read, sample in enumerate(group_by_keys(tar_file_expander([{"url": url, "stream": stream}])), start=1):
+            for read, sample in enumerate(group_by_keys(_tar_members(url, stream)), start=1):
                 yield sample
         except Exception as err:  # noqa: BLE001 - any failure to read the tar is the shard's fault
             reason = re.sub(r" @ <.*>$", "", str(err.args[0]) if err.args else "")  # webdataset names its file object
@@ -449,6 +449,29 @@ def iter_samples(urls: Iterable[str], policy: BadSamplePolicy | None = None) -> 
         if policy is None:
             raise error
         policy.skip(error, shard=url, count=lost)
+
+
+def _tar_members(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+    """The files of one tar stream as webdataset's ``tar_file_expander`` yields them, to group by
+    key, refusing (as :class:`ShardError`) a member tarfile would expand without bound: a sparse one,
+    whose holes read as zeros (10 KB of tar can declare gigabytes), or one larger than any file
+    `data pack` writes. webdataset reads every member whole, whatever it declares."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or WEBDATASET_META.match(info.name):
+                continue
+            if info.issparse() or info.size > MAX_MEDIA_BYTES:
+                what = "a sparse member" if info.issparse() else f"a member of {info.size / 2**20:.0f} MiB"
+                yield {}  # the sample before it is whole: kept
+                raise ShardError(f"{url}: {info.name!r} is {what}, which `unimodal data pack` never writes (at most "
+                                 f"{MAX_MEDIA_BYTES // 2**20} MiB a file, no sparse files); pack the data again")
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # a stream's members are read once: keep none of their headers
+    yield {}  # the end of the shard, for group_by_keys
+
+
+# names webdataset keeps out of samples (``__key__.json`` style metadata)
+WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
 
 
 # gzip, bzip2, xz and zstd, which tar readers open transparently
