@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "unimodal"
 # each entry may import itself and the entries before it, never one after it
 LAYERS = [
-    ("unimodal.errors", "unimodal.locks", "unimodal.launch", "unimodal.schema", "unimodal.batch", "unimodal.specs"),
+    ("unimodal.errors", "unimodal.locks", "unimodal.launch", "unimodal.schema", "unimodal.batch", "unimodal.specs",
+     "unimodal.yaml_files"),
     ("unimodal.modalities",),
     ("unimodal.data",),
     ("unimodal.models",),

@@ -87,6 +87,11 @@ def test_a_recipe_whose_aliases_expand_without_bound_or_nested_too_deep_is_one_l
     config.write_text("laughs:\n  " + "\n  ".join(anchors) + "\ntrainer:\n  plugins: *a8\n")
     code, (line,) = unimodal("train", str(RECIPE), "--tiny", f"--config={config}", "--print_config")
     assert code == 2 and f"--config {config}: holds more than 100,000 values" in line
+    # every verb reads --config, as a file or as YAML text
+    inline = "{" + ", ".join(anchors) + ", max_batch: *a8}"
+    for argv in (["serve", "--config", str(config)], ["data", "pack", f"--config={config}"], ["chat", "--config", inline]):
+        code, (line,) = unimodal(*argv)
+        assert code == 2 and "holds more than 100,000 values" in line, (argv, line)
 
 
 def test_a_loss_weight_for_a_term_that_does_not_exist_is_refused_naming_the_terms(tmp_path):

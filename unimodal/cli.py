@@ -32,6 +32,7 @@ from unimodal.data.inspect import inspect_path
 from unimodal.errors import UserError
 from unimodal.launch import launched_rank
 from unimodal.locks import run_lock
+from unimodal.yaml_files import parse_yaml, read_yaml
 
 
 def train(recipe: str, *lightning_args: str) -> None:
@@ -479,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
     try:
+        _check_config_values(argv)
         if argv[:1] == ["train"] and argv[1:2] not in ([], ["-h"], ["--help"]):
             train(*argv[1:])  # LightningCLI parses these, as in any LightningCLI program
             return 0
@@ -592,6 +594,22 @@ WRITE_ERRORS = {
     errno.EROFS: _ELSEWHERE, errno.EACCES: _ELSEWHERE, errno.EPERM: _ELSEWHERE,
     errno.ENOTDIR: "a part of this path is a file, not a directory", errno.EISDIR: "give a file name, not a directory",
 }
+
+
+def _check_config_values(argv: list[str]) -> None:
+    """Each ``--config`` value (a file, or YAML text) read as recipes are, before jsonargparse
+    loads it with aliases and all (a few lines can expand to 10**9 values)."""
+    values = [arg.partition("=")[2] for arg in argv if arg.startswith("--config=")]
+    values += [value for arg, value in zip(argv, argv[1:]) if arg == "--config"]
+    for value in values:
+        try:
+            is_file = Path(value).is_file()
+        except OSError:  # a name too long: YAML text
+            is_file = False
+        if is_file:
+            read_yaml(Path(value), "--config")
+        else:
+            parse_yaml(value, "text", "--config")
 
 
 def _command(argv: list[str]) -> str:

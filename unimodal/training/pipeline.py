@@ -61,12 +61,12 @@ from unimodal.training.recipes import (
     inherit_from_export,
     load_recipe,
     make_cli,
-    read_yaml,
     resolve_builtin,
     set_dotted,
 )
 from unimodal.training.recipe_keys import flat
 from unimodal.locks import run_lock
+from unimodal.yaml_files import read_yaml
 from unimodal.training.resume import Interrupted, Preempted
 from unimodal.launch import launched_rank
 from unimodal.schema import write_whole
