@@ -195,6 +195,21 @@ def test_trimming_a_long_history_encodes_it_a_logarithmic_number_of_times(monkey
     assert assistant.prompt(turns[dropped - 2 :], settings)[1] == 2  # the two turns before the kept ones do not fit
 
 
+def test_more_media_than_the_context_could_hold_is_refused_before_any_is_read(monkeypatch):
+    """80,000 one-pixel pictures (a 12 MB request) were each decoded and encoded, 20 s of the
+    model worker, before the prompt was found too long: each takes 3 positions or more."""
+    from unimodal.inference import chat
+
+    assistant = media_assistant(context_length=60)
+    monkeypatch.setattr(chat, "_decode", lambda *a: pytest.fail("a picture was decoded"))
+    picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(ChatError, match="21 images and clips: at most 20 fit in the context of 60 tokens"):
+        assistant.prompt([{"role": "user", "content": [picture] * 20}, {"role": "user", "content": [picture]}])
+    monkeypatch.undo()
+    with pytest.raises(ChatError, match="not a .png file"):  # 20 are read
+        assistant.prompt([{"role": "user", "content": [picture] * 20}])
+
+
 def test_settings_are_checked_with_clear_messages(caplog):
     for bad in (0, -5, 2.5):
         with pytest.raises(ValueError, match=f"context_length={bad!r}; it must be an integer >= 2"):

@@ -304,6 +304,10 @@ class Assistant:
         if settings is not None and not isinstance(settings, GenerationSettings):
             raise ChatError(f"settings must be GenerationSettings (Assistant.resolve(**keywords) makes them), got {type(settings).__name__}")
         settings = settings or self.settings
+        media = _media_parts(messages)
+        if media > self.context_length // 3:  # each decoded and encoded before any is found not to fit
+            raise ChatError(f"{media} images and clips: at most {self.context_length // 3} fit in the context of "
+                            f"{self.context_length} tokens (each takes 3 positions or more); attach fewer")
         turns = [self._turn(m, i) for i, m in enumerate(parse_messages(messages))]
         reserve = min(settings.max_new_tokens, self.context_length // 2)
         room = self.context_length - reserve
@@ -518,6 +522,14 @@ def _waveform_pair(value: tuple, where: str) -> tuple[np.ndarray, int]:
         return to_mono(waveform), int(rate)
     except ValueError as err:
         raise ChatError(f"{where}: {err}") from None
+
+
+def _media_parts(messages: Any) -> int:
+    """How many media parts ``messages`` hold, counted before any is read (malformed messages are
+    :func:`parse_messages`' to refuse)."""
+    kinds = ("image", "audio", "image_url", "input_audio")
+    contents = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, (list, tuple)) else []
+    return sum(isinstance(item, dict) and item.get("type") in kinds for content in contents if isinstance(content, list) for item in content)
 
 
 def _decode(media: MediaBytes, kind: str, where: str) -> Any:
