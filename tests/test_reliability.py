@@ -162,6 +162,20 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
+def test_a_fifo_or_a_device_given_as_a_checkpoint_is_named_as_such(tmp_path):
+    """They were called a directory that is not a checkpoint (``--ckpt_path``), or missing (export)."""
+    from unimodal.checkpoints.export import checkpoint_file
+    from unimodal.errors import UserError
+    from unimodal.training.recipes import check_given_checkpoint
+
+    os.mkfifo(tmp_path / "pipe.ckpt")
+    for path in (tmp_path / "pipe.ckpt", Path("/dev/zero")):
+        with pytest.raises(UserError, match="is not a regular file; --ckpt_path takes a .ckpt file or a sharded checkpoint directory"):
+            check_given_checkpoint(path, trust=False)
+        with pytest.raises(UserError, match="is not a regular file; give a .ckpt file, a checkpoint directory or a run directory"):
+            checkpoint_file(path, tmp_path)
+
+
 def test_a_checkpoint_given_to_ckpt_path_runs_no_code(checkpoint, tmp_path):
     """``--ckpt_path`` may name anyone's file: a pickle payload is refused in one line before it
     runs, and a sharded directory (whose files DeepSpeed and torch.distributed.checkpoint read

@@ -138,8 +138,10 @@ def checkpoint_file(ckpt: Path, scratch: Path, trust: bool = False) -> Path:
         if found is None:
             raise FileNotFoundError(f"{ckpt} holds no checkpoint (a .ckpt file, a DeepSpeed or FSDP checkpoint directory, or a run directory)")
         return checkpoint_file(found, scratch, trust)
-    if not ckpt.is_file():
+    if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    if not ckpt.is_file():  # a FIFO, a device, a socket
+        raise UserError(f"checkpoint {ckpt} is not a regular file; give a .ckpt file, a checkpoint directory or a run directory")
     return ckpt
 
 

@@ -470,6 +470,8 @@ def check_given_checkpoint(path: Path, trust: bool) -> None:
         if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
             raise UserError(f"{path} is not a training checkpoint (it holds no state_dict); --ckpt_path takes a .ckpt that "
                             "`unimodal train` wrote (to start from an export's weights, set model.init_args.init_from)")
+    elif not path.is_dir():  # a FIFO, a device, a socket
+        raise UserError(f"{path} is not a regular file; --ckpt_path takes a .ckpt file or a sharded checkpoint directory")
     elif not is_checkpoint(path):
         run, checkpoints = (path.parent, path) if path.name == "checkpoints" else (path, path / "checkpoints")
         newest = find_latest_checkpoint(checkpoints)
