@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unimodal.models.adapters import SoftVQ, build_patch_adapters
-from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig
+from unimodal.models.diffusion import DiffusionSchedule, ScheduleConfig, _probe
 from unimodal.models.heads import DiffusionHead
 
 FLOW = ScheduleConfig(prediction="flow", sampler="flow", zero_terminal_snr=False, sample_steps=20)
@@ -73,6 +73,41 @@ def test_samplers_reach_the_data_with_a_perfect_model(config):
     x0 = torch.randn(3, 4)
     out = schedule.sample(oracle(schedule, x0), (3, 4), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x0, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ScheduleConfig(sample_steps=20), ScheduleConfig(sampler="euler", sample_steps=20), COSINE_EPS, FLOW],
+    ids=["ddim-v-zsnr", "euler-v-zsnr", "ddim-eps-cosine", "flow"],
+)
+def test_rows_with_their_own_step_counts_sample_as_diffusers_does_alone(config):
+    """The batched sampler against each row run alone through the diffusers scheduler's own loop,
+    with a model that is not an oracle (its output depends on x and t nonlinearly)."""
+    schedule = DiffusionSchedule(config)
+    weight = torch.randn(4, 4) / 2
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x_t @ weight + t[:, None] / 1000)
+
+    counts = [None, 7, 3, None]
+    seeds = [torch.Generator().manual_seed(i) for i in range(4)]
+    batched = schedule.sample(denoise, (4, 4), steps=counts, generator=seeds)
+    for row, count in enumerate(counts):
+        scheduler = schedule.sampler(count)
+        x = torch.randn(1, 4, generator=torch.Generator().manual_seed(row)) * getattr(scheduler, "init_noise_sigma", 1.0)
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            x = scheduler.step(denoise(x_in, t.float().reshape(1)), t, x).prev_sample
+        torch.testing.assert_close(batched[row : row + 1], x, atol=1e-4, rtol=1e-4)  # float32 rounding: Euler starts at sigma ~4096
+
+
+def test_a_stochastic_sampler_is_refused_not_approximated():
+    schedule = DiffusionSchedule(ScheduleConfig(sample_steps=5))
+    scheduler = schedule.sampler(5)
+    original = scheduler.step
+    scheduler.step = lambda out, t, x: type("Out", (), {"prev_sample": original(out, t, x).prev_sample + torch.randn_like(x)})()
+    with pytest.raises(ValueError, match="does not take linear steps"):
+        _probe(scheduler)
 
 
 def test_guidance_is_one_batched_conditional_unconditional_call():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,7 @@ class DiffusionSchedule:
                 timestep_spacing=self.config.timestep_spacing,
                 clip_sample=False,
             )
+        self._tables: dict[tuple[str, int], StepTable] = {}
 
     # ------------------------------------------------------------------ training
 
@@ -150,6 +152,19 @@ class DiffusionSchedule:
         scheduler.set_timesteps(steps or self.config.sample_steps)
         return scheduler
 
+    def steps_of(self, count: int) -> StepTable:
+        """The sampler's ``count`` steps as a :class:`StepTable` (made once per step count).
+
+        Every sampler here is deterministic and first order (DDIM with eta 0, Euler without churn,
+        flow Euler), so a step is ``x_next = keep * x + take * out`` and its model input is
+        ``scale_in * x``, with numbers that depend on the step only. They are read off the diffusers
+        scheduler by stepping it on probe rows, so diffusers stays the definition of each sampler,
+        and rows with different step counts then share one tensor operation per step."""
+        key = (self.config.sampler, count)
+        if key not in self._tables:
+            self._tables[key] = _probe(self.sampler(count))
+        return self._tables[key]
+
     @torch.no_grad()
     def sample(
         self,
@@ -167,8 +182,8 @@ class DiffusionSchedule:
 
         ``cfg_scale``, ``steps`` and ``generator`` may be one per row, so that requests with
         different settings share each model call: rows with fewer steps finish early and keep
-        their result while the others go on, and each row's noise depends on its own generator
-        only (a row samples the same alone as in any batch).
+        their result (riding along at their last timestep) while the others go on, and each row's
+        noise depends on its own generator only (a row samples the same alone as in any batch).
 
         ``on_step`` is called before every step: a caller's deadline check, which may raise to
         stop the loop. ``plan`` is called once, before the first step, with the timesteps ``t`` that
@@ -183,42 +198,80 @@ class DiffusionSchedule:
 
         rows = shape[0]
         per_row = list(steps) if isinstance(steps, Sequence) else [steps] * rows
+        tables = {count: self.steps_of(count) for count in {c or self.config.sample_steps for c in per_row}}
+        longest = max(len(table.timesteps) for table in tables.values())
+        # [steps, rows] tables of every row's numbers; a finished row keeps its x (keep 1, take 0)
+        own = [tables[count or self.config.sample_steps].padded(longest) for count in per_row]
+        timesteps, scale_in, keep, take = (torch.stack(column, 1).to(device) for column in zip(*own))
         scales = torch.tensor(list(cfg_scale) if isinstance(cfg_scale, Sequence) else [cfg_scale] * rows, device=device)
-        generators = list(generator) if isinstance(generator, Sequence) else generator
-        # one scheduler per step count (schedulers keep per-run state), with the rows it drives
-        groups: dict[int, list[int]] = {}
-        for row, count in enumerate(per_row):
-            groups.setdefault(count or self.config.sample_steps, []).append(row)
-        schedulers = [(self.sampler(count), torch.tensor(members, device=device)) for count, members in groups.items()]
-        x = randn_tensor(shape, generator=generators, device=torch.device(device)).to(device)
-        for scheduler, members in schedulers:  # Euler keeps x in sigma units (scaled in and out); DDIM and flow use x_t as it is
-            x[members] = x[members] * getattr(scheduler, "init_noise_sigma", 1.0)
-        scale = scales.view(-1, *[1] * (len(shape) - 1))
         mix = bool((scales != 1.0).any())
-        timesteps = []  # what each step passes to denoise
-        for k in range(max(len(scheduler.timesteps) for scheduler, _ in schedulers)):
-            t = torch.empty(rows, device=x.device)
-            for scheduler, members in schedulers:  # a finished row rides along at its last timestep
-                t[members] = float(scheduler.timesteps[min(k, len(scheduler.timesteps) - 1)])
-            timesteps.append(torch.cat([t, t]) if mix else t)
+        generators = list(generator) if isinstance(generator, Sequence) else generator
+        # Euler keeps x in sigma units (scaled in and out); DDIM and flow use x_t as it is
+        sigma = torch.tensor([tables[count or self.config.sample_steps].init_noise_sigma for count in per_row], device=device)
+        x = randn_tensor(shape, generator=generators, device=torch.device(device)).to(device) * _rows(sigma, len(shape))
+        passed = [torch.cat([t, t]) if mix else t for t in timesteps]  # what each step passes to denoise
         if plan is not None:
-            plan(timesteps)
-        for k, t in enumerate(timesteps):
+            plan(passed)
+        scale = _rows(scales, len(shape))
+        for k, t in enumerate(passed):
             if on_step is not None:
                 on_step()
-            x_in = x.clone()
-            for scheduler, members in schedulers:
-                if k < len(scheduler.timesteps):
-                    scale_in = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
-                    x_in[members] = scale_in(x[members], scheduler.timesteps[k])
+            x_in = x * _rows(scale_in[k], len(shape))
             if mix:
                 x_in = torch.cat([x_in, x_in])
             out = denoise(x_in, t).float()
             if mix:
                 cond, uncond = out.chunk(2)
                 out = torch.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
-            for scheduler, members in schedulers:
-                if k < len(scheduler.timesteps):
-                    own = [generators[i] for i in members.tolist()] if isinstance(generators, list) else generators
-                    x[members] = scheduler.step(out[members], scheduler.timesteps[k], x[members], generator=own).prev_sample
+            x = torch.addcmul(x * _rows(keep[k], len(shape)), out, _rows(take[k], len(shape)))
         return x
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """One sampler run of a step count as numbers: at step ``k`` the model gets ``scale_in[k] * x``
+    at ``timesteps[k]``, and ``x`` becomes ``keep[k] * x + take[k] * out``; the run starts from
+    noise times ``init_noise_sigma``."""
+
+    timesteps: torch.Tensor
+    scale_in: torch.Tensor
+    keep: torch.Tensor
+    take: torch.Tensor
+    init_noise_sigma: float
+
+    def padded(self, steps: int) -> tuple[torch.Tensor, ...]:
+        """The four columns extended to ``steps``: past its end a row rides along at its last
+        timestep and keeps its ``x``."""
+        extra = steps - len(self.timesteps)
+        return (
+            torch.cat([self.timesteps, self.timesteps[-1:].expand(extra)]),
+            torch.cat([self.scale_in, torch.ones(extra)]),
+            torch.cat([self.keep, torch.ones(extra)]),
+            torch.cat([self.take, torch.zeros(extra)]),
+        )
+
+
+def _probe(scheduler: Any) -> StepTable:
+    """Read a sampler's per-step numbers by stepping it on three probe rows: ``x = 1, out = 0``
+    gives ``keep``, ``x = 0, out = 1`` gives ``take``, and ``x = out = 1`` checks that the step is
+    linear (a stochastic or clipping sampler is refused rather than approximated)."""
+    x = torch.tensor([[1.0], [0.0], [1.0]])
+    out = torch.tensor([[0.0], [1.0], [1.0]])
+    scale_in, keep, take = [], [], []
+    for t in scheduler.timesteps:
+        scaled = scheduler.scale_model_input(x[:1], t) if hasattr(scheduler, "scale_model_input") else x[:1]
+        scale_in.append(float(scaled[0, 0]))
+        prev = scheduler.step(out, t, x).prev_sample[:, 0].double()
+        if not torch.isclose(prev[2], prev[0] + prev[1], rtol=1e-5, atol=1e-6):
+            raise ValueError(f"{type(scheduler).__name__} does not take linear steps; the batched sampler needs a deterministic first-order one")
+        keep.append(float(prev[0]))
+        take.append(float(prev[1]))
+    return StepTable(
+        scheduler.timesteps.float().cpu(), torch.tensor(scale_in), torch.tensor(keep), torch.tensor(take),
+        float(getattr(scheduler, "init_noise_sigma", 1.0)),
+    )
+
+
+def _rows(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Per-row numbers ``[B]`` shaped to broadcast over ``[B, ...]``."""
+    return values.view(-1, *[1] * (ndim - 1))
