@@ -169,3 +169,53 @@ def test_best_fit_fills_sequences_without_splitting_documents():
     steady = rows[:-16]  # the stream's end closes its 16 open rows, however full
     fill = sum(int((row["doc_ids"] > 0).sum()) for row in steady) / (256 * len(steady))
     assert fill >= 0.93, fill
+
+
+def test_a_document_cut_anyway_first_fills_a_gap():
+    """Documents of 150-500 tokens into 256-token rows: those that fit stay whole; a longer one,
+    cut anyway, begins with a piece that fills the smallest open gap (one cut more at most), which
+    takes the rows from below 96% full to above 99%."""
+    from unimodal.data.processor import EncodedDocument
+
+    rng = np.random.default_rng(1)
+    docs = []
+    for i in range(600):
+        n = int(rng.integers(150, 501))
+        docs.append(EncodedDocument(
+            ids=np.full(n, i, np.int64), modality=np.zeros(n, np.int8), target=np.ones(n, bool),
+            block=np.full(n, -1, np.int32), continuous=np.zeros(n, bool), features=np.zeros((0, 0), np.float32), key=str(i),
+        ))
+
+    def packed(packer: Packer) -> tuple[float, dict[int, list[int]]]:
+        rows = list(packer.pack(docs))
+        lengths: dict[int, list[int]] = {}
+        for row in rows:
+            ids, doc_ids = row["input_ids"], row["doc_ids"]
+            for d in np.unique(doc_ids[doc_ids > 0]):
+                lengths.setdefault(int(ids[doc_ids == d][0]), []).append(int((doc_ids == d).sum()))
+        steady = rows[:-16]
+        return sum(int((row["doc_ids"] > 0).sum()) for row in steady) / (256 * len(steady)), lengths
+
+    fill, lengths = packed(Packer(seq_len=256, pad_id=-1))
+    plain_fill, _ = packed(Packer(seq_len=256, pad_id=-1, min_first_piece=257))  # no gap is ever that large
+    assert plain_fill < 0.96 and fill > 0.99, (plain_fill, fill)
+    refilled = 0
+    for i, doc in enumerate(docs):
+        assert sum(lengths[i]) == len(doc)
+        if len(doc) <= 256:
+            assert lengths[i] == [len(doc)]
+        else:
+            assert len(lengths[i]) <= -(-len(doc) // 256) + 1
+            refilled += lengths[i][0] < 256
+    assert refilled > 100
+
+
+def test_a_first_piece_that_would_cut_a_media_span_falls_back_to_full_pieces(char_tokenizer):
+    rng = np.random.default_rng(0)
+    images = [Part("image", media=i, data=rng.normal(size=(10, FEATURES)).astype(np.float32)) for i in range(3)]
+    enc = encoder(char_tokenizer).encode(Document(images, key="images"))
+    packer = Packer(seq_len=20, pad_id=0, feature_dim=FEATURES)
+    # a cut at 5 would move back to 1 (BOS alone), one at 14 to 13: both shorter than asked
+    assert [len(p) for p in packer.pieces(enc, first=5)] == [13, 12, 13]
+    assert [len(p) for p in packer.pieces(enc, first=14)] == [13, 12, 13]
+    assert [len(p) for p in Packer(seq_len=20, pad_id=0, min_first_piece=4).pieces(enc, first=14)] == [13, 12, 13]
