@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimodal.data.processor import Processor
+from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.batch import IGNORE_INDEX
 from unimodal.data.packing import DocumentTooLong, Packer, collate
 from unimodal.schema import Document, Part
@@ -143,20 +143,22 @@ def test_an_image_never_sees_a_later_image(char_tokenizer, tiny_llama_config):
     assert not torch.allclose(after[second_image_start:], before[second_image_start:])
 
 
+def text_documents(lengths: np.ndarray) -> list[EncodedDocument]:
+    """Encoded text documents of the given lengths, document ``i`` made of the id ``i`` only."""
+    return [
+        EncodedDocument(
+            ids=np.full(n, i, np.int64), modality=np.zeros(n, np.int8), target=np.ones(n, bool),
+            block=np.full(n, -1, np.int32), continuous=np.zeros(n, bool), features=np.zeros((0, 0), np.float32), key=str(i),
+        )
+        for i, n in enumerate(map(int, lengths))
+    ]
+
+
 def test_best_fit_fills_sequences_without_splitting_documents():
     """Documents of 20-256 tokens into 256-token rows: every document whole, in exactly one row,
     and rows ~94% full before the stream's last open rows (first fit over 4 open rows, oldest
     closed first, left 11% padding here)."""
-    from unimodal.data.processor import EncodedDocument
-
-    rng = np.random.default_rng(0)
-    docs = []
-    for i in range(400):
-        n = int(rng.integers(20, 257))
-        docs.append(EncodedDocument(
-            ids=np.full(n, i, np.int64), modality=np.zeros(n, np.int8), target=np.ones(n, bool),
-            block=np.full(n, -1, np.int32), continuous=np.zeros(n, bool), features=np.zeros((0, 0), np.float32), key=str(i),
-        ))
+    docs = text_documents(np.random.default_rng(0).integers(20, 257, size=400))
     rows = list(Packer(seq_len=256, pad_id=-1).pack(docs))
     seen = []
     for row in rows:
@@ -175,16 +177,7 @@ def test_a_document_cut_anyway_first_fills_a_gap():
     """Documents of 150-500 tokens into 256-token rows: those that fit stay whole; a longer one,
     cut anyway, begins with a piece that fills the smallest open gap (one cut more at most), which
     takes the rows from below 96% full to above 99%."""
-    from unimodal.data.processor import EncodedDocument
-
-    rng = np.random.default_rng(1)
-    docs = []
-    for i in range(600):
-        n = int(rng.integers(150, 501))
-        docs.append(EncodedDocument(
-            ids=np.full(n, i, np.int64), modality=np.zeros(n, np.int8), target=np.ones(n, bool),
-            block=np.full(n, -1, np.int32), continuous=np.zeros(n, bool), features=np.zeros((0, 0), np.float32), key=str(i),
-        ))
+    docs = text_documents(np.random.default_rng(1).integers(150, 501, size=600))
 
     def packed(packer: Packer) -> tuple[float, dict[int, list[int]]]:
         rows = list(packer.pack(docs))
