@@ -43,8 +43,8 @@ class Packer:
         fullest sequence is emitted to make room (it wastes the least padding). A document that
         must be cut anyway begins with a piece that fills the smallest gap of at least
         ``min_first_piece`` positions: documents about as long as the sequences otherwise leave
-        gaps that only short documents could fill (text at 256 positions: 0.962 of the positions
-        used without it, 0.994 with it, benchmarks/README.md).
+        gaps that only short documents could fill (text at 256 positions: 0.963 of the positions
+        used without it, 0.995 with it, benchmarks/README.md).
         """
         bins: list[list[EncodedDocument]] = []
         fill: list[int] = []
