@@ -33,10 +33,8 @@ class TimeEmbedding(nn.Module):
         return self.mlp(self.features(t).to(self.mlp.linear_1.weight.dtype))
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-    """AdaLN's ``x * (1 + scale) + shift`` given ``gain = 1 + scale``: one fused operation, which
-    counts when a sampler calls the head on a few rows per step."""
-    return torch.addcmul(shift, x, gain)
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
 
 
 class AdaLNBlock(nn.Module):
@@ -47,12 +45,10 @@ class AdaLNBlock(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
-        return self.modulated(x, shift, 1 + scale, gate)
+        return self.modulated(x, *self.modulation(c).chunk(3, dim=-1))
 
-    def modulated(self, x: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """The block given its modulations, ``gain`` being ``1 + scale``."""
-        return torch.addcmul(x, gate, self.mlp(modulate(self.norm(x), shift, gain)))
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
 
 class DiffusionHead(nn.Module):
@@ -86,11 +82,10 @@ class DiffusionHead(nn.Module):
         h = self.input(x.to(self.input.weight.dtype))
         for block in self.blocks:
             h = block(h, c)
-        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
-        return self.finish(h, shift, 1 + scale)
+        return self.finish(h, *self.final_modulation(c).chunk(2, dim=-1))
 
-    def finish(self, h: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        return self.output(modulate(self.final_norm(h), shift, gain))
+    def finish(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.output(modulate(self.final_norm(h), shift, scale))
 
     def conditioned(self, cond: torch.Tensor) -> ConditionedHead:
         """The head as a sampler calls it, ``cond`` fixed: see :class:`ConditionedHead`."""
@@ -118,18 +113,9 @@ class ConditionedHead:
         self.upcoming, self.ready = deque(timesteps), deque()
 
     def modulations(self, t: torch.Tensor) -> torch.Tensor:
-        """Every block's shift, gain (``1 + scale``) and gate, then the final shift and gain:
-        ``[..., (3 depth + 2) width]``."""
+        """Every block's shift, scale and gate, then the final shift and scale: ``[..., (3 depth + 2) width]``."""
         c = self.head.time(t.flatten()).view(*t.shape, -1) + self.base
-        mods = torch.cat([block.modulation(c) for block in self.head.blocks] + [self.head.final_modulation(c)], dim=-1)
-        return mods + self._ones_at_scales(mods)
-
-    def _ones_at_scales(self, mods: torch.Tensor) -> torch.Tensor:
-        """1 at every scale's columns and 0 elsewhere, to turn scales into gains in one addition."""
-        width, depth = self.base.shape[-1], len(self.head.blocks)
-        ones = mods.new_zeros(3 * depth + 2, width)
-        ones[[3 * i + 1 for i in range(depth)] + [3 * depth + 1]] = 1
-        return ones.flatten()
+        return torch.cat([block.modulation(c) for block in self.head.blocks] + [self.head.final_modulation(c)], dim=-1)
 
     def _modulations_at(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         width = self.base.shape[-1]
