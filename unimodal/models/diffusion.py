@@ -197,17 +197,17 @@ class DiffusionSchedule:
         from diffusers.utils.torch_utils import randn_tensor
 
         rows = shape[0]
-        per_row = list(steps) if isinstance(steps, Sequence) else [steps] * rows
-        tables = {count: self.steps_of(count) for count in {c or self.config.sample_steps for c in per_row}}
-        longest = max(len(table.timesteps) for table in tables.values())
+        per_row = [count or self.config.sample_steps for count in (steps if isinstance(steps, Sequence) else [steps] * rows)]
+        tables = [self.steps_of(count) for count in per_row]  # made once per step count
+        longest = max(len(table.timesteps) for table in tables)
         # [steps, rows] tables of every row's numbers; a finished row keeps its x (keep 1, take 0)
-        own = [tables[count or self.config.sample_steps].padded(longest) for count in per_row]
+        own = [table.padded(longest) for table in tables]
         timesteps, scale_in, keep, take = (torch.stack(column, 1).to(device) for column in zip(*own))
         scales = torch.tensor(list(cfg_scale) if isinstance(cfg_scale, Sequence) else [cfg_scale] * rows, device=device)
         mix = bool((scales != 1.0).any())
         generators = list(generator) if isinstance(generator, Sequence) else generator
         # Euler keeps x in sigma units (scaled in and out); DDIM and flow use x_t as it is
-        sigma = torch.tensor([tables[count or self.config.sample_steps].init_noise_sigma for count in per_row], device=device)
+        sigma = torch.tensor([table.init_noise_sigma for table in tables], device=device)
         x = randn_tensor(shape, generator=generators, device=torch.device(device)).to(device) * _rows(sigma, len(shape))
         passed = [torch.cat([t, t]) if mix else t for t in timesteps]  # what each step passes to denoise
         if plan is not None:
