@@ -7,7 +7,7 @@ noise; the independent image judge must read the requested digit in at least 24 
 is the check that LlamaFusion's prompt-blind drawing slipped past: a model that ignores its prompt
 is read right about 1 time in 10, and one that draws the same few digits at most 3 in 10.
 
-One picture per digit was too few to judge by: the same Orthus model read 6 to 10 of 10 from one
+One picture per digit is too few to judge by: the same Orthus model reads 6 to 10 of 10 from one
 starting noise to the next. Over six training seeds, 40 pictures each, Orthus reads 31-38 of 40
 at its learning rate here (22-37 at the Transfusion paths' 3e-3); the Transfusion paths read
 37-40 over two seeds.
