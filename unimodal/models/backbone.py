@@ -67,6 +67,28 @@ def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrained
     return cls._from_config(config, **kwargs) if cls else AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+def import_backbone_class(spec: BackboneConfig) -> None:
+    """Import the module of the class :func:`load_backbone` will build, without building it.
+
+    ZeRO-3's ``zero.Init`` wraps the ``__init__`` of every module class defined while it is active
+    and, when it ends, puts back the ``__init__`` it wrapped. A class first imported inside it whose
+    ``__init__`` a decorator replaces afterwards (transformers >= 5.25 decorates attention classes
+    through the ``kernels`` package) then loses that decorator for every later model built in the
+    process, and its forward fails. Importing first keeps the class out of ``zero.Init``'s reach."""
+    if spec.path is not None:
+        model_type = model_config(spec.path, "backbone.path").get("model_type")
+    else:
+        model_type = dict(spec.config).get("model_type")
+    if not isinstance(model_type, str):
+        return  # load_backbone says what is missing
+    try:
+        config_class = type(AutoConfig.for_model(model_type))
+    except ValueError:
+        return  # an unknown model type: load_backbone says so
+    if config_class not in CAUSAL_LM_ELSEWHERE and config_class in AutoModelForCausalLM._model_mapping:
+        AutoModelForCausalLM._model_mapping[config_class]  # noqa: B018 - the lookup imports the module
+
+
 def causal_lm_from_pretrained(path: Path, whole: bool = False, **kwargs: Any) -> PreTrainedModel:
     """The causal LM saved in the local directory ``path``, read by :func:`load_pretrained` (every
     damaged or foreign directory is one line naming it, a ``config.json`` that declares far more

@@ -6,6 +6,7 @@ import difflib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -19,7 +20,7 @@ from unimodal.checkpoints.load import check_extends, init_from_export, read_expo
 from unimodal.errors import UserError
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.attention import check_trainable
-from unimodal.models.backbone import BackboneConfig, compile_layers, freeze_unused
+from unimodal.models.backbone import BackboneConfig, compile_layers, freeze_unused, import_backbone_class
 from unimodal.models.build import build_model
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
@@ -108,6 +109,12 @@ class UnimodalModule(L.LightningModule):
         self._bad_samples: BadSampleTally | None = None
         self._val_sums: dict[str, torch.Tensor] = {}  # term -> [summed loss, targets] over the validation epoch
         self._said: set[str] = set()  # warnings given (once a run each)
+
+    def setup(self, stage: str) -> None:
+        """Before ``configure_model`` and the ZeRO-3 ``zero.Init`` around it (see
+        :func:`import_backbone_class`)."""
+        backbone = replace(self.backbone_config, path=self.init_from, config={}) if self.init_from else self.backbone_config
+        import_backbone_class(backbone)
 
     def configure_model(self) -> None:
         if self.model is not None:
