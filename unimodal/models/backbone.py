@@ -75,16 +75,11 @@ def import_backbone_class(spec: BackboneConfig) -> None:
     ``__init__`` a decorator replaces afterwards (transformers >= 5.25 decorates attention classes
     through the ``kernels`` package) then loses that decorator for every later model built in the
     process, and its forward fails. Importing first keeps the class out of ``zero.Init``'s reach."""
-    if spec.path is not None:
-        model_type = model_config(spec.path, "backbone.path").get("model_type")
-    else:
-        model_type = dict(spec.config).get("model_type")
-    if not isinstance(model_type, str):
-        return  # load_backbone says what is missing
-    try:
-        config_class = type(AutoConfig.for_model(model_type))
-    except ValueError:
-        return  # an unknown model type: load_backbone says so
+    try:  # what is missing or wrong, the build itself says in its own words
+        raw = model_config(spec.path, "backbone.path") if spec.path is not None else dict(spec.config)
+        config_class = type(AutoConfig.for_model(raw["model_type"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return
     if config_class not in CAUSAL_LM_ELSEWHERE and config_class in AutoModelForCausalLM._model_mapping:
         AutoModelForCausalLM._model_mapping[config_class]  # noqa: B018 - the lookup imports the module
 

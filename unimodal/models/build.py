@@ -11,6 +11,12 @@ from unimodal.models.routing import add_modality_experts
 from unimodal.models.unified import ContinuousModality, UnifiedModel
 
 
+def backbone_spec(backbone: BackboneConfig, backbone_path: str | None = None) -> BackboneConfig:
+    """The backbone :func:`build_model` builds: a previous stage's export (``backbone_path``)
+    replaces the spec's own path or config."""
+    return backbone if backbone_path is None else replace(backbone, path=backbone_path, config={})
+
+
 def build_model(
     backbone: BackboneConfig,
     layout: VocabLayout,
@@ -21,8 +27,7 @@ def build_model(
     """The backbone (from ``backbone_path`` when given: a previous stage's export), the continuous
     modalities built for its hidden size, and modality experts for ``routing``; in train mode
     (``from_pretrained`` returns eval mode, and Lightning keeps the mode it finds)."""
-    if backbone_path is not None:
-        backbone = replace(backbone, path=backbone_path, config={})
+    backbone = backbone_spec(backbone, backbone_path)
     decoder = load_backbone(backbone, layout.size)
     hidden = decoder.config.hidden_size
     modules = {name: build(hidden) for name, build in (continuous or {}).items()}

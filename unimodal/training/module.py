@@ -6,7 +6,6 @@ import difflib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -21,7 +20,7 @@ from unimodal.errors import UserError
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.models.attention import check_trainable
 from unimodal.models.backbone import BackboneConfig, compile_layers, freeze_unused, import_backbone_class
-from unimodal.models.build import build_model
+from unimodal.models.build import backbone_spec, build_model
 from unimodal.models.generation import GenerationSettings
 from unimodal.models.lora import LoraSettings, apply_lora
 from unimodal.models.sharding import fully_shard_model
@@ -113,8 +112,7 @@ class UnimodalModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Before ``configure_model`` and the ZeRO-3 ``zero.Init`` around it (see
         :func:`import_backbone_class`)."""
-        backbone = replace(self.backbone_config, path=self.init_from, config={}) if self.init_from else self.backbone_config
-        import_backbone_class(backbone)
+        import_backbone_class(backbone_spec(self.backbone_config, self.init_from))
 
     def configure_model(self) -> None:
         if self.model is not None:
