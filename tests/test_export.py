@@ -510,16 +510,19 @@ def test_an_export_cannot_name_a_module_to_import_as_a_string(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("hparams", [{"_class_path": "evilmod.Thing"},
-                                     {"_class_path": "unimodal.training.UnimodalModule", "continuous": {"image": "evilmod.Thing"}}])
+                                     {"_class_path": "unimodal.training.UnimodalModule", "continuous": {"image": "evilmod.Thing"}},
+                                     {"_class_path": "unimodal.training.UnimodalModule", "generation": {"x": {"class_path": "evilmod.Thing"}}},
+                                     {"_class_path": "unimodal.training.UnimodalModule", "vocab": {"x": {"class_path": "evilmod.Thing"}}}])
 def test_a_checkpoint_cannot_name_a_module_to_import(tmp_path, monkeypatch, hparams):
     """A checkpoint is read as tensors and plain values; the classes its hyperparameters name are
-    imported to rebuild the module, so they too are unimodal's own only."""
+    imported to rebuild the module, so they too are unimodal's own only: in an argument typed
+    ``Any`` too, where jsonargparse imports and builds a ``{class_path}``."""
     marker = tmp_path / "ran"
     (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Thing: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     checkpoint = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": hparams, "unimodal_run_config": {}}, checkpoint)
-    with pytest.raises(ExportError, match="names 'evilmod.Thing', which would be imported as code; a checkpoint may"):
+    with pytest.raises(ExportError, match="names (the class )?'evilmod.Thing'(, which would be imported as code)?; a checkpoint may"):
         export(checkpoint, tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -538,7 +541,7 @@ def test_a_file_name_in_a_spec_is_not_taken_for_a_module(tmp_path):
 THROUGH_GLOBALS = "unimodal.checkpoints.export.os.system"  # starts with unimodal., and is os.system
 
 
-@pytest.mark.parametrize("where", ["continuous", "codec"])
+@pytest.mark.parametrize("where", ["continuous", "codec", "nested"])
 def test_an_export_cannot_reach_a_function_through_a_unimodal_module(tmp_path, where):
     """jsonargparse follows a class path through a module's globals and calls what it finds, a
     function for a factory type included: ``unimodal.x.os.system`` with ``init_args.command``."""
@@ -549,18 +552,23 @@ def test_an_export_cannot_reach_a_function_through_a_unimodal_module(tmp_path, w
     config = _json(export / "unimodal.json")
     if where == "codec":
         config["data"]["codecs"]["image"] = spec
-    else:
+    elif where == "continuous":
         config["model"]["continuous"] = {"image": spec}
+    else:  # where the top-level class is unimodal's own
+        config["model"]["continuous"] = {"image": {"class_path": "unimodal.models.TokenDiffusionImage",
+                                                   "init_args": {"feature_dim": 64, "schedule": spec}}}
     (export / "unimodal.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"'{THROUGH_GLOBALS}' is not a (ContinuousModality|MediaCodec) of unimodal's"):
+    with pytest.raises(ValueError, match=f"'{THROUGH_GLOBALS}'(; an export may| is not a (ContinuousModality|MediaCodec) of unimodal's)"):
         load_exported(export)
     assert not marker.exists()
 
 
-def test_a_checkpoint_cannot_reach_a_function_through_a_unimodal_module(run, tmp_path):
+@pytest.mark.parametrize("where", ["continuous", "generation"])
+def test_a_checkpoint_cannot_reach_a_function_through_a_unimodal_module(run, tmp_path, where):
     marker = tmp_path / "ran"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"]["continuous"] = {"image": {"class_path": THROUGH_GLOBALS, "init_args": {"command": f"touch {marker}"}}}
+    key = "image" if where == "continuous" else "x"
+    checkpoint["hyper_parameters"][where] = {key: {"class_path": THROUGH_GLOBALS, "init_args": {"command": f"touch {marker}"}}}
     torch.save(checkpoint, tmp_path / "evil.ckpt")
     assert unimodal_main(["export", str(tmp_path / "evil.ckpt"), "--out", str(tmp_path / "out")]) == 2
     assert not marker.exists() and not (tmp_path / "out").exists()

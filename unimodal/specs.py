@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 
-def unimodal_class(path: str) -> type | None:
-    """The class ``path`` names when unimodal defines it, else None. Not merely a path that starts
-    with ``unimodal.``: jsonargparse follows it through a module's globals, so that
-    ``unimodal.checkpoints.export.os.system`` is ``os.system``."""
+def reached(path: str) -> Any:
+    """What jsonargparse finds at the dotted ``unimodal.`` ``path``, or None: it follows a path
+    through a module's globals, so that ``unimodal.checkpoints.export.os.system`` is ``os.system``.
+    Only unimodal's modules are imported to look."""
     if not path.startswith("unimodal."):
         return None  # imported by nothing here: importing it would run its module
     parts = path.split(".")
@@ -25,8 +25,15 @@ def unimodal_class(path: str) -> type | None:
             continue
         for name in parts[cut:]:
             found = getattr(found, name, None)
-        return found if isinstance(found, type) and found.__module__.startswith("unimodal.") else None
+        return found
     return None
+
+
+def unimodal_class(path: str) -> type | None:
+    """The class ``path`` names when unimodal defines it, else None (not merely a path that starts
+    with ``unimodal.``: :func:`reached`)."""
+    found = reached(path)
+    return found if isinstance(found, type) and found.__module__.startswith("unimodal.") else None
 
 
 def own_class(path: str, base: type) -> bool:

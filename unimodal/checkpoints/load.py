@@ -46,7 +46,7 @@ from unimodal.models.lora import merge_backbone_adapter, quiet_peft
 from unimodal.models.sharding import load_safetensors
 from unimodal.models.unified import ContinuousModality, UnifiedModel, check_item_slots
 from unimodal.schema import read_json_object
-from unimodal.specs import instantiate
+from unimodal.specs import instantiate, reached, unimodal_class
 
 log = logging.getLogger("unimodal.export")
 
@@ -170,7 +170,7 @@ def check_untrusted(node: Any, file: Path, what: str = "an export", code_strings
     working directory included)."""
     if isinstance(node, dict):
         path = node.get("class_path")
-        if path is not None and not (isinstance(path, str) and path.startswith("unimodal.")):
+        if path is not None and not (isinstance(path, str) and path.startswith("unimodal.") and _unimodal_or_nothing(path)):
             raise ExportError(f"{file} names the class {path!r}; {what} may name unimodal's own classes only")
         for key, value in node.items():
             if key == "path" and isinstance(value, str) and is_streamed(value):
@@ -179,8 +179,17 @@ def check_untrusted(node: Any, file: Path, what: str = "an export", code_strings
     elif isinstance(node, list):
         for value in node:
             check_untrusted(value, file, what, code_strings)
-    elif code_strings and isinstance(node, str) and IMPORT_PATH.fullmatch(node) and not node.startswith("unimodal.") and _finds_module(node):
+    elif code_strings and isinstance(node, str) and IMPORT_PATH.fullmatch(node) and not _unimodal_or_nothing(node):
         raise ExportError(f"{file} names {node!r}, which would be imported as code; {what} may name unimodal's own classes only")
+
+
+def _unimodal_or_nothing(path: str) -> bool:
+    """Whether importing ``path`` as jsonargparse does finds a class of unimodal's, or nothing: a
+    ``unimodal.`` path may lead out through a module's globals (:func:`specs.reached`), and any
+    other path whose first name is a module runs that module when imported."""
+    if path.startswith("unimodal."):
+        return reached(path) is None or unimodal_class(path) is not None
+    return not _finds_module(path)
 
 
 def _finds_module(path: str) -> bool:

@@ -32,8 +32,10 @@ log = logging.getLogger("unimodal.export")
 
 def _check_classes(hparams: dict[str, Any], file: Path) -> None:
     """The classes the module is rebuilt from, which jsonargparse imports and calls: its own class
-    and its continuous modalities (a factory type, for which jsonargparse takes any callable; the
-    other arguments are dataclasses) must be unimodal's own (``specs.own_class``)."""
+    and its continuous modalities (a factory type, for which jsonargparse takes any callable) must
+    be unimodal's own (``specs.own_class``). So must any ``{class_path: ...}`` elsewhere: in an
+    argument typed ``Any`` (``generation``, ``vocab``) jsonargparse imports and builds it too."""
+    check_untrusted(hparams, file, "a checkpoint")
     check_untrusted([hparams.get("_class_path"), hparams.get("continuous")], file, "a checkpoint", code_strings=True)
     named = [("the module", hparams.get("_class_path"), LightningModule)]
     named += [(f"continuous.{name}", spec.get("class_path") if isinstance(spec, dict) else spec, ContinuousModality)
