@@ -279,7 +279,18 @@ def test_zero2_single_process_trains_saves_and_converts(tmp_path, isolated_proce
     assert losses.losses[-2] < losses.losses[0] and losses.losses[-1] < losses.losses[1], losses.losses
 
     trainer.save_checkpoint(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "latest").is_file()
+    assert (tmp_path / "ckpt" / "latest").is_file() and not list(tmp_path.glob(".tmp-*"))
+    saved = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+
+    def killed_midway(save_dir, **kwargs):  # the engine's first file written, then the process dies
+        (Path(save_dir) / "checkpoint").mkdir(parents=True)
+        (Path(save_dir) / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
+        raise KeyboardInterrupt
+
+    trainer.strategy.deepspeed_engine.save_checkpoint = killed_midway
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(tmp_path / "ckpt")
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()} == saved
     with pytest.raises(UserError, match="--trust_checkpoint"):  # DeepSpeed's files are read with pickle
         zero_to_fp32(tmp_path / "ckpt", tmp_path / "fp32" / "model.ckpt")
     out = zero_to_fp32(tmp_path / "ckpt", tmp_path / "fp32" / "model.ckpt", trust=True)
@@ -356,6 +367,7 @@ def test_zero3_two_processes_resume_and_convert(tmp_path):
     """ZeRO-3 (parameters sharded at construction in configure_model): the SGD step, checkpoint
     + resume, and the fp32 conversion of the sharded checkpoint."""
     saved = sharded_sgd_and_resume(tmp_path, "deepspeed_stage_3")
+    assert not list(tmp_path.glob(".tmp-*"))  # written under a temporary name, then renamed
     shards = sorted(p.name for p in (tmp_path / "ckpt-5" / "checkpoint").iterdir())
     assert shards == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt",
@@ -395,13 +407,15 @@ def test_fsdp2_trains_lora_and_leaves_the_frozen_base_alone(tmp_path, isolated_p
     assert max_diff(base, {n: snap.initial[n] for n in base}) == 0.0
 
 
-def test_fsdp2_through_unimodal_train_resumes_and_exports(tmp_path):
-    """The command a user runs: `unimodal train` under torchrun with `--trainer.strategy=fsdp2`,
-    then `--resume auto` from the sharded `last.ckpt`, then `unimodal export`."""
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_stage_2"])
+def test_sharded_runs_through_unimodal_train_resume_prune_and_export(tmp_path, strategy):
+    """The command a user runs: `unimodal train` under torchrun with a sharded strategy, then
+    `--resume auto` from the sharded `last.ckpt`, then `unimodal export`; each directory is
+    written under a temporary name and renamed, and `--keep_last_k` prunes the step ones."""
     run = tmp_path / "run"
     train = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unimodal", "train",
-        "recipes/text/tiny.yaml", "--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.accelerator=cpu",
+        "recipes/text/tiny.yaml", f"--trainer.strategy={strategy}", "--trainer.devices=2", "--trainer.accelerator=cpu",
         "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
         "--checkpoint_every_n_steps=2", "--keep_last_k=1",
     ]  # fmt: skip

@@ -53,7 +53,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,23 @@ def _skip_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def save_staged(strategy: Strategy, save: Callable[[Path], None], filepath: Any) -> None:
+    """A sharded checkpoint saved as a checkpoint file is: every rank writes into a temporary
+    directory (``save``) that rank 0 then renames into place, so a crash mid-save never leaves a
+    half-written checkpoint under the real name for ``--resume auto`` to take; then the run's
+    ``keep_last_k`` applies."""
+    path = Path(strategy.broadcast(str(filepath)))
+    temp = Path(strategy.broadcast(str(path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}"))))
+    save(temp)
+    strategy.barrier("checkpoint_written")
+    if strategy.global_rank == 0:
+        replace_directory(temp, path)
+        keep = getattr(strategy.checkpoint_io, "keep_last_k", None)
+        if keep is not None:
+            prune_checkpoints(path.parent, keep)
+    strategy.barrier("checkpoint_in_place")
+
+
 class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` that also runs with the CPU accelerator (gloo).
 
@@ -215,6 +232,11 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
                 self.config["zero_force_ds_cpu_optimizer"] = False
         return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """DeepSpeed's engine writes every rank's files in place, so a kill mid-save would damage
+        the newest checkpoint: it writes into a temporary directory instead (:func:`save_staged`)."""
+        save_staged(self, lambda temp: super(DeepSpeedStrategy, self).save_checkpoint(checkpoint, temp, storage_options), filepath)
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Refuses in one line a ZeRO checkpoint that another number of ranks wrote: its partitions
         fit only as many ranks, and DeepSpeed says so in a traceback after the model is built. With
@@ -277,22 +299,11 @@ class FSDP(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """Every rank writes its shard into a temporary directory that rank 0 then renames into
-        place, so a crash mid-save never leaves a half-written checkpoint under the real name;
-        then the run's ``keep_last_k`` applies, as it does to checkpoint files."""
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        path = Path(self.broadcast(str(filepath)))
-        temp = Path(self.broadcast(str(path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}"))))
-        super().save_checkpoint(checkpoint, temp, storage_options)
-        self.barrier("fsdp_checkpoint_written")
-        if self.global_rank == 0:
-            replace_directory(temp, path)
-            keep = getattr(self.checkpoint_io, "keep_last_k", None)
-            if keep is not None:
-                prune_checkpoints(path.parent, keep)
-        self.barrier("fsdp_checkpoint_in_place")
+        save_staged(self, lambda temp: super(FSDP, self).save_checkpoint(checkpoint, temp, storage_options), filepath)
+
 
 
 def register_strategies() -> None:
