@@ -243,9 +243,39 @@ def test_pairs_without_raw_images_fail_instead_of_hanging(char_tokenizer):
     from unimodal.schema import Document
 
     text_only = (Document([Part("text", text="a caption")]) for _ in range(5000))
-    stream = SimpleNamespace(batches=1, documents=lambda worker, workers: text_only)
+    stream = SimpleNamespace(batches=1, documents=lambda worker, workers: text_only, config=SimpleNamespace(max_bad_fraction=0.01))
     with pytest.raises(ValueError, match="no raw image"):
         next(iter(PairStream(stream, char_tokenizer, image_size=16, max_text_tokens=8, batch_size=2)))
+
+
+def test_pair_batches_carry_their_bad_samples_to_the_runs_limit(char_tokenizer):
+    """The SEED tokenizer stages read shards as the model's stages do: their batches carry the
+    samples read and skipped, and the training process stops the run past ``max_bad_fraction``."""
+    from types import SimpleNamespace
+
+    from unimodal.data.pairs import PairStream
+    from unimodal.data.shards import TooManyBadSamples
+    from unimodal.schema import Document, DocumentError
+    from unimodal.training.bad_samples import BadSampleTally
+
+    picture = Document([Part("image", data=np.zeros((16, 16, 3), np.uint8)), Part("text", text="a caption")])
+
+    def documents(worker, workers):  # one broken image for every eight good ones: 11% bad
+        for n in range(10_000):
+            if n % 8 == 7:
+                stream.policy.skip(DocumentError("unreadable image"), f"doc{n}", "bad.tar")
+            yield picture
+
+    stream = SimpleNamespace(batches=100, documents=documents, config=SimpleNamespace(max_bad_fraction=0.1))
+    batches = iter(PairStream(stream, char_tokenizer, image_size=16, max_text_tokens=8, batch_size=4))
+    first = next(batches)
+    assert (first["samples_read"], first["samples_skipped"], first["skipped_from"]) == (4, 0, "")
+    second = next(batches)
+    assert (second["samples_read"], second["samples_skipped"], second["skipped_from"]) == (5, 1, "bad.tar")
+    tally = BadSampleTally(0.1)
+    with pytest.raises(TooManyBadSamples, match=r"too many bad samples: \d+ of \d+ skipped .*max_bad_fraction=0\.1; the last on this rank in bad\.tar"):
+        for batch in batches:
+            tally.add(batch, torch.device("cpu"))
 
 
 def test_a_resumed_stage_sees_the_batches_an_uninterrupted_one_would(data_home, tmp_path):

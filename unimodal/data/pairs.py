@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from unimodal.data.datamodule import EpochLoader, ResumableDataModule, ShardSet, StreamConfig, TrainStream, shard_sets, worker_share, worker_slot
 from unimodal.data.processor import Processor
-from unimodal.data.shards import expand_shards
+from unimodal.data.shards import BadSamplePolicy, expand_shards
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
 from unimodal.modalities.image_continuous import center_crop
 from unimodal.modalities.vocab import VocabLayout
@@ -47,14 +48,19 @@ class PairStream(IterableDataset):
     def epoch(self, epoch: int) -> None:  # what EpochLoader sets before each pass
         self.stream.epoch = epoch
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = worker_slot()
+        # only counted here: the training process applies the limit to every worker's and rank's sum
+        policy = self.stream.policy = BadSamplePolicy(self.stream.config.max_bad_fraction, enforce=False)
         docs = self.stream.documents(worker, workers)
+        read = skipped = 0
         for _ in range(worker_share(self.stream.batches, worker, workers)):
             pairs: list[tuple[np.ndarray, str]] = []
             misses = 0
             while len(pairs) < self.batch_size:
-                pair = _pair(next(docs), self.image_size)
+                doc = next(docs)
+                policy.ok()
+                pair = _pair(doc, self.image_size)
                 if pair is not None:
                     pairs.append(pair)
                     misses = 0
@@ -63,9 +69,13 @@ class PairStream(IterableDataset):
                         f"{misses} documents in a row hold no raw image: image-caption pairs need shards with raw "
                         "images (not text-only ones, nor ones whose images `unimodal data encode` turned into codes)"
                     )
-            yield self._collate(pairs)
+            batch = self._collate(pairs)
+            batch.update(samples_read=policy.seen - read, samples_skipped=policy.skipped - skipped,
+                         skipped_from=policy.last_shard if policy.skipped > skipped else "")
+            read, skipped = policy.seen, policy.skipped
+            yield batch
 
-    def _collate(self, pairs: list[tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+    def _collate(self, pairs: list[tuple[np.ndarray, str]]) -> dict[str, Any]:
         ids = torch.full((len(pairs), self.max_text_tokens), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids, dtype=torch.bool)
         for row, (_, text) in enumerate(pairs):
@@ -80,7 +90,9 @@ class ImageTextPairs(ResumableDataModule):
     """Image-caption pairs from weighted shard sets: each document's first raw image and its text.
 
     ``layout`` is the caption tokenizer's (text only); ``unimodal train`` links it to the model's
-    ``vocab``, which sizes stage 1's text encoder.
+    ``vocab``, which sizes stage 1's text encoder. ``max_bad_fraction`` stops the run when more
+    of the samples read than that are broken (summed over workers and ranks), as in
+    :class:`~unimodal.data.UnimodalDataModule`.
     """
 
     def __init__(
@@ -95,6 +107,7 @@ class ImageTextPairs(ResumableDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle_buffer: int = 256,
+        max_bad_fraction: float = 0.01,
     ):
         super().__init__()
         self.datasets = shard_sets(datasets)
@@ -104,6 +117,7 @@ class ImageTextPairs(ResumableDataModule):
         self.image_size, self.max_text_tokens, self.batch_size = image_size, max_text_tokens, batch_size
         self.steps_per_epoch, self.accumulate_grad_batches = steps_per_epoch, accumulate_grad_batches
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
+        self.max_bad_fraction = max_bad_fraction
         self._tokenizer: TextTokenizer | None = None
 
     @property
@@ -118,7 +132,8 @@ class ImageTextPairs(ResumableDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        config = StreamConfig(Processor(self.tokenizer, self.layout), seq_len=1, batch_size=self.batch_size)
+        config = StreamConfig(Processor(self.tokenizer, self.layout), seq_len=1, batch_size=self.batch_size,
+                              max_bad_fraction=self.max_bad_fraction)
         stream = TrainStream(
             [expand_shards(d.path) for d in self.datasets], [d.weight for d in self.datasets], config,
             self.steps_per_epoch * self.accumulate_grad_batches, seed=self.seed, rank=rank, world_size=world,

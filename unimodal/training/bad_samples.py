@@ -9,6 +9,8 @@ step when the whole run's data is too broken.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,9 @@ from unimodal.data.shards import BadSamplePolicy, TooManyBadSamples
 from unimodal.training.strategies import world_size
 
 log = logging.getLogger("unimodal.train")
+
+# what each training batch carries about the samples its stream read since its previous batch
+COUNT_FIELDS = ("samples_read", "samples_skipped", "skipped_from")
 
 
 class BadSampleTally:
@@ -36,10 +41,12 @@ class BadSampleTally:
         self.batches = 0
         self.last = (0, 0)  # the run's totals when they were last summed
 
-    def add(self, batch: PackedBatch, device: torch.device) -> tuple[int, int]:
-        """Count ``batch``'s samples; the run's totals (read, skipped) as last summed."""
-        self.local += torch.stack([batch.samples_read, batch.samples_skipped]).long()
-        self.shard = batch.skipped_from or self.shard
+    def add(self, batch: PackedBatch | Mapping[str, Any], device: torch.device) -> tuple[int, int]:
+        """Count ``batch``'s samples (the fields of a packed batch, the keys of an image-caption
+        one); the run's totals (read, skipped) as last summed."""
+        read, skipped, shard = (batch[k] if isinstance(batch, Mapping) else getattr(batch, k) for k in COUNT_FIELDS)
+        self.local += torch.stack([torch.as_tensor(read), torch.as_tensor(skipped)]).long().cpu()
+        self.shard = shard or self.shard
         self.batches += 1
         if world_size() > 1 and self.batches % self.every:
             return self.last
@@ -67,3 +74,17 @@ class BadSampleTally:
         read, skipped = self.totals(device)
         if skipped and is_global_zero:
             log.warning("data: skipped %d of %d samples as bad in this run, over every rank and worker", skipped, read)
+
+
+class CountsBadSamples:
+    """For a LightningModule whose batches carry :data:`COUNT_FIELDS`: the run's tally, limited by
+    its data module's ``max_bad_fraction``."""
+
+    _bad_samples: BadSampleTally | None = None
+
+    @property
+    def bad_samples(self) -> BadSampleTally:
+        if self._bad_samples is None:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            self._bad_samples = BadSampleTally(getattr(datamodule, "max_bad_fraction", None))
+        return self._bad_samples

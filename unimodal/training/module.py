@@ -26,7 +26,7 @@ from unimodal.models.lora import LoraSettings, apply_lora
 from unimodal.models.sharding import fully_shard_model
 from unimodal.models.unified import ContinuousModality, LossTerm, UnifiedModel, check_item_slots
 from unimodal.schema import MODALITY_IDS
-from unimodal.training.bad_samples import BadSampleTally
+from unimodal.training.bad_samples import CountsBadSamples
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 from unimodal.training.policy import apply_trainable_policy, parameter_counts
 from unimodal.training.strategies import FSDP, world_size
@@ -46,7 +46,7 @@ def _check_loss_weights(weights: dict[str, float], continuous: dict[str, Any]) -
             raise ValueError(f"loss_weights: {name!r} is not a loss term{hint}; terms are KIND/MODALITY: {', '.join(known)}")
 
 
-class UnimodalModule(L.LightningModule):
+class UnimodalModule(CountsBadSamples, L.LightningModule):
     """Trains a UnifiedModel on packed batches.
 
     Cross-entropy terms (``ce/<modality>``) are summed and divided by the number of label tokens
@@ -105,7 +105,6 @@ class UnimodalModule(L.LightningModule):
         self.model: UnifiedModel | None = None
         self._last_batch: tuple[float, torch.Tensor] | None = None
         self._scored: tuple[int, torch.Tensor] | None = None  # a step and whether its batch had a target, read a step later
-        self._bad_samples: BadSampleTally | None = None
         self._val_sums: dict[str, torch.Tensor] = {}  # term -> [summed loss, targets] over the validation epoch
         self._said: set[str] = set()  # warnings given (once a run each)
 
@@ -241,14 +240,6 @@ class UnimodalModule(L.LightningModule):
             started, tokens = self._last_batch
             self.log("train/tokens_per_s", int(tokens) / max(now - started, 1e-9), prog_bar=True, batch_size=1)
         self._last_batch = (now, (batch.doc_ids > 0).sum())
-
-    @property
-    def bad_samples(self) -> BadSampleTally:
-        """The run's bad-sample counts, limited by the data module's ``max_bad_fraction``."""
-        if self._bad_samples is None:
-            datamodule = self.trainer.datamodule if self._trainer is not None else None
-            self._bad_samples = BadSampleTally(getattr(datamodule, "max_bad_fraction", None))
-        return self._bad_samples
 
     def on_train_end(self) -> None:
         self._warn_if_unscored()

@@ -32,6 +32,7 @@ from torch import nn
 from unimodal.modalities.seed_tokenizer import EncoderSpec, SeedConfig, SeedTokenizer, load_encoder
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.schema import local_path
+from unimodal.training.bad_samples import CountsBadSamples
 from unimodal.training.optim import OptimizerConfig, build_optimizer
 
 log = logging.getLogger("unimodal.train")
@@ -41,7 +42,7 @@ log = logging.getLogger("unimodal.train")
 # modules
 
 
-class SeedTokenizerModule(L.LightningModule):
+class SeedTokenizerModule(CountsBadSamples, L.LightningModule):
     """What both stages share: the caption layout, the optimiser, the export at the end of fit."""
 
     tokenizer: SeedTokenizer
@@ -64,7 +65,13 @@ class SeedTokenizerModule(L.LightningModule):
         """The tokenizer's own directory format, as ``unimodal export`` of a checkpoint writes it."""
         self.tokenizer.save_pretrained(out)
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        _, skipped = self.bad_samples.add(batch, self.device)
+        if skipped:
+            self.log("data/samples_skipped", float(skipped), batch_size=1)
+
     def on_train_end(self) -> None:
+        self.bad_samples.report(self.device, self.trainer.is_global_zero)
         if self.trainer.is_global_zero:
             out = Path(self.export_dir or Path(self.trainer.default_root_dir) / "tokenizer")
             self.export_pretrained(out)
