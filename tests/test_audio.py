@@ -10,7 +10,8 @@ import pytest
 from unimodal.data.processor import Processor
 from unimodal.schema import Document, Part
 from unimodal.inference.constraints import extract_spans
-from unimodal.modalities.audio import AudioTooLong, HFAudioCodec, load_audio_codec, resample, to_mono
+from unimodal.modalities.audio import HFAudioCodec, load_audio_codec, resample, to_mono
+from unimodal.modalities.base import AudioTooLong
 from unimodal.modalities.vocab import VocabLayout
 
 RATE = 16000

@@ -307,7 +307,7 @@ def test_an_unreadable_file_or_a_fifo_is_not_attached_and_the_chat_goes_on(tmp_p
 
 
 def test_a_clip_the_codec_refuses_is_refused_when_attached_not_with_the_message_typed_next(tmp_path, monkeypatch):
-    from unimodal.modalities.audio import AudioTooLong
+    from unimodal.modalities.base import AudioTooLong
 
     assistant = media_assistant(context_length=200)
     codec = assistant.processor.codecs["audio"]
@@ -608,3 +608,36 @@ def test_a_media_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path,
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("the file was read"))
     with pytest.raises(ChatError, match="big.png' is 512 MiB, over the 512 MiB a media file may have"):
         chat.parse_messages([{"role": "user", "content": [{"type": "image", "image": str(big)}]}])
+
+
+def test_a_requests_media_are_decoded_one_at_a_time_and_a_clip_too_long_is_not_decoded(monkeypatch):
+    """Each image or clip is decoded just before it is encoded, so a request of many large files
+    never holds them all decoded at once; a clip the codec would refuse is refused from the
+    length its header declares, before it is decoded."""
+    import unimodal.inference.chat as chat_module
+
+    assistant = media_assistant(context_length=200)
+    codecs, steps = assistant.processor.codecs, []
+    decode = chat_module.decode_media
+    monkeypatch.setattr(chat_module, "decode_media", lambda media, kind, where: steps.append(f"decode {kind}") or decode(media, kind, where))
+    for kind in ("image", "audio"):
+        encode = codecs[kind].encode
+        monkeypatch.setattr(codecs[kind], "encode", lambda part, encode=encode: steps.append(f"encode {part.type}") or encode(part))
+
+    def wav(seconds: float) -> dict:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, np.zeros(int(8000 * seconds), np.float32), 8000, format="WAV")
+        return {"type": "input_audio", "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode(), "format": "wav"}}
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, format="PNG")
+    picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}}
+    assistant.prompt([{"role": "user", "content": [picture, wav(0.1), picture]}])
+    assert steps == ["decode image", "encode image", "decode audio", "encode audio", "decode image", "encode image"]
+
+    steps.clear()
+    codecs["audio"].max_seconds = 0.5
+    with pytest.raises(ChatError, match=r"message 0, part 1: the audio codec cannot read it \(audio of 2.0 s is longer than "
+                                        r"the audio codec's max_seconds=0.5; .*max_audio_seconds at load, chat and serve"):
+        assistant.prompt([{"role": "user", "content": [picture, wav(2.0)]}])
+    assert steps == ["decode image", "encode image"]

@@ -106,6 +106,20 @@ def decode_media(
         raise DocumentError(f"{where}: unreadable {kind} ({named}: {detail})") from None
 
 
+def declared_seconds(media: MediaBytes) -> float | None:
+    """How long an audio file says it is, from its header alone: None for an array, or for a
+    header that does not read (decoding it then says why)."""
+    if media.ext == "npy":
+        return None
+    import soundfile
+
+    try:
+        info = soundfile.info(io.BytesIO(media.data))
+    except Exception:  # noqa: BLE001 - soundfile raises many kinds; decode_media reports them
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 else None
+
+
 def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, or_data_url: bool = False) -> MediaBytes:
     """The bytes of a part's local file (a path or a ``file://`` URL; nothing is downloaded); a
     relative ``path`` is relative to ``base`` (the record's folder). ``or_data_url``: the caller

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from unimodal.checkpoints.load import CONFIG_FILE, Exported, load_exported
-from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, decode_media, source_media
+from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, declared_seconds, decode_media, source_media
 from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
@@ -42,7 +42,7 @@ from unimodal.inference.engine import Engine
 from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import FinishReason, Generation, Segment
 from unimodal.modalities.audio import to_mono
-from unimodal.modalities.base import MediaCodec
+from unimodal.modalities.base import AudioTooLong, MediaCodec
 from unimodal.modalities.image_continuous import rgb_image
 from unimodal.modalities.loading import resolve_device
 from unimodal.modalities.vocab import SPAN_MARKERS
@@ -392,6 +392,13 @@ class Assistant:
 
     def _encode_media(self, part: Part, where: str) -> np.ndarray:
         data, codec = part.data, self.processor.codecs.get(part.type)
+        if isinstance(data, MediaBytes):  # decoded here, so a request's media are never all decoded at once
+            if codec is not None and part.type == "audio" and (seconds := declared_seconds(data)) is not None:
+                try:  # a clip the codec refuses is refused from its header, not decoded first
+                    codec.check_seconds(seconds)
+                except AudioTooLong as err:
+                    raise ChatError(f"{where}: the audio codec cannot read it ({err})") from None
+            data = _decode(data, part.type, where)
         waveform = part.type == "audio" and isinstance(data, np.ndarray) and data.ndim == 1 and np.issubdtype(data.dtype, np.floating)
         if isinstance(data, np.ndarray) and data.dtype != np.uint8 and not waveform:
             slots = getattr(self.model.continuous[part.type], "slots_per_item", None) if part.type in self.model.continuous else None
@@ -465,9 +472,7 @@ def _content(item: Any, where: str) -> Part:
             part = content_part(item, Path.cwd(), where)
         except DocumentError as err:
             raise ChatError(str(err)) from None
-        if isinstance(part.data, MediaBytes):
-            part.data = _decode(part.data, part.type, where)
-        return Part(part.type, text=part.text, data=part.data)
+        return Part(part.type, text=part.text, data=part.data)  # media bytes are decoded when encoded, one at a time
     raise ChatError(f"{where} has type {kind!r}; expected text, image, audio, image_url or input_audio")
 
 
@@ -475,10 +480,9 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
     """An in-memory image or audio value (or a path to one) as the codec input."""
     if isinstance(value, (str, Path)):  # read as the data tools read a part's file
         try:
-            media = source_media({"type": kind, "path": str(value)}, Path.cwd(), where, 0)
+            return source_media({"type": kind, "path": str(value)}, Path.cwd(), where, 0)
         except DocumentError as err:
             raise ChatError(str(err)) from None
-        return _decode(media, kind, where)
     if kind == "image" and hasattr(value, "convert") and hasattr(value, "size"):  # PIL.Image
         value = np.asarray(rgb_image(value), dtype=np.uint8)
     if kind == "audio" and isinstance(value, tuple) and len(value) == 2:

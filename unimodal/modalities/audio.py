@@ -24,10 +24,6 @@ from unimodal.schema import Part
 HF_CODECS = ("encodec", "mimi", "dac")
 
 
-class AudioTooLong(ValueError):
-    pass
-
-
 def to_mono(waveform: np.ndarray) -> np.ndarray:
     """``[n]`` or ``[n, channels]`` (soundfile's layout) to ``[n]`` float32, channels averaged."""
     waveform = np.asarray(waveform, dtype=np.float32)
@@ -130,12 +126,7 @@ class RVQCodec(MediaCodec):
         if peak > MAX_PEAK:
             raise ValueError(f"the waveform peaks at {peak:.3g}; samples belong in [-1, 1] (integer PCM divided by its full scale, "
                              "e.g. int16 / 32768)")
-        seconds = len(mono) / rate
-        if seconds > self.max_seconds:
-            raise AudioTooLong(
-                f"audio of {seconds:.1f} s is longer than the {self.name} codec's max_seconds={self.max_seconds:g}; "
-                "cut it into shorter clips or raise the limit (max_audio_seconds at load, chat and serve; the codec config's max_seconds in a recipe)"
-            )
+        self.check_seconds(len(mono) / rate)
         if not len(mono):
             raise ValueError("empty waveform")
         return resample(mono, int(rate), self.sample_rate)

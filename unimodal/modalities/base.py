@@ -31,10 +31,24 @@ import torch
 from unimodal.schema import Part, read_json_object
 
 
+class AudioTooLong(ValueError):
+    pass
+
+
 class MediaCodec:
     modality: str = ""
     sample_rate: int | None = None
     max_seconds: float | None = None
+
+    def check_seconds(self, seconds: float) -> None:
+        """Refuse a clip longer than ``max_seconds``: before it is decoded, where its file header
+        says how long it is, and again before it is encoded."""
+        if self.max_seconds is not None and seconds > self.max_seconds:
+            raise AudioTooLong(
+                f"audio of {seconds:.1f} s is longer than the {getattr(self, 'name', self.modality)} codec's "
+                f"max_seconds={self.max_seconds:g}; cut it into shorter clips or raise the limit (max_audio_seconds at load, "
+                "chat and serve; the codec config's max_seconds in a recipe)"
+            )
 
     def encode(self, part: Part) -> np.ndarray:
         raise NotImplementedError
