@@ -545,6 +545,22 @@ def test_a_row_that_expires_inside_the_diffusion_head_leaves_and_the_others_draw
     np.testing.assert_allclose(out[1].segments[0].data, alone.segments[0].data, atol=1e-4)
 
 
+def test_a_row_that_expires_while_its_image_is_denoised_writes_nothing_after(monkeypatch):
+    """A bidirectional image is denoised before the step's tokens are chosen: a row that passes
+    its deadline there has ended, and samples no token after its end (which would reach its
+    stream after the timeout and count as one more completion token)."""
+    model = family_model("llamafusion")
+    engine = Engine(model, TOK)
+    docs = [prompt(model, shape, begin="<|boi|>", bidirectional=("image",)) for shape in ("a square", "a circle")]
+    base = GenerationSettings(text=GREEDY, max_media=1, max_new_tokens=8, seed=0)
+    settings = [base.replace(image={"steps": 1000}, timeout_s=0.05), base.replace(image={"steps": 2})]
+    timed_calls(model.continuous["image"].output_adapter, injected_clock(monkeypatch))
+    streamed = []
+    out = engine.generate(docs, settings, on_text=lambda row, text: streamed.append(row))
+    assert out[0].finish_reason == "timeout" and out[0].completion_tokens == 0 and 0 not in streamed
+    assert out[1].segments[0].type == "image"
+
+
 def test_an_understanding_only_adapter_reads_prompt_features_as_the_training_forward_does():
     """A LinearAdapter has no embed_clean: the engine embeds prompt features with its training
     ``embed``, and the first greedy token is the uncached forward's."""

@@ -180,6 +180,7 @@ def test_media_in_and_out_as_base64(url):
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": "abc"}]}]}, 400, "input_audio must be an object"),
         ({"temperature": 1e-40}, 400, "temperature must be 0 (greedy) or in [0.0001, 10000]"),
         ({"audio": {"temperature": 1e300}}, 400, "temperature must be 0 (greedy) or in [0.0001, 10000]"),
+        ({"temperature": 1, "repetition_penalty": 1e-300}, 400, "repetition_penalty must be in [0.0001, 10000] (1 is none)"),
         ({"seed": 2**70}, 400, "seed must be a 64-bit integer"),
         ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "a string holds a lone surrogate (\\ud800), which is not valid Unicode"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_media": 0, "start_with": "image"}, 400, "must start with image"),
@@ -424,6 +425,21 @@ def test_shutdown_cancels_the_running_generation(assistant):
     late = batcher.submit(_job(call, batcher, LIMITS))
     with pytest.raises(APIError, match="shutting down"):
         _result(late.future, late, batcher, LIMITS)
+    with pytest.raises(APIError, match="shutting down"):  # a stream waits for this one first
+        _result(late.accepted, late, batcher, LIMITS)
+
+
+def test_settings_out_of_range_are_refused_before_the_request_waits_for_the_model(assistant):
+    """The worker makes each request's settings when its batch starts; a request whose settings
+    cannot be made is a 400 at once, not after the batches ahead of it (or a 429 once it waited)."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job
+
+    batcher = Batcher(assistant, thread=False)  # busy for good: nothing it is given ever starts
+    for settings, needle in (({"temperature": -1}, "temperature must be 0"), ({"max_new_tokens": 0}, "max_tokens must be")):
+        with pytest.raises(APIError, match=needle) as refused:
+            _job(Call([{"role": "user", "content": "hi"}], settings, 1, False, None), batcher, LIMITS)
+        assert refused.value.status == 400
 
 
 def test_shutdown_while_a_batch_is_gathered_cancels_that_batch(assistant):
@@ -513,6 +529,22 @@ def answers_health(base: str) -> bool:
         return call(base, "/health", key=None)[0] == 200
     except OSError:  # not listening yet
         return False
+
+
+def test_the_openai_sdk_does_not_send_a_timed_out_generation_again(assistant):
+    """OpenAI's SDKs retry a 408 or a 5xx twice by default; a generation past its limit would
+    only run out of time again, three times over, so its 408 says ``x-should-retry: false``."""
+    from unimodal.inference.batcher import Batcher
+
+    openai = pytest.importorskip("openai")
+    batcher = Batcher(assistant)
+    with running(create_app(assistant, api_key=KEY, limits=LIMITS, model_name="tiny", batcher=batcher)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY)  # the default retries
+        with pytest.raises(openai.APIStatusError) as late:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                           extra_body={"timeout_s": 1e-4})
+    assert late.value.status_code == 408 and late.value.response.headers["x-should-retry"] == "false"
+    assert batcher.stats["batches"] == 1
 
 
 def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):

@@ -87,8 +87,8 @@ class Batcher:
             self._thread.start()
 
     def submit(self, job: Job) -> Job:
-        if self.stopping.is_set():
-            job.future.set_exception(GenerationTimeout(STOPPING))
+        if self.stopping.is_set():  # both futures: a stream waits on ``accepted`` first
+            _fail(job, GenerationTimeout(STOPPING))
         else:
             self._queue.put(job)
         return job

@@ -302,6 +302,7 @@ class _Run:
             pending = [r for r in active if r.block_pending]
             if pending:
                 self._denoise_blocks(pending)
+                active = [r for r in active if not r.done]  # a row past its deadline left while denoising
             feed = self._choose(active)
             if all(r.done for r in self.rows):
                 return

@@ -105,11 +105,13 @@ class ServerLimits:
 
 
 class APIError(Exception):
-    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+    """An error answered as ``{"error": {...}}`` with an HTTP status. OpenAI's SDKs send a request
+    again after a 408, a 429 or a 5xx unless the response says ``x-should-retry: false``, which
+    ``final`` sends: a generation that ran out of time or failed would only do so again."""
 
-    def __init__(self, status: int, message: str, code: str = "invalid_request"):
+    def __init__(self, status: int, message: str, code: str = "invalid_request", final: bool = False):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.final = status, message, code, final
 
     def payload(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -140,7 +142,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.payload(), status_code=err.status)
+        return JSONResponse(err.payload(), status_code=err.status, headers={"x-should-retry": "false"} if err.final else None)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException) -> JSONResponse:  # unknown paths and methods
@@ -433,6 +435,10 @@ def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[
     settings = dict(call.settings)
     timeout = float(settings.pop("timeout_s", limits.max_seconds))
     settings.setdefault("max_new_tokens", min(batcher.assistant.settings.max_new_tokens, limits.max_new_tokens))
+    try:  # a setting out of range is a 400 now, not once the batches ahead of the request have ended
+        batcher.assistant.resolve(**settings, timeout_s=timeout)
+    except (ChatError, ValueError) as err:
+        raise APIError(400, _request_terms(str(err))) from None
     return Job(call.messages, settings, timeout_s=timeout, wait_until=time.monotonic() + limits.max_seconds, n=call.n,
                start_with=call.start_with, on_text=on_text)
 
@@ -470,13 +476,18 @@ def _result(future: asyncio.Future, job: Job, batcher: Batcher, limits: ServerLi
             raise APIError(503, "the server is shutting down; send the request again when it is back", "shutting_down") from None
         raise APIError(
             408, f"the generation ran longer than its limit of {job.timeout_s:g} s (timeout_s, at most --max_seconds "
-            f"{limits.max_seconds:g}); ask for fewer tokens (max_tokens)", "timeout",
+            f"{limits.max_seconds:g}); ask for fewer tokens (max_tokens)", "timeout", final=True,
         ) from None
-    except ChatError as err:  # refused when its prompt was made; the engine's max_new_tokens is a request's max_tokens
-        raise APIError(400, re.sub(r"\bmax_new_tokens\b", "max_tokens", str(err))) from None
+    except ChatError as err:  # refused when its prompt was made
+        raise APIError(400, _request_terms(str(err))) from None
     except Exception as err:  # noqa: BLE001 - any other failure is the server's, and says so in JSON
         log.error("generation failed", exc_info=err)
-        raise APIError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
+        raise APIError(500, f"generation failed: {type(err).__name__}: {err}", "server_error", final=True) from None
+
+
+def _request_terms(message: str) -> str:
+    """An engine's message in the request's terms: its max_new_tokens is a request's max_tokens."""
+    return re.sub(r"\bmax_new_tokens\b", "max_tokens", message)
 
 
 def completion(replies: list[Reply], name: str, audio_format: str | None = None) -> dict[str, Any]:
@@ -516,7 +527,7 @@ def message_fields(parts: list[ReplyPart], audio_format: str | None) -> dict[str
 
 def encode_audio(part: ReplyPart, fmt: str) -> bytes:
     if part.audio is None:
-        raise APIError(500, "the model wrote audio but has no audio codec to decode it", "no_codec")
+        raise APIError(500, "the model wrote audio but has no audio codec to decode it", "no_codec", final=True)
     if fmt == "pcm16":  # OpenAI's raw form: 16-bit little-endian samples at the codec's rate
         return (np.clip(part.audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
     import soundfile
@@ -539,7 +550,7 @@ def wire_part(part: ReplyPart) -> dict[str, Any]:
     buffer = io.BytesIO()
     if part.type == "image":
         if part.image is None:
-            raise APIError(500, "the model wrote an image but has no image codec to decode it", "no_codec")
+            raise APIError(500, "the model wrote an image but has no image codec to decode it", "no_codec", final=True)
         part.image.save(buffer, format="PNG")
         return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
     return {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_audio(part, "wav")).decode(), "format": "wav"}}

@@ -51,8 +51,10 @@ def check_types(settings: object, what: str) -> None:
         raise ValueError(f"{what}: stop must be a list of non-empty strings, got {stop!r}")
 
 
-# scores are divided by the temperature in float32: beyond these bounds they overflow or vanish
+# scores are divided by the temperature, and by or times the repetition penalty, in float32:
+# beyond these bounds they overflow or vanish
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class SamplingSettings:
              f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 keeps every token)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 is none)"),
+            (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 is none)"),
             (self.num_beams >= 1, "num_beams must be >= 1"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.cfg_scale >= 0, "cfg_scale must be >= 0 (1 is no guidance)"),
