@@ -312,3 +312,37 @@ def test_two_pipelines_in_one_root_are_refused(tmp_path, monkeypatch):
             run_pipeline(path, tiny=True, root=root)
     assert not (root / "a").exists()
     assert [r.status for r in run_pipeline(path, tiny=True, root=root)] == ["done"]
+
+
+def test_a_sigterm_to_the_pipeline_reaches_a_stage_training_in_its_own_process(tmp_path):
+    """A stage on several devices trains as a process of its own: a SIGTERM sent to the pipeline
+    alone (docker stop, an eviction) must reach it, so that it saves a checkpoint and stops with
+    SIGTERM's status, rather than train on orphaned while the pipeline dies."""
+    import sys
+    import threading
+    import time
+
+    from unimodal.training.pipeline import run_passing_sigterm
+
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    stage = (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(saved)!r}).touch(), sys.exit({Preempted.exit_code})))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+
+    def terminate_when_ready():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process, as `kill PID` does
+
+    before = signal.getsignal(signal.SIGTERM)
+    killer = threading.Thread(target=terminate_when_ready)
+    killer.start()
+    began = time.monotonic()
+    assert run_passing_sigterm([sys.executable, "-c", stage]) == Preempted.exit_code
+    killer.join()
+    assert saved.exists() and time.monotonic() - began < 30
+    assert signal.getsignal(signal.SIGTERM) == before  # this process's own handler is back

@@ -40,8 +40,10 @@ import json
 import logging
 import math
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -310,14 +312,33 @@ def _train(config_file: Path) -> int | None:
     if cli.trainer.world_size == 1:
         return fit_cli(cli).global_step
     del cli
-    result = subprocess.run([sys.executable, "-m", "unimodal", "train", *args], check=False)
-    if result.returncode == Preempted.exit_code:
+    returncode = run_passing_sigterm([sys.executable, "-m", "unimodal", "train", *args])
+    if returncode == Preempted.exit_code:
         raise Preempted(f"stopped by SIGTERM (stage process {config_file})")
-    if result.returncode == Interrupted.exit_code:
+    if returncode == Interrupted.exit_code:
         raise Interrupted(f"stopped by Ctrl-C (stage process {config_file})")
-    if result.returncode != 0:
-        raise RuntimeError(f"training {config_file} failed with exit code {result.returncode}")
+    if returncode != 0:
+        raise RuntimeError(f"training {config_file} failed with exit code {returncode}")
     return None
+
+
+def run_passing_sigterm(command: list[str]) -> int:
+    """Run ``command`` to its end and return its exit status. A SIGTERM sent to this process alone
+    (``docker stop``, an eviction, ``kill PID``) is passed on, so the stage saves a checkpoint
+    and stops as it would have (killed with it, it would train on orphaned, holding its run's
+    lock). Ctrl-C reaches both through the terminal: this one waits for the stage to stop."""
+    child = subprocess.Popen(command)
+    main = threading.current_thread() is threading.main_thread()  # only the main thread sets handlers
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM)) if main else None
+    try:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Callable[[str], str] | None) -> StageResult:
