@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,10 @@ def test_a_resumed_stage_sees_the_batches_an_uninterrupted_one_would(data_home, 
     (middle,) = (tmp_path / "whole" / "checkpoints").glob("*step=3.ckpt")
     train("tokenizer_stage1.yaml", tmp_path / "resumed", *steps, f"--ckpt_path={middle}")
     np.testing.assert_allclose(metric(tmp_path / "resumed", "train/loss"), metric(tmp_path / "whole", "train/loss")[3:], rtol=1e-5)
+
+    # a run that died after its last step, before it wrote the tokenizer: resumed, it trains no
+    # more and writes it (Lightning skips on_train_end there)
+    written = (tmp_path / "whole" / "tokenizer" / "seed_tokenizer.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "whole" / "tokenizer")
+    train("tokenizer_stage1.yaml", tmp_path / "whole", *steps, "--resume=auto")
+    assert (tmp_path / "whole" / "tokenizer" / "seed_tokenizer.safetensors").read_bytes() == written

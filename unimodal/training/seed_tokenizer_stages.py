@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unimodal.checkpoints.files import staged_directory
 from unimodal.modalities.seed_tokenizer import EncoderSpec, SeedConfig, SeedTokenizer, load_encoder
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.schema import local_path
@@ -72,9 +73,15 @@ class SeedTokenizerModule(CountsBadSamples, L.LightningModule):
 
     def on_train_end(self) -> None:
         self.bad_samples.report(self.device, self.trainer.is_global_zero)
+
+    def on_fit_end(self) -> None:
+        """Write the tokenizer, whole or not at all (a staged directory). At the end of fit, not of
+        training: a run resumed from its last step trains no more, and Lightning then skips
+        ``on_train_end``, which left a run that died before writing it without one for good."""
         if self.trainer.is_global_zero:
             out = Path(self.export_dir or Path(self.trainer.default_root_dir) / "tokenizer")
-            self.export_pretrained(out)
+            with staged_directory(out, replace=True) as staging:
+                self.export_pretrained(staging)
             log.info("SEED tokenizer written to %s", out)
 
 
