@@ -220,7 +220,9 @@ def test_a_diverging_run_stops_with_status_3_and_keeps_its_checkpoints_finite(tm
         "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", *overrides(run),
     ])
     assert code == 3
-    assert "training stopped before that step changed any weight" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "training stopped before that step changed any weight" in err
+    assert f"start a new run from its weights (unimodal export {run} --out DIR, then --model.init_args.init_from=DIR)" in err
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
     assert checkpoints  # the steps before the loss went bad were saved, and are whole
     for checkpoint in checkpoints:

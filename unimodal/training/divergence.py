@@ -50,8 +50,10 @@ class StopOnDivergence(Callback):
             else:
                 what = "the loss is not finite" if losses is not None and not bool(losses) else "a gradient is not finite"
             raise Diverged(
-                f"{what} at step {trainer.global_step}: training stopped before that step changed any weight; "
-                "lower the learning rate or check the data, then continue with --resume auto"
+                f"{what} at step {trainer.global_step}: training stopped before that step changed any weight. Check the "
+                "data, or lower the learning rate: --resume auto would keep the checkpoint's optimizer state, its learning "
+                f"rate included, so start a new run from its weights (unimodal export {trainer.default_root_dir} --out DIR, "
+                "then --model.init_args.init_from=DIR)"
             )
 
 
