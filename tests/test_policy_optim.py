@@ -60,6 +60,20 @@ def test_a_pattern_that_matches_nothing_lists_near_matches():
         apply_trainable_policy(toy(), ["backbone.embed_token"], frozen=[])
 
 
+def test_frozen_with_lora_and_no_trainable_is_refused_since_it_would_change_nothing():
+    """With LoRA and no ``trainable`` every base weight is frozen: ``frozen`` there was never read,
+    so a misspelt pattern passed unseen where anywhere else it is an error."""
+    from unimodal.models.backbone import BackboneConfig
+    from unimodal.models.lora import LoraSettings
+    from unimodal.modalities.vocab import VocabLayout
+    from unimodal.training.module import UnimodalModule
+
+    module = UnimodalModule(BackboneConfig(config=dict(TINY_CHAMELEON), attention="sdpa"), vocab=VocabLayout(100).to_dict(),
+                            lora=LoraSettings(r=2), frozen=["backbone.embed_token"])
+    with pytest.raises(ValueError, match=r"frozen=\['backbone.embed_token'\] does nothing here: with LoRA and no model.trainable"):
+        module.configure_model()
+
+
 def test_warmup_then_cosine_to_the_floor():
     values = [warmup_cosine(s, warmup=10, total=110, min_ratio=0.1) for s in range(111)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

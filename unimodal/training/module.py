@@ -123,6 +123,9 @@ class UnimodalModule(CountsBadSamples, L.LightningModule):
         if self.init_from:
             init_from_export(self.model, self.init_from, reinit=self.reinit_codes)
         if self.lora is not None and self.trainable is None:
+            if self.frozen:  # nothing to freeze: a typo in it would otherwise pass unseen
+                raise ValueError(f"frozen={self.frozen} does nothing here: with LoRA and no model.trainable every weight but "
+                                 "the adapters' is frozen already; set trainable to train some base weights beside them")
             self.model.requires_grad_(False)
         else:
             apply_trainable_policy(self.model, self.trainable, self.frozen)
