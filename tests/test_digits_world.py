@@ -91,6 +91,24 @@ def test_speech_split_holds_out_whole_voices():
     assert np.abs(test[0].load()[0]).max() > 0
 
 
+def test_every_voice_sounds_unlike_every_other():
+    """Held out by what is heard, not by name: espeak-ng 1.51 applies no variant after "en-gb", so
+    voices named en-gb+m7, en-gb+f2 and en-gb+f5 say every word alike, and a held-out one among
+    them would be training speech. No clip equals another voice's clip of its word, speed and pitch."""
+    voices: dict[str, dict[tuple[int, int, int], np.ndarray]] = {}
+    for u in utterances("train") + utterances("test"):
+        voices.setdefault(u.voice, {})[(u.digit, u.speed, u.pitch)] = u.load()[0]
+    assert len(voices) == 12
+    same = []
+    for i, a in enumerate(sorted(voices)):
+        for b in sorted(voices)[i + 1:]:
+            alike = sum(len(voices[b][k]) == len(wave) and np.allclose(voices[b][k], wave, atol=1e-3)
+                        for k, wave in voices[a].items() if k in voices[b])
+            if alike:
+                same.append((a, b, alike))
+    assert not same, same
+
+
 def test_missing_speech_dir_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("UNIMODAL_DIGITS_SPEECH", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="UNIMODAL_DIGITS_SPEECH"):
