@@ -95,6 +95,18 @@ def test_stdlib_corpus_has_no_docstring_in_both_splits(tmp_path):
     assert len(set(texts["train"])) == len(texts["train"])
 
 
+def test_chat_world_has_no_answer_in_both_splits(tmp_path):
+    """A two-turn chat answers a second object too: that object gets no chat of its own, which
+    the split could put on the other side, training on a validation answer."""
+    from unimodal.data.shards import read_documents
+    from unimodal.worlds.chat import build_chat
+
+    build_chat(tmp_path)
+    answers = {split: [p.text for doc in read_documents(tmp_path / split) for p in doc.parts if p.role == "assistant"]
+               for split in ("train", "val")}
+    assert answers["train"] and answers["val"] and not set(answers["train"]) & set(answers["val"])
+
+
 def test_tiny_applies_the_recipe_overrides(tmp_path):
     from unimodal.training.recipes import load_recipe
 
