@@ -96,7 +96,8 @@ def test_speech_split_holds_out_whole_voices():
 def test_every_voice_sounds_unlike_every_other():
     """Held out by what is heard, not by name: espeak-ng 1.51 applies no variant after "en-gb", so
     voices named en-gb+m7, en-gb+f2 and en-gb+f5 say every word alike, and a held-out one among
-    them would be training speech. No clip equals another voice's clip of its word, speed and pitch."""
+    them would be training speech (en-us-nyc+m1 says 21 of its 30 clips as en-us+m1 does). No clip
+    equals another voice's clip of its word, speed and pitch."""
     voices: dict[str, dict[tuple[int, int, int], np.ndarray]] = {}
     for u in utterances("train") + utterances("test"):
         voices.setdefault(u.voice, {})[(u.digit, u.speed, u.pitch)] = u.load()[0]
@@ -250,7 +251,7 @@ def test_built_world_reads_back(world):
             for doc in read_documents(world / form / split):
                 assert pattern.search(normal(" ".join(p.text or "" for p in doc.parts))) is None, doc.key
     caption = next(d for d in chat if d.meta["task"] == "caption")
-    assert caption.parts[0].data.shape == (16, 16, 3) or caption.parts[1].data.shape == (16, 16, 3)
+    assert [p.data.shape for p in caption.parts if p.type == "image"] == [(16, 16, 3)]
     assert not any(p.role for d in read_documents(world / "pretrain" / "train") for p in d.parts)
 
 

@@ -36,7 +36,7 @@ TRAIN_VOICES = (
     "en-us+m1", "en-us+f3", "en-us+f2", "en-us+m7",
     "en+m7", "en+f2", "en+m3", "en+f1",
     "en-gb-scotland+m3", "en-gb-scotland+f1", "en-gb-scotland+m5",
-    "en-us-nyc+f4", "en-us-nyc+m1",
+    "en-us-nyc+f4", "en-us-nyc+m3",
     "en-gb-x-rp+m2", "en-gb-x-rp+f2",
     "en-029+f1", "en-029+m2", "en-029+f3",
     "en-gb-x-gbclan+m5", "en-gb-x-gbclan+f4", "en-gb-x-gbclan+m3",
