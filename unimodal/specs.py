@@ -33,7 +33,12 @@ def unimodal_class(path: str) -> type | None:
     """The class ``path`` names when unimodal defines it, else None (not merely a path that starts
     with ``unimodal.``: :func:`reached`)."""
     found = reached(path)
-    return found if isinstance(found, type) and found.__module__.startswith("unimodal.") else None
+    return found if defined_here(found) else None
+
+
+def defined_here(found: Any) -> bool:
+    """Whether ``found`` is a class unimodal defines."""
+    return isinstance(found, type) and found.__module__.startswith("unimodal.")
 
 
 def own_class(path: str, base: type) -> bool:

@@ -46,7 +46,7 @@ from unimodal.models.lora import merge_backbone_adapter, quiet_peft
 from unimodal.models.sharding import load_safetensors
 from unimodal.models.unified import ContinuousModality, UnifiedModel, check_item_slots
 from unimodal.schema import read_json_object
-from unimodal.specs import instantiate, reached, unimodal_class
+from unimodal.specs import defined_here, instantiate, reached
 
 log = logging.getLogger("unimodal.export")
 
@@ -188,7 +188,8 @@ def _unimodal_or_nothing(path: str) -> bool:
     ``unimodal.`` path may lead out through a module's globals (:func:`specs.reached`), and any
     other path whose first name is a module runs that module when imported."""
     if path.startswith("unimodal."):
-        return reached(path) is None or unimodal_class(path) is not None
+        found = reached(path)
+        return found is None or defined_here(found)
     return not _finds_module(path)
 
 
