@@ -235,6 +235,34 @@ def test_a_stage_stopped_by_ctrl_c_keeps_its_time_for_the_next_attempt(tmp_path,
     assert marker["status"] == "interrupted" and marker["wall_s"] > 0
 
 
+def test_a_failed_export_tells_the_waiting_ranks_instead_of_leaving_them_polling(tmp_path, monkeypatch):
+    from unimodal.training import pipeline as pipeline_module
+
+    def train(config_file):
+        (config_file.parent / "checkpoints").mkdir(exist_ok=True)
+        (config_file.parent / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        return 3
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline_module, "_train", train)
+    monkeypatch.setattr(pipeline_module, "export", full_disk)
+    path = write(tmp_path, [{"name": "a", "recipe": "recipes/text/tiny.yaml"}])
+    with pytest.raises(OSError, match="No space left"):
+        run_pipeline(path, tiny=True, root=tmp_path / "runs")
+    marker = tmp_path / "runs" / "a" / "stage.json"
+    assert json.loads(marker.read_text())["status"] == "failed"
+    stage = load_pipeline(path, tiny=True, root=tmp_path / "runs").stages[0]
+    with pytest.raises(PipelineError, match=r"^stage 'a' trained, but rank 0 failed while exporting it"):
+        pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01)
+    # the next run trains and exports it again; a waiting rank then reads rank 0's result
+    monkeypatch.setattr(pipeline_module, "export", lambda checkpoint, out, **kwargs: Path(out).mkdir(parents=True))
+    [result] = run_pipeline(path, tiny=True, root=tmp_path / "runs")
+    waited = pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01)
+    assert result.status == waited.status == "done" and waited.output == result.output
+
+
 def test_a_moved_pipeline_roots_absolute_paths_are_the_same_files(tmp_path):
     """A finished stage's recipe holds absolute paths into the pipeline's root (the codecs an
     export passed on); the same files of a root copied elsewhere are no change."""

@@ -400,18 +400,19 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
     if launched_rank() != 0:  # rank 0 exports; the others wait for its marker
-        while not marker.is_file() or json.loads(marker.read_text()).get("status") != "done":
-            time.sleep(5)
-        return StageResult(**{**json.loads(marker.read_text())["result"], "status": "done"})
-    if stage.output is None:
-        if checkpoint is None:
-            raise PipelineError(f"stage {stage.name!r} left no checkpoint in {stage_dir / 'checkpoints'}")
-        try:
+        return _wait_for_rank_zero(stage, marker)
+    try:
+        if stage.output is None:
+            if checkpoint is None:
+                raise PipelineError(f"stage {stage.name!r} left no checkpoint in {stage_dir / 'checkpoints'}")
             export(checkpoint, output, merge_lora=stage.merge_lora, replace=True, trust_checkpoint=True)  # this run wrote it
-        except KeyboardInterrupt:
-            raise stopped(Interrupted("interrupted (Ctrl-C) while exporting")) from None
-    elif not output.is_dir():
-        raise PipelineError(f"stage {stage.name!r} should have written its output to {output}, which does not exist")
+        elif not output.is_dir():
+            raise PipelineError(f"stage {stage.name!r} should have written its output to {output}, which does not exist")
+    except KeyboardInterrupt:
+        raise stopped(Interrupted("interrupted (Ctrl-C) while exporting")) from None
+    except Exception:  # the other ranks stop waiting; a rerun resumes from the checkpoint
+        write_whole(marker, json.dumps({"status": "failed", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
+        raise
     result = StageResult(
         name=stage.name,
         status="done",
@@ -424,6 +425,17 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
     write_whole(marker, json.dumps(done, indent=2) + "\n")  # the other ranks poll for it
     return result
+
+
+def _wait_for_rank_zero(stage: Stage, marker: Path, poll_s: float = 5.0) -> StageResult:
+    """The stage's result once rank 0 has exported it; an error as soon as rank 0 stopped without."""
+    while True:
+        status = json.loads(marker.read_text()) if marker.is_file() else {}
+        if status.get("status") == "done":
+            return StageResult(**{**status["result"], "status": "done"})
+        if status.get("status") in ("failed", "interrupted"):
+            raise PipelineError(f"stage {stage.name!r} trained, but rank 0 {status['status']} while exporting it (its log says why)")
+        time.sleep(poll_s)
 
 
 def _rerun(previous: dict[str, Any], inputs: dict[str, str]) -> str | None:
