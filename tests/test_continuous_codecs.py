@@ -123,6 +123,26 @@ def test_vae_codec_scales_latents_and_decodes(tmp_path):
         VAECodec(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("kind", ["vae", "chameleon_vq"])
+def test_weights_changed_in_place_change_the_fingerprint(tmp_path, kind):
+    """A codec fine-tuned in place keeps its config files; its features are other features, so
+    shards and models made with the old weights must not pass as made with the new."""
+    from safetensors.torch import load_file, save_file
+
+    path, load = _tiny_pretrained(kind, tmp_path)
+    before = load(path).fingerprint()
+    assert load(path).fingerprint() == before  # loading again: the same weights
+    configs = {f.name: f.read_bytes() for f in path.glob("*.json")}
+    (file,) = path.glob("*.safetensors")
+    weights = load_file(str(file))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(file), metadata={"format": "pt"})
+    assert {f.name: f.read_bytes() for f in path.glob("*.json")} == configs
+    after = load(path).fingerprint()
+    assert after != before and after["checksum"] != before["checksum"]
+
+
 def test_chameleon_vq_codec_skips_the_quantiser(tmp_path):
     from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
 

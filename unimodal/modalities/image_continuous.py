@@ -23,16 +23,16 @@ model's patchify adapters.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from unimodal.modalities.base import MediaCodec, check_declared, load_pretrained, model_config, model_files_read
+from unimodal.modalities.base import MediaCodec, check_declared, load_pretrained, model_config, model_files_read, weights_checksum
 from unimodal.schema import IMAGE_FORMATS, DocumentError, Part
 
 
@@ -182,14 +182,6 @@ class PixelPatchCodec(MediaCodec):
         return {"name": type(self).__name__, "size": self.transform.size, "patch": self.patch, "grey": self.grey}
 
 
-def _directory_hash(path: Path) -> str:
-    """Identifies a model directory by its config files (weights are too large to hash per worker)."""
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in path.glob("*.json")):
-        digest.update(name.encode() + (path / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 class VAECodec(MediaCodec):
     """A diffusers ``AutoencoderKL`` from a local directory; latents ``(z - shift) * scale`` as patches.
 
@@ -236,10 +228,15 @@ class VAECodec(MediaCodec):
         latent = unpatchify(tokens, self.patch, self.channels) / self.scale + self.shift
         return to_uint8(self.vae.decode(latent).sample[0])
 
+    @cached_property
+    def checksum(self) -> str:
+        """Of the weights, not the config files, which a VAE fine-tuned in place keeps."""
+        return weights_checksum(self.vae.state_dict())
+
     def fingerprint(self) -> dict[str, Any]:
         return {
             "name": type(self).__name__,
-            "config": _directory_hash(self.path),
+            "checksum": self.checksum,
             "size": self.transform.size,
             "patch": self.patch,
             "scale": self.scale,
@@ -330,4 +327,9 @@ class ChameleonVQCodec(MediaCodec):
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, "config": _directory_hash(self.path), "size": self.transform.size}
+        return {"name": type(self).__name__, "checksum": self.checksum, "size": self.transform.size}
+
+    @cached_property
+    def checksum(self) -> str:
+        """Of the weights, not the config files, which a VQ-VAE fine-tuned in place keeps."""
+        return weights_checksum(self.vq.state_dict())
