@@ -47,6 +47,19 @@ def test_decode_gives_a_waveform_and_takes_fewer_layers(small_codec):
         small_codec.decode(np.zeros((3, 4), dtype=np.int64))
 
 
+def test_decoded_silence_stays_silent_and_speech_keeps_its_level(small_codec):
+    """Decoding scales down only what would clip: a model that answers with the codes of silence
+    must be heard as silence by the judge, not as noise raised to full scale that reads as a digit."""
+    from unimodal.worlds.judges import NO_DIGIT, SILENT_PEAK, audio_judge
+
+    silence, rate = small_codec.decode(small_codec.encode_waveform(np.zeros(16000, np.float32), 16000))
+    assert np.abs(silence).max() < SILENT_PEAK
+    assert audio_judge().predict([(silence, rate)]) == [NO_DIGIT]
+    waveform, rate = utterances("test")[2].load()
+    spoken, _ = small_codec.decode(small_codec.encode_waveform(waveform, rate))
+    assert 0.1 * np.abs(waveform).max() < np.abs(spoken).max() <= 0.9
+
+
 def test_save_load_and_tamper(small_codec, tmp_path):
     small_codec.save(tmp_path / "codec")
     loaded = DigitAudioCodec(path=str(tmp_path / "codec"))

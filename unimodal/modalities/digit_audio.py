@@ -221,7 +221,8 @@ class DigitAudioCodec(RVQCodec):
             angles = accelerated / np.maximum(np.abs(accelerated), 1e-16)
         signal = istft(magnitude * angles, c.n_fft, c.hop, length)
         peak = np.abs(signal).max(initial=0.0)
-        return (0.9 * signal / peak if peak > 0 else signal).astype(np.float32)
+        # scaled down only where it would clip: silence decoded stays silence, not noise at full scale
+        return (0.9 * signal / peak if peak > 0.9 else signal).astype(np.float32)
 
     # -- files ---------------------------------------------------------------------------------
 
