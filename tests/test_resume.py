@@ -135,6 +135,26 @@ def test_each_rank_draws_its_own_noise_after_one_seed_built_one_model():
     assert torch.equal(first_draw(1, resumed=True), unseeded)
 
 
+def test_validation_draws_its_own_fixed_stream_and_leaves_trainings_as_it_was():
+    """A checkpoint saved at a step that ends in a validation holds the RNG state from before it,
+    and the resumed run does not validate there again: training's draws must not depend on it."""
+    from types import SimpleNamespace
+
+    from unimodal.training.resume import RunState
+
+    state, trainer = RunState(), SimpleNamespace(global_rank=0)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    draws = []
+    for _ in range(2):
+        state.on_validation_start(trainer, None)
+        draws.append(torch.rand(4))  # diffusion noise and timesteps of validation losses
+        state.on_validation_end(trainer, None)
+    torch.testing.assert_close(torch.rand(4), expected)  # training goes on as if nothing had run
+    torch.testing.assert_close(draws[0], draws[1])  # every evaluation draws the same noise
+
+
 def test_a_rank_a_resumed_checkpoint_saved_no_stream_of_draws_its_own():
     """Resumed on more ranks than saved: the extra rank must not replay rank 0's noise."""
     from unimodal.training.resume import RNG_KEY, RunState, _rng_state

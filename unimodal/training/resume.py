@@ -32,6 +32,7 @@ from unimodal.training.strategies import world_size
 log = logging.getLogger("unimodal.train")
 
 RNG_KEY = "unimodal_rng"
+VALIDATION_SEED = 20_231
 # the names of the parameters the run trains, in order: what the optimizer state's entries belong to
 TRAINED_KEY = "unimodal_trained"
 # a digest of the text tokenizer's pieces: a resumed run must read the same text from the same ids
@@ -84,6 +85,7 @@ class RunState(Callback):
     def __init__(self, run_config: dict[str, Any] | None = None):
         self.run_config = run_config
         self._pending: dict[str, Any] | None = None
+        self._before_validation: dict[str, Any] | None = None
         self._tokenizer_digest: str | None = None
 
     def tokenizer_digest(self, trainer: Trainer) -> str | None:
@@ -155,6 +157,19 @@ class RunState(Callback):
         resumed run restores each rank's own saved state instead."""
         if trainer.global_rank > 0 and self._pending is None:
             torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Validation draws from a stream of its own, the same at every evaluation (comparable
+        diffusion losses), and leaves training's streams as it found them: a run resumed from a
+        checkpoint saved just before a validation, which it does not repeat, draws what an
+        uninterrupted run draws."""
+        self._before_validation = _rng_state()
+        torch.manual_seed(VALIDATION_SEED + trainer.global_rank)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._before_validation is not None:
+            _set_rng_state(self._before_validation)
+            self._before_validation = None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:
