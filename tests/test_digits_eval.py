@@ -64,6 +64,8 @@ def test_oracle_scores_full_marks(caplog):
         assert report[key] is not None
         assert key in report["goals"]
     assert all(report[key] == 1.0 for key in KEYS[:5] + HELD_OUT)
+    assert report["transcribe_by_voice"] == {voice: 1.0 for voice in ("en+f5", "en-gb-x-rp+m6", "en-us+m4")}
+    assert "transcribe:en+f5" + " " * 10 + "1.000" in lines
     assert report["judge_image_acc"] >= 0.97 and report["judge_audio_acc"] >= 0.95
     counts = {"caption": 360, "transcribe": 270, "draw": 200, "speak": 200, "story": 216}
     assert report["counts"] == {**counts, **{f"{task}/heldout": n for task, n in counts.items()}}
@@ -76,6 +78,7 @@ def test_wrong_answers_score_zero_and_are_shown():
     for key in KEYS[:5] + HELD_OUT:
         assert report[key] == 0.0
     assert report["counts"]["caption"] == 12
+    assert set(report["transcribe_by_voice"].values()) == {0.0}
     first = report["failures"]["caption"][0]
     assert first["read"] == [(first["expected"] + 1) % 10]
 
