@@ -29,14 +29,15 @@ from unimodal.modalities.audio import resample
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # espeak-ng 1.51 applies no variant after "en-gb" (en-gb+m7, en-gb+f2 and en-gb+f5 all say plain
 # en-gb) but does after "en", its British English too; tests/test_digits_world.py checks that
-# every voice sounds unlike every other
 # every voice sounds unlike every other; the test voices' variants (m4, f5, m6) are in no
-# training voice, so a held-out voice is unheard in its accent and its variant alike
+# training voice, so a held-out voice is unheard in its accent and its variant alike. The female
+# variants f1-f4 share one narrow pitch range (base 140-142 Hz), so three named female variants
+# with higher voices (Annie, Andrea, steph) widen it
 TRAIN_VOICES = (
-    "en-us+m1", "en-us+f3", "en-us+f2", "en-us+m7",
-    "en+m7", "en+f2", "en+m3", "en+f1",
+    "en-us+m1", "en-us+f3", "en-us+f2", "en-us+m7", "en-us+Annie",
+    "en+m7", "en+f2", "en+m3", "en+f1", "en+Andrea",
     "en-gb-scotland+m3", "en-gb-scotland+f1", "en-gb-scotland+m5",
-    "en-us-nyc+f4", "en-us-nyc+m3",
+    "en-us-nyc+f4", "en-us-nyc+m3", "en-us-nyc+steph",
     "en-gb-x-rp+m2", "en-gb-x-rp+f2",
     "en-029+f1", "en-029+m2", "en-029+f3",
     "en-gb-x-gbclan+m5", "en-gb-x-gbclan+f4", "en-gb-x-gbclan+m3",
