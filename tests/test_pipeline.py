@@ -235,7 +235,8 @@ def test_a_stage_stopped_by_ctrl_c_keeps_its_time_for_the_next_attempt(tmp_path,
     assert marker["status"] == "interrupted" and marker["wall_s"] > 0
 
 
-def test_a_failed_export_tells_the_waiting_ranks_instead_of_leaving_them_polling(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fails", ["export", "summary"])
+def test_a_failed_export_tells_the_waiting_ranks_instead_of_leaving_them_polling(tmp_path, monkeypatch, fails):
     from unimodal.training import pipeline as pipeline_module
 
     def train(config_file):
@@ -247,7 +248,8 @@ def test_a_failed_export_tells_the_waiting_ranks_instead_of_leaving_them_polling
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pipeline_module, "_train", train)
-    monkeypatch.setattr(pipeline_module, "export", full_disk)
+    monkeypatch.setattr(pipeline_module, "export", lambda checkpoint, out, **kwargs: Path(out).mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(pipeline_module, "export" if fails == "export" else "_last_metric", full_disk)
     path = write(tmp_path, [{"name": "a", "recipe": "recipes/text/tiny.yaml"}])
     with pytest.raises(OSError, match="No space left"):
         run_pipeline(path, tiny=True, root=tmp_path / "runs")
@@ -257,7 +259,8 @@ def test_a_failed_export_tells_the_waiting_ranks_instead_of_leaving_them_polling
     with pytest.raises(PipelineError, match=r"^stage 'a' trained, but rank 0 failed while exporting it"):
         pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01)
     # the next run trains and exports it again; a waiting rank then reads rank 0's result
-    monkeypatch.setattr(pipeline_module, "export", lambda checkpoint, out, **kwargs: Path(out).mkdir(parents=True))
+    monkeypatch.setattr(pipeline_module, "export", lambda checkpoint, out, **kwargs: Path(out).mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(pipeline_module, "_last_metric", lambda run_dir, name: None)
     [result] = run_pipeline(path, tiny=True, root=tmp_path / "runs")
     waited = pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01)
     assert result.status == waited.status == "done" and waited.output == result.output

@@ -397,34 +397,41 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         steps = _train(config_file)
     except (Preempted, Interrupted) as err:
         raise stopped(err) from None
-    output = pipeline.output_dir(stage)
     checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
     if launched_rank() != 0:  # rank 0 exports; the others wait for its marker
         return _wait_for_rank_zero(stage, marker)
     try:
-        if stage.output is None:
-            if checkpoint is None:
-                raise PipelineError(f"stage {stage.name!r} left no checkpoint in {stage_dir / 'checkpoints'}")
-            export(checkpoint, output, merge_lora=stage.merge_lora, replace=True, trust_checkpoint=True)  # this run wrote it
-        elif not output.is_dir():
-            raise PipelineError(f"stage {stage.name!r} should have written its output to {output}, which does not exist")
+        result = _finish(pipeline, stage, checkpoint, steps, spent - started)
     except KeyboardInterrupt:
         raise stopped(Interrupted("interrupted (Ctrl-C) while exporting")) from None
     except Exception:  # the other ranks stop waiting; a rerun resumes from the checkpoint
-        write_whole(marker, json.dumps({"status": "failed", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
+        with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the export
+            write_whole(marker, json.dumps({"status": "failed", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
         raise
-    result = StageResult(
-        name=stage.name,
-        status="done",
-        steps=steps if steps is not None else checkpoint_step(checkpoint),
-        train_loss=_last_metric(stage_dir, "train/loss"),
-        val_loss=_last_metric(stage_dir, "val/loss"),
-        wall_s=spent + time.perf_counter() - started,
-        output=str(output),
-    )
     done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
     write_whole(marker, json.dumps(done, indent=2) + "\n")  # the other ranks poll for it
     return result
+
+
+def _finish(pipeline: Pipeline, stage: Stage, checkpoint: Path | None, steps: int | None, wall_offset: float) -> StageResult:
+    """Rank 0's work after training: export the stage (unless it wrote its own output) and sum it up;
+    its wall time is ``wall_offset`` plus the clock (``time.perf_counter``) when done."""
+    output = pipeline.output_dir(stage)
+    if stage.output is None:
+        if checkpoint is None:
+            raise PipelineError(f"stage {stage.name!r} left no checkpoint in {pipeline.stage_dir(stage) / 'checkpoints'}")
+        export(checkpoint, output, merge_lora=stage.merge_lora, replace=True, trust_checkpoint=True)  # this run wrote it
+    elif not output.is_dir():
+        raise PipelineError(f"stage {stage.name!r} should have written its output to {output}, which does not exist")
+    return StageResult(
+        name=stage.name,
+        status="done",
+        steps=steps if steps is not None else checkpoint_step(checkpoint),
+        train_loss=_last_metric(pipeline.stage_dir(stage), "train/loss"),
+        val_loss=_last_metric(pipeline.stage_dir(stage), "val/loss"),
+        wall_s=wall_offset + time.perf_counter(),
+        output=str(output),
+    )
 
 
 def _wait_for_rank_zero(stage: Stage, marker: Path, poll_s: float = 5.0) -> StageResult:
