@@ -277,7 +277,11 @@ def test_a_run_reports_its_bad_samples_in_one_line(tmp_path, spm_model, tiny_lla
 def test_validation_is_deterministic_and_equal_per_rank(tmp_path, spm_model):
     train, val = make_set(tmp_path, "a"), make_set(tmp_path, "v", seed=3)
     dm = module([train], spm_model, val_datasets=[val], val_batches=3)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     first, again = list(dm.val_dataloader()), list(dm.val_dataloader())
+    torch.testing.assert_close(torch.rand(3), expected)  # validating draws nothing from training's stream
     assert len(first) == 3
     for a, b in zip(first, again):
         assert_same(a, b)

@@ -153,6 +153,13 @@ def test_validation_draws_its_own_fixed_stream_and_leaves_trainings_as_it_was():
         state.on_validation_end(trainer, None)
     torch.testing.assert_close(torch.rand(4), expected)  # training goes on as if nothing had run
     torch.testing.assert_close(draws[0], draws[1])  # every evaluation draws the same noise
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    torch.rand(4)
+    state.on_validation_start(trainer, None)
+    torch.rand(4)
+    state.on_exception(trainer, None, RuntimeError("cut short"))  # a validation that raised hands them back too
+    torch.testing.assert_close(torch.rand(4), after)
 
 
 def test_a_rank_a_resumed_checkpoint_saved_no_stream_of_draws_its_own():

@@ -536,7 +536,10 @@ class UnimodalDataModule(ResumableDataModule):
 
     def make_val_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         shard_sets = [expand_shards(d.path, self.allow_pipe_urls) for d in self.val_datasets]
-        return DataLoader(ValStream(shard_sets, self.stream_config(), self.val_batches, rank, world_size), batch_size=None)
+        stream = ValStream(shard_sets, self.stream_config(), self.val_batches, rank, world_size)
+        # a generator of its own: each iterator draws a base seed from it, which from torch's global
+        # one would move training's random stream at every validation (and a resume skips one)
+        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(0))
 
     def train_dataloader(self) -> WindowedLoader:
         return self.make_train_dataloader(*self._rank_and_world_size())

@@ -171,6 +171,9 @@ class RunState(Callback):
             _set_rng_state(self._before_validation)
             self._before_validation = None
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_validation_end(trainer, pl_module)  # a validation cut short hands training its streams back too
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:
             _set_rng_state(self._pending)
