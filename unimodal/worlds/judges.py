@@ -55,13 +55,16 @@ def image_array(image: Any) -> np.ndarray:
 
 
 def audio_features(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
-    """A fixed-size vector for a spoken word: trimmed MFCCs at MFCC_FRAMES time points, mean removed."""
+    """A fixed-size vector for a spoken word: trimmed, peak-scaled MFCCs at MFCC_FRAMES time points."""
     from scipy.fft import dct
 
     signal = resample(to_mono(waveform), int(sample_rate), RATE)
-    loud = np.nonzero(np.abs(signal) > 0.05 * np.abs(signal).max(initial=0))[0]
+    peak = np.abs(signal).max(initial=0)
+    loud = np.nonzero(np.abs(signal) > 0.05 * peak)[0]
     if len(loud):
-        signal = signal[loud[0] : loud[-1] + 1]
+        # at the training clips' peak (0.9): c0 then carries the word's loudness contour, not the
+        # level a synthesiser or a decoder happened to write it at
+        signal = 0.9 * signal[loud[0] : loud[-1] + 1] / peak
     mfcc = dct(log_mel(signal, RATE, 512, 128, MFCC_BANDS), type=2, norm="ortho", axis=1)[:, :MFCC_KEEP]
     frames = np.linspace(0, len(mfcc) - 1, MFCC_FRAMES)
     resampled = np.stack([np.interp(frames, np.arange(len(mfcc)), mfcc[:, k]) for k in range(MFCC_KEEP)], axis=1)
