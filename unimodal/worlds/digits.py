@@ -2,7 +2,7 @@
 
 - images: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), upsampled to 16x16 by
   :func:`upsample`; the test split is every image whose index is a multiple of 5;
-- speech: the words "zero" ... "nine" in 24 espeak-ng voices at 3 speed/pitch settings, committed
+- speech: the words "zero" ... "nine" in 27 espeak-ng voices at 3 speed/pitch settings, committed
   as FLAC under ``data/digits/`` (``make_speech.py`` made them); 3 whole voices are the test split;
 - text: captions, instructions and short chats; the users' instructions come in many phrasings
   (:mod:`unimodal.worlds.phrasings`), some of them held out from training.

@@ -319,5 +319,5 @@ def summary(report: dict[str, Any]) -> str:
         value = report.get(f"{modality}_codec_roundtrip_acc")
         lines.append(f"{modality + '_codec_roundtrip_acc':<{width}} {'n/a' if value is None else f'{value:.3f}'}")
     for voice, value in (report.get("transcribe_by_voice") or {}).items():
-        lines.append(f"{'transcribe:' + voice:<{width}} {value:.3f}")
+        lines.append(f"{'transcribe:' + voice:<{width}} {value:.3f}" + (f"  not judged: --limit {sample}" if sample is not None else ""))
     return "\n".join(lines)
