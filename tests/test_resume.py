@@ -86,6 +86,32 @@ def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, m
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
 
 
+def test_a_run_stopped_at_an_epochs_end_where_it_validated_resumes_with_the_same_losses(recipe, tmp_path, monkeypatch):
+    """SIGTERM during step 4, the last of an epoch (steps_per_epoch 4), where the uninterrupted run
+    validates (every 2 steps). The resumed run starts the next pass before its saved RNG state is
+    set again, the uninterrupted one after it, and it need not validate there again: neither may
+    move the dropout masks drawn after."""
+    config = yaml.safe_load(recipe.read_text())
+    config["data"]["init_args"].update(val_datasets=[{"path": "builtin:text/val"}], val_batches=1)
+    validating = tmp_path / "validating.yaml"
+    validating.write_text(yaml.safe_dump(config))
+    every_2 = ("--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0")
+    reference = tmp_path / "reference"
+    train(validating, reference, *every_2)
+    run = tmp_path / "interrupted"
+
+    def preempt_during_step_4(self):
+        if self.trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(UnimodalModule, "on_after_backward", preempt_during_step_4)
+        with pytest.raises(Preempted):
+            train(validating, run, *every_2)
+    train(validating, run, *every_2, "--resume=auto")
+    assert losses(run) == losses(reference)
+
+
 def test_resuming_with_other_data_settings_says_which(recipe, tmp_path, caplog):
     """The data position is counted in batches: a resume with another batch size cannot continue
     the stream where it stopped, and says so instead of going on silently."""

@@ -239,7 +239,7 @@ class EpochLoader(DataLoader):
     """
 
     def __init__(self, dataset: Any, epoch: Callable[[], int], done: Callable[[int], int] | None = None, **kwargs: Any):
-        super().__init__(dataset, batch_size=None, **kwargs)
+        super().__init__(dataset, batch_size=None, generator=torch.Generator(), **kwargs)
         self.epoch = epoch
         self.done = done
 
@@ -247,6 +247,11 @@ class EpochLoader(DataLoader):
         """This epoch's batches, past those already trained on, and how many those were."""
         epoch = self.epoch()
         self.dataset.epoch = epoch
+        # each pass's iterator draws its base seed from the epoch, not from torch's global generator:
+        # a run resumed at an epoch's end starts the next pass before its saved RNG state is set
+        # again, where an uninterrupted run starts it after, so a global draw would shift every
+        # dropout mask and noise sample that follows
+        self.generator.manual_seed(epoch)
         batches = super().__iter__()
         skip = self.done(epoch) if self.done is not None else 0
         for _ in islice(batches, skip):
