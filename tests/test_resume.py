@@ -45,6 +45,19 @@ def train(recipe: Path, run: Path, *extra: str) -> None:
     ], resolve_path=resolve)
 
 
+def train_until_sigterm(monkeypatch, step: int, recipe: Path, run: Path, *extra: str, match: str | None = None) -> None:
+    """Train with a SIGTERM sent during ``step`` (counted from 1), as a preempting scheduler would."""
+
+    def preempt(self):
+        if self.trainer.global_step == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(UnimodalModule, "on_after_backward", preempt)
+        with pytest.raises(Preempted, match=match):
+            train(recipe, run, *extra)
+
+
 def losses(run: Path) -> dict[int, float]:
     """train/loss by step over every version of the run's CSV log (a resumed run adds a version)."""
     out = {}
@@ -63,15 +76,7 @@ def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, m
 
     # steps_per_epoch=4: the run is stopped in its second epoch, one batch into it
     run = tmp_path / "interrupted"
-
-    def preempt_during_step_5(self):
-        if self.trainer.global_step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(UnimodalModule, "on_after_backward", preempt_during_step_5)
-        with pytest.raises(Preempted, match=r"stopped by SIGTERM at step 5 \(saved .*last.ckpt\); continue with --resume auto"):
-            train(recipe, run)
+    train_until_sigterm(monkeypatch, 5, recipe, run, match=r"stopped by SIGTERM at step 5 \(saved .*last.ckpt\); continue with --resume auto")
     assert not [r for r in caplog.records if r.name.startswith("unimodal") and "SIGTERM" in r.getMessage()]  # the error line says it
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 5
@@ -99,15 +104,7 @@ def test_a_run_stopped_at_an_epochs_end_where_it_validated_resumes_with_the_same
     reference = tmp_path / "reference"
     train(validating, reference, *every_2)
     run = tmp_path / "interrupted"
-
-    def preempt_during_step_4(self):
-        if self.trainer.global_step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(UnimodalModule, "on_after_backward", preempt_during_step_4)
-        with pytest.raises(Preempted):
-            train(validating, run, *every_2)
+    train_until_sigterm(monkeypatch, 4, validating, run, *every_2)
     train(validating, run, *every_2, "--resume=auto")
     assert losses(run) == losses(reference)
 
