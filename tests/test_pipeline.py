@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,35 @@ def test_a_failed_export_tells_the_waiting_ranks_instead_of_leaving_them_polling
     [result] = run_pipeline(path, tiny=True, root=tmp_path / "runs")
     waited = pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01)
     assert result.status == waited.status == "done" and waited.output == result.output
+
+
+def test_ranks_waiting_for_a_rank_0_killed_outright_stop_once_its_heartbeat_goes_silent(tmp_path):
+    """kill -9 leaves stage.json saying running; the heartbeat is what tells a dead rank 0 from a slow one."""
+    import threading
+
+    from unimodal.training import pipeline as pipeline_module
+
+    stage = pipeline_module.Stage(name="a", recipe=Path("recipes/text/tiny.yaml"))
+    marker = tmp_path / "stage.json"
+    marker.write_text(json.dumps({"status": "running"}))
+    (tmp_path / "export.heartbeat").write_text("7\n")  # the last beat of a rank 0 that died
+    with pytest.raises(PipelineError, match=r"^stage 'a' trained, but rank 0 has not been heard from for 0.2 s .*run the same pipeline"):
+        pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01, silent_s=0.2)
+
+    # a live rank 0 keeps beating through an export longer than silent_s, and its result arrives
+    result = {"name": "a", "status": "done", "steps": 3, "train_loss": None, "val_loss": None, "wall_s": 1.0, "output": "out"}
+
+    def export_slowly():
+        with pipeline_module._heartbeat(tmp_path / "export.heartbeat", every_s=0.02):
+            time.sleep(1.0)
+        marker.write_text(json.dumps({"status": "done", "result": result}))
+
+    rank_zero = threading.Thread(target=export_slowly)
+    rank_zero.start()
+    waited = pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01, silent_s=0.2)
+    rank_zero.join()
+    assert waited.status == "done" and waited.steps == 3
+    assert not (tmp_path / "export.heartbeat").exists()  # a finished export leaves no heartbeat behind
 
 
 def test_a_moved_pipeline_roots_absolute_paths_are_the_same_files(tmp_path):

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,10 @@ from unimodal.schema import write_whole
 log = logging.getLogger("unimodal.pipeline")
 
 STAGE_FILE = "stage.json"
+# rank 0 rewrites it while it exports; the waiting ranks give up once it stops changing
+HEARTBEAT_FILE = "export.heartbeat"
+HEARTBEAT_S = 10.0
+RANK_ZERO_SILENT_S = 120.0
 RESOLVED_RECIPE = "recipe.yaml"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 REFERENCE = re.compile(r"\{stages\.([A-Za-z0-9_-]+)(\.tokenizer)?\}")
@@ -401,7 +405,8 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     if launched_rank() != 0:  # rank 0 exports; the others wait for its marker
         return _wait_for_rank_zero(stage, marker)
     try:
-        result = _finish(pipeline, stage, checkpoint, steps, spent - started)
+        with _heartbeat(stage_dir / HEARTBEAT_FILE):
+            result = _finish(pipeline, stage, checkpoint, steps, spent - started)
     except KeyboardInterrupt:
         raise stopped(Interrupted("interrupted (Ctrl-C) while exporting")) from None
     except Exception:  # the other ranks stop waiting; a rerun resumes from the checkpoint
@@ -434,14 +439,56 @@ def _finish(pipeline: Pipeline, stage: Stage, checkpoint: Path | None, steps: in
     )
 
 
-def _wait_for_rank_zero(stage: Stage, marker: Path, poll_s: float = 5.0) -> StageResult:
-    """The stage's result once rank 0 has exported it; an error as soon as rank 0 stopped without."""
+@contextlib.contextmanager
+def _heartbeat(path: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Rewrite ``path`` every ``every_s`` seconds until the block ends: a rank 0 killed outright
+    (``kill -9``, the OOM killer) writes no ``failed``, and only its silence tells the others."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while True:
+            with contextlib.suppress(OSError):  # a missed beat is no error; silence for minutes is
+                write_whole(path, f"{count}\n")
+            count += 1
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=beat, name="unimodal-export-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _wait_for_rank_zero(stage: Stage, marker: Path, poll_s: float = 5.0, silent_s: float = RANK_ZERO_SILENT_S) -> StageResult:
+    """The stage's result once rank 0 has exported it; an error as soon as rank 0 stopped without,
+    or once its heartbeat has not changed for ``silent_s`` seconds of this rank's own clock (node
+    clocks and file times may disagree)."""
+    heartbeat = marker.with_name(HEARTBEAT_FILE)
+    last, heard = None, time.monotonic()
     while True:
         status = json.loads(marker.read_text()) if marker.is_file() else {}
         if status.get("status") == "done":
             return StageResult(**{**status["result"], "status": "done"})
         if status.get("status") in ("failed", "interrupted"):
             raise PipelineError(f"stage {stage.name!r} trained, but rank 0 {status['status']} while exporting it (its log says why)")
+        try:
+            beat = heartbeat.read_text()
+        except OSError:
+            beat = None
+        if beat != last:
+            last, heard = beat, time.monotonic()
+        elif time.monotonic() - heard > silent_s:
+            raise PipelineError(
+                f"stage {stage.name!r} trained, but rank 0 has not been heard from for {silent_s:g} s while exporting it "
+                f"({heartbeat} unchanged): it was probably killed; run the same pipeline command again to export the stage "
+                "from its checkpoint"
+            )
         time.sleep(poll_s)
 
 
