@@ -83,7 +83,7 @@ def test_shifted_pictures_move_by_one_pixel_and_only_caption_train_copies_use_th
 
 def test_speech_split_holds_out_whole_voices():
     train, test = utterances("train"), utterances("test")
-    assert (len(train), len(test)) == (720, 90)
+    assert (len(train), len(test)) == (840, 90)
     assert not {u.voice for u in train} & {u.voice for u in test}
     variant = lambda voice: voice.partition("+")[2]  # noqa: E731
     assert not {variant(u.voice) for u in train} & {variant(u.voice) for u in test}  # unheard in its variant too
@@ -101,7 +101,7 @@ def test_every_voice_sounds_unlike_every_other():
     voices: dict[str, dict[tuple[int, int, int], np.ndarray]] = {}
     for u in utterances("train") + utterances("test"):
         voices.setdefault(u.voice, {})[(u.digit, u.speed, u.pitch)] = u.load()[0]
-    assert len(voices) == 27
+    assert len(voices) == 31
     same = []
     for i, a in enumerate(sorted(voices)):
         for b in sorted(voices)[i + 1:]:

@@ -32,7 +32,11 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 # every voice sounds unlike every other; the test voices' variants (m4, f5, m6) are in no
 # training voice, so a held-out voice is unheard in its accent and its variant alike. The female
 # variants f1-f4 share one narrow pitch range (base 140-142 Hz), so three named female variants
-# with higher voices (Annie, Andrea, steph) widen it
+# with higher voices (Annie, Andrea, steph) widen it. Breathiness is covered by a rule: every
+# variant espeak-ng 1.51 ships whose voice file mixes breath noise into a voiced source (a
+# `breath` line and `voicing` above 0) trains, but the held-out f5: f2 and f3, and Alicia,
+# Demonic, sandro and victor, each of the last four on the next accent in the order below (the
+# whispers and caleb have no voicing)
 TRAIN_VOICES = (
     "en-us+m1", "en-us+f3", "en-us+f2", "en-us+m7", "en-us+Annie",
     "en+m7", "en+f2", "en+m3", "en+f1", "en+Andrea",
@@ -41,6 +45,7 @@ TRAIN_VOICES = (
     "en-gb-x-rp+m2", "en-gb-x-rp+f2",
     "en-029+f1", "en-029+m2", "en-029+f3",
     "en-gb-x-gbclan+m5", "en-gb-x-gbclan+f4", "en-gb-x-gbclan+m3",
+    "en-us+Alicia", "en+Demonic", "en-gb-scotland+sandro", "en-us-nyc+victor",
 )  # fmt: skip
 TEST_VOICES = ("en-us+m4", "en+f5", "en-gb-x-rp+m6")
 # (words per minute, pitch 0-99): espeak-ng -s and -p; three settings per voice keep the files small
