@@ -146,3 +146,24 @@ def test_a_directory_of_another_model_is_named_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="config.json: neither an HF codec"):
         load_audio_codec(tmp_path)
+
+
+def test_a_clip_the_codec_refuses_is_one_bad_sample_not_the_end_of_training(char_tokenizer):
+    """A shard clip longer than the codec's max_seconds (or NaN, or silent) is skipped and counted;
+    raised as it was, it ended the run, and --resume auto came back to the same clip."""
+    from unimodal.data.datamodule import StreamConfig
+    from unimodal.data.shards import BadSamplePolicy
+
+    codec = HFAudioCodec.from_config(CODECS["encodec"], max_seconds=1.0)
+    layout = VocabLayout(char_tokenizer.vocab_size, code_ranges={"audio": codec.codebook_size * codec.layers}, code_layers={"audio": codec.layers})
+    processor = Processor(char_tokenizer, layout, codecs={"audio": codec})
+    nan = speech()
+    nan[3] = np.nan
+    docs = [Document([Part("text", text="say it"), Part("audio", media=0, data=(clip, RATE))], key=key)
+            for key, clip in (("long", speech(3.0)), ("nan", nan), ("fine", speech()))]
+    docs.append(Document([Part("text", text="x"), Part("image", media=0, data=np.array(1.5, dtype=np.float32))], key="scalar"))
+    policy = BadSamplePolicy(max_bad_fraction=1.0)
+    batches = list(StreamConfig(processor, seq_len=256, batch_size=4).batches(docs, policy))
+    assert policy.skipped == 3 and policy.seen == 4
+    (batch,) = batches
+    assert int(batch.doc_ids.max()) == 1 and int(batch.samples_skipped) == 3  # the one good document, and the count

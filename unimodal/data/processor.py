@@ -229,7 +229,12 @@ class Processor:
                     f"{doc.where()}: {part.type} part {part.media} holds raw media but no {part.type} "
                     "codec is configured; pre-encode it (unimodal data encode) or configure a codec"
                 )
-            array = self.encoded_media.encode(part, codec)
+            try:
+                array = self.encoded_media.encode(part, codec)
+            except (ValueError, RuntimeError) as err:  # one clip the codec refuses (too long, silent, NaN) is one bad sample
+                raise DocumentError(f"{doc.where()}: {part.type} part {part.media}: the {part.type} codec cannot encode it ({err})") from None
+        if array.ndim == 0:
+            raise DocumentError(f"{doc.where()}: {part.type} part {part.media} is a single number, not {part.type} codes or features")
         begin, end = SPAN_MARKERS[part.type]
         modality = MODALITY_IDS[part.type]
 
@@ -244,6 +249,8 @@ class Processor:
                     f"{doc.where()}: {part.type} part {part.media} has feature width {features.shape[1]}, "
                     f"the processor's feature_dim (data.init_args.feature_dim in a recipe) is {self.feature_dim}"
                 )
+            if not np.isfinite(features).all():
+                raise DocumentError(f"{doc.where()}: {part.type} part {part.media} holds NaN or infinite features")
             ids = np.full(len(features), self.layout.special_id("<|media|>"), dtype=np.int64)
             spans.append(Span(ids, modality, part.loss, True, features, False))
         elif np.issubdtype(array.dtype, np.integer):
