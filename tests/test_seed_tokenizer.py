@@ -236,6 +236,24 @@ def test_stage2_trains_its_modules_in_train_mode(tmp_path):
     assert not tokenizer.qformer.training and not tokenizer.vision.training  # frozen
 
 
+def test_an_export_dir_holding_other_files_is_refused_before_training(tmp_path):
+    """The tokenizer written at the end of fit replaces export_dir whole: a directory of the user's
+    own files given by mistake would have been deleted after the run."""
+    from unimodal.training.seed_tokenizer_stages import SeedTokenizerStage2
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for taken in ("mine", "file"):
+        with pytest.raises(FileExistsError, match=rf"model.export_dir {tmp_path / taken} holds something other than a SEED tokenizer"):
+            SeedTokenizerStage2(init_from=str(tmp_path / "tok"), vocab={"text_size": 64}, export_dir=str(tmp_path / taken))
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
+    for fine in ("tok", "empty", "new"):  # an earlier tokenizer (a stage run again), an empty or a new directory
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        SeedTokenizerStage2(init_from=str(tmp_path / "tok"), vocab={"text_size": 64}, export_dir=str(tmp_path / fine))
+
+
 def test_pairs_without_raw_images_fail_instead_of_hanging(char_tokenizer):
     """The pair stream draws documents forever: a text-only (or pre-encoded) set would hang the run."""
     from types import SimpleNamespace

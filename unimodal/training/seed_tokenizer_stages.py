@@ -12,8 +12,9 @@
   image embeddings); a pixel decoder that read the target embedding instead would learn from an
   input the codes never reach at inference, and decodes every picture of the digits world alike.
 
-Both write the tokenizer to ``{default_root_dir}/tokenizer`` at the end of fit (``export_dir``
-overrides), the input of stage 2 and of ``unimodal data encode --image_tokenizer``. Data are
+Both write the tokenizer to ``{default_root_dir}/tokenizer`` at the end of fit (``export_dir``, a new,
+empty or earlier tokenizer directory, overrides), the input of stage 2 and of ``unimodal data encode
+--image_tokenizer``. Data are
 image-caption documents of ordinary shards (``unimodal.data.pairs.ImageTextPairs``).
 """
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimodal.checkpoints.files import staged_directory
-from unimodal.modalities.seed_tokenizer import EncoderSpec, SeedConfig, SeedTokenizer, load_encoder
+from unimodal.modalities.seed_tokenizer import CONFIG_FILE, EncoderSpec, SeedConfig, SeedTokenizer, load_encoder
 from unimodal.modalities.vocab import VocabLayout
 from unimodal.schema import local_path
 from unimodal.training.bad_samples import CountsBadSamples
@@ -57,6 +58,11 @@ class SeedTokenizerModule(CountsBadSamples, L.LightningModule):
         self.layout = VocabLayout.from_dict(vocab)
         self.optimizer_config = optimizer or OptimizerConfig()
         self.export_dir = export_dir
+        out = Path(export_dir) if export_dir else None
+        if out is not None and (out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
+            # checked before training: the tokenizer written at the end replaces what is there
+            raise FileExistsError(f"model.export_dir {out} holds something other than a SEED tokenizer; give a new or empty "
+                                  "directory (a SEED tokenizer written there before is replaced)")
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
