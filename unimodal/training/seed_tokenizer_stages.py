@@ -14,8 +14,7 @@
 
 Both write the tokenizer to ``{default_root_dir}/tokenizer`` at the end of fit (``export_dir``, a new,
 empty or earlier tokenizer directory, overrides), the input of stage 2 and of ``unimodal data encode
---image_tokenizer``. Data are
-image-caption documents of ordinary shards (``unimodal.data.pairs.ImageTextPairs``).
+--image_tokenizer``. Data are image-caption documents of ordinary shards (``unimodal.data.pairs.ImageTextPairs``).
 """
 
 from __future__ import annotations
