@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -514,6 +515,11 @@ def test_a_damaged_codec_directory_or_a_missing_device_is_one_line(tmp_path):
     for file in source.iterdir():
         (unknown / file.name).write_bytes(file.read_bytes())
     spec = json_module.loads((unknown / "codec.json").read_text())
+    # sizes that divide by zero, allocate without bound or never finish a decode
+    hostile = {"zero-hop": {"hop": 0}, "huge-fft": {"n_fft": 2**34}, "endless": {"griffin_lim_iters": 10**9}}
+    for name, config in hostile.items():
+        shutil.copytree(source, tmp_path / name)
+        (tmp_path / name / "codec.json").write_text(json_module.dumps({**spec, "config": {**spec["config"], **config}}))
     spec["config"] = {**spec.get("config", {}), "bogus": 1}
     (unknown / "codec.json").write_text(json_module.dumps(spec))
     shards = resolve("builtin:digits") + "/val"
@@ -521,6 +527,9 @@ def test_a_damaged_codec_directory_or_a_missing_device_is_one_line(tmp_path):
         (tmp_path / "list", "codec.json holds a JSON list, not an object"),
         (tmp_path / "bad-json", "codec.json is not valid JSON"),
         (unknown, f"cannot load the audio codec in {unknown} (TypeError"),
+        (tmp_path / "zero-hop", "(ValueError: DigitAudioConfig: hop=0; it must be an integer in [1, 1024])"),
+        (tmp_path / "huge-fft", "DigitAudioConfig: n_fft=17179869184; it must be an integer in [16, 16384]"),
+        (tmp_path / "endless", "DigitAudioConfig: griffin_lim_iters=1000000000; it must be an integer in [1, 1000]"),
         (tmp_path / "missing", "does not exist or is not a directory; give the directory of the audio codec"),
     ]
     for codec, reason in cases:

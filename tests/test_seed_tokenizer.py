@@ -72,10 +72,20 @@ def test_codec_round_trip_and_strict_files(tmp_path):
         SeedTokenizer.from_pretrained(tmp_path / "tok")
 
 
+def edit_config(directory: Path, **changes: object) -> None:
+    saved = json.loads((directory / CONFIG_FILE).read_text())
+    saved["config"].update(changes)
+    (directory / CONFIG_FILE).write_text(json.dumps(saved))
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda d: (d / CONFIG_FILE).write_text('{"config": {'), r"seed_tokenizer.json is not valid JSON"),
     (lambda d: (d / CONFIG_FILE).write_text('{"config": {"widht": 8}}'), r"'config' must be an object of SeedConfig's fields"),
     (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:100]), r"the weights in .*tok cannot be read"),
+    # sizes that would allocate before the weights are compared: a probe of 10**6 x 10**6 pixels, 10**6 blocks
+    (lambda d: edit_config(d, image_size=10**6, vision_dim=0), r"seed_tokenizer.json: a saved SEED tokenizer names its vision_dim"),
+    (lambda d: edit_config(d, image_size=10**6), r"seed_tokenizer.json: image_size=1000000; it must be an integer in \[1, 4096\]"),
+    (lambda d: edit_config(d, depth=10**6), r"seed_tokenizer.json declares a tokenizer of at least [\d,]+ parameters .* but seed_tokenizer.safetensors holds"),
 ])
 def test_a_damaged_seed_tokenizer_is_one_line_naming_it(tmp_path, damage, message):
     """Its own files were read bare: a cut copy was a JSONDecodeError, a SafetensorError or a

@@ -127,6 +127,24 @@ class DigitAudioConfig:
     kmeans_iters: int = 20
     griffin_lim_iters: int = 48
 
+    def __post_init__(self) -> None:
+        """A fitted codec's ``codec.json`` is input: a hop of 0 divides by zero, an FFT of 2**34
+        allocates without bound and 10**9 Griffin-Lim iterations never finish a reply."""
+        bounds = {
+            "sample_rate": (1000, 192_000),
+            "n_fft": (16, 16_384),
+            "hop": (1, self.n_fft),
+            "n_mels": (1, self.n_fft // 2 + 1),
+            "layers": (1, 16),
+            "codebook_size": (1, 65_536),
+            "kmeans_iters": (0, 10_000),
+            "griffin_lim_iters": (1, 1_000),
+        }
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"DigitAudioConfig: {name}={value!r}; it must be an integer in [{low}, {high}]")
+
 
 class DigitAudioCodec(RVQCodec):
     """Log-mel frames -> residual k-means codes ``[layers, frames]`` -> Griffin-Lim waveform.

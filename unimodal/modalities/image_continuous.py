@@ -98,6 +98,10 @@ def load_image(data: Any, where: str = "image") -> Any:
     return rgb_image(image)
 
 
+# the largest square a codec resizes images to: 4096 x 4096 x 3 float32 is 200 MB a picture
+MAX_IMAGE_SIZE = 4096
+
+
 @dataclass
 class ImageTransform:
     """Resize the shorter side to ``size`` (bicubic), centre-crop ``size x size``, map to [-1, 1]."""
@@ -153,6 +157,8 @@ class PixelPatchCodec(MediaCodec):
     modality = "image"
 
     def __init__(self, size: int = 16, patch: int = 4, grey: bool = False):
+        if not 1 <= patch <= size <= MAX_IMAGE_SIZE:  # a codec file's sizes are input too
+            raise ValueError(f"image size {size} and patch {patch}: need 1 <= patch <= size <= {MAX_IMAGE_SIZE}")
         if size % patch:
             raise ValueError(f"image size {size} is not a multiple of patch {patch}")
         self.transform = ImageTransform(size)

@@ -27,8 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, model_files_read, no_weights_bar, weights_checksum
-from unimodal.modalities.image_continuous import center_crop
+from unimodal.modalities.base import (
+    DECLARED_SLACK,
+    MediaCodec,
+    Stored,
+    built_within,
+    load_pretrained,
+    model_config,
+    model_files_read,
+    no_weights_bar,
+    stored_values,
+    weights_checksum,
+)
+from unimodal.modalities.image_continuous import MAX_IMAGE_SIZE, center_crop
 from unimodal.schema import Part, local_path, read_json_object
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -402,10 +413,24 @@ class SeedTokenizer(MediaCodec, nn.Module):
         if not isinstance(saved.get("config"), dict) or not set(saved["config"]) <= known:
             raise ValueError(f"{path / CONFIG_FILE}: 'config' must be an object of SeedConfig's fields ({', '.join(sorted(known))}); "
                              "save the SEED tokenizer again")
+        config = SeedConfig(**saved["config"])
+        # the sizes are input: probing the encoders at image_size, or building a config of 10**6
+        # layers, would allocate before the weights could say the file is wrong
+        if not (isinstance(config.vision_dim, int) and config.vision_dim > 0 and isinstance(config.embed_dim, int) and config.embed_dim > 0):
+            raise ValueError(f"{path / CONFIG_FILE}: a saved SEED tokenizer names its vision_dim and embed_dim (> 0); save it again")
+        if not (isinstance(config.image_size, int) and 1 <= config.image_size <= MAX_IMAGE_SIZE):
+            raise ValueError(f"{path / CONFIG_FILE}: image_size={config.image_size!r}; it must be an integer in [1, {MAX_IMAGE_SIZE}]")
+        stored = stored_values([path / WEIGHTS_FILE])
+        if stored is None:
+            raise ValueError(f"the weights in {path} cannot be read ({WEIGHTS_FILE} is not a whole safetensors file); save the SEED tokenizer again")
         vision = load_encoder(EncoderSpec(path=str(path / "vision")))
         projection = saved.get("target_projection", True)
         target = load_encoder(EncoderSpec(path=str(path / "target"), projection=projection)) if saved.get("target") else None
-        tokenizer = cls(SeedConfig(**saved["config"]), vision, target, projection)
+        over = built_within(lambda: cls(SeedConfig(**saved["config"]), vision, target, projection), Stored(*(DECLARED_SLACK * n for n in stored)))
+        if over is not None:
+            raise ValueError(f"{path / CONFIG_FILE} declares a tokenizer of at least {over.values:,} parameters ({over.tensors:,} tensors) "
+                             f"but {WEIGHTS_FILE} holds {stored.values:,} ({stored.tensors:,}); save the SEED tokenizer again")
+        tokenizer = cls(config, vision, target, projection)
         with model_files_read(path):
             own = load_file(str(path / WEIGHTS_FILE))
         missing, unexpected = tokenizer.load_state_dict(own, strict=False)
