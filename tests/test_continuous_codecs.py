@@ -78,6 +78,13 @@ def test_grey_pixel_codec_keeps_one_channel():
     assert codec.fingerprint() != PixelPatchCodec(size=16, patch=8).fingerprint()
 
 
+@pytest.mark.parametrize(("size", "patch"), [(16, 0), (16, 32), (10**6, 8), (0, 0)])
+def test_patch_sizes_a_codec_file_could_hold_are_bounded(size, patch):
+    """A patch VQ's codec.json gives these: 0 divided by zero, 10**6 resized every image to 12 TB."""
+    with pytest.raises(ValueError, match=rf"image size {size} and patch {patch}: need 1 <= patch <= size <= 4096"):
+        PixelPatchCodec(size=size, patch=patch)
+
+
 def test_corrupt_image_is_a_clear_error_and_a_counted_skip(char_tokenizer):
     codec = PixelPatchCodec(size=16, patch=4)
     with pytest.raises(DocumentError, match="not a readable image"):
