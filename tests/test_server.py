@@ -590,6 +590,35 @@ def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):
         client.chat.completions.create(**{**ask, "audio": {"voice": "alloy", "format": "opus"}})
 
 
+def test_a_reply_of_several_clips_keeps_its_order_and_format_and_goes_back_as_it_came():
+    """message.audio takes the first clip; with more media, content keeps every part in order (the
+    first clip too), each clip in the asked format. It had left the first clip out of content,
+    and a message sent back put it last: [t1, c1, t2, c2] came back as [t1, t2, c2, c1]."""
+    from unimodal.inference.chat import ReplyPart
+    from unimodal.inference.server import _spoken_reply_as_content, message_fields
+
+    def clip(value: float) -> ReplyPart:
+        return ReplyPart("audio", audio=np.full(80, value, dtype=np.float32), sample_rate=8000)
+
+    parts = [ReplyPart("text", text="one "), clip(0.1), ReplyPart("text", text="two "), clip(0.2)]
+    fields = message_fields(parts, "flac")
+    kinds = [(p["type"], p.get("input_audio", {}).get("format")) for p in fields["content"]]
+    assert kinds == [("text", None), ("input_audio", "flac"), ("text", None), ("input_audio", "flac")]
+    said = [soundfile.read(io.BytesIO(base64.b64decode(p["input_audio"]["data"])))[0][0] for p in fields["content"][1::2]]
+    assert np.allclose(said, [0.1, 0.2], atol=1e-3)
+    assert fields["audio"]["data"] == fields["content"][1]["input_audio"]["data"] and fields["audio"]["transcript"] == "one two "
+    message = {"role": "assistant", **fields}
+    assert _spoken_reply_as_content(message, 1, 8000)["content"] == fields["content"]  # not the first clip again, at the end
+    # pcm16 has no header for its rate: message.audio is raw samples, the clips in content stay wav files
+    raw = message_fields(parts, "pcm16")
+    assert len(base64.b64decode(raw["audio"]["data"])) == 160 and raw["content"][3]["input_audio"]["format"] == "wav"
+    # one clip and its text: content is null, and the clip goes back after the transcript
+    single = {"role": "assistant", **message_fields(parts[:2], "wav")}
+    assert single["content"] is None
+    back = _spoken_reply_as_content(single, 1, 8000)["content"]
+    assert [p["type"] for p in back] == ["text", "input_audio"] and back[0]["text"] == "one "
+
+
 def slowed_assistant(step_s: float):
     """A media assistant whose backbone takes ``step_s`` per forward and never ends a reply early
     (end-of-sequence suppressed), so a generation lasts as long as its budget."""

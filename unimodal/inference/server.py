@@ -375,9 +375,11 @@ def check_caps(settings: dict[str, Any], caps: dict[str, float]) -> None:
 def _spoken_reply_as_content(message: Any, index: int, audio_rate: int | None) -> Any:
     """An assistant message with ``audio`` (a spoken reply as :func:`message_fields` returns it)
     as content parts again: its ``content`` (or, when that is null, its ``transcript``), then the
-    clip. This server keeps no replies, so a clip sent back by ``id`` alone is refused."""
+    clip, unless ``content`` holds it already. This server keeps no replies, so a clip sent back by ``id`` alone is refused."""
     if not isinstance(message, dict) or message.get("role") != "assistant" or message.get("audio") is None:
         return message
+    if isinstance(message.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "input_audio" for p in message["content"]):
+        return message  # a reply of several media keeps every part in content: the clip is there already
     audio, where = message["audio"], f"messages[{index}].audio"
     if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
         raise APIError(400, f"{where} has no 'data': this server keeps no replies, so send the clip back with the "
@@ -510,19 +512,22 @@ def completion(replies: list[Reply], name: str, audio_format: str | None = None)
 def message_fields(parts: list[ReplyPart], audio_format: str | None) -> dict[str, Any]:
     """``content`` (and ``audio``): with audio output asked for, the reply's first clip is
     ``audio`` as OpenAI returns it (``id``, base64 ``data``, ``expires_at``, and the reply's text
-    as ``transcript``), and ``content`` keeps the other parts in order (None when that is only the
-    transcript's text); otherwise every part stays in ``content``."""
+    as ``transcript``). A reply of that clip and text has ``content`` None (the text is the
+    transcript); one with more media keeps every part in ``content`` in order, the first clip
+    too, since a clip taken out of the middle could not be put back in its place. Otherwise
+    every part stays in ``content``."""
     first = next((i for i, p in enumerate(parts) if p.type == "audio"), None) if audio_format else None
     if first is None:
         return {"content": content(parts)}
-    rest = parts[:first] + parts[first + 1 :]
     audio = {
         "id": f"audio_{uuid.uuid4().hex}",
         "data": base64.b64encode(encode_audio(parts[first], audio_format)).decode(),
         "expires_at": int(time.time()) + 3600,
         "transcript": "".join(p.text for p in parts if p.type == "text"),
     }
-    return {"content": content(rest) if any(p.type != "text" for p in rest) else None, "audio": audio}
+    media = sum(p.type != "text" for p in parts)
+    # pcm16 has no header to carry its rate, so clips inside content stay files
+    return {"content": content(parts, audio_format if audio_format != "pcm16" else "wav") if media > 1 else None, "audio": audio}
 
 
 def encode_audio(part: ReplyPart, fmt: str) -> bytes:
@@ -537,14 +542,14 @@ def encode_audio(part: ReplyPart, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def content(parts: list[ReplyPart]) -> str | list[dict[str, Any]]:
+def content(parts: list[ReplyPart], audio_format: str = "wav") -> str | list[dict[str, Any]]:
     """A string for text-only replies, else the ordered parts with media as base64."""
     if all(p.type == "text" for p in parts):
         return "".join(p.text for p in parts)
-    return [wire_part(p) for p in parts]
+    return [wire_part(p, audio_format) for p in parts]
 
 
-def wire_part(part: ReplyPart) -> dict[str, Any]:
+def wire_part(part: ReplyPart, audio_format: str = "wav") -> dict[str, Any]:
     if part.type == "text":
         return {"type": "text", "text": part.text}
     buffer = io.BytesIO()
@@ -553,7 +558,8 @@ def wire_part(part: ReplyPart) -> dict[str, Any]:
             raise APIError(500, "the model wrote an image but has no image codec to decode it", "no_codec", final=True)
         part.image.save(buffer, format="PNG")
         return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_audio(part, "wav")).decode(), "format": "wav"}}
+    data = base64.b64encode(encode_audio(part, audio_format)).decode()
+    return {"type": "input_audio", "input_audio": {"data": data, "format": audio_format}}
 
 
 async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, limits: ServerLimits, name: str) -> AsyncIterator[str]:
