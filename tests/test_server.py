@@ -225,6 +225,34 @@ def test_a_text_only_model_refuses_audio_and_image_replies_in_one_line():
         assert status == 200
 
 
+def test_modalities_leave_media_out_of_the_reply():
+    """OpenAI's ``modalities`` names the output types: ["text"] gets a text reply even from a model
+    that would draw or speak, ["text", "audio"] no picture. It had changed only message.audio."""
+    from inference_helpers import bias_tokens
+
+    eager = media_assistant()
+    layout = eager.model.layout
+    bias_tokens(eager.model, {layout.special_id("<|boi|>"): 30.0, layout.special_id("<|boa|>"): 29.0})
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "temperature": 0}
+
+    def kinds(body: dict) -> set[str]:
+        content = body["choices"][0]["message"]["content"]
+        return {"text"} if isinstance(content, str) else {part["type"] for part in content or []}
+
+    with running(create_app(eager, limits=LIMITS, model_name="tiny")) as base:
+        status, free = call(base, "/v1/chat/completions", ask)
+        assert status == 200 and "image_url" in kinds(free)  # left alone, it draws first
+        status, text = call(base, "/v1/chat/completions", {**ask, "modalities": ["text"]})
+        assert status == 200 and kinds(text) == {"text"}
+        status, spoken = call(base, "/v1/chat/completions", {**ask, "modalities": ["text", "audio"]})
+        assert status == 200 and "image_url" not in kinds(spoken) and spoken["choices"][0]["message"]["audio"] is not None
+        for extra, refusal in (({"modalities": ["text"], "start_with": "audio"}, "start_with is 'audio', which modalities leave out"),
+                               ({"modalities": ["text"], "audio": {"format": "wav"}}, "an audio object asks for audio output"),
+                               ({"modalities": ["audio"]}, "modalities must be a list of text, image, audio that holds text")):
+            status, body = call(base, "/v1/chat/completions", {**ask, **extra})
+            assert status == 400 and refusal in body["error"]["message"], body
+
+
 def test_unknown_paths_and_methods_get_the_error_shape_and_null_n_is_one(url):
     status, body = call(url, "/v1/nothing")
     assert status == 404 and body["error"]["code"] == "not_found" and "/v1/nothing" in body["error"]["message"]

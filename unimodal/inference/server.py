@@ -213,6 +213,8 @@ class Call:
     audio_format: str | None = None
     # stream_options.include_usage: usage in a chunk of its own after the last, as OpenAI sends it
     usage_chunk: bool = False
+    # the media OpenAI's ``modalities`` leaves out: replies do not write them
+    left_out: tuple[str, ...] = ()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -271,7 +273,7 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
             raise APIError(400, f"{key} must be {kind}")
     if not 0 < settings.get("timeout_s", limits.max_seconds) <= limits.max_seconds:
         raise APIError(400, f"timeout_s must be in (0, {limits.max_seconds:g}], this server's limit (--max_seconds)")
-    audio_format = _audio_output(payload, settings)
+    audio_format, left_out = _audio_output(payload, settings)
     for field in ("max_tokens", "max_completion_tokens"):  # the newer name wins where both are sent
         max_tokens = payload.get(field)
         if max_tokens is None:
@@ -307,20 +309,25 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
     start_with = payload.get("start_with")
     if start_with not in (None, "image", "audio"):
         raise APIError(400, "start_with must be 'image' or 'audio'")
-    return Call(messages, settings, n, stream, start_with, audio_format, usage_chunk)
+    if start_with in left_out:
+        raise APIError(400, f"start_with is {start_with!r}, which modalities leave out")
+    return Call(messages, settings, n, stream, start_with, audio_format, usage_chunk, left_out)
 
 
 AUDIO_FORMATS = ("wav", "flac", "pcm16")
 MODALITY_NAMES = ("text", "image", "audio")
 
 
-def _audio_output(payload: dict[str, Any], settings: dict[str, Any]) -> str | None:
-    """OpenAI's audio output options: ``modalities`` and ``audio.format`` / ``audio.voice`` (which
-    ``settings["audio"]`` must not keep: the rest of ``audio`` is sampling settings). The voice is
-    accepted and ignored: a model speaks with the voice it was trained on."""
+def _audio_output(payload: dict[str, Any], settings: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """OpenAI's output options: ``modalities`` and ``audio.format`` / ``audio.voice`` (which
+    ``settings["audio"]`` must not keep: the rest of ``audio`` is sampling settings). Returns the
+    format of ``message.audio`` (None: no audio output asked for) and the media ``modalities``
+    leaves out. The voice is accepted and ignored: a model speaks with the voice it was trained on."""
     modalities = payload.get("modalities")
-    if modalities is not None and (not isinstance(modalities, list) or not all(m in MODALITY_NAMES for m in modalities)):
-        raise APIError(400, f"modalities must be a list of {', '.join(MODALITY_NAMES)}")
+    if modalities is not None and (not isinstance(modalities, list) or not all(m in MODALITY_NAMES for m in modalities)
+                                   or "text" not in modalities):
+        raise APIError(400, f"modalities must be a list of {', '.join(MODALITY_NAMES)} that holds text")
+    left_out = tuple(m for m in ("image", "audio") if modalities is not None and m not in modalities)
     audio = settings.get("audio")
     options = {}
     if isinstance(audio, dict):
@@ -336,7 +343,9 @@ def _audio_output(payload: dict[str, Any], settings: dict[str, Any]) -> str | No
     if fmt not in AUDIO_FORMATS:
         raise APIError(400, f"audio.format must be one of {', '.join(AUDIO_FORMATS)}")
     wanted = (modalities is not None and "audio" in modalities) or bool(options)
-    return fmt if wanted else None
+    if wanted and "audio" in left_out:
+        raise APIError(400, "an audio object asks for audio output, which modalities leave out")
+    return (fmt if wanted else None), left_out
 
 
 def sampling_caps(assistant: Assistant, factor: float = 4.0) -> dict[str, float]:
@@ -435,6 +444,8 @@ def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[
     """The batcher's job for a request: it may wait ``max_seconds`` for the model, then generate
     for its own ``timeout_s`` (default ``max_seconds``)."""
     settings = dict(call.settings)
+    for name in set(call.left_out) & set(batcher.assistant.writes):  # a span of it never opens
+        settings[name] = {**settings.get(name, {}), "max_tokens": 0}
     timeout = float(settings.pop("timeout_s", limits.max_seconds))
     settings.setdefault("max_new_tokens", min(batcher.assistant.settings.max_new_tokens, limits.max_new_tokens))
     try:  # a setting out of range is a 400 now, not once the batches ahead of the request have ended

@@ -63,7 +63,7 @@ class SamplingSettings:
 
     ``temperature`` 0 is greedy. ``num_beams`` > 1 (text only) is deterministic beam search.
     ``max_tokens`` caps the positions this modality may take in one reply (text: tokens;
-    media: whole spans, markers included; None: no cap beyond the reply's). ``cfg_scale`` 1 turns
+    media: whole spans, markers included, and 0 never opens one; None: no cap beyond the reply's). ``cfg_scale`` 1 turns
     classifier-free guidance off; ``steps`` is the diffusion sampler's step count for continuous
     modalities (None: the modality's own default).
     """
@@ -87,7 +87,7 @@ class SamplingSettings:
             (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
              f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 is none)"),
             (self.num_beams >= 1, "num_beams must be >= 1"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0 (0: a medium never written)"),
             (self.cfg_scale >= 0, "cfg_scale must be >= 0 (1 is no guidance)"),
             (self.steps is None or self.steps >= 1, "steps must be >= 1"),
         )
@@ -152,6 +152,8 @@ class GenerationSettings:
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"generation settings: stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
                              "characters each")
+        if self.text.max_tokens == 0:
+            raise ValueError("generation settings: text max_tokens must be >= 1")
         for name in ("image", "audio"):
             if self.for_modality(name).num_beams != 1:
                 raise ValueError(f"generation settings: num_beams applies to text only, not {name}")
