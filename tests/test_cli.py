@@ -56,6 +56,8 @@ def test_the_nested_verbs_keep_their_names():
         (["convert", "orthus", "--from", "c", "--out", "o"], "unimodal convert orthus: error: --from is spelled --src"),
         (["serve", "m", "--max-request-mb", "4"], "unimodal serve: error: --max-request-mb is spelled --max_request_mb"),
         (["eval", "m", "--suite", "digits", "--top-p", "0.9"], "unimodal eval: error: --top-p is spelled --top_p"),
+        (["serve", "m", "--max-audio-seconds", "4"], "unimodal serve: error: --max-audio-seconds is spelled --max_audio_seconds"),
+        (["chat", "m", "--max-audio-seconds=4"], "unimodal chat: error: --max-audio-seconds is spelled --max_audio_seconds"),
     ],
 )
 def test_an_old_flag_fails_in_one_line_naming_the_new_one(argv, message, capsys):

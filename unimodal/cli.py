@@ -445,14 +445,17 @@ VERBS: dict[str, Any] = {
 }
 
 # spellings of flags that users type out of habit (kebab case, argparse's short names), told the one to use
+def _verb_functions(verbs: dict[str, Any]) -> list[Any]:
+    return [f for v in verbs.values() if not isinstance(v, str) for f in (_verb_functions(v) if isinstance(v, dict) else [v])]
+
+
 RENAMED = {
     "-n": "--n",
     "--from": "--src",
-    **{f"--{old}": f"--{old.replace('-', '_')}" for old in (
-        "max-docs-per-shard", "max-mb-per-shard", "skip-bad", "val-fraction", "image-tokenizer", "audio-codec",
-        "audio-layers", "max-seconds", "flip-pairs", "vocab-size", "head-width", "head-depth", "merge-lora",
-        "api-key", "model-name", "max-request-mb", "max-tokens", "batch-size", "top-p", "top-k", "max-new-tokens",
-    )},
+    # every option of every verb in kebab case, as argparse-style tools spell them
+    **{f"--{name.replace('_', '-')}": f"--{name}" for verb in _verb_functions(VERBS)
+       for name, parameter in inspect.signature(verb).parameters.items()
+       if "_" in name and parameter.default is not inspect.Parameter.empty},  # those without a default are positional
 }
 
 
