@@ -558,3 +558,15 @@ def test_text_corpus_keeps_a_train_jsonl_that_is_there(tmp_path, capsys):
     assert capsys.readouterr().err == (f"unimodal data text-corpus: error: {tmp_path / 'train.jsonl'} exists; write the corpus "
                                        "to another directory, or move it away first\n")
     assert (tmp_path / "train.jsonl").read_text() == mine and not (tmp_path / "val.jsonl").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--max_request_mb", ".inf", "--max_request_mb must be a positive number of MB, got inf"),
+    ("--max_request_mb", ".nan", "--max_request_mb must be a positive number of MB, got nan"),
+    ("--max_seconds", ".inf", "--max_seconds must be positive and finite, got inf"),
+])
+def test_a_server_limit_that_is_not_a_finite_number_is_one_line(option, value, message, capsys):
+    """YAML's .inf and .nan parse as floats: int(inf * 2**20) was an OverflowError traceback.
+    Checked before the model loads."""
+    assert main(["serve", "no-such-model", option, value]) == 2
+    assert capsys.readouterr().err == f"unimodal serve: error: {message}\n"

@@ -14,6 +14,7 @@ import errno
 import difflib
 import inspect
 import logging
+import math
 import os
 import re
 import signal
@@ -366,6 +367,8 @@ def serve(
     api_key = api_key or os.environ.get("UNIMODAL_API_KEY")
     if api_key is not None and not api_key.strip():  # no client could send it: every request would get 401
         raise ValueError("$UNIMODAL_API_KEY is set but empty; give it a key, or unset it to serve without one")
+    if not (max_request_mb > 0 and math.isfinite(max_request_mb)):  # int() of inf would be an OverflowError
+        raise ValueError(f"--max_request_mb must be a positive number of MB, got {max_request_mb}")
     limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens,
                           max_batch=max_batch)
     assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)

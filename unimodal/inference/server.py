@@ -97,9 +97,9 @@ class ServerLimits:
                  "max_n": "max_n", "max_batch": "--max_batch"}
         for field_name, option in names.items():
             value = getattr(self, field_name)
-            if not value > 0:
+            if not (value > 0 and math.isfinite(value)):
                 shown = f"{value / 2**20:g}" if field_name == "max_request_bytes" else value  # as typed, in MB
-                raise ValueError(f"{option} must be positive, got {shown}")
+                raise ValueError(f"{option} must be positive and finite, got {shown}")
         if self.batch_window_s < 0:
             raise ValueError(f"batch_window_s must be >= 0, got {self.batch_window_s}")
 
