@@ -173,6 +173,18 @@ def test_export_reads_deepspeed_checkpoint_directories(tmp_path, monkeypatch):
     assert weights and all(torch.equal(v, merged[f"model.backbone.{k}"]) for k, v in weights.items())
     AutoModelForCausalLM.from_pretrained(out)
 
+    def crash(obj, f, *args, **kwargs):  # a write cut short: a full disk, a killed process
+        if isinstance(f, (str, Path)):
+            Path(f).write_bytes(b"half a checkpoint")
+        else:
+            f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="No space left"):
+        zero_to_fp32(checkpoint, tmp_path / "cut" / "fp32.ckpt", trust=True)
+    assert list((tmp_path / "cut").iterdir()) == []  # no half file that a rerun would refuse to write over
+
 
 def test_codec_directories_travel_inside_the_export_unless_large(tmp_path, monkeypatch):
     from unimodal.checkpoints import export as export_module

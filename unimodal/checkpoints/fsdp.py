@@ -11,9 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
-
-from unimodal.checkpoints.files import LIGHTNING_META_FILE, read_checkpoint
+from unimodal.checkpoints.files import LIGHTNING_META_FILE, AtomicCheckpointIO, read_checkpoint
 from unimodal.errors import UserError
 
 
@@ -40,6 +38,5 @@ def fsdp_to_file(checkpoint_dir: str | Path, out_path: str | Path, trust: bool =
         dcp_to_torch_save(path, merged)
         checkpoint["state_dict"] = read_checkpoint(merged)["state_dict"]
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, out)  # whole or not at all: a crash leaves no half file to refuse
     return out

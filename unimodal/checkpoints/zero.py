@@ -7,7 +7,7 @@ import io
 import logging
 from pathlib import Path
 
-from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE
+from unimodal.checkpoints.files import DEEPSPEED_TAG_FILE, AtomicCheckpointIO
 from unimodal.errors import UserError
 
 log = logging.getLogger("unimodal.train")
@@ -110,8 +110,7 @@ def zero_to_fp32(checkpoint_dir: str | Path, out_path: str | Path, tag: str | No
     checkpoint = {key: value for key, value in client.items() if key not in _DEEPSPEED_KEYS}
     checkpoint["state_dict"] = {_strip(key, "_forward_module."): value for key, value in state_dict.items()}
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, out)  # whole or not at all: a crash leaves no half file to refuse
     return out
 
 
