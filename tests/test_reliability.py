@@ -554,13 +554,28 @@ def test_a_marker_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     write_whole(marker, '{"status": "interrupted"}\n')
     assert marker.read_text() == '{"status": "interrupted"}\n'
 
-    def full_disk(self, text, encoding=None):
-        Path.write_bytes(self, text[:5].encode())
+    def full_disk(fd):  # the bytes written so far never reach the disk
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         write_whole(marker, '{"status": "done", "result": {}}\n')
     monkeypatch.undo()
     assert marker.read_text() == '{"status": "interrupted"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["stage.json"]
+    # the new bytes are on disk before the rename: after a power cut, the old file or the new one
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    monkeypatch.setattr(os, "replace", lambda a, b, replace=os.replace: (events.append("rename"), replace(a, b)))
+    write_whole(marker, '{"status": "done"}\n')
+    assert events == ["fsync", "rename"] and marker.read_text() == '{"status": "done"}\n'
+    monkeypatch.undo()
+    # a stage.json that is not JSON (a power cut before this fix, an edit gone wrong) is one line naming it
+    from unimodal.training.pipeline import run_pipeline
+
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("stages:\n  - {name: a, recipe: recipes/text/tiny.yaml}\n")
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "stage.json").write_text("")
+    with pytest.raises(ValueError, match=r"runs/a/stage.json is not valid JSON .*; remove its stage's directory to run that stage again"):
+        run_pipeline(pipeline, tiny=True, root=tmp_path / "runs")

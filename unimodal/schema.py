@@ -212,11 +212,16 @@ def read_json_object(file: str | Path, fix: str) -> dict[str, Any]:
 def write_whole(file: str | Path, text: str) -> None:
     """Write ``file`` whole or not at all (a temporary file renamed over it): files that mark work
     as finished are read by other processes and by the next run, which must never see half of one.
-    The temporary name holds the process id, so ranks writing the same file do not collide."""
+    The temporary name holds the process id, so ranks writing the same file do not collide. Its
+    bytes reach the disk before the rename, so a power cut leaves the old file or the new one,
+    never an empty one."""
     path = Path(file)
     temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        temp.write_text(text, encoding="utf-8")
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

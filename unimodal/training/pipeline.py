@@ -71,11 +71,12 @@ from unimodal.locks import run_lock
 from unimodal.yaml_files import read_yaml
 from unimodal.training.resume import Interrupted, Preempted
 from unimodal.launch import launched_rank
-from unimodal.schema import write_whole
+from unimodal.schema import read_json_object, write_whole
 
 log = logging.getLogger("unimodal.pipeline")
 
 STAGE_FILE = "stage.json"
+STAGE_FIX = "remove its stage's directory to run that stage again"
 # rank 0 rewrites it while it exports; the waiting ranks give up once it stops changing
 HEARTBEAT_FILE = "export.heartbeat"
 HEARTBEAT_S = 10.0
@@ -349,7 +350,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
     stage_dir = pipeline.stage_dir(stage)
     marker = stage_dir / STAGE_FILE
     config = resolve_stage(pipeline, stage, tiny, resolve_path)
-    previous = json.loads(marker.read_text()) if marker.is_file() else {}
+    previous = read_json_object(marker, STAGE_FIX) if marker.is_file() else {}
     inputs = _inputs(pipeline, stage)
     if previous.get("status") == "done":
         changes = _changes(stage_dir / RESOLVED_RECIPE, config)
@@ -472,7 +473,7 @@ def _wait_for_rank_zero(stage: Stage, marker: Path, poll_s: float = 5.0, silent_
     heartbeat = marker.with_name(HEARTBEAT_FILE)
     last, heard = None, time.monotonic()
     while True:
-        status = json.loads(marker.read_text()) if marker.is_file() else {}
+        status = read_json_object(marker, STAGE_FIX) if marker.is_file() else {}
         if status.get("status") == "done":
             return StageResult(**{**status["result"], "status": "done"})
         if status.get("status") in ("failed", "interrupted"):
@@ -505,7 +506,7 @@ def _inputs(pipeline: Pipeline, stage: Stage) -> dict[str, str]:
     runs = {}
     for name in sorted(names):
         marker = pipeline.root / name / STAGE_FILE
-        run = json.loads(marker.read_text()).get("run") if marker.is_file() else None
+        run = read_json_object(marker, STAGE_FIX).get("run") if marker.is_file() else None
         if run is not None:
             runs[name] = run
     return runs
