@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,52 @@ def test_a_clip_the_codec_refuses_is_one_bad_sample_not_the_end_of_training(char
     assert policy.skipped == 3 and policy.seen == 4
     (batch,) = batches
     assert int(batch.doc_ids.max()) == 1 and int(batch.samples_skipped) == 3  # the one good document, and the count
+
+
+def test_a_speechtokenizer_checkpoint_is_read_weights_only_and_sized_first(tmp_path, monkeypatch):
+    """The speechtokenizer package's load_from_checkpoint calls torch.load with its defaults, which
+    unpickle (and run) anything before torch 2.6: the codec builds the model and reads the .pt
+    itself, weights only, after sizing the config against it."""
+    import sys
+    import types
+
+    import torch
+
+    from unimodal.modalities.audio import SpeechTokenizerCodec
+
+    class Stub(torch.nn.Module):  # the package's constructor takes the config dict
+        def __init__(self, config):
+            super().__init__()
+            self.encoder = torch.nn.Linear(1, config["dimension"])
+
+        @classmethod
+        def load_from_checkpoint(cls, *args):
+            raise AssertionError("the package's loader unpickles with torch.load's defaults")
+
+    package = types.ModuleType("speechtokenizer")
+    package.SpeechTokenizer = Stub
+    monkeypatch.setitem(sys.modules, "speechtokenizer", package)
+    config = {"n_q": 2, "sample_rate": 16000, "strides": [8, 5, 4, 2], "codebook_size": 16, "dimension": 4}
+
+    def checkpoint(name: str, weights: object, **changes: object) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps({**config, **changes}))
+        torch.save(weights, directory / "SpeechTokenizer.pt")
+        return directory
+
+    good = Stub(config).state_dict()
+    codec = SpeechTokenizerCodec(checkpoint("good", good))
+    assert torch.equal(codec.model.encoder.weight, good["encoder.weight"]) and codec.layers == 2
+
+    class RunsCode:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "ran",))
+
+    with pytest.raises(ValueError, match="cannot be read as a weights-only torch file"):
+        SpeechTokenizerCodec(checkpoint("code", {"encoder.weight": RunsCode()}))
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(ValueError, match=r"declares a SpeechTokenizer of at least [\d,]+ parameters but SpeechTokenizer.pt holds 8"):
+        SpeechTokenizerCodec(checkpoint("huge", good, dimension=10**7))
+    with pytest.raises(ValueError, match="does not fill the SpeechTokenizer"):
+        SpeechTokenizerCodec(checkpoint("other", {"encoder.weight": torch.zeros(3, 1)}))

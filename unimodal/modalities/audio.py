@@ -18,7 +18,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unimodal.modalities.base import MediaCodec, load_pretrained, model_config, weights_checksum
+from unimodal.modalities.base import (
+    DECLARED_SLACK,
+    MediaCodec,
+    Stored,
+    built_within,
+    load_pretrained,
+    model_config,
+    stored_values,
+    weights_checksum,
+)
 from unimodal.schema import Part
 
 HF_CODECS = ("encodec", "mimi", "dac")
@@ -277,7 +286,22 @@ class SpeechTokenizerCodec(RVQCodec):
         if len(weights) != 1:
             raise FileNotFoundError(f"{path}: expected one SpeechTokenizer .pt file next to config.json, found {len(weights)}")
         config = model_config(path, "SpeechTokenizer")
-        self.model = SpeechTokenizer.load_from_checkpoint(str(path / "config.json"), str(weights[0])).eval()
+        # built and filled here: the package's load_from_checkpoint unpickles the .pt with torch.load's
+        # defaults, which run code before torch 2.6; sized on the meta device against the weights first
+        stored = stored_values(weights)
+        if stored is None:
+            raise ValueError(f"{weights[0]} cannot be read as a weights-only torch file (pickled code is never run)")
+        over = built_within(lambda: SpeechTokenizer(config), Stored(*(DECLARED_SLACK * n for n in stored)))
+        if over is not None:
+            raise ValueError(f"{path / 'config.json'} declares a SpeechTokenizer of at least {over.values:,} parameters "
+                             f"but {weights[0].name} holds {stored.values:,}; copy the checkpoint again")
+        self.model = SpeechTokenizer(config)
+        try:
+            self.model.load_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
+        except RuntimeError as err:  # missing or unexpected tensors, other shapes
+            raise ValueError(f"{weights[0]} does not fill the SpeechTokenizer {path / 'config.json'} describes "
+                             f"({str(err).splitlines()[0]})") from None
+        self.model.eval()
         total = int(config["n_q"])
         layers = total if layers is None else layers
         if not 1 <= layers <= total:
