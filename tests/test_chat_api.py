@@ -455,20 +455,19 @@ def test_save_expands_a_home_path_and_a_default_name_never_overwrites_an_earlier
 
 def test_a_save_cut_short_by_a_full_disk_leaves_the_earlier_save_whole(tmp_path, monkeypatch):
     import errno
+    import os
 
     saved = tmp_path / "conversation.jsonl"
     out = io.StringIO()
     lines = io.StringIO(f"first\n/save {saved}\nsecond\n/save {saved}\n/quit\n")
-    write_text = Path.write_text
 
-    def full_disk(path: Path, text: str, *args, **kwargs) -> int:
-        write_text(path, text[: len(text) // 2], *args, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full_disk(fd: int) -> None:  # the bytes written so far never reach the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     def readline() -> str:
         line = lines.readline()
         if line.startswith("second"):
-            monkeypatch.setattr(Path, "write_text", full_disk)
+            monkeypatch.setattr(os, "fsync", full_disk)
         return line
 
     Terminal(text_assistant(), tmp_path / "outs", settings={"max_new_tokens": 2, "seed": 0},

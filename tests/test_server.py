@@ -253,6 +253,59 @@ def test_modalities_leave_media_out_of_the_reply():
             assert status == 400 and refusal in body["error"]["message"], body
 
 
+def test_a_stream_sends_media_where_the_reply_has_them():
+    """Pictures and clips come as they are written, between the text around them: the stream of a
+    seeded reply rebuilds the same ordered parts as the reply sent whole (media had all come at
+    the end). With audio output asked for, the first clip is delta.audio, in its place."""
+    from inference_helpers import bias_tokens
+
+    mixed = media_assistant()
+    layout = mixed.model.layout
+    bias_tokens(mixed.model, {layout.special_id("<|boi|>"): 4.0, layout.special_id("<|boa|>"): 4.0})
+
+    def events(base: str, body: dict) -> list[dict]:
+        request = urllib.request.Request(base + "/v1/chat/completions", method="POST", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            lines = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        return [json.loads(line)["choices"][0]["delta"] for line in lines[:-1] if json.loads(line)["choices"]]
+
+    def merged(pieces: list[tuple[str, object]]) -> list[tuple[str, object]]:
+        out: list[tuple[str, object]] = []
+        for kind, value in pieces:
+            if kind == "text" and out and out[-1][0] == "text":
+                out[-1] = ("text", out[-1][1] + value)
+            elif not (kind == "text" and not value):
+                out.append((kind, value))
+        return out
+
+    def media_key(part: dict) -> tuple[str, object]:
+        if part["type"] == "text":
+            return "text", part["text"]
+        return part["type"], (part.get("image_url") or part.get("input_audio"))["url" if part["type"] == "image_url" else "data"]
+
+    interleaved = 0
+    with running(create_app(mixed, limits=LIMITS, model_name="tiny")) as base:
+        for seed in range(6):
+            ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "max_media": 3, "seed": seed, "temperature": 1}
+            status, whole = call(base, "/v1/chat/completions", ask, key=None)
+            assert status == 200, whole
+            content = whole["choices"][0]["message"]["content"]
+            want = merged([("text", content)] if isinstance(content, str) else [media_key(p) for p in content])
+            streamed = []
+            for delta in events(base, {**ask, "stream": True}):
+                piece = delta.get("content")
+                streamed += [("text", piece)] if isinstance(piece, str) else [media_key(p) for p in piece or []]
+            assert merged(streamed) == want, seed
+            kinds = [kind for kind, _ in want]
+            interleaved += any("text" in kinds[:i] and "text" in kinds[i + 1:] for i, k in enumerate(kinds) if k != "text")
+            if kinds.count("input_audio") and isinstance(content, list):  # the first clip as delta.audio, in its place
+                spoken = [("audio" if d.get("audio", {}).get("data") else "text" if isinstance(d.get("content"), str) else "media")
+                          for d in events(base, {**ask, "stream": True, "modalities": ["text", "audio", "image"]})]
+                assert spoken.count("audio") == 1
+        assert interleaved, "no seed gave a reply with media between text: the test shows nothing"
+
+
 def test_unknown_paths_and_methods_get_the_error_shape_and_null_n_is_one(url):
     status, body = call(url, "/v1/nothing")
     assert status == 404 and body["error"]["code"] == "not_found" and "/v1/nothing" in body["error"]["message"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from unimodal.data.processor import EncodedDocument
-from unimodal.inference.chat import Assistant, ChatError, Message, Reply
+from unimodal.inference.chat import Assistant, ChatError, Message, Reply, ReplyPart
 from unimodal.inference.engine import EXPIRED, row_settings
 from unimodal.inference.outputs import GenerationTimeout, expired_error
 from unimodal.models.generation import GenerationSettings
@@ -47,8 +47,9 @@ class Busy(RuntimeError):
 @dataclass
 class Job:
     """One request: ``n`` replies to ``messages`` with ``settings`` (:meth:`GenerationSettings.replace`
-    keywords). ``on_text(choice, text)`` receives text as it is generated, from the worker thread.
-    Setting ``cancel`` takes the job's rows out of their batch at the next step."""
+    keywords). ``on_text(choice, text)`` receives text as it is generated, and ``on_media(choice,
+    part)`` each media part once written and decoded, both from the worker thread. Setting
+    ``cancel`` takes the job's rows out of their batch at the next step."""
 
     messages: list[Message]
     settings: dict[str, Any]
@@ -57,6 +58,7 @@ class Job:
     n: int = 1
     start_with: str | None = None
     on_text: Callable[[int, str], None] | None = None
+    on_media: Callable[[int, ReplyPart], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
@@ -248,6 +250,11 @@ class Batcher:
                 job.streamed = True
                 job.on_text(choice, text)
 
+        def on_media(row: int, part: ReplyPart) -> None:
+            job, choice = owners[row]
+            if job.on_media is not None:
+                job.on_media(choice, part)
+
         def on_reply(row: int, reply: Reply) -> None:
             """A job is answered once its last row has ended, while the batch goes on."""
             job, choice = owners[row]
@@ -264,8 +271,10 @@ class Batcher:
                     job.future.set_result(own)
 
         try:
+            streams_media = any(job.on_media is not None for job, _ in started)
             replies = self.assistant.answer([prompt for prompt, _ in rows], [settings for _, settings in rows], on_text=on_text,
-                                            cancel=[job.cancel for job, _ in owners], on_reply=on_reply)
+                                            cancel=[job.cancel for job, _ in owners], on_reply=on_reply,
+                                            on_media=on_media if streams_media else None)
         except GenerationTimeout:  # no row was left to answer
             for job, _ in started:
                 if job.future.done():

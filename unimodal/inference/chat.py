@@ -268,20 +268,30 @@ class Assistant:
         on_text: Callable[[int, str], None] | None = None,
         cancel: threading.Event | Sequence[threading.Event | None] | None = None,
         on_reply: Callable[[int, Reply], None] | None = None,
+        on_media: Callable[[int, ReplyPart], None] | None = None,
     ) -> list[Reply]:
         """Replies to prompts made by :meth:`prompt`, in one batched generation. ``settings`` and
         ``cancel`` are one for all or one per prompt: a server batches requests that each keep
         their own (see :meth:`Engine.generate`). ``on_reply(index, reply)`` receives each reply,
-        its media decoded, as soon as its row ends."""
+        its media decoded, as soon as its row ends; ``on_media(index, part)`` each decoded media
+        part as soon as it is written, after the text before it (a stream keeps the reply's order)."""
         replies: dict[int, Reply] = {}
+        decoded: dict[int, ReplyPart | None] = {}  # id(segment) -> its part: each item is decoded once
+
+        def media(index: int, segment: Segment) -> None:
+            part = decoded[id(segment)] = self._part(segment)
+            if part is not None:
+                on_media(index, part)
 
         def done(index: int, generation: Generation) -> None:
-            replies[index] = self._reply(generation, prompts[index][1])
+            replies[index] = self._reply(generation, prompts[index][1], decoded)
             on_reply(index, replies[index])
 
         generations = self.engine.generate([prompt for prompt, _ in prompts], settings, unconditional=self.unconditional_prompt(),
-                                           on_text=on_text, cancel=cancel, on_done=done if on_reply is not None else None)
-        return [replies[i] if i in replies else self._reply(g, trimmed) for i, (g, (_, trimmed)) in enumerate(zip(generations, prompts))]
+                                           on_text=on_text, cancel=cancel, on_done=done if on_reply is not None else None,
+                                           on_media=media if on_media is not None else None)
+        return [replies[i] if i in replies else self._reply(g, trimmed, decoded)
+                for i, (g, (_, trimmed)) in enumerate(zip(generations, prompts))]
 
     def resolve(self, **settings: Any) -> GenerationSettings:
         """The model's own settings with ``settings`` applied (:meth:`GenerationSettings.replace`
@@ -420,8 +430,10 @@ class Assistant:
     # ------------------------------------------------------------------------------------------
     # replies
 
-    def _reply(self, generation: Generation, trimmed: int) -> Reply:
-        parts = [part for part in map(self._part, generation.segments) if part is not None]
+    def _reply(self, generation: Generation, trimmed: int, decoded: dict[int, ReplyPart | None] | None = None) -> Reply:
+        """``decoded``: parts already decoded for a stream, by ``id`` of their segment."""
+        decoded = decoded or {}
+        parts = [part for s in generation.segments if (part := decoded[id(s)] if id(s) in decoded else self._part(s)) is not None]
         return Reply(parts, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens, generation.seed, trimmed)
 
     def _part(self, segment: Segment) -> ReplyPart | None:

@@ -47,6 +47,7 @@ from unimodal.schema import MODALITIES, MODALITY_IDS
 
 TextCallback = Callable[[int, str], None]
 DoneCallback = Callable[[int, Generation], None]
+MediaCallback = Callable[[int, Segment], None]
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Engine:
         on_text: TextCallback | None = None,
         cancel: threading.Event | Sequence[threading.Event | None] | None = None,
         on_done: DoneCallback | None = None,
+        on_media: MediaCallback | None = None,
     ) -> list[Generation]:
         """Replies to ``prompts`` (each ending where the reply starts).
 
@@ -137,8 +139,10 @@ class Engine:
         ``unconditional`` is the prompt of the guidance rows (needed when a row guides a writable
         modality, ``cfg_scale != 1``). ``on_text(row, new_text)`` receives text as it is decoded
         (beam search, whose beams are reranked to the end, passes each reply's text whole when it
-        ends), and ``on_done(row, generation)`` each row's generation as soon as the row ends, while the
-        others go on (a server answers a short request before the batch's longest reply ends).
+        ends), ``on_media(row, segment)`` each media item as soon as its span closes (after the
+        text before it), and ``on_done(row, generation)`` each row's generation as soon as the row
+        ends, while the others go on (a server answers a short request before the batch's longest
+        reply ends).
         ``cancel`` (shared or per row) stops a row at its next step.
 
         A row past its deadline or cancelled leaves the batch with ``finish_reason`` "timeout" or
@@ -181,7 +185,7 @@ class Engine:
         states = [_Row(i, budget, s, g, seed, len(p), d)
                   for i, (budget, s, (g, seed), d, p) in enumerate(zip(budgets, rows, seeded, deadlines, prompts))]
         docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
-        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text, on_done)
+        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text, on_done, on_media)
         run.loop()
         if all(row.finish in EXPIRED for row in run.rows):
             raise expired_error([row.finish for row in run.rows])
@@ -252,8 +256,10 @@ class _Run:
         guided: bool,
         on_text: TextCallback | None,
         on_done: DoneCallback | None,
+        on_media: MediaCallback | None = None,
     ):
         self.engine, self.cache, self.rows, self.guided, self.on_text, self.on_done = engine, cache, rows, guided, on_text, on_done
+        self.on_media = on_media
         self.model = engine.model
         self.batch = len(prompts)  # conditional rows in the cache; guidance partners follow them
         for row in rows:
@@ -616,6 +622,8 @@ class _Run:
 
     def _close_span(self, row: _Row, data: np.ndarray) -> None:
         row.segments.append(Segment(row.mode.name, data=data))
+        if self.on_media is not None:
+            self.on_media(row.index, row.segments[-1])
 
     def _leave_span(self, row: _Row) -> None:
         if row.guided:

@@ -186,12 +186,16 @@ def create_app(
         if unused:  # settings that would silently change nothing
             raise APIError(400, f"{unused[0]} settings were given, but this model's replies hold {', '.join(assistant.writes)} only")
         if call.stream:
-            loop, texts = asyncio.get_running_loop(), asyncio.Queue()
-            job = batcher.submit(_job(call, batcher, limits, on_text=lambda choice, text: loop.call_soon_threadsafe(texts.put_nowait, text)))
+            loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+
+            def put(choice: int, piece: str | ReplyPart) -> None:  # from the worker thread
+                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+            job = batcher.submit(_job(call, batcher, limits, on_text=put, on_media=put))
             # a request refused once its prompt is made (unreadable media, too long) gets its 4xx
             # before the stream's 200 is sent
             await _wait(job, batcher, limits, request, job.accepted)
-            return StreamingResponse(_stream(batcher, job, texts, call, limits, name), media_type="text/event-stream")
+            return StreamingResponse(_stream(batcher, job, pieces, call, limits, name), media_type="text/event-stream")
         job = batcher.submit(_job(call, batcher, limits))
         replies = await _wait(job, batcher, limits, request)
         return completion(replies, name, call.audio_format)
@@ -440,7 +444,8 @@ def _check_message(message: Any, index: int) -> None:
             raise APIError(400, f"{where}: part type {kind!r} is not supported (text, image_url, input_audio)")
 
 
-def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[int, str], None] | None = None) -> Job:
+def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[int, str], None] | None = None,
+         on_media: Callable[[int, ReplyPart], None] | None = None) -> Job:
     """The batcher's job for a request: it may wait ``max_seconds`` for the model, then generate
     for its own ``timeout_s`` (default ``max_seconds``)."""
     settings = dict(call.settings)
@@ -453,7 +458,7 @@ def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[
     except (ChatError, ValueError) as err:
         raise APIError(400, _request_terms(str(err))) from None
     return Job(call.messages, settings, timeout_s=timeout, wait_until=time.monotonic() + limits.max_seconds, n=call.n,
-               start_with=call.start_with, on_text=on_text)
+               start_with=call.start_with, on_text=on_text, on_media=on_media)
 
 
 async def _wait(job: Job, batcher: Batcher, limits: ServerLimits, request: Request | None = None,
@@ -574,11 +579,13 @@ def wire_part(part: ReplyPart, audio_format: str = "wav") -> dict[str, Any]:
 
 
 async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, limits: ServerLimits, name: str) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, text deltas as they are generated (``job`` puts them in
-    ``queue``), then a last chunk with any media parts (``delta.content`` as a list), the finish
-    reason and usage. A client that disconnects cancels the generation (Starlette cancels this
-    generator)."""
+    """Server-sent events, in the reply's order: a role chunk, then text deltas and media parts as
+    they are written (``job`` puts them in ``queue``): a picture or clip is a ``delta.content``
+    list of one part, and with audio output asked for, the first clip is ``delta.audio`` instead.
+    A last chunk has the finish reason and usage (and the clip's transcript). A client that
+    disconnects cancels the generation (Starlette cancels this generator)."""
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    clip_id: str | None = None
 
     def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
         """One event; ``delta`` None: a chunk with no choices (the usage chunk)."""
@@ -600,24 +607,30 @@ async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, 
             item = await queue.get()
             if isinstance(item, str):
                 yield chunk({"content": item})
-                continue
-            for event in _last_events(item, chunk, call):
-                yield event
-            yield "data: [DONE]\n\n"
-            return
+            elif isinstance(item, ReplyPart):
+                if item.type == "audio" and call.audio_format and clip_id is None:
+                    clip_id = f"audio_{uuid.uuid4().hex}"
+                    data = base64.b64encode(encode_audio(item, call.audio_format)).decode()
+                    yield chunk({"audio": {"id": clip_id, "data": data, "expires_at": int(time.time()) + 3600}})
+                else:
+                    fmt = call.audio_format if call.audio_format not in (None, "pcm16") else "wav"
+                    yield chunk({"content": [wire_part(item, fmt)]})
+            else:
+                for event in _last_events(item, chunk, call, clip_id):
+                    yield event
+                yield "data: [DONE]\n\n"
+                return
     finally:
         waiter.cancel()  # a disconnected client: _wait cancels the job, whose rows leave their batch
 
 
-def _last_events(outcome: Reply | Exception, chunk: Callable[..., str], call: Call) -> Iterator[str]:
-    """The stream's last chunk: media parts, the finish reason and usage (or, with
-    ``include_usage``, usage in a chunk of its own with no choices); or the error."""
+def _last_events(outcome: Reply | Exception, chunk: Callable[..., str], call: Call, clip_id: str | None) -> Iterator[str]:
+    """The stream's last chunk: the finish reason, usage (or, with ``include_usage``, usage in a
+    chunk of its own with no choices) and the transcript of the clip sent as ``delta.audio``
+    (``clip_id``); or the error. Text and media were sent as they came."""
     if isinstance(outcome, Reply):
-        fields = message_fields(outcome.parts, call.audio_format)
-        delta = {"audio": fields["audio"]} if "audio" in fields else {}
-        media = [part for part in (fields["content"] if isinstance(fields["content"], list) else []) if part["type"] != "text"]
-        if media:
-            delta["content"] = media
+        transcript = "".join(p.text for p in outcome.parts if p.type == "text")
+        delta = {"audio": {"id": clip_id, "transcript": transcript}} if clip_id is not None else {}
         usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
                  "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
         if call.usage_chunk:
