@@ -640,3 +640,35 @@ def test_a_requests_media_are_decoded_one_at_a_time_and_a_clip_too_long_is_not_d
                                         r"the audio codec's max_seconds=0.5; .*max_audio_seconds at load, chat and serve"):
         assistant.prompt([{"role": "user", "content": [picture, wav(2.0)]}])
     assert steps == ["decode image", "encode image"]
+
+
+def test_media_arrive_as_they_are_written_in_the_replys_order(tmp_path):
+    """on_media gets each picture or clip decoded when its span closes, after the text before it:
+    the callbacks replay the reply's parts in order, and the terminal saves and names each one
+    where the reply has it (it had printed every picture after all the text)."""
+    mixed = media_assistant()
+    bias_tokens(mixed.model, {mixed.model.layout.special_id("<|boi|>"): 4.0, mixed.model.layout.special_id("<|boa|>"): 4.0})
+    hello = [{"role": "user", "content": "hi"}]
+    interleaved = 0
+    for seed in range(6):
+        events: list = []
+        reply = mixed.chat(hello, on_text=lambda text: events.append(("text", text)), on_media=lambda part: events.append(("media", part)),
+                           max_new_tokens=32, max_media=3, seed=seed)
+        heard = []
+        for kind, value in events:
+            if kind == "text" and heard and heard[-1][0] == "text":
+                heard[-1] = ("text", heard[-1][1] + value)
+            elif kind == "media" or value:
+                heard.append((kind, value))
+        assert [("text", p.text) if p.type == "text" else ("media", p) for p in reply.parts] == heard, seed
+        kinds = [kind for kind, _ in heard]
+        interleaved += any("text" in kinds[:i] and "text" in kinds[i + 1:] for i, k in enumerate(kinds) if k == "media")
+    assert interleaved, "no seed gave media between text: the test shows nothing"
+
+    out = io.StringIO()
+    Terminal(mixed, tmp_path / "outs", settings={"max_new_tokens": 32, "max_media": 3, "seed": 0},
+             stdin=io.StringIO("hi\n/quit\n"), stdout=out).run()
+    saved = sorted((tmp_path / "outs").glob("reply001-*"))
+    shown = out.getvalue()
+    assert saved and all(f"saved to {path}]" in shown for path in saved)
+    assert shown.index(f"saved to {saved[0]}]") < shown.rindex("you> ")

@@ -228,22 +228,27 @@ class Assistant:
         messages: Sequence[Message],
         *,
         on_text: Callable[[str], None] | None = None,
+        on_media: Callable[[ReplyPart], None] | None = None,
         start_with: str | None = None,
         **settings: Any,
     ) -> Reply:
-        """Reply to one conversation. ``on_text`` receives text as it is generated;
+        """Reply to one conversation. ``on_text`` receives text as it is generated, and
+        ``on_media`` each picture or clip (decoded) as soon as it is written, in the reply's order;
         ``start_with`` (``"image"`` | ``"audio"``) makes the reply open with that medium;
         ``settings`` are :meth:`GenerationSettings.replace` keywords (``temperature=0``,
         ``max_new_tokens=64``, ``image={"cfg_scale": 3}``, ``seed=0``, ...)."""
         _check_callback(on_text)
+        _check_callback(on_media, "on_media", "the reply part")
         stream = None if on_text is None else (lambda row, text: on_text(text))
-        return self.generate([messages], on_text=stream, start_with=start_with, **settings)[0]
+        media = None if on_media is None else (lambda row, part: on_media(part))
+        return self.generate([messages], on_text=stream, on_media=media, start_with=start_with, **settings)[0]
 
     def generate(
         self,
         batch: Sequence[Sequence[Message]],
         *,
         on_text: Callable[[int, str], None] | None = None,
+        on_media: Callable[[int, ReplyPart], None] | None = None,
         start_with: str | None = None,
         cancel: threading.Event | None = None,
         **settings: Any,
@@ -251,6 +256,7 @@ class Assistant:
         """Reply to several conversations at once (one batched generation); ``cancel`` stops it.
         A shared ``seed`` s gives conversation ``i`` the seed ``s + i``."""
         _check_callback(on_text)
+        _check_callback(on_media, "on_media", "the reply part")
         if cancel is not None and not isinstance(cancel, threading.Event):
             raise ChatError(f"cancel must be a threading.Event, got {type(cancel).__name__}")
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict):
@@ -258,7 +264,8 @@ class Assistant:
         resolved = self.resolve(**settings)
         if not batch:
             return []
-        return self.answer([self.prompt(messages, resolved, start_with) for messages in batch], resolved, on_text=on_text, cancel=cancel)
+        return self.answer([self.prompt(messages, resolved, start_with) for messages in batch], resolved, on_text=on_text,
+                           cancel=cancel, on_media=on_media)
 
     def answer(
         self,
@@ -512,9 +519,9 @@ def _media_object(kind: str, value: Any, where: str) -> Any:
     raise ChatError(f"{where}: {'an image' if kind == 'image' else 'audio'} must be a path, {'a PIL image or an HxWx3 uint8 array' if kind == 'image' else 'a (waveform, sample_rate) pair'}; got {type(value).__name__}")
 
 
-def _check_callback(on_text: Any) -> None:
-    if on_text is not None and not callable(on_text):
-        raise ChatError(f"on_text must be a function of the text, got {type(on_text).__name__}")
+def _check_callback(callback: Any, name: str = "on_text", of: str = "the text") -> None:
+    if callback is not None and not callable(callback):
+        raise ChatError(f"{name} must be a function of {of}, got {type(callback).__name__}")
 
 
 def _waveform_pair(value: tuple, where: str) -> tuple[np.ndarray, int]:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from unimodal.inference.chat import Assistant, ChatError
+from unimodal.inference.chat import Assistant, ChatError, ReplyPart
 from unimodal.schema import write_whole
 
 HELP = """commands:
@@ -134,16 +134,36 @@ class Terminal:
     def turn(self, text: str) -> None:
         message = {"role": "user", "content": [{"type": "text", "text": text}] + self.attached}
         started = False  # "assistant> " comes with the reply's first text, so a refused message shows none
+        after_media = False  # text after a "[... saved to ...]" line starts a line of its own
+        saved: dict[int, str] = {}  # id(part) -> where the part was saved
 
         def show(piece: str = "") -> None:
-            nonlocal started
+            nonlocal started, after_media
             if not started:
                 self.say("assistant> ", end="")
                 started = True
+            if piece and after_media:
+                self.say()
+                after_media = False
             self.say(printable(piece), end="")
 
+        def keep(part: ReplyPart) -> None:
+            """Each picture or clip saved and named where the reply has it."""
+            nonlocal after_media
+            show()
+            if part.image is None and part.audio is None:
+                return
+            try:
+                path = part.save(self.out_dir / f"reply{self.replies + 1:03d}-{len(saved)}.{SUFFIX[part.type]}")
+            except (OSError, RuntimeError) as err:  # soundfile's errors are RuntimeErrors
+                self.say(f"\n[the {part.type} could not be written under {self.out_dir}: {err}]", end="")
+            else:
+                saved[id(part)] = str(Path(path).resolve())
+                self.say(f"\n[{part.type} saved to {path}]", end="")
+            after_media = True
+
         try:
-            reply = self.assistant.chat(self.history + [message], on_text=show, **self.settings)
+            reply = self.assistant.chat(self.history + [message], on_text=show, on_media=keep, **self.settings)
         except ChatError as err:
             # the message is not sent, so its attachments go too: a bad file must not fail every later turn
             count = len(self.attached)
@@ -158,19 +178,13 @@ class Terminal:
         self.attached = []
         self.replies += 1
         content = []
-        for k, part in enumerate(reply.parts):
+        for part in reply.parts:
             if part.type == "text":
                 content.append(part.to_content())
                 continue
             item = {"type": part.type, part.type: part.data}
-            if part.image is not None or part.audio is not None:
-                try:
-                    path = part.save(self.out_dir / f"reply{self.replies:03d}-{k}.{SUFFIX[part.type]}")
-                except (OSError, RuntimeError) as err:  # soundfile's errors are RuntimeErrors
-                    self.say(f"\n[the {part.type} could not be written under {self.out_dir}: {err}]", end="")
-                else:
-                    item["path"] = str(Path(path).resolve())
-                    self.say(f"\n[{part.type} saved to {path}]", end="")
+            if id(part) in saved:
+                item["path"] = saved[id(part)]
             content.append(item)
         self.say()
         if reply.finish_reason == "length":
