@@ -296,6 +296,26 @@ def test_ranks_waiting_for_a_rank_0_killed_outright_stop_once_its_heartbeat_goes
     assert not (tmp_path / "export.heartbeat").exists()  # a finished export leaves no heartbeat behind
 
 
+def test_rank_0_beats_while_it_trains_too(tmp_path, monkeypatch):
+    """Rank 0's training may end after the others' (a write only it makes at the end of fit): the
+    ranks already waiting must hear it then, not only once it exports."""
+    from unimodal.training import pipeline as pipeline_module
+
+    heard = []
+
+    def train(config_file):
+        heard.append((config_file.parent / "export.heartbeat").is_file())
+        (config_file.parent / "checkpoints").mkdir(exist_ok=True)
+        (config_file.parent / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        return 3
+
+    monkeypatch.setattr(pipeline_module, "_train", train)
+    monkeypatch.setattr(pipeline_module, "export", lambda checkpoint, out, **kwargs: Path(out).mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(pipeline_module, "_last_metric", lambda run_dir, name: None)
+    run_pipeline(write(tmp_path, [{"name": "a", "recipe": "recipes/text/tiny.yaml"}]), tiny=True, root=tmp_path / "runs")
+    assert heard == [True] and not (tmp_path / "runs" / "a" / "export.heartbeat").exists()
+
+
 def test_a_moved_pipeline_roots_absolute_paths_are_the_same_files(tmp_path):
     """A finished stage's recipe holds absolute paths into the pipeline's root (the codecs an
     export passed on); the same files of a root copied elsewhere are no change."""

@@ -77,7 +77,7 @@ log = logging.getLogger("unimodal.pipeline")
 
 STAGE_FILE = "stage.json"
 STAGE_FIX = "remove its stage's directory to run that stage again"
-# rank 0 rewrites it while it exports; the waiting ranks give up once it stops changing
+# rank 0 rewrites it while it trains and exports; the waiting ranks give up once it stops changing
 HEARTBEAT_FILE = "export.heartbeat"
 HEARTBEAT_S = 10.0
 RANK_ZERO_SILENT_S = 120.0
@@ -398,24 +398,27 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         write_whole(marker, json.dumps({"status": "interrupted", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
         return type(err)(f"stage {stage.name!r} {err.what}", "run the same pipeline command again to continue it")
 
-    try:
-        steps = _train(config_file)
-    except (Preempted, Interrupted) as err:
-        raise stopped(err) from None
-    checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
-    if launched_rank() != 0:  # rank 0 exports; the others wait for its marker
-        return _wait_for_rank_zero(stage, marker)
-    try:
-        with _heartbeat(stage_dir / HEARTBEAT_FILE):
+    rank_zero = launched_rank() == 0
+    # rank 0 beats from its training on, which may end after the others' (a rank-0-only write at
+    # the end of fit), to its marker: a waiting rank never mistakes a busy rank 0 for a dead one
+    with _heartbeat(stage_dir / HEARTBEAT_FILE) if rank_zero else contextlib.nullcontext():
+        try:
+            steps = _train(config_file)
+        except (Preempted, Interrupted) as err:
+            raise stopped(err) from None
+        checkpoint = find_latest_checkpoint(stage_dir / "checkpoints")
+        if not rank_zero:  # rank 0 exports; the others wait for its marker
+            return _wait_for_rank_zero(stage, marker)
+        try:
             result = _finish(pipeline, stage, checkpoint, steps, spent - started)
-    except KeyboardInterrupt:
-        raise stopped(Interrupted("interrupted (Ctrl-C) while exporting")) from None
-    except Exception:  # the other ranks stop waiting; a rerun resumes from the checkpoint
-        with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the export
-            write_whole(marker, json.dumps({"status": "failed", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
-        raise
-    done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
-    write_whole(marker, json.dumps(done, indent=2) + "\n")  # the other ranks poll for it
+        except KeyboardInterrupt:
+            raise stopped(Interrupted("interrupted (Ctrl-C) while exporting")) from None
+        except Exception:  # the other ranks stop waiting; a rerun resumes from the checkpoint
+            with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the export
+                write_whole(marker, json.dumps({"status": "failed", "wall_s": spent + time.perf_counter() - started, "inputs": inputs}) + "\n")
+            raise
+        done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
+        write_whole(marker, json.dumps(done, indent=2) + "\n")  # the other ranks poll for it
     return result
 
 
@@ -446,15 +449,17 @@ def _heartbeat(path: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
     (``kill -9``, the OOM killer) writes no ``failed``, and only its silence tells the others."""
     stop = threading.Event()
 
-    def beat() -> None:
-        count = 0
-        while True:
-            with contextlib.suppress(OSError):  # a missed beat is no error; silence for minutes is
-                write_whole(path, f"{count}\n")
-            count += 1
-            if stop.wait(every_s):
-                return
+    def write(count: int) -> None:
+        with contextlib.suppress(OSError):  # a missed beat is no error; silence for minutes is
+            write_whole(path, f"{count}\n")
 
+    def beat() -> None:
+        count = 1
+        while not stop.wait(every_s):
+            write(count)
+            count += 1
+
+    write(0)  # before the block starts: a rank that looks then finds it
     thread = threading.Thread(target=beat, name="unimodal-export-heartbeat", daemon=True)
     thread.start()
     try:
