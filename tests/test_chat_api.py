@@ -672,3 +672,22 @@ def test_media_arrive_as_they_are_written_in_the_replys_order(tmp_path):
     shown = out.getvalue()
     assert saved and all(f"saved to {path}]" in shown for path in saved)
     assert shown.index(f"saved to {saved[0]}]") < shown.rindex("you> ")
+
+
+def test_a_cancelled_reply_leaves_none_of_its_pictures_behind(tmp_path):
+    """Media are saved as they come; a reply cut by Ctrl-C after one was saved takes it back, so the
+    next reply's files are its own."""
+    from unimodal.inference.chat import ReplyPart
+
+    assistant = media_assistant()
+
+    def chat_cut_short(messages, on_text=None, on_media=None, **settings):
+        on_text("a picture: ")
+        on_media(ReplyPart("image", image=Image.fromarray(np.zeros((8, 8, 3), np.uint8))))
+        raise KeyboardInterrupt
+
+    assistant.chat = chat_cut_short
+    out = io.StringIO()
+    Terminal(assistant, tmp_path / "outs", stdin=io.StringIO("hi\n/quit\n"), stdout=out).run()
+    assert "[image saved to" in out.getvalue() and "(reply cancelled" in out.getvalue()
+    assert list((tmp_path / "outs").glob("reply*")) == []

@@ -248,7 +248,8 @@ def test_modalities_leave_media_out_of_the_reply():
         assert status == 200 and "image_url" not in kinds(spoken) and spoken["choices"][0]["message"]["audio"] is not None
         for extra, refusal in (({"modalities": ["text"], "start_with": "audio"}, "start_with is 'audio', which modalities leave out"),
                                ({"modalities": ["text"], "audio": {"format": "wav"}}, "an audio object asks for audio output"),
-                               ({"modalities": ["audio"]}, "modalities must be a list of text, image, audio that holds text")):
+                               ({"modalities": ["audio"]}, "modalities must be a list of text, image, audio that holds text"),
+                               ({"modalities": ["text", "audio"], "image": {"steps": 3}}, "image settings were given, but modalities leave image out")):
             status, body = call(base, "/v1/chat/completions", {**ask, **extra})
             assert status == 400 and refusal in body["error"]["message"], body
 
@@ -284,7 +285,7 @@ def test_a_stream_sends_media_where_the_reply_has_them():
             return "text", part["text"]
         return part["type"], (part.get("image_url") or part.get("input_audio"))["url" if part["type"] == "image_url" else "data"]
 
-    interleaved = 0
+    interleaved = spoken_seeds = 0
     with running(create_app(mixed, limits=LIMITS, model_name="tiny")) as base:
         for seed in range(6):
             ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "max_media": 3, "seed": seed, "temperature": 1}
@@ -300,10 +301,12 @@ def test_a_stream_sends_media_where_the_reply_has_them():
             kinds = [kind for kind, _ in want]
             interleaved += any("text" in kinds[:i] and "text" in kinds[i + 1:] for i, k in enumerate(kinds) if k != "text")
             if kinds.count("input_audio") and isinstance(content, list):  # the first clip as delta.audio, in its place
-                spoken = [("audio" if d.get("audio", {}).get("data") else "text" if isinstance(d.get("content"), str) else "media")
-                          for d in events(base, {**ask, "stream": True, "modalities": ["text", "audio", "image"]})]
-                assert spoken.count("audio") == 1
-        assert interleaved, "no seed gave a reply with media between text: the test shows nothing"
+                spoken_seeds += 1
+                deltas = events(base, {**ask, "stream": True, "modalities": ["text", "audio", "image"]})
+                assert sum(bool(d.get("audio", {}).get("data")) for d in deltas) == 1
+                first = next(d for d in deltas if d.get("audio", {}).get("data"))  # and in content, in its place
+                assert first["content"][0]["type"] == "input_audio" and deltas[-1]["audio"]["id"] == first["audio"]["id"]
+        assert interleaved and spoken_seeds, "no seed gave a reply with media between text, or with a clip: the test shows nothing"
 
 
 def test_unknown_paths_and_methods_get_the_error_shape_and_null_n_is_one(url):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from unimodal.data.templates import ChatTemplate, EosToken, get_template, render
 from unimodal.data.tokenizer import TextTokenizer, load_tokenizer
@@ -231,6 +232,8 @@ class Processor:
                 )
             try:
                 array = self.encoded_media.encode(part, codec)
+            except torch.cuda.OutOfMemoryError:  # the device's fault, not the sample's
+                raise
             except (ValueError, RuntimeError) as err:  # one clip the codec refuses (too long, silent, NaN) is one bad sample
                 raise DocumentError(f"{doc.where()}: {part.type} part {part.media}: the {part.type} codec cannot encode it ({err})") from None
         if array.ndim == 0:

@@ -62,7 +62,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
-    streamed: bool = False  # whether ``on_text`` has had text
+    streamed: bool = False  # whether ``on_text`` or ``on_media`` has had a part of the reply
     # set once the job's prompt is made (the request is accepted), or failed with why it is not
     accepted: Future = field(default_factory=Future)
 
@@ -253,6 +253,7 @@ class Batcher:
         def on_media(row: int, part: ReplyPart) -> None:
             job, choice = owners[row]
             if job.on_media is not None:
+                job.streamed = True  # sent: a batch that fails now is not run again for this job
                 job.on_media(choice, part)
 
         def on_reply(row: int, reply: Reply) -> None:

@@ -315,6 +315,9 @@ def parse_request(body: bytes, name: str, limits: ServerLimits, audio_rate: int 
         raise APIError(400, "start_with must be 'image' or 'audio'")
     if start_with in left_out:
         raise APIError(400, f"start_with is {start_with!r}, which modalities leave out")
+    contradicted = [name for name in left_out if settings.get(name)]
+    if contradicted:  # settings that would silently change nothing
+        raise APIError(400, f"{contradicted[0]} settings were given, but modalities leave {contradicted[0]} out")
     return Call(messages, settings, n, stream, start_with, audio_format, usage_chunk, left_out)
 
 
@@ -449,8 +452,8 @@ def _job(call: Call, batcher: Batcher, limits: ServerLimits, on_text: Callable[[
     """The batcher's job for a request: it may wait ``max_seconds`` for the model, then generate
     for its own ``timeout_s`` (default ``max_seconds``)."""
     settings = dict(call.settings)
-    for name in set(call.left_out) & set(batcher.assistant.writes):  # a span of it never opens
-        settings[name] = {**settings.get(name, {}), "max_tokens": 0}
+    for name in set(call.left_out) & set(batcher.assistant.writes):  # a span of it never opens, nor is it guided
+        settings[name] = {"max_tokens": 0, "cfg_scale": 1.0}
     timeout = float(settings.pop("timeout_s", limits.max_seconds))
     settings.setdefault("max_new_tokens", min(batcher.assistant.settings.max_new_tokens, limits.max_new_tokens))
     try:  # a setting out of range is a 400 now, not once the batches ahead of the request have ended
@@ -581,7 +584,8 @@ def wire_part(part: ReplyPart, audio_format: str = "wav") -> dict[str, Any]:
 async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, limits: ServerLimits, name: str) -> AsyncIterator[str]:
     """Server-sent events, in the reply's order: a role chunk, then text deltas and media parts as
     they are written (``job`` puts them in ``queue``): a picture or clip is a ``delta.content``
-    list of one part, and with audio output asked for, the first clip is ``delta.audio`` instead.
+    list of one part, and with audio output asked for, the first clip is ``delta.audio`` too (the
+    content a client rebuilds holds every part, so it goes back into a history as it came).
     A last chunk has the finish reason and usage (and the clip's transcript). A client that
     disconnects cancels the generation (Starlette cancels this generator)."""
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -608,13 +612,13 @@ async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, 
             if isinstance(item, str):
                 yield chunk({"content": item})
             elif isinstance(item, ReplyPart):
+                fmt = call.audio_format if call.audio_format not in (None, "pcm16") else "wav"
+                delta: dict[str, Any] = {"content": [wire_part(item, fmt)]}
                 if item.type == "audio" and call.audio_format and clip_id is None:
                     clip_id = f"audio_{uuid.uuid4().hex}"
                     data = base64.b64encode(encode_audio(item, call.audio_format)).decode()
-                    yield chunk({"audio": {"id": clip_id, "data": data, "expires_at": int(time.time()) + 3600}})
-                else:
-                    fmt = call.audio_format if call.audio_format not in (None, "pcm16") else "wav"
-                    yield chunk({"content": [wire_part(item, fmt)]})
+                    delta["audio"] = {"id": clip_id, "data": data, "expires_at": int(time.time()) + 3600}
+                yield chunk(delta)
             else:
                 for event in _last_events(item, chunk, call, clip_id):
                     yield event

@@ -162,9 +162,15 @@ class Terminal:
                 self.say(f"\n[{part.type} saved to {path}]", end="")
             after_media = True
 
+        def discard() -> None:
+            """A reply that did not happen leaves none of its files (the next one takes their names)."""
+            for path in saved.values():
+                Path(path).unlink(missing_ok=True)
+
         try:
             reply = self.assistant.chat(self.history + [message], on_text=show, on_media=keep, **self.settings)
         except ChatError as err:
+            discard()
             # the message is not sent, so its attachments go too: a bad file must not fail every later turn
             count = len(self.attached)
             dropped = f"; {count} attachment{'s' if count > 1 else ''} dropped" if count else ""
@@ -172,6 +178,7 @@ class Terminal:
             self.say(f"{chr(10) if started else ''}(error: {err}{dropped})")
             return
         except KeyboardInterrupt:
+            discard()
             self.say(f"{chr(10) if started else ''}(reply cancelled; your message was not added to the conversation)")
             return
         show()  # a reply of media alone
