@@ -237,6 +237,8 @@ def test_eval_cli_writes_the_report(monkeypatch, tmp_path, capsys):
     # a sample of 3 questions a task is not held against the goals
     transcribe = next(line for line in printed.splitlines() if line.startswith("transcribe_acc"))
     assert transcribe.endswith("not judged: --limit 3") and report["limit"] == 3
+    # what reproduces the scores is in the report: row i of a batch samples with seed + i
+    assert report["settings"] == {"temperature": 0.7, "seed": 0} and report["batch_size"] == 16
     judge = next(line for line in printed.splitlines() if line.startswith("judge_audio_acc"))  # all held-out clips
     assert judge.endswith(" ok"), judge
 

@@ -284,9 +284,11 @@ def evaluate(
     if not set(assistant.codecs) & set(TASK_MODALITY.values()):  # a scoreboard of nothing but n/a
         raise UserError(f"{model_dir} has no image or audio codec, and every task of the digits suite is about pictures "
                         "or speech: nothing in it applies to this model")
-    respond = assistant_responder(assistant, **{"temperature": 0.0, "seed": 0, **(settings or {})})
+    generation = {"temperature": 0.0, "seed": 0, **(settings or {})}
+    respond = assistant_responder(assistant, **generation)
     report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs, modalities=set(assistant.codecs))
-    report["model"] = str(model_dir)
+    # what reproduces the scores: row i of a batch samples with seed + i, so the batch size counts too
+    report.update(model=str(model_dir), batch_size=batch_size, settings=generation)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     report["report_path"] = str(path)
