@@ -222,7 +222,9 @@ def test_chat_prompt_is_engine_messages():
 
 def test_parse_digits_reads_words_and_numerals_only_as_words():
     assert parse_digits("It is Seven, not 8.") == [7, 8]
-    assert parse_digits("someone wrote none of 12") == []
+    assert parse_digits("someone wrote none of these") == []
+    # larger numbers are numbers too: "7 out of 10" does not name the digit 7 alone
+    assert parse_digits("7 or 17, 7 out of 10, twenty-seven, seventeen") == [7, 17, 7, 10, 20, 7, 17]
     assert parse_digits("") == []
     assert WORDS[parse_digits("I hear nine.")[0]] == "nine"
 

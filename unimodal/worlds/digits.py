@@ -284,10 +284,19 @@ def story_targets() -> list[tuple[int, int]]:
     return [(first, first + n - 1) for n in STORY_LENGTHS for first in range(0, 11 - n)]
 
 
+# number words past nine: a reply that names one ("seventeen", "twenty-seven") names another number
+LARGER_WORDS = {word: 10 + i for i, word in enumerate((
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"))}
+LARGER_WORDS.update({word: 10 * (2 + i) for i, word in enumerate(("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"))})
+LARGER_WORDS.update(hundred=100, thousand=1000)
+
+
 def parse_digits(text: str) -> list[int]:
-    """Every digit a reply mentions, as a word or a numeral, in order."""
-    pattern = r"\b(" + "|".join(WORDS) + r"|[0-9])\b"
-    return [int(m) if m.isdigit() else WORDS.index(m) for m in re.findall(pattern, text.lower())]
+    """Every number a reply mentions, as a word or a numeral, in order: digits as themselves,
+    larger numbers too ("7 out of 10" names 7 and 10), so a reply that names the digit among
+    other numbers is not read as naming the digit alone."""
+    pattern = r"\b(" + "|".join([*WORDS, *LARGER_WORDS]) + r"|[0-9]+)\b"
+    return [int(m) if m.isdigit() else WORDS.index(m) if m in WORDS else LARGER_WORDS[m] for m in re.findall(pattern, text.lower())]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Every task is asked twice, in two phrasing sets of at least 200 questions each
 ``caption_heldout_acc`` the second, and every goal applies to both.
 
 - ``caption_acc``: test images; right when the reply names exactly the shown digit (as a word or
-  a numeral, possibly several times, no other digit);
+  a numeral, possibly several times, and no other number);
 - ``transcribe_acc``: test voices' utterances, scored the same way;
 - ``draw_acc`` / ``speak_acc``: "draw 7" / "say 7" prompts; right when the image judge / audio
   judge recognises the requested digit in the reply's first image / audio part;
