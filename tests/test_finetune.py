@@ -60,7 +60,7 @@ def test_a_fine_tune_replays_its_exports_data_and_reports_every_task(tmp_path, c
     config = yaml.safe_load((tuned / "logs" / "version_0" / "config.yaml").read_text())
     assert [d["path"] for d in config["data"]["init_args"]["replay"]] == [d["path"] for d in record["datasets"]]
     warning = next(r.getMessage() for r in caplog.records if "tasks" in r.getMessage() and r.levelno == logging.WARNING)
-    assert "covers 1 of the" in warning and "document audio+text" in warning and "50% of the documents" in warning
+    assert "covers 1 of the" in warning and "document audio+text" in warning and "75% of the documents" in warning
     report = json.loads((tuned / "finetune_report.json").read_text())
     tasks = {row["task"]: row for row in report["tasks"]}
     assert {"old: document image+text", "old: document audio+text", "old: document text"} <= set(tasks)
