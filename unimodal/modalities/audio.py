@@ -18,16 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unimodal.modalities.base import (
-    DECLARED_SLACK,
-    MediaCodec,
-    Stored,
-    built_within,
-    load_pretrained,
-    model_config,
-    stored_values,
-    weights_checksum,
-)
+from unimodal.modalities.base import MediaCodec, check_fits_weights, load_pretrained, model_config, weights_checksum
 from unimodal.schema import Part
 
 HF_CODECS = ("encodec", "mimi", "dac")
@@ -288,13 +279,8 @@ class SpeechTokenizerCodec(RVQCodec):
         config = model_config(path, "SpeechTokenizer")
         # built and filled here: the package's load_from_checkpoint unpickles the .pt with torch.load's
         # defaults, which run code before torch 2.6; sized on the meta device against the weights first
-        stored = stored_values(weights)
-        if stored is None:
-            raise ValueError(f"{weights[0]} cannot be read as a weights-only torch file (pickled code is never run)")
-        over = built_within(lambda: SpeechTokenizer(config), Stored(*(DECLARED_SLACK * n for n in stored)))
-        if over is not None:
-            raise ValueError(f"{path / 'config.json'} declares a SpeechTokenizer of at least {over.values:,} parameters "
-                             f"but {weights[0].name} holds {stored.values:,}; copy the checkpoint again")
+        check_fits_weights(lambda: SpeechTokenizer(config), weights[0], path / "config.json", "a SpeechTokenizer",
+                           "copy the checkpoint again")
         self.model = SpeechTokenizer(config)
         try:
             self.model.load_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))

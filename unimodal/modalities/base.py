@@ -267,6 +267,21 @@ def built_within(build: Callable[[], object], budget: Stored) -> Stored | None:
     return None
 
 
+def check_fits_weights(build: Callable[[], object], weights: Path, config_file: Path, what: str, fix: str) -> None:
+    """Build ``what`` as ``config_file`` declares it (``build``) on the meta device, and refuse it in
+    one line once it passes :data:`DECLARED_SLACK` times what the weight file ``weights`` holds (or
+    when that file cannot be read weights-only): for loaders that build a model before reading
+    its weights, as the framework's own codec files do."""
+    stored = stored_values([weights])
+    if stored is None:
+        raise ValueError(f"the weights in {weights.parent} cannot be read ({weights.name} is not a whole weights-only file; "
+                         f"pickled code is never run); {fix}")
+    over = built_within(build, Stored(*(DECLARED_SLACK * n for n in stored)))
+    if over is not None:
+        raise ValueError(f"{config_file} declares {what} of at least {over.values:,} parameters ({over.tensors:,} tensors) "
+                         f"but {weights.name} holds {stored.values:,} ({stored.tensors:,}); {fix}")
+
+
 def check_declared(path: Path, build: Callable[[], object]) -> None:
     """Build the model the directory ``path``'s ``config.json`` describes (``build``) on the meta
     device before a library loads it: a value the model cannot be built from is one line naming the

@@ -28,15 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimodal.modalities.base import (
-    DECLARED_SLACK,
     MediaCodec,
-    Stored,
-    built_within,
+    check_fits_weights,
     load_pretrained,
     model_config,
     model_files_read,
     no_weights_bar,
-    stored_values,
     weights_checksum,
 )
 from unimodal.modalities.image_continuous import MAX_IMAGE_SIZE, center_crop
@@ -420,16 +417,11 @@ class SeedTokenizer(MediaCodec, nn.Module):
             raise ValueError(f"{path / CONFIG_FILE}: a saved SEED tokenizer names its vision_dim and embed_dim (> 0); save it again")
         if not (isinstance(config.image_size, int) and 1 <= config.image_size <= MAX_IMAGE_SIZE):
             raise ValueError(f"{path / CONFIG_FILE}: image_size={config.image_size!r}; it must be an integer in [1, {MAX_IMAGE_SIZE}]")
-        stored = stored_values([path / WEIGHTS_FILE])
-        if stored is None:
-            raise ValueError(f"the weights in {path} cannot be read ({WEIGHTS_FILE} is not a whole safetensors file); save the SEED tokenizer again")
         vision = load_encoder(EncoderSpec(path=str(path / "vision")))
         projection = saved.get("target_projection", True)
         target = load_encoder(EncoderSpec(path=str(path / "target"), projection=projection)) if saved.get("target") else None
-        over = built_within(lambda: cls(SeedConfig(**saved["config"]), vision, target, projection), Stored(*(DECLARED_SLACK * n for n in stored)))
-        if over is not None:
-            raise ValueError(f"{path / CONFIG_FILE} declares a tokenizer of at least {over.values:,} parameters ({over.tensors:,} tensors) "
-                             f"but {WEIGHTS_FILE} holds {stored.values:,} ({stored.tensors:,}); save the SEED tokenizer again")
+        check_fits_weights(lambda: cls(SeedConfig(**saved["config"]), vision, target, projection), path / WEIGHTS_FILE,
+                           path / CONFIG_FILE, "a tokenizer", "save the SEED tokenizer again")
         tokenizer = cls(config, vision, target, projection)
         with model_files_read(path):
             own = load_file(str(path / WEIGHTS_FILE))
