@@ -391,7 +391,8 @@ def check_caps(settings: dict[str, Any], caps: dict[str, float]) -> None:
 def _spoken_reply_as_content(message: Any, index: int, audio_rate: int | None) -> Any:
     """An assistant message with ``audio`` (a spoken reply as :func:`message_fields` returns it)
     as content parts again: its ``content`` (or, when that is null, its ``transcript``), then the
-    clip, unless ``content`` holds it already. This server keeps no replies, so a clip sent back by ``id`` alone is refused."""
+    clip, unless ``content`` holds it already. This server keeps no replies, so a clip sent back
+    by ``id`` alone is refused."""
     if not isinstance(message, dict) or message.get("role") != "assistant" or message.get("audio") is None:
         return message
     if isinstance(message.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "input_audio" for p in message["content"]):
@@ -613,10 +614,12 @@ async def _stream(batcher: Batcher, job: Job, queue: asyncio.Queue, call: Call, 
                 yield chunk({"content": item})
             elif isinstance(item, ReplyPart):
                 fmt = call.audio_format if call.audio_format not in (None, "pcm16") else "wav"
-                delta: dict[str, Any] = {"content": [wire_part(item, fmt)]}
+                part = wire_part(item, fmt)
+                delta: dict[str, Any] = {"content": [part]}
                 if item.type == "audio" and call.audio_format and clip_id is None:
                     clip_id = f"audio_{uuid.uuid4().hex}"
-                    data = base64.b64encode(encode_audio(item, call.audio_format)).decode()
+                    same = fmt == call.audio_format  # encoded once unless message.audio is raw pcm16
+                    data = part["input_audio"]["data"] if same else base64.b64encode(encode_audio(item, call.audio_format)).decode()
                     delta["audio"] = {"id": clip_id, "data": data, "expires_at": int(time.time()) + 3600}
                 yield chunk(delta)
             else:
