@@ -317,7 +317,6 @@ def test_data_tokenizer_stops_at_ctrl_c_and_keeps_the_tokenizer_there(tmp_path: 
     the run said it was interrupted. Here a stand-in training that ignores Ctrl-C and would take
     half a minute: the command stops within seconds, and the old tokenizer stays."""
     import signal
-    import threading
     import time
 
     from unimodal.data import sentencepiece_trainer
@@ -327,22 +326,20 @@ def test_data_tokenizer_stops_at_ctrl_c_and_keeps_the_tokenizer_there(tmp_path: 
     assert main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "270"]) == 0
     before, train = out.read_bytes(), sentencepiece_trainer._train
 
+    parent = os.getpid()
+
     def deaf_to_ctrl_c(spm, texts, prefix, vocab_size, **options):
         train(spm, texts, prefix, vocab_size, **options)  # its files written, as SentencePiece writes them at the end
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            os.kill(parent, signal.SIGINT)  # Ctrl-C while it is deaf (a timer could fire before, on a busy machine)
             time.sleep(30)
         finally:
             signal.signal(signal.SIGINT, previous)
 
     monkeypatch.setattr(sentencepiece_trainer, "_train", deaf_to_ctrl_c)
-    ctrl_c = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
     started = time.monotonic()
-    ctrl_c.start()
-    try:
-        code = main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "280", "--overwrite"])
-    finally:
-        ctrl_c.cancel()
+    code = main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "280", "--overwrite"])
     assert code == 130 and time.monotonic() - started < 20
     assert "interrupted" in capsys.readouterr().err
     assert out.read_bytes() == before and sorted(f.name for f in tmp_path.iterdir()) == ["src.jsonl", "tok.model", "tok.vocab"]
