@@ -338,8 +338,13 @@ def test_data_tokenizer_stops_at_ctrl_c_and_keeps_the_tokenizer_there(tmp_path: 
             signal.signal(signal.SIGINT, previous)
 
     monkeypatch.setattr(sentencepiece_trainer, "_train", deaf_to_ctrl_c)
+    # Ctrl-C raises here however the tests were started: a shell's background job inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
-    code = main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "280", "--overwrite"])
+    try:
+        code = main(["data", "tokenizer", str(tmp_path / "src.jsonl"), "--out", str(out), "--vocab_size", "280", "--overwrite"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130 and time.monotonic() - started < 20
     assert "interrupted" in capsys.readouterr().err
     assert out.read_bytes() == before and sorted(f.name for f in tmp_path.iterdir()) == ["src.jsonl", "tok.model", "tok.vocab"]

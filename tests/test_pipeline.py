@@ -276,7 +276,7 @@ def test_ranks_waiting_for_a_rank_0_killed_outright_stop_once_its_heartbeat_goes
     stage = pipeline_module.Stage(name="a", recipe=Path("recipes/text/tiny.yaml"))
     marker = tmp_path / "stage.json"
     marker.write_text(json.dumps({"status": "running"}))
-    (tmp_path / "export.heartbeat").write_text("7\n")  # the last beat of a rank 0 that died
+    (tmp_path / "rank0.heartbeat").write_text("7\n")  # the last beat of a rank 0 that died
     with pytest.raises(PipelineError, match=r"^stage 'a' trained, but rank 0 has not been heard from for 0.2 s .*run the same pipeline"):
         pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01, silent_s=0.2)
 
@@ -284,7 +284,7 @@ def test_ranks_waiting_for_a_rank_0_killed_outright_stop_once_its_heartbeat_goes
     result = {"name": "a", "status": "done", "steps": 3, "train_loss": None, "val_loss": None, "wall_s": 1.0, "output": "out"}
 
     def export_slowly():
-        with pipeline_module._heartbeat(tmp_path / "export.heartbeat", every_s=0.02):
+        with pipeline_module._heartbeat(tmp_path / "rank0.heartbeat", every_s=0.02):
             time.sleep(1.0)
         marker.write_text(json.dumps({"status": "done", "result": result}))
 
@@ -293,7 +293,7 @@ def test_ranks_waiting_for_a_rank_0_killed_outright_stop_once_its_heartbeat_goes
     waited = pipeline_module._wait_for_rank_zero(stage, marker, poll_s=0.01, silent_s=0.2)
     rank_zero.join()
     assert waited.status == "done" and waited.steps == 3
-    assert not (tmp_path / "export.heartbeat").exists()  # a finished export leaves no heartbeat behind
+    assert not (tmp_path / "rank0.heartbeat").exists()  # a finished export leaves no heartbeat behind
 
 
 def test_rank_0_beats_while_it_trains_too(tmp_path, monkeypatch):
@@ -304,7 +304,7 @@ def test_rank_0_beats_while_it_trains_too(tmp_path, monkeypatch):
     heard = []
 
     def train(config_file):
-        heard.append((config_file.parent / "export.heartbeat").is_file())
+        heard.append((config_file.parent / "rank0.heartbeat").is_file())
         (config_file.parent / "checkpoints").mkdir(exist_ok=True)
         (config_file.parent / "checkpoints" / "last.ckpt").write_bytes(b"weights")
         return 3
@@ -313,7 +313,7 @@ def test_rank_0_beats_while_it_trains_too(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline_module, "export", lambda checkpoint, out, **kwargs: Path(out).mkdir(parents=True, exist_ok=True))
     monkeypatch.setattr(pipeline_module, "_last_metric", lambda run_dir, name: None)
     run_pipeline(write(tmp_path, [{"name": "a", "recipe": "recipes/text/tiny.yaml"}]), tiny=True, root=tmp_path / "runs")
-    assert heard == [True] and not (tmp_path / "runs" / "a" / "export.heartbeat").exists()
+    assert heard == [True] and not (tmp_path / "runs" / "a" / "rank0.heartbeat").exists()
 
 
 def test_a_moved_pipeline_roots_absolute_paths_are_the_same_files(tmp_path):

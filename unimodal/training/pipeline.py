@@ -78,7 +78,7 @@ log = logging.getLogger("unimodal.pipeline")
 STAGE_FILE = "stage.json"
 STAGE_FIX = "remove its stage's directory to run that stage again"
 # rank 0 rewrites it while it trains and exports; the waiting ranks give up once it stops changing
-HEARTBEAT_FILE = "export.heartbeat"
+HEARTBEAT_FILE = "rank0.heartbeat"
 HEARTBEAT_S = 10.0
 RANK_ZERO_SILENT_S = 120.0
 RESOLVED_RECIPE = "recipe.yaml"
@@ -460,7 +460,7 @@ def _heartbeat(path: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
             count += 1
 
     write(0)  # before the block starts: a rank that looks then finds it
-    thread = threading.Thread(target=beat, name="unimodal-export-heartbeat", daemon=True)
+    thread = threading.Thread(target=beat, name="unimodal-rank0-heartbeat", daemon=True)
     thread.start()
     try:
         yield
