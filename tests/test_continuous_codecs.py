@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,3 +350,50 @@ def test_transparent_pixels_decode_over_white_as_a_viewer_shows_them():
         assert (decoded[2:6, 3:5] == 0).all() and (decoded[0] == 255).all(), name
     np.testing.assert_array_equal(np.asarray(load_image(half))[0, 0], [127, 127, 127])
     assert (np.asarray(load_image(rgba))[0] == 255).all()
+
+
+def test_features_of_a_replaced_vae_are_refused_where_a_model_learned_them(tmp_path):
+    """A VAE too large to copy into an export is named by its path, where it could be replaced.
+    The layout pins the fingerprint of the codec whose features the model learned, so loading the
+    export, fine-tuning it and resuming its run with another VAE's latents are each refused."""
+    from safetensors.torch import load_file, save_file
+
+    from unimodal.checkpoints.load import ExportError, check_extends
+    from unimodal.data.datamodule import UnimodalDataModule
+    from unimodal.worlds import resolve
+
+    path, _ = tiny_vae_dir(tmp_path)
+    tokenizer = Path(resolve("builtin:text/tokenizer.model"))
+
+    def data() -> UnimodalDataModule:
+        return UnimodalDataModule([resolve("builtin:text/train")], str(tokenizer), feature_dim=16,
+                                  codecs={"image": VAECodec(str(path), size=16, patch=2)})
+
+    trained = data()
+    before = trained.codecs["image"].fingerprint()
+    assert trained.layout.feature_sources == {"image": before} and trained.layout.code_sources == {}
+    check_extends(trained.layout, data().layout, "the export")  # the same VAE: nothing to refuse
+
+    (file,) = path.glob("*.safetensors")
+    weights = load_file(str(file))
+    weights = {name: tensor + 0.01 for name, tensor in weights.items()}
+    save_file(weights, str(file), metadata={"format": "pt"})
+    replaced = data()
+    after = replaced.codecs["image"].fingerprint()
+    assert after["checksum"] != before["checksum"]
+
+    with pytest.raises(ExportError) as refused:
+        check_extends(trained.layout, replaced.layout, "the export")
+    assert "learned its image features from" in str(refused.value)
+    processor_json = {"tokenizer": tokenizer.name, "layout": trained.layout.to_dict(), "feature_dim": 16,
+                      "codecs": {"image": {"class_path": "unimodal.modalities.VAECodec",
+                                           "init_args": {"path": str(path), "size": 16, "patch": 2}}}}
+    with pytest.raises(ValueError) as refused:
+        Processor.from_json(processor_json, tokenizer.parent)
+    message = str(refused.value)
+    assert "\n" not in message and before["checksum"] in message and after["checksum"] in message
+    with pytest.raises(ValueError, match="vocabulary layout mismatch with the data in feature_sources"):
+        replaced.load_state_dict({"vocab_layout": trained.layout.to_dict(), "epoch": 0, "batches": 3})
+    # a layout saved before continuous codecs were pinned resumes
+    unpinned = {k: v for k, v in trained.layout.to_dict().items() if k != "feature_sources"}
+    replaced.load_state_dict({"vocab_layout": unpinned, "epoch": 0, "batches": 3})

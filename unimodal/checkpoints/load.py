@@ -221,7 +221,8 @@ def check_extends(old: VocabLayout, new: VocabLayout, what: str, reinit: Collect
 
     A code range both share must be filled by the same codec (fingerprint): the rows ``what``
     learned mean its codes, and a refit codec's codes mean other media. Ranges in ``reinit`` are
-    exempt, as :func:`init_from_export` restarts their rows."""
+    exempt, as :func:`init_from_export` restarts their rows. Continuous features both use must
+    come from the same codec too: another VAE's latents are other media to the feature head."""
     same_prefix = (
         old.text_size == new.text_size
         and old.specials == new.specials
@@ -242,6 +243,13 @@ def check_extends(old: VocabLayout, new: VocabLayout, what: str, reinit: Collect
                 f"{what} learned its {name} rows on codes of [{describe_fingerprint(trained)}] but this run's {name} codes come "
                 f"from [{describe_fingerprint(mine)}]; use the codec {what} was trained with, or restart those rows with "
                 f"--model.init_args.reinit_codes=[{name}]"
+            )
+    for name, trained in old.feature_sources.items():
+        mine = new.feature_sources.get(name)
+        if mine is not None and mine != trained:
+            raise ExportError(
+                f"{what} learned its {name} features from [{describe_fingerprint(trained)}] but this run's {name} features come "
+                f"from [{describe_fingerprint(mine)}]; use the codec {what} was trained with"
             )
 
 

@@ -441,6 +441,7 @@ class UnimodalDataModule(ResumableDataModule):
                 code_ranges=dict(self.code_ranges),
                 code_layers=dict(self.code_layers),
                 code_sources=code_sources(paths, self.code_ranges, self.code_layers, self.codecs),
+                feature_sources={name: codec.fingerprint() for name, codec in self.codecs.items() if name not in self.code_ranges},
             )
         return self._layout
 
@@ -495,7 +496,10 @@ class UnimodalDataModule(ResumableDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "vocab_layout" in state:
-            VocabLayout.from_dict(state["vocab_layout"]).check_compatible(self.layout, "the data")
+            saved = state["vocab_layout"]
+            # a layout saved without feature_sources pins no continuous codec
+            saved = saved if "feature_sources" in saved else {**saved, "feature_sources": self.layout.feature_sources}
+            VocabLayout.from_dict(saved).check_compatible(self.layout, "the data")
         super().load_state_dict(state)
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:

@@ -178,16 +178,23 @@ class Processor:
         ``directory``; the codecs' paths are already resolved). ``unimodal.load`` is the usual way in.
 
         A codec that is not the one the model's code rows were trained with (a refit codec put in
-        an export, docs/refit-codec.md) is refused: its codes would mean other media to the model."""
+        an export, docs/refit-codec.md) is refused: its codes would mean other media to the model.
+        So is a continuous codec other than the one its features came from (a VAE replaced at the
+        path an export names)."""
         codecs = {name: instantiate(spec, MediaCodec, f"{directory}: the {name} codec") for name, spec in (config.get("codecs") or {}).items()}
         layout = VocabLayout.from_dict(config["layout"])
         for name, codec in codecs.items():
-            trained = layout.code_sources.get(name)
-            if trained is not None and codec.fingerprint() != trained:
+            coded, continuous = layout.code_sources.get(name), layout.feature_sources.get(name)
+            if coded is not None and codec.fingerprint() != coded:
                 raise ValueError(
                     f"{directory}: its {name} codec is [{describe_fingerprint(codec.fingerprint())}] but the model's {name} rows "
-                    f"were trained on codes of [{describe_fingerprint(trained)}]; put back the codec it was exported with, or "
+                    f"were trained on codes of [{describe_fingerprint(coded)}]; put back the codec it was exported with, or "
                     f"fine-tune with this one (--model.init_args.reinit_codes=[{name}]) and export again"
+                )
+            if continuous is not None and codec.fingerprint() != continuous:
+                raise ValueError(
+                    f"{directory}: its {name} codec is [{describe_fingerprint(codec.fingerprint())}] but the model learned its "
+                    f"{name} features from [{describe_fingerprint(continuous)}]; put back the codec it was exported with"
                 )
         return cls(
             tokenizer=load_tokenizer(directory / config["tokenizer"]),

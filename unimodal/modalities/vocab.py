@@ -7,7 +7,8 @@ valid targets. The layout is saved with every checkpoint and compared with the d
 A code range may hold several RVQ layers of one codebook size, laid out layer after layer:
 ``id = range_offset + layer * codebook_size + code``. ``code_sources`` records the fingerprint of
 the tokenizer that produced each range's codes, so codes of another tokenizer never meet a model
-trained on these. ``docs/vocabulary.md`` is the user-facing description.
+trained on these; ``feature_sources`` does the same for continuous codecs (a VAE's latents), whose
+features the model reads and writes without ids. ``docs/vocabulary.md`` is the user-facing description.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class VocabLayout:
     code_layers: dict[str, int] = field(default_factory=dict)
     # name -> fingerprint of the tokenizer whose codes fill the range (name, sizes, checksum)
     code_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # name -> fingerprint of the codec whose continuous features the model was trained on, for a
+    # modality without a code range (a codec that fills one is in code_sources)
+    feature_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check()
@@ -51,6 +55,9 @@ class VocabLayout:
             unknown = sorted(set(keys) - set(self.code_ranges))
             if unknown:
                 raise ValueError(f"vocabulary layout: {what} names {unknown}, which are not code ranges {list(self.code_ranges)}")
+        coded = sorted(set(self.feature_sources) & set(self.code_ranges))
+        if coded:
+            raise ValueError(f"vocabulary layout: feature_sources names {coded}, whose codecs code_sources records (they fill code ranges)")
         spans = self.spans()
         for (a, a_start, a_stop), (b, b_start, _) in zip(spans, spans[1:]):
             if b_start < a_stop:
@@ -159,6 +166,7 @@ class VocabLayout:
                 pad_to=int(raw.get("pad_to", 64)),
                 code_layers=dict(raw.get("code_layers", {})),
                 code_sources=dict(raw.get("code_sources", {})),
+                feature_sources=dict(raw.get("feature_sources", {})),
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"vocabulary layout: not a layout ({type(err).__name__}: {err})") from None
