@@ -185,15 +185,18 @@ class Processor:
         layout = VocabLayout.from_dict(config["layout"])
         for name, codec in codecs.items():
             coded, continuous = layout.code_sources.get(name), layout.feature_sources.get(name)
-            if coded is not None and codec.fingerprint() != coded:
+            if coded is None and continuous is None:
+                continue  # nothing recorded to compare: no weights to checksum
+            mine = codec.fingerprint()
+            if coded is not None and mine != coded:
                 raise ValueError(
-                    f"{directory}: its {name} codec is [{describe_fingerprint(codec.fingerprint())}] but the model's {name} rows "
+                    f"{directory}: its {name} codec is [{describe_fingerprint(mine)}] but the model's {name} rows "
                     f"were trained on codes of [{describe_fingerprint(coded)}]; put back the codec it was exported with, or "
                     f"fine-tune with this one (--model.init_args.reinit_codes=[{name}]) and export again"
                 )
-            if continuous is not None and codec.fingerprint() != continuous:
+            if continuous is not None and mine != continuous:
                 raise ValueError(
-                    f"{directory}: its {name} codec is [{describe_fingerprint(codec.fingerprint())}] but the model learned its "
+                    f"{directory}: its {name} codec is [{describe_fingerprint(mine)}] but the model learned its "
                     f"{name} features from [{describe_fingerprint(continuous)}]; put back the codec it was exported with"
                 )
         return cls(
