@@ -331,6 +331,8 @@ def test_the_audio_limit_of_an_export_can_be_raised_at_load(tmp_path):
         (lambda d: _edit_json(d / "config.json", vocab_size=1280), r"the backbone has 1280 vocabulary rows but its vocabulary layout .* needs 1344"),
         (lambda d: _edit_layout(d, text_size=520), r"the tokenizer has 512 ids but its vocabulary layout .* has text_size 520"),
         (lambda d: _edit_layout(d, code_ranges={"image": 10**12, "audio": 512}), r"1344 vocabulary rows but its vocabulary layout .* needs 1000000001088"),
+        (lambda d: _edit_layout(d, feature_sources="x"), r"vocabulary layout: feature_sources must be a mapping"),
+        (lambda d: _edit_layout(d, code_sources={"audio": 3}), r"vocabulary layout: code_sources of \['audio'\] is not a codec fingerprint"),
         # settings of the wrong type: a model would run with seq_len "x", or read no audio layer
         (lambda d: _edit_json(d / "unimodal.json", data={**_json(d / "unimodal.json")["data"], "seq_len": "x"}),
          r"unimodal.json: seq_len is 'x', not a whole number >= 1"),

@@ -99,6 +99,14 @@ def _rename_classes(node: Any) -> None:
             _rename_classes(value)
 
 
+def export_layout(raw: Any, file: Path) -> VocabLayout:
+    """The vocabulary layout an export file holds; one that is not a layout is one line naming the file."""
+    try:
+        return VocabLayout.from_dict(raw)
+    except ValueError as err:
+        raise ExportError(f"{file}: {err}; {REEXPORT}") from None
+
+
 def upgrade_export_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
     """The current form of an export's ``unimodal.json``; older formats are upgraded or refused."""
     fmt = config.get("format")
@@ -115,7 +123,7 @@ def upgrade_export_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
         )
     config["model"] = {key: spec[key] for key in MODEL_KEYS if spec.get(key) is not None}
     data = config.pop("data", None) or {}
-    layout = VocabLayout.from_dict(config.pop("layout"))
+    layout = export_layout(config.pop("layout"), file)
     config["processor"] = processor_config(config.pop("tokenizer"), layout, data, data.get("codecs") or {})
     _rename_classes(config)
     config["format"] = FORMAT
@@ -145,6 +153,7 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     processor_file = path / PROCESSOR_FILE if (path / PROCESSOR_FILE).is_file() else file
     check_untrusted(config["processor"], processor_file)
     check_settings(config["processor"], processor_file)
+    export_layout(config["processor"]["layout"], processor_file)
     without_starting_points(config["model"])  # an export names no starting point; older exports did
     for name, args in codec_dirs(config["processor"].get("codecs")):  # codecs the export carries, as the export's path is written
         if args["path"] == f"{CODECS_DIR}/{name}":

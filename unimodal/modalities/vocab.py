@@ -55,6 +55,10 @@ class VocabLayout:
             unknown = sorted(set(keys) - set(self.code_ranges))
             if unknown:
                 raise ValueError(f"vocabulary layout: {what} names {unknown}, which are not code ranges {list(self.code_ranges)}")
+        for what, sources in (("code_sources", self.code_sources), ("feature_sources", self.feature_sources)):
+            odd = sorted(name for name, fingerprint in sources.items() if not isinstance(fingerprint, dict))
+            if odd:
+                raise ValueError(f"vocabulary layout: {what} of {odd} is not a codec fingerprint (a mapping)")
         coded = sorted(set(self.feature_sources) & set(self.code_ranges))
         if coded:
             raise ValueError(f"vocabulary layout: feature_sources names {coded}, whose codecs code_sources records (they fill code ranges)")
@@ -158,6 +162,10 @@ class VocabLayout:
     def from_dict(cls, raw: dict[str, Any]) -> VocabLayout:
         """The layout a saved file describes; one that is not a layout (a size of the wrong type, a
         key missing) is one ``ValueError``."""
+        mappings = ("code_ranges", "code_layers", "code_sources", "feature_sources")
+        odd = [key for key in mappings if not isinstance(raw.get(key, {}), dict)] if isinstance(raw, dict) else []
+        if odd:
+            raise ValueError(f"vocabulary layout: {', '.join(odd)} must be a mapping")
         try:
             return cls(
                 text_size=int(raw["text_size"]),
