@@ -91,6 +91,17 @@ def test_pairs_can_be_flipped_and_codes_are_not_encoded_twice(raw_shards, encode
         encode_shards(encoded, tmp_path / "again", codecs, progress=False)
 
 
+def test_a_flipped_pair_keeps_its_loss_on_the_second_part_and_chats_are_never_flipped(codecs, tmp_path):
+    caption = Document([Part("image", media=0, data=png(0), loss=False), Part("text", text="a zero")], key="caption")
+    chat = Document([Part("text", text="Draw a zero.", role="user", loss=False),
+                     Part("image", media=0, data=png(1), role="assistant")], key="chat")
+    write_documents([caption, chat], tmp_path / "raw")
+    encode_shards(tmp_path / "raw", tmp_path / "flipped", {"image": codecs["image"]}, flip_pairs=1.0, progress=False)
+    flipped = {d.key: [(p.type, p.role, p.loss) for p in d.parts] for d in read_documents(tmp_path / "flipped")}
+    assert flipped["caption"] == [("text", None, False), ("image", None, True)]  # the generation direction
+    assert flipped["chat"] == [("text", "user", False), ("image", "assistant", True)]
+
+
 class StopsAfter:
     """An image codec that is interrupted (Ctrl-C) after ``batches`` calls and counts what it encodes."""
 

@@ -192,6 +192,20 @@ def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | Non
     return counted
 
 
+def is_flippable_pair(doc: Document) -> bool:
+    """One image and one text, neither a chat turn: a chat's order is its meaning (a prompt after
+    its answer would teach replies to nothing)."""
+    return sorted(p.type for p in doc.parts) == ["image", "text"] and all(p.role is None for p in doc.parts)
+
+
+def flip_pair(doc: Document) -> None:
+    """Swap the two parts; the loss flags stay with the positions, so an image-first pair that
+    supervises its caption becomes a caption-first pair that supervises its image."""
+    first, second = doc.parts
+    first.loss, second.loss = second.loss, first.loss
+    doc.parts.reverse()
+
+
 def encode_shards(
     src: str | Path,
     out_dir: str | Path,
@@ -209,8 +223,8 @@ def encode_shards(
     Media of ``batch_size`` documents go through a codec together where it has ``encode_batch``.
 
     ``flip_pairs``: the probability of swapping the two parts of a one-image-one-text document
-    (SEED-LLaMA trains on image->text and text->image pairs half the time each), drawn per document
-    key so that a resumed encode flips the same pairs.
+    that is not a chat (SEED-LLaMA trains on image->text and text->image pairs half the time
+    each), drawn per document key so that a resumed encode flips the same pairs.
 
     An interrupted encode keeps its complete shards; ``resume`` goes on after them (the source's
     documents are read in the same order, and those already written are skipped, not encoded).
@@ -254,8 +268,8 @@ def encode_shards(
             for (_, part), array in zip(parts, codes):
                 part.data = np.asarray(array).astype(np.int32)
         for doc in batch:
-            if sorted(p.type for p in doc.parts) == ["image", "text"] and held_out(f"flip {seed} {doc.key}", flip_pairs):
-                doc.parts.reverse()
+            if is_flippable_pair(doc) and held_out(f"flip {seed} {doc.key}", flip_pairs):
+                flip_pair(doc)
         return batch
 
     def documents() -> Iterator[Document]:
