@@ -163,11 +163,13 @@ def test_a_clip_the_codec_refuses_is_one_bad_sample_not_the_end_of_training(char
     docs = [Document([Part("text", text="say it"), Part("audio", media=0, data=(clip, RATE))], key=key)
             for key, clip in (("long", speech(3.0)), ("nan", nan), ("fine", speech()))]
     docs.append(Document([Part("text", text="x"), Part("image", media=0, data=np.array(1.5, dtype=np.float32))], key="scalar"))
+    docs += [Document([Part("text", text="x"), Part("image", media=0, data=np.zeros(shape, np.float32))], key=f"empty {shape}")
+             for shape in ((0,), (5, 0))]
     policy = BadSamplePolicy(max_bad_fraction=1.0)
     batches = list(StreamConfig(processor, seq_len=256, batch_size=4).batches(docs, policy))
-    assert policy.skipped == 3 and policy.seen == 4
+    assert policy.skipped == 5 and policy.seen == 6
     (batch,) = batches
-    assert int(batch.doc_ids.max()) == 1 and int(batch.samples_skipped) == 3  # the one good document, and the count
+    assert int(batch.doc_ids.max()) == 1 and int(batch.samples_skipped) == 5  # the one good document, and the count
 
 
 def test_a_speechtokenizer_checkpoint_is_read_weights_only_and_sized_first(tmp_path, monkeypatch):

@@ -168,6 +168,7 @@ GOOD = json.dumps({"parts": [{"type": "text", "text": "fine"}]})
         (json.dumps({"parts": [{"type": "image", "path": "a" * 5000 + ".png"}]}),
          r"src\.jsonl:2: image file 'a{200}'\.\.\. \(5004 characters\) cannot be read \(File name too long\)"),
         (json.dumps({"parts": [{"type": "image", "path": "huge.npy"}]}), r"src\.jsonl:2: image file 'huge.npy' is 600 MiB, over the 512 MiB a media file may have"),
+        (json.dumps({"parts": [{"type": "image", "path": "a\u0000b.png"}]}), r"src\.jsonl:2: image file 'a\\x00b.png' cannot be read \(embedded null byte\)"),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}),
          r"src\.jsonl:2: message 0: image data URL of type image/png is not a \.png file \(it starts with b'hello'\)"),
         (r'{"parts": [{"type": "text", "text": "caf\xe9"}]}', r"src\.jsonl:2: not UTF-8 \(byte 0xe9 at column 41\); save the file as UTF-8"),
@@ -258,6 +259,9 @@ def test_unreadable_media_and_missing_member(tmp_path: Path):
     from unimodal.data.shards import sample_to_document
 
     with pytest.raises(DocumentError, match="sample 'k' in s.tar: image part refers to media 3 but the sample has no member"):
+        sample_to_document(sample)
+    sample["3"] = b"written by another tool"
+    with pytest.raises(DocumentError, match="sample 'k' in s.tar: member '3' has no file extension, so its image type is unknown"):
         sample_to_document(sample)
 
 

@@ -138,8 +138,8 @@ def source_media(raw_part: dict[str, Any], base: Path, where: str, index: int, o
         info = file.stat()
     except FileNotFoundError:
         raise DocumentError(f"{where}: {kind} file {shown} not found (looked at {file})") from None
-    except OSError as err:  # a name too long, a loop of links, no permission
-        raise DocumentError(f"{where}: {kind} file {shown} cannot be read ({err.strerror or err})") from None
+    except (OSError, ValueError) as err:  # a name too long, a loop of links, no permission, a NUL byte
+        raise DocumentError(f"{where}: {kind} file {shown} cannot be read ({getattr(err, 'strerror', None) or err})") from None
     if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
         what = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
         raise DocumentError(f"{where}: {kind} file {shown} is {what}, not a regular file (looked at {file})")

@@ -248,6 +248,8 @@ class Processor:
                 raise DocumentError(f"{doc.where()}: {part.type} part {part.media}: the {part.type} codec cannot encode it ({err})") from None
         if array.ndim == 0:
             raise DocumentError(f"{doc.where()}: {part.type} part {part.media} is a single number, not {part.type} codes or features")
+        if array.size == 0:
+            raise DocumentError(f"{doc.where()}: {part.type} part {part.media} is an empty array {tuple(array.shape)}")
         begin, end = SPAN_MARKERS[part.type]
         modality = MODALITY_IDS[part.type]
 

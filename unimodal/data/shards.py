@@ -543,6 +543,8 @@ def sample_to_document(sample: dict[str, Any], decode: bool = True) -> Document:
         if len(names) != 1:
             problem = "no member" if not names else f"several members ({', '.join(names)})"
             raise DocumentError(f"{where}: {part.type} part refers to media {part.media} but the sample has {problem}")
+        if "." not in names[0]:
+            raise DocumentError(f"{where}: member {names[0]!r} has no file extension, so its {part.type} type is unknown")
         ext = names[0].split(".", 1)[1]
         if ext not in MEDIA_EXTENSIONS[part.type]:
             raise DocumentError(f"{where}: member {names[0]} is not a valid {part.type} file type")
