@@ -552,7 +552,7 @@ def test_a_file_name_in_a_spec_is_not_taken_for_a_module(tmp_path):
         check_untrusted({"continuous": {"image": "os.system"}}, tmp_path / "unimodal.json", code_strings=True)
 
 
-THROUGH_GLOBALS = "unimodal.checkpoints.export.os.system"  # starts with unimodal., and is os.system
+THROUGH_GLOBALS = "unimodal.checkpoints.files.os.system"  # starts with unimodal., and is os.system
 
 
 @pytest.mark.parametrize("where", ["continuous", "codec", "nested"])

@@ -69,7 +69,10 @@ def test_a_fine_tune_replays_its_exports_data_and_reports_every_task(tmp_path, c
     assert any(row["before"] != row["after"] for row in tasks.values())  # two steps of training moved them
 
     caplog.clear()
-    quiet = [*args[:-len(QUICK)], "--data.init_args.replay_weight=0", f"--trainer.default_root_dir={tmp_path / 'forgetful'}",
+    # streamed new data (a pipe: command, opted in): sampled for the coverage warning, recorded as written
+    piped = f"pipe:cat {min(Path(text_only).glob('*.tar'))}"
+    quiet = [*args[:-len(QUICK) - 1], f"--data.init_args.datasets=[{piped}]", "--data.init_args.allow_pipe_urls=true",
+             "--data.init_args.replay_weight=0", f"--trainer.default_root_dir={tmp_path / 'forgetful'}",
              f"--data.init_args.val_datasets=[{text_only}]", *QUICK]
     assert unimodal_main(quiet) == 0
     assert any("may forget them" in r.getMessage() for r in caplog.records)
@@ -77,6 +80,7 @@ def test_a_fine_tune_replays_its_exports_data_and_reports_every_task(tmp_path, c
     assert unimodal_main(["export", str(tmp_path / "forgetful"), "--out", str(tmp_path / "forgetful-export")]) == 0
     again = json.loads((tmp_path / "forgetful-export" / "unimodal.json").read_text())["training_data"]
     assert [d["path"] for d in again["val_datasets"]] == [d["path"] for d in record["val_datasets"]] + [str(Path(text_only).resolve())]
+    assert [d["path"] for d in again["datasets"]] == [piped]
 
 
 def test_a_misspelt_init_from_is_named(tmp_path, capsys):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from unimodal.checkpoints.load import (
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
+from unimodal.data.shards import absolute_spec
 from unimodal.errors import UserError
 from unimodal.modalities.base import no_weights_bar
 from unimodal.models.backbone import causal_lm_from_config
@@ -157,9 +157,9 @@ def training_record(data: dict[str, Any], init_from: str | None = None) -> dict[
     earlier = []
     if init_from and (Path(init_from) / CONFIG_FILE).is_file():
         earlier = (read_export_config(init_from).get("training_data") or {}).get("val_datasets") or []
-    own = [{"path": os.path.abspath(d.path), "weight": d.weight} for d in shard_sets(data.get("val_datasets"))]
+    own = [{"path": absolute_spec(d.path), "weight": d.weight} for d in shard_sets(data.get("val_datasets"))]
     val = list({d["path"]: d for d in [*earlier, *own]}.values())
-    return {"datasets": [{"path": os.path.abspath(d.path), "weight": round(d.weight, 6)} for d in mixture], "val_datasets": val}
+    return {"datasets": [{"path": absolute_spec(d.path), "weight": round(d.weight, 6)} for d in mixture], "val_datasets": val}
 
 
 def write_export(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tarfile
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -29,6 +28,7 @@ from unimodal.data.shards import (
     STATS_FILE,
     ShardError,
     ShardStats,
+    absolute_spec,
     expand_shards,
     held_out,
     is_complete_tar,
@@ -167,8 +167,8 @@ def _continued(out: Path, job: dict[str, Any], resume: bool) -> ShardStats | Non
         raise FileExistsError(f"{out} holds an interrupted encode ({len(shards)} shard{'' if len(shards) == 1 else 's'}): "
                               "add --resume to go on from its complete shards, or write to an empty directory")
     recorded = read_json_object(job_file, "encode into an empty directory")
-    if isinstance(recorded.get("source"), str) and not is_streamed(recorded["source"]):  # as typed, by earlier versions
-        recorded["source"] = os.path.abspath(recorded["source"])
+    if isinstance(recorded.get("source"), str):  # as typed, by earlier versions
+        recorded["source"] = absolute_spec(recorded["source"])
     changed = [key for key in job if recorded.get(key) != job[key]]
     if changed:
         raise ValueError(f"{out} holds an encode of other settings ({', '.join(changed)} differ): resume it with the same "
@@ -244,7 +244,7 @@ def encode_shards(
     fingerprints = {modality: codec.fingerprint() for modality, codec in codecs.items()}
     out = Path(out_dir)
     # the source as an absolute path, so that a resume may name it either way
-    source = str(src) if is_streamed(src) else os.path.abspath(src)
+    source = absolute_spec(src)
     job = {"source": source, "codes": fingerprints, "max_docs_per_shard": max_docs_per_shard, "flip_pairs": flip_pairs,
            "seed": seed}
     job = json.loads(json.dumps(job))  # as the job file reads back (tuples become lists)

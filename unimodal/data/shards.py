@@ -336,6 +336,12 @@ def is_streamed(spec: str | Path) -> bool:
     return str(spec).startswith("pipe:") or "://" in str(spec)
 
 
+def absolute_spec(spec: str | Path) -> str:
+    """``spec`` with each local path absolute (pieces joined by ``::`` each on its own); a
+    ``pipe:`` command or a URL stays as written, which ``os.path.abspath`` would mangle."""
+    return "::".join(piece if is_streamed(piece) else os.path.abspath(piece) for piece in str(spec).split("::"))
+
+
 def expand_shards(spec: str | Path, allow_pipe: bool = False) -> list[str]:
     """Shard URLs of a directory (its ``*.tar``), a brace pattern (``a-{000..009}.tar``) or one file.
 
@@ -396,13 +402,13 @@ def _refuse_special_files(paths: list[str]) -> None:
         raise ValueError(f"{special} is not a regular file (a FIFO, socket or device); shards are .tar files")
 
 
-def present_shard_sets(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+def present_shard_sets(paths: Iterable[str], allow_pipe: bool = False) -> tuple[list[str], list[str]]:
     """The shard sets of ``paths`` that exist here, and those that do not (an export's record of
     its training data may name data that stayed on another machine)."""
     present, missing = [], []
     for path in paths:
         try:
-            expand_shards(path)
+            expand_shards(path, allow_pipe)
             present.append(path)
         except (FileNotFoundError, ValueError):
             missing.append(path)

@@ -25,18 +25,19 @@ def document_task(doc: Document) -> str:
     return f"{'+'.join(given)} -> {'+'.join(written) or 'nothing'}"
 
 
-def documents_of(paths: Iterable[str], limit: int, decode: bool = False) -> Iterator[Document]:
-    """Up to ``limit`` documents from the start of each shard set (bad samples skipped)."""
+def documents_of(paths: Iterable[str], limit: int, decode: bool = False, allow_pipe: bool = False) -> Iterator[Document]:
+    """Up to ``limit`` documents from the start of each shard set (bad samples skipped);
+    ``allow_pipe`` as the recipe's ``data.init_args.allow_pipe_urls``."""
     policy = BadSamplePolicy(max_bad_fraction=1.0)
     for path in paths:
         count = 0
-        for doc in read_documents(expand_shards(path), decode=decode, policy=policy):
+        for doc in read_documents(expand_shards(path, allow_pipe), decode=decode, policy=policy):
             yield doc
             count += 1
             if count >= limit:
                 break
 
 
-def sample_tasks(paths: Iterable[str], per_set: int = 256) -> Counter[str]:
+def sample_tasks(paths: Iterable[str], per_set: int = 256, allow_pipe: bool = False) -> Counter[str]:
     """Task counts over the first ``per_set`` documents of each shard set."""
-    return Counter(document_task(doc) for doc in documents_of(paths, per_set))
+    return Counter(document_task(doc) for doc in documents_of(paths, per_set, allow_pipe=allow_pipe))

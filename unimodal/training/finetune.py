@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from unimodal.batch import PackedBatch
-from unimodal.data.shards import BadSamplePolicy, present_shard_sets
+from unimodal.data.shards import BadSamplePolicy, absolute_spec, present_shard_sets
 from unimodal.data.tasks import document_task, documents_of, sample_tasks
 
 log = logging.getLogger("unimodal.train")
@@ -64,11 +63,11 @@ class FineTuneReport(Callback):
             log.info("fine-tune report: per-task losses are measured on single-device and DDP runs only, not with %s",
                      type(trainer.strategy).__name__)
             return
-        old, missing = present_shard_sets(d["path"] for d in self.record.get("val_datasets") or [])
+        old, missing = present_shard_sets((d["path"] for d in self.record.get("val_datasets") or []), data.allow_pipe_urls)
         if missing and trainer.is_global_zero:
             log.warning("fine-tune report: the export's validation data %s is not on this machine, so its tasks are not "
                         "in the report's old rows", ", ".join(missing))
-        new = [d.path for d in data.val_datasets if os.path.abspath(d.path) not in old]
+        new = [d.path for d in data.val_datasets if absolute_spec(d.path) not in old]
         self._batches = {**self._task_batches("old", old, data), **self._task_batches("new", new, data)}
         if not self.before:
             self.before = self._losses(trainer, pl_module)
@@ -92,8 +91,9 @@ class FineTuneReport(Callback):
     # -- pieces -----------------------------------------------------------------------------
 
     def _warn_on_coverage(self, data: Any) -> None:
-        old = sample_tasks(present_shard_sets(d["path"] for d in self.record.get("datasets") or [])[0])
-        new = sample_tasks([d.path for d in data.datasets])
+        pipes = data.allow_pipe_urls
+        old = sample_tasks(present_shard_sets((d["path"] for d in self.record.get("datasets") or []), pipes)[0], allow_pipe=pipes)
+        new = sample_tasks([d.path for d in data.datasets], allow_pipe=pipes)
         missing = sorted(set(old) - set(new))
         if not old or not missing:
             return
@@ -107,7 +107,7 @@ class FineTuneReport(Callback):
     def _task_batches(self, group: str, paths: list[str], data: Any) -> dict[str, list[PackedBatch]]:
         """Up to ``per_task`` validation documents of each task in ``paths``, packed as training packs them."""
         by_task: dict[str, list] = {}
-        for doc in documents_of(paths, limit=50 * self.per_task, decode=True):
+        for doc in documents_of(paths, limit=50 * self.per_task, decode=True, allow_pipe=data.allow_pipe_urls):
             docs = by_task.setdefault(f"{group}: {document_task(doc)}", [])
             if len(docs) < self.per_task:
                 docs.append(doc)
