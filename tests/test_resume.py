@@ -128,12 +128,12 @@ def test_resuming_with_other_dataloader_workers_or_shuffle_buffer_says_so(caplog
     from unimodal.checkpoints.files import RUN_CONFIG_KEY
     from unimodal.training.resume import RunState
 
-    saved = {"data": {"init_args": {"num_workers": 0, "shuffle_buffer": 256, "replay_weight": 0.5}}}
-    now = {"data": {"init_args": {"num_workers": 4, "shuffle_buffer": 64, "replay_weight": 0.2}}}
+    saved = {"data": {"init_args": {"num_workers": 0, "shuffle_buffer": 256, "replay_weight": 0.5, "chat_template": "chatml"}}}
+    now = {"data": {"init_args": {"num_workers": 4, "shuffle_buffer": 64, "replay_weight": 0.2, "chat_template": "vicuna"}}}
     with caplog.at_level(logging.WARNING, logger="unimodal.train"):
         RunState(now).on_load_checkpoint(SimpleNamespace(global_rank=0, world_size=1), None, {RUN_CONFIG_KEY: saved})
     said = " ".join(r.getMessage() for r in caplog.records if "differ from the checkpoint" in r.getMessage())
-    for change in ("num_workers: 0 -> 4", "shuffle_buffer: 256 -> 64", "replay_weight: 0.5 -> 0.2"):
+    for change in ("num_workers: 0 -> 4", "shuffle_buffer: 256 -> 64", "replay_weight: 0.5 -> 0.2", "chat_template: chatml -> vicuna"):
         assert change in said
 
 

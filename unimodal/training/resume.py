@@ -218,11 +218,14 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 # what the data position (epoch, batches trained on) means: batches of these settings on this many
-# ranks and DataLoader workers (each worker is seeded and reads shards of its own)
+# ranks and DataLoader workers (each worker is seeded and reads shards of its own); the template,
+# the rule for overlong documents, the codecs and their input layers change documents' token
+# counts, and so what the packed batches hold
 DATA_POSITION_KEYS = (
     "data.init_args.datasets", "data.init_args.replay", "data.init_args.replay_weight", "data.init_args.seq_len",
     "data.init_args.batch_size", "data.init_args.seed", "data.init_args.steps_per_epoch", "data.init_args.num_workers",
-    "data.init_args.shuffle_buffer", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes",
+    "data.init_args.shuffle_buffer", "data.init_args.chat_template", "data.init_args.overlong", "data.init_args.codecs",
+    "data.init_args.input_layers", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes",
 )
 
 
