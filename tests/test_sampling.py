@@ -28,6 +28,10 @@ def test_draws_stay_inside_the_filters_and_greedy_takes_the_argmax():
         assert set(choose(logits, SamplingSettings(top_k=3), generators).tolist()[:1]) <= top3
         assert choose(logits, SamplingSettings(top_k=1, temperature=1.5), generators).tolist() == logits.argmax(-1).tolist()
     assert choose(logits, SamplingSettings(temperature=0), []).tolist() == logits.argmax(-1).tolist()
+    # top_p 0, which OpenAI's API takes: only the most likely token, whatever the draw
+    for seed in range(5):
+        generators = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]
+        assert choose(logits, SamplingSettings(top_p=0.0, temperature=1.5), generators).tolist() == logits.argmax(-1).tolist()
 
 
 def test_stop_strings_are_bounded_in_number_and_length():

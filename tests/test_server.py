@@ -155,7 +155,7 @@ def test_media_in_and_out_as_base64(url):
         ({"n": 5}, 400, "n must be an integer in [1, 2]"),
         ({"model": "gpt-4"}, 404, "does not exist here"),
         ({"temperature": "hot"}, 400, "temperature must be a number"),
-        ({"top_p": 3.0}, 400, "top_p must be in (0, 1]"),
+        ({"top_p": 3.0}, 400, "top_p must be in [0, 1]"),
         ({"tools": [{"type": "function"}]}, 400, "tools: this server does not support tool calling"),
         # fields that would change the answer are refused, a typo is not ignored
         ({"logit_bias": {"264": -100}}, 400, "logit_bias: this server does not support logit biases"),

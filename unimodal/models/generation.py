@@ -61,7 +61,9 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
 class SamplingSettings:
     """How one modality is sampled.
 
-    ``temperature`` 0 is greedy. ``num_beams`` > 1 (text only) is deterministic beam search.
+    ``temperature`` 0 is greedy. ``top_p`` 0 keeps only the most likely token (OpenAI's API takes
+    0, which some clients send for deterministic output). ``num_beams`` > 1 (text only) is
+    deterministic beam search.
     ``max_tokens`` caps the positions this modality may take in one reply (text: tokens;
     media: whole spans, markers included, and 0 never opens one; None: no cap beyond the reply's). ``cfg_scale`` 1 turns
     classifier-free guidance off; ``steps`` is the diffusion sampler's step count for continuous
@@ -82,7 +84,7 @@ class SamplingSettings:
         checks = (
             (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
              f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.top_p <= 1, "top_p must be in [0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 keeps every token)"),
             (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
              f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 is none)"),
