@@ -387,7 +387,87 @@ def test_a_request_rerun_alone_after_its_batch_failed_keeps_its_deadline(assista
         _result(jobs[0].future, jobs[0], batcher, LIMITS)
     assert late.value.status == 408
     assert jobs[1].future.result()[0].text
-    assert limits[0] == [0.5, 30] and len(limits) == 2 and 28 < limits[1][0] < 29.5
+    assert len(limits) == 2 and 0.45 < limits[0][0] <= 0.5 and 29.5 < limits[0][1] <= 30 and 28 < limits[1][0] < 29.5
+
+
+def test_a_prompt_that_takes_the_requests_whole_time_limit_is_a_408_before_it_generates(assistant):
+    """Decoding a request's media runs on the model's one thread: it counts against the request's
+    ``timeout_s`` (a request of many large pictures asked for 1 s and was answered 200 after 5)."""
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job, _result
+
+    prompt, generated = assistant.prompt, []
+
+    def slow_prompt(*args, **kwargs):
+        time.sleep(0.3)
+        return prompt(*args, **kwargs)
+
+    def answer(prompts, *args, **kwargs):
+        generated.append(len(prompts))
+        return type(assistant).answer(assistant, prompts, *args, **kwargs)
+
+    batcher = Batcher(assistant, thread=False)
+    calls = [Call([{"role": "user", "content": "hi"}], {"max_new_tokens": 4, "temperature": 0, "timeout_s": timeout}, 1, False, None)
+             for timeout in (0.2, 30)]
+    jobs = [_job(c, batcher, LIMITS) for c in calls]
+    assistant.prompt, assistant.answer = slow_prompt, answer
+    try:
+        batcher._run(jobs)
+    finally:
+        del assistant.prompt, assistant.answer
+    with pytest.raises(APIError, match="reading its media counts") as late:
+        _result(jobs[0].future, jobs[0], batcher, LIMITS)
+    assert late.value.status == 408 and batcher.stats["timeout"] == 1
+    assert generated == [1] and jobs[1].future.result()[0].text  # only the other one generated
+
+
+def test_waiting_requests_are_bounded_and_one_whose_caller_left_takes_no_row(assistant):
+    """Each waiting request holds its body: past ``max_waiting`` a request is a 429 at once. A
+    request cancelled while it waits is skipped when a batch is gathered."""
+    from unimodal.inference.batcher import Batcher, Busy
+    from unimodal.inference.server import Call, _job, _result
+
+    batcher = Batcher(assistant, thread=False, max_waiting=2, gather_s=0.0)
+    hi = Call([{"role": "user", "content": "hi"}], {"max_new_tokens": 2}, 1, False, None)
+    jobs = [batcher.submit(_job(hi, batcher, LIMITS)) for _ in range(3)]
+    with pytest.raises(Busy, match="2 requests are waiting for the model already"):
+        jobs[2].future.result(timeout=0)
+    with pytest.raises(APIError, match="the server is busy: 2 requests are waiting") as busy:
+        _result(jobs[2].future, jobs[2], batcher, LIMITS)
+    assert busy.value.status == 429
+    assert jobs[0].future.cancel()  # its client left while it waited
+    assert batcher._gather() == [jobs[1]]
+
+
+def test_the_pixels_of_a_prompts_images_are_bounded_before_any_is_decoded(assistant, monkeypatch):
+    """A 4096x4096 PNG of one colour is 60 kB on the wire and about a second to decode."""
+    from unimodal.inference import chat as chat_module
+    from unimodal.inference.chat import ChatError
+
+    decoded = []
+    monkeypatch.setattr(chat_module, "_decode", lambda *args, **kwargs: decoded.append(1))
+    monkeypatch.setattr(chat_module, "MAX_PROMPT_PIXELS", 2 * 8 * 8)
+    picture = {"type": "image_url", "image_url": {"url": png_url()}}  # 8 x 8
+    with pytest.raises(ChatError, match=r"the images declare 192 pixels in all, over the 128 one prompt may have"):
+        assistant.prompt([{"role": "user", "content": [picture] * 3}])
+    assert not decoded
+
+
+def test_a_client_that_leaves_while_its_request_waits_frees_it_at_once(assistant):
+    import asyncio
+
+    from unimodal.inference.batcher import Batcher
+    from unimodal.inference.server import Call, _job, _wait
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    batcher = Batcher(assistant, thread=False)  # never runs: the request waits for good
+    job = batcher.submit(_job(Call([{"role": "user", "content": "hi"}], {}, 1, False, None), batcher, LIMITS))
+    with pytest.raises(APIError, match="closed the connection while the request waited"):
+        asyncio.run(_wait(job, batcher, LIMITS, Gone()))
+    assert job.future.cancelled() and job.cancel.is_set() and job.messages == []
 
 
 def test_beam_search_by_the_models_own_default_runs_in_a_batch_of_its_own(caplog):
@@ -628,7 +708,7 @@ def test_the_openai_sdk_does_not_send_a_timed_out_generation_again(assistant):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
                                            extra_body={"timeout_s": 1e-4})
     assert late.value.status_code == 408 and late.value.response.headers["x-should-retry"] == "false"
-    assert batcher.stats["batches"] == 1
+    assert batcher.stats["timeout"] == 1  # run once: three times with the SDK's retries
 
 
 def test_the_openai_sdk_gets_audio_replies_where_it_looks_for_them(url):

@@ -327,6 +327,7 @@ def serve(
     max_seconds: float = 300.0,
     max_tokens: int = 4096,
     max_batch: int = 8,
+    max_waiting: int = 64,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -349,6 +350,8 @@ def serve(
         max_tokens: the largest max_tokens a request may ask for.
         max_batch: how many replies (a request's n counts n times) are generated together;
             concurrent requests are batched up to it.
+        max_waiting: how many requests may wait for the model; more get 429 at once (each
+            waiting request holds its body in memory).
         temperature: default text sampling temperature (0: greedy; default: the model's).
         top_p: default nucleus sampling mass (default: the model's).
         top_k: default number of tokens sampled among (default: the model's).
@@ -370,7 +373,7 @@ def serve(
     if not (max_request_mb > 0 and math.isfinite(max_request_mb)):  # int() of inf would be an OverflowError
         raise ValueError(f"--max_request_mb must be a positive number of MB, got {max_request_mb}")
     limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens,
-                          max_batch=max_batch)
+                          max_batch=max_batch, max_waiting=max_waiting)
     assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     if settings:

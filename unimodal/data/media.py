@@ -106,6 +106,22 @@ def decode_media(
         raise DocumentError(f"{where}: unreadable {kind} ({named}: {detail})") from None
 
 
+def declared_pixels(media: MediaBytes) -> int | None:
+    """How many pixels an image file says it has, from its header alone: None for an array, or
+    for a header that does not read (decoding it then says why)."""
+    if media.ext == "npy":
+        return None
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # a bomb's size is what the caller is asking for
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(media.data), formats=IMAGE_FORMATS) as image:
+                return image.width * image.height
+    except Exception:  # noqa: BLE001 - PIL raises many kinds; decode_media reports them
+        return None
+
+
 def declared_seconds(media: MediaBytes) -> float | None:
     """How long an audio file says it is, from its header alone: None for an array, or for a
     header that does not read (decoding it then says why)."""

@@ -8,9 +8,10 @@ A request that arrives while a batch runs waits for the next one: rows never joi
 (static batching), but a request is answered as soon as its own rows end, not when the batch's
 longest reply does. Beam-search requests, whose loop is separate, run in batches of their own.
 
-A job that cannot start before ``wait_until`` fails with :class:`Busy`; a row past its own
-``timeout_s`` or cancelled (a client gone, the server stopping) leaves its batch and its job fails
-with :class:`~unimodal.inference.outputs.GenerationTimeout`, while the other rows go on.
+A job that cannot start before ``wait_until``, or that finds ``max_waiting`` jobs waiting, fails
+with :class:`Busy`. A job's ``timeout_s`` counts from its start, its prompt (decoding its media)
+included; a row past it or cancelled (a client gone, the server stopping) leaves its batch and its
+job fails with :class:`~unimodal.inference.outputs.GenerationTimeout`, while the other rows go on.
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ class Batcher:
     generates about twice as fast as any other (libgomp's thread teams and glibc's malloc arenas
     belong to the thread that made them; benchmarks/README.md)."""
 
-    def __init__(self, assistant: Assistant, max_rows: int = 8, gather_s: float = 0.01, thread: bool = True):
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.assistant, self.max_rows, self.gather_s = assistant, max_rows, gather_s
+    def __init__(self, assistant: Assistant, max_rows: int = 8, gather_s: float = 0.01, thread: bool = True,
+                 max_waiting: int = 64):
+        if max_rows < 1 or max_waiting < 1:
+            raise ValueError(f"max_rows and max_waiting must be >= 1, got {max_rows} and {max_waiting}")
+        self.assistant, self.max_rows, self.gather_s, self.max_waiting = assistant, max_rows, gather_s, max_waiting
         self.stopping = threading.Event()
         self.stats: Counter[str] = Counter()  # finished rows by reason, and batches and their rows
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -89,8 +91,11 @@ class Batcher:
             self._thread.start()
 
     def submit(self, job: Job) -> Job:
+        """Queue ``job``; each waiting job holds its request's messages, so their number is bounded."""
         if self.stopping.is_set():  # both futures: a stream waits on ``accepted`` first
             _fail(job, GenerationTimeout(STOPPING))
+        elif self._queue.qsize() + len(self._held) >= self.max_waiting:
+            _fail(job, Busy(f"{self.max_waiting} requests are waiting for the model already"))
         else:
             self._queue.put(job)
         return job
@@ -134,6 +139,8 @@ class Batcher:
         """The next batch: the first waiting job and those that come within ``gather_s``, up to
         ``max_rows`` rows; None once stopping (every job still waiting is cancelled)."""
         first = self._next(None)
+        while first is not None and first.future.cancelled():  # its caller left while it waited: it takes no row
+            first = self._next(None)
         if first is None or self.stopping.is_set():
             self._cancel_waiting(first)
             return None
@@ -148,6 +155,8 @@ class Batcher:
             if job is None:  # stop() was called: this batch still runs, and is cancelled
                 self._queue.put(None)
                 break
+            if job.future.cancelled():  # its caller left while it waited: it takes no row
+                continue
             if self._beams(job) or rows + job.n > self.max_rows:
                 later.append(job)
                 continue
@@ -210,7 +219,8 @@ class Batcher:
 
     def _start(self, jobs: list[Job]) -> list[Started]:
         """Mark the jobs running and make their rows (prompt, settings); a job whose messages or
-        settings are refused, whose caller is gone or that waited too long fails here, alone."""
+        settings are refused, whose caller is gone, that waited too long or whose prompt took its
+        whole ``timeout_s`` fails here, alone."""
         now = time.monotonic()
         started = []
         for job in jobs:
@@ -223,13 +233,22 @@ class Batcher:
             if now > job.wait_until:
                 _fail(job, Busy(f"the request waited {now - job.arrived:.1f} s for the model"))
                 continue
+            began = time.monotonic()
             try:
                 resolved = self.assistant.resolve(**job.settings, timeout_s=job.timeout_s)
-                prompt = self.assistant.prompt(job.messages, resolved, job.start_with)
                 rows = row_settings(resolved, job.n)
+                prompt = self.assistant.prompt(job.messages, resolved, job.start_with)
             except (ChatError, ValueError) as err:  # the request's own mistake (a ValueError later is a bug)
                 _fail(job, err if isinstance(err, ChatError) else ChatError(str(err)))
                 continue
+            # the prompt's own time (media decoded and encoded) counts against the request's limit
+            left = job.timeout_s - (time.monotonic() - began)
+            if job.cancel.is_set() or left <= 0:
+                reason = "cancelled" if job.cancel.is_set() else "timeout"
+                self.stats[reason] += job.n
+                _fail(job, expired_error([reason]))
+                continue
+            rows = [replace(row, timeout_s=left) for row in rows]
             with contextlib.suppress(InvalidStateError):  # cancelled by a caller that left
                 job.accepted.set_result(None)
             started.append((job, [(prompt, row) for row in rows]))

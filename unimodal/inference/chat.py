@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from unimodal.checkpoints.load import CONFIG_FILE, Exported, load_exported
-from unimodal.data.media import MAX_AUDIO_SECONDS, MediaBytes, declared_seconds, decode_media, source_media
+from unimodal.data.media import MAX_AUDIO_SECONDS, MAX_PIXELS, MediaBytes, declared_pixels, declared_seconds, decode_media, source_media
 from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
@@ -53,6 +53,9 @@ from unimodal.schema import Document, DocumentError, Part
 log = logging.getLogger("unimodal.chat")
 
 Message = dict[str, Any]
+# the pixels all the images of one prompt may declare: decoding is the prompt's cost that its
+# size on the wire does not show (a 4096x4096 PNG of one colour is 60 kB and about a second)
+MAX_PROMPT_PIXELS = 4 * MAX_PIXELS
 
 
 class ChatError(ValueError):
@@ -325,7 +328,13 @@ class Assistant:
         if media > self.context_length // 3:  # each decoded and encoded before any is found not to fit
             raise ChatError(f"{media} images and clips: at most {self.context_length // 3} fit in the context of "
                             f"{self.context_length} tokens (each takes 3 positions or more); attach fewer")
-        turns = [self._turn(m, i) for i, m in enumerate(parse_messages(messages))]
+        parsed = parse_messages(messages)
+        images = [part.data for m in parsed for part in m["content"] if part.type == "image" and isinstance(part.data, MediaBytes)]
+        pixels = sum(declared_pixels(image) or 0 for image in images)
+        if pixels > MAX_PROMPT_PIXELS:  # decoding them would hold a server's one model thread for seconds each
+            raise ChatError(f"the images declare {pixels} pixels in all, over the {MAX_PROMPT_PIXELS} one prompt may have "
+                            "(four 4096x4096 images); send fewer or smaller ones")
+        turns = [self._turn(m, i) for i, m in enumerate(parsed)]
         reserve = min(settings.max_new_tokens, self.context_length // 2)
         room = self.context_length - reserve
         # the oldest turns go first (an assistant turn left leading the history with them); system

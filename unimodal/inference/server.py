@@ -91,10 +91,11 @@ class ServerLimits:
     max_n: int = 8
     max_batch: int = 8  # rows (a request's n counts n times) answered together
     batch_window_s: float = 0.01  # how long a batch's first request waits for others to join it
+    max_waiting: int = 64  # requests waiting for the model; more get 429 at once (each holds its body)
 
     def __post_init__(self) -> None:
         names = {"max_request_bytes": "--max_request_mb", "max_seconds": "--max_seconds", "max_new_tokens": "--max_tokens",
-                 "max_n": "max_n", "max_batch": "--max_batch"}
+                 "max_n": "max_n", "max_batch": "--max_batch", "max_waiting": "--max_waiting"}
         for field_name, option in names.items():
             value = getattr(self, field_name)
             if not (value > 0 and math.isfinite(value)):
@@ -130,7 +131,7 @@ def create_app(
     created = int(time.time())
     caps = sampling_caps(assistant)
     audio_rate = getattr(assistant.processor.codecs.get("audio"), "sample_rate", None)
-    batcher = batcher or Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s)
+    batcher = batcher or Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, max_waiting=limits.max_waiting)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -481,6 +482,9 @@ async def _wait(job: Job, batcher: Batcher, limits: ServerLimits, request: Reque
                                     "retry later", "busy")
             if request is not None and await request.is_disconnected():
                 job.cancel.set()
+                if job.future.cancel():  # still waiting: it takes no row, and its messages go now
+                    job.messages = []
+                    raise APIError(400, "the client closed the connection while the request waited")
     except asyncio.CancelledError:
         job.cancel.set()
         future.cancel()  # nobody reads the outcome now
@@ -497,8 +501,9 @@ def _result(future: asyncio.Future, job: Job, batcher: Batcher, limits: ServerLi
         if batcher.stopping.is_set():
             raise APIError(503, "the server is shutting down; send the request again when it is back", "shutting_down") from None
         raise APIError(
-            408, f"the generation ran longer than its limit of {job.timeout_s:g} s (timeout_s, at most --max_seconds "
-            f"{limits.max_seconds:g}); ask for fewer tokens (max_tokens)", "timeout", final=True,
+            408, f"the request ran longer than its limit of {job.timeout_s:g} s (timeout_s, at most --max_seconds "
+            f"{limits.max_seconds:g}; reading its media counts); ask for fewer tokens (max_tokens) or send less media",
+            "timeout", final=True,
         ) from None
     except ChatError as err:  # refused when its prompt was made
         raise APIError(400, _request_terms(str(err))) from None
@@ -659,7 +664,8 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     import uvicorn
 
     limits = limits or ServerLimits()
-    batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, thread=False)
+    batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, thread=False,
+                      max_waiting=limits.max_waiting)
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name, batcher=batcher)
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a port number (0-65535)")
