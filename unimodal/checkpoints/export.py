@@ -35,7 +35,7 @@ from unimodal.checkpoints.load import (
 from unimodal.checkpoints.zero import zero_to_fp32
 from unimodal.data.datamodule import shard_sets, training_mixture
 from unimodal.data.processor import PROCESSOR_FILE, processor_config
-from unimodal.data.shards import absolute_spec
+from unimodal.data.shards import absolute_spec, is_streamed
 from unimodal.errors import UserError
 from unimodal.modalities.base import no_weights_bar
 from unimodal.models.backbone import causal_lm_from_config
@@ -150,16 +150,25 @@ def training_record(data: dict[str, Any], init_from: str | None = None) -> dict[
     training mixture (its replayed data included, so the record covers every earlier stage) and
     its validation sets, as absolute paths, after those of the export it started from
     (``init_from``), so that the next fine-tune's report still scores the older tasks. None when
-    the run read no shard sets."""
+    the run read no shard sets.
+
+    Streamed data (``pipe:`` commands, URLs) is left out, with a warning: an export names local
+    files only, so that fine-tuning one never runs or fetches what its record names."""
     if not data.get("datasets"):
         return None
     mixture = training_mixture(data["datasets"], data.get("replay"), float(data.get("replay_weight") or 0.0))
     earlier = []
     if init_from and (Path(init_from) / CONFIG_FILE).is_file():
         earlier = (read_export_config(init_from).get("training_data") or {}).get("val_datasets") or []
-    own = [{"path": absolute_spec(d.path), "weight": d.weight} for d in shard_sets(data.get("val_datasets"))]
+    validation = shard_sets(data.get("val_datasets"))
+    streamed = [d.path for d in [*mixture, *validation] if is_streamed(d.path)]
+    if streamed:
+        log.warning("the export's record of its training data leaves out the streamed shard sets %s (an export names "
+                    "local files only); a fine-tune replays them only if named with --data.init_args.replay", ", ".join(streamed))
+    own = [{"path": absolute_spec(d.path), "weight": d.weight} for d in validation if not is_streamed(d.path)]
     val = list({d["path"]: d for d in [*earlier, *own]}.values())
-    return {"datasets": [{"path": absolute_spec(d.path), "weight": round(d.weight, 6)} for d in mixture], "val_datasets": val}
+    kept = [{"path": absolute_spec(d.path), "weight": round(d.weight, 6)} for d in mixture if not is_streamed(d.path)]
+    return {"datasets": kept, "val_datasets": val}
 
 
 def write_export(
