@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from unimodal.training.optim import warmup_cosine
+from unimodal.training.optim import OptimizerConfig, build_optimizer, warmup_cosine
 from unimodal.training.policy import PatternMatchError, apply_trainable_policy, parameter_counts
 
 
@@ -87,6 +87,17 @@ def test_zero3_partitioned_parameters_are_counted_by_their_full_size():
     layer.weight.data = torch.empty(0)
     apply_trainable_policy(layer, None, frozen=[])
     assert parameter_counts(layer) == (16, 16)
+
+
+def test_zero3_partitioned_matrices_keep_their_weight_decay():
+    """Under zero.Init every parameter is an empty 1-D placeholder: by ``ndim`` alone, a ZeRO-3 run
+    would train every matrix without weight decay, unlike the same recipe on DDP or FSDP."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    for param in model.parameters():
+        param.ds_shape = param.shape  # what DeepSpeed sets when zero.Init partitions the parameter
+        param.data = torch.empty(0)
+    groups = build_optimizer(model, OptimizerConfig(weight_decay=0.1), 10)["optimizer"].param_groups
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.1, 1), (0.0, 3)]
 
 
 def test_a_chameleon_checkpoint_without_its_vq_vae_loads(tmp_path):

@@ -42,11 +42,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int) -> dict:
-    """Lightning ``configure_optimizers`` output; no weight decay on biases, norms and 1-D params."""
+    """Lightning ``configure_optimizers`` output; no weight decay on biases, norms and 1-D params.
+    A parameter built under ZeRO-3's ``zero.Init`` holds an empty 1-D placeholder and its real
+    shape in ``ds_shape``."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel (one launch for all parameters) where every parameter is on a GPU
     fused = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
