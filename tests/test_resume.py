@@ -109,6 +109,32 @@ def test_a_run_stopped_at_an_epochs_end_where_it_validated_resumes_with_the_same
     assert losses(run) == losses(reference)
 
 
+def test_sigterm_during_validation_saves_after_the_next_step_and_resumes_exactly(recipe, tmp_path, monkeypatch):
+    """Lightning's validation loop stops at its SIGTERM flag before any training batch ends, so a
+    single-device run pre-empted while it validated stopped with no checkpoint at all."""
+    config = yaml.safe_load(recipe.read_text())
+    config["data"]["init_args"].update(val_datasets=[{"path": "builtin:text/val"}], val_batches=2)
+    validating = tmp_path / "validating.yaml"
+    validating.write_text(yaml.safe_dump(config))
+    every_2 = ("--trainer.limit_val_batches=2", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0")
+    reference = tmp_path / "reference"
+    train(validating, reference, *every_2)
+    validate = UnimodalModule.validation_step
+
+    def preempt(self, batch, batch_idx):
+        if self.trainer.global_step == 2 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validate(self, batch, batch_idx)
+
+    run = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(UnimodalModule, "validation_step", preempt)
+        with pytest.raises(Preempted, match=r"stopped by SIGTERM at step 3 \(saved .*last.ckpt\)"):
+            train(validating, run, *every_2)
+    train(validating, run, *every_2, "--resume=auto")
+    assert losses(run) == losses(reference)
+
+
 def test_resuming_with_other_data_settings_says_which(recipe, tmp_path, caplog):
     """The data position is counted in batches: a resume with another batch size cannot continue
     the stream where it stopped, and says so instead of going on silently."""

@@ -276,18 +276,16 @@ class SaveOnSigterm(Callback):
         """Lightning's SIGTERM handler (registered after this hook) broadcasts from inside the
         handler, a collective that only the signalled rank enters: a SIGTERM to one rank of several
         hung them all. And Lightning stops a rank whose own flag is set after its batch, alone and
-        unsaved when the signal came after the ranks agreed for that batch. With several processes
-        the handler here only notes the signal (passing it on to the processes Lightning started),
-        for the ranks to agree on at the next batch's end."""
+        unsaved when the signal came after the ranks agreed for that batch, or during validation,
+        whose loop stops at the flag before any training batch ends to save at. So the handler
+        here only notes the signal (passing it on to the processes Lightning started), for the
+        ranks to agree on at the next training batch's end."""
         connector = trainer._signal_connector
 
         def note(signum: int, frame: Any) -> None:
             if not (connector.received_sigterm or self._signalled) and trainer.strategy.launcher is not None:
                 trainer.strategy.launcher.kill(signum)
-            if trainer.world_size > 1:
-                self._signalled = True
-            else:
-                connector.received_sigterm = True
+            self._signalled = True
 
         connector._sigterm_notifier_fn = note  # the instance's, which Lightning's registration reads
 
