@@ -101,6 +101,12 @@ def test_a_loss_weight_for_a_term_that_does_not_exist_is_refused_naming_the_term
                              "--model.init_args.loss_weights={ce/txet: 2}", *QUIET)
     assert code == 2 and line.endswith("loss_weights: 'ce/txet' is not a loss term (did you mean 'ce/text'?); "
                                        "terms are KIND/MODALITY: ce/text, ce/image, ce/audio")
+    from unimodal.training.module import _check_loss_weights
+
+    for name in ("diffuson/image", "diffusion/image"):  # a misspelt kind, and a head the model does not have
+        with pytest.raises(ValueError, match=f"loss_weights: '{name}' is not a loss term"):
+            _check_loss_weights({name: 2.0}, continuous={})
+    _check_loss_weights({"diffusion/image": 2.0, "ce/text": 1.0}, continuous={"image": object()})
 
 
 def test_a_backend_this_machine_lacks_is_one_line(tmp_path):

@@ -39,8 +39,7 @@ def _check_loss_weights(weights: dict[str, float], continuous: dict[str, Any]) -
     a misspelt one would weigh nothing and leave its term at 1 without a word."""
     known = [f"ce/{name}" for name in MODALITY_IDS] + [f"diffusion/{name}" for name in continuous]
     for name in weights:
-        kind, _, modality = name.partition("/")
-        if not kind or modality not in MODALITY_IDS:
+        if name not in known:
             near = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
             hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
             raise ValueError(f"loss_weights: {name!r} is not a loss term{hint}; terms are KIND/MODALITY: {', '.join(known)}")
