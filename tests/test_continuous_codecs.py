@@ -168,6 +168,9 @@ def test_chameleon_vq_codec_skips_the_quantiser(tmp_path):
     assert nearest.min() > 1e-6
     with pytest.raises(NotImplementedError, match="only the Chameleon VQ-VAE encoder"):
         codec.decode(features)
+    # a VQ-VAE saved in bf16 (Orthus's conversion keeps the checkpoint's dtype) reads fp32 pixels
+    ChameleonVQVAE(config).to(torch.bfloat16).save_pretrained(tmp_path / "vq-bf16")
+    assert ChameleonVQCodec(str(tmp_path / "vq-bf16"), size=16).encode(Part("image", media=0, data=image)).shape == (64, 8)
     with pytest.raises(ValueError, match="is neither a Chameleon VQ-VAE"):
         tiny_dir, _ = tiny_vae_dir(tmp_path)
         ChameleonVQCodec(str(tiny_dir))

@@ -86,6 +86,11 @@ def edit_config(directory: Path, **changes: object) -> None:
     (lambda d: edit_config(d, image_size=10**6, vision_dim=0), r"seed_tokenizer.json: a saved SEED tokenizer names its vision_dim"),
     (lambda d: edit_config(d, image_size=10**6), r"seed_tokenizer.json: image_size=1000000; it must be an integer in \[1, 4096\]"),
     (lambda d: edit_config(d, depth=10**6), r"seed_tokenizer.json declares a tokenizer of at least [\d,]+ parameters .* but seed_tokenizer.safetensors holds"),
+    # values the modules cannot be built from, or weights of other shapes: torch's assertions and size mismatches
+    (lambda d: edit_config(d, heads=3), r"seed_tokenizer.json: SEED tokenizer config: width 32 is not a multiple of heads 3"),
+    (lambda d: edit_config(d, num_queries=-1), r"seed_tokenizer.json: SEED tokenizer config: num_queries=-1; it must be an integer >= 1"),
+    (lambda d: edit_config(d, mean=[0.5]), r"seed_tokenizer.json: SEED tokenizer config: mean \[0.5\] and std .* must be 3 finite numbers"),
+    (lambda d: edit_config(d, codebook_size=65), r"the weights in .*tok do not have the shapes .*size mismatch for quantizer"),
 ])
 def test_a_damaged_seed_tokenizer_is_one_line_naming_it(tmp_path, damage, message):
     """Its own files were read bare: a cut copy was a JSONDecodeError, a SafetensorError or a
@@ -95,6 +100,17 @@ def test_a_damaged_seed_tokenizer_is_one_line_naming_it(tmp_path, damage, messag
     with pytest.raises(ValueError, match=message) as caught:
         SeedTokenizer.from_pretrained(tmp_path / "tok")
     assert "\n" not in str(caught.value) and str(tmp_path / "tok") in str(caught.value)
+
+
+def test_a_tokenizer_whose_vision_tower_was_saved_in_bf16_reads_fp32_pixels(tmp_path):
+    """The encoders load in the dtype their folders record; the Q-Former and the pixels are fp32."""
+    tokenizer = tiny_tokenizer()
+    codes = tokenizer.encode(Part("image", media=0, data=image(0)))
+    tokenizer.vision.to(torch.bfloat16)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = SeedTokenizer.from_pretrained(tmp_path / "tok")
+    assert next(loaded.vision.parameters()).dtype == torch.float32
+    assert loaded.encode(Part("image", media=0, data=image(0))).shape == codes.shape
 
 
 def tiny_unclip_pipeline(out: Path, embed_dim: int) -> Path:

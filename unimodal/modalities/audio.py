@@ -192,7 +192,7 @@ class HFAudioCodec(RVQCodec):
     def from_pretrained(cls, path: str | Path, layers: int | None = None, max_seconds: float = 30.0) -> HFAudioCodec:
         from transformers import AutoModel
 
-        model = load_pretrained(AutoModel, path)
+        model = load_pretrained(AutoModel, path).float()  # as saved (bf16, say), it would refuse fp32 waveforms
         return cls(model, layers, max_seconds)
 
     @classmethod

@@ -210,7 +210,7 @@ class VAECodec(MediaCodec):
 
         self.path = Path(path)
         model_config(self.path, "VAE")
-        self.vae = load_pretrained(AutoencoderKL, self.path).to(device).eval().requires_grad_(False)
+        self.vae = load_pretrained(AutoencoderKL, self.path).float().to(device).eval().requires_grad_(False)
         self.transform = ImageTransform(size)
         self.patch = patch
         self.channels = int(self.vae.config.latent_channels)
@@ -263,8 +263,8 @@ def load_chameleon_vqvae(path: str | Path) -> Any:
     path = Path(path)
     config = model_config(path, "Chameleon VQ-VAE")
     kind = config.get("model_type")
-    if kind == "chameleon_vqgan":
-        return load_pretrained(ChameleonVQVAE, path)
+    if kind == "chameleon_vqgan":  # fp32 whatever it was saved in (Orthus's conversion keeps bf16): pixels come as fp32
+        return load_pretrained(ChameleonVQVAE, path).float()
     if kind != "chameleon":
         raise ValueError(f"{path}: model_type {kind!r} is neither a Chameleon VQ-VAE ('chameleon_vqgan') nor a Chameleon "
                          "checkpoint ('chameleon')")

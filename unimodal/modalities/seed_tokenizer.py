@@ -17,6 +17,7 @@ l2-normalised vectors (cosine nearest neighbour), which keeps small codebooks fr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -61,13 +62,13 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
 
     if (spec.path is None) == (not spec.config):
         raise ValueError("encoder: set exactly one of 'path' (local model directory) or 'config' (with model_type)")
-    if spec.path is not None:
+    if spec.path is not None:  # fp32 whatever it was saved in, as the Q-Former it feeds
         config = model_config(spec.path, "encoder")
         if spec.projection:
-            return load_pretrained(CLIPVisionModelWithProjection, spec.path)
+            return load_pretrained(CLIPVisionModelWithProjection, spec.path).float()
         if config.get("model_type") == "clip":
-            return load_pretrained(CLIPVisionModel, spec.path)  # the vision tower of a full CLIP
-        return load_pretrained(AutoModel, spec.path)
+            return load_pretrained(CLIPVisionModel, spec.path).float()  # the vision tower of a full CLIP
+        return load_pretrained(AutoModel, spec.path).float()
     raw = dict(spec.config)
     kind = raw.pop("model_type", None)
     if kind is None:
@@ -108,7 +109,23 @@ class SeedConfig:
     embed_dim: int = 0
 
     def __post_init__(self) -> None:
+        """A saved tokenizer's ``seed_tokenizer.json`` is input: a value the modules cannot be built
+        from is one line here, not an assertion deep inside torch."""
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+        positive = ("num_queries", "width", "depth", "heads", "codebook_size", "code_dim", "decoder_depth", "image_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"SEED tokenizer config: {name}={value!r}; it must be an integer >= 1")
+        if self.width % self.heads:
+            raise ValueError(f"SEED tokenizer config: width {self.width} is not a multiple of heads {self.heads}")
+        stats_ok = all(len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v) for v in (self.mean, self.std))
+        if not stats_ok or min(self.std) <= 0:
+            raise ValueError(f"SEED tokenizer config: mean {list(self.mean)} and std {list(self.std)} must be 3 finite numbers "
+                             "each (one per colour channel), std > 0")
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0) or self.pixel_decoder_size < 0:
+            raise ValueError(f"SEED tokenizer config: beta={self.beta!r} and pixel_decoder_size={self.pixel_decoder_size!r} "
+                             "must be >= 0")
 
 
 class Block(nn.Module):
@@ -410,7 +427,10 @@ class SeedTokenizer(MediaCodec, nn.Module):
         if not isinstance(saved.get("config"), dict) or not set(saved["config"]) <= known:
             raise ValueError(f"{path / CONFIG_FILE}: 'config' must be an object of SeedConfig's fields ({', '.join(sorted(known))}); "
                              "save the SEED tokenizer again")
-        config = SeedConfig(**saved["config"])
+        try:
+            config = SeedConfig(**saved["config"])
+        except (TypeError, ValueError) as err:  # a value of the wrong type or out of range
+            raise ValueError(f"{path / CONFIG_FILE}: {err}; save the SEED tokenizer again") from None
         # the sizes are input: probing the encoders at image_size, or building a config of 10**6
         # layers, would allocate before the weights could say the file is wrong
         if not (isinstance(config.vision_dim, int) and config.vision_dim > 0 and isinstance(config.embed_dim, int) and config.embed_dim > 0):
@@ -425,7 +445,7 @@ class SeedTokenizer(MediaCodec, nn.Module):
         tokenizer = cls(config, vision, target, projection)
         with model_files_read(path):
             own = load_file(str(path / WEIGHTS_FILE))
-        missing, unexpected = tokenizer.load_state_dict(own, strict=False)
+            missing, unexpected = tokenizer.load_state_dict(own, strict=False)  # a shape mismatch: one line naming the tensor
         missing = [k for k in missing if not k.startswith(("vision.", "target."))]
         if missing or unexpected:
             raise ValueError(f"{path}: SEED tokenizer weights do not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
