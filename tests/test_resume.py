@@ -91,16 +91,21 @@ def test_sigterm_saves_and_resume_auto_gives_the_same_losses(recipe, tmp_path, m
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
 
 
+def validating_every_2_steps(recipe: Path, tmp_path: Path, batches: int) -> tuple[Path, tuple[str, ...]]:
+    """The recipe with ``batches`` validation batches, and the options that validate every 2 steps."""
+    config = yaml.safe_load(recipe.read_text())
+    config["data"]["init_args"].update(val_datasets=[{"path": "builtin:text/val"}], val_batches=batches)
+    validating = tmp_path / "validating.yaml"
+    validating.write_text(yaml.safe_dump(config))
+    return validating, (f"--trainer.limit_val_batches={batches}", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0")
+
+
 def test_a_run_stopped_at_an_epochs_end_where_it_validated_resumes_with_the_same_losses(recipe, tmp_path, monkeypatch):
     """SIGTERM during step 4, the last of an epoch (steps_per_epoch 4), where the uninterrupted run
     validates (every 2 steps). The resumed run starts the next pass before its saved RNG state is
     set again, the uninterrupted one after it, and it need not validate there again: neither may
     move the dropout masks drawn after."""
-    config = yaml.safe_load(recipe.read_text())
-    config["data"]["init_args"].update(val_datasets=[{"path": "builtin:text/val"}], val_batches=1)
-    validating = tmp_path / "validating.yaml"
-    validating.write_text(yaml.safe_dump(config))
-    every_2 = ("--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0")
+    validating, every_2 = validating_every_2_steps(recipe, tmp_path, 1)
     reference = tmp_path / "reference"
     train(validating, reference, *every_2)
     run = tmp_path / "interrupted"
@@ -112,11 +117,7 @@ def test_a_run_stopped_at_an_epochs_end_where_it_validated_resumes_with_the_same
 def test_sigterm_during_validation_saves_after_the_next_step_and_resumes_exactly(recipe, tmp_path, monkeypatch):
     """Lightning's validation loop stops at its SIGTERM flag before any training batch ends, so a
     single-device run pre-empted while it validated stopped with no checkpoint at all."""
-    config = yaml.safe_load(recipe.read_text())
-    config["data"]["init_args"].update(val_datasets=[{"path": "builtin:text/val"}], val_batches=2)
-    validating = tmp_path / "validating.yaml"
-    validating.write_text(yaml.safe_dump(config))
-    every_2 = ("--trainer.limit_val_batches=2", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0")
+    validating, every_2 = validating_every_2_steps(recipe, tmp_path, 2)
     reference = tmp_path / "reference"
     train(validating, reference, *every_2)
     validate = UnimodalModule.validation_step
