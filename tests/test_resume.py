@@ -114,6 +114,15 @@ def test_a_run_stopped_at_an_epochs_end_where_it_validated_resumes_with_the_same
     assert losses(run) == losses(reference)
 
 
+def test_sigterm_during_the_last_step_still_stops_the_job(recipe, tmp_path, monkeypatch):
+    """A run whose last step saw SIGTERM saves and stops as any other, so that a pipeline does not
+    go on to export and to its next stage while the scheduler waits for it to stop."""
+    run = tmp_path / "last"
+    train_until_sigterm(monkeypatch, STEPS, recipe, run, match=rf"stopped by SIGTERM at step {STEPS} \(saved .*last.ckpt\)")
+    train(recipe, run, "--resume=auto")  # nothing left to train: it ends at once
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
+
+
 def test_sigterm_during_validation_saves_after_the_next_step_and_resumes_exactly(recipe, tmp_path, monkeypatch):
     """Lightning's validation loop stops at its SIGTERM flag before any training batch ends, so a
     single-device run pre-empted while it validated stopped with no checkpoint at all."""
