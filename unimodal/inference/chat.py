@@ -56,6 +56,9 @@ Message = dict[str, Any]
 # the pixels all the images of one prompt may declare: decoding is the prompt's cost that its
 # size on the wire does not show (a 4096x4096 PNG of one colour is 60 kB and about a second)
 MAX_PROMPT_PIXELS = 4 * MAX_PIXELS
+# characters per position of room past which a history is trimmed from its newest end: encoding
+# all of it first (100,000 short messages, 8 MB) would cost seconds to find the few that fit
+LONG_HISTORY_CHARS = 32
 
 
 class ChatError(ValueError):
@@ -339,7 +342,9 @@ class Assistant:
         room = self.context_length - reserve
         # the oldest turns go first (an assistant turn left leading the history with them); system
         # turns stay. Each state is how many of the other turns are dropped; fewer turns never make
-        # a longer prompt, so the first state that fits is found by bisection: O(log n) encodings
+        # a longer prompt, so the first state that fits is found by bisection: O(log n) encodings.
+        # A history of far more text than fits is searched from its newest end (1, 2, 4, ... states
+        # back), so that what is encoded is about what fits, not the whole request
         system = [i for i, turn in enumerate(turns) if turn.role == "system"]
         others = [i for i, turn in enumerate(turns) if turn.role != "system"]
         states, start = [0], 0
@@ -352,9 +357,16 @@ class Assistant:
             doc = self._encode([turns[i] for i in sorted(system + others[states[state]:])])
             return doc if start_with is None else open_span(doc, self.model.layout, SPAN_MARKERS[start_with][0])
 
-        prompt, kept = encode(0), 0
-        if len(prompt) > room:
-            low, kept = 0, len(states) - 1
+        low, kept = -1, None  # a state known to be too long (-1: none yet), and one known to fit
+        text = sum(len(part.text or "") for turn in turns for part in turn.parts)
+        if text <= LONG_HISTORY_CHARS * room:
+            prompt = encode(0)
+            if len(prompt) <= room:
+                kept = 0
+            else:
+                low = 0
+        if kept is None:
+            kept = len(states) - 1
             prompt = encode(kept)
             if len(prompt) > room:
                 what = "the system prompt and the last message make" if system else "the last message makes"
@@ -362,6 +374,15 @@ class Assistant:
                     f"{what} a prompt of {len(prompt)} tokens; the context holds {self.context_length} "
                     f"with {reserve} kept for the reply: shorten them, attach less media or lower max_new_tokens"
                 )
+            step = 1
+            while low < 0 < kept:  # a long history: back from the newest turns until a state is too long
+                probe = max(kept - step, 0)
+                candidate = encode(probe)
+                if len(candidate) > room:
+                    low = probe
+                else:
+                    kept, prompt = probe, candidate
+                step *= 2
             while kept - low > 1:  # state low is too long, state kept fits and is the prompt
                 middle = (low + kept) // 2
                 candidate = encode(middle)
