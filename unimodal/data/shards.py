@@ -402,13 +402,13 @@ def _refuse_special_files(paths: list[str]) -> None:
         raise ValueError(f"{special} is not a regular file (a FIFO, socket or device); shards are .tar files")
 
 
-def present_shard_sets(paths: Iterable[str], allow_pipe: bool = False) -> tuple[list[str], list[str]]:
+def present_shard_sets(paths: Iterable[str]) -> tuple[list[str], list[str]]:
     """The shard sets of ``paths`` that exist here, and those that do not (an export's record of
     its training data may name data that stayed on another machine)."""
     present, missing = [], []
     for path in paths:
         try:
-            expand_shards(path, allow_pipe)
+            expand_shards(path)
             present.append(path)
         except (FileNotFoundError, ValueError):
             missing.append(path)

@@ -63,7 +63,7 @@ class FineTuneReport(Callback):
             log.info("fine-tune report: per-task losses are measured on single-device and DDP runs only, not with %s",
                      type(trainer.strategy).__name__)
             return
-        old, missing = present_shard_sets((d["path"] for d in self.record.get("val_datasets") or []), data.allow_pipe_urls)
+        old, missing = present_shard_sets(d["path"] for d in self.record.get("val_datasets") or [])
         if missing and trainer.is_global_zero:
             log.warning("fine-tune report: the export's validation data %s is not on this machine, so its tasks are not "
                         "in the report's old rows", ", ".join(missing))
@@ -91,9 +91,9 @@ class FineTuneReport(Callback):
     # -- pieces -----------------------------------------------------------------------------
 
     def _warn_on_coverage(self, data: Any) -> None:
-        pipes = data.allow_pipe_urls
-        old = sample_tasks(present_shard_sets((d["path"] for d in self.record.get("datasets") or []), pipes)[0], allow_pipe=pipes)
-        new = sample_tasks([d.path for d in data.datasets], allow_pipe=pipes)
+        # the export's record names local files only (read_export_config refuses anything else)
+        old = sample_tasks(present_shard_sets(d["path"] for d in self.record.get("datasets") or [])[0])
+        new = sample_tasks([d.path for d in data.datasets], allow_pipe=data.allow_pipe_urls)
         missing = sorted(set(old) - set(new))
         if not old or not missing:
             return

@@ -276,7 +276,7 @@ def inherit_from_export(config: dict[str, Any], source: str | Path, tokenizer: b
     if "replay" not in data_args and recorded and not replay:
         set_dotted(config, "data.init_args.replay", [])
     elif "replay" not in data_args and recorded:
-        present, missing = present_shard_sets(recorded, data_args.get("allow_pipe_urls") is True)
+        present, missing = present_shard_sets(recorded)
         if missing:
             log.warning("%s was trained on data that is not on this machine (%s), so that data is not replayed; "
                         "name shard sets with --data.init_args.replay", source, ", ".join(missing))
