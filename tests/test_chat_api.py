@@ -130,6 +130,23 @@ def test_reply_parts_are_decoded_saved_and_fit_back_into_the_history(tmp_path):
     assert not [p for p in silent.parts if p.type == "audio"]
 
 
+def test_pictures_an_encoder_only_codec_cannot_decode_keep_their_features_with_one_warning(caplog):
+    """transformers ships the Chameleon VQ-VAE's encoder only: an Orthus export reads pictures but
+    cannot render the ones it writes; its replies still come, with the features, not a traceback."""
+    assistant = media_assistant()
+    bias_tokens(assistant.model, {assistant.model.layout.special_id("<|boi|>"): 50.0, CharTokenizer.eos_id: 40.0})
+
+    def encoder_only(features):
+        raise NotImplementedError("this codec has no decoder")
+
+    assistant.codecs["image"].decode = encoder_only
+    for _ in range(2):
+        reply = assistant.chat([{"role": "user", "content": "draw two things"}], max_media=2, seed=0, **GREEDY)
+        assert [(p.type, p.image, p.data.shape) for p in reply.parts] == [("image", None, (3, 4))] * 2
+    warnings = [r.getMessage() for r in caplog.records if "cannot turn generated image" in r.getMessage()]
+    assert len(warnings) == 1 and "this codec has no decoder" in warnings[0]
+
+
 def test_an_unconditional_message_is_the_guidance_rows_user_turn():
     """``unconditional=`` (Orthus' "Generate an image."): the guidance rows' prompt is that user
     message through the chat template, and guided replies are drawn with it."""

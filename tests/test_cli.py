@@ -88,6 +88,11 @@ def test_every_old_flag_names_an_option_of_some_verb(capsys):
         (["eval", "m", "--suite", "digit"], "--suite: 'digit' is not one of: digits"),
         (["eval", "runs/no-such-model", "--suite", "digits"], "runs/no-such-model does not exist"),
         (["chat", "runs/no-such-model", "--out", "README.md"], "--out README.md is a file"),  # before the model loads
+        (["serve", "runs/no-such-model", "--port", "70000"], "--port 70000 is not a port number"),  # before the model loads
+        (["serve", "runs/no-such-model", "--top_p", "2"], "top_p"),
+        (["eval", "runs/no-such-model", "--suite", "digits", "--limit", "0"], "limit must be >= 1"),
+        (["eval", "runs/no-such-model", "--suite", "digits", "--batch_size", "0"], "batch_size must be >= 1"),
+        (["eval", "runs/no-such-model", "--suite", "digits", "--top_p", "2"], "top_p"),
         (["data", "inspect", "builtin:shapes/train", "--n", "-1"], "--n must be 0 or more"),
         (["eval", "README.md", "--suite", "digits"], "README.md is not a unimodal export directory"),  # not the report path
         (["pipeline", "recipes/pipelines/text.yaml", "--tiny", "--root", "README.md"], "root README.md is a file"),

@@ -86,6 +86,14 @@ def test_convert_orthus_says_when_the_source_has_no_tokenizer(tmp_path, caplog):
     assert "holds no tokenizer files" not in caplog.text and (tmp_path / "with" / "backbone" / "tokenizer.json").is_file()
 
 
+def test_convert_orthus_checks_the_head_size_before_loading_chameleon(tmp_path, capsys):
+    for flag, value in (("--head_depth", "0"), ("--head_width", "-1")):
+        args = ["convert", "orthus", "--src", str(tmp_path / "not-loaded"), "--out", str(tmp_path / "out"), flag, value]
+        assert unimodal_main(args) == 2
+        assert f"{flag[2:]}={value}; it must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def _rewrite_weights(src: Path, change) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -310,10 +310,32 @@ def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
 
     assert builtin.BUILDERS["digits"] is digits.build_world
     built = []
-    monkeypatch.setattr(digits, "build_world", lambda out, seed: built.append((out, seed)) or {"chat/train": 3})
+
+    def build(out, seed):
+        built.append(seed)
+        (out / "world.json").write_text("{}")
+        return {"chat/train": 3}
+
+    monkeypatch.setattr(digits, "build_world", build)
     assert main(["data", "digits", "--out", str(tmp_path / "w"), "--seed", "4"]) == 0
-    assert built == [(tmp_path / "w", 4)]
+    assert built == [4] and (tmp_path / "w" / "world.json").is_file()
     assert "chat/train 3" in capsys.readouterr().out
+
+    def cut_short(out, seed):  # a build stopped midway (Ctrl-C, a full disk) leaves no half world to refuse a rerun
+        (out / "media").mkdir()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(digits, "build_world", cut_short)
+    capsys.readouterr()
+    assert main(["data", "digits", "--out", str(tmp_path / "v")]) == 1
+    assert capsys.readouterr().err.startswith("unimodal data digits: error: No space left on device (")  # no ": None"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_a_negative_seed_is_one_line_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"seed=-1; it must be an integer >= 0"):
+        build_world(tmp_path / "w", seed=-1)
+    assert not (tmp_path / "w").exists()
 
 
 def test_the_world_is_not_built_over_an_existing_one(tmp_path: Path):

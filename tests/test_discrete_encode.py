@@ -257,6 +257,24 @@ def test_cli_encodes_with_a_builtin_tokenizer(data_home, raw_shards, tmp_path, c
     assert "already holds image codes" in capsys.readouterr().err
 
 
+def test_cli_refuses_bad_options_and_sources_before_any_codec_loads(raw_shards, tmp_path, monkeypatch, capsys):
+    from unimodal.modalities import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a codec loaded before the cheap checks")
+
+    monkeypatch.setattr(loading, "load_codec", no_load)
+    cases = [
+        ([str(raw_shards), "--flip_pairs", "5"], "--flip_pairs is a probability"),
+        ([str(raw_shards), "--max_docs_per_shard", "0"], "--max_docs_per_shard and --batch_size must be at least 1"),
+        ([str(tmp_path / "missing")], "missing"),
+    ]
+    for args, reason in cases:
+        assert unimodal_main(["data", "encode", *args, "--out", str(tmp_path / "o"), "--image_tokenizer", "SEED_DIR"]) == 2
+        assert reason in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_chameleon_vqvae_codes(tmp_path):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAE, ChameleonVQVAEConfig
 

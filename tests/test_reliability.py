@@ -551,6 +551,21 @@ def test_a_damaged_codec_directory_or_a_missing_device_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_device_past_the_last_gpu_or_of_another_kind_is_one_line(monkeypatch):
+    """``cuda:1`` on a one-GPU machine failed later, inside ``model.to``, with "invalid device ordinal"."""
+    import torch
+
+    from unimodal.modalities.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [resolve_device(d) for d in ("cuda", "cuda:0", "cpu")] == ["cuda", "cuda:0", "cpu"]
+    with pytest.raises(ValueError, match=r"'cuda:1': this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="'meta': models run on cpu or cuda"):
+        resolve_device("meta")
+
+
 def test_a_marker_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """``stage.json``, ``stats.json`` and a stage's resolved recipe are polled by other ranks and
     read by the next run: a write cut short (a full disk, a kill) leaves the old file and no litter."""

@@ -126,10 +126,12 @@ def encode(
         device: where the codecs run: cpu or cuda[:N].
         resume: go on after the complete shards of an interrupted encode into --out (same command).
     """
-    from unimodal.data.pre_encode import encode_shards
+    from unimodal.data.pre_encode import check_encode, encode_shards
     from unimodal.modalities.loading import load_codec
     from unimodal.worlds import resolve
 
+    modalities = [m for m, given in (("image", image_tokenizer), ("audio", audio_codec)) if given]
+    check_encode(resolve(src), modalities, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs)
     codecs = {}
     if image_tokenizer:
         codecs["image"] = load_codec("image", resolve(image_tokenizer), device)
@@ -190,9 +192,12 @@ def digits(*, out: Path, seed: int = 0) -> str:
         out: the directory for the world (new or empty).
         seed: the seed every random choice of the world derives from.
     """
+    from unimodal.checkpoints.files import staged_directory
     from unimodal.worlds.digits import build_world
 
-    counts = ", ".join(f"{name} {n}" for name, n in build_world(out, seed=seed).items() if "/" in name)
+    with staged_directory(out, replace=False) as staging:  # a build cut short leaves no half world in --out
+        summary = build_world(staging, seed=seed)
+    counts = ", ".join(f"{name} {n}" for name, n in summary.items() if "/" in name)
     return f"wrote the digits world to {out} (documents: {counts}; see {out}/world.json)"
 
 
@@ -362,8 +367,9 @@ def serve(
             export's; at most 600, the server's decoding limit).
     """
     from unimodal.inference.chat import load
-    from unimodal.inference.server import ServerLimits
+    from unimodal.inference.server import ServerLimits, check_address
     from unimodal.inference.server import serve as run_server
+    from unimodal.models.generation import GenerationSettings
 
     if api_key is not None and not api_key.strip():  # `--api_key "$KEY"` with KEY unset would serve everyone
         raise ValueError("--api_key is empty; give a key, or leave the option out to serve without one")
@@ -374,8 +380,10 @@ def serve(
         raise ValueError(f"--max_request_mb must be a positive number of MB, got {max_request_mb}")
     limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_seconds=max_seconds, max_new_tokens=max_tokens,
                           max_batch=max_batch, max_waiting=max_waiting)
-    assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)
     settings = _given(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    GenerationSettings().replace(**settings)  # this, the address and the limits before the model loads
+    check_address(host, port)
+    assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)
     if settings:
         assistant.settings = assistant.settings.replace(**settings)
     run_server(assistant, host, port, api_key=api_key, limits=limits,
@@ -520,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{_rank_prefix()}{command}: error: cannot read {where}: {err.strerror} (check its permissions)", file=sys.stderr)
             return 1
         hint = WRITE_ERRORS[err.errno]
-        print(f"{_rank_prefix()}{command}: error: {err.strerror}: {where} ({hint})", file=sys.stderr)
+        named = f": {where}" if where is not None else ""  # a write() to an open file names none
+        print(f"{_rank_prefix()}{command}: error: {err.strerror}{named} ({hint})", file=sys.stderr)
         return 1
     if printed is not None:
         try:

@@ -28,6 +28,7 @@ from unimodal.modalities.base import model_config
 from unimodal.modalities.image_continuous import latent_side
 from unimodal.models.backbone import causal_lm_from_pretrained
 from unimodal.models.continuous import TokenDiffusionImage
+from unimodal.models.heads import check_head_size
 
 ORTHUS_MODULES_FILE = "orthus_modules.safetensors"
 log = logging.getLogger("unimodal.convert")
@@ -38,6 +39,7 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "a
 def convert_orthus(chameleon_dir: str | Path, out_dir: str | Path, head_width: int = 1536, head_depth: int = 3) -> Path:
     from safetensors.torch import save_file
 
+    check_head_size(head_width, head_depth)  # before the model loads
     src, out = Path(chameleon_dir), Path(out_dir)
     config = model_config(src, "Chameleon")
     if config.get("model_type") != "chameleon":

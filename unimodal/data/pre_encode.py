@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,27 @@ def flip_pair(doc: Document) -> None:
     doc.parts.reverse()
 
 
+def check_encode(
+    src: str | Path, modalities: Collection[str], *, max_docs_per_shard: int = 1000, batch_size: int = 32, flip_pairs: float = 0.0
+) -> dict[str, Any]:
+    """What :func:`encode_shards` can refuse before a codec loads (a SEED or Chameleon load takes
+    minutes): its options, and a source that must exist and hold no codes of ``modalities`` yet.
+    Returns the code fingerprints the source already holds."""
+    if not modalities:
+        raise ValueError("nothing to encode: give an image tokenizer, an audio codec or both")
+    if max_docs_per_shard < 1 or batch_size < 1:
+        raise ValueError(f"--max_docs_per_shard and --batch_size must be at least 1, got {max_docs_per_shard} and {batch_size}")
+    if not 0 <= flip_pairs <= 1:
+        raise ValueError(f"--flip_pairs is a probability, in [0, 1]; got {flip_pairs}")
+    sources = read_code_sources(src)
+    again = sorted(set(sources) & set(modalities))
+    if again:
+        raise ValueError(
+            f"{src} already holds {', '.join(again)} codes ([{describe_fingerprint(sources[again[0]])}]); encode the raw shards"
+        )
+    return sources
+
+
 def encode_shards(
     src: str | Path,
     out_dir: str | Path,
@@ -229,18 +250,7 @@ def encode_shards(
     An interrupted encode keeps its complete shards; ``resume`` goes on after them (the source's
     documents are read in the same order, and those already written are skipped, not encoded).
     """
-    if not codecs:
-        raise ValueError("nothing to encode: give an image tokenizer, an audio codec or both")
-    if max_docs_per_shard < 1 or batch_size < 1:
-        raise ValueError(f"--max_docs_per_shard and --batch_size must be at least 1, got {max_docs_per_shard} and {batch_size}")
-    if not 0 <= flip_pairs <= 1:
-        raise ValueError(f"--flip_pairs is a probability, in [0, 1]; got {flip_pairs}")
-    sources = read_code_sources(src)
-    again = sorted(set(sources) & set(codecs))
-    if again:
-        raise ValueError(
-            f"{src} already holds {', '.join(again)} codes ([{describe_fingerprint(sources[again[0]])}]); encode the raw shards"
-        )
+    sources = check_encode(src, codecs, max_docs_per_shard=max_docs_per_shard, batch_size=batch_size, flip_pairs=flip_pairs)
     fingerprints = {modality: codec.fingerprint() for modality, codec in codecs.items()}
     out = Path(out_dir)
     # the source as an absolute path, so that a resume may name it either way

@@ -164,6 +164,7 @@ class Assistant:
     context_length: int | None = None
     unconditional: str | None = None
     name: str = "unimodal"
+    _undecodable: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.unconditional is not None and not isinstance(self.unconditional, str):
@@ -481,7 +482,14 @@ class Assistant:
         codec = self.processor.codecs.get(segment.type)
         if codec is None:
             return part
-        decoded = codec.decode(segment.data)
+        try:
+            decoded = codec.decode(segment.data)
+        except NotImplementedError as err:  # an encoder-only codec (the Chameleon VQ-VAE in transformers)
+            if segment.type not in self._undecodable:
+                self._undecodable.add(segment.type)
+                log.warning("the %s codec cannot turn generated %s back into media (%s); such reply parts carry the model's "
+                            "raw output only (ReplyPart.data)", segment.type, segment.type, err)
+            return part
         if segment.type == "image":
             part.image = _as_pil(decoded)
         else:

@@ -557,7 +557,7 @@ def message_fields(parts: list[ReplyPart], audio_format: str | None) -> dict[str
 
 def encode_audio(part: ReplyPart, fmt: str) -> bytes:
     if part.audio is None:
-        raise APIError(500, "the model wrote audio but has no audio codec to decode it", "no_codec", final=True)
+        raise APIError(500, "the model wrote audio that its codecs cannot decode", "no_codec", final=True)
     if fmt == "pcm16":  # OpenAI's raw form: 16-bit little-endian samples at the codec's rate
         return (np.clip(part.audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
     import soundfile
@@ -580,7 +580,7 @@ def wire_part(part: ReplyPart, audio_format: str = "wav") -> dict[str, Any]:
     buffer = io.BytesIO()
     if part.type == "image":
         if part.image is None:
-            raise APIError(500, "the model wrote an image but has no image codec to decode it", "no_codec", final=True)
+            raise APIError(500, "the model wrote an image that its codecs cannot decode", "no_codec", final=True)
         part.image.save(buffer, format="PNG")
         return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
     data = base64.b64encode(encode_audio(part, audio_format)).decode()
@@ -667,9 +667,7 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, thread=False,
                       max_waiting=limits.max_waiting)
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name, batcher=batcher)
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port} is not a port number (0-65535)")
-    _check_address(host, port)
+    check_address(host, port)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
 
@@ -694,8 +692,11 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     http.join()
 
 
-def _check_address(host: str, port: int) -> None:
-    """An address in use (or not this machine's) in one line, before uvicorn logs its own error."""
+def check_address(host: str, port: int) -> None:
+    """An address in use (or not this machine's) in one line, before uvicorn logs its own error
+    (and, from the command line, before the model loads)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number (0-65535)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds

@@ -26,11 +26,15 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a device name; use auto, cpu or cuda[:N]") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: models run on cpu or cuda[:N]")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: this machine has no CUDA device (or this torch is a CPU build); use cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= (count := torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
 
 

@@ -51,6 +51,13 @@ class AdaLNBlock(nn.Module):
         return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
 
+def check_head_size(width: int, depth: int) -> None:
+    """One line for a head of no width or no blocks (a depth of 0 would build a head without AdaLN)."""
+    for name, value in (("head_width", width), ("head_depth", depth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; it must be an integer >= 1")
+
+
 class DiffusionHead(nn.Module):
     """``head(x_t [M, D], t [M], cond [M, H]) -> [M, D]``.
 
@@ -60,6 +67,7 @@ class DiffusionHead(nn.Module):
 
     def __init__(self, feature_dim: int, cond_dim: int, width: int = 1536, depth: int = 3):
         super().__init__()
+        check_head_size(width, depth)
         self.time = TimeEmbedding(width)
         self.cond = nn.Linear(cond_dim, width)
         self.input = nn.Linear(feature_dim, width)

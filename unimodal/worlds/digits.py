@@ -403,6 +403,9 @@ def build_world(
     ``image_codec/`` (a :class:`PatchVQCodec`: 4 codes of 256 per image).
     """
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}; it must be an integer >= 0")
+    speech_dir()  # its one line before anything is written
     root = Path(root)
     refuse_nonempty(root, "build the digits world into a new directory")
     (root / "media" / "images").mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from unimodal.checkpoints.load import read_export_config
 from unimodal.errors import UserError
 from unimodal.inference.chat import load
+from unimodal.models.generation import GenerationSettings
 from unimodal.schema import Part
 from unimodal.worlds.digits import chat_prompt, digit_images, parse_digits, story_targets, utterances
 from unimodal.worlds.judges import audio_judge, image_judge
@@ -92,6 +93,13 @@ class Item:
         return self.task if self.phrasing == "seen" else f"{self.task}/{self.phrasing}"
 
 
+def check_sizes(limit: int | None = None, batch_size: int = 1) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 question per task, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def items(limit: int | None = None) -> dict[str, list[Item]]:
     """The held-out questions of every task in both phrasing sets (keys ``draw``, ``draw/heldout``;
     at most ``limit`` each, a fixed sample).
@@ -101,8 +109,7 @@ def items(limit: int | None = None) -> dict[str, list[Item]]:
     9 times (story). Phrasings, numerals or words, and where the input media goes are drawn from a
     fixed generator, the same in every run.
     """
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 question per task, got {limit}")
+    check_sizes(limit)
     images, clips = digit_images("test"), utterances("test")
     jobs: dict[str, list[tuple[Any, list[Any], str | None]]] = {
         "caption": [(im.digit, [im.rgb()], None) for im in images],
@@ -189,8 +196,7 @@ def run_suite(
     ``modalities``: the media the model reads and writes (None: all). Tasks of other media score
     null and are listed under ``skipped``, so a text-and-image model is not marked wrong on speech.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_sizes(limit, batch_size)
     report: dict[str, Any] = {"suite": "digits"}
     counts, failures, skipped = {}, {}, {}
     by_voice: dict[str, list[int]] = {}  # voice -> [right, asked] over both phrasing sets
@@ -280,11 +286,13 @@ def evaluate(
     existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ValueError(f"cannot write the report to {path}: give a JSON file path in a directory you can write to (--out)")
+    check_sizes(limit, batch_size)  # these and the settings before the model loads
+    generation = {"temperature": 0.0, "seed": 0, **(settings or {})}
+    GenerationSettings().replace(**generation)
     assistant = load(model_dir, device=device)
     if not set(assistant.codecs) & set(TASK_MODALITY.values()):  # a scoreboard of nothing but n/a
         raise UserError(f"{model_dir} has no image or audio codec, and every task of the digits suite is about pictures "
                         "or speech: nothing in it applies to this model")
-    generation = {"temperature": 0.0, "seed": 0, **(settings or {})}
     respond = assistant_responder(assistant, **generation)
     report = run_suite(respond, limit=limit, batch_size=batch_size, codecs=assistant.codecs, modalities=set(assistant.codecs))
     # what reproduces the scores: row i of a batch samples with seed + i, so the batch size counts too
