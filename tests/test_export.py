@@ -490,16 +490,35 @@ def test_replacing_an_export_keeps_the_old_one_until_the_new_one_is_whole(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         with staged_directory(out, replace=True) as staging:
             (staging / "unimodal.json").write_text("new")
-    assert [p.read_text() for p in tmp_path.glob("model*/unimodal.json")] == ["old"]  # the old export, whole
+    assert not out.exists() and (tmp_path / ".model.previous" / "unimodal.json").read_text() == "old"  # whole, set aside
     monkeypatch.undo()
     with staged_directory(out, replace=True) as staging:
         (staging / "unimodal.json").write_text("new")
-    assert (out / "unimodal.json").read_text() == "new" and not (tmp_path / "model-previous").exists()
-    (tmp_path / "model-previous").mkdir()  # left by a crash after the new one was moved in
-    (tmp_path / "model-previous" / "unimodal.json").write_text("older")
+    assert (out / "unimodal.json").read_text() == "new" and not (tmp_path / ".model.previous").exists()
+    (tmp_path / ".model.previous").mkdir()  # left by a crash after the new one was moved in
+    (tmp_path / ".model.previous" / "unimodal.json").write_text("older")
+    (tmp_path / "model-previous").mkdir()  # a directory of the user's, whatever its name, is never touched
+    (tmp_path / "model-previous" / "mine.txt").write_text("mine")
     with staged_directory(out, replace=True) as staging:
         (staging / "unimodal.json").write_text("newer")
-    assert (out / "unimodal.json").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (out / "unimodal.json").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-previous"]
+    with staged_directory(tmp_path / "fresh", replace=False) as staging:  # nothing to set aside: nothing removed
+        (staging / "unimodal.json").write_text("first")
+    assert (tmp_path / "model-previous" / "mine.txt").read_text() == "mine"
+
+
+def test_two_writers_of_one_export_directory_are_refused(tmp_path):
+    """They would share the staging directory: one's files would land in the other's export."""
+    from unimodal.checkpoints.files import staged_directory
+    from unimodal.locks import run_lock
+
+    out = tmp_path / "model"
+    with run_lock(out.absolute(), "write to another directory"):  # the other export, still writing
+        with pytest.raises(UserError, match="model is in use by another run .*; wait for it to end, or write to another directory"):
+            with staged_directory(out, replace=False):
+                pass
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("where", ["codec", "continuous", "nested"])

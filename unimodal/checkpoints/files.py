@@ -27,6 +27,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from unimodal.errors import UserError, refuse_nonempty
+from unimodal.locks import run_lock
 
 log = logging.getLogger("unimodal.checkpoints")
 
@@ -230,28 +231,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def staged_directory(out_dir: str | Path, replace: bool) -> Iterator[Path]:
     """A fresh directory beside ``out_dir`` that becomes ``out_dir`` when the block completes; one
-    that fails is removed. An export it replaces is set aside until the new one is in place
-    (:func:`replace_directory`), so a crash never leaves neither."""
+    that fails is removed. An export it replaces is set aside, under a hidden name of its own, until
+    the new one is in place (:func:`replace_directory`), so a crash never leaves neither. Two
+    commands writing one ``out_dir`` at once would share the staging directory: the second is refused."""
     out = Path(out_dir)
-    if not replace:
-        refuse_nonempty(out, "write to a new directory")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
+    with run_lock(out.absolute(), "write to another directory"):
+        if not replace:
+            refuse_nonempty(out, "write to a new directory")
+        staging = out.with_name(f".{out.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_directory(staging, out)
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_directory(staging, out, aside=out.with_name(f".{out.name}.previous"))
 
 
-def replace_directory(source: Path, target: Path) -> None:
+def replace_directory(source: Path, target: Path, aside: Path | None = None) -> None:
     """Move the finished directory ``source`` to ``target``. An old ``target`` is set aside first,
-    as ``NAME-previous.ckpt``, and removed last, so a crash between the two renames leaves a whole
-    checkpoint that ``--resume auto`` finds. An ``old`` beside a ``target`` is left by a crash after
-    the second rename, older than ``target``: it goes first (a directory cannot be renamed over it)."""
-    old = target.with_name(f"{target.stem}-previous{target.suffix}")
+    as ``aside`` (default ``NAME-previous.ckpt``, which ``--resume auto`` finds after a crash
+    between the two renames), and removed last. An ``aside`` left by a crash after the second
+    rename is older than ``target``: it goes first (a directory cannot be renamed over it). The
+    name is this module's own, never one a user may have given a directory of theirs."""
+    old = aside or target.with_name(f"{target.stem}-previous{target.suffix}")
     if target.exists():
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
