@@ -491,6 +491,17 @@ def test_an_export_given_to_export_is_named_as_one(tmp_path, capsys):
                                        "export takes the run directory or checkpoint it came from\n")
 
 
+@pytest.mark.parametrize("saved", [[1, 2], {"state_dict": 3}], ids=["a list", "no state dict"])
+def test_a_torch_file_that_is_not_a_training_checkpoint_is_one_line(tmp_path, capsys, saved):
+    import torch
+
+    torch.save(saved, tmp_path / "w.ckpt")
+    assert main(["export", str(tmp_path / "w.ckpt"), "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err == (f"unimodal export: error: {tmp_path / 'w.ckpt'} is not a training checkpoint: "
+                                       "export reads checkpoints written by `unimodal train`\n")
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_data_verb_stopped_by_sigterm_leaves_no_half_written_shards(tmp_path):
     """SIGTERM (`kill`, `timeout`, a job scheduler) ended `data pack` mid-shard: its shards, without
     stats.json, were left for a run to read as the whole set."""

@@ -93,6 +93,12 @@ def test_export_with_adapter_and_merged_restore_the_trained_model(run, tmp_path)
     # the framework module's LoRA was merged into its weights
     assert torch.equal(loaded.model.continuous["image"].proj.weight, load_exported(merged_dir).model.continuous["image"].proj.weight)
     assert not torch.equal(loaded.model.continuous["image"].proj.weight, torch.zeros(1))
+    # a copy without its adapter/ (cp export/* dest) must not load as the base model
+    copy = tmp_path / "copied"
+    shutil.copytree(adapter_dir, copy)
+    shutil.rmtree(copy / "adapter")
+    with pytest.raises(ExportError, match=r"names a LoRA adapter in adapter/, and .*adapter_config.json is missing; copy the export whole"):
+        load_exported(copy)
 
 
 def test_export_logs_what_it_wrote_not_the_training_build(run, tmp_path, caplog, capfd, monkeypatch):

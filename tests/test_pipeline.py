@@ -79,6 +79,18 @@ def test_text_pipeline_resumes_a_cut_stage_then_skips_finished_ones(tmp_path, mo
     with pytest.raises(PipelineError, match=r"stage 'chat_sft' finished with a different configuration \(.*stage\.json; changed: trainer\.max_steps\)"):
         run_pipeline(changed_pipeline(tmp_path), tiny=True, root=root, resolve_path=resolve)
 
+    # export.merge_lora changed after the stage finished: its export is the other form, and says so
+    merged = tmp_path / "merged.yaml"
+    raw = yaml.safe_load((PIPELINES / "text.yaml").read_text())
+    raw["stages"][1]["export"] = {"merge_lora": True}
+    for stage in raw["stages"]:
+        stage["recipe"] = str(ROOT / stage["recipe"])
+    merged.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PipelineError, match=r"stage 'chat_sft' finished, and its export .*chat_sft/export keeps its LoRA adapter apart while "
+                                            r"export.merge_lora is now true: remove .* and export it again with "
+                                            r"`unimodal export .*chat_sft --out .*chat_sft/export --merge_lora`"):
+        run_pipeline(merged, tiny=True, root=root, resolve_path=resolve)
+
     # the digits suite has nothing to ask a text-only model: one line, not a scoreboard of n/a
     capsys.readouterr()
     assert unimodal_main(["eval", str(root / "chat_sft" / "export"), "--suite", "digits"]) == 2

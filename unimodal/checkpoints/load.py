@@ -281,6 +281,9 @@ def apply_adapter(backbone: nn.Module, path: str | Path, merge: bool) -> nn.Modu
     """The export's backbone adapter applied (and merged when ``merge``), or the backbone unchanged."""
     adapter = Path(path) / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
+        if read_export_config(path).get("adapter"):  # a copy without its subdirectories: the base model, silently
+            raise ExportError(f"{path}: {CONFIG_FILE} names a LoRA adapter in {ADAPTER_DIR}/, and {adapter / 'adapter_config.json'} "
+                              "is missing; copy the export whole (cp -r)")
         return backbone
     import pickle
 

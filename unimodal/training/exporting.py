@@ -122,6 +122,8 @@ def export(
     with tempfile.TemporaryDirectory(prefix="unimodal-export-") as scratch:
         file = checkpoint_file(Path(ckpt), Path(scratch), trust_checkpoint)
         checkpoint = read_checkpoint(file)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):  # torch.save of a bare tensor
+            raise ExportError(f"{file} is not a training checkpoint: export reads checkpoints written by `unimodal train`")
         run_config = checkpoint.get(RUN_CONFIG_KEY)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if run_config is None or "_class_path" not in hparams:

@@ -55,7 +55,7 @@ import yaml
 from jsonargparse import ArgumentError
 
 from unimodal.checkpoints.files import checkpoint_step, find_latest_checkpoint
-from unimodal.checkpoints.load import CONFIG_FILE, tokenizer_path
+from unimodal.checkpoints.load import CONFIG_FILE, read_export_config, tokenizer_path
 from unimodal.training.exporting import export
 from unimodal.training.recipes import (
     check_recipe,
@@ -323,7 +323,7 @@ def _train(config_file: Path) -> int | None:
     if returncode == Interrupted.exit_code:
         raise Interrupted(f"stopped by Ctrl-C (stage process {config_file})")
     if returncode != 0:
-        raise RuntimeError(f"training {config_file} failed with exit code {returncode}")
+        raise PipelineError(f"the stage's training process ({config_file}) failed with exit code {returncode}; its error is above")
     return None
 
 
@@ -370,6 +370,8 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
             again = f"export it again with `unimodal export {stage_dir} --out {output}{' --merge_lora' if stage.merge_lora else ''}`, or "
             raise PipelineError(f"stage {stage.name!r} finished, but its output {output} is missing; "
                                 f"{again if stage.output is None else ''}remove {stage_dir} to run the stage again")
+        if stage.output is None:
+            _check_merged(stage, config, stage_dir, output)
         return StageResult(**{**previous["result"], "status": "skipped"})
     config_file = stage_dir / RESOLVED_RECIPE
     if config_file.is_file() and find_latest_checkpoint(stage_dir / "checkpoints") is not None:
@@ -420,6 +422,19 @@ def _run_stage(pipeline: Pipeline, stage: Stage, tiny: bool, resolve_path: Calla
         done = {"status": "done", "run": uuid.uuid4().hex, "inputs": inputs, "result": asdict(result)}
         write_whole(marker, json.dumps(done, indent=2) + "\n")  # the other ranks poll for it
     return result
+
+
+def _check_merged(stage: Stage, config: dict[str, Any], stage_dir: Path, output: Path) -> None:
+    """A finished LoRA stage whose export is not what ``export.merge_lora`` now asks for: the
+    recipe is unchanged, so the stage would be skipped and later stages read the other form."""
+    trained_lora = bool(((config.get("model") or {}).get("init_args") or {}).get("lora"))
+    apart = bool(read_export_config(output).get("adapter"))
+    if trained_lora and apart == stage.merge_lora:
+        raise PipelineError(
+            f"stage {stage.name!r} finished, and its export {output} {'keeps its LoRA adapter apart' if apart else 'has its LoRA merged'} "
+            f"while export.merge_lora is now {'true' if stage.merge_lora else 'false'}: remove {output} and export it again with "
+            f"`unimodal export {stage_dir} --out {output}{' --merge_lora' if stage.merge_lora else ''}`"
+        )
 
 
 def _finish(pipeline: Pipeline, stage: Stage, checkpoint: Path | None, steps: int | None, wall_offset: float) -> StageResult:
