@@ -36,7 +36,7 @@ def test_stages_export_one_merged_any_to_any_model_that_chats(demo):
     config = json.loads((demo / "chat_sft" / "export" / "unimodal.json").read_text())
     processor = json.loads((demo / "chat_sft" / "export" / "processor.json").read_text())
     assert config["adapter"] is None  # LoRA merged: one self-contained directory
-    assert processor["layout"]["code_ranges"] == {"image": 256, "audio": 512}
+    assert processor["layout"]["code_ranges"] == {"image": 512, "audio": 512}
     assert processor["layout"]["code_layers"] == {"audio": 2}
 
     # the recipe's sampling defaults travel with the export
