@@ -313,6 +313,7 @@ def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
 
     def build(out, seed):
         built.append(seed)
+        out.mkdir(parents=True)
         (out / "world.json").write_text("{}")
         return {"chat/train": 3}
 
@@ -322,7 +323,7 @@ def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
     assert "chat/train 3" in capsys.readouterr().out
 
     def cut_short(out, seed):  # a build stopped midway (Ctrl-C, a full disk) leaves no half world to refuse a rerun
-        (out / "media").mkdir()
+        (out / "media").mkdir(parents=True)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(digits, "build_world", cut_short)
@@ -330,6 +331,9 @@ def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
     assert main(["data", "digits", "--out", str(tmp_path / "v")]) == 1
     assert capsys.readouterr().err.startswith("unimodal data digits: error: No space left on device (")  # no ": None"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+    (tmp_path / "empty").mkdir()  # an empty --out given is left empty, not removed
+    assert main(["data", "digits", "--out", str(tmp_path / "empty")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "w"] and not any((tmp_path / "empty").iterdir())
 
 
 def test_a_negative_seed_is_one_line_before_anything_is_written(tmp_path):

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ import yaml
 from jsonargparse import ArgumentParser, auto_cli
 
 from unimodal.data.inspect import inspect_path
-from unimodal.errors import UserError
+from unimodal.errors import UserError, refuse_nonempty
 from unimodal.launch import launched_rank
 from unimodal.locks import run_lock
 from unimodal.yaml_files import parse_yaml, read_yaml
@@ -192,11 +193,17 @@ def digits(*, out: Path, seed: int = 0) -> str:
         out: the directory for the world (new or empty).
         seed: the seed every random choice of the world derives from.
     """
-    from unimodal.checkpoints.files import staged_directory
     from unimodal.worlds.digits import build_world
 
-    with staged_directory(out, replace=False) as staging:  # a build cut short leaves no half world in --out
-        summary = build_world(staging, seed=seed)
+    refuse_nonempty(out, "build the digits world into a new directory")
+    existed = out.is_dir()
+    try:
+        summary = build_world(out, seed=seed)
+    except BaseException:  # a build cut short leaves no half world for the rerun to refuse
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir()
+        raise
     counts = ", ".join(f"{name} {n}" for name, n in summary.items() if "/" in name)
     return f"wrote the digits world to {out} (documents: {counts}; see {out}/world.json)"
 
