@@ -200,9 +200,11 @@ def digits(*, out: Path, seed: int = 0) -> str:
     try:
         summary = build_world(out, seed=seed)
     except BaseException:  # a build cut short leaves no half world for the rerun to refuse
-        shutil.rmtree(out, ignore_errors=True)
-        if existed:
-            out.mkdir()
+        for written in out.iterdir() if existed else [out]:
+            if written.is_dir() and not written.is_symlink():
+                shutil.rmtree(written, ignore_errors=True)
+            else:
+                written.unlink(missing_ok=True)
         raise
     counts = ", ".join(f"{name} {n}" for name, n in summary.items() if "/" in name)
     return f"wrote the digits world to {out} (documents: {counts}; see {out}/world.json)"
