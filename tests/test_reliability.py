@@ -528,7 +528,7 @@ def test_a_damaged_codec_directory_or_a_missing_device_is_one_line(tmp_path):
         (tmp_path / name / "codec.json").write_text(json_module.dumps({**spec, "config": {**spec["config"], **config}}))
     spec["config"] = {**spec.get("config", {}), "bogus": 1}
     (unknown / "codec.json").write_text(json_module.dumps(spec))
-    shards = resolve("builtin:digits") + "/val"
+    shards = resolve("builtin:digits/chat/test")  # a real source: sources are checked before any codec loads
     cases = [
         (tmp_path / "list", "codec.json holds a JSON list, not an object"),
         (tmp_path / "bad-json", "codec.json is not valid JSON"),
