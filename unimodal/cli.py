@@ -133,13 +133,14 @@ def encode(
 
     modalities = [m for m, given in (("image", image_tokenizer), ("audio", audio_codec)) if given]
     with run_lock(Path(out).absolute(), "write to another --out"):
-        check_encode(resolve(src), modalities, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs)
+        source = resolve(src)
+        check_encode(source, modalities, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs)
         codecs = {}
         if image_tokenizer:
             codecs["image"] = load_codec("image", resolve(image_tokenizer), device)
         if audio_codec:
             codecs["audio"] = load_codec("audio", resolve(audio_codec), device, layers=audio_layers, max_seconds=max_seconds)
-        stats = encode_shards(resolve(src), out, codecs, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs, resume=resume)
+        stats = encode_shards(source, out, codecs, max_docs_per_shard=max_docs_per_shard, flip_pairs=flip_pairs, resume=resume)
     return f"wrote {stats['documents']} documents to {out} (codes: {', '.join(sorted(stats['codes']))})"
 
 
