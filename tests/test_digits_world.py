@@ -322,18 +322,23 @@ def test_builtin_and_cli_build_the_world(monkeypatch, tmp_path, capsys):
     assert built == [4] and (tmp_path / "w" / "world.json").is_file()
     assert "chat/train 3" in capsys.readouterr().out
 
-    def cut_short(out, seed):  # a build stopped midway (Ctrl-C, a full disk) leaves no half world to refuse a rerun
-        (out / "media").mkdir(parents=True)
+
+
+def test_a_build_cut_short_leaves_no_half_world(monkeypatch, tmp_path, capsys):
+    """A build stopped midway (Ctrl-C, a full disk) removes what it wrote, so the rerun is not refused."""
+    from unimodal.cli import main
+
+    def full_disk(pixels):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(digits, "build_world", cut_short)
-    capsys.readouterr()
+    monkeypatch.setattr(digits, "_png", full_disk)  # the first file written after the media directories
     assert main(["data", "digits", "--out", str(tmp_path / "v")]) == 1
     assert capsys.readouterr().err.startswith("unimodal data digits: error: No space left on device (")  # no ": None"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+    assert list(tmp_path.iterdir()) == []
     (tmp_path / "empty").mkdir()  # an empty --out given is left empty, not removed
-    assert main(["data", "digits", "--out", str(tmp_path / "empty")]) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "w"] and not any((tmp_path / "empty").iterdir())
+    with pytest.raises(OSError, match="No space left"):
+        build_world(tmp_path / "empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not any((tmp_path / "empty").iterdir())
 
 
 def test_a_negative_seed_is_one_line_before_anything_is_written(tmp_path):

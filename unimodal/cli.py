@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -31,7 +30,7 @@ import yaml
 from jsonargparse import ArgumentParser, auto_cli
 
 from unimodal.data.inspect import inspect_path
-from unimodal.errors import UserError, refuse_nonempty
+from unimodal.errors import UserError
 from unimodal.launch import launched_rank
 from unimodal.locks import run_lock
 from unimodal.yaml_files import parse_yaml, read_yaml
@@ -196,17 +195,7 @@ def digits(*, out: Path, seed: int = 0) -> str:
     """
     from unimodal.worlds.digits import build_world
 
-    refuse_nonempty(out, "build the digits world into a new directory")
-    existed = out.is_dir()
-    try:
-        summary = build_world(out, seed=seed)
-    except BaseException:  # a build cut short leaves no half world for the rerun to refuse
-        for written in out.iterdir() if existed else [out]:
-            if written.is_dir() and not written.is_symlink():
-                shutil.rmtree(written, ignore_errors=True)
-            else:
-                written.unlink(missing_ok=True)
-        raise
+    summary = build_world(out, seed=seed)
     counts = ", ".join(f"{name} {n}" for name, n in summary.items() if "/" in name)
     return f"wrote the digits world to {out} (documents: {counts}; see {out}/world.json)"
 

@@ -400,7 +400,8 @@ def build_world(
     Layout: ``{pretrain,chat}/{train,test}/`` shards (+ their source ``*.jsonl``), the same without
     the speech tasks in ``image-text/{pretrain,chat}/{train,test}/``, ``media/``,
     ``tokenizer.model``, ``audio_codec/`` (a :class:`DigitAudioCodec` of config ``audio_codec``),
-    ``image_codec/`` (a :class:`PatchVQCodec`: 4 codes of 256 per image).
+    ``image_codec/`` (a :class:`PatchVQCodec`: 4 codes of 256 per image). A build cut short
+    (Ctrl-C, a full disk) removes what it wrote, so that no half world refuses the rerun.
     """
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -408,6 +409,21 @@ def build_world(
     speech_dir()  # its one line before anything is written
     root = Path(root)
     refuse_nonempty(root, "build the digits world into a new directory")
+    existed = root.is_dir()
+    try:
+        return _build(root, seed, copies, text_vocab_size, audio_codec)
+    except BaseException:
+        for written in root.iterdir() if existed else [root]:  # an empty directory given stays, empty
+            if written.is_dir() and not written.is_symlink():
+                shutil.rmtree(written, ignore_errors=True)
+            else:
+                written.unlink(missing_ok=True)
+        raise
+
+
+def _build(
+    root: Path, seed: int, copies: dict[str, dict[str, float]], text_vocab_size: int, audio_codec: DigitAudioConfig | None
+) -> dict[str, Any]:
     (root / "media" / "images").mkdir(parents=True, exist_ok=True)
     (root / "media" / "speech").mkdir(parents=True, exist_ok=True)
     for image in _all_images():
