@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -17,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import data_pipeline  # noqa: E402
 import diffusion_head  # noqa: E402
 import generation  # noqa: E402
+import head_overlap  # noqa: E402
 import hostile_inputs  # noqa: E402
 import media_cache  # noqa: E402
 import serving  # noqa: E402
@@ -50,6 +52,27 @@ def test_the_diffusion_head_benchmark_checks_that_both_sides_agree(monkeypatch):
     monkeypatch.setattr(ConditionedHead, "modulations", lambda self, t: modulations(self, t) + 0.1)
     with pytest.raises(Exception, match="close"):
         diffusion_head.main(["--rows", "2", "--steps", "4", "--width", "32", "--hidden", "16", "--features", "8", "--repeats", "1"])
+
+
+TINY_OVERLAP = ["--rows", "2", "--backbone_steps", "3", "--pictures", "2", "--slots", "2", "--steps", "3", "--hidden", "32",
+                "--layers", "1", "--rounds", "1"]
+
+
+def test_the_head_overlap_benchmark_checks_the_worker_draws_what_this_process_draws(monkeypatch):
+    threads = torch.get_num_threads()
+    figures = head_overlap.main(TINY_OVERLAP)
+    assert set(figures) >= {"one after the other", "head in a thread", "head in the worker process"}
+    assert all(ms > 0 for ms in figures.values()) and torch.get_num_threads() == threads
+    # a worker that draws otherwise (here: each row with another row's generator) fails the benchmark instead of timing it
+
+    def swapped(head, conn):
+        while (request := conn.recv()) is not None:
+            hidden, states = request
+            conn.send(head_overlap.draw(head, hidden, states[::-1]))
+
+    monkeypatch.setattr(head_overlap, "head_worker", swapped)
+    with pytest.raises(AssertionError, match="drew other features"):
+        head_overlap.main(TINY_OVERLAP)
 
 
 def test_the_serving_breakdown_times_each_stage_one_at_a_time_and_batched():
