@@ -339,6 +339,7 @@ def serve(
     seed: int | None = None,
     device: str = "auto",
     max_audio_seconds: float | None = None,
+    head_worker: bool | None = None,
 ) -> None:
     """Serve an exported model over an OpenAI-compatible HTTP API (docs/serving.md).
 
@@ -364,6 +365,8 @@ def serve(
         device: auto (CUDA when present), cpu or cuda[:N].
         max_audio_seconds: the longest clip the audio codec reads and writes (default: the
             export's; at most 600, the server's decoding limit).
+        head_worker: draw picture slots of a per-token diffusion head (Orthus-style) in a second
+            process, beside the other requests' steps (default: on a CPU of two cores or more).
     """
     from unimodal.inference.chat import load
     from unimodal.inference.server import ServerLimits, check_address
@@ -385,8 +388,7 @@ def serve(
     assistant = load(model, device=device, max_audio_seconds=max_audio_seconds)
     if settings:
         assistant.settings = assistant.settings.replace(**settings)
-    run_server(assistant, host, port, api_key=api_key, limits=limits,
-               model_name=model_name)
+    run_server(assistant, host, port, api_key=api_key, limits=limits, model_name=model_name, head_worker=head_worker)
 
 
 def evaluate(

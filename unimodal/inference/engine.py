@@ -24,6 +24,7 @@ decodes text with a loop of its own (``unimodal.inference.beam``). ``Generation`
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from unimodal.data.tokenizer import TextTokenizer
 from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import OUTSIDE, MediaSpanConstraint, SpanSpec, extract_spans
+from unimodal.inference.head_worker import HeadWorker, HeadWorkerError
 from unimodal.inference.modes import MediaMode, media_modes
 from unimodal.inference.outputs import Deadline, Generation, Segment, expired_error, expiry
 from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
@@ -48,6 +50,8 @@ from unimodal.schema import MODALITIES, MODALITY_IDS
 TextCallback = Callable[[int, str], None]
 DoneCallback = Callable[[int, Generation], None]
 MediaCallback = Callable[[int, Segment], None]
+
+log = logging.getLogger("unimodal.generate")
 
 
 @dataclass
@@ -106,6 +110,8 @@ class Engine:
         self.constraint = MediaSpanConstraint(self.layout, self.spans) if self.layout.code_ranges else None
         self.modes = media_modes(model, self.spans)
         self.stop_ids = {tokenizer.eos_id, *stop_ids}
+        # draws causal head slots beside the other rows' steps (a server on a CPU sets it)
+        self.head_worker: HeadWorker | None = None
         self.pad_id = tokenizer.pad_id
         self.max_length = max_length or int(getattr(model.backbone.config, "max_position_embeddings", 2048))
         self.device = model.backbone.get_input_embeddings().weight.device
@@ -274,6 +280,7 @@ class _Run:
         # modality id of the position each row feeds next (routes it to its modality's experts)
         self.modality_of: dict[int, int] = {}
         self.unconditional_length = cache.lengths[-1] if guided else 0
+        self.pending: list[tuple[str, list[_Row]]] = []  # head calls sent to the worker, oldest first
         self._open_prompt_spans(prompts)
 
     def _open_prompt_spans(self, prompts: Sequence[EncodedDocument]) -> None:
@@ -298,6 +305,17 @@ class _Run:
     # -- the loop ---------------------------------------------------------------------------
 
     def loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            while self.pending:  # answers for rows that ended meanwhile, or a run that failed
+                name, rows = self.pending.pop(0)
+                try:
+                    self.engine.head_worker.receive([r.generator for r in rows])
+                except HeadWorkerError as err:
+                    self._lose_worker(err)
+
+    def _loop(self) -> None:
         while True:
             self._expire(self.rows)
             active = [r for r in self.rows if not r.done]
@@ -305,21 +323,26 @@ class _Run:
                 return
             if len(active) < self.batch:
                 self._compact(active)
-            pending = [r for r in active if r.block_pending]
-            if pending:
-                self._denoise_blocks(pending)
+            blocks = [r for r in active if r.block_pending]
+            if blocks:
+                self._denoise_blocks(blocks)
                 active = [r for r in active if not r.done]  # a row past its deadline left while denoising
             feed = self._choose(active)
             if all(r.done for r in self.rows):
                 return
-            self._feed(feed)
+            if feed:
+                self._feed(feed)
 
     def _choose(self, active: list[_Row]) -> dict[int, Any]:
-        """Decide each active row's next input: a token id or a continuous embedding ``[H]``."""
+        """Decide each active row's next input: a token id or a continuous embedding ``[H]``. Rows
+        whose slot the head worker is drawing sit the step out; those it has answered are fed."""
         feed: dict[int, Any] = {}
-        sampled = [r for r in active if r.forced is None and (r.mode is None or r.mode.kind == "discrete")]
-        drawn = [r for r in active if r.mode is not None and r.mode.kind == "causal" and r.remaining > 0]
-        for row in active:
+        self._collect(feed, wait=False)
+        waiting = {r.index for _, rows in self.pending for r in rows}
+        free = [r for r in active if r.index not in waiting and r.index not in feed]
+        sampled = [r for r in free if r.forced is None and (r.mode is None or r.mode.kind == "discrete")]
+        drawn = [r for r in free if r.mode is not None and r.mode.kind == "causal" and r.remaining > 0]
+        for row in free:
             if row.forced is not None:
                 self._advance(row, row.forced, feed)
         if sampled:
@@ -327,8 +350,46 @@ class _Run:
             for row, token in zip(sampled, tokens):
                 self._advance(row, token, feed)
         if drawn:
-            self._draw_features(drawn, feed)
+            if self.engine.head_worker is not None and feed:  # other rows step while the worker draws
+                self._send(drawn)
+            else:
+                self._draw_features(drawn, feed)
+        if not feed:
+            self._collect(feed, wait=True)
         return feed
+
+    def _send(self, rows: list[_Row]) -> None:
+        """The rows' head calls to the worker (their deadlines are checked between calls, not inside one)."""
+        worker = self.engine.head_worker
+        for name, members in _by_mode(rows).items():
+            settings = _head_settings(members)
+            try:
+                worker.submit(name, self._last_hidden(members), settings["cfg_scale"], settings["steps"], settings["generator"])
+            except HeadWorkerError as err:
+                self._lose_worker(err)
+                return
+            self.pending.append((name, members))
+
+    def _collect(self, feed: dict[int, Any], wait: bool) -> None:
+        """Feed the rows whose slots the worker has drawn: those answered, or (``wait``) the oldest call."""
+        worker = self.engine.head_worker
+        while self.pending and (wait or worker.ready()):
+            wait = False
+            name, members = self.pending.pop(0)
+            try:
+                features = worker.receive([r.generator for r in members])
+            except HeadWorkerError as err:
+                self._lose_worker(err)  # the rows' generators are as before the call: they draw again here
+                return
+            live = [(k, r) for k, r in enumerate(members) if not r.done]
+            if live:
+                self._place(name, [r for _, r in live], features[[k for k, _ in live]], feed)
+
+    def _lose_worker(self, err: HeadWorkerError) -> None:
+        log.warning("%s; drawing in this process from now on", err)
+        self.engine.head_worker.close()
+        self.engine.head_worker = None
+        self.pending.clear()
 
     def _feed(self, feed: dict[int, Any]) -> None:
         """One cache step: every row with an input (and its guidance partner in a guided span)."""
@@ -456,16 +517,19 @@ class _Run:
                 )
 
             members, features = self._retry_without_expired(members, draw)
-            if not members:
-                continue
-            embeds = embed_features(self.model, name, features)
-            for k, row in enumerate(members):
-                row.span.append(features[k].float().cpu())
-                row.remaining -= 1
-                if row.remaining == 0:
-                    self._close_span(row, torch.stack(row.span).numpy())
-                    row.forced = row.mode.end
-                self._count(row, embeds[k], feed, name)
+            if members:
+                self._place(name, members, features, feed)
+
+    def _place(self, name: str, rows: list[_Row], features: torch.Tensor, feed: dict[int, Any]) -> None:
+        """Each row's drawn slot: kept in its span (closed after the last slot) and queued for feeding."""
+        embeds = embed_features(self.model, name, features)
+        for k, row in enumerate(rows):
+            row.span.append(features[k].float().cpu())
+            row.remaining -= 1
+            if row.remaining == 0:
+                self._close_span(row, torch.stack(row.span).numpy())
+                row.forced = row.mode.end
+            self._count(row, embeds[k], feed, name)
 
     def _denoise_blocks(self, rows: list[_Row]) -> None:
         """Bidirectional continuous spans: denoise whole items, then commit one clean pass."""

@@ -658,12 +658,16 @@ def _last_events(outcome: Reply | Exception, chunk: Callable[..., str], call: Ca
 
 
 def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServerLimits | None = None, model_name: str | None = None) -> None:
+          limits: ServerLimits | None = None, model_name: str | None = None, head_worker: bool | None = None) -> None:
     """Run the server until interrupted. HTTP is served from a thread; the model generates on this
-    one, the thread that loaded it (:class:`Batcher`)."""
+    one, the thread that loaded it (:class:`Batcher`). ``head_worker``: draw picture slots in a
+    second process (:mod:`unimodal.inference.head_worker`); None: where it pays off."""
     import uvicorn
 
+    from unimodal.inference.head_worker import HeadWorker, wanted
+
     limits = limits or ServerLimits()
+    engine = assistant.engine
     batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, thread=False,
                       max_waiting=limits.max_waiting)
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name, batcher=batcher)
@@ -680,16 +684,27 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
-    http.start()
-    while not server.started:
-        if not http.is_alive():  # uvicorn logged why
-            raise UserError(f"the server could not start on {host}:{port} (is the address in use, or not this machine's?)")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]  # --port 0: the one the system chose
-    shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
-    log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models[/ID], GET /health)", model_name or assistant.name, shown, port)
-    batcher.run()
-    http.join()
+    if head_worker is None:
+        head_worker = wanted(assistant.model, engine.modes.values(), engine.device)
+    if head_worker:  # forked now, while this process has no other thread
+        engine.head_worker = HeadWorker(assistant.model, engine.modes.values())
+        log.info("the diffusion head (%s) draws in a worker process beside the other rows' steps", ", ".join(engine.head_worker.names))
+    try:
+        http.start()
+        while not server.started:
+            if not http.is_alive():  # uvicorn logged why
+                raise UserError(f"the server could not start on {host}:{port} (is the address in use, or not this machine's?)")
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]  # --port 0: the one the system chose
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+        log.info("serving %s on http://%s:%d (POST /v1/chat/completions, GET /v1/models[/ID], GET /health)",
+                 model_name or assistant.name, shown, port)
+        batcher.run()
+        http.join()
+    finally:
+        if engine.head_worker is not None:
+            engine.head_worker.close()
+            engine.head_worker = None
 
 
 def check_address(host: str, port: int) -> None:

@@ -1,0 +1,109 @@
+"""The diffusion head in a worker process: the same answers as in-process, and a worker that
+fails costs its rows nothing but time."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from inference_helpers import media_assistant
+
+from unimodal.inference import head_worker as worker_module
+from unimodal.inference.head_worker import HeadWorker, causal_heads, wanted
+
+
+def batch(assistant):
+    """Pictures (one guided) drawn beside text and speech rows, each seeded."""
+    asks = [
+        ("draw", "image", dict(seed=5, max_new_tokens=10)),
+        ("draw", "image", dict(seed=6, max_new_tokens=10, image={"cfg_scale": 2.0})),
+        ("hi there", None, dict(temperature=0.9, seed=3, max_new_tokens=12)),
+        ("speak", "audio", dict(seed=7, max_new_tokens=10, audio={"top_k": 5})),
+        ("tell me", None, dict(temperature=0.0, max_new_tokens=14)),
+    ]
+    settings = [assistant.resolve(**kw) for _, _, kw in asks]
+    prompts = [assistant.prompt([{"role": "user", "content": text}], s, start) for (text, start, _), s in zip(asks, settings)]
+    return prompts, settings
+
+
+def answers(assistant):
+    prompts, settings = batch(assistant)
+    replies = assistant.answer(prompts, settings)
+    out = []
+    for reply in replies:
+        for part in reply.parts:
+            out.append(part.text if part.type == "text" else np.asarray(part.data, dtype=np.float64))
+        out.append(reply.finish_reason)
+    return out
+
+
+def same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, np.ndarray):  # features of calls grouped otherwise: the last float bit may differ
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        else:
+            assert x == y
+
+
+@pytest.fixture
+def assistant():
+    return media_assistant()
+
+
+def test_the_worker_draws_what_this_process_draws_while_the_other_rows_step(assistant, monkeypatch):
+    alone = answers(assistant)
+    sent = []
+    submit = HeadWorker.submit
+    monkeypatch.setattr(HeadWorker, "submit", lambda self, name, hidden, *rest: sent.append(len(hidden)) or submit(self, name, hidden, *rest))
+    threads = torch.get_num_threads()
+    worker = assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    try:
+        assert worker.names == ["image"] and torch.get_num_threads() == max(1, threads - 1)
+        same(answers(assistant), alone)
+        assert sent, "no head call went to the worker"
+        same(answers(assistant), alone)  # and again: no answer of the last batch is left in the pipe
+    finally:
+        worker.close()
+        assistant.engine.head_worker = None
+    assert not worker._process.is_alive() and torch.get_num_threads() == threads
+
+
+def test_a_worker_that_stops_leaves_its_rows_to_this_process(assistant, caplog):
+    alone = answers(assistant)
+    worker = assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    worker._process.kill()
+    worker._process.join(5)
+    with caplog.at_level(logging.WARNING, logger="unimodal.generate"):
+        same(answers(assistant), alone)
+    assert assistant.engine.head_worker is None
+    lines = [r.getMessage() for r in caplog.records if "head worker" in r.getMessage()]
+    assert len(lines) == 1 and "drawing in this process from now on" in lines[0]
+
+
+def test_a_failing_head_call_is_an_error_of_the_worker_and_the_rows_draw_here(assistant, monkeypatch, caplog):
+    alone = answers(assistant)
+
+    def broken(heads, conn):  # answers every call with the error the head raised
+        while conn.recv() is not None:
+            conn.send("ValueError: no such head")
+
+    monkeypatch.setattr(worker_module, "_serve", broken)
+    assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    with caplog.at_level(logging.WARNING, logger="unimodal.generate"):
+        same(answers(assistant), alone)
+    assert assistant.engine.head_worker is None
+    assert any("the head worker process failed: ValueError: no such head" in r.getMessage() for r in caplog.records)
+
+
+def test_a_worker_is_wanted_on_a_cpu_with_a_core_to_spare_for_a_causal_head(assistant, monkeypatch):
+    model, modes = assistant.model, assistant.engine.modes.values()
+    assert causal_heads(model, modes) == ["image"]
+    monkeypatch.setattr(worker_module.os, "cpu_count", lambda: 2)
+    assert wanted(model, modes, torch.device("cpu"))
+    assert not wanted(model, modes, torch.device("cuda"))
+    assert not wanted(model, [m for m in modes if m.kind != "causal"], torch.device("cpu"))
+    monkeypatch.setattr(worker_module.os, "cpu_count", lambda: 1)
+    assert not wanted(model, modes, torch.device("cpu"))
