@@ -107,3 +107,13 @@ def test_a_worker_is_wanted_on_a_cpu_with_a_core_to_spare_for_a_causal_head(assi
     assert not wanted(model, [m for m in modes if m.kind != "causal"], torch.device("cpu"))
     monkeypatch.setattr(worker_module.os, "cpu_count", lambda: 1)
     assert not wanted(model, modes, torch.device("cpu"))
+
+
+def test_asking_for_a_worker_a_model_cannot_use_is_one_line_before_the_server_starts():
+    from inference_helpers import text_assistant
+
+    from unimodal.errors import UserError
+    from unimodal.inference.server import serve
+
+    with pytest.raises(UserError, match="--head_worker true: the worker draws for an fp32 per-token diffusion head on the CPU"):
+        serve(text_assistant(), port=0, model_name="tiny", head_worker=True)

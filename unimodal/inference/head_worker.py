@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Iterable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -45,7 +46,7 @@ def causal_heads(model: UnifiedModel, modes: Iterable[MediaMode]) -> list[str]:
 
 def wanted(model: UnifiedModel, modes: Iterable[MediaMode], device: torch.device) -> bool:
     """A worker pays off on a CPU with a core to spare, for a model with a causal head."""
-    forks = "fork" in multiprocessing.get_all_start_methods()
+    forks = sys.platform.startswith("linux")  # fork is the start method, and it is unsafe on macOS
     return device.type == "cpu" and (os.cpu_count() or 1) >= 2 and forks and bool(causal_heads(model, modes))
 
 

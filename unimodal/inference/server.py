@@ -664,10 +664,15 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     second process (:mod:`unimodal.inference.head_worker`); None: where it pays off."""
     import uvicorn
 
-    from unimodal.inference.head_worker import HeadWorker, wanted
+    from unimodal.inference.head_worker import HeadWorker, causal_heads, wanted
 
     limits = limits or ServerLimits()
     engine = assistant.engine
+    if head_worker is None:
+        head_worker = wanted(assistant.model, engine.modes.values(), engine.device)
+    elif head_worker and (engine.device.type != "cpu" or not causal_heads(assistant.model, engine.modes.values())):
+        raise UserError("--head_worker true: the worker draws for an fp32 per-token diffusion head on the CPU, "
+                        f"and this model has none there (device {engine.device})")
     batcher = Batcher(assistant, max_rows=limits.max_batch, gather_s=limits.batch_window_s, thread=False,
                       max_waiting=limits.max_waiting)
     app = create_app(assistant, api_key=api_key, limits=limits, model_name=model_name, batcher=batcher)
@@ -684,8 +689,6 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
-    if head_worker is None:
-        head_worker = wanted(assistant.model, engine.modes.values(), engine.device)
     if head_worker:  # forked now, while this process has no other thread
         engine.head_worker = HeadWorker(assistant.model, engine.modes.values())
         log.info("the diffusion head (%s) draws in a worker process beside the other rows' steps", ", ".join(engine.head_worker.names))
