@@ -83,9 +83,9 @@ class HeadWorker:
 
     def receive(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """The oldest call's features; ``generators`` (that call's) continue from where the worker's ended."""
-        if not self._conn.poll(ANSWER_S):
-            raise HeadWorkerError(f"the head worker process gave no answer in {ANSWER_S:.0f} s")
         try:
+            if not self._conn.poll(ANSWER_S):
+                raise HeadWorkerError(f"the head worker process gave no answer in {ANSWER_S:.0f} s")
             answer = self._conn.recv()
         except (EOFError, OSError) as err:
             raise HeadWorkerError(f"the head worker process stopped ({type(err).__name__})") from None
