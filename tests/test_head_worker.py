@@ -86,7 +86,8 @@ def test_a_worker_that_stops_leaves_its_rows_to_this_process(assistant, caplog):
 def test_a_failing_head_call_is_an_error_of_the_worker_and_the_rows_draw_here(assistant, monkeypatch, caplog):
     alone = answers(assistant)
 
-    def broken(heads, conn):  # answers every call with the error the head raised
+    def broken(heads, conn, servers_end):  # answers every call with the error the head raised
+        servers_end.close()
         while conn.recv() is not None:
             conn.send("ValueError: no such head")
 
@@ -117,3 +118,16 @@ def test_asking_for_a_worker_a_model_cannot_use_is_one_line_before_the_server_st
 
     with pytest.raises(UserError, match="--head_worker true: the worker draws for an fp32 per-token diffusion head on the CPU"):
         serve(text_assistant(), port=0, model_name="tiny", head_worker=True)
+
+
+def test_the_worker_ends_when_the_server_is_gone(assistant):
+    """A server killed (SIGKILL, out of memory) sends no goodbye: the worker ends at its pipe's end."""
+    threads = torch.get_num_threads()
+    worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    try:
+        worker._conn.close()  # all a killed server leaves of its end
+        worker._process.join(10)
+        assert not worker._process.is_alive()
+    finally:
+        worker._process.kill()
+        torch.set_num_threads(threads)

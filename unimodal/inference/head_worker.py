@@ -62,7 +62,8 @@ class HeadWorker:
         self.names = causal_heads(model, modes)
         self._conn, child = multiprocessing.Pipe()
         heads = {name: model.continuous[name] for name in self.names}
-        self._process = multiprocessing.get_context("fork").Process(target=_serve, args=(heads, child), name="unimodal-head", daemon=True)
+        self._process = multiprocessing.get_context("fork").Process(target=_serve, args=(heads, child, self._conn), name="unimodal-head",
+                                                                   daemon=True)
         self._process.start()
         child.close()
         self._waiting = 0
@@ -111,9 +112,11 @@ class HeadWorker:
         torch.set_num_threads(self._threads)
 
 
-def _serve(heads: dict[str, Any], conn: Connection) -> None:
+def _serve(heads: dict[str, Any], conn: Connection, servers_end: Connection) -> None:
     # the server's handlers came with the fork; Ctrl-C reaches the whole process group, and the
-    # server ends this process itself (close), or its pipe does (the server killed)
+    # server ends this process itself (close), or its pipe does (the server killed): the fork's
+    # copy of the server's end would keep the pipe open
+    servers_end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
