@@ -8,7 +8,9 @@ Every row of a batch is in one mode at a time:
   allows exactly the codes a well-formed span needs and then its end token;
 - **causal continuous span** (Orthus): the modality's head samples the next feature from the
   last hidden state (``sample_next``), its clean embedding is committed to the cache, and after
-  ``slots_per_item`` features the end token is forced;
+  ``slots_per_item`` features the end token is forced. Given a head worker (a server on a CPU,
+  ``unimodal.inference.head_worker``), the head samples in that process while the other rows
+  step, and the row sits those steps out;
 - **bidirectional continuous span** (Transfusion, LlamaFusion): the modality denoises a whole
   image (``denoise_block``), calling back into the backbone for the image's slots on top of the
   cached prefix; the cache is cropped back after each call and one clean pass is committed.

@@ -13,7 +13,6 @@ for bit: it runs the same module from the same generator states.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import signal
@@ -28,8 +27,6 @@ import torch
 from unimodal.inference.cache import compute_dtype
 from unimodal.inference.modes import MediaMode
 from unimodal.models.unified import UnifiedModel
-
-log = logging.getLogger("unimodal.serve")
 
 ANSWER_S = 600.0  # no head call of a served model takes this long; past it the worker is taken as hung
 
