@@ -15,10 +15,11 @@ both sides wrote the same text.
 
 ``--breakdown`` answers why the ratio is what it is: the same requests through the server's
 batcher in this process (no HTTP), one at a time and batched, with the time of each stage of the
-engine (prompts, prefill, backbone steps, token sampling, the diffusion head, decoding media) and
-how many backbone steps and head calls each side made.
+engine (prompts, prefill, backbone steps, token sampling, the diffusion head, waiting for the head
+worker, decoding media) and how many backbone steps and head calls each side made. It attaches a
+head worker where ``unimodal serve`` would (``--head_worker false``: none).
 
-    python benchmarks/serving.py [--model runs/demo/model] [--requests 8] [--rounds 3] [--port 8301] [--breakdown]
+    python benchmarks/serving.py [--model runs/demo/model] [--requests 8] [--rounds 3] [--port 8301] [--breakdown [--head_worker false]]
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true", help="time the engine's stages in this process instead (no HTTP)")
     parser.add_argument("--port", type=int, default=8301, help="the one-at-a-time server's port; the batching one's is the next")
+    parser.add_argument("--head_worker", choices=["auto", "true", "false"], default="auto",
+                        help="with --breakdown: attach a head worker as unimodal serve does (auto), always, or never")
     args = parser.parse_args(argv)
     if min(args.requests, args.rounds) < 1:
         parser.error("--requests and --rounds must be >= 1")
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.breakdown:
         from unimodal.inference.chat import load
 
-        show_breakdown(breakdown(load(args.model, device="cpu"), bodies, args.rounds), args.rounds)
+        worker = {"auto": None, "true": True, "false": False}[args.head_worker]
+        show_breakdown(breakdown(load(args.model, device="cpu"), bodies, args.rounds, worker), args.rounds)
         return
     with serving(args.model, 1, args.port) as one_at_a_time, serving(args.model, args.requests, args.port + 1) as batching:
         for base in (one_at_a_time, batching):
@@ -151,13 +155,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"throughput batched/one at a time: {ratio:.2f}x (goal >= 3x); same seeded text both ways: {same}")
 
 
-STAGES = ("prompts", "prefill", "backbone steps", "token sampling", "diffusion head", "decoding media", "total")
+STAGES = ("prompts", "prefill", "backbone steps", "token sampling", "diffusion head", "head worker", "decoding media", "total")
 
 
-def breakdown(assistant: Any, bodies: list[dict], rounds: int) -> dict[str, tuple[Counter, Counter]]:
+def breakdown(assistant: Any, bodies: list[dict], rounds: int, head_worker: bool | None = None) -> dict[str, tuple[Counter, Counter]]:
     """Seconds and calls by stage, one at a time and batched (the best round of each), through the
     server's own request parsing and batcher on this thread (the thread that loaded the model, as
-    ``unimodal serve`` runs it)."""
+    ``unimodal serve`` runs it), with a head worker where the server would have one (``head_worker``
+    None) or as ``head_worker`` says. "head worker" is this process's time taking its answers in,
+    waiting for them included."""
+    from unimodal.inference.head_worker import HeadWorker, wanted
+
+    engine = assistant.engine
+    if head_worker is None:
+        head_worker = wanted(assistant.model, engine.modes.values(), engine.device)
+    if head_worker:
+        engine.head_worker = HeadWorker(assistant.model, engine.modes.values())
+    try:
+        return _breakdown(assistant, bodies, rounds)
+    finally:
+        if engine.head_worker is not None:
+            engine.head_worker.close()
+            engine.head_worker = None
+
+
+def _breakdown(assistant: Any, bodies: list[dict], rounds: int) -> dict[str, tuple[Counter, Counter]]:
     from unimodal.inference.batcher import Batcher
     from unimodal.inference.cache import KVCache
     from unimodal.inference.chat import Assistant
@@ -165,7 +187,7 @@ def breakdown(assistant: Any, bodies: list[dict], rounds: int) -> dict[str, tupl
     from unimodal.inference.server import ServerLimits, _job, parse_request
 
     owners = [(Assistant, "prompt"), (KVCache, "__init__"), (_Run, "_feed"), (_Run, "_sample_tokens"), (_Run, "_draw_features"),
-              (Assistant, "_reply"), (Batcher, "_run")]
+              (_Run, "_collect"), (Assistant, "_reply"), (Batcher, "_run")]
     stages = dict(zip(STAGES, owners))
     batcher, limits = Batcher(assistant, max_rows=len(bodies), thread=False), ServerLimits()
 

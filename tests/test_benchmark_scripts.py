@@ -78,12 +78,15 @@ def test_the_head_overlap_benchmark_checks_the_worker_draws_what_this_process_dr
 def test_the_serving_breakdown_times_each_stage_one_at_a_time_and_batched():
     feed = _Run._feed
     bodies = [{**body, "max_tokens": 8} for body in serving.requests(4)]
-    best = serving.breakdown(media_assistant(), bodies, rounds=1)
-    (alone, alone_calls), (together, together_calls) = best["one at a time"], best["batched"]
-    assert alone_calls["total"] == 4 and together_calls["total"] == 1
-    assert together_calls["backbone steps"] < alone_calls["backbone steps"]
-    assert all(alone[stage] > 0 and together[stage] > 0 for stage in ("prompts", "prefill", "backbone steps", "token sampling"))
-    assert _Run._feed is feed  # the clocks are taken off again
+    for head_worker in (False, True):
+        assistant = media_assistant()
+        best = serving.breakdown(assistant, bodies, rounds=1, head_worker=head_worker)
+        (alone, alone_calls), (together, together_calls) = best["one at a time"], best["batched"]
+        assert alone_calls["total"] == 4 and together_calls["total"] == 1
+        assert together_calls["backbone steps"] < alone_calls["backbone steps"]
+        assert all(alone[stage] > 0 and together[stage] > 0 for stage in ("prompts", "prefill", "backbone steps", "token sampling"))
+        assert _Run._feed is feed  # the clocks are taken off again
+        assert assistant.engine.head_worker is None  # the worker is closed again
 
 
 @pytest.mark.slow
