@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from unimodal.models.backbone import cache_keyword
+from unimodal.inference.head_worker import generator_states, restore_states
 from unimodal.models.continuous import TokenDiffusionImage
 from unimodal.models.diffusion import ScheduleConfig
 
@@ -64,11 +65,10 @@ def draw(head: TokenDiffusionImage, hidden: np.ndarray, states: list[bytes]) -> 
     and bytes, not tensors, cross the pipe: torch would pass tensors through shared memory, a
     file each, which cost milliseconds a call."""
     generators = [torch.Generator() for _ in states]
-    for generator, state in zip(generators, states):
-        generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    restore_states(generators, states)
     with torch.no_grad():
         features = head.sample_next(torch.from_numpy(hidden), cfg_scale=2.0, generator=generators)
-    return features.numpy(), [g.get_state().numpy().tobytes() for g in generators]
+    return features.numpy(), generator_states(generators)
 
 
 def head_worker(head: TokenDiffusionImage, conn: Connection) -> None:
@@ -79,7 +79,7 @@ def head_worker(head: TokenDiffusionImage, conn: Connection) -> None:
 
 def slots(call: Callable[[np.ndarray, list], tuple[np.ndarray, list]], hiddens: list[np.ndarray], pictures: int) -> list[np.ndarray]:
     """The picture rows' slots one after another, each call continuing the generators of the last."""
-    states = [torch.Generator().manual_seed(row).get_state().numpy().tobytes() for row in range(pictures)]
+    states = generator_states(torch.Generator().manual_seed(row) for row in range(pictures))
     drawn = []
     for hidden in hiddens:
         features, states = call(hidden, states)

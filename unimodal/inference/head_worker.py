@@ -31,6 +31,16 @@ from unimodal.models.unified import UnifiedModel
 ANSWER_S = 600.0  # no head call of a served model takes this long; past it the worker is taken as hung
 
 
+def generator_states(generators: Iterable[torch.Generator]) -> list[bytes]:
+    """The generators' states as bytes, which cross a pipe without a shared-memory file each."""
+    return [g.get_state().numpy().tobytes() for g in generators]
+
+
+def restore_states(generators: Iterable[torch.Generator], states: Iterable[bytes]) -> None:
+    for generator, state in zip(generators, states):
+        generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+
+
 class HeadWorkerError(RuntimeError):
     """The worker process failed or stopped; the engine draws in-process from then on."""
 
@@ -69,9 +79,8 @@ class HeadWorker:
 
     def submit(self, name: str, hidden: torch.Tensor, cfg_scale: Sequence[float], steps: Sequence[int | None],
                generators: Sequence[torch.Generator]) -> None:
-        states = [g.get_state().numpy().tobytes() for g in generators]
         try:
-            self._conn.send((name, hidden.detach().float().cpu().numpy(), list(cfg_scale), list(steps), states))
+            self._conn.send((name, hidden.detach().float().cpu().numpy(), list(cfg_scale), list(steps), generator_states(generators)))
         except OSError as err:
             raise HeadWorkerError(f"the head worker process is gone ({err})") from None
         self._waiting += 1
@@ -91,8 +100,7 @@ class HeadWorker:
         if isinstance(answer, str):
             raise HeadWorkerError(f"the head worker process failed: {answer}")
         features, states = answer
-        for generator, state in zip(generators, states):
-            generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        restore_states(generators, states)
         return torch.from_numpy(features)
 
     def close(self) -> None:
@@ -127,11 +135,10 @@ def _serve(heads: dict[str, Any], conn: Connection, servers_end: Connection) -> 
         name, hidden, cfg_scale, steps, states = request
         try:
             generators = [torch.Generator() for _ in states]
-            for generator, state in zip(generators, states):
-                generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+            restore_states(generators, states)
             with torch.no_grad():
                 features = heads[name].sample_next(torch.from_numpy(np.ascontiguousarray(hidden)), cfg_scale=cfg_scale,
                                                    steps=steps, generator=generators)
-            conn.send((features.float().numpy(), [g.get_state().numpy().tobytes() for g in generators]))
+            conn.send((features.float().numpy(), generator_states(generators)))
         except Exception as err:  # noqa: BLE001 - sent back, raised in the server
             conn.send(f"{type(err).__name__}: {err}")
