@@ -508,6 +508,48 @@ def test_each_row_keeps_its_settings_and_seed_in_a_mixed_batch(family):
                 np.testing.assert_allclose(a.data, b.data, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["orthus", "llamafusion"])
+def test_only_rows_that_guide_have_a_partner_and_find_it_after_rows_leave(family, monkeypatch):
+    """Every row in the cache is computed at every step: two guided requests among four add two
+    unconditional rows, not four. The first row ends first, so the partners move up in the cache
+    mid-span; every row still writes what it writes alone."""
+    from unimodal.inference.cache import KVCache
+
+    model = family_model(family)
+    bias_tokens(model, {model.layout.special_id("<|boi|>"): 50.0})
+    with torch.no_grad():  # a fresh head's zero-initialised layers ignore the hidden state, and so the partner
+        for param in model.continuous["image"].parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    bidirectional = ("image",) if family == "llamafusion" else ()
+    engine = Engine(model, TOK)
+    uncond = prompt(model, "", bidirectional=bidirectional)
+    base = GenerationSettings(max_new_tokens=10, max_media=1)
+    rows = [
+        (prompt(model, "hi", bidirectional=bidirectional), base.replace(text=GREEDY, max_new_tokens=2, max_media=0, seed=2)),
+        (prompt(model, "a red square", begin="<|boi|>", bidirectional=bidirectional), base.replace(image={"cfg_scale": 3.0, "steps": 2}, seed=5)),
+        (prompt(model, "draw", begin="<|boi|>", bidirectional=bidirectional), base.replace(image={"steps": 2}, seed=3)),
+        (prompt(model, "a blue one", begin="<|boi|>", bidirectional=bidirectional), base.replace(image={"cfg_scale": 2.0}, seed=1)),
+    ]
+    sizes = []
+    made = KVCache.__init__
+
+    def counted(self, model, docs, pad_id):
+        sizes.append(len(docs))
+        made(self, model, docs, pad_id)
+
+    monkeypatch.setattr(KVCache, "__init__", counted)
+    batched = engine.generate([doc for doc, _ in rows], [settings for _, settings in rows], unconditional=uncond)
+    assert sizes == [6]
+    assert len(text_ids(batched[0])) == 2 and all(g.segments[0].type == "image" for g in batched[1:])
+    for (doc, settings), together in zip(rows, batched):
+        alone = engine.generate([doc], settings, unconditional=uncond)[0]
+        assert [s.type for s in alone.segments] == [s.type for s in together.segments]
+        assert text_ids(alone) == text_ids(together)
+        for a, b in zip(alone.segments, together.segments):
+            if a.type == "image":
+                np.testing.assert_allclose(a.data, b.data, atol=1e-4)
+
+
 def test_a_row_past_its_deadline_or_cancelled_leaves_the_batch_and_the_others_go_on():
     import threading
 

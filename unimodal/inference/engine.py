@@ -17,8 +17,9 @@ Every row of a batch is in one mode at a time:
 
 All rows share one batched KV cache (``unimodal.inference.cache``) in which left padding, finished
 rows and rows that sit out another row's step are holes no query attends. Classifier-free guidance
-runs a second row per prompt (the unconditional prompt, in the same batched cache) that follows its
-partner through each guided span and forgets the span afterwards. Beam search (``num_beams > 1``)
+gives each row whose settings guide a second row (the unconditional prompt, in the same batched
+cache) that follows it through each guided span and forgets the span afterwards; a batch's other
+rows have none, so one guided request does not double every step of the batch. Beam search (``num_beams > 1``)
 decodes text with a loop of its own (``unimodal.inference.beam``). ``Generation`` holds raw outputs
 (text, codes, features); turning media arrays into pictures and waveforms is the codecs' job
 (``unimodal.inference.chat``).
@@ -68,6 +69,7 @@ class _Row:
     prompt_tokens: int
     deadline: Deadline
     slot: int = -1  # its row in the cache (rows move up as finished ones leave it)
+    partner: int = -1  # the cache row of its guidance partner; -1: its settings never guide
     mode: MediaMode | None = None
     text_ids: list[int] = field(default_factory=list)
     streamed: int = 0
@@ -181,19 +183,21 @@ class Engine:
             return generations
         if any(s.text.num_beams > 1 for s in rows):
             raise ValueError("beam search (num_beams > 1) cannot share a batch with sampled rows")
-        guided = any(s.for_modality(m.name).cfg_scale != 1 for s in rows for m in self.modes.values())
-        if guided and unconditional is None:
+        guiding = [i for i, s in enumerate(rows) if any(s.for_modality(m.name).cfg_scale != 1 for m in self.modes.values())]
+        if guiding and unconditional is None:
             names = sorted({m.name for s in rows for m in self.modes.values() if s.for_modality(m.name).cfg_scale != 1})
             raise ValueError(f"classifier-free guidance for {names} needs an unconditional prompt")
-        if guided and len(unconditional) and int(unconditional.ids[-1]) in self.modes:
+        if guiding and len(unconditional) and int(unconditional.ids[-1]) in self.modes:
             raise ValueError("the unconditional prompt must end before any begin token; the engine adds it when a span opens")
         reasons = [expiry(d) for d in deadlines]
         if all(reasons):
             raise expired_error(reasons)
         states = [_Row(i, budget, s, g, seed, len(p), d)
                   for i, (budget, s, (g, seed), d, p) in enumerate(zip(budgets, rows, seeded, deadlines, prompts))]
-        docs = list(prompts) + ([unconditional] * len(prompts) if guided else [])
-        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, guided, on_text, on_done, on_media)
+        for k, i in enumerate(guiding):  # only rows that may guide have a partner: the others' would be computed at every step
+            states[i].partner = len(prompts) + k
+        docs = list(prompts) + [unconditional] * len(guiding)
+        run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, on_text, on_done, on_media)
         run.loop()
         if all(row.finish in EXPIRED for row in run.rows):
             raise expired_error([row.finish for row in run.rows])
@@ -261,15 +265,14 @@ class _Run:
         cache: KVCache,
         prompts: Sequence[EncodedDocument],
         rows: list[_Row],
-        guided: bool,
         on_text: TextCallback | None,
         on_done: DoneCallback | None,
         on_media: MediaCallback | None = None,
     ):
-        self.engine, self.cache, self.rows, self.guided, self.on_text, self.on_done = engine, cache, rows, guided, on_text, on_done
+        self.engine, self.cache, self.rows, self.on_text, self.on_done = engine, cache, rows, on_text, on_done
         self.on_media = on_media
         self.model = engine.model
-        self.batch = len(prompts)  # conditional rows in the cache; guidance partners follow them
+        self.batch = len(prompts)  # conditional rows in the cache; the partners of rows that may guide follow them
         for row in rows:
             row.slot = row.index
         # the token history is kept only when a repetition penalty reads it
@@ -281,7 +284,7 @@ class _Run:
         self.partner_start: dict[int, int] = {}
         # modality id of the position each row feeds next (routes it to its modality's experts)
         self.modality_of: dict[int, int] = {}
-        self.unconditional_length = cache.lengths[-1] if guided else 0
+        self.unconditional_length = cache.lengths[-1] if cache.rows > self.batch else 0
         self.pending: list[tuple[str, list[_Row]]] = []  # head calls sent to the worker, oldest first
         self._open_prompt_spans(prompts)
 
@@ -302,7 +305,7 @@ class _Run:
             for name in {r.mode.name for r in partners}:
                 group = [r for r in partners if r.mode.name == name]
                 begins = torch.tensor([[r.mode.begin] for r in group], device=self.cache.device)
-                self.cache.step_rows([self.batch + r.slot for r in group], self.cache.embed_tokens(begins), name, False, True)
+                self.cache.step_rows([r.partner for r in group], self.cache.embed_tokens(begins), name, False, True)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -403,7 +406,7 @@ class _Run:
         for index, value in feed.items():
             row = self.rows[index]
             by_slot[row.slot] = value
-            for target in [row.slot] + ([self.batch + row.slot] if row.guided else []):
+            for target in [row.slot] + ([row.partner] if row.guided else []):
                 real[target], modality[target] = True, self.modality_of[index]
                 if isinstance(value, int):
                     token_ids[target] = value
@@ -429,7 +432,7 @@ class _Run:
         index = [r.slot for r in rows]
         guided = [i for i, r in enumerate(rows) if r.guided]
         everyone = len(rows) == cache.rows  # every row, in order, and no guidance rows
-        hidden = cache.last if everyone else cache.last[index + [self.batch + rows[i].slot for i in guided]]
+        hidden = cache.last if everyone else cache.last[index + [rows[i].partner for i in guided]]
         logits = self.model.logits(hidden)
         scores = logits[: len(rows)]
         if guided:
@@ -540,7 +543,7 @@ class _Run:
 
             def denoise(group: list[_Row], name=name, modality=modality) -> torch.Tensor:
                 cond = [r.slot for r in group]
-                both = cond + ([self.batch + i for i in cond] if any(r.guided for r in group) else [])
+                both = cond + ([_unconditional(r) for r in group] if any(r.guided for r in group) else [])
 
                 def run_backbone(embeds: torch.Tensor) -> torch.Tensor:
                     self._raise_if_expired(group)  # a denoising step is a whole backbone pass: the clocks are read at each
@@ -560,7 +563,7 @@ class _Run:
             # the clean image enters the conditional rows and the partners of guided rows only: an
             # unguided row's partner stays as it is, for a later guided span of that row
             partners = [k for k, r in enumerate(members) if r.guided]
-            self.cache.step_rows(cond + [self.batch + cond[k] for k in partners], clean[list(range(n)) + partners], name,
+            self.cache.step_rows(cond + [members[k].partner for k in partners], clean[list(range(n)) + partners], name,
                                  bidirectional=True, commit=True)
             if self.track_ids:
                 media_id = self.engine.layout.special_id("<|media|>")
@@ -584,21 +587,23 @@ class _Run:
         """The last hidden states of ``rows`` (all in one span of one modality), then of their
         guidance partners when they are guided."""
         index = [r.slot for r in rows]
-        partners = [self.batch + i for i in index] if any(r.guided for r in rows) else []
+        partners = [_unconditional(r) for r in rows] if any(r.guided for r in rows) else []
         return self.cache.last[index + partners].to(compute_dtype(self.model.continuous[rows[0].mode.name]))
 
     def _compact(self, active: list[_Row]) -> None:
         """Take finished rows (and their guidance partners) out of the cache: a batch otherwise
         computes every finished row at every step until its longest reply ends."""
         old = [r.slot for r in active]
-        keep = old + ([self.batch + slot for slot in old] if self.guided else [])
-        self.cache.reorder(torch.tensor(keep, device=self.cache.device))
+        guiding = [r for r in active if r.partner >= 0]
+        self.cache.reorder(torch.tensor(old + [r.partner for r in guiding], device=self.cache.device))
         if self.track_ids:
             self.ids, self.valid = self.ids[old], self.valid[old]
         for row in self.rows:
-            row.slot = -1
+            row.slot = row.partner = -1
         for slot, row in enumerate(active):
             row.slot = slot
+        for k, row in enumerate(guiding):
+            row.partner = len(active) + k
         self.batch = len(active)
 
     def _expire(self, rows: list[_Row]) -> None:
@@ -693,8 +698,7 @@ class _Run:
 
     def _leave_span(self, row: _Row) -> None:
         if row.guided:
-            partner = self.batch + row.slot
-            self.cache.forget_since(partner, self.partner_start.pop(row.index), self.unconditional_length)
+            self.cache.forget_since(row.partner, self.partner_start.pop(row.index), self.unconditional_length)
             row.guided = False
         row.mode, row.span = None, []
 
@@ -771,6 +775,13 @@ def _by_mode(rows: list[_Row]) -> dict[str, list[_Row]]:
     for row in rows:
         groups.setdefault(row.mode.name, []).append(row)
     return groups
+
+
+def _unconditional(row: _Row) -> int:
+    """The cache row of ``row``'s unconditional half in a guided head call: its partner, or, for a
+    row that is not guided (scale 1, whose conditional output is taken as it is) and may have no
+    partner, its own row."""
+    return row.partner if row.guided else row.slot
 
 
 def _head_settings(rows: list[_Row]) -> dict[str, Any]:
