@@ -510,9 +510,10 @@ def test_each_row_keeps_its_settings_and_seed_in_a_mixed_batch(family):
 
 @pytest.mark.parametrize("family", ["orthus", "llamafusion"])
 def test_only_rows_that_guide_have_a_partner_and_find_it_after_rows_leave(family, monkeypatch):
-    """Every row in the cache is computed at every step: two guided requests among four add two
-    unconditional rows, not four. The first row ends first, so the partners move up in the cache
-    mid-span; every row still writes what it writes alone."""
+    """Every row in the cache is computed at every step: the batch holds the unconditional prompt
+    once, a row gets a partner copied from it when a guided span opens, and the partner leaves when
+    the span closes. The first row ends first, so the partners move up in the cache mid-span;
+    every row still writes what it writes alone."""
     from unimodal.inference.cache import KVCache
 
     model = family_model(family)
@@ -530,16 +531,22 @@ def test_only_rows_that_guide_have_a_partner_and_find_it_after_rows_leave(family
         (prompt(model, "draw", begin="<|boi|>", bidirectional=bidirectional), base.replace(image={"steps": 2}, seed=3)),
         (prompt(model, "a blue one", begin="<|boi|>", bidirectional=bidirectional), base.replace(image={"cfg_scale": 2.0}, seed=1)),
     ]
-    sizes = []
-    made = KVCache.__init__
+    sizes, steps = [], []
+    made, step = KVCache.__init__, KVCache.step
 
     def counted(self, model, docs, pad_id):
         sizes.append(len(docs))
         made(self, model, docs, pad_id)
 
+    def stepped(self, embeds, *args, **kwargs):
+        steps.append(embeds.shape[0])
+        return step(self, embeds, *args, **kwargs)
+
     monkeypatch.setattr(KVCache, "__init__", counted)
+    monkeypatch.setattr(KVCache, "step", stepped)
     batched = engine.generate([doc for doc, _ in rows], [settings for _, settings in rows], unconditional=uncond)
-    assert sizes == [6]
+    assert sizes == [5]  # four prompts and the unconditional one
+    assert max(steps) == 7 and steps[-1] == 4, steps  # two partners at most; none once the spans have closed
     assert len(text_ids(batched[0])) == 2 and all(g.segments[0].type == "image" for g in batched[1:])
     for (doc, settings), together in zip(rows, batched):
         alone = engine.generate([doc], settings, unconditional=uncond)[0]

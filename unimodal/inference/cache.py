@@ -169,12 +169,6 @@ class KVCache:
         ids = torch.where(real, MODALITY_IDS[modality], MODALITY_IDS["text"])
         return self.step(full, real, ids, bidirectional, commit)[index]
 
-    def forget_since(self, row: int, column: int, position: int) -> None:
-        """Make row ``row``'s cached positions from ``column`` on invisible; restart its positions at ``position``."""
-        self.valid[row, column:] = False
-        self.next_pos[row] = position
-        self.dense = False
-
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (beam search)."""
         self.cache.reorder_cache(index)

@@ -17,9 +17,9 @@ Every row of a batch is in one mode at a time:
 
 All rows share one batched KV cache (``unimodal.inference.cache``) in which left padding, finished
 rows and rows that sit out another row's step are holes no query attends. Classifier-free guidance
-gives each row whose settings guide a second row (the unconditional prompt, in the same batched
-cache) that follows it through each guided span and forgets the span afterwards; a batch's other
-rows have none, so one guided request does not double every step of the batch. Beam search (``num_beams > 1``)
+gives a row in a guided span a partner (a copy of the unconditional prompt's row, in the same
+batched cache) that follows it through the span and leaves the cache with it: every cache row is
+computed at every step, so rows that write no guided media cost no second row. Beam search (``num_beams > 1``)
 decodes text with a loop of its own (``unimodal.inference.beam``). ``Generation`` holds raw outputs
 (text, codes, features); turning media arrays into pictures and waveforms is the codecs' job
 (``unimodal.inference.chat``).
@@ -69,7 +69,8 @@ class _Row:
     prompt_tokens: int
     deadline: Deadline
     slot: int = -1  # its row in the cache (rows move up as finished ones leave it)
-    partner: int = -1  # the cache row of its guidance partner; -1: its settings never guide
+    guides: bool = False  # its settings guide some modality: it may need a guidance partner
+    partner: int = -1  # the cache row of its guidance partner while it is in a guided span, else -1
     mode: MediaMode | None = None
     text_ids: list[int] = field(default_factory=list)
     streamed: int = 0
@@ -194,9 +195,9 @@ class Engine:
             raise expired_error(reasons)
         states = [_Row(i, budget, s, g, seed, len(p), d)
                   for i, (budget, s, (g, seed), d, p) in enumerate(zip(budgets, rows, seeded, deadlines, prompts))]
-        for k, i in enumerate(guiding):  # only rows that may guide have a partner: the others' would be computed at every step
-            states[i].partner = len(prompts) + k
-        docs = list(prompts) + [unconditional] * len(guiding)
+        for i in guiding:
+            states[i].guides = True
+        docs = list(prompts) + [unconditional] * bool(guiding)  # one template row; partners are copied from it
         run = _Run(self, KVCache(self.model, docs, self.pad_id), prompts, states, on_text, on_done, on_media)
         run.loop()
         if all(row.finish in EXPIRED for row in run.rows):
@@ -272,7 +273,10 @@ class _Run:
         self.engine, self.cache, self.rows, self.on_text, self.on_done = engine, cache, rows, on_text, on_done
         self.on_media = on_media
         self.model = engine.model
-        self.batch = len(prompts)  # conditional rows in the cache; the partners of rows that may guide follow them
+        # conditional rows in the cache; after them the unconditional prompt (while any row may guide),
+        # then a partner for each row in a guided span, a copy of that prompt
+        self.batch = len(prompts)
+        self.template = self.batch if cache.rows > self.batch else -1
         for row in rows:
             row.slot = row.index
         # the token history is kept only when a repetition penalty reads it
@@ -280,11 +284,8 @@ class _Run:
             row.settings.for_modality(m).repetition_penalty != 1 for row in rows for m in MODALITIES
         )
         self.ids, self.valid = padded_ids(prompts, engine.pad_id, engine.device) if self.track_ids else (None, None)
-        # where each guidance row's current span starts (cache column) and its prompt's length
-        self.partner_start: dict[int, int] = {}
         # modality id of the position each row feeds next (routes it to its modality's experts)
         self.modality_of: dict[int, int] = {}
-        self.unconditional_length = cache.lengths[-1] if cache.rows > self.batch else 0
         self.pending: list[tuple[str, list[_Row]]] = []  # head calls sent to the worker, oldest first
         self._open_prompt_spans(prompts)
 
@@ -300,8 +301,7 @@ class _Run:
             if row.guided:
                 partners.append(row)
         if partners:
-            for row in partners:
-                self.partner_start[row.index] = self.cache.valid.shape[1]
+            self._arrange(self.rows)
             for name in {r.mode.name for r in partners}:
                 group = [r for r in partners if r.mode.name == name]
                 begins = torch.tensor([[r.mode.begin] for r in group], device=self.cache.device)
@@ -326,8 +326,7 @@ class _Run:
             active = [r for r in self.rows if not r.done]
             if not active:
                 return
-            if len(active) < self.batch:
-                self._compact(active)
+            self._arrange(active)
             blocks = [r for r in active if r.block_pending]
             if blocks:
                 self._denoise_blocks(blocks)
@@ -336,6 +335,7 @@ class _Run:
             if all(r.done for r in self.rows):
                 return
             if feed:
+                self._arrange([r for r in sorted(self.rows, key=lambda r: r.slot) if r.slot >= 0])  # rows that opened a span
                 self._feed(feed)
 
     def _choose(self, active: list[_Row]) -> dict[int, Any]:
@@ -560,8 +560,7 @@ class _Run:
             cond = [r.slot for r in members]
             n, slots, dim = features.shape
             clean = embed_features(self.model, name, features.reshape(n * slots, dim)).reshape(n, slots, -1)
-            # the clean image enters the conditional rows and the partners of guided rows only: an
-            # unguided row's partner stays as it is, for a later guided span of that row
+            # the clean image enters the conditional rows and the partners of guided rows
             partners = [k for k, r in enumerate(members) if r.guided]
             self.cache.step_rows(cond + [members[k].partner for k in partners], clean[list(range(n)) + partners], name,
                                  bidirectional=True, commit=True)
@@ -590,21 +589,28 @@ class _Run:
         partners = [_unconditional(r) for r in rows] if any(r.guided for r in rows) else []
         return self.cache.last[index + partners].to(compute_dtype(self.model.continuous[rows[0].mode.name]))
 
-    def _compact(self, active: list[_Row]) -> None:
-        """Take finished rows (and their guidance partners) out of the cache: a batch otherwise
-        computes every finished row at every step until its longest reply ends."""
-        old = [r.slot for r in active]
-        guiding = [r for r in active if r.partner >= 0]
-        self.cache.reorder(torch.tensor(old + [r.partner for r in guiding], device=self.cache.device))
-        if self.track_ids:
+    def _arrange(self, kept: list[_Row]) -> None:
+        """Lay the cache out as ``kept`` (the conditional rows to keep, in order) need it: the
+        unconditional template while one of them may guide, and a partner for each in a guided
+        span (copied from the template when its span has just opened). Every cache row is computed
+        at every step, so finished rows and partners whose span has closed leave."""
+        template = self.template >= 0 and any(r.guides for r in kept)
+        guided = [r for r in kept if r.guided]
+        old = [r.slot for r in kept]
+        index = old + [self.template] * template + [r.partner if r.partner >= 0 else self.template for r in guided]
+        if index == list(range(self.cache.rows)):
+            return
+        self.cache.reorder(torch.tensor(index, device=self.cache.device))
+        if self.track_ids and old != list(range(self.batch)):
             self.ids, self.valid = self.ids[old], self.valid[old]
         for row in self.rows:
             row.slot = row.partner = -1
-        for slot, row in enumerate(active):
+        for slot, row in enumerate(kept):
             row.slot = slot
-        for k, row in enumerate(guiding):
-            row.partner = len(active) + k
-        self.batch = len(active)
+        self.batch = len(kept)
+        self.template = self.batch if template else -1
+        for k, row in enumerate(guided):
+            row.partner = self.batch + template + k
 
     def _expire(self, rows: list[_Row]) -> None:
         """End every row past its deadline or cancelled: it leaves the batch, the others go on."""
@@ -665,8 +671,6 @@ class _Run:
         self._count(row, token, feed, mode.name)
         if not row.done:
             self._enter(row, mode, token)
-            if row.guided:
-                self.partner_start[row.index] = self.cache.valid.shape[1]
 
     def _enter(self, row: _Row, mode: MediaMode, begin: int) -> None:
         row.mode, row.span, row.media = mode, [begin] if mode.kind == "discrete" else [], row.media + 1
@@ -697,10 +701,7 @@ class _Run:
             self.on_media(row.index, row.segments[-1])
 
     def _leave_span(self, row: _Row) -> None:
-        if row.guided:
-            self.cache.forget_since(row.partner, self.partner_start.pop(row.index), self.unconditional_length)
-            row.guided = False
-        row.mode, row.span = None, []
+        row.mode, row.span, row.guided = None, [], False  # its partner leaves the cache
 
     def _stream(self, row: _Row) -> None:
         """Check stop strings and pass newly decoded text to the callback (held back while it may
