@@ -170,7 +170,7 @@ def breakdown(assistant: Any, bodies: list[dict], rounds: int, head_worker: bool
     if head_worker is None:
         head_worker = wanted(assistant.model, engine.modes.values(), engine.device)
     if head_worker:
-        engine.head_worker = HeadWorker(assistant.model, engine.modes.values())
+        engine.head_worker = HeadWorker(assistant.model, engine.modes.values(), assistant.processor.codecs)
     try:
         return _breakdown(assistant, bodies, rounds)
     finally:

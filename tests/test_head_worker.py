@@ -30,7 +30,9 @@ def batch(assistant):
 
 def answers(assistant):
     prompts, settings = batch(assistant)
-    replies = assistant.answer(prompts, settings)
+    answered = {}  # as a server takes them: each reply when its row ends (media decoded aside, with a worker)
+    replies = assistant.answer(prompts, settings, on_reply=answered.__setitem__)
+    assert answered == dict(enumerate(replies))
     out = []
     for reply in replies:
         for part in reply.parts:
@@ -56,14 +58,15 @@ def assistant():
 def test_the_worker_draws_what_this_process_draws_while_the_other_rows_step(assistant, monkeypatch):
     alone = answers(assistant)
     sent = []
-    submit = HeadWorker.submit
-    monkeypatch.setattr(HeadWorker, "submit", lambda self, name, hidden, *rest: sent.append(len(hidden)) or submit(self, name, hidden, *rest))
+    draw, decode = HeadWorker.draw, HeadWorker.decode
+    monkeypatch.setattr(HeadWorker, "draw", lambda self, name, hidden, *rest: sent.append(("draw", name)) or draw(self, name, hidden, *rest))
+    monkeypatch.setattr(HeadWorker, "decode", lambda self, kind, *rest: sent.append(("decode", kind)) or decode(self, kind, *rest))
     threads = torch.get_num_threads()
-    worker = assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    worker = assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values(), assistant.processor.codecs)
     try:
         assert worker.names == ["image"] and torch.get_num_threads() == max(1, threads - 1)
         same(answers(assistant), alone)
-        assert sent, "no head call went to the worker"
+        assert {("draw", "image"), ("decode", "image"), ("decode", "audio")} <= set(sent), sent  # and media of replies that ended first
         same(answers(assistant), alone)  # and again: no answer of the last batch is left in the pipe
     finally:
         worker.close()
@@ -73,7 +76,7 @@ def test_the_worker_draws_what_this_process_draws_while_the_other_rows_step(assi
 
 def test_a_worker_that_stops_leaves_its_rows_to_this_process(assistant, caplog):
     alone = answers(assistant)
-    worker = assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    worker = assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values(), assistant.processor.codecs)
     worker._process.kill()
     worker._process.join(5)
     with caplog.at_level(logging.WARNING, logger="unimodal.generate"):
@@ -86,17 +89,41 @@ def test_a_worker_that_stops_leaves_its_rows_to_this_process(assistant, caplog):
 def test_a_failing_head_call_is_an_error_of_the_worker_and_the_rows_draw_here(assistant, monkeypatch, caplog):
     alone = answers(assistant)
 
-    def broken(heads, conn, servers_end):  # answers every call with the error the head raised
+    def broken(heads, codecs, conn, servers_end):  # answers every call with the error the head raised
         servers_end.close()
         while conn.recv() is not None:
             conn.send("ValueError: no such head")
 
     monkeypatch.setattr(worker_module, "_serve", broken)
-    assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values(), assistant.processor.codecs)
     with caplog.at_level(logging.WARNING, logger="unimodal.generate"):
         same(answers(assistant), alone)
     assert assistant.engine.head_worker is None
     assert any("the head worker process failed: ValueError: no such head" in r.getMessage() for r in caplog.records)
+
+
+def test_a_worker_that_dies_while_it_decodes_leaves_those_replies_to_this_process(assistant, monkeypatch, caplog):
+    import os
+
+    alone = answers(assistant)
+
+    def crashing(heads, codecs, conn, servers_end):  # draws, then dies on the first clip or picture to decode
+        servers_end.close()
+        torch.set_num_threads(1)  # as the worker does: a fork's OpenMP pool would hang
+        while True:
+            request = conn.recv()
+            if request is None or request[0] == "decode":
+                os._exit(1)
+            conn.send(worker_module._draw(heads, *request[1:]))
+
+    monkeypatch.setattr(worker_module, "_serve", crashing)
+    monkeypatch.setattr(worker_module, "ANSWER_S", 60.0)
+    assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values(), assistant.processor.codecs)
+    with caplog.at_level(logging.WARNING, logger="unimodal.generate"):
+        same(answers(assistant), alone)
+    assert assistant.engine.head_worker is None
+    lines = [r.getMessage() for r in caplog.records if "head worker" in r.getMessage()]
+    assert len(lines) == 1 and "stopped" in lines[0], lines
 
 
 def test_a_worker_is_wanted_on_a_cpu_with_a_core_to_spare_for_a_causal_head(assistant, monkeypatch):
@@ -123,7 +150,7 @@ def test_asking_for_a_worker_a_model_cannot_use_is_one_line_before_the_server_st
 def test_the_worker_ends_when_the_server_is_gone(assistant):
     """A server killed (SIGKILL, out of memory) sends no goodbye: the worker ends at its pipe's end."""
     threads = torch.get_num_threads()
-    worker = HeadWorker(assistant.model, assistant.engine.modes.values())
+    worker = HeadWorker(assistant.model, assistant.engine.modes.values(), assistant.processor.codecs)
     try:
         worker._conn.close()  # all a killed server leaves of its end
         worker._process.join(10)

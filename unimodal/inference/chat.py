@@ -39,6 +39,7 @@ from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
+from unimodal.inference.head_worker import Call, HeadWorkerError
 from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import FinishReason, Generation, Segment
 from unimodal.modalities.audio import to_mono
@@ -288,24 +289,72 @@ class Assistant:
         ``cancel`` are one for all or one per prompt: a server batches requests that each keep
         their own (see :meth:`Engine.generate`). ``on_reply(index, reply)`` receives each reply,
         its media decoded, as soon as its row ends; ``on_media(index, part)`` each decoded media
-        part as soon as it is written, after the text before it (a stream keeps the reply's order)."""
+        part as soon as it is written, after the text before it (a stream keeps the reply's order).
+        With a head worker, a reply that ends while other rows go on has its media decoded there
+        meanwhile, and reaches ``on_reply`` when that is done."""
         replies: dict[int, Reply] = {}
         decoded: dict[int, ReplyPart | None] = {}  # id(segment) -> its part: each item is decoded once
+        ended = 0
 
         def media(index: int, segment: Segment) -> None:
             part = decoded[id(segment)] = self._part(segment)
             if part is not None:
                 on_media(index, part)
 
-        def done(index: int, generation: Generation) -> None:
+        def reply(index: int, generation: Generation) -> None:
             replies[index] = self._reply(generation, prompts[index][1], decoded)
             on_reply(index, replies[index])
 
-        generations = self.engine.generate([prompt for prompt, _ in prompts], settings, unconditional=self.unconditional_prompt(),
-                                           on_text=on_text, cancel=cancel, on_done=done if on_reply is not None else None,
-                                           on_media=media if on_media is not None else None)
+        def done(index: int, generation: Generation) -> None:
+            nonlocal ended
+            ended += 1
+            if ended == len(prompts) or not self._decode_aside(generation, decoded, lambda: reply(index, generation)):
+                reply(index, generation)
+
+        try:
+            generations = self.engine.generate([prompt for prompt, _ in prompts], settings, unconditional=self.unconditional_prompt(),
+                                               on_text=on_text, cancel=cancel, on_done=done if on_reply is not None else None,
+                                               on_media=media if on_media is not None else None)
+        finally:
+            self._wait_for_worker()
         return [replies[i] if i in replies else self._reply(g, trimmed, decoded)
                 for i, (g, (_, trimmed)) in enumerate(zip(generations, prompts))]
+
+    def _decode_aside(self, generation: Generation, decoded: dict[int, ReplyPart | None], then: Callable[[], None]) -> bool:
+        """Send the media of ``generation`` not yet decoded to the head worker, and call ``then``
+        once every item is back in ``decoded``; False when there is no worker or nothing to send.
+        An item the worker fails to decode is decoded here."""
+        worker = self.engine.head_worker
+        items = [s for s in generation.segments if id(s) not in decoded and s.type in self.processor.codecs and s.type not in self._undecodable]
+        if worker is None or not items:
+            return False
+        left = {id(s) for s in items}
+
+        def back(segment: Segment, call: Call) -> None:
+            from_worker = call.answer if call.failed is None and not isinstance(call.answer, str) else None
+            decoded[id(segment)] = self._part(segment, from_worker)
+            left.discard(id(segment))
+            if not left:
+                then()
+
+        for k, segment in enumerate(items):
+            try:
+                worker.decode(segment.type, segment.data, lambda call, segment=segment: back(segment, call))
+            except HeadWorkerError:  # the worker is gone: the engine says so at its next step
+                for rest in items[k:]:
+                    back(rest, Call())
+                break
+        return True
+
+    def _wait_for_worker(self) -> None:
+        """Every media item sent to the head worker decoded (replies answered) before a batch returns."""
+        worker = self.engine.head_worker
+        if worker is None:
+            return
+        try:
+            worker.wait_all()
+        except HeadWorkerError as err:
+            self.engine.lose_worker(err)
 
     def resolve(self, **settings: Any) -> GenerationSettings:
         """The model's own settings with ``settings`` applied (:meth:`GenerationSettings.replace`
@@ -474,8 +523,9 @@ class Assistant:
         parts = [part for s in generation.segments if (part := decoded[id(s)] if id(s) in decoded else self._part(s)) is not None]
         return Reply(parts, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens, generation.seed, trimmed)
 
-    def _part(self, segment: Segment) -> ReplyPart | None:
-        """The reply part of a segment, its media decoded; None for a clip that decodes to no sound."""
+    def _part(self, segment: Segment, decoded: Any = None) -> ReplyPart | None:
+        """The reply part of a segment, its media decoded (``decoded``: the codec's output, made by
+        the head worker); None for a clip that decodes to no sound."""
         if segment.type == "text":
             return ReplyPart("text", text=segment.text)
         part = ReplyPart(segment.type, data=segment.data)
@@ -483,7 +533,7 @@ class Assistant:
         if codec is None:
             return part
         try:
-            decoded = codec.decode(segment.data)
+            decoded = codec.decode(segment.data) if decoded is None else decoded
         except NotImplementedError as err:  # an encoder-only codec (the Chameleon VQ-VAE in transformers)
             if segment.type not in self._undecodable:
                 self._undecodable.add(segment.type)

@@ -42,7 +42,7 @@ from unimodal.data.tokenizer import TextTokenizer
 from unimodal.inference.beam import beam_search
 from unimodal.inference.cache import KVCache, compute_dtype, embed_features, padded_ids
 from unimodal.inference.constraints import OUTSIDE, MediaSpanConstraint, SpanSpec, extract_spans
-from unimodal.inference.head_worker import HeadWorker, HeadWorkerError
+from unimodal.inference.head_worker import Call, HeadWorker, HeadWorkerError
 from unimodal.inference.modes import MediaMode, media_modes
 from unimodal.inference.outputs import Deadline, Generation, Segment, expired_error, expiry
 from unimodal.inference.sampling import apply_repetition_penalty, choose, make_generator
@@ -224,6 +224,14 @@ class Engine:
             )
         return budget
 
+    def lose_worker(self, err: HeadWorkerError) -> None:
+        """Go on without the head worker (once, with one warning): its unanswered calls fail, and
+        their callers do the work in this process."""
+        worker, self.head_worker = self.head_worker, None
+        if worker is not None:
+            log.warning("%s; drawing in this process from now on", err)
+            worker.close()
+
     # ----------------------------------------------------------------------------------------
     # pieces shared by sampling and beam search
 
@@ -286,7 +294,7 @@ class _Run:
         self.ids, self.valid = padded_ids(prompts, engine.pad_id, engine.device) if self.track_ids else (None, None)
         # modality id of the position each row feeds next (routes it to its modality's experts)
         self.modality_of: dict[int, int] = {}
-        self.pending: list[tuple[str, list[_Row]]] = []  # head calls sent to the worker, oldest first
+        self.pending: list[tuple[Call, str, list[_Row]]] = []  # head calls sent to the worker, oldest first
         self._open_prompt_spans(prompts)
 
     def _open_prompt_spans(self, prompts: Sequence[EncodedDocument]) -> None:
@@ -314,9 +322,9 @@ class _Run:
             self._loop()
         finally:
             while self.pending:  # answers for rows that ended meanwhile, or a run that failed
-                name, rows = self.pending.pop(0)
+                call, _, rows = self.pending.pop(0)
                 try:
-                    self.engine.head_worker.receive([r.generator for r in rows])
+                    self.engine.head_worker.features(call, [r.generator for r in rows])
                 except HeadWorkerError as err:
                     self._lose_worker(err)
 
@@ -343,7 +351,7 @@ class _Run:
         whose slot the head worker is drawing sit the step out; those it has answered are fed."""
         feed: dict[int, Any] = {}
         self._collect(feed, wait=False)
-        waiting = {r.index for _, rows in self.pending for r in rows}
+        waiting = {r.index for _, _, rows in self.pending for r in rows}
         free = [r for r in active if r.index not in waiting and r.index not in feed]
         sampled = [r for r in free if r.forced is None and (r.mode is None or r.mode.kind == "discrete")]
         drawn = [r for r in free if r.mode is not None and r.mode.kind == "causal" and r.remaining > 0]
@@ -369,20 +377,28 @@ class _Run:
         for name, members in _by_mode(rows).items():
             settings = _head_settings(members)
             try:
-                worker.submit(name, self._last_hidden(members), settings["cfg_scale"], settings["steps"], settings["generator"])
+                call = worker.draw(name, self._last_hidden(members), settings["cfg_scale"], settings["steps"], settings["generator"])
             except HeadWorkerError as err:
                 self._lose_worker(err)
                 return
-            self.pending.append((name, members))
+            self.pending.append((call, name, members))
 
     def _collect(self, feed: dict[int, Any], wait: bool) -> None:
-        """Feed the rows whose slots the worker has drawn: those answered, or (``wait``) the oldest call."""
+        """Feed the rows whose slots the worker has drawn: those answered, or (``wait``) the oldest
+        call. Other answers that have come (media decoded for replies that ended) are read too."""
         worker = self.engine.head_worker
-        while self.pending and (wait or worker.ready()):
+        if worker is None:
+            return
+        try:
+            worker.poll()
+        except HeadWorkerError as err:
+            self._lose_worker(err)
+            return
+        while self.pending and (wait or self.pending[0][0].answered):
             wait = False
-            name, members = self.pending.pop(0)
+            call, name, members = self.pending.pop(0)
             try:
-                features = worker.receive([r.generator for r in members])
+                features = worker.features(call, [r.generator for r in members])
             except HeadWorkerError as err:
                 self._lose_worker(err)  # the rows' generators are as before the call: they draw again here
                 return
@@ -391,10 +407,8 @@ class _Run:
                 self._place(name, [r for _, r in live], features[[k for k, _ in live]], feed)
 
     def _lose_worker(self, err: HeadWorkerError) -> None:
-        log.warning("%s; drawing in this process from now on", err)
-        self.engine.head_worker.close()
-        self.engine.head_worker = None
         self.pending.clear()
+        self.engine.lose_worker(err)
 
     def _feed(self, feed: dict[int, Any]) -> None:
         """One cache step: every row with an input (and its guidance partner in a guided span)."""

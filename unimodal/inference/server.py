@@ -660,8 +660,9 @@ def _last_events(outcome: Reply | Exception, chunk: Callable[..., str], call: Ca
 def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: ServerLimits | None = None, model_name: str | None = None, head_worker: bool | None = None) -> None:
     """Run the server until interrupted. HTTP is served from a thread; the model generates on this
-    one, the thread that loaded it (:class:`Batcher`). ``head_worker``: draw picture slots in a
-    second process (:mod:`unimodal.inference.head_worker`); None: where it pays off."""
+    one, the thread that loaded it (:class:`Batcher`). ``head_worker``: draw picture slots, and
+    decode the media of replies that end while others go on, in a second process
+    (:mod:`unimodal.inference.head_worker`); None: where it pays off."""
     import uvicorn
 
     from unimodal.inference.head_worker import HeadWorker, causal_heads, wanted
@@ -690,8 +691,9 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     if head_worker:  # forked now, while this process has no other thread
-        engine.head_worker = HeadWorker(assistant.model, engine.modes.values())
-        log.info("the diffusion head (%s) draws in a worker process beside the other rows' steps", ", ".join(engine.head_worker.names))
+        engine.head_worker = HeadWorker(assistant.model, engine.modes.values(), assistant.processor.codecs)
+        log.info("the diffusion head (%s) draws, and finished replies' media decode, in a worker process beside the other rows' steps",
+                 ", ".join(engine.head_worker.names))
     try:
         http.start()
         while not server.started:
