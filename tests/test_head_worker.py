@@ -37,6 +37,8 @@ def answers(assistant):
     for reply in replies:
         for part in reply.parts:
             out.append(part.text if part.type == "text" else np.asarray(part.data, dtype=np.float64))
+            if part.type != "text":  # and what the codec made of it, here or in the worker
+                out.append(np.asarray(part.image if part.type == "image" else part.audio, dtype=np.float64))
         out.append(reply.finish_reason)
     return out
 
