@@ -7,8 +7,9 @@ different seeds, lengths and sampling settings. Baseline: a server that answers 
 time (``--max_batch 1``, so no batching window either), each request sent when the previous
 answer has come back. Batched: the default server (``--max_batch 8``, 10 ms window), all requests
 sent at once. Both draw with the diffusion head in a worker process where that is the default (a
-CPU of two cores or more; the main process then keeps one torch thread fewer): one request at a
-time has no other rows to step meanwhile, so its head calls stay in-process. Each side runs ``--rounds`` times, alternating, and the best wall time of each is reported
+CPU of two cores or more; the main process then keeps one torch thread fewer), which also decodes
+the media of replies that end while other rows go on: one request at a time has no other rows to
+step meanwhile, so its head calls and its decoding stay in-process. Each side runs ``--rounds`` times, alternating, and the best wall time of each is reported
 with the p50 / p95 latency of its requests; the ratio is baseline over batched wall time (the
 issue's goal on this CPU: >= 3x for 8 requests). Answers are seeded, and the script checks that
 both sides wrote the same text.
@@ -163,7 +164,7 @@ def breakdown(assistant: Any, bodies: list[dict], rounds: int, head_worker: bool
     server's own request parsing and batcher on this thread (the thread that loaded the model, as
     ``unimodal serve`` runs it), with a head worker where the server would have one (``head_worker``
     None) or as ``head_worker`` says. "head worker" is this process's time taking its answers in,
-    waiting for them included."""
+    waiting for them included (and the replies made from the media it decoded)."""
     from unimodal.inference.head_worker import HeadWorker, wanted
 
     engine = assistant.engine

@@ -330,19 +330,21 @@ class Assistant:
             return False
         left = {id(s) for s in items}
 
-        def back(segment: Segment, call: Call) -> None:
-            from_worker = call.answer if call.failed is None and not isinstance(call.answer, str) else None
-            decoded[id(segment)] = self._part(segment, from_worker)
+        def back(segment: Segment, there: Any) -> None:
+            decoded[id(segment)] = self._part(segment, there)
             left.discard(id(segment))
             if not left:
                 then()
 
+        def answered(segment: Segment, call: Call) -> None:
+            back(segment, call.answer if call.succeeded else None)
+
         for k, segment in enumerate(items):
             try:
-                worker.decode(segment.type, segment.data, lambda call, segment=segment: back(segment, call))
+                worker.decode(segment.type, segment.data, lambda call, segment=segment: answered(segment, call))
             except HeadWorkerError:  # the worker is gone: the engine says so at its next step
                 for rest in items[k:]:
-                    back(rest, Call())
+                    back(rest, None)
                 break
         return True
 

@@ -19,8 +19,8 @@ All rows share one batched KV cache (``unimodal.inference.cache``) in which left
 rows and rows that sit out another row's step are holes no query attends. Classifier-free guidance
 gives a row in a guided span a partner (a copy of the unconditional prompt's row, in the same
 batched cache) that follows it through the span and leaves the cache with it: every cache row is
-computed at every step, so rows that write no guided media cost no second row. Beam search (``num_beams > 1``)
-decodes text with a loop of its own (``unimodal.inference.beam``). ``Generation`` holds raw outputs
+computed at every step, so rows that write no guided media cost no second row. Beam search
+(``num_beams > 1``) decodes text with a loop of its own (``unimodal.inference.beam``). ``Generation`` holds raw outputs
 (text, codes, features); turning media arrays into pictures and waveforms is the codecs' job
 (``unimodal.inference.chat``).
 """

@@ -59,6 +59,10 @@ class Call:
         self.answer: Any = None
         self.failed: str | None = None
 
+    @property
+    def succeeded(self) -> bool:
+        return self.answered and self.failed is None and not isinstance(self.answer, str)
+
     def settle(self, answer: Any = None, failed: str | None = None) -> None:
         self.answered, self.answer, self.failed = True, answer, failed
         if self.then is not None:
