@@ -315,8 +315,8 @@ class Assistant:
             generations = self.engine.generate([prompt for prompt, _ in prompts], settings, unconditional=self.unconditional_prompt(),
                                                on_text=on_text, cancel=cancel, on_done=done if on_reply is not None else None,
                                                on_media=media if on_media is not None else None)
-        finally:
-            self._wait_for_worker()
+        finally:  # every item sent to the worker decoded (its reply answered) before the batch returns
+            self.engine.read_worker(everything=True)
         return [replies[i] if i in replies else self._reply(g, trimmed, decoded)
                 for i, (g, (_, trimmed)) in enumerate(zip(generations, prompts))]
 
@@ -347,16 +347,6 @@ class Assistant:
                     back(rest, None)
                 break
         return True
-
-    def _wait_for_worker(self) -> None:
-        """Every media item sent to the head worker decoded (replies answered) before a batch returns."""
-        worker = self.engine.head_worker
-        if worker is None:
-            return
-        try:
-            worker.wait_all()
-        except HeadWorkerError as err:
-            self.engine.lose_worker(err)
 
     def resolve(self, **settings: Any) -> GenerationSettings:
         """The model's own settings with ``settings`` applied (:meth:`GenerationSettings.replace`

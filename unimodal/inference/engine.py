@@ -224,6 +224,21 @@ class Engine:
             )
         return budget
 
+    def read_worker(self, everything: bool = False) -> bool:
+        """Take in the head worker's answers that have come (``everything``: wait for every call
+        sent); False when there is no worker, or it was lost now."""
+        if self.head_worker is None:
+            return False
+        try:
+            if everything:
+                self.head_worker.wait_all()
+            else:
+                self.head_worker.poll()
+        except HeadWorkerError as err:
+            self.lose_worker(err)
+            return False
+        return True
+
     def lose_worker(self, err: HeadWorkerError) -> None:
         """Go on without the head worker (once, with one warning): its unanswered calls fail, and
         their callers do the work in this process."""
@@ -386,14 +401,10 @@ class _Run:
     def _collect(self, feed: dict[int, Any], wait: bool) -> None:
         """Feed the rows whose slots the worker has drawn: those answered, or (``wait``) the oldest
         call. Other answers that have come (media decoded for replies that ended) are read too."""
+        if not self.engine.read_worker():
+            self.pending.clear()  # no worker, or it was lost now: the rows it held draw here
+            return
         worker = self.engine.head_worker
-        if worker is None:
-            return
-        try:
-            worker.poll()
-        except HeadWorkerError as err:
-            self._lose_worker(err)
-            return
         while self.pending and (wait or self.pending[0][0].answered):
             wait = False
             call, name, members = self.pending.pop(0)
