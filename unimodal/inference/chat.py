@@ -325,7 +325,8 @@ class Assistant:
         once every item is back in ``decoded``; False when there is no worker or nothing to send.
         An item the worker fails to decode is decoded here."""
         worker = self.engine.head_worker
-        items = [s for s in generation.segments if id(s) not in decoded and s.type in self.processor.codecs and s.type not in self._undecodable]
+        items = [s for s in generation.segments
+                 if id(s) not in decoded and s.type in self.processor.codecs and s.type not in self._undecodable]
         if worker is None or not items:
             return False
         left = {id(s) for s in items}
