@@ -365,8 +365,9 @@ def serve(
         device: auto (CUDA when present), cpu or cuda[:N].
         max_audio_seconds: the longest clip the audio codec reads and writes (default: the
             export's; at most 600, the server's decoding limit).
-        head_worker: draw picture slots of a per-token diffusion head (Orthus-style) in a second
-            process, beside the other requests' steps (default: on a CPU of two cores or more).
+        head_worker: draw picture slots of a per-token diffusion head (Orthus-style), and decode
+            the media of replies that end first, in a second process, beside the other requests'
+            steps (default: on a CPU of two cores or more, for a model with such a head).
     """
     from unimodal.inference.chat import load
     from unimodal.inference.server import ServerLimits, check_address
