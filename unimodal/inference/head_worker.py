@@ -92,7 +92,6 @@ class HeadWorker:
 
     def __init__(self, model: UnifiedModel, modes: Iterable[MediaMode], codecs: Mapping[str, Any] | None = None):
         self.names = causal_heads(model, modes)
-        self.decodes = sorted(codecs or {})
         self._conn, child = multiprocessing.Pipe()
         heads = {name: model.continuous[name] for name in self.names}
         self._process = multiprocessing.get_context("fork").Process(target=_serve, args=(heads, dict(codecs or {}), child, self._conn),
