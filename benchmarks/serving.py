@@ -165,19 +165,17 @@ def breakdown(assistant: Any, bodies: list[dict], rounds: int, head_worker: bool
     ``unimodal serve`` runs it), with a head worker where the server would have one (``head_worker``
     None) or as ``head_worker`` says. "head worker" is this process's time taking its answers in,
     waiting for them included (and the replies made from the media it decoded)."""
-    from unimodal.inference.head_worker import HeadWorker, wanted
+    from unimodal.inference.head_worker import wanted
 
     engine = assistant.engine
     if head_worker is None:
         head_worker = wanted(assistant.model, engine.modes.values(), engine.device)
     if head_worker:
-        engine.head_worker = HeadWorker(assistant.model, engine.modes.values(), assistant.processor.codecs)
+        assistant.start_head_worker()
     try:
         return _breakdown(assistant, bodies, rounds)
     finally:
-        if engine.head_worker is not None:
-            engine.head_worker.close()
-            engine.head_worker = None
+        engine.close_worker()
 
 
 def _breakdown(assistant: Any, bodies: list[dict], rounds: int) -> dict[str, tuple[Counter, Counter]]:

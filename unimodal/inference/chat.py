@@ -39,7 +39,7 @@ from unimodal.data.messages import content_part, message_content
 from unimodal.data.processor import EncodedDocument, Processor
 from unimodal.inference.constraints import SpanSpec, spans_from_layout
 from unimodal.inference.engine import Engine
-from unimodal.inference.head_worker import Call, HeadWorkerError
+from unimodal.inference.head_worker import Call, HeadWorker, HeadWorkerError
 from unimodal.inference.modes import open_span
 from unimodal.inference.outputs import FinishReason, Generation, Segment
 from unimodal.modalities.audio import to_mono
@@ -319,6 +319,12 @@ class Assistant:
             self.engine.read_worker(everything=True)
         return [replies[i] if i in replies else self._reply(g, trimmed, decoded)
                 for i, (g, (_, trimmed)) in enumerate(zip(generations, prompts))]
+
+    def start_head_worker(self) -> HeadWorker:
+        """Fork the process that draws the causal heads' slots and decodes the media of replies that
+        end first (:mod:`unimodal.inference.head_worker`); ``engine.close_worker()`` ends it."""
+        self.engine.head_worker = HeadWorker(self.model, self.engine.modes.values(), self.processor.codecs)
+        return self.engine.head_worker
 
     def _decode_aside(self, generation: Generation, decoded: dict[int, ReplyPart | None], then: Callable[[], None]) -> bool:
         """Send the media of ``generation`` not yet decoded to the head worker, and call ``then``

@@ -242,9 +242,14 @@ class Engine:
     def lose_worker(self, err: HeadWorkerError) -> None:
         """Go on without the head worker (once, with one warning): its unanswered calls fail, and
         their callers do the work in this process."""
+        if self.head_worker is not None:
+            log.warning("%s; drawing in this process from now on", err)
+            self.close_worker()
+
+    def close_worker(self) -> None:
+        """End the head worker's process, if there is one; the engine then works in this process."""
         worker, self.head_worker = self.head_worker, None
         if worker is not None:
-            log.warning("%s; drawing in this process from now on", err)
             worker.close()
 
     # ----------------------------------------------------------------------------------------
@@ -358,7 +363,7 @@ class _Run:
             if all(r.done for r in self.rows):
                 return
             if feed:
-                self._arrange([r for r in sorted(self.rows, key=lambda r: r.slot) if r.slot >= 0])  # rows that opened a span
+                self._arrange([r for r in self.rows if r.slot >= 0])  # partners for rows that opened a span
                 self._feed(feed)
 
     def _choose(self, active: list[_Row]) -> dict[int, Any]:

@@ -665,7 +665,7 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     (:mod:`unimodal.inference.head_worker`); None: where it pays off."""
     import uvicorn
 
-    from unimodal.inference.head_worker import HeadWorker, causal_heads, wanted
+    from unimodal.inference.head_worker import causal_heads, wanted
 
     limits = limits or ServerLimits()
     engine = assistant.engine
@@ -691,9 +691,9 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     if head_worker:  # forked now, while this process has no other thread
-        engine.head_worker = HeadWorker(assistant.model, engine.modes.values(), assistant.processor.codecs)
+        worker = assistant.start_head_worker()
         log.info("the diffusion head (%s) draws, and finished replies' media decode, in a worker process beside the other rows' steps",
-                 ", ".join(engine.head_worker.names))
+                 ", ".join(worker.names))
     try:
         http.start()
         while not server.started:
@@ -707,9 +707,7 @@ def serve(assistant: Assistant, host: str = "127.0.0.1", port: int = 8000, api_k
         batcher.run()
         http.join()
     finally:
-        if engine.head_worker is not None:
-            engine.head_worker.close()
-            engine.head_worker = None
+        engine.close_worker()
 
 
 def check_address(host: str, port: int) -> None:
