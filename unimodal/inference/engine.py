@@ -476,21 +476,10 @@ class _Run:
             ids, valid = (self.ids, self.valid) if len(rows) == self.batch else (self.ids[index], self.valid[index])
         text_rows = [i for i, r in enumerate(rows) if r.mode is None]
         scores = self._fit_spans(self._ban(engine.constrain(scores, self._grammar_states(rows), text_rows), rows, text_rows), rows)
-        groups: dict[SamplingSettings, list[int]] = {}  # rows that sample alike, each with its own generator
-        for i, row in enumerate(rows):
-            groups.setdefault(self._settings(row), []).append(i)
-        if len(groups) == 1:
-            settings = next(iter(groups))
-            if settings.repetition_penalty != 1.0:
-                scores = apply_repetition_penalty(scores, ids, valid, settings.repetition_penalty)
-            return choose(scores, settings, [r.generator for r in rows]).tolist()
-        chosen = torch.empty(len(rows), dtype=torch.long, device=scores.device)
-        for settings, members in groups.items():
-            group = scores[members]
-            if settings.repetition_penalty != 1.0:
-                group = apply_repetition_penalty(group, ids[members], valid[members], settings.repetition_penalty)
-            chosen[members] = choose(group, settings, [rows[i].generator for i in members])
-        return chosen.tolist()
+        settings = [self._settings(row) for row in rows]  # each row's own, filtered in one pass
+        if any(s.repetition_penalty != 1.0 for s in settings):
+            scores = apply_repetition_penalty(scores, ids, valid, [s.repetition_penalty for s in settings])
+        return choose(scores, settings, [r.generator for r in rows]).tolist()
 
     def _grammar_states(self, rows: list[_Row]) -> list[tuple]:
         """Each sampled row's span-grammar state, from the span it is in (the begin token and the
