@@ -118,3 +118,18 @@ def test_spans_follow_the_tokenizers_in_the_layout():
         code_sources={"image": {"name": "seed", "tokens_per_item": 5}, "audio": {"name": "encodec", "frame_rate": 50.0}},
     )
     assert spans_from_layout(layout, max_seconds=2) == {"image": SpanSpec(length=5), "audio": SpanSpec(layers=3, max_length=100)}
+
+
+def test_the_state_from_counted_codes_is_the_state_from_the_spans_body():
+    """The engine counts each layer's codes as it writes them rather than reading the open span
+    at every step: both give the same state after every prefix of a well-formed span (a fixed
+    length image, a free-length three-layer clip cut at its shortest, middle and longest)."""
+    constraint = MediaSpanConstraint(LAYOUT, SPANS)
+    image = [LAYOUT.code_ids("image", code) for code in (3, 0, 7, 7, 1)]
+    clips = [[LAYOUT.code_ids("audio", code, layer) for layer in range(3) for code in range(frames)] for frames in (1, 2, 4)]
+    for name, body in [("image", image)] + [("audio", clip) for clip in clips]:
+        counts = [0] * SPANS[name].get("layers", 1)
+        for end in range(len(body) + 1):
+            assert constraint.counted_state(name, counts) == constraint.span_state(name, body[:end]), (name, end)
+            if end < len(body):
+                counts[constraint.layer_of(name, body[end])] += 1

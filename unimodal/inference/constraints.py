@@ -13,8 +13,9 @@ speech clip is found when it is too late. Here the grammar is enforced at every 
 :class:`MediaSpanConstraint` is a transformers ``LogitsProcessor`` (``generate()`` greedy,
 sampling and beam search): ``processor(input_ids [B, T], scores [B, V]) -> scores`` re-reads each
 row's state from its ids on every call, so beam reordering needs no bookkeeping. The project's
-own engine knows which span each row is in, and passes the states (``apply(scores, states)``,
-from :meth:`~MediaSpanConstraint.span_state`): a step then costs the same at any context length.
+own engine knows which span each row is in and counts its codes, and passes the states
+(``apply(scores, states)``, from :meth:`~MediaSpanConstraint.counted_state`): a step then costs
+the same at any context length and span length.
 """
 
 from __future__ import annotations
@@ -164,16 +165,20 @@ class MediaSpanConstraint(LogitsProcessor):
 
     def span_state(self, name: str, body: Sequence[int] | np.ndarray) -> tuple:
         """The grammar state inside an open ``name`` span whose ids after the begin token are
-        ``body``: a caller that tracks its spans (the engine) asks this instead of :meth:`state`,
-        which searches the whole history for the last marker."""
-        spec, layout = self.spans[name], self.layout
-        offset, codebook = layout.range_offset(name), layout.codebook_size(name)
-        layer_of = (np.asarray(body, dtype=np.int64) - offset) // codebook
+        ``body`` (what :meth:`state` asks once it has found the last marker)."""
+        spec = self.spans[name]
+        layer_of = (np.asarray(body, dtype=np.int64) - self.layout.range_offset(name)) // self.layout.codebook_size(name)
         if ((layer_of < 0) | (layer_of >= spec.layers)).any():
             raise MalformedSpan(f"an open {name} span holds ids that are not {name} codes of layers 0..{spec.layers - 1}")
-        counts = np.bincount(layer_of, minlength=spec.layers)
-        current = int(layer_of[-1]) if len(layer_of) else 0
-        length = spec.length if spec.length is not None else (int(counts[0]) if current > 0 else None)
+        return self.counted_state(name, np.bincount(layer_of, minlength=spec.layers).tolist())
+
+    def counted_state(self, name: str, counts: Sequence[int]) -> tuple:
+        """The grammar state inside an open ``name`` span holding ``counts[layer]`` codes of each
+        layer: a caller that counts the codes it writes (the engine) asks this at each step, at
+        a cost that does not grow with the span, as reading its body would."""
+        spec = self.spans[name]
+        current = max((layer for layer, count in enumerate(counts) if count), default=0)  # layers come in order
+        length = spec.length if spec.length is not None else (counts[0] if current > 0 else None)
         if length is None:  # layer 0 of a free-length span is still open
             if counts[0] < spec.min_length:
                 return (name, 0)
@@ -183,6 +188,10 @@ class MediaSpanConstraint(LogitsProcessor):
         if counts[current] < length:
             return (name, current)
         return (name, current + 1) if current + 1 < spec.layers else (name, "end")
+
+    def layer_of(self, name: str, code: int) -> int:
+        """The layer of ``name``'s code range that id ``code`` belongs to."""
+        return (code - self.layout.range_offset(name)) // self.layout.codebook_size(name)
 
     def allowed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, V]`` bool: which ids each row may emit next."""

@@ -75,6 +75,7 @@ class _Row:
     text_ids: list[int] = field(default_factory=list)
     streamed: int = 0
     span: list[Any] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # codes of each layer in its open discrete span
     remaining: int = 0
     forced: int | None = None
     block_pending: bool = False
@@ -482,12 +483,13 @@ class _Run:
         return choose(scores, settings, [r.generator for r in rows]).tolist()
 
     def _grammar_states(self, rows: list[_Row]) -> list[tuple]:
-        """Each sampled row's span-grammar state, from the span it is in (the begin token and the
-        codes since): no search of the history, whose length grows with every step."""
+        """Each sampled row's span-grammar state, from the codes of each layer its open span holds,
+        counted as they were written: no reading of the history or of the span, which grow with
+        every step."""
         constraint = self.engine.constraint
         if constraint is None:
             return []
-        return [OUTSIDE if r.mode is None else constraint.span_state(r.mode.name, r.span[1:]) for r in rows]
+        return [OUTSIDE if r.mode is None else constraint.counted_state(r.mode.name, r.counts) for r in rows]
 
     def _ban(self, scores: torch.Tensor, rows: list[_Row], text_rows: list[int]) -> torch.Tensor:
         """In text mode: no special token but the begin tokens of modalities a row may still open
@@ -672,6 +674,8 @@ class _Run:
             if token == row.mode.end:
                 self._close_span(row, self._codes(row))
                 self._leave_span(row)
+            else:
+                row.counts[engine.constraint.layer_of(name, token)] += 1
             self._count(row, token, feed, name)
             return
         if token in engine.stop_ids:
@@ -693,6 +697,7 @@ class _Run:
 
     def _enter(self, row: _Row, mode: MediaMode, begin: int) -> None:
         row.mode, row.span, row.media = mode, [begin] if mode.kind == "discrete" else [], row.media + 1
+        row.counts = [0] * self.engine.spans[mode.name].layers if mode.kind == "discrete" else []
         row.guided = row.settings.for_modality(mode.name).cfg_scale != 1
         row.remaining = mode.min_positions - 1 if mode.kind == "causal" else 0
         row.block_pending = mode.kind == "bidirectional"
