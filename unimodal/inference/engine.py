@@ -258,7 +258,7 @@ class Engine:
 
     def constrain(self, scores: torch.Tensor, states: Sequence[tuple], in_text: list[int]) -> torch.Tensor:
         """Apply the span grammar (codes only inside spans, spans well formed) given each row's
-        grammar state (``constraints.OUTSIDE`` in text, else :meth:`MediaSpanConstraint.span_state`).
+        grammar state (``constraints.OUTSIDE`` in text, else :meth:`MediaSpanConstraint.counted_state`).
 
         The grammar forbids the begin token of a code range without a span spec; a continuous
         modality whose input mixes code-range rows (Orthus' soft VQ) still opens its spans from
