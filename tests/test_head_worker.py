@@ -160,3 +160,42 @@ def test_the_worker_ends_when_the_server_is_gone(assistant):
     finally:
         worker._process.kill()
         torch.set_num_threads(threads)
+
+
+def test_picture_rows_whose_spans_open_apart_share_the_workers_calls(assistant, monkeypatch):
+    """A picture row ready for its next slot while another's call is on its way waits to join the
+    next call, so that every call draws every picture being drawn: groups out of phase would each
+    wait for the others' calls in the worker, their rows sitting out steps meanwhile. The answers
+    are this process's."""
+    from unimodal.inference.engine import _Run
+
+    asks = [("draw", "image", dict(seed=5, max_new_tokens=10)),
+            ("hi there", None, dict(temperature=1.0, seed=4, max_new_tokens=16)),
+            ("tell me", None, dict(temperature=1.0, seed=104, max_new_tokens=16)),  # opens a picture at its second position
+            ("speak", "audio", dict(seed=7, max_new_tokens=10))]
+    settings = [assistant.resolve(**kw) for _, _, kw in asks]
+    prompts = [assistant.prompt([{"role": "user", "content": text}], s, start) for (text, start, _), s in zip(asks, settings)]
+
+    def replies():
+        return [(p.type, p.text if p.type == "text" else np.asarray(p.data)) for r in assistant.answer(prompts, settings) for p in r.parts]
+
+    alone = replies()
+    sent, send = [], _Run._send
+
+    def recording(run, rows):
+        drawing = {r.index for r in run.rows if not r.done and r.mode is not None and r.mode.kind == "causal" and r.remaining > 0}
+        sent.append(({r.index for r in rows}, drawing))
+        return send(run, rows)
+
+    monkeypatch.setattr(_Run, "_send", recording)
+    worker = assistant.engine.head_worker = HeadWorker(assistant.model, assistant.engine.modes.values(), assistant.processor.codecs)
+    try:
+        together = replies()
+    finally:
+        worker.close()
+        assistant.engine.head_worker = None
+    assert [kind for kind, _ in together] == [kind for kind, _ in alone] and sum(kind == "image" for kind, _ in alone) == 2
+    for (kind, mine), (_, theirs) in zip(together, alone):
+        assert mine == theirs if kind == "text" else np.allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert any(len(rows) == 2 for rows, _ in sent), sent  # the two pictures were drawn together
+    assert all(rows == drawing for rows, drawing in sent), sent

@@ -384,13 +384,24 @@ class _Run:
             for row, token in zip(sampled, tokens):
                 self._advance(row, token, feed)
         if drawn:
-            if self.engine.head_worker is not None and feed:  # other rows step while the worker draws
-                self._send(drawn)
-            else:
+            if self.engine.head_worker is None or not feed:
                 self._draw_features(drawn, feed)
+            elif not self._drawing(active, feed):  # other rows step while the worker draws
+                self._send(drawn)
         if not feed:
             self._collect(feed, wait=True)
         return feed
+
+    def _drawing(self, active: list[_Row], feed: dict[int, Any]) -> bool:
+        """Whether rows of causal spans are on their way to their next slot: in a call sent, or
+        fed now the slot one brought. Rows ready meanwhile wait to join them in the next call,
+        which costs the worker little more than one row's (a call's sampler steps are mostly
+        fixed cost): sending whatever is ready would split the rows into groups out of phase,
+        each call waiting for the others' in the worker, and the rows' partners and their
+        sat-out steps staying in the cache that much longer."""
+        return bool(self.pending) or any(
+            r.index in feed for r in active if r.mode is not None and r.mode.kind == "causal" and r.remaining > 0
+        )
 
     def _send(self, rows: list[_Row]) -> None:
         """The rows' head calls to the worker (their deadlines are checked between calls, not inside one)."""
