@@ -489,8 +489,7 @@ class _Run:
         text_rows = [i for i, r in enumerate(rows) if r.mode is None]
         scores = self._fit_spans(self._ban(engine.constrain(scores, self._grammar_states(rows), text_rows), rows, text_rows), rows)
         settings = [self._settings(row) for row in rows]  # each row's own, filtered in one pass
-        if any(s.repetition_penalty != 1.0 for s in settings):
-            scores = apply_repetition_penalty(scores, ids, valid, [s.repetition_penalty for s in settings])
+        scores = apply_repetition_penalty(scores, ids, valid, [s.repetition_penalty for s in settings])
         return choose(scores, settings, [r.generator for r in rows]).tolist()
 
     def _grammar_states(self, rows: list[_Row]) -> list[tuple]:

@@ -24,10 +24,11 @@ def make_generator(seed: int | None, device: torch.device) -> tuple[torch.Genera
     return torch.Generator(device=device).manual_seed(int(seed)), int(seed)
 
 
-def apply_repetition_penalty(scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, penalty: float | Sequence[float]) -> torch.Tensor:
+def apply_repetition_penalty(scores: torch.Tensor, ids: torch.Tensor | None, valid: torch.Tensor | None,
+                             penalty: float | Sequence[float]) -> torch.Tensor:
     """CTRL-style penalty (as transformers'): scores of ids already in a row are divided by
     ``penalty`` (one, or one per row) when positive and multiplied when negative. ``valid`` marks
-    the real ids of ``ids``."""
+    the real ids of ``ids``; both may be None when no row has a penalty (none is read then)."""
     penalties = _per_row(penalty, len(scores))
     if all(p == 1.0 for p in penalties):
         return scores
@@ -56,7 +57,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | Sequence[int], top_p: 
         drop = cumulative <= _column([1 - ps[i] for i in nucleus], cumulative)
         drop[..., -1] = False  # always keep the most likely token
         part = part.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        logits = part if len(nucleus) == rows else logits.index_put((_column(nucleus, logits, torch.long)[:, 0],), part)
+        logits = part if len(nucleus) == rows else logits.index_put((torch.tensor(nucleus, device=logits.device),), part)
     return logits
 
 
@@ -77,7 +78,7 @@ def choose(logits: torch.Tensor, settings: SamplingSettings | Sequence[SamplingS
     draws = draw(probs, [generators[i] for i in sampled])
     if len(sampled) == len(logits):
         return draws
-    return logits.argmax(dim=-1).index_put((_column(sampled, logits, torch.long)[:, 0],), draws)
+    return logits.argmax(dim=-1).index_put((torch.tensor(sampled, device=logits.device),), draws)
 
 
 def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
